@@ -1,0 +1,52 @@
+"""The control socket: ``keyagent ctl`` verbs and health probes over HTTP.
+
+A unix socket in the run_dir, mode 0600, answering JSON.  Only peers with
+the agent's uid, or root, may talk to it (SO_PEERCRED).  Routes:
+
+* ``GET /v1/status``: what the agent and its flows are doing (``ctl status``);
+* ``GET /healthz``: the agent process is alive;
+* ``GET /readyz``: QMP is connected (Kubernetes readiness).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from agent.io.http import HttpServer, Request, Response
+
+
+def allow_peer(peer: object) -> bool:
+    if not isinstance(peer, tuple) or len(peer) != 3:
+        return False
+    _pid, uid, _gid = peer
+    return uid in (0, os.geteuid())
+
+
+class ControlServer:
+    def __init__(self, sidecar: Any, path: str) -> None:
+        self.sidecar = sidecar
+        self.path = path
+        self.server = HttpServer(self.handle, allow_peer=allow_peer, max_body=256 * 1024)
+
+    async def start(self) -> None:
+        await self.server.start_unix(self.path, mode=0o600)
+
+    async def close(self) -> None:
+        await self.server.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def handle(self, request: Request) -> Response:
+        route = (request.method, request.path.split("?", 1)[0])
+        if route == ("GET", "/healthz"):
+            return Response.json(200, {"status": "ok"})
+        if route == ("GET", "/readyz"):
+            status = self.sidecar.status()
+            ready = status["qmp"] == "connected"
+            return Response.json(200 if ready else 503, {"ready": ready})
+        if route == ("GET", "/v1/status"):
+            return Response.json(200, self.sidecar.status())
+        return Response.json(404, {"error": f"no such endpoint: {request.method} {route[1]}"})

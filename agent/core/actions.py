@@ -1,0 +1,66 @@
+"""What a flow asks the shell to do: the typed outputs of the sans-IO core.
+
+A flow never performs I/O; it returns these and the runtime carries them
+out, turning the outcome back into events.  Like events, they hold only
+JSON-friendly values or :class:`Secret`, so a replay can compare the actions
+it computes with the recorded ones field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SendQmp:
+    """Execute a QMP command.  A :class:`Secret` value in ``args`` is sent as
+    its base64 text and is redacted everywhere else."""
+
+    tag: str
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PostOwner:
+    """POST JSON to the guest owner at ``path`` (relative to owner_url)."""
+
+    path: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ArmTimer:
+    """Fire ``TimerFired(name)`` after ``seconds``; re-arming replaces it."""
+
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    name: str
+
+
+@dataclass(frozen=True)
+class Log:
+    """One log line the shell writes for the flow (never secret fields)."""
+
+    level: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The flow reached a final state: exit status and a one-line reason."""
+
+    code: int
+    reason: str
+
+
+Action = SendQmp | PostOwner | ArmTimer | CancelTimer | Log | Finish
+
+ACTION_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
+    SendQmp, PostOwner, ArmTimer, CancelTimer, Log, Finish)}

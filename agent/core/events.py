@@ -1,0 +1,97 @@
+"""What happens to a flow: the typed inputs of the sans-IO core.
+
+The shell (``agent.runtime`` and ``agent.io``) turns bytes, sockets, timers
+and HTTP answers into these values; a flow sees nothing else.  Each is a
+frozen dataclass of JSON-friendly fields (or :class:`Secret`), so the event
+log can record it and ``keyagent replay`` can rebuild it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.core.secret import Secret
+
+
+@dataclass(frozen=True)
+class Start:
+    """The flow was created; sent once, first."""
+
+
+@dataclass(frozen=True)
+class QmpConnected:
+    """QMP greeting received and capabilities negotiated."""
+
+    qemu_version: str = ""
+
+
+@dataclass(frozen=True)
+class QmpReply:
+    """A successful ``return`` for the command sent with ``tag``."""
+
+    tag: str
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class QmpError:
+    """An ``error`` answer for the command sent with ``tag``."""
+
+    tag: str
+    error_class: str
+    desc: str
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    """An asynchronous QMP event (RESUME, STOP, SHUTDOWN, MIGRATION, ...)."""
+
+    name: str
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QmpDisconnected:
+    """The monitor connection is gone (QEMU quit or crashed, socket closed)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    """A timer armed with ``ArmTimer(name, ...)`` expired."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class OwnerReleased:
+    """The guest owner accepted the measurement and released a secret packet."""
+
+    packet_header: str  # base64 of the 52-byte header (flags, IV, MAC): not secret
+    secret: Secret  # the encrypted secret table, sent to QEMU as base64
+    gpa: int | None = None
+
+
+@dataclass(frozen=True)
+class OwnerRefused:
+    """The guest owner answered 4xx/5xx: it will not release the secret."""
+
+    status: int
+    error: str
+
+
+@dataclass(frozen=True)
+class OwnerFailed:
+    """No usable answer: unreachable, timed out, or malformed."""
+
+    reason: str
+
+
+Event = (Start | QmpConnected | QmpReply | QmpError | QmpEvent | QmpDisconnected
+         | TimerFired | OwnerReleased | OwnerRefused | OwnerFailed)
+
+EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
+    Start, QmpConnected, QmpReply, QmpError, QmpEvent, QmpDisconnected, TimerFired,
+    OwnerReleased, OwnerRefused, OwnerFailed)}

@@ -1,0 +1,59 @@
+"""The shape every flow shares, and the registry replay rebuilds flows from.
+
+A flow is a state machine: ``handle(event) -> list[Action]``.  It is built
+from JSON parameters (recorded in the event log), so ``keyagent replay
+--check`` can make the same flow again and feed it the recorded events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from agent.core.actions import Action, ArmTimer, CancelTimer, Finish
+
+FLOW_KINDS: dict[str, type["Flow"]] = {}
+
+
+def register_flow(cls: type["Flow"]) -> type["Flow"]:
+    FLOW_KINDS[cls.kind] = cls
+    return cls
+
+
+class Flow:
+    kind: ClassVar[str]
+    #: QMP event names this flow wants; the runtime feeds (and records) only these.
+    wanted_events: ClassVar[frozenset[str]] = frozenset()
+    #: the dataclass of this flow's parameters
+    Params: ClassVar[type]
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+        self.finished: Finish | None = None
+        self._timers: set[str] = set()
+        self._tags = 0
+
+    # -- replay support ------------------------------------------------------
+    def params_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+    @classmethod
+    def from_params(cls, data: dict[str, Any]) -> "Flow":
+        return cls(cls.Params(**data))
+
+    # -- helpers for subclasses ---------------------------------------------
+    def next_tag(self, command: str) -> str:
+        self._tags += 1
+        return f"{self.kind}:{self._tags}:{command}"
+
+    def arm(self, name: str, seconds: float) -> ArmTimer:
+        self._timers.add(name)
+        return ArmTimer(name, seconds)
+
+    def finish(self, code: int, reason: str) -> list[Action]:
+        """Final actions: cancel every timer this flow may have armed, then Finish."""
+        self.finished = Finish(code, reason)
+        return [*(CancelTimer(name) for name in sorted(self._timers)), self.finished]
+
+    def handle(self, event: Any) -> list[Action]:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,259 @@
+"""SEV / SEV-ES launch attestation, as a sans-IO state machine.
+
+The sequence, as the design draws it::
+
+    agent                         QEMU (-S, sev-guest)         guest owner
+      |-- query-status ------------->|                             |
+      |<- prelaunch/paused ----------|   (running: too late, exit 1)
+      |-- query-sev ---------------->|                             |
+      |<- api, build, policy, state -|                             |
+      |-- query-sev-launch-measure ->|   (not available yet: retry until the deadline)
+      |<- MEASURE || MNONCE ---------|                             |
+      |-- POST /v1/secret ------------------------------------------>|
+      |<- packet_header, secret, gpa -------------------------------|  (4xx/5xx: refused)
+      |-- sev-inject-launch-secret ->|                             |
+      |-- cont --------------------->|                             |
+      |   Finish(0)                  |                             |
+
+Every other path fails: one log line, then ``quit`` (``on_refusal=quit``) or
+the VM left paused (``pause``), and ``Finish(1)``.  ``cont`` is only ever sent
+after a successful injection, so a VM that needed a secret is never resumed
+without one.  If somebody else resumes the VM before that, the flow stops
+(or quits) it at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from dataclasses import dataclass
+
+from agent.core.actions import Action, Log, PostOwner, SendQmp
+from agent.core.events import (OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
+                               QmpError, QmpEvent, QmpReply, Start, TimerFired)
+from agent.core.flow import Flow, register_flow
+
+MEASUREMENT_LEN = 48  # MEASURE[32] || MNONCE[16]
+SEV_ES_POLICY_BIT = 0x4
+QUIT_GRACE_S = 5.0
+
+TOO_LATE = "too late to attest: the VM is already running"
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    QUERY_STATUS = "query-status"
+    QUERY_SEV = "query-sev"
+    MEASURE = "measure"
+    ASK_OWNER = "ask-owner"
+    INJECT = "inject"
+    RESUME = "resume"
+    QUITTING = "quitting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+WAITING_FOR = {
+    State.QUERY_STATUS: "the VM status",
+    State.QUERY_SEV: "query-sev",
+    State.MEASURE: "the launch measurement",
+    State.ASK_OWNER: "the guest owner",
+    State.INJECT: "the secret injection",
+    State.RESUME: "cont",
+}
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    vm: str
+    timeout_s: float = 30.0
+    on_refusal: str = "quit"  # quit | pause
+    retry_s: float = 0.1
+
+
+@register_flow
+class SevLaunchFlow(Flow):
+    kind = "sev-launch"
+    wanted_events = frozenset({"RESUME", "SHUTDOWN"})
+    Params = LaunchParams
+
+    def __init__(self, params: LaunchParams) -> None:
+        super().__init__(params)
+        self.state = State.IDLE
+        self.pending: str | None = None  # tag of the command we wait for
+        self.sev: dict = {}
+        self._failure: str | None = None
+
+    # -- the happy path, step by step ----------------------------------------
+    def handle(self, event) -> list[Action]:
+        if self.state in (State.DONE, State.FAILED):
+            return []
+        if isinstance(event, Start):
+            return [self.arm("deadline", self.params.timeout_s), *self._send("query-status")]
+        if isinstance(event, QmpDisconnected):
+            return self._lost(event.reason)
+        if self.state is State.QUITTING:
+            return self._quitting(event)
+        if isinstance(event, TimerFired):
+            return self._timer(event.name)
+        if isinstance(event, QmpEvent):
+            return self._qmp_event(event)
+        if isinstance(event, (QmpReply, QmpError)):
+            if event.tag != self.pending:
+                return []  # a late answer to a command we no longer wait for
+            self.pending = None
+            if isinstance(event, QmpError):
+                return self._qmp_error(event)
+            return self._reply(event.result)
+        if isinstance(event, (OwnerReleased, OwnerRefused, OwnerFailed)):
+            if self.state is not State.ASK_OWNER:
+                return []
+            return self._owner(event)
+        return []
+
+    def _reply(self, result) -> list[Action]:
+        if self.state is State.QUERY_STATUS:
+            return self._on_status(result)
+        if self.state is State.QUERY_SEV:
+            return self._on_query_sev(result)
+        if self.state is State.MEASURE:
+            return self._on_measurement(result)
+        if self.state is State.INJECT:
+            return [Log("info", "launch secret injected"), *self._send("cont")]
+        if self.state is State.RESUME:
+            self.state = State.DONE
+            return [Log("info", "VM resumed after attestation"),
+                    *self.finish(0, "launched: secret injected, VM running")]
+        return []
+
+    def _on_status(self, result) -> list[Action]:
+        status = result.get("status") if isinstance(result, dict) else None
+        if status == "running":
+            self.state = State.FAILED
+            return [Log("error", TOO_LATE), *self.finish(1, TOO_LATE)]
+        if status not in ("prelaunch", "paused"):
+            return self._fail(f"cannot attest a VM in status {status!r}")
+        return self._send("query-sev")
+
+    def _on_query_sev(self, result) -> list[Action]:
+        if not isinstance(result, dict) or result.get("enabled") is not True:
+            return self._fail("SEV is not enabled for this VM")
+        fields = {}
+        for key in ("api-major", "api-minor", "build-id", "policy"):
+            value = result.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                return self._fail(f"malformed query-sev answer: {key} is not an unsigned integer")
+            fields[key] = value
+        sev_state = result.get("state")
+        if sev_state == "running":
+            self.state = State.FAILED
+            return [Log("error", TOO_LATE, {"sev_state": sev_state}), *self.finish(1, TOO_LATE)]
+        self.sev = fields
+        info = {"api": f"{fields['api-major']}.{fields['api-minor']}",
+                "build_id": fields["build-id"], "policy": fields["policy"],
+                "sev_es": bool(fields["policy"] & SEV_ES_POLICY_BIT), "sev_state": sev_state}
+        return [Log("info", "SEV guest found", info), *self._send("query-sev-launch-measure")]
+
+    def _on_measurement(self, result) -> list[Action]:
+        data = result.get("data") if isinstance(result, dict) else None
+        try:
+            blob = base64.b64decode(data, validate=True) if isinstance(data, str) else b""
+        except (binascii.Error, ValueError):
+            blob = b""
+        if len(blob) != MEASUREMENT_LEN:
+            return self._fail("malformed launch measurement from QEMU "
+                              f"(expected {MEASUREMENT_LEN} bytes, base64)")
+        self.state = State.ASK_OWNER
+        body = {"vm": self.params.vm, "measurement": base64.b64encode(blob).decode(),
+                "api_major": self.sev["api-major"], "api_minor": self.sev["api-minor"],
+                "build_id": self.sev["build-id"], "policy": self.sev["policy"]}
+        return [Log("info", "asking the guest owner to verify the measurement"),
+                PostOwner("/v1/secret", body)]
+
+    def _owner(self, event) -> list[Action]:
+        if isinstance(event, OwnerRefused):
+            return self._fail(f"guest owner refused: {event.error} (HTTP {event.status})")
+        if isinstance(event, OwnerFailed):
+            return self._fail(f"guest owner: {event.reason}")
+        args = {"packet-header": event.packet_header, "secret": event.secret}
+        if event.gpa is not None:
+            args["gpa"] = event.gpa
+        return [Log("info", "guest owner released the launch secret"),
+                *self._send("sev-inject-launch-secret", args, State.INJECT)]
+
+    # -- everything else ----------------------------------------------------
+    def _qmp_error(self, event: QmpError) -> list[Action]:
+        if self.state is State.MEASURE and event.error_class == "GenericError":
+            # QEMU: "SEV launch measurement is not available" until LAUNCH_MEASURE.
+            return [Log("debug", "launch measurement not available yet, retrying",
+                        {"error": event.desc}), self.arm("retry", self.params.retry_s)]
+        return self._fail(f"{self._command_for_state()} failed: {event.desc}")
+
+    def _timer(self, name: str) -> list[Action]:
+        if name == "retry" and self.state is State.MEASURE and self.pending is None:
+            return self._send("query-sev-launch-measure")
+        if name == "deadline":
+            what = WAITING_FOR.get(self.state, self.state.value)
+            return self._fail(f"timed out after {self.params.timeout_s:g}s waiting for {what}")
+        return []
+
+    def _qmp_event(self, event: QmpEvent) -> list[Action]:
+        if event.name == "SHUTDOWN":
+            self.state = State.FAILED
+            reason = "QEMU shut down before the launch completed"
+            return [Log("error", reason), *self.finish(1, reason)]
+        if event.name == "RESUME" and self.state is not State.RESUME:
+            # Someone else ran the VM before it got its secret: never let it run.
+            return self._fail("the VM was resumed by someone else before attestation",
+                              stop_first=True)
+        return []
+
+    def _send(self, command: str, args: dict | None = None,
+              state: State | None = None) -> list[Action]:
+        tag = self.next_tag(command)
+        self.pending = tag
+        self.state = state or {
+            "query-status": State.QUERY_STATUS, "query-sev": State.QUERY_SEV,
+            "query-sev-launch-measure": State.MEASURE, "cont": State.RESUME,
+        }[command]
+        return [SendQmp(tag, command, args or {})]
+
+    def _command_for_state(self) -> str:
+        return {State.QUERY_STATUS: "query-status", State.QUERY_SEV: "query-sev",
+                State.MEASURE: "query-sev-launch-measure",
+                State.INJECT: "sev-inject-launch-secret", State.RESUME: "cont"}.get(
+                    self.state, self.state.value)
+
+    def _fail(self, reason: str, stop_first: bool = False) -> list[Action]:
+        """Refuse: one clear log line, then quit QEMU or leave it paused."""
+        self._failure = reason
+        actions: list[Action] = [Log("error", reason, {"on_refusal": self.params.on_refusal})]
+        if self.params.on_refusal == "quit":
+            self.state = State.QUITTING
+            tag = self.next_tag("quit")
+            self.pending = tag
+            return [*actions, self.arm("quit", QUIT_GRACE_S), SendQmp(tag, "quit", {})]
+        if stop_first:
+            actions.append(SendQmp(self.next_tag("stop"), "stop", {}))
+        self.state = State.FAILED
+        return [*actions, *self.finish(1, f"{reason} (VM left paused)")]
+
+    def _quitting(self, event) -> list[Action]:
+        done = ((isinstance(event, (QmpReply, QmpError)) and event.tag == self.pending)
+                or (isinstance(event, TimerFired) and event.name == "quit"))
+        if not done:
+            return []
+        self.state = State.FAILED
+        return self.finish(1, self._failure or "refused")
+
+    def _lost(self, reason: str) -> list[Action]:
+        was = self.state
+        self.state = State.FAILED
+        if was is State.QUITTING:
+            return self.finish(1, self._failure or "refused")
+        what = WAITING_FOR.get(was, was.value)
+        text = f"QMP connection lost while waiting for {what}"
+        if reason:
+            text += f": {reason}"
+        return [Log("error", text), *self.finish(1, text)]

@@ -1,0 +1,111 @@
+"""Secret bytes that cannot leak by accident.
+
+Every value that is key material or a secret payload travels through the
+agent as a :class:`Secret`.  Its ``repr`` and ``str`` never show the bytes,
+the event log records it as ``{"redacted": N}``, and the log redaction
+filter learns its raw, hex and base64 forms so that a copy that slipped into
+a third-party log line (qemu.qmp logs every message at DEBUG) is scrubbed.
+
+The bytes live in a ``bytearray`` so that :meth:`wipe` can zero them once
+they are no longer needed.  Python may still hold copies (``bytes`` made for
+a library call); wiping is best effort, as documented in the README.
+"""
+
+from __future__ import annotations
+
+import base64
+import weakref
+
+__all__ = ["Secret", "live_secret_forms"]
+
+# Every live Secret, so the log filter can scrub its forms.  Weak so that a
+# Secret that is dropped (or wiped) stops being tracked.
+_LIVE: "weakref.WeakSet[Secret]" = weakref.WeakSet()
+
+
+class Secret:
+    """Opaque secret bytes.  ``reveal()`` is the one way to read them."""
+
+    __slots__ = ("_buf", "__weakref__")
+
+    def __init__(self, value: bytes | bytearray | memoryview | str) -> None:
+        if isinstance(value, str):
+            value = value.encode()
+        self._buf = bytearray(value)
+        _LIVE.add(self)
+
+    @classmethod
+    def from_b64(cls, text: str) -> "Secret":
+        """Decode strict base64 (raises ``ValueError`` without echoing it)."""
+        try:
+            return cls(base64.b64decode(text, validate=True))
+        except (ValueError, TypeError):
+            raise ValueError("invalid base64") from None
+
+    def reveal(self) -> bytes:
+        return bytes(self._buf)
+
+    def b64(self) -> str:
+        return base64.b64encode(self._buf).decode()
+
+    def hex(self) -> str:
+        return self._buf.hex()
+
+    def wipe(self) -> None:
+        for i in range(len(self._buf)):
+            self._buf[i] = 0
+        self._buf = bytearray()
+        _LIVE.discard(self)
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def __bool__(self) -> bool:
+        return bool(self._buf)
+
+    def __eq__(self, other: object) -> bool:
+        # Constant time, so a Secret can be compared safely in tests and flows.
+        import hmac
+
+        if isinstance(other, Secret):
+            return hmac.compare_digest(self._buf, other._buf)
+        return NotImplemented
+
+    def __hash__(self) -> int:  # pragma: no cover - identity hash
+        return id(self)
+
+    def __repr__(self) -> str:
+        return f"Secret(<redacted {len(self._buf)} bytes>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # refuse pickling: it would copy the bytes out
+        raise TypeError("Secret cannot be pickled")
+
+    def to_log(self) -> dict:
+        """How the event log and structured logs record this value."""
+        return {"redacted": len(self._buf)}
+
+
+def live_secret_forms(min_len: int = 4) -> list[str]:
+    """Text forms (raw, hex, base64) of every live secret, longest first.
+
+    Used by the log redaction filter.  Very short secrets are skipped: a
+    4-byte value would match random text and the forms add nothing.
+    """
+    forms: set[str] = set()
+    for s in list(_LIVE):
+        raw = bytes(s._buf)
+        if len(raw) < min_len:
+            continue
+        forms.add(raw.hex())
+        forms.add(raw.hex().upper())
+        forms.add(base64.b64encode(raw).decode())
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            pass
+        else:
+            if text.strip():
+                forms.add(text)
+    return sorted(forms, key=len, reverse=True)

@@ -1,0 +1,185 @@
+"""QMP through qemu.qmp, with redaction before anything can be logged.
+
+qemu.qmp logs every message it sends and receives at DEBUG (``--> {...}``),
+and its ``ExecuteError`` keeps the sent message.  We override its two
+message hooks so that what reaches the logger is already redacted: values
+under known secret-bearing keys are replaced, and the forms of every live
+:class:`Secret` are scrubbed.  The default ``events`` listener is removed
+(it keeps every event until drained); our own listener is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Mapping
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp.message import Message
+
+from agent.core.secret import Secret
+from agent.logs import scrub
+
+# Argument names whose values are secret material or ciphertext of it.
+SENSITIVE_KEYS = frozenset({"secret", "data", "iv", "password", "passphrase", "key",
+                            "packet-header", "psk", "key-secret"})
+
+REDACTED = "<redacted>"
+
+
+def redact(value: Any) -> Any:
+    """A copy of a QMP message with secret-bearing values replaced."""
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if k in SENSITIVE_KEYS and not isinstance(v, Mapping) else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, Secret):
+        return REDACTED
+    return value
+
+
+def wire_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments as QEMU wants them: a Secret becomes its base64 text."""
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        if isinstance(value, Secret):
+            out[key] = value.b64()
+        elif isinstance(value, Mapping):
+            out[key] = wire_args(value)
+        else:
+            out[key] = value
+    return out
+
+
+def describe(msg: Message) -> str:
+    try:
+        return scrub(json.dumps(redact(dict(msg)), separators=(",", ":")))
+    except Exception:  # pragma: no cover - a message that is not JSON-able
+        return "<unprintable message>"
+
+
+class RedactingQMPClient(QMPClient):
+    """QMPClient whose DEBUG message log is redacted at the source."""
+
+    def _cb_outbound(self, msg: Message) -> Message:  # type: ignore[override]
+        self.logger.debug("--> %s", describe(msg))
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:  # type: ignore[override]
+        self.logger.debug("<-- %s", describe(msg))
+        return msg
+
+
+class QmpError(Exception):
+    """A command failed; ``error_class``/``desc`` are QEMU's, never our args."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpDisconnectedError(Exception):
+    pass
+
+
+class BoundedListener(EventListener):
+    """An event listener that keeps no history and never grows without bound.
+
+    qemu.qmp's own listener appends every event to a history list forever.
+    This one keeps only the named events, in a bounded queue; past the bound
+    it drops and counts, so a flood can neither exhaust memory nor block
+    qemu.qmp's reader (and with it the replies our flows wait for).
+    """
+
+    def __init__(self, names: set[str] | None = None, maxsize: int = 4096) -> None:
+        super().__init__(names)
+        self._queue = asyncio.Queue(maxsize=maxsize)
+        self.dropped = 0
+
+    async def put(self, event: Message) -> None:  # type: ignore[override]
+        if not self.accept(event):
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+
+class QmpConnection:
+    """One monitor connection: commands, a bounded event stream, and EOF."""
+
+    def __init__(self, name: str = "keyagent", events: set[str] | None = None,
+                 max_events: int = 4096) -> None:
+        self.client = RedactingQMPClient(name)
+        # The default listener keeps every event forever: a sidecar can't have that.
+        self.client.remove_listener(self.client.events)
+        self.events = BoundedListener(events, max_events)
+        self.client.register_listener(self.events)
+
+    @property
+    def qemu_version(self) -> str:
+        greeting = self.client.greeting
+        try:
+            v = greeting["QMP"]["version"]["qemu"]  # type: ignore[index]
+            return f"{v['major']}.{v['minor']}.{v['micro']}"
+        except (TypeError, KeyError):
+            return ""
+
+    async def connect(self, path: str, timeout: float) -> None:
+        """Connect and negotiate, retrying while the socket is not there yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: Exception | None = None
+        while True:
+            try:
+                await asyncio.wait_for(self.client.connect(path), max(0.1, deadline - loop.time()))
+                return
+            except (OSError, asyncio.TimeoutError, Exception) as exc:  # ConnectError wraps OSError
+                last = exc
+                try:
+                    await self.client.disconnect()
+                except Exception:
+                    pass
+            if loop.time() >= deadline:
+                cause = getattr(last, "exc", None) or last
+                raise QmpDisconnectedError(
+                    f"cannot connect to QMP socket {path}: {_one_line(cause)}") from None
+            await asyncio.sleep(0.05)
+
+    async def execute(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        try:
+            return await self.client.execute(command, wire_args(args or {}))
+        except ExecuteError as exc:
+            raise QmpError(exc.error_class, exc.error.error.desc) from None
+        except Exception as exc:  # disconnected, protocol error
+            raise QmpDisconnectedError(_one_line(exc)) from None
+
+    async def wait_disconnected(self) -> str:
+        """Return (with a reason) once the connection is gone."""
+        from qemu.qmp.protocol import Runstate
+
+        while self.client.runstate is Runstate.RUNNING:
+            await self.client.runstate_changed()
+        reason = "connection closed"
+        try:
+            await self.client.disconnect()
+        except EOFError:
+            reason = "QEMU closed the monitor"
+        except Exception as exc:
+            reason = _one_line(exc)
+        return reason
+
+    async def close(self) -> None:
+        try:
+            await self.client.disconnect()
+        except Exception:
+            pass
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = scrub(str(exc)).strip().splitlines()
+    return text[0] if text and text[0] else type(exc).__name__

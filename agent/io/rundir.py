@@ -1,0 +1,92 @@
+"""The VM's run_dir: the only place the agent writes key material.
+
+The run_dir belongs to the agent alone: it must be a real directory (not a
+symlink), owned by us, mode 0700.  Key files live in fresh 0700
+subdirectories named ``key-*``, each holding 0600 files created with
+O_EXCL|O_NOFOLLOW, removed on every ending.  Anything of that shape found at
+start is the wreck of a crashed predecessor and is swept.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+
+from agent.errors import UsageError
+
+KEY_DIR_PREFIX = "key-"
+STALE_FILE_NAMES = ("keys.psk",)
+
+
+def prepare_run_dir(path: str) -> str:
+    """Create (0700) or check the run_dir; refuse one that is not ours."""
+    path = os.path.abspath(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"cannot create run_dir {path}: {exc.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UsageError(f"cannot stat run_dir {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"run_dir {path} is a symlink")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"run_dir {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"run_dir {path} is owned by uid {st.st_uid}, not by us ({os.geteuid()})")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise UsageError(f"run_dir {path} has mode {stat.S_IMODE(st.st_mode):04o}, expected 0700")
+    return path
+
+
+def sweep_stale_keys(run_dir: str) -> list[str]:
+    """Remove key directories and key files left by a crashed agent."""
+    removed = []
+    for entry in os.scandir(run_dir):
+        stale = (entry.name.startswith(KEY_DIR_PREFIX) and entry.is_dir(follow_symlinks=False)) \
+            or entry.name in STALE_FILE_NAMES
+        if not stale:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+        removed.append(entry.name)
+    return sorted(removed)
+
+
+def make_key_dir(run_dir: str, purpose: str) -> str:
+    """A fresh 0700 directory for one key's files."""
+    name = f"{KEY_DIR_PREFIX}{purpose}-{secrets.token_hex(6)}"
+    path = os.path.join(run_dir, name)
+    os.mkdir(path, 0o700)
+    return path
+
+
+def write_key_file(directory: str, name: str, data: bytes) -> str:
+    """Write ``data`` to a new 0600 file; never follows or reuses a path."""
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def remove_key_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""``keyagent replay LOG [--check]``: show or re-run a recorded event log.
+
+Without ``--check`` it prints a timeline.  With ``--check`` it rebuilds each
+flow from its recorded parameters, feeds it the recorded events in order,
+and compares every action it returns with the recorded one: exit 0 when all
+match, 1 at the first divergence, 2 when the log is unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable, TextIO
+
+import agent.core.launch  # noqa: F401  (registers the flow kinds)
+from agent.core.codec import CodecError, decode_event, encode
+from agent.core.flow import FLOW_KINDS, Flow
+from agent.errors import FlowFailed, UsageError
+from agent.eventlog import LogFormatError, read_records
+
+
+def register(sub) -> None:
+    p = sub.add_parser("replay", help="show or re-check a recorded event log")
+    p.add_argument("log", metavar="LOG")
+    p.add_argument("--check", action="store_true",
+                   help="re-run the flows and compare every action (exit 1 on divergence)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        records = list(read_records(args.log))
+        if args.check:
+            result = check(records)
+            print(result)
+            return 0
+        print_timeline(records, sys.stdout)
+        return 0
+    except LogFormatError as exc:
+        raise UsageError(str(exc)) from None
+
+
+class Divergence(FlowFailed):
+    pass
+
+
+def _summary(obj: dict) -> str:
+    kind = obj.get("type", "?")
+    rest = {k: v for k, v in obj.items() if k != "type"}
+    if kind == "SendQmp":
+        args = json.dumps(rest.get("args") or {}, separators=(",", ":"))
+        return f"SendQmp {rest.get('command')} {args if args != '{}' else ''}".rstrip()
+    if kind == "QmpReply":
+        return f"QmpReply {json.dumps(rest.get('result'), separators=(',', ':'))[:160]}"
+    if kind in ("Log", "Finish"):
+        return f"{kind} " + " ".join(f"{k}={json.dumps(v)}" for k, v in rest.items() if v != {})
+    return f"{kind} " + json.dumps(rest, separators=(",", ":")) if rest else kind
+
+
+def print_timeline(records: Iterable[dict], out: TextIO) -> None:
+    for r in records:
+        t = f"{r['t']:9.3f}s"
+        kind = r["kind"]
+        if kind == "event":
+            line = f"{r.get('flow', '')} <- {_summary(r.get('event') or {})}"
+        elif kind == "action":
+            line = f"{r.get('flow', '')} -> {_summary(r.get('action') or {})}"
+        elif kind == "flow":
+            line = f"{r.get('flow', '')} == new {r.get('flow_kind')} flow {json.dumps(r.get('params'))}"
+        else:
+            extra = {k: v for k, v in r.items() if k not in ("seq", "t", "kind")}
+            line = f"agent {kind} {json.dumps(extra, separators=(',', ':'))}"
+        out.write(f"{t}  {line}\n")
+
+
+def _bad(record: dict, why: str) -> UsageError:
+    return UsageError(f"record {record.get('seq')}: {why}")
+
+
+def check(records: list[dict]) -> str:
+    """Re-run every flow; return a one-line summary or raise Divergence."""
+    flows: dict[str, Flow] = {}
+    pending: dict[str, list[tuple[dict, Any]]] = {}
+    events = actions = 0
+    ended = False
+    for r in records:
+        kind = r["kind"]
+        if kind == "flow":
+            cls = FLOW_KINDS.get(r.get("flow_kind"))
+            if cls is None:
+                raise _bad(r, f"unknown flow kind {r.get('flow_kind')!r}")
+            try:
+                flows[r["flow"]] = cls.from_params(r.get("params") or {})
+            except (TypeError, KeyError) as exc:
+                raise _bad(r, f"bad flow parameters ({exc})") from None
+            pending[r["flow"]] = []
+        elif kind == "event":
+            flow = flows.get(r.get("flow"))
+            if flow is None:
+                raise _bad(r, f"event for unknown flow {r.get('flow')!r}")
+            left = pending[r["flow"]]
+            if left:
+                raise Divergence(f"record {r['seq']}: flow {r['flow']} produced "
+                                 f"{_summary(encode(left[0][1]))} that the log does not have")
+            try:
+                event = decode_event(r.get("event"))
+            except CodecError as exc:
+                raise _bad(r, str(exc)) from None
+            events += 1
+            pending[r["flow"]] = [(r, a) for a in flow.handle(event)]
+        elif kind == "action":
+            left = pending.get(r.get("flow"))
+            if left is None:
+                raise _bad(r, f"action for unknown flow {r.get('flow')!r}")
+            recorded = r.get("action")
+            if not left:
+                raise Divergence(f"record {r['seq']}: the log has {_summary(recorded or {})} "
+                                 f"but flow {r['flow']} produced nothing")
+            _, computed = left.pop(0)
+            if encode(computed) != recorded:
+                raise Divergence(f"record {r['seq']}: flow {r['flow']} produced "
+                                 f"{_summary(encode(computed))}, the log has {_summary(recorded or {})}")
+            actions += 1
+        elif kind == "exit":
+            ended = True
+    for fid, left in pending.items():
+        if left and ended:
+            raise Divergence(f"flow {fid} produced {_summary(encode(left[0][1]))} "
+                             "that the log does not have")
+    return (f"replay check passed: {len(flows)} flow(s), {events} events, "
+            f"{actions} actions match")

@@ -1,0 +1,180 @@
+"""The shell around the sans-IO flows: feeds events, carries out actions.
+
+One dispatcher task takes ``(flow_id, event)`` pairs from a queue, records
+the event, asks the flow for its actions, records each action and starts
+it.  Everything that takes time (a QMP command, an owner request, a timer)
+runs on its own and comes back as another event through the same queue, so
+a flow sees one event at a time, in the order the log records them, and
+``keyagent replay --check`` can reproduce its actions exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from agent.core.actions import (ArmTimer, CancelTimer, Finish, Log, PostOwner, SendQmp)
+from agent.core.events import QmpDisconnected, QmpError, QmpEvent, QmpReply
+from agent.core.flow import Flow
+from agent.eventlog import EventLog
+from agent.io import qmp as qmpio
+from agent.logs import get_logger
+
+FinishCallback = Callable[[str, Finish], None]
+
+
+class Runtime:
+    def __init__(self, *, qmp: qmpio.QmpConnection | None, event_log: EventLog,
+                 owner_url: str | None = None, owner_timeout: float = 30.0,
+                 on_finish: FinishCallback | None = None, log: Any = None) -> None:
+        self.qmp = qmp
+        self.event_log = event_log
+        self.owner_url = owner_url
+        self.owner_timeout = owner_timeout
+        self.on_finish = on_finish
+        self.log = log or get_logger("keyagent")
+        self.flows: dict[str, Flow] = {}
+        self.results: dict[str, Finish] = {}
+        self.qmp_gone: str | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._tasks: dict[str, set[asyncio.Task]] = {}
+        self._qmp_tasks: set[asyncio.Task] = set()
+
+    # -- flows ----------------------------------------------------------------
+    def start_flow(self, flow_id: str, flow: Flow) -> None:
+        from agent.core.events import Start
+
+        self.flows[flow_id] = flow
+        self.event_log.flow(flow_id, flow)
+        self.feed(flow_id, Start())
+
+    def feed(self, flow_id: str, event: Any) -> None:
+        self._queue.put_nowait((flow_id, event))
+
+    def active(self) -> list[str]:
+        return [fid for fid, f in self.flows.items() if f.finished is None]
+
+    async def dispatch(self) -> None:
+        """Run forever (until cancelled), one event at a time."""
+        while True:
+            flow_id, event = await self._queue.get()
+            self.step(flow_id, event)
+
+    def step(self, flow_id: str, event: Any) -> None:
+        flow = self.flows.get(flow_id)
+        if flow is None or flow.finished is not None:
+            return
+        self.event_log.event(flow_id, event)
+        for action in flow.handle(event):
+            self.event_log.action(flow_id, action)
+            self._do(flow_id, action)
+
+    # -- actions --------------------------------------------------------------
+    def _do(self, flow_id: str, action: Any) -> None:
+        if isinstance(action, SendQmp):
+            task = asyncio.ensure_future(self._send_qmp(flow_id, action))
+            self._qmp_tasks.add(task)
+            task.add_done_callback(self._qmp_tasks.discard)
+        elif isinstance(action, PostOwner):
+            self._spawn(flow_id, self._post_owner(flow_id, action))
+        elif isinstance(action, ArmTimer):
+            self._cancel_timer(flow_id, action.name)
+            loop = asyncio.get_running_loop()
+            self._timers[(flow_id, action.name)] = loop.call_later(
+                action.seconds, self._fire, flow_id, action.name)
+        elif isinstance(action, CancelTimer):
+            self._cancel_timer(flow_id, action.name)
+        elif isinstance(action, Log):
+            getattr(self.log, action.level, self.log.info)(action.message, flow=flow_id,
+                                                             **action.fields)
+        elif isinstance(action, Finish):
+            self._finish(flow_id, action)
+        else:  # pragma: no cover - a flow returned something we do not know
+            raise TypeError(f"unknown action {type(action).__name__}")
+
+    async def _send_qmp(self, flow_id: str, action: SendQmp) -> None:
+        self.log.debug("qmp command", flow=flow_id, command=action.command)
+        if self.qmp is None or self.qmp_gone is not None:
+            return  # the disconnect event reaches the flow on its own
+        try:
+            result = await self.qmp.execute(action.command, action.args)
+        except qmpio.QmpError as exc:
+            self.feed(flow_id, QmpError(action.tag, exc.error_class, exc.desc))
+        except qmpio.QmpDisconnectedError:
+            pass  # the disconnect watcher tells every flow
+        else:
+            self.feed(flow_id, QmpReply(action.tag, result))
+
+    async def _post_owner(self, flow_id: str, action: PostOwner) -> None:
+        from agent.core.events import OwnerFailed
+
+        if not self.owner_url:
+            self.feed(flow_id, OwnerFailed("no owner_url configured"))
+            return
+        from agent.io.owner_client import post_owner
+
+        event = await post_owner(self.owner_url, action.path, action.body, self.owner_timeout)
+        self.feed(flow_id, event)
+
+    def _spawn(self, flow_id: str, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks = self._tasks.setdefault(flow_id, set())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _fire(self, flow_id: str, name: str) -> None:
+        from agent.core.events import TimerFired
+
+        self._timers.pop((flow_id, name), None)
+        self.feed(flow_id, TimerFired(name))
+
+    def _cancel_timer(self, flow_id: str, name: str) -> None:
+        handle = self._timers.pop((flow_id, name), None)
+        if handle is not None:
+            handle.cancel()
+
+    def _finish(self, flow_id: str, action: Finish) -> None:
+        self.results[flow_id] = action
+        for (fid, name) in [k for k in self._timers if k[0] == flow_id]:
+            self._cancel_timer(fid, name)
+        for task in self._tasks.pop(flow_id, set()):
+            task.cancel()
+        level = "info" if action.code == 0 else "error"
+        getattr(self.log, level)("flow finished", flow=flow_id, code=action.code,
+                                 reason=action.reason)
+        if self.on_finish is not None:
+            self.on_finish(flow_id, action)
+
+    # -- QMP events and EOF ----------------------------------------------------
+    async def pump_qmp_events(self) -> None:
+        assert self.qmp is not None
+        async for msg in self.qmp.events:
+            name = msg.get("event")
+            data = msg.get("data") or {}
+            for flow_id, flow in self.flows.items():
+                if flow.finished is None and name in flow.wanted_events:
+                    self.feed(flow_id, QmpEvent(name, dict(data)))
+
+    async def watch_qmp(self) -> str:
+        assert self.qmp is not None
+        reason = await self.qmp.wait_disconnected()
+        self.qmp_gone = reason
+        self.log.info("QMP disconnected", reason=reason)
+        for flow_id in self.active():
+            self.feed(flow_id, QmpDisconnected(reason))
+        return reason
+
+    async def drain_qmp(self, timeout: float = 5.0) -> None:
+        """Let commands already sent (a final ``quit`` or ``stop``) complete."""
+        if self._qmp_tasks:
+            await asyncio.wait(set(self._qmp_tasks), timeout=timeout)
+
+    def close(self) -> None:
+        for key in list(self._timers):
+            self._cancel_timer(*key)
+        for tasks in self._tasks.values():
+            for task in tasks:
+                task.cancel()
+        for task in self._qmp_tasks:
+            task.cancel()

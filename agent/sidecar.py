@@ -1,0 +1,174 @@
+"""``keyagent run``: the sidecar next to one QEMU process.
+
+It connects to QEMU's monitor, sweeps stale key files from the run_dir,
+starts the flows the configuration asks for (the SEV launch when ``[sev]``
+is configured), serves the control socket, and exits:
+
+* 1 as soon as a flow is refused or fails (the flow has already quit QEMU or
+  left it paused, as ``on_refusal`` says);
+* 0 when its work is done: after the launch if there is no control socket,
+  otherwise when QEMU goes away (the sidecar lives as long as its VM);
+* on SIGTERM/SIGINT: 0 if every flow had finished well, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+from dataclasses import dataclass
+
+from agent import __version__
+from agent.config import Config
+from agent.core.launch import LaunchParams, SevLaunchFlow
+from agent.errors import UsageError
+from agent.eventlog import EventLog
+from agent.io import qmp as qmpio
+from agent.io.rundir import prepare_run_dir, sweep_stale_keys
+from agent.logs import get_logger
+from agent.runtime import Runtime
+
+QMP_CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class SidecarOptions:
+    qmp_path: str
+    control_path: str | None
+    event_log: str | None
+
+
+def check_qmp_path(path: str) -> None:
+    """Refuse at once what can never become a QMP socket (exit 2)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"QMP socket directory {parent} does not exist")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # QEMU may not have created it yet: connect() waits for it
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} is not a unix socket")
+
+
+class Sidecar:
+    def __init__(self, cfg: Config, opts: SidecarOptions) -> None:
+        self.cfg = cfg
+        self.opts = opts
+        self.log = get_logger("keyagent", vm=cfg.vm_name)
+        self.done = asyncio.Event()
+        self.exit_code = 0
+        self.exit_reason = ""
+        self.runtime: Runtime | None = None
+        self.control = None
+
+    # -- policy: when is the sidecar done? ------------------------------------
+    def _stays(self) -> bool:
+        return self.control is not None
+
+    def _on_finish(self, flow_id: str, fin) -> None:
+        if fin.code != 0 and self.exit_code == 0:
+            self.exit_code, self.exit_reason = fin.code, fin.reason
+            self.done.set()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        rt = self.runtime
+        if rt is None or rt.active():
+            return
+        if not self._stays() or rt.qmp_gone is not None:
+            self.done.set()
+
+    async def _watch(self, rt: Runtime) -> None:
+        await rt.watch_qmp()
+        # Flows that were waiting get QmpDisconnected through the queue; once
+        # they have finished, _on_finish ends the sidecar.  With none active:
+        await asyncio.sleep(0)
+        self._maybe_done()
+
+    def _on_signal(self, signame: str) -> None:
+        self.log.info("signal received, stopping", signal=signame)
+        if self.runtime is not None and self.runtime.active() and self.exit_code == 0:
+            self.exit_code = 1
+            self.exit_reason = f"stopped by {signame} before the launch completed"
+        self.done.set()
+
+    # -- the whole life -------------------------------------------------------
+    async def run(self) -> int:
+        cfg, opts, log = self.cfg, self.opts, self.log
+        check_qmp_path(opts.qmp_path)
+        if cfg.vm_run_dir:
+            run_dir = prepare_run_dir(cfg.vm_run_dir)
+            removed = sweep_stale_keys(run_dir)
+            if removed:
+                log.warning("swept stale key material left by a previous agent",
+                            run_dir=run_dir, removed=removed)
+        if cfg.sev_enabled and not cfg.sev_owner_url:
+            raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
+        event_log = EventLog(opts.event_log)
+        event_log.write("start", version=__version__, vm=cfg.vm_name)
+
+        wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if cfg.sev_enabled else set())
+        qmp = qmpio.QmpConnection(f"keyagent.{cfg.vm_name}", events=wanted)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig.name)
+        tasks: list[asyncio.Task] = []
+        try:
+            try:
+                await qmp.connect(opts.qmp_path, QMP_CONNECT_TIMEOUT_S)
+            except qmpio.QmpDisconnectedError as exc:
+                self.exit_code, self.exit_reason = 1, str(exc)
+                return 1
+            log.info("QMP connected", qmp=opts.qmp_path, qemu=qmp.qemu_version)
+            rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
+                                        owner_url=cfg.sev_owner_url,
+                                        owner_timeout=cfg.sev_timeout_s,
+                                        on_finish=self._on_finish, log=log)
+            if opts.control_path:
+                from agent.control import ControlServer
+
+                self.control = ControlServer(self, opts.control_path)
+                await self.control.start()
+            tasks = [asyncio.ensure_future(rt.dispatch()),
+                     asyncio.ensure_future(rt.pump_qmp_events()),
+                     asyncio.ensure_future(self._watch(rt))]
+            if cfg.sev_enabled:
+                rt.start_flow("launch", SevLaunchFlow(LaunchParams(
+                    vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
+            else:
+                self._maybe_done()
+            await self.done.wait()
+            await rt.drain_qmp()
+            return self.exit_code
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.runtime is not None:
+                self.runtime.close()
+            if self.control is not None:
+                await self.control.close()
+            await qmp.close()
+            event_log.write("exit", code=self.exit_code, reason=self.exit_reason)
+            event_log.close()
+            if self.exit_code:
+                log.error("keyagent exiting", code=self.exit_code, reason=self.exit_reason)
+            else:
+                log.info("keyagent exiting", code=0)
+
+    def status(self) -> dict:
+        rt = self.runtime
+        flows = {}
+        if rt is not None:
+            for fid, flow in rt.flows.items():
+                entry = {"kind": flow.kind, "state": getattr(getattr(flow, "state", None), "value", None)}
+                if flow.finished is not None:
+                    entry["result"] = {"code": flow.finished.code, "reason": flow.finished.reason}
+                flows[fid] = entry
+        return {"vm": self.cfg.vm_name, "version": __version__,
+                "qmp": "disconnected" if (rt is None or rt.qmp_gone is not None) else "connected",
+                "flows": flows}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One command for each job on a fresh machine; each does its own set-up.
+#   ./dev.sh demo    install keyagent into .venv and run the demo (embedded simulator)
+#   ./dev.sh test    install what the tests need (apt + .venv) and run them
+#   ./dev.sh setup   only the set-up
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf)
+VENV=${KEYAGENT_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+apt_setup() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "dev.sh: missing Debian packages (${missing[*]}); run as root or install them" >&2
+        return 0
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+venv_setup() {
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+}
+
+case "${1:-}" in
+    setup) apt_setup; venv_setup ;;
+    demo)  venv_setup; exec "$VENV/bin/keyagent" demo ;;
+    test)
+        shift
+        apt_setup; venv_setup
+        set +e
+        "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+        rc=$?
+        [ $rc -eq 5 ] && { echo "dev.sh: pytest collected no tests" >&2; exit 1; }
+        exit $rc ;;
+    *) echo "usage: ./dev.sh demo | test [PYTEST-ARGS] | setup" >&2; exit 2 ;;
+esac
