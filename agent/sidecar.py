@@ -145,14 +145,16 @@ class Sidecar:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             if self.runtime is not None:
                 self.runtime.close()
             if self.control is not None:
                 await self.control.close()
+            # Close QMP before cancelling the watcher: cancelling it inside
+            # qemu.qmp's disconnect() would orphan qemu.qmp's own futures.
             await qmp.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             event_log.write("exit", code=self.exit_code, reason=self.exit_reason)
             event_log.close()
             if self.exit_code:

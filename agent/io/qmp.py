@@ -4,8 +4,9 @@ qemu.qmp logs every message it sends and receives at DEBUG (``--> {...}``),
 and its ``ExecuteError`` keeps the sent message.  We override its two
 message hooks so that what reaches the logger is already redacted: values
 under known secret-bearing keys are replaced, and the forms of every live
-:class:`Secret` are scrubbed.  The default ``events`` listener is removed
-(it keeps every event until drained); our own listener is bounded.
+:class:`Secret` are scrubbed.  qemu.qmp's default ``events`` listener keeps
+every event until drained and can't be removed, so it is given a names
+filter that matches nothing; our own listener is bounded.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ class QmpConnection:
     def __init__(self, name: str = "keyagent", events: set[str] | None = None,
                  max_events: int = 4096) -> None:
         self.client = RedactingQMPClient(name)
-        # The default listener keeps every event forever: a sidecar can't have that.
-        self.client.remove_listener(self.client.events)
+        # The default listener keeps every event forever and cannot be
+        # removed: make it accept none (its names filter), and use our own.
+        self.client.events.names = {"x-keyagent-no-such-event"}
         self.events = BoundedListener(events, max_events)
         self.client.register_listener(self.events)
 
@@ -122,9 +124,9 @@ class QmpConnection:
     def qemu_version(self) -> str:
         greeting = self.client.greeting
         try:
-            v = greeting["QMP"]["version"]["qemu"]  # type: ignore[index]
+            v = greeting._asdict()["QMP"]["version"]["qemu"]  # type: ignore[union-attr]
             return f"{v['major']}.{v['minor']}.{v['micro']}"
-        except (TypeError, KeyError):
+        except (AttributeError, TypeError, KeyError):
             return ""
 
     async def connect(self, path: str, timeout: float) -> None:

@@ -1,0 +1,246 @@
+"""``keyagent owner``: the reference guest owner and its offline tools.
+
+    owner serve   --config owner.toml --listen HOST:PORT
+    owner verify  --tik F --measurement B64 --api-major N --api-minor N
+                  --build-id N --policy N --digest HEX           exit 0 valid, 1 not
+    owner package --tik F --tek F --measurement B64 --secret GUID=FILE [...] [--iv B64]
+    owner session ...                                              (not implemented yet)
+    owner measure ...        (registered by agent.owner.measure when present)
+
+This module is imported every time ``keyagent`` builds its parser, the
+sidecar's commands included, so it imports only argparse-level modules at
+the top; the service, HTTP and crypto modules load inside the handlers.
+Keys and secrets are always named by file, never given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import importlib
+import json
+import sys
+from typing import Any
+
+from agent.errors import FlowFailed, UsageError
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("owner", help="reference guest owner: serve, verify, package")
+    sub = p.add_subparsers(dest="owner_command", metavar="OWNER_COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("serve", help="serve the guest owner protocol over HTTP")
+    s.add_argument("--config", required=True, metavar="FILE", help="owner.toml")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT", help="port 0 picks a free port")
+    s.add_argument("--log-level", default="info", metavar="LEVEL")
+    s.set_defaults(func=cmd_serve)
+
+    v = sub.add_parser("verify", help="check a launch measurement against an expected digest")
+    _add_measurement_args(v)
+    v.add_argument("--digest", action="append", metavar="HEX",
+                   help="expected launch digest (repeat to accept several)")
+    measure = _measure_module()
+    if measure is not None and hasattr(measure, "add_measure_options"):
+        measure.add_measure_options(v)  # --firmware/--kernel/... instead of --digest
+    v.set_defaults(func=cmd_verify)
+
+    k = sub.add_parser("package", help="build a launch secret packet")
+    k.add_argument("--tik", required=True, metavar="FILE")
+    k.add_argument("--tek", required=True, metavar="FILE")
+    k.add_argument("--measurement", required=True, metavar="B64")
+    k.add_argument("--secret", required=True, action="append", metavar="GUID=FILE",
+                   help="a secret table entry; GUID may be an alias like luks-key")
+    k.add_argument("--iv", metavar="B64", help="16-byte IV (default: fresh random)")
+    k.set_defaults(func=cmd_package)
+
+    x = sub.add_parser("session", help="(not implemented yet)")
+    # The contract's options, accepted now so the slot answers with one clear line.
+    x.add_argument("--pdh", metavar="FILE")
+    x.add_argument("--policy", type=_policy_int, metavar="N")
+    x.add_argument("--out-dir", metavar="DIR")
+    x.set_defaults(func=cmd_session)
+
+    if measure is not None and hasattr(measure, "register"):
+        measure.register(sub)
+
+
+def _measure_module() -> Any:
+    try:
+        return importlib.import_module("agent.owner.measure")
+    except ModuleNotFoundError as exc:
+        if exc.name == "agent.owner.measure":
+            return None
+        raise
+
+
+def _add_measurement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tik", required=True, metavar="FILE")
+    p.add_argument("--measurement", required=True, metavar="B64")
+    p.add_argument("--api-major", required=True, type=int, metavar="N")
+    p.add_argument("--api-minor", required=True, type=int, metavar="N")
+    p.add_argument("--build-id", required=True, type=int, metavar="N")
+    p.add_argument("--policy", required=True, type=_policy_int, metavar="N")
+
+
+def _policy_int(text: str) -> int:
+    # Policies are usually written in hex (0x1, 0x5).
+    return int(text, 0)
+
+
+def _b64(text: str, what: str, length: int | None = None) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{what} is not valid base64") from None
+    if length is not None and len(raw) != length:
+        raise UsageError(f"{what} must be {length} bytes, got {len(raw)}")
+    return raw
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# -- verify -------------------------------------------------------------------
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from agent.owner.config import parse_digest, read_key_file
+    from agent.sev.measurement import verify_measurement
+
+    for name in ("api_major", "api_minor", "build_id"):
+        value = getattr(args, name)
+        if not 0 <= value <= 255:
+            raise UsageError(f"--{name.replace('_', '-')} must be in 0..255, got {value}")
+    if not 0 <= args.policy <= 0xFFFFFFFF:
+        raise UsageError(f"--policy must be a 32-bit value, got {args.policy}")
+    blob = _b64(args.measurement, "--measurement", 48)
+    tik = read_key_file(args.tik, "TIK")
+
+    digests = [parse_digest(d, "--digest") for d in (args.digest or [])]
+    measure = _measure_module()
+    if measure is not None and hasattr(measure, "has_measure_options") and measure.has_measure_options(args):
+        if digests:
+            raise UsageError("owner verify takes --digest or the measure options, not both")
+        digests.append(measure.digest_from_args(args))
+    if not digests:
+        raise UsageError("owner verify needs --digest HEX (or --firmware and the other measure options)")
+
+    ok = False
+    for digest in digests:
+        ok |= verify_measurement(blob, tik.reveal(), args.api_major, args.api_minor,
+                                 args.build_id, args.policy, digest)
+    if not ok:
+        raise FlowFailed("measurement does not match")
+    _print_json({"valid": True, "mnonce": blob[32:].hex()})
+    return 0
+
+
+# -- package ------------------------------------------------------------------
+
+def cmd_package(args: argparse.Namespace) -> int:
+    import os
+
+    from agent.owner.config import read_key_file, read_secret_file, resolve_guid_or_usage
+    from agent.sev.packet import build_packet
+    from agent.sev.secret_table import build_secret_table
+
+    blob = _b64(args.measurement, "--measurement", 48)
+    iv = _b64(args.iv, "--iv", 16) if args.iv is not None else os.urandom(16)
+    tik = read_key_file(args.tik, "TIK")
+    tek = read_key_file(args.tek, "TEK")
+
+    entries = []
+    seen = set()
+    for spec in args.secret:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise UsageError(f"--secret must be GUID=FILE, got {spec.split('=', 1)[0]!r}=...")
+        guid = resolve_guid_or_usage(name, "--secret")
+        if guid in seen:
+            raise UsageError(f"--secret {guid} is given twice")
+        seen.add(guid)
+        entries.append((guid, read_secret_file(path, f"--secret {name}")))
+
+    try:
+        table = build_secret_table([(g, s.reveal()) for g, s in entries])
+    except ValueError as exc:
+        raise UsageError(f"cannot build the secret table: {exc}") from None
+    header, ciphertext = build_packet(tik.reveal(), tek.reveal(), blob[:32], table, iv)
+    _print_json({"packet_header": base64.b64encode(header).decode(),
+                 "secret": base64.b64encode(ciphertext).decode()})
+    return 0
+
+
+# -- session ------------------------------------------------------------------
+
+def cmd_session(_args: argparse.Namespace) -> int:
+    raise UsageError("owner session is not implemented yet")
+
+
+# -- serve --------------------------------------------------------------------
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``; port 0 means any free port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--listen must be HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    value = int(port)
+    if value > 65535:
+        raise UsageError(f"--listen port must be 0..65535, got {value}")
+    return host, value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.logs import setup_logging
+    from agent.owner.config import load_owner_config
+
+    try:
+        setup_logging(args.log_level)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    host, port = parse_listen(args.listen)
+    config = load_owner_config(args.config)
+    return asyncio.run(_serve(config, host, port))
+
+
+async def _serve(config: Any, host: str, port: int) -> int:
+    import asyncio
+    import signal
+
+    from agent.io.http import HttpServer
+    from agent.logs import get_logger
+    from agent.owner.service import OwnerService
+
+    log = get_logger("keyagent.owner")
+    service = OwnerService(config)
+    server = HttpServer(service.handle)
+    try:
+        bound_host, bound_port = await server.start_tcp(host, port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    url = f"http://{shown}:{bound_port}"
+    log.info("owner listening", url=url, vms=sorted(config.vms))
+    _print_json({"listening": url})
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.close()
+    log.info("owner stopped")
+    return 0

@@ -1,0 +1,273 @@
+"""owner.toml: what the guest owner accepts for each VM, and what it hands out.
+
+Everything is read and checked once, at start: a key of the wrong length, an
+unknown GUID alias or a missing secret file is a configuration error (exit 2)
+before the service listens, not a 500 on the first launch.  Paths are
+relative to the toml's directory.  Keys and secret payloads are held as
+:class:`Secret` from the moment they are read.
+
+    [vm.vm1]
+    tik = "vm1_tik.bin"          # 16 raw bytes
+    tek = "vm1_tek.bin"          # 16 raw bytes
+    policy = 1                   # the only policy accepted for this VM
+    digest = "hex"               # or a list of hex strings, or instead:
+    # firmware = "OVMF.fd"       # compute the SEV digest from trusted images
+    # kernel = "vmlinuz"         #   (optional; with initrd, append)
+    min_api = "1.49"             # optional
+    build_ids = [21]             # optional
+    gpa = 0                      # optional, returned to the agent
+    [[vm.vm1.secret]]
+    guid = "736869e5-84f0-4973-92ec-06879ce3da0b"   # or an alias: "luks-key"
+    file = "vm1-disk.pass"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.core.secret import Secret
+from agent.errors import UsageError
+
+__all__ = ["OwnerConfig", "VmPolicy", "SecretEntry", "load_owner_config",
+           "read_key_file", "read_secret_file", "parse_digest", "parse_api_version"]
+
+KEY_LEN = 16          # TIK and TEK: AES-128 / HMAC keys of the SEV API
+DIGEST_LEN = 32       # SHA-256 of the launch data
+MAX_SECRET_FILE = 16384  # the whole secret table must fit the OVMF secret area
+
+_LAUNCH_KEYS = {"firmware", "kernel", "initrd", "append"}
+_VM_KEYS = {"tik", "tek", "policy", "digest", "min_api", "build_ids", "gpa", "secret"} | _LAUNCH_KEYS
+MAX_IMAGE_FILE = 256 << 20  # firmware, kernel, initrd: far above any real one
+_SECRET_KEYS = {"guid", "file"}
+
+
+@dataclass(frozen=True)
+class SecretEntry:
+    guid: uuid.UUID
+    name: str          # as written in owner.toml (a GUID or an alias), for logs
+    value: Secret
+
+
+@dataclass(frozen=True)
+class VmPolicy:
+    name: str
+    tik: Secret
+    tek: Secret
+    policy: int
+    digests: tuple[bytes, ...]
+    secrets: tuple[SecretEntry, ...]
+    min_api: tuple[int, int] | None = None
+    build_ids: frozenset[int] | None = None
+    gpa: int | None = None
+
+
+@dataclass(frozen=True)
+class OwnerConfig:
+    path: str
+    vms: dict[str, VmPolicy]
+
+
+# -- small readers shared with the command line ----------------------------
+
+def read_key_file(path: str | os.PathLike, what: str) -> Secret:
+    """A raw 16-byte TIK or TEK file, as a Secret."""
+    raw = _read_file(path, what, limit=4096)
+    if len(raw) != KEY_LEN:
+        raise UsageError(f"{what} file {os.fspath(path)} must hold {KEY_LEN} raw bytes, it holds {len(raw)}")
+    return Secret(raw)
+
+
+def read_secret_file(path: str | os.PathLike, what: str) -> Secret:
+    """A secret payload, used byte for byte (a trailing newline is kept)."""
+    raw = _read_file(path, what, limit=MAX_SECRET_FILE)
+    if not raw:
+        raise UsageError(f"{what} file {os.fspath(path)} is empty")
+    return Secret(raw)
+
+
+def _read_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{what} file {os.fspath(path)} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} file {os.fspath(path)} is a directory") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} file {os.fspath(path)}: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise UsageError(f"{what} file {os.fspath(path)} is larger than {limit} bytes")
+    return raw
+
+
+def parse_digest(text: Any, where: str) -> bytes:
+    """A 32-byte launch digest from hex text."""
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: digest must be a hex string")
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raise UsageError(f"{where}: digest is not valid hex") from None
+    if len(raw) != DIGEST_LEN:
+        raise UsageError(f"{where}: digest must be {DIGEST_LEN} bytes (64 hex digits), got {len(raw)}")
+    return raw
+
+
+def parse_api_version(text: Any, where: str) -> tuple[int, int]:
+    """``"1.49"`` -> (1, 49).  Minor is a number, not a decimal fraction."""
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: min_api must be a string like \"1.49\"")
+    major, dot, minor = text.strip().partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        raise UsageError(f"{where}: min_api must look like \"1.49\"")
+    a, b = int(major), int(minor)
+    if a > 255 or b > 255:
+        raise UsageError(f"{where}: min_api parts must be 0..255")
+    return a, b
+
+
+def _int(value: Any, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{where} must be an integer")
+    if not lo <= value <= hi:
+        raise UsageError(f"{where} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+# -- owner.toml ---------------------------------------------------------------
+
+def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
+    """Read and check owner.toml; :class:`UsageError` with one line on any fault."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"owner config {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read owner config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"owner config {path} is not valid TOML: {exc}") from None
+
+    base = path.parent
+    vms_doc = doc.get("vm")
+    if not isinstance(vms_doc, dict) or not vms_doc:
+        raise UsageError(f"owner config {path} has no [vm.NAME] tables")
+    vms = {name: _load_vm(name, table, base) for name, table in vms_doc.items()}
+    return OwnerConfig(path=str(path), vms=vms)
+
+
+def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
+    where = f"vm.{name}"
+    if not isinstance(table, dict):
+        raise UsageError(f"{where} must be a table")
+    unknown = sorted(set(table) - _VM_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}")
+    for key in ("tik", "tek", "policy"):
+        if key not in table:
+            raise UsageError(f"{where}: missing {key!r}")
+    if "digest" in table and _LAUNCH_KEYS & set(table):
+        raise UsageError(f"{where}: give digest or firmware/kernel/initrd/append, not both")
+    if "digest" not in table and "firmware" not in table:
+        raise UsageError(f"{where}: missing 'digest' (or 'firmware')")
+
+    def rel(key: str, value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{where}.{key} must be a file path")
+        return base / value
+
+    tik = read_key_file(rel("tik", table["tik"]), f"{where} TIK")
+    tek = read_key_file(rel("tek", table["tek"]), f"{where} TEK")
+    policy = _int(table["policy"], f"{where}.policy", 0, 0xFFFFFFFF)
+
+    digest_doc = table.get("digest")
+    if digest_doc is None:
+        digests = (_launch_digest(table, where, rel),)
+    elif isinstance(digest_doc, list):
+        if not digest_doc:
+            raise UsageError(f"{where}.digest must not be an empty list")
+        digests = tuple(parse_digest(d, f"{where}.digest[{i}]") for i, d in enumerate(digest_doc))
+    else:
+        digests = (parse_digest(digest_doc, f"{where}.digest"),)
+
+    min_api = parse_api_version(table["min_api"], where) if "min_api" in table else None
+
+    build_ids = None
+    if "build_ids" in table:
+        ids = table["build_ids"]
+        if not isinstance(ids, list) or not ids:
+            raise UsageError(f"{where}.build_ids must be a non-empty list of integers")
+        build_ids = frozenset(_int(b, f"{where}.build_ids[{i}]", 0, 255) for i, b in enumerate(ids))
+
+    gpa = _int(table["gpa"], f"{where}.gpa", 0, (1 << 64) - 1) if "gpa" in table else None
+
+    secrets_doc = table.get("secret")
+    if not isinstance(secrets_doc, list) or not secrets_doc:
+        raise UsageError(f"{where}: needs at least one [[{where}.secret]] entry")
+    secrets = tuple(_load_secret(f"{where}.secret[{i}]", s, base) for i, s in enumerate(secrets_doc))
+    seen: set[uuid.UUID] = set()
+    for s in secrets:
+        if s.guid in seen:
+            raise UsageError(f"{where}: secret GUID {s.guid} appears twice")
+        seen.add(s.guid)
+    total = 20 + sum(20 + len(s.value) for s in secrets)
+    if total > MAX_SECRET_FILE:
+        raise UsageError(f"{where}: the secrets make a {total}-byte table, more than {MAX_SECRET_FILE}")
+
+    return VmPolicy(name=name, tik=tik, tek=tek, policy=policy, digests=digests, secrets=secrets,
+                    min_api=min_api, build_ids=build_ids, gpa=gpa)
+
+
+def _launch_digest(table: dict, where: str, rel: Any) -> bytes:
+    """The SEV (not SEV-ES) launch digest of the images named in ``table``.
+
+    SEV-ES digests also depend on the vCPU set-up: compute them with
+    ``keyagent owner measure`` and give ``digest``.
+    """
+    from agent.sev.digest import launch_digest
+
+    if "kernel" not in table and ("initrd" in table or "append" in table):
+        raise UsageError(f"{where}: initrd/append need kernel")
+    images = {key: _read_file(rel(key, table[key]), f"{where}.{key}", MAX_IMAGE_FILE)
+              for key in ("firmware", "kernel", "initrd") if key in table}
+    append = table.get("append")
+    if append is not None and not isinstance(append, str):
+        raise UsageError(f"{where}.append must be a string")
+    if not images["firmware"]:
+        raise UsageError(f"{where}.firmware is empty")
+    try:
+        return launch_digest(images["firmware"], kernel=images.get("kernel"),
+                             initrd=images.get("initrd"), append=append)
+    except (ValueError, UsageError) as exc:
+        raise UsageError(f"{where}: cannot compute the launch digest: {exc}") from None
+
+
+def _load_secret(where: str, entry: Any, base: Path) -> SecretEntry:
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where} must be a table")
+    unknown = sorted(set(entry) - _SECRET_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}")
+    name = entry.get("guid")
+    file = entry.get("file")
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{where}.guid must be a GUID or an alias like \"luks-key\"")
+    if not isinstance(file, str) or not file:
+        raise UsageError(f"{where}.file must be a file path")
+    return SecretEntry(guid=resolve_guid_or_usage(name, where), name=name,
+                       value=read_secret_file(base / file, f"{where}"))
+
+
+def resolve_guid_or_usage(name: str, where: str) -> uuid.UUID:
+    from agent.sev.guids import resolve_guid
+
+    try:
+        return resolve_guid(name)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None

@@ -1,0 +1,197 @@
+"""Real processes for end-to-end tests: simulator, owner, agent, stand-in owners.
+
+Every process is the installed ``keyagent`` command (or ``python -m
+agent.cli``), talking over real unix sockets and real HTTP.  Everything it
+prints is captured for the leak scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+KEYAGENT = [sys.executable, "-m", "agent.cli"]
+DIGEST = hashlib.sha256(b"keyagent-e2e-firmware").digest()
+DISK_PASS = b"e2e disk passphrase: tr0ub4dor&3 \x00\xff binary tail"
+LUKS_GUID = "736869e5-84f0-4973-92ec-06879ce3da0b"
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    stdout_path: Path
+    stderr_path: Path
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+@dataclass
+class World:
+    """One test's processes and files, all under ``tmp``."""
+
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tik = os.urandom(16)
+        self.tek = os.urandom(16)
+        (self.tmp / "tik.bin").write_bytes(self.tik)
+        (self.tmp / "tek.bin").write_bytes(self.tek)
+        (self.tmp / "disk.pass").write_bytes(DISK_PASS)
+        os.chmod(self.tmp / "tik.bin", 0o600)
+        os.chmod(self.tmp / "tek.bin", 0o600)
+        self.qmp = str(self.tmp / "qmp.sock")
+
+    def spawn(self, name: str, args: list[str], env: dict | None = None) -> Proc:
+        out = self.tmp / f"{name}.stdout"
+        err = self.tmp / f"{name}.stderr"
+        popen = subprocess.Popen(
+            [*KEYAGENT, *args], stdout=open(out, "wb"), stderr=open(err, "wb"),
+            stdin=subprocess.DEVNULL, cwd=self.tmp, env={**os.environ, **(env or {})})
+        proc = Proc(name, popen, out, err)
+        self.procs.append(proc)
+        return proc
+
+    # -- the simulator --------------------------------------------------------
+    def simulator(self, *extra: str, sev_es: bool = False) -> Proc:
+        proc = self.spawn("sim", ["simulate", "--qmp", f"unix:{self.qmp}",
+                                  "--sev-es" if sev_es else "--sev",
+                                  "--tik", str(self.tmp / "tik.bin"),
+                                  "--tek", str(self.tmp / "tek.bin"),
+                                  "--digest", DIGEST.hex(), *extra])
+        wait_for(lambda: os.path.exists(self.qmp) or proc.popen.poll() is not None,
+                 what="simulator socket")
+        assert proc.popen.poll() is None, proc.stderr
+        return proc
+
+    def sim_query(self, command: str) -> dict:
+        """Ask the simulator directly (it serves several clients)."""
+        from qemu.qmp import QMPClient
+
+        async def go():
+            client = QMPClient("e2e-probe")
+            await client.connect(self.qmp)
+            try:
+                return await client.execute(command)
+            finally:
+                try:
+                    await client.disconnect()
+                except Exception:  # after quit, QEMU closes first
+                    pass
+
+        return asyncio.run(go())
+
+    # -- the owner ------------------------------------------------------------
+    def owner_config(self, digest: bytes = DIGEST, policy: int = 1) -> Path:
+        path = self.tmp / "owner.toml"
+        path.write_text(f"""
+[vm.vm1]
+tik = "tik.bin"
+tek = "tek.bin"
+policy = {policy}
+digest = "{digest.hex()}"
+[[vm.vm1.secret]]
+guid = "luks-key"
+file = "disk.pass"
+""")
+        return path
+
+    def owner(self, digest: bytes = DIGEST, policy: int = 1) -> str:
+        cfg = self.owner_config(digest, policy)
+        proc = self.spawn("owner", ["owner", "serve", "--config", str(cfg),
+                                    "--listen", "127.0.0.1:0"])
+        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
+                 what="owner listening line")
+        assert proc.popen.poll() is None, proc.stderr
+        return json.loads(proc.stdout.splitlines()[0])["listening"]
+
+    # -- the agent ------------------------------------------------------------
+    def agent(self, owner_url: str, *extra: str) -> Proc:
+        return self.spawn("agent", ["run", "--qmp", f"unix:{self.qmp}", "--owner-url", owner_url,
+                                    "--vm-name", "vm1", "--event-log",
+                                    str(self.tmp / "events.jsonl"), "--log-level", "debug",
+                                    *extra])
+
+    def replay_check(self) -> subprocess.CompletedProcess:
+        return subprocess.run([*KEYAGENT, "replay", "--check", str(self.tmp / "events.jsonl")],
+                              capture_output=True, text=True, timeout=60)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StandInOwner:
+    """A guest owner that misbehaves on purpose: stalls, or answers garbage."""
+
+    def __init__(self, status: int = 200, body: bytes = b"{}", stall: float = 0.0) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if outer.stall:
+                    time.sleep(outer.stall)
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.status, self.body, self.stall = status, body, stall
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

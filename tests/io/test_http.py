@@ -1,0 +1,360 @@
+"""agent.io.http over real sockets: TCP on 127.0.0.1 and unix sockets in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import stat
+
+import h11
+import pytest
+
+from agent.io.http import HttpError, HttpServer, InvalidJson, Request, Response, request_json
+from agent.logs import setup_logging
+
+
+async def echo(request: Request) -> Response:
+    if request.path.startswith("/echo"):
+        return Response.json(200, {
+            "method": request.method,
+            "path": request.path,
+            "headers": request.headers,
+            "body": request.json() if request.body else None,
+            "peer": list(request.peer) if isinstance(request.peer, tuple) else None,
+        })
+    if request.path == "/metrics":
+        return Response.text(200, "up 1\n")
+    if request.path == "/slow":
+        await asyncio.sleep(5)
+        return Response.json(200, {})
+    if request.path == "/boom":
+        raise RuntimeError("handler blew up with " + request.body.decode())
+    return Response.json(404, {"error": "not found"})
+
+
+@pytest.fixture
+async def tcp_server():
+    server = HttpServer(echo, max_body=1000)
+    host, port = await server.start_tcp("127.0.0.1", 0)
+    yield server, f"http://{host}:{port}"
+    await server.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 2.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        async with asyncio.timeout(read_timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+    finally:
+        writer.close()
+    return b"".join(chunks)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+# -- TCP ---------------------------------------------------------------------
+
+async def test_json_roundtrip_over_tcp(tcp_server):
+    _, url = tcp_server
+    status, body = await request_json("POST", url + "/echo?x=1", {"a": [1, 2]}, timeout=5)
+    assert status == 200
+    assert body["method"] == "POST"
+    assert body["path"] == "/echo?x=1"
+    assert body["body"] == {"a": [1, 2]}
+    assert body["headers"]["content-type"] == "application/json"
+    assert body["peer"][0] == "127.0.0.1"
+
+
+async def test_get_without_body(tcp_server):
+    _, url = tcp_server
+    status, body = await request_json("GET", url + "/echo", None, timeout=5)
+    assert status == 200 and body["body"] is None and body["method"] == "GET"
+
+
+async def test_not_found_is_the_handlers_answer(tcp_server):
+    _, url = tcp_server
+    assert await request_json("GET", url + "/nope", None, timeout=5) == (404, {"error": "not found"})
+
+
+async def test_non_json_response_body_parses_as_none(tcp_server):
+    _, url = tcp_server
+    assert await request_json("GET", url + "/metrics", None, timeout=5) == (200, None)
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(tcp_server):
+    _, url = tcp_server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+    conn = h11.Connection(h11.CLIENT)
+    peers = []
+    try:
+        for i in range(3):
+            body = json.dumps({"i": i}).encode()
+            writer.write(conn.send(h11.Request(method="POST", target="/echo", headers=[
+                ("Host", "x"), ("Content-Length", str(len(body))), ("Content-Type", "application/json")])))
+            writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            data = b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await asyncio.wait_for(reader.read(65536), 2))
+                elif isinstance(event, h11.Response):
+                    assert event.status_code == 200
+                elif isinstance(event, h11.Data):
+                    data += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            reply = json.loads(data)
+            assert reply["body"] == {"i": i}
+            peers.append(tuple(reply["peer"]))
+            conn.start_next_cycle()
+    finally:
+        writer.close()
+    assert len(set(peers)) == 1  # the same client port each time: one connection
+
+
+async def test_head_gets_headers_only(tcp_server):
+    _, url = tcp_server
+    reply = await raw_exchange(port_of(url), b"HEAD /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: " in head.lower()
+    assert body == b""
+
+
+async def test_expect_100_continue_is_answered(tcp_server):
+    _, url = tcp_server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+    try:
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
+                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(b'{"a":1}')
+        reply = await asyncio.wait_for(reader.read(), 2)
+    finally:
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"body":{"a":1}' in reply
+
+
+async def test_oversize_body_is_413(tcp_server):
+    _, url = tcp_server
+    status, body = await request_json("POST", url + "/echo", {"x": "a" * 2000}, timeout=5)
+    assert status == 413
+    assert "error" in body
+
+
+async def test_oversize_chunked_body_is_413(tcp_server):
+    _, url = tcp_server
+    chunk = b"a" * 600
+    data = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(chunk) + chunk + b"\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n")
+    reply = await raw_exchange(port_of(url), data)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+
+
+async def test_garbage_bytes_get_400_json(tcp_server):
+    _, url = tcp_server
+    reply = await raw_exchange(port_of(url), b"\x00\x01\x02 not http at all\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"application/json" in head
+    assert "error" in json.loads(body)
+
+
+async def test_handler_exception_is_500_and_log_omits_body(tcp_server):
+    _, url = tcp_server
+    buf = io.StringIO()
+    setup_logging("info", stream=buf)
+    try:
+        status, body = await request_json("POST", url + "/boom", {"pass": "hunter2-in-body"}, timeout=5)
+    finally:
+        setup_logging("info")
+    assert (status, body) == (500, {"error": "internal error"})
+    log = buf.getvalue()
+    assert "http handler failed" in log and "RuntimeError" in log
+    assert "hunter2" not in log
+
+
+async def test_client_timeout_is_one_line(tcp_server):
+    _, url = tcp_server
+    with pytest.raises(HttpError) as err:
+        await request_json("GET", url + "/slow", None, timeout=0.2)
+    assert str(err.value).startswith("timed out after 0.2s")
+    assert "\n" not in str(err.value)
+
+
+async def test_idle_connection_is_closed_by_server():
+    server = HttpServer(echo, idle_timeout=0.2)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    try:
+        reply = await raw_exchange(port, b"", read_timeout=3)
+        assert reply == b""  # closed without a word, well before the read timeout
+    finally:
+        await server.close()
+
+
+async def test_connection_refused_names_the_address():
+    port = free_port()
+    with pytest.raises(HttpError) as err:
+        await request_json("POST", f"http://127.0.0.1:{port}/v1/secret", {}, timeout=5)
+    assert str(err.value) == f"connection refused to 127.0.0.1:{port}"
+
+
+async def test_malformed_response_is_reported_without_its_bytes():
+    async def liar(reader, writer):
+        await reader.read(65536)
+        writer.write(b"NOT-HTTP SECRETBODY\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(liar, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(HttpError) as err:
+            await request_json("GET", f"http://127.0.0.1:{port}/", None, timeout=5)
+    finally:
+        srv.close()
+    assert str(err.value).startswith("malformed HTTP response")
+    assert "SECRETBODY" not in str(err.value)
+
+
+async def test_truncated_response_is_an_error_without_its_bytes():
+    async def short(reader, writer):
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nSECRETBODY")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(short, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(HttpError) as err:
+            await request_json("GET", f"http://127.0.0.1:{port}/", None, timeout=5)
+    finally:
+        srv.close()
+    assert "SECRETBODY" not in str(err.value)
+
+
+async def test_only_http_urls_are_accepted():
+    with pytest.raises(HttpError, match="scheme"):
+        await request_json("GET", "https://127.0.0.1:1/", None, timeout=1)
+
+
+async def test_request_json_rejects_bad_json():
+    req = Request("POST", "/", {}, b"{nope", None)
+    with pytest.raises(ValueError):
+        req.json()
+    with pytest.raises(InvalidJson):
+        req.json()
+
+
+def test_reprs_do_not_show_bodies():
+    assert "hunter2" not in repr(Request("POST", "/", {}, b"hunter2", None))
+    assert "hunter2" not in repr(Response(200, b"hunter2"))
+
+
+async def test_close_ends_open_keep_alive_connections(tcp_server):
+    server, url = tcp_server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(server.close(), 2)
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+
+
+# -- unix sockets -------------------------------------------------------------
+
+async def test_unix_socket_roundtrip_with_peer_credentials(tmp_path):
+    seen = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request.peer)
+        return Response.json(200, {"ok": True})
+
+    path = str(tmp_path / "ctl.sock")
+    server = HttpServer(handler)
+    await server.start_unix(path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        status, body = await request_json("GET", "http://localhost/healthz", None,
+                                          timeout=5, unix_path=path)
+        assert (status, body) == (200, {"ok": True})
+        assert seen == [(os.getpid(), os.getuid(), os.getgid())]
+    finally:
+        await server.close()
+    assert not os.path.exists(path)
+
+
+async def test_refused_peer_gets_403(tmp_path):
+    calls = []
+
+    async def handler(request: Request) -> Response:
+        calls.append(request)
+        return Response.json(200, {})
+
+    path = str(tmp_path / "ctl.sock")
+    server = HttpServer(handler, allow_peer=lambda peer: peer[1] != os.getuid())
+    await server.start_unix(path)
+    try:
+        status, body = await request_json("POST", "http://localhost/x", {"a": 1}, timeout=5, unix_path=path)
+    finally:
+        await server.close()
+    assert status == 403 and "error" in body
+    assert calls == []
+
+
+async def test_allowed_peer_passes(tmp_path):
+    path = str(tmp_path / "ctl.sock")
+    server = HttpServer(echo, allow_peer=lambda peer: peer[1] == os.getuid())
+    await server.start_unix(path, mode=0o660)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        status, _ = await request_json("GET", "http://localhost/echo", None, timeout=5, unix_path=path)
+    finally:
+        await server.close()
+    assert status == 200
+
+
+async def test_stale_socket_is_replaced(tmp_path):
+    path = str(tmp_path / "ctl.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+    server = HttpServer(echo)
+    await server.start_unix(path)
+    try:
+        status, _ = await request_json("GET", "http://localhost/echo", None, timeout=5, unix_path=path)
+        assert status == 200
+    finally:
+        await server.close()
+
+
+async def test_regular_file_in_the_way_is_not_removed(tmp_path):
+    path = tmp_path / "ctl.sock"
+    path.write_text("keep me")
+    with pytest.raises(HttpError, match="not a socket"):
+        await HttpServer(echo).start_unix(str(path))
+    assert path.read_text() == "keep me"
+
+
+async def test_missing_unix_socket_is_one_line(tmp_path):
+    path = str(tmp_path / "absent.sock")
+    with pytest.raises(HttpError) as err:
+        await request_json("GET", "http://localhost/", None, timeout=5, unix_path=path)
+    assert str(err.value) == f"no socket at {path}"

@@ -1,0 +1,71 @@
+"""A guest owner directory in tmp_path: keys, a secret file and owner.toml."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.sev.measurement import measurement_blob
+
+TIK = bytes(range(16))
+TEK = bytes(range(16, 32))
+DIGEST = bytes.fromhex("ab" * 32)
+OTHER_DIGEST = bytes.fromhex("cd" * 32)
+# Recognisable, and long enough for the raw/hex/base64 leak checks.
+PASSPHRASE = b"correct-horse-battery-staple-42"
+API = (1, 49, 21)
+POLICY = 1
+
+
+@dataclass
+class OwnerDir:
+    root: Path
+    toml: Path
+    tik: Path
+    tek: Path
+    secret: Path
+
+    def blob(self, mnonce: bytes = b"n" * 16, *, digest: bytes = DIGEST, tik: bytes = TIK,
+             api: tuple[int, int, int] = API, policy: int = POLICY) -> bytes:
+        return measurement_blob(tik, api[0], api[1], api[2], policy, digest, mnonce)
+
+    def request(self, mnonce: bytes = b"n" * 16, **over) -> dict:
+        blob = self.blob(mnonce)
+        body = {"vm": "vm1", "measurement": base64.b64encode(blob).decode(),
+                "api_major": API[0], "api_minor": API[1], "build_id": API[2], "policy": POLICY}
+        body.update(over)
+        return body
+
+
+def write_owner_dir(root: Path, extra: str = "") -> OwnerDir:
+    (root / "keys").mkdir()
+    tik = root / "keys" / "vm1_tik.bin"
+    tek = root / "keys" / "vm1_tek.bin"
+    secret = root / "vm1-disk.pass"
+    tik.write_bytes(TIK)
+    tek.write_bytes(TEK)
+    secret.write_bytes(PASSPHRASE)
+    toml = root / "owner.toml"
+    toml.write_text(f"""
+[vm.vm1]
+tik = "keys/vm1_tik.bin"
+tek = "keys/vm1_tek.bin"
+policy = {POLICY}
+digest = ["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]
+min_api = "1.49"
+build_ids = [21, 22]
+gpa = 8192
+{extra}
+[[vm.vm1.secret]]
+guid = "luks-key"
+file = "vm1-disk.pass"
+""")
+    return OwnerDir(root, toml, tik, tek, secret)
+
+
+@pytest.fixture
+def owner_dir(tmp_path: Path) -> OwnerDir:
+    return write_owner_dir(tmp_path)
