@@ -24,30 +24,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _subcommand_modules():
-    # Imported lazily by name: the sidecar should not pay for the owner's or
-    # the simulator's imports.
-    return [
-        "agent.runner_cli",
-        "agent.ctl",
-        "agent.replay",
-        "agent.owner.cli",
-        "agent.sim.cli",
-        "agent.demo",
-    ]
+# Subcommand -> module.  Only the module of the command being run is
+# imported: the sidecar should not pay for the owner's or the simulator's
+# imports (``--help`` imports them all).
+SUBCOMMANDS = {
+    "run": "agent.runner_cli",
+    "launch": "agent.launcher_cli",
+    "ctl": "agent.ctl",
+    "replay": "agent.replay",
+    "owner": "agent.owner.cli",
+    "simulate": "agent.sim.cli",
+    "demo": "agent.demo",
+    "bench": "agent.bench",
+}
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
     import importlib
 
     parser = ArgumentParser(prog=PROG, description="Secrets sidecar for QEMU virtual machines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
-    for name in _subcommand_modules():
+    first = next((a for a in argv if not a.startswith("-")), None)
+    names = [first] if first in SUBCOMMANDS else list(SUBCOMMANDS)
+    for name in names:
+        module_name = SUBCOMMANDS[name]
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # not written yet
+            if exc.name == module_name:  # not written yet
                 continue
             raise
         module.register(sub)
@@ -62,7 +67,7 @@ def fail(reason: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except KeyagentError as exc:

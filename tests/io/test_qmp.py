@@ -1,0 +1,118 @@
+"""The QMP shell: redacted at the source, bounded events, errors as values."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import logging
+import os
+
+import pytest
+
+from agent.core.secret import Secret
+from agent.io import qmp as qmpio
+from agent.logs import setup_logging
+from agent.sim.machine import SimConfig
+from agent.sim.qmp_server import Simulator
+
+
+@pytest.fixture
+async def sim(tmp_path):
+    cfg = SimConfig(tik=os.urandom(16), tek=os.urandom(16),
+                    digest=hashlib.sha256(b"fw").digest())
+    path = str(tmp_path / "qmp.sock")
+    async with Simulator(cfg, path) as s:
+        yield s, path
+
+
+@pytest.fixture
+def captured_logs():
+    stream = io.StringIO()
+    setup_logging("debug", stream)
+    yield stream
+    setup_logging("info")
+
+
+async def test_a_secret_argument_is_redacted_in_qemu_qmp_debug_log(sim, captured_logs):
+    _sim, path = sim
+    conn = qmpio.QmpConnection("t")
+    await conn.connect(path, 5)
+    secret = Secret(b"super secret payload bytes 0123")
+    with pytest.raises(qmpio.QmpError):
+        # The simulator refuses the packet (bad MAC): the error text is QEMU's.
+        await conn.execute("sev-inject-launch-secret",
+                           {"packet-header": base64.b64encode(bytes(52)).decode(),
+                            "secret": secret})
+    await conn.close()
+    text = captured_logs.getvalue()
+    assert "sev-inject-launch-secret" in text
+    assert secret.b64() not in text and "super secret" not in text
+    assert "<redacted>" in text
+
+
+async def test_execute_error_becomes_qmp_error_with_qemus_text(sim):
+    _sim, path = sim
+    conn = qmpio.QmpConnection("t")
+    await conn.connect(path, 5)
+    with pytest.raises(qmpio.QmpError) as err:
+        await conn.execute("no-such-command")
+    assert err.value.error_class == "CommandNotFound"
+    await conn.close()
+
+
+async def test_connect_to_missing_socket_times_out_with_one_line(tmp_path):
+    conn = qmpio.QmpConnection("t")
+    with pytest.raises(qmpio.QmpDisconnectedError) as err:
+        await conn.connect(str(tmp_path / "none.sock"), 0.3)
+    assert "cannot connect to QMP socket" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+async def test_connect_waits_for_a_socket_that_appears_late(tmp_path):
+    cfg = SimConfig(tik=os.urandom(16), tek=os.urandom(16), digest=bytes(32))
+    path = str(tmp_path / "late.sock")
+    conn = qmpio.QmpConnection("t")
+    connecting = asyncio.ensure_future(conn.connect(path, 5))
+    await asyncio.sleep(0.3)
+    async with Simulator(cfg, path):
+        await connecting
+        assert (await conn.execute("query-status"))["status"] == "prelaunch"
+        await conn.close()
+
+
+async def test_wait_disconnected_returns_when_qemu_quits(sim):
+    s, path = sim
+    conn = qmpio.QmpConnection("t")
+    await conn.connect(path, 5)
+    waiter = asyncio.ensure_future(conn.wait_disconnected())
+    await conn.execute("quit")
+    reason = await asyncio.wait_for(waiter, 5)
+    assert isinstance(reason, str) and reason
+
+
+async def test_listener_keeps_only_named_events_and_is_bounded():
+    from qemu.qmp.message import Message
+
+    listener = qmpio.BoundedListener({"RESUME"}, maxsize=2)
+    for _ in range(5):
+        await listener.put(Message({"event": "RESUME", "data": {}}))
+        await listener.put(Message({"event": "NOISE", "data": {}}))
+    assert listener._queue.qsize() == 2
+    assert listener.dropped == 3
+
+
+def test_redact_replaces_secret_keys_and_secrets():
+    msg = {"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s0",
+                                                  "data": "Y2lwaGVy", "keyid": "m0",
+                                                  "x": Secret(b"abc")}}
+    out = qmpio.redact(msg)
+    assert out["arguments"]["data"] == "<redacted>"
+    assert out["arguments"]["x"] == "<redacted>"
+    assert out["arguments"]["id"] == "s0"
+
+
+def test_wire_args_send_a_secret_as_base64():
+    assert qmpio.wire_args({"a": Secret(b"\x00\x01"), "b": {"c": Secret(b"z")}}) == \
+        {"a": "AAE=", "b": {"c": "eg=="}}

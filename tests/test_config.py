@@ -1,0 +1,69 @@
+"""Configuration: TOML plus one flag per key, every mistake one line, exit 2."""
+
+import pytest
+
+from agent.config import load_config, unix_path
+from agent.errors import UsageError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "agent.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg.vm_name == "vm" and cfg.sev_timeout_s == 30.0 and cfg.sev_on_refusal == "quit"
+    assert cfg.sev_enabled is False
+
+
+def test_file_values_and_relative_paths(tmp_path):
+    cfg = load_config(write(tmp_path, '[vm]\nname = "vm1"\nrun_dir = "run"\n'
+                                      '[sev]\nowner_url = "http://127.0.0.1:8443"\ntimeout_s = 5\n'
+                                      '[vtpm]\nkey = "file:tpm.key"\n'))
+    assert cfg.vm_run_dir == str(tmp_path / "run")
+    assert cfg.sev_timeout_s == 5.0 and cfg.sev_enabled
+    assert cfg.vtpm_key == f"file:{tmp_path / 'tpm.key'}"
+
+
+def test_flags_override_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, '[sev]\ntimeout_s = 5\n'), {"sev_timeout_s": "7",
+                                                                 "sev_on_refusal": "pause"})
+    assert cfg.sev_timeout_s == 7.0 and cfg.sev_on_refusal == "pause"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[nope]\n", "unknown section [nope]"),
+    ("[sev]\nbogus = 1\n", "unknown key [sev] bogus"),
+    ("[sev]\ntimeout_s = \"x\"\n", "[sev] timeout_s must be a number"),
+    ("[sev]\ntimeout_s = -1\n", "at least"),
+    ("[sev]\non_refusal = \"resume\"\n", "must be one of quit, pause"),
+    ("[sev]\nowner_url = \"ftp://x\"\n", "http:// URL"),
+    ("[vm]\nname = \"a b\"\n", "[vm] name"),
+    ("[vtpm]\nkey = \"/etc/key\"\n", "file:PATH"),
+    ("[migration]\npsk_length = 4\n", "at least 16"),
+    ("[vm\n", "invalid TOML"),
+    ("vm = 3\n", "[vm] must be a table"),
+])
+def test_bad_config_is_a_one_line_usage_error(tmp_path, text, words):
+    with pytest.raises(UsageError) as err:
+        load_config(write(tmp_path, text))
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="cannot read config"):
+        load_config(str(tmp_path / "none.toml"))
+
+
+def test_bad_flag_value_names_the_flag():
+    with pytest.raises(UsageError, match="--sev-timeout-s must be a number"):
+        load_config(None, {"sev_timeout_s": "soon"})
+
+
+@pytest.mark.parametrize("spec", ["/tmp/x", "unix:", "tcp:1.2.3.4:5"])
+def test_socket_spec_must_be_unix_path(spec):
+    with pytest.raises(UsageError, match="--qmp must be unix:PATH"):
+        unix_path(spec, "--qmp")
