@@ -1,0 +1,243 @@
+"""``keyagent simulate``: run the SEV-capable QEMU stand-in on a unix socket.
+
+The simulator needs the launch session keys (TIK, TEK) the guest owner
+holds: pass them as files (16 raw bytes each) or let the simulator make
+fresh ones and write them, mode 0600, to ``--keys-out DIR`` for the owner
+tools to read.  Key bytes never go to stdout, stderr, the logs or argv.
+
+On start it prints one JSON line to stdout (``{"ready": true, "qmp": ...}``)
+so a script can wait for it.  It exits 0 after ``quit`` or on SIGTERM /
+SIGINT, removing its socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import signal
+import stat
+import sys
+
+from agent.errors import UsageError
+
+__all__ = ["register", "run"]
+
+_KEY_LEN = 16
+_MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the NUL
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="serve a simulated QEMU 7.2 with an SEV guest on a QMP socket",
+        description="A QMP server that behaves like QEMU 7.2 holding an SEV / SEV-ES guest "
+        "at -S, with a simulated PSP doing the real launch cryptography.",
+    )
+    p.add_argument("--qmp", required=True, metavar="unix:PATH", help="where to listen")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--sev", action="store_true", help="an SEV guest (the default)")
+    kind.add_argument("--sev-es", action="store_true", help="an SEV-ES guest (sets policy bit 0x4)")
+    p.add_argument("--tik", metavar="FILE", help="TIK, 16 raw bytes (with --tek)")
+    p.add_argument("--tek", metavar="FILE", help="TEK, 16 raw bytes (with --tik)")
+    p.add_argument("--keys-out", metavar="DIR", help="without --tik/--tek: write the generated tik.bin, tek.bin here (0600)")
+    p.add_argument("--digest", metavar="HEX", help="launch digest, 64 hex digits (default: SHA-256 of a fixed test firmware)")
+    p.add_argument("--policy", metavar="N", default="0x1", help="guest policy (default 0x1)")
+    p.add_argument("--api-major", metavar="N", default="1", help="PSP API major version (default 1)")
+    p.add_argument("--api-minor", metavar="N", default="55", help="PSP API minor version (default 55)")
+    p.add_argument("--build-id", metavar="N", default="21", help="PSP firmware build (default 21)")
+    p.add_argument("--running", action="store_true", help="model a VM already launched and running")
+    p.add_argument("--measure-delay", metavar="S", default="0", help="seconds before the measurement is available")
+    p.add_argument("--no-secret-area", action="store_true", help="firmware without an SEV secret area (gpa needed)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.logs import get_logger, setup_logging
+    from agent.sim.machine import DEFAULT_DIGEST, DEFAULT_SECRET_GPA, SimConfig
+
+    setup_logging(args.log_level)
+    log = get_logger("keyagent.sim")
+    path = _socket_path(args.qmp)
+    policy = _number("--policy", args.policy, 0xFFFFFFFF)
+    api_major = _number("--api-major", args.api_major, 0xFF)
+    api_minor = _number("--api-minor", args.api_minor, 0xFF)
+    build_id = _number("--build-id", args.build_id, 0xFF)
+    delay = _seconds("--measure-delay", args.measure_delay)
+    digest = _digest(args.digest) if args.digest is not None else DEFAULT_DIGEST
+    tik, tek, keys_out = _session_keys(args)
+    try:
+        config = SimConfig(
+            tik=tik,
+            tek=tek,
+            digest=digest,
+            policy=policy,
+            api_major=api_major,
+            api_minor=api_minor,
+            build_id=build_id,
+            sev_es=args.sev_es,
+            state="running" if args.running else "prelaunch",
+            measure_delay_s=delay,
+            secret_gpa=None if args.no_secret_area else DEFAULT_SECRET_GPA,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if keys_out is None and args.tik is None:
+        log.warning("sim.keys_ephemeral", why="no --tik/--tek and no --keys-out: no owner can build a packet")
+    return asyncio.run(_serve(config, path, keys_out))
+
+
+async def _serve(config, path: str, keys_out: str | None) -> int:
+    from agent.sim.qmp_server import Simulator
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        sim = Simulator(config, path)
+        try:
+            await sim.start()
+        except OSError as exc:
+            await sim.close()
+            raise UsageError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        try:
+            ready = {
+                "ready": True,
+                "qmp": f"unix:{path}",
+                "policy": config.effective_policy,
+                "sev_es": bool(config.effective_policy & 0x4),
+                "keys_out": keys_out,
+            }
+            print(json.dumps(ready), flush=True)
+            quit_wait = asyncio.ensure_future(sim.wait_closed())
+            stop_wait = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({quit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            for fut in (quit_wait, stop_wait):
+                fut.cancel()
+        finally:
+            await sim.close()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+# -- argument checks: each bad value is a one-line UsageError -------------
+
+
+def _socket_path(spec: str) -> str:
+    if not spec.startswith("unix:") or len(spec) == len("unix:"):
+        raise UsageError(f"--qmp must be unix:PATH, got {spec[:80]!r}")
+    path = spec[len("unix:"):]
+    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+        raise UsageError(f"--qmp path is longer than {_MAX_UNIX_PATH} bytes: {path[:80]}...")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"--qmp directory {parent} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"--qmp {path} exists and is not a socket")
+    return path
+
+
+def _number(flag: str, text: str, maximum: int) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise UsageError(f"{flag} must be an integer (decimal or 0x hex), got {text[:40]!r}") from None
+    if not 0 <= value <= maximum:
+        raise UsageError(f"{flag} must be 0..{maximum}, got {value}")
+    return value
+
+
+def _seconds(flag: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{flag} must be a number of seconds, got {text[:40]!r}") from None
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{flag} must be >= 0 seconds, got {text[:40]}")
+    return value
+
+
+def _digest(text: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError("--digest must be hex") from None
+    if len(value) != 32:
+        raise UsageError(f"--digest must be 32 bytes (64 hex digits), got {len(value)} bytes")
+    return value
+
+
+def _session_keys(args: argparse.Namespace) -> tuple[bytes, bytes, str | None]:
+    if (args.tik is None) != (args.tek is None):
+        raise UsageError("--tik and --tek go together")
+    if args.tik is not None:
+        if args.keys_out is not None:
+            raise UsageError("--keys-out only applies when the keys are generated (no --tik/--tek)")
+        return _read_key("--tik", args.tik), _read_key("--tek", args.tek), None
+    tik, tek = os.urandom(_KEY_LEN), os.urandom(_KEY_LEN)
+    if args.keys_out is None:
+        return tik, tek, None
+    _write_keys(args.keys_out, {"tik.bin": tik, "tek.bin": tek})
+    return tik, tek, args.keys_out
+
+
+def _read_key(flag: str, path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(_KEY_LEN + 1)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    if len(data) != _KEY_LEN:
+        shown = f"{len(data)}" if len(data) <= _KEY_LEN else f"more than {_KEY_LEN}"
+        raise UsageError(f"{flag}: {path} must hold exactly {_KEY_LEN} raw bytes, found {shown}")
+    return data
+
+
+def _write_keys(directory: str, files: dict[str, bytes]) -> None:
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise UsageError(f"--keys-out {directory} exists and is not a directory") from None
+    except OSError as exc:
+        raise UsageError(f"--keys-out: cannot create {directory}: {exc.strerror}") from None
+    written: list[str] = []
+    try:
+        for name, data in files.items():
+            target = os.path.join(directory, name)
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    raise UsageError(f"--keys-out: {target} already exists; not overwriting it") from None
+                raise UsageError(f"--keys-out: cannot write {target}: {exc.strerror}") from None
+            written.append(target)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    except BaseException:
+        for target in written:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from agent.cli import main
+
+    sys.exit(main(["simulate", *sys.argv[1:]]))

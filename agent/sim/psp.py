@@ -1,0 +1,199 @@
+"""A stand-in for the AMD Secure Processor's part of an SEV / SEV-ES launch.
+
+SEV hardware is not available where keyagent is tested, so this class does
+what the PSP firmware does for one guest between LAUNCH_START and
+LAUNCH_FINISH, with the real cryptography (:mod:`agent.sev`):
+
+* LAUNCH_MEASURE: ``MEASURE = HMAC-SHA256(TIK, 0x04 || api || build ||
+  policy || digest || MNONCE)``, handed out as ``MEASURE || MNONCE``;
+* LAUNCH_SECRET: check the packet header's MAC against the TIK and the
+  MEASURE it reported, then decrypt the payload with the TEK;
+* LAUNCH_FINISH: the guest runs; no more secrets.
+
+The session keys (TIK, TEK) never leave this object except through the MAC
+and decryption results; errors carry the firmware status code that QEMU
+prints (``fw_error=N 'text'``), never key or payload bytes.  No I/O, no
+clock: the caller decides when LAUNCH_MEASURE happens.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+from agent.core.secret import Secret
+from agent.sev.measurement import measurement_blob, split_blob
+from agent.sev.packet import PACKET_HEADER_LEN, PacketError, open_packet, parse_header
+
+__all__ = ["SevRet", "FW_ERROR_TEXT", "SEV_STATES", "FwError", "Psp", "SEV_POLICY_ES"]
+
+#: Guest policy bit 2: the guest is an SEV-ES guest (QEMU ``SEV_POLICY_ES``).
+SEV_POLICY_ES = 0x4
+
+#: QAPI ``SevState`` in declaration order (qapi/misc-target.json): QEMU prints
+#: the index with ``%x`` in "SEV: Not in correct state. (LSECRET) %x".
+SEV_STATES = ("uninit", "launch-update", "launch-secret", "running", "send-update", "receive-update")
+
+
+class SevRet(enum.IntEnum):
+    """Firmware status codes (Linux ``include/uapi/linux/psp-sev.h``)."""
+
+    SUCCESS = 0
+    INVALID_PLATFORM_STATE = 1
+    INVALID_GUEST_STATE = 2
+    INVALID_CONFIG = 3
+    INVALID_LEN = 4
+    ALREADY_OWNED = 5
+    INVALID_CERTIFICATE = 6
+    POLICY_FAILURE = 7
+    INACTIVE = 8
+    INVALID_ADDRESS = 9
+    BAD_SIGNATURE = 10
+    BAD_MEASUREMENT = 11
+    ASID_OWNED = 12
+    INVALID_ASID = 13
+    WBINVD_REQUIRED = 14
+    DFFLUSH_REQUIRED = 15
+    INVALID_GUEST = 16
+    INVALID_COMMAND = 17
+    ACTIVE = 18
+    HWSEV_RET_PLATFORM = 19
+    HWSEV_RET_UNSAFE = 20
+    UNSUPPORTED = 21
+    INVALID_PARAM = 22
+    RESOURCE_LIMIT = 23
+    SECURE_DATA_INVALID = 24
+
+
+#: QEMU's ``sev_fw_errlist`` (target/i386/sev.c), the text after fw_error=N.
+FW_ERROR_TEXT = {
+    SevRet.SUCCESS: "",
+    SevRet.INVALID_PLATFORM_STATE: "Platform state is invalid",
+    SevRet.INVALID_GUEST_STATE: "Guest state is invalid",
+    SevRet.INVALID_CONFIG: "Platform configuration is invalid",
+    SevRet.INVALID_LEN: "Buffer too small",
+    SevRet.ALREADY_OWNED: "Platform is already owned",
+    SevRet.INVALID_CERTIFICATE: "Certificate is invalid",
+    SevRet.POLICY_FAILURE: "Policy is not allowed",
+    SevRet.INACTIVE: "Guest is not active",
+    SevRet.INVALID_ADDRESS: "Invalid address",
+    SevRet.BAD_SIGNATURE: "Bad signature",
+    SevRet.BAD_MEASUREMENT: "Bad measurement",
+    SevRet.ASID_OWNED: "ASID is already owned",
+    SevRet.INVALID_ASID: "Invalid ASID",
+    SevRet.WBINVD_REQUIRED: "WBINVD is required",
+    SevRet.DFFLUSH_REQUIRED: "DF_FLUSH is required",
+    SevRet.INVALID_GUEST: "Guest handle is invalid",
+    SevRet.INVALID_COMMAND: "Invalid command",
+    SevRet.ACTIVE: "Guest is active",
+    SevRet.HWSEV_RET_PLATFORM: "Hardware error",
+    SevRet.HWSEV_RET_UNSAFE: "Hardware unsafe",
+    SevRet.UNSUPPORTED: "Feature not supported",
+    SevRet.INVALID_PARAM: "Invalid parameter",
+    SevRet.RESOURCE_LIMIT: "Required firmware resource depleted",
+    SevRet.SECURE_DATA_INVALID: "Part-specific integrity check failure",
+}
+
+#: What the kernel's KVM_MEMORY_ENCRYPT_OP returns when the firmware reports
+#: an error status (``-EIO``); QEMU prints it as ``ret=-5``.
+KVM_RET_FW_ERROR = -5
+
+
+class FwError(Exception):
+    """The firmware refused a command; ``code`` is its status."""
+
+    def __init__(self, code: SevRet, why: str) -> None:
+        super().__init__(f"{code.name}: {why}")
+        self.code = code
+        self.why = why  # for our logs only; never holds key or payload bytes
+
+    @property
+    def text(self) -> str:
+        return FW_ERROR_TEXT.get(self.code, "unknown error")
+
+
+class Psp:
+    """One guest's launch context inside the PSP."""
+
+    def __init__(
+        self,
+        tik: Secret,
+        tek: Secret,
+        *,
+        digest: bytes,
+        policy: int,
+        api_major: int,
+        api_minor: int,
+        build_id: int,
+        mnonce: bytes | None = None,
+        handle: int = 1,
+    ) -> None:
+        if len(tik) != 16 or len(tek) != 16:
+            raise ValueError("TIK and TEK must be 16 bytes each")
+        self._tik = tik
+        self._tek = tek
+        self.digest = bytes(digest)
+        self.policy = policy
+        self.api_major = api_major
+        self.api_minor = api_minor
+        self.build_id = build_id
+        self.handle = handle
+        self._mnonce = bytes(mnonce) if mnonce is not None else os.urandom(16)
+        if len(self._mnonce) != 16:
+            raise ValueError("MNONCE must be 16 bytes")
+        self._blob: bytes | None = None
+        # LAUNCH_START has run when QEMU's monitor comes up.
+        self.state = "launch-update"
+
+    @property
+    def state_index(self) -> int:
+        return SEV_STATES.index(self.state)
+
+    @property
+    def measurement(self) -> bytes | None:
+        """The 48-byte LAUNCH_MEASURE blob, once taken (QEMU: state >= launch-secret)."""
+        return self._blob
+
+    def launch_measure(self) -> bytes:
+        """LAUNCH_MEASURE: close the launch digest and MAC it with the TIK."""
+        if self.state != "launch-update":
+            raise FwError(SevRet.INVALID_GUEST_STATE, f"LAUNCH_MEASURE in state {self.state}")
+        self._blob = measurement_blob(
+            self._tik.reveal(), self.api_major, self.api_minor, self.build_id, self.policy, self.digest, self._mnonce
+        )
+        self.state = "launch-secret"
+        return self._blob
+
+    def launch_secret(self, header: bytes, ciphertext: bytes) -> Secret:
+        """LAUNCH_SECRET: the plaintext the PSP writes into guest memory.
+
+        Refuses (``FwError``) a packet whose length is wrong, whose flags are
+        not zero, or whose MAC does not verify against the TIK and the
+        MEASURE this PSP reported.  Nothing changes on a refusal.
+        """
+        if self.state != "launch-secret" or self._blob is None:
+            raise FwError(SevRet.INVALID_GUEST_STATE, f"LAUNCH_SECRET in state {self.state}")
+        if len(header) != PACKET_HEADER_LEN:
+            raise FwError(SevRet.INVALID_LEN, f"packet header is {len(header)} bytes, not {PACKET_HEADER_LEN}")
+        if not ciphertext or len(ciphertext) % 16:
+            raise FwError(SevRet.INVALID_LEN, f"payload is {len(ciphertext)} bytes, not a multiple of 16")
+        flags, _iv, _mac = parse_header(header)
+        if flags != 0:
+            raise FwError(SevRet.INVALID_PARAM, f"packet flags 0x{flags:x}")
+        measure, _mnonce = split_blob(self._blob)
+        try:
+            plaintext = open_packet(self._tik.reveal(), self._tek.reveal(), measure, header, ciphertext)
+        except PacketError as exc:
+            raise FwError(SevRet.BAD_MEASUREMENT, str(exc)) from None
+        return Secret(plaintext)
+
+    def launch_finish(self) -> None:
+        """LAUNCH_FINISH: the guest is running; the launch context is closed."""
+        if self.state not in ("launch-update", "launch-secret"):
+            raise FwError(SevRet.INVALID_GUEST_STATE, f"LAUNCH_FINISH in state {self.state}")
+        self.state = "running"
+
+    def wipe(self) -> None:
+        """Forget the session keys (at shutdown)."""
+        self._tik.wipe()
+        self._tek.wipe()

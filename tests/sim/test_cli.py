@@ -1,0 +1,210 @@
+"""``keyagent simulate`` as a process: starts, answers, quits, refuses bad usage."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.sev.measurement import verify_measurement
+from agent.sim.machine import DEFAULT_DIGEST
+from tests.sim.conftest import DIGEST, TEK, TIK
+
+_BIN = os.path.join(os.path.dirname(sys.executable), "keyagent")
+KEYAGENT = [_BIN] if os.path.exists(_BIN) else [sys.executable, "-m", "agent.cli"]
+
+
+@pytest.fixture
+def keys(tmp_path):
+    tik, tek = tmp_path / "tik.bin", tmp_path / "tek.bin"
+    tik.write_bytes(TIK)
+    tek.write_bytes(TEK)
+    return str(tik), str(tek)
+
+
+def start(sock_path: str, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read().decode()
+    ready = json.loads(line)
+    assert ready["ready"] is True and ready["qmp"] == f"unix:{sock_path}"
+    return proc
+
+
+class SyncQmp:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.recv()
+        assert self.cmd("qmp_capabilities") == {"return": {}}
+
+    def recv(self) -> dict:
+        return json.loads(self.file.readline())
+
+    def cmd(self, name: str, arguments: dict | None = None) -> dict:
+        msg = {"execute": name}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode())
+        return self.recv()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise
+    return proc.returncode, err.decode()
+
+
+def assert_no_keys(text: str) -> None:
+    for key in (TIK, TEK):
+        assert key.hex() not in text and base64.b64encode(key).decode() not in text
+
+
+def test_simulate_serves_the_given_keys_and_exits_0_after_quit(sock_path, keys):
+    proc = start(sock_path, "--sev", "--tik", keys[0], "--tek", keys[1], "--digest", DIGEST.hex())
+    qmp = SyncQmp(sock_path)
+    blob = base64.b64decode(qmp.cmd("query-sev-launch-measure")["return"]["data"])
+    assert verify_measurement(blob, TIK, 1, 55, 21, 1, DIGEST)
+    assert qmp.cmd("quit") == {"return": {}}
+    assert qmp.recv()["event"] == "SHUTDOWN"
+    qmp.close()
+    code, err = finish(proc)
+    assert code == 0, err
+    assert not os.path.exists(sock_path)
+    assert '"command": "quit"' in err
+    assert_no_keys(err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_simulator_cleanly(sock_path, keys, sig):
+    proc = start(sock_path, "--tik", keys[0], "--tek", keys[1])
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+    proc.send_signal(sig)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert not os.path.exists(sock_path)
+
+
+def test_generated_keys_are_written_0600_and_are_the_ones_in_use(sock_path, tmp_path):
+    out = tmp_path / "keys"
+    proc = start(sock_path, "--keys-out", str(out))
+    try:
+        tik = (out / "tik.bin").read_bytes()
+        assert len(tik) == 16 and len((out / "tek.bin").read_bytes()) == 16
+        for name in ("tik.bin", "tek.bin"):
+            assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
+        qmp = SyncQmp(sock_path)
+        blob = base64.b64decode(qmp.cmd("query-sev-launch-measure")["return"]["data"])
+        assert verify_measurement(blob, tik, 1, 55, 21, 1, DEFAULT_DIGEST)
+        qmp.close()
+    finally:
+        proc.terminate()
+    code, err = finish(proc)
+    assert code == 0
+    assert tik.hex() not in err
+
+
+def test_sev_es_running_and_no_secret_area_flags(sock_path, keys):
+    proc = start(sock_path, "--sev-es", "--running", "--no-secret-area", "--policy", "0x3", "--api-major", "2",
+                 "--api-minor", "3", "--build-id", "4", "--tik", keys[0], "--tek", keys[1])
+    qmp = SyncQmp(sock_path)
+    info = qmp.cmd("query-sev")["return"]
+    assert (info["policy"], info["api-major"], info["api-minor"], info["build-id"], info["state"]) == (7, 2, 3, 4, "running")
+    assert qmp.cmd("query-status")["return"]["status"] == "running"
+    reply = qmp.cmd("sev-inject-launch-secret", {"packet-header": "AAAA", "secret": "AAAA"})
+    assert reply["error"]["desc"] == "SEV: no secret area found in OVMF, gpa must be specified."
+    qmp.cmd("quit")
+    qmp.close()
+    assert finish(proc)[0] == 0
+
+
+def test_measure_delay_flag(sock_path, keys):
+    proc = start(sock_path, "--measure-delay", "0.5", "--tik", keys[0], "--tek", keys[1])
+    qmp = SyncQmp(sock_path)
+    assert qmp.cmd("query-sev-launch-measure")["error"]["desc"] == "SEV launch measurement is not available"
+    time.sleep(0.6)
+    assert "return" in qmp.cmd("query-sev-launch-measure")
+    qmp.cmd("quit")
+    qmp.close()
+    assert finish(proc)[0] == 0
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--tik", "{short}", "--tek", "{tek}"], "must hold exactly 16 raw bytes, found 5"),
+    (["--tik", "{long}", "--tek", "{tek}"], "must hold exactly 16 raw bytes, found more than 16"),
+    (["--tik", "{missing}", "--tek", "{tek}"], "cannot read"),
+    (["--tik", "{tik}"], "--tik and --tek go together"),
+    (["--tik", "{tik}", "--tek", "{tek}", "--keys-out", "{dir}"], "--keys-out only applies"),
+    (["--digest", "zz"], "--digest must be hex"),
+    (["--digest", "abcd"], "--digest must be 32 bytes"),
+    (["--policy", "lots"], "--policy must be an integer"),
+    (["--policy", "0x100000000"], "--policy must be 0..4294967295"),
+    (["--api-major", "256"], "--api-major must be 0..255"),
+    (["--measure-delay", "-1"], "--measure-delay must be >= 0"),
+    (["--measure-delay", "soon"], "--measure-delay must be a number"),
+    (["--sev", "--sev-es"], "not allowed with argument"),
+    (["--keys-out", "{file}"], "exists and is not a directory"),
+])
+def test_bad_arguments_exit_2_with_one_line(sock_path, tmp_path, keys, args, reason):
+    (tmp_path / "short.bin").write_bytes(b"12345")
+    (tmp_path / "long.bin").write_bytes(bytes(17))
+    (tmp_path / "plain").write_text("x")
+    subst = {"short": str(tmp_path / "short.bin"), "long": str(tmp_path / "long.bin"), "tik": keys[0],
+             "tek": keys[1], "missing": str(tmp_path / "nope.bin"), "dir": str(tmp_path), "file": str(tmp_path / "plain")}
+    argv = [a.format(**subst) for a in args]
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}", *argv],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keyagent") and reason in lines[0], proc.stderr
+    assert not os.path.exists(sock_path)
+
+
+@pytest.mark.parametrize("qmp, reason", [
+    ("tcp:localhost:4444", "--qmp must be unix:PATH"),
+    ("unix:", "--qmp must be unix:PATH"),
+    ("unix:/nonexistent-dir/q.sock", "does not exist"),
+    ("unix:/" + "x" * 120, "longer than 107 bytes"),
+])
+def test_bad_qmp_address_exits_2(qmp, reason):
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", qmp], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_path_that_is_not_a_socket_is_left_alone(sock_path):
+    with open(sock_path, "w") as f:
+        f.write("precious")
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "exists and is not a socket" in proc.stderr
+    assert open(sock_path).read() == "precious"
+
+
+def test_keys_are_never_overwritten(sock_path, tmp_path):
+    out = tmp_path / "keys"
+    out.mkdir()
+    (out / "tek.bin").write_bytes(b"old")
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}", "--keys-out", str(out)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "tek.bin").read_bytes() == b"old"
+    assert not (out / "tik.bin").exists()  # the half-written pair was removed
