@@ -5,7 +5,9 @@ the agent's uid, or root, may talk to it (SO_PEERCRED).  Routes:
 
 * ``GET /v1/status``: what the agent and its flows are doing (``ctl status``);
 * ``GET /healthz``: the agent process is alive;
-* ``GET /readyz``: QMP is connected (Kubernetes readiness).
+* ``GET /readyz``: QMP is connected (Kubernetes readiness);
+* ``POST /v1/migrate/{prepare,begin,accept,start,wait,cancel}``: JSON
+  arguments in, JSON out (see ``agent.migrate_ctl``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from agent.io.http import HttpServer, Request, Response
+import inspect
+
+from agent.io.http import HttpServer, InvalidJson, Request, Response
 
 
 def allow_peer(peer: object) -> bool:
@@ -49,4 +53,25 @@ class ControlServer:
             return Response.json(200 if ready else 503, {"ready": ready})
         if route == ("GET", "/v1/status"):
             return Response.json(200, self.sidecar.status())
+        handler = self.sidecar.control_verbs().get(route)
+        if handler is not None:
+            return await self._call(handler, request)
         return Response.json(404, {"error": f"no such endpoint: {request.method} {route[1]}"})
+
+    async def _call(self, handler, request: Request) -> Response:
+        from agent.migrate_ctl import ControlError
+
+        try:
+            args = request.json() if request.body else {}
+        except InvalidJson as exc:
+            return Response.json(400, {"error": str(exc)})
+        if not isinstance(args, dict):
+            return Response.json(400, {"error": "request body must be a JSON object"})
+        try:
+            result = handler(args)
+            if inspect.isawaitable(result):
+                result = await result
+        except ControlError as exc:
+            return Response.json(exc.status, {"error": exc.error})
+        status, body = result if isinstance(result, tuple) else (200, result)
+        return Response.json(status, body)

@@ -13,6 +13,7 @@ import sys
 from typing import Any, Iterable, TextIO
 
 import agent.core.launch  # noqa: F401  (registers the flow kinds)
+import agent.core.migration  # noqa: F401
 from agent.core.codec import CodecError, decode_event, encode
 from agent.core.flow import FLOW_KINDS, Flow
 from agent.errors import FlowFailed, UsageError

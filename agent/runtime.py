@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from agent.core.actions import (ArmTimer, CancelTimer, Finish, Log, PostOwner, SendQmp)
-from agent.core.events import QmpDisconnected, QmpError, QmpEvent, QmpReply
+from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, Log, PostOwner,
+                                RemoveKeyDir, SendQmp, WriteKeyDir)
+from agent.core.events import (KeyDirFailed, KeyDirReady, QmpDisconnected, QmpError, QmpEvent,
+                               QmpReply)
+from agent.core.secret import Secret
 from agent.core.flow import Flow
 from agent.eventlog import EventLog
 from agent.io import qmp as qmpio
@@ -26,7 +29,8 @@ FinishCallback = Callable[[str, Finish], None]
 class Runtime:
     def __init__(self, *, qmp: qmpio.QmpConnection | None, event_log: EventLog,
                  owner_url: str | None = None, owner_timeout: float = 30.0,
-                 on_finish: FinishCallback | None = None, log: Any = None) -> None:
+                 on_finish: FinishCallback | None = None, log: Any = None,
+                 run_dir: str | None = None) -> None:
         self.qmp = qmp
         self.event_log = event_log
         self.owner_url = owner_url
@@ -40,6 +44,14 @@ class Runtime:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._tasks: dict[str, set[asyncio.Task]] = {}
         self._qmp_tasks: set[asyncio.Task] = set()
+        self.run_dir = run_dir
+        # Key directories by (flow, name): removed on RemoveKeyDir and, whatever
+        # happened, when the flow finishes or the runtime closes.
+        self.key_dirs: dict[tuple[str, str], str] = {}
+        # Control requests waiting for a flow's ControlReply.
+        self.replies: dict[str, asyncio.Future] = {}
+        self._req = 0
+        self._finished: dict[str, asyncio.Event] = {}
 
     # -- flows ----------------------------------------------------------------
     def start_flow(self, flow_id: str, flow: Flow) -> None:
@@ -48,6 +60,12 @@ class Runtime:
         self.flows[flow_id] = flow
         self.event_log.flow(flow_id, flow)
         self.feed(flow_id, Start())
+
+    async def finished(self, flow_id: str) -> None:
+        """Return once the flow has finished."""
+        if self.flows[flow_id].finished is not None:
+            return
+        await self._finished.setdefault(flow_id, asyncio.Event()).wait()
 
     def feed(self, flow_id: str, event: Any) -> None:
         self._queue.put_nowait((flow_id, event))
@@ -90,6 +108,14 @@ class Runtime:
                                                              **action.fields)
         elif isinstance(action, Finish):
             self._finish(flow_id, action)
+        elif isinstance(action, ControlReply):
+            future = self.replies.pop(action.req, None)
+            if future is not None and not future.done():
+                future.set_result((action.status, action.body))
+        elif isinstance(action, WriteKeyDir):
+            self._write_key_dir(flow_id, action)
+        elif isinstance(action, RemoveKeyDir):
+            self._remove_key_dir(flow_id, action.name)
         else:  # pragma: no cover - a flow returned something we do not know
             raise TypeError(f"unknown action {type(action).__name__}")
 
@@ -134,8 +160,54 @@ class Runtime:
         if handle is not None:
             handle.cancel()
 
+    # -- key directories --------------------------------------------------------
+    def _write_key_dir(self, flow_id: str, action: WriteKeyDir) -> None:
+        from agent.io.rundir import make_key_dir, remove_key_dir, write_key_file
+
+        if not self.run_dir:
+            self.feed(flow_id, KeyDirFailed(action.name, "no run_dir configured for key files"))
+            return
+        path = None
+        try:
+            path = make_key_dir(self.run_dir, action.name)
+            self.key_dirs[(flow_id, action.name)] = path
+            for fname, value in action.files.items():
+                data = value.reveal() if isinstance(value, Secret) else str(value).encode()
+                write_key_file(path, fname, data)
+        except OSError as exc:
+            if path is not None:
+                remove_key_dir(path)
+                self.key_dirs.pop((flow_id, action.name), None)
+            self.feed(flow_id, KeyDirFailed(action.name, f"cannot write key files: {exc.strerror}"))
+            return
+        self.log.debug("key directory written", flow=flow_id, dir=path,
+                       files=sorted(action.files))
+        self.feed(flow_id, KeyDirReady(action.name, path))
+
+    def _remove_key_dir(self, flow_id: str, name: str) -> None:
+        from agent.io.rundir import remove_key_dir
+
+        path = self.key_dirs.pop((flow_id, name), None)
+        if path is not None:
+            remove_key_dir(path)
+            self.log.debug("key directory removed", flow=flow_id, dir=path)
+
+    def _remove_all_key_dirs(self, flow_id: str | None = None) -> None:
+        for fid, name in [k for k in self.key_dirs if flow_id is None or k[0] == flow_id]:
+            self._remove_key_dir(fid, name)
+
+    # -- control requests ---------------------------------------------------------
+    def new_request(self) -> tuple[str, asyncio.Future]:
+        self._req += 1
+        req = f"ctl-{self._req}"
+        future = asyncio.get_running_loop().create_future()
+        self.replies[req] = future
+        return req, future
+
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action
+        # Whatever path the flow took, none of its key files outlive it.
+        self._remove_all_key_dirs(flow_id)
         for (fid, name) in [k for k in self._timers if k[0] == flow_id]:
             self._cancel_timer(fid, name)
         for task in self._tasks.pop(flow_id, set()):
@@ -143,6 +215,7 @@ class Runtime:
         level = "info" if action.code == 0 else "error"
         getattr(self.log, level)("flow finished", flow=flow_id, code=action.code,
                                  reason=action.reason)
+        self._finished.setdefault(flow_id, asyncio.Event()).set()
         if self.on_finish is not None:
             self.on_finish(flow_id, action)
 
@@ -171,6 +244,10 @@ class Runtime:
             await asyncio.wait(set(self._qmp_tasks), timeout=timeout)
 
     def close(self) -> None:
+        self._remove_all_key_dirs()
+        for future in self.replies.values():
+            if not future.done():
+                future.set_result((503, {"error": "the agent is stopping"}))
         for key in list(self._timers):
             self._cancel_timer(*key)
         for tasks in self._tasks.values():

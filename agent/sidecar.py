@@ -62,13 +62,16 @@ class Sidecar:
         self.exit_reason = ""
         self.runtime: Runtime | None = None
         self.control = None
+        self.migration = None
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
         return self.control is not None
 
     def _on_finish(self, flow_id: str, fin) -> None:
-        if fin.code != 0 and self.exit_code == 0:
+        # Only the launch decides the sidecar's fate; a failed migration or
+        # secret request is answered to its caller and the VM goes on.
+        if flow_id == "launch" and fin.code != 0 and self.exit_code == 0:
             self.exit_code, self.exit_reason = fin.code, fin.reason
             self.done.set()
         self._maybe_done()
@@ -98,6 +101,7 @@ class Sidecar:
     async def run(self) -> int:
         cfg, opts, log = self.cfg, self.opts, self.log
         check_qmp_path(opts.qmp_path)
+        run_dir = None
         if cfg.vm_run_dir:
             run_dir = prepare_run_dir(cfg.vm_run_dir)
             removed = sweep_stale_keys(run_dir)
@@ -109,7 +113,11 @@ class Sidecar:
         event_log = EventLog(opts.event_log)
         event_log.write("start", version=__version__, vm=cfg.vm_name)
 
+        from agent.core.migration import MigrationFlow
+
         wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if cfg.sev_enabled else set())
+        if opts.control_path:
+            wanted |= MigrationFlow.wanted_events
         qmp = qmpio.QmpConnection(f"keyagent.{cfg.vm_name}", events=wanted)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,7 +133,7 @@ class Sidecar:
             rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
                                         owner_url=cfg.sev_owner_url,
                                         owner_timeout=cfg.sev_timeout_s,
-                                        on_finish=self._on_finish, log=log)
+                                        on_finish=self._on_finish, log=log, run_dir=run_dir)
             if opts.control_path:
                 from agent.control import ControlServer
 
@@ -161,6 +169,17 @@ class Sidecar:
                 log.error("keyagent exiting", code=self.exit_code, reason=self.exit_reason)
             else:
                 log.info("keyagent exiting", code=0)
+
+    def control_verbs(self) -> dict:
+        """(method, path) -> handler(args) for the control socket."""
+        if self.migration is None:
+            from agent.migrate_ctl import MigrationControl
+
+            self.migration = MigrationControl(self)
+        m = self.migration
+        return {("POST", "/v1/migrate/prepare"): m.prepare, ("POST", "/v1/migrate/begin"): m.begin,
+                ("POST", "/v1/migrate/accept"): m.accept, ("POST", "/v1/migrate/start"): m.start,
+                ("POST", "/v1/migrate/wait"): m.wait, ("POST", "/v1/migrate/cancel"): m.cancel}
 
     def status(self) -> dict:
         rt = self.runtime

@@ -60,7 +60,37 @@ class Finish:
     reason: str
 
 
-Action = SendQmp | PostOwner | ArmTimer | CancelTimer | Log | Finish
+@dataclass(frozen=True)
+class ControlReply:
+    """Answer the control request ``req`` (HTTP status and JSON body)."""
+
+    req: str
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WriteKeyDir:
+    """Create a fresh 0700 directory under run_dir holding these 0600 files.
+
+    Values are :class:`Secret` (key material) or ``str`` (public data such as
+    DH parameters).  The shell answers ``KeyDirReady`` or ``KeyDirFailed``.
+    """
+
+    name: str
+    files: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RemoveKeyDir:
+    """Remove the directory made for ``name`` and everything in it."""
+
+    name: str
+
+
+Action = (SendQmp | PostOwner | ArmTimer | CancelTimer | Log | Finish | ControlReply
+          | WriteKeyDir | RemoveKeyDir)
 
 ACTION_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
-    SendQmp, PostOwner, ArmTimer, CancelTimer, Log, Finish)}
+    SendQmp, PostOwner, ArmTimer, CancelTimer, Log, Finish, ControlReply, WriteKeyDir,
+    RemoveKeyDir)}

@@ -89,9 +89,44 @@ class OwnerFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class ControlRequest:
+    """A ``keyagent ctl`` verb for this flow; answer with ``ControlReply(req)``."""
+
+    req: str
+    verb: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KeyProvided:
+    """Key material the shell obtained for the flow (opened cookie, key file, keyring)."""
+
+    name: str
+    key: Secret
+
+
+@dataclass(frozen=True)
+class KeyDirReady:
+    """``WriteKeyDir(name, ...)`` is done: a fresh 0700 dir holding 0600 files."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class KeyDirFailed:
+    """``WriteKeyDir`` failed (disk full, run_dir gone); nothing is left behind."""
+
+    name: str
+    reason: str
+
+
 Event = (Start | QmpConnected | QmpReply | QmpError | QmpEvent | QmpDisconnected
-         | TimerFired | OwnerReleased | OwnerRefused | OwnerFailed)
+         | TimerFired | OwnerReleased | OwnerRefused | OwnerFailed | ControlRequest
+         | KeyProvided | KeyDirReady | KeyDirFailed)
 
 EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
     Start, QmpConnected, QmpReply, QmpError, QmpEvent, QmpDisconnected, TimerFired,
-    OwnerReleased, OwnerRefused, OwnerFailed)}
+    OwnerReleased, OwnerRefused, OwnerFailed, ControlRequest, KeyProvided, KeyDirReady,
+    KeyDirFailed)}

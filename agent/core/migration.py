@@ -1,0 +1,335 @@
+"""Encrypted migration with TLS-PSK: the key's whole life on one host.
+
+Source (``migrate start``)::
+
+    agent                                QEMU (source)
+      | <- KeyProvided(psk)                 |
+      |-- WriteKeyDir keys.psk ------------>|  (run_dir/key-tls-*/keys.psk, 0600)
+      |-- object-add tls-creds-psk client ->|  QEMU reads keys.psk now ...
+      |-- RemoveKeyDir                      |  ... so the file goes at once
+      |-- migrate-set-capabilities events, multifd
+      |-- migrate-set-parameters tls-creds
+      |-- migrate uri ------------------->  |  -> ControlReply "started"
+      |<- MIGRATION setup/active/.../completed|failed|cancelled
+      |-- migrate-set-parameters tls-creds "" ; object-del ; Finish
+
+Destination (``migrate accept``) is the same, but ``endpoint=server`` with a
+``dh-params.pem`` beside ``keys.psk`` (else QEMU blocks generating DH
+parameters), ``migrate-incoming`` instead of ``migrate``, and the key
+directory stays until a final MIGRATION status: GnuTLS reads the file again
+at every handshake (multifd channels, postcopy).  A wrong PSK gives the
+destination no event at all, so it runs on a deadline (and ``migrate
+cancel``) until the migration is active, then tears down the same way.
+
+Every ending (completed, failed, cancelled, deadline, a failed step, QMP
+gone) removes the key directory, deletes the object and resets
+``tls-creds`` to "" (else the next migration fails).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from agent.core.actions import (Action, ControlReply, Log, RemoveKeyDir, SendQmp, WriteKeyDir)
+from agent.core.dhparams import ffdhe2048_pem
+from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
+                               QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
+from agent.core.flow import Flow, register_flow
+from agent.core.secret import Secret
+
+FINAL = ("completed", "failed", "cancelled")
+KEY_DIR = "tls"
+PSK_USERNAME = b"qemu"
+
+
+class State(enum.Enum):
+    WAIT_KEY = "wait-key"
+    WRITE_KEY = "write-key"
+    SETUP = "setup"  # object-add, capabilities, parameters, migrate/migrate-incoming
+    MIGRATING = "migrating"
+    CLEANUP = "cleanup"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    role: str  # "source" | "destination"
+    uri: str
+    reply_to: str  # the control request that started it (answered when it is under way)
+    creds_id: str
+    multifd: bool = False
+    multifd_channels: int = 2
+    dest_deadline_s: float = 60.0
+
+
+def psk_file_line(psk: Secret) -> Secret:
+    """``keys.psk``: ``username:hexkey``, no trailing space or CR (QEMU does not trim)."""
+    return Secret(PSK_USERNAME + b":" + psk.reveal().hex().encode() + b"\n")
+
+
+@register_flow
+class MigrationFlow(Flow):
+    kind = "migration"
+    wanted_events = frozenset({"MIGRATION", "SHUTDOWN"})
+    Params = MigrationParams
+
+    def __init__(self, params: MigrationParams) -> None:
+        super().__init__(params)
+        self.state = State.WAIT_KEY
+        self.status = "none"  # QEMU's last MIGRATION status
+        self.error = ""
+        self.final_status: str | None = None
+        self._steps: list[tuple[str, dict]] = []
+        self._pending: str | None = None
+        self._replied = False
+        self._creds_added = False
+        self._tls_set = False
+        self._dir = False
+        self._cancel_req: str | None = None
+        self._cleanup: list[tuple[str, dict]] = []
+        self._leftover: str | None = None  # a setup command still out when we stopped
+
+    @property
+    def source(self) -> bool:
+        return self.params.role == "source"
+
+    # -- the sequence ------------------------------------------------------------
+    def handle(self, event) -> list[Action]:
+        if self.state is State.DONE:
+            return self._late(event)
+        if isinstance(event, Start):
+            return [Log("info", "migration prepared, waiting for the key",
+                        {"role": self.params.role, "uri": self.params.uri,
+                         "multifd": self.params.multifd})]
+        if isinstance(event, QmpDisconnected):
+            return self._lost(event.reason)
+        if isinstance(event, ControlRequest):
+            return self._control(event)
+        if isinstance(event, KeyProvided) and self.state is State.WAIT_KEY:
+            return self._write_key(event.key)
+        if isinstance(event, KeyDirReady) and self.state is State.WRITE_KEY:
+            self._dir = True
+            return self._setup(event.path)
+        if isinstance(event, KeyDirFailed) and self.state is State.WRITE_KEY:
+            return self._abort(f"cannot write the PSK: {event.reason}")
+        if isinstance(event, (QmpReply, QmpError)):
+            if event.tag != self._pending:
+                return []
+            self._pending = None
+            if self.state is State.CLEANUP:
+                return self._cleanup_step(event)
+            if isinstance(event, QmpError):
+                return self._abort(f"{self._last_command} failed: {event.desc}")
+            return self._setup_step(event.result)
+        if isinstance(event, QmpEvent):
+            return self._qmp_event(event)
+        if isinstance(event, TimerFired) and event.name == "deadline":
+            return self._deadline()
+        return []
+
+    def _write_key(self, psk: Secret) -> list[Action]:
+        self.state = State.WRITE_KEY
+        files: dict = {"keys.psk": psk_file_line(psk)}
+        if not self.source:
+            files["dh-params.pem"] = ffdhe2048_pem()
+        return [WriteKeyDir(KEY_DIR, files)]
+
+    def _setup(self, key_dir: str) -> list[Action]:
+        self.state = State.SETUP
+        p = self.params
+        creds = {"qom-type": "tls-creds-psk", "id": p.creds_id, "dir": key_dir,
+                 "endpoint": "client" if self.source else "server"}
+        caps = [{"capability": "events", "state": True},
+                {"capability": "multifd", "state": p.multifd}]
+        params = {"tls-creds": p.creds_id}
+        if p.multifd:
+            params["multifd-channels"] = p.multifd_channels
+        self._steps = [
+            ("object-add", creds),
+            ("migrate-set-capabilities", {"capabilities": caps}),
+            ("migrate-set-parameters", params),
+            ("migrate", {"uri": p.uri}) if self.source else ("migrate-incoming", {"uri": p.uri}),
+        ]
+        return self._next_step()
+
+    def _next_step(self) -> list[Action]:
+        command, args = self._steps.pop(0)
+        self._last_command = command
+        tag = self.next_tag(command)
+        self._pending = tag
+        return [SendQmp(tag, command, args)]
+
+    def _setup_step(self, _result) -> list[Action]:
+        actions: list[Action] = []
+        done = self._last_command
+        if done == "object-add":
+            self._creds_added = True
+            if self.source:
+                # QEMU read keys.psk at object-add: the file has nothing left to do.
+                self._dir = False
+                actions.append(RemoveKeyDir(KEY_DIR))
+        elif done == "migrate-set-parameters":
+            self._tls_set = True
+        if self._steps:
+            return [*actions, *self._next_step()]
+        # migrate / migrate-incoming accepted: the migration is under way.
+        self.state = State.MIGRATING
+        if not self.source:
+            actions.append(self.arm("deadline", self.params.dest_deadline_s))
+        self._replied = True
+        word = "started" if self.source else "listening"
+        return [*actions, Log("info", f"migration {word}", {"uri": self.params.uri}),
+                ControlReply(self.params.reply_to, 200, {"status": word})]
+
+    # -- QEMU tells us how it goes ---------------------------------------------------
+    def _qmp_event(self, event: QmpEvent) -> list[Action]:
+        if event.name == "SHUTDOWN":
+            return self._lost("QEMU shut down")
+        status = event.data.get("status") if isinstance(event.data, dict) else None
+        if not isinstance(status, str):
+            return []
+        self.status = status
+        actions: list[Action] = [Log("info", "migration status", {"status": status})]
+        if status == "active" and not self.source:
+            actions.append(_cancel("deadline"))  # the handshake worked
+        if status in FINAL and self.state in (State.MIGRATING, State.SETUP):
+            return [*actions, *self._finish_with(status, "")]
+        return actions  # every other status, known today or not, is progress
+
+    def _deadline(self) -> list[Action]:
+        if self.state is not State.MIGRATING:
+            return []
+        return self._finish_with(
+            "failed", f"no final migration status within {self.params.dest_deadline_s:g}s "
+                      "(wrong PSK, or the source gave up)")
+
+    def _control(self, event: ControlRequest) -> list[Action]:
+        if event.verb != "cancel":
+            return [ControlReply(event.req, 400, {"error": f"unknown verb {event.verb!r}"})]
+        if self.state is State.CLEANUP:
+            return [ControlReply(event.req, 200, {"status": "cancelling"})]
+        if self.source and self.state is State.MIGRATING:
+            self._cancel_req = event.req
+            tag = self.next_tag("migrate_cancel")
+            # Not a setup step: the answer only tells us QEMU took the request.
+            return [Log("info", "cancelling the migration"),
+                    SendQmp(tag, "migrate_cancel", {}),
+                    ControlReply(event.req, 200, {"status": "cancelling"})]
+        return [ControlReply(event.req, 200, {"status": "cancelled"}),
+                *self._finish_with("cancelled", "cancelled by request")]
+
+    # -- endings ---------------------------------------------------------------------
+    def _abort(self, reason: str) -> list[Action]:
+        return self._finish_with("failed", reason)
+
+    def _finish_with(self, status: str, reason: str) -> list[Action]:
+        """Tear down in order; Finish when the last cleanup command answers."""
+        self.final_status = status
+        self.error = reason
+        actions: list[Action] = []
+        if not self._replied:
+            self._replied = True
+            actions.append(ControlReply(self.params.reply_to, 500,
+                                        {"error": reason or f"migration {status}"}))
+        if self._dir:
+            self._dir = False
+            actions.append(RemoveKeyDir(KEY_DIR))
+        self._cleanup = []
+        if status == "failed" and not reason:
+            self._cleanup.append(("query-migrate", {}))  # for QEMU's error text
+        if self._tls_set:
+            self._cleanup.append(("migrate-set-parameters", {"tls-creds": ""}))
+        if self._creds_added:
+            self._cleanup.append(("object-del", {"id": self.params.creds_id}))
+        self.state = State.CLEANUP
+        if self._pending is not None:
+            # A setup command is still out; its answer will drive the cleanup.
+            self._leftover = self._last_command
+            return actions
+        return [*actions, *self._cleanup_next()]
+
+    def _cleanup_next(self) -> list[Action]:
+        if not self._cleanup:
+            return self._done()
+        command, args = self._cleanup.pop(0)
+        self._last_command = command
+        tag = self.next_tag(command)
+        self._pending = tag
+        return [SendQmp(tag, command, args)]
+
+    def _cleanup_step(self, event) -> list[Action]:
+        actions: list[Action] = []
+        ok = isinstance(event, QmpReply)
+        if self._leftover is not None:
+            # The answer to the setup command that was out when we decided to
+            # stop: undo what it did, first.
+            leftover, self._leftover = self._leftover, None
+            if ok and leftover == "object-add":
+                self._creds_added = True
+                self._cleanup.append(("object-del", {"id": self.params.creds_id}))
+            elif ok and leftover == "migrate-set-parameters":
+                self._tls_set = True
+                self._cleanup.insert(0, ("migrate-set-parameters", {"tls-creds": ""}))
+            elif ok and leftover == "migrate" and self.final_status != "failed":
+                self._cleanup.insert(0, ("migrate_cancel", {}))
+            return self._cleanup_next()
+        command = self._last_command
+        if command == "query-migrate" and ok:
+            desc = event.result.get("error-desc") if isinstance(event.result, dict) else None
+            if isinstance(desc, str) and desc:
+                self.error = desc
+        elif command == "migrate-set-parameters" and ok:
+            self._tls_set = False
+        elif command == "object-del" and ok:
+            self._creds_added = False
+        if not ok and command != "query-migrate":
+            actions.append(Log("warning", "cleanup step failed",
+                               {"command": command, "error": event.desc}))
+        return [*actions, *self._cleanup_next()]
+
+    def _done(self) -> list[Action]:
+        self.state = State.DONE
+        status = self.final_status or "failed"
+        reason = self.error or f"migration {status}"
+        fields = {"status": status}
+        if self.error:
+            fields["error"] = self.error
+        level = "info" if status == "completed" else "error"
+        return [Log(level, "migration finished", fields),
+                *self.finish(0 if status == "completed" else 1, reason if status != "completed"
+                             else "migration completed")]
+
+    def _lost(self, reason: str) -> list[Action]:
+        self.final_status = self.final_status or "failed"
+        if not self.error:
+            self.error = f"QMP connection lost: {reason}" if reason else "QMP connection lost"
+        actions: list[Action] = []
+        if not self._replied:
+            self._replied = True
+            actions.append(ControlReply(self.params.reply_to, 500, {"error": self.error}))
+        if self._dir:
+            self._dir = False
+            actions.append(RemoveKeyDir(KEY_DIR))
+        self.state = State.DONE
+        return [*actions, Log("error", "migration finished", {"status": self.final_status,
+                                                               "error": self.error}),
+                *self.finish(1, self.error)]
+
+    def _late(self, event) -> list[Action]:
+        if isinstance(event, ControlRequest):
+            return [ControlReply(event.req, 409, {"error": "the migration has already ended",
+                                                  "status": self.final_status})]
+        return []
+
+    def result(self) -> dict:
+        out = {"status": self.final_status or self.status}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _cancel(name: str):
+    from agent.core.actions import CancelTimer
+
+    return CancelTimer(name)

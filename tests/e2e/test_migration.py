@@ -1,0 +1,234 @@
+"""TLS-PSK migration between two real QEMU 7.2 (TCG) processes, each with its agent.
+
+After every case: no key files under either run_dir, no tls-creds-psk object
+left, ``tls-creds`` empty, and the PSK in no stderr (debug), event log or argv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import KEYAGENT, World, free_port, wait_for
+from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, QEMU, Qemu, boot_image
+from tests.leakscan import ArgvWatcher, LeakScan
+
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+
+
+def ctl(control: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*KEYAGENT, "ctl", "--control", f"unix:{control}", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ctl_json(control: Path, *args: str) -> dict:
+    out = ctl(control, *args)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+class Host:
+    def __init__(self, world: World, name: str, qemu: Qemu, *extra: str) -> None:
+        self.name, self.qemu = name, qemu
+        self.run_dir = world.tmp / f"{name}-run"
+        self.control = self.run_dir / "control.sock"
+        self.event_log = world.tmp / f"{name}-events.jsonl"
+        self.world = world
+        self.extra = extra
+        self.start_agent()
+
+    def start_agent(self):
+        self.agent = self.world.spawn(f"{self.name}-agent{len(self.world.procs)}", [
+            "run", "--qmp", f"unix:{self.qemu.agent_qmp}", "--vm-name", self.name,
+            "--vm-run-dir", str(self.run_dir), "--event-log", str(self.event_log),
+            "--log-level", "debug", *self.extra])
+        wait_for(lambda: ctl(self.control, "status").returncode == 0, what=f"{self.name} agent")
+        return self.agent
+
+    def key_files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.run_dir)) for p in self.run_dir.rglob("*")
+                      if p.name != "control.sock")
+
+    def assert_clean(self):
+        assert self.key_files() == [], f"{self.name}: key material left: {self.key_files()}"
+        if self.qemu.popen.poll() is None:
+            assert self.qemu.tls_objects() == []
+            assert self.qemu.tls_creds() == ""
+
+
+@pytest.fixture
+def pair(tmp_path):
+    world = World(tmp_path)
+    marker = b"KEYAGENT-MARKER-" + os.urandom(12).hex().encode()
+    boot_image(tmp_path / "src.img", marker)
+    (tmp_path / "dst.img").write_bytes(bytes(1024 * 1024))  # the destination never reads it
+    src_q = Qemu(tmp_path, "src", tmp_path / "src.img")
+    dst_q = Qemu(tmp_path, "dst", tmp_path / "dst.img", incoming=True)
+    scan = LeakScan()
+    qemus = [src_q, dst_q]
+    with ArgvWatcher() as argv:
+        scan.argv = argv
+        try:
+            src = Host(world, "src", src_q)
+            dst = Host(world, "dst", dst_q, "--migration-dest-deadline-s", "4")
+            world.marker, world.scan, world.src, world.dst = marker, scan, src, dst
+            yield world
+        finally:
+            world.close()
+            for q in qemus:
+                q.stop()
+    for proc in world.procs:
+        scan.text(f"{proc.name} stderr", proc.stderr)
+        scan.text(f"{proc.name} stdout", proc.stdout)
+    for h in (world.src, world.dst):
+        if h.event_log.exists():
+            scan.file(str(h.event_log))
+        scan.dirs.append(str(h.run_dir))
+    scan.check()
+
+
+def boot_source(world):
+    src = world.src.qemu
+    src.qmp("cont")
+    wait_for(lambda: world.marker in src.read_memory(BOOT_ADDR, 512, world.tmp),
+             timeout=20, what="the guest to boot and hold its marker")
+
+
+def capture_psk(host: Host, scan: LeakScan) -> None:
+    """Read the agent's keys.psk while it exists, so the leak scan knows the PSK."""
+    files = list(host.run_dir.glob("key-*/keys.psk"))
+    assert files, "destination key file missing while listening"
+    user, hexkey = files[0].read_text().strip().split(":")
+    assert user == "qemu"
+    scan.secret("PSK", bytes.fromhex(hexkey))
+    assert oct(files[0].stat().st_mode & 0o777) == "0o600"
+    assert oct(files[0].parent.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize("mode", ["sealed", "psk-file"])
+@pytest.mark.parametrize("multifd", [False, True], ids=["single", "multifd"])
+def test_migration_completes_and_the_guest_memory_travels(pair, mode, multifd):
+    src, dst, tmp = pair.src, pair.dst, pair.tmp
+    boot_source(pair)
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    extra = ["--multifd"] if multifd else []
+    if mode == "sealed":
+        offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
+        cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
+        assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri,
+                        *extra)["status"] == "listening"
+        capture_psk(dst, pair.scan)
+        start = ["migrate", "start", "--uri", uri, *extra]
+    else:
+        psk = os.urandom(32)
+        pair.scan.secret("PSK", psk)
+        (tmp / "psk.bin").write_bytes(psk)
+        assert ctl_json(dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"),
+                        "--uri", uri, *extra)["status"] == "listening"
+        start = ["migrate", "start", "--psk-file", str(tmp / "psk.bin"), "--uri", uri, *extra]
+    assert ctl_json(src.control, *start)["status"] == "started"
+    # The source's key directory went right after object-add.
+    assert src.key_files() == []
+    done = ctl(src.control, "migrate", "wait", "--timeout", "60")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["status"] == "completed"
+    assert json.loads(ctl(dst.control, "migrate", "wait", "--timeout", "30").stdout)["status"] \
+        == "completed"
+    memory = dst.qemu.read_memory(BOOT_ADDR, 512, tmp)
+    assert memory[MARKER_OFFSET:MARKER_OFFSET + len(pair.marker)] == pair.marker
+    src.assert_clean()
+    dst.assert_clean()
+
+
+def test_mismatched_keys_fail_and_the_destination_tears_down_by_its_deadline(pair):
+    src, dst, tmp = pair.src, pair.dst, pair.tmp
+    (tmp / "a.bin").write_bytes(os.urandom(32))
+    (tmp / "b.bin").write_bytes(os.urandom(32))
+    pair.scan.secret("PSK a", (tmp / "a.bin").read_bytes())
+    pair.scan.secret("PSK b", (tmp / "b.bin").read_bytes())
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    ctl_json(dst.control, "migrate", "accept", "--psk-file", str(tmp / "a.bin"), "--uri", uri)
+    began = time.monotonic()
+    ctl_json(src.control, "migrate", "start", "--psk-file", str(tmp / "b.bin"), "--uri", uri)
+    out = ctl(src.control, "migrate", "wait", "--timeout", "30")
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["status"] == "failed"
+    src.assert_clean()
+    out = ctl(dst.control, "migrate", "wait", "--timeout", "30")
+    assert out.returncode == 1
+    result = json.loads(out.stdout)
+    assert result["status"] == "failed" and "no final migration status" in result["error"]
+    assert time.monotonic() - began < 4 + 10
+    dst.assert_clean()
+
+
+def test_cancel_during_the_migration_cleans_both_sides(pair):
+    src, dst, tmp = pair.src, pair.dst, pair.tmp
+    boot_source(pair)
+    # Slow the source down so that there is a migration to cancel.
+    src.qemu.qmp("migrate-set-parameters", {"max-bandwidth": 64 * 1024})
+    psk = os.urandom(32)
+    pair.scan.secret("PSK", psk)
+    (tmp / "psk.bin").write_bytes(psk)
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    ctl_json(dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"), "--uri", uri)
+    ctl_json(src.control, "migrate", "start", "--psk-file", str(tmp / "psk.bin"), "--uri", uri)
+    wait_for(lambda: src.qemu.qmp("query-migrate").get("status") == "active", what="active")
+    assert ctl_json(src.control, "migrate", "cancel")["status"] == "cancelling"
+    out = ctl(src.control, "migrate", "wait", "--timeout", "30")
+    assert json.loads(out.stdout)["status"] == "cancelled" and out.returncode == 1
+    # The broken stream fails the incoming side: QEMU 7.2 exits ("load of
+    # migration failed"), and its agent cleans up and follows it.
+    assert dst.qemu.popen.wait(timeout=30) != 0
+    assert dst.agent.wait(timeout=30) == 0
+    src.assert_clean()
+    dst.assert_clean()
+
+
+def test_agent_killed_mid_migration_is_swept_on_restart(pair):
+    dst, tmp = pair.dst, pair.tmp
+    psk = os.urandom(32)
+    pair.scan.secret("PSK", psk)
+    (tmp / "psk.bin").write_bytes(psk)
+    ctl_json(dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"),
+             "--uri", f"tcp:127.0.0.1:{free_port()}")
+    assert any("keys.psk" in f for f in dst.key_files())
+    dst.agent.popen.send_signal(signal.SIGKILL)
+    dst.agent.popen.wait()
+    assert any("keys.psk" in f for f in dst.key_files())  # the wreck
+    agent = dst.start_agent()
+    assert dst.key_files() == []
+    assert "swept stale key material" in agent.stderr
+
+
+def test_tampered_foreign_and_replayed_cookies_are_refused(pair):
+    src, dst = pair.src, pair.dst
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
+    cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
+    import base64
+    raw = bytearray(base64.b64decode(cookie))
+    raw[-1] ^= 1
+    tampered = ctl(dst.control, "migrate", "accept", "--cookie",
+                   base64.b64encode(bytes(raw)).decode(), "--uri", uri)
+    assert tampered.returncode == 2 and "does not open" in tampered.stderr
+    other = ctl_json(dst.control, "migrate", "prepare")["offer"]
+    foreign = ctl_json(src.control, "migrate", "begin", "--offer", other)["cookie"]
+    raw = bytearray(base64.b64decode(foreign))
+    raw[4:20] = base64.b64decode(cookie)[4:20]  # claim the first offer
+    refused = ctl(dst.control, "migrate", "accept", "--cookie",
+                  base64.b64encode(bytes(raw)).decode(), "--uri", uri)
+    assert refused.returncode == 2 and "does not open" in refused.stderr
+    assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri)
+    capture_psk(dst, pair.scan)
+    ctl(dst.control, "migrate", "cancel")
+    replayed = ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri)
+    assert replayed.returncode == 1 and "not for a pending offer" in replayed.stderr
+    dst.assert_clean()
