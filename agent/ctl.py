@@ -62,6 +62,11 @@ def register(sub) -> None:
     s = verbs.add_parser("status", help="what the agent and its flows are doing")
     s.set_defaults(func=run, method="GET", route="/v1/status", body=lambda a: None)
 
+    s = verbs.add_parser("health", help="GET /healthz: exit 0 while the agent lives (liveness)")
+    s.set_defaults(func=run, method="GET", route="/healthz", body=lambda a: None)
+    s = verbs.add_parser("ready", help="GET /readyz: exit 0 when QMP is connected (readiness)")
+    s.set_defaults(func=run, method="GET", route="/readyz", body=lambda a: None)
+
     m = verbs.add_parser("migrate", help="encrypted migration (TLS-PSK)")
     mv = m.add_subparsers(dest="migrate_verb", metavar="MIGRATE_VERB")
     mv.required = True

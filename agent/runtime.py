@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, Log, PostOwner,
-                                RemoveKeyDir, SendQmp, WriteKeyDir)
-from agent.core.events import (KeyDirFailed, KeyDirReady, QmpDisconnected, QmpError, QmpEvent,
-                               QmpReply)
+from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, KeyringAdd,
+                                KeyringDrop, Log, PostOwner, RemoveKeyDir, SendQmp, WriteKeyDir)
+from agent.core.events import (KeyDirFailed, KeyDirReady, KeyringFailed, KeyringReady,
+                               QmpDisconnected, QmpError, QmpEvent, QmpReply)
 from agent.core.secret import Secret
 from agent.core.flow import Flow
 from agent.eventlog import EventLog
@@ -51,6 +51,8 @@ class Runtime:
         # Control requests waiting for a flow's ControlReply.
         self.replies: dict[str, asyncio.Future] = {}
         self._req = 0
+        # Keyring keys by (flow, name): dropped on KeyringDrop, on finish, on close.
+        self.keyring_keys: dict[tuple[str, str], int] = {}
         self._finished: dict[str, asyncio.Event] = {}
 
     # -- flows ----------------------------------------------------------------
@@ -116,6 +118,10 @@ class Runtime:
             self._write_key_dir(flow_id, action)
         elif isinstance(action, RemoveKeyDir):
             self._remove_key_dir(flow_id, action.name)
+        elif isinstance(action, KeyringAdd):
+            self._keyring_add(flow_id, action)
+        elif isinstance(action, KeyringDrop):
+            self._keyring_drop(flow_id, action.name)
         else:  # pragma: no cover - a flow returned something we do not know
             raise TypeError(f"unknown action {type(action).__name__}")
 
@@ -196,6 +202,41 @@ class Runtime:
         for fid, name in [k for k in self.key_dirs if flow_id is None or k[0] == flow_id]:
             self._remove_key_dir(fid, name)
 
+    # -- keyring --------------------------------------------------------------------
+    def _keyring_add(self, flow_id: str, action: KeyringAdd) -> None:
+        from agent.io import keyring
+
+        try:
+            serial = keyring.add_key(action.description, action.key.reveal())
+            # Possessor: all; user (QEMU runs as this uid): view, read, search.
+            keyring.setperm(serial, keyring.KEY_POS_ALL | keyring.KEY_USR_VIEW
+                            | keyring.KEY_USR_READ | keyring.KEY_USR_SEARCH)
+        except OSError as exc:
+            self.feed(flow_id, KeyringFailed(action.name, f"cannot add a keyring key: "
+                                                          f"{exc.strerror}"))
+            return
+        self.keyring_keys[(flow_id, action.name)] = serial
+        self.log.debug("keyring key added", flow=flow_id, description=action.description,
+                       serial=serial)
+        self.feed(flow_id, KeyringReady(action.name, serial))
+
+    def _keyring_drop(self, flow_id: str, name: str) -> None:
+        from agent.io import keyring
+
+        serial = self.keyring_keys.pop((flow_id, name), None)
+        if serial is None:
+            return
+        for step in (keyring.revoke, keyring.unlink):
+            try:
+                step(serial)
+            except OSError:
+                pass
+        self.log.debug("keyring key dropped", flow=flow_id, serial=serial)
+
+    def _drop_all_keyring_keys(self, flow_id: str | None = None) -> None:
+        for fid, name in [k for k in self.keyring_keys if flow_id is None or k[0] == flow_id]:
+            self._keyring_drop(fid, name)
+
     # -- control requests ---------------------------------------------------------
     def new_request(self) -> tuple[str, asyncio.Future]:
         self._req += 1
@@ -206,8 +247,9 @@ class Runtime:
 
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action
-        # Whatever path the flow took, none of its key files outlive it.
+        # Whatever path the flow took, none of its key material outlives it.
         self._remove_all_key_dirs(flow_id)
+        self._drop_all_keyring_keys(flow_id)
         for (fid, name) in [k for k in self._timers if k[0] == flow_id]:
             self._cancel_timer(fid, name)
         for task in self._tasks.pop(flow_id, set()):
@@ -245,6 +287,7 @@ class Runtime:
 
     def close(self) -> None:
         self._remove_all_key_dirs()
+        self._drop_all_keyring_keys()
         for future in self.replies.values():
             if not future.done():
                 future.set_result((503, {"error": "the agent is stopping"}))

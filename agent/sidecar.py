@@ -63,6 +63,7 @@ class Sidecar:
         self.runtime: Runtime | None = None
         self.control = None
         self.migration = None
+        self.secrets = None
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
@@ -105,6 +106,9 @@ class Sidecar:
         if cfg.vm_run_dir:
             run_dir = prepare_run_dir(cfg.vm_run_dir)
             removed = sweep_stale_keys(run_dir)
+            from agent.io import keyring
+
+            removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
             if removed:
                 log.warning("swept stale key material left by a previous agent",
                             run_dir=run_dir, removed=removed)
@@ -134,6 +138,11 @@ class Sidecar:
                                         owner_url=cfg.sev_owner_url,
                                         owner_timeout=cfg.sev_timeout_s,
                                         on_finish=self._on_finish, log=log, run_dir=run_dir)
+            if run_dir:
+                from agent.secrets_ctl import SecretsControl
+
+                self.secrets = SecretsControl(self)
+                self.secrets.start()
             if opts.control_path:
                 from agent.control import ControlServer
 
@@ -176,8 +185,11 @@ class Sidecar:
             from agent.migrate_ctl import MigrationControl
 
             self.migration = MigrationControl(self)
-        m = self.migration
-        return {("POST", "/v1/migrate/prepare"): m.prepare, ("POST", "/v1/migrate/begin"): m.begin,
+        m, s = self.migration, self.secrets
+        secrets = {} if s is None else {("POST", "/v1/secret/add"): s.add,
+                                        ("POST", "/v1/secret/remove"): s.remove}
+        return {**secrets,
+                ("POST", "/v1/migrate/prepare"): m.prepare, ("POST", "/v1/migrate/begin"): m.begin,
                 ("POST", "/v1/migrate/accept"): m.accept, ("POST", "/v1/migrate/start"): m.start,
                 ("POST", "/v1/migrate/wait"): m.wait, ("POST", "/v1/migrate/cancel"): m.cancel}
 

@@ -88,9 +88,28 @@ class RemoveKeyDir:
     name: str
 
 
+@dataclass(frozen=True)
+class KeyringAdd:
+    """Put ``key`` in the user keyring (readable by this uid, so by QEMU).
+
+    The shell answers ``KeyringReady(name, serial)`` or ``KeyringFailed``.
+    """
+
+    name: str
+    description: str
+    key: Any  # Secret
+
+
+@dataclass(frozen=True)
+class KeyringDrop:
+    """Revoke and unlink the key added for ``name``."""
+
+    name: str
+
+
 Action = (SendQmp | PostOwner | ArmTimer | CancelTimer | Log | Finish | ControlReply
-          | WriteKeyDir | RemoveKeyDir)
+          | WriteKeyDir | RemoveKeyDir | KeyringAdd | KeyringDrop)
 
 ACTION_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
     SendQmp, PostOwner, ArmTimer, CancelTimer, Log, Finish, ControlReply, WriteKeyDir,
-    RemoveKeyDir)}
+    RemoveKeyDir, KeyringAdd, KeyringDrop)}

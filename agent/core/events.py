@@ -122,11 +122,25 @@ class KeyDirFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class KeyringReady:
+    """``KeyringAdd(name, ...)`` is done: the key is in the user keyring."""
+
+    name: str
+    serial: int
+
+
+@dataclass(frozen=True)
+class KeyringFailed:
+    name: str
+    reason: str
+
+
 Event = (Start | QmpConnected | QmpReply | QmpError | QmpEvent | QmpDisconnected
          | TimerFired | OwnerReleased | OwnerRefused | OwnerFailed | ControlRequest
-         | KeyProvided | KeyDirReady | KeyDirFailed)
+         | KeyProvided | KeyDirReady | KeyDirFailed | KeyringReady | KeyringFailed)
 
 EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
     Start, QmpConnected, QmpReply, QmpError, QmpEvent, QmpDisconnected, TimerFired,
     OwnerReleased, OwnerRefused, OwnerFailed, ControlRequest, KeyProvided, KeyDirReady,
-    KeyDirFailed)}
+    KeyDirFailed, KeyringReady, KeyringFailed)}

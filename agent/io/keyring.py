@@ -33,6 +33,7 @@ KEYCTL_SETPERM = 5
 KEYCTL_UNLINK = 9
 KEYCTL_SEARCH = 10
 KEYCTL_READ = 11
+KEYCTL_DESCRIBE = 6
 
 # Possessor: all; user: view, read, search (what QEMU needs to read it).
 KEY_POS_ALL = 0x3F000000
@@ -91,6 +92,49 @@ def read(serial: int) -> bytearray:
     out = bytearray(buf.raw[:min(got, size)])
     ctypes.memset(buf, 0, max(size, 1))
     return out
+
+
+def describe(serial: int) -> str:
+    """``type;uid;gid;perm;description`` as the kernel gives it."""
+    size = _syscall("keyctl", ctypes.c_int(KEYCTL_DESCRIBE), ctypes.c_int(serial), None,
+                    ctypes.c_size_t(0))
+    buf = ctypes.create_string_buffer(max(size, 1))
+    _syscall("keyctl", ctypes.c_int(KEYCTL_DESCRIBE), ctypes.c_int(serial), buf,
+             ctypes.c_size_t(size))
+    return buf.value.decode(errors="replace")
+
+
+def list_keys(keyring: int = KEY_SPEC_USER_KEYRING) -> list[int]:
+    """Serials linked into a keyring (reading a keyring yields its serials)."""
+    import struct
+
+    raw = read(keyring)
+    return list(struct.unpack(f"<{len(raw) // 4}i", bytes(raw[: len(raw) // 4 * 4])))
+
+
+def sweep(prefix: str, keyring: int = KEY_SPEC_USER_KEYRING) -> list[str]:
+    """Revoke and unlink every user key whose description starts with ``prefix``."""
+    removed = []
+    try:
+        serials = list_keys(keyring)
+    except OSError:
+        return removed
+    for serial in serials:
+        try:
+            desc = describe(serial).split(";", 4)[-1]
+        except OSError:
+            continue
+        if desc.startswith(prefix):
+            try:
+                revoke(serial)
+            except OSError:
+                pass
+            try:
+                unlink(serial, keyring)
+            except OSError:
+                pass
+            removed.append(desc)
+    return removed
 
 
 def setperm(serial: int, perm: int) -> None:
