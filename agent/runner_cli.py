@@ -22,6 +22,8 @@ def add_agent_options(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("run", help="run as a sidecar next to a running QEMU")
     p.add_argument("--qmp", required=True, metavar="unix:PATH", help="QEMU's QMP socket")
+    p.add_argument("--qmp-timeout", type=float, default=10.0, metavar="S",
+                   help="how long to wait for QEMU's monitor (start QEMU after a vTPM sidecar)")
     add_agent_options(p)
     p.set_defaults(func=run)
 
@@ -42,6 +44,6 @@ def run(args) -> int:
     qmp_path = unix_path(args.qmp, "--qmp")
     cfg = config_from_args(args)
     opts = SidecarOptions(qmp_path=qmp_path, control_path=control_path(args, cfg),
-                          event_log=args.event_log)
+                          event_log=args.event_log, qmp_timeout=args.qmp_timeout)
     code = asyncio.run(Sidecar(cfg, opts).run())
     return code

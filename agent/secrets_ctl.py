@@ -45,11 +45,12 @@ class SecretsControl:
         self.sidecar = sidecar
         self.master: Secret | None = None
 
-    def start(self) -> None:
+    def start(self, master: Secret | None = None) -> None:
+        """Start the flow; ``master`` is a key already on QEMU's command line."""
         cfg, rt = self.sidecar.cfg, self.sidecar.runtime
-        self.master = Secret(os.urandom(MASTER_KEY_LEN))
-        rt.start_flow(FLOW_ID, SecretsFlow(SecretsParams(vm=cfg.vm_name,
-                                                         mode=cfg.secrets_master_key)))
+        self.master = master or Secret(os.urandom(MASTER_KEY_LEN))
+        rt.start_flow(FLOW_ID, SecretsFlow(SecretsParams(
+            vm=cfg.vm_name, mode=cfg.secrets_master_key, preloaded=master is not None)))
         rt.feed(FLOW_ID, KeyProvided("master", self.master))
 
     async def _ask(self, verb: str, args: dict) -> tuple[int, dict]:

@@ -37,6 +37,7 @@ class SidecarOptions:
     qmp_path: str
     control_path: str | None
     event_log: str | None
+    qmp_timeout: float = QMP_CONNECT_TIMEOUT_S
 
 
 def check_qmp_path(path: str) -> None:
@@ -64,6 +65,10 @@ class Sidecar:
         self.control = None
         self.migration = None
         self.secrets = None
+        self.run_dir: str | None = None
+        self.vtpm = None
+        self.tpm_args: list[str] = []
+        self._stopping = False
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
@@ -98,51 +103,114 @@ class Sidecar:
             self.exit_reason = f"stopped by {signame} before the launch completed"
         self.done.set()
 
+    # -- hooks for other ways of running (``keyagent launch``, libvirt) ----------
+    def check(self) -> None:
+        """Refuse bad usage before anything is created (exit 2)."""
+        check_qmp_path(self.opts.qmp_path)
+
+    async def open_monitor(self, events: set[str]):
+        """Connect to QEMU's monitor; return a QmpConnection-like object."""
+        qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
+        try:
+            await qmp.connect(self.opts.qmp_path, self.opts.qmp_timeout)
+        except qmpio.QmpDisconnectedError:
+            await qmp.close()
+            raise
+        self.log.info("QMP connected", qmp=self.opts.qmp_path, qemu=qmp.qemu_version)
+        return qmp
+
+    def start_flows(self, rt: Runtime) -> None:
+        cfg = self.cfg
+        if self.run_dir:
+            from agent.secrets_ctl import SecretsControl
+
+            self.secrets = SecretsControl(self)
+            self.secrets.start()
+        if cfg.sev_enabled:
+            rt.start_flow("launch", SevLaunchFlow(LaunchParams(
+                vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
+
+    def wanted_events(self) -> set[str]:
+        from agent.core.migration import MigrationFlow
+
+        wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if self.cfg.sev_enabled
+                                 else set())
+        if self.opts.control_path:
+            wanted |= MigrationFlow.wanted_events
+        return wanted
+
+    async def on_exit(self) -> None:
+        """Called after the monitor is closed, before the exit record."""
+
+    # -- the vTPM ------------------------------------------------------------------
+    async def start_vtpm(self) -> None:
+        """swtpm first: QEMU's -tpmdev connects to it when QEMU starts."""
+        from agent.vtpm import Vtpm
+
+        if not Vtpm.enabled(self.cfg):
+            return
+        if not self.run_dir:
+            raise UsageError("[vtpm] needs [vm] run_dir for swtpm's control socket")
+        self.vtpm = Vtpm.from_config(self.cfg, self.run_dir)
+        self.tpm_args = await self.vtpm.start()
+        self.log.info("vTPM ready: start QEMU with these arguments", qemu_args=self.tpm_args)
+
+    async def _supervise_vtpm(self) -> None:
+        status = await self.vtpm.wait()
+        rt = self.runtime
+        if self._stopping or self.done.is_set() or rt is None or rt.qmp_gone is not None:
+            return  # swtpm followed QEMU out (--terminate), as it should
+        self.log.error("swtpm died while QEMU runs: stopping QEMU", status=status)
+        if self.exit_code == 0:
+            self.exit_code, self.exit_reason = 1, f"swtpm exited with status {status}"
+        try:
+            await rt.qmp.execute("quit")
+        except (qmpio.QmpError, qmpio.QmpDisconnectedError):
+            pass
+
     # -- the whole life -------------------------------------------------------
     async def run(self) -> int:
+        """Run until done; the exit status may still change while shutting down."""
+        await self._run()
+        return self.exit_code
+
+    async def _run(self) -> None:
         cfg, opts, log = self.cfg, self.opts, self.log
-        check_qmp_path(opts.qmp_path)
-        run_dir = None
+        self.check()
+        if cfg.sev_enabled and not cfg.sev_owner_url:
+            raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
+        self.run_dir = None
         if cfg.vm_run_dir:
-            run_dir = prepare_run_dir(cfg.vm_run_dir)
-            removed = sweep_stale_keys(run_dir)
+            self.run_dir = prepare_run_dir(cfg.vm_run_dir)
+            removed = sweep_stale_keys(self.run_dir)
             from agent.io import keyring
 
             removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
             if removed:
                 log.warning("swept stale key material left by a previous agent",
-                            run_dir=run_dir, removed=removed)
-        if cfg.sev_enabled and not cfg.sev_owner_url:
-            raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
+                            run_dir=self.run_dir, removed=removed)
         event_log = EventLog(opts.event_log)
         event_log.write("start", version=__version__, vm=cfg.vm_name)
-
-        from agent.core.migration import MigrationFlow
-
-        wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if cfg.sev_enabled else set())
-        if opts.control_path:
-            wanted |= MigrationFlow.wanted_events
-        qmp = qmpio.QmpConnection(f"keyagent.{cfg.vm_name}", events=wanted)
+        try:
+            await self.start_vtpm()
+        except BaseException:
+            event_log.close()
+            raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name)
         tasks: list[asyncio.Task] = []
+        qmp = None
         try:
             try:
-                await qmp.connect(opts.qmp_path, QMP_CONNECT_TIMEOUT_S)
+                qmp = await self.open_monitor(self.wanted_events())
             except qmpio.QmpDisconnectedError as exc:
                 self.exit_code, self.exit_reason = 1, str(exc)
-                return 1
-            log.info("QMP connected", qmp=opts.qmp_path, qemu=qmp.qemu_version)
+                return
             rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
                                         owner_url=cfg.sev_owner_url,
                                         owner_timeout=cfg.sev_timeout_s,
-                                        on_finish=self._on_finish, log=log, run_dir=run_dir)
-            if run_dir:
-                from agent.secrets_ctl import SecretsControl
-
-                self.secrets = SecretsControl(self)
-                self.secrets.start()
+                                        on_finish=self._on_finish, log=log, run_dir=self.run_dir)
             if opts.control_path:
                 from agent.control import ControlServer
 
@@ -151,15 +219,15 @@ class Sidecar:
             tasks = [asyncio.ensure_future(rt.dispatch()),
                      asyncio.ensure_future(rt.pump_qmp_events()),
                      asyncio.ensure_future(self._watch(rt))]
-            if cfg.sev_enabled:
-                rt.start_flow("launch", SevLaunchFlow(LaunchParams(
-                    vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
-            else:
-                self._maybe_done()
+            if self.vtpm is not None:
+                tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
+            self.start_flows(rt)
+            self._maybe_done()
             await self.done.wait()
+            self._stopping = True
             await rt.drain_qmp()
-            return self.exit_code
         finally:
+            self._stopping = True
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             if self.runtime is not None:
@@ -168,10 +236,14 @@ class Sidecar:
                 await self.control.close()
             # Close QMP before cancelling the watcher: cancelling it inside
             # qemu.qmp's disconnect() would orphan qemu.qmp's own futures.
-            await qmp.close()
+            if qmp is not None:
+                await qmp.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.on_exit()
+            if self.vtpm is not None:
+                await self.vtpm.stop()
             event_log.write("exit", code=self.exit_code, reason=self.exit_reason)
             event_log.close()
             if self.exit_code:

@@ -50,6 +50,8 @@ class SecretsParams:
     vm: str
     mode: str = "keyring"  # keyring | file
     master_id: str = "keyagent-master"
+    # ``keyagent launch`` put the master key on QEMU's command line already.
+    preloaded: bool = False
 
 
 @register_flow
@@ -77,6 +79,10 @@ class SecretsFlow(Flow):
             return self._gone()
         if isinstance(event, KeyProvided) and event.name == MASTER and \
                 self.state is State.WAIT_KEY:
+            if self.params.preloaded:
+                self.state = State.READY
+                return [Log("info", "master key given to QEMU on its command line",
+                            {"id": self.params.master_id})]
             self.state = State.STORING
             if self.params.mode == "keyring":
                 return [KeyringAdd(MASTER, f"keyagent:{self.params.vm}:master", event.key)]

@@ -4,7 +4,9 @@
     owner verify  --tik F --measurement B64 --api-major N --api-minor N
                   --build-id N --policy N --digest HEX           exit 0 valid, 1 not
     owner package --tik F --tek F --measurement B64 --secret GUID=FILE [...] [--iv B64]
-    owner session ...                                              (not implemented yet)
+    owner session --pdh F --policy N --out-dir D [--cert-chain F]
+                  writes godh.b64, session.b64 (QEMU sev-guest dh-cert-file,
+                  session-file) and tik.bin, tek.bin (16 raw bytes) into D
     owner measure ...        (registered by agent.owner.measure when present)
 
 This module is imported every time ``keyagent`` builds its parser, the
@@ -29,7 +31,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("owner", help="reference guest owner: serve, verify, package")
+    p = subparsers.add_parser("owner", help="reference guest owner: serve, measure, verify, package, session")
     sub = p.add_subparsers(dest="owner_command", metavar="OWNER_COMMAND")
     sub.required = True
 
@@ -57,11 +59,14 @@ def register(subparsers: Any) -> None:
     k.add_argument("--iv", metavar="B64", help="16-byte IV (default: fresh random)")
     k.set_defaults(func=cmd_package)
 
-    x = sub.add_parser("session", help="(not implemented yet)")
-    # The contract's options, accepted now so the slot answers with one clear line.
-    x.add_argument("--pdh", metavar="FILE")
-    x.add_argument("--policy", type=_policy_int, metavar="N")
-    x.add_argument("--out-dir", metavar="DIR")
+    x = sub.add_parser("session", help="make a launch session for a platform's PDH")
+    x.add_argument("--pdh", required=True, metavar="FILE",
+                   help="the platform's PDH certificate (2084 bytes, raw or base64 as QEMU reports it)")
+    x.add_argument("--cert-chain", metavar="FILE",
+                   help="PEK || OCA || CEK (raw or base64, QEMU's cert-chain): check that it signs the PDH")
+    x.add_argument("--policy", required=True, type=_policy_int, metavar="N", help="the guest policy")
+    x.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="where godh.b64, session.b64, tik.bin, tek.bin go (created 0700 if missing)")
     x.set_defaults(func=cmd_session)
 
     if measure is not None and hasattr(measure, "register"):
@@ -178,8 +183,92 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 # -- session ------------------------------------------------------------------
 
-def cmd_session(_args: argparse.Namespace) -> int:
-    raise UsageError("owner session is not implemented yet")
+SESSION_FILES = ("godh.b64", "session.b64", "tik.bin", "tek.bin")
+
+
+def _read_cert_input(path: str, flag: str, length: int) -> bytes:
+    """A certificate file: ``length`` raw bytes, or their base64 (whitespace allowed)."""
+    from agent.owner.config import _read_file
+
+    raw = _read_file(path, flag, limit=4 * length)
+    if len(raw) == length:
+        return raw
+    text = b"".join(raw.split())
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{flag} {path}: neither {length} raw bytes nor valid base64") from None
+    if len(data) != length:
+        raise UsageError(f"{flag} {path}: must hold {length} bytes (raw or base64), holds {len(data)}")
+    return data
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    """The owner's side of LAUNCH_START, offline.
+
+    The keys are drawn here (os.urandom; the GODH key from cryptography),
+    written once, 0600, never over an existing file, and printed nowhere:
+    stdout names the files.
+    """
+    import os
+
+    from agent.owner.service import SessionInputError, SessionMaterial, make_session
+    from agent.sev.cert import CERT_LEN, CHAIN_LEN
+
+    if not 0 <= args.policy <= 0xFFFFFFFF:
+        raise UsageError(f"--policy must be a 32-bit value, got {args.policy}")
+    pdh = _read_cert_input(args.pdh, "--pdh", CERT_LEN)
+    chain = _read_cert_input(args.cert_chain, "--cert-chain", CHAIN_LEN) if args.cert_chain else None
+    out_dir = args.out_dir
+    targets = [os.path.join(out_dir, name) for name in SESSION_FILES]
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
+    for target in targets:
+        if os.path.lexists(target):
+            raise UsageError(f"--out-dir: {target} already exists; not overwriting it")
+
+    material = SessionMaterial.fresh()
+    try:
+        made = make_session(pdh, chain, args.policy, material, names=("--pdh", "--cert-chain"))
+    except SessionInputError as exc:
+        raise UsageError(str(exc)) from None
+
+    try:
+        os.makedirs(out_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out-dir: cannot create {out_dir}: {exc.strerror}") from None
+    contents = (base64.b64encode(made.godh) + b"\n", base64.b64encode(made.session) + b"\n",
+                made.tik.reveal(), made.tek.reveal())
+    _write_new_files(list(zip(targets, contents)))
+    made.wipe()
+    _print_json({"godh": targets[0], "session": targets[1], "tik": targets[2], "tek": targets[3],
+                 "policy": args.policy, "chain_verified": made.chain_verified})
+    return 0
+
+
+def _write_new_files(files: list[tuple[str, bytes]]) -> None:
+    """Create each file 0600 with O_EXCL|O_NOFOLLOW; on any failure remove those made."""
+    import contextlib
+    import errno
+    import os
+
+    written: list[str] = []
+    try:
+        for target, data in files:
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    raise UsageError(f"--out-dir: {target} already exists; not overwriting it") from None
+                raise UsageError(f"--out-dir: cannot write {target}: {exc.strerror}") from None
+            written.append(target)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+    except BaseException:
+        for target in written:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
 
 
 # -- serve --------------------------------------------------------------------

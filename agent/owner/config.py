@@ -19,6 +19,22 @@ relative to the toml's directory.  Keys and secret payloads are held as
     [[vm.vm1.secret]]
     guid = "736869e5-84f0-4973-92ec-06879ce3da0b"   # or an alias: "luks-key"
     file = "vm1-disk.pass"
+
+Launch sessions made by the service.  A VM with ``session = true`` takes
+``POST /v1/session``: the owner then draws TEK and TIK for that launch
+itself, keeps them in memory only, and uses them for the next
+``POST /v1/secret`` of that VM (once: a verified launch uses its session
+up).  Such a VM may omit ``tik`` and ``tek``; when it gives them too, they
+serve launches that were started with session files made offline
+(``keyagent owner session``)::
+
+    [vm.vm2]
+    session = true               # tik/tek optional
+    policy = 1
+    digest = "hex"
+    [[vm.vm2.secret]]
+    guid = "luks-key"
+    file = "vm2-disk.pass"
 """
 
 from __future__ import annotations
@@ -41,7 +57,7 @@ DIGEST_LEN = 32       # SHA-256 of the launch data
 MAX_SECRET_FILE = 16384  # the whole secret table must fit the OVMF secret area
 
 _LAUNCH_KEYS = {"firmware", "kernel", "initrd", "append"}
-_VM_KEYS = {"tik", "tek", "policy", "digest", "min_api", "build_ids", "gpa", "secret"} | _LAUNCH_KEYS
+_VM_KEYS = {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "gpa", "secret"} | _LAUNCH_KEYS
 MAX_IMAGE_FILE = 256 << 20  # firmware, kernel, initrd: far above any real one
 _SECRET_KEYS = {"guid", "file"}
 
@@ -56,14 +72,15 @@ class SecretEntry:
 @dataclass(frozen=True)
 class VmPolicy:
     name: str
-    tik: Secret
-    tek: Secret
+    tik: Secret | None          # None only for a session VM without offline keys
+    tek: Secret | None
     policy: int
     digests: tuple[bytes, ...]
     secrets: tuple[SecretEntry, ...]
     min_api: tuple[int, int] | None = None
     build_ids: frozenset[int] | None = None
     gpa: int | None = None
+    session: bool = False       # takes POST /v1/session
 
 
 @dataclass(frozen=True)
@@ -169,9 +186,15 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     unknown = sorted(set(table) - _VM_KEYS)
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r}")
-    for key in ("tik", "tek", "policy"):
+    session = table.get("session", False)
+    if not isinstance(session, bool):
+        raise UsageError(f"{where}.session must be true or false")
+    required = ("policy",) if session else ("tik", "tek", "policy")
+    for key in required:
         if key not in table:
             raise UsageError(f"{where}: missing {key!r}")
+    if ("tik" in table) != ("tek" in table):
+        raise UsageError(f"{where}: tik and tek go together")
     if "digest" in table and _LAUNCH_KEYS & set(table):
         raise UsageError(f"{where}: give digest or firmware/kernel/initrd/append, not both")
     if "digest" not in table and "firmware" not in table:
@@ -182,8 +205,8 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
             raise UsageError(f"{where}.{key} must be a file path")
         return base / value
 
-    tik = read_key_file(rel("tik", table["tik"]), f"{where} TIK")
-    tek = read_key_file(rel("tek", table["tek"]), f"{where} TEK")
+    tik = read_key_file(rel("tik", table["tik"]), f"{where} TIK") if "tik" in table else None
+    tek = read_key_file(rel("tek", table["tek"]), f"{where} TEK") if "tek" in table else None
     policy = _int(table["policy"], f"{where}.policy", 0, 0xFFFFFFFF)
 
     digest_doc = table.get("digest")
@@ -221,7 +244,7 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
         raise UsageError(f"{where}: the secrets make a {total}-byte table, more than {MAX_SECRET_FILE}")
 
     return VmPolicy(name=name, tik=tik, tek=tek, policy=policy, digests=digests, secrets=secrets,
-                    min_api=min_api, build_ids=build_ids, gpa=gpa)
+                    min_api=min_api, build_ids=build_ids, gpa=gpa, session=session)
 
 
 def _launch_digest(table: dict, where: str, rel: Any) -> bytes:

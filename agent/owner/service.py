@@ -20,21 +20,47 @@ Order of checks, and why:
    verified blob seen a second time is a replay.  Checked only after the
    MAC verified, so a forged request learns nothing about which nonces
    were used.  The record is in memory: a restarted owner forgets it.
+
+Launch sessions (``POST /v1/session``, VMs with ``session = true``): the
+owner makes the GODH and session blob for the platform's PDH
+(:func:`decide_session`, the fresh keys come in as :class:`SessionMaterial`),
+answers ``{"godh", "session"}`` and keeps the session's TIK/TEK in memory as
+*pending* for that VM.  ``POST /v1/secret`` then tries the pending sessions'
+TIKs (and the VM's offline tik/tek, if configured) against the measurement;
+the session that verifies is used up: its keys are forgotten and wiped
+after the packet is built.  A second request for that launch can no longer
+be verified (the TIK is gone), so the service also remembers the SHA-256 of
+every released measurement blob: the same blob again is a replay (409),
+anything else that does not verify is 403.  With no pending session and no
+offline keys the answer is 409 ("POST /v1/session first").  At most
+:data:`MAX_PENDING_SESSIONS` wait per VM; the oldest goes first.
+
+The certificate chain (PEK || OCA || CEK, as QEMU reports it) is checked
+when the request carries one: PDH <- PEK <- OCA and CEK.  AMD's ASK and ARK
+are not checked (they are not in QEMU's answer), so this catches a damaged
+or mismatched PDH, not a host that forges a whole chain.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Mapping, Sequence
 
+from agent.core.secret import Secret
 from agent.io.http import Request, Response
 from agent.logs import get_logger
 from agent.owner.config import OwnerConfig, VmPolicy
 
-__all__ = ["Decision", "decide_secret", "OwnerService", "SECRET_FIELDS"]
+__all__ = ["Decision", "decide_secret", "decide_session", "make_session", "LaunchSession",
+           "SessionMaterial", "SessionInputError", "OwnerService", "SECRET_FIELDS",
+           "MAX_PENDING_SESSIONS"]
+
+#: Launch sessions that may wait for their /v1/secret, per VM.
+MAX_PENDING_SESSIONS = 4
 
 BLOB_LEN = 48        # MEASURE[32] || MNONCE[16]
 MEASURE_LEN = 32
@@ -58,6 +84,11 @@ class Decision:
     audit: dict[str, Any] = field(default_factory=dict)
     # (vm, mnonce) to remember as attested; set only on a release.
     attested: tuple[str, bytes] | None = None
+    # SHA-256 of the released measurement blob; set only on a release.
+    released: bytes | None = None
+    # /v1/secret: the pending session this release used up.
+    # /v1/session: the new session to keep pending.
+    session: "LaunchSession | None" = None
 
     def __repr__(self) -> str:  # the body of a release carries the packet
         return f"Decision({self.status}, {self.decision}, {self.reason!r})"
@@ -77,12 +108,172 @@ def _refused(status: int, reason: str, audit: dict[str, Any]) -> Decision:
     return Decision(status, {"error": reason}, "refused", reason, audit)
 
 
+# -- launch sessions ------------------------------------------------------------
+
+class SessionInputError(ValueError):
+    """A PDH or chain the owner will not make a session for (one line, no secrets).
+
+    ``refusal`` is True when the input was well-formed but does not verify
+    (a chain signature), False when it is malformed.
+    """
+
+    def __init__(self, message: str, refusal: bool = False) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+@dataclass(frozen=True)
+class SessionMaterial:
+    """The fresh randomness of one launch session: TEK, TIK, nonce, wrap IV, GODH key."""
+
+    tek: Secret
+    tik: Secret
+    nonce: bytes = field(repr=False)
+    iv: bytes = field(repr=False)
+    godh_private: Any = field(repr=False)  # ec.EllipticCurvePrivateKey, P-384
+
+    @classmethod
+    def fresh(cls) -> "SessionMaterial":
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        return cls(tek=Secret(os.urandom(16)), tik=Secret(os.urandom(16)), nonce=os.urandom(16),
+                   iv=os.urandom(16), godh_private=ec.generate_private_key(ec.SECP384R1()))
+
+
+@dataclass(frozen=True, eq=False)
+class LaunchSession:
+    """A session made for one launch: what QEMU gets, and the keys the owner keeps."""
+
+    godh: bytes = field(repr=False)      # 2084-byte GODH certificate (public)
+    session: bytes = field(repr=False)   # 128-byte session blob (public)
+    tik: Secret = field(repr=False)
+    tek: Secret = field(repr=False)
+    policy: int = 0
+    chain_verified: bool = False
+
+    @property
+    def id(self) -> str:
+        """A short name for logs, from the public GODH and session only."""
+        return hashlib.sha256(self.godh + self.session).hexdigest()[:16]
+
+    def wipe(self) -> None:
+        self.tik.wipe()
+        self.tek.wipe()
+
+    def __repr__(self) -> str:
+        return f"LaunchSession(id={self.id}, policy=0x{self.policy:x})"
+
+
+def make_session(pdh: bytes, cert_chain: bytes | None, policy: int, material: SessionMaterial, *,
+                 names: tuple[str, str] = ("pdh", "cert_chain")) -> LaunchSession:
+    """GODH + session blob for the platform's PDH; SessionInputError on bad input.
+
+    ``pdh`` is the 2084-byte certificate, ``cert_chain`` QEMU's PEK || OCA
+    || CEK (6252 bytes) or None to skip the chain check.  ``names`` are how
+    the two inputs are called in error messages.
+    """
+    from agent.sev.cert import USAGE_PDH, Certificate, PlatformChain, verify_pdh_chain
+    from agent.sev.session import SessionError, create_session
+
+    pdh_name, chain_name = names
+    try:
+        pdh_cert = Certificate.from_bytes(pdh)
+    except ValueError as exc:
+        raise SessionInputError(f"{pdh_name}: {exc}") from None
+    if pdh_cert.usage != USAGE_PDH:
+        raise SessionInputError(f"{pdh_name}: certificate has usage 0x{pdh_cert.usage:x}, not PDH (0x{USAGE_PDH:x})")
+    verified = False
+    if cert_chain is not None:
+        try:
+            chain = PlatformChain.from_bytes(cert_chain)
+        except ValueError as exc:
+            raise SessionInputError(f"{chain_name}: {exc}") from None
+        try:
+            verify_pdh_chain(pdh_cert, chain)
+        except ValueError as exc:
+            raise SessionInputError(f"{chain_name} does not vouch for the PDH: {exc}", refusal=True) from None
+        verified = True
+    try:
+        godh, blob = create_session(pdh_cert, policy, godh_private=material.godh_private, nonce=material.nonce,
+                                    tek=material.tek.reveal(), tik=material.tik.reveal(), iv=material.iv)
+    except SessionError as exc:
+        raise SessionInputError(f"{pdh_name}: {exc}") from None
+    return LaunchSession(godh=godh, session=blob, tik=material.tik, tek=material.tek, policy=policy,
+                         chain_verified=verified)
+
+
+def _b64_field(body: dict, name: str) -> bytes | str:
+    """The decoded field, or an error text."""
+    text = body.get(name)
+    if not isinstance(text, str) or not text:
+        return f"field {name!r} must be a non-empty base64 string"
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return f"field {name!r} is not valid base64"
+
+
+def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial) -> Decision:
+    """Decide one ``POST /v1/session`` request.  Pure: the randomness is ``material``.
+
+    ``{"vm", "pdh": b64, "cert_chain": b64 (optional), "policy": int}``
+    -> 200 ``{"godh": b64, "session": b64}`` with ``Decision.session`` to
+    keep pending, or 400 (malformed), 403 (not for this VM, chain does not
+    verify), 404 (unknown VM).
+    """
+    audit: dict[str, Any] = {"request": "session"}
+    if not isinstance(body, dict):
+        return _invalid("request body must be a JSON object", audit)
+    vm = body.get("vm")
+    if not isinstance(vm, str) or not vm:
+        return _invalid("field 'vm' must be a non-empty string", audit)
+    audit["vm"] = _shown(vm)
+    policy = body.get("policy")
+    if isinstance(policy, bool) or not isinstance(policy, int):
+        return _invalid("field 'policy' must be an integer", audit)
+    if not 0 <= policy <= 0xFFFFFFFF:
+        return _invalid("field 'policy' must be in 0..4294967295", audit)
+    audit["policy"] = policy
+    pdh = _b64_field(body, "pdh")
+    if isinstance(pdh, str):
+        return _invalid(pdh, audit)
+    chain: bytes | None = None
+    if body.get("cert_chain") not in (None, ""):
+        decoded = _b64_field(body, "cert_chain")
+        if isinstance(decoded, str):
+            return _invalid(decoded, audit)
+        chain = decoded
+
+    vm_policy = config.vms.get(vm)
+    if vm_policy is None:
+        return _refused(404, f"unknown vm '{_shown(vm)}'", audit)
+    if not vm_policy.session:
+        return _refused(403, "this vm does not take launch sessions (no session = true)", audit)
+    if policy != vm_policy.policy:
+        return _refused(403, f"policy mismatch: policy 0x{policy:x} is not accepted for this vm", audit)
+    try:
+        made = make_session(pdh, chain, policy, material)
+    except SessionInputError as exc:
+        if exc.refusal:
+            return _refused(403, str(exc), audit)
+        return _invalid(str(exc), audit)
+    audit.update(session=made.id, chain_verified=made.chain_verified)
+    out = {"godh": base64.b64encode(made.godh).decode(), "session": base64.b64encode(made.session).decode()}
+    return Decision(200, out, "session", "launch session made", audit, session=made)
+
+
+# -- secrets ----------------------------------------------------------------------
+
 def decide_secret(config: OwnerConfig, body: Any, *,
-                  attested: Collection[tuple[str, bytes]], iv: bytes) -> Decision:
+                  attested: Collection[tuple[str, bytes]], iv: bytes,
+                  sessions: Mapping[str, Sequence[LaunchSession]] | None = None,
+                  released: Collection[bytes] = ()) -> Decision:
     """Decide one ``POST /v1/secret`` request.  Pure: no I/O.
 
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
     the packet's fresh 16-byte IV (the caller draws it from os.urandom).
+    ``sessions`` are the pending launch sessions per VM, ``released`` the
+    SHA-256 of every measurement blob released so far.
     """
     from agent.sev.measurement import split_blob, verify_measurement
     from agent.sev.packet import build_packet
@@ -136,25 +327,44 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     if vm_policy.build_ids is not None and numbers["build_id"] not in vm_policy.build_ids:
         return _refused(403, f"policy mismatch: build id {numbers['build_id']} is not accepted", audit)
 
-    # -- 3. the measurement, against every accepted digest (no early exit)
-    tik = vm_policy.tik.reveal()
-    matched = False
-    for digest in vm_policy.digests:
-        matched |= verify_measurement(blob, tik, numbers["api_major"], numbers["api_minor"],
-                                      numbers["build_id"], numbers["policy"], digest)
-    if not matched:
+    # -- 3. the measurement, against every candidate TIK and accepted digest:
+    # the VM's pending launch sessions, then its offline keys (no early exit)
+    blob_id = hashlib.sha256(blob).digest()
+    candidates: list[tuple[Secret, Secret, LaunchSession | None]] = []
+    if vm_policy.session and sessions:
+        candidates += [(s.tik, s.tek, s) for s in sessions.get(vm, ())]
+    if vm_policy.tik is not None and vm_policy.tek is not None:
+        candidates.append((vm_policy.tik, vm_policy.tek, None))
+    if not candidates:
+        if blob_id in released:
+            return _refused(409, "launch already attested", audit)
+        return _refused(409, "no launch session for this vm: POST /v1/session first", audit)
+    chosen: tuple[Secret, Secret, LaunchSession | None] | None = None
+    for cand in candidates:
+        ok = False
+        for digest in vm_policy.digests:
+            ok |= verify_measurement(blob, cand[0].reveal(), numbers["api_major"], numbers["api_minor"],
+                                     numbers["build_id"], numbers["policy"], digest)
+        if ok and chosen is None:
+            chosen = cand
+    if chosen is None:
+        if blob_id in released:  # its session is used up: the same blob again is a replay
+            return _refused(409, "launch already attested", audit)
         return _refused(403, "measurement does not match", audit)
+    tik_secret, tek_secret, used = chosen
+    audit["keys"] = f"session {used.id}" if used is not None else "offline"
 
     # -- 4. single use
     key = (vm, mnonce)
-    if key in attested:
+    if key in attested or blob_id in released:
         return _refused(409, "launch already attested", audit)
 
     if len(iv) != IV_LEN:
         raise ValueError(f"packet IV must be {IV_LEN} bytes")
+    tik = tik_secret.reveal()
     table = bytearray(build_secret_table([(s.guid, s.value.reveal()) for s in vm_policy.secrets]))
     try:
-        header, ciphertext = build_packet(tik, vm_policy.tek.reveal(), measure, bytes(table), iv)
+        header, ciphertext = build_packet(tik, tek_secret.reveal(), measure, bytes(table), iv)
     finally:
         table[:] = bytes(len(table))
     out: dict[str, Any] = {
@@ -164,20 +374,27 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     if vm_policy.gpa is not None:
         out["gpa"] = vm_policy.gpa
     audit["secrets"] = [s.name for s in vm_policy.secrets]
-    return Decision(200, out, "released", "measurement verified", audit, attested=key)
+    return Decision(200, out, "released", "measurement verified", audit, attested=key,
+                    released=blob_id, session=used)
 
 
 class OwnerService:
     """The HTTP face of the guest owner.
 
-    ``POST /v1/secret`` -> :func:`decide_secret`; ``POST /v1/session`` is not
-    implemented yet (501); ``GET /healthz`` -> 200.
+    ``POST /v1/secret`` -> :func:`decide_secret`; ``POST /v1/session`` ->
+    :func:`decide_session`; ``GET /healthz`` -> 200.  It holds the state the
+    pure functions are given: attested launches, released blobs, pending
+    launch sessions (in memory only).
     """
 
-    def __init__(self, config: OwnerConfig, *, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(self, config: OwnerConfig, *, random_bytes: Callable[[int], bytes] = os.urandom,
+                 session_material: Callable[[], SessionMaterial] = SessionMaterial.fresh) -> None:
         self.config = config
         self.attested: set[tuple[str, bytes]] = set()
+        self.released: set[bytes] = set()
+        self.sessions: dict[str, list[LaunchSession]] = {}
         self._random = random_bytes
+        self._material = session_material
         self._log = get_logger("keyagent.owner")
 
     async def handle(self, request: Request) -> Response:
@@ -198,8 +415,26 @@ class OwnerService:
     def _healthz(self, _request: Request) -> Response:
         return Response.json(200, {"status": "ok", "vms": len(self.config.vms)})
 
-    def _session(self, _request: Request) -> Response:
-        return Response.json(501, {"error": "session not implemented yet"})
+    def _session(self, request: Request) -> Response:
+        try:
+            body = request.json()
+        except ValueError:
+            decision = _invalid("request body is not valid JSON", {"request": "session"})
+        else:
+            material = self._material()
+            decision = decide_session(self.config, body, material=material)
+            if decision.session is None:  # refused: the keys drawn for it are never used
+                material.tik.wipe()
+                material.tek.wipe()
+        if decision.status == 200 and decision.session is not None:
+            pending = self.sessions.setdefault(body["vm"], [])
+            pending.append(decision.session)
+            while len(pending) > MAX_PENDING_SESSIONS:
+                dropped = pending.pop(0)
+                dropped.wipe()
+                decision.audit["dropped_session"] = dropped.id
+        self.audit(decision, request.peer)
+        return Response.json(decision.status, decision.body)
 
     def _secret(self, request: Request) -> Response:
         try:
@@ -208,9 +443,18 @@ class OwnerService:
             decision = _invalid("request body is not valid JSON", {})
         else:
             decision = decide_secret(self.config, body, attested=self.attested,
-                                     iv=self._random(IV_LEN))
+                                     iv=self._random(IV_LEN), sessions=self.sessions,
+                                     released=self.released)
         if decision.attested is not None:
             self.attested.add(decision.attested)
+        if decision.released is not None:
+            self.released.add(decision.released)
+        if decision.status == 200 and decision.session is not None:
+            # single use: the launch is verified, its session keys go
+            used = decision.session
+            pending = self.sessions.get(body["vm"], [])
+            pending[:] = [s for s in pending if s is not used]
+            used.wipe()
         self.audit(decision, request.peer)
         return Response.json(decision.status, decision.body)
 

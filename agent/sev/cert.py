@@ -194,3 +194,63 @@ class Certificate:
         if self.sig2.is_empty():
             return replace(self, sig2=slot)
         raise ValueError("SEV certificate has no empty signature slot")
+
+
+# -- the platform's certificate chain ------------------------------------------
+#
+# PDH_CERT_EXPORT (SEV API 5.10) hands out the PDH and, in a second buffer,
+# the chain that vouches for it: PEK || OCA || CEK, 2084 bytes each.  That
+# second buffer is what QEMU's ``query-sev-capabilities`` reports as
+# ``cert-chain`` (base64) and what virtee/sev's ``pdh_cert_export`` reads as
+# ``chain[0..3]`` (src/firmware/host/mod.rs).  The CEK is signed by AMD's ASK
+# and the ASK by the ARK, which are not in this buffer (sevctl fetches them):
+# only the links inside the platform are checked here, as virtee's
+# ``certs/sev/chain.rs`` does after the CA part:
+#   PDH <- PEK,  PEK <- OCA,  PEK <- CEK.
+
+CHAIN_LEN = 3 * CERT_LEN  # 6252
+_CHAIN_ORDER = ((USAGE_PEK, "PEK"), (USAGE_OCA, "OCA"), (USAGE_CEK, "CEK"))
+
+
+@dataclass(frozen=True)
+class PlatformChain:
+    """The PEK, OCA and CEK of a platform, in PDH_CERT_EXPORT order."""
+
+    pek: Certificate
+    oca: Certificate
+    cek: Certificate
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PlatformChain":
+        """Parse the 6252-byte chain; ValueError (one line) if it is not PEK || OCA || CEK."""
+        if len(data) != CHAIN_LEN:
+            raise ValueError(f"SEV certificate chain must be {CHAIN_LEN} bytes (PEK, OCA, CEK), got {len(data)}")
+        certs = []
+        for i, (usage, name) in enumerate(_CHAIN_ORDER):
+            cert = Certificate.from_bytes(data[i * CERT_LEN : (i + 1) * CERT_LEN])
+            if cert.usage != usage:
+                raise ValueError(f"certificate {i + 1} of the chain has usage 0x{cert.usage:x}, not {name} (0x{usage:x})")
+            certs.append(cert)
+        return cls(*certs)
+
+    def to_bytes(self) -> bytes:
+        return self.pek.to_bytes() + self.oca.to_bytes() + self.cek.to_bytes()
+
+
+def verify_pdh_chain(pdh: Certificate, chain: PlatformChain) -> None:
+    """Check PDH <- PEK <- (OCA and CEK); ValueError naming the first broken link.
+
+    The PEK carries two signatures, one by the owner's OCA and one by AMD's
+    CEK: both must verify.  Checking the CEK itself needs AMD's ASK.
+    """
+    if pdh.usage != USAGE_PDH:
+        raise ValueError(f"PDH certificate has usage 0x{pdh.usage:x}, not PDH (0x{USAGE_PDH:x})")
+    links = ((pdh, "PDH", chain.pek, "PEK"), (chain.pek, "PEK", chain.oca, "OCA"),
+             (chain.pek, "PEK", chain.cek, "CEK"))
+    for subject, sname, signer, iname in links:
+        try:
+            ok = subject.is_signed_by(signer)
+        except ValueError as exc:
+            raise ValueError(f"{iname} certificate cannot verify signatures: {exc}") from None
+        if not ok:
+            raise ValueError(f"{sname} certificate is not signed by the chain's {iname}")

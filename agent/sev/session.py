@@ -77,7 +77,17 @@ _MAX_KDF_LEN = 255 * _HASH_LEN
 
 
 class SessionError(ValueError):
-    """A launch session the PSP must refuse (bad sizes, bad wrap or policy MAC)."""
+    """A launch session the PSP must refuse (bad sizes, bad wrap or policy MAC).
+
+    ``kind`` says which check failed, so the PSP stand-in can answer with the
+    matching firmware status: ``"certificate"`` (GODH/PDH unusable),
+    ``"length"`` (a buffer of the wrong size), ``"wrap-mac"`` (the keys were
+    not wrapped for this PDH), ``"policy"`` (the policy MAC does not match).
+    """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class Session:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Session":
         if len(data) != SESSION_LEN:
-            raise SessionError(f"launch session must be {SESSION_LEN} bytes, got {len(data)}")
+            raise SessionError(f"launch session must be {SESSION_LEN} bytes, got {len(data)}", "length")
         return cls(*_SESSION.unpack(bytes(data)))
 
     def to_bytes(self) -> bytes:
@@ -140,12 +150,12 @@ def _ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
 
 def _check(what: str, value: bytes, n: int) -> None:
     if len(value) != n:
-        raise SessionError(f"{what} must be {n} bytes, got {len(value)}")
+        raise SessionError(f"{what} must be {n} bytes, got {len(value)}", "length")
 
 
 def _policy_bytes(policy: int) -> bytes:
     if not 0 <= policy <= 0xFFFFFFFF:
-        raise SessionError(f"policy must be a 32-bit unsigned value, got {policy}")
+        raise SessionError(f"policy must be a 32-bit unsigned value, got {policy}", "policy")
     return struct.pack("<I", policy)
 
 
@@ -184,15 +194,15 @@ def session_from_shared_secret(z: bytes, policy: int, *, nonce: bytes, tek: byte
 def _check_dh_cert(cert: Certificate, who: str) -> ec.EllipticCurvePublicKey:
     # AMD firmware sev_cert_sanity_check(dh_cert, SEV_CERT_USAGE_PDH, SEV_CERT_ALGO_ECDH_SHA256)
     if cert.usage != USAGE_PDH:
-        raise SessionError(f"{who} certificate has usage 0x{cert.usage:x}, not PDH (0x{USAGE_PDH:x})")
+        raise SessionError(f"{who} certificate has usage 0x{cert.usage:x}, not PDH (0x{USAGE_PDH:x})", "certificate")
     if cert.algo != ALGO_ECDH_SHA256:
-        raise SessionError(f"{who} certificate has algorithm 0x{cert.algo:x}, not ECDH-SHA256")
+        raise SessionError(f"{who} certificate has algorithm 0x{cert.algo:x}, not ECDH-SHA256", "certificate")
     if cert.curve != CURVE_P384:
-        raise SessionError(f"{who} certificate key is not on P-384")
+        raise SessionError(f"{who} certificate key is not on P-384", "certificate")
     try:
         return cert.public_key()
     except ValueError as exc:
-        raise SessionError(f"{who} certificate: {exc}") from None
+        raise SessionError(f"{who} certificate: {exc}", "certificate") from None
 
 
 def create_session(
@@ -233,20 +243,20 @@ def open_session(
     constant time, in the firmware's order (``establish_channel``).
     """
     if len(godh_cert_bytes) != CERT_LEN:
-        raise SessionError(f"GODH certificate must be {CERT_LEN} bytes, got {len(godh_cert_bytes)}")
+        raise SessionError(f"GODH certificate must be {CERT_LEN} bytes, got {len(godh_cert_bytes)}", "certificate")
     try:
         godh = Certificate.from_bytes(godh_cert_bytes)
     except ValueError as exc:
-        raise SessionError(str(exc)) from None
+        raise SessionError(str(exc), "certificate") from None
     godh_public = _check_dh_cert(godh, "GODH")
     session = Session.from_bytes(session_bytes)
     policy_bytes = _policy_bytes(policy)
     z = pdh_private_key.exchange(ec.ECDH(), godh_public)
     kek, kik = _wrap_keys(z, session.nonce)
     if not hmac.compare_digest(session.wrap_mac, _hmac(kik, session.wrap_tk)):
-        raise SessionError("launch session wrap MAC does not match")
+        raise SessionError("launch session wrap MAC does not match", "wrap-mac")
     keys = _ctr(kek, session.wrap_iv, session.wrap_tk)
     tek, tik = keys[:KEY_LEN], keys[KEY_LEN:]
     if not hmac.compare_digest(session.policy_mac, _hmac(tik, policy_bytes)):
-        raise SessionError("launch session policy MAC does not match the policy")
+        raise SessionError("launch session policy MAC does not match the policy", "policy")
     return tek, tik

@@ -5,6 +5,22 @@ holds: pass them as files (16 raw bytes each) or let the simulator make
 fresh ones and write them, mode 0600, to ``--keys-out DIR`` for the owner
 tools to read.  Key bytes never go to stdout, stderr, the logs or argv.
 
+The simulator is also the platform a guest owner makes a launch session
+for.  It holds a PDH private key (``--pdh-key FILE``, PEM, P-384; fresh at
+every start without it), signs its own PEK / OCA / CEK chain at start and
+shows both in ``query-sev-capabilities``; ``--pdh-out`` / ``--cert-chain-out``
+write them (base64, as QEMU reports them) for ``keyagent owner session``.
+Started with ``--dh-cert-file`` / ``--session-file`` (the owner's base64
+files, as QEMU's ``sev-guest`` takes them) it unwraps TIK and TEK at
+LAUNCH_START instead of reading ``--tik`` / ``--tek``; a session that does
+not open for its PDH and policy stops it, exit 2, as QEMU fails to start::
+
+    openssl ecparam -name secp384r1 -genkey -noout -out pdh.pem
+    keyagent simulate --qmp unix:q.sock --pdh-key pdh.pem --pdh-out pdh.b64 --cert-chain-out chain.b64
+    keyagent owner session --pdh pdh.b64 --cert-chain chain.b64 --policy 1 --out-dir owner/
+    keyagent simulate --qmp unix:q.sock --pdh-key pdh.pem \
+        --dh-cert-file owner/godh.b64 --session-file owner/session.b64
+
 On start it prints one JSON line to stdout (``{"ready": true, "qmp": ...}``)
 so a script can wait for it.  It exits 0 after ``quit`` or on SIGTERM /
 SIGINT, removing its socket.
@@ -14,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import errno
 import json
@@ -44,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tik", metavar="FILE", help="TIK, 16 raw bytes (with --tek)")
     p.add_argument("--tek", metavar="FILE", help="TEK, 16 raw bytes (with --tik)")
     p.add_argument("--keys-out", metavar="DIR", help="without --tik/--tek: write the generated tik.bin, tek.bin here (0600)")
+    p.add_argument("--pdh-key", metavar="FILE", help="the platform's PDH private key, PEM, P-384 (default: a fresh one)")
+    p.add_argument("--pdh-out", metavar="FILE", help="write the platform's PDH certificate here (base64)")
+    p.add_argument("--cert-chain-out", metavar="FILE", help="write the PEK || OCA || CEK chain here (base64)")
+    p.add_argument("--dh-cert-file", metavar="FILE", help="the owner's GODH certificate, base64 (with --session-file)")
+    p.add_argument("--session-file", metavar="FILE", help="the owner's launch session, base64 (instead of --tik/--tek)")
     p.add_argument("--digest", metavar="HEX", help="launch digest, 64 hex digits (default: SHA-256 of a fixed test firmware)")
     p.add_argument("--policy", metavar="N", default="0x1", help="guest policy (default 0x1)")
     p.add_argument("--api-major", metavar="N", default="1", help="PSP API major version (default 1)")
@@ -57,11 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.logs import get_logger, setup_logging
+    from agent.logs import setup_logging
     from agent.sim.machine import DEFAULT_DIGEST, DEFAULT_SECRET_GPA, SimConfig
 
     setup_logging(args.log_level)
-    log = get_logger("keyagent.sim")
     path = _socket_path(args.qmp)
     policy = _number("--policy", args.policy, 0xFFFFFFFF)
     api_major = _number("--api-major", args.api_major, 0xFF)
@@ -69,11 +90,18 @@ def run(args: argparse.Namespace) -> int:
     build_id = _number("--build-id", args.build_id, 0xFF)
     delay = _seconds("--measure-delay", args.measure_delay)
     digest = _digest(args.digest) if args.digest is not None else DEFAULT_DIGEST
-    tik, tek, keys_out = _session_keys(args)
+    pdh_key = _read_pdh_key(args.pdh_key) if args.pdh_key is not None else None
+    session = _launch_session(args)
+    if session is not None:
+        tik = tek = keys_out = None
+    else:
+        tik, tek, keys_out = _session_keys(args)
     try:
         config = SimConfig(
             tik=tik,
             tek=tek,
+            pdh_private_key=pdh_key,
+            session=session,
             digest=digest,
             policy=policy,
             api_major=api_major,
@@ -86,12 +114,15 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if keys_out is None and args.tik is None:
-        log.warning("sim.keys_ephemeral", why="no --tik/--tek and no --keys-out: no owner can build a packet")
-    return asyncio.run(_serve(config, path, keys_out))
+    outputs = {"--pdh-out": args.pdh_out, "--cert-chain-out": args.cert_chain_out}
+    ephemeral = keys_out is None and args.tik is None and session is None
+    return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral))
 
 
-async def _serve(config, path: str, keys_out: str | None) -> int:
+async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str | None] | None = None,
+                 *, warn_ephemeral: bool = False) -> int:
+    from agent.logs import get_logger
+    from agent.sim.psp import FwError
     from agent.sim.qmp_server import Simulator
 
     loop = asyncio.get_running_loop()
@@ -100,7 +131,20 @@ async def _serve(config, path: str, keys_out: str | None) -> int:
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        sim = Simulator(config, path)
+        try:
+            sim = Simulator(config, path)
+        except FwError as exc:
+            # QEMU: "sev_launch_start: LAUNCH_START ret=-5 fw_error=N 'text'", then exit.
+            raise UsageError(f"--session-file: LAUNCH_START failed: fw_error={int(exc.code)} "
+                             f"'{exc.text}' ({exc.why})") from None
+        try:
+            _write_platform_certs(sim.machine.platform, outputs or {})
+        except BaseException:
+            sim.machine.shutdown()
+            raise
+        if warn_ephemeral:
+            get_logger("keyagent.sim").warning(
+                "sim.keys_ephemeral", why="no --tik/--tek, no session and no --keys-out: no owner can build a packet")
         try:
             await sim.start()
         except OSError as exc:
@@ -113,6 +157,7 @@ async def _serve(config, path: str, keys_out: str | None) -> int:
                 "policy": config.effective_policy,
                 "sev_es": bool(config.effective_policy & 0x4),
                 "keys_out": keys_out,
+                "session": config.session is not None,
             }
             print(json.dumps(ready), flush=True)
             quit_wait = asyncio.ensure_future(sim.wait_closed())
@@ -191,6 +236,73 @@ def _session_keys(args: argparse.Namespace) -> tuple[bytes, bytes, str | None]:
         return tik, tek, None
     _write_keys(args.keys_out, {"tik.bin": tik, "tek.bin": tek})
     return tik, tek, args.keys_out
+
+
+def _read_file(flag: str, path: str, limit: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"{flag}: {path} is larger than {limit} bytes")
+    return data
+
+
+def _read_pdh_key(path: str):
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = _read_file("--pdh-key", path, 65536)
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # Never the parser's text: it may quote the file.
+        raise UsageError(f"--pdh-key: {path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != ec.SECP384R1.name:
+        raise UsageError(f"--pdh-key: {path} is not an EC key on P-384 (secp384r1)")
+    return key
+
+
+def _read_b64_file(flag: str, path: str) -> bytes:
+    import binascii
+
+    text = _read_file(flag, path, 65536)
+    try:
+        return base64.b64decode(b"".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{flag}: {path} is not valid base64") from None
+
+
+def _launch_session(args: argparse.Namespace) -> tuple[bytes, bytes] | None:
+    if (args.dh_cert_file is None) != (args.session_file is None):
+        raise UsageError("--dh-cert-file and --session-file go together")
+    if args.session_file is None:
+        return None
+    if args.tik is not None or args.tek is not None or args.keys_out is not None:
+        raise UsageError("--session-file replaces --tik/--tek/--keys-out: the keys come from the session")
+    if args.pdh_key is None:
+        raise UsageError("--session-file needs --pdh-key: a session opens only with the PDH it was made for")
+    return _read_b64_file("--dh-cert-file", args.dh_cert_file), _read_b64_file("--session-file", args.session_file)
+
+
+def _write_platform_certs(platform, outputs: dict[str, str | None]) -> None:
+    """--pdh-out / --cert-chain-out: public certificates, base64 like QEMU's answer."""
+    blobs = {"--pdh-out": platform.pdh_cert.to_bytes(), "--cert-chain-out": platform.chain.to_bytes()}
+    for flag, target in outputs.items():
+        if target is None:
+            continue
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise UsageError(f"{flag}: cannot write {target}: {exc.strerror}") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(base64.b64encode(blobs[flag]) + b"\n")
 
 
 def _read_key(flag: str, path: str) -> bytes:

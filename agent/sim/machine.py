@@ -29,7 +29,7 @@ from typing import Any, Callable
 from agent.core.secret import Secret
 from agent.logs import get_logger
 from agent.sev.secret_table import parse_secret_table
-from agent.sim.psp import KVM_RET_FW_ERROR, SEV_POLICY_ES, FwError, Psp
+from agent.sim.psp import KVM_RET_FW_ERROR, SEV_POLICY_ES, FwError, Platform, Psp
 
 __all__ = [
     "SimConfig",
@@ -53,9 +53,7 @@ DEFAULT_SECRET_GPA = 0x80C000
 #: QEMU's SEV_SECRET_GUID: the OVMF table entry naming the secret area.
 SEV_SECRET_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
 
-# Sizes of the PSP's exported objects (SEV API: a PDH / PEK / OCA / CEK
-# certificate is 2084 bytes; GET_ID2 returns 64 bytes per socket).
-_SEV_CERT_LEN = 2084
+# GET_ID2 returns 64 bytes per socket.
 _CPU_ID_LEN = 64
 
 
@@ -85,14 +83,21 @@ class SimConfig:
     """How the simulated VM and PSP are set up.
 
     ``tik`` / ``tek`` are the launch session keys the guest owner holds too;
+    instead of them, ``session = (godh_cert_bytes, session_bytes)`` is a
+    guest owner's launch session (QEMU's ``dh-cert-file`` / ``session-file``,
+    decoded): the PSP unwraps TIK and TEK from it at LAUNCH_START with
+    ``pdh_private_key`` (and refuses to start, :class:`FwError`, if it does
+    not open).  ``pdh_private_key`` is the platform's PDH key (P-384); when
+    None a fresh one is made, and ``query-sev-capabilities`` shows its
+    certificate and chain either way.
     ``digest`` is SHA-256 of the launch data (what ``owner measure`` prints).
     ``state="running"`` models a VM that was launched (and measured)
     before the agent connected.  ``secret_gpa=None`` models a firmware
     without an SEV secret area, where QEMU needs an explicit ``gpa``.
     """
 
-    tik: bytes = field(repr=False)
-    tek: bytes = field(repr=False)
+    tik: bytes | None = field(default=None, repr=False)
+    tek: bytes | None = field(default=None, repr=False)
     digest: bytes = DEFAULT_DIGEST
     policy: int = 0x1
     api_major: int = 1
@@ -106,12 +111,23 @@ class SimConfig:
     ram_size: int = 1 << 30
     cbitpos: int = 51
     reduced_phys_bits: int = 1
+    pdh_private_key: Any = field(default=None, repr=False)  # ec.EllipticCurvePrivateKey | None
+    session: tuple[bytes, bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("tik", "tek"):
-            value = getattr(self, name)
-            if not isinstance(value, (bytes, bytearray)) or len(value) != 16:
-                raise ValueError(f"{name.upper()} must be 16 bytes")
+        if self.session is not None:
+            if self.tik is not None or self.tek is not None:
+                raise ValueError("give TIK/TEK or a launch session, not both")
+            if self.pdh_private_key is None:
+                raise ValueError("a launch session needs the platform's PDH private key")
+            if (not isinstance(self.session, tuple) or len(self.session) != 2
+                    or not all(isinstance(x, (bytes, bytearray)) for x in self.session)):
+                raise ValueError("session must be (godh certificate bytes, session bytes)")
+        else:
+            for name in ("tik", "tek"):
+                value = getattr(self, name)
+                if not isinstance(value, (bytes, bytearray)) or len(value) != 16:
+                    raise ValueError(f"{name.upper()} must be 16 bytes")
         if not isinstance(self.digest, (bytes, bytearray)) or len(self.digest) != 32:
             raise ValueError("launch digest must be 32 bytes (SHA-256)")
         if self.mnonce is not None and len(self.mnonce) != 16:
@@ -205,9 +221,16 @@ class Machine:
         self._clock = clock
         self._emit = emit or (lambda name, data: None)
         self._log = get_logger("keyagent.sim")
+        self.platform = Platform(config.pdh_private_key, api_major=config.api_major, api_minor=config.api_minor)
+        if config.session is not None:
+            # LAUNCH_START with the owner's session; FwError if it does not open.
+            tik, tek = self.platform.launch_start(*config.session, config.effective_policy)
+            self._log.info("sim.launch_start", session=True, policy=config.effective_policy)
+        else:
+            tik, tek = Secret(config.tik), Secret(config.tek)
         self.psp = Psp(
-            Secret(config.tik),
-            Secret(config.tek),
+            tik,
+            tek,
             digest=config.digest,
             policy=config.effective_policy,
             api_major=config.api_major,
@@ -317,11 +340,10 @@ class Machine:
         return {"data": base64.b64encode(blob).decode()}
 
     def _query_sev_capabilities(self, _args: dict) -> dict:
-        # Placeholders of the real sizes until the simulated PSP has a
-        # certificate chain of its own.
+        # sev_get_capabilities(): PDH_CERT_EXPORT's two buffers, base64.
         return {
-            "pdh": base64.b64encode(bytes(_SEV_CERT_LEN)).decode(),
-            "cert-chain": base64.b64encode(bytes(3 * _SEV_CERT_LEN)).decode(),
+            "pdh": base64.b64encode(self.platform.pdh_cert.to_bytes()).decode(),
+            "cert-chain": base64.b64encode(self.platform.chain.to_bytes()).decode(),
             "cpu0-id": base64.b64encode(bytes(_CPU_ID_LEN)).decode(),
             "cbitpos": self.config.cbitpos,
             "reduced-phys-bits": self.config.reduced_phys_bits,

@@ -10,6 +10,12 @@ LAUNCH_FINISH, with the real cryptography (:mod:`agent.sev`):
   MEASURE it reported, then decrypt the payload with the TEK;
 * LAUNCH_FINISH: the guest runs; no more secrets.
 
+:class:`Platform` is the PSP's own identity: the PDH key pair (whose
+private half never leaves it) and a PEK / OCA / CEK chain it signs itself,
+exported like PDH_CERT_EXPORT.  Its :meth:`Platform.launch_start` is
+LAUNCH_START with a guest owner's session: it unwraps TEK and TIK from the
+GODH certificate and the session blob (:func:`agent.sev.session.open_session`).
+
 The session keys (TIK, TEK) never leave this object except through the MAC
 and decryption results; errors carry the firmware status code that QEMU
 prints (``fw_error=N 'text'``), never key or payload bytes.  No I/O, no
@@ -21,11 +27,23 @@ from __future__ import annotations
 import enum
 import os
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent.core.secret import Secret
+from agent.sev.cert import (
+    ALGO_ECDH_SHA256,
+    ALGO_ECDSA_SHA256,
+    USAGE_CEK,
+    USAGE_OCA,
+    USAGE_PDH,
+    USAGE_PEK,
+    Certificate,
+    PlatformChain,
+)
 from agent.sev.measurement import measurement_blob, split_blob
 from agent.sev.packet import PACKET_HEADER_LEN, PacketError, open_packet, parse_header
 
-__all__ = ["SevRet", "FW_ERROR_TEXT", "SEV_STATES", "FwError", "Psp", "SEV_POLICY_ES"]
+__all__ = ["SevRet", "FW_ERROR_TEXT", "SEV_STATES", "FwError", "Psp", "Platform", "SEV_POLICY_ES"]
 
 #: Guest policy bit 2: the guest is an SEV-ES guest (QEMU ``SEV_POLICY_ES``).
 SEV_POLICY_ES = 0x4
@@ -197,3 +215,70 @@ class Psp:
         """Forget the session keys (at shutdown)."""
         self._tik.wipe()
         self._tek.wipe()
+
+
+#: Which firmware status a refused session gets (SessionError.kind -> status).
+#: The SEV API lists INVALID_CERTIFICATE for an unusable GODH, POLICY_FAILURE
+#: for a policy the owner did not MAC; a wrap MAC that does not verify is
+#: reported here as BAD_MEASUREMENT (an integrity check failing).
+_SESSION_STATUS = {
+    "certificate": SevRet.INVALID_CERTIFICATE,
+    "length": SevRet.INVALID_LEN,
+    "wrap-mac": SevRet.BAD_MEASUREMENT,
+    "policy": SevRet.POLICY_FAILURE,
+}
+
+
+class Platform:
+    """The simulated PSP's platform keys: the PDH and a chain that vouches for it.
+
+    Real platforms have an OCA (the owner's CA, self-signed unless the
+    platform was adopted), a CEK signed by AMD's ASK and a PEK signed by both;
+    the PEK signs the PDH.  Here OCA, CEK and PEK are made fresh for every
+    Platform (AMD's ASK is out of reach: the CEK carries no signature), and
+    the PDH key is either given (so a restarted simulator keeps accepting
+    sessions made for its PDH) or fresh.  Only the private PDH key matters to
+    a launch; the others exist to sign.
+    """
+
+    def __init__(self, pdh_private_key: ec.EllipticCurvePrivateKey | None = None, *,
+                 api_major: int = 0, api_minor: int = 0) -> None:
+        if pdh_private_key is None:
+            pdh_private_key = ec.generate_private_key(ec.SECP384R1())
+        elif not isinstance(pdh_private_key, ec.EllipticCurvePrivateKey) or \
+                pdh_private_key.curve.name != ec.SECP384R1.name:
+            raise ValueError("the PDH private key must be an EC key on P-384")
+        self._pdh_key = pdh_private_key
+
+        def new(usage: int, algo: int = ALGO_ECDSA_SHA256) -> tuple[ec.EllipticCurvePrivateKey, Certificate]:
+            key = ec.generate_private_key(ec.SECP384R1())
+            cert = Certificate.from_public_key(key.public_key(), usage=usage, algo=algo,
+                                               api_major=api_major, api_minor=api_minor)
+            return key, cert
+
+        oca_key, oca = new(USAGE_OCA)
+        oca = oca.signed(oca_key, USAGE_OCA)
+        cek_key, cek = new(USAGE_CEK)
+        pek_key, pek = new(USAGE_PEK)
+        pek = pek.signed(oca_key, USAGE_OCA).signed(cek_key, USAGE_CEK)
+        pdh = Certificate.from_public_key(pdh_private_key.public_key(), usage=USAGE_PDH, algo=ALGO_ECDH_SHA256,
+                                          api_major=api_major, api_minor=api_minor)
+        self.pdh_cert: Certificate = pdh.signed(pek_key, USAGE_PEK)
+        self.chain = PlatformChain(pek=pek, oca=oca, cek=cek)
+
+    def __repr__(self) -> str:
+        return "Platform(<PDH key pair>)"
+
+    def launch_start(self, godh_cert: bytes, session: bytes, policy: int) -> tuple[Secret, Secret]:
+        """LAUNCH_START with an owner's session: ``(tik, tek)``, or FwError.
+
+        The error names the check that failed (never key bytes), with the
+        status the firmware would return.
+        """
+        from agent.sev.session import SessionError, open_session
+
+        try:
+            tek, tik = open_session(self._pdh_key, bytes(godh_cert), bytes(session), policy)
+        except SessionError as exc:
+            raise FwError(_SESSION_STATUS.get(exc.kind, SevRet.INVALID_PARAM), str(exc)) from None
+        return Secret(tik), Secret(tek)

@@ -190,8 +190,119 @@ def test_package_wrong_tek_length_is_usage_error(owner_dir):
 
 # -- session, parser ----------------------------------------------------------
 
-def test_session_is_not_implemented_yet():
-    assert_usage_error(run("session", "--pdh", "x"), "owner session is not implemented yet")
+@pytest.fixture
+def platform_files(tmp_path):
+    """A simulated platform's PDH and chain, written as QEMU reports them (base64)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.sim.psp import Platform
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    platform = Platform(key)
+    (tmp_path / "pdh.b64").write_text(base64.b64encode(platform.pdh_cert.to_bytes()).decode() + "\n")
+    (tmp_path / "pdh.bin").write_bytes(platform.pdh_cert.to_bytes())
+    (tmp_path / "chain.b64").write_text(base64.b64encode(platform.chain.to_bytes()).decode())
+    (tmp_path / "chain.bin").write_bytes(platform.chain.to_bytes())
+    other = Platform()
+    (tmp_path / "other-chain.b64").write_text(base64.b64encode(other.chain.to_bytes()).decode())
+    (tmp_path / "pek.bin").write_bytes(platform.chain.pek.to_bytes())
+    c = platform.chain
+    (tmp_path / "swapped-chain.bin").write_bytes(c.oca.to_bytes() + c.pek.to_bytes() + c.cek.to_bytes())
+    (tmp_path / "short.b64").write_text(base64.b64encode(bytes(2000)).decode())
+    (tmp_path / "short.bin").write_bytes(bytes(2000))
+    (tmp_path / "junk.b64").write_text("not@base64!")
+    return tmp_path, key
+
+
+def test_session_files_open_on_the_platform(platform_files):
+    import os
+    import stat
+
+    from agent.sev.session import open_session
+
+    d, key = platform_files
+    out = d / "out"
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
+               "--policy", "0x5", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["chain_verified"] is True and shown["policy"] == 5
+    assert sorted(os.listdir(out)) == ["godh.b64", "session.b64", "tek.bin", "tik.bin"]
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+    for name in os.listdir(out):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
+    tik, tek = (out / "tik.bin").read_bytes(), (out / "tek.bin").read_bytes()
+    assert len(tik) == len(tek) == 16 and tik != tek
+    godh = base64.b64decode((out / "godh.b64").read_text(), validate=False)
+    session = base64.b64decode((out / "session.b64").read_text())
+    assert (len(godh), len(session)) == (2084, 128)
+    assert open_session(key, godh, session, 5) == (tek, tik)
+    for raw in (tik, tek):
+        for form in (raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()):
+            assert form not in proc.stdout and form not in proc.stderr
+
+
+def test_session_takes_a_raw_pdh_and_raw_chain(platform_files):
+    d, _ = platform_files
+    proc = run("session", "--pdh", str(d / "pdh.bin"), "--cert-chain", str(d / "chain.bin"),
+               "--policy", "1", "--out-dir", str(d / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["chain_verified"] is True
+
+
+def test_session_without_a_chain_is_unverified(platform_files):
+    d, _ = platform_files
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["chain_verified"] is False
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--pdh", "short.bin"], "--pdh {d}/short.bin: neither 2084 raw bytes nor valid base64"),
+    (["--pdh", "short.b64"], "must hold 2084 bytes (raw or base64), holds 2000"),
+    (["--pdh", "junk.b64"], "neither 2084 raw bytes nor valid base64"),
+    (["--pdh", "missing"], "does not exist"),
+    (["--pdh", "pek.bin"], "--pdh: certificate has usage 0x1002, not PDH (0x1003)"),
+    (["--cert-chain", "other-chain.b64"],
+     "--cert-chain does not vouch for the PDH: PDH certificate is not signed by the chain's PEK"),
+    (["--cert-chain", "swapped-chain.bin"], "certificate 1 of the chain has usage 0x1001, not PEK"),
+    (["--cert-chain", "pdh.b64"], "--cert-chain"),
+    (["--cert-chain", "junk.b64"], "neither 6252 raw bytes nor valid base64"),
+    (["--policy", "lots"], "invalid"),
+    (["--policy", "0x100000000"], "--policy must be a 32-bit value"),
+    (["--out-dir", "pdh.bin"], "exists and is not a directory"),
+])
+def test_session_bad_input_is_usage_error(platform_files, args, words):
+    d, _ = platform_files
+    argv = {"--pdh": "pdh.b64", "--policy": "1", "--out-dir": "out"}
+    argv.update(dict(zip(args[::2], args[1::2])))
+    flat = [x for k, v in argv.items() for x in (k, v if k == "--policy" else str(d / v))]
+    proc = run("session", *flat)
+    assert_usage_error(proc, words.format(d=d))
+    assert not (d / "out").exists()
+
+
+def test_session_never_overwrites_a_key_file(platform_files):
+    d, _ = platform_files
+    (d / "out").mkdir()
+    (d / "out" / "tek.bin").write_bytes(b"old key")
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"))
+    assert_usage_error(proc, "tek.bin already exists; not overwriting it")
+    assert (d / "out" / "tek.bin").read_bytes() == b"old key"
+    assert sorted(p.name for p in (d / "out").iterdir()) == ["tek.bin"]
+
+
+def test_session_refuses_a_symlink_in_place_of_a_key_file(platform_files):
+    d, _ = platform_files
+    (d / "out").mkdir()
+    (d / "out" / "tik.bin").symlink_to(d / "elsewhere")
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"))
+    assert_usage_error(proc, "tik.bin already exists")
+    assert not (d / "elsewhere").exists()
+
+
+def test_session_needs_its_options():
+    assert_usage_error(run("session", "--pdh", "x"), "required")
 
 
 def test_owner_without_subcommand_is_usage_error():
@@ -290,3 +401,85 @@ def test_serve_port_in_use_is_usage_error(owner_dir):
         port = s.getsockname()[1]
         assert_usage_error(run("serve", "--config", str(owner_dir.toml), "--listen", f"127.0.0.1:{port}"),
                            "cannot listen")
+
+
+# -- bad input, every subcommand: exit 2, one line, no traceback ---------------
+
+@pytest.fixture
+def bad_inputs(owner_dir):
+    """Files for the bad-input table: keys of the wrong length, firmware without a table."""
+    from agent.sev.ovmf import synthetic_image
+
+    root = owner_dir.root
+    (root / "tik15.bin").write_bytes(bytes(15))
+    (root / "tek17.bin").write_bytes(bytes(17))
+    (root / "fw-no-table.fd").write_bytes(synthetic_image(footer=False))
+    (root / "fw-no-hashes.fd").write_bytes(synthetic_image())
+    (root / "vmlinuz").write_bytes(b"MZ" + b"k" * 100)
+    return owner_dir
+
+
+def _toml_with(owner_dir, old: str, new: str) -> str:
+    path = owner_dir.root / "bad.toml"
+    text = owner_dir.toml.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return str(path)
+
+
+BLOB_B64 = base64.b64encode(bytes(48)).decode()
+SHORT_B64 = base64.b64encode(bytes(32)).decode()
+
+
+@pytest.mark.parametrize("case, argv, words", [
+    ("verify: TIK too short", ["verify", "--tik", "{r}/tik15.bin", "--measurement", BLOB_B64, "--api-major", "1",
+                               "--api-minor", "49", "--build-id", "21", "--policy", "1", "--digest", "ab" * 32],
+     "must hold 16 raw bytes, it holds 15"),
+    ("verify: short measurement", ["verify", "--tik", "{r}/keys/vm1_tik.bin", "--measurement", SHORT_B64,
+                                   "--api-major", "1", "--api-minor", "49", "--build-id", "21", "--policy", "1",
+                                   "--digest", "ab" * 32], "--measurement must be 48 bytes, got 32"),
+    ("verify: no firmware table", ["verify", "--tik", "{r}/keys/vm1_tik.bin", "--measurement", BLOB_B64,
+                                   "--api-major", "1", "--api-minor", "49", "--build-id", "21", "--policy", "1",
+                                   "--firmware", "{r}/fw-no-table.fd", "--kernel", "{r}/vmlinuz"],
+     "no OVMF GUID table footer"),
+    ("package: TIK too short", ["package", "--tik", "{r}/tik15.bin", "--tek", "{r}/keys/vm1_tek.bin",
+                                "--measurement", BLOB_B64, "--secret", "luks-key={r}/vm1-disk.pass"],
+     "TIK file {r}/tik15.bin must hold 16 raw bytes, it holds 15"),
+    ("package: TEK too long", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/tek17.bin",
+                               "--measurement", BLOB_B64, "--secret", "luks-key={r}/vm1-disk.pass"],
+     "TEK file {r}/tek17.bin must hold 16 raw bytes, it holds 17"),
+    ("package: short measurement", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/keys/vm1_tek.bin",
+                                    "--measurement", SHORT_B64, "--secret", "luks-key={r}/vm1-disk.pass"],
+     "--measurement must be 48 bytes, got 32"),
+    ("package: bad iv base64", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/keys/vm1_tek.bin",
+                                "--measurement", BLOB_B64, "--secret", "luks-key={r}/vm1-disk.pass",
+                                "--iv", "!!!!"], "--iv is not valid base64"),
+    ("package: unknown alias", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/keys/vm1_tek.bin",
+                                "--measurement", BLOB_B64, "--secret", "disk-key={r}/vm1-disk.pass"],
+     "unknown GUID alias 'disk-key'"),
+    ("measure: no firmware table", ["measure", "--firmware", "{r}/fw-no-table.fd", "--kernel", "{r}/vmlinuz"],
+     "no OVMF GUID table footer"),
+    ("measure: no hashes table", ["measure", "--firmware", "{r}/fw-no-hashes.fd", "--kernel", "{r}/vmlinuz"],
+     "firmware cannot measure a kernel: its GUID table has no SEV hashes-table entry"),
+    ("serve: TEK too long", ["serve", "--config", "@tek", "--listen", "127.0.0.1:0"],
+     "must hold 16 raw bytes, it holds 17"),
+    ("serve: unknown alias", ["serve", "--config", "@alias", "--listen", "127.0.0.1:0"],
+     "unknown GUID alias 'luks-kee'"),
+    ("serve: no firmware table", ["serve", "--config", "@fw", "--listen", "127.0.0.1:0"],
+     "cannot compute the launch digest"),
+    ("serve: short digest", ["serve", "--config", "@digest", "--listen", "127.0.0.1:0"], "32 bytes"),
+])
+def test_bad_input_of_every_subcommand_is_one_line_exit_2(bad_inputs, case, argv, words):
+    d = bad_inputs
+    tomls = {
+        "@tek": lambda: _toml_with(d, 'tek = "keys/vm1_tek.bin"', 'tek = "tek17.bin"'),
+        "@alias": lambda: _toml_with(d, 'guid = "luks-key"', 'guid = "luks-kee"'),
+        "@fw": lambda: _toml_with(d, f'digest = ["{DIGEST.hex()}", "{"cd" * 32}"]',
+                                  'firmware = "fw-no-table.fd"\nkernel = "vmlinuz"'),
+        "@digest": lambda: _toml_with(d, f'"{DIGEST.hex()}", ', '"abcd", '),
+    }
+    argv = [tomls[a]() if a in tomls else a.format(r=d.root) for a in argv]
+    proc = run(*argv)
+    assert_usage_error(proc, words.format(r=d.root))
+    for form in leak_forms():
+        assert form not in proc.stderr

@@ -172,3 +172,36 @@ def test_missing_firmware_file(tmp_path):
 def test_neither_digest_nor_firmware(tmp_path):
     d = firmware_owner_dir(tmp_path, "")
     assert "missing 'digest'" in one_line_error(d.toml)
+
+
+# -- session VMs ---------------------------------------------------------------
+
+def session_toml(tmp_path, lines: str) -> "object":
+    (tmp_path / "pass").write_bytes(PASSPHRASE)
+    (tmp_path / "t").write_bytes(TIK)
+    path = tmp_path / "owner.toml"
+    path.write_text(f'[vm.s]\npolicy = 1\ndigest = "{DIGEST.hex()}"\n{lines}\n'
+                    '[[vm.s.secret]]\nguid = "luks-key"\nfile = "pass"\n')
+    return path
+
+
+def test_session_vm_may_omit_tik_and_tek(tmp_path):
+    vm = load_owner_config(session_toml(tmp_path, "session = true")).vms["s"]
+    assert vm.session is True and vm.tik is None and vm.tek is None
+
+
+def test_session_vm_may_keep_offline_keys(tmp_path):
+    vm = load_owner_config(session_toml(tmp_path, 'session = true\ntik = "t"\ntek = "t"')).vms["s"]
+    assert vm.session is True and vm.tik.reveal() == TIK
+
+
+def test_vm_without_session_still_needs_tik(tmp_path):
+    assert "missing 'tik'" in one_line_error(session_toml(tmp_path, "session = false"))
+
+
+@pytest.mark.parametrize("lines, words", [
+    ('session = "yes"', "session must be true or false"),
+    ('session = true\ntik = "t"', "tik and tek go together"),
+])
+def test_bad_session_keys(tmp_path, lines, words):
+    assert words in one_line_error(session_toml(tmp_path, lines))

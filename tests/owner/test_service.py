@@ -222,9 +222,10 @@ async def test_http_bad_json_is_400(owner_url):
     assert reply.startswith(b"HTTP/1.1 400 ") and b"not valid JSON" in reply
 
 
-async def test_session_is_501(owner_url):
-    assert await request_json("POST", owner_url + "/v1/session", {"vm": "vm1"}, timeout=5) == \
-        (501, {"error": "session not implemented yet"})
+async def test_session_for_a_vm_without_sessions_is_403(owner_url):
+    status, body = await request_json("POST", owner_url + "/v1/session",
+                                      {"vm": "vm1", "pdh": "AAAA", "policy": 1}, timeout=5)
+    assert status == 403 and "does not take launch sessions" in body["error"]
 
 
 async def test_healthz(owner_url):
@@ -253,3 +254,171 @@ async def test_one_audit_line_per_decision_without_secrets(owner_url, owner_dir)
     for form in secret_forms():
         assert form not in buf.getvalue()
     assert "<redacted>" not in buf.getvalue()  # never logged at all, not just scrubbed
+
+
+# -- launch sessions (POST /v1/session, then /v1/secret) ------------------------
+
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
+from agent.core.secret import Secret  # noqa: E402
+from agent.owner.service import MAX_PENDING_SESSIONS, SessionMaterial, decide_session  # noqa: E402
+from agent.sev.measurement import measurement_blob  # noqa: E402
+from agent.sev.session import open_session  # noqa: E402
+from agent.sim.psp import Platform  # noqa: E402
+
+from .conftest import API, DIGEST, POLICY, write_owner_dir  # noqa: E402
+
+TIK2 = bytes(range(200, 216))
+TEK2 = bytes(range(216, 232))
+PDH_KEY = ec.generate_private_key(ec.SECP384R1())
+PLATFORM = Platform(PDH_KEY)
+
+
+def material(tik: bytes = TIK2, tek: bytes = TEK2) -> SessionMaterial:
+    return SessionMaterial(tek=Secret(tek), tik=Secret(tik), nonce=bytes(range(16)), iv=bytes(range(16, 32)),
+                           godh_private=ec.generate_private_key(ec.SECP384R1()))
+
+
+@pytest.fixture
+def session_config(tmp_path):
+    d = write_owner_dir(tmp_path)
+    d.toml.write_text(d.toml.read_text() + f"""
+[vm.vm2]
+session = true
+policy = {POLICY}
+digest = "{DIGEST.hex()}"
+[[vm.vm2.secret]]
+guid = "luks-key"
+file = "vm1-disk.pass"
+""")
+    return load_owner_config(d.toml)
+
+
+def session_request(platform: Platform = PLATFORM, **over) -> dict:
+    body = {"vm": "vm2", "pdh": base64.b64encode(platform.pdh_cert.to_bytes()).decode(),
+            "cert_chain": base64.b64encode(platform.chain.to_bytes()).decode(), "policy": POLICY}
+    body.update(over)
+    return body
+
+
+def vm2_secret_request(tik: bytes = TIK2, mnonce: bytes = b"s" * 16, digest: bytes = DIGEST) -> dict:
+    blob = measurement_blob(tik, API[0], API[1], API[2], POLICY, digest, mnonce)
+    return {"vm": "vm2", "measurement": base64.b64encode(blob).decode(), "api_major": API[0],
+            "api_minor": API[1], "build_id": API[2], "policy": POLICY}
+
+
+def test_session_opens_on_the_platform_with_the_owners_keys(session_config):
+    d = decide_session(session_config, session_request(), material=material())
+    assert d.status == 200 and set(d.body) == {"godh", "session"}
+    tek, tik = open_session(PDH_KEY, base64.b64decode(d.body["godh"]), base64.b64decode(d.body["session"]), POLICY)
+    assert (tik, tek) == (TIK2, TEK2)
+    assert d.session.chain_verified is True and d.session.tik.reveal() == TIK2
+    assert d.audit["session"] == d.session.id and d.audit["chain_verified"] is True
+    text = repr(d) + repr(d.audit) + repr(d.session)
+    for raw in (TIK2, TEK2):
+        assert raw.hex() not in text and base64.b64encode(raw).decode() not in text
+
+
+def test_session_without_a_chain_is_made_unverified(session_config):
+    d = decide_session(session_config, session_request(cert_chain=None), material=material())
+    assert d.status == 200 and d.session.chain_verified is False
+
+
+@pytest.mark.parametrize("over, status, words", [
+    ({"vm": "nope"}, 404, "unknown vm 'nope'"),
+    ({"vm": "vm1"}, 403, "does not take launch sessions"),
+    ({"policy": 3}, 403, "policy mismatch"),
+    ({"policy": "1"}, 400, "'policy' must be an integer"),
+    ({"policy": -1}, 400, "'policy' must be in"),
+    ({"pdh": "@@"}, 400, "'pdh' is not valid base64"),
+    ({"pdh": None}, 400, "'pdh' must be a non-empty base64 string"),
+    ({"pdh": base64.b64encode(bytes(2083)).decode()}, 400, "pdh: SEV certificate must be 2084 bytes, got 2083"),
+    ({"pdh": base64.b64encode(PLATFORM.chain.pek.to_bytes()).decode()}, 400, "not PDH"),
+    ({"cert_chain": "%%"}, 400, "'cert_chain' is not valid base64"),
+    ({"cert_chain": base64.b64encode(bytes(100)).decode()}, 400, "must be 6252 bytes"),
+    ({"cert_chain": base64.b64encode(Platform().chain.to_bytes()).decode()}, 403,
+     "cert_chain does not vouch for the PDH: PDH certificate is not signed by the chain's PEK"),
+])
+def test_bad_session_requests_are_refused(session_config, over, status, words):
+    d = decide_session(session_config, session_request(**over), material=material())
+    assert d.status == status and words in d.body["error"], d.body
+    assert d.session is None
+
+
+def test_session_body_must_be_an_object(session_config):
+    assert decide_session(session_config, [1], material=material()).status == 400
+
+
+def test_pending_session_verifies_the_launch_and_is_used_up(session_config):
+    made = decide_session(session_config, session_request(), material=material()).session
+    d = decide_secret(session_config, vm2_secret_request(), attested=set(), iv=IV, sessions={"vm2": [made]})
+    assert d.status == 200 and d.session is made and d.released is not None
+    assert d.audit["keys"] == f"session {made.id}"
+    measure, _ = split_blob(base64.b64decode(vm2_secret_request()["measurement"]))
+    table = open_packet(TIK2, TEK2, measure, base64.b64decode(d.body["packet_header"]),
+                        base64.b64decode(d.body["secret"]))
+    assert parse_secret_table(table) == [(LUKS_KEY_GUID, PASSPHRASE)]
+
+
+def test_session_vm_without_a_pending_session_is_409(session_config):
+    d = decide_secret(session_config, vm2_secret_request(), attested=set(), iv=IV, sessions={})
+    assert (d.status, d.body) == (409, {"error": "no launch session for this vm: POST /v1/session first"})
+
+
+def test_session_launch_with_the_wrong_digest_is_403(session_config):
+    made = decide_session(session_config, session_request(), material=material()).session
+    d = decide_secret(session_config, vm2_secret_request(digest=bytes(32)), attested=set(), iv=IV,
+                      sessions={"vm2": [made]})
+    assert (d.status, d.body) == (403, {"error": "measurement does not match"})
+
+
+async def test_session_then_secret_then_replay_over_http(session_config):
+    service = OwnerService(session_config, session_material=material)
+    server = HttpServer(service.handle)
+    host, port = await server.start_tcp("127.0.0.1", 0)
+    url = f"http://{host}:{port}"
+    buf = io.StringIO()
+    setup_logging("info", stream=buf)
+    try:
+        status, body = await request_json("POST", url + "/v1/session", session_request(), timeout=5)
+        assert status == 200
+        assert open_session(PDH_KEY, base64.b64decode(body["godh"]), base64.b64decode(body["session"]),
+                            POLICY) == (TEK2, TIK2)
+        assert len(service.sessions["vm2"]) == 1
+        kept = service.sessions["vm2"][0]
+        first = await request_json("POST", url + "/v1/secret", vm2_secret_request(), timeout=5)
+        assert first[0] == 200
+        assert service.sessions["vm2"] == [] and len(kept.tik) == 0 and len(kept.tek) == 0  # wiped
+        again = await request_json("POST", url + "/v1/secret", vm2_secret_request(), timeout=5)
+        assert again == (409, {"error": "launch already attested"})
+        # another launch with the used-up session's keys: nothing left to verify it with
+        other = await request_json("POST", url + "/v1/secret", vm2_secret_request(mnonce=b"o" * 16), timeout=5)
+        assert other[0] == 409 and "POST /v1/session first" in other[1]["error"]
+    finally:
+        setup_logging("info")
+        await server.close()
+    lines = [ln for ln in buf.getvalue().splitlines() if "owner decision" in ln]
+    assert len(lines) == 4
+    assert '"decision": "session"' in lines[0] and '"chain_verified": true' in lines[0]
+    for raw in (TIK2, TEK2, PASSPHRASE):
+        for form in (raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()):
+            assert form not in buf.getvalue()
+
+
+async def test_only_the_newest_sessions_stay_pending(session_config):
+    keys = iter([bytes([i]) * 16 for i in range(1, MAX_PENDING_SESSIONS + 2)])
+    service = OwnerService(session_config, session_material=lambda: material(tik=next(keys)))
+    server = HttpServer(service.handle)
+    host, port = await server.start_tcp("127.0.0.1", 0)
+    url = f"http://{host}:{port}"
+    try:
+        for _ in range(MAX_PENDING_SESSIONS + 1):
+            assert (await request_json("POST", url + "/v1/session", session_request(), timeout=5))[0] == 200
+        assert len(service.sessions["vm2"]) == MAX_PENDING_SESSIONS
+        oldest = await request_json("POST", url + "/v1/secret", vm2_secret_request(tik=bytes([1]) * 16), timeout=5)
+        assert oldest[0] == 403
+        newest = bytes([MAX_PENDING_SESSIONS + 1]) * 16
+        assert (await request_json("POST", url + "/v1/secret", vm2_secret_request(tik=newest), timeout=5))[0] == 200
+        assert len(service.sessions["vm2"]) == MAX_PENDING_SESSIONS - 1
+    finally:
+        await server.close()

@@ -122,3 +122,88 @@ def test_signed_fills_slots_and_verifies():
     assert not pek2.sig2.is_empty()
     with pytest.raises(ValueError):
         pek2.signed(oca_key, USAGE_OCA)
+
+
+# -- the platform chain (PEK || OCA || CEK) --------------------------------------
+
+from agent.sev.cert import (  # noqa: E402
+    CHAIN_LEN,
+    USAGE_CEK,
+    PlatformChain,
+    verify_pdh_chain,
+)
+
+
+def _key():
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def build_chain(*, pek_signers=("oca", "cek"), pdh_signer="pek"):
+    """A platform chain made here (AMD's ARK/ASK are out of reach)."""
+    keys = {name: _key() for name in ("oca", "cek", "pek", "pdh", "other")}
+    usage = {"oca": USAGE_OCA, "cek": USAGE_CEK, "pek": USAGE_PEK, "other": USAGE_OCA}
+    oca = Certificate.from_public_key(keys["oca"].public_key(), usage=USAGE_OCA, algo=ALGO_ECDSA_SHA256)
+    oca = oca.signed(keys["oca"], USAGE_OCA)
+    cek = Certificate.from_public_key(keys["cek"].public_key(), usage=USAGE_CEK, algo=ALGO_ECDSA_SHA256)
+    pek = Certificate.from_public_key(keys["pek"].public_key(), usage=USAGE_PEK, algo=ALGO_ECDSA_SHA256)
+    for signer in pek_signers:
+        pek = pek.signed(keys[signer], usage[signer])
+    pdh = Certificate.from_public_key(keys["pdh"].public_key(), usage=USAGE_PDH, algo=ALGO_ECDH_SHA256)
+    pdh = pdh.signed(keys[pdh_signer], USAGE_PEK)
+    return pdh, PlatformChain(pek=pek, oca=oca, cek=cek)
+
+
+def test_chain_round_trips_in_pek_oca_cek_order():
+    pdh, chain = build_chain()
+    raw = chain.to_bytes()
+    assert len(raw) == CHAIN_LEN == 3 * CERT_LEN
+    assert raw[8:12] == USAGE_PEK.to_bytes(4, "little")
+    assert raw[CERT_LEN + 8 : CERT_LEN + 12] == USAGE_OCA.to_bytes(4, "little")
+    assert raw[2 * CERT_LEN + 8 : 2 * CERT_LEN + 12] == USAGE_CEK.to_bytes(4, "little")
+    assert PlatformChain.from_bytes(raw) == chain
+    verify_pdh_chain(pdh, PlatformChain.from_bytes(raw))
+
+
+def test_naples_pdh_verifies_against_its_pek_in_a_chain():
+    # the real PEK; OCA/CEK here are stand-ins, so only the PDH link is real
+    pek = Certificate.from_bytes(NAPLES_PEK)
+    pdh = Certificate.from_bytes(NAPLES_PDH)
+    assert pdh.is_signed_by(pek)
+
+
+@pytest.mark.parametrize("n", [0, CERT_LEN, CHAIN_LEN - 1, CHAIN_LEN + CERT_LEN])
+def test_chain_of_wrong_length_is_refused(n):
+    with pytest.raises(ValueError, match=f"must be {CHAIN_LEN} bytes"):
+        PlatformChain.from_bytes(bytes(n))
+
+
+def test_chain_in_the_wrong_order_is_refused():
+    _, chain = build_chain()
+    swapped = chain.oca.to_bytes() + chain.pek.to_bytes() + chain.cek.to_bytes()
+    with pytest.raises(ValueError, match="certificate 1 of the chain has usage 0x1001, not PEK"):
+        PlatformChain.from_bytes(swapped)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"pdh_signer": "other"}, "PDH certificate is not signed by the chain's PEK"),
+    ({"pek_signers": ("cek",)}, "PEK certificate is not signed by the chain's OCA"),
+    ({"pek_signers": ("oca",)}, "PEK certificate is not signed by the chain's CEK"),
+    ({"pek_signers": ("other", "cek")}, "not signed by the chain's OCA"),
+])
+def test_each_broken_link_is_named(kwargs, words):
+    pdh, chain = build_chain(**kwargs)
+    with pytest.raises(ValueError, match=words):
+        verify_pdh_chain(pdh, chain)
+
+
+def test_a_pdh_from_another_platform_is_refused():
+    pdh, _ = build_chain()
+    _, chain = build_chain()
+    with pytest.raises(ValueError, match="PDH certificate is not signed"):
+        verify_pdh_chain(pdh, chain)
+
+
+def test_chain_check_refuses_a_non_pdh_certificate():
+    _, chain = build_chain()
+    with pytest.raises(ValueError, match="not PDH"):
+        verify_pdh_chain(chain.pek, chain)

@@ -200,3 +200,24 @@ def test_whole_launch_flow_owner_and_psp_agree():
     header, ct = build_packet(TIK, TEK, measure, build_secret_table([(LUKS_KEY_GUID, b"pass")]), bytes(16))
 
     assert parse_secret_table(open_packet(psp_tik, psp_tek, measure, header, ct)) == [(LUKS_KEY_GUID, b"pass")]
+
+
+def test_session_errors_say_which_check_failed():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.sev.cert import ALGO_ECDH_SHA256, USAGE_PDH, Certificate
+    from agent.sev.session import SessionError, create_session, open_session
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    pdh = Certificate.from_public_key(key.public_key(), usage=USAGE_PDH, algo=ALGO_ECDH_SHA256)
+    godh, session = create_session(pdh, 1, nonce=bytes(16), tek=bytes(16), tik=bytes(range(16)), iv=bytes(16))
+    cases = {
+        "policy": lambda: open_session(key, godh, session, 3),
+        "wrap-mac": lambda: open_session(key, godh, session[:-40] + bytes(8) + session[-32:], 1),
+        "length": lambda: open_session(key, godh, session[:-1], 1),
+        "certificate": lambda: open_session(key, godh[:-1], session, 1),
+    }
+    for kind, call in cases.items():
+        with pytest.raises(SessionError) as info:
+            call()
+        assert info.value.kind == kind

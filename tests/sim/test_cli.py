@@ -208,3 +208,116 @@ def test_keys_are_never_overwritten(sock_path, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "tek.bin").read_bytes() == b"old"
     assert not (out / "tik.bin").exists()  # the half-written pair was removed
+
+
+# -- the simulator as the platform: PDH, chain, launch session ---------------
+
+def write_pdh_key(path, curve=None) -> object:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(curve or ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+    return key
+
+
+def session_files(tmp_path, key, policy: int = 1) -> tuple[str, str]:
+    from agent.sev.session import create_session
+    from agent.sim.psp import Platform
+
+    godh, session = create_session(Platform(key).pdh_cert, policy, nonce=os.urandom(16), tek=TEK, tik=TIK,
+                                   iv=os.urandom(16))
+    (tmp_path / "godh.b64").write_bytes(base64.b64encode(godh) + b"\n")
+    (tmp_path / "session.b64").write_bytes(base64.b64encode(session))
+    return str(tmp_path / "godh.b64"), str(tmp_path / "session.b64")
+
+
+def test_pdh_and_chain_outputs_are_what_query_sev_capabilities_shows(sock_path, tmp_path):
+    from agent.sev.cert import Certificate, PlatformChain, verify_pdh_chain
+
+    key = write_pdh_key(tmp_path / "pdh.pem")
+    pdh_out, chain_out = tmp_path / "pdh.b64", tmp_path / "chain.b64"
+    proc = start(sock_path, "--pdh-key", str(tmp_path / "pdh.pem"), "--pdh-out", str(pdh_out),
+                 "--cert-chain-out", str(chain_out))
+    qmp = SyncQmp(sock_path)
+    caps = qmp.cmd("query-sev-capabilities")["return"]
+    assert base64.b64decode(pdh_out.read_bytes()) == base64.b64decode(caps["pdh"])
+    assert base64.b64decode(chain_out.read_bytes()) == base64.b64decode(caps["cert-chain"])
+    pdh = Certificate.from_bytes(base64.b64decode(caps["pdh"]))
+    verify_pdh_chain(pdh, PlatformChain.from_bytes(base64.b64decode(caps["cert-chain"])))
+    assert pdh.public_key().public_numbers() == key.public_key().public_numbers()
+    qmp.cmd("quit")
+    qmp.close()
+    assert finish(proc)[0] == 0
+
+
+def test_a_launch_session_replaces_tik_and_tek(sock_path, tmp_path):
+    key = write_pdh_key(tmp_path / "pdh.pem")
+    godh, session = session_files(tmp_path, key, policy=0x5)
+    proc = start(sock_path, "--sev-es", "--pdh-key", str(tmp_path / "pdh.pem"), "--dh-cert-file", godh,
+                 "--session-file", session, "--digest", DIGEST.hex())
+    qmp = SyncQmp(sock_path)
+    blob = base64.b64decode(qmp.cmd("query-sev-launch-measure")["return"]["data"])
+    assert verify_measurement(blob, TIK, 1, 55, 21, 0x5, DIGEST)
+    qmp.cmd("quit")
+    qmp.close()
+    code, err = finish(proc)
+    assert code == 0, err
+    assert_no_keys(err)
+
+
+def test_a_session_that_does_not_open_exits_2_like_qemu(sock_path, tmp_path):
+    key = write_pdh_key(tmp_path / "pdh.pem")
+    godh, session = session_files(tmp_path, key, policy=0x1)
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}", "--sev-es",
+                           "--pdh-key", str(tmp_path / "pdh.pem"), "--dh-cert-file", godh, "--session-file", session],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LAUNCH_START failed: fw_error=7 'Policy is not allowed'" in lines[0]
+    assert not os.path.exists(sock_path)
+    assert_no_keys(proc.stderr)
+
+
+def test_a_session_for_another_pdh_exits_2(sock_path, tmp_path):
+    write_pdh_key(tmp_path / "pdh.pem")
+    other = write_pdh_key(tmp_path / "other.pem")
+    godh, session = session_files(tmp_path, other)
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}", "--pdh-key", str(tmp_path / "pdh.pem"),
+                           "--dh-cert-file", godh, "--session-file", session], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "wrap MAC does not match" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--dh-cert-file", "{godh}"], "--dh-cert-file and --session-file go together"),
+    (["--session-file", "{session}"], "--dh-cert-file and --session-file go together"),
+    (["--dh-cert-file", "{godh}", "--session-file", "{session}"], "--session-file needs --pdh-key"),
+    (["--pdh-key", "{pem}", "--dh-cert-file", "{godh}", "--session-file", "{session}", "--tik", "{tik}",
+      "--tek", "{tek}"], "--session-file replaces --tik/--tek"),
+    (["--pdh-key", "{pem}", "--dh-cert-file", "{plain}", "--session-file", "{session}"], "is not valid base64"),
+    (["--pdh-key", "{pem}", "--dh-cert-file", "{godh}", "--session-file", "{missing}"], "cannot read"),
+    (["--pdh-key", "{plain}"], "is not an unencrypted PEM private key"),
+    (["--pdh-key", "{p256}"], "is not an EC key on P-384"),
+    (["--pdh-key", "{missing}"], "--pdh-key: cannot read"),
+    (["--pdh-out", "/nonexistent-dir/pdh.b64"], "--pdh-out: cannot write"),
+])
+def test_bad_platform_arguments_exit_2_with_one_line(sock_path, tmp_path, keys, args, reason):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = write_pdh_key(tmp_path / "pdh.pem")
+    write_pdh_key(tmp_path / "p256.pem", ec.SECP256R1())
+    godh, session = session_files(tmp_path, key)
+    (tmp_path / "plain").write_text("not base64 or PEM: @@@")
+    subst = {"pem": str(tmp_path / "pdh.pem"), "p256": str(tmp_path / "p256.pem"), "godh": godh,
+             "session": session, "plain": str(tmp_path / "plain"), "missing": str(tmp_path / "nope"),
+             "tik": keys[0], "tek": keys[1]}
+    argv = [a.format(**subst) for a in args]
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}", *argv],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keyagent") and reason in lines[0], proc.stderr
+    assert not os.path.exists(sock_path)

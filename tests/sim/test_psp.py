@@ -98,3 +98,75 @@ def test_launch_finish_closes_the_launch():
 def test_repr_of_the_psp_shows_no_keys():
     psp = make_psp()
     assert TIK.hex() not in repr(vars(psp)) and repr(TIK) not in repr(vars(psp))
+
+
+# -- the platform: PDH, its chain, LAUNCH_START with an owner's session -------
+
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
+from agent.sev.cert import USAGE_PDH, Certificate, verify_pdh_chain  # noqa: E402
+from agent.sev.session import create_session  # noqa: E402
+from agent.sim.psp import Platform  # noqa: E402
+
+
+def owner_session(platform: Platform, policy: int = 1, tik: bytes = TIK, tek: bytes = TEK) -> tuple[bytes, bytes]:
+    return create_session(platform.pdh_cert, policy, nonce=os.urandom(16), tek=tek, tik=tik, iv=os.urandom(16))
+
+
+def test_platform_pdh_is_vouched_for_by_its_own_chain():
+    platform = Platform(api_major=1, api_minor=55)
+    assert platform.pdh_cert.usage == USAGE_PDH
+    assert (platform.pdh_cert.api_major, platform.pdh_cert.api_minor) == (1, 55)
+    verify_pdh_chain(platform.pdh_cert, platform.chain)
+    assert platform.chain.oca.is_signed_by(platform.chain.oca)  # an unadopted platform's OCA
+    assert "Platform(<PDH key pair>)" == repr(platform)
+
+
+def test_a_given_pdh_key_is_kept_across_platforms():
+    key = ec.generate_private_key(ec.SECP384R1())
+    one, two = Platform(key), Platform(key)
+    assert one.pdh_cert.public_key().public_numbers() == two.pdh_cert.public_key().public_numbers()
+    godh, session = owner_session(one)
+    tik, tek = two.launch_start(godh, session, 1)  # a restarted simulator still opens it
+    assert (tik.reveal(), tek.reveal()) == (TIK, TEK)
+
+
+def test_launch_start_unwraps_the_owners_keys():
+    platform = Platform()
+    godh, session = owner_session(platform, policy=5)
+    tik, tek = platform.launch_start(godh, session, 5)
+    assert isinstance(tik, Secret) and (tik.reveal(), tek.reveal()) == (TIK, TEK)
+
+
+@pytest.mark.parametrize("damage, code", [
+    (lambda g, s: (g, s, 3), SevRet.POLICY_FAILURE),
+    (lambda g, s: (g, s[:16] + bytes(32) + s[48:], 1), SevRet.BAD_MEASUREMENT),
+    (lambda g, s: (g, s[:-1], 1), SevRet.INVALID_LEN),
+    (lambda g, s: (g[:100], s, 1), SevRet.INVALID_CERTIFICATE),
+    (lambda g, s: (bytes(2084), s, 1), SevRet.INVALID_CERTIFICATE),
+])
+def test_a_session_that_does_not_open_is_refused_with_a_firmware_status(damage, code):
+    platform = Platform()
+    godh, session = owner_session(platform)
+    with pytest.raises(FwError) as info:
+        platform.launch_start(*damage(godh, session))
+    assert info.value.code == code
+    for key in (TIK, TEK):
+        assert key.hex() not in str(info.value) and key.hex() not in info.value.why
+
+
+def test_a_session_for_another_platform_is_refused():
+    godh, session = owner_session(Platform())
+    with pytest.raises(FwError) as info:
+        Platform().launch_start(godh, session, 1)
+    assert info.value.code == SevRet.BAD_MEASUREMENT
+
+
+def test_the_pdh_key_must_be_p384():
+    with pytest.raises(ValueError, match="P-384"):
+        Platform(ec.generate_private_key(ec.SECP256R1()))
+
+
+def test_godh_certificate_parses():
+    godh, _ = owner_session(Platform())
+    assert Certificate.from_bytes(godh).usage == USAGE_PDH

@@ -15,6 +15,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from agent.logs import setup_logging
 from agent.sev.guids import LUKS_KEY_GUID
 from agent.sev.measurement import verify_measurement
+from agent.sim.machine import SimConfig
 from agent.sim.qmp_server import Simulator
 from tests.sim.conftest import DIGEST, DISK_PASS, TEK, TIK, RawClient, make_config, new_guid, packet_for
 
@@ -213,6 +214,66 @@ async def test_query_sev_capabilities_has_the_7_2_members(client):
     assert set(caps) == {"pdh", "cert-chain", "cpu0-id", "cbitpos", "reduced-phys-bits"}
     base64.b64decode(caps["pdh"], validate=True)
     assert caps["reduced-phys-bits"] == 1
+
+
+async def test_query_sev_capabilities_shows_the_platforms_pdh_and_chain(sim, client):
+    from agent.sev.cert import Certificate, PlatformChain, verify_pdh_chain
+
+    caps = (await client.cmd("query-sev-capabilities"))["return"]
+    pdh = Certificate.from_bytes(base64.b64decode(caps["pdh"], validate=True))
+    chain = PlatformChain.from_bytes(base64.b64decode(caps["cert-chain"], validate=True))
+    verify_pdh_chain(pdh, chain)
+    assert pdh == sim.machine.platform.pdh_cert
+
+
+async def test_a_launch_session_gives_the_psp_the_owners_keys(sock_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.sev.session import create_session
+    from agent.sim.psp import Platform
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    tik, tek = os.urandom(16), os.urandom(16)
+    godh, session = create_session(Platform(key).pdh_cert, 0x5, nonce=os.urandom(16), tek=tek, tik=tik,
+                                   iv=os.urandom(16))
+    config = SimConfig(digest=DIGEST, sev_es=True, pdh_private_key=key, session=(godh, session))
+    assert "session" not in repr(config) and "pdh" not in repr(config)
+    async with Simulator(config, sock_path) as sim:
+        c = await RawClient.connect(sim.path)
+        await c.negotiate()
+        blob = await measurement(c)
+        assert verify_measurement(blob, tik, 1, 55, 21, 0x5, DIGEST)
+        header, secret = packet_for(blob, tik=tik, tek=tek)
+        assert await c.cmd("sev-inject-launch-secret", {"packet-header": header, "secret": secret}) == {"return": {}}
+        assert sim.injections == 1 and sim.machine.table_valid is True
+        await c.close()
+
+
+def test_a_session_that_does_not_open_stops_the_machine_at_launch_start(sock_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.sev.session import create_session
+    from agent.sim.psp import FwError, Platform, SevRet
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    godh, session = create_session(Platform(key).pdh_cert, 0x1, nonce=os.urandom(16), tek=TEK, tik=TIK,
+                                   iv=os.urandom(16))
+    config = SimConfig(digest=DIGEST, sev_es=True, pdh_private_key=key, session=(godh, session))
+    with pytest.raises(FwError) as info:
+        Simulator(config, sock_path)  # policy 0x5 was not the session's
+    assert info.value.code == SevRet.POLICY_FAILURE
+    assert not os.path.exists(sock_path)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"tik": TIK, "tek": TEK, "session": (b"g", b"s"), "pdh_private_key": object()}, "not both"),
+    ({"session": (b"g", b"s")}, "PDH private key"),
+    ({"session": b"gs", "pdh_private_key": object()}, "session must be"),
+    ({}, "TIK must be 16 bytes"),
+])
+def test_sim_config_wants_keys_or_a_session(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SimConfig(digest=DIGEST, **kwargs)
 
 
 async def test_query_commands_lists_the_sev_commands(client):

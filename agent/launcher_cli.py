@@ -1,0 +1,46 @@
+"""``keyagent launch [options] -- QEMU-ARGV...``: the container entrypoint."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from agent.config import config_from_args
+from agent.errors import UsageError
+from agent.runner_cli import add_agent_options, control_path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("launch", help="start QEMU and run the flows for it (entrypoint)")
+    add_agent_options(p)
+    p.add_argument("qemu_argv", nargs="*", metavar="QEMU-ARGV",
+                   help="the QEMU command, after --")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from agent.launcher import ChildReaper, Launcher
+    from agent.logs import setup_logging
+    from agent.sidecar import SidecarOptions
+
+    setup_logging(args.log_level)
+    argv = list(args.qemu_argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("launch needs a QEMU command after --")
+    cfg = config_from_args(args)
+    opts = SidecarOptions(qmp_path="", control_path=control_path(args, cfg),
+                          event_log=args.event_log)
+    launcher = Launcher(cfg, opts, argv)
+
+    async def main() -> int:
+        if os.getpid() == 1:
+            reaper = ChildReaper(own=set())
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGCHLD, lambda: reaper.reap() if launcher.qemu is None else
+                (reaper.own.add(launcher.qemu.pid), reaper.reap()))
+        return await launcher.run()
+
+    return asyncio.run(main())

@@ -1,0 +1,131 @@
+"""``keyagent launch`` with real QEMU 7.2: the container entrypoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.harness import KEYAGENT, World, wait_for
+from tests.e2e.qemu import QEMU, Qemu
+from tests.e2e.test_migration import ctl
+from tests.leakscan import ArgvWatcher, LeakScan
+
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+
+
+class Launched:
+    def __init__(self, world: World, *qemu_extra: str, agent_extra=()) -> None:
+        tmp = world.tmp
+        self.run_dir = tmp / "run"
+        self.control = self.run_dir / "control.sock"
+        self.test_qmp = str(tmp / "test.sock")
+        self.proc = world.spawn("launch", [
+            "launch", "--vm-name", "lvm", "--vm-run-dir", str(self.run_dir),
+            "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
+            "--event-log", str(tmp / "events.jsonl"), "--log-level", "debug", *agent_extra,
+            "--", QEMU, "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults",
+            "-display", "none", "-qmp", f"unix:{self.test_qmp},server=on,wait=off",
+            *qemu_extra])
+
+    def ready(self):
+        wait_for(lambda: ctl(self.control, "ready").returncode == 0 or
+                 self.proc.popen.poll() is not None, timeout=20, what="agent ready")
+        assert self.proc.popen.poll() is None, self.proc.stderr
+        return self
+
+    def qmp(self, command, args=None):
+        q = Qemu.__new__(Qemu)
+        q.name, q.test_qmp = "launched", self.test_qmp
+        return q.qmp(command, args)
+
+    def files(self):
+        return sorted(p.name for p in self.run_dir.rglob("*"))
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    scan = LeakScan()
+    with ArgvWatcher() as argv:
+        scan.argv = argv
+        w.scan = scan
+        try:
+            yield w
+        finally:
+            w.close()
+    for proc in w.procs:
+        scan.text(f"{proc.name} stderr", proc.stderr)
+    if (tmp_path / "events.jsonl").exists():
+        scan.file(str(tmp_path / "events.jsonl"))
+    scan.check()
+
+
+def qemu_pid(launched) -> int:
+    out = subprocess.run(["pgrep", "-f", launched.test_qmp], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    own = [p for p in pids if p != launched.proc.popen.pid]
+    return own[0]
+
+
+def test_vm_runs_with_the_master_key_and_no_key_file_left(world):
+    vm = Launched(world).ready()
+    wait_for(lambda: vm.qmp("query-status")["status"] == "running", what="VM running")
+    names = [o["name"] for o in vm.qmp("qom-list", {"path": "/objects"})]
+    assert "keyagent-master" in names
+    assert vm.files() == ["control.sock", "qmp.sock"]
+    pw = world.tmp / "pw"
+    pw.write_text("launch-secret-" + os.urandom(4).hex())
+    world.scan.secret("secret", pw.read_bytes())
+    assert ctl(vm.control, "secret", "add", "--id", "s0", "--file", str(pw)).returncode == 0
+
+
+def test_sigterm_powers_down_then_quits_and_leaves_an_empty_run_dir(world):
+    vm = Launched(world).ready()
+    vm.proc.popen.send_signal(signal.SIGTERM)
+    assert vm.proc.wait(timeout=30) == 0, vm.proc.stderr
+    assert "signal received: powering the VM down" in vm.proc.stderr
+    assert vm.files() == []
+
+
+def test_user_asked_for_s_stays_paused(world):
+    vm = Launched(world, "-S").ready()
+    assert vm.qmp("query-status")["status"] == "prelaunch"
+
+
+def test_qemu_exit_status_propagates(world):
+    vm = Launched(world).ready()
+    os.kill(qemu_pid(vm), signal.SIGKILL)
+    assert vm.proc.wait(timeout=30) == 128 + signal.SIGKILL
+    assert vm.files() == []
+
+
+def test_qemu_quit_from_its_monitor_exits_zero(world):
+    vm = Launched(world).ready()
+    vm.qmp("quit")
+    assert vm.proc.wait(timeout=30) == 0
+
+
+def test_qemu_that_fails_to_start_gives_its_own_error_in_one_line(world):
+    vm = Launched(world, "-no-such-option")
+    assert vm.proc.wait(timeout=30) == 1
+    last = [json.loads(line) for line in vm.proc.stderr.splitlines() if line.startswith("{")][-1]
+    assert "QEMU failed to start" in last["reason"]
+    assert "-no-such-option: invalid option" in last["reason"]
+    assert vm.files() == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (["launch", "--", "qemu-system-x86_64"], "run_dir"),
+    (["launch", "--vm-run-dir", "RUN", "--", "/no/such/qemu"], "not found"),
+    (["launch", "--vm-run-dir", "RUN"], "QEMU command"),
+])
+def test_bad_usage_exits_two(tmp_path, args, words):
+    args = [a.replace("RUN", str(tmp_path / "run")) for a in args]
+    out = subprocess.run([*KEYAGENT, *args], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -1,0 +1,279 @@
+"""The whole guest-owner chain with real processes, as a user runs it.
+
+platform (``keyagent simulate`` with a PDH) -> ``owner session`` against its
+PDH and chain (or ``owner serve``'s ``POST /v1/session``) -> the simulator
+started with that session (``--dh-cert-file`` / ``--session-file``, like
+QEMU's ``sev-guest``) -> ``owner measure`` of a synthetic OVMF image -> the
+agent (``keyagent run``) asks ``owner serve`` -> secret injected, VM runs.
+Then one refusal per reason of the owner: the VM never runs.
+
+Every process's stdout/stderr, the event log, the run dir and the argv of
+every process seen while the test ran are scanned for TEK, TIK and the
+secret in raw, hex and base64 (tests/leakscan.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.io.http import request_json
+from agent.sev.ovmf import Area, synthetic_image
+from agent.sev.session import open_session
+from tests.e2e.harness import KEYAGENT, World, wait_for
+from tests.leakscan import ArgvWatcher, LeakScan
+
+DISK_PASS = b"full-chain disk passphrase \x00\x7f tail"
+LUKS_GUID = "736869e5-84f0-4973-92ec-06879ce3da0b"
+POLICY = 1
+SIM_API = (1, 55, 21)  # what `keyagent simulate` reports by default
+
+
+def keyagent(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*KEYAGENT, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+class Chain:
+    """One test's processes and files under a short directory (unix socket paths)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.world = World(root)   # spawn/sim_query; its own tik/tek files stay unused
+        self.qmp = self.world.qmp
+        self.cli_outputs: list[tuple[str, str]] = []
+        (root / "disk.pass").write_bytes(DISK_PASS)
+        self.pdh_key = ec.generate_private_key(ec.SECP384R1())
+        fd = os.open(root / "pdh.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.pdh_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        proc = keyagent(*args, cwd=self.root)
+        self.cli_outputs.append((" ".join(args[:2]), proc.stdout + proc.stderr))
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    # -- the platform -------------------------------------------------------
+    def wait_ready(self, proc) -> None:
+        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
+                 what="simulator ready line")
+        assert proc.popen.poll() is None, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[0])["ready"] is True
+
+    def platform_run(self) -> None:
+        """A first start: the platform hands out its PDH and chain, then goes."""
+        sim = self.world.spawn("platform", ["simulate", "--qmp", f"unix:{self.qmp}", "--pdh-key", "pdh.pem",
+                                            "--pdh-out", "pdh.b64", "--cert-chain-out", "chain.b64"])
+        self.wait_ready(sim)
+        caps = self.world.sim_query("query-sev-capabilities")
+        assert base64.b64decode((self.root / "pdh.b64").read_text()) == base64.b64decode(caps["pdh"])
+        assert base64.b64decode((self.root / "chain.b64").read_text()) == base64.b64decode(caps["cert-chain"])
+        self.world.sim_query("quit")
+        assert sim.wait(timeout=10) == 0
+
+    def launch(self, godh: str, session: str, digest: bytes, *extra: str):
+        """QEMU started with the owner's session, held at -S."""
+        sim = self.world.spawn("sim", ["simulate", "--qmp", f"unix:{self.qmp}", "--sev", "--pdh-key", "pdh.pem",
+                                       "--dh-cert-file", godh, "--session-file", session,
+                                       "--policy", str(POLICY), "--digest", digest.hex(), *extra])
+        self.wait_ready(sim)
+        return sim
+
+    # -- the owner ----------------------------------------------------------
+    def firmware_digest(self, name: str = "OVMF.fd", filler: bytes = b"\xff") -> bytes:
+        image = synthetic_image(hashes_area=Area(0x80CC00, 0x400), secret_area=Area(0x80C000, 0x1000),
+                                reset_address=0x80B004, filler=filler)
+        (self.root / name).write_bytes(image)
+        return bytes.fromhex(self.cli("owner", "measure", "--firmware", name).stdout.strip())
+
+    def owner(self, vm_table: str) -> str:
+        (self.root / "owner.toml").write_text(f"""
+[vm.vm1]
+{vm_table}
+[[vm.vm1.secret]]
+guid = "luks-key"
+file = "disk.pass"
+""")
+        proc = self.world.spawn("owner", ["owner", "serve", "--config", "owner.toml", "--listen", "127.0.0.1:0"])
+        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
+                 what="owner listening line")
+        assert proc.popen.poll() is None, proc.stderr
+        return json.loads(proc.stdout.splitlines()[0])["listening"]
+
+    # -- the agent ----------------------------------------------------------
+    def agent(self, owner_url: str, *extra: str, vm: str = "vm1"):
+        return self.world.spawn("agent", ["run", "--qmp", f"unix:{self.qmp}", "--owner-url", owner_url,
+                                          "--vm-name", vm,
+                                          "--event-log", str(self.root / "events.jsonl"), *extra])
+
+    def assert_launched(self) -> None:
+        state = self.world.sim_query("x-sim-query-state")
+        assert state["status"] == "running" and state["cont-before-secret"] is False
+        secrets = self.world.sim_query("x-sim-query-secrets")
+        assert secrets["injected"] is True and secrets["table-valid"] is True
+        assert secrets["entries"] == [{"guid": LUKS_GUID, "length": len(DISK_PASS),
+                                       "sha256": hashlib.sha256(DISK_PASS).hexdigest()}]
+
+    def assert_never_ran(self) -> None:
+        state = self.world.sim_query("x-sim-query-state")
+        assert state["status"] != "running" and state["cont"] is False
+        assert self.world.sim_query("x-sim-query-secrets")["injected"] is False
+
+    def measurement(self) -> str:
+        return self.world.sim_query("query-sev-launch-measure")["data"]
+
+
+@pytest.fixture
+def chain(tmp_path):
+    # sun_path is 108 bytes: use a short directory when tmp_path is long.
+    short = None
+    root = tmp_path
+    if len(str(tmp_path / "qmp.sock")) > 100:
+        short = Path(tempfile.mkdtemp(prefix="chain", dir="/tmp"))
+        root = short
+    c = Chain(root)
+    scan = LeakScan()
+    scan.secret("disk passphrase", DISK_PASS)
+    c.scan = scan
+    try:
+        with ArgvWatcher() as argv:
+            scan.argv = argv
+            try:
+                yield c
+            finally:
+                c.world.close()
+        for proc in c.world.procs:
+            scan.text(f"{proc.name} stderr", proc.stderr)
+            scan.text(f"{proc.name} stdout", proc.stdout)
+        for name, text in c.cli_outputs:
+            scan.text(name, text)
+        if (root / "events.jsonl").exists():
+            scan.file(str(root / "events.jsonl"))
+        scan.dirs.append(str(root / "run"))
+        for name in ("godh.b64", "session.b64", "pdh.b64", "chain.b64", "owner.toml"):
+            for path in root.rglob(name):
+                scan.file(str(path))
+        scan.check()
+    finally:
+        if short is not None:
+            shutil.rmtree(short, ignore_errors=True)
+
+
+def offline_session(c: Chain) -> tuple[str, str]:
+    """`owner session` against the platform's PDH and chain; returns (godh, session) paths."""
+    c.platform_run()
+    out = json.loads(c.cli("owner", "session", "--pdh", "pdh.b64", "--cert-chain", "chain.b64",
+                           "--policy", str(POLICY), "--out-dir", "owner").stdout)
+    assert out["chain_verified"] is True
+    c.scan.secret("TIK", (c.root / "owner" / "tik.bin").read_bytes())
+    c.scan.secret("TEK", (c.root / "owner" / "tek.bin").read_bytes())
+    return "owner/godh.b64", "owner/session.b64"
+
+
+def offline_owner_table(digest: bytes, policy: int = POLICY, extra: str = "") -> str:
+    return (f'tik = "owner/tik.bin"\ntek = "owner/tek.bin"\npolicy = {policy}\n'
+            f'digest = "{digest.hex()}"\n{extra}')
+
+
+# -- the good paths -----------------------------------------------------------------
+
+def test_offline_session_measure_verify_package_inject(chain):
+    godh, session = offline_session(chain)
+    digest = chain.firmware_digest()
+    chain.launch(godh, session, digest)
+    url = chain.owner(offline_owner_table(digest, extra='min_api = "1.55"\nbuild_ids = [21]'))
+    agent = chain.agent(url)
+    assert agent.wait() == 0, agent.stderr
+    chain.assert_launched()
+    check = chain.world.replay_check()
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_session_from_owner_serve_then_launch(chain):
+    chain.platform_run()
+    digest = chain.firmware_digest()
+    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    request = {"vm": "vm1", "pdh": (chain.root / "pdh.b64").read_text().strip(),
+               "cert_chain": (chain.root / "chain.b64").read_text().strip(), "policy": POLICY}
+    status, body = asyncio.run(request_json("POST", url + "/v1/session", request, timeout=10))
+    assert status == 200, body
+    godh, session = base64.b64decode(body["godh"]), base64.b64decode(body["session"])
+    # the test holds the platform's PDH key, so it can see the keys the owner drew: scan for them
+    tek, tik = open_session(chain.pdh_key, godh, session, POLICY)
+    chain.scan.secret("TIK", tik)
+    chain.scan.secret("TEK", tek)
+    (chain.root / "godh.b64").write_text(body["godh"])
+    (chain.root / "session.b64").write_text(body["session"])
+
+    chain.launch("godh.b64", "session.b64", digest)
+    agent = chain.agent(url)
+    assert agent.wait() == 0, agent.stderr
+    chain.assert_launched()
+
+    # single use: the same launch again is a replay, the session's keys are gone
+    again = {"vm": "vm1", "measurement": chain.measurement(), "api_major": SIM_API[0],
+             "api_minor": SIM_API[1], "build_id": SIM_API[2], "policy": POLICY}
+    assert asyncio.run(request_json("POST", url + "/v1/secret", again, timeout=10)) == \
+        (409, {"error": "launch already attested"})
+    owner = [p for p in chain.world.procs if p.name == "owner"][0]
+    owner_log = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
+    assert [rec["decision"] for rec in owner_log] == ["session", "released", "refused"]
+    assert owner_log[0]["chain_verified"] is True
+
+
+# -- one refusal per reason: the VM never runs ---------------------------------
+
+REFUSALS = {
+    "policy mismatch": ({"policy": 3}, {}, "policy mismatch: policy 0x1 is not accepted"),
+    "api too old": ({"extra": 'min_api = "1.56"'}, {}, "api 1.55 is older than 1.56"),
+    "build id not accepted": ({"extra": "build_ids = [20, 22]"}, {}, "build id 21 is not accepted"),
+    "digest mismatch": ({"other_firmware": True}, {}, "measurement does not match"),
+    "unknown vm": ({}, {"vm": "vm9"}, "unknown vm 'vm9'"),
+}
+
+
+@pytest.mark.parametrize("reason", list(REFUSALS))
+def test_each_owner_refusal_keeps_the_vm_from_running(chain, reason):
+    table_args, agent_args, words = REFUSALS[reason]
+    godh, session = offline_session(chain)
+    digest = chain.firmware_digest()
+    expected = digest
+    if table_args.pop("other_firmware", False):
+        expected = chain.firmware_digest("OTHER.fd", filler=b"\x00")
+        assert expected != digest
+    chain.launch(godh, session, digest)
+    url = chain.owner(offline_owner_table(expected, **table_args))
+    agent = chain.agent(url, "--sev-on-refusal", "pause", **agent_args)
+    assert agent.wait() == 1, agent.stderr
+    assert words in agent.stderr
+    chain.assert_never_ran()
+    owner = [p for p in chain.world.procs if p.name == "owner"][0]
+    decisions = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
+    assert len(decisions) == 1 and decisions[0]["decision"] == "refused" and words in decisions[0]["reason"]
+
+
+def test_replayed_launch_is_refused_409_and_the_vm_never_runs(chain):
+    godh, session = offline_session(chain)
+    digest = chain.firmware_digest()
+    chain.launch(godh, session, digest)
+    url = chain.owner(offline_owner_table(digest))
+    # someone else took this launch's packet first
+    first = {"vm": "vm1", "measurement": chain.measurement(), "api_major": SIM_API[0],
+             "api_minor": SIM_API[1], "build_id": SIM_API[2], "policy": POLICY}
+    assert asyncio.run(request_json("POST", url + "/v1/secret", first, timeout=10))[0] == 200
+    agent = chain.agent(url, "--sev-on-refusal", "pause")
+    assert agent.wait() == 1, agent.stderr
+    assert "launch already attested" in agent.stderr
+    chain.assert_never_ran()
