@@ -119,6 +119,7 @@ class QmpConnection:
         self.client.events.names = {"x-keyagent-no-such-event"}
         self.events = BoundedListener(events, max_events)
         self.client.register_listener(self.events)
+        self._closing: asyncio.Task | None = None
 
     @property
     def qemu_version(self) -> str:
@@ -158,26 +159,34 @@ class QmpConnection:
         except Exception as exc:  # disconnected, protocol error
             raise QmpDisconnectedError(_one_line(exc)) from None
 
+    def _disconnect_once(self) -> "asyncio.Task[str]":
+        """One disconnect for everybody: qemu.qmp's ``disconnect()`` makes a
+        gather per caller, and a caller cancelled halfway leaves its gather's
+        exception unretrieved (asyncio then logs an error).  So there is one
+        task, created once and awaited (shielded) by whoever needs it."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._disconnect())
+        return self._closing
+
+    async def _disconnect(self) -> str:
+        try:
+            await self.client.disconnect()
+        except EOFError:
+            return "QEMU closed the monitor"
+        except Exception as exc:
+            return _one_line(exc)
+        return "connection closed"
+
     async def wait_disconnected(self) -> str:
         """Return (with a reason) once the connection is gone."""
         from qemu.qmp.protocol import Runstate
 
         while self.client.runstate is Runstate.RUNNING:
             await self.client.runstate_changed()
-        reason = "connection closed"
-        try:
-            await self.client.disconnect()
-        except EOFError:
-            reason = "QEMU closed the monitor"
-        except Exception as exc:
-            reason = _one_line(exc)
-        return reason
+        return await asyncio.shield(self._disconnect_once())
 
     async def close(self) -> None:
-        try:
-            await self.client.disconnect()
-        except Exception:
-            pass
+        await asyncio.shield(self._disconnect_once())
 
 
 def _one_line(exc: BaseException | None) -> str:
