@@ -57,6 +57,7 @@ class Launcher(Sidecar):
     def __init__(self, cfg, opts: SidecarOptions, qemu_argv: list[str]) -> None:
         super().__init__(cfg, opts)
         self.qemu_argv = qemu_argv
+        self.incoming = "-incoming" in qemu_argv[1:]
         self.qemu: subprocess.Popen | None = None
         self.qemu_lines: deque[str] = deque(maxlen=20)
         self.user_stopped = False
@@ -153,6 +154,15 @@ class Launcher(Sidecar):
     def _stays(self) -> bool:
         return True  # the launcher lives as long as its QEMU
 
+    def children(self) -> set[int]:
+        """Our own children (QEMU, swtpm): their statuses are awaited elsewhere."""
+        pids = set()
+        if self.qemu is not None:
+            pids.add(self.qemu.pid)
+        if self.vtpm is not None and self.vtpm.process is not None:
+            pids.add(self.vtpm.process.pid)
+        return pids
+
     # -- stopping -----------------------------------------------------------------
     def _on_signal(self, signame: str) -> None:
         self._signals += 1
@@ -225,16 +235,17 @@ class ChildReaper:
     """As PID 1, reap orphans that were re-parented to us (never our own children:
     their statuses belong to whoever waits for them)."""
 
-    def __init__(self, own: set[int]) -> None:
-        self.own = own
+    def __init__(self, own) -> None:
+        self.own = own  # () -> the pids whose statuses others wait for
 
     def reap(self) -> None:
         me = os.getpid()
+        own = self.own()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             pid = int(entry)
-            if pid in self.own:
+            if pid in own:
                 continue
             try:
                 with open(f"/proc/{pid}/stat") as f:

@@ -37,10 +37,8 @@ def run(args) -> int:
 
     async def main() -> int:
         if os.getpid() == 1:
-            reaper = ChildReaper(own=set())
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGCHLD, lambda: reaper.reap() if launcher.qemu is None else
-                (reaper.own.add(launcher.qemu.pid), reaper.reap()))
+            reaper = ChildReaper(own=launcher.children)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, reaper.reap)
         return await launcher.run()
 
     return asyncio.run(main())

@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--qmp", required=True, metavar="unix:PATH", help="QEMU's QMP socket")
     p.add_argument("--qmp-timeout", type=float, default=10.0, metavar="S",
                    help="how long to wait for QEMU's monitor (start QEMU after a vTPM sidecar)")
+    p.add_argument("--incoming", action="store_true",
+                   help="QEMU will be started with -incoming: do not create a vTPM state")
     add_agent_options(p)
     p.set_defaults(func=run)
 
@@ -44,6 +46,7 @@ def run(args) -> int:
     qmp_path = unix_path(args.qmp, "--qmp")
     cfg = config_from_args(args)
     opts = SidecarOptions(qmp_path=qmp_path, control_path=control_path(args, cfg),
-                          event_log=args.event_log, qmp_timeout=args.qmp_timeout)
+                          event_log=args.event_log, qmp_timeout=args.qmp_timeout,
+                          incoming=args.incoming)
     code = asyncio.run(Sidecar(cfg, opts).run())
     return code

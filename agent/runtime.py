@@ -206,12 +206,19 @@ class Runtime:
     def _keyring_add(self, flow_id: str, action: KeyringAdd) -> None:
         from agent.io import keyring
 
+        serial = None
         try:
             serial = keyring.add_key(action.description, action.key.reveal())
             # Possessor: all; user (QEMU runs as this uid): view, read, search.
             keyring.setperm(serial, keyring.KEY_POS_ALL | keyring.KEY_USR_VIEW
                             | keyring.KEY_USR_READ | keyring.KEY_USR_SEARCH)
         except OSError as exc:
+            if serial is not None:  # added but not usable: it must not stay
+                for step in (keyring.revoke, keyring.unlink):
+                    try:
+                        step(serial)
+                    except OSError:
+                        pass
             self.feed(flow_id, KeyringFailed(action.name, f"cannot add a keyring key: "
                                                           f"{exc.strerror}"))
             return

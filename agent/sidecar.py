@@ -38,6 +38,7 @@ class SidecarOptions:
     control_path: str | None
     event_log: str | None
     qmp_timeout: float = QMP_CONNECT_TIMEOUT_S
+    incoming: bool = False  # QEMU runs with -incoming: its vTPM state arrives by migration
 
 
 def check_qmp_path(path: str) -> None:
@@ -68,6 +69,7 @@ class Sidecar:
         self.run_dir: str | None = None
         self.vtpm = None
         self.tpm_args: list[str] = []
+        self.incoming = getattr(opts, "incoming", False)
         self._stopping = False
 
     # -- policy: when is the sidecar done? ------------------------------------
@@ -152,12 +154,18 @@ class Sidecar:
         if not self.run_dir:
             raise UsageError("[vtpm] needs [vm] run_dir for swtpm's control socket")
         self.vtpm = Vtpm.from_config(self.cfg, self.run_dir)
-        self.tpm_args = await self.vtpm.start()
+        self.tpm_args = await self.vtpm.start(incoming=self.incoming)
         self.log.info("vTPM ready: start QEMU with these arguments", qemu_args=self.tpm_args)
 
     async def _supervise_vtpm(self) -> None:
         status = await self.vtpm.wait()
         rt = self.runtime
+        # swtpm --terminate exits when QEMU closes its socket, which may be a
+        # moment before we see the monitor close: give QEMU's end a second.
+        for _ in range(20):
+            if self._stopping or rt is None or rt.qmp_gone is not None:
+                return
+            await asyncio.sleep(0.05)
         if self._stopping or self.done.is_set() or rt is None or rt.qmp_gone is not None:
             return  # swtpm followed QEMU out (--terminate), as it should
         self.log.error("swtpm died while QEMU runs: stopping QEMU", status=status)

@@ -54,8 +54,13 @@ class Vtpm:
         return cls(cfg.vtpm_state_dir, cfg.vtpm_key, run_dir, version=cfg.vtpm_version,
                    key_kind=cfg.vtpm_key_kind, device=cfg.vtpm_device)
 
-    async def start(self) -> list[str]:
-        """Bring swtpm up on the decrypted state; return QEMU's TPM arguments."""
+    async def start(self, incoming: bool = False) -> list[str]:
+        """Bring swtpm up on the decrypted state; return QEMU's TPM arguments.
+
+        ``incoming``: QEMU will receive this VM by migration, and the TPM
+        state with it (encrypted under the migration key, the same secret):
+        an empty state dir is not set up, as libvirt does for incoming VMs.
+        """
         if self.process is not None:
             raise FlowFailed("vTPM already started")
         self.run_dir = prepare_run_dir(self.run_dir)
@@ -63,13 +68,13 @@ class Vtpm:
         try:
             swtpm.check_key(key, self.key_kind)
             info = swtpm.check_state(self.state_dir, self.version)
-            if info.kind is swtpm.StateKind.ABSENT:
+            if info.kind is swtpm.StateKind.ABSENT and not incoming:
                 await swtpm.setup_state(self.state_dir, self.version, key, self.key_kind,
                                         swtpm_setup=self.swtpm_setup_bin)
                 self.created = True
             self.process = await swtpm.start_swtpm(
                 self.state_dir, self.version, key, self.key_kind, self.run_dir,
-                swtpm=self.swtpm_bin)
+                swtpm=self.swtpm_bin, incoming=incoming)
         finally:
             key.wipe()
         log.info("vtpm_ready", state_dir=self.state_dir, created=self.created,

@@ -51,8 +51,10 @@ class Flow:
         return ArmTimer(name, seconds)
 
     def finish(self, code: int, reason: str) -> list[Action]:
-        """Final actions: cancel every timer this flow may have armed, then Finish."""
-        self.finished = Finish(code, reason)
+        """Final actions: cancel every timer this flow may have armed, then Finish.
+
+        The reason is one line whatever QEMU put in an error text it quotes."""
+        self.finished = Finish(code, " ".join(reason.splitlines()))
         return [*(CancelTimer(name) for name in sorted(self._timers)), self.finished]
 
     def handle(self, event: Any) -> list[Action]:  # pragma: no cover - abstract

@@ -112,6 +112,7 @@ class MigrationFlow(Flow):
             self._dir = True
             return self._setup(event.path)
         if isinstance(event, KeyDirFailed) and self.state is State.WRITE_KEY:
+            self._dir = False  # the shell left nothing behind
             return self._abort(f"cannot write the PSK: {event.reason}")
         if isinstance(event, (QmpReply, QmpError)):
             if event.tag != self._pending:
@@ -130,6 +131,9 @@ class MigrationFlow(Flow):
 
     def _write_key(self, psk: Secret) -> list[Action]:
         self.state = State.WRITE_KEY
+        # The directory may exist from now on: an ending before KeyDirReady
+        # (QMP lost, cancel) must remove it too.
+        self._dir = True
         files: dict = {"keys.psk": psk_file_line(psk)}
         if not self.source:
             files["dh-params.pem"] = ffdhe2048_pem()

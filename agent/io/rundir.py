@@ -39,7 +39,9 @@ def prepare_run_dir(path: str) -> str:
         raise UsageError(f"run_dir {path} is not a directory")
     if st.st_uid != os.geteuid():
         raise UsageError(f"run_dir {path} is owned by uid {st.st_uid}, not by us ({os.geteuid()})")
-    if stat.S_IMODE(st.st_mode) != 0o700:
+    # Only the permission bits count: a setgid bit (Kubernetes fsGroup sets it
+    # on emptyDirs) gives nobody access to a 0700 directory.
+    if st.st_mode & 0o777 != 0o700:
         raise UsageError(f"run_dir {path} has mode {stat.S_IMODE(st.st_mode):04o}, expected 0700")
     return path
 

@@ -279,15 +279,18 @@ async def setup_state(state_dir: str, version: str, key: Secret, kind: str, *,
 
 def swtpm_argv(state_dir: str, version: str, kind: str, key_fd: int, migration_fd: int,
                ctrl_socket: str, pid_file: str, *, data_socket: str | None = None,
-               terminate: bool = True, swtpm: str = SWTPM) -> list[str]:
+               terminate: bool = True, swtpm: str = SWTPM,
+               incoming: bool = False) -> list[str]:
     argv = [swtpm, "socket",
             "--tpmstate", f"dir={state_dir},mode=0600",
             "--ctrl", f"type=unixio,path={ctrl_socket},mode=0600",
             "--key", key_option(key_fd, kind),
             "--migration-key", key_option(migration_fd, kind),
-            "--pid", f"file={pid_file}",
-            # Decrypt the state now, so a wrong key fails here, not in QEMU.
-            "--flags", "not-need-init"]
+            "--pid", f"file={pid_file}"]
+    if not incoming:
+        # Decrypt the state now, so a wrong key fails here, not in QEMU.  An
+        # incoming VM's TPM waits, uninitialised, for the migrated state blobs.
+        argv += ["--flags", "not-need-init"]
     if version == "2.0":
         argv.append("--tpm2")
     if data_socket is not None:
@@ -438,13 +441,19 @@ async def _probe(ctrl_socket: str) -> bool:
 
 async def start_swtpm(state_dir: str, version: str, key: Secret, kind: str, run_dir: str, *,
                       data_socket: str | None = None, terminate: bool = True,
-                      swtpm: str = SWTPM, ready_timeout: float = 10.0) -> SwtpmProcess:
-    """Start swtpm on an existing encrypted state; return once it has decrypted it."""
+                      swtpm: str = SWTPM, ready_timeout: float = 10.0,
+                      incoming: bool = False) -> SwtpmProcess:
+    """Start swtpm on an existing encrypted state; return once it has decrypted it.
+
+    ``incoming``: the state arrives by migration; an absent state is fine.
+    """
     if version not in VERSIONS:
         raise UsageError(f"vTPM version must be one of {', '.join(VERSIONS)}")
     check_key(key, kind)
     info = check_state(state_dir, version)
-    if info.kind is StateKind.ABSENT:
+    if info.kind is StateKind.ABSENT and incoming:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    elif info.kind is StateKind.ABSENT:
         raise UsageError(f"no vTPM state in {state_dir} (run setup first)")
     ctrl_socket = os.path.join(run_dir, CTRL_SOCKET_NAME)
     pid_file = os.path.join(run_dir, PID_FILE_NAME)
@@ -465,7 +474,8 @@ async def start_swtpm(state_dir: str, version: str, key: Secret, kind: str, run_
     finally:
         material[:] = bytes(len(material))
     argv = swtpm_argv(state_dir, version, kind, fds[0], fds[1], ctrl_socket, pid_file,
-                      data_socket=data_socket, terminate=terminate, swtpm=swtpm)
+                      data_socket=data_socket, terminate=terminate, swtpm=swtpm,
+                      incoming=incoming)
     try:
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -228,25 +228,9 @@ class Machine:
             self._log.info("sim.launch_start", session=True, policy=config.effective_policy)
         else:
             tik, tek = Secret(config.tik), Secret(config.tek)
-        self.psp = Psp(
-            tik,
-            tek,
-            digest=config.digest,
-            policy=config.effective_policy,
-            api_major=config.api_major,
-            api_minor=config.api_minor,
-            build_id=config.build_id,
-            mnonce=config.mnonce,
-        )
-        self.status = "prelaunch"
-        self.injections = 0
-        self.refused_injections = 0
-        self.injected_entries: list[InjectedEntry] = []
-        self.table_valid: bool | None = None
-        self.cont_happened = False
-        self.injected_before_cont: bool | None = None
+        self._launch_keys = (tik, tek)
+        self._new_launch()
         self.quit_requested = False
-        self._measure_at = clock() + config.measure_delay_s
         if config.state == "running":
             self.psp.launch_measure()
             self.psp.launch_finish()
@@ -266,7 +250,31 @@ class Machine:
             "quit": _Command(self._quit, {}),
             "x-sim-query-secrets": _Command(self._x_sim_query_secrets, {}),
             "x-sim-query-state": _Command(self._x_sim_query_state, {}),
+            "x-sim-reset": _Command(self._x_sim_reset, {}),
         }
+
+    def _new_launch(self) -> None:
+        """A VM held at ``-S`` right after LAUNCH_START: fresh MNONCE, no secret."""
+        tik, tek = self._launch_keys
+        config = self.config
+        self.psp = Psp(
+            tik,
+            tek,
+            digest=config.digest,
+            policy=config.effective_policy,
+            api_major=config.api_major,
+            api_minor=config.api_minor,
+            build_id=config.build_id,
+            mnonce=config.mnonce,
+        )
+        self.status = "prelaunch"
+        self.injections = 0
+        self.refused_injections = 0
+        self.injected_entries: list[InjectedEntry] = []
+        self.table_valid: bool | None = None
+        self.cont_happened = False
+        self.injected_before_cont: bool | None = None
+        self._measure_at = self._clock() + config.measure_delay_s
 
     # -- state for tests and the server ---------------------------------
 
@@ -448,6 +456,13 @@ class Machine:
             "table-valid": self.table_valid,
             "entries": [e.to_json() for e in self.injected_entries],
         }
+
+    def _x_sim_reset(self, _args: dict) -> dict:
+        # Not QEMU: the same VM again at -S, for benchmarks that launch many
+        # times without paying a new process (same session keys, new MNONCE).
+        self._new_launch()
+        self._log.info("sim.reset")
+        return {}
 
     def _x_sim_query_state(self, _args: dict) -> dict:
         return {

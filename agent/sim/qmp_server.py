@@ -21,6 +21,7 @@ all drive the same :class:`~agent.sim.machine.Machine`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -46,10 +47,11 @@ def encode_message(obj: dict) -> bytes:
 class Monitor:
     """One client's QMP session: negotiation, request checks, dispatch."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, clients: Callable[[], list] | None = None) -> None:
         self.machine = machine
         self.negotiated = False
         self.oob = False
+        self._clients = clients
 
     def greeting(self) -> dict:
         version = {"qemu": dict(QEMU_VERSION["qemu"]), "package": QEMU_VERSION["package"]}
@@ -105,7 +107,8 @@ class Monitor:
         return request[exec_key], exec_key == "exec-oob"
 
     def _dispatch(self, name: str, oob: bool, args: dict) -> Any:
-        known = name in ("qmp_capabilities", "query-commands") or self.machine.has_command(name)
+        known = name in ("qmp_capabilities", "query-commands", "x-sim-query-clients") \
+            or self.machine.has_command(name)
         if not known or (not self.negotiated and name != "qmp_capabilities"):
             raise QmpError(f"The command {name} has not been found", "CommandNotFound")
         if oob:
@@ -115,8 +118,12 @@ class Monitor:
         if name == "query-commands":
             if args:
                 raise QmpError(f"Parameter '{next(iter(args))}' is unexpected")
-            names = ["qmp_capabilities", "query-commands", *self.machine.command_names]
+            names = ["qmp_capabilities", "query-commands", "x-sim-query-clients",
+                     *self.machine.command_names]
             return [{"name": n} for n in names]
+        if name == "x-sim-query-clients":
+            # Not QEMU: each connection's timestamps (see _Connection.times).
+            return self._clients() if self._clients is not None else []
         return self.machine.execute(name, args)
 
     def _qmp_capabilities(self, args: dict) -> dict:
@@ -151,6 +158,11 @@ class _Connection:
         self.cid = cid
         self.monitor = monitor
         self.writer = writer
+        # When things happened on this connection, CLOCK_MONOTONIC seconds
+        # (``time.monotonic()`` is the same clock in every process on Linux):
+        # ``keyagent bench`` measures clients from the outside with these.
+        self.times: dict = {"client": cid, "connected": time.monotonic(),
+                            "negotiated": None, "cont": None, "closed": None}
 
     def send(self, obj: dict) -> None:
         if not self.writer.is_closing():
@@ -181,6 +193,8 @@ class Simulator:
         self._conns: dict[int, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count(1)
+        # The last connections' timestamps, shown by x-sim-query-clients.
+        self._client_times: collections.deque = collections.deque(maxlen=256)
         self._quit = asyncio.Event()
         self._closed = False
 
@@ -262,6 +276,9 @@ class Simulator:
 
     # -- protocol -------------------------------------------------------
 
+    def _clients(self) -> list[dict]:
+        return [dict(t) for t in self._client_times]
+
     def _emit(self, name: str, data: dict | None) -> None:
         now = time.time()
         seconds = int(now)
@@ -281,8 +298,9 @@ class Simulator:
         if task is not None:
             self._tasks.add(task)
         cid = next(self._ids)
-        conn = _Connection(cid, Monitor(self.machine), writer)
+        conn = _Connection(cid, Monitor(self.machine, self._clients), writer)
         self._conns[cid] = conn
+        self._client_times.append(conn.times)
         log = self._log.bind(client=cid)
         log.info("sim.client_connected")
         stream = JsonStream(max_message=self._max_message)
@@ -295,6 +313,9 @@ class Simulator:
                     break
                 for item in stream.feed(data):
                     reply, name = conn.monitor.handle(item)
+                    if name in ("qmp_capabilities", "cont") and "error" not in reply:
+                        conn.times["negotiated" if name == "qmp_capabilities" else "cont"] = \
+                            time.monotonic()
                     if name is not None:
                         outcome = "error" if "error" in reply else "ok"
                         log.info("sim.command", command=name[:64], outcome=outcome)
@@ -312,6 +333,7 @@ class Simulator:
             pass
         finally:
             self._conns.pop(cid, None)
+            conn.times["closed"] = time.monotonic()
             if task is not None:
                 self._tasks.discard(task)
             writer.close()
