@@ -69,6 +69,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("vtpm", "version", str, "2.0", choices=("2.0", "1.2")),
     Key("vtpm", "key_kind", str, "raw", choices=("raw", "passphrase")),
     Key("vtpm", "device", str, "tpm-crb", choices=("tpm-crb", "tpm-tis")),
+    Key("control", "gid", int, None, minimum=0,
+        help="a group (besides our uid and root) allowed on the control socket"),
 )
 KEYS = {(k.section, k.name): k for k in SCHEMA}
 SECTIONS = {k.section for k in SCHEMA}

@@ -6,6 +6,7 @@ the agent's uid, or root, may talk to it (SO_PEERCRED).  Routes:
 * ``GET /v1/status``: what the agent and its flows are doing (``ctl status``);
 * ``GET /healthz``: the agent process is alive;
 * ``GET /readyz``: QMP is connected (Kubernetes readiness);
+* ``GET /metrics``: Prometheus text format (see ``agent.metrics``);
 * ``POST /v1/migrate/{prepare,begin,accept,start,wait,cancel}``: JSON
   arguments in, JSON out (see ``agent.migrate_ctl``).
 """
@@ -20,21 +21,33 @@ import inspect
 from agent.io.http import HttpServer, InvalidJson, Request, Response
 
 
-def allow_peer(peer: object) -> bool:
-    if not isinstance(peer, tuple) or len(peer) != 3:
-        return False
-    _pid, uid, _gid = peer
-    return uid in (0, os.geteuid())
+def peer_check(gid: int | None = None):
+    """SO_PEERCRED: our uid, root, or (when configured) one group."""
+
+    def allow_peer(peer: object) -> bool:
+        if not isinstance(peer, tuple) or len(peer) != 3:
+            return False
+        _pid, uid, peer_gid = peer
+        return uid in (0, os.geteuid()) or (gid is not None and peer_gid == gid)
+
+    return allow_peer
+
+
+allow_peer = peer_check()
 
 
 class ControlServer:
-    def __init__(self, sidecar: Any, path: str) -> None:
+    def __init__(self, sidecar: Any, path: str, gid: int | None = None) -> None:
         self.sidecar = sidecar
         self.path = path
-        self.server = HttpServer(self.handle, allow_peer=allow_peer, max_body=256 * 1024)
+        self.gid = gid
+        self.server = HttpServer(self.handle, allow_peer=peer_check(gid), max_body=256 * 1024)
 
     async def start(self) -> None:
-        await self.server.start_unix(self.path, mode=0o600)
+        # 0600, or 0660 for the configured group, so that it can connect at all.
+        await self.server.start_unix(self.path, mode=0o600 if self.gid is None else 0o660)
+        if self.gid is not None:
+            os.chown(self.path, -1, self.gid)
 
     async def close(self) -> None:
         await self.server.close()
@@ -51,6 +64,9 @@ class ControlServer:
             status = self.sidecar.status()
             ready = status["qmp"] == "connected"
             return Response.json(200 if ready else 503, {"ready": ready})
+        if route == ("GET", "/metrics"):
+            body, content_type = self.sidecar.metrics.render()
+            return Response(200, body, content_type)
         if route == ("GET", "/v1/status"):
             return Response.json(200, self.sidecar.status())
         handler = self.sidecar.control_verbs().get(route)

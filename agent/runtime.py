@@ -30,7 +30,7 @@ class Runtime:
     def __init__(self, *, qmp: qmpio.QmpConnection | None, event_log: EventLog,
                  owner_url: str | None = None, owner_timeout: float = 30.0,
                  on_finish: FinishCallback | None = None, log: Any = None,
-                 run_dir: str | None = None) -> None:
+                 run_dir: str | None = None, metrics=None) -> None:
         self.qmp = qmp
         self.event_log = event_log
         self.owner_url = owner_url
@@ -45,6 +45,8 @@ class Runtime:
         self._tasks: dict[str, set[asyncio.Task]] = {}
         self._qmp_tasks: set[asyncio.Task] = set()
         self.run_dir = run_dir
+        self.metrics = metrics
+        self._started_at: dict[str, float] = {}
         # Key directories by (flow, name): removed on RemoveKeyDir and, whatever
         # happened, when the flow finishes or the runtime closes.
         self.key_dirs: dict[tuple[str, str], str] = {}
@@ -61,6 +63,9 @@ class Runtime:
 
         self.flows[flow_id] = flow
         self.event_log.flow(flow_id, flow)
+        self._started_at[flow_id] = asyncio.get_running_loop().time()
+        if self.metrics is not None:
+            self.metrics.flow_started(flow.kind)
         self.feed(flow_id, Start())
 
     async def finished(self, flow_id: str) -> None:
@@ -265,6 +270,10 @@ class Runtime:
         getattr(self.log, level)("flow finished", flow=flow_id, code=action.code,
                                  reason=action.reason)
         self._finished.setdefault(flow_id, asyncio.Event()).set()
+        if self.metrics is not None:
+            flow = self.flows[flow_id]
+            elapsed = asyncio.get_running_loop().time() - self._started_at.get(flow_id, 0.0)
+            self.metrics.flow_finished(flow.kind, action.code, elapsed, flow)
         if self.on_finish is not None:
             self.on_finish(flow_id, action)
 

@@ -83,8 +83,11 @@ class SecretsControl:
             data = encrypt(self.master, plaintext, iv)
         finally:
             plaintext.wipe()
-        return await self._ask("add", {"id": sid, "iv": base64.b64encode(iv).decode(),
-                                       "data": data})
+        status, body = await self._ask("add", {"id": sid, "iv": base64.b64encode(iv).decode(),
+                                               "data": data})
+        if status == 200:
+            self.sidecar.metrics.secrets_added += 1
+        return status, body
 
     async def remove(self, args: dict) -> tuple[int, dict]:
         return await self._ask("remove", {"id": self._id(args)})

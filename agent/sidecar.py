@@ -68,6 +68,9 @@ class Sidecar:
         self.secrets = None
         self.run_dir: str | None = None
         self.vtpm = None
+        from agent.metrics import Metrics
+
+        self.metrics = Metrics()
         self.tpm_args: list[str] = []
         self.incoming = getattr(opts, "incoming", False)
         self._stopping = False
@@ -93,6 +96,7 @@ class Sidecar:
 
     async def _watch(self, rt: Runtime) -> None:
         await rt.watch_qmp()
+        self.metrics.qmp_connected = False
         # Flows that were waiting get QmpDisconnected through the queue; once
         # they have finished, _on_finish ends the sidecar.  With none active:
         await asyncio.sleep(0)
@@ -218,11 +222,15 @@ class Sidecar:
             rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
                                         owner_url=cfg.sev_owner_url,
                                         owner_timeout=cfg.sev_timeout_s,
-                                        on_finish=self._on_finish, log=log, run_dir=self.run_dir)
+                                        on_finish=self._on_finish, log=log, run_dir=self.run_dir,
+                                        metrics=self.metrics)
+            self.metrics.qmp_connected = True
+            events = getattr(qmp, "events", None)
+            self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)
             if opts.control_path:
                 from agent.control import ControlServer
 
-                self.control = ControlServer(self, opts.control_path)
+                self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid)
                 await self.control.start()
             tasks = [asyncio.ensure_future(rt.dispatch()),
                      asyncio.ensure_future(rt.pump_qmp_events()),

@@ -41,6 +41,7 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as note_event
 from hypothesis import strategies as st
 
 from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, KeyringAdd,
@@ -80,34 +81,39 @@ EVENT_NAMES = ("RESUME", "STOP", "SHUTDOWN", "MIGRATION", "MIGRATION_PASS", "RTC
                "BLOCK_JOB_COMPLETED", "X_FLOOD", "")
 
 
-def secret_bytes(data, n: int = 32) -> bytes:
+def secret_bytes(data, n: int = 32, purpose: str = "secret") -> bytes:
     """High-entropy bytes (so a leak scan has no false hits), chosen by Hypothesis."""
-    seed = data.draw(st.integers(0, 2**32), label="secret seed")
+    seed = data.draw(st.integers(0, 2**32), label=f"{purpose} seed")
     out = b""
     while len(out) < n:
-        out += hashlib.sha256(f"{seed}:{len(out)}".encode()).digest()
+        out += hashlib.sha256(f"{purpose}:{seed}:{len(out)}".encode()).digest()
     return out[:n]
 
 
-def good_result(data, command: str):
+def good_result(data, command: str, hostility: int = 0):
+    """A plausible answer; with ``hostility`` > 0 sometimes one that is subtly off."""
+    def off() -> bool:
+        return data.draw(st.integers(0, 9)) < hostility
+
     if command == "query-status":
-        status = data.draw(st.sampled_from(["prelaunch", "prelaunch", "paused", "running",
-                                            "inmigrate", "postmigrate", "weird"]))
+        status = data.draw(st.sampled_from(["prelaunch", "paused", "running", "inmigrate",
+                                            "postmigrate", "weird"])) if off() else "prelaunch"
         return {"status": status, "running": status == "running", "singlestep": False}
     if command == "query-sev":
         info = {"enabled": True, "api-major": 0, "api-minor": 24, "build-id": 15,
-                "policy": data.draw(st.sampled_from([0, 1, 5, 7])), "handle": 1,
-                "state": data.draw(st.sampled_from(["launch-secret", "launch-update",
-                                                    "running", "uninit", "x-new-state"]))}
-        flaw = data.draw(st.sampled_from([None, None, None, "enabled", "api-major", "policy",
-                                          "build-id"]))
-        if flaw:
+                "policy": data.draw(st.sampled_from([1, 0, 5, 7])), "handle": 1,
+                "state": "launch-secret"}
+        if off():
+            info["state"] = data.draw(st.sampled_from(["launch-update", "running", "uninit",
+                                                       "x-new-state"]))
+        if off():
+            flaw = data.draw(st.sampled_from(["enabled", "api-major", "policy", "build-id"]))
             info[flaw] = data.draw(st.sampled_from([False, -1, "1", None, 2**70, True]))
         return info
     if command == "query-sev-launch-measure":
-        n = data.draw(st.sampled_from([48, 48, 48, 0, 32, 47, 49, 64]))
-        text = base64.b64encode(secret_bytes(data, n) if n else b"").decode()
-        if data.draw(st.integers(0, 9)) == 0:
+        n = data.draw(st.sampled_from([0, 32, 47, 49, 64])) if off() else 48
+        text = base64.b64encode(secret_bytes(data, n, "measurement") if n else b"").decode()
+        if off():
             text = data.draw(st.sampled_from(["%%%", text[:-1], text + "=", "", " " + text]))
         return {"data": text}
     if command == "query-migrate":
@@ -136,6 +142,9 @@ class World:
         self.requests: dict[str, int] = {}
         self.secrets: list[bytes] = []
         self.finished: Finish | None = None
+        # 0: a well-behaved world (answers good, nobody disconnects mid-way)
+        # ... 3: errors, garbage, stray events and disconnects are common.
+        self.hostility = data.draw(st.integers(0, 3), label="hostility")
         self._req = 0
         self._serial = 100
 
@@ -233,24 +242,27 @@ class World:
 
     # -- what the world can do next ------------------------------------------------
     def moves(self) -> list[tuple]:
-        m: list[tuple] = [("disconnect",), ("qmp-event",), ("stray-reply",)]
-        m += [("answer", tag) for tag in sorted(self.outstanding)] * 3
+        """What may happen next, weighted by repetition; progress first (shrinks to it)."""
+        h = self.hostility
+        m: list[tuple] = []
+        m += [("answer", tag) for tag in sorted(self.outstanding)] * 6
+        m += [("owner",)] * (6 * self.owner_posts)
+        m += [("key-dir", n) for n, s in sorted(self.key_dirs.items()) if s == "pending"] * 6
+        m += [("keyring", n) for n, s in sorted(self.keyring.items()) if s == "pending"] * 6
         m += [("timer", name) for name in sorted(self.armed)]
         m += [("stale-timer", name) for name in sorted(self.stale)]
-        if self.owner_posts:
-            m += [("owner",)] * 2
-        m += [("key-dir", n) for n, s in sorted(self.key_dirs.items()) if s == "pending"] * 2
-        m += [("keyring", n) for n, s in sorted(self.keyring.items()) if s == "pending"] * 2
+        m += [("qmp-event",)] * (1 + h) + [("stray-reply",)] * min(h, 1)
+        m += [("disconnect",)] * h
         m += self.extra_moves()
         return m
 
     def extra_moves(self) -> list[tuple]:
         kind = self.flow.kind
         if kind == "migration":
-            return [("control", "cancel"), ("control", "junk"), ("key", "psk")]
+            return [("control", "cancel"), ("control", "junk"), ("key", "psk")][:self.hostility]
         if kind == "secrets":
             return [("control", "add"), ("control", "add"), ("control", "remove"),
-                    ("control", "junk"), ("key", "master")]
+                    ("control", "junk"), ("key", "master")][:3 + self.hostility]
         return []
 
     def play(self, move: tuple) -> None:
@@ -260,9 +272,11 @@ class World:
             self.feed(QmpDisconnected(d.draw(st.sampled_from(["", "EOF", "QEMU closed"]))))
         elif what == "answer":
             send = self.outstanding.pop(move[1])
-            how = d.draw(st.sampled_from(["good", "good", "good", "good", "error", "garbage"]))
+            how = "good"
+            if d.draw(st.integers(0, 9)) < self.hostility:
+                how = d.draw(st.sampled_from(["error", "garbage"]))
             if how == "good":
-                self.feed(QmpReply(send.tag, good_result(d, send.command)))
+                self.feed(QmpReply(send.tag, good_result(d, send.command, self.hostility)))
             elif how == "garbage":
                 self.feed(QmpReply(send.tag, d.draw(json_value)))
             else:
@@ -278,6 +292,8 @@ class World:
             self.feed(QmpReply(tag, d.draw(json_value)))
         elif what == "qmp-event":
             name = d.draw(st.sampled_from(EVENT_NAMES))
+            if self.flow.kind == "migration" and d.draw(st.integers(0, 3)):
+                name = "MIGRATION"  # what this flow lives on
             if name == "MIGRATION":
                 payload = d.draw(st.one_of(
                     st.builds(lambda s: {"status": s}, st.sampled_from(MIGRATION_STATUSES)),
@@ -289,10 +305,12 @@ class World:
             self.feed(TimerFired(move[1]))
         elif what == "owner":
             self.owner_posts -= 1
-            how = d.draw(st.sampled_from(["released", "released", "refused", "failed"]))
+            how = "released"
+            if d.draw(st.integers(0, 9)) < self.hostility:
+                how = d.draw(st.sampled_from(["refused", "failed"]))
             if how == "released":
                 self.released = True
-                secret = secret_bytes(d, d.draw(st.sampled_from([32, 64, 100])))
+                secret = secret_bytes(d, d.draw(st.sampled_from([32, 64, 100])), "owner")
                 self.secrets.append(secret)
                 gpa = d.draw(st.sampled_from([None, 0x7fff0000]))
                 self.feed(OwnerReleased(base64.b64encode(bytes(52)).decode(), Secret(secret), gpa))
@@ -318,7 +336,7 @@ class World:
                 self.keyring[name] = "failed"
                 self.feed(KeyringFailed(name, "cannot add a keyring key: Disk quota exceeded"))
         elif what == "key":
-            key = secret_bytes(d, 32)
+            key = secret_bytes(d, 32, "key")
             self.secrets.append(key)
             self.feed(KeyProvided(move[1], Secret(key)))
         elif what == "control":
@@ -333,7 +351,7 @@ class World:
             sid = self.data.draw(st.sampled_from(["s0", "s1", "luks-key"]))
             if verb == "remove":
                 return ControlRequest(req, "remove", {"id": sid})
-            ciphertext = secret_bytes(self.data, 48)
+            ciphertext = secret_bytes(self.data, 48, "object")
             self.secrets.append(ciphertext)
             return ControlRequest(req, "add", {"id": sid, "iv": base64.b64encode(bytes(16)).decode(),
                                                "data": Secret(ciphertext)})
@@ -399,6 +417,7 @@ def run_world(data, flow, first: list, secrets: tuple = ()) -> World:
     if flow.finished is None:
         world.feed(QmpDisconnected("EOF"))
     assert flow.finished is not None, "still running after QMP was lost"
+    note_event(f"{flow.kind} Finish({flow.finished.code}) after {', '.join(sorted(set(world.acked)))}")
     assert world.finished is not None and world.outputs[-1][-1] == world.finished
     # The event log holds no secret in any form, and replays exactly.
     records = world.event_log("f1")

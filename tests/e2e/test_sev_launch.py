@@ -168,6 +168,16 @@ def test_with_a_control_socket_the_sidecar_stays_until_qemu_quits(world):
 
     wait_for(launched, what="launch finished per ctl status")
     assert agent.popen.poll() is None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.test_control import get
+
+    status, body, _ = get(str(control), "/metrics")
+    samples = {s.name: s.value for f in text_string_to_metric_families(body.decode())
+               for s in f.samples if not s.labels or s.labels.get("kind") == "sev-launch"}
+    assert status == 200
+    assert samples["keyagent_attestation_seconds_count"] == 1
+    assert samples["keyagent_qmp_connected"] == 1
     assert oct(os.stat(control).st_mode & 0o777) == "0o600"
     world.sim_query("quit")
     assert agent.wait() == 0

@@ -1,0 +1,83 @@
+"""Counters for ``GET /metrics``, rendered by prometheus_client at scrape time.
+
+The hot path only bumps plain integers here; prometheus_client (the
+reference implementation of the Prometheus text format, so no format of our
+own) is imported on the first scrape, through a custom collector that turns
+these numbers into metric families.  An idle sidecar that nobody scrapes
+never pays for it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter as Tally
+
+# Attestation latency buckets, seconds: a launch is milliseconds on a local
+# owner and up to the owner timeout on a slow one.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.flows_started: Tally = Tally()
+        self.flows_finished: Tally = Tally()  # (kind, result)
+        self.migrations: Tally = Tally()  # (role, status)
+        self.secrets_added = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.qmp_connected = False
+        self.events_dropped = lambda: 0
+
+    def flow_started(self, kind: str) -> None:
+        self.flows_started[kind] += 1
+
+    def flow_finished(self, kind: str, code: int, seconds: float, flow=None) -> None:
+        self.flows_finished[(kind, "completed" if code == 0 else "failed")] += 1
+        if kind == "sev-launch" and code == 0:
+            self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
+        if kind == "migration" and flow is not None:
+            self.migrations[(flow.params.role, flow.final_status or "failed")] += 1
+
+    # -- scrape ----------------------------------------------------------------
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+
+        started = CounterMetricFamily("keyagent_flows_started", "Flows started, by kind",
+                                      labels=["kind"])
+        for kind, n in sorted(self.flows_started.items()):
+            started.add_metric([kind], n)
+        finished = CounterMetricFamily("keyagent_flows_finished",
+                                       "Flows finished, by kind and result",
+                                       labels=["kind", "result"])
+        for (kind, result), n in sorted(self.flows_finished.items()):
+            finished.add_metric([kind, result], n)
+        migrations = CounterMetricFamily("keyagent_migrations", "Migrations, by role and status",
+                                         labels=["role", "status"])
+        for (role, status), n in sorted(self.migrations.items()):
+            migrations.add_metric([role, status], n)
+        secrets = CounterMetricFamily("keyagent_secrets_added",
+                                      "Encrypted secret objects added to QEMU")
+        secrets.add_metric([], self.secrets_added)
+        buckets, total = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.latency_counts):
+            total += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        latency = HistogramMetricFamily("keyagent_attestation_seconds",
+                                        "SEV launch attestation, start to cont",
+                                        buckets=buckets, sum_value=self.latency_sum)
+        connected = GaugeMetricFamily("keyagent_qmp_connected", "1 while QMP is connected")
+        connected.add_metric([], 1 if self.qmp_connected else 0)
+        dropped = CounterMetricFamily("keyagent_qmp_events_dropped",
+                                      "QMP events dropped because the queue was full")
+        dropped.add_metric([], self.events_dropped())
+        return [started, finished, migrations, secrets, latency, connected, dropped]
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.registry import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
