@@ -48,7 +48,7 @@ def prepare_argv(argv: list[str], qmp_path: str) -> tuple[list[str], bool]:
     user_stopped = "-S" in argv[1:]
     out = list(argv)
     if not user_stopped:
-        out.insert(1, "-S")
+        out.append("-S")
     out += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
     return out, user_stopped
 
@@ -63,6 +63,7 @@ class Launcher(Sidecar):
         self.user_stopped = False
         self.master: Secret | None = None
         self._master_dir: str | None = None
+        self._session_dir: str | None = None
         self._signals = 0
         self._stderr_task: asyncio.Task | None = None
         self._qemu_done = asyncio.Event()
@@ -77,6 +78,7 @@ class Launcher(Sidecar):
         qmp_path = os.path.join(self.run_dir, QMP_SOCKET)
         self.opts.qmp_path = qmp_path
         argv, self.user_stopped = prepare_argv(self.qemu_argv, qmp_path)
+        await self._launch_session(argv)
         self.master = Secret(os.urandom(32))
         self._master_dir = make_key_dir(self.run_dir, "master")
         key_file = write_key_file(self._master_dir, "master.key", self.master.reveal())
@@ -116,10 +118,31 @@ class Launcher(Sidecar):
         self.log.info("QMP connected", qmp=qmp_path, qemu=qmp.qemu_version)
         return qmp
 
+    async def _launch_session(self, argv: list[str]) -> None:
+        """SEV with ``[sev] pdh``: the owner's launch session, as files QEMU reads."""
+        from agent import launch_session as ls
+
+        cfg = self.cfg
+        index = ls.find_sev_object(argv)
+        if not cfg.sev_enabled or not cfg.sev_pdh or index is None:
+            return
+        godh, session = await ls.fetch_session(
+            cfg.sev_owner_url, cfg.vm_name, cfg.sev_pdh, cfg.sev_cert_chain,
+            ls.sev_policy(argv[index]), cfg.sev_timeout_s)
+        self._session_dir = make_key_dir(self.run_dir, "session")
+        godh_path = write_key_file(self._session_dir, "godh.b64", godh)
+        session_path = write_key_file(self._session_dir, "session.b64", session)
+        argv[index] = ls.with_session_files(argv[index], godh_path, session_path)
+        self.log.info("launch session from the guest owner written for QEMU",
+                      dir=self._session_dir)
+
     def _drop_master_file(self) -> None:
-        if self._master_dir is not None:
-            remove_key_dir(self._master_dir)
-            self._master_dir = None
+        """Launch material QEMU read at start: the master key and the SEV session."""
+        for attr in ("_master_dir", "_session_dir"):
+            path = getattr(self, attr, None)
+            if path is not None:
+                remove_key_dir(path)
+                setattr(self, attr, None)
 
     async def _relay_stderr(self, loop) -> None:
         reader = asyncio.StreamReader()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from agent import __version__
 from agent.config import Config
 from agent.core.launch import LaunchParams, SevLaunchFlow
-from agent.errors import UsageError
+from agent.errors import FlowFailed, UsageError
 from agent.eventlog import EventLog
 from agent.io import qmp as qmpio
 from agent.io.rundir import prepare_run_dir, sweep_stale_keys
@@ -216,7 +216,7 @@ class Sidecar:
         try:
             try:
                 qmp = await self.open_monitor(self.wanted_events())
-            except qmpio.QmpDisconnectedError as exc:
+            except (qmpio.QmpDisconnectedError, FlowFailed) as exc:
                 self.exit_code, self.exit_reason = 1, str(exc)
                 return
             rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,

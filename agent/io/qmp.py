@@ -134,6 +134,16 @@ class QmpConnection:
         """Connect and negotiate, retrying while the socket is not there yet."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # qemu.qmp logs every refused attempt at ERROR; while we wait for QEMU
+        # to create its socket that is expected, so its logger is muted.
+        self.client.logger.disabled = True
+        try:
+            await self._connect_retrying(path, deadline)
+        finally:
+            self.client.logger.disabled = False
+
+    async def _connect_retrying(self, path: str, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
         last: Exception | None = None
         while True:
             try:

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -277,3 +278,33 @@ def test_replayed_launch_is_refused_409_and_the_vm_never_runs(chain):
     assert agent.wait() == 1, agent.stderr
     assert "launch already attested" in agent.stderr
     chain.assert_never_ran()
+
+
+# -- keyagent launch: the session comes from the owner, files gone after start ------
+
+def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
+    chain.platform_run()
+    digest = chain.firmware_digest()
+    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    fake_qemu = Path(__file__).parent.parent / "e2e" / "fake_qemu_sev.py"
+    run = chain.root / "run"
+    env = {"FAKE_QEMU_PDH_KEY": str(chain.root / "pdh.pem"), "FAKE_QEMU_DIGEST": digest.hex(),
+           "PYTHONPATH": str(Path(__file__).parent.parent.parent)}
+    proc = chain.world.spawn("launch", [
+        "launch", "--vm-name", "vm1", "--vm-run-dir", str(run), "--owner-url", url,
+        "--sev-pdh", str(chain.root / "pdh.b64"), "--sev-cert-chain", str(chain.root / "chain.b64"),
+        "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
+        "--event-log", str(chain.root / "events.jsonl"), "--log-level", "debug",
+        "--", sys.executable, str(fake_qemu), "-machine", "q35,confidential-guest-support=sev0",
+        "-object", f"sev-guest,id=sev0,policy={POLICY},cbitpos=51,reduced-phys-bits=1"], env=env)
+    chain.qmp = str(run / "qmp.sock")
+    chain.world.qmp = chain.qmp
+    wait_for(lambda: "launched: secret injected" in proc.stderr or proc.popen.poll() is not None,
+             timeout=30, what="the launch to finish")
+    assert proc.popen.poll() is None, proc.stderr
+    chain.assert_launched()
+    # QEMU (the simulator) read the session files at start; they are gone.
+    assert not list(run.glob("key-*")), list(run.iterdir())
+    proc.popen.send_signal(__import__("signal").SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == []
