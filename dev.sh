@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf)
+APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf
+              libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc)
 VENV=${KEYAGENT_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
@@ -30,12 +31,19 @@ venv_setup() {
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
 }
 
+# libvirt-python builds from source against libvirt-dev: only where it can.
+libvirt_setup() {
+    pkg-config --exists libvirt 2>/dev/null || return 0
+    "$VENV/bin/python" -c 'import libvirt' 2>/dev/null && return 0
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[libvirt]"
+}
+
 case "${1:-}" in
-    setup) apt_setup; venv_setup ;;
+    setup) apt_setup; venv_setup; libvirt_setup ;;
     demo)  venv_setup; exec "$VENV/bin/keyagent" demo ;;
     test)
         shift
-        apt_setup; venv_setup
+        apt_setup; venv_setup; libvirt_setup
         set +e
         "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
         rc=$?
