@@ -6,14 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf
-              libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc)
+# What keyagent runs with (the Containerfile installs the same), then what
+# only the tests need: a libvirtd for the --libvirt backend, and the
+# toolchain libvirt-python builds with.
+APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf)
+TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc)
 VENV=${KEYAGENT_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 apt_setup() {
     local missing=()
-    for p in "${APT_PACKAGES[@]}"; do
+    for p in "${APT_PACKAGES[@]}" "${TEST_APT_PACKAGES[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0

@@ -9,6 +9,7 @@ mistake is a :class:`UsageError` naming the key: exit status 2, one line.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import tomllib
@@ -28,6 +29,7 @@ class Key:
     default: Any = None
     choices: tuple | None = None
     minimum: float | None = None
+    maximum: float | None = None
     path: bool = False  # relative to the config file's directory
     check: Callable[[Any], str | None] | None = None
     help: str = ""
@@ -65,7 +67,8 @@ SCHEMA: tuple[Key, ...] = (
         help="(launch) the platform's PDH certificate, to get a launch session from the owner"),
     Key("sev", "cert_chain", str, None, path=True,
         help="(launch) the platform's PEK/OCA/CEK chain, sent with the PDH"),
-    Key("migration", "psk_length", int, 32, minimum=16),
+    # GnuTLS's psktool makes keys of at most 512 bytes.
+    Key("migration", "psk_length", int, 32, minimum=16, maximum=512),
     Key("migration", "dest_deadline_s", float, 60.0, minimum=0.001),
     Key("secrets", "master_key", str, "keyring", choices=("keyring", "file")),
     Key("vtpm", "state_dir", str, None, path=True),
@@ -108,7 +111,12 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
     if key.type is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{label} must be a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a TOML integer too large for a float
+            raise UsageError(f"{label} must be a finite number") from None
+        if not math.isfinite(value):  # nan would make every comparison false
+            raise UsageError(f"{label} must be a finite number")
     elif key.type is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UsageError(f"{label} must be an integer")
@@ -117,6 +125,8 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
             raise UsageError(f"{label} must be a non-empty string")
     if key.minimum is not None and value < key.minimum:
         raise UsageError(f"{label} must be at least {key.minimum:g}")
+    if key.maximum is not None and value > key.maximum:
+        raise UsageError(f"{label} must be at most {key.maximum:g}")
     if key.choices is not None and value not in key.choices:
         raise UsageError(f"{label} must be one of {', '.join(map(str, key.choices))}")
     if key.check is not None:
@@ -167,6 +177,10 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
             raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"invalid TOML in {path}: {exc}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"invalid TOML in {path}: not UTF-8 text") from None
+        except RecursionError:
+            raise UsageError(f"invalid TOML in {path}: nested too deeply") from None
         base = os.path.dirname(os.path.abspath(path))
         where = f"{path}: "
         for section, table in data.items():

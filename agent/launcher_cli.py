@@ -8,6 +8,7 @@ import signal
 
 from agent.config import config_from_args
 from agent.errors import UsageError
+from agent.hardening import harden_process
 from agent.runner_cli import add_agent_options, control_path
 
 
@@ -24,6 +25,7 @@ def run(args) -> int:
     from agent.logs import setup_logging
     from agent.sidecar import SidecarOptions
 
+    harden_process()  # no core dump, no same-uid ptrace: the agent holds keys
     setup_logging(args.log_level)
     argv = list(args.qemu_argv)
     if argv and argv[0] == "--":

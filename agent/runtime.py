@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, KeyringAdd,
                                 KeyringDrop, Log, PostOwner, RemoveKeyDir, SendQmp, WriteKeyDir)
-from agent.core.events import (KeyDirFailed, KeyDirReady, KeyringFailed, KeyringReady,
+from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyringFailed, KeyringReady,
                                QmpDisconnected, QmpError, QmpEvent, QmpReply)
 from agent.core.secret import Secret
 from agent.core.flow import Flow
@@ -89,6 +89,10 @@ class Runtime:
     def step(self, flow_id: str, event: Any) -> None:
         flow = self.flows.get(flow_id)
         if flow is None or flow.finished is not None:
+            if isinstance(event, ControlRequest):
+                # Raced the flow's end: answer rather than leave the caller hanging.
+                self._do(flow_id, ControlReply(event.req, 409,
+                                               {"error": "that flow has already ended"}))
             return
         self.event_log.event(flow_id, event)
         for action in flow.handle(event):
@@ -281,11 +285,18 @@ class Runtime:
     async def pump_qmp_events(self) -> None:
         assert self.qmp is not None
         async for msg in self.qmp.events:
-            name = msg.get("event")
-            data = msg.get("data") or {}
+            try:
+                name = msg.get("event")
+                data = msg.get("data")
+            except Exception:  # not even a mapping: nothing to tell a flow
+                continue
+            # QEMU's events carry an object or nothing; anything else is
+            # treated as no data rather than allowed to stop the pump (and
+            # with it the guard against a VM resumed behind our back).
+            data = dict(data) if isinstance(data, dict) else {}
             for flow_id, flow in self.flows.items():
                 if flow.finished is None and name in flow.wanted_events:
-                    self.feed(flow_id, QmpEvent(name, dict(data)))
+                    self.feed(flow_id, QmpEvent(name, data))
 
     async def watch_qmp(self) -> str:
         assert self.qmp is not None

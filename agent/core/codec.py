@@ -19,7 +19,27 @@ class CodecError(ValueError):
     pass
 
 
+# Values written and read as they are.  Checked by exact type first: the
+# codec runs on every event and action the agent records and on every one
+# ``keyagent replay --check`` re-runs, and most values are these.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names, computed once per class
+    (``dataclasses.fields()`` costs more than the encoding itself)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def to_json(value: Any) -> Any:
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, Secret):
         return value.to_log()
     if isinstance(value, dict):
@@ -32,6 +52,8 @@ def to_json(value: Any) -> Any:
 
 
 def from_json(value: Any) -> Any:
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, dict):
         if set(value) == {"redacted"} and isinstance(value["redacted"], int):
             n = value["redacted"]
@@ -46,9 +68,10 @@ def from_json(value: Any) -> Any:
 
 def encode(obj: Any) -> dict:
     """``{"type": "QmpReply", "tag": ..., ...}``"""
-    out = {"type": type(obj).__name__}
-    for f in dataclasses.fields(obj):
-        out[f.name] = to_json(getattr(obj, f.name))
+    cls = type(obj)
+    out = {"type": cls.__name__}
+    for name in _field_names(cls):
+        out[name] = to_json(getattr(obj, name))
     return out
 
 
@@ -59,9 +82,9 @@ def _decode(record: dict, types: dict[str, type]) -> Any:
     cls = types.get(name) if isinstance(name, str) else None
     if cls is None:
         raise CodecError(f"unknown type {name!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _field_names(cls)
     kwargs = {k: from_json(v) for k, v in record.items() if k != "type"}
-    unknown = set(kwargs) - names
+    unknown = [k for k in kwargs if k not in names]
     if unknown:
         raise CodecError(f"{name}: unknown field {sorted(unknown)[0]!r}")
     try:

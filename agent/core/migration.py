@@ -89,6 +89,7 @@ class MigrationFlow(Flow):
         self._cancel_req: str | None = None
         self._cleanup: list[tuple[str, dict]] = []
         self._leftover: str | None = None  # a setup command still out when we stopped
+        self._deadline_live = False  # the destination's deadline is armed, not cancelled
 
     @property
     def source(self) -> bool:
@@ -181,6 +182,7 @@ class MigrationFlow(Flow):
         self.state = State.MIGRATING
         if not self.source:
             actions.append(self.arm("deadline", self.params.dest_deadline_s))
+            self._deadline_live = True
         self._replied = True
         word = "started" if self.source else "listening"
         return [*actions, Log("info", f"migration {word}", {"uri": self.params.uri}),
@@ -195,14 +197,22 @@ class MigrationFlow(Flow):
             return []
         self.status = status
         actions: list[Action] = [Log("info", "migration status", {"status": status})]
-        if status == "active" and not self.source:
-            actions.append(_cancel("deadline"))  # the handshake worked
-        if status in FINAL and self.state in (State.MIGRATING, State.SETUP):
+        if status == "active" and not self.source and self._deadline_live:
+            # The handshake worked.  A firing already on its way must not end
+            # the migration now: _deadline() checks the flag.
+            self._deadline_live = False
+            actions.append(_cancel("deadline"))
+        # A final status counts once our migrate / migrate-incoming is out (it
+        # may come before that command's answer); before, it can only be an
+        # earlier migration's, and must not end (or "complete") this one.
+        started = self.state is State.MIGRATING or (
+            self.state is State.SETUP and self._last_command in ("migrate", "migrate-incoming"))
+        if status in FINAL and started:
             return [*actions, *self._finish_with(status, "")]
         return actions  # every other status, known today or not, is progress
 
     def _deadline(self) -> list[Action]:
-        if self.state is not State.MIGRATING:
+        if self.state is not State.MIGRATING or not self._deadline_live:
             return []
         return self._finish_with(
             "failed", f"no final migration status within {self.params.dest_deadline_s:g}s "

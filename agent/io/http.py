@@ -90,7 +90,7 @@ class Request:
     def json(self) -> Any:
         try:
             return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InvalidJson("request body is not valid JSON") from None
 
     def __repr__(self) -> str:  # the body may be a secret
@@ -206,7 +206,7 @@ async def _exchange(method: str, host: str, port: int, target: str, body: dict |
         raw = b"".join(chunks)
         try:
             parsed = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             parsed = None
         return status, parsed
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, Mapping
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
@@ -63,12 +64,16 @@ def describe(msg: Message) -> str:
 class RedactingQMPClient(QMPClient):
     """QMPClient whose DEBUG message log is redacted at the source."""
 
+    # Redacting and serialising a message costs more than sending it: only
+    # when DEBUG is on (``keyagent bench`` saw it on every launch's QMP path).
     def _cb_outbound(self, msg: Message) -> Message:  # type: ignore[override]
-        self.logger.debug("--> %s", describe(msg))
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", describe(msg))
         return msg
 
     def _cb_inbound(self, msg: Message) -> Message:  # type: ignore[override]
-        self.logger.debug("<-- %s", describe(msg))
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", describe(msg))
         return msg
 
 

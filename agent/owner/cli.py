@@ -298,6 +298,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     host, port = parse_listen(args.listen)
     config = load_owner_config(args.config)
+    from agent.hardening import harden_process
+
+    harden_process()  # the owner holds every VM's TIK/TEK and secrets: no core dump
     return asyncio.run(_serve(config, host, port))
 
 

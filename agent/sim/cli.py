@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from agent.sim.machine import DEFAULT_DIGEST, DEFAULT_SECRET_GPA, SimConfig
 
     setup_logging(args.log_level)
+    from agent.hardening import harden_process
+
+    harden_process()  # the simulated PSP holds TIK/TEK: no core dump
     path = _socket_path(args.qmp)
     policy = _number("--policy", args.policy, 0xFFFFFFFF)
     api_major = _number("--api-major", args.api_major, 0xFF)

@@ -153,6 +153,12 @@ def _error(exc: QmpError) -> dict:
     return {"error": {"class": exc.cls, "desc": exc.desc}}
 
 
+# Commands whose (last successful) time x-sim-query-clients shows, by name:
+# between "measured" and "injected" the client was asking the guest owner.
+_STAMPED = {"qmp_capabilities": "negotiated", "query-sev-launch-measure": "measured",
+            "sev-inject-launch-secret": "injected", "cont": "cont"}
+
+
 class _Connection:
     def __init__(self, cid: int, monitor: Monitor, writer: asyncio.StreamWriter) -> None:
         self.cid = cid
@@ -162,7 +168,7 @@ class _Connection:
         # (``time.monotonic()`` is the same clock in every process on Linux):
         # ``keyagent bench`` measures clients from the outside with these.
         self.times: dict = {"client": cid, "connected": time.monotonic(),
-                            "negotiated": None, "cont": None, "closed": None}
+                            **{stamp: None for stamp in _STAMPED.values()}, "closed": None}
 
     def send(self, obj: dict) -> None:
         if not self.writer.is_closing():
@@ -313,9 +319,9 @@ class Simulator:
                     break
                 for item in stream.feed(data):
                     reply, name = conn.monitor.handle(item)
-                    if name in ("qmp_capabilities", "cont") and "error" not in reply:
-                        conn.times["negotiated" if name == "qmp_capabilities" else "cont"] = \
-                            time.monotonic()
+                    stamp = _STAMPED.get(name)
+                    if stamp is not None and "error" not in reply:
+                        conn.times[stamp] = time.monotonic()
                     if name is not None:
                         outcome = "error" if "error" in reply else "ok"
                         log.info("sim.command", command=name[:64], outcome=outcome)

@@ -22,6 +22,8 @@ The invariants, checked on the action stream as it is produced:
   starting request too;
 * every run ends in ``Finish`` once QMP is gone (the launch even without it,
   when its timers fire), ``Finish`` is the last action, and nothing follows;
+* a migration "completes" (``Finish(0)``) only if its ``migrate`` /
+  ``migrate-incoming`` was sent; a ``Finish`` reason is one line;
 * a timer firing after the flow cancelled it changes nothing;
 * no secret's raw, hex or base64 form appears anywhere in the event log;
 * ``keyagent replay --check`` over the event log of the run (written by the
@@ -29,7 +31,7 @@ The invariants, checked on the action stream as it is produced:
   parameters produces exactly the recorded actions.
 
 The default run uses a few hundred examples per flow; ``-m slow`` runs
-10,000 each.
+10,000 each.  What the properties found is kept as plain tests at the end.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class World:
         self.outstanding: dict[str, SendQmp] = {}
         self.sent: dict[str, SendQmp] = {}
         self.acked: list[str] = []  # commands QEMU answered with success, in order
+        self.answered: set[str] = set()
         self.armed: set[str] = set()
         self.stale: set[str] = set()  # fired while being cancelled/re-armed: may still arrive
         self.owner_posts = 0
@@ -154,8 +157,10 @@ class World:
         self.events.append(event)
         if isinstance(event, ControlRequest):
             self.requests.setdefault(event.req, 0)
-        if isinstance(event, QmpReply) and event.tag in self.sent:
+        if isinstance(event, QmpReply) and event.tag in self.sent and event.tag not in self.answered:
             self.acked.append(self.sent[event.tag].command)
+        if isinstance(event, (QmpReply, QmpError)):
+            self.answered.add(event.tag)
         stale_timer = isinstance(event, TimerFired) and event.name not in self.armed
         if isinstance(event, TimerFired):
             self.armed.discard(event.name)
@@ -237,6 +242,9 @@ class World:
             assert self.requests.get(reply_to) == 1, "the starting request was never answered"
         if self.flow.kind == "sev-launch" and fin.code == 0:
             assert self.acked[-1:] == ["cont"] and "sev-inject-launch-secret" in self.acked
+        if self.flow.kind == "migration" and fin.code == 0:
+            # Only a migration that was started can have completed.
+            assert {"migrate", "migrate-incoming"} & {s.command for s in self.sent.values()}
         if self.flow.kind == "resume" and fin.code == 0:
             assert self.acked and self.acked[0] == "query-status"
 
@@ -320,7 +328,7 @@ class World:
                 self.feed(OwnerFailed("timed out after 30s talking to owner"))
         elif what == "key-dir":
             name = move[1]
-            if d.draw(st.integers(0, 4)):
+            if d.draw(st.integers(0, 9)) >= self.hostility:
                 self.key_dirs[name] = "ready"
                 self.feed(KeyDirReady(name, f"/run/keyagent/vm1/key-{name}-1"))
             else:
@@ -328,7 +336,7 @@ class World:
                 self.feed(KeyDirFailed(name, "cannot write key files: No space left on device"))
         elif what == "keyring":
             name = move[1]
-            if d.draw(st.integers(0, 4)):
+            if d.draw(st.integers(0, 9)) >= self.hostility:
                 self.keyring[name] = "ready"
                 self._serial += 1
                 self.feed(KeyringReady(name, self._serial))
@@ -409,7 +417,7 @@ def run_world(data, flow, first: list, secrets: tuple = ()) -> World:
         if flow.finished is not None:
             break
         world.play(data.draw(st.sampled_from(world.moves()), label="move"))
-    if data.draw(st.booleans(), label="cooperate"):
+    if data.draw(st.integers(0, 3), label="cooperate"):
         world.cooperate()
         if flow.kind in ("sev-launch", "resume"):
             # Answers and its own timers end these flows, QMP or not.
@@ -527,3 +535,85 @@ def test_migration_removes_its_key_dir_on_every_path_10k(data):
 @given(st.data())
 def test_secrets_flow_drops_the_master_copy_on_every_path_10k(data):
     secrets_property(data)
+
+
+# -- regressions: what the properties found, kept as plain examples ----------------------
+
+def _migration(role: str) -> MigrationFlow:
+    flow = MigrationFlow(MigrationParams(role=role, uri="tcp:127.0.0.1:4444", reply_to="ctl-1",
+                                         creds_id="tls0"))
+    flow.handle(Start())
+    return flow
+
+
+@pytest.mark.parametrize("role", ["source", "destination"])
+@pytest.mark.parametrize("ending", [QmpDisconnected("EOF"), ControlRequest("ctl-2", "cancel", {}),
+                                    QmpEvent("SHUTDOWN", {})])
+def test_migration_ending_before_the_key_dir_is_ready_still_removes_it(role, ending):
+    # The shell creates the directory when it carries out WriteKeyDir; an
+    # ending that overtakes KeyDirReady left it to the runtime's safety net.
+    flow = _migration(role)
+    (write,) = flow.handle(KeyProvided("psk", Secret(bytes(32))))
+    assert isinstance(write, WriteKeyDir)
+    out = flow.handle(ending)
+    assert RemoveKeyDir("tls") in out
+    assert flow.finished is not None
+
+
+def test_migration_key_dir_that_failed_is_not_removed_again():
+    flow = _migration("source")
+    flow.handle(KeyProvided("psk", Secret(bytes(32))))
+    out = flow.handle(KeyDirFailed("tls", "cannot write key files: No space left on device"))
+    assert not any(isinstance(a, RemoveKeyDir) for a in out)
+    assert flow.finished is not None and flow.finished.code == 1
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "cancelled"])
+def test_a_final_status_before_migrate_is_sent_does_not_end_the_migration(status):
+    # Found as: source, KeyDirReady, MIGRATION {"status": "completed"} while
+    # object-add was out -> Finish(0) "migration completed" for a migration
+    # that was never started (an orchestrator would then drop the source VM).
+    flow = _migration("source")
+    flow.handle(KeyProvided("psk", Secret(bytes(32))))
+    (add,) = flow.handle(KeyDirReady("tls", "/run/vm/key-tls-1"))
+    assert add.command == "object-add"
+    assert not any(isinstance(a, (Finish, SendQmp))
+                   for a in flow.handle(QmpEvent("MIGRATION", {"status": status})))
+    assert flow.finished is None
+    steps = flow.handle(QmpReply(add.tag, {}))
+    while flow.finished is None and (sends := [a for a in steps if isinstance(a, SendQmp)]):
+        steps = flow.handle(QmpReply(sends[-1].tag, {}))
+    assert flow.state.value == "migrating"
+
+
+def test_a_final_status_right_after_migrate_is_sent_counts():
+    # QEMU may emit the final MIGRATION event before the migrate command returns.
+    flow = _migration("source")
+    flow.handle(KeyProvided("psk", Secret(bytes(32))))
+    steps = flow.handle(KeyDirReady("tls", "/run/vm/key-tls-1"))
+    while (send := [a for a in steps if isinstance(a, SendQmp)][-1]).command != "migrate":
+        steps = flow.handle(QmpReply(send.tag, {}))
+    out = flow.handle(QmpEvent("MIGRATION", {"status": "failed"}))
+    assert out and flow.state.value == "cleanup"
+
+
+def test_a_multi_line_qemu_error_gives_a_one_line_finish_reason():
+    flow = SevLaunchFlow(LaunchParams(vm="vm1", on_refusal="pause"))
+    (_arm, send) = flow.handle(Start())
+    out = flow.handle(QmpError(send.tag, "GenericError", "multi\nline\r\nerror"))
+    assert out[-1] == Finish(1, "query-status failed: multi line error (VM left paused)")
+
+
+def test_a_deadline_already_firing_when_the_migration_became_active_is_ignored():
+    # Found by the 10k run: destination MIGRATING, MIGRATION "active" (the flow
+    # cancels the deadline), then the TimerFired that was already queued: the
+    # flow tore down a migration whose handshake had worked.
+    flow = _migration("destination")
+    flow.handle(KeyProvided("psk", Secret(bytes(32))))
+    steps = flow.handle(KeyDirReady("tls", "/run/vm/key-tls-1"))
+    while flow.state.value != "migrating":
+        steps = flow.handle(QmpReply([a for a in steps if isinstance(a, SendQmp)][-1].tag, {}))
+    assert ArmTimer("deadline", 60.0) in steps
+    assert CancelTimer("deadline") in flow.handle(QmpEvent("MIGRATION", {"status": "active"}))
+    assert flow.handle(TimerFired("deadline")) == []
+    assert flow.state.value == "migrating" and flow.finished is None
