@@ -183,3 +183,33 @@ def test_launch_as_pid_1_reaps_orphans_and_exits_with_qemus_status(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@needs_qemu
+def test_stale_keyring_key_and_key_dir_are_swept_at_start(tmp_path):
+    from agent.io import keyring
+
+    if keyring.usable() is not None:
+        pytest.skip(keyring.usable())
+    world = World(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    (run_dir / "key-tls-deadbeef").mkdir(mode=0o700)
+    (run_dir / "key-tls-deadbeef" / "keys.psk").write_text("qemu:00\n")
+    serial = keyring.add_key("keyagent:dst:master", os.urandom(32))
+    try:
+        q, agent = destination(world, run_dir)
+        try:
+            assert not (run_dir / "key-tls-deadbeef").exists()
+            with pytest.raises(OSError):
+                keyring.search("keyagent:dst:master")
+            assert "swept stale key material" in agent.stderr
+        finally:
+            world.close()
+            q.stop()
+    finally:
+        for step in (keyring.revoke, keyring.unlink):
+            try:
+                step(serial)
+            except OSError:
+                pass
