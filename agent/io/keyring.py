@@ -112,28 +112,33 @@ def list_keys(keyring: int = KEY_SPEC_USER_KEYRING) -> list[int]:
     return list(struct.unpack(f"<{len(raw) // 4}i", bytes(raw[: len(raw) // 4 * 4])))
 
 
-def sweep(prefix: str, keyring: int = KEY_SPEC_USER_KEYRING) -> list[str]:
-    """Revoke and unlink every user key whose description starts with ``prefix``."""
-    removed = []
+def find(prefix: str, keyring: int = KEY_SPEC_USER_KEYRING) -> list[tuple[int, str]]:
+    """(serial, description) of the keys in ``keyring`` whose description starts with ``prefix``."""
     try:
         serials = list_keys(keyring)
     except OSError:
-        return removed
+        return []
+    found = []
     for serial in serials:
         try:
             desc = describe(serial).split(";", 4)[-1]
         except OSError:
             continue
         if desc.startswith(prefix):
+            found.append((serial, desc))
+    return found
+
+
+def sweep(prefix: str, keyring: int = KEY_SPEC_USER_KEYRING) -> list[str]:
+    """Revoke and unlink every user key whose description starts with ``prefix``."""
+    removed = []
+    for serial, desc in find(prefix, keyring):
+        for step in (revoke, lambda s: unlink(s, keyring)):
             try:
-                revoke(serial)
+                step(serial)
             except OSError:
                 pass
-            try:
-                unlink(serial, keyring)
-            except OSError:
-                pass
-            removed.append(desc)
+        removed.append(desc)
     return removed
 
 

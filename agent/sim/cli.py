@@ -241,16 +241,21 @@ def _session_keys(args: argparse.Namespace) -> tuple[bytes, bytes, str | None]:
     return tik, tek, args.keys_out
 
 
-def _read_file(flag: str, path: str, limit: int) -> bytes:
+def _read_upto(flag: str, path: str, size: int) -> bytes:
+    """At most ``size`` bytes of a file that is not a symlink."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "rb") as f:
-            data = f.read(limit + 1)
+            return f.read(size)
     except OSError as exc:
         raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+
+def _read_file(flag: str, path: str, limit: int) -> bytes:
+    data = _read_upto(flag, path, limit + 1)
     if len(data) > limit:
         raise UsageError(f"{flag}: {path} is larger than {limit} bytes")
     return data
@@ -309,15 +314,7 @@ def _write_platform_certs(platform, outputs: dict[str, str | None]) -> None:
 
 
 def _read_key(flag: str, path: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(_KEY_LEN + 1)
-    except OSError as exc:
-        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    data = _read_upto(flag, path, _KEY_LEN + 1)
     if len(data) != _KEY_LEN:
         shown = f"{len(data)}" if len(data) <= _KEY_LEN else f"more than {_KEY_LEN}"
         raise UsageError(f"{flag}: {path} must hold exactly {_KEY_LEN} raw bytes, found {shown}")

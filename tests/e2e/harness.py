@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -198,3 +199,32 @@ class StandInOwner:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def leak_checked(world: World, *, dirs: tuple[str, ...] = ("run",),
+                 files: tuple[str, ...] = ("events.jsonl",)):
+    """Run a test's processes under the leak scan.
+
+    Argv is watched while the test runs; afterwards every process's stderr
+    and stdout, the named files and directories (relative to the world's
+    tmp) are searched for every secret the test registered on ``world.scan``.
+    """
+    from tests.leakscan import ArgvWatcher, LeakScan
+
+    scan = LeakScan()
+    world.scan = scan
+    with ArgvWatcher() as argv:
+        scan.argv = argv
+        try:
+            yield scan
+        finally:
+            world.close()
+    for proc in world.procs:
+        scan.text(f"{proc.name} stderr", proc.stderr)
+        scan.text(f"{proc.name} stdout", proc.stdout)
+    for name in files:
+        if (world.tmp / name).exists():
+            scan.file(str(world.tmp / name))
+    scan.dirs += [str(world.tmp / d) for d in dirs]
+    scan.check()

@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from tests.e2e.harness import KEYAGENT, World, wait_for
+from tests.e2e.harness import KEYAGENT, World, leak_checked, wait_for
 from tests.e2e.qemu import QEMU, Qemu
 from tests.e2e.test_migration import ctl
-from tests.leakscan import ArgvWatcher, LeakScan
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 
@@ -50,19 +49,8 @@ class Launched:
 @pytest.fixture
 def world(tmp_path):
     w = World(tmp_path)
-    scan = LeakScan()
-    with ArgvWatcher() as argv:
-        scan.argv = argv
-        w.scan = scan
-        try:
-            yield w
-        finally:
-            w.close()
-    for proc in w.procs:
-        scan.text(f"{proc.name} stderr", proc.stderr)
-    if (tmp_path / "events.jsonl").exists():
-        scan.file(str(tmp_path / "events.jsonl"))
-    scan.check()
+    with leak_checked(w, dirs=()):
+        yield w
 
 
 def qemu_pid(launched) -> int:

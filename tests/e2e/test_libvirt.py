@@ -44,6 +44,7 @@ import pytest
 from tests.e2e.harness import World, wait_for
 from tests.e2e.qemu import QEMU
 from tests.e2e.test_migration import ctl
+from tests.e2e.test_secrets import make_luks
 from tests.leakscan import ArgvWatcher, LeakScan
 
 LIBVIRTD = shutil.which("libvirtd") or ("/usr/sbin/libvirtd" if os.path.exists(
@@ -183,16 +184,6 @@ _names = iter(range(1000))
 
 def domain_name() -> str:
     return f"keyagent-lv-{os.getpid()}-{next(_names)}"
-
-
-def make_luks(image: Path, passfile: Path) -> None:
-    for _ in range(5):  # qemu-img's PBKDF benchmark can fail on a busy machine
-        out = subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object",
-                              f"secret,id=s0,file={passfile}", "-o", "key-secret=s0,iter-time=10",
-                              str(image), "1M"], capture_output=True, text=True)
-        if out.returncode == 0:
-            return
-    raise AssertionError(out.stderr)
 
 
 # -- the agent as a process, against libvirtd ---------------------------------------------

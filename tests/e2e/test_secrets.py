@@ -29,15 +29,7 @@ def master_mode_params():
 def agent_keys(vm: str) -> list[str]:
     if KEYRING_PROBLEM is not None:
         return []
-    out = []
-    for serial in keyring.list_keys():
-        try:
-            desc = keyring.describe(serial).split(";", 4)[-1]
-        except OSError:
-            continue
-        if desc.startswith(f"keyagent:{vm}:"):
-            out.append(desc)
-    return out
+    return [desc for _serial, desc in keyring.find(f"keyagent:{vm}:")]
 
 
 def make_luks(image: Path, passfile: Path) -> None:

@@ -13,32 +13,18 @@ import os
 
 import pytest
 
-from tests.e2e.harness import DIGEST, DISK_PASS, LUKS_GUID, StandInOwner, World, free_port, wait_for
-from tests.leakscan import ArgvWatcher, LeakScan
+from tests.e2e.harness import (DISK_PASS, LUKS_GUID, StandInOwner, World, free_port,
+                               leak_checked, wait_for)
 
 
 @pytest.fixture
 def world(tmp_path):
     w = World(tmp_path)
-    scan = LeakScan()
-    scan.secret("disk passphrase", DISK_PASS)
-    scan.secret("TIK", w.tik)
-    scan.secret("TEK", w.tek)
-    scan.dirs.append(str(tmp_path / "run"))
-    with ArgvWatcher() as argv:
-        scan.argv = argv
-        w.scan = scan
-        try:
-            yield w
-        finally:
-            w.close()
-    for proc in w.procs:
-        scan.text(f"{proc.name} stderr", proc.stderr)
-        scan.text(f"{proc.name} stdout", proc.stdout)
-    events = tmp_path / "events.jsonl"
-    if events.exists():
-        scan.file(str(events))
-    scan.check()
+    with leak_checked(w) as scan:
+        scan.secret("disk passphrase", DISK_PASS)
+        scan.secret("TIK", w.tik)
+        scan.secret("TEK", w.tek)
+        yield w
 
 
 def last_error_line(proc) -> dict:

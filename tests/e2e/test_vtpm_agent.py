@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from agent.io import swtpm
-from tests.e2e.harness import World, free_port, wait_for
+from tests.e2e.harness import World, free_port, leak_checked, wait_for
 from tests.e2e.qemu import QEMU, Qemu
 from tests.e2e.test_migration import ctl, ctl_json
-from tests.leakscan import ArgvWatcher, LeakScan
 
 pytestmark = pytest.mark.skipif(QEMU is None or shutil.which("swtpm") is None,
                                 reason="qemu-system-x86_64 or swtpm is not installed")
@@ -29,26 +28,19 @@ def world():
     w = World(tmp)
     w.key = os.urandom(32)
     (tmp / "tpm.key").write_bytes(w.key)
-    scan = LeakScan()
-    scan.secret("vTPM key", w.key)
-    with ArgvWatcher() as argv:
-        scan.argv = argv
-        w.scan = scan
-        try:
-            yield w
-        finally:
-            w.close()
-            subprocess.run(["pkill", "-f", str(tmp)], check=False)
-    for proc in w.procs:
-        scan.text(f"{proc.name} stderr", proc.stderr)
-    for name in ("run", "src-run", "dst-run"):
-        scan.dirs.append(str(tmp / name))
-    # Besides the agent's own reference to it, the key's path is in no argv:
-    # swtpm and swtpm_setup get fd numbers.
-    assert not any(str(tmp / "tpm.key").encode() in a for a in argv.seen
-                   if b"--vtpm-key" not in a)
-    scan.check()
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with leak_checked(w, dirs=("run", "src-run", "dst-run"), files=()) as scan:
+            scan.secret("vTPM key", w.key)
+            try:
+                yield w
+            finally:
+                subprocess.run(["pkill", "-f", str(tmp)], check=False)
+            # Besides the agent's own reference to it, the key's path is in no
+            # argv: swtpm and swtpm_setup get fd numbers.
+            assert not any(str(tmp / "tpm.key").encode() in a for a in scan.argv.seen
+                           if b"--vtpm-key" not in a)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def launch(world: World, name: str, *qemu_extra: str, run: str = "run", state: str = "tpm",
