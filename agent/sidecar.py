@@ -104,7 +104,9 @@ class Sidecar:
 
     def _on_signal(self, signame: str) -> None:
         self.log.info("signal received, stopping", signal=signame)
-        if self.runtime is not None and self.runtime.active() and self.exit_code == 0:
+        launch = self.runtime.flows.get("launch") if self.runtime is not None else None
+        if launch is not None and launch.finished is None and self.exit_code == 0:
+            # The VM stays where it is (paused): never resumed without its secret.
             self.exit_code = 1
             self.exit_reason = f"stopped by {signame} before the launch completed"
         self.done.set()
