@@ -59,7 +59,7 @@ def from_json(value: Any) -> Any:
             n = value["redacted"]
             if not 0 <= n <= 1 << 20:
                 raise CodecError(f"redacted length {n} out of range")
-            return Secret(bytes(n))
+            return Secret.placeholder(n)
         return {k: from_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [from_json(v) for v in value]
