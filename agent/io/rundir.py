@@ -47,21 +47,26 @@ def prepare_run_dir(path: str) -> str:
 
 
 def sweep_stale_keys(run_dir: str) -> list[str]:
-    """Remove key directories and key files left by a crashed agent."""
+    """Remove key directories and key files left by a crashed agent.
+
+    ``key-*`` directories at the top, and a ``keys.psk`` anywhere below
+    (the run_dir is the agent's alone, so any is stale).  Links are not
+    followed.
+    """
     removed = []
     for entry in os.scandir(run_dir):
-        stale = (entry.name.startswith(KEY_DIR_PREFIX) and entry.is_dir(follow_symlinks=False)) \
-            or entry.name in STALE_FILE_NAMES
-        if not stale:
-            continue
-        if entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith(KEY_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
-        removed.append(entry.name)
+            removed.append(entry.name)
+    for root, dirs, files in os.walk(run_dir, followlinks=False):
+        for name in files:
+            if name in STALE_FILE_NAMES:
+                path = os.path.join(root, name)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(os.path.relpath(path, run_dir))
     return sorted(removed)
 
 
