@@ -95,5 +95,30 @@ def write_key_file(directory: str, name: str, data: bytes) -> str:
     return path
 
 
+def write_new_files(files: list[tuple[str, bytes]], what: str) -> None:
+    """Write key files for a user (``--out-dir``, ``--keys-out``): each new,
+    0600, O_EXCL|O_NOFOLLOW; all or nothing.  ``what`` names the flag in the
+    one-line error."""
+    from agent.errors import UsageError
+
+    written: list[str] = []
+    try:
+        for target, data in files:
+            try:
+                written.append(write_key_file(os.path.dirname(target) or ".",
+                                              os.path.basename(target), data))
+            except FileExistsError:
+                raise UsageError(f"{what}: {target} already exists; not overwriting it") from None
+            except OSError as exc:
+                raise UsageError(f"{what}: cannot write {target}: {exc.strerror}") from None
+    except BaseException:
+        for target in written:
+            try:
+                os.unlink(target)
+            except OSError:
+                pass
+        raise
+
+
 def remove_key_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)

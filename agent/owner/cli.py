@@ -247,28 +247,9 @@ def cmd_session(args: argparse.Namespace) -> int:
 
 
 def _write_new_files(files: list[tuple[str, bytes]]) -> None:
-    """Create each file 0600 with O_EXCL|O_NOFOLLOW; on any failure remove those made."""
-    import contextlib
-    import errno
-    import os
+    from agent.io.rundir import write_new_files
 
-    written: list[str] = []
-    try:
-        for target, data in files:
-            try:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                if exc.errno == errno.EEXIST:
-                    raise UsageError(f"--out-dir: {target} already exists; not overwriting it") from None
-                raise UsageError(f"--out-dir: cannot write {target}: {exc.strerror}") from None
-            written.append(target)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-    except BaseException:
-        for target in written:
-            with contextlib.suppress(OSError):
-                os.unlink(target)
-        raise
+    write_new_files(files, "--out-dir")
 
 
 # -- serve --------------------------------------------------------------------

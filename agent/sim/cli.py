@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
-import errno
 import json
 import os
 import signal
@@ -329,24 +327,10 @@ def _write_keys(directory: str, files: dict[str, bytes]) -> None:
             raise UsageError(f"--keys-out {directory} exists and is not a directory") from None
     except OSError as exc:
         raise UsageError(f"--keys-out: cannot create {directory}: {exc.strerror}") from None
-    written: list[str] = []
-    try:
-        for name, data in files.items():
-            target = os.path.join(directory, name)
-            try:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                if exc.errno == errno.EEXIST:
-                    raise UsageError(f"--keys-out: {target} already exists; not overwriting it") from None
-                raise UsageError(f"--keys-out: cannot write {target}: {exc.strerror}") from None
-            written.append(target)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-    except BaseException:
-        for target in written:
-            with contextlib.suppress(OSError):
-                os.unlink(target)
-        raise
+    from agent.io.rundir import write_new_files
+
+    write_new_files([(os.path.join(directory, name), data) for name, data in files.items()],
+                    "--keys-out")
 
 
 if __name__ == "__main__":  # pragma: no cover

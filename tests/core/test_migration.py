@@ -1,7 +1,5 @@
 """The migration flow, both roles, driven event by event."""
 
-import pytest
-
 from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, RemoveKeyDir,
                                 SendQmp, WriteKeyDir)
 from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,

@@ -4,10 +4,8 @@ VM never resumed without its secret, QEMU in a known state."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from tests.e2e.harness import DISK_PASS, KEYAGENT, StandInOwner, World, free_port, wait_for
 from tests.e2e.qemu import QEMU, Qemu
 from tests.e2e.test_migration import ctl, ctl_json
-from tests.leakscan import ArgvWatcher, LeakScan
+from tests.leakscan import LeakScan
 
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -111,7 +109,7 @@ def test_agent_killed_during_attestation_never_resumes_and_a_new_agent_finishes(
     world = World(tmp_path)
     stalling = StandInOwner(stall=30)
     try:
-        sim = world.simulator()
+        world.simulator()
         first = world.agent(stalling.url)
         wait_for(lambda: "asking the guest owner" in first.stderr, what="owner request")
         first.popen.kill()

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import io
-import logging
 import os
 
 import pytest
