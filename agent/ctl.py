@@ -38,11 +38,15 @@ def _migrate_opts(p, psk: bool, cookie: bool) -> None:
         g.add_argument("--psk-ref", metavar="REF", help="file:PATH, keyring:DESC or libvirt:UUID")
     p.add_argument("--multifd", action="store_true", help="use multifd channels")
     p.add_argument("--multifd-channels", type=int, default=2, metavar="N")
+    p.add_argument("--postcopy", action="store_true",
+                   help="postcopy (give it on both sides; the source switches once active)")
 
 
 def _migrate_body(args) -> dict:
     body: dict = {"uri": args.uri, "multifd": args.multifd,
                   "multifd_channels": args.multifd_channels}
+    if args.postcopy:
+        body["postcopy"] = True
     if getattr(args, "cookie", None):
         body["cookie"] = args.cookie
     ref = getattr(args, "psk_ref", None) or _file_ref(getattr(args, "psk_file", None))

@@ -139,6 +139,10 @@ class MigrationControl:
             psk.wipe()
             raise ControlError(409, "no run_dir configured: the agent has nowhere to put key files")
         multifd = args.get("multifd", False)
+        postcopy = args.get("postcopy", False)
+        if not isinstance(postcopy, bool):
+            psk.wipe()
+            raise ControlError(400, "postcopy must be a boolean")
         channels = args.get("multifd_channels", 2)
         if not isinstance(multifd, bool) or isinstance(channels, bool) or \
                 not isinstance(channels, int) or not 1 <= channels <= 255:
@@ -149,7 +153,7 @@ class MigrationControl:
         req, future = rt.new_request()
         flow = MigrationFlow(MigrationParams(
             role=role, uri=_uri(args), reply_to=req, creds_id=f"keyagent-tls-{flow_id}",
-            multifd=multifd, multifd_channels=channels,
+            multifd=multifd, multifd_channels=channels, postcopy=postcopy,
             dest_deadline_s=self.sidecar.cfg.migration_dest_deadline_s))
         rt.start_flow(flow_id, flow)
         rt.feed(flow_id, KeyProvided("psk", psk))

@@ -60,6 +60,7 @@ class MigrationParams:
     creds_id: str
     multifd: bool = False
     multifd_channels: int = 2
+    postcopy: bool = False  # both sides: postcopy-ram; the source switches once active
     dest_deadline_s: float = 60.0
 
 
@@ -90,6 +91,8 @@ class MigrationFlow(Flow):
         self._cleanup: list[tuple[str, dict]] = []
         self._leftover: str | None = None  # a setup command still out when we stopped
         self._deadline_live = False  # the destination's deadline is armed, not cancelled
+        self._postcopy_asked = False
+        self._postcopy_tag: str | None = None
 
     @property
     def source(self) -> bool:
@@ -102,7 +105,8 @@ class MigrationFlow(Flow):
         if isinstance(event, Start):
             return [Log("info", "migration prepared, waiting for the key",
                         {"role": self.params.role, "uri": self.params.uri,
-                         "multifd": self.params.multifd})]
+                         "multifd": self.params.multifd,
+                         "postcopy": self.params.postcopy})]
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)
         if isinstance(event, ControlRequest):
@@ -116,6 +120,9 @@ class MigrationFlow(Flow):
             self._dir = False  # the shell left nothing behind
             return self._abort(f"cannot write the PSK: {event.reason}")
         if isinstance(event, (QmpReply, QmpError)):
+            if isinstance(event, QmpError) and event.tag == self._postcopy_tag:
+                return [Log("warning", "could not switch to postcopy; precopy goes on",
+                            {"error": event.desc})]
             if event.tag != self._pending:
                 return []
             self._pending = None
@@ -147,6 +154,8 @@ class MigrationFlow(Flow):
                  "endpoint": "client" if self.source else "server"}
         caps = [{"capability": "events", "state": True},
                 {"capability": "multifd", "state": p.multifd}]
+        if p.postcopy:
+            caps.append({"capability": "postcopy-ram", "state": True})
         params = {"tls-creds": p.creds_id}
         if p.multifd:
             params["multifd-channels"] = p.multifd_channels
@@ -202,6 +211,14 @@ class MigrationFlow(Flow):
             # the migration now: _deadline() checks the flag.
             self._deadline_live = False
             actions.append(_cancel("deadline"))
+        if status == "active" and self.source and self.params.postcopy \
+                and not self._postcopy_asked and self.state is State.MIGRATING:
+            # Switch to postcopy at once: the destination runs the guest and
+            # pulls the rest.  Its answer is not waited for: MIGRATION events
+            # (postcopy-active, completed or failed) tell how it went.
+            self._postcopy_asked = True
+            self._postcopy_tag = self.next_tag("migrate-start-postcopy")
+            actions.append(SendQmp(self._postcopy_tag, "migrate-start-postcopy", {}))
         # A final status counts once our migrate / migrate-incoming is out (it
         # may come before that command's answer); before, it can only be an
         # earlier migration's, and must not end (or "complete") this one.

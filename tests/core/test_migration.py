@@ -172,3 +172,26 @@ def test_stop_while_a_setup_command_is_out_undoes_it_when_it_answers():
     out = answer_all(f, f.handle(QmpReply(add.tag, {})))
     assert cmds(out) == ["object-del"]
     assert out[-1].code == 1
+
+
+def test_postcopy_switches_once_active_and_follows_postcopy_statuses():
+    f = flow("source", postcopy=True)
+    _w, seen = start(f)
+    caps = next(a for a in seen if isinstance(a, SendQmp) and a.command == "migrate-set-capabilities")
+    assert {"capability": "postcopy-ram", "state": True} in caps.args["capabilities"]
+    out = f.handle(QmpEvent("MIGRATION", {"status": "active"}))
+    assert cmds(out) == ["migrate-start-postcopy"]
+    assert cmds(f.handle(QmpEvent("MIGRATION", {"status": "active"}))) == []  # asked once
+    assert f.handle(QmpEvent("MIGRATION", {"status": "postcopy-active"}))[-1].fields == \
+        {"status": "postcopy-active"}
+    out = answer_all(f, f.handle(QmpEvent("MIGRATION", {"status": "completed"})))
+    assert out[-1] == Finish(0, "migration completed")
+
+
+def test_a_refused_postcopy_switch_is_logged_and_precopy_goes_on():
+    f = flow("source", postcopy=True)
+    start(f)
+    (switch,) = [a for a in f.handle(QmpEvent("MIGRATION", {"status": "active"}))
+                 if isinstance(a, SendQmp)]
+    (log,) = f.handle(QmpError(switch.tag, "GenericError", "Postcopy is not enabled"))
+    assert log.level == "warning" and f.finished is None

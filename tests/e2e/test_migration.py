@@ -112,12 +112,16 @@ def capture_psk(host: Host, scan: LeakScan) -> None:
 
 
 @pytest.mark.parametrize("mode", ["sealed", "psk-file"])
-@pytest.mark.parametrize("multifd", [False, True], ids=["single", "multifd"])
-def test_migration_completes_and_the_guest_memory_travels(pair, mode, multifd):
+@pytest.mark.parametrize("variant", ["single", "multifd", "postcopy"])
+def test_migration_completes_and_the_guest_memory_travels(pair, mode, variant):
     src, dst, tmp = pair.src, pair.dst, pair.tmp
     boot_source(pair)
     uri = f"tcp:127.0.0.1:{free_port()}"
-    extra = ["--multifd"] if multifd else []
+    extra = {"single": [], "multifd": ["--multifd"], "postcopy": ["--postcopy"]}[variant]
+    if variant == "postcopy":
+        # Slow precopy down, so that the switch to postcopy happens before
+        # precopy could finish (postcopy itself has no cap by default).
+        src.qemu.qmp("migrate-set-parameters", {"max-bandwidth": 64 * 1024})
     if mode == "sealed":
         offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
         cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
@@ -140,6 +144,9 @@ def test_migration_completes_and_the_guest_memory_travels(pair, mode, multifd):
     assert json.loads(done.stdout)["status"] == "completed"
     assert json.loads(ctl(dst.control, "migrate", "wait", "--timeout", "30").stdout)["status"] \
         == "completed"
+    if variant == "postcopy":
+        events = src.event_log.read_text()
+        assert "migrate-start-postcopy" in events and '"postcopy-active"' in events
     memory = dst.qemu.read_memory(BOOT_ADDR, 512, tmp)
     assert memory[MARKER_OFFSET:MARKER_OFFSET + len(pair.marker)] == pair.marker
     src.assert_clean()
