@@ -103,10 +103,11 @@ class MigrationFlow(Flow):
         if self.state is State.DONE:
             return self._late(event)
         if isinstance(event, Start):
-            return [Log("info", "migration prepared, waiting for the key",
-                        {"role": self.params.role, "uri": self.params.uri,
-                         "multifd": self.params.multifd,
-                         "postcopy": self.params.postcopy})]
+            fields = {"role": self.params.role, "uri": self.params.uri,
+                      "multifd": self.params.multifd}
+            if self.params.postcopy:  # only then: older recorded traces replay unchanged
+                fields["postcopy"] = True
+            return [Log("info", "migration prepared, waiting for the key", fields)]
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)
         if isinstance(event, ControlRequest):
