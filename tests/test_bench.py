@@ -27,6 +27,9 @@ def test_smoke_run_prints_every_figure_as_json_and_exits_0():
     for key in KEYS:
         if key in report["skipped"]:  # migration without QEMU
             assert report[key] is None and report["skipped"][key]
+        elif key == "launch_added_ms_p50":
+            # A difference of two medians: in noise the agent can come out ahead.
+            assert isinstance(report[key], (int, float)), key
         else:
             assert isinstance(report[key], (int, float)) and report[key] > 0, key
     assert set(report["targets_met"]) == set(KEYS)
