@@ -76,10 +76,24 @@ def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 66 - len(title)))
 
 
-def run(args) -> int:
+def _show(result: tuple[int, str, dict]) -> tuple[int, dict]:
+    """Print one launch: its event log as a timeline, the outcome, the replay check."""
     from agent.eventlog import read_records
-    from agent.logs import setup_logging
     from agent.replay import check, print_timeline
+
+    code, events, state = result
+    records = list(read_records(events))
+    print_timeline(records, sys.stdout)
+    entries = state["secret_entries"]
+    print(f"agent exit status {code}; VM {state['status']}"
+          f"{'' if state['status'] == 'running' else ' (never resumed)'}, "
+          f"{entries} secret entr{'y' if entries == 1 else 'ies'} injected")
+    print(check(records))
+    return code, state
+
+
+def run(args) -> int:
+    from agent.logs import setup_logging
 
     setup_logging(args.log_level)
     firmware = hashlib.sha256(b"keyagent demo firmware").digest()
@@ -88,22 +102,12 @@ def run(args) -> int:
         work = Path(tmp)
 
         _section("1. the guest owner expects this firmware: secret released, VM runs")
-        code, events, state = asyncio.run(_launch(work, "demo-good", firmware, firmware))
-        records = list(read_records(events))
-        print_timeline(records, sys.stdout)
-        print(f"agent exit status {code}; VM {state['status']}, "
-              f"{state['secret_entries']} secret entr{'y' if state['secret_entries'] == 1 else 'ies'} injected")
-        print(check(records))
+        code, state = _show(asyncio.run(_launch(work, "demo-good", firmware, firmware)))
         ok &= code == 0 and state["status"] == "running" and not state["resumed_without_secret"]
 
         _section("2. the firmware differs from what the owner expects: refused")
         other = hashlib.sha256(b"tampered firmware").digest()
-        code, events, state = asyncio.run(_launch(work, "demo-bad", firmware, other))
-        records = list(read_records(events))
-        print_timeline(records, sys.stdout)
-        print(f"agent exit status {code}; VM {state['status']} (never resumed), "
-              f"{state['secret_entries']} secret entries injected")
-        print(check(records))
+        code, state = _show(asyncio.run(_launch(work, "demo-bad", firmware, other)))
         ok &= code == 1 and state["status"] != "running" and state["secret_entries"] == 0
 
     _section("result")

@@ -211,9 +211,6 @@ class Launcher(Sidecar):
             self.log.info("grace period over: quitting QEMU", grace_s=grace)
             await self._quit()
 
-    async def _quit_after_close(self) -> None:
-        """The monitor is closed by now: ask QEMU to go with SIGTERM."""
-        self.qemu.terminate()
 
     async def _quit(self) -> None:
         try:
@@ -230,7 +227,7 @@ class Launcher(Sidecar):
                 and self.runtime.qmp_gone is None:
             # We are leaving while QEMU lives (a refused launch that left it
             # paused, or a failure): an entrypoint does not leave QEMU behind.
-            await self._quit_after_close()
+            self.qemu.terminate()  # the monitor is closed by now: SIGTERM is what is left
         try:
             await asyncio.wait_for(self._qemu_done.wait(), KILL_AFTER_QUIT_S)
         except asyncio.TimeoutError:

@@ -411,19 +411,20 @@ def test_agent_qmp_shell_survives_random_qemu_output(script):
     assert seen and all(one_line(s) for s in seen), seen
 
 
-@pytest.mark.parametrize("garbage", [b"}}}{{{ not json\r\n", b"\xff\xfe" * 64 + b"\r\n",
-                                     b"[" * 50_000 + b"]" * 50_000 + b"\r\n",
-                                     b'{"error": {"class": "GenericError", "desc": "x"}}\r\n'],
-                         ids=["junk", "binary", "deep", "error-without-id"])
-def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
-    import subprocess
+@contextlib.contextmanager
+def launch_waiting_for_owner(short_tmp, owner_answer: bytes):
+    """A real ``keyagent run`` whose SEV launch waits on a stand-in owner.
+
+    The owner holds every request until ``release`` is set, then answers 403
+    with ``owner_answer``.  Yields (QEMU stand-in, agent process, release).
+    """
     import threading
 
     from tests.e2e.harness import StandInOwner, wait_for
     from tests.e2e.test_flood import TinyQemu, start_agent
 
     qemu = TinyQemu(str(short_tmp / "qmp.sock"))
-    owner = StandInOwner(403, b'{"error": "not yet"}')
+    owner = StandInOwner(403, owner_answer)
     release = threading.Event()
     handler = owner.server.RequestHandlerClass
     original = handler.do_POST
@@ -432,6 +433,24 @@ def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
     try:
         wait_for(lambda: "query-sev-launch-measure" in qemu.commands or agent.poll() is not None,
                  timeout=20, what="the launch waiting for the owner")
+        yield qemu, agent, release
+    finally:
+        release.set()
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        owner.close()
+        qemu.close()
+
+
+@pytest.mark.parametrize("garbage", [b"}}}{{{ not json\r\n", b"\xff\xfe" * 64 + b"\r\n",
+                                     b"[" * 50_000 + b"]" * 50_000 + b"\r\n",
+                                     b'{"error": {"class": "GenericError", "desc": "x"}}\r\n'],
+                         ids=["junk", "binary", "deep", "error-without-id"])
+def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
+    import subprocess
+
+    with launch_waiting_for_owner(short_tmp, b'{"error": "not yet"}') as (qemu, agent, release):
         qemu.send(garbage)
         try:
             code = agent.wait(15)
@@ -444,31 +463,13 @@ def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
             json.loads(line)  # structlog JSON lines only
         assert "QMP connection lost while waiting for the guest owner" in stderr
         assert not [p for p in (short_tmp / "run").iterdir() if p.name.startswith("key-")]
-    finally:
-        release.set()
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        owner.close()
-        qemu.close()
 
 
 def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
-    import threading
+    from tests.e2e.test_flood import ctl
 
-    from tests.e2e.harness import StandInOwner, wait_for
-    from tests.e2e.test_flood import TinyQemu, ctl, start_agent
-
-    qemu = TinyQemu(str(short_tmp / "qmp.sock"))
-    owner = StandInOwner(403, b'{"error": "measurement rejected"}')
-    release = threading.Event()
-    handler = owner.server.RequestHandlerClass
-    original = handler.do_POST
-    handler.do_POST = lambda self: (release.wait(60), original(self))
-    agent = start_agent(short_tmp, owner.url)
-    try:
-        wait_for(lambda: "query-sev-launch-measure" in qemu.commands or agent.poll() is not None,
-                 timeout=20, what="the launch waiting for the owner")
+    with launch_waiting_for_owner(short_tmp, b'{"error": "measurement rejected"}') \
+            as (qemu, agent, release):
         # qmp-spec: "Clients should drop all the responses that have an unknown id".
         qemu.send(b'{"return": {"status": "running"}, "id": "nobody-asked"}\r\n')
         assert ctl(short_tmp / "run" / "control.sock", "status").returncode == 0
@@ -477,32 +478,14 @@ def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
         assert agent.wait(15) == 1
         assert "quit" in qemu.commands
         assert "Traceback" not in (short_tmp / "agent.stderr").read_text()
-    finally:
-        release.set()
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        owner.close()
-        qemu.close()
 
 
 @pytest.mark.parametrize("malformed_first", [False, True])
 def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_first, short_tmp):
-    import threading
+    from tests.e2e.harness import wait_for
+    from tests.e2e.test_flood import ctl
 
-    from tests.e2e.harness import StandInOwner, wait_for
-    from tests.e2e.test_flood import TinyQemu, ctl, start_agent
-
-    qemu = TinyQemu(str(short_tmp / "qmp.sock"))
-    owner = StandInOwner(403, b'{"error": "not yet"}')
-    release = threading.Event()
-    handler = owner.server.RequestHandlerClass
-    original = handler.do_POST
-    handler.do_POST = lambda self: (release.wait(60), original(self))
-    agent = start_agent(short_tmp, owner.url)
-    try:
-        wait_for(lambda: "query-sev-launch-measure" in qemu.commands or agent.poll() is not None,
-                 timeout=20, what="the launch waiting for the owner")
+    with launch_waiting_for_owner(short_tmp, b'{"error": "not yet"}') as (qemu, agent, release):
         wait_for(lambda: ctl(short_tmp / "run" / "control.sock", "status").returncode == 0,
                  what="agent ready")
         ts = b', "timestamp": {"seconds": 1, "microseconds": 0}}\r\n'
@@ -513,13 +496,6 @@ def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_fi
         wait_for(lambda: "quit" in qemu.commands or agent.poll() is not None, timeout=5,
                  what="quit after RESUME")
         assert "quit" in qemu.commands
-    finally:
-        release.set()
-        if agent.poll() is None:
-            agent.terminate()
-            agent.wait(10)
-        owner.close()
-        qemu.close()
 
 
 # ==========================================================================

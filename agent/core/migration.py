@@ -169,11 +169,13 @@ class MigrationFlow(Flow):
         return self._next_step()
 
     def _next_step(self) -> list[Action]:
-        command, args = self._steps.pop(0)
+        return self._send(*self._steps.pop(0))
+
+    def _send(self, command: str, args: dict) -> list[Action]:
+        """The one command this flow waits for next (setup or cleanup)."""
         self._last_command = command
-        tag = self.next_tag(command)
-        self._pending = tag
-        return [SendQmp(tag, command, args)]
+        self._pending = self.next_tag(command)
+        return [SendQmp(self._pending, command, args)]
 
     def _setup_step(self, _result) -> list[Action]:
         actions: list[Action] = []
@@ -284,11 +286,7 @@ class MigrationFlow(Flow):
     def _cleanup_next(self) -> list[Action]:
         if not self._cleanup:
             return self._done()
-        command, args = self._cleanup.pop(0)
-        self._last_command = command
-        tag = self.next_tag(command)
-        self._pending = tag
-        return [SendQmp(tag, command, args)]
+        return self._send(*self._cleanup.pop(0))
 
     def _cleanup_step(self, event) -> list[Action]:
         actions: list[Action] = []

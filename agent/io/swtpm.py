@@ -227,6 +227,23 @@ def _last_reason(lines: list[str]) -> str:
     return "no output"
 
 
+async def _spawn_with_key_fds(make_argv, fds: list[int], binary: str):
+    """Start ``binary`` with the read ends of the key pipes, then close ours.
+
+    The fds are closed on every path: the child has its copies, and a failed
+    start must not leave a pipe holding key bytes in this process.
+    """
+    try:
+        try:
+            return await asyncio.create_subprocess_exec(
+                *make_argv(), pass_fds=tuple(fds), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            raise FlowFailed(f"cannot run {binary}: {exc.strerror}") from None
+    finally:
+        _close_all(fds)
+
+
 async def setup_state(state_dir: str, version: str, key: Secret, kind: str, *,
                       swtpm_setup: str = SWTPM_SETUP, timeout: float = 60.0) -> StateInfo:
     """Create the TPM state in ``state_dir``, encrypted from its first byte."""
@@ -243,17 +260,9 @@ async def setup_state(state_dir: str, version: str, key: Secret, kind: str, *,
         fd = secret_pipe(material)
     finally:
         material[:] = bytes(len(material))
-    argv = setup_argv(state_dir, version, kind, fd, swtpm_setup)
     log.info("swtpm_setup_start", state_dir=state_dir, version=version, key_kind=kind)
-    try:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=(fd,), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        except OSError as exc:
-            raise FlowFailed(f"cannot run {swtpm_setup}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+    proc = await _spawn_with_key_fds(
+        lambda: setup_argv(state_dir, version, kind, fd, swtpm_setup), [fd], swtpm_setup)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:
@@ -473,18 +482,10 @@ async def start_swtpm(state_dir: str, version: str, key: Secret, kind: str, run_
         raise
     finally:
         material[:] = bytes(len(material))
-    argv = swtpm_argv(state_dir, version, kind, fds[0], fds[1], ctrl_socket, pid_file,
-                      data_socket=data_socket, terminate=terminate, swtpm=swtpm,
-                      incoming=incoming)
-    try:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=tuple(fds), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        except OSError as exc:
-            raise FlowFailed(f"cannot run {swtpm}: {exc.strerror}") from None
-    finally:
-        _close_all(fds)
+    proc = await _spawn_with_key_fds(
+        lambda: swtpm_argv(state_dir, version, kind, fds[0], fds[1], ctrl_socket, pid_file,
+                           data_socket=data_socket, terminate=terminate, swtpm=swtpm,
+                           incoming=incoming), fds, swtpm)
     sw = SwtpmProcess(proc, ctrl_socket, pid_file, state_dir)
     log.info("swtpm_started", pid=proc.pid, state_dir=state_dir, version=version,
              key_kind=kind, ctrl_socket=ctrl_socket)

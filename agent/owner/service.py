@@ -213,6 +213,17 @@ def _b64_field(body: dict, name: str) -> bytes | str:
         return f"field {name!r} is not valid base64"
 
 
+def _request_vm(body: Any, audit: dict[str, Any]) -> "str | Decision":
+    """The VM a request names, or the 400 for a body that names none."""
+    if not isinstance(body, dict):
+        return _invalid("request body must be a JSON object", audit)
+    vm = body.get("vm")
+    if not isinstance(vm, str) or not vm:
+        return _invalid("field 'vm' must be a non-empty string", audit)
+    audit["vm"] = _shown(vm)
+    return vm
+
+
 def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial) -> Decision:
     """Decide one ``POST /v1/session`` request.  Pure: the randomness is ``material``.
 
@@ -222,12 +233,9 @@ def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial)
     verify), 404 (unknown VM).
     """
     audit: dict[str, Any] = {"request": "session"}
-    if not isinstance(body, dict):
-        return _invalid("request body must be a JSON object", audit)
-    vm = body.get("vm")
-    if not isinstance(vm, str) or not vm:
-        return _invalid("field 'vm' must be a non-empty string", audit)
-    audit["vm"] = _shown(vm)
+    vm = _request_vm(body, audit)
+    if isinstance(vm, Decision):
+        return vm
     policy = body.get("policy")
     if isinstance(policy, bool) or not isinstance(policy, int):
         return _invalid("field 'policy' must be an integer", audit)
@@ -280,13 +288,9 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     from agent.sev.secret_table import build_secret_table
 
     audit: dict[str, Any] = {}
-    if not isinstance(body, dict):
-        return _invalid("request body must be a JSON object", audit)
-
-    vm = body.get("vm")
-    if not isinstance(vm, str) or not vm:
-        return _invalid("field 'vm' must be a non-empty string", audit)
-    audit["vm"] = _shown(vm)
+    vm = _request_vm(body, audit)
+    if isinstance(vm, Decision):
+        return vm
 
     numbers: dict[str, int] = {}
     for name, (lo, hi) in SECRET_FIELDS.items():
