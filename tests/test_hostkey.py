@@ -148,3 +148,16 @@ def test_keyagent_run_with_a_bad_host_key_exits_2_before_anything_is_created(tmp
                    *a.flags())
     assert out.returncode == 2 and "readable by group or others" in out.stderr
     assert not run_dir.exists()
+
+
+def test_checking_host_keys_at_start_does_not_load_cryptography(tmp_path):
+    """An idle sidecar must not pay for cryptography (~7 MB RSS) because host keys are set."""
+    a = make_host(tmp_path, "a")
+    code = ("import sys\n"
+            "from agent.config import load_config\n"
+            "from agent.sidecar import check_host_keys\n"
+            f"check_host_keys(load_config(None, {{'migration_host_key': {str(a.key)!r}, "
+            f"'migration_trusted_hosts': {str(a.trusted)!r}}}))\n"
+            "assert not [m for m in sys.modules if m.startswith('cryptography')]\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
