@@ -382,6 +382,26 @@ def _run_dir(ctx: Ctx, name: str) -> str:
     return path
 
 
+def _host_keys(ctx: Ctx) -> dict[str, list[str]]:
+    """Two host identities that trust each other (the sealed hand-over needs them):
+    role -> the agent's flags.  Made once per run."""
+    from agent import hostkey
+
+    root = ctx.path("hostkeys")
+    if not os.path.isdir(root):
+        os.mkdir(root, 0o700)
+        for role in ("src", "dst"):
+            os.mkdir(os.path.join(root, f"{role}-trusted"), 0o755)
+        for role in ("src", "dst"):
+            public = hostkey.init(os.path.join(root, f"{role}.key"))
+            other = "dst" if role == "src" else "src"
+            with open(os.path.join(root, f"{other}-trusted", role), "w") as f:
+                f.write(public + "\n")
+    return {role: ["--migration-host-key", os.path.join(root, f"{role}.key"),
+                   "--migration-trusted-hosts", os.path.join(root, f"{role}-trusted")]
+            for role in ("src", "dst")}
+
+
 async def bench_idle(ctx: Ctx, reps: int) -> dict:
     owner_url = await ctx.owner(["bench"])
     sim, sim_path = await ctx.simulator("idle-sim")
@@ -568,11 +588,13 @@ async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | N
         uri = f"tcp:127.0.0.1:{free_port()}"
         if side == "agent":
             socks = {}
+            host_keys = _host_keys(ctx)
             for role, qmp in (("src", src_sock), ("dst", dst_sock)):
                 run_dir = _run_dir(ctx, f"mig{rep}-{role}-run")
                 name = f"mig{rep}-{role}-agent"
                 proc = await ctx.spawn(name, [*ctx.keyagent, "run", "--qmp", f"unix:{qmp}",
-                                              "--vm-name", role, "--vm-run-dir", run_dir,
+                                              "--vm-name", "mig", "--vm-run-dir", run_dir,
+                                              *host_keys[role],
                                               *(["--incoming"] if role == "dst" else [])])
                 procs.append(proc)
                 socks[role] = os.path.join(run_dir, "control.sock")
@@ -583,7 +605,7 @@ async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | N
                     await asyncio.sleep(0.05)
             # A key both hosts have (--psk-file), as the floor has: the same QMP
             # calls on both sides.  The sealed hand-over (prepare/begin) adds
-            # X25519 + AES-GCM and, in a fresh sidecar, cryptography's import
+            # Ed25519 signatures, HPKE and, in a fresh sidecar, cryptography's import
             # (~50 ms): it is timed on its own below, not inside the ratio.
             psk_file = ctx.path(f"mig{rep}.psk")
             fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -36,6 +36,7 @@ SUBCOMMANDS = {
     "simulate": "agent.sim.cli",
     "demo": "agent.demo",
     "bench": "agent.bench",
+    "hostkey": "agent.hostkey",
 }
 
 

@@ -70,6 +70,12 @@ SCHEMA: tuple[Key, ...] = (
     # GnuTLS's psktool makes keys of at most 512 bytes.
     Key("migration", "psk_length", int, 32, minimum=16, maximum=512),
     Key("migration", "dest_deadline_s", float, 60.0, minimum=0.001),
+    Key("migration", "host_key", str, None, path=True,
+        help="this host's Ed25519 identity key (keyagent hostkey init), for the sealed hand-over"),
+    Key("migration", "trusted_hosts", str, None, path=True,
+        help="a directory of the host public keys this agent may migrate with, one per file"),
+    Key("migration", "offer_lifetime_s", float, 600.0, minimum=0.001,
+        help="a destination forgets an offer no cookie has answered after this"),
     Key("secrets", "master_key", str, "keyring", choices=("keyring", "file")),
     Key("vtpm", "state_dir", str, None, path=True),
     Key("vtpm", "key", str, None, check=_secret_ref),

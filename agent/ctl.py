@@ -74,13 +74,16 @@ def register(sub) -> None:
     m = verbs.add_parser("migrate", help="encrypted migration (TLS-PSK)")
     mv = m.add_subparsers(dest="migrate_verb", metavar="MIGRATE_VERB")
     mv.required = True
-    x = mv.add_parser("prepare", help="(destination) make a one-time key, print the offer")
+    x = mv.add_parser("prepare", help="(destination) make a one-time key, print the offer "
+                                          "signed with the host key")
     x.set_defaults(func=run, method="POST", route="/v1/migrate/prepare", body=lambda a: {})
-    x = mv.add_parser("begin", help="(source) make the PSK, seal it to the offer")
+    x = mv.add_parser("begin", help="(source) check the offer comes from a trusted host, "
+                                        "make the PSK, seal it to the offer, sign the cookie")
     x.add_argument("--offer", required=True, metavar="B64")
     x.set_defaults(func=run, method="POST", route="/v1/migrate/begin",
                    body=lambda a: {"offer": a.offer})
-    x = mv.add_parser("accept", help="(destination) open the cookie, listen for the migration")
+    x = mv.add_parser("accept", help="(destination) check the cookie comes from a trusted "
+                                         "host, open it, listen for the migration")
     _migrate_opts(x, psk=True, cookie=True)
     x.set_defaults(func=run, method="POST", route="/v1/migrate/accept", body=_migrate_body)
     x = mv.add_parser("start", help="(source) migrate to the destination")

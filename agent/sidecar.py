@@ -54,6 +54,27 @@ def check_qmp_path(path: str) -> None:
         raise UsageError(f"{path} is not a unix socket")
 
 
+def check_host_keys(cfg: Config) -> None:
+    """``[migration] host_key`` and ``trusted_hosts`` go together and must be usable (exit 2).
+
+    Checked without ``cryptography`` (an idle sidecar does not load it); the
+    verbs read both again when they use them.
+    """
+    key, trusted = cfg.migration_host_key, cfg.migration_trusted_hosts
+    if (key is None) != (trusted is None):
+        raise UsageError("[migration] host_key and trusted_hosts go together "
+                         "(--migration-host-key, --migration-trusted-hosts)")
+    if key is None:
+        return
+    from agent import hostkey
+
+    try:
+        hostkey.check_private(key)
+        hostkey.load_trusted(trusted)
+    except hostkey.HostKeyError as exc:
+        raise UsageError(str(exc)) from None
+
+
 class Sidecar:
     def __init__(self, cfg: Config, opts: SidecarOptions) -> None:
         self.cfg = cfg
@@ -213,6 +234,7 @@ class Sidecar:
     async def _run(self) -> None:
         cfg, opts, log = self.cfg, self.opts, self.log
         self.check()
+        check_host_keys(cfg)
         if cfg.sev_enabled and not cfg.sev_owner_url:
             raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
         self.run_dir = None

@@ -604,8 +604,14 @@ async def control_server(tmp: Path):
 
     run_dir = tmp / "run"
     run_dir.mkdir(mode=0o700, exist_ok=True)
+    from tests.hostkeys import make_host
+
+    host = make_host(tmp, f"fuzz{os.urandom(4).hex()}")  # so the hand-over's parsers get fuzzed
+    host.trust(host)
     cfg = load_config(None, {"vm_name": "fuzz", "vm_run_dir": str(run_dir),
-                             "secrets_master_key": "file"})
+                             "secrets_master_key": "file",
+                             "migration_host_key": str(host.key),
+                             "migration_trusted_hosts": str(host.trusted)})
     sock = str(tmp / "ctl.sock")
     sidecar = Sidecar(cfg, SidecarOptions(qmp_path=str(tmp / "qmp.sock"), control_path=sock,
                                           event_log=None))

@@ -160,6 +160,55 @@ file = "disk.pass"
             proc.stop()
 
 
+@dataclass
+class HostIdentity:
+    """A host key made by ``keyagent hostkey init`` and the directory of the hosts it trusts."""
+
+    name: str
+    key: Path
+    public: str
+    trusted: Path
+
+    def trust(self, *others: "HostIdentity") -> None:
+        for other in others:
+            (self.trusted / other.name).write_text(other.public + "\n")
+
+    def distrust(self, other: "HostIdentity") -> None:
+        (self.trusted / other.name).unlink()
+
+    def flags(self) -> list[str]:
+        return ["--migration-host-key", str(self.key),
+                "--migration-trusted-hosts", str(self.trusted)]
+
+    def seed(self) -> bytes:
+        """The raw private key, for the leak scan."""
+        from cryptography.hazmat.primitives import serialization
+
+        from agent.hostkey import load_private
+
+        return load_private(str(self.key)).private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption())
+
+
+def host_identity(tmp: Path, name: str) -> HostIdentity:
+    base = tmp / f"hostid-{name}"
+    (base / "trusted").mkdir(parents=True)
+    os.chmod(base / "trusted", 0o755)
+    out = subprocess.run([*KEYAGENT, "hostkey", "init", str(base / "host.key")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return HostIdentity(name, base / "host.key", out.stdout.strip(), base / "trusted")
+
+
+def trusting_hosts(tmp: Path, *names: str) -> list[HostIdentity]:
+    """Hosts that all trust each other (the sealed hand-over needs them)."""
+    hosts = [host_identity(tmp, n) for n in names]
+    for h in hosts:
+        h.trust(*(o for o in hosts if o is not h))
+    return hosts
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

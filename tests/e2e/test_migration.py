@@ -6,6 +6,7 @@ left, ``tls-creds`` empty, and the PSK in no stderr (debug), event log or argv.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import KEYAGENT, World, free_port, wait_for
+from tests.e2e.harness import KEYAGENT, World, free_port, host_identity, trusting_hosts, wait_for
 from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, QEMU, Qemu, boot_image
 from tests.leakscan import ArgvWatcher, LeakScan
 
@@ -33,6 +34,9 @@ def ctl_json(control: Path, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
+VM = "vm1"  # one VM, migrating: the same name on both sides (the hand-over binds it)
+
+
 class Host:
     def __init__(self, world: World, name: str, qemu: Qemu, *extra: str) -> None:
         self.name, self.qemu = name, qemu
@@ -45,7 +49,7 @@ class Host:
 
     def start_agent(self):
         self.agent = self.world.spawn(f"{self.name}-agent{len(self.world.procs)}", [
-            "run", "--qmp", f"unix:{self.qemu.agent_qmp}", "--vm-name", self.name,
+            "run", "--qmp", f"unix:{self.qemu.agent_qmp}", "--vm-name", VM,
             "--vm-run-dir", str(self.run_dir), "--event-log", str(self.event_log),
             "--log-level", "debug", *self.extra])
         wait_for(lambda: ctl(self.control, "status").returncode == 0, what=f"{self.name} agent")
@@ -71,12 +75,16 @@ def pair(tmp_path):
     src_q = Qemu(tmp_path, "src", tmp_path / "src.img")
     dst_q = Qemu(tmp_path, "dst", tmp_path / "dst.img", incoming=True)
     scan = LeakScan()
+    src_id, dst_id = trusting_hosts(tmp_path, "src-host", "dst-host")
+    for ident in (src_id, dst_id):
+        scan.secret(f"host key {ident.name}", ident.seed())
     qemus = [src_q, dst_q]
     with ArgvWatcher() as argv:
         scan.argv = argv
         try:
-            src = Host(world, "src", src_q)
-            dst = Host(world, "dst", dst_q, "--migration-dest-deadline-s", "4")
+            src = Host(world, "src", src_q, *src_id.flags())
+            dst = Host(world, "dst", dst_q, "--migration-dest-deadline-s", "4", *dst_id.flags())
+            src.identity, dst.identity = src_id, dst_id
             world.marker, world.scan, world.src, world.dst = marker, scan, src, dst
             yield world
         finally:
@@ -214,27 +222,109 @@ def test_agent_killed_mid_migration_is_swept_on_restart(pair):
     assert "swept stale key material" in agent.stderr
 
 
-def test_tampered_foreign_and_replayed_cookies_are_refused(pair):
+# -- the carrier between the hosts ------------------------------------------------------
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def one_line_refusal(out: subprocess.CompletedProcess, words: str) -> None:
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert words in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def carrier_key(pair):
+    from agent.hostkey import load_private
+
+    return load_private(str(host_identity(pair.tmp, "carrier").key))
+
+
+def test_a_carrier_that_swaps_the_offer_gets_no_cookie(pair):
+    from agent import seal
+
+    src, dst = pair.src, pair.dst
+    own = seal.make_offer(carrier_key(pair), VM, os.urandom(16), os.urandom(32))
+    one_line_refusal(ctl(src.control, "migrate", "begin", "--offer", own), "unknown destination")
+    # The destination's real offer, with the carrier's HPKE key put in.
+    real = bytearray(base64.b64decode(ctl_json(dst.control, "migrate", "prepare")["offer"]))
+    real[20:52] = base64.b64decode(own)[20:52]
+    one_line_refusal(ctl(src.control, "migrate", "begin", "--offer", b64(bytes(real))),
+                     "signature does not verify")
+    # Nothing was sealed: the source has no PSK to migrate with.
+    one_line_refusal(ctl(src.control, "migrate", "start", "--uri",
+                         f"tcp:127.0.0.1:{free_port()}"), "no PSK")
+    src.assert_clean()
+    dst.assert_clean()
+
+
+def test_a_cookie_forged_with_the_carriers_key_plants_no_psk(pair):
+    from agent import seal
+
+    src, dst = pair.src, pair.dst
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
+    forged = seal.seal(seal.parse_offer(offer), VM, os.urandom(32), carrier_key(pair))
+    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", forged, "--uri", uri),
+                     "unknown source")
+    dst.assert_clean()
+    # The refusal spent nothing: the real cookie for the same offer still opens.
+    cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
+    assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie,
+                    "--uri", uri)["status"] == "listening"
+    capture_psk(dst, pair.scan)
+    ctl(dst.control, "migrate", "cancel")
+    ctl(dst.control, "migrate", "wait", "--timeout", "30")
+    dst.assert_clean()
+
+
+def test_tampered_and_replayed_cookies_are_refused(pair):
     src, dst = pair.src, pair.dst
     uri = f"tcp:127.0.0.1:{free_port()}"
     offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
     cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
-    import base64
     raw = bytearray(base64.b64decode(cookie))
-    raw[-1] ^= 1
-    tampered = ctl(dst.control, "migrate", "accept", "--cookie",
-                   base64.b64encode(bytes(raw)).decode(), "--uri", uri)
-    assert tampered.returncode == 2 and "does not open" in tampered.stderr
-    other = ctl_json(dst.control, "migrate", "prepare")["offer"]
-    foreign = ctl_json(src.control, "migrate", "begin", "--offer", other)["cookie"]
-    raw = bytearray(base64.b64decode(foreign))
-    raw[4:20] = base64.b64decode(cookie)[4:20]  # claim the first offer
-    refused = ctl(dst.control, "migrate", "accept", "--cookie",
-                  base64.b64encode(bytes(raw)).decode(), "--uri", uri)
-    assert refused.returncode == 2 and "does not open" in refused.stderr
+    raw[-70] ^= 1  # in the sealed PSK
+    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", b64(bytes(raw)),
+                         "--uri", uri), "signature does not verify")
+    dst.assert_clean()
     assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri)
     capture_psk(dst, pair.scan)
     ctl(dst.control, "migrate", "cancel")
-    replayed = ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri)
-    assert replayed.returncode == 1 and "not for a pending offer" in replayed.stderr
+    ctl(dst.control, "migrate", "wait", "--timeout", "30")
+    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri),
+                     "no pending offer")
+    dst.assert_clean()
+
+
+def test_hosts_that_do_not_trust_each_other_hand_over_nothing(pair):
+    """Trust is read at each request: a host removed from trusted_hosts counts at once."""
+    src, dst = pair.src, pair.dst
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    dst.identity.distrust(src.identity)
+    offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
+    cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
+    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri),
+                     "unknown source")
+    src.identity.distrust(dst.identity)
+    offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
+    one_line_refusal(ctl(src.control, "migrate", "begin", "--offer", offer),
+                     "unknown destination")
+    src.assert_clean()
+    dst.assert_clean()
+
+
+def test_accept_with_a_bad_option_then_the_corrected_retry_listens(pair):
+    src, dst = pair.src, pair.dst
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
+    cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
+    bad = ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri,
+              "--multifd", "--multifd-channels", "0")
+    assert bad.returncode == 2 and "multifd_channels" in bad.stderr
+    dst.assert_clean()
+    assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie,
+                    "--uri", uri)["status"] == "listening"
+    capture_psk(dst, pair.scan)
+    ctl(dst.control, "migrate", "cancel")
+    ctl(dst.control, "migrate", "wait", "--timeout", "30")
     dst.assert_clean()
