@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from agent.errors import UsageError
 
-SECRET_REF = re.compile(r"^(file|keyring|libvirt):.+$")
+SECRET_REF = re.compile(r"(file|keyring|libvirt):.+")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Key:
 
 
 def _secret_ref(value: str) -> str | None:
-    return None if SECRET_REF.match(value) else "must be file:PATH, keyring:DESCRIPTION or libvirt:UUID"
+    return None if SECRET_REF.fullmatch(value) else "must be file:PATH, keyring:DESCRIPTION or libvirt:UUID"
 
 
 def _vm_name(value: str) -> str | None:

@@ -22,7 +22,9 @@ from agent.errors import UsageError
 from agent.io.secretref import resolve
 
 MAX_PENDING_OFFERS = 8
-URI_RE = re.compile(r"^(tcp:[^\s:]+:\d{1,5}|tcp:\[[0-9a-fA-F:.]+\]:\d{1,5}|unix:/\S+)$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline,
+# and "tcp:a:1\n" would reach QEMU.
+URI_RE = re.compile(r"tcp:[^\s:]+:[0-9]{1,5}|tcp:\[[0-9a-fA-F:.]+\]:[0-9]{1,5}|unix:/\S+")
 
 
 class ControlError(Exception):
@@ -34,7 +36,7 @@ class ControlError(Exception):
 
 def _uri(args: dict) -> str:
     uri = args.get("uri")
-    if not isinstance(uri, str) or not URI_RE.match(uri):
+    if not isinstance(uri, str) or not URI_RE.fullmatch(uri):
         raise ControlError(400, "uri must be tcp:HOST:PORT (or unix:/PATH)")
     return uri
 

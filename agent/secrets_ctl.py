@@ -26,7 +26,8 @@ from agent.migrate_ctl import ControlError
 
 FLOW_ID = "secrets"
 MASTER_KEY_LEN = 32
-QOM_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+QOM_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
 
 
 def encrypt(master: Secret, plaintext: Secret, iv: bytes) -> Secret:
@@ -64,7 +65,7 @@ class SecretsControl:
     @staticmethod
     def _id(args: dict) -> str:
         sid = args.get("id")
-        if not isinstance(sid, str) or not QOM_ID.match(sid):
+        if not isinstance(sid, str) or not QOM_ID.fullmatch(sid):
             raise ControlError(400, "invalid secret id: a letter, then letters, digits, "
                                     "'-', '.', '_' (at most 128)")
         return sid

@@ -15,7 +15,7 @@ from agent.core.secret import Secret
 from agent.errors import UsageError
 
 MAX_SECRET_FILE = 64 * 1024
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
 def read_secret_file(path: str, what: str = "secret file") -> Secret:
@@ -65,8 +65,8 @@ def _keyring(description: str) -> Secret:
 
 
 def _libvirt(uuid: str) -> Secret:
-    if not UUID_RE.match(uuid):
-        raise UsageError(f"libvirt:{uuid} is not a UUID")
+    if not UUID_RE.fullmatch(uuid):
+        raise UsageError(f"libvirt:{uuid!r} is not a UUID")
     try:
         import libvirt  # type: ignore[import-not-found]
     except ImportError:
