@@ -56,6 +56,15 @@ def _url(value: str) -> str | None:
     return None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) else "must be an http:// URL"
 
 
+def _ref_dirs(value: tuple[str, ...]) -> str | None:
+    for d in value:
+        if d == os.sep:
+            return "must not include / (that would be every file)"
+        if not os.path.isdir(d):
+            return f"{d!r} is not a directory"
+    return None
+
+
 SCHEMA: tuple[Key, ...] = (
     Key("vm", "name", str, "vm", check=_vm_name, help="VM name, in logs and owner requests"),
     Key("vm", "run_dir", str, None, path=True, help="the agent's 0700 directory for this VM"),
@@ -78,6 +87,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("vtpm", "device", str, "tpm-crb", choices=("tpm-crb", "tpm-tis")),
     Key("control", "gid", int, None, minimum=0,
         help="a group (besides our uid and root) allowed on the control socket"),
+    Key("control", "ref_dirs", list, (), path=True, check=_ref_dirs,
+        help="(repeat) a directory under which peers of [control] gid may name key files; "
+             "none by default"),
 )
 KEYS = {(k.section, k.name): k for k in SCHEMA}
 SECTIONS = {k.section for k in SCHEMA}
@@ -123,16 +135,32 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
     elif key.type is str:
         if not isinstance(value, str) or not value:
             raise UsageError(f"{label} must be a non-empty string")
+    elif key.type is list:
+        if not isinstance(value, (list, tuple)) or \
+                not all(isinstance(v, str) and v and v.isprintable() for v in value):
+            raise UsageError(f"{label} must be a list of non-empty strings")
+        value = tuple(value)
     if key.minimum is not None and value < key.minimum:
         raise UsageError(f"{label} must be at least {key.minimum:g}")
     if key.maximum is not None and value > key.maximum:
         raise UsageError(f"{label} must be at most {key.maximum:g}")
     if key.choices is not None and value not in key.choices:
         raise UsageError(f"{label} must be one of {', '.join(map(str, key.choices))}")
-    if key.check is not None:
+    if key.check is not None and not (key.path and key.type is list):
         problem = key.check(value)
         if problem:
             raise UsageError(f"{label} {problem}")
+    return value
+
+
+def _check_paths(key: Key, value: Any, where: str) -> Any:
+    """A list of paths, once resolved: real paths (symlinks resolved, so that
+    containment checks compare like with like), then the key's check."""
+    value = tuple(os.path.realpath(v) for v in value)
+    if key.check is not None:
+        problem = key.check(value)
+        if problem:
+            raise UsageError(f"{where}[{key.section}] {key.name} {problem}")
     return value
 
 
@@ -147,6 +175,8 @@ def _parse_flag(key: Key, text: str) -> Any:
             return int(text, 0)
         except ValueError:
             raise UsageError(f"{key.flag} must be an integer") from None
+    if key.type is list:
+        return list(text)  # the flag was given once per item
     return text
 
 
@@ -155,6 +185,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     group = parser.add_argument_group("configuration keys (override the file)")
     for key in SCHEMA:
+        if key.type is list:  # one item per flag; the singular also works
+            names = [key.flag] + ([key.flag[:-1]] if key.flag.endswith("s") else [])
+            group.add_argument(*names, dest=key.dest, metavar=key.name.upper()[:-1],
+                               action="append", default=None, help=key.help or None)
+            continue
         group.add_argument(key.flag, dest=key.dest, metavar=key.name.upper(), default=None,
                            help=key.help or None)
 
@@ -194,7 +229,9 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
                 if key is None:
                     raise UsageError(f"{where}unknown key [{section}] {name}")
                 value = _coerce(key, value, where)
-                if key.path or (key.check is _secret_ref and value.startswith("file:")):
+                if key.path and key.type is list:
+                    value = _check_paths(key, [_resolve_path(base, v) for v in value], where)
+                elif key.path or (key.check is _secret_ref and value.startswith("file:")):
                     value = _resolve_path(base, value)
                 values[(section, name)] = value
     for dest, text in (flags or {}).items():
@@ -204,7 +241,10 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
         if key is None:
             continue
         values[(key.section, key.name)] = _coerce(key, _parse_flag(key, text), "")
-        if key.path:
+        if key.path and key.type is list:
+            values[(key.section, key.name)] = _check_paths(
+                key, [os.path.abspath(v) for v in text], "")
+        elif key.path:
             values[(key.section, key.name)] = os.path.abspath(text)
         present.add(key.section)
     return Config(values, present, path)

@@ -19,7 +19,6 @@ from agent.core.events import ControlRequest, KeyProvided
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.core.secret import Secret
 from agent.errors import UsageError
-from agent.io.secretref import resolve
 
 MAX_PENDING_OFFERS = 8
 # fullmatch, not match with "$": "$" also matches before a trailing newline,
@@ -105,14 +104,17 @@ class MigrationControl:
         return psk
 
     @staticmethod
-    def _psk_from_ref(args: dict) -> Secret | None:
+    async def _psk_from_ref(args: dict) -> Secret | None:
+        from agent.control import resolve_ref
+
         ref = args.get("psk_ref")
         if ref is None:
             return None
         if not isinstance(ref, str):
             raise ControlError(400, "psk_ref must be a string")
         try:
-            return resolve(ref, "PSK")
+            # Within the peer's rights, off the event loop (agent.control).
+            return await resolve_ref(ref, "PSK")
         except UsageError as exc:
             raise ControlError(400, str(exc)) from None
 
@@ -169,14 +171,14 @@ class MigrationControl:
         if "cookie" in args:
             psk = self._open_cookie(args["cookie"])
         else:
-            psk = self._psk_from_ref(args)
+            psk = await self._psk_from_ref(args)
             if psk is None:
                 raise ControlError(400, "migrate accept needs --cookie or --psk-file")
         return await self._run("destination", psk, args)
 
     async def start(self, args: dict) -> tuple[int, dict]:
         _uri(args)
-        psk = self._psk_from_ref(args)
+        psk = await self._psk_from_ref(args)
         if psk is None:
             if self.source_psk is None:
                 raise ControlError(409, "no PSK: run 'migrate begin' first, or give --psk-file")

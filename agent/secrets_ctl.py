@@ -21,7 +21,6 @@ from agent.core.events import ControlRequest, KeyProvided
 from agent.core.secret import Secret
 from agent.core.secrets import SecretsFlow, SecretsParams
 from agent.errors import UsageError
-from agent.io.secretref import resolve
 from agent.migrate_ctl import ControlError
 
 FLOW_ID = "secrets"
@@ -75,8 +74,10 @@ class SecretsControl:
         ref = args.get("ref")
         if not isinstance(ref, str):
             raise ControlError(400, "secret add needs --file or --ref")
+        from agent.control import resolve_ref
+
         try:
-            plaintext = resolve(ref, "secret")
+            plaintext = await resolve_ref(ref, "secret")
         except UsageError as exc:
             raise ControlError(400, str(exc)) from None
         iv = os.urandom(16)

@@ -284,7 +284,8 @@ class Sidecar:
             if opts.control_path:
                 from agent.control import ControlServer
 
-                self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid)
+                self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid,
+                                             ref_dirs=cfg.control_ref_dirs)
                 await self.control.start()
             tasks = [asyncio.ensure_future(rt.dispatch()),
                      asyncio.ensure_future(rt.pump_qmp_events()),

@@ -55,3 +55,36 @@ def test_second_agent_on_the_same_run_dir_exits_2_and_touches_nothing(tmp_path):
         third.stop()
     finally:
         world.close()
+
+
+def test_fifo_as_a_file_reference_is_refused_and_the_agent_keeps_answering(tmp_path):
+    world = World(tmp_path)
+    try:
+        world.simulator()
+        run = tmp_path / "run"
+        plain_agent(world, "agent", run)
+        wait_for(lambda: ctl(run / "control.sock", "status").returncode == 0, what="agent")
+        fifo = tmp_path / "key.fifo"
+        os.mkfifo(fifo, 0o600)  # nobody will ever write to it
+        add = subprocess.Popen([*KEYAGENT, "ctl", "--control", f"unix:{run / 'control.sock'}",
+                                "--timeout", "20", "secret", "add", "--id", "s0",
+                                "--ref", f"file:{fifo}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            try:  # let the request reach the agent (a blocked agent never answers it)
+                add.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+            health = subprocess.run([*KEYAGENT, "ctl", "--control", f"unix:{run / 'control.sock'}",
+                                     "--timeout", "5", "health"],
+                                    capture_output=True, text=True, timeout=30)
+            assert health.returncode == 0, health.stderr  # the loop was never blocked
+            _out, err = add.communicate(timeout=30)
+        finally:
+            if add.poll() is None:
+                add.kill()
+                add.wait()
+        assert add.returncode == 2 and "not a regular file" in err, err
+        assert ctl(run / "control.sock", "status").returncode == 0
+    finally:
+        world.close()
