@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.e2e.harness import KEYAGENT, World, wait_for
 from tests.e2e.test_migration import ctl
 
@@ -86,5 +88,62 @@ def test_fifo_as_a_file_reference_is_refused_and_the_agent_keeps_answering(tmp_p
                 add.wait()
         assert add.returncode == 2 and "not a regular file" in err, err
         assert ctl(run / "control.sock", "status").returncode == 0
+    finally:
+        world.close()
+
+
+# A client run as another user: the venv's interpreter may not be reachable
+# by that user, the system's is.
+SYSTEM_PYTHON = "/usr/bin/python3"
+HEALTH_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except OSError as exc:
+    print(type(exc).__name__); sys.exit(0)
+s.sendall(b"GET /healthz HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+print(s.recv(100).split(b"\\r\\n")[0].decode())
+"""
+LIST_CLIENT = """
+import os, sys
+try:
+    print(os.listdir(sys.argv[1]))
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def as_user(script: str, arg: str, uid: int, gid: int, groups: list[int]) -> str:
+    return subprocess.run([SYSTEM_PYTHON, "-c", script, arg], user=uid, group=gid,
+                          extra_groups=groups, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+                    reason="running a client as another user needs root and /usr/bin/python3")
+def test_control_group_reaches_the_default_socket_but_not_the_keys(tmp_path):
+    for d in (tmp_path, *tmp_path.parents):  # let the other users reach the run_dir
+        if d == d.parent:
+            break
+        os.chmod(d, os.stat(d).st_mode | 0o711)
+    world = World(tmp_path)
+    try:
+        world.simulator()
+        run = tmp_path / "run"
+        plain_agent(world, "agent", run, "--control-gid", "4242")
+        sock = run / "control.sock"
+        wait_for(lambda: ctl(sock, "status").returncode == 0, what="agent")
+        key_dir = run / "key-tls-probe"
+        key_dir.mkdir(mode=0o700)
+        st = os.stat(run)
+        assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o710", 4242)
+        # A member by a supplementary group, as well as by its primary one.
+        assert as_user(HEALTH_CLIENT, str(sock), 65534, 65534, [4242]).endswith("200 OK")
+        assert as_user(HEALTH_CLIENT, str(sock), 65534, 4242, []).endswith("200 OK")
+        # Others do not get in; members may enter but not list, and no key dir.
+        assert as_user(HEALTH_CLIENT, str(sock), 65534, 65534, []) == "PermissionError"
+        assert as_user(LIST_CLIENT, str(run), 65534, 4242, []) == "PermissionError"
+        assert as_user(LIST_CLIENT, str(key_dir), 65534, 4242, []) == "PermissionError"
     finally:
         world.close()
