@@ -78,6 +78,34 @@ async def resolve_ref(ref: str, what: str) -> Secret:
     return await resolve_async(ref, what, _ACCESS.get())
 
 
+def check_socket_free(path: str) -> None:
+    """Refuse (exit 2) a control socket path where another agent listens.
+
+    The server replaces a stale socket at its path; a live one belongs to a
+    running agent (same ``--control`` given twice), which must keep it.  The
+    probe is a non-blocking connect: it never waits on the other side.
+    """
+    import errno
+    import socket
+    import stat
+
+    from agent.errors import UsageError
+
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return  # HttpServer refuses a non-socket there with its own message
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        code = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if code in (0, errno.EAGAIN, errno.EINPROGRESS):
+        raise UsageError(f"control socket {path} is in use by another agent")
+
+
 class ControlServer:
     def __init__(self, sidecar: Any, path: str, gid: int | None = None,
                  ref_dirs: tuple[str, ...] = ()) -> None:

@@ -247,6 +247,11 @@ class Sidecar:
         cfg, opts, log = self.cfg, self.opts, self.log
         if cfg.vm_run_dir:
             self._own_run_dir()
+        if opts.control_path:
+            from agent.control import check_socket_free
+
+            check_socket_free(opts.control_path)
+        if self.run_dir:
             removed = sweep_stale_keys(self.run_dir)
             from agent.io import keyring
 

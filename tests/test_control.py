@@ -244,3 +244,19 @@ def test_a_group_peer_cannot_make_the_agent_read_files_outside_ref_dirs(server, 
     assert post_ref(path, inside, **group_peer) == (200, {"length": 9})
     # Our own uid (and root) keep every reference.
     assert post_ref(path, f"file:{outside}") == (200, {"length": 6})
+
+
+def test_a_stale_control_socket_is_free_and_a_live_one_is_not(tmp_path):
+    from agent.control import check_socket_free
+
+    path = str(tmp_path / "c.sock")
+    check_socket_free(path)  # nothing there
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)  # what a SIGKILLed agent leaves: bound, nobody listening
+    try:
+        check_socket_free(path)
+        s.listen(1)
+        with pytest.raises(UsageError, match="in use by another agent"):
+            check_socket_free(path)
+    finally:
+        s.close()

@@ -147,3 +147,20 @@ def test_control_group_reaches_the_default_socket_but_not_the_keys(tmp_path):
         assert as_user(LIST_CLIENT, str(key_dir), 65534, 4242, []) == "PermissionError"
     finally:
         world.close()
+
+
+def test_second_agent_on_the_same_control_socket_exits_2_and_leaves_it(tmp_path):
+    world = World(tmp_path)
+    try:
+        world.simulator()
+        sock = tmp_path / "shared-control.sock"
+        plain_agent(world, "first", tmp_path / "run1", "--control", f"unix:{sock}")
+        wait_for(lambda: ctl(sock, "status").returncode == 0, what="first agent")
+        inode = os.stat(sock).st_ino
+        second = plain_agent(world, "second", tmp_path / "run2", "--control", f"unix:{sock}")
+        assert second.wait(timeout=30) == 2
+        assert "is in use by another agent" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert os.stat(sock).st_ino == inode and ctl(sock, "status").returncode == 0
+    finally:
+        world.close()
