@@ -32,6 +32,7 @@ import asyncio
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 
 from agent.core.secret import Secret
@@ -249,24 +250,57 @@ def resolve(ref: str, what: str = "secret", access: RefAccess = UNRESTRICTED) ->
 
 async def resolve_async(ref: str, what: str, access: RefAccess,
                         timeout: float = RESOLVE_TIMEOUT_S) -> Secret:
-    """:func:`resolve` in a worker thread, under a deadline.
+    """:func:`resolve` in a daemon thread, under a deadline.
 
     The event loop keeps serving (``/healthz``, QMP events) whatever the
-    reference does.  A read that finishes after the deadline has its secret
-    wiped; the thread itself cannot be stopped, but holds nothing.
+    reference does.  A thread that never returns (a FUSE file that never
+    answers) cannot be stopped, but it is a daemon: it does not hold up the
+    agent's exit (a pool's worker would: ``asyncio.run`` joins them), holds
+    nothing once its secret is wiped, and at most MAX_PENDING_READS of them
+    exist at a time.
     """
+    global _pending
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(None, resolve, ref, what, access)
+    future: asyncio.Future = loop.create_future()
+    with _pending_lock:
+        if _pending >= MAX_PENDING_READS:
+            raise UsageError(f"{what} reference: too many references still being read")
+        _pending += 1
+
+    def work() -> None:
+        global _pending
+        try:
+            try:
+                outcome: tuple = (resolve(ref, what, access), None)
+            except BaseException as exc:  # handed to the loop, raised there
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop is closed: nobody wants it any more
+                if outcome[0] is not None:
+                    outcome[0].wipe()
+        finally:
+            with _pending_lock:
+                _pending -= 1
+
+    threading.Thread(target=work, name="keyagent-ref", daemon=True).start()
     try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
+        return await asyncio.wait_for(future, timeout)
     except asyncio.TimeoutError:
-        future.add_done_callback(_wipe_late)
         raise UsageError(f"{what} reference: no answer within {timeout:g} s") from None
-    except asyncio.CancelledError:
-        future.add_done_callback(_wipe_late)
-        raise
 
 
-def _wipe_late(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().wipe()
+MAX_PENDING_READS = 8
+_pending = 0
+_pending_lock = threading.Lock()
+
+
+def _settle(future: asyncio.Future, secret: Secret | None, exc: BaseException | None) -> None:
+    """On the loop: hand the outcome over, or wipe a secret nobody waits for."""
+    if future.done():  # given up (deadline) or cancelled
+        if secret is not None:
+            secret.wipe()
+    elif exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(secret)

@@ -205,3 +205,34 @@ def test_reference_errors_are_one_line_and_never_echo_the_reference():
     with pytest.raises(UsageError) as info:
         resolve("file:/no\nsuch")
     assert "\n" not in str(info.value)
+
+
+async def test_stuck_reference_reads_are_bounded_and_a_late_secret_is_wiped(monkeypatch):
+    import asyncio
+    import threading
+
+    from agent.io import secretref
+
+    release = threading.Event()
+    made: list[Secret] = []
+
+    def stuck(ref, what, access):
+        release.wait(10)
+        made.append(Secret(b"late"))
+        return made[-1]
+
+    monkeypatch.setattr(secretref, "resolve", stuck)
+    waits = [secretref.resolve_async("file:/x", "secret", UNRESTRICTED, timeout=0.2)
+             for _ in range(secretref.MAX_PENDING_READS)]
+    results = await asyncio.gather(*waits, return_exceptions=True)
+    assert all("no answer within" in str(r) for r in results)
+    with pytest.raises(UsageError, match="too many references still being read"):
+        await secretref.resolve_async("file:/x", "secret", UNRESTRICTED, timeout=0.2)
+    release.set()
+    for _ in range(200):
+        if secretref._pending == 0 and len(made) == secretref.MAX_PENDING_READS:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the loop runs the wipes
+    assert secretref._pending == 0
+    assert all(len(s) == 0 for s in made)  # wiped: nobody waited for them
