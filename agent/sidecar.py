@@ -224,10 +224,10 @@ class Sidecar:
                 self._run_dir_lock = None
 
     def _own_run_dir(self) -> None:
-        """Create or check the run_dir, lock it for our life, then sweep it.
+        """Create or check the run_dir, lock it for our life, set its group.
 
-        The lock comes before the sweep: a second agent given the same
-        run_dir stops here (exit 2) and touches nothing of the first's.
+        Before the sweep: a second agent given the same run_dir stops here
+        (exit 2) and touches nothing of the first's.
         """
         cfg = self.cfg
         self.run_dir = prepare_run_dir(cfg.vm_run_dir)
