@@ -7,6 +7,8 @@ check here must refuse a value with anything after the valid part.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from agent.config import _secret_ref
@@ -59,3 +61,14 @@ def test_libvirt_uuid_with_a_trailing_newline_is_refused():
 def test_sev_policy_followed_by_a_newline_is_not_read_as_a_policy():
     assert sev_policy("sev-guest,id=s,policy=0x5") == 5
     assert sev_policy("sev-guest,id=s,policy=0x5\n") == 1  # QEMU would refuse it: default
+
+
+def test_ctl_sends_the_real_directory_but_not_a_resolved_file_symlink(tmp_path):
+    from agent.ctl import _file_ref
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "link").symlink_to("/etc/passwd")
+    real = os.path.realpath(tmp_path / "real")
+    assert _file_ref(str(tmp_path / "alias" / "k")) == f"file:{real}/k"
+    assert _file_ref(str(tmp_path / "alias" / "link")) == f"file:{real}/link"  # agent refuses it
