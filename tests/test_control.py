@@ -260,3 +260,28 @@ def test_a_stale_control_socket_is_free_and_a_live_one_is_not(tmp_path):
             check_socket_free(path)
     finally:
         s.close()
+
+
+async def test_migrate_and_secret_verbs_resolve_references_within_the_peers_rights(tmp_path):
+    from agent import control
+    from agent.io.secretref import RefAccess
+    from agent.migrate_ctl import MigrationControl
+    from agent.secrets_ctl import SecretsControl
+
+    key = tmp_path / "k"
+    key.write_bytes(b"k" * 32)
+    token = control._ACCESS.set(RefAccess(unrestricted=False, uid=65534,
+                                          groups=frozenset({4242})))
+    try:
+        for call in (MigrationControl._psk_from_ref({"psk_ref": f"file:{key}"}),
+                     SecretsControl(None).add({"id": "s0", "ref": f"file:{key}"})):
+            with pytest.raises(ControlError) as info:
+                await call
+            assert (info.value.status, info.value.error) == (400, NOT_ALLOWED)
+    finally:
+        control._ACCESS.reset(token)
+    token = control._ACCESS.set(UNRESTRICTED)
+    try:
+        assert len(await MigrationControl._psk_from_ref({"psk_ref": f"file:{key}"})) == 32
+    finally:
+        control._ACCESS.reset(token)
