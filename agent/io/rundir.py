@@ -119,7 +119,8 @@ def set_run_dir_group(lock: RunDirLock, gid: int | None) -> None:
     try:
         os.fchown(lock.fd, -1, gid)
     except OSError as exc:
-        raise UsageError(f"cannot give run_dir {lock.path} to group {gid}: {exc.strerror}") from None
+        raise UsageError(f"cannot give run_dir {lock.path} to group {gid}: "
+                         f"{exc.strerror}") from None
     os.fchmod(lock.fd, keep | 0o710)
 
 
