@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from agent.errors import UsageError
 
-SECRET_REF = re.compile(r"^(file|keyring|libvirt):.+$")
+SECRET_REF = re.compile(r"(file|keyring|libvirt):.+")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Key:
 
 
 def _secret_ref(value: str) -> str | None:
-    return None if SECRET_REF.match(value) else "must be file:PATH, keyring:DESCRIPTION or libvirt:UUID"
+    return None if SECRET_REF.fullmatch(value) else "must be file:PATH, keyring:DESCRIPTION or libvirt:UUID"
 
 
 def _vm_name(value: str) -> str | None:
@@ -54,6 +54,15 @@ def _vm_name(value: str) -> str | None:
 
 def _url(value: str) -> str | None:
     return None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) else "must be an http:// URL"
+
+
+def _ref_dirs(value: tuple[str, ...]) -> str | None:
+    for d in value:
+        if d == os.sep:
+            return "must not include / (that would be every file)"
+        if not os.path.isdir(d):
+            return f"{d!r} is not a directory"
+    return None
 
 
 SCHEMA: tuple[Key, ...] = (
@@ -84,6 +93,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("vtpm", "device", str, "tpm-crb", choices=("tpm-crb", "tpm-tis")),
     Key("control", "gid", int, None, minimum=0,
         help="a group (besides our uid and root) allowed on the control socket"),
+    Key("control", "ref_dirs", list, (), path=True, check=_ref_dirs,
+        help="(repeat) a directory under which peers of [control] gid may name key files; "
+             "none by default"),
 )
 KEYS = {(k.section, k.name): k for k in SCHEMA}
 SECTIONS = {k.section for k in SCHEMA}
@@ -129,16 +141,32 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
     elif key.type is str:
         if not isinstance(value, str) or not value:
             raise UsageError(f"{label} must be a non-empty string")
+    elif key.type is list:
+        if not isinstance(value, (list, tuple)) or \
+                not all(isinstance(v, str) and v and v.isprintable() for v in value):
+            raise UsageError(f"{label} must be a list of non-empty strings")
+        value = tuple(value)
     if key.minimum is not None and value < key.minimum:
         raise UsageError(f"{label} must be at least {key.minimum:g}")
     if key.maximum is not None and value > key.maximum:
         raise UsageError(f"{label} must be at most {key.maximum:g}")
     if key.choices is not None and value not in key.choices:
         raise UsageError(f"{label} must be one of {', '.join(map(str, key.choices))}")
-    if key.check is not None:
+    if key.check is not None and not (key.path and key.type is list):
         problem = key.check(value)
         if problem:
             raise UsageError(f"{label} {problem}")
+    return value
+
+
+def _check_paths(key: Key, value: Any, where: str) -> Any:
+    """A list of paths, once resolved: real paths (symlinks resolved, so that
+    containment checks compare like with like), then the key's check."""
+    value = tuple(os.path.realpath(v) for v in value)
+    if key.check is not None:
+        problem = key.check(value)
+        if problem:
+            raise UsageError(f"{where}[{key.section}] {key.name} {problem}")
     return value
 
 
@@ -153,6 +181,8 @@ def _parse_flag(key: Key, text: str) -> Any:
             return int(text, 0)
         except ValueError:
             raise UsageError(f"{key.flag} must be an integer") from None
+    if key.type is list:
+        return list(text)  # the flag was given once per item
     return text
 
 
@@ -161,6 +191,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     group = parser.add_argument_group("configuration keys (override the file)")
     for key in SCHEMA:
+        if key.type is list:  # one item per flag; the singular also works
+            names = [key.flag] + ([key.flag[:-1]] if key.flag.endswith("s") else [])
+            group.add_argument(*names, dest=key.dest, metavar=key.name.upper()[:-1],
+                               action="append", default=None, help=key.help or None)
+            continue
         group.add_argument(key.flag, dest=key.dest, metavar=key.name.upper(), default=None,
                            help=key.help or None)
 
@@ -200,7 +235,9 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
                 if key is None:
                     raise UsageError(f"{where}unknown key [{section}] {name}")
                 value = _coerce(key, value, where)
-                if key.path or (key.check is _secret_ref and value.startswith("file:")):
+                if key.path and key.type is list:
+                    value = _check_paths(key, [_resolve_path(base, v) for v in value], where)
+                elif key.path or (key.check is _secret_ref and value.startswith("file:")):
                     value = _resolve_path(base, value)
                 values[(section, name)] = value
     for dest, text in (flags or {}).items():
@@ -210,7 +247,10 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
         if key is None:
             continue
         values[(key.section, key.name)] = _coerce(key, _parse_flag(key, text), "")
-        if key.path:
+        if key.path and key.type is list:
+            values[(key.section, key.name)] = _check_paths(
+                key, [os.path.abspath(v) for v in text], "")
+        elif key.path:
             values[(key.section, key.name)] = os.path.abspath(text)
         present.add(key.section)
     return Config(values, present, path)

@@ -22,7 +22,14 @@ TIMEOUT_S = 30.0
 
 
 def _file_ref(path: str | None) -> str | None:
-    return None if path is None else "file:" + os.path.abspath(path)
+    """``file:`` with the directory's real path, resolved here with the
+    caller's own rights: the agent follows no symlink for a peer limited to
+    ``[control] ref_dirs``, and the file itself must not be one."""
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    return "file:" + os.path.join(os.path.realpath(os.path.dirname(path)),
+                                  os.path.basename(path))
 
 
 def _migrate_opts(p, psk: bool, cookie: bool) -> None:

@@ -18,7 +18,7 @@ import re
 
 from agent.errors import FlowFailed, UsageError
 
-POLICY_RE = re.compile(r"(?:^|,)policy=(0x[0-9a-fA-F]+|\d+)(?:,|$)")
+POLICY_RE = re.compile(r"(?:^|,)policy=(0x[0-9a-fA-F]+|[0-9]+)(?:,|\Z)")
 
 
 def find_sev_object(argv: list[str]) -> int | None:

@@ -24,10 +24,11 @@ from agent.core.events import ControlRequest, KeyProvided
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.core.secret import Secret
 from agent.errors import UsageError
-from agent.io.secretref import resolve
 
 MAX_PENDING_OFFERS = 8
-URI_RE = re.compile(r"^(tcp:[^\s:]+:\d{1,5}|tcp:\[[0-9a-fA-F:.]+\]:\d{1,5}|unix:/\S+)$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline,
+# and "tcp:a:1\n" would reach QEMU.
+URI_RE = re.compile(r"tcp:[^\s:]+:[0-9]{1,5}|tcp:\[[0-9a-fA-F:.]+\]:[0-9]{1,5}|unix:/\S+")
 
 
 class ControlError(Exception):
@@ -39,7 +40,7 @@ class ControlError(Exception):
 
 def _uri(args: dict) -> str:
     uri = args.get("uri")
-    if not isinstance(uri, str) or not URI_RE.match(uri):
+    if not isinstance(uri, str) or not URI_RE.fullmatch(uri):
         raise ControlError(400, "uri must be tcp:HOST:PORT (or unix:/PATH)")
     return uri
 
@@ -176,14 +177,17 @@ class MigrationControl:
             pending.private.wipe()
 
     @staticmethod
-    def _psk_from_ref(args: dict) -> Secret | None:
+    async def _psk_from_ref(args: dict) -> Secret | None:
+        from agent.control import resolve_ref
+
         ref = args.get("psk_ref")
         if ref is None:
             return None
         if not isinstance(ref, str):
             raise ControlError(400, "psk_ref must be a string")
         try:
-            return resolve(ref, "PSK")
+            # Within the peer's rights, off the event loop (agent.control).
+            return await resolve_ref(ref, "PSK")
         except UsageError as exc:
             raise ControlError(400, str(exc)) from None
 
@@ -247,14 +251,14 @@ class MigrationControl:
             digest, psk = self._open_cookie(args["cookie"])
             self._spend_offer(digest)
         else:
-            psk = self._psk_from_ref(args)
+            psk = await self._psk_from_ref(args)
             if psk is None:
                 raise ControlError(400, "migrate accept needs --cookie or --psk-file")
         return await self._run("destination", psk, opts)
 
     async def start(self, args: dict) -> tuple[int, dict]:
         opts = self._options(args)
-        psk = self._psk_from_ref(args)
+        psk = await self._psk_from_ref(args)
         if psk is None:
             if self.source_psk is None:
                 raise ControlError(409, "no PSK: run 'migrate begin' first, or give --psk-file")

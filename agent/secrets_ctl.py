@@ -21,12 +21,12 @@ from agent.core.events import ControlRequest, KeyProvided
 from agent.core.secret import Secret
 from agent.core.secrets import SecretsFlow, SecretsParams
 from agent.errors import UsageError
-from agent.io.secretref import resolve
 from agent.migrate_ctl import ControlError
 
 FLOW_ID = "secrets"
 MASTER_KEY_LEN = 32
-QOM_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+QOM_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
 
 
 def encrypt(master: Secret, plaintext: Secret, iv: bytes) -> Secret:
@@ -64,7 +64,7 @@ class SecretsControl:
     @staticmethod
     def _id(args: dict) -> str:
         sid = args.get("id")
-        if not isinstance(sid, str) or not QOM_ID.match(sid):
+        if not isinstance(sid, str) or not QOM_ID.fullmatch(sid):
             raise ControlError(400, "invalid secret id: a letter, then letters, digits, "
                                     "'-', '.', '_' (at most 128)")
         return sid
@@ -74,8 +74,10 @@ class SecretsControl:
         ref = args.get("ref")
         if not isinstance(ref, str):
             raise ControlError(400, "secret add needs --file or --ref")
+        from agent.control import resolve_ref
+
         try:
-            plaintext = resolve(ref, "secret")
+            plaintext = await resolve_ref(ref, "secret")
         except UsageError as exc:
             raise ControlError(400, str(exc)) from None
         iv = os.urandom(16)

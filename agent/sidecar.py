@@ -25,7 +25,7 @@ from agent.core.launch import LaunchParams, SevLaunchFlow
 from agent.errors import FlowFailed, UsageError
 from agent.eventlog import EventLog
 from agent.io import qmp as qmpio
-from agent.io.rundir import prepare_run_dir, sweep_stale_keys
+from agent.io.rundir import lock_run_dir, prepare_run_dir, set_run_dir_group, sweep_stale_keys
 from agent.logs import get_logger
 from agent.runtime import Runtime
 
@@ -95,6 +95,7 @@ class Sidecar:
         self.tpm_args: list[str] = []
         self.incoming = getattr(opts, "incoming", False)
         self._stopping = False
+        self._run_dir_lock = None
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
@@ -232,14 +233,47 @@ class Sidecar:
         return self.exit_code
 
     async def _run(self) -> None:
-        cfg, opts, log = self.cfg, self.opts, self.log
         self.check()
-        check_host_keys(cfg)
-        if cfg.sev_enabled and not cfg.sev_owner_url:
+        check_host_keys(self.cfg)
+        if self.cfg.sev_enabled and not self.cfg.sev_owner_url:
             raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
         self.run_dir = None
+        try:
+            await self._run_locked()
+        finally:
+            if self._run_dir_lock is not None:
+                self._run_dir_lock.release()
+                self._run_dir_lock = None
+
+    def _own_run_dir(self) -> None:
+        """Create or check the run_dir, lock it for our life, set its group.
+
+        Before the sweep: a second agent given the same run_dir stops here
+        (exit 2) and touches nothing of the first's.
+        """
+        cfg = self.cfg
+        self.run_dir = prepare_run_dir(cfg.vm_run_dir)
+        self._run_dir_lock = lock_run_dir(self.run_dir)
+        control = self.opts.control_path
+        group = None
+        if cfg.control_gid is not None and control and \
+                os.path.commonpath([self.run_dir, os.path.abspath(control)]) == self.run_dir:
+            group = cfg.control_gid
+            # The group may now enter the run_dir: whatever else appears in it
+            # (QEMU's QMP socket under ``keyagent launch``, swtpm's sockets)
+            # must not be open to that group by a lax umask.
+            os.umask(0o077)
+        set_run_dir_group(self._run_dir_lock, group)
+
+    async def _run_locked(self) -> None:
+        cfg, opts, log = self.cfg, self.opts, self.log
         if cfg.vm_run_dir:
-            self.run_dir = prepare_run_dir(cfg.vm_run_dir)
+            self._own_run_dir()
+        if opts.control_path:
+            from agent.control import check_socket_free
+
+            check_socket_free(opts.control_path)
+        if self.run_dir:
             removed = sweep_stale_keys(self.run_dir)
             from agent.io import keyring
 
@@ -277,7 +311,8 @@ class Sidecar:
             if opts.control_path:
                 from agent.control import ControlServer
 
-                self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid)
+                self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid,
+                                             ref_dirs=cfg.control_ref_dirs)
                 await self.control.start()
             tasks = [asyncio.ensure_future(rt.dispatch()),
                      asyncio.ensure_future(rt.pump_qmp_events()),

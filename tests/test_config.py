@@ -67,3 +67,41 @@ def test_bad_flag_value_names_the_flag():
 def test_socket_spec_must_be_unix_path(spec):
     with pytest.raises(UsageError, match="--qmp must be unix:PATH"):
         unix_path(spec, "--qmp")
+
+
+def test_control_ref_dirs_from_the_file_are_real_paths_relative_to_it(tmp_path):
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    cfg = load_config(write(tmp_path, '[control]\ngid = 4242\nref_dirs = ["refs", "alias"]\n'))
+    assert cfg.control_ref_dirs == (str(tmp_path / "refs"), str(tmp_path / "real"))
+    assert load_config(None).control_ref_dirs == ()  # none by default
+
+
+def test_control_ref_dir_flag_repeats_and_overrides_the_file(tmp_path):
+    from argparse import ArgumentParser
+
+    from agent.config import add_config_flags, config_from_args
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    p = ArgumentParser()
+    add_config_flags(p)
+    args = p.parse_args(["--config", write(tmp_path, '[control]\nref_dirs = ["a"]\n'),
+                         "--control-ref-dir", str(tmp_path / "b"),
+                         "--control-ref-dirs", str(tmp_path / "a")])
+    assert config_from_args(args).control_ref_dirs == (str(tmp_path / "b"), str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("value, words", [
+    ('"refs"', "must be a list of non-empty strings"),
+    ('[""]', "must be a list of non-empty strings"),
+    ('[1]', "must be a list of non-empty strings"),
+    ('["missing"]', "is not a directory"),
+    ('["/"]', "must not include /"),
+])
+def test_bad_control_ref_dirs_are_one_line(tmp_path, value, words):
+    with pytest.raises(UsageError) as err:
+        load_config(write(tmp_path, f"[control]\nref_dirs = {value}\n"))
+    assert words in str(err.value) and "[control] ref_dirs" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import seal
+from agent import control, seal
+from agent.io.secretref import UNRESTRICTED
 from agent.migrate_ctl import ControlError, MigrationControl
 from tests.hostkeys import Host, make_host, make_pair
 
@@ -61,9 +62,13 @@ async def agent(tmp: Path, name: str, vm: str, host: Host | None, clock=None):
     sidecar.run_dir = str(run_dir)
     dispatch = asyncio.ensure_future(rt.dispatch())
     ctl = MigrationControl(sidecar, **({"clock": clock} if clock else {}))
+    # The verbs are called as a control peer of our own uid would call them:
+    # references resolve without the ref_dirs limit (agent.control).
+    access = control._ACCESS.set(UNRESTRICTED)
     try:
         yield Agent(ctl, run_dir)
     finally:
+        control._ACCESS.reset(access)
         with contextlib.suppress(ControlError):
             await ctl.cancel({})
         rt.close()

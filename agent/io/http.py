@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -39,6 +40,7 @@ __all__ = [
     "Response",
     "Handler",
     "HttpServer",
+    "PeerCred",
     "request_json",
 ]
 
@@ -48,6 +50,54 @@ READ_CHUNK = 65536
 MAX_RESPONSE_BODY = 16 << 20
 # struct ucred { pid_t pid; uid_t uid; gid_t gid; } (Linux, socket(7))
 UCRED = struct.Struct("3i")
+# SO_PEERGROUPS (Linux 4.13+, asm-generic/socket.h; Python has no name for it):
+# the peer's supplementary groups as gid_t[], taken at connect() like
+# SO_PEERCRED, so no race with the peer exiting and its pid being reused.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+NGROUPS_MAX = 65536
+
+
+class PeerCred(tuple):
+    """``(pid, uid, gid)`` from SO_PEERCRED, plus ``groups``.
+
+    A plain 3-tuple to everything that compares or unpacks it; ``groups`` is
+    the peer's supplementary groups from SO_PEERGROUPS, or ``None`` when the
+    kernel does not tell (then only the primary gid can count).
+    """
+
+    groups: frozenset[int] | None
+
+    def __new__(cls, pid: int, uid: int, gid: int, groups=None) -> "PeerCred":
+        self = super().__new__(cls, (pid, uid, gid))
+        self.groups = None if groups is None else frozenset(groups)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self[0]
+
+    @property
+    def uid(self) -> int:
+        return self[1]
+
+    @property
+    def gid(self) -> int:
+        return self[2]
+
+    def all_groups(self) -> frozenset[int]:
+        return frozenset({self.gid}) | (self.groups or frozenset())
+
+
+def _peer_groups(sock: socket.socket) -> list[int] | None:
+    for count in (256, NGROUPS_MAX):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return None
+        return list(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
+    return None
 
 
 class HttpError(Exception):
@@ -84,7 +134,7 @@ class Request:
     path: str                      # the request target, query included
     headers: dict[str, str]        # names lower-case
     body: bytes = b""
-    # (pid, uid, gid) from SO_PEERCRED for unix sockets, (host, port) for TCP.
+    # PeerCred (pid, uid, gid; .groups) for unix sockets, (host, port) for TCP.
     peer: object = None
 
     def json(self) -> Any:
@@ -232,9 +282,9 @@ def _peer_of(writer: asyncio.StreamWriter) -> object:
     if sock is not None and sock.family == socket.AF_UNIX:
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
-            return UCRED.unpack(raw)
         except OSError:
             return None
+        return PeerCred(*UCRED.unpack(raw), groups=_peer_groups(sock))
     peername = writer.get_extra_info("peername")
     if isinstance(peername, tuple):
         return tuple(peername[:2])

@@ -133,7 +133,7 @@ CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "close
 
 # libvirt's wrapping of a QMP error: qemuMonitorJSONCheckError().
 _QEMU_ERROR = re.compile(r"unable to execute QEMU command '[^']*': (.*)$", re.S)
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}")
 
 INSTALL_HINT = ("libvirt-python is not installed: pip install 'keyagent[libvirt]' "
                 "(it builds against libvirt-dev, with pkg-config and a C compiler)")
@@ -583,7 +583,7 @@ def _lookup(conn: Any, domain: str) -> Any:
     """A domain by name, UUID or numeric id, as virsh takes them."""
     if domain.isdigit():
         return conn.lookupByID(int(domain))
-    if _UUID.match(domain):
+    if _UUID.fullmatch(domain):
         return conn.lookupByUUIDString(domain)
     return conn.lookupByName(domain)
 

@@ -5,10 +5,25 @@ symlink), owned by us, mode 0700.  Key files live in fresh 0700
 subdirectories named ``key-*``, each holding 0600 files created with
 O_EXCL|O_NOFOLLOW, removed on every ending.  Anything of that shape found at
 start is the wreck of a crashed predecessor and is swept.
+
+Only one agent may own a run_dir at a time: :func:`lock_run_dir` takes an
+exclusive ``flock`` on the directory itself, held for the agent's life and
+taken before the sweep, so a second agent given the same run_dir stops
+(exit 2) instead of sweeping the first's live key directories and taking
+over its control socket.  The lock is on the directory (no lock file): it
+leaves nothing behind, and the kernel drops it when the agent dies, however
+it dies.
+
+With ``[control] gid`` the control socket in the run_dir must be reachable
+by that group, as libvirt's ``unix_sock_group`` is: :func:`set_run_dir_group`
+makes the run_dir 0710 with that group (enter, but not list), while key
+directories stay 0700 and key files 0600, the agent's alone.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import secrets
 import shutil
@@ -40,10 +55,73 @@ def prepare_run_dir(path: str) -> str:
     if st.st_uid != os.geteuid():
         raise UsageError(f"run_dir {path} is owned by uid {st.st_uid}, not by us ({os.geteuid()})")
     # Only the permission bits count: a setgid bit (Kubernetes fsGroup sets it
-    # on emptyDirs) gives nobody access to a 0700 directory.
-    if st.st_mode & 0o777 != 0o700:
+    # on emptyDirs) gives nobody access to a 0700 directory.  0710 is what
+    # set_run_dir_group leaves for the control socket's group (enter, no list).
+    if st.st_mode & 0o777 not in (0o700, 0o710):
         raise UsageError(f"run_dir {path} has mode {stat.S_IMODE(st.st_mode):04o}, expected 0700")
     return path
+
+
+class RunDirLock:
+    """The exclusive lock on a run_dir, held while the agent lives."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = -1
+
+
+def lock_run_dir(path: str) -> RunDirLock:
+    """Lock the run_dir for this agent; a UsageError if another agent holds it.
+
+    ``flock`` on the directory, non-blocking: a second agent fails at once
+    with one line.  The descriptor is close-on-exec, so QEMU and swtpm do not
+    keep the lock after the agent is gone.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot open run_dir {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():  # replaced since prepare_run_dir looked
+            raise UsageError(f"run_dir {path} is not ours")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UsageError(f"run_dir {path} is in use by another agent "
+                                 "(give each agent its own run_dir)") from None
+            raise UsageError(f"cannot lock run_dir {path}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return RunDirLock(path, fd)
+
+
+def set_run_dir_group(lock: RunDirLock, gid: int | None) -> None:
+    """0700 (no group), or 0710 with ``gid`` so that group reaches the control socket.
+
+    Done on the locked descriptor (no path lookup to race with).  A setgid
+    bit already there is kept.  Group members can enter the run_dir but not
+    list it; what they can open is decided by each entry's own mode: the
+    control socket 0660, key directories 0700.
+    """
+    st = os.fstat(lock.fd)
+    keep = stat.S_IMODE(st.st_mode) & stat.S_ISGID
+    if gid is None:
+        os.fchmod(lock.fd, keep | 0o700)
+        return
+    try:
+        os.fchown(lock.fd, -1, gid)
+    except OSError as exc:
+        raise UsageError(f"cannot give run_dir {lock.path} to group {gid}: "
+                         f"{exc.strerror}") from None
+    os.fchmod(lock.fd, keep | 0o710)
 
 
 def sweep_stale_keys(run_dir: str) -> list[str]:
