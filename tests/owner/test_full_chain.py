@@ -76,7 +76,8 @@ class Chain:
     def platform_run(self) -> None:
         """A first start: the platform hands out its PDH and chain, then goes."""
         sim = self.world.spawn("platform", ["simulate", "--qmp", f"unix:{self.qmp}", "--pdh-key", "pdh.pem",
-                                            "--pdh-out", "pdh.b64", "--cert-chain-out", "chain.b64"])
+                                            "--pdh-out", "pdh.b64", "--cert-chain-out", "chain.b64",
+                                            "--amd-roots-out", "roots", "--cek-out", "cek.b64"])
         self.wait_ready(sim)
         caps = self.world.sim_query("query-sev-capabilities")
         assert base64.b64decode((self.root / "pdh.b64").read_text()) == base64.b64decode(caps["pdh"])
@@ -100,7 +101,11 @@ class Chain:
         return bytes.fromhex(self.cli("owner", "measure", "--firmware", name).stdout.strip())
 
     def owner(self, vm_table: str) -> str:
+        # the owner trusts the simulator's own AMD root, written by platform_run
         (self.root / "owner.toml").write_text(f"""
+[platform]
+amd_roots = "roots"
+
 [vm.vm1]
 {vm_table}
 [[vm.vm1.secret]]
@@ -176,8 +181,8 @@ def offline_session(c: Chain) -> tuple[str, str]:
     """`owner session` against the platform's PDH and chain; returns (godh, session) paths."""
     c.platform_run()
     out = json.loads(c.cli("owner", "session", "--pdh", "pdh.b64", "--cert-chain", "chain.b64",
-                           "--policy", str(POLICY), "--out-dir", "owner").stdout)
-    assert out["chain_verified"] is True
+                           "--amd-roots", "roots", "--policy", str(POLICY), "--out-dir", "owner").stdout)
+    assert out["chain_verified"] is True and out["platform"] == "amd:sim"
     c.scan.secret("TIK", (c.root / "owner" / "tik.bin").read_bytes())
     c.scan.secret("TEK", (c.root / "owner" / "tek.bin").read_bytes())
     return "owner/godh.b64", "owner/session.b64"
@@ -231,7 +236,7 @@ def test_session_from_owner_serve_then_launch(chain):
     owner = [p for p in chain.world.procs if p.name == "owner"][0]
     owner_log = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
     assert [rec["decision"] for rec in owner_log] == ["session", "released", "refused"]
-    assert owner_log[0]["chain_verified"] is True
+    assert owner_log[0]["chain_verified"] is True and owner_log[0]["platform"] == "amd:sim"
 
 
 # -- one refusal per reason: the VM never runs ---------------------------------
@@ -286,13 +291,24 @@ def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
     chain.platform_run()
     digest = chain.firmware_digest()
     url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    # the chain as PDH_CERT_EXPORT gives it: the CEK without AMD's signature; [sev] cek
+    # (what AMD's key server hands out) takes its place in the request
+    from dataclasses import replace
+
+    from agent.sev.cert import PlatformChain, Signature
+
+    signed = PlatformChain.from_bytes(base64.b64decode((chain.root / "chain.b64").read_text()))
+    bare = replace(signed, cek=replace(signed.cek, sig1=Signature()))
+    (chain.root / "qemu-chain.b64").write_text(base64.b64encode(bare.to_bytes()).decode())
+    assert base64.b64decode((chain.root / "cek.b64").read_text()) == signed.cek.to_bytes()
     fake_qemu = Path(__file__).parent.parent / "e2e" / "fake_qemu_sev.py"
     run = chain.root / "run"
     env = {"FAKE_QEMU_PDH_KEY": str(chain.root / "pdh.pem"), "FAKE_QEMU_DIGEST": digest.hex(),
            "PYTHONPATH": str(Path(__file__).parent.parent.parent)}
     proc = chain.world.spawn("launch", [
         "launch", "--vm-name", "vm1", "--vm-run-dir", str(run), "--owner-url", url,
-        "--sev-pdh", str(chain.root / "pdh.b64"), "--sev-cert-chain", str(chain.root / "chain.b64"),
+        "--sev-pdh", str(chain.root / "pdh.b64"), "--sev-cert-chain", str(chain.root / "qemu-chain.b64"),
+        "--sev-cek", str(chain.root / "cek.b64"),
         "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
         "--event-log", str(chain.root / "events.jsonl"), "--log-level", "debug",
         "--", sys.executable, str(fake_qemu), "-machine", "q35,confidential-guest-support=sev0",
