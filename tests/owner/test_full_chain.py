@@ -324,3 +324,50 @@ def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
     proc.popen.send_signal(__import__("signal").SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr
     assert sorted(p.name for p in run.iterdir()) == []
+
+
+# -- platform trust and session floods, with real processes -------------------------
+
+def test_session_flood_does_not_displace_the_waiting_launch(chain):
+    from agent.owner.service import MAX_PENDING_SESSIONS
+    from agent.sim.psp import Platform
+    from tests.sev.amd_chains import real_certs
+
+    chain.platform_run()
+    digest = chain.firmware_digest()
+    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    good = {"vm": "vm1", "pdh": (chain.root / "pdh.b64").read_text().strip(),
+            "cert_chain": (chain.root / "chain.b64").read_text().strip(), "policy": POLICY}
+    status, body = asyncio.run(request_json("POST", url + "/v1/session", good, timeout=10))
+    assert status == 200, body
+    (chain.root / "godh.b64").write_text(body["godh"])
+    (chain.root / "session.b64").write_text(body["session"])
+    tek, tik = open_session(chain.pdh_key, base64.b64decode(body["godh"]), base64.b64decode(body["session"]), POLICY)
+    chain.scan.secret("TIK", tik)
+    chain.scan.secret("TEK", tek)
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    made_up = Platform()   # signed by this test process's own "AMD", which the owner does not trust
+    rome = real_certs("rome")
+    flood = ([good] * (MAX_PENDING_SESSIONS + 3)
+             + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": b64(made_up.chain.to_bytes())}] * 3
+             + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": None}] * 3
+             + [{**good, "pdh": b64(rome["pdh"]), "cert_chain": b64(rome["pek"] + rome["oca"] + rome["cek"])}])
+
+    async def send_all():
+        return [await request_json("POST", url + "/v1/session", f, timeout=10) for f in flood]
+
+    answers = asyncio.run(send_all())
+    statuses = [a[0] for a in answers]
+    assert statuses == [200] * (MAX_PENDING_SESSIONS - 1) + [429] * 4 + [403] * 7, answers
+    assert all(a[1]["error"].startswith("platform not verified: ") for a in answers[-7:])
+
+    chain.launch("godh.b64", "session.b64", digest)
+    agent = chain.agent(url)
+    assert agent.wait() == 0, agent.stderr
+    chain.assert_launched()
+    owner = [p for p in chain.world.procs if p.name == "owner"][0]
+    decisions = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
+    assert [d["status"] for d in decisions] == [200] + statuses + [200]
