@@ -353,6 +353,9 @@ async def _serve(config: Any, host: str, port: int) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
     log.info("owner listening", url=url, vms=sorted(config.vms))
+    if any(vm.session and vm.platform == "amd" for vm in config.vms.values()):
+        log.info("owner platform roots", source=config.amd_roots_source,
+                 products=[r.product for r in config.amd_roots])
     _print_json({"listening": url})
     try:
         await stop.wait()
