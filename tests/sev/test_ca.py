@@ -223,3 +223,24 @@ def test_a_second_signature_nobody_asked_for_is_refused():
     twice = replace(pdh, sig2=replace(pdh.sig1, sig=bytes(1) + pdh.sig1.sig[1:]))
     with pytest.raises(ValueError, match="slot 2 is not a valid signature by the PEK"):
         verify_platform(twice, chain, ROOTS)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(product=st.sampled_from(REAL_PRODUCTS), name=st.sampled_from(NAMES),
+       at=st.integers(0, CERT_LEN - 1), junk=st.binary(min_size=1, max_size=64))
+def test_any_overwritten_run_of_bytes_in_a_real_chain_is_refused(product, name, at, junk):
+    certs = real_certs(product)
+    raw = certs[name]
+    damaged = raw[:at] + junk[:CERT_LEN - at] + raw[at + len(junk):]
+    if damaged == raw:
+        return
+    try:
+        pdh, chain = parse(dict(certs, **{name: damaged}))
+        verify_platform(pdh, chain, ROOTS)
+    except ValueError:
+        return
+    pytest.fail(f"{product} {name} overwritten at 0x{at:x} still verifies")
