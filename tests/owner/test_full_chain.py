@@ -371,3 +371,21 @@ def test_session_flood_does_not_displace_the_waiting_launch(chain):
     owner = [p for p in chain.world.procs if p.name == "owner"][0]
     decisions = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
     assert [d["status"] for d in decisions] == [200] + statuses + [200]
+
+
+def test_launch_for_a_platform_the_owner_cannot_verify_never_starts_qemu(chain):
+    chain.platform_run()
+    digest = chain.firmware_digest()
+    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    marker = chain.root / "qemu-started"   # what "QEMU" would do if it ever ran
+    run = chain.root / "run"
+    # no cert_chain: a host that only shows a PDH (any P-384 key it likes)
+    proc = chain.world.spawn("launch", [
+        "launch", "--vm-name", "vm1", "--vm-run-dir", str(run), "--owner-url", url,
+        "--sev-pdh", str(chain.root / "pdh.b64"), "--secrets-master-key", "file",
+        "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')",
+        "-object", f"sev-guest,id=sev0,policy={POLICY},cbitpos=51,reduced-phys-bits=1"])
+    assert proc.wait(timeout=30) == 1, proc.stderr
+    assert "guest owner refused the launch session: platform not verified: no cert_chain" in proc.stderr
+    assert "(HTTP 403)" in proc.stderr and not marker.exists()
+    assert not list(run.glob("key-*"))
