@@ -8,6 +8,9 @@
                   writes godh.b64, session.b64 (QEMU sev-guest dh-cert-file,
                   session-file) and tik.bin, tek.bin (16 raw bytes) into D,
                   once the chain verified to AMD's roots
+    owner platform --pdh F [--cert-chain F] [--amd-roots DIR]
+                  prints {"pdh_sha256", "verified", "reason"}: exit 0 verified
+                  to AMD's roots, 1 not (the pin is printed either way)
     owner measure ...        (registered by agent.owner.measure when present)
 
 This module is imported every time ``keyagent`` builds its parser, the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import importlib
 import json
 import sys
@@ -74,6 +78,12 @@ def register(subparsers: Any) -> None:
     x.add_argument("--out-dir", required=True, metavar="DIR",
                    help="where godh.b64, session.b64, tik.bin, tek.bin go (created 0700 if missing)")
     x.set_defaults(func=cmd_session)
+
+    q = sub.add_parser("platform", help="check a platform's PDH and chain; print its pdh_sha256 pin")
+    q.add_argument("--pdh", required=True, metavar="FILE", help="the PDH certificate (raw or base64)")
+    q.add_argument("--cert-chain", metavar="FILE", help="PEK || OCA || CEK (raw or base64), the CEK AMD-signed")
+    q.add_argument("--amd-roots", metavar="DIR", help="instead of the built-in AMD roots")
+    q.set_defaults(func=cmd_platform)
 
     if measure is not None and hasattr(measure, "register"):
         measure.register(sub)
@@ -209,6 +219,41 @@ def _read_cert_input(path: str, flag: str, length: int) -> bytes:
     return data
 
 
+def _roots(path: str | None) -> tuple:
+    from agent.sev.ca import builtin_roots, load_roots_dir
+
+    if not path:
+        return builtin_roots()
+    try:
+        return load_roots_dir(path)
+    except ValueError as exc:
+        raise UsageError(f"--amd-roots: {exc}") from None
+
+
+def cmd_platform(args: argparse.Namespace) -> int:
+    """What an operator runs to enroll a host: the pin, and whether AMD vouches for it."""
+    from agent.owner.service import SessionInputError, check_platform
+    from agent.sev.cert import CERT_LEN, CHAIN_LEN
+
+    roots = _roots(args.amd_roots)
+    pdh = _read_cert_input(args.pdh, "--pdh", CERT_LEN)
+    chain = _read_cert_input(args.cert_chain, "--cert-chain", CHAIN_LEN) if args.cert_chain else None
+    try:
+        _check_pdh(pdh)
+    except SessionInputError as exc:
+        raise UsageError(str(exc)) from None
+    out: dict[str, Any] = {"pdh_sha256": hashlib.sha256(pdh).hexdigest()}
+    try:
+        checked = check_platform("amd", pdh, chain, roots=roots, chain_name="--cert-chain")
+    except SessionInputError as exc:
+        if not exc.refusal:
+            raise UsageError(str(exc)) from None
+        _print_json({**out, "verified": None, "reason": str(exc)})
+        return 1
+    _print_json({**out, "verified": checked.trust, "reason": "chain verified to a trusted AMD root"})
+    return 0
+
+
 def _check_pdh(pdh: bytes) -> None:
     from agent.owner.service import SessionInputError
     from agent.sev.cert import USAGE_PDH, Certificate
@@ -240,17 +285,7 @@ def cmd_session(args: argparse.Namespace) -> int:
     if not args.unverified_platform and not args.cert_chain:
         raise UsageError("--cert-chain is needed to verify the platform to AMD "
                          "(or --unverified-platform, for demos only)")
-    if args.amd_roots:
-        from agent.sev.ca import load_roots_dir
-
-        try:
-            roots = load_roots_dir(args.amd_roots)
-        except ValueError as exc:
-            raise UsageError(f"--amd-roots: {exc}") from None
-    else:
-        from agent.sev.ca import builtin_roots
-
-        roots = builtin_roots()
+    roots = _roots(args.amd_roots)
     pdh = _read_cert_input(args.pdh, "--pdh", CERT_LEN)
     chain = _read_cert_input(args.cert_chain, "--cert-chain", CHAIN_LEN) if args.cert_chain else None
     out_dir = args.out_dir

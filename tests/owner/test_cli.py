@@ -517,3 +517,41 @@ def test_bad_input_of_every_subcommand_is_one_line_exit_2(bad_inputs, case, argv
     assert_usage_error(proc, words.format(r=d.root))
     for form in leak_forms():
         assert form not in proc.stderr
+
+
+# -- platform: the pin and whether AMD vouches ---------------------------------------
+
+@pytest.mark.parametrize("product", ["naples", "rome"])
+def test_platform_prints_the_pin_of_a_real_chain_and_its_product(tmp_path, product):
+    import hashlib
+
+    from tests.sev.amd_chains import real_certs
+
+    c = real_certs(product)
+    (tmp_path / "pdh.b64").write_text(base64.b64encode(c["pdh"]).decode())
+    (tmp_path / "chain.bin").write_bytes(c["pek"] + c["oca"] + c["cek"])
+    proc = run("platform", "--pdh", str(tmp_path / "pdh.b64"), "--cert-chain", str(tmp_path / "chain.bin"))
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["pdh_sha256"] == hashlib.sha256(c["pdh"]).hexdigest() and shown["verified"] == f"amd:{product}"
+
+
+def test_platform_without_a_chain_still_prints_the_pin_and_exits_1(platform_files):
+    d, _ = platform_files
+    proc = run("platform", "--pdh", str(d / "pdh.b64"))
+    assert proc.returncode == 1
+    shown = json.loads(proc.stdout)
+    assert len(shown["pdh_sha256"]) == 64 and shown["verified"] is None
+    assert shown["reason"].startswith("platform not verified: no --cert-chain")
+    proc = run("platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
+               "--amd-roots", str(d / "roots"))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["verified"] == "amd:sim"
+
+
+def test_platform_bad_input_is_usage_error(platform_files):
+    d, _ = platform_files
+    assert_usage_error(run("platform", "--pdh", str(d / "pek.bin")), "--pdh: certificate has usage 0x1002")
+    assert_usage_error(run("platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "swapped-chain.bin")),
+                       "certificate 1 of the chain has usage 0x1001, not PEK")
+    assert_usage_error(run("platform", "--pdh", str(d / "pdh.b64"), "--amd-roots", str(d / "nope")),
+                       "--amd-roots: cannot read AMD roots directory")
