@@ -76,6 +76,9 @@ SCHEMA: tuple[Key, ...] = (
         help="(launch) the platform's PDH certificate, to get a launch session from the owner"),
     Key("sev", "cert_chain", str, None, path=True,
         help="(launch) the platform's PEK/OCA/CEK chain, sent with the PDH"),
+    Key("sev", "cek", str, None, path=True,
+        help="(launch) the CEK as AMD's key server signs it (sevctl export --full): sent in place of the "
+             "chain's CEK"),
     # GnuTLS's psktool makes keys of at most 512 bytes.
     Key("migration", "psk_length", int, 32, minimum=16, maximum=512),
     Key("migration", "dest_deadline_s", float, 60.0, minimum=0.001),
@@ -253,6 +256,8 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
         elif key.path:
             values[(key.section, key.name)] = os.path.abspath(text)
         present.add(key.section)
+    if values.get(("sev", "cek")) and not values.get(("sev", "cert_chain")):
+        raise UsageError("[sev] cek replaces the CEK of [sev] cert_chain: give cert_chain too")
     return Config(values, present, path)
 
 

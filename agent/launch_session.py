@@ -3,7 +3,8 @@
 QEMU reads ``dh-cert-file`` (the owner's GODH certificate) and
 ``session-file`` (the wrapped TEK/TIK) at LAUNCH_START, when it creates the
 ``sev-guest`` object.  The launcher asks the owner (``POST /v1/session``
-with the platform's PDH and chain), writes both files into a fresh 0700
+with the platform's PDH and chain, the chain's CEK replaced by ``[sev]
+cek`` when set: the owner wants it signed by AMD's ASK), writes both files into a fresh 0700
 key directory, points the ``sev-guest`` object at them, and deletes them
 once QEMU's monitor answers.  Neither file is secret to the host (the keys
 inside are wrapped for the PSP), but they are single-use launch material
@@ -55,8 +56,24 @@ def read_cert(path: str, what: str) -> str:
     return base64.b64encode(raw).decode()
 
 
+CERT_LEN = 2084             # one SEV certificate
+CHAIN_LEN = 3 * CERT_LEN    # PEK || OCA || CEK
+
+
+def chain_with_cek(chain_b64: str, cek_b64: str) -> str:
+    """PEK || OCA || the signed CEK: the CEK QEMU reports carries no ASK signature
+    (PDH_CERT_EXPORT), so the one AMD's key server signed takes its place."""
+    chain = base64.b64decode(chain_b64)
+    cek = base64.b64decode(cek_b64)
+    if len(chain) != CHAIN_LEN:
+        raise UsageError(f"[sev] cert_chain must hold {CHAIN_LEN} bytes (PEK, OCA, CEK), holds {len(chain)}")
+    if len(cek) != CERT_LEN:
+        raise UsageError(f"[sev] cek must hold one {CERT_LEN}-byte certificate, holds {len(cek)} bytes")
+    return base64.b64encode(chain[:2 * CERT_LEN] + cek).decode()
+
+
 async def fetch_session(owner_url: str, vm: str, pdh_path: str, chain_path: str | None,
-                        policy: int, timeout: float) -> tuple[bytes, bytes]:
+                        policy: int, timeout: float, cek_path: str | None = None) -> tuple[bytes, bytes]:
     """-> (godh.b64 file content, session.b64 file content)."""
     from agent.core.owner_answer import one_line
     from agent.io.http import HttpError, request_json
@@ -64,6 +81,8 @@ async def fetch_session(owner_url: str, vm: str, pdh_path: str, chain_path: str 
     body = {"vm": vm, "pdh": read_cert(pdh_path, "[sev] pdh"), "policy": policy}
     if chain_path:
         body["cert_chain"] = read_cert(chain_path, "[sev] cert_chain")
+        if cek_path:
+            body["cert_chain"] = chain_with_cek(body["cert_chain"], read_cert(cek_path, "[sev] cek"))
     try:
         status, answer = await request_json("POST", owner_url.rstrip("/") + "/v1/session",
                                             body, timeout=timeout)

@@ -127,7 +127,7 @@ class Launcher(Sidecar):
             return
         godh, session = await ls.fetch_session(
             cfg.sev_owner_url, cfg.vm_name, cfg.sev_pdh, cfg.sev_cert_chain,
-            ls.sev_policy(argv[index]), cfg.sev_timeout_s)
+            ls.sev_policy(argv[index]), cfg.sev_timeout_s, cek_path=cfg.sev_cek)
         self._session_dir = make_key_dir(self.run_dir, "session")
         godh_path = write_key_file(self._session_dir, "godh.b64", godh)
         session_path = write_key_file(self._session_dir, "session.b64", session)

@@ -4,9 +4,13 @@
     owner verify  --tik F --measurement B64 --api-major N --api-minor N
                   --build-id N --policy N --digest HEX           exit 0 valid, 1 not
     owner package --tik F --tek F --measurement B64 --secret GUID=FILE [...] [--iv B64]
-    owner session --pdh F --policy N --out-dir D [--cert-chain F]
+    owner session --pdh F --policy N --out-dir D (--cert-chain F [--amd-roots DIR] | --unverified-platform)
                   writes godh.b64, session.b64 (QEMU sev-guest dh-cert-file,
-                  session-file) and tik.bin, tek.bin (16 raw bytes) into D
+                  session-file) and tik.bin, tek.bin (16 raw bytes) into D,
+                  once the chain verified to AMD's roots
+    owner platform --pdh F [--cert-chain F] [--amd-roots DIR]
+                  prints {"pdh_sha256", "verified", "reason"}: exit 0 verified
+                  to AMD's roots, 1 not (the pin is printed either way)
     owner measure ...        (registered by agent.owner.measure when present)
 
 This module is imported every time ``keyagent`` builds its parser, the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import importlib
 import json
 import sys
@@ -63,11 +68,22 @@ def register(subparsers: Any) -> None:
     x.add_argument("--pdh", required=True, metavar="FILE",
                    help="the platform's PDH certificate (2084 bytes, raw or base64 as QEMU reports it)")
     x.add_argument("--cert-chain", metavar="FILE",
-                   help="PEK || OCA || CEK (raw or base64, QEMU's cert-chain): check that it signs the PDH")
+                   help="PEK || OCA || CEK (raw or base64, QEMU's cert-chain, the CEK as AMD's key server signs "
+                        "it): must chain the PDH to AMD's ARK")
+    x.add_argument("--amd-roots", metavar="DIR",
+                   help="trust the <product>-ark.cert/<product>-ask.cert here instead of the built-in AMD roots")
+    x.add_argument("--unverified-platform", action="store_true",
+                   help="make the session without checking the platform at all (demos only)")
     x.add_argument("--policy", required=True, type=_policy_int, metavar="N", help="the guest policy")
     x.add_argument("--out-dir", required=True, metavar="DIR",
                    help="where godh.b64, session.b64, tik.bin, tek.bin go (created 0700 if missing)")
     x.set_defaults(func=cmd_session)
+
+    q = sub.add_parser("platform", help="check a platform's PDH and chain; print its pdh_sha256 pin")
+    q.add_argument("--pdh", required=True, metavar="FILE", help="the PDH certificate (raw or base64)")
+    q.add_argument("--cert-chain", metavar="FILE", help="PEK || OCA || CEK (raw or base64), the CEK AMD-signed")
+    q.add_argument("--amd-roots", metavar="DIR", help="instead of the built-in AMD roots")
+    q.set_defaults(func=cmd_platform)
 
     if measure is not None and hasattr(measure, "register"):
         measure.register(sub)
@@ -203,6 +219,53 @@ def _read_cert_input(path: str, flag: str, length: int) -> bytes:
     return data
 
 
+def _roots(path: str | None) -> tuple:
+    from agent.sev.ca import builtin_roots, load_roots_dir
+
+    if not path:
+        return builtin_roots()
+    try:
+        return load_roots_dir(path)
+    except ValueError as exc:
+        raise UsageError(f"--amd-roots: {exc}") from None
+
+
+def cmd_platform(args: argparse.Namespace) -> int:
+    """What an operator runs to enroll a host: the pin, and whether AMD vouches for it."""
+    from agent.owner.service import SessionInputError, check_platform
+    from agent.sev.cert import CERT_LEN, CHAIN_LEN
+
+    roots = _roots(args.amd_roots)
+    pdh = _read_cert_input(args.pdh, "--pdh", CERT_LEN)
+    chain = _read_cert_input(args.cert_chain, "--cert-chain", CHAIN_LEN) if args.cert_chain else None
+    try:
+        _check_pdh(pdh)
+    except SessionInputError as exc:
+        raise UsageError(str(exc)) from None
+    out: dict[str, Any] = {"pdh_sha256": hashlib.sha256(pdh).hexdigest()}
+    try:
+        checked = check_platform("amd", pdh, chain, roots=roots, chain_name="--cert-chain")
+    except SessionInputError as exc:
+        if not exc.refusal:
+            raise UsageError(str(exc)) from None
+        _print_json({**out, "verified": None, "reason": str(exc)})
+        return 1
+    _print_json({**out, "verified": checked.trust, "reason": "chain verified to a trusted AMD root"})
+    return 0
+
+
+def _check_pdh(pdh: bytes) -> None:
+    from agent.owner.service import SessionInputError
+    from agent.sev.cert import USAGE_PDH, Certificate
+
+    try:
+        cert = Certificate.from_bytes(pdh)
+    except ValueError as exc:
+        raise SessionInputError(f"--pdh: {exc}") from None
+    if cert.usage != USAGE_PDH:
+        raise SessionInputError(f"--pdh: certificate has usage 0x{cert.usage:x}, not PDH (0x{USAGE_PDH:x})")
+
+
 def cmd_session(args: argparse.Namespace) -> int:
     """The owner's side of LAUNCH_START, offline.
 
@@ -212,11 +275,17 @@ def cmd_session(args: argparse.Namespace) -> int:
     """
     import os
 
-    from agent.owner.service import SessionInputError, SessionMaterial, make_session
+    from agent.owner.service import SessionInputError, SessionMaterial, check_platform, make_session
     from agent.sev.cert import CERT_LEN, CHAIN_LEN
 
     if not 0 <= args.policy <= 0xFFFFFFFF:
         raise UsageError(f"--policy must be a 32-bit value, got {args.policy}")
+    if args.unverified_platform and (args.cert_chain or args.amd_roots):
+        raise UsageError("--unverified-platform checks nothing: leave out --cert-chain/--amd-roots")
+    if not args.unverified_platform and not args.cert_chain:
+        raise UsageError("--cert-chain is needed to verify the platform to AMD "
+                         "(or --unverified-platform, for demos only)")
+    roots = _roots(args.amd_roots)
     pdh = _read_cert_input(args.pdh, "--pdh", CERT_LEN)
     chain = _read_cert_input(args.cert_chain, "--cert-chain", CHAIN_LEN) if args.cert_chain else None
     out_dir = args.out_dir
@@ -227,11 +296,22 @@ def cmd_session(args: argparse.Namespace) -> int:
         if os.path.lexists(target):
             raise UsageError(f"--out-dir: {target} already exists; not overwriting it")
 
-    material = SessionMaterial.fresh()
     try:
-        made = make_session(pdh, chain, args.policy, material, names=("--pdh", "--cert-chain"))
+        _check_pdh(pdh)
+        checked = check_platform("any" if args.unverified_platform else "amd", pdh, chain, roots=roots,
+                                 chain_name="--cert-chain")
     except SessionInputError as exc:
         raise UsageError(str(exc)) from None
+    material = SessionMaterial.fresh()
+    try:
+        made = make_session(pdh, chain, args.policy, material, names=("--pdh", "--cert-chain"), platform=checked)
+    except SessionInputError as exc:
+        raise UsageError(str(exc)) from None
+    if not checked.verified:
+        from agent.logs import get_logger
+
+        get_logger("keyagent.owner").warning("owner platform unchecked", why="--unverified-platform: "
+                                             "this session may go to a platform nobody verified")
 
     try:
         os.makedirs(out_dir, mode=0o700, exist_ok=True)
@@ -242,7 +322,7 @@ def cmd_session(args: argparse.Namespace) -> int:
     _write_new_files(list(zip(targets, contents)))
     made.wipe()
     _print_json({"godh": targets[0], "session": targets[1], "tik": targets[2], "tek": targets[3],
-                 "policy": args.policy, "chain_verified": made.chain_verified})
+                 "policy": args.policy, "chain_verified": made.chain_verified, "platform": made.trust})
     return 0
 
 
@@ -308,6 +388,9 @@ async def _serve(config: Any, host: str, port: int) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
     log.info("owner listening", url=url, vms=sorted(config.vms))
+    if any(vm.session and vm.platform == "amd" for vm in config.vms.values()):
+        log.info("owner platform roots", source=config.amd_roots_source,
+                 products=[r.product for r in config.amd_roots])
     _print_json({"listening": url})
     try:
         await stop.wait()

@@ -35,6 +35,20 @@ serve launches that were started with session files made offline
     [[vm.vm2.secret]]
     guid = "luks-key"
     file = "vm2-disk.pass"
+
+Which platforms get a launch session (``POST /v1/session``): per VM
+``platform`` says how the PDH is trusted::
+
+    platform = "amd"             # the default: PDH <- PEK <- (OCA, CEK) <- ASK <- ARK
+                                 # must verify to AMD's roots (built in), or to
+                                 # [platform] amd_roots when that is set
+    # platform = "pinned"        # only these PDH certificates (SHA-256 as sent)
+    # pdh_sha256 = ["hex", ...]
+    # platform = "any"           # no check at all: demos only (warned about)
+
+    [platform]                   # owner-wide
+    amd_roots = "roots/"         # <product>-ark.cert, <product>-ask.cert (AMD's
+                                 # binary format) instead of the built-in roots
 """
 
 from __future__ import annotations
@@ -57,7 +71,10 @@ DIGEST_LEN = 32       # SHA-256 of the launch data
 MAX_SECRET_FILE = 16384  # the whole secret table must fit the OVMF secret area
 
 _LAUNCH_KEYS = {"firmware", "kernel", "initrd", "append"}
-_VM_KEYS = {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "gpa", "secret"} | _LAUNCH_KEYS
+_VM_KEYS = {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "gpa", "secret",
+            "platform", "pdh_sha256"} | _LAUNCH_KEYS
+_PLATFORM_KEYS = {"amd_roots"}
+PLATFORM_MODES = ("amd", "pinned", "any")
 MAX_IMAGE_FILE = 256 << 20  # firmware, kernel, initrd: far above any real one
 _SECRET_KEYS = {"guid", "file"}
 
@@ -81,12 +98,17 @@ class VmPolicy:
     build_ids: frozenset[int] | None = None
     gpa: int | None = None
     session: bool = False       # takes POST /v1/session
+    platform: str = "amd"       # amd | pinned | any: whose PDH gets a session
+    pdh_pins: frozenset[bytes] = frozenset()   # platform = "pinned": SHA-256 of each PDH
 
 
 @dataclass(frozen=True)
 class OwnerConfig:
     path: str
     vms: dict[str, VmPolicy]
+    # AMD roots a platform = "amd" chain must end at: the built-in ones, or [platform] amd_roots
+    amd_roots: tuple[Any, ...] = ()          # tuple[agent.sev.ca.AmdRoots, ...]
+    amd_roots_source: str = "built-in"
 
 
 # -- small readers shared with the command line ----------------------------
@@ -176,7 +198,29 @@ def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
     if not isinstance(vms_doc, dict) or not vms_doc:
         raise UsageError(f"owner config {path} has no [vm.NAME] tables")
     vms = {name: _load_vm(name, table, base) for name, table in vms_doc.items()}
-    return OwnerConfig(path=str(path), vms=vms)
+    roots, source = _load_platform(doc.get("platform", {}), base)
+    return OwnerConfig(path=str(path), vms=vms, amd_roots=roots, amd_roots_source=source)
+
+
+def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str]:
+    """[platform]: the AMD roots, read and checked now (ARK self-signed, ASK by the ARK)."""
+    from agent.sev.ca import builtin_roots, load_roots_dir
+
+    if not isinstance(table, dict):
+        raise UsageError("[platform] must be a table")
+    unknown = sorted(set(table) - _PLATFORM_KEYS)
+    if unknown:
+        raise UsageError(f"platform: unknown key {unknown[0]!r}")
+    if "amd_roots" not in table:
+        return builtin_roots(), "built-in"
+    value = table["amd_roots"]
+    if not isinstance(value, str) or not value:
+        raise UsageError("platform.amd_roots must be a directory path")
+    directory = base / value
+    try:
+        return load_roots_dir(directory), str(directory)
+    except ValueError as exc:
+        raise UsageError(f"platform.amd_roots: {exc}") from None
 
 
 def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
@@ -243,8 +287,34 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     if total > MAX_SECRET_FILE:
         raise UsageError(f"{where}: the secrets make a {total}-byte table, more than {MAX_SECRET_FILE}")
 
+    platform = table.get("platform", "amd")
+    if platform not in PLATFORM_MODES:
+        raise UsageError(f"{where}.platform must be one of {', '.join(PLATFORM_MODES)}")
+    pins: frozenset[bytes] = frozenset()
+    if platform == "pinned":
+        pin_doc = table.get("pdh_sha256")
+        if not isinstance(pin_doc, list) or not pin_doc:
+            raise UsageError(f"{where}: platform = \"pinned\" needs pdh_sha256 = [\"<hex>\", ...]")
+        pins = frozenset(_pin(p, f"{where}.pdh_sha256[{i}]") for i, p in enumerate(pin_doc))
+    elif "pdh_sha256" in table:
+        raise UsageError(f"{where}: pdh_sha256 applies only with platform = \"pinned\"")
+
     return VmPolicy(name=name, tik=tik, tek=tek, policy=policy, digests=digests, secrets=secrets,
-                    min_api=min_api, build_ids=build_ids, gpa=gpa, session=session)
+                    min_api=min_api, build_ids=build_ids, gpa=gpa, session=session,
+                    platform=platform, pdh_pins=pins)
+
+
+def _pin(text: Any, where: str) -> bytes:
+    """One pinned PDH: 64 hex digits, the SHA-256 of the PDH certificate as the platform sends it."""
+    if not isinstance(text, str):
+        raise UsageError(f"{where} must be a hex string")
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raise UsageError(f"{where} is not valid hex") from None
+    if len(raw) != 32:
+        raise UsageError(f"{where} must be 32 bytes (64 hex digits), got {len(raw)}")
+    return raw
 
 
 def _launch_digest(table: dict, where: str, rel: Any) -> bytes:

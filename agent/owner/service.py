@@ -32,13 +32,25 @@ after the packet is built.  A second request for that launch can no longer
 be verified (the TIK is gone), so the service also remembers the SHA-256 of
 every released measurement blob: the same blob again is a replay (409),
 anything else that does not verify is 403.  With no pending session and no
-offline keys the answer is 409 ("POST /v1/session first").  At most
-:data:`MAX_PENDING_SESSIONS` wait per VM; the oldest goes first.
+offline keys the answer is 409 ("POST /v1/session first"); with pending
+sessions none of whose TIKs verifies the measurement, 403 "no launch session
+matches this measurement" (the MAC cannot tell a launch made with another
+session from one whose digest differs: both fail under every TIK held).
 
-The certificate chain (PEK || OCA || CEK, as QEMU reports it) is checked
-when the request carries one: PDH <- PEK <- OCA and CEK.  AMD's ASK and ARK
-are not checked (they are not in QEMU's answer), so this catches a damaged
-or mismatched PDH, not a host that forges a whole chain.
+Which platform gets a session (the VM's ``platform``): ``amd`` (default)
+wants the whole chain, PDH <- PEK <- (OCA and CEK) <- ASK <- ARK, to verify
+to AMD's roots (built in, or ``[platform] amd_roots``): the request's
+``cert_chain`` is PEK || OCA || CEK with the CEK as AMD's key server signs
+it.  ``pinned`` takes only the PDHs whose SHA-256 owner.toml lists;
+``any`` takes every PDH (demos; warned about at start and on every session).
+A platform that does not verify gets 403 "platform not verified: ...".
+
+Pending sessions are kept per VM *and platform* (the SHA-256 of the PDH):
+at most :data:`MAX_PENDING_SESSIONS` for one platform and
+:data:`MAX_PENDING_PER_VM` in all.  When full, the new request gets 429 and
+the waiting sessions stay: nobody can push a launch's session out by asking
+for more.  Sessions older than :data:`PENDING_SESSION_TTL_S` are dropped by
+the service (a launch that never asked for its secret).
 """
 
 from __future__ import annotations
@@ -46,7 +58,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -57,10 +71,14 @@ from agent.owner.config import OwnerConfig, VmPolicy
 
 __all__ = ["Decision", "decide_secret", "decide_session", "make_session", "LaunchSession",
            "SessionMaterial", "SessionInputError", "OwnerService", "SECRET_FIELDS",
-           "MAX_PENDING_SESSIONS"]
+           "MAX_PENDING_SESSIONS", "MAX_PENDING_PER_VM", "PlatformCheck", "check_platform"]
 
-#: Launch sessions that may wait for their /v1/secret, per VM.
+#: Launch sessions that may wait for their /v1/secret, per VM and platform (PDH).
 MAX_PENDING_SESSIONS = 4
+#: ... and per VM over all platforms (bounds memory with platform = "any").
+MAX_PENDING_PER_VM = 64
+#: A pending session older than this is dropped by the service.
+PENDING_SESSION_TTL_S = 3600.0
 
 BLOB_LEN = 48        # MEASURE[32] || MNONCE[16]
 MEASURE_LEN = 32
@@ -149,7 +167,9 @@ class LaunchSession:
     tik: Secret = field(repr=False)
     tek: Secret = field(repr=False)
     policy: int = 0
-    chain_verified: bool = False
+    chain_verified: bool = False         # the platform verified (amd chain or pin)
+    platform: str = ""                   # SHA-256 of the PDH as sent, hex: the pending-session key
+    trust: str = ""                      # "amd:<product>" | "pinned" | "any" | "chain" (offline tool)
 
     @property
     def id(self) -> str:
@@ -164,13 +184,69 @@ class LaunchSession:
         return f"LaunchSession(id={self.id}, policy=0x{self.policy:x})"
 
 
+@dataclass(frozen=True)
+class PlatformCheck:
+    """A platform the owner accepted for a session."""
+
+    platform: str        # SHA-256 of the PDH certificate as sent, hex
+    trust: str           # "amd:<product>" | "pinned" | "any"
+
+    @property
+    def verified(self) -> bool:
+        return self.trust != "any"
+
+
+def check_platform(mode: str, pdh: bytes, cert_chain: bytes | None, *, roots: Sequence[Any] = (),
+                   pins: Collection[bytes] = (), chain_name: str = "cert_chain") -> PlatformCheck:
+    """Does the owner trust this PDH?  SessionInputError (refusal: "platform not verified: ...").
+
+    ``mode`` is the VM's ``platform``; ``roots`` the AMD roots for ``amd``,
+    ``pins`` the SHA-256 digests for ``pinned``.  Malformed input (a chain
+    that does not parse) is a 400, not a refusal.
+    """
+    from agent.sev.ca import verify_platform
+    from agent.sev.cert import Certificate, PlatformChain
+
+    digest = hashlib.sha256(bytes(pdh)).digest()
+    platform = digest.hex()
+    if mode == "any":
+        return PlatformCheck(platform, "any")
+    if mode == "pinned":
+        hit = False
+        for pin in pins:  # every pin, constant time each
+            hit |= hmac.compare_digest(digest, pin)
+        if not hit:
+            raise SessionInputError(f"platform not verified: PDH sha256 {platform} is not pinned for this vm",
+                                    refusal=True)
+        return PlatformCheck(platform, "pinned")
+    if mode != "amd":
+        raise ValueError(f"unknown platform mode {mode!r}")
+    if cert_chain is None:
+        raise SessionInputError(f"platform not verified: no {chain_name} (PEK, OCA and the CEK as AMD "
+                                f"signs it) to chain the PDH to AMD", refusal=True)
+    try:
+        pdh_cert = Certificate.from_bytes(pdh)
+        chain = PlatformChain.from_bytes(cert_chain)
+    except ValueError as exc:
+        raise SessionInputError(f"{chain_name}: {exc}") from None
+    try:
+        verified = verify_platform(pdh_cert, chain, tuple(roots))
+    except ValueError as exc:
+        raise SessionInputError(f"platform not verified: {exc}", refusal=True) from None
+    return PlatformCheck(platform, f"amd:{verified.product}")
+
+
 def make_session(pdh: bytes, cert_chain: bytes | None, policy: int, material: SessionMaterial, *,
-                 names: tuple[str, str] = ("pdh", "cert_chain")) -> LaunchSession:
+                 names: tuple[str, str] = ("pdh", "cert_chain"),
+                 platform: PlatformCheck | None = None) -> LaunchSession:
     """GODH + session blob for the platform's PDH; SessionInputError on bad input.
 
-    ``pdh`` is the 2084-byte certificate, ``cert_chain`` QEMU's PEK || OCA
-    || CEK (6252 bytes) or None to skip the chain check.  ``names`` are how
-    the two inputs are called in error messages.
+    ``pdh`` is the 2084-byte certificate.  Whether the platform is trusted is
+    ``platform`` (:func:`check_platform`, done by the caller first); without
+    it, ``cert_chain`` (QEMU's PEK || OCA || CEK, 6252 bytes), if given, is
+    checked inside the platform only (PDH <- PEK <- OCA and CEK), as the
+    offline tool did before AMD's roots were known.  ``names`` are how the
+    two inputs are called in error messages.
     """
     from agent.sev.cert import USAGE_PDH, Certificate, PlatformChain, verify_pdh_chain
     from agent.sev.session import SessionError, create_session
@@ -182,8 +258,10 @@ def make_session(pdh: bytes, cert_chain: bytes | None, policy: int, material: Se
         raise SessionInputError(f"{pdh_name}: {exc}") from None
     if pdh_cert.usage != USAGE_PDH:
         raise SessionInputError(f"{pdh_name}: certificate has usage 0x{pdh_cert.usage:x}, not PDH (0x{USAGE_PDH:x})")
-    verified = False
-    if cert_chain is not None:
+    verified, trust = False, "any"
+    if platform is not None:
+        verified, trust = platform.verified, platform.trust
+    elif cert_chain is not None:
         try:
             chain = PlatformChain.from_bytes(cert_chain)
         except ValueError as exc:
@@ -192,14 +270,14 @@ def make_session(pdh: bytes, cert_chain: bytes | None, policy: int, material: Se
             verify_pdh_chain(pdh_cert, chain)
         except ValueError as exc:
             raise SessionInputError(f"{chain_name} does not vouch for the PDH: {exc}", refusal=True) from None
-        verified = True
+        verified, trust = True, "chain"
     try:
         godh, blob = create_session(pdh_cert, policy, godh_private=material.godh_private, nonce=material.nonce,
                                     tek=material.tek.reveal(), tik=material.tik.reveal(), iv=material.iv)
     except SessionError as exc:
         raise SessionInputError(f"{pdh_name}: {exc}") from None
     return LaunchSession(godh=godh, session=blob, tik=material.tik, tek=material.tek, policy=policy,
-                         chain_verified=verified)
+                         chain_verified=verified, platform=hashlib.sha256(bytes(pdh)).hexdigest(), trust=trust)
 
 
 def _b64_field(body: dict, name: str) -> bytes | str:
@@ -224,14 +302,18 @@ def _request_vm(body: Any, audit: dict[str, Any]) -> "str | Decision":
     return vm
 
 
-def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial) -> Decision:
+def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial,
+                   pending: Mapping[str, Sequence[LaunchSession]] | None = None) -> Decision:
     """Decide one ``POST /v1/session`` request.  Pure: the randomness is ``material``.
 
-    ``{"vm", "pdh": b64, "cert_chain": b64 (optional), "policy": int}``
-    -> 200 ``{"godh": b64, "session": b64}`` with ``Decision.session`` to
-    keep pending, or 400 (malformed), 403 (not for this VM, chain does not
-    verify), 404 (unknown VM).
+    ``{"vm", "pdh": b64, "cert_chain": b64, "policy": int}`` -> 200
+    ``{"godh": b64, "session": b64}`` with ``Decision.session`` to keep
+    pending, or 400 (malformed), 403 (not for this VM, platform not
+    verified), 404 (unknown VM), 429 (this VM's pending sessions for this
+    platform are full; ``pending`` holds them per VM).
     """
+    from agent.sev.cert import USAGE_PDH, Certificate
+
     audit: dict[str, Any] = {"request": "session"}
     vm = _request_vm(body, audit)
     if isinstance(vm, Decision):
@@ -260,7 +342,28 @@ def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial)
     if policy != vm_policy.policy:
         return _refused(403, f"policy mismatch: policy 0x{policy:x} is not accepted for this vm", audit)
     try:
-        made = make_session(pdh, chain, policy, material)
+        pdh_cert = Certificate.from_bytes(pdh)
+    except ValueError as exc:
+        return _invalid(f"pdh: {exc}", audit)
+    if pdh_cert.usage != USAGE_PDH:
+        return _invalid(f"pdh: certificate has usage 0x{pdh_cert.usage:x}, not PDH (0x{USAGE_PDH:x})", audit)
+    audit["pdh"] = hashlib.sha256(pdh).hexdigest()
+    try:
+        checked = check_platform(vm_policy.platform, pdh, chain, roots=config.amd_roots,
+                                 pins=vm_policy.pdh_pins)
+    except SessionInputError as exc:
+        return _refused(403, str(exc), audit) if exc.refusal else _invalid(str(exc), audit)
+    audit["platform"] = checked.trust
+
+    waiting = list((pending or {}).get(vm, ()))
+    if sum(1 for s in waiting if s.platform == checked.platform) >= MAX_PENDING_SESSIONS:
+        return _refused(429, f"too many launch sessions pending for this vm and platform "
+                             f"(at most {MAX_PENDING_SESSIONS}); retry when one is used or expired", audit)
+    if len(waiting) >= MAX_PENDING_PER_VM:
+        return _refused(429, f"too many launch sessions pending for this vm (at most {MAX_PENDING_PER_VM})",
+                        audit)
+    try:
+        made = make_session(pdh, chain, policy, material, platform=checked)
     except SessionInputError as exc:
         if exc.refusal:
             return _refused(403, str(exc), audit)
@@ -354,6 +457,10 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     if chosen is None:
         if blob_id in released:  # its session is used up: the same blob again is a replay
             return _refused(409, "launch already attested", audit)
+        if all(c[2] is not None for c in candidates):
+            # only pending sessions were tried: none of them is this launch's
+            audit["pending"] = len(candidates)
+            return _refused(403, "no launch session matches this measurement", audit)
         return _refused(403, "measurement does not match", audit)
     tik_secret, tek_secret, used = chosen
     audit["keys"] = f"session {used.id}" if used is not None else "offline"
@@ -392,14 +499,21 @@ class OwnerService:
     """
 
     def __init__(self, config: OwnerConfig, *, random_bytes: Callable[[int], bytes] = os.urandom,
-                 session_material: Callable[[], SessionMaterial] = SessionMaterial.fresh) -> None:
+                 session_material: Callable[[], SessionMaterial] = SessionMaterial.fresh,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.attested: set[tuple[str, bytes]] = set()
         self.released: set[bytes] = set()
         self.sessions: dict[str, list[LaunchSession]] = {}
+        self._made_at: dict[LaunchSession, float] = {}   # pending session -> when it was made
         self._random = random_bytes
         self._material = session_material
+        self._clock = clock
         self._log = get_logger("keyagent.owner")
+        for vm in config.vms.values():
+            if vm.session and vm.platform == "any":
+                self._log.warning("owner platform unchecked", vm=vm.name,
+                                  why='platform = "any": any PDH gets a launch session (demos only)')
 
     async def handle(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
@@ -414,33 +528,56 @@ class OwnerService:
         method, func = route
         if request.method != method:
             return Response.json(405, {"error": f"{path} takes {method}"})
+        if method == "POST":
+            media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                decision = _invalid("request body must be application/json", {"request": path}, status=415)
+                self.audit(decision, request.peer)
+                return Response.json(decision.status, decision.body)
         return func(request)
 
     def _healthz(self, _request: Request) -> Response:
         return Response.json(200, {"status": "ok", "vms": len(self.config.vms)})
 
+    def _expire(self) -> None:
+        """Drop pending sessions older than PENDING_SESSION_TTL_S (never a younger one)."""
+        now = self._clock()
+        for vm, pending in self.sessions.items():
+            keep = []
+            for s in pending:
+                if now - self._made_at.get(s, now) > PENDING_SESSION_TTL_S:
+                    self._made_at.pop(s, None)
+                    s.wipe()
+                    self._log.info("owner session expired", vm=_shown(vm), session=s.id)
+                else:
+                    keep.append(s)
+            pending[:] = keep
+
     def _session(self, request: Request) -> Response:
+        self._expire()
         try:
             body = request.json()
         except ValueError:
             decision = _invalid("request body is not valid JSON", {"request": "session"})
         else:
             material = self._material()
-            decision = decide_session(self.config, body, material=material)
+            decision = decide_session(self.config, body, material=material, pending=self.sessions)
             if decision.session is None:  # refused: the keys drawn for it are never used
                 material.tik.wipe()
                 material.tek.wipe()
         if decision.status == 200 and decision.session is not None:
-            pending = self.sessions.setdefault(body["vm"], [])
-            pending.append(decision.session)
-            while len(pending) > MAX_PENDING_SESSIONS:
-                dropped = pending.pop(0)
-                dropped.wipe()
-                decision.audit["dropped_session"] = dropped.id
+            # kept until used or expired; decide_session refused (429) rather than push one out
+            self.sessions.setdefault(body["vm"], []).append(decision.session)
+            self._made_at[decision.session] = self._clock()
+            if decision.session.trust == "any":
+                self._log.warning("owner platform unchecked", vm=decision.audit.get("vm"),
+                                  session=decision.session.id,
+                                  why='platform = "any": this session went to a platform nobody verified')
         self.audit(decision, request.peer)
         return Response.json(decision.status, decision.body)
 
     def _secret(self, request: Request) -> Response:
+        self._expire()
         try:
             body = request.json()
         except ValueError:
@@ -458,6 +595,7 @@ class OwnerService:
             used = decision.session
             pending = self.sessions.get(body["vm"], [])
             pending[:] = [s for s in pending if s is not used]
+            self._made_at.pop(used, None)
             used.wipe()
         self.audit(decision, request.peer)
         return Response.json(decision.status, decision.body)

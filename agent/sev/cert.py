@@ -169,17 +169,22 @@ class Certificate:
         usage may sign which is the caller's chain policy.
         """
         key = signer.public_key()
-        for slot in (self.sig1, self.sig2):
-            if slot.is_empty() or slot.usage != signer.usage or slot.algo not in _ECDSA_HASH:
-                continue
-            r, s, _ = _ECDSA_SIG.unpack(slot.sig)
-            der = encode_dss_signature(int.from_bytes(r, "little"), int.from_bytes(s, "little"))
-            try:
-                key.verify(der, self.body(), ec.ECDSA(_ECDSA_HASH[slot.algo]()))
-                return True
-            except InvalidSignature:
-                continue
-        return False
+        return any(self._slot_verifies(slot, signer, key) for slot in (self.sig1, self.sig2))
+
+    def slot_signed_by(self, slot: Signature, signer: "Certificate") -> bool:
+        """True if this one slot is a valid ECDSA signature by ``signer``."""
+        return self._slot_verifies(slot, signer, signer.public_key())
+
+    def _slot_verifies(self, slot: Signature, signer: "Certificate", key: ec.EllipticCurvePublicKey) -> bool:
+        if slot.is_empty() or slot.usage != signer.usage or slot.algo not in _ECDSA_HASH:
+            return False
+        r, s, _ = _ECDSA_SIG.unpack(slot.sig)
+        der = encode_dss_signature(int.from_bytes(r, "little"), int.from_bytes(s, "little"))
+        try:
+            key.verify(der, self.body(), ec.ECDSA(_ECDSA_HASH[slot.algo]()))
+        except InvalidSignature:
+            return False
+        return True
 
     def signed(
         self, signer: ec.EllipticCurvePrivateKey, signer_usage: int, algo: int = ALGO_ECDSA_SHA256

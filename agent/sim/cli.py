@@ -10,14 +10,19 @@ for.  It holds a PDH private key (``--pdh-key FILE``, PEM, P-384; fresh at
 every start without it), signs its own PEK / OCA / CEK chain at start and
 shows both in ``query-sev-capabilities``; ``--pdh-out`` / ``--cert-chain-out``
 write them (base64, as QEMU reports them) for ``keyagent owner session``.
+The CEK is signed by the simulator's own AMD root (an ARK and ASK it makes
+at start, RSA-4096 in AMD's format): ``--amd-roots-out DIR`` writes
+``sim-ark.cert`` / ``sim-ask.cert`` for the owner's ``[platform] amd_roots``,
+``--cek-out`` the signed CEK alone (what AMD's key server hands out).
 Started with ``--dh-cert-file`` / ``--session-file`` (the owner's base64
 files, as QEMU's ``sev-guest`` takes them) it unwraps TIK and TEK at
 LAUNCH_START instead of reading ``--tik`` / ``--tek``; a session that does
 not open for its PDH and policy stops it, exit 2, as QEMU fails to start::
 
     openssl ecparam -name secp384r1 -genkey -noout -out pdh.pem
-    keyagent simulate --qmp unix:q.sock --pdh-key pdh.pem --pdh-out pdh.b64 --cert-chain-out chain.b64
-    keyagent owner session --pdh pdh.b64 --cert-chain chain.b64 --policy 1 --out-dir owner/
+    keyagent simulate --qmp unix:q.sock --pdh-key pdh.pem --pdh-out pdh.b64 --cert-chain-out chain.b64 \
+        --amd-roots-out roots/
+    keyagent owner session --pdh pdh.b64 --cert-chain chain.b64 --amd-roots roots/ --policy 1 --out-dir owner/
     keyagent simulate --qmp unix:q.sock --pdh-key pdh.pem \
         --dh-cert-file owner/godh.b64 --session-file owner/session.b64
 
@@ -62,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pdh-key", metavar="FILE", help="the platform's PDH private key, PEM, P-384 (default: a fresh one)")
     p.add_argument("--pdh-out", metavar="FILE", help="write the platform's PDH certificate here (base64)")
     p.add_argument("--cert-chain-out", metavar="FILE", help="write the PEK || OCA || CEK chain here (base64)")
+    p.add_argument("--cek-out", metavar="FILE",
+                   help="write the CEK signed by the simulated AMD's ASK here (base64), as AMD's key server serves it")
+    p.add_argument("--amd-roots-out", metavar="DIR",
+                   help="write the simulated AMD's root (sim-ark.cert, sim-ask.cert) here, for the owner's "
+                        "[platform] amd_roots")
     p.add_argument("--dh-cert-file", metavar="FILE", help="the owner's GODH certificate, base64 (with --session-file)")
     p.add_argument("--session-file", metavar="FILE", help="the owner's launch session, base64 (instead of --tik/--tek)")
     p.add_argument("--digest", metavar="HEX", help="launch digest, 64 hex digits (default: SHA-256 of a fixed test firmware)")
@@ -115,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    outputs = {"--pdh-out": args.pdh_out, "--cert-chain-out": args.cert_chain_out}
+    outputs = {"--pdh-out": args.pdh_out, "--cert-chain-out": args.cert_chain_out, "--cek-out": args.cek_out,
+               "--amd-roots-out": args.amd_roots_out}
     ephemeral = keys_out is None and args.tik is None and session is None
     return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral))
 
@@ -298,9 +309,20 @@ def _launch_session(args: argparse.Namespace) -> tuple[bytes, bytes] | None:
 
 
 def _write_platform_certs(platform, outputs: dict[str, str | None]) -> None:
-    """--pdh-out / --cert-chain-out: public certificates, base64 like QEMU's answer."""
-    blobs = {"--pdh-out": platform.pdh_cert.to_bytes(), "--cert-chain-out": platform.chain.to_bytes()}
-    for flag, target in outputs.items():
+    """--pdh-out / --cert-chain-out / --cek-out: public certificates, base64 like QEMU's
+    answer; --amd-roots-out: the simulated AMD's ARK and ASK, in AMD's binary format."""
+    roots_dir = outputs.get("--amd-roots-out")
+    if roots_dir is not None:
+        if os.path.lexists(roots_dir) and not os.path.isdir(roots_dir):
+            raise UsageError(f"--amd-roots-out {roots_dir} exists and is not a directory")
+        try:
+            platform.amd.write_roots(roots_dir)
+        except OSError as exc:
+            raise UsageError(f"--amd-roots-out: cannot write into {roots_dir}: {exc.strerror}") from None
+    blobs = {"--pdh-out": lambda: platform.pdh_cert.to_bytes(), "--cert-chain-out": lambda: platform.chain.to_bytes(),
+             "--cek-out": lambda: platform.chain.cek.to_bytes()}
+    for flag, make in blobs.items():
+        target = outputs.get(flag)
         if target is None:
             continue
         try:
@@ -308,7 +330,7 @@ def _write_platform_certs(platform, outputs: dict[str, str | None]) -> None:
         except OSError as exc:
             raise UsageError(f"{flag}: cannot write {target}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as f:
-            f.write(base64.b64encode(blobs[flag]) + b"\n")
+            f.write(base64.b64encode(make()) + b"\n")
 
 
 def _read_key(flag: str, path: str) -> bytes:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import os
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -42,6 +43,9 @@ from agent.sev.cert import (
 )
 from agent.sev.measurement import measurement_blob, split_blob
 from agent.sev.packet import PACKET_HEADER_LEN, PacketError, open_packet, parse_header
+
+if TYPE_CHECKING:
+    from agent.sim.amd import SimAmd
 
 __all__ = ["SevRet", "FW_ERROR_TEXT", "SEV_STATES", "FwError", "Psp", "Platform", "SEV_POLICY_ES"]
 
@@ -235,20 +239,24 @@ class Platform:
     Real platforms have an OCA (the owner's CA, self-signed unless the
     platform was adopted), a CEK signed by AMD's ASK and a PEK signed by both;
     the PEK signs the PDH.  Here OCA, CEK and PEK are made fresh for every
-    Platform (AMD's ASK is out of reach: the CEK carries no signature), and
-    the PDH key is either given (so a restarted simulator keeps accepting
-    sessions made for its PDH) or fresh.  Only the private PDH key matters to
-    a launch; the others exist to sign.
+    Platform, and the CEK is signed by the simulator's own AMD
+    (:class:`agent.sim.amd.SimAmd`: ``amd``, or the one shared per process),
+    as AMD's key server would sign a real one.  The chain reports that
+    signed CEK, as if the management layer had put it in.  The PDH key is
+    either given (so a restarted simulator keeps accepting sessions made for
+    its PDH) or fresh.  Only the private PDH key matters to a launch; the
+    others exist to sign.
     """
 
     def __init__(self, pdh_private_key: ec.EllipticCurvePrivateKey | None = None, *,
-                 api_major: int = 0, api_minor: int = 0) -> None:
+                 api_major: int = 0, api_minor: int = 0, amd: "SimAmd | None" = None) -> None:
         if pdh_private_key is None:
             pdh_private_key = ec.generate_private_key(ec.SECP384R1())
         elif not isinstance(pdh_private_key, ec.EllipticCurvePrivateKey) or \
                 pdh_private_key.curve.name != ec.SECP384R1.name:
             raise ValueError("the PDH private key must be an EC key on P-384")
         self._pdh_key = pdh_private_key
+        self._amd = amd
 
         def new(usage: int, algo: int = ALGO_ECDSA_SHA256) -> tuple[ec.EllipticCurvePrivateKey, Certificate]:
             key = ec.generate_private_key(ec.SECP384R1())
@@ -264,7 +272,24 @@ class Platform:
         pdh = Certificate.from_public_key(pdh_private_key.public_key(), usage=USAGE_PDH, algo=ALGO_ECDH_SHA256,
                                           api_major=api_major, api_minor=api_minor)
         self.pdh_cert: Certificate = pdh.signed(pek_key, USAGE_PEK)
-        self.chain = PlatformChain(pek=pek, oca=oca, cek=cek)
+        self.unsigned_cek = cek          # as PDH_CERT_EXPORT gives it: no ASK signature
+        self._pek, self._oca = pek, oca
+        self._chain: PlatformChain | None = None
+
+    @property
+    def amd(self) -> "SimAmd":
+        from agent.sim.amd import shared_amd
+
+        if self._amd is None:
+            self._amd = shared_amd()
+        return self._amd
+
+    @property
+    def chain(self) -> PlatformChain:
+        """PEK || OCA || CEK, the CEK signed by the simulated AMD's ASK (made on first use)."""
+        if self._chain is None:
+            self._chain = PlatformChain(pek=self._pek, oca=self._oca, cek=self.amd.sign_cek(self.unsigned_cek))
+        return self._chain
 
     def __repr__(self) -> str:
         return "Platform(<PDH key pair>)"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import select
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -21,7 +23,8 @@ from tests.sev import vectors as v
 
 from .conftest import API, DIGEST, PASSPHRASE, POLICY, TEK, TIK
 
-KEYAGENT = "/tmp/venv/bin/keyagent"
+# the keyagent script installed next to the interpreter running the tests
+KEYAGENT = os.path.join(os.path.dirname(sys.executable), "keyagent")
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -195,10 +198,12 @@ def platform_files(tmp_path):
     """A simulated platform's PDH and chain, written as QEMU reports them (base64)."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from agent.sim.amd import shared_amd
     from agent.sim.psp import Platform
 
     key = ec.generate_private_key(ec.SECP384R1())
     platform = Platform(key)
+    shared_amd().write_roots(str(tmp_path / "roots"))  # the simulator's AMD signed the chain's CEK
     (tmp_path / "pdh.b64").write_text(base64.b64encode(platform.pdh_cert.to_bytes()).decode() + "\n")
     (tmp_path / "pdh.bin").write_bytes(platform.pdh_cert.to_bytes())
     (tmp_path / "chain.b64").write_text(base64.b64encode(platform.chain.to_bytes()).decode())
@@ -223,10 +228,10 @@ def test_session_files_open_on_the_platform(platform_files):
     d, key = platform_files
     out = d / "out"
     proc = run("session", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
-               "--policy", "0x5", "--out-dir", str(out))
+               "--amd-roots", str(d / "roots"), "--policy", "0x5", "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
-    assert shown["chain_verified"] is True and shown["policy"] == 5
+    assert shown["chain_verified"] is True and shown["policy"] == 5 and shown["platform"] == "amd:sim"
     assert sorted(os.listdir(out)) == ["godh.b64", "session.b64", "tek.bin", "tik.bin"]
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
     for name in os.listdir(out):
@@ -245,16 +250,40 @@ def test_session_files_open_on_the_platform(platform_files):
 def test_session_takes_a_raw_pdh_and_raw_chain(platform_files):
     d, _ = platform_files
     proc = run("session", "--pdh", str(d / "pdh.bin"), "--cert-chain", str(d / "chain.bin"),
-               "--policy", "1", "--out-dir", str(d / "out"))
+               "--amd-roots", str(d / "roots"), "--policy", "1", "--out-dir", str(d / "out"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["chain_verified"] is True
 
 
-def test_session_without_a_chain_is_unverified(platform_files):
+def test_session_without_a_chain_is_refused_unless_the_platform_is_waved_through(platform_files):
     d, _ = platform_files
     proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"))
+    assert_usage_error(proc, "--cert-chain is needed to verify the platform to AMD")
+    assert not (d / "out").exists()
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"),
+               "--unverified-platform")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["chain_verified"] is False
+    assert json.loads(proc.stdout)["chain_verified"] is False and "owner platform unchecked" in proc.stderr
+
+
+def test_session_for_a_self_made_chain_is_refused_by_the_builtin_roots(platform_files):
+    d, _ = platform_files
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
+               "--policy", "1", "--out-dir", str(d / "out"))
+    assert_usage_error(proc, "platform not verified: CEK is not signed by any trusted AMD ASK")
+    assert not (d / "out").exists()
+
+
+def test_session_for_a_real_rome_platform_verifies_to_the_builtin_roots(tmp_path):
+    from tests.sev.amd_chains import real_certs
+
+    c = real_certs("rome")
+    (tmp_path / "pdh.bin").write_bytes(c["pdh"])
+    (tmp_path / "chain.bin").write_bytes(c["pek"] + c["oca"] + c["cek"])
+    proc = run("session", "--pdh", str(tmp_path / "pdh.bin"), "--cert-chain", str(tmp_path / "chain.bin"),
+               "--policy", "1", "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["platform"] == "amd:rome"
 
 
 @pytest.mark.parametrize("args, words", [
@@ -264,7 +293,9 @@ def test_session_without_a_chain_is_unverified(platform_files):
     (["--pdh", "missing"], "does not exist"),
     (["--pdh", "pek.bin"], "--pdh: certificate has usage 0x1002, not PDH (0x1003)"),
     (["--cert-chain", "other-chain.b64"],
-     "--cert-chain does not vouch for the PDH: PDH certificate is not signed by the chain's PEK"),
+     "platform not verified: PDH certificate is not signed by the chain's PEK"),
+    (["--amd-roots", "nope"], "--amd-roots: cannot read AMD roots directory"),
+    (["--amd-roots", "pdh.b64"], "--amd-roots: cannot read AMD roots directory"),
     (["--cert-chain", "swapped-chain.bin"], "certificate 1 of the chain has usage 0x1001, not PEK"),
     (["--cert-chain", "pdh.b64"], "--cert-chain"),
     (["--cert-chain", "junk.b64"], "neither 6252 raw bytes nor valid base64"),
@@ -274,7 +305,8 @@ def test_session_without_a_chain_is_unverified(platform_files):
 ])
 def test_session_bad_input_is_usage_error(platform_files, args, words):
     d, _ = platform_files
-    argv = {"--pdh": "pdh.b64", "--policy": "1", "--out-dir": "out"}
+    argv = {"--pdh": "pdh.b64", "--policy": "1", "--out-dir": "out", "--cert-chain": "chain.b64",
+            "--amd-roots": "roots"}
     argv.update(dict(zip(args[::2], args[1::2])))
     flat = [x for k, v in argv.items() for x in (k, v if k == "--policy" else str(d / v))]
     proc = run("session", *flat)
@@ -286,7 +318,8 @@ def test_session_never_overwrites_a_key_file(platform_files):
     d, _ = platform_files
     (d / "out").mkdir()
     (d / "out" / "tek.bin").write_bytes(b"old key")
-    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"))
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"),
+               "--unverified-platform")
     assert_usage_error(proc, "tek.bin already exists; not overwriting it")
     assert (d / "out" / "tek.bin").read_bytes() == b"old key"
     assert sorted(p.name for p in (d / "out").iterdir()) == ["tek.bin"]
@@ -296,7 +329,8 @@ def test_session_refuses_a_symlink_in_place_of_a_key_file(platform_files):
     d, _ = platform_files
     (d / "out").mkdir()
     (d / "out" / "tik.bin").symlink_to(d / "elsewhere")
-    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"))
+    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"),
+               "--unverified-platform")
     assert_usage_error(proc, "tik.bin already exists")
     assert not (d / "elsewhere").exists()
 
@@ -483,3 +517,41 @@ def test_bad_input_of_every_subcommand_is_one_line_exit_2(bad_inputs, case, argv
     assert_usage_error(proc, words.format(r=d.root))
     for form in leak_forms():
         assert form not in proc.stderr
+
+
+# -- platform: the pin and whether AMD vouches ---------------------------------------
+
+@pytest.mark.parametrize("product", ["naples", "rome"])
+def test_platform_prints_the_pin_of_a_real_chain_and_its_product(tmp_path, product):
+    import hashlib
+
+    from tests.sev.amd_chains import real_certs
+
+    c = real_certs(product)
+    (tmp_path / "pdh.b64").write_text(base64.b64encode(c["pdh"]).decode())
+    (tmp_path / "chain.bin").write_bytes(c["pek"] + c["oca"] + c["cek"])
+    proc = run("platform", "--pdh", str(tmp_path / "pdh.b64"), "--cert-chain", str(tmp_path / "chain.bin"))
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["pdh_sha256"] == hashlib.sha256(c["pdh"]).hexdigest() and shown["verified"] == f"amd:{product}"
+
+
+def test_platform_without_a_chain_still_prints_the_pin_and_exits_1(platform_files):
+    d, _ = platform_files
+    proc = run("platform", "--pdh", str(d / "pdh.b64"))
+    assert proc.returncode == 1
+    shown = json.loads(proc.stdout)
+    assert len(shown["pdh_sha256"]) == 64 and shown["verified"] is None
+    assert shown["reason"].startswith("platform not verified: no --cert-chain")
+    proc = run("platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
+               "--amd-roots", str(d / "roots"))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["verified"] == "amd:sim"
+
+
+def test_platform_bad_input_is_usage_error(platform_files):
+    d, _ = platform_files
+    assert_usage_error(run("platform", "--pdh", str(d / "pek.bin")), "--pdh: certificate has usage 0x1002")
+    assert_usage_error(run("platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "swapped-chain.bin")),
+                       "certificate 1 of the chain has usage 0x1001, not PEK")
+    assert_usage_error(run("platform", "--pdh", str(d / "pdh.b64"), "--amd-roots", str(d / "nope")),
+                       "--amd-roots: cannot read AMD roots directory")

@@ -205,3 +205,64 @@ def test_vm_without_session_still_needs_tik(tmp_path):
 ])
 def test_bad_session_keys(tmp_path, lines, words):
     assert words in one_line_error(session_toml(tmp_path, lines))
+
+
+# -- platform trust --------------------------------------------------------------
+
+def test_platform_defaults_to_amd_with_the_builtin_roots(tmp_path):
+    config = load_owner_config(session_toml(tmp_path, "session = true"))
+    assert config.vms["s"].platform == "amd" and config.amd_roots_source == "built-in"
+    assert [r.product for r in config.amd_roots] == ["naples", "rome", "milan", "genoa", "turin"]
+
+
+def test_amd_roots_dir_replaces_the_builtin_roots_relative_to_the_toml(tmp_path):
+    from agent.sim.amd import SimAmd
+
+    SimAmd(bits=2048, product="lab").write_roots(str(tmp_path / "r"))
+    path = session_toml(tmp_path, "session = true")
+    path.write_text('[platform]\namd_roots = "r"\n' + path.read_text())
+    config = load_owner_config(path)
+    assert [r.product for r in config.amd_roots] == ["lab"] and config.amd_roots_source == str(tmp_path / "r")
+
+
+def test_pinned_platform_reads_its_pins(tmp_path):
+    vm = load_owner_config(session_toml(tmp_path, f'session = true\nplatform = "pinned"\n'
+                                                  f'pdh_sha256 = ["{"ab" * 32}"]')).vms["s"]
+    assert vm.platform == "pinned" and vm.pdh_pins == frozenset({bytes.fromhex("ab" * 32)})
+
+
+@pytest.mark.parametrize("lines, words", [
+    ('platform = "amd-ish"', "vm.s.platform must be one of amd, pinned, any"),
+    ('platform = "pinned"', 'platform = "pinned" needs pdh_sha256'),
+    ('platform = "pinned"\npdh_sha256 = []', 'platform = "pinned" needs pdh_sha256'),
+    ('platform = "pinned"\npdh_sha256 = ["abc"]', "vm.s.pdh_sha256[0] is not valid hex"),
+    ('platform = "pinned"\npdh_sha256 = ["abcd"]', "vm.s.pdh_sha256[0] must be 32 bytes"),
+    ('platform = "pinned"\npdh_sha256 = [1]', "vm.s.pdh_sha256[0] must be a hex string"),
+    (f'pdh_sha256 = ["{"ab" * 32}"]', 'pdh_sha256 applies only with platform = "pinned"'),
+])
+def test_bad_platform_keys(tmp_path, lines, words):
+    assert words in one_line_error(session_toml(tmp_path, "session = true\n" + lines))
+
+
+@pytest.mark.parametrize("head, words", [
+    ('[platform]\namd_roots = "nope"', "platform.amd_roots: cannot read AMD roots directory"),
+    ('[platform]\namd_roots = 3', "platform.amd_roots must be a directory path"),
+    ('[platform]\nroots = "x"', "platform: unknown key 'roots'"),
+    ('platform = 1', "[platform] must be a table"),
+])
+def test_bad_platform_table(tmp_path, head, words):
+    path = session_toml(tmp_path, "session = true")
+    path.write_text(head + "\n" + path.read_text())
+    assert words in one_line_error(path)
+
+
+def test_amd_roots_with_a_damaged_ask_is_a_config_error(tmp_path):
+    from agent.sim.amd import SimAmd
+
+    SimAmd(bits=2048, product="lab").write_roots(str(tmp_path / "r"))
+    raw = bytearray((tmp_path / "r" / "lab-ask.cert").read_bytes())
+    raw[100] ^= 1
+    (tmp_path / "r" / "lab-ask.cert").write_bytes(bytes(raw))
+    path = session_toml(tmp_path, "session = true")
+    path.write_text('[platform]\namd_roots = "r"\n' + path.read_text())
+    assert "platform.amd_roots: lab ASK is not signed by its ARK" in one_line_error(path)

@@ -76,7 +76,8 @@ class Chain:
     def platform_run(self) -> None:
         """A first start: the platform hands out its PDH and chain, then goes."""
         sim = self.world.spawn("platform", ["simulate", "--qmp", f"unix:{self.qmp}", "--pdh-key", "pdh.pem",
-                                            "--pdh-out", "pdh.b64", "--cert-chain-out", "chain.b64"])
+                                            "--pdh-out", "pdh.b64", "--cert-chain-out", "chain.b64",
+                                            "--amd-roots-out", "roots", "--cek-out", "cek.b64"])
         self.wait_ready(sim)
         caps = self.world.sim_query("query-sev-capabilities")
         assert base64.b64decode((self.root / "pdh.b64").read_text()) == base64.b64decode(caps["pdh"])
@@ -100,7 +101,11 @@ class Chain:
         return bytes.fromhex(self.cli("owner", "measure", "--firmware", name).stdout.strip())
 
     def owner(self, vm_table: str) -> str:
+        # the owner trusts the simulator's own AMD root, written by platform_run
         (self.root / "owner.toml").write_text(f"""
+[platform]
+amd_roots = "roots"
+
 [vm.vm1]
 {vm_table}
 [[vm.vm1.secret]]
@@ -176,8 +181,8 @@ def offline_session(c: Chain) -> tuple[str, str]:
     """`owner session` against the platform's PDH and chain; returns (godh, session) paths."""
     c.platform_run()
     out = json.loads(c.cli("owner", "session", "--pdh", "pdh.b64", "--cert-chain", "chain.b64",
-                           "--policy", str(POLICY), "--out-dir", "owner").stdout)
-    assert out["chain_verified"] is True
+                           "--amd-roots", "roots", "--policy", str(POLICY), "--out-dir", "owner").stdout)
+    assert out["chain_verified"] is True and out["platform"] == "amd:sim"
     c.scan.secret("TIK", (c.root / "owner" / "tik.bin").read_bytes())
     c.scan.secret("TEK", (c.root / "owner" / "tek.bin").read_bytes())
     return "owner/godh.b64", "owner/session.b64"
@@ -231,7 +236,7 @@ def test_session_from_owner_serve_then_launch(chain):
     owner = [p for p in chain.world.procs if p.name == "owner"][0]
     owner_log = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
     assert [rec["decision"] for rec in owner_log] == ["session", "released", "refused"]
-    assert owner_log[0]["chain_verified"] is True
+    assert owner_log[0]["chain_verified"] is True and owner_log[0]["platform"] == "amd:sim"
 
 
 # -- one refusal per reason: the VM never runs ---------------------------------
@@ -286,13 +291,24 @@ def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
     chain.platform_run()
     digest = chain.firmware_digest()
     url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    # the chain as PDH_CERT_EXPORT gives it: the CEK without AMD's signature; [sev] cek
+    # (what AMD's key server hands out) takes its place in the request
+    from dataclasses import replace
+
+    from agent.sev.cert import PlatformChain, Signature
+
+    signed = PlatformChain.from_bytes(base64.b64decode((chain.root / "chain.b64").read_text()))
+    bare = replace(signed, cek=replace(signed.cek, sig1=Signature()))
+    (chain.root / "qemu-chain.b64").write_text(base64.b64encode(bare.to_bytes()).decode())
+    assert base64.b64decode((chain.root / "cek.b64").read_text()) == signed.cek.to_bytes()
     fake_qemu = Path(__file__).parent.parent / "e2e" / "fake_qemu_sev.py"
     run = chain.root / "run"
     env = {"FAKE_QEMU_PDH_KEY": str(chain.root / "pdh.pem"), "FAKE_QEMU_DIGEST": digest.hex(),
            "PYTHONPATH": str(Path(__file__).parent.parent.parent)}
     proc = chain.world.spawn("launch", [
         "launch", "--vm-name", "vm1", "--vm-run-dir", str(run), "--owner-url", url,
-        "--sev-pdh", str(chain.root / "pdh.b64"), "--sev-cert-chain", str(chain.root / "chain.b64"),
+        "--sev-pdh", str(chain.root / "pdh.b64"), "--sev-cert-chain", str(chain.root / "qemu-chain.b64"),
+        "--sev-cek", str(chain.root / "cek.b64"),
         "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
         "--event-log", str(chain.root / "events.jsonl"), "--log-level", "debug",
         "--", sys.executable, str(fake_qemu), "-machine", "q35,confidential-guest-support=sev0",
@@ -308,3 +324,68 @@ def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
     proc.popen.send_signal(__import__("signal").SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr
     assert sorted(p.name for p in run.iterdir()) == []
+
+
+# -- platform trust and session floods, with real processes -------------------------
+
+def test_session_flood_does_not_displace_the_waiting_launch(chain):
+    from agent.owner.service import MAX_PENDING_SESSIONS
+    from agent.sim.psp import Platform
+    from tests.sev.amd_chains import real_certs
+
+    chain.platform_run()
+    digest = chain.firmware_digest()
+    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    good = {"vm": "vm1", "pdh": (chain.root / "pdh.b64").read_text().strip(),
+            "cert_chain": (chain.root / "chain.b64").read_text().strip(), "policy": POLICY}
+    status, body = asyncio.run(request_json("POST", url + "/v1/session", good, timeout=10))
+    assert status == 200, body
+    (chain.root / "godh.b64").write_text(body["godh"])
+    (chain.root / "session.b64").write_text(body["session"])
+    tek, tik = open_session(chain.pdh_key, base64.b64decode(body["godh"]), base64.b64decode(body["session"]), POLICY)
+    chain.scan.secret("TIK", tik)
+    chain.scan.secret("TEK", tek)
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    made_up = Platform()   # signed by this test process's own "AMD", which the owner does not trust
+    rome = real_certs("rome")
+    flood = ([good] * (MAX_PENDING_SESSIONS + 3)
+             + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": b64(made_up.chain.to_bytes())}] * 3
+             + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": None}] * 3
+             + [{**good, "pdh": b64(rome["pdh"]), "cert_chain": b64(rome["pek"] + rome["oca"] + rome["cek"])}])
+
+    async def send_all():
+        return [await request_json("POST", url + "/v1/session", f, timeout=10) for f in flood]
+
+    answers = asyncio.run(send_all())
+    statuses = [a[0] for a in answers]
+    assert statuses == [200] * (MAX_PENDING_SESSIONS - 1) + [429] * 4 + [403] * 7, answers
+    assert all(a[1]["error"].startswith("platform not verified: ") for a in answers[-7:])
+
+    chain.launch("godh.b64", "session.b64", digest)
+    agent = chain.agent(url)
+    assert agent.wait() == 0, agent.stderr
+    chain.assert_launched()
+    owner = [p for p in chain.world.procs if p.name == "owner"][0]
+    decisions = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
+    assert [d["status"] for d in decisions] == [200] + statuses + [200]
+
+
+def test_launch_for_a_platform_the_owner_cannot_verify_never_starts_qemu(chain):
+    chain.platform_run()
+    digest = chain.firmware_digest()
+    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    marker = chain.root / "qemu-started"   # what "QEMU" would do if it ever ran
+    run = chain.root / "run"
+    # no cert_chain: a host that only shows a PDH (any P-384 key it likes)
+    proc = chain.world.spawn("launch", [
+        "launch", "--vm-name", "vm1", "--vm-run-dir", str(run), "--owner-url", url,
+        "--sev-pdh", str(chain.root / "pdh.b64"), "--secrets-master-key", "file",
+        "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')",
+        "-object", f"sev-guest,id=sev0,policy={POLICY},cbitpos=51,reduced-phys-bits=1"])
+    assert proc.wait(timeout=30) == 1, proc.stderr
+    assert "guest owner refused the launch session: platform not verified: no cert_chain" in proc.stderr
+    assert "(HTTP 403)" in proc.stderr and not marker.exists()
+    assert not list(run.glob("key-*"))

@@ -9,7 +9,7 @@ import pytest
 
 from agent.io.http import HttpServer, request_json
 from agent.logs import setup_logging
-from agent.owner.config import load_owner_config
+from agent.owner.config import OwnerConfig, load_owner_config
 from agent.owner.service import OwnerService, decide_secret
 from agent.sev.guids import LUKS_KEY_GUID
 from agent.sev.measurement import split_blob
@@ -216,10 +216,43 @@ async def test_http_bad_json_is_400(owner_url):
 
     host, port = owner_url[len("http://"):].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/secret HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{nope")
+    writer.write(b"POST /v1/secret HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 5\r\nConnection: close\r\n\r\n{nope")
     reply = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert reply.startswith(b"HTTP/1.1 400 ") and b"not valid JSON" in reply
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "application/jsonx"])
+@pytest.mark.parametrize("path", ["/v1/secret", "/v1/session"])
+async def test_a_post_body_that_is_not_application_json_is_415(owner_url, owner_dir, path, content_type):
+    import asyncio
+    import json
+
+    host, port = owner_url[len("http://"):].split(":")
+    body = json.dumps(owner_dir.request()).encode()
+    header = f"Content-Type: {content_type}\r\n".encode() if content_type else b""
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + header +
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    reply = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 415 ") and b"request body must be application/json" in reply
+
+
+async def test_application_json_with_a_charset_is_accepted(owner_url, owner_dir):
+    import asyncio
+    import json
+
+    host, port = owner_url[len("http://"):].split(":")
+    body = json.dumps(owner_dir.request()).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/secret HTTP/1.1\r\nHost: x\r\nContent-Type: Application/JSON; charset=utf-8\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    reply = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_session_for_a_vm_without_sessions_is_403(owner_url):
@@ -264,6 +297,7 @@ from agent.core.secret import Secret  # noqa: E402
 from agent.owner.service import MAX_PENDING_SESSIONS, SessionMaterial, decide_session  # noqa: E402
 from agent.sev.measurement import measurement_blob  # noqa: E402
 from agent.sev.session import open_session  # noqa: E402
+from agent.sim.amd import shared_amd  # noqa: E402
 from agent.sim.psp import Platform  # noqa: E402
 
 from .conftest import API, DIGEST, POLICY, write_owner_dir  # noqa: E402
@@ -279,19 +313,28 @@ def material(tik: bytes = TIK2, tek: bytes = TEK2) -> SessionMaterial:
                            godh_private=ec.generate_private_key(ec.SECP384R1()))
 
 
-@pytest.fixture
-def session_config(tmp_path):
+def write_session_config(tmp_path, vm2_extra: str = "", head: str = "") -> "OwnerConfig":
+    """owner.toml with vm2 taking sessions; by default trusting the simulator's own AMD root."""
     d = write_owner_dir(tmp_path)
-    d.toml.write_text(d.toml.read_text() + f"""
+    if not head:
+        shared_amd().write_roots(str(tmp_path / "roots"))
+        head = '[platform]\namd_roots = "roots"\n'
+    d.toml.write_text(head + d.toml.read_text() + f"""
 [vm.vm2]
 session = true
 policy = {POLICY}
 digest = "{DIGEST.hex()}"
+{vm2_extra}
 [[vm.vm2.secret]]
 guid = "luks-key"
 file = "vm1-disk.pass"
 """)
     return load_owner_config(d.toml)
+
+
+@pytest.fixture
+def session_config(tmp_path):
+    return write_session_config(tmp_path)
 
 
 def session_request(platform: Platform = PLATFORM, **over) -> dict:
@@ -314,14 +357,16 @@ def test_session_opens_on_the_platform_with_the_owners_keys(session_config):
     assert (tik, tek) == (TIK2, TEK2)
     assert d.session.chain_verified is True and d.session.tik.reveal() == TIK2
     assert d.audit["session"] == d.session.id and d.audit["chain_verified"] is True
+    assert d.audit["platform"] == d.session.trust == "amd:sim"
     text = repr(d) + repr(d.audit) + repr(d.session)
     for raw in (TIK2, TEK2):
         assert raw.hex() not in text and base64.b64encode(raw).decode() not in text
 
 
-def test_session_without_a_chain_is_made_unverified(session_config):
-    d = decide_session(session_config, session_request(cert_chain=None), material=material())
-    assert d.status == 200 and d.session.chain_verified is False
+def test_made_up_pdh_without_a_chain_gets_no_session(session_config):
+    d = decide_session(session_config, session_request(Platform(), cert_chain=None), material=material())
+    assert d.status == 403 and d.session is None
+    assert d.body["error"].startswith("platform not verified: no cert_chain")
 
 
 @pytest.mark.parametrize("over, status, words", [
@@ -337,7 +382,7 @@ def test_session_without_a_chain_is_made_unverified(session_config):
     ({"cert_chain": "%%"}, 400, "'cert_chain' is not valid base64"),
     ({"cert_chain": base64.b64encode(bytes(100)).decode()}, 400, "must be 6252 bytes"),
     ({"cert_chain": base64.b64encode(Platform().chain.to_bytes()).decode()}, 403,
-     "cert_chain does not vouch for the PDH: PDH certificate is not signed by the chain's PEK"),
+     "platform not verified: PDH certificate is not signed by the chain's PEK"),
 ])
 def test_bad_session_requests_are_refused(session_config, over, status, words):
     d = decide_session(session_config, session_request(**over), material=material())
@@ -365,11 +410,19 @@ def test_session_vm_without_a_pending_session_is_409(session_config):
     assert (d.status, d.body) == (409, {"error": "no launch session for this vm: POST /v1/session first"})
 
 
-def test_session_launch_with_the_wrong_digest_is_403(session_config):
+def test_session_launch_with_the_wrong_digest_matches_no_session(session_config):
     made = decide_session(session_config, session_request(), material=material()).session
     d = decide_secret(session_config, vm2_secret_request(digest=bytes(32)), attested=set(), iv=IV,
                       sessions={"vm2": [made]})
-    assert (d.status, d.body) == (403, {"error": "measurement does not match"})
+    assert (d.status, d.body) == (403, {"error": "no launch session matches this measurement"})
+    assert d.audit["pending"] == 1
+
+
+def test_a_launch_of_another_session_matches_no_pending_session(session_config):
+    made = decide_session(session_config, session_request(), material=material()).session
+    d = decide_secret(session_config, vm2_secret_request(tik=bytes(16)), attested=set(), iv=IV,
+                      sessions={"vm2": [made]})
+    assert (d.status, d.body) == (403, {"error": "no launch session matches this measurement"})
 
 
 async def test_session_then_secret_then_replay_over_http(session_config):
@@ -400,25 +453,184 @@ async def test_session_then_secret_then_replay_over_http(session_config):
     lines = [ln for ln in buf.getvalue().splitlines() if "owner decision" in ln]
     assert len(lines) == 4
     assert '"decision": "session"' in lines[0] and '"chain_verified": true' in lines[0]
+    assert '"platform": "amd:sim"' in lines[0]
     for raw in (TIK2, TEK2, PASSPHRASE):
         for form in (raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()):
             assert form not in buf.getvalue()
 
 
-async def test_only_the_newest_sessions_stay_pending(session_config):
-    keys = iter([bytes([i]) * 16 for i in range(1, MAX_PENDING_SESSIONS + 2)])
+async def test_a_full_platform_gets_429_and_its_waiting_sessions_stay(session_config):
+    keys = iter([bytes([i]) * 16 for i in range(1, MAX_PENDING_SESSIONS + 8)])
     service = OwnerService(session_config, session_material=lambda: material(tik=next(keys)))
     server = HttpServer(service.handle)
     host, port = await server.start_tcp("127.0.0.1", 0)
     url = f"http://{host}:{port}"
     try:
-        for _ in range(MAX_PENDING_SESSIONS + 1):
+        for _ in range(MAX_PENDING_SESSIONS):
             assert (await request_json("POST", url + "/v1/session", session_request(), timeout=5))[0] == 200
+        status, body = await request_json("POST", url + "/v1/session", session_request(), timeout=5)
+        assert status == 429 and "too many launch sessions pending for this vm and platform" in body["error"]
         assert len(service.sessions["vm2"]) == MAX_PENDING_SESSIONS
+        # the oldest is still there and still verifies its launch
         oldest = await request_json("POST", url + "/v1/secret", vm2_secret_request(tik=bytes([1]) * 16), timeout=5)
-        assert oldest[0] == 403
-        newest = bytes([MAX_PENDING_SESSIONS + 1]) * 16
-        assert (await request_json("POST", url + "/v1/secret", vm2_secret_request(tik=newest), timeout=5))[0] == 200
+        assert oldest[0] == 200
         assert len(service.sessions["vm2"]) == MAX_PENDING_SESSIONS - 1
+        # one place is free again
+        assert (await request_json("POST", url + "/v1/session", session_request(), timeout=5))[0] == 200
     finally:
         await server.close()
+
+
+async def test_flooding_sessions_from_other_platforms_does_not_displace_a_waiting_launch(session_config):
+    from tests.sev.amd_chains import real_certs
+
+    service = OwnerService(session_config)  # fresh keys each: the flood cannot know them
+    server = HttpServer(service.handle)
+    host, port = await server.start_tcp("127.0.0.1", 0)
+    url = f"http://{host}:{port}"
+    try:
+        status, body = await request_json("POST", url + "/v1/session", session_request(), timeout=5)
+        assert status == 200
+        tek, tik = open_session(PDH_KEY, base64.b64decode(body["godh"]), base64.b64decode(body["session"]), POLICY)
+        # the flood: other verified platforms, made-up ones, a real Rome chain (this owner
+        # trusts only the simulator's root)
+        rome = real_certs("rome")
+        flood = [session_request(Platform()) for _ in range(2 * MAX_PENDING_SESSIONS)]
+        flood += [session_request(Platform(), cert_chain=None)] * 3
+        flood += [session_request(pdh=base64.b64encode(rome["pdh"]).decode(),
+                                  cert_chain=base64.b64encode(rome["pek"] + rome["oca"] + rome["cek"]).decode())]
+        statuses = [(await request_json("POST", url + "/v1/session", f, timeout=5))[0] for f in flood]
+        assert statuses == [200] * (2 * MAX_PENDING_SESSIONS) + [403] * 4
+        launch = await request_json("POST", url + "/v1/secret", vm2_secret_request(tik=tik), timeout=5)
+        assert launch[0] == 200
+        measure, _ = split_blob(base64.b64decode(vm2_secret_request(tik=tik)["measurement"]))
+        table = open_packet(tik, tek, measure, base64.b64decode(launch[1]["packet_header"]),
+                            base64.b64decode(launch[1]["secret"]))
+        assert parse_secret_table(table) == [(LUKS_KEY_GUID, PASSPHRASE)]
+    finally:
+        await server.close()
+
+
+async def test_pending_sessions_expire_only_by_age(session_config):
+    from agent.owner.service import PENDING_SESSION_TTL_S
+
+    now = [1000.0]
+    service = OwnerService(session_config, session_material=material, clock=lambda: now[0])
+    server = HttpServer(service.handle)
+    host, port = await server.start_tcp("127.0.0.1", 0)
+    url = f"http://{host}:{port}"
+    try:
+        assert (await request_json("POST", url + "/v1/session", session_request(), timeout=5))[0] == 200
+        kept = service.sessions["vm2"][0]
+        now[0] += PENDING_SESSION_TTL_S + 1
+        other = await request_json("POST", url + "/v1/secret", vm2_secret_request(), timeout=5)
+        assert other[0] == 409 and "POST /v1/session first" in other[1]["error"]
+        assert service.sessions["vm2"] == [] and len(kept.tik) == 0
+    finally:
+        await server.close()
+
+
+# -- which platforms the owner trusts --------------------------------------------
+
+from agent.sev.ca import PRODUCTS  # noqa: E402
+from tests.sev.amd_chains import REAL_PRODUCTS, flip, real_certs  # noqa: E402
+
+
+def real_request(product: str, **over) -> dict:
+    c = real_certs(product)
+    body = {"vm": "vm2", "pdh": base64.b64encode(c["pdh"]).decode(),
+            "cert_chain": base64.b64encode(c["pek"] + c["oca"] + c["cek"]).decode(), "policy": POLICY}
+    body.update(over)
+    return body
+
+
+@pytest.mark.parametrize("product", REAL_PRODUCTS)
+def test_real_amd_platform_gets_a_session_with_the_builtin_roots(tmp_path, product):
+    config = write_session_config(tmp_path, head="# AMD's own roots, built in\n")
+    assert config.amd_roots_source == "built-in" and [r.product for r in config.amd_roots] == list(PRODUCTS)
+    d = decide_session(config, real_request(product), material=material())
+    assert d.status == 200 and d.session.trust == f"amd:{product}" and d.audit["platform"] == f"amd:{product}"
+
+
+@pytest.mark.parametrize("product", REAL_PRODUCTS)
+@pytest.mark.parametrize("cert", ["pdh", "pek", "oca", "cek"])
+def test_real_chain_with_one_bit_flipped_gets_no_session(tmp_path, product, cert):
+    config = write_session_config(tmp_path, head="# built-in roots\n")
+    c = real_certs(product)
+    for bit in (0x10 * 8 + 3, 0x200 * 8, 0x414 * 8 + 77 * 8 + 1):  # key usage area, key, first signature
+        damaged = dict(c, **{cert: flip(c[cert], bit)})
+        body = real_request(product, pdh=base64.b64encode(damaged["pdh"]).decode(),
+                            cert_chain=base64.b64encode(damaged["pek"] + damaged["oca"] + damaged["cek"]).decode())
+        d = decide_session(config, body, material=material())
+        assert d.session is None and d.status in (400, 403), (cert, bit, d.body)
+        if d.status == 403:
+            assert d.body["error"].startswith("platform not verified: "), d.body
+
+
+def test_real_chain_from_a_product_the_owner_does_not_trust_gets_no_session(tmp_path):
+    from importlib import resources
+
+    roots = tmp_path / "naples-only"
+    roots.mkdir()
+    for kind in ("ark", "ask"):
+        (roots / f"naples-{kind}.cert").write_bytes(
+            (resources.files("agent.sev") / "roots" / f"naples-{kind}.cert").read_bytes())
+    config = write_session_config(tmp_path, head='[platform]\namd_roots = "naples-only"\n')
+    assert decide_session(config, real_request("naples"), material=material()).status == 200
+    d = decide_session(config, real_request("rome"), material=material())
+    assert d.status == 403 and d.body["error"] == \
+        "platform not verified: CEK is signed by an ASK of a kind no trusted root has"
+
+
+def test_self_made_chain_gets_no_session_from_an_owner_trusting_amd(tmp_path):
+    config = write_session_config(tmp_path, head="# built-in roots\n")
+    d = decide_session(config, session_request(), material=material())
+    assert (d.status, d.body["error"]) == (403, "platform not verified: CEK is not signed by any trusted AMD ASK")
+
+
+def test_pek_signed_by_the_oca_but_not_the_cek_gets_no_session(session_config):
+    from dataclasses import replace
+
+    from agent.sev.cert import Signature
+
+    chain = PLATFORM.chain
+    only_oca = replace(chain, pek=replace(chain.pek, sig2=Signature()))
+    d = decide_session(session_config, session_request(cert_chain=base64.b64encode(only_oca.to_bytes()).decode()),
+                       material=material())
+    assert (d.status, d.body["error"]) == (403, "platform not verified: PEK certificate is not signed by the chain's CEK")
+
+
+def test_pinned_platform_needs_no_chain_and_others_are_refused(tmp_path):
+    import hashlib
+
+    pin = hashlib.sha256(PLATFORM.pdh_cert.to_bytes()).hexdigest()
+    config = write_session_config(tmp_path, f'platform = "pinned"\npdh_sha256 = ["{"00" * 32}", "{pin}"]',
+                                  head="# no roots needed\n")
+    d = decide_session(config, session_request(cert_chain=None), material=material())
+    assert d.status == 200 and d.session.trust == "pinned"
+    other = Platform()
+    d = decide_session(config, session_request(other), material=material())
+    assert d.status == 403
+    assert d.body["error"] == (f"platform not verified: PDH sha256 "
+                               f"{hashlib.sha256(other.pdh_cert.to_bytes()).hexdigest()} is not pinned for this vm")
+
+
+async def test_platform_any_takes_every_pdh_and_warns_at_start_and_per_session(tmp_path):
+    buf = io.StringIO()
+    setup_logging("info", stream=buf)
+    try:
+        config = write_session_config(tmp_path, 'platform = "any"', head="# demo\n")
+        service = OwnerService(config, session_material=material)
+        assert buf.getvalue().count("owner platform unchecked") == 1
+        server = HttpServer(service.handle)
+        host, port = await server.start_tcp("127.0.0.1", 0)
+        try:
+            status, _ = await request_json("POST", f"http://{host}:{port}/v1/session",
+                                           session_request(Platform(), cert_chain=None), timeout=5)
+        finally:
+            await server.close()
+    finally:
+        setup_logging("info")
+    assert status == 200
+    assert buf.getvalue().count("owner platform unchecked") == 2
+    assert '"platform": "any"' in buf.getvalue()

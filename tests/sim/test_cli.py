@@ -321,3 +321,33 @@ def test_bad_platform_arguments_exit_2_with_one_line(sock_path, tmp_path, keys, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("keyagent") and reason in lines[0], proc.stderr
     assert not os.path.exists(sock_path)
+
+
+def test_amd_roots_out_holds_the_root_the_chain_verifies_to(sock_path, tmp_path):
+    from agent.sev.ca import builtin_roots, load_roots_dir, verify_platform
+    from agent.sev.cert import Certificate, PlatformChain
+
+    roots_dir, cek_out = tmp_path / "roots", tmp_path / "cek.b64"
+    proc = start(sock_path, "--amd-roots-out", str(roots_dir), "--cek-out", str(cek_out))
+    qmp = SyncQmp(sock_path)
+    caps = qmp.cmd("query-sev-capabilities")["return"]
+    qmp.cmd("quit")
+    qmp.close()
+    assert finish(proc)[0] == 0
+    assert sorted(p.name for p in roots_dir.iterdir()) == ["sim-ark.cert", "sim-ask.cert"]
+    pdh = Certificate.from_bytes(base64.b64decode(caps["pdh"]))
+    chain = PlatformChain.from_bytes(base64.b64decode(caps["cert-chain"]))
+    assert base64.b64decode(cek_out.read_bytes()) == chain.cek.to_bytes()
+    (root,) = load_roots_dir(roots_dir)
+    assert root.ark.modulus_bits == root.ask.modulus_bits == 4096   # as Rome and later
+    assert verify_platform(pdh, chain, (root,)).product == "sim"
+    with pytest.raises(ValueError, match="CEK is not signed by any trusted AMD ASK"):
+        verify_platform(pdh, chain, builtin_roots())
+
+
+def test_amd_roots_out_that_is_a_file_is_a_usage_error(sock_path, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run([*KEYAGENT, "simulate", "--qmp", f"unix:{sock_path}", "--amd-roots-out",
+                           str(tmp_path / "file")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--amd-roots-out" in proc.stderr and "is not a directory" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(sock_path)
