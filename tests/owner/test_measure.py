@@ -172,12 +172,8 @@ def test_sev_es_digest_matches_sev_snp_measure_cli_module(capsys, images):
 
 
 def test_sevctl_sev_es_vector_through_the_cli(capsys):
-    path = os.environ.get("KEYAGENT_SEVCTL_TESTDATA")
-    firmware = Path(path or "/nonexistent") / "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"
-    if not firmware.is_file():
-        pytest.skip("set KEYAGENT_SEVCTL_TESTDATA to sevctl's tests/data to run")
-    from tests.sev.vectors import SEVCTL_DIGEST_ES
+    from tests.sev.vectors import SEVCTL_DATA, SEVCTL_DIGEST_ES, SEVCTL_OVMF_NAME
 
-    _, out, _ = run(capsys, "--firmware", firmware, "--sev-es", "--vcpus", "4",
+    _, out, _ = run(capsys, "--firmware", SEVCTL_DATA / SEVCTL_OVMF_NAME, "--sev-es", "--vcpus", "4",
                     "--vcpu-family", "25", "--vcpu-model", "1", "--vcpu-stepping", "1")
     assert out.strip() == SEVCTL_DIGEST_ES.hex()

@@ -9,17 +9,15 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
 from agent.sev.measurement import verify_measurement
 from agent.sim.machine import DEFAULT_DIGEST
+from tests.executable import KEYAGENT
 from tests.sim.conftest import DIGEST, TEK, TIK
 
-_BIN = os.path.join(os.path.dirname(sys.executable), "keyagent")
-KEYAGENT = [_BIN] if os.path.exists(_BIN) else [sys.executable, "-m", "agent.cli"]
 
 
 @pytest.fixture
