@@ -308,6 +308,7 @@ async def _serve(config: Any, host: str, port: int) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
     log.info("owner listening", url=url, vms=sorted(config.vms))
+    service.log_secret_areas()
     _print_json({"listening": url})
     try:
         await stop.wait()

@@ -177,3 +177,25 @@ def test_sevctl_sev_es_vector_through_the_cli(capsys):
     _, out, _ = run(capsys, "--firmware", SEVCTL_DATA / SEVCTL_OVMF_NAME, "--sev-es", "--vcpus", "4",
                     "--vcpu-family", "25", "--vcpu-model", "1", "--vcpu-stepping", "1")
     assert out.strip() == SEVCTL_DIGEST_ES.hex()
+
+
+def test_prints_the_secret_area_it_found_beside_the_digest(capsys):
+    from tests.sev.vectors import SEVCTL_DATA, SEVCTL_DIGEST_FIRMWARE, SEVCTL_OVMF_NAME
+
+    code, out, err = run(capsys, "--firmware", SEVCTL_DATA / SEVCTL_OVMF_NAME)
+    assert code == 0 and out == SEVCTL_DIGEST_FIRMWARE.hex() + "\n"
+    assert err == "keyagent: SEV secret area gpa 0x80c000 size 0xc00\n"
+
+
+def test_json_names_the_digest_and_an_unusable_secret_area(capsys, tmp_path):
+    import json
+
+    fw = tmp_path / "debian-like.fd"
+    fw.write_bytes(synthetic_image(secret_area=Area(0, 0), hashes_area=Area(0, 0)))
+    code, out, _ = run(capsys, "--firmware", fw, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["digest"] == hashlib.sha256(fw.read_bytes()).hexdigest()
+    area = doc["secret_area"]
+    assert (area["gpa"], area["size"], area["usable"]) == (0, 0, False)
+    assert "base 0x0 size 0x0" in area["problem"]
