@@ -131,6 +131,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if measure is not None and hasattr(measure, "has_measure_options") and measure.has_measure_options(args):
         if digests:
             raise UsageError("owner verify takes --digest or the measure options, not both")
+        from agent.sev.policy import es_mismatch
+
+        mismatch = es_mismatch(bool(args.sev_es), args.policy)
+        if mismatch is not None:
+            raise UsageError(f"--policy does not fit the launch: {mismatch}")
         digests.append(measure.digest_from_args(args))
     if not digests:
         raise UsageError("owner verify needs --digest HEX (or --firmware and the other measure options)")

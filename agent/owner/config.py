@@ -13,6 +13,9 @@ relative to the toml's directory.  Keys and secret payloads are held as
     digest = "hex"               # or a list of hex strings, or instead:
     # firmware = "OVMF.fd"       # compute the SEV digest from trusted images
     # kernel = "vmlinuz"         #   (optional; with initrd, append)
+    # sev_es = true              # SEV-ES: the policy must have bit 0x4 (and the
+    # vcpus = 4                  #   other way round); with firmware also vcpus,
+    # vcpu_sig = 0xa00f11        #   vcpu_sig, vmsa_fpu_init as for owner measure
     min_api = "1.49"             # optional
     build_ids = [21]             # optional
     # secret_gpa = 0x80c000      # optional, a VM given by digest: its firmware's
@@ -61,7 +64,9 @@ MAX_SECRET_FILE = 16384  # the whole secret table must fit the OVMF secret area
 
 _LAUNCH_KEYS = {"firmware", "kernel", "initrd", "append"}
 _AREA_KEYS = {"secret_gpa", "secret_size", "gpa"}  # gpa: the older name of secret_gpa
-_VM_KEYS = {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret"} | _LAUNCH_KEYS | _AREA_KEYS
+_ES_KEYS = {"vcpus", "vcpu_sig", "vmsa_fpu_init"}    # an SEV-ES digest computed from firmware
+_VM_KEYS = ({"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret", "sev_es"}
+            | _LAUNCH_KEYS | _AREA_KEYS | _ES_KEYS)
 MAX_IMAGE_FILE = 256 << 20  # firmware, kernel, initrd: far above any real one
 _SECRET_KEYS = {"guid", "file"}
 
@@ -215,8 +220,21 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     policy = _int(table["policy"], f"{where}.policy", 0, 0xFFFFFFFF)
 
     digest_doc = table.get("digest")
+    sev_es = table.get("sev_es", False)
+    if not isinstance(sev_es, bool):
+        raise UsageError(f"{where}.sev_es must be true or false")
+    if _ES_KEYS & set(table) and not (sev_es and digest_doc is None):
+        key = sorted(_ES_KEYS & set(table))[0]
+        raise UsageError(f"{where}.{key} only applies with firmware and sev_es = true")
+    if digest_doc is None or "sev_es" in table:
+        # the owner knows which kind of digest this is: it must fit the policy
+        from agent.sev.policy import es_mismatch
+
+        mismatch = es_mismatch(sev_es, policy)
+        if mismatch is not None:
+            raise UsageError(f"{where}: {mismatch}")
     if digest_doc is None:
-        firmware, digest = _launch_digest(table, where, rel)
+        firmware, digest = _launch_digest(table, where, rel, sev_es)
         digests = (digest,)
         if _AREA_KEYS & set(table):
             raise UsageError(f"{where}: the firmware gives the secret area; "
@@ -272,13 +290,26 @@ def _configured_area(table: dict, where: str) -> SecretArea:
     return area_from_config(gpa, size)
 
 
-def _launch_digest(table: dict, where: str, rel: Any) -> tuple[bytes, bytes]:
-    """The firmware image and the SEV (not SEV-ES) launch digest of the images in ``table``.
+def _launch_digest(table: dict, where: str, rel: Any, sev_es: bool) -> tuple[bytes, bytes]:
+    """The firmware image and the launch digest of the images in ``table``.
 
-    SEV-ES digests also depend on the vCPU set-up: compute them with
-    ``keyagent owner measure`` and give ``digest``.
+    SEV-ES (``sev_es = true``) also measures one VMSA per vCPU: ``vcpus``,
+    ``vcpu_sig`` (CPUID(1).EAX) and ``vmsa_fpu_init`` as for ``owner measure``.
     """
     from agent.sev.digest import launch_digest
+    from agent.sev.vmsa import VmsaOptions
+
+    es: dict[str, Any] = {}
+    if sev_es:
+        for key in ("vcpus", "vcpu_sig"):
+            if key not in table:
+                raise UsageError(f"{where}: sev_es = true with firmware needs {key!r}")
+        fpu = table.get("vmsa_fpu_init", False)
+        if not isinstance(fpu, bool):
+            raise UsageError(f"{where}.vmsa_fpu_init must be true or false")
+        es = {"sev_es": True, "vcpus": _int(table["vcpus"], f"{where}.vcpus", 1, 4096),
+              "vcpu_sig": _int(table["vcpu_sig"], f"{where}.vcpu_sig", 0, 0xFFFFFFFF),
+              "vmsa_options": VmsaOptions(fpu_init=fpu)}
 
     if "kernel" not in table and ("initrd" in table or "append" in table):
         raise UsageError(f"{where}: initrd/append need kernel")
@@ -291,7 +322,7 @@ def _launch_digest(table: dict, where: str, rel: Any) -> tuple[bytes, bytes]:
         raise UsageError(f"{where}.firmware is empty")
     try:
         return images["firmware"], launch_digest(images["firmware"], kernel=images.get("kernel"),
-                                                 initrd=images.get("initrd"), append=append)
+                                                 initrd=images.get("initrd"), append=append, **es)
     except (ValueError, UsageError) as exc:
         raise UsageError(f"{where}: cannot compute the launch digest: {exc}") from None
 

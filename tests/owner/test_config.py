@@ -205,3 +205,44 @@ def test_vm_without_session_still_needs_tik(tmp_path):
 ])
 def test_bad_session_keys(tmp_path, lines, words):
     assert words in one_line_error(session_toml(tmp_path, lines))
+
+
+# -- SEV-ES digest vs the policy's ES bit ----------------------------------------
+
+def sevctl_firmware_dir(tmp_path, lines: str):
+    from tests.sev.vectors import SEVCTL_DATA, SEVCTL_OVMF_NAME
+
+    d = write_owner_dir(tmp_path)
+    (tmp_path / "fw.fd").write_bytes((SEVCTL_DATA / SEVCTL_OVMF_NAME).read_bytes())
+    text = d.toml.read_text().replace(f'digest = ["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]', lines)
+    d.toml.write_text(text.replace("gpa = 8192\n", ""))
+    return d
+
+
+def test_sev_es_firmware_vm_computes_sevctls_sev_es_digest(tmp_path):
+    from tests.sev.vectors import SEVCTL_DIGEST_ES
+
+    d = sevctl_firmware_dir(tmp_path, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4\nvcpu_sig = 0xa00f11')
+    d.toml.write_text(d.toml.read_text().replace("policy = 1", "policy = 5"))
+    assert load_owner_config(d.toml).vms["vm1"].digests == (SEVCTL_DIGEST_ES,)
+
+
+@pytest.mark.parametrize("policy, lines, words", [
+    (5, 'firmware = "fw.fd"', "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
+    (1, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4\nvcpu_sig = 0xa00f11', "policy 0x1 has none"),
+    (1, f'digest = "{DIGEST.hex()}"\nsev_es = true', "policy 0x1 has none"),
+    (5, f'digest = "{DIGEST.hex()}"\nsev_es = false', "policy 0x5 has the SEV-ES bit"),
+    (5, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4', "needs 'vcpu_sig'"),
+    (5, f'digest = "{DIGEST.hex()}"\nsev_es = true\nvcpus = 4', "vcpus only applies with firmware"),
+    (1, 'firmware = "fw.fd"\nsev_es = "yes"', "sev_es must be true or false"),
+])
+def test_sev_es_digest_and_policy_must_agree(tmp_path, policy, lines, words):
+    d = sevctl_firmware_dir(tmp_path, lines)
+    d.toml.write_text(d.toml.read_text().replace("policy = 1", f"policy = {policy}"))
+    assert words in one_line_error(d.toml)
+
+
+def test_digest_vm_without_sev_es_declared_is_not_checked(tmp_path):
+    d = write_owner_dir(tmp_path)
+    d.toml.write_text(d.toml.read_text().replace("policy = 1", "policy = 5"))
+    assert load_owner_config(d.toml).vms["vm1"].policy == 5

@@ -199,3 +199,18 @@ def test_json_names_the_digest_and_an_unusable_secret_area(capsys, tmp_path):
     area = doc["secret_area"]
     assert (area["gpa"], area["size"], area["usable"]) == (0, 0, False)
     assert "base 0x0 size 0x0" in area["problem"]
+
+
+@pytest.mark.parametrize("policy, es, words", [
+    ("1", True, "needs a policy with the SEV-ES bit 0x4; policy 0x1 has none"),
+    ("5", False, "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
+])
+def test_owner_verify_refuses_a_policy_that_does_not_fit_the_launch(capsys, images, tmp_path, policy, es, words):
+    (tmp_path / "tik.bin").write_bytes(bytes(16))
+    argv = ["owner", "verify", "--tik", str(tmp_path / "tik.bin"), "--measurement",
+            base64.b64encode(bytes(48)).decode(), "--api-major", "1", "--api-minor", "49", "--build-id", "21",
+            "--policy", policy, "--firmware", str(images["fw"])]
+    if es:
+        argv += ["--sev-es", "--vcpus", "1", "--vcpu-sig", str(SIG)]
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err
