@@ -60,8 +60,9 @@ def add_measure_options(parser: argparse.ArgumentParser, *, require_firmware: bo
     group.add_argument("--vcpu-model", metavar="N", type=_int, help="guest CPU model (SEV-ES)")
     group.add_argument("--vcpu-stepping", metavar="N", type=_int, help="guest CPU stepping (SEV-ES)")
     group.add_argument("--vmsa-fpu-init", action="store_true",
-                       help="host kernel stores the reset FPU state in the VMSA "
-                            "(MXCSR 0x1f80, FCW 0x37f; Linux after 6.8)")
+                       help="the VMSA holds the reset FPU state (MXCSR 0x1f80, FCW 0x37f): "
+                            "QEMU 9.1+ SEV-ES guests made with KVM_SEV_INIT2 (no "
+                            "legacy-vm-type); not QEMU 7.2 (KVM_SEV_ES_INIT, the default)")
     group.add_argument("--vmsa-sev-features", metavar="N", type=_int,
                        help="SEV_FEATURES word in the VMSA (default 0)")
 

@@ -52,3 +52,11 @@ def test_unknown_alias_is_a_one_line_value_error(text):
 def test_guid_from_wrong_length_is_refused():
     with pytest.raises(ValueError):
         guid_from_bytes(b"\x00" * 15)
+
+
+def test_libvirt_secret_syntax_is_written_as_libvirt_takes_it():
+    # virt-qemu-sev-validate --inject-secret ALIAS-OR-GUID:PATH (it splits on ':')
+    import agent.sev.guids as guids
+
+    text = open(guids.__file__).read()
+    assert "luks-key:PATH" in text and "luks-key=PATH" not in text

@@ -132,3 +132,20 @@ def test_pages_match_sev_snp_measure_with_fpu_init(eip, sig):
     vmsa = pytest.importorskip("sevsnpmeasure.vmsa")
     theirs = bytes(vmsa.VMSA.build_save_area(eip, 0, sig))
     assert build_vmsa(eip, sig, VmsaOptions(fpu_init=True)) == theirs
+
+
+def test_fpu_init_is_described_by_vm_type_not_kernel_version():
+    # KVM fills MXCSR/FCW only for a VM made with KVM_SEV_INIT2 (QEMU 9.1+);
+    # QEMU 7.2's KVM_SEV_ES_INIT leaves them zero on any kernel.
+    import argparse
+
+    import agent.sev.vmsa as vmsa
+    from agent.owner.measure import add_measure_options
+
+    parser = argparse.ArgumentParser()
+    add_measure_options(parser)
+    (action,) = [a for a in parser._actions if a.dest == "vmsa_fpu_init"]
+    for text in (vmsa.__doc__, action.help):
+        assert "KVM_SEV_INIT2" in text and "KVM_SEV_ES_INIT" in text
+        assert "6.8" not in text
+    assert VmsaOptions().fpu_init is False  # the QEMU 7.2 case
