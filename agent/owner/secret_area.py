@@ -5,10 +5,11 @@ secret-block entry of the firmware's GUIDed table (SEV_SECRET_GUID
 4c2eb361-7d9b-4cc3-8081-127c90d3d294, ``struct sev_secret_area { u32 base;
 u32 size; }``) and injects at ``base``.  It never reads ``size``, and it only
 fails when the entry is missing.  Debian's stock ``OVMF.fd`` (2022.11) carries
-the entry with base 0 and size 0 (the OvmfPkgX64 build leaves the AmdSev
-area unset): QEMU then writes the packet at guest address 0, which is
-ordinary RAM, reports success, and the guest's firmware never publishes a
-secret table.  The agent would resume a VM that never got its secret.
+the entry with base 0 and size 0 (read from the package's image; the area is
+reserved only by OVMF's AmdSev build): QEMU then writes the packet at guest
+address 0, which is ordinary RAM, reports success, and the guest's firmware
+never publishes a secret table.  The agent would resume a VM that never got
+its secret.
 
 The host decides which firmware QEMU loads and may lie about it, but it
 cannot change the measured firmware without the measurement failing.  So
