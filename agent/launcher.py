@@ -80,7 +80,8 @@ class Launcher(Sidecar):
         await self._launch_session(argv)
         self.master = Secret(os.urandom(32))
         self._master_dir = make_key_dir(self.run_dir, "master")
-        key_file = write_key_file(self._master_dir, "master.key", self.master.reveal())
+        with self.master.view() as raw:
+            key_file = write_key_file(self._master_dir, "master.key", raw)
         argv += ["-object", f"secret,id={MASTER_ID},file={key_file},format=raw", *self.tpm_args]
         self.log.info("starting QEMU", argv0=argv[0], args=len(argv) - 1)
         try:

@@ -187,8 +187,11 @@ class Runtime:
             path = make_key_dir(self.run_dir, action.name)
             self.key_dirs[(flow_id, action.name)] = path
             for fname, value in action.files.items():
-                data = value.reveal() if isinstance(value, Secret) else str(value).encode()
-                write_key_file(path, fname, data)
+                if isinstance(value, Secret):
+                    with value.view() as data:
+                        write_key_file(path, fname, data)
+                else:
+                    write_key_file(path, fname, str(value).encode())
         except OSError as exc:
             if path is not None:
                 remove_key_dir(path)
@@ -217,7 +220,8 @@ class Runtime:
 
         serial = None
         try:
-            serial = keyring.add_key(action.description, action.key.reveal())
+            with action.key.view() as payload:
+                serial = keyring.add_key(action.description, payload)
             # Possessor: all; user (QEMU runs as this uid): view, read, search.
             keyring.setperm(serial, keyring.KEY_POS_ALL | keyring.KEY_USR_VIEW
                             | keyring.KEY_USR_READ | keyring.KEY_USR_SEARCH)

@@ -330,6 +330,7 @@ class Sidecar:
                 loop.remove_signal_handler(sig)
             if self.runtime is not None:
                 self.runtime.close()
+            self.wipe_held_keys()
             if self.control is not None:
                 await self.control.close()
             # Close QMP before cancelling the watcher: cancelling it inside
@@ -348,6 +349,25 @@ class Sidecar:
                 log.error("keyagent exiting", code=self.exit_code, reason=self.exit_reason)
             else:
                 log.info("keyagent exiting", code=0)
+
+    def wipe_held_keys(self) -> None:
+        """At exit: zero the key material this process still holds.
+
+        The master key (the secret objects' keyid, alive as long as QEMU may
+        take another secret), the one-time offer keys of pending hand-overs and
+        a sealed PSK that no ``migrate start`` used.  Best effort: see the
+        README for the copies Python and the libraries keep.
+        """
+        secrets, migration = self.secrets, self.migration
+        if secrets is not None and secrets.master is not None:
+            secrets.master.wipe()
+        if migration is not None:
+            for key in migration.offers.values():
+                key.wipe()
+            migration.offers.clear()
+            if migration.source_psk is not None:
+                migration.source_psk.wipe()
+                migration.source_psk = None
 
     def control_verbs(self) -> dict:
         """(method, path) -> handler(args) for the control socket."""

@@ -64,9 +64,25 @@ class MigrationParams:
     dest_deadline_s: float = 60.0
 
 
+_HEX_DIGITS = b"0123456789abcdef"
+
+
 def psk_file_line(psk: Secret) -> Secret:
-    """``keys.psk``: ``username:hexkey``, no trailing space or CR (QEMU does not trim)."""
-    return Secret(PSK_USERNAME + b":" + psk.reveal().hex().encode() + b"\n")
+    """``keys.psk``: ``username:hexkey``, no trailing space or CR (QEMU does not trim).
+
+    Built in a bytearray that is zeroed after use: ``bytes.hex()`` would
+    leave an immutable hex copy of the key behind.
+    """
+    line = bytearray(PSK_USERNAME + b":")
+    with psk.view() as raw:
+        for byte in raw:
+            line.append(_HEX_DIGITS[byte >> 4])
+            line.append(_HEX_DIGITS[byte & 15])
+    line += b"\n"
+    try:
+        return Secret(line)
+    finally:
+        line[:] = bytes(len(line))
 
 
 @register_flow
@@ -78,6 +94,7 @@ class MigrationFlow(Flow):
     def __init__(self, params: MigrationParams) -> None:
         super().__init__(params)
         self.state = State.WAIT_KEY
+        self._line: Secret | None = None  # keys.psk, until the shell has written it
         self.status = "none"  # QEMU's last MIGRATION status
         self.error = ""
         self.final_status: str | None = None
@@ -100,6 +117,11 @@ class MigrationFlow(Flow):
 
     # -- the sequence ------------------------------------------------------------
     def handle(self, event) -> list[Action]:
+        if self._line is not None:
+            # The shell wrote keys.psk while carrying out WriteKeyDir, before
+            # it fed us anything else: the file is the line's only home now.
+            self._line.wipe()
+            self._line = None
         if self.state is State.DONE:
             return self._late(event)
         if isinstance(event, Start):
@@ -112,8 +134,11 @@ class MigrationFlow(Flow):
             return self._lost(event.reason)
         if isinstance(event, ControlRequest):
             return self._control(event)
-        if isinstance(event, KeyProvided) and self.state is State.WAIT_KEY:
-            return self._write_key(event.key)
+        if isinstance(event, KeyProvided):
+            if self.state is State.WAIT_KEY:
+                return self._write_key(event.key)
+            event.key.wipe()  # a key that came too late is nobody's
+            return []
         if isinstance(event, KeyDirReady) and self.state is State.WRITE_KEY:
             self._dir = True
             return self._setup(event.path)
@@ -143,7 +168,9 @@ class MigrationFlow(Flow):
         # The directory may exist from now on: an ending before KeyDirReady
         # (QMP lost, cancel) must remove it too.
         self._dir = True
-        files: dict = {"keys.psk": psk_file_line(psk)}
+        self._line = psk_file_line(psk)
+        psk.wipe()  # the line is all that is needed of it, and only until it is written
+        files: dict = {"keys.psk": self._line}
         if not self.source:
             files["dh-params.pem"] = ffdhe2048_pem()
         return [WriteKeyDir(KEY_DIR, files)]
@@ -347,6 +374,9 @@ class MigrationFlow(Flow):
                 *self.finish(1, self.error)]
 
     def _late(self, event) -> list[Action]:
+        if isinstance(event, KeyProvided):
+            event.key.wipe()
+            return []
         if isinstance(event, ControlRequest):
             return [ControlReply(event.req, 409, {"error": "the migration has already ended",
                                                   "status": self.final_status})]

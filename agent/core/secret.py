@@ -7,14 +7,19 @@ filter learns its raw, hex and base64 forms so that a copy that slipped into
 a third-party log line (qemu.qmp logs every message at DEBUG) is scrubbed.
 
 The bytes live in a ``bytearray`` so that :meth:`wipe` can zero them once
-they are no longer needed.  Python may still hold copies (``bytes`` made for
-a library call); wiping is best effort, as documented in the README.
+they are no longer needed.  :meth:`view` lends them to a call that takes a
+buffer (``os.write``, ctypes) without an immutable copy; :meth:`reveal`
+makes a ``bytes`` copy, which Python frees without zeroing, for the calls
+that need ``bytes``.  Where those copies remain is listed in the README
+("Secrets are held in bytearrays ...").
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import weakref
+from typing import Iterator
 
 __all__ = ["Secret", "live_secret_forms"]
 
@@ -54,7 +59,17 @@ class Secret:
             raise ValueError("invalid base64") from None
 
     def reveal(self) -> bytes:
+        """An immutable copy: it cannot be wiped.  Prefer :meth:`view` where a buffer does."""
         return bytes(self._buf)
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[memoryview]:
+        """A read-only view of the bytes for the length of a ``with`` block (no copy)."""
+        view = memoryview(self._buf).toreadonly()
+        try:
+            yield view
+        finally:
+            view.release()
 
     def b64(self) -> str:
         return base64.b64encode(self._buf).decode()

@@ -65,10 +65,11 @@ def _syscall(name: str, *args) -> int:
     return ret
 
 
-def add_key(description: str, payload: bytes, keyring: int = KEY_SPEC_USER_KEYRING,
-            key_type: str = "user") -> int:
-    """Add (or update) a key; returns its serial."""
-    buf = ctypes.create_string_buffer(payload, len(payload))
+def add_key(description: str, payload: bytes | bytearray | memoryview,
+            keyring: int = KEY_SPEC_USER_KEYRING, key_type: str = "user") -> int:
+    """Add (or update) a key; returns its serial.  ``payload`` is copied once, into
+    a ctypes buffer that is zeroed after the call (no immutable copy)."""
+    buf = (ctypes.c_char * len(payload)).from_buffer_copy(payload)
     try:
         return _syscall("add_key", ctypes.c_char_p(key_type.encode()),
                         ctypes.c_char_p(description.encode()), buf,

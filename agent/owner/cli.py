@@ -147,6 +147,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if measure is not None and hasattr(measure, "has_measure_options") and measure.has_measure_options(args):
         if digests:
             raise UsageError("owner verify takes --digest or the measure options, not both")
+        from agent.sev.policy import es_mismatch
+
+        mismatch = es_mismatch(bool(args.sev_es), args.policy)
+        if mismatch is not None:
+            raise UsageError(f"--policy does not fit the launch: {mismatch}")
         digests.append(measure.digest_from_args(args))
     if not digests:
         raise UsageError("owner verify needs --digest HEX (or --firmware and the other measure options)")
@@ -391,6 +396,7 @@ async def _serve(config: Any, host: str, port: int) -> int:
     if any(vm.session and vm.platform == "amd" for vm in config.vms.values()):
         log.info("owner platform roots", source=config.amd_roots_source,
                  products=[r.product for r in config.amd_roots])
+    service.log_secret_areas()
     _print_json({"listening": url})
     try:
         await stop.wait()

@@ -13,9 +13,14 @@ relative to the toml's directory.  Keys and secret payloads are held as
     digest = "hex"               # or a list of hex strings, or instead:
     # firmware = "OVMF.fd"       # compute the SEV digest from trusted images
     # kernel = "vmlinuz"         #   (optional; with initrd, append)
+    # sev_es = true              # SEV-ES: the policy must have bit 0x4 (and the
+    # vcpus = 4                  #   other way round); with firmware also vcpus,
+    # vcpu_sig = 0xa00f11        #   vcpu_sig, vmsa_fpu_init as for owner measure
     min_api = "1.49"             # optional
     build_ids = [21]             # optional
-    gpa = 0                      # optional, returned to the agent
+    # secret_gpa = 0x80c000      # optional, a VM given by digest: its firmware's
+    # secret_size = 0xc00        #   secret area (a VM given by firmware: read
+    #                            #   from the image; see agent.owner.secret_area)
     [[vm.vm1.secret]]
     guid = "736869e5-84f0-4973-92ec-06879ce3da0b"   # or an alias: "luks-key"
     file = "vm1-disk.pass"
@@ -62,6 +67,7 @@ from typing import Any
 
 from agent.core.secret import Secret
 from agent.errors import UsageError
+from agent.owner.secret_area import SecretArea, area_from_config, area_from_firmware
 
 __all__ = ["OwnerConfig", "VmPolicy", "SecretEntry", "load_owner_config",
            "read_key_file", "read_secret_file", "parse_digest", "parse_api_version"]
@@ -71,8 +77,10 @@ DIGEST_LEN = 32       # SHA-256 of the launch data
 MAX_SECRET_FILE = 16384  # the whole secret table must fit the OVMF secret area
 
 _LAUNCH_KEYS = {"firmware", "kernel", "initrd", "append"}
-_VM_KEYS = {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "gpa", "secret",
-            "platform", "pdh_sha256"} | _LAUNCH_KEYS
+_AREA_KEYS = {"secret_gpa", "secret_size", "gpa"}  # gpa: the older name of secret_gpa
+_ES_KEYS = {"vcpus", "vcpu_sig", "vmsa_fpu_init"}    # an SEV-ES digest computed from firmware
+_VM_KEYS = ({"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret", "sev_es",
+             "platform", "pdh_sha256"} | _LAUNCH_KEYS | _AREA_KEYS | _ES_KEYS)
 _PLATFORM_KEYS = {"amd_roots"}
 PLATFORM_MODES = ("amd", "pinned", "any")
 MAX_IMAGE_FILE = 256 << 20  # firmware, kernel, initrd: far above any real one
@@ -96,10 +104,11 @@ class VmPolicy:
     secrets: tuple[SecretEntry, ...]
     min_api: tuple[int, int] | None = None
     build_ids: frozenset[int] | None = None
-    gpa: int | None = None
+    gpa: int | None = None      # answered to the agent: the secret area's base
     session: bool = False       # takes POST /v1/session
     platform: str = "amd"       # amd | pinned | any: whose PDH gets a session
     pdh_pins: frozenset[bytes] = frozenset()   # platform = "pinned": SHA-256 of each PDH
+    secret_area: SecretArea = SecretArea()
 
 
 @dataclass(frozen=True)
@@ -254,14 +263,34 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     policy = _int(table["policy"], f"{where}.policy", 0, 0xFFFFFFFF)
 
     digest_doc = table.get("digest")
+    sev_es = table.get("sev_es", False)
+    if not isinstance(sev_es, bool):
+        raise UsageError(f"{where}.sev_es must be true or false")
+    if _ES_KEYS & set(table) and not (sev_es and digest_doc is None):
+        key = sorted(_ES_KEYS & set(table))[0]
+        raise UsageError(f"{where}.{key} only applies with firmware and sev_es = true")
+    if digest_doc is None or "sev_es" in table:
+        # the owner knows which kind of digest this is: it must fit the policy
+        from agent.sev.policy import es_mismatch
+
+        mismatch = es_mismatch(sev_es, policy)
+        if mismatch is not None:
+            raise UsageError(f"{where}: {mismatch}")
     if digest_doc is None:
-        digests = (_launch_digest(table, where, rel),)
-    elif isinstance(digest_doc, list):
-        if not digest_doc:
-            raise UsageError(f"{where}.digest must not be an empty list")
-        digests = tuple(parse_digest(d, f"{where}.digest[{i}]") for i, d in enumerate(digest_doc))
+        firmware, digest = _launch_digest(table, where, rel, sev_es)
+        digests = (digest,)
+        if _AREA_KEYS & set(table):
+            raise UsageError(f"{where}: the firmware gives the secret area; "
+                             "secret_gpa/secret_size are for a vm given by digest")
+        area = area_from_firmware(firmware)
     else:
-        digests = (parse_digest(digest_doc, f"{where}.digest"),)
+        if isinstance(digest_doc, list):
+            if not digest_doc:
+                raise UsageError(f"{where}.digest must not be an empty list")
+            digests = tuple(parse_digest(d, f"{where}.digest[{i}]") for i, d in enumerate(digest_doc))
+        else:
+            digests = (parse_digest(digest_doc, f"{where}.digest"),)
+        area = _configured_area(table, where)
 
     min_api = parse_api_version(table["min_api"], where) if "min_api" in table else None
 
@@ -271,8 +300,6 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
         if not isinstance(ids, list) or not ids:
             raise UsageError(f"{where}.build_ids must be a non-empty list of integers")
         build_ids = frozenset(_int(b, f"{where}.build_ids[{i}]", 0, 255) for i, b in enumerate(ids))
-
-    gpa = _int(table["gpa"], f"{where}.gpa", 0, (1 << 64) - 1) if "gpa" in table else None
 
     secrets_doc = table.get("secret")
     if not isinstance(secrets_doc, list) or not secrets_doc:
@@ -300,8 +327,8 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
         raise UsageError(f"{where}: pdh_sha256 applies only with platform = \"pinned\"")
 
     return VmPolicy(name=name, tik=tik, tek=tek, policy=policy, digests=digests, secrets=secrets,
-                    min_api=min_api, build_ids=build_ids, gpa=gpa, session=session,
-                    platform=platform, pdh_pins=pins)
+                    min_api=min_api, build_ids=build_ids, gpa=None if area.problem else area.gpa,
+                    session=session, secret_area=area, platform=platform, pdh_pins=pins)
 
 
 def _pin(text: Any, where: str) -> bytes:
@@ -317,13 +344,40 @@ def _pin(text: Any, where: str) -> bytes:
     return raw
 
 
-def _launch_digest(table: dict, where: str, rel: Any) -> bytes:
-    """The SEV (not SEV-ES) launch digest of the images named in ``table``.
+def _configured_area(table: dict, where: str) -> SecretArea:
+    """``secret_gpa`` (or its older name ``gpa``) and ``secret_size`` of a vm given by digest."""
+    if "gpa" in table and "secret_gpa" in table:
+        raise UsageError(f"{where}: gpa is the older name of secret_gpa; give one")
+    key = "secret_gpa" if "secret_gpa" in table else "gpa"
+    gpa = _int(table[key], f"{where}.{key}", 0, (1 << 64) - 1) if key in table else None
+    size = _int(table["secret_size"], f"{where}.secret_size", 1, 0xFFFFFFFF) if "secret_size" in table else None
+    if size is not None and gpa is None:
+        raise UsageError(f"{where}: secret_size needs secret_gpa")
+    if gpa == 0:
+        raise UsageError(f"{where}.{key} is 0: guest address 0 is no firmware's secret area")
+    return area_from_config(gpa, size)
 
-    SEV-ES digests also depend on the vCPU set-up: compute them with
-    ``keyagent owner measure`` and give ``digest``.
+
+def _launch_digest(table: dict, where: str, rel: Any, sev_es: bool) -> tuple[bytes, bytes]:
+    """The firmware image and the launch digest of the images in ``table``.
+
+    SEV-ES (``sev_es = true``) also measures one VMSA per vCPU: ``vcpus``,
+    ``vcpu_sig`` (CPUID(1).EAX) and ``vmsa_fpu_init`` as for ``owner measure``.
     """
     from agent.sev.digest import launch_digest
+    from agent.sev.vmsa import VmsaOptions
+
+    es: dict[str, Any] = {}
+    if sev_es:
+        for key in ("vcpus", "vcpu_sig"):
+            if key not in table:
+                raise UsageError(f"{where}: sev_es = true with firmware needs {key!r}")
+        fpu = table.get("vmsa_fpu_init", False)
+        if not isinstance(fpu, bool):
+            raise UsageError(f"{where}.vmsa_fpu_init must be true or false")
+        es = {"sev_es": True, "vcpus": _int(table["vcpus"], f"{where}.vcpus", 1, 4096),
+              "vcpu_sig": _int(table["vcpu_sig"], f"{where}.vcpu_sig", 0, 0xFFFFFFFF),
+              "vmsa_options": VmsaOptions(fpu_init=fpu)}
 
     if "kernel" not in table and ("initrd" in table or "append" in table):
         raise UsageError(f"{where}: initrd/append need kernel")
@@ -335,8 +389,8 @@ def _launch_digest(table: dict, where: str, rel: Any) -> bytes:
     if not images["firmware"]:
         raise UsageError(f"{where}.firmware is empty")
     try:
-        return launch_digest(images["firmware"], kernel=images.get("kernel"),
-                             initrd=images.get("initrd"), append=append)
+        return images["firmware"], launch_digest(images["firmware"], kernel=images.get("kernel"),
+                                                 initrd=images.get("initrd"), append=append, **es)
     except (ValueError, UsageError) as exc:
         raise UsageError(f"{where}: cannot compute the launch digest: {exc}") from None
 

@@ -60,8 +60,9 @@ def add_measure_options(parser: argparse.ArgumentParser, *, require_firmware: bo
     group.add_argument("--vcpu-model", metavar="N", type=_int, help="guest CPU model (SEV-ES)")
     group.add_argument("--vcpu-stepping", metavar="N", type=_int, help="guest CPU stepping (SEV-ES)")
     group.add_argument("--vmsa-fpu-init", action="store_true",
-                       help="host kernel stores the reset FPU state in the VMSA "
-                            "(MXCSR 0x1f80, FCW 0x37f; Linux after 6.8)")
+                       help="the VMSA holds the reset FPU state (MXCSR 0x1f80, FCW 0x37f): "
+                            "QEMU 9.1+ SEV-ES guests made with KVM_SEV_INIT2 (no "
+                            "legacy-vm-type); not QEMU 7.2 (KVM_SEV_ES_INIT, the default)")
     group.add_argument("--vmsa-sev-features", metavar="N", type=_int,
                        help="SEV_FEATURES word in the VMSA (default 0)")
 
@@ -160,9 +161,23 @@ def digest_from_args(args: argparse.Namespace) -> bytes | None:
 
 
 def _handle(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from agent.owner.secret_area import area_from_firmware
+
     digest = digest_from_args(args)
     assert digest is not None  # --firmware is required by this parser
-    print(digest.hex())
+    # The firmware was readable a moment ago; the area is where `owner serve`
+    # will send the secret for a vm given by this firmware.
+    area = area_from_firmware(_read(args.firmware, "--firmware") or b"")
+    if args.json:
+        print(json.dumps({"digest": digest.hex(), "secret_area": {
+            "gpa": area.gpa, "size": area.size, "usable": area.problem is None, "problem": area.problem}}))
+    else:
+        print(digest.hex())
+        # stdout stays the digest alone (scripts read it); the area goes beside it
+        print(f"keyagent: {area.describe()}", file=sys.stderr)
     return 0
 
 
@@ -175,5 +190,7 @@ def register(owner_subparsers) -> argparse.ArgumentParser:
         "firmware, kernel and vCPU set-up.",
     )
     add_measure_options(parser, require_firmware=True)
+    parser.add_argument("--json", action="store_true",
+                        help='print {"digest": hex, "secret_area": {gpa, size, usable, problem}}')
     parser.set_defaults(func=_handle)
     return parser

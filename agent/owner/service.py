@@ -20,6 +20,10 @@ Order of checks, and why:
    verified blob seen a second time is a replay.  Checked only after the
    MAC verified, so a forged request learns nothing about which nonces
    were used.  The record is in memory: a restarted owner forgets it.
+5. the secret area (403 "no usable secret area" / "secret table does not
+   fit"): a secret the guest cannot read is a failed launch, so it is not
+   released (:mod:`agent.owner.secret_area`).  Last, because only a
+   verified launch should learn about the owner's firmware.
 
 Launch sessions (``POST /v1/session``, VMs with ``session = true``): the
 owner makes the GODH and session blob for the platform's PDH
@@ -71,7 +75,8 @@ from agent.owner.config import OwnerConfig, VmPolicy
 
 __all__ = ["Decision", "decide_secret", "decide_session", "make_session", "LaunchSession",
            "SessionMaterial", "SessionInputError", "OwnerService", "SECRET_FIELDS",
-           "MAX_PENDING_SESSIONS", "MAX_PENDING_PER_VM", "PlatformCheck", "check_platform"]
+           "MAX_PENDING_SESSIONS", "MAX_PENDING_PER_VM", "PlatformCheck", "check_platform",
+           "secret_area_refusal"]
 
 #: Launch sessions that may wait for their /v1/secret, per VM and platform (PDH).
 MAX_PENDING_SESSIONS = 4
@@ -470,6 +475,11 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     if key in attested or blob_id in released:
         return _refused(409, "launch already attested", audit)
 
+    # -- 5. the secret must land where the measured firmware will look
+    refusal = secret_area_refusal(vm_policy)
+    if refusal is not None:
+        return _refused(403, refusal, audit)
+
     if len(iv) != IV_LEN:
         raise ValueError(f"packet IV must be {IV_LEN} bytes")
     tik = tik_secret.reveal()
@@ -487,6 +497,18 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     audit["secrets"] = [s.name for s in vm_policy.secrets]
     return Decision(200, out, "released", "measurement verified", audit, attested=key,
                     released=blob_id, session=used)
+
+
+def secret_area_refusal(vm_policy: VmPolicy) -> str | None:
+    """Why this VM's secret table cannot go into its firmware's secret area, or None.
+
+    See :mod:`agent.owner.secret_area`: no usable area (Debian's stock
+    OVMF.fd: base 0, size 0) or a table larger than the area is a refusal;
+    an area the owner does not know (a VM given by digest alone) is not.
+    """
+    from agent.owner.secret_area import area_refusal, table_length
+
+    return area_refusal(vm_policy.secret_area, table_length([len(s.value) for s in vm_policy.secrets]))
 
 
 class OwnerService:
@@ -514,6 +536,21 @@ class OwnerService:
             if vm.session and vm.platform == "any":
                 self._log.warning("owner platform unchecked", vm=vm.name,
                                   why='platform = "any": any PDH gets a launch session (demos only)')
+
+    def log_secret_areas(self) -> None:
+        """Once at start: the VMs whose secret area the owner cannot check, or cannot use."""
+        for name, vm in self.config.vms.items():
+            area = vm.secret_area
+            refusal = secret_area_refusal(vm)
+            if refusal is not None:
+                self._log.warning("owner secret area unusable: launches will be refused", vm=_shown(name),
+                                  reason=refusal)
+            elif not area.checked:
+                what = ("gpa answered, size unknown: cannot check that the secret table fits"
+                        if area.gpa is not None else
+                        "vm given by digest alone: cannot check its secret area (QEMU takes it from "
+                        "the firmware it loads)")
+                self._log.warning("owner secret area unchecked", vm=_shown(name), detail=what)
 
     async def handle(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]

@@ -25,7 +25,8 @@ LUKS_KEY_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 
 #: Names a guest owner may write instead of a GUID. Only aliases with a public,
 #: agreed meaning: libvirt's ``virt-qemu-sev-validate`` knows exactly this one
-#: (``--inject-secret luks-key=PATH``). Any other entry is named by its GUID.
+#: (``--inject-secret ALIAS-OR-GUID:PATH``, e.g. ``luks-key:PATH``). Any other
+#: entry is named by its GUID.
 GUID_ALIASES: dict[str, uuid.UUID] = {
     "luks-key": LUKS_KEY_GUID,
 }

@@ -14,13 +14,15 @@ for a QEMU guest, as in libvirt's virt-qemu-sev-validate, sevctl ``vmsa
 build --userspace qemu`` (virtee/sev ``Vmsa::init_amd64/init_kvm/init_qemu``)
 and sev-snp-measure (``--vmm-type QEMU``).
 
-Host-kernel differences the caller can select (QEMU 7.2 uses the legacy
-KVM_SEV_ES_INIT, so no VMSA feature bits are negotiated by QEMU):
+What KVM puts in a VMSA besides the reset state depends on the VM type
+QEMU creates, which the caller selects:
 
-- ``fpu_init``: newer host kernels (after 6.8 per virtee/sev-snp-measure
-  PR #49) copy the reset FPU state into the VMSA: MXCSR = 0x1f80,
-  x87 FCW = 0x37f.  Older kernels (Debian 12's 6.1, sevctl's public vectors)
-  leave both zero.  Default: off.
+- ``fpu_init``: QEMU 9.1 and later create SEV-ES guests with
+  ``KVM_SEV_INIT2`` (unless ``sev-guest,legacy-vm-type=on``), and only for
+  such a VM does KVM store the reset FPU state in the VMSA: MXCSR = 0x1f80,
+  x87 FCW = 0x37f (sev-snp-measure models only this).  QEMU 7.2 uses
+  ``KVM_SEV_ES_INIT`` (Debian 12; sevctl's and libvirt's vectors): both stay
+  zero, whatever the host kernel.  Default: off, the QEMU 7.2 case.
 - ``sev_features``: the SEV_FEATURES word; 0 for a plain SEV-ES guest.
 """
 
@@ -227,7 +229,7 @@ def cpu_signature(family: int, model: int, stepping: int) -> int:
 
 @dataclass(frozen=True)
 class VmsaOptions:
-    """What the host kernel puts in a VMSA beyond the architectural reset state."""
+    """What KVM puts in a VMSA beyond the architectural reset state (by VM type)."""
 
     fpu_init: bool = False
     sev_features: int = 0

@@ -81,14 +81,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--build-id", metavar="N", default="21", help="PSP firmware build (default 21)")
     p.add_argument("--running", action="store_true", help="model a VM already launched and running")
     p.add_argument("--measure-delay", metavar="S", default="0", help="seconds before the measurement is available")
-    p.add_argument("--no-secret-area", action="store_true", help="firmware without an SEV secret area (gpa needed)")
+    area = p.add_mutually_exclusive_group()
+    area.add_argument("--no-secret-area", action="store_true",
+                      help="firmware without an SEV secret-block entry (QEMU then needs a gpa)")
+    area.add_argument("--secret-area", metavar="GPA,SIZE",
+                      help="the firmware's SEV secret-block entry (default 0x80c000,0xc00); 0,0 is "
+                           "Debian's stock OVMF.fd: QEMU injects at gpa 0 and the guest never sees it")
+    area.add_argument("--firmware", metavar="F",
+                      help="read the SEV secret-block entry from this OVMF image, as QEMU does "
+                           "(the digest still comes from --digest)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from agent.logs import setup_logging
-    from agent.sim.machine import DEFAULT_DIGEST, DEFAULT_SECRET_GPA, SimConfig
+    from agent.sim.machine import DEFAULT_DIGEST, SimConfig
 
     setup_logging(args.log_level)
     from agent.hardening import harden_process
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     delay = _seconds("--measure-delay", args.measure_delay)
     digest = _digest(args.digest) if args.digest is not None else DEFAULT_DIGEST
     pdh_key = _read_pdh_key(args.pdh_key) if args.pdh_key is not None else None
+    secret_gpa, secret_size = _secret_area(args)
     session = _launch_session(args)
     if session is not None:
         tik = tek = keys_out = None
@@ -121,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
             sev_es=args.sev_es,
             state="running" if args.running else "prelaunch",
             measure_delay_s=delay,
-            secret_gpa=None if args.no_secret_area else DEFAULT_SECRET_GPA,
+            secret_gpa=secret_gpa,
+            secret_size=secret_size,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -204,6 +214,30 @@ def _socket_path(spec: str) -> str:
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"--qmp {path} exists and is not a socket")
     return path
+
+
+def _secret_area(args: argparse.Namespace) -> tuple[int | None, int]:
+    """The firmware's SEV secret-block entry (base, size); base None when it has none."""
+    from agent.sim.machine import DEFAULT_SECRET_GPA, DEFAULT_SECRET_SIZE
+
+    if args.no_secret_area:
+        return None, 0
+    if args.secret_area is not None:
+        gpa, comma, size = args.secret_area.partition(",")
+        if not comma:
+            raise UsageError(f"--secret-area must be GPA,SIZE, got {args.secret_area[:80]!r}")
+        return _number("--secret-area GPA", gpa, 0xFFFFFFFF), _number("--secret-area SIZE", size, 0xFFFFFFFF)
+    if args.firmware is not None:
+        from agent.sev.ovmf import OvmfImage
+
+        try:
+            with open(args.firmware, "rb") as fh:
+                image = OvmfImage(fh.read(256 << 20))
+        except OSError as exc:
+            raise UsageError(f"cannot read --firmware {args.firmware}: {exc.strerror or exc}") from None
+        area = image.secret_area()  # FirmwareError is a UsageError
+        return (None, 0) if area is None else (area.base, area.size)
+    return DEFAULT_SECRET_GPA, DEFAULT_SECRET_SIZE
 
 
 def _number(flag: str, text: str, maximum: int) -> int:

@@ -13,6 +13,14 @@ needs it).  The wire protocol lives in :mod:`agent.sim.qmp_server`.
 What the guest "sees" after an injection is only a summary of the secret
 table (GUID, length, SHA-256 of each entry): the plaintext is wiped as soon
 as it has been parsed, so the simulator holds no secret payload.
+
+The firmware's secret area is modelled as QEMU 7.2 uses it: the OVMF table
+entry (``secret_gpa``, ``secret_size``) gives the gpa an injection without
+``gpa`` goes to; QEMU never looks at the size, and only a missing entry is
+an error.  With Debian's stock OVMF.fd (entry base 0, size 0) QEMU injects
+at gpa 0, which is RAM, and succeeds.  Whether the guest can read the secret
+is a separate fact, ``secret-visible``: only a table written at the base of a
+non-empty area, and no longer than it, is where OVMF publishes it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ __all__ = [
     "QEMU_VERSION",
     "DEFAULT_DIGEST",
     "DEFAULT_SECRET_GPA",
+    "DEFAULT_SECRET_SIZE",
 ]
 
 #: ``query-version`` of the Debian bookworm QEMU the facts were checked on.
@@ -49,6 +58,9 @@ DEFAULT_DIGEST = hashlib.sha256(b"keyagent-simulated-firmware").digest()
 
 #: Where OVMF's SEV secret area usually sits (OvmfPkg/AmdSev: 0x80C000).
 DEFAULT_SECRET_GPA = 0x80C000
+
+#: Its size in OvmfPkg/AmdSev (sevctl's OVMF.amdsev.fd: 0xC00).
+DEFAULT_SECRET_SIZE = 0xC00
 
 #: QEMU's SEV_SECRET_GUID: the OVMF table entry naming the secret area.
 SEV_SECRET_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
@@ -92,8 +104,11 @@ class SimConfig:
     certificate and chain either way.
     ``digest`` is SHA-256 of the launch data (what ``owner measure`` prints).
     ``state="running"`` models a VM that was launched (and measured)
-    before the agent connected.  ``secret_gpa=None`` models a firmware
-    without an SEV secret area, where QEMU needs an explicit ``gpa``.
+    before the agent connected.  ``secret_gpa``/``secret_size`` are the
+    firmware's SEV secret-block entry: ``secret_gpa=None`` models a firmware
+    without the entry, where QEMU needs an explicit ``gpa``; ``0, 0`` models
+    Debian's stock OVMF.fd, where QEMU injects at gpa 0 and the guest never
+    sees the secret.
     """
 
     tik: bytes | None = field(default=None, repr=False)
@@ -107,6 +122,7 @@ class SimConfig:
     state: str = "prelaunch"
     measure_delay_s: float = 0.0
     secret_gpa: int | None = DEFAULT_SECRET_GPA
+    secret_size: int = DEFAULT_SECRET_SIZE
     mnonce: bytes | None = field(default=None, repr=False)
     ram_size: int = 1 << 30
     cbitpos: int = 51
@@ -144,6 +160,8 @@ class SimConfig:
             raise ValueError(f"measure delay must be >= 0 seconds, got {self.measure_delay_s}")
         if self.secret_gpa is not None and not 0 <= self.secret_gpa < self.ram_size:
             raise ValueError(f"secret area gpa 0x{self.secret_gpa:x} is outside guest RAM")
+        if not 0 <= self.secret_size <= 0xFFFFFFFF:  # a u32 in the OVMF table
+            raise ValueError(f"secret area size must be 0..0xffffffff, got {self.secret_size}")
 
     @property
     def effective_policy(self) -> int:
@@ -272,6 +290,7 @@ class Machine:
         self.refused_injections = 0
         self.injected_entries: list[InjectedEntry] = []
         self.table_valid: bool | None = None
+        self.secret_visible: bool | None = None  # None until a secret is injected
         self.cont_happened = False
         self.injected_before_cont: bool | None = None
         self._measure_at = self._clock() + config.measure_delay_s
@@ -386,8 +405,13 @@ class Machine:
             raise QmpError(
                 f"SEV: failed to inject secret ret={KVM_RET_FW_ERROR} fw_error={int(exc.code)} '{exc.text}'"
             ) from None
-        self._guest_reads_secret_area(plaintext)
+        self._guest_reads_secret_area(plaintext, self._in_secret_area(gpa, len(data)))
         return {}
+
+    def _in_secret_area(self, gpa: int, size: int) -> bool:
+        """True when OVMF will publish what was written at ``gpa`` (its area's base)."""
+        base = self.config.secret_gpa
+        return base is not None and 0 < size <= self.config.secret_size and gpa == base
 
     def _gpa2hva(self, gpa: int, size: int) -> None:
         # monitor/misc.c gpa2hva(): guest RAM is [0, ram_size) here.
@@ -398,8 +422,14 @@ class Machine:
             self._refuse("gpa region too small")
             raise QmpError(f"SEV: Failed to calculate guest address: Size of memory region at 0x{gpa:x} exceeded.")
 
-    def _guest_reads_secret_area(self, plaintext: Secret) -> None:
+    def _guest_reads_secret_area(self, plaintext: Secret, visible: bool) -> None:
         self.injections += 1
+        self.secret_visible = visible
+        if not visible:
+            # QEMU reports success either way; the guest's firmware will not
+            # publish a table that is not at the base of its secret area.
+            self._log.warning("sim.secret_outside_secret_area", secret_area_gpa=self.config.secret_gpa,
+                              secret_area_size=self.config.secret_size)
         try:
             entries = parse_secret_table(plaintext.reveal())
         except ValueError as exc:
@@ -430,8 +460,10 @@ class Machine:
             self.psp.launch_finish()
             if self.injections == 0:
                 self._log.warning("sim.launch_finished", secret_injected=False)
+            elif not self.secret_visible:
+                self._log.warning("sim.launch_finished", secret_injected=True, secret_visible=False)
             else:
-                self._log.info("sim.launch_finished", secret_injected=True)
+                self._log.info("sim.launch_finished", secret_injected=True, secret_visible=True)
         self.status = "running"
         self._emit("RESUME", None)
         return {}
@@ -454,6 +486,7 @@ class Machine:
         return {
             "injected": self.injections > 0,
             "table-valid": self.table_valid,
+            "secret-visible": self.secret_visible,
             "entries": [e.to_json() for e in self.injected_entries],
         }
 
@@ -473,4 +506,5 @@ class Machine:
             "cont": self.cont_happened,
             "injected-before-cont": self.injected_before_cont,
             "cont-before-secret": self.cont_before_secret,
+            "secret-visible": self.secret_visible,
         }

@@ -47,7 +47,7 @@ def test_source_removes_its_key_file_right_after_object_add():
     f = flow("source")
     write, seen = start(f)
     assert set(write.files) == {"keys.psk"}
-    assert write.files["keys.psk"].reveal() == b"qemu:" + bytes(range(32)).hex().encode() + b"\n"
+    assert len(write.files["keys.psk"]) == 0  # written by the shell, then wiped
     assert cmds(seen) == ["object-add", "migrate-set-capabilities", "migrate-set-parameters",
                           "migrate"]
     add = next(a for a in seen if isinstance(a, SendQmp))
@@ -195,3 +195,22 @@ def test_a_refused_postcopy_switch_is_logged_and_precopy_goes_on():
                  if isinstance(a, SendQmp)]
     (log,) = f.handle(QmpError(switch.tag, "GenericError", "Postcopy is not enabled"))
     assert log.level == "warning" and f.finished is None
+
+
+# -- wiping: the PSK lives in memory only until its keys.psk line exists --------
+
+def test_psk_is_wiped_once_its_keys_psk_line_is_made():
+    f = flow("destination")
+    psk = Secret(bytes(range(32)))
+    (write,) = f.handle(KeyProvided("psk", psk))
+    assert len(psk) == 0  # wiped
+    assert write.files["keys.psk"].reveal() == b"qemu:" + bytes(range(32)).hex().encode() + b"\n"
+
+
+def test_psk_that_arrives_when_the_flow_cannot_use_it_is_wiped():
+    f = flow("source")
+    f.handle(QmpDisconnected("EOF"))
+    late = Secret(bytes(32))
+    assert f.handle(KeyProvided("psk", late)) == []
+    assert len(late) == 0
+

@@ -52,6 +52,7 @@ from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyPro
                                KeyringFailed, KeyringReady, OwnerFailed, OwnerRefused,
                                OwnerReleased, QmpDisconnected, QmpError, QmpEvent, QmpReply,
                                Start, TimerFired)
+from agent.core.codec import encode
 from agent.core.launch import LaunchParams, SevLaunchFlow
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.core.resume import ResumeFlow, ResumeParams
@@ -131,6 +132,8 @@ class World:
         self.flow = flow
         self.data = data
         self.events: list = []
+        self.encoded_events: list[dict] = []  # as the event log records them
+        self.encoded_outputs: list[list[dict]] = []
         self.outputs: list[list] = []
         self.outstanding: dict[str, SendQmp] = {}
         self.sent: dict[str, SendQmp] = {}
@@ -165,11 +168,15 @@ class World:
         if isinstance(event, TimerFired):
             self.armed.discard(event.name)
             self.stale.discard(event.name)
+        # As the runtime does: the event is recorded before the flow handles it
+        # (a flow may wipe a key it was given once it has no more use for it).
+        self.encoded_events.append(encode(event))
         out = self.flow.handle(event)
         assert isinstance(out, list)
         if stale_timer:
             assert out == [], f"a cancelled timer {event.name!r} still acted: {out}"
         self.outputs.append(out)
+        self.encoded_outputs.append([encode(a) for a in out])  # recorded as they are made
         for action in out:
             self._saw(action)
         if self.finished is not None:
@@ -399,10 +406,10 @@ class World:
         log._file = io.StringIO()  # the real writer, in memory
         log.write("start", version="test", vm="vm1")
         log.flow(flow_id, self.flow)
-        for event, out in zip(self.events, self.outputs):
-            log.event(flow_id, event)
+        for event, out in zip(self.encoded_events, self.encoded_outputs):
+            log.write("event", flow=flow_id, event=event)
             for action in out:
-                log.action(flow_id, action)
+                log.write("action", flow=flow_id, action=action)
         log.write("exit", code=self.finished.code if self.finished else 0, reason="")
         return [json.loads(line) for line in log._file.getvalue().splitlines()]
 
@@ -434,12 +441,12 @@ def run_world(data, flow, first: list, secrets: tuple = ()) -> World:
         assert find(secret, blob) is None, "a secret reached the event log"
     assert check(json.loads(json.dumps(records))).startswith("replay check passed")
     # And the replayed flow (params through JSON) gives the very same encoded actions.
-    from agent.core.codec import decode_event, encode
+    from agent.core.codec import decode_event
 
     again = type(flow).from_params(json.loads(json.dumps(flow.params_json())))
-    for event, out in zip(world.events, world.outputs):
-        replayed = again.handle(decode_event(json.loads(json.dumps(encode(event)))))
-        assert [encode(a) for a in replayed] == [encode(a) for a in out]
+    for event, out in zip(world.encoded_events, world.encoded_outputs):
+        replayed = again.handle(decode_event(json.loads(json.dumps(event))))
+        assert [encode(a) for a in replayed] == out
     return world
 
 

@@ -34,3 +34,15 @@ def test_invalid_base64_does_not_echo_the_input():
     with pytest.raises(ValueError) as err:
         Secret.from_b64("c2VjcmV0!!")
     assert "c2VjcmV0" not in str(err.value)
+
+
+def test_view_lends_the_bytes_read_only_for_one_block():
+    s = Secret(b"abc")
+    with s.view() as view:
+        assert bytes(view) == b"abc"
+        with pytest.raises(TypeError):
+            view[0] = 0
+    with pytest.raises(ValueError):
+        bytes(view)  # released when the block ended
+    s.wipe()
+    assert len(s) == 0

@@ -69,3 +69,19 @@ file = "vm1-disk.pass"
 @pytest.fixture
 def owner_dir(tmp_path: Path) -> OwnerDir:
     return write_owner_dir(tmp_path)
+
+
+def write_firmware_owner_dir(root: Path, firmware: bytes, extra: str = "") -> OwnerDir:
+    """The same owner dir, vm1 given by ``firmware = "fw.fd"`` instead of digests and gpa."""
+    d = write_owner_dir(root, extra)
+    (root / "fw.fd").write_bytes(firmware)
+    text = d.toml.read_text().replace(f'digest = ["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]', 'firmware = "fw.fd"')
+    d.toml.write_text(text.replace("gpa = 8192\n", ""))
+    return d
+
+
+def firmware_blob(d: OwnerDir, mnonce: bytes = b"n" * 16) -> bytes:
+    """A measurement of the launch of ``fw.fd`` (SEV: the digest is SHA-256 of the image)."""
+    from agent.sev.digest import launch_digest
+
+    return d.blob(mnonce, digest=launch_digest((d.root / "fw.fd").read_bytes()))

@@ -19,16 +19,13 @@ from agent.sev.guids import LUKS_KEY_GUID
 from agent.sev.measurement import split_blob
 from agent.sev.packet import open_packet
 from agent.sev.secret_table import parse_secret_table
+from tests.executable import KEYAGENT
 from tests.sev import vectors as v
 
 from .conftest import API, DIGEST, PASSPHRASE, POLICY, TEK, TIK
 
-# the keyagent script installed next to the interpreter running the tests
-KEYAGENT = os.path.join(os.path.dirname(sys.executable), "keyagent")
-
-
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([KEYAGENT, "owner", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+    return subprocess.run([*KEYAGENT, "owner", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, words: str) -> None:
@@ -359,7 +356,7 @@ def read_listening(proc: subprocess.Popen, timeout: float = 20) -> str:
 
 
 def test_serve_answers_and_stops_on_sigterm(owner_dir):
-    proc = subprocess.Popen([KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
+    proc = subprocess.Popen([*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
                              "--listen", "127.0.0.1:0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -395,7 +392,7 @@ def test_serve_answers_and_stops_on_sigterm(owner_dir):
 
 
 def test_serve_stops_on_sigint(owner_dir):
-    proc = subprocess.Popen([KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
+    proc = subprocess.Popen([*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
                              "--listen", "127.0.0.1:0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

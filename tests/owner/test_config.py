@@ -143,7 +143,7 @@ def firmware_owner_dir(tmp_path, launch: str):
     d = write_owner_dir(tmp_path)
     (tmp_path / "OVMF.fd").write_bytes(b"\x90" * 4096)
     text = d.toml.read_text().replace(f'digest = ["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]', launch)
-    d.toml.write_text(text)
+    d.toml.write_text(text.replace("gpa = 8192\n", ""))  # a firmware gives its own secret area
     return d
 
 
@@ -266,3 +266,44 @@ def test_amd_roots_with_a_damaged_ask_is_a_config_error(tmp_path):
     path = session_toml(tmp_path, "session = true")
     path.write_text('[platform]\namd_roots = "r"\n' + path.read_text())
     assert "platform.amd_roots: lab ASK is not signed by its ARK" in one_line_error(path)
+
+
+# -- SEV-ES digest vs the policy's ES bit ----------------------------------------
+
+def sevctl_firmware_dir(tmp_path, lines: str):
+    from tests.sev.vectors import SEVCTL_DATA, SEVCTL_OVMF_NAME
+
+    d = write_owner_dir(tmp_path)
+    (tmp_path / "fw.fd").write_bytes((SEVCTL_DATA / SEVCTL_OVMF_NAME).read_bytes())
+    text = d.toml.read_text().replace(f'digest = ["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]', lines)
+    d.toml.write_text(text.replace("gpa = 8192\n", ""))
+    return d
+
+
+def test_sev_es_firmware_vm_computes_sevctls_sev_es_digest(tmp_path):
+    from tests.sev.vectors import SEVCTL_DIGEST_ES
+
+    d = sevctl_firmware_dir(tmp_path, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4\nvcpu_sig = 0xa00f11')
+    d.toml.write_text(d.toml.read_text().replace("policy = 1", "policy = 5"))
+    assert load_owner_config(d.toml).vms["vm1"].digests == (SEVCTL_DIGEST_ES,)
+
+
+@pytest.mark.parametrize("policy, lines, words", [
+    (5, 'firmware = "fw.fd"', "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
+    (1, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4\nvcpu_sig = 0xa00f11', "policy 0x1 has none"),
+    (1, f'digest = "{DIGEST.hex()}"\nsev_es = true', "policy 0x1 has none"),
+    (5, f'digest = "{DIGEST.hex()}"\nsev_es = false', "policy 0x5 has the SEV-ES bit"),
+    (5, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4', "needs 'vcpu_sig'"),
+    (5, f'digest = "{DIGEST.hex()}"\nsev_es = true\nvcpus = 4', "vcpus only applies with firmware"),
+    (1, 'firmware = "fw.fd"\nsev_es = "yes"', "sev_es must be true or false"),
+])
+def test_sev_es_digest_and_policy_must_agree(tmp_path, policy, lines, words):
+    d = sevctl_firmware_dir(tmp_path, lines)
+    d.toml.write_text(d.toml.read_text().replace("policy = 1", f"policy = {policy}"))
+    assert words in one_line_error(d.toml)
+
+
+def test_digest_vm_without_sev_es_declared_is_not_checked(tmp_path):
+    d = write_owner_dir(tmp_path)
+    d.toml.write_text(d.toml.read_text().replace("policy = 1", "policy = 5"))
+    assert load_owner_config(d.toml).vms["vm1"].policy == 5

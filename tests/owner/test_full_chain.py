@@ -94,8 +94,9 @@ class Chain:
         return sim
 
     # -- the owner ----------------------------------------------------------
-    def firmware_digest(self, name: str = "OVMF.fd", filler: bytes = b"\xff") -> bytes:
-        image = synthetic_image(hashes_area=Area(0x80CC00, 0x400), secret_area=Area(0x80C000, 0x1000),
+    def firmware_digest(self, name: str = "OVMF.fd", filler: bytes = b"\xff",
+                        secret_area: Area = Area(0x80C000, 0x1000)) -> bytes:
+        image = synthetic_image(hashes_area=Area(0x80CC00, 0x400), secret_area=secret_area,
                                 reset_address=0x80B004, filler=filler)
         (self.root / name).write_bytes(image)
         return bytes.fromhex(self.cli("owner", "measure", "--firmware", name).stdout.strip())
@@ -129,6 +130,7 @@ file = "disk.pass"
         assert state["status"] == "running" and state["cont-before-secret"] is False
         secrets = self.world.sim_query("x-sim-query-secrets")
         assert secrets["injected"] is True and secrets["table-valid"] is True
+        assert secrets["secret-visible"] is True  # where the guest's firmware publishes it
         assert secrets["entries"] == [{"guid": LUKS_GUID, "length": len(DISK_PASS),
                                        "sha256": hashlib.sha256(DISK_PASS).hexdigest()}]
 
@@ -237,6 +239,56 @@ def test_session_from_owner_serve_then_launch(chain):
     owner_log = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
     assert [rec["decision"] for rec in owner_log] == ["session", "released", "refused"]
     assert owner_log[0]["chain_verified"] is True and owner_log[0]["platform"] == "amd:sim"
+
+
+# -- the firmware's secret area ---------------------------------------------------------
+# Debian's stock OVMF.fd has a secret-block entry of base 0, size 0: QEMU 7.2
+# injects at gpa 0, says "ok", and the guest never sees its secret.
+
+FIRMWARE_VM = 'tik = "owner/tik.bin"\ntek = "owner/tek.bin"\npolicy = 1\nfirmware = "OVMF.fd"\n'
+
+
+def owner_decisions(chain: Chain) -> list[dict]:
+    owner = [p for p in chain.world.procs if p.name == "owner"][0]
+    return [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
+
+
+def test_owner_who_knows_the_firmware_sends_the_secret_to_its_area(chain):
+    godh, session = offline_session(chain)
+    digest = chain.firmware_digest()
+    chain.launch(godh, session, digest, "--firmware", "OVMF.fd")
+    agent = chain.agent(chain.owner(FIRMWARE_VM))
+    assert agent.wait() == 0, agent.stderr
+    chain.assert_launched()
+    sends = [rec["action"] for rec in map(json.loads, (chain.root / "events.jsonl").read_text().splitlines())
+             if rec.get("action", {}).get("command") == "sev-inject-launch-secret"]
+    assert [a["args"]["gpa"] for a in sends] == [0x80C000]
+
+
+def test_debian_stock_firmware_is_refused_by_an_owner_who_knows_it(chain):
+    godh, session = offline_session(chain)
+    digest = chain.firmware_digest(secret_area=Area(0, 0))
+    chain.launch(godh, session, digest, "--firmware", "OVMF.fd")
+    agent = chain.agent(chain.owner(FIRMWARE_VM), "--sev-on-refusal", "pause")
+    assert agent.wait() == 1, agent.stderr
+    assert "no usable secret area" in agent.stderr
+    chain.assert_never_ran()
+    (decision,) = owner_decisions(chain)
+    assert decision["status"] == 403 and "base 0x0 size 0x0" in decision["reason"]
+
+
+def test_debian_stock_firmware_behind_a_bare_digest_runs_without_its_secret(chain):
+    # What the owner cannot check: QEMU finds the empty area, injects at gpa 0,
+    # the VM runs, and its guest has no secret.  The owner said so at start.
+    godh, session = offline_session(chain)
+    digest = chain.firmware_digest(secret_area=Area(0, 0))
+    chain.launch(godh, session, digest, "--firmware", "OVMF.fd")
+    agent = chain.agent(chain.owner(offline_owner_table(digest)))
+    assert agent.wait() == 0, agent.stderr
+    secrets = chain.world.sim_query("x-sim-query-secrets")
+    assert secrets["injected"] is True and secrets["secret-visible"] is False
+    owner = [p for p in chain.world.procs if p.name == "owner"][0]
+    assert "owner secret area unchecked" in owner.stderr
 
 
 # -- one refusal per reason: the VM never runs ---------------------------------

@@ -172,12 +172,45 @@ def test_sev_es_digest_matches_sev_snp_measure_cli_module(capsys, images):
 
 
 def test_sevctl_sev_es_vector_through_the_cli(capsys):
-    path = os.environ.get("KEYAGENT_SEVCTL_TESTDATA")
-    firmware = Path(path or "/nonexistent") / "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"
-    if not firmware.is_file():
-        pytest.skip("set KEYAGENT_SEVCTL_TESTDATA to sevctl's tests/data to run")
-    from tests.sev.vectors import SEVCTL_DIGEST_ES
+    from tests.sev.vectors import SEVCTL_DATA, SEVCTL_DIGEST_ES, SEVCTL_OVMF_NAME
 
-    _, out, _ = run(capsys, "--firmware", firmware, "--sev-es", "--vcpus", "4",
+    _, out, _ = run(capsys, "--firmware", SEVCTL_DATA / SEVCTL_OVMF_NAME, "--sev-es", "--vcpus", "4",
                     "--vcpu-family", "25", "--vcpu-model", "1", "--vcpu-stepping", "1")
     assert out.strip() == SEVCTL_DIGEST_ES.hex()
+
+
+def test_prints_the_secret_area_it_found_beside_the_digest(capsys):
+    from tests.sev.vectors import SEVCTL_DATA, SEVCTL_DIGEST_FIRMWARE, SEVCTL_OVMF_NAME
+
+    code, out, err = run(capsys, "--firmware", SEVCTL_DATA / SEVCTL_OVMF_NAME)
+    assert code == 0 and out == SEVCTL_DIGEST_FIRMWARE.hex() + "\n"
+    assert err == "keyagent: SEV secret area gpa 0x80c000 size 0xc00\n"
+
+
+def test_json_names_the_digest_and_an_unusable_secret_area(capsys, tmp_path):
+    import json
+
+    fw = tmp_path / "debian-like.fd"
+    fw.write_bytes(synthetic_image(secret_area=Area(0, 0), hashes_area=Area(0, 0)))
+    code, out, _ = run(capsys, "--firmware", fw, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["digest"] == hashlib.sha256(fw.read_bytes()).hexdigest()
+    area = doc["secret_area"]
+    assert (area["gpa"], area["size"], area["usable"]) == (0, 0, False)
+    assert "base 0x0 size 0x0" in area["problem"]
+
+
+@pytest.mark.parametrize("policy, es, words", [
+    ("1", True, "needs a policy with the SEV-ES bit 0x4; policy 0x1 has none"),
+    ("5", False, "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
+])
+def test_owner_verify_refuses_a_policy_that_does_not_fit_the_launch(capsys, images, tmp_path, policy, es, words):
+    (tmp_path / "tik.bin").write_bytes(bytes(16))
+    argv = ["owner", "verify", "--tik", str(tmp_path / "tik.bin"), "--measurement",
+            base64.b64encode(bytes(48)).decode(), "--api-major", "1", "--api-minor", "49", "--build-id", "21",
+            "--policy", policy, "--firmware", str(images["fw"])]
+    if es:
+        argv += ["--sev-es", "--vcpus", "1", "--vcpu-sig", str(SIG)]
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-from pathlib import Path
 
 import pytest
 
@@ -27,6 +25,8 @@ from tests.sev.vectors import (
     SEVCTL_MEASURE_NONCE,
     SEVCTL_MEASURE_POLICY,
     SEVCTL_MEASURE_TIK,
+    SEVCTL_OVMF_NAME,
+    sevctl_file,
 )
 
 RESET = 0x80B004
@@ -36,7 +36,6 @@ FIRMWARE = synthetic_image(
 )
 KERNEL = b"\x4d\x5a" + b"k" * 5000
 INITRD = b"initrd" * 700
-SEVCTL_OVMF = "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"
 
 
 def test_sev_digest_is_sha256_of_the_firmware():
@@ -169,15 +168,9 @@ def _measurement_b64(digest: bytes, api: tuple[int, int, int], policy: int, nonc
 
 
 def _sevctl_firmware() -> bytes:
-    # The 4 KiB trimmed OVMF from virtee/sevctl tests/data is edk2 code and is
-    # not committed here; point KEYAGENT_SEVCTL_TESTDATA at a sevctl checkout's
-    # tests/data to run these.  The digests in tests/sev/vectors.py were
-    # computed from it and check out against sevctl's published measurements
-    # (test_transcribed_sevctl_digests_give_the_published_measurements).
-    path = os.environ.get("KEYAGENT_SEVCTL_TESTDATA")
-    if not path or not (Path(path) / SEVCTL_OVMF).is_file():
-        pytest.skip("set KEYAGENT_SEVCTL_TESTDATA to sevctl's tests/data to run")
-    return (Path(path) / SEVCTL_OVMF).read_bytes()
+    # The last 4 KiB of a CentOS Stream 9 OVMF.amdsev.fd, from virtee/sevctl's
+    # tests/data (fixtures/sevctl/README.md).
+    return sevctl_file(SEVCTL_OVMF_NAME)
 
 
 def test_transcribed_sevctl_digests_give_the_published_measurements():
@@ -196,8 +189,8 @@ def test_sevctl_firmware_vector():
 def test_sevctl_kernel_vector():
     digest = launch_digest(
         _sevctl_firmware(),
-        kernel=b"fake vmlinuz\n",  # tests/data/measurement/vmlinuz-fake
-        initrd=b"fake initrd\n",  # tests/data/measurement/initrd-fake
+        kernel=sevctl_file("measurement/vmlinuz-fake"),
+        initrd=sevctl_file("measurement/initrd-fake"),
         append="foo bar baz fake kernel=cmdline",
     )
     assert digest == SEVCTL_DIGEST_KERNEL

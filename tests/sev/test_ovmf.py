@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import struct
-from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -21,11 +19,12 @@ from agent.sev.ovmf import (
     build_table,
     synthetic_image,
 )
+from tests.sev.vectors import SEVCTL_OVMF_NAME, sevctl_file
 
 # The GUIDed table of sevctl's tests/data/OVMF.amdsev.fd_trimmed_edk2-ovmf-
 # 20220126gitbb1bba3d77-4.el9 (virtee/sevctl @ 8b47f3a): the 114 bytes that
 # end 32 bytes before the end of that 4096-byte image, footer included.
-# Transcribed as data; the image itself (edk2 code) is not in this repository.
+# Transcribed as data, and checked against the copy in fixtures/sevctl.
 SEVCTL_OVMF_TABLE = bytes.fromhex(
     "70070000160035657ae44a989847865e4685a7bf8ec2"  # TDX metadata offset 0x770
     "00cc8000000400001a001f3755723b3a044b927b1da6efa8d454"  # hashes area 0x80cc00/0x400
@@ -34,12 +33,6 @@ SEVCTL_OVMF_TABLE = bytes.fromhex(
     "7200de82b596b21ff745baeaa366c55a082d"  # footer: length 0x72
 )
 TDX_METADATA_GUID = UUID("e47a6535-984a-4798-865e-4685a7bf8ec2")
-
-
-def sevctl_data_dir() -> Path | None:
-    """sevctl's tests/data, if the developer points KEYAGENT_SEVCTL_TESTDATA at it."""
-    path = os.environ.get("KEYAGENT_SEVCTL_TESTDATA")
-    return Path(path) if path and Path(path).is_dir() else None
 
 
 def _image_with_top(top: bytes, size: int = 4096) -> bytes:
@@ -164,9 +157,8 @@ def test_sev_snp_measure_reads_our_synthetic_table_the_same_way(tmp_path):
 
 
 def test_sevctl_firmware_file_matches_the_transcribed_table():
-    data_dir = sevctl_data_dir()
-    if data_dir is None:
-        pytest.skip("set KEYAGENT_SEVCTL_TESTDATA to sevctl's tests/data to run")
-    firmware = (data_dir / "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9").read_bytes()
+    firmware = sevctl_file(SEVCTL_OVMF_NAME)
     assert firmware[-32 - len(SEVCTL_OVMF_TABLE) : -32] == SEVCTL_OVMF_TABLE
-    assert OvmfImage(firmware).sev_es_reset_address() == 0x80B004
+    image = OvmfImage(firmware)
+    assert image.sev_es_reset_address() == 0x80B004
+    assert image.secret_area() == Area(0x80C000, 0xC00)

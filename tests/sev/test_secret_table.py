@@ -24,6 +24,16 @@ def test_single_entry_layout_matches_sevctl():
     assert len(table) == 64 and not any(table[40 + len(data) :])
 
 
+def test_sevctl_data_files_match_the_transcribed_vectors():
+    assert v.sevctl_file("secret/tik1.bin") == v.SEVCTL_SECRET_TIK
+    assert v.sevctl_file("secret/tek1.bin") == v.SEVCTL_SECRET_TEK
+    assert v.sevctl_file("measurement/tik1.bin") == v.SEVCTL_MEASURE_TIK
+    assert v.sevctl_file("secret/secret1.txt") == v.SEVCTL_SECRET1[1]
+    assert v.sevctl_file("secret/secret2.txt") == v.SEVCTL_SECRET2[1]
+    assert len(v.sevctl_file("secret/secret3.txt")) == v.SEVCTL_SECRET3_LEN
+    assert len(v.sevctl_file("secret/secret4.txt")) == v.SEVCTL_SECRET4_LEN
+
+
 def test_aligned_table_gets_no_extra_padding():
     table = build_secret_table([(LUKS_KEY_GUID, bytes(24))])  # 20 + 20 + 24 = 64
     assert len(table) == 64

@@ -18,6 +18,7 @@ from agent.sev.vmsa import (
     field_offset,
     vmsa_pages,
 )
+from tests.sev.vectors import sevctl_file
 
 # sevctl tests/data/vmsa0.bin and vmsa1.bin (virtee/sevctl @ 8b47f3a), made by
 # `sevctl vmsa build --cpu 0|1 --family 25 --model 1 --stepping 1
@@ -73,6 +74,12 @@ def test_bsp_and_ap_pages_match_sevctl_vectors():
     bsp, ap = list(vmsa_pages(2, cpu_signature(25, 1, 1), SEVCTL_RESET))
     assert hashlib.sha256(bsp).hexdigest() == SEVCTL_VMSA0_SHA256
     assert hashlib.sha256(ap).hexdigest() == SEVCTL_VMSA1_SHA256
+
+
+def test_bsp_and_ap_pages_equal_sevctl_files_byte_for_byte():
+    bsp, ap = list(vmsa_pages(2, cpu_signature(25, 1, 1), SEVCTL_RESET))
+    assert bytes(bsp) == sevctl_file("vmsa0.bin")
+    assert bytes(ap) == sevctl_file("vmsa1.bin")
 
 
 def test_bsp_starts_at_the_reset_vector_and_aps_at_the_ovmf_address():

@@ -9,6 +9,17 @@ Sources (values only; no code copied):
 
 import base64
 import uuid
+from pathlib import Path
+
+# sevctl's tests/data, copied unchanged into fixtures/sevctl (see its README).
+SEVCTL_DATA = Path(__file__).resolve().parents[2] / "fixtures" / "sevctl"
+SEVCTL_OVMF_NAME = "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"
+
+
+def sevctl_file(name: str) -> bytes:
+    """One of sevctl's data files; a missing one is a broken checkout, not a skip."""
+    return (SEVCTL_DATA / name).read_bytes()
+
 
 # --- sevctl tests/measurementbuild.rs -------------------------------------
 # tests/data/measurement/tik1.bin

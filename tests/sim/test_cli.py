@@ -9,17 +9,15 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
 from agent.sev.measurement import verify_measurement
 from agent.sim.machine import DEFAULT_DIGEST
+from tests.executable import KEYAGENT
 from tests.sim.conftest import DIGEST, TEK, TIK
 
-_BIN = os.path.join(os.path.dirname(sys.executable), "keyagent")
-KEYAGENT = [_BIN] if os.path.exists(_BIN) else [sys.executable, "-m", "agent.cli"]
 
 
 @pytest.fixture
@@ -137,6 +135,47 @@ def test_sev_es_running_and_no_secret_area_flags(sock_path, keys):
     assert finish(proc)[0] == 0
 
 
+def _inject_without_gpa(qmp: SyncQmp) -> dict:
+    from agent.sev.measurement import split_blob
+    from agent.sev.packet import build_packet
+    from agent.sev.secret_table import build_secret_table
+    from agent.sev.guids import LUKS_KEY_GUID
+
+    blob = base64.b64decode(qmp.cmd("query-sev-launch-measure")["return"]["data"])
+    header, secret = build_packet(TIK, TEK, split_blob(blob)[0], build_secret_table([(LUKS_KEY_GUID, b"pass")]),
+                                  bytes(16))
+    return qmp.cmd("sev-inject-launch-secret", {"packet-header": base64.b64encode(header).decode(),
+                                                "secret": base64.b64encode(secret).decode()})
+
+
+@pytest.mark.parametrize("how", ["--secret-area", "--firmware"])
+def test_debian_stock_firmware_takes_the_secret_at_gpa_0_unseen(sock_path, keys, tmp_path, how):
+    from agent.sev.ovmf import Area, synthetic_image
+
+    fw = tmp_path / "OVMF.fd"
+    fw.write_bytes(synthetic_image(secret_area=Area(0, 0), hashes_area=Area(0, 0)))
+    proc = start(sock_path, how, "0,0" if how == "--secret-area" else str(fw), "--tik", keys[0], "--tek", keys[1])
+    qmp = SyncQmp(sock_path)
+    assert _inject_without_gpa(qmp) == {"return": {}}  # QEMU 7.2 reports success
+    secrets = qmp.cmd("x-sim-query-secrets")["return"]
+    assert secrets["injected"] is True and secrets["secret-visible"] is False
+    qmp.cmd("quit")
+    qmp.close()
+    assert finish(proc)[0] == 0
+
+
+def test_firmware_flag_reads_a_real_secret_area(sock_path, keys):
+    from tests.sev.vectors import SEVCTL_DATA, SEVCTL_OVMF_NAME
+
+    proc = start(sock_path, "--firmware", str(SEVCTL_DATA / SEVCTL_OVMF_NAME), "--tik", keys[0], "--tek", keys[1])
+    qmp = SyncQmp(sock_path)
+    assert _inject_without_gpa(qmp) == {"return": {}}
+    assert qmp.cmd("x-sim-query-secrets")["return"]["secret-visible"] is True
+    qmp.cmd("quit")
+    qmp.close()
+    assert finish(proc)[0] == 0
+
+
 def test_measure_delay_flag(sock_path, keys):
     proc = start(sock_path, "--measure-delay", "0.5", "--tik", keys[0], "--tek", keys[1])
     qmp = SyncQmp(sock_path)
@@ -163,6 +202,10 @@ def test_measure_delay_flag(sock_path, keys):
     (["--measure-delay", "soon"], "--measure-delay must be a number"),
     (["--sev", "--sev-es"], "not allowed with argument"),
     (["--keys-out", "{file}"], "exists and is not a directory"),
+    (["--secret-area", "0x80c000"], "--secret-area must be GPA,SIZE"),
+    (["--secret-area", "0x80c000,big"], "--secret-area SIZE must be an integer"),
+    (["--secret-area", "0,0", "--no-secret-area"], "not allowed with argument"),
+    (["--firmware", "{missing}"], "cannot read --firmware"),
 ])
 def test_bad_arguments_exit_2_with_one_line(sock_path, tmp_path, keys, args, reason):
     (tmp_path / "short.bin").write_bytes(b"12345")

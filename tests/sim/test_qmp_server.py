@@ -291,6 +291,7 @@ async def test_good_packet_is_accepted_and_visible_in_x_sim_query_secrets(sim, c
     assert secrets == {
         "injected": True,
         "table-valid": True,
+        "secret-visible": True,
         "entries": [
             {"guid": str(LUKS_KEY_GUID), "length": len(DISK_PASS), "sha256": hashlib.sha256(DISK_PASS).hexdigest()}
         ],
@@ -320,7 +321,8 @@ async def test_bad_mac_is_refused_with_qemus_error_and_nothing_changes(sim, clie
     }
     state = (await client.cmd("x-sim-query-state"))["return"]
     assert state["injections"] == 0 and state["sev-state"] == "launch-secret" and state["status"] == "prelaunch"
-    assert (await client.cmd("x-sim-query-secrets"))["return"] == {"injected": False, "table-valid": None, "entries": []}
+    assert (await client.cmd("x-sim-query-secrets"))["return"] == {"injected": False, "table-valid": None, "secret-visible": None,
+                                                                    "entries": []}
     assert sim.injected_entries == []
 
 
@@ -342,7 +344,8 @@ async def test_packet_with_the_right_tik_but_wrong_tek_is_injected_as_garbage(cl
     # The MAC only covers the ciphertext: the PSP cannot tell; the guest can.
     header, secret = packet_for(await measurement(client), tek=os.urandom(16))
     assert await client.cmd("sev-inject-launch-secret", {"packet-header": header, "secret": secret}) == {"return": {}}
-    assert (await client.cmd("x-sim-query-secrets"))["return"] == {"injected": True, "table-valid": False, "entries": []}
+    assert (await client.cmd("x-sim-query-secrets"))["return"] == {"injected": True, "table-valid": False, "secret-visible": True,
+                                                                    "entries": []}
 
 
 @pytest.mark.parametrize(
@@ -366,6 +369,49 @@ async def test_bad_injection_arguments_get_qemus_errors(client, arguments, desc)
     reply = await client.cmd("sev-inject-launch-secret", arguments)
     assert reply["error"] == {"class": "GenericError", "desc": desc}
     assert (await client.cmd("x-sim-query-state"))["return"]["injections"] == 0
+
+
+async def test_debian_stock_firmware_area_takes_the_secret_at_gpa_0_and_hides_it(sock_path):
+    # OVMF.fd 2022.11 (Debian): the secret-block entry is base 0 size 0.  QEMU
+    # 7.2 injects at gpa 0 and reports success; the guest never sees a table.
+    async with Simulator(make_config(secret_gpa=0, secret_size=0), sock_path) as sim:
+        c = await RawClient.connect(sim.path)
+        await c.negotiate()
+        header, secret = packet_for(await measurement(c))
+        assert await c.cmd("sev-inject-launch-secret", {"packet-header": header, "secret": secret}) == {"return": {}}
+        secrets = (await c.cmd("x-sim-query-secrets"))["return"]
+        assert secrets["injected"] is True and secrets["table-valid"] is True
+        assert secrets["secret-visible"] is False
+        assert (await c.cmd("cont"))["event"] == "RESUME"  # QEMU sends RESUME before the reply
+        assert await c.recv() == {"return": {}}
+        state = (await c.cmd("x-sim-query-state"))["return"]
+        assert state["status"] == "running" and state["secret-visible"] is False
+        await c.close()
+
+
+async def test_secret_at_the_owners_gpa_is_visible_even_when_the_table_entry_is_empty(sock_path):
+    # The owner knows the measured firmware's area and answers its gpa.
+    async with Simulator(make_config(secret_gpa=0x80C000, secret_size=0xC00), sock_path) as sim:
+        c = await RawClient.connect(sim.path)
+        await c.negotiate()
+        header, secret = packet_for(await measurement(c))
+        reply = await c.cmd("sev-inject-launch-secret", {"packet-header": header, "secret": secret, "gpa": 0x80C000})
+        assert reply == {"return": {}}
+        assert (await c.cmd("x-sim-query-secrets"))["return"]["secret-visible"] is True
+        await c.close()
+
+
+@pytest.mark.parametrize("gpa, size, visible", [(0x100000, 0xC00, False), (0x80C000, 0x10, False),
+                                                 (0x80C000, 0xC00, True)])
+async def test_secret_is_visible_only_at_the_base_of_an_area_it_fits(sock_path, gpa, size, visible):
+    async with Simulator(make_config(secret_gpa=0x80C000, secret_size=size), sock_path) as sim:
+        c = await RawClient.connect(sim.path)
+        await c.negotiate()
+        header, secret = packet_for(await measurement(c))
+        reply = await c.cmd("sev-inject-launch-secret", {"packet-header": header, "secret": secret, "gpa": gpa})
+        assert reply == {"return": {}}  # QEMU checks neither
+        assert (await c.cmd("x-sim-query-secrets"))["return"]["secret-visible"] is visible
+        await c.close()
 
 
 async def test_without_a_secret_area_gpa_must_be_given(sock_path):
@@ -400,6 +446,7 @@ async def test_cont_after_a_secret_runs_the_vm_and_sends_resume(sim, client):
         "cont": True,
         "injected-before-cont": True,
         "cont-before-secret": False,
+        "secret-visible": True,
     }
     reply = await client.cmd("sev-inject-launch-secret", {"packet-header": header, "secret": secret})
     assert reply["error"]["desc"] == "SEV: Not in correct state. (LSECRET) 3"
