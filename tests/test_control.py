@@ -172,9 +172,9 @@ def test_the_configured_group_counts_as_a_supplementary_group_too():
 def test_only_our_uid_and_root_resolve_any_reference():
     assert access_for((1, os.geteuid(), 1)) is UNRESTRICTED
     assert access_for((1, 0, 0)) is UNRESTRICTED
-    other = access_for(PeerCred(1, 65534, 100, groups={4242}), ("/srv/refs",))
+    other = access_for(PeerCred(1, 65534, 100, groups={4242}), ("/etc/keyagent/refs",))
     assert not other.unrestricted and other.groups == {100, 4242}
-    assert other.ref_dirs == ("/srv/refs",) and other.uid == 65534
+    assert other.ref_dirs == ("/etc/keyagent/refs",) and other.uid == 65534
     assert access_for(("127.0.0.1", 80)) is NOBODY
 
 
