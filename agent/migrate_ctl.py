@@ -170,6 +170,15 @@ class MigrationControl:
                       source=source)
         return cookie.offer_hash, psk
 
+    def wipe(self) -> None:
+        """At exit: zero the offer keys no cookie used and a PSK no ``start`` used."""
+        for pending in self.offers.values():
+            pending.private.wipe()
+        self.offers.clear()
+        if self.source_psk is not None:
+            self.source_psk.wipe()
+            self.source_psk = None
+
     def _spend_offer(self, digest: bytes) -> None:
         # Single use: the private key goes with its first accepted cookie.
         pending = self.offers.pop(digest, None)

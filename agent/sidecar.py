@@ -362,12 +362,7 @@ class Sidecar:
         if secrets is not None and secrets.master is not None:
             secrets.master.wipe()
         if migration is not None:
-            for key in migration.offers.values():
-                key.wipe()
-            migration.offers.clear()
-            if migration.source_psk is not None:
-                migration.source_psk.wipe()
-                migration.source_psk = None
+            migration.wipe()
 
     def control_verbs(self) -> dict:
         """(method, path) -> handler(args) for the control socket."""

@@ -60,9 +60,13 @@ def test_keys_psk_line_is_wiped_when_the_write_failed_too():
 
 
 def test_agent_exit_wipes_the_master_key_offers_and_an_unused_sealed_psk():
+    from agent.migrate_ctl import MigrationControl, PendingOffer
+
     master, offer, psk = Secret(bytes(32)), Secret(b"o" * 32), Secret(b"p" * 32)
-    holder = SimpleNamespace(secrets=SimpleNamespace(master=master),
-                             migration=SimpleNamespace(offers={b"id": offer}, source_psk=psk))
+    migration = MigrationControl.__new__(MigrationControl)  # the state only: no agent behind it
+    migration.offers = {b"id": PendingOffer(offer=None, private=offer, made=0.0)}
+    migration.source_psk = psk
+    holder = SimpleNamespace(secrets=SimpleNamespace(master=master), migration=migration)
     Sidecar.wipe_held_keys(holder)
     assert (len(master), len(offer), len(psk)) == (0, 0, 0)
     assert holder.migration.offers == {} and holder.migration.source_psk is None
