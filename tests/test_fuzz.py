@@ -491,7 +491,12 @@ def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_fi
         ts = b', "timestamp": {"seconds": 1, "microseconds": 0}}\r\n'
         if malformed_first:
             qemu.send(b'{"event": "RESUME", "data": "not an object"' + ts)
-        qemu.send(b'{"event": "RESUME", "data": {}' + ts)
+        try:
+            qemu.send(b'{"event": "RESUME", "data": {}' + ts)
+        except ConnectionResetError:
+            # The malformed RESUME was a RESUME all the same: the agent already
+            # quit QEMU and closed the monitor before the second one went out.
+            assert malformed_first and "quit" in qemu.commands
         # Somebody resumed the VM before attestation: the agent must quit it.
         wait_for(lambda: "quit" in qemu.commands or agent.poll() is not None, timeout=5,
                  what="quit after RESUME")
