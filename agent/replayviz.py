@@ -63,7 +63,7 @@ TOP = 58  # below the lane headers
 ROW_H = {"arrow": 30, "note": 19, "state": 22, "fail": 28, "gap": 26}
 
 #: rows drawn at once in one page before further diagrams are drawn on demand
-EAGER_ROWS = 4000
+EAGER_ROWS = 2000
 #: rows of one flow beyond which its middle is left out (the text timeline has it all)
 MAX_FLOW_ROWS = 3000
 HEAD_ROWS, TAIL_ROWS = 2000, 800
@@ -76,10 +76,15 @@ MAX_PERIOD = 8
 _BAD_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 
 
-def esc(text: str) -> str:
-    """Escaped for HTML and XML text and attributes; characters XML cannot
-    hold (controls, lone surrogates a damaged log may carry) become U+FFFD."""
-    return html.escape(_BAD_XML.sub("\ufffd", text), quote=True)
+def esc(text: str, quote: bool = True) -> str:
+    """Escaped for HTML and XML attributes (``quote=False``: for text, where
+    quotes may stay as they are); characters XML cannot hold (controls, lone
+    surrogates a damaged log may carry) become U+FFFD."""
+    return html.escape(_BAD_XML.sub("\ufffd", text), quote=quote)
+
+
+def tx(text: str) -> str:
+    return esc(text, quote=False)
 
 
 def is_redacted(value: Any) -> bool:
@@ -603,9 +608,9 @@ def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> f
     """Draw one step at the top of y; return its height."""
     h = ROW_H[s.row]
     count = times * s.count
-    title = f"<title>{esc(f'#{s.seq} t={s.t:.6f}s  {s.detail}')}</title>" if s.detail else ""
+    title = f"<title>{tx(f'#{s.seq} t={s.t:.6f}s  {s.detail}')}</title>" if s.detail else ""
     if s.row != "gap":
-        out.append(f'<text class="time" x="{GUTTER - 8}" y="{y + h - 8:.0f}">{esc(elapsed(s.t - t0))}</text>')
+        out.append(f'<text class="time" x="{GUTTER - 8}" y="{y + h - 8:.0f}">{elapsed(s.t - t0)}</text>')
     if s.row == "arrow":
         x1, x2 = LANE_X[s.src], LANE_X[s.dst]
         ly = y + h - 6
@@ -618,7 +623,7 @@ def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> f
         out.append(f'<g class="step{" failing" if "failing" in s.cls else ""}">{title}'
                    f'<line class="arrow {esc(s.cls)}" x1="{x1 + 3 * sign}" y1="{ly:.0f}" '
                    f'x2="{x2 - 3 * sign}" y2="{ly:.0f}"/>'
-                   f'<text class="label halo {tag}" x="{mid:.0f}" y="{ly - 5:.0f}">{esc(label)}</text></g>')
+                   f'<text class="label halo {tag}" x="{mid:.0f}" y="{ly - 5:.0f}">{tx(label)}</text></g>')
     elif s.row == "note":
         x = LANE_X[s.src]
         label = s.label + (f"  ×{count}" if count > 1 else "")
@@ -626,22 +631,22 @@ def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> f
         out.append(f'<g class="step{" failing" if "failing" in s.cls else ""}">{title}'
                    f'<circle class="dot {cls}" cx="{x}" cy="{y + h - 8:.0f}" r="3"/>'
                    f'<text class="note halo {esc(s.cls)}" x="{x + 9}" y="{y + h - 4:.0f}">'
-                   f'{esc(label)}</text></g>')
+                   f'{tx(label)}</text></g>')
     elif s.row == "state":
         x = LANE_X[AGENT]
         w = 7 * len(s.label) + 18
         out.append(f'<g class="state-change"><title>{esc(s.detail)}</title>'
                    f'<rect class="pill" x="{x - w / 2:.0f}" y="{y + 3:.0f}" width="{w}" height="16" rx="8"/>'
-                   f'<text class="state" x="{x}" y="{y + 15:.0f}">{esc(s.label)}</text></g>')
+                   f'<text class="state" x="{x}" y="{y + 15:.0f}">{tx(s.label)}</text></g>')
     elif s.row == "fail":
         x = LANE_X[AGENT]
         text = s.label
         w = min(max(7.2 * len(text) + 24, 200), WIDTH - x + 60)
         out.append(f'<g class="fail"><rect class="failbox" x="{x - 60}" y="{y + 3:.0f}" width="{w:.0f}" '
                    f'height="{h - 6}" rx="5"/>'
-                   f'<text class="failtext" x="{x - 48}" y="{y + h - 10:.0f}">{esc(text)}</text></g>')
+                   f'<text class="failtext" x="{x - 48}" y="{y + h - 10:.0f}">{tx(text)}</text></g>')
     elif s.row == "gap":
-        out.append(f'<text class="gap" x="{WIDTH / 2:.0f}" y="{y + h - 9:.0f}">{esc(s.label)}</text>')
+        out.append(f'<text class="gap" x="{WIDTH / 2:.0f}" y="{y + h - 9:.0f}">{tx(s.label)}</text>')
     return h
 
 
@@ -717,6 +722,7 @@ document.addEventListener('toggle',function(e){if(e.target.open)kaDraw(e.target)
 function kaOpen(){var id=location.hash.slice(1);var sec=id&&document.getElementById(id);
 if(sec){var d=sec.querySelector('details');if(d&&!d.open){d.open=true;kaDraw(d);}}}
 window.addEventListener('hashchange',kaOpen);kaOpen();
+window.addEventListener('load',function(){document.body.dataset.loadedMs=Math.round(performance.now());});
 """
 
 
