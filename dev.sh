@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 # only the tests need: a libvirtd for the --libvirt backend, and the
 # toolchain libvirt-python builds with.
 APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf)
-TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc)
+TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc chromium)
 VENV=${KEYAGENT_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 

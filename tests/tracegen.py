@@ -36,12 +36,14 @@ class LogWriter:
         r["t"] = round(self.t, 6)
         self.out.append(r)
 
-    def copy_flow(self, recs: list[dict], flow_id: str, repeat: tuple[int, int, int] | None = None) -> None:
-        """Append ``recs`` as flow ``flow_id``; ``repeat=(start, end, times)``
-        plays ``recs[start:end]`` that many times (a retry loop going on)."""
+    def copy_flow(self, recs: list[dict], flow_id: str,
+                  repeat: tuple[int, int, int, int] | None = None) -> None:
+        """Append ``recs`` as flow ``flow_id``; ``repeat=(start, end, stop,
+        times)`` plays ``recs[start:end]`` that many times in place of
+        ``recs[start:stop]`` (a retry loop going on for longer)."""
         if repeat:
-            start, end, times = repeat
-            recs = recs[:start] + recs[start:end] * times + recs[end:]
+            start, end, stop, times = repeat
+            recs = recs[:start] + recs[start:end] * times + recs[stop:]
         tags: dict[str, str] = {}
         counter = 0
         last_t = recs[0]["t"]
@@ -67,14 +69,15 @@ class LogWriter:
         return path
 
 
-def retry_block(recs: list[dict]) -> tuple[int, int]:
-    """Where the measurement retry loop of launch-measurement-retried is:
-    from the first query-sev-launch-measure to the first retry timer firing."""
+def retry_loop(recs: list[dict], times: int) -> tuple[int, int, int, int]:
+    """``copy_flow``'s ``repeat`` for launch-measurement-retried: its
+    measurement retry (query-sev-launch-measure, the error, the retry timer
+    firing) done ``times`` times instead of the recorded three."""
     start = next(i for i, r in enumerate(recs) if r["kind"] == "action"
                  and r["action"].get("command") == "query-sev-launch-measure")
-    end = next(i for i, r in enumerate(recs) if r["kind"] == "event"
-               and r["event"] == {"type": "TimerFired", "name": "retry"})
-    return start, end + 1
+    fired = [i for i, r in enumerate(recs) if r["kind"] == "event"
+             and r["event"] == {"type": "TimerFired", "name": "retry"}]
+    return start, fired[0] + 1, fired[-1] + 1, times
 
 
 def big_log(path: Path, records_wanted: int = 100_000) -> tuple[Path, dict]:
@@ -83,9 +86,9 @@ def big_log(path: Path, records_wanted: int = 100_000) -> tuple[Path, dict]:
     each a flow of its own.  Returns the path and what it holds."""
     log = LogWriter()
     retried = flow_records("launch-measurement-retried")
-    start, end = retry_block(retried)
+    start, end, _, _ = retry_loop(retried, 1)
     times = (records_wanted // 2) // (end - start)
-    log.copy_flow(retried, "launch-retry", repeat=(start, end, times))
+    log.copy_flow(retried, "launch-retry", repeat=retry_loop(retried, times))
     good, refused = flow_records("launch-good"), flow_records("launch-refused-quit")
     n = 0
     while len(log.out) + len(good) < records_wanted - 1:
@@ -94,3 +97,41 @@ def big_log(path: Path, records_wanted: int = 100_000) -> tuple[Path, dict]:
     log.exit()
     return log.write(path), {"retries": times, "flows": n + 1,
                              "refused": n // 2, "records": len(log.out)}
+
+
+def replay_with_secrets(path: Path, trace: str, secrets: dict[str, bytes]) -> Path:
+    """Run the flow of a single-flow ``trace`` again through the real event
+    log writer, its secret inputs replaced by known bytes: ``secrets`` maps
+    an event type (``OwnerReleased``, ``KeyProvided``) to the bytes its
+    secret field gets.  The log holds what the agent would write for those
+    secrets, so a test can look for them anywhere downstream."""
+    import dataclasses
+
+    import agent.replay  # noqa: F401  (registers the flow kinds)
+    from agent.core.codec import decode_event
+    from agent.core.flow import FLOW_KINDS
+    from agent.core.secret import Secret
+    from agent.eventlog import EventLog
+
+    recs = records(trace)
+    log = EventLog(str(path))
+    log.write("start", version="0.1.0", vm=recs[0].get("vm", "vm1"))
+    flow = None
+    fid = ""
+    for r in recs:
+        if r["kind"] == "flow":
+            fid = r["flow"]
+            flow = FLOW_KINDS[r["flow_kind"]].from_params(r["params"])
+            log.flow(fid, flow)
+        elif r["kind"] == "event":
+            event = decode_event(r["event"])
+            name = type(event).__name__
+            if name in secrets:
+                secret_field = "secret" if name == "OwnerReleased" else "key"
+                event = dataclasses.replace(event, **{secret_field: Secret(secrets[name])})
+            log.event(fid, event)
+            for action in flow.handle(event):
+                log.action(fid, action)
+    log.write("exit", code=0, reason="")
+    log.close()
+    return path
