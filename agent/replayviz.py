@@ -676,6 +676,7 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
         lanes.append(f'<line class="lane lane{extra}" x1="{x}" y1="{head_y + 28}" x2="{x}" y2="{height - 6:.0f}"/>'
                      f'<rect class="lanebox lanebox{extra}" x="{x - w / 2:.0f}" y="{head_y}" width="{w}" height="26" rx="6"/>'
                      f'<text class="lane-name" x="{x}" y="{head_y + 17}">{esc(LANE_NAMES[lane])}</text>')
+    lanes.append(f'<text class="time" x="{GUTTER - 8}" y="{head_y + 17}">elapsed</text>')
     head = ""
     if standalone:
         head = (f'<rect width="100%" height="100%" fill="#fff"/>'
