@@ -27,7 +27,7 @@ picture.
 
 Long logs stay small in the browser: identical consecutive runs of steps
 (retries, polls) fold into one occurrence with a count, and once a page
-holds a few thousand rows the remaining diagrams are kept as inert text and
+holds a few thousand rows the remaining diagrams travel compressed and are
 drawn only when their section is opened.
 
 Only ``agent.replay`` imports this module, and only for these options:
@@ -36,8 +36,10 @@ nothing on the agent's launch path pays for it.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
+import gzip
 import html
 import json
 import os
@@ -713,12 +715,19 @@ code{font-size:12px}
 .legend{font-size:12px;color:#57606a;margin:6px 0 10px}
 """
 
-# Diagrams past the eager budget are kept as inert text (a script element of
-# a type browsers do not run) and drawn when their section is opened.
+# Diagrams past the eager budget travel as one gzip-compressed, base64 JSON
+# array of SVG texts (a script element of a type browsers do not run: the
+# parser skips it) and are drawn when their section is opened.  The
+# diagrams of a long log repeat themselves, so this is a tenth of their size.
 SCRIPT = """
-function kaDraw(d){var s=d.querySelector('script[type="text/x-keyagent-svg"]');
-if(s){var div=document.createElement('div');div.className='diagram';div.innerHTML=s.textContent;
-s.replaceWith(div);}}
+var kaLazy=null;
+function kaData(){if(!kaLazy){var b=atob(document.getElementById('ka-lazy').textContent.trim());
+var u=new Uint8Array(b.length);for(var i=0;i<b.length;i++)u[i]=b.charCodeAt(i);
+kaLazy=new Response(new Blob([u]).stream().pipeThrough(new DecompressionStream('gzip'))).json();}
+return kaLazy;}
+function kaDraw(d){var s=d.querySelector('div[data-lazy]');if(!s)return;var k=+s.dataset.lazy;
+s.removeAttribute('data-lazy');s.textContent='drawing…';
+kaData().then(function(a){s.className='diagram';s.innerHTML=a[k];});}
 document.addEventListener('toggle',function(e){if(e.target.open)kaDraw(e.target);},true);
 function kaOpen(){var id=location.hash.slice(1);var sec=id&&document.getElementById(id);
 if(sec){var d=sec.querySelector('details');if(d&&!d.open){d.open=true;kaDraw(d);}}}
@@ -771,6 +780,7 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
                'Pills on the agent lane: the flow\'s state. ×N: repeated N times in a row. '
                'Hover a step for the full record. Secrets appear only as [redacted, N bytes].</div>')
     budget = eager_rows
+    lazy: list[str] = []
     for f in report.flows:
         rows = row_count(f)
         eager = rows <= budget
@@ -790,9 +800,14 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
         if eager:
             out.append(f'<div class="diagram">{svg}</div>')
         else:
-            out.append(f'<script type="text/x-keyagent-svg">{svg}</script>')
+            out.append(f'<div data-lazy="{len(lazy)}"></div>')
+            lazy.append(svg)
         out.append("</details></section>")
-    out.append(f"</main><script>{SCRIPT}</script></body></html>\n")
+    out.append("</main>")
+    if lazy:
+        blob = base64.b64encode(gzip.compress(json.dumps(lazy).encode(), compresslevel=6, mtime=0))
+        out.append(f'<script type="application/x-keyagent-lazy" id="ka-lazy">{blob.decode()}</script>')
+    out.append(f"<script>{SCRIPT}</script></body></html>\n")
     return "".join(out)
 
 

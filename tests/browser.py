@@ -37,9 +37,11 @@ def _run(profile: Path, args: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=TIMEOUT_S, check=False)
 
 
-def dump_dom(page: Path, profile: Path, fragment: str = "") -> str:
-    """The page's DOM after it loaded and its script ran."""
-    out = _run(profile, ["--dump-dom", page.resolve().as_uri() + fragment])
+def dump_dom(page: Path, profile: Path, fragment: str = "", settle_ms: int = 0) -> str:
+    """The page's DOM after it loaded and its script ran (``settle_ms``: and
+    after that much virtual time, for work the script does asynchronously)."""
+    wait = [f"--virtual-time-budget={settle_ms}"] if settle_ms else []
+    out = _run(profile, [*wait, "--dump-dom", page.resolve().as_uri() + fragment])
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
     return out.stdout.decode("utf-8")
 

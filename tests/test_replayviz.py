@@ -181,6 +181,38 @@ def test_secrets_are_drawn_as_redacted_lengths_never_as_bytes(tmp_path):
     scan.check()
 
 
+def lazy_diagrams(page: str) -> list[str]:
+    """The diagrams a page keeps to draw on demand (gzip, base64, JSON)."""
+    import base64
+    import gzip
+
+    m = re.search(r'<script type="application/x-keyagent-lazy" id="ka-lazy">([^<]*)</script>', page)
+    return json.loads(gzip.decompress(base64.b64decode(m.group(1)))) if m else []
+
+
+def test_diagrams_kept_for_later_are_the_same_and_hold_no_secrets(tmp_path):
+    from agent import replayviz
+    from agent.eventlog import read_records
+
+    launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good",
+                                 {"OwnerReleased": PACKET_SECRET})
+    migration = replay_with_secrets(tmp_path / "mig.jsonl", "migration-source-completed-multifd",
+                                    {"KeyProvided": PSK})
+    logs = [(str(p), list(read_records(str(p)))) for p in (launch, migration)]
+    eager = replayviz.page(replayviz.build(logs))
+    later = replayviz.page(replayviz.build(logs), eager_rows=0)
+    assert lazy_diagrams(eager) == []
+    kept = lazy_diagrams(later)
+    assert len(kept) == 2 and later.count('<div data-lazy="') == 2
+    assert kept == re.findall(r'<svg class="ka".*?</svg>', eager, re.S)
+    scan = leakscan.LeakScan()
+    scan.secret("launch secret", PACKET_SECRET)
+    scan.secret("psk", PSK)
+    scan.text("page", later)
+    scan.text("kept", "".join(kept))
+    scan.check()
+
+
 def test_a_readable_but_odd_log_still_draws(tmp_path):
     """Records replay --check refuses (unknown kind, a non-object event, an
     event for a flow never created) are drawn as they are."""
@@ -242,8 +274,7 @@ def test_the_picture_is_not_imported_on_the_agent_path():
 def _flow_svgs(dom: str) -> list[ET.Element]:
     """The diagrams the loaded page shows, parsed (the DOM dump is HTML; each
     inline svg in it is well-formed XML)."""
-    shown = re.sub(r'<script type="text/x-keyagent-svg">.*?</script>', "", dom, flags=re.S)
-    return [svg_root(m) for m in re.findall(r'<svg class="ka".*?</svg>', shown, re.S)]
+    return [svg_root(m) for m in re.findall(r'<svg class="ka".*?</svg>', dom, re.S)]
 
 
 @needs_chromium
@@ -292,11 +323,14 @@ def test_browser_loads_a_100k_record_log(tmp_path):
     drawn = _flow_svgs(dom)
     assert 10 < len(drawn) < 200
     assert texts(drawn[0], "foldtext") == [f"×{info['retries']}"]
-    assert dom.count('<script type="text/x-keyagent-svg">') == info["flows"] - len(drawn)
+    assert dom.count('<div data-lazy="') == info["flows"] - len(drawn)
     last = f"f{info['flows']}"
-    opened = dump_dom(page, tmp_path / "profile", fragment=f"#{last}")
-    section = opened[opened.index(f'id="{last}"'):opened.index("</section>", opened.index(f'id="{last}"'))]
-    assert '<svg class="ka"' in section and "text/x-keyagent-svg" not in section
+    opened = dump_dom(page, tmp_path / "profile", fragment=f"#{last}", settle_ms=10_000)
+    start = opened.index(f'id="{last}"')
+    section = opened[start:opened.index("</section>", start)]
+    [svg] = _flow_svgs(section)
+    assert texts(svg, "lane-name") == LANES
+    assert texts(svg, "failtext") == [f"✗ failed here: {REFUSAL}"]  # the last one is refused
 
 
 @needs_chromium
