@@ -39,12 +39,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
-import gzip
 import html
 import json
 import os
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -96,6 +96,14 @@ def is_redacted(value: Any) -> bool:
 
 def show(value: Any, depth: int = 0) -> str:
     """Compact JSON, with each secret shown as ``[redacted, N bytes]``."""
+    if depth == 0 and type(value) in (dict, list):
+        # One C-speed dump unless a secret (or something odd) is inside.
+        try:
+            text = json.dumps(value, ensure_ascii=False, check_circular=False)
+        except (TypeError, ValueError, RecursionError):
+            text = '"redacted"'
+        if '"redacted"' not in text:
+            return text
     if is_redacted(value):
         return f"[redacted, {value['redacted']} bytes]"
     if depth > 12:
@@ -125,6 +133,15 @@ def kv(data: Any, limit: int = 60) -> str:
     return short(" ".join(parts), limit)
 
 
+def describe(body: Any) -> str:
+    """An event or action in full (secrets as their redacted lengths)."""
+    if isinstance(body, str):
+        return body
+    if isinstance(body, dict) and not is_redacted(body):
+        return f"{body.get('type', '?')} {show({k: v for k, v in body.items() if k != 'type'})}"
+    return show(body)
+
+
 def elapsed(seconds: float) -> str:
     if seconds < 0:
         return f"-{elapsed(-seconds)}"
@@ -146,7 +163,7 @@ class Step:
     src: str
     dst: str
     label: str
-    detail: str = ""
+    detail: Any = ""  # the full record (a str, or the event/action it shows)
     cls: str = ""
     row: str = "arrow"  # arrow | note | state | fail | gap
     count: int = 1  # a folded run of one step
@@ -239,7 +256,7 @@ def _event_step(r: dict, ev: Any, commands: dict) -> Step:
         return Step(t, seq, AGENT, AGENT, "event " + short(ev, 70), show(ev), "err", "note")
     typ = str(ev.get("type", "?"))
     rest = {k: v for k, v in ev.items() if k != "type"}
-    detail = f"{typ} {show(rest)}"
+    detail = ev  # described when drawn: most steps of a long log never are
     if typ == "QmpReply":
         cmd = _tag_command(ev.get("tag"), commands)
         res = ev.get("result")
@@ -306,7 +323,7 @@ def _action_step(r: dict, act: Any, commands: dict) -> Step:
         return Step(t, seq, AGENT, AGENT, "action " + short(act, 70), show(act), "err", "note")
     typ = str(act.get("type", "?"))
     rest = {k: v for k, v in act.items() if k != "type"}
-    detail = f"{typ} {show(rest)}"
+    detail = act
     if typ == "SendQmp":
         cmd = str(act.get("command", "?"))
         if isinstance(act.get("tag"), str):
@@ -610,7 +627,7 @@ def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> f
     """Draw one step at the top of y; return its height."""
     h = ROW_H[s.row]
     count = times * s.count
-    title = f"<title>{tx(f'#{s.seq} t={s.t:.6f}s  {s.detail}')}</title>" if s.detail else ""
+    title = f"<title>{tx(f'#{s.seq} t={s.t:.6f}s  {describe(s.detail)}')}</title>" if s.detail else ""
     if s.row != "gap":
         out.append(f'<text class="time" x="{GUTTER - 8}" y="{y + h - 8:.0f}">{elapsed(s.t - t0)}</text>')
     if s.row == "arrow":
@@ -736,6 +753,24 @@ window.addEventListener('load',function(){document.body.dataset.loadedMs=Math.ro
 """
 
 
+class _LazyBlob:
+    """A JSON array of SVG texts, gzip-compressed as it is written (the
+    diagrams of a long log never sit in memory all at once), then base64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: the gzip format
+        self._parts = [self._z.compress(b"[")]
+
+    def add(self, svg: str) -> None:
+        self._parts.append(self._z.compress((b"," if self.count else b"") + json.dumps(svg).encode()))
+        self.count += 1
+
+    def finish(self) -> str:
+        self._parts.append(self._z.compress(b"]") + self._z.flush())
+        return base64.b64encode(b"".join(self._parts)).decode()
+
+
 def summary_rows(report: Report) -> list[tuple[str, ...]]:
     return [(f.id, f.vm, f.kind, f"{f.t0:.3f} s", elapsed(f.duration), f.result_text)
             for f in report.flows]
@@ -780,7 +815,7 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
                'Pills on the agent lane: the flow\'s state. ×N: repeated N times in a row. '
                'Hover a step for the full record. Secrets appear only as [redacted, N bytes].</div>')
     budget = eager_rows
-    lazy: list[str] = []
+    lazy = _LazyBlob()
     for f in report.flows:
         rows = row_count(f)
         eager = rows <= budget
@@ -800,13 +835,12 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
         if eager:
             out.append(f'<div class="diagram">{svg}</div>')
         else:
-            out.append(f'<div data-lazy="{len(lazy)}"></div>')
-            lazy.append(svg)
+            out.append(f'<div data-lazy="{lazy.count}"></div>')
+            lazy.add(svg)
         out.append("</details></section>")
     out.append("</main>")
-    if lazy:
-        blob = base64.b64encode(gzip.compress(json.dumps(lazy).encode(), compresslevel=6, mtime=0))
-        out.append(f'<script type="application/x-keyagent-lazy" id="ka-lazy">{blob.decode()}</script>')
+    if lazy.count:
+        out.append(f'<script type="application/x-keyagent-lazy" id="ka-lazy">{lazy.finish()}</script>')
     out.append(f"<script>{SCRIPT}</script></body></html>\n")
     return "".join(out)
 
