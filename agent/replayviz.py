@@ -85,6 +85,15 @@ def esc(text: str, quote: bool = True) -> str:
     return html.escape(_BAD_XML.sub("\ufffd", text), quote=quote)
 
 
+_NOT_PRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def clean(text: str) -> str:
+    """For a terminal: no control character (a log could carry escape
+    sequences) and no lone surrogate (unprintable as UTF-8)."""
+    return _NOT_PRINTABLE.sub("\ufffd", text)
+
+
 def tx(text: str) -> str:
     return esc(text, quote=False)
 
@@ -780,7 +789,7 @@ SUMMARY_HEAD = ("ID", "VM", "FLOW", "START", "DURATION", "RESULT")
 
 
 def summary_text(report: Report) -> str:
-    rows = [SUMMARY_HEAD, *summary_rows(report)]
+    rows = [SUMMARY_HEAD, *(tuple(map(clean, r)) for r in summary_rows(report))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(SUMMARY_HEAD) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
     return "\n".join(line.rstrip() for line in lines) + "\n"
@@ -896,7 +905,7 @@ def _umask() -> int:
 
 
 def find_flow(report: Report, flow_id: str | None) -> FlowView:
-    ids = [f.id for f in report.flows]
+    ids = [clean(f.id) for f in report.flows]
     if flow_id is None:
         if len(report.flows) == 1:
             return report.flows[0]
@@ -905,5 +914,5 @@ def find_flow(report: Report, flow_id: str | None) -> FlowView:
     for f in report.flows:
         if f.id == flow_id:
             return f
-    raise UsageError(f"no flow {flow_id!r} in the log; flows: " + (", ".join(ids[:20]) or "none")
+    raise UsageError(f"no flow {clean(repr(flow_id))} in the log; flows: " + (", ".join(ids[:20]) or "none")
                      + (" …" if len(ids) > 20 else ""))

@@ -237,6 +237,16 @@ def test_a_readable_but_odd_log_still_draws(tmp_path):
     assert "no-such-flow" in summary and "unfinished" in summary
 
 
+def test_summary_prints_no_control_characters_from_the_log(tmp_path):
+    log = LogWriter()
+    log.copy_flow(flow_records("launch-refused-quit"), "launch\x1b[2J\ud800")
+    path = log.write(tmp_path / "esc.jsonl")
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "replay", str(path), "--summary"],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert b"\x1b" not in out.stdout and "launch\ufffd[2J\ufffd" in out.stdout.decode()
+
+
 @pytest.mark.parametrize("args, words", [
     (["{missing}", "--html", "{out}"], "cannot read"),
     (["{cut}", "--html", "{out}"], "truncated at line"),
