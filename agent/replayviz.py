@@ -708,7 +708,7 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
     head = ""
     if standalone:
         head = (f'<rect width="100%" height="100%" fill="#fff"/>'
-                f'<text class="head" x="12" y="24">{esc(f"{fv.vm} · {fv.id} ({fv.kind}) · {fv.result_text}")}</text>')
+                f'<text class="head" x="12" y="24">{tx(f"{_title(fv)} ({fv.kind}) · {fv.result_text}")}</text>')
     svg_open = (f'<svg class="ka" xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height:.0f}" '
                 f'viewBox="0 0 {WIDTH} {height:.0f}" role="img" '
                 f'aria-label="{esc(f"sequence diagram of flow {fv.id}")}">')
@@ -831,7 +831,7 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
         if eager:
             budget -= rows
         out.append(f'<section class="flow {f.result}" id="{f.anchor}" data-flow="{esc(f.id)}">'
-                   f'<h2>{esc(f.vm)} · {esc(f.id)} <span class="meta">({esc(f.kind)})</span></h2>'
+                   f'<h2>{esc(_title(f))} <span class="meta">({esc(f.kind)})</span></h2>'
                    f'<div class="meta">start {f.t0:.3f} s · {esc(elapsed(f.duration))} · '
                    f'{f.records} records · {esc(os.path.basename(f.log))} · ')
         if f.result == "failed":
@@ -852,6 +852,11 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
         out.append(f'<script type="application/x-keyagent-lazy" id="ka-lazy">{lazy.finish()}</script>')
     out.append(f"<script>{SCRIPT}</script></body></html>\n")
     return "".join(out)
+
+
+def _title(fv: FlowView) -> str:
+    """``vm1 · launch``, or the id alone when it already names the VM."""
+    return fv.id if fv.id.startswith(f"{fv.vm}/") or not fv.vm else f"{fv.vm} · {fv.id}"
 
 
 def standalone_svg(fv: FlowView) -> str:
