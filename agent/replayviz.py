@@ -823,13 +823,19 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
                'QMP event, green the guest owner, amber the control peer, red an error or refusal. '
                'Pills on the agent lane: the flow\'s state. ×N: repeated N times in a row. '
                'Hover a step for the full record. Secrets appear only as [redacted, N bytes].</div>')
+    # Failed flows are drawn first (the page is opened to find out what went
+    # wrong), then the others in log order, while the row budget lasts.
     budget = eager_rows
+    drawn: set[int] = set()
+    for f in sorted(report.flows, key=lambda f: f.result != "failed"):
+        rows = row_count(f)
+        if rows <= budget:
+            budget -= rows
+            drawn.add(id(f))
     lazy = _LazyBlob()
     for f in report.flows:
         rows = row_count(f)
-        eager = rows <= budget
-        if eager:
-            budget -= rows
+        eager = id(f) in drawn
         out.append(f'<section class="flow {f.result}" id="{f.anchor}" data-flow="{esc(f.id)}">'
                    f'<h2>{esc(_title(f))} <span class="meta">({esc(f.kind)})</span></h2>'
                    f'<div class="meta">start {f.t0:.3f} s · {esc(elapsed(f.duration))} · '
