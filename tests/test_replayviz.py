@@ -349,3 +349,15 @@ def test_browser_screenshot_of_a_refused_launch(tmp_path):
     assert replay(REFUSED, "--html", page).returncode == 0
     png = screenshot(page, tmp_path / "refused.png", tmp_path / "profile")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+@needs_chromium
+def test_browser_draws_the_standalone_svg(tmp_path):
+    svg = tmp_path / "launch.svg"
+    assert replay(REFUSED, "--svg", svg, "--flow", "launch").returncode == 0
+    dom = dump_dom(svg, tmp_path / "profile")
+    root = svg_root(dom[dom.index("<svg"):])
+    assert texts(root, "lane-name") == LANES
+    assert texts(root, "failtext") == [f"✗ failed here: {REFUSAL}"]
+    png = screenshot(svg, tmp_path / "launch.png", tmp_path / "profile", size="1150,800")
+    assert png.startswith(b"\x89PNG")
