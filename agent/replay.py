@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 from typing import Any, Iterable, TextIO
 
@@ -48,8 +49,15 @@ def run(args) -> int:
         raise UsageError("replay: --flow goes with --svg")
     if not visual and len(args.log) > 1:
         raise UsageError("replay: several logs only with --html, --svg or --summary")
-    if visual:
-        return run_visual(args)
+    try:
+        return run_visual(args) if visual else run_text(args)
+    except BrokenPipeError:  # `keyagent replay LOG | head`: the reader has seen enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def run_text(args) -> int:
     try:
         records = list(read_records(args.log[0]))
         # The records live until the end and hold no cycles: keep the

@@ -361,3 +361,17 @@ def test_browser_draws_the_standalone_svg(tmp_path):
     assert texts(root, "failtext") == [f"✗ failed here: {REFUSAL}"]
     png = screenshot(svg, tmp_path / "launch.png", tmp_path / "profile", size="1150,800")
     assert png.startswith(b"\x89PNG")
+
+
+def test_summary_into_a_pipe_closed_early_exits_quietly(tmp_path):
+    log = LogWriter()
+    good = flow_records("launch-good")
+    for n in range(1500):  # a summary longer than a pipe's buffer
+        log.copy_flow(good, f"launch-{n}")
+    path = log.write(tmp_path / "many.jsonl")
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "replay", str(path), "--summary"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().split()[0] == b"ID"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == b""
