@@ -678,10 +678,35 @@ def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> f
     return h
 
 
+def _lane_heads(head_y: int) -> str:
+    parts = []
+    for lane in LANES:
+        x = LANE_X[lane]
+        extra = "-agent" if lane == AGENT else ""
+        parts.append(f'<rect class="lanebox lanebox{extra}" x="{x - 52}" y="{head_y}" width="104" height="26" rx="6"/>'
+                     f'<text class="lane-name" x="{x}" y="{head_y + 17}">{LANE_NAMES[lane]}</text>')
+    parts.append(f'<text class="time" x="{GUTTER - 8}" y="{head_y + 17}">elapsed</text>')
+    return "".join(parts)
+
+
+def _lane_lines(y1: float, y2: float) -> str:
+    return "".join(f'<line class="lane lane{"-agent" if lane == AGENT else ""}" x1="{LANE_X[lane]}" '
+                   f'y1="{y1:.0f}" x2="{LANE_X[lane]}" y2="{y2:.0f}"/>' for lane in LANES)
+
+
+#: the lane names above a diagram in a page: kept in view while it scrolls
+PAGE_HEAD = (f'<div class="lanes"><svg class="ka ka-head" xmlns="http://www.w3.org/2000/svg" '
+             f'width="{WIDTH}" height="40" viewBox="0 0 {WIDTH} 40">{_lane_lines(34, 40)}'
+             f'{_lane_heads(7)}</svg></div>')
+
+
 def flow_svg(fv: FlowView, standalone: bool = False) -> str:
-    """The sequence diagram of one flow (``standalone``: an SVG file of its own)."""
+    """The sequence diagram of one flow: an SVG file of its own
+    (``standalone``, lane names on top), or for a page, the lane names in a
+    header of their own that stays in view (:data:`PAGE_HEAD`) and the
+    diagram below it."""
     body: list[str] = []
-    y = TOP + (34 if standalone else 0)
+    y = TOP + 34 if standalone else 4
     for item in _rows(fv):
         if isinstance(item, Group):
             top = y
@@ -695,16 +720,10 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
         else:
             y += _step_svg(item, y, fv.t0, body)
     height = y + 16
-    head_y = 8 + (34 if standalone else 0)
-    lanes = []
-    for lane in LANES:
-        x = LANE_X[lane]
-        extra = "-agent" if lane == AGENT else ""
-        w = 104
-        lanes.append(f'<line class="lane lane{extra}" x1="{x}" y1="{head_y + 28}" x2="{x}" y2="{height - 6:.0f}"/>'
-                     f'<rect class="lanebox lanebox{extra}" x="{x - w / 2:.0f}" y="{head_y}" width="{w}" height="26" rx="6"/>'
-                     f'<text class="lane-name" x="{x}" y="{head_y + 17}">{esc(LANE_NAMES[lane])}</text>')
-    lanes.append(f'<text class="time" x="{GUTTER - 8}" y="{head_y + 17}">elapsed</text>')
+    if standalone:
+        lanes = _lane_lines(70, height - 6) + _lane_heads(42)
+    else:
+        lanes = _lane_lines(0, height - 6)
     head = ""
     if standalone:
         head = (f'<rect width="100%" height="100%" fill="#fff"/>'
@@ -713,14 +732,15 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
                 f'viewBox="0 0 {WIDTH} {height:.0f}" role="img" '
                 f'aria-label="{esc(f"sequence diagram of flow {fv.id}")}">')
     defs = f"<defs>{DEFS}</defs><style>{CSS}</style>" if standalone else ""
-    return svg_open + defs + head + "".join(lanes) + "".join(body) + "</svg>"
+    svg = svg_open + defs + head + lanes + "".join(body) + "</svg>"
+    return svg if standalone else PAGE_HEAD + svg
 
 
 # -- HTML -------------------------------------------------------------------------------------
 
 PAGE_CSS = """
 body{font-family:system-ui,"DejaVu Sans","Liberation Sans",Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
-main{max-width:1200px;margin:0 auto;padding:16px 20px 40px}
+main{max-width:1200px;min-width:1180px;margin:0 auto;padding:16px 20px 40px}
 h1{font-size:20px;margin:4px 0 2px}
 .sub{color:#57606a;font-size:13px;margin-bottom:12px}
 table.summary{border-collapse:collapse;width:100%;background:#fff;font-size:13px;margin-bottom:18px}
@@ -736,7 +756,7 @@ section.flow h2{font-size:16px;margin:4px 0}
 section.flow summary{cursor:pointer;color:#57606a;font-size:13px;margin:4px 0}
 .meta{font-size:13px;color:#57606a}
 .reason{color:#cf222e;font-weight:600}
-.diagram{overflow-x:auto}
+.lanes{position:sticky;top:0;z-index:1;background:#fff;border-bottom:1px solid #eef2f7}
 code{font-size:12px}
 .legend{font-size:12px;color:#57606a;margin:6px 0 10px}
 """

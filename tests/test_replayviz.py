@@ -204,7 +204,7 @@ def test_diagrams_kept_for_later_are_the_same_and_hold_no_secrets(tmp_path):
     assert lazy_diagrams(eager) == []
     kept = lazy_diagrams(later)
     assert len(kept) == 2 and later.count('<div data-lazy="') == 2
-    assert kept == re.findall(r'<svg class="ka".*?</svg>', eager, re.S)
+    assert kept == re.findall(r'<div class="diagram">(.*?)</div></details>', eager, re.S)
     scan = leakscan.LeakScan()
     scan.secret("launch secret", PACKET_SECRET)
     scan.secret("psk", PSK)
@@ -283,8 +283,14 @@ def test_the_picture_is_not_imported_on_the_agent_path():
 
 def _flow_svgs(dom: str) -> list[ET.Element]:
     """The diagrams the loaded page shows, parsed (the DOM dump is HTML; each
-    inline svg in it is well-formed XML)."""
-    return [svg_root(m) for m in re.findall(r'<svg class="ka".*?</svg>', dom, re.S)]
+    inline svg in it is well-formed XML), each with its lane header."""
+    shown = []
+    for head, body in re.findall(r'<div class="lanes">(<svg.*?</svg>)</div>(<svg class="ka".*?</svg>)',
+                                 dom, re.S):
+        both = ET.Element("diagram")
+        both.extend([svg_root(head), svg_root(body)])
+        shown.append(both)
+    return shown
 
 
 @needs_chromium
