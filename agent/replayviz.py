@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import enum
 import html
 import json
@@ -210,6 +211,7 @@ class FlowView:
     fail_at: int | None = None  # index in steps of the failing step
     anchor: str = ""
     rows: list | None = None  # the folded rows, once drawn
+    wall0: float | None = None  # the log's t = 0 as a POSIX time, when its start record says
     open_at_exit: bool = False  # not finished, but the agent's exit is in the log
 
     @property
@@ -447,6 +449,7 @@ def build(logs: Iterable[tuple[str, list[dict]]]) -> Report:
         names.append(path)
         total += len(records)
         vm = ""
+        wall0 = None
         by_name: dict[str, FlowView] = {}
         trackers: dict[str, _StateTracker] = {}
         states: dict[str, str | None] = {}
@@ -455,6 +458,8 @@ def build(logs: Iterable[tuple[str, list[dict]]]) -> Report:
             kind = r["kind"]
             if kind == "start":
                 vm = str(r.get("vm") or vm)
+                wall = _parse_wall(r.get("wall"))
+                wall0 = wall - r["t"] if wall is not None else None
                 continue
             if kind == "exit":
                 exits.append((path, vm, r.get("code"), str(r.get("reason") or "")))
@@ -471,7 +476,7 @@ def build(logs: Iterable[tuple[str, list[dict]]]) -> Report:
             if kind == "flow" or fv is None:
                 if fv is not None:  # the same flow id again: a new flow
                     by_name.pop(key)
-                fv = FlowView(id="", vm=rvm, name=fname, kind="?", log=path, t0=r["t"])
+                fv = FlowView(id="", vm=rvm, name=fname, kind="?", log=path, t0=r["t"], wall0=wall0)
                 by_name[key] = fv
                 flows.append(fv)
                 commands[key] = {}
@@ -509,6 +514,30 @@ def build(logs: Iterable[tuple[str, list[dict]]]) -> Report:
         if fv.result == "failed":
             fv.fail_at = _fail_index(fv.steps)
     return Report(names, flows, total, exits)
+
+
+def _parse_wall(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def start_text(fv: FlowView) -> str:
+    """When the flow started: UTC wall-clock time when the log has it, else
+    seconds since the agent started."""
+    if fv.wall0 is None:
+        return f"{fv.t0:.3f} s"
+    try:
+        when = datetime.datetime.fromtimestamp(fv.wall0 + fv.t0, datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):  # a hand-made start record
+        return f"{fv.t0:.3f} s"
+    return when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
 def _assign_ids(flows: list[FlowView]) -> None:
@@ -801,7 +830,7 @@ class _LazyBlob:
 
 
 def summary_rows(report: Report) -> list[tuple[str, ...]]:
-    return [(f.id, f.vm, f.kind, f"{f.t0:.3f} s", elapsed(f.duration), f.result_text)
+    return [(f.id, f.vm, f.kind, start_text(f), elapsed(f.duration), f.result_text)
             for f in report.flows]
 
 
@@ -858,7 +887,7 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
         eager = id(f) in drawn
         out.append(f'<section class="flow {f.result}" id="{f.anchor}" data-flow="{esc(f.id)}">'
                    f'<h2>{esc(_title(f))} <span class="meta">({esc(f.kind)})</span></h2>'
-                   f'<div class="meta">start {f.t0:.3f} s · {esc(elapsed(f.duration))} · '
+                   f'<div class="meta">start {esc(start_text(f))} · {esc(elapsed(f.duration))} · '
                    f'{f.records} records · {esc(os.path.basename(f.log))} · ')
         if f.result == "failed":
             out.append(f'<span class="reason">failed: {esc(f.reason)}</span>')

@@ -381,3 +381,39 @@ def test_summary_into_a_pipe_closed_early_exits_quietly(tmp_path):
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and err == b""
+
+
+def test_a_real_refused_launch_is_drawn_with_its_wall_clock_start(tmp_path):
+    """The agent, the simulator and the owner for real (as tests/e2e do): the
+    log of a refused launch says when it started, the page shows the refusal,
+    and none of the owner's keys or the disk passphrase is in it."""
+    import datetime
+
+    from tests.e2e.harness import DISK_PASS, World
+
+    world = World(tmp_path)
+    try:
+        world.simulator()
+        agent = world.agent(world.owner(digest=hashlib.sha256(b"other firmware").digest()))
+        before = datetime.datetime.now(datetime.timezone.utc)
+        assert agent.wait() == 1, agent.stderr
+    finally:
+        world.close()
+    log = tmp_path / "events.jsonl"
+    assert "wall" in json.loads(log.read_text().splitlines()[0])
+    out = replay(log, "--summary")
+    assert out.returncode == 0, out.stderr
+    row = out.stdout.splitlines()[1].split()
+    assert row[:3] == ["launch", "vm1", "sev-launch"]
+    started = datetime.datetime.strptime(f"{row[3]} {row[4]}", "%Y-%m-%d %H:%M:%S.%fZ")
+    assert abs(started.replace(tzinfo=datetime.timezone.utc) - before) < datetime.timedelta(seconds=30)
+    assert "failed: guest owner refused" in out.stdout
+    page = tmp_path / "refused.html"
+    assert replay(log, "--html", page).returncode == 0
+    assert "✗ failed here: guest owner refused" in page.read_text()
+    scan = leakscan.LeakScan()
+    for name, secret in (("disk passphrase", DISK_PASS), ("TIK", world.tik), ("TEK", world.tek)):
+        scan.secret(name, secret)
+    scan.file(str(page))
+    scan.file(str(log))
+    scan.check()
