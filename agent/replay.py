@@ -29,7 +29,8 @@ from agent.eventlog import LogFormatError, read_records
 def register(sub) -> None:
     p = sub.add_parser("replay", help="show or re-check a recorded event log")
     p.add_argument("log", metavar="LOG", nargs="+",
-                   help="event log (--html, --svg and --summary take several, e.g. one per VM)")
+                   help="event log (--html, --svg and --summary take several, e.g. one per VM, "
+                        "or a directory of them)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
                       help="re-run the flows and compare every action (exit 1 on divergence)")
@@ -80,11 +81,12 @@ def run_visual(args) -> int:
     nothing."""
     from agent import replayviz
 
+    paths = _expand(args.log)
     out = args.html or args.svg
     if out:
-        replayviz.check_output_path(out, args.log)
+        replayviz.check_output_path(out, paths)
     try:
-        logs = [(path, list(read_records(path))) for path in args.log]
+        logs = [(path, list(read_records(path))) for path in paths]
     except LogFormatError as exc:
         raise UsageError(str(exc)) from None
     gc.freeze()
@@ -98,6 +100,21 @@ def run_visual(args) -> int:
         text = replayviz.page(report)
     replayviz.write_atomically(out, text)
     return 0
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """A directory stands for the event logs in it (``*.jsonl``, by name):
+    host mode writes one per VM into its ``--event-log-dir``."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            logs = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".jsonl"))
+            if not logs:
+                raise UsageError(f"{path}: a directory without event logs (*.jsonl)")
+            out.extend(logs)
+        else:
+            out.append(path)
+    return out
 
 
 class Divergence(FlowFailed):

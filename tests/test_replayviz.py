@@ -86,6 +86,23 @@ def test_summary_of_several_vm_logs_names_flows_by_vm(tmp_path):
     assert " ok: launched" in rows["vm18/launch"]
 
 
+def test_a_directory_stands_for_the_logs_in_it(tmp_path):
+    logs = tmp_path / "events"
+    logs.mkdir()
+    for vm, trace in (("vm2", "launch-good"), ("vm1", "launch-refused-quit")):
+        log = LogWriter(vm)
+        log.copy_flow(flow_records(trace), "launch")
+        log.write(logs / f"{vm}.jsonl")
+    (logs / "notes.txt").write_text("not a log")
+    out = replay(logs, "--summary")
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()[1:]] == ["vm1/launch", "vm2/launch"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = replay(empty, "--summary")
+    assert out.returncode == 2 and "without event logs" in out.stderr
+
+
 # -- the SVG of one flow ----------------------------------------------------------------------
 
 def test_svg_of_a_refused_launch_shows_lanes_arrows_and_the_failure(tmp_path):
