@@ -176,7 +176,6 @@ class Step:
     detail: Any = ""  # the full record (a str, or the event/action it shows)
     cls: str = ""
     row: str = "arrow"  # arrow | note | state | fail | gap
-    count: int = 1  # a folded run of one step
     bad: bool = False  # an input that can end a flow (refusal, error, deadline)
     inp: bool = False  # drawn from an event (an input of the flow), not an action
 
@@ -617,10 +616,8 @@ CSS = """
 .ka .state{font-size:11px;text-anchor:middle;fill:#3d6bd8;font-weight:600}
 .ka .failbox{fill:#ffebe9;stroke:#cf222e;stroke-width:1.2}
 .ka .failtext{fill:#a40e26;font-weight:700}
-.ka .failrow{fill:#ffebe9}
 .ka .fold{stroke:#8250df;stroke-width:2;fill:none}
 .ka .foldtext{fill:#8250df;font-weight:700;font-size:12px}
-.ka .count{fill:#8250df;font-weight:700}
 .ka .gap{fill:#6a737d;font-style:italic;text-anchor:middle}
 .ka .head{font-size:14px;font-weight:700}
 """
@@ -664,7 +661,7 @@ def row_count(fv: FlowView) -> int:
 def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> float:
     """Draw one step at the top of y; return its height."""
     h = ROW_H[s.row]
-    count = times * s.count
+    count = times  # a folded run of this one step
     title = f"<title>{tx(f'#{s.seq} t={s.t:.6f}s  {describe(s.detail)}')}</title>" if s.detail else ""
     if s.row != "gap":
         out.append(f'<text class="time" x="{GUTTER - 8}" y="{y + h - 8:.0f}">{elapsed(s.t - t0)}</text>')
