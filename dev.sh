@@ -7,10 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # What keyagent runs with (the Containerfile installs the same), then what
-# only the tests need: a libvirtd for the --libvirt backend, and the
-# toolchain libvirt-python builds with.
+# only the tests need: a libvirtd for the --libvirt backend, the
+# toolchain libvirt-python builds with, and chromium (headless) to load the
+# pages `keyagent replay --html` writes.
 APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf)
-TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc)
+TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc chromium)
 VENV=${KEYAGENT_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 

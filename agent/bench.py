@@ -30,6 +30,10 @@ How each figure is taken, and why that way:
   --check`` process: its records (recorded events and the actions compared
   with them) per second of wall time, start-up included.  The rate of the
   recorded events alone and the CPU time are in the details.
+* ``replay_html_records_per_s``: the same log drawn by ``keyagent replay LOG
+  --html OUT`` (a process, start-up included): records per second of wall
+  time; the page's size is in the details.  How fast a browser then shows
+  the page is measured by hand (docs/replay.md), not here.
 * ``migration_ratio``: two real QEMUs (TCG), the same ``max-bandwidth`` on
   both variants, agent and floor back to back, the median of the pairs'
   ratios.  The agent: two ``keyagent run`` driven over their control
@@ -73,6 +77,7 @@ TARGETS: dict[str, tuple[str | None, float | None, str]] = {
     "idle_rss_mb": ("<=", 32.0, "RSS of an idle sidecar (launched, control socket on)"),
     "startup_ms": ("<=", 200.0, "exec of keyagent run to QMP negotiated (median)"),
     "replay_events_per_s": (">=", 100000.0, "keyagent replay --check on a generated log: records/s"),
+    "replay_html_records_per_s": (">=", 20000.0, "keyagent replay --html on the same log: records/s"),
     "migration_ratio": ("<=", 1.05, "TLS-PSK migration on real QEMU, agent / bare script (median of paired ratios)"),
     "density_launch_p99_ms": ("<=", 50.0, "N sidecars x N simulators launching at once: p99 connect->cont"),
     "density_rss_mb_total": (None, None, "the same N sidecars: total RSS"),
@@ -80,7 +85,7 @@ TARGETS: dict[str, tuple[str | None, float | None, str]] = {
 GROUPS = {
     "launch": ("launch_ratio", "launch_added_ms_p50", "startup_ms"),
     "idle": ("idle_rss_mb",),
-    "replay": ("replay_events_per_s",),
+    "replay": ("replay_events_per_s", "replay_html_records_per_s"),
     "migration": ("migration_ratio",),
     "density": ("density_launch_p99_ms", "density_rss_mb_total"),
 }
@@ -523,8 +528,18 @@ async def bench_replay(ctx: Ctx, want_events: int) -> dict:
     if proc.returncode != 0 or b"replay check passed" not in out:
         raise BenchError(f"replay --check failed (exit {proc.returncode}); "
                          f"see {ctx.path('replay.stderr')}")
+    page = ctx.path("replay.html")
+    t0 = time.monotonic()
+    html = await ctx.spawn("replay-html", [*ctx.keyagent, "replay", path, "--html", page], track=False)
+    await html.wait()
+    html_wall = time.monotonic() - t0
+    if html.returncode != 0:
+        raise BenchError(f"replay --html failed (exit {html.returncode}); "
+                         f"see {ctx.path('replay-html.stderr')}")
     return {"replay_events_per_s": counts["records"] / wall,
+            "replay_html_records_per_s": counts["records"] / html_wall,
             "details": {**counts, "log_mb": _r(os.path.getsize(path) / (1 << 20), 1),
+                        "html_s": _r(html_wall), "html_mb": _r(os.path.getsize(page) / (1 << 20), 1),
                         "process_s": _r(wall), "process_cpu_s": _r(cpu),
                         "inputs_per_s": round(counts["events"] / wall),
                         "records_per_cpu_s": round(counts["records"] / cpu) if cpu else None,
@@ -910,6 +925,9 @@ def _notes(key: str, report: dict) -> str:
         return (f"records/s: {x['records']:,} records ({x['events']:,} recorded events, "
                 f"{x['actions']:,} actions) in {x['process_s']:.2f} s; recorded events alone "
                 f"{x['inputs_per_s']:,}/s; {x['records_per_cpu_s']:,} records per CPU-second")
+    if key == "replay_html_records_per_s" and "replay" in d:
+        x = d["replay"]
+        return f"{x['records']:,} records drawn in {x['html_s']:.2f} s, a {x['html_mb']:.1f} MB page"
     if key == "migration_ratio" and "migration" in d:
         x = d["migration"]
         return (f"agent {x['agent_ms_p50']:.0f} ms / floor {x['floor_ms_p50']:.0f} ms "

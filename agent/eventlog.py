@@ -3,7 +3,8 @@
 Each record has ``seq``, ``t`` (seconds since the agent started) and
 ``kind``:
 
-* ``start`` / ``exit``: the agent's own bounds (version, vm, exit status);
+* ``start`` / ``exit``: the agent's own bounds (version, vm, exit status;
+  ``start`` also has ``wall``, the UTC time it was written, ISO 8601);
 * ``flow``: a flow was created, with its kind and JSON parameters;
 * ``event``: an input fed to a flow (``flow`` names it);
 * ``action``: an output of a flow.

@@ -14,6 +14,7 @@ is configured), serves the control socket, and exits:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import signal
 import stat
@@ -282,7 +283,10 @@ class Sidecar:
                 log.warning("swept stale key material left by a previous agent",
                             run_dir=self.run_dir, removed=removed)
         event_log = EventLog(opts.event_log)
-        event_log.write("start", version=__version__, vm=cfg.vm_name)
+        # The wall-clock time of this record, so a replay can say when each
+        # step happened (the records' t counts from here, monotonic).
+        event_log.write("start", version=__version__, vm=cfg.vm_name,
+                        wall=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
         try:
             await self.start_vtpm()
         except BaseException:

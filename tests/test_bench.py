@@ -13,7 +13,7 @@ import sys
 from agent.bench import TARGETS, format_table, percentile
 
 KEYS = ("launch_ratio", "launch_added_ms_p50", "idle_rss_mb", "startup_ms",
-        "replay_events_per_s", "migration_ratio", "density_launch_p99_ms",
+        "replay_events_per_s", "replay_html_records_per_s", "migration_ratio", "density_launch_p99_ms",
         "density_rss_mb_total")
 
 
