@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 
-from agent.bench import TARGETS, format_table, percentile
+from agent.tools.bench import TARGETS, format_table, percentile
 
 KEYS = ("launch_ratio", "launch_added_ms_p50", "idle_rss_mb", "startup_ms",
         "replay_events_per_s", "replay_html_records_per_s", "migration_ratio", "density_launch_p99_ms",

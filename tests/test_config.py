@@ -2,8 +2,8 @@
 
 import pytest
 
-from agent.config import load_config, unix_path
-from agent.errors import UsageError
+from agent.app.config import load_config, unix_path
+from agent.common.errors import UsageError
 
 
 def write(tmp_path, text):
@@ -81,7 +81,7 @@ def test_control_ref_dirs_from_the_file_are_real_paths_relative_to_it(tmp_path):
 def test_control_ref_dir_flag_repeats_and_overrides_the_file(tmp_path):
     from argparse import ArgumentParser
 
-    from agent.config import add_config_flags, config_from_args
+    from agent.app.config import add_config_flags, config_from_args
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

@@ -12,12 +12,12 @@ import sys
 
 import pytest
 
-from agent.control import ControlServer, access_for, peer_check, resolve_ref
-from agent.errors import UsageError
+from agent.app.control import ControlServer, access_for, peer_check, resolve_ref
+from agent.common.errors import UsageError
 from agent.io.http import PeerCred
 from agent.io.secretref import NOBODY, NOT_ALLOWED, UNRESTRICTED
-from agent.metrics import Metrics
-from agent.migrate_ctl import ControlError
+from agent.app.metrics import Metrics
+from agent.app.verbs.migrate import ControlError
 
 
 async def read_ref(args):
@@ -247,7 +247,7 @@ def test_a_group_peer_cannot_make_the_agent_read_files_outside_ref_dirs(server, 
 
 
 def test_a_stale_control_socket_is_free_and_a_live_one_is_not(tmp_path):
-    from agent.control import check_socket_free
+    from agent.app.control import check_socket_free
 
     path = str(tmp_path / "c.sock")
     check_socket_free(path)  # nothing there
@@ -263,10 +263,10 @@ def test_a_stale_control_socket_is_free_and_a_live_one_is_not(tmp_path):
 
 
 async def test_migrate_and_secret_verbs_resolve_references_within_the_peers_rights(tmp_path):
-    from agent import control
+    from agent.app import control
     from agent.io.secretref import RefAccess
-    from agent.migrate_ctl import MigrationControl
-    from agent.secrets_ctl import SecretsControl
+    from agent.app.verbs.migrate import MigrationControl
+    from agent.app.verbs.secrets import SecretsControl
 
     key = tmp_path / "k"
     key.write_bytes(b"k" * 32)

@@ -11,13 +11,13 @@ import os
 
 import pytest
 
-from agent.config import _secret_ref
-from agent.errors import UsageError
+from agent.app.config import _secret_ref
+from agent.common.errors import UsageError
 from agent.io.libvirt_monitor import _UUID
 from agent.io.secretref import resolve
-from agent.launch_session import sev_policy
-from agent.migrate_ctl import ControlError, _uri
-from agent.secrets_ctl import SecretsControl
+from agent.app.launch_session import sev_policy
+from agent.app.verbs.migrate import ControlError, _uri
+from agent.app.verbs.secrets import SecretsControl
 
 UUID = "0b5e6f5e-1c3a-4d2b-9a8f-1234567890ab"
 
@@ -64,7 +64,7 @@ def test_sev_policy_followed_by_a_newline_is_not_read_as_a_policy():
 
 
 def test_ctl_sends_the_real_directory_but_not_a_resolved_file_symlink(tmp_path):
-    from agent.ctl import _file_ref
+    from agent.cli.ctl import _file_ref
 
     (tmp_path / "real").mkdir()
     (tmp_path / "alias").symlink_to(tmp_path / "real")

@@ -9,7 +9,7 @@ from tests.leakscan import LeakScan
 
 
 def test_demo_launches_on_the_simulators_verified_platform_and_refuses_the_rest():
-    from agent.demo import DEMO_SECRET
+    from agent.tools.demo import DEMO_SECRET
 
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "demo"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

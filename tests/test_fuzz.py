@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = sorted((ROOT / "fixtures" / "traces").glob("*.jsonl"))
@@ -72,7 +72,7 @@ def short_tmp():
 # the event log
 
 def replay_cli(path: str, *flags: str) -> tuple[int, str, str]:
-    from agent.cli import main
+    from agent.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -194,7 +194,7 @@ def test_decoding_any_record_is_an_event_or_a_codec_error(record):
     st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b'{"execute": "x"}', b"\r\n", b"\xff",
                      b'{"a": "\\u00', b"nan", b"-", b"1e999"])), max_size=40))
 def test_simulator_stream_parser_never_raises_and_stays_bounded(chunks):
-    from agent.sim.json_stream import JsonStream, Parsed, ParseFailure
+    from agent.tools.sim.json_stream import JsonStream, Parsed, ParseFailure
 
     stream = JsonStream(max_message=256, max_nesting=16)
     for chunk in chunks:
@@ -214,7 +214,7 @@ def test_simulator_stream_parser_never_raises_and_stays_bounded(chunks):
                          min_size=1, max_size=5),
        cuts=st.lists(st.integers(0, 2000), max_size=6))
 def test_simulator_stream_parser_frames_any_split_the_same(messages, cuts):
-    from agent.sim.json_stream import JsonStream, Parsed
+    from agent.tools.sim.json_stream import JsonStream, Parsed
 
     wire = b"".join(json.dumps(m).encode() for m in messages)
     stream, got, last = JsonStream(), [], 0
@@ -226,8 +226,8 @@ def test_simulator_stream_parser_frames_any_split_the_same(messages, cuts):
 
 @pytest.fixture(scope="module")
 def monitor():
-    from agent.sim.machine import Machine, SimConfig
-    from agent.sim.qmp_server import Monitor
+    from agent.tools.sim.machine import Machine, SimConfig
+    from agent.tools.sim.qmp_server import Monitor
 
     return Monitor(Machine(SimConfig(tik=bytes(16), tek=bytes(16))))
 
@@ -241,7 +241,7 @@ def monitor():
     optional={"arguments": json_value, "id": json_value, "exec-oob": json_value,
               "x": json_value})))
 def test_simulator_monitor_answers_anything_with_a_reply(monitor, request):
-    from agent.sim.json_stream import Parsed
+    from agent.tools.sim.json_stream import Parsed
 
     reply, _name = monitor.handle(Parsed(request))
     assert ("return" in reply) != ("error" in reply)
@@ -251,8 +251,8 @@ def test_simulator_monitor_answers_anything_with_a_reply(monitor, request):
 
 
 async def test_simulator_keeps_serving_after_hostile_bytes(short_tmp):
-    from agent.sim.machine import SimConfig
-    from agent.sim.qmp_server import Simulator
+    from agent.tools.sim.machine import SimConfig
+    from agent.tools.sim.qmp_server import Simulator
     from tests.sim.conftest import RawClient
 
     path = str(short_tmp / "sim.sock")
@@ -600,12 +600,12 @@ class FakeQmp:
 
 @contextlib.asynccontextmanager
 async def control_server(tmp: Path):
-    from agent.config import load_config
-    from agent.control import ControlServer
-    from agent.eventlog import EventLog
-    from agent.runtime import Runtime
-    from agent.secrets_ctl import SecretsControl
-    from agent.sidecar import Sidecar, SidecarOptions
+    from agent.app.config import load_config
+    from agent.app.control import ControlServer
+    from agent.app.eventlog import EventLog
+    from agent.app.runtime import Runtime
+    from agent.app.verbs.secrets import SecretsControl
+    from agent.app.sidecar import Sidecar, SidecarOptions
 
     run_dir = tmp / "run"
     run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -766,7 +766,7 @@ def _toml_text(doc: dict) -> str:
 
 @functools.cache
 def _config_doc():
-    from agent.config import SCHEMA
+    from agent.app.config import SCHEMA
 
     toml_scalar = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(),
                             st.text(max_size=20).filter(lambda s: "\x00" not in s),
@@ -784,7 +784,7 @@ def _config_doc():
 @FUZZ
 @given(data=st.data())
 def test_any_config_file_is_a_config_or_one_line(data, tmp_path):
-    from agent.config import Config, load_config
+    from agent.app.config import Config, load_config
 
     path = tmp_path / "keyagent.toml"
     if data.draw(st.booleans()):
@@ -810,7 +810,7 @@ def test_any_config_file_is_a_config_or_one_line(data, tmp_path):
     st.one_of(st.text(max_size=20), st.sampled_from(["nan", "inf", "-inf", "1e999", "0x10", "-0",
                                                      "1_000", " 5 ", "\x00"])), max_size=4))
 def test_any_config_flags_are_a_config_or_one_line(flags):
-    from agent.config import load_config
+    from agent.app.config import load_config
 
     try:
         cfg = load_config(None, flags)
@@ -836,7 +836,7 @@ def test_fuzz_fixture_event_logs_are_handled(path, tmp_path):
 
 @pytest.mark.parametrize("path", _fixture_files("config"), ids=lambda p: p.name)
 def test_fuzz_fixture_configs_are_refused_in_one_line(path):
-    from agent.config import load_config
+    from agent.app.config import load_config
 
     with pytest.raises(UsageError) as exc:
         load_config(str(path))

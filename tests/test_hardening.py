@@ -35,7 +35,7 @@ def core_limit(pid: int | str) -> tuple[str, str]:
 def test_harden_process_disables_core_dumps_and_clears_dumpable():
     out = python("""
         import ctypes, resource
-        from agent.hardening import PR_GET_DUMPABLE, harden_process
+        from agent.app.hardening import PR_GET_DUMPABLE, harden_process
         libc = ctypes.CDLL(None)
         before = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
         problems = harden_process()
@@ -53,7 +53,7 @@ def test_harden_process_disables_core_dumps_and_clears_dumpable():
 def test_hardening_cannot_be_undone_by_raising_the_limit_again():
     out = python("""
         import resource
-        from agent.hardening import harden_process, is_dumpable
+        from agent.app.hardening import harden_process, is_dumpable
         harden_process()
         try:
             resource.setrlimit(resource.RLIMIT_CORE, (1 << 20, 1 << 20))

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from agent import hostkey
-from agent.config import load_config
-from agent.errors import UsageError
-from agent.sidecar import check_host_keys
+from agent.crypto import hostkey
+from agent.app.config import load_config
+from agent.common.errors import UsageError
+from agent.app.sidecar import check_host_keys
 from tests.hostkeys import make_host
 
 KEYAGENT = [sys.executable, "-m", "agent.cli"]
@@ -154,8 +154,8 @@ def test_checking_host_keys_at_start_does_not_load_cryptography(tmp_path):
     """An idle sidecar must not pay for cryptography (~7 MB RSS) because host keys are set."""
     a = make_host(tmp_path, "a")
     code = ("import sys\n"
-            "from agent.config import load_config\n"
-            "from agent.sidecar import check_host_keys\n"
+            "from agent.app.config import load_config\n"
+            "from agent.app.sidecar import check_host_keys\n"
             f"check_host_keys(load_config(None, {{'migration_host_key': {str(a.key)!r}, "
             f"'migration_trusted_hosts': {str(a.trusted)!r}}}))\n"
             "assert not [m for m in sys.modules if m.startswith('cryptography')]\n")

@@ -6,9 +6,9 @@ import base64
 
 import pytest
 
-from agent.config import load_config
-from agent.errors import UsageError
-from agent.launch_session import CERT_LEN, chain_with_cek
+from agent.app.config import load_config
+from agent.common.errors import UsageError
+from agent.app.launch_session import CERT_LEN, chain_with_cek
 
 
 def b64(raw: bytes) -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import control, seal
+from agent.app import control
+from agent.crypto import seal
 from agent.io.secretref import UNRESTRICTED
-from agent.migrate_ctl import ControlError, MigrationControl
+from agent.app.verbs.migrate import ControlError, MigrationControl
 from tests.hostkeys import Host, make_host, make_pair
 
 URI = "tcp:127.0.0.1:4444"
@@ -43,10 +44,10 @@ class Agent:
 
 @contextlib.asynccontextmanager
 async def agent(tmp: Path, name: str, vm: str, host: Host | None, clock=None):
-    from agent.config import load_config
-    from agent.eventlog import EventLog
-    from agent.runtime import Runtime
-    from agent.sidecar import Sidecar, SidecarOptions
+    from agent.app.config import load_config
+    from agent.app.eventlog import EventLog
+    from agent.app.runtime import Runtime
+    from agent.app.sidecar import Sidecar, SidecarOptions
 
     run_dir = tmp / f"{name}-run"
     run_dir.mkdir(mode=0o700)
@@ -63,7 +64,7 @@ async def agent(tmp: Path, name: str, vm: str, host: Host | None, clock=None):
     dispatch = asyncio.ensure_future(rt.dispatch())
     ctl = MigrationControl(sidecar, **({"clock": clock} if clock else {}))
     # The verbs are called as a control peer of our own uid would call them:
-    # references resolve without the ref_dirs limit (agent.control).
+    # references resolve without the ref_dirs limit (agent.app.control).
     access = control._ACCESS.set(UNRESTRICTED)
     try:
         yield Agent(ctl, run_dir)

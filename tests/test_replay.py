@@ -23,8 +23,8 @@ def test_there_are_recorded_traces():
 
 @pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)
 def test_recorded_trace_replays_exactly(trace):
-    from agent.eventlog import read_records
-    from agent.replay import check
+    from agent.app.eventlog import read_records
+    from agent.app.replay import check
 
     assert check(list(read_records(str(trace)))).startswith("replay check passed")
 

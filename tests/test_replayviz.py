@@ -122,8 +122,8 @@ def test_svg_of_a_refused_launch_shows_lanes_arrows_and_the_failure(tmp_path):
 
 @pytest.mark.parametrize("trace", ALL_TRACES, ids=lambda p: p.stem)
 def test_every_recorded_trace_draws_as_well_formed_svg(trace):
-    from agent import replayviz
-    from agent.eventlog import read_records
+    from agent.tools import replayviz
+    from agent.app.eventlog import read_records
 
     report = replayviz.build([(str(trace), list(read_records(str(trace))))])
     for flow in report.flows:
@@ -208,8 +208,8 @@ def lazy_diagrams(page: str) -> list[str]:
 
 
 def test_diagrams_kept_for_later_are_the_same_and_hold_no_secrets(tmp_path):
-    from agent import replayviz
-    from agent.eventlog import read_records
+    from agent.tools import replayviz
+    from agent.app.eventlog import read_records
 
     launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good",
                                  {"OwnerReleased": PACKET_SECRET})
@@ -290,8 +290,8 @@ def test_bad_input_is_one_line_exit_two_and_writes_nothing(tmp_path, args, words
 
 
 def test_the_picture_is_not_imported_on_the_agent_path():
-    code = ("import sys, agent.cli, agent.sidecar, agent.runner_cli, agent.launcher_cli, agent.replay\n"
-            "assert 'agent.replayviz' not in sys.modules, 'imported'\n")
+    code = ("import sys, agent.cli.main, agent.app.sidecar, agent.cli.run, agent.cli.launch, agent.app.replay\n"
+            "assert 'agent.tools.replayviz' not in sys.modules, 'imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from agent import seal
+from agent.crypto import seal
 from tests.hostkeys import make_host, make_pair
 
 VM = "vm1"

@@ -11,10 +11,10 @@ import tempfile
 import pytest
 from qemu.qmp import QMPClient
 
-from agent.config import load_config
-from agent.errors import FlowFailed, UsageError
-from agent.logs import setup_logging
-from agent.vtpm import Vtpm
+from agent.app.config import load_config
+from agent.common.errors import FlowFailed, UsageError
+from agent.common.logs import setup_logging
+from agent.app.vtpm import Vtpm
 from tests.leakscan import ArgvWatcher, LeakScan
 
 QEMU = "qemu-system-x86_64"

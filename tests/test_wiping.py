@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 from agent.core.actions import WriteKeyDir
 from agent.core.events import KeyDirFailed, KeyDirReady
-from agent.core.secret import Secret
-from agent.eventlog import EventLog
-from agent.runtime import Runtime
-from agent.sidecar import Sidecar
+from agent.common.secret import Secret
+from agent.app.eventlog import EventLog
+from agent.app.runtime import Runtime
+from agent.app.sidecar import Sidecar
 
 
 def _runtime(run_dir) -> Runtime:
@@ -60,7 +60,7 @@ def test_keys_psk_line_is_wiped_when_the_write_failed_too():
 
 
 def test_agent_exit_wipes_the_master_key_offers_and_an_unused_sealed_psk():
-    from agent.migrate_ctl import MigrationControl, PendingOffer
+    from agent.app.verbs.migrate import MigrationControl, PendingOffer
 
     master, offer, psk = Secret(bytes(32)), Secret(b"o" * 32), Secret(b"p" * 32)
     migration = MigrationControl.__new__(MigrationControl)  # the state only: no agent behind it

@@ -36,7 +36,7 @@ from agent.core.dhparams import ffdhe2048_pem
 from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
                                QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
 from agent.core.flow import Flow, register_flow
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 
 FINAL = ("completed", "failed", "cancelled")
 KEY_DIR = "tls"

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from agent.logs import get_logger
+from agent.common.logs import get_logger
 
 __all__ = [
     "HttpError",

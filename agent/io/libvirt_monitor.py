@@ -50,9 +50,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 from agent.io.qmp import SENSITIVE_KEYS, QmpDisconnectedError, QmpError, describe, wire_args
-from agent.logs import get_logger, scrub
+from agent.common.logs import get_logger, scrub
 
 # -- libvirt's stable ABI numbers (libvirt-domain.h, virterror.h) -----------
 # Written out so the translation does not need libvirt-python to be tested,
@@ -156,7 +156,7 @@ def load_api() -> LibvirtApi:
         import libvirt
         import libvirt_qemu
     except ImportError:
-        from agent.errors import UsageError
+        from agent.common.errors import UsageError
 
         raise UsageError(INSTALL_HINT) from None
     return LibvirtApi(libvirt.libvirtError, libvirt.open, libvirt_qemu.qemuMonitorCommand,

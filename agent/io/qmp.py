@@ -19,8 +19,8 @@ from typing import Any, Mapping
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.message import Message
 
-from agent.core.secret import Secret
-from agent.logs import scrub
+from agent.common.secret import Secret
+from agent.common.logs import scrub
 
 # Argument names whose values are secret material or ciphertext of it.
 SENSITIVE_KEYS = frozenset({"secret", "data", "iv", "password", "passphrase", "key",

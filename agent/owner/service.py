@@ -68,9 +68,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping, Sequence
 
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 from agent.io.http import Request, Response
-from agent.logs import get_logger
+from agent.common.logs import get_logger
 from agent.owner.config import OwnerConfig, VmPolicy
 
 __all__ = ["Decision", "decide_secret", "decide_session", "make_session", "LaunchSession",

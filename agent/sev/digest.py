@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives import hashes
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.sev.hashes_table import PADDED_SIZE, kernel_hashes_table
 from agent.sev.ovmf import FirmwareError, OvmfImage
 from agent.sev.vmsa import VmsaOptions, vmsa_pages

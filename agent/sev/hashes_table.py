@@ -34,7 +34,7 @@ from uuid import UUID
 
 from cryptography.hazmat.primitives import hashes
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 TABLE_GUID = UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
 CMDLINE_ENTRY_GUID = UUID("97d02dd8-bd20-4c94-aa78-e7714d36ab2a")

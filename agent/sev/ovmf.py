@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Iterable
 from uuid import UUID
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 # Footer of the table: 48 bytes from the end sits its GUID, just below it its
 # length; the last 32 bytes of the image are code (AP entry, VTF0, reset).

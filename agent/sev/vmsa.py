@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 PAGE_SIZE = 4096
 

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from agent.core.secret import Secret, live_secret_forms
+from agent.common.secret import Secret, live_secret_forms
 
 
 def test_repr_and_str_hide_the_bytes():

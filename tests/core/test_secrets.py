@@ -4,8 +4,8 @@ from agent.core.actions import (ControlReply, KeyringAdd, KeyringDrop, RemoveKey
                                 WriteKeyDir)
 from agent.core.events import (ControlRequest, KeyDirReady, KeyProvided, KeyringFailed,
                                KeyringReady, QmpDisconnected, QmpError, QmpReply, Start)
-from agent.core.secret import Secret
-from agent.core.secrets import SecretsFlow, SecretsParams, State
+from agent.common.secret import Secret
+from agent.core.secret_objects import SecretsFlow, SecretsParams, State
 
 
 def ready(mode="keyring"):

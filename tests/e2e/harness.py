@@ -184,7 +184,7 @@ class HostIdentity:
         """The raw private key, for the leak scan."""
         from cryptography.hazmat.primitives import serialization
 
-        from agent.hostkey import load_private
+        from agent.crypto.hostkey import load_private
 
         return load_private(str(self.key)).private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,

@@ -333,13 +333,13 @@ async def test_lifecycle_and_migration_events_through_libvirtd(libvirtd, tmp_pat
 # -- SEV end to end, on a fake libvirt domain ---------------------------------------------------
 
 async def _sev_launch(tmp_path: Path, owner_digest: bytes, machine_digest: bytes):
-    from agent.config import load_config
+    from agent.app.config import load_config
     from agent.io.http import HttpServer
     from agent.io.libvirt_monitor import LibvirtConnection
     from agent.owner.config import load_owner_config
     from agent.owner.service import OwnerService
-    from agent.sidecar import Sidecar, SidecarOptions
-    from agent.sim.machine import Machine, SimConfig
+    from agent.app.sidecar import Sidecar, SidecarOptions
+    from agent.tools.sim.machine import Machine, SimConfig
     from tests.io.test_libvirt_monitor import FakeLibvirt, FakeSevDomain
 
     tik, tek = os.urandom(16), os.urandom(16)

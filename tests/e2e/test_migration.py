@@ -234,13 +234,13 @@ def one_line_refusal(out: subprocess.CompletedProcess, words: str) -> None:
 
 
 def carrier_key(pair):
-    from agent.hostkey import load_private
+    from agent.crypto.hostkey import load_private
 
     return load_private(str(host_identity(pair.tmp, "carrier").key))
 
 
 def test_a_carrier_that_swaps_the_offer_gets_no_cookie(pair):
-    from agent import seal
+    from agent.crypto import seal
 
     src, dst = pair.src, pair.dst
     own = seal.make_offer(carrier_key(pair), VM, os.urandom(16), os.urandom(32))
@@ -258,7 +258,7 @@ def test_a_carrier_that_swaps_the_offer_gets_no_cookie(pair):
 
 
 def test_a_cookie_forged_with_the_carriers_key_plants_no_psk(pair):
-    from agent import seal
+    from agent.crypto import seal
 
     src, dst = pair.src, pair.dst
     uri = f"tcp:127.0.0.1:{free_port()}"

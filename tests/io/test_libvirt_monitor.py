@@ -1,7 +1,7 @@
 """QMP through libvirt: the translation, events and redaction, on fakes and on test:///.
 
 SEV needs hardware that is not here: a fake libvirt domain stands in,
-backed by the simulator's QEMU + PSP model (``agent.sim.machine``), and
+backed by the simulator's QEMU + PSP model (``agent.tools.sim.machine``), and
 behaving like libvirt 9.0 where it matters (start-paused domains report
 "paused (user)", QEMU errors come wrapped as "unable to execute QEMU
 command", typed-parameter names).  The real libvirt test driver
@@ -20,12 +20,12 @@ import os
 
 import pytest
 
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 from agent.io import libvirt_monitor as lm
 from agent.io.qmp import QmpDisconnectedError, QmpError
-from agent.logs import setup_logging
-from agent.sim.machine import QmpError as SimQmpError
-from agent.sim.machine import Machine, SimConfig
+from agent.common.logs import setup_logging
+from agent.tools.sim.machine import QmpError as SimQmpError
+from agent.tools.sim.machine import Machine, SimConfig
 
 try:
     import libvirt  # noqa: F401
@@ -576,7 +576,7 @@ async def test_a_second_event_loop_takes_libvirtaio_over_once_the_first_is_idle(
     (["run"], "one of the arguments --qmp --libvirt is required"),
 ])
 def test_run_needs_exactly_one_monitor(argv, text, capsys):
-    from agent.cli import main
+    from agent.cli.main import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -10,11 +10,11 @@ import os
 
 import pytest
 
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 from agent.io import qmp as qmpio
-from agent.logs import setup_logging
-from agent.sim.machine import SimConfig
-from agent.sim.qmp_server import Simulator
+from agent.common.logs import setup_logging
+from agent.tools.sim.machine import SimConfig
+from agent.tools.sim.qmp_server import Simulator
 
 
 @pytest.fixture

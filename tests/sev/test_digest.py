@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.sev.digest import launch_data, launch_digest
 from agent.sev.hashes_table import kernel_hashes_table
 from agent.sev.ovmf import Area, FirmwareError, synthetic_image

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.sev.hashes_table import (
     PADDED_SIZE,
     TABLE_SIZE,

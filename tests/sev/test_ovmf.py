@@ -7,7 +7,7 @@ from uuid import UUID
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.sev.ovmf import (
     SEV_ES_RESET_BLOCK_GUID,
     SEV_HASH_TABLE_RV_GUID,

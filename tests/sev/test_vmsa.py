@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.sev.vmsa import (
     BSP_RESET_ADDRESS,
     PAGE_SIZE,

@@ -16,8 +16,8 @@ from agent.sev.guids import LUKS_KEY_GUID
 from agent.sev.measurement import split_blob
 from agent.sev.packet import build_packet
 from agent.sev.secret_table import build_secret_table
-from agent.sim.machine import SimConfig
-from agent.sim.qmp_server import Simulator
+from agent.tools.sim.machine import SimConfig
+from agent.tools.sim.qmp_server import Simulator
 
 TIK = bytes(range(16))
 TEK = bytes(range(16, 32))

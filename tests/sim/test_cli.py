@@ -14,7 +14,7 @@ import time
 import pytest
 
 from agent.sev.measurement import verify_measurement
-from agent.sim.machine import DEFAULT_DIGEST
+from agent.tools.sim.machine import DEFAULT_DIGEST
 from tests.executable import KEYAGENT
 from tests.sim.conftest import DIGEST, TEK, TIK
 
@@ -268,7 +268,7 @@ def write_pdh_key(path, curve=None) -> object:
 
 def session_files(tmp_path, key, policy: int = 1) -> tuple[str, str]:
     from agent.sev.session import create_session
-    from agent.sim.psp import Platform
+    from agent.tools.sim.psp import Platform
 
     godh, session = create_session(Platform(key).pdh_cert, policy, nonce=os.urandom(16), tek=TEK, tik=TIK,
                                    iv=os.urandom(16))

@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.sim.json_stream import JsonStream, Parsed, ParseFailure
+from agent.tools.sim.json_stream import JsonStream, Parsed, ParseFailure
 
 
 def values(items):

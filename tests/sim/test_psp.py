@@ -7,12 +7,12 @@ import struct
 
 import pytest
 
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 from agent.sev.measurement import compute_measure, split_blob
 from agent.sev.packet import build_packet
 from agent.sev.secret_table import build_secret_table, parse_secret_table
 from agent.sev.guids import LUKS_KEY_GUID
-from agent.sim.psp import FW_ERROR_TEXT, FwError, Psp, SevRet
+from agent.tools.sim.psp import FW_ERROR_TEXT, FwError, Psp, SevRet
 from tests.sim.conftest import DIGEST, TEK, TIK
 
 NONCE = bytes(range(32, 48))
@@ -106,7 +106,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from agent.sev.cert import USAGE_PDH, Certificate, verify_pdh_chain  # noqa: E402
 from agent.sev.session import create_session  # noqa: E402
-from agent.sim.psp import Platform  # noqa: E402
+from agent.tools.sim.psp import Platform  # noqa: E402
 
 
 def owner_session(platform: Platform, policy: int = 1, tik: bytes = TIK, tek: bytes = TEK) -> tuple[bytes, bytes]:

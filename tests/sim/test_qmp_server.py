@@ -12,11 +12,11 @@ import os
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from agent.logs import setup_logging
+from agent.common.logs import setup_logging
 from agent.sev.guids import LUKS_KEY_GUID
 from agent.sev.measurement import verify_measurement
-from agent.sim.machine import SimConfig
-from agent.sim.qmp_server import Simulator
+from agent.tools.sim.machine import SimConfig
+from agent.tools.sim.qmp_server import Simulator
 from tests.sim.conftest import DIGEST, DISK_PASS, TEK, TIK, RawClient, make_config, new_guid, packet_for
 
 
@@ -230,7 +230,7 @@ async def test_a_launch_session_gives_the_psp_the_owners_keys(sock_path):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from agent.sev.session import create_session
-    from agent.sim.psp import Platform
+    from agent.tools.sim.psp import Platform
 
     key = ec.generate_private_key(ec.SECP384R1())
     tik, tek = os.urandom(16), os.urandom(16)
@@ -253,7 +253,7 @@ def test_a_session_that_does_not_open_stops_the_machine_at_launch_start(sock_pat
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from agent.sev.session import create_session
-    from agent.sim.psp import FwError, Platform, SevRet
+    from agent.tools.sim.psp import FwError, Platform, SevRet
 
     key = ec.generate_private_key(ec.SECP384R1())
     godh, session = create_session(Platform(key).pdh_cert, 0x1, nonce=os.urandom(16), tek=TEK, tik=TIK,
