@@ -31,12 +31,12 @@ SUBCOMMANDS = {
     "run": "agent.cli.run",
     "launch": "agent.cli.launch",
     "ctl": "agent.cli.ctl",
-    "replay": "agent.app.replay",
+    "replay": "agent.cli.replay",
     "owner": "agent.cli.owner",
     "simulate": "agent.cli.simulate",
-    "demo": "agent.tools.demo",
-    "bench": "agent.tools.bench",
-    "hostkey": "agent.crypto.hostkey",
+    "demo": "agent.cli.demo",
+    "bench": "agent.cli.bench",
+    "hostkey": "agent.cli.hostkey",
 }
 
 

@@ -25,13 +25,6 @@ from pathlib import Path
 DEMO_SECRET = b"demo disk passphrase (never printed)"
 
 
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="launch a simulated SEV VM with a local guest owner")
-    p.add_argument("--log-level", default="critical", metavar="LEVEL",
-                   help="agent log lines on stderr (default: none)")
-    p.set_defaults(func=run)
-
-
 def _write(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
