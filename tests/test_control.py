@@ -17,7 +17,7 @@ from agent.common.errors import UsageError
 from agent.io.http import PeerCred
 from agent.io.secretref import NOBODY, NOT_ALLOWED, UNRESTRICTED
 from agent.app.metrics import Metrics
-from agent.app.verbs.migrate import ControlError
+from agent.common.errors import ControlError
 
 
 async def read_ref(args):

@@ -342,14 +342,14 @@ async def drive_agent_qmp(path: str) -> list[str]:
         async with asyncio.timeout(10):
             try:
                 await conn.connect(path, 0.5)
-            except qmpio.QmpDisconnectedError as exc:
+            except qmpio.MonitorGone as exc:
                 seen.append(f"connect: {exc}")
                 return seen
             try:
                 seen.append(f"result: {await conn.execute('query-status')!r}"[:200])
-            except qmpio.QmpError as exc:
+            except qmpio.QmpCommandError as exc:
                 seen.append(f"error: {exc.error_class}: {exc.desc}")
-            except qmpio.QmpDisconnectedError as exc:
+            except qmpio.MonitorGone as exc:
                 seen.append(f"disconnected: {exc}")
             assert conn.events._queue.qsize() <= 16
             seen.append(f"gone: {await conn.wait_disconnected()}")

@@ -147,7 +147,7 @@ class ControlServer:
         return Response.json(404, {"error": f"no such endpoint: {request.method} {route[1]}"})
 
     async def _call(self, handler, request: Request) -> Response:
-        from agent.app.verbs.migrate import ControlError
+        from agent.common.errors import ControlError
 
         try:
             args = request.json() if request.body else {}

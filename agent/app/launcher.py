@@ -90,7 +90,7 @@ class Launcher(Sidecar):
                                          start_new_session=True)  # signals are ours to handle
         except OSError as exc:
             self._drop_master_file()
-            raise qmpio.QmpDisconnectedError(f"cannot start QEMU: {exc.strerror}") from None
+            raise qmpio.MonitorGone(f"cannot start QEMU: {exc.strerror}") from None
         loop = asyncio.get_running_loop()
         self._stderr_task = asyncio.ensure_future(self._relay_stderr(loop))
         asyncio.ensure_future(self._wait_qemu(loop))
@@ -105,12 +105,12 @@ class Launcher(Sidecar):
             self._drop_master_file()
             await asyncio.wait_for(asyncio.shield(self._stderr_task), 5)
             last = next((line for line in reversed(self.qemu_lines) if line.strip()), "")
-            raise qmpio.QmpDisconnectedError(
+            raise qmpio.MonitorGone(
                 f"QEMU failed to start (exit {self.qemu.returncode}): {last or 'no error text'}")
         died.cancel()
         try:
             connect.result()
-        except qmpio.QmpDisconnectedError:
+        except qmpio.MonitorGone:
             self._drop_master_file()
             raise
         # QEMU read the master key when it created the object at start.
@@ -204,7 +204,7 @@ class Launcher(Sidecar):
     async def _shutdown(self, grace: float) -> None:
         try:
             await self.runtime.qmp.execute("system_powerdown")
-        except (qmpio.QmpError, qmpio.QmpDisconnectedError):
+        except (qmpio.QmpCommandError, qmpio.MonitorGone):
             pass
         try:
             await asyncio.wait_for(self._qemu_done.wait(), grace)
@@ -216,7 +216,7 @@ class Launcher(Sidecar):
     async def _quit(self) -> None:
         try:
             await self.runtime.qmp.execute("quit")
-        except (qmpio.QmpError, qmpio.QmpDisconnectedError):
+        except (qmpio.QmpCommandError, qmpio.MonitorGone):
             pass
 
     async def on_exit(self) -> None:

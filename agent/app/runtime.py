@@ -140,9 +140,9 @@ class Runtime:
             return  # the disconnect event reaches the flow on its own
         try:
             result = await self.qmp.execute(action.command, action.args)
-        except qmpio.QmpError as exc:
+        except qmpio.QmpCommandError as exc:
             self.feed(flow_id, QmpError(action.tag, exc.error_class, exc.desc))
-        except qmpio.QmpDisconnectedError:
+        except qmpio.MonitorGone:
             pass  # the disconnect watcher tells every flow
         else:
             self.feed(flow_id, QmpReply(action.tag, result))

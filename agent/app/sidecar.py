@@ -144,7 +144,7 @@ class Sidecar:
         qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
         try:
             await qmp.connect(self.opts.qmp_path, self.opts.qmp_timeout)
-        except qmpio.QmpDisconnectedError:
+        except qmpio.MonitorGone:
             await qmp.close()
             raise
         self.log.info("QMP connected", qmp=self.opts.qmp_path, qemu=qmp.qemu_version)
@@ -224,7 +224,7 @@ class Sidecar:
             self.exit_code, self.exit_reason = 1, f"swtpm exited with status {status}"
         try:
             await rt.qmp.execute("quit")
-        except (qmpio.QmpError, qmpio.QmpDisconnectedError):
+        except (qmpio.QmpCommandError, qmpio.MonitorGone):
             pass
 
     # -- the whole life -------------------------------------------------------
@@ -301,7 +301,7 @@ class Sidecar:
         try:
             try:
                 qmp = await self.open_monitor(self.wanted_events())
-            except (qmpio.QmpDisconnectedError, FlowFailed) as exc:
+            except (qmpio.MonitorGone, FlowFailed) as exc:
                 self.exit_code, self.exit_reason = 1, str(exc)
                 return
             rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,

@@ -3,7 +3,7 @@
 Each subcommand lives with the code it drives and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a
 callable ``func(args) -> int``.  This module only dispatches and turns the
-two error kinds into exit statuses with a one-line reason.
+errors into exit statuses with a one-line reason (``agent.common.errors``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import NoReturn, Sequence
 
-from agent.common.errors import KeyagentError, UsageError
+from agent.common.errors import KeyagentError, SevFormatError, UsageError
 
 PROG = "keyagent"
 
@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyagentError as exc:
         return fail(exc.reason, exc.exit_code)
+    except SevFormatError as exc:  # agent.sev's input errors are the caller's usage errors
+        return fail(UsageError(str(exc)).reason, UsageError.exit_code)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
 

@@ -16,10 +16,13 @@ import json
 import logging
 from typing import Any, Mapping
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp.error import ProtocolError, QMPError
 from qemu.qmp.message import Message
+from qemu.qmp.protocol import ConnectError, StateError
 
 from agent.common.secret import Secret
+from agent.common.errors import MonitorGone, QmpCommandError
 from agent.common.logs import scrub
 
 # Argument names whose values are secret material or ciphertext of it.
@@ -27,6 +30,14 @@ SENSITIVE_KEYS = frozenset({"secret", "data", "iv", "password", "passphrase", "k
                             "packet-header", "psk", "key-secret"})
 
 REDACTED = "<redacted>"
+
+#: What qemu.qmp raises from ``execute`` when the connection is lost: the
+#: reply never comes (ExecInterruptedError), we are no longer connected
+#: (StateError), QEMU broke the protocol (ProtocolError: qemu.qmp then drops
+#: the connection), or the stream itself failed.  An ``ExecuteError`` is an
+#: answer, not a loss; anything else (a TypeError from arguments that are not
+#: JSON) is our bug and surfaces as such.
+MONITOR_LOST = (ExecInterruptedError, StateError, ProtocolError, EOFError, OSError)
 
 
 def redact(value: Any) -> Any:
@@ -75,19 +86,6 @@ class RedactingQMPClient(QMPClient):
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("<-- %s", describe(msg))
         return msg
-
-
-class QmpError(Exception):
-    """A command failed; ``error_class``/``desc`` are QEMU's, never our args."""
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.error_class = error_class
-        self.desc = desc
-
-
-class QmpDisconnectedError(Exception):
-    pass
 
 
 class BoundedListener(EventListener):
@@ -154,15 +152,17 @@ class QmpConnection:
             try:
                 await asyncio.wait_for(self.client.connect(path), max(0.1, deadline - loop.time()))
                 return
-            except (OSError, asyncio.TimeoutError, Exception) as exc:  # ConnectError wraps OSError
+            except (ConnectError, StateError, asyncio.TimeoutError) as exc:
+                # ConnectError wraps what the attempt met (no socket yet,
+                # refused, EOF or a bad greeting); anything else is a bug.
                 last = exc
                 try:
                     await self.client.disconnect()
-                except Exception:
-                    pass
+                except (QMPError, OSError, EOFError):
+                    pass  # the failed attempt's own error, already in `last`
             if loop.time() >= deadline:
                 cause = getattr(last, "exc", None) or last
-                raise QmpDisconnectedError(
+                raise MonitorGone(
                     f"cannot connect to QMP socket {path}: {_one_line(cause)}") from None
             await asyncio.sleep(0.05)
 
@@ -170,9 +170,9 @@ class QmpConnection:
         try:
             return await self.client.execute(command, wire_args(args or {}))
         except ExecuteError as exc:
-            raise QmpError(exc.error_class, exc.error.error.desc) from None
-        except Exception as exc:  # disconnected, protocol error
-            raise QmpDisconnectedError(_one_line(exc)) from None
+            raise QmpCommandError(exc.error_class, exc.error.error.desc) from None
+        except MONITOR_LOST as exc:
+            raise MonitorGone(_one_line(exc)) from None
 
     def _disconnect_once(self) -> "asyncio.Task[str]":
         """One disconnect for everybody: qemu.qmp's ``disconnect()`` makes a

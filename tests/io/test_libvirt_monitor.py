@@ -22,9 +22,8 @@ import pytest
 
 from agent.common.secret import Secret
 from agent.io import libvirt_monitor as lm
-from agent.io.qmp import QmpDisconnectedError, QmpError
+from agent.common.errors import MonitorGone, QmpCommandError, SimQmpError
 from agent.common.logs import setup_logging
-from agent.tools.sim.machine import QmpError as SimQmpError
 from agent.tools.sim.machine import Machine, SimConfig
 
 try:
@@ -261,7 +260,7 @@ async def test_a_shut_off_domain_is_a_disconnect():
     dom = FakeSevDomain(lib, sev_machine())
     conn = attach(lib, dom)
     dom.state = lambda: [lm.VIR_DOMAIN_SHUTOFF, 1]
-    with pytest.raises(QmpDisconnectedError):
+    with pytest.raises(MonitorGone):
         await conn.execute("query-status")
     assert await asyncio.wait_for(conn.wait_disconnected(), 1) == "the domain is shut off"
 
@@ -282,7 +281,7 @@ async def test_a_domain_without_sev_says_not_enabled():
     lib = FakeLibvirt()
     conn = attach(lib, FakeSevDomain(lib, sev_machine(), sev=False))
     assert await conn.execute("query-sev") == {"enabled": False}
-    with pytest.raises(QmpError) as err:
+    with pytest.raises(QmpCommandError) as err:
         await conn.execute("query-sev-launch-measure")
     assert err.value.error_class == "GenericError"
 
@@ -291,7 +290,7 @@ async def test_qemu_errors_wrapped_by_libvirt_keep_qemus_text_and_generic_class(
     # The launch flow retries query-sev-launch-measure on GenericError only.
     lib = FakeLibvirt()
     conn = attach(lib, FakeSevDomain(lib, sev_machine(measure_delay_s=60)))
-    with pytest.raises(QmpError) as err:
+    with pytest.raises(QmpCommandError) as err:
         await conn.execute("query-sev-launch-measure")
     assert (err.value.error_class, err.value.desc) == (
         "GenericError", "SEV launch measurement is not available")
@@ -342,11 +341,11 @@ async def test_a_qmp_error_reply_becomes_qmp_error_with_qemus_class():
     lib = FakeLibvirt()
     conn = attach(lib, FakeSevDomain(lib, sev_machine()))
     await conn.execute("object-add", {"qom-type": "secret", "id": "s1", "data": "x"})
-    with pytest.raises(QmpError) as err:
+    with pytest.raises(QmpCommandError) as err:
         await conn.execute("object-add", {"qom-type": "secret", "id": "s1", "data": "x"})
     assert err.value.error_class == "GenericError"
     assert "duplicate property 's1'" in err.value.desc
-    with pytest.raises(QmpError) as err:
+    with pytest.raises(QmpCommandError) as err:
         await conn.execute("no-such-command")
     assert err.value.error_class == "CommandNotFound"
 
@@ -361,7 +360,7 @@ async def test_a_libvirt_error_is_a_one_line_qmp_error_of_class_libvirt():
 
     dom.setLaunchSecurityState = unsupported
     conn = attach(lib, dom)
-    with pytest.raises(QmpError) as err:
+    with pytest.raises(QmpCommandError) as err:
         await conn.execute("sev-inject-launch-secret",
                            {"packet-header": "AAAA", "secret": Secret(b"s" * 32)})
     assert err.value.error_class == "libvirt"
@@ -378,7 +377,7 @@ async def test_an_error_echoing_what_was_sent_never_carries_it():
 
     dom.setLaunchSecurityState = echoing
     conn = attach(lib, dom)
-    with pytest.raises(QmpError) as err:
+    with pytest.raises(QmpCommandError) as err:
         await conn.execute("sev-inject-launch-secret",
                            {"packet-header": "AAAA", "secret": secret})
     assert secret.b64() not in str(err.value) and secret.b64() not in err.value.desc
@@ -389,10 +388,10 @@ async def test_a_libvirt_error_after_the_domain_went_away_is_a_disconnect():
     dom = FakeSevDomain(lib, sev_machine())
     conn = attach(lib, dom)
     dom.destroyed = True
-    with pytest.raises(QmpDisconnectedError):
+    with pytest.raises(MonitorGone):
         await conn.execute("cont")
     assert "Domain not found" in await asyncio.wait_for(conn.wait_disconnected(), 1)
-    with pytest.raises(QmpDisconnectedError):
+    with pytest.raises(MonitorGone):
         await conn.execute("query-status")
 
 
@@ -482,7 +481,7 @@ async def test_close_deregisters_everything_and_drops_the_domain():
     assert not lib.monitor_cbs and not lib.lifecycle_cbs and lib.close_cb is None
     assert lib.closed and conn.dom is None
     assert await conn.wait_disconnected() == "connection closed"
-    with pytest.raises(QmpDisconnectedError):
+    with pytest.raises(MonitorGone):
         await conn.execute("query-status")
 
 
@@ -525,7 +524,7 @@ async def test_lifecycle_through_libvirtaio_on_the_test_driver():
         it = aiter(conn.events)
         got = [(await asyncio.wait_for(anext(it), 2))["event"] for _ in range(2)]
         assert got == ["STOP", "RESUME"]
-        with pytest.raises(QmpError) as err:  # the test driver has no launch security
+        with pytest.raises(QmpCommandError) as err:  # the test driver has no launch security
             await conn.execute("query-sev")
         assert err.value.error_class == "libvirt"
         await conn.execute("quit")
@@ -538,7 +537,7 @@ async def test_lifecycle_through_libvirtaio_on_the_test_driver():
 
 @needs_libvirt
 async def test_a_missing_domain_is_reported_after_the_timeout():
-    with pytest.raises(QmpDisconnectedError) as err:
+    with pytest.raises(MonitorGone) as err:
         await lm.open_connection("test:///default", "no-such-domain", timeout=0.3)
     assert "no-such-domain" in str(err.value)
 
@@ -553,7 +552,7 @@ async def test_a_domain_that_is_not_running_is_waited_for_then_reported():
     try:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        with pytest.raises(QmpDisconnectedError, match=f"domain {name} is not running"):
+        with pytest.raises(MonitorGone, match=f"domain {name} is not running"):
             await lm.open_connection("test:///default", name, timeout=0.3)
         assert loop.time() - start < 1.5  # closing did not wait on leftover handles
     finally:

@@ -23,19 +23,12 @@ from typing import Any
 from agent.core.events import ControlRequest, KeyProvided
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.common.secret import Secret
-from agent.common.errors import UsageError
+from agent.common.errors import ControlError, UsageError
 
 MAX_PENDING_OFFERS = 8
 # fullmatch, not match with "$": "$" also matches before a trailing newline,
 # and "tcp:a:1\n" would reach QEMU.
 URI_RE = re.compile(r"tcp:[^\s:]+:[0-9]{1,5}|tcp:\[[0-9a-fA-F:.]+\]:[0-9]{1,5}|unix:/\S+")
-
-
-class ControlError(Exception):
-    def __init__(self, status: int, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
 
 
 def _uri(args: dict) -> str:

@@ -21,7 +21,7 @@ from agent.core.events import ControlRequest, KeyProvided
 from agent.common.secret import Secret
 from agent.core.secret_objects import SecretsFlow, SecretsParams
 from agent.common.errors import UsageError
-from agent.app.verbs.migrate import ControlError
+from agent.common.errors import ControlError
 
 FLOW_ID = "secrets"
 MASTER_KEY_LEN = 32

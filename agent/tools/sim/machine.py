@@ -6,7 +6,7 @@ object's QMP commands from target/i386/sev.c, with their checks and error
 texts, and the guest's secret area.  The PSP itself is :class:`Psp`.
 
 Sans-IO: commands come in as ``(name, arguments)`` and leave as a return
-value or a :class:`QmpError`; events go out through the ``emit`` callback;
+value or a :class:`SimQmpError`; events go out through the ``emit`` callback;
 time comes from the ``clock`` callable (only the simulated measurement delay
 needs it).  The wire protocol lives in :mod:`agent.tools.sim.qmp_server`.
 
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent.common.secret import Secret
+from agent.common.errors import SimQmpError
 from agent.common.logs import get_logger
 from agent.sev.secret_table import parse_secret_table
 from agent.tools.sim.psp import KVM_RET_FW_ERROR, SEV_POLICY_ES, FwError, Platform, Psp
@@ -42,7 +43,7 @@ from agent.tools.sim.psp import KVM_RET_FW_ERROR, SEV_POLICY_ES, FwError, Platfo
 __all__ = [
     "SimConfig",
     "Machine",
-    "QmpError",
+    "SimQmpError",
     "InjectedEntry",
     "QEMU_VERSION",
     "DEFAULT_DIGEST",
@@ -67,15 +68,6 @@ SEV_SECRET_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
 
 # GET_ID2 returns 64 bytes per socket.
 _CPU_ID_LEN = 64
-
-
-class QmpError(Exception):
-    """A command failed: QMP ``{"error": {"class": cls, "desc": desc}}``."""
-
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.cls = cls
 
 
 @dataclass(frozen=True)
@@ -180,24 +172,24 @@ def _check_args(args: dict, spec: dict[str, tuple[str, bool]]) -> dict:
     for name, (kind, required) in spec.items():
         if name not in args:
             if required:
-                raise QmpError(f"Parameter '{name}' is missing")
+                raise SimQmpError(f"Parameter '{name}' is missing")
             continue
         value = args[name]
         if kind == _STR:
             if not isinstance(value, str):
-                raise QmpError(f"Invalid parameter type for '{name}', expected: string")
+                raise SimQmpError(f"Invalid parameter type for '{name}', expected: string")
         elif kind == _BOOL:
             if not isinstance(value, bool):
-                raise QmpError(f"Invalid parameter type for '{name}', expected: boolean")
+                raise SimQmpError(f"Invalid parameter type for '{name}', expected: boolean")
         elif kind == _UINT64:
             # qobject_input_type_uint64: negative values wrap, for compatibility.
             if isinstance(value, bool) or not isinstance(value, int) or not -(1 << 63) <= value < (1 << 64):
-                raise QmpError(f"Parameter '{name}' expects uint64")
+                raise SimQmpError(f"Parameter '{name}' expects uint64")
             value &= (1 << 64) - 1
         out[name] = value
     for name in args:
         if name not in spec:
-            raise QmpError(f"Parameter '{name}' is unexpected")
+            raise SimQmpError(f"Parameter '{name}' is unexpected")
     return out
 
 
@@ -321,7 +313,7 @@ class Machine:
         return name in self._commands
 
     def execute(self, name: str, args: dict) -> Any:
-        """Run one command; raises :class:`QmpError` (or KeyError if unknown)."""
+        """Run one command; raises :class:`SimQmpError` (or KeyError if unknown)."""
         cmd = self._commands[name]
         checked = _check_args(args, cmd.args)
         self._tick()
@@ -363,7 +355,7 @@ class Machine:
     def _query_sev_launch_measure(self, _args: dict) -> dict:
         blob = self.psp.measurement
         if blob is None:
-            raise QmpError("SEV launch measurement is not available")
+            raise SimQmpError("SEV launch measurement is not available")
         return {"data": base64.b64encode(blob).decode()}
 
     def _query_sev_capabilities(self, _args: dict) -> dict:
@@ -383,26 +375,26 @@ class Machine:
         if gpa is None:
             if self.config.secret_gpa is None:
                 self._refuse("no secret area")
-                raise QmpError("SEV: no secret area found in OVMF, gpa must be specified.")
+                raise SimQmpError("SEV: no secret area found in OVMF, gpa must be specified.")
             gpa = self.config.secret_gpa
         psp = self.psp
         if psp.state != "launch-secret":
             self._refuse("wrong state", sev_state=psp.state)
-            raise QmpError(f"SEV: Not in correct state. (LSECRET) {psp.state_index:x}")
+            raise SimQmpError(f"SEV: Not in correct state. (LSECRET) {psp.state_index:x}")
         header = _g_base64_decode(args["packet-header"])
         if not header:
             self._refuse("header not base64")
-            raise QmpError("SEV: Failed to decode sequence header")
+            raise SimQmpError("SEV: Failed to decode sequence header")
         data = _g_base64_decode(args["secret"])
         if not data:
             self._refuse("secret not base64")
-            raise QmpError("SEV: Failed to decode data")
+            raise SimQmpError("SEV: Failed to decode data")
         self._gpa2hva(gpa, len(data))
         try:
             plaintext = psp.launch_secret(header, data)
         except FwError as exc:
             self._refuse("psp refused", fw_error=int(exc.code), detail=exc.why)
-            raise QmpError(
+            raise SimQmpError(
                 f"SEV: failed to inject secret ret={KVM_RET_FW_ERROR} fw_error={int(exc.code)} '{exc.text}'"
             ) from None
         self._guest_reads_secret_area(plaintext, self._in_secret_area(gpa, len(data)))
@@ -417,10 +409,10 @@ class Machine:
         # monitor/misc.c gpa2hva(): guest RAM is [0, ram_size) here.
         if gpa >= self.config.ram_size:
             self._refuse("gpa not mapped")
-            raise QmpError(f"SEV: Failed to calculate guest address: No memory is mapped at address 0x{gpa:x}")
+            raise SimQmpError(f"SEV: Failed to calculate guest address: No memory is mapped at address 0x{gpa:x}")
         if gpa + size > self.config.ram_size:
             self._refuse("gpa region too small")
-            raise QmpError(f"SEV: Failed to calculate guest address: Size of memory region at 0x{gpa:x} exceeded.")
+            raise SimQmpError(f"SEV: Failed to calculate guest address: Size of memory region at 0x{gpa:x} exceeded.")
 
     def _guest_reads_secret_area(self, plaintext: Secret, visible: bool) -> None:
         self.injections += 1

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.common.errors import SimError
 from agent.common.secret import Secret
 from agent.sev.cert import (
     ALGO_ECDH_SHA256,
@@ -121,7 +122,7 @@ FW_ERROR_TEXT = {
 KVM_RET_FW_ERROR = -5
 
 
-class FwError(Exception):
+class FwError(SimError):
     """The firmware refused a command; ``code`` is its status."""
 
     def __init__(self, code: SevRet, why: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from agent.common.logs import get_logger
 from agent.tools.sim.json_stream import DEFAULT_MAX_MESSAGE, JsonStream, Parsed, ParseFailure
-from agent.tools.sim.machine import QEMU_VERSION, InjectedEntry, Machine, QmpError, SimConfig
+from agent.tools.sim.machine import QEMU_VERSION, InjectedEntry, Machine, SimQmpError, SimConfig
 
 __all__ = ["Simulator", "SimConfig", "Monitor", "encode_message"]
 
@@ -60,29 +60,29 @@ class Monitor:
     def handle(self, item: Parsed | ParseFailure) -> tuple[dict, str | None]:
         """The reply to one parsed message, and the command name (for logs)."""
         if isinstance(item, ParseFailure):
-            return _error(QmpError(item.desc)), None
+            return _error(SimQmpError(item.desc)), None
         request = item.value
         if not isinstance(request, dict):
-            return _error(QmpError("QMP input must be a JSON object")), None
+            return _error(SimQmpError("QMP input must be a JSON object")), None
         name: str | None = None
         try:
             name, oob = self._check_request(request)
             result = self._dispatch(name, oob, request.get("arguments", {}))
             reply: dict = {"return": result}
-        except QmpError as exc:
+        except SimQmpError as exc:
             reply = self._error_reply(exc)
         except Exception as exc:  # a simulator bug must not kill the session
             get_logger("keyagent.sim").error("sim.internal_error", command=name, error=type(exc).__name__)
-            reply = _error(QmpError(f"internal simulator error ({type(exc).__name__})"))
+            reply = _error(SimQmpError(f"internal simulator error ({type(exc).__name__})"))
         if "id" in request:
             reply["id"] = request["id"]
         return reply, name
 
-    def _error_reply(self, exc: QmpError) -> dict:
+    def _error_reply(self, exc: SimQmpError) -> dict:
         # monitor_qmp_dispatch(): before negotiation a CommandNotFound gets a
         # more useful text.
         if not self.negotiated and exc.cls == "CommandNotFound":
-            exc = QmpError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound")
+            exc = SimQmpError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound")
         return _error(exc)
 
     def _check_request(self, request: dict) -> tuple[str, bool]:
@@ -91,33 +91,33 @@ class Monitor:
         for key, value in request.items():
             if key == "execute" or (key == "exec-oob" and self.oob):
                 if not isinstance(value, str):
-                    raise QmpError(f"QMP input member '{key}' must be a string")
+                    raise SimQmpError(f"QMP input member '{key}' must be a string")
                 if exec_key is not None:
-                    raise QmpError(f"QMP input member '{key}' clashes with '{exec_key}'")
+                    raise SimQmpError(f"QMP input member '{key}' clashes with '{exec_key}'")
                 exec_key = key
             elif key == "arguments":
                 if not isinstance(value, dict):
-                    raise QmpError("QMP input member 'arguments' must be an object")
+                    raise SimQmpError("QMP input member 'arguments' must be an object")
             elif key == "id":
                 continue
             else:
-                raise QmpError(f"QMP input member '{key}' is unexpected")
+                raise SimQmpError(f"QMP input member '{key}' is unexpected")
         if exec_key is None:
-            raise QmpError("QMP input lacks member 'execute'")
+            raise SimQmpError("QMP input lacks member 'execute'")
         return request[exec_key], exec_key == "exec-oob"
 
     def _dispatch(self, name: str, oob: bool, args: dict) -> Any:
         known = name in ("qmp_capabilities", "query-commands", "x-sim-query-clients") \
             or self.machine.has_command(name)
         if not known or (not self.negotiated and name != "qmp_capabilities"):
-            raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+            raise SimQmpError(f"The command {name} has not been found", "CommandNotFound")
         if oob:
-            raise QmpError(f"The command {name} does not support OOB")
+            raise SimQmpError(f"The command {name} does not support OOB")
         if name == "qmp_capabilities":
             return self._qmp_capabilities(args)
         if name == "query-commands":
             if args:
-                raise QmpError(f"Parameter '{next(iter(args))}' is unexpected")
+                raise SimQmpError(f"Parameter '{next(iter(args))}' is unexpected")
             names = ["qmp_capabilities", "query-commands", "x-sim-query-clients",
                      *self.machine.command_names]
             return [{"name": n} for n in names]
@@ -130,26 +130,26 @@ class Monitor:
         # qmp_qmp_capabilities() + qmp_caps_accept()
         for key in args:
             if key != "enable":
-                raise QmpError(f"Parameter '{key}' is unexpected")
+                raise SimQmpError(f"Parameter '{key}' is unexpected")
         enable = args.get("enable", [])
         if not isinstance(enable, list):
-            raise QmpError("Invalid parameter type for 'enable', expected: array")
+            raise SimQmpError("Invalid parameter type for 'enable', expected: array")
         for i, cap in enumerate(enable):
             if not isinstance(cap, str):
-                raise QmpError(f"Invalid parameter type for 'enable[{i}]', expected: string")
+                raise SimQmpError(f"Invalid parameter type for 'enable[{i}]', expected: string")
             if cap != "oob":
-                raise QmpError(f"Parameter 'enable[{i}]' does not accept value '{cap}'")
+                raise SimQmpError(f"Parameter 'enable[{i}]' does not accept value '{cap}'")
         if self.negotiated:
-            raise QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
+            raise SimQmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
         unavailable = [c for c in enable if c not in _QMP_CAPABILITIES]
         if unavailable:
-            raise QmpError(f"Capability {', '.join(unavailable)} not available")
+            raise SimQmpError(f"Capability {', '.join(unavailable)} not available")
         self.oob = "oob" in enable
         self.negotiated = True
         return {}
 
 
-def _error(exc: QmpError) -> dict:
+def _error(exc: SimQmpError) -> dict:
     return {"error": {"class": exc.cls, "desc": exc.desc}}
 
 
