@@ -18,7 +18,8 @@ from typing import Any
 
 import inspect
 
-from agent.io.http import HttpServer, InvalidJson, Request, Response
+from agent.errors import UsageError
+from agent.io.http import HttpError, HttpServer, InvalidJson, Request, Response
 
 
 def peer_check(gid: int | None = None):
@@ -44,10 +45,26 @@ class ControlServer:
         self.server = HttpServer(self.handle, allow_peer=peer_check(gid), max_body=256 * 1024)
 
     async def start(self) -> None:
+        """Listen; a path that cannot be bound is a UsageError (one line, exit 2).
+
+        The sidecar's preflight refuses these before anything is created;
+        this is the wall for what changed on disk in between.
+        """
         # 0600, or 0660 for the configured group, so that it can connect at all.
-        await self.server.start_unix(self.path, mode=0o600 if self.gid is None else 0o660)
+        try:
+            await self.server.start_unix(self.path, mode=0o600 if self.gid is None else 0o660)
+        except HttpError as exc:
+            raise UsageError(f"control socket: {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"cannot listen on control socket {self.path}: "
+                             f"{exc.strerror or type(exc).__name__}") from None
         if self.gid is not None:
-            os.chown(self.path, -1, self.gid)
+            try:
+                os.chown(self.path, -1, self.gid)
+            except (OSError, OverflowError) as exc:
+                await self.close()
+                raise UsageError(f"cannot give control socket {self.path} to group {self.gid}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
 
     async def close(self) -> None:
         await self.server.close()

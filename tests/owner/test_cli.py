@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import select
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -21,7 +23,8 @@ from tests.sev import vectors as v
 
 from .conftest import API, DIGEST, PASSPHRASE, POLICY, TEK, TIK
 
-KEYAGENT = "/tmp/venv/bin/keyagent"
+# The keyagent script installed next to this Python (the venv's bin directory).
+KEYAGENT = os.path.join(os.path.dirname(sys.executable), "keyagent")
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
