@@ -310,8 +310,9 @@ class HttpServer:
 
     * at most ``max_connections`` connections are open at once.  At the cap
       the server stops accepting: new connections wait in the kernel's
-      listen backlog (no file descriptor of ours) until one closes, and
-      idle keep-alive connections are closed first to make room;
+      listen backlog (no file descriptor of ours) until one closes; idle
+      keep-alive connections are closed to make room, and responses sent
+      at the cap end their connection (``Connection: close``);
     * a request's head and body must arrive within ``request_timeout`` of
       its first byte (of the accept, for a connection's first request),
       however slowly they trickle in; a response must leave within it too;
@@ -448,7 +449,7 @@ class HttpServer:
                 await self._slot_free.wait()
                 continue
             try:
-                sock, _ = await loop.sock_accept(listener)
+                sock = await self._accept(listener)
             except OSError as exc:
                 if exc.errno in _PEER_GONE:
                     continue
@@ -466,6 +467,31 @@ class HttpServer:
             task = loop.create_task(self._on_connect(state, unix))
             self._conns[task] = state
             task.add_done_callback(self._on_conn_done)
+
+    @staticmethod
+    async def _accept(listener: socket.socket) -> socket.socket:
+        """``accept()``, waiting for the listener to be readable.
+
+        Not ``loop.sock_accept``: in Python 3.11 its callback can still run
+        after the future was cancelled (server closing), which logs an
+        InvalidStateError and loses the accepted socket.  The reader is
+        registered only while waiting: at the cap or during a back-off the
+        loop must not be woken by a readable listener it will not serve.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = listener.accept()
+                return sock
+            except (BlockingIOError, InterruptedError):
+                pass
+            readable = loop.create_future()
+            fd = listener.fileno()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
 
     def _shed_idle(self) -> None:
         """At the cap, idle keep-alive connections go first (HTTP/1.1 lets a
@@ -603,7 +629,9 @@ class HttpServer:
                                 path=request.path.split("?", 1)[0],
                                 error=type(exc).__name__, where=where)
                 response = Response.json(500, {"error": "internal error"})
-            await self._send(conn, writer, response, head=request.method == "HEAD")
+            # At the cap, keep-alive ends: the slot goes to whoever waits in the backlog.
+            await self._send(conn, writer, response, head=request.method == "HEAD",
+                             close=len(self._conns) >= self.max_connections)
 
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 raise _Close()
