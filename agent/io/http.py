@@ -26,6 +26,9 @@ import stat
 import struct
 import traceback
 from dataclasses import KW_ONLY, dataclass, field
+# Imported here, not at the first answer: a server out of file descriptors
+# (EMFILE) could not import it then.
+from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -220,8 +223,6 @@ async def _exchange(method: str, host: str, port: int, target: str, body: dict |
 # server
 
 def _reason(status: int) -> bytes:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
