@@ -588,6 +588,18 @@ def test_serve_stops_at_once_and_quietly_with_connections_open(owner_dir):
     keep = socket.create_connection(("127.0.0.1", port))  # one answer, then idle keep-alive
     keep.sendall(b"GET /nope HTTP/1.1\r\nHost: owner\r\n\r\n")
     assert keep.recv(65536).startswith(b"HTTP/1.1 404 ")
+    # Pipelined requests whose answers are never read: the owner's sends block.
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", port))
+    hog.setblocking(False)
+    try:
+        for _ in range(20000):
+            hog.send(b"GET /nope HTTP/1.1\r\nHost: owner\r\n\r\n")
+    except BlockingIOError:
+        pass  # the owner stopped reading: its answers fill both buffers
+    socks.append(hog)
+    time.sleep(0.5)
     try:
         start = time.monotonic()
         code, stderr = stop_owner(proc)
