@@ -205,3 +205,43 @@ def test_vm_without_session_still_needs_tik(tmp_path):
 ])
 def test_bad_session_keys(tmp_path, lines, words):
     assert words in one_line_error(session_toml(tmp_path, lines))
+
+
+def two_vms(owner_dir, tik2: bytes, tek2: bytes):
+    """owner.toml with vm2 next to vm1, vm2's keys as given."""
+    (owner_dir.root / "vm2_tik.bin").write_bytes(tik2)
+    (owner_dir.root / "vm2_tek.bin").write_bytes(tek2)
+    text = owner_dir.toml.read_text()
+    second = (text.replace("[vm.vm1]", "[vm.vm2]").replace("vm.vm1.secret", "vm.vm2.secret")
+              .replace("keys/vm1_tik.bin", "vm2_tik.bin").replace("keys/vm1_tek.bin", "vm2_tek.bin"))
+    owner_dir.toml.write_text(text + second)
+    return owner_dir.toml
+
+
+@pytest.mark.parametrize("tik2, tek2, words", [
+    (TIK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TIK"),
+    (bytes(range(200, 216)), TEK, "vm.vm2 TEK is the same key as vm.vm1 TEK"),
+    (TEK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TEK"),
+], ids=["tik", "tek", "tik-is-the-other-tek"])
+def test_a_key_shared_by_two_vms_is_refused(owner_dir, tik2, tek2, words):
+    text = one_line_error(two_vms(owner_dir, tik2, tek2))
+    assert words in text
+    for raw in (TIK, TEK):
+        assert raw.hex() not in text
+
+
+def test_vms_with_keys_of_their_own_load(owner_dir):
+    config = load_owner_config(two_vms(owner_dir, bytes(range(200, 216)), bytes(range(216, 232))))
+    assert sorted(config.vms) == ["vm1", "vm2"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_owner_files_must_be_regular(owner_dir, kind):
+    import os
+
+    if kind == "fifo":
+        owner_dir.secret.unlink()
+        os.mkfifo(owner_dir.secret)  # open() alone would wait for a writer
+        assert "vm1-disk.pass is not a regular file" in one_line_error(owner_dir.toml)
+    else:
+        assert "/dev/zero is not a regular file" in one_line_error("/dev/zero")
