@@ -9,6 +9,7 @@ run_dir, the event log and a vTPM state (a swtpm socket path that is too long).
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,15 @@ import pytest
 KEYAGENT = os.path.join(os.path.dirname(sys.executable), "keyagent")
 
 
+def limit_memory() -> None:
+    """In the child: 2 GiB of address space, so that a regression that reads
+    /dev/zero fails there instead of filling this shared machine's memory."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
 def keyagent(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([KEYAGENT, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, preexec_fn=limit_memory)
 
 
 def long_dir(tmp_path: Path, total: int) -> Path:

@@ -633,8 +633,16 @@ def test_serve_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path, ki
     else:
         path = "/dev/zero"  # read() would fill memory
     proc = subprocess.run([KEYAGENT, "owner", "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
-                          capture_output=True, text=True, timeout=20)
+                          capture_output=True, text=True, timeout=20, preexec_fn=limit_memory)
     assert_usage_error(proc, "is not a regular file")
+
+
+def limit_memory() -> None:
+    """In the child: 2 GiB of address space, so that a regression that reads
+    /dev/zero fails there instead of filling this shared machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
 
 def test_serve_refuses_two_vms_with_the_same_tik(owner_dir):
