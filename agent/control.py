@@ -35,6 +35,7 @@ def peer_check(gid: int | None = None):
 
 
 allow_peer = peer_check()
+CONTROL_MAX_CONNECTIONS = 32
 
 
 class ControlServer:
@@ -42,7 +43,11 @@ class ControlServer:
         self.sidecar = sidecar
         self.path = path
         self.gid = gid
-        self.server = HttpServer(self.handle, allow_peer=peer_check(gid), max_body=256 * 1024)
+        # A few ctl calls and probes at a time; ``migrate wait`` holds one for
+        # minutes.  More wait in the listen backlog; every request's head
+        # and body must arrive within 10 s (HttpServer's default).
+        self.server = HttpServer(self.handle, allow_peer=peer_check(gid), max_body=256 * 1024,
+                                 max_connections=CONTROL_MAX_CONNECTIONS)
 
     async def start(self) -> None:
         """Listen; a path that cannot be bound is a UsageError (one line, exit 2).
