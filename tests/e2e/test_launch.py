@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -186,3 +187,27 @@ def test_sigterm_while_waiting_for_the_monitor_of_an_sev_launch_exits_1_at_once(
         assert time.monotonic() - start < 5
         last = json.loads(agent.stderr.strip().splitlines()[-1])
         assert last["reason"] == "stopped by SIGTERM before the launch completed"
+
+
+def test_sigterm_before_qemus_monitor_answers_stops_qemu_and_drops_the_master_key(short_world):
+    # A "QEMU" that never opens its monitor: the agent waits (up to 30 s) for it.
+    w = short_world
+    fake_qemu = w.tmp / "fake-qemu"
+    fake_qemu.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    fake_qemu.chmod(0o755)
+    agent = w.spawn("launch", ["launch", "--vm-name", "lvm", "--vm-run-dir", str(w.tmp / "run"),
+                               "--secrets-master-key", "file", "--", str(fake_qemu)])
+    wait_for(lambda: "starting QEMU" in agent.stderr or agent.popen.poll() is not None,
+             what="QEMU started")
+    wait_for(lambda: any(p.name.startswith("key-master") for p in (w.tmp / "run").iterdir()),
+             what="master key directory")
+    start = time.monotonic()
+    agent.popen.send_signal(signal.SIGTERM)
+    try:
+        code = agent.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(agent.stderr) from None
+    assert time.monotonic() - start < 5, agent.stderr
+    assert code == 128 + signal.SIGTERM  # QEMU's own end: it was terminated
+    assert "Traceback" not in agent.stderr
+    assert sorted(p.name for p in (w.tmp / "run").iterdir()) == []  # no key-master-* left
