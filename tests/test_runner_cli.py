@@ -111,3 +111,23 @@ def test_launch_refuses_a_run_dir_too_long_for_its_qmp_socket(tmp_path):
     assert "QMP socket path" in proc.stderr and "longer than a unix socket allows" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not run.exists()
+
+
+def test_a_control_gid_we_cannot_give_the_socket_to_is_refused_before_anything(tmp_path, monkeypatch):
+    # As root every group works; as anybody else only our own groups do (chown(2)).
+    from agent.config import load_config
+    from agent.errors import UsageError
+    from agent.sidecar import Sidecar, SidecarOptions
+
+    cfg = load_config(None, {"vm_run_dir": str(tmp_path / "run"), "control_gid": "4242"})
+    sidecar = Sidecar(cfg, SidecarOptions(qmp_path=str(tmp_path / "qmp.sock"),
+                                          control_path=str(tmp_path / "run" / "control.sock"),
+                                          event_log=None))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getegid", lambda: 1000)
+    monkeypatch.setattr(os, "getgroups", lambda: [1000, 27])
+    with pytest.raises(UsageError, match=r"\[control\] gid 4242: the control socket can only be given"):
+        sidecar.preflight()
+    monkeypatch.setattr(os, "getgroups", lambda: [1000, 4242])
+    sidecar.preflight()  # a group we are in
+    assert not (tmp_path / "run").exists()
