@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-KEYAGENT = os.path.join(os.path.dirname(sys.executable), "keyagent")
+from tests.executable import KEYAGENT
+
 
 
 def limit_memory() -> None:
@@ -26,7 +27,7 @@ def limit_memory() -> None:
 
 
 def keyagent(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([KEYAGENT, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*KEYAGENT, *args], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, preexec_fn=limit_memory)
 
 

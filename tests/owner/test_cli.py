@@ -562,7 +562,7 @@ def start_owner(owner_dir, *extra: str, nofile: int | None = None) -> tuple[subp
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    proc = subprocess.Popen([KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
+    proc = subprocess.Popen([*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
                              "--listen", "127.0.0.1:0", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=limit_fds if nofile else None)
@@ -698,7 +698,7 @@ def test_serve_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path, ki
         os.mkfifo(path)  # open() would wait for a writer for ever
     else:
         path = "/dev/zero"  # read() would fill memory
-    proc = subprocess.run([KEYAGENT, "owner", "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
+    proc = subprocess.run([*KEYAGENT, "owner", "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
                           capture_output=True, text=True, timeout=20, preexec_fn=limit_memory)
     assert_usage_error(proc, "is not a regular file")
 
