@@ -4,6 +4,7 @@ import pytest
 
 from agent.app.config import load_config, unix_path
 from agent.common.errors import UsageError
+from tests.fifo import call_with_fifo_deadline
 
 
 def write(tmp_path, text):
@@ -43,6 +44,11 @@ def test_flags_override_the_file(tmp_path):
     ("[vm]\nname = \"a b\"\n", "[vm] name"),
     ("[vtpm]\nkey = \"/etc/key\"\n", "file:PATH"),
     ("[migration]\npsk_length = 4\n", "at least 16"),
+    ("[control]\ngid = 99999999999\n", "[control] gid must be at most 4294967294"),
+    ("[sev]\nowner_url = \"https://owner:8443\"\n", "scheme 'https' is not supported"),
+    ("[sev]\nowner_url = \"http://owner:99999\"\n", "invalid port (must be 1..65535)"),
+    ("[sev]\nowner_url = \"http://owner:0\"\n", "invalid port"),
+    ("[sev]\nowner_url = \"http://user:pw@owner\"\n", "must not hold a user name"),
     ("[vm\n", "invalid TOML"),
     ("vm = 3\n", "[vm] must be a table"),
 ])
@@ -105,3 +111,33 @@ def test_bad_control_ref_dirs_are_one_line(tmp_path, value, words):
         load_config(write(tmp_path, f"[control]\nref_dirs = {value}\n"))
     assert words in str(err.value) and "[control] ref_dirs" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8443", "http://owner", "http://[::1]:1/base",
+                                 "HTTP://owner.example:65535/x?y=1"])
+def test_owner_urls_the_client_can_use_are_accepted(url):
+    assert load_config(None, {"sev_owner_url": url}).sev_owner_url == url
+
+
+def test_gid_flag_out_of_range_is_one_line():
+    with pytest.raises(UsageError, match="gid must be at most 4294967294"):
+        load_config(None, {"control_gid": "99999999999"})
+
+
+# /dev/zero is tested in a subprocess with a memory limit (tests/test_runner_cli.py):
+# a regression here would fill this machine's memory.
+@pytest.mark.parametrize("kind", ["fifo", "directory", "huge"])
+def test_config_must_be_a_small_regular_file(tmp_path, kind):
+    import os
+
+    path = tmp_path / "agent.toml"
+    if kind == "fifo":
+        os.mkfifo(path)  # open() alone would wait for a writer
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"#" * (2 << 20))
+    err = call_with_fifo_deadline(path, lambda: load_config(str(path)))
+    assert isinstance(err, UsageError), err
+    words = {"fifo": "is not a regular file", "directory": "is a directory", "huge": "is larger than 1048576 bytes"}[kind]
+    assert words in str(err) and "\n" not in str(err)

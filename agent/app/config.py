@@ -15,10 +15,14 @@ import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from agent.common.errors import UsageError
 
 SECRET_REF = re.compile(r"(file|keyring|libvirt):.+")
+# A config file is a few hundred bytes; this only stops /dev/zero-like inputs.
+MAX_CONFIG_FILE = 1 << 20
+MAX_GID = 2**32 - 2
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,24 @@ def _vm_name(value: str) -> str | None:
 
 
 def _url(value: str) -> str | None:
-    return None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) else "must be an http:// URL"
+    """The owner client speaks plain HTTP (agent.io.http): anything else would
+    only fail at the launch, after QEMU was started and the VM quit for it."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#]+([/?#]\S*)?", value):
+        return "must be an http:// URL"
+    parts = urlsplit(value)
+    if parts.scheme.lower() != "http":
+        return f"must be an http:// URL (scheme {parts.scheme!r} is not supported)"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold a user name or password"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has an invalid port (must be 1..65535)"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has an invalid port (must be 1..65535)"
+    return None
 
 
 def _ref_dirs(value: tuple[str, ...]) -> str | None:
@@ -94,7 +115,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("vtpm", "version", str, "2.0", choices=("2.0", "1.2")),
     Key("vtpm", "key_kind", str, "raw", choices=("raw", "passphrase")),
     Key("vtpm", "device", str, "tpm-crb", choices=("tpm-crb", "tpm-tis")),
-    Key("control", "gid", int, None, minimum=0,
+    # gid_t is 32 bits and (gid_t)-1 means "leave the group as it is".
+    Key("control", "gid", int, None, minimum=0, maximum=MAX_GID,
         help="a group (besides our uid and root) allowed on the control socket"),
     Key("control", "ref_dirs", list, (), path=True, check=_ref_dirs,
         help="(repeat) a directory under which peers of [control] gid may name key files; "
@@ -127,6 +149,10 @@ class Config:
         return "sev" in self.sections_present or self.sev_owner_url is not None
 
 
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _coerce(key: Key, value: Any, where: str) -> Any:
     label = f"{where}[{key.section}] {key.name}"
     if key.type is float:
@@ -150,9 +176,9 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
             raise UsageError(f"{label} must be a list of non-empty strings")
         value = tuple(value)
     if key.minimum is not None and value < key.minimum:
-        raise UsageError(f"{label} must be at least {key.minimum:g}")
+        raise UsageError(f"{label} must be at least {_num(key.minimum)}")
     if key.maximum is not None and value > key.maximum:
-        raise UsageError(f"{label} must be at most {key.maximum:g}")
+        raise UsageError(f"{label} must be at most {_num(key.maximum)}")
     if key.choices is not None and value not in key.choices:
         raise UsageError(f"{label} must be one of {', '.join(map(str, key.choices))}")
     if key.check is not None and not (key.path and key.type is list):
@@ -214,9 +240,10 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
     values = {(k.section, k.name): k.default for k in SCHEMA}
     present: set[str] = set()
     if path:
+        from agent.io.files import read_regular_file
+
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
+            data = tomllib.loads(read_regular_file(path, "config", MAX_CONFIG_FILE).decode())
         except OSError as exc:
             raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:

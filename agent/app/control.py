@@ -23,8 +23,9 @@ import inspect
 import os
 from typing import Any
 
+from agent.common.errors import UsageError
 from agent.common.secret import Secret
-from agent.io.http import HttpServer, InvalidJson, PeerCred, Request, Response
+from agent.io.http import HttpError, HttpServer, InvalidJson, PeerCred, Request, Response
 from agent.io.secretref import NOBODY, UNRESTRICTED, RefAccess, resolve_async
 
 # The RefAccess of the control request being served, for the verbs that
@@ -56,6 +57,7 @@ def peer_check(gid: int | None = None):
 
 
 allow_peer = peer_check()
+CONTROL_MAX_CONNECTIONS = 32
 
 
 def access_for(peer: object, ref_dirs: tuple[str, ...] = ()) -> RefAccess:
@@ -113,13 +115,33 @@ class ControlServer:
         self.path = path
         self.gid = gid
         self.ref_dirs = tuple(ref_dirs)
-        self.server = HttpServer(self.handle, allow_peer=peer_check(gid), max_body=256 * 1024)
+        # A few ctl calls and probes at a time; ``migrate wait`` holds one for
+        # minutes.  More wait in the listen backlog; every request's head
+        # and body must arrive within 10 s (HttpServer's default).
+        self.server = HttpServer(self.handle, allow_peer=peer_check(gid), max_body=256 * 1024,
+                                 max_connections=CONTROL_MAX_CONNECTIONS)
 
     async def start(self) -> None:
+        """Listen; a path that cannot be bound is a UsageError (one line, exit 2).
+
+        The sidecar's preflight refuses these before anything is created;
+        this is the wall for what changed on disk in between.
+        """
         # 0600, or 0660 for the configured group, so that it can connect at all.
-        await self.server.start_unix(self.path, mode=0o600 if self.gid is None else 0o660)
+        try:
+            await self.server.start_unix(self.path, mode=0o600 if self.gid is None else 0o660)
+        except HttpError as exc:
+            raise UsageError(f"control socket: {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"cannot listen on control socket {self.path}: "
+                             f"{exc.strerror or type(exc).__name__}") from None
         if self.gid is not None:
-            os.chown(self.path, -1, self.gid)
+            try:
+                os.chown(self.path, -1, self.gid)
+            except (OSError, OverflowError) as exc:
+                await self.close()
+                raise UsageError(f"cannot give control socket {self.path} to group {self.gid}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
 
     async def close(self) -> None:
         await self.server.close()

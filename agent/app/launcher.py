@@ -29,7 +29,7 @@ from agent.core.resume import ResumeFlow, ResumeParams
 from agent.common.secret import Secret
 from agent.common.errors import UsageError
 from agent.io import qmp as qmpio
-from agent.io.rundir import make_key_dir, remove_key_dir, write_key_file
+from agent.io.rundir import check_socket_path, make_key_dir, remove_key_dir, write_key_file
 from agent.app.runtime import Runtime
 from agent.app.sidecar import Sidecar, SidecarOptions
 
@@ -71,6 +71,8 @@ class Launcher(Sidecar):
         if not self.cfg.vm_run_dir:
             raise UsageError("keyagent launch needs [vm] run_dir (or --vm-run-dir)")
         prepare_argv(self.qemu_argv, "")  # the QEMU binary must exist
+        check_socket_path(os.path.join(os.path.abspath(self.cfg.vm_run_dir), QMP_SOCKET),
+                          "QMP socket", self.cfg.vm_run_dir)
 
     # -- starting QEMU -------------------------------------------------------------
     async def open_monitor(self, events: set[str]):
@@ -97,7 +99,15 @@ class Launcher(Sidecar):
         qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
         connect = asyncio.ensure_future(qmp.connect(qmp_path, 30.0))
         died = asyncio.ensure_future(self._qemu_done.wait())
-        await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # a signal before the monitor answered
+            died.cancel()
+            connect.cancel()
+            await asyncio.gather(connect, return_exceptions=True)
+            await qmp.close()
+            self._drop_master_file()  # on_exit stops QEMU
+            raise
         if not connect.done():
             connect.cancel()
             await asyncio.gather(connect, return_exceptions=True)
@@ -224,10 +234,10 @@ class Launcher(Sidecar):
         if self.qemu is None:
             return
 
-        if self.qemu.poll() is None and self.runtime is not None \
-                and self.runtime.qmp_gone is None:
+        if self.qemu.poll() is None and (self.runtime is None or self.runtime.qmp_gone is None):
             # We are leaving while QEMU lives (a refused launch that left it
-            # paused, or a failure): an entrypoint does not leave QEMU behind.
+            # paused, a failure, a signal before its monitor answered): an
+            # entrypoint does not leave QEMU behind.
             self.qemu.terminate()  # the monitor is closed by now: SIGTERM is what is left
         try:
             await asyncio.wait_for(self._qemu_done.wait(), KILL_AFTER_QUIT_S)

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from agent import __version__
 from agent.app.config import Config
 from agent.core.launch import LaunchParams, SevLaunchFlow
-from agent.common.errors import FlowFailed, UsageError
+from agent.common.errors import FlowFailed, KeyagentError, UsageError
 from agent.app.eventlog import EventLog
 from agent.io import qmp as qmpio
-from agent.io.rundir import lock_run_dir, prepare_run_dir, set_run_dir_group, sweep_stale_keys
+from agent.io.rundir import (check_socket_length, check_socket_path, lock_run_dir,
+                             prepare_run_dir, set_run_dir_group, sweep_stale_keys)
 from agent.common.logs import get_logger
 from agent.app.runtime import Runtime
 
@@ -44,6 +45,7 @@ class SidecarOptions:
 
 def check_qmp_path(path: str) -> None:
     """Refuse at once what can never become a QMP socket (exit 2)."""
+    check_socket_length(path, "QMP socket")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"QMP socket directory {parent} does not exist")
@@ -128,7 +130,9 @@ class Sidecar:
     def _on_signal(self, signame: str) -> None:
         self.log.info("signal received, stopping", signal=signame)
         launch = self.runtime.flows.get("launch") if self.runtime is not None else None
-        if launch is not None and launch.finished is None and self.exit_code == 0:
+        unfinished = (launch is not None and launch.finished is None) or \
+            (self.runtime is None and self.cfg.sev_enabled)  # still waiting for the monitor
+        if unfinished and self.exit_code == 0:
             # The VM stays where it is (paused): never resumed without its secret.
             self.exit_code = 1
             self.exit_reason = f"stopped by {signame} before the launch completed"
@@ -139,12 +143,59 @@ class Sidecar:
         """Refuse bad usage before anything is created (exit 2)."""
         check_qmp_path(self.opts.qmp_path)
 
+    def preflight(self) -> None:
+        """Every check that needs no I/O beyond looking: before anything is created.
+
+        A control socket or swtpm socket that cannot be bound, a key file
+        that is a FIFO, a group the socket cannot be given to: each is a
+        one-line exit 2 here, not a traceback (or a half-made vTPM state)
+        once the run_dir, the event log and swtpm exist.
+        """
+        cfg = self.cfg
+        check_host_keys(cfg)
+        if cfg.sev_enabled and not cfg.sev_owner_url:
+            raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
+        run_dir = os.path.abspath(cfg.vm_run_dir) if cfg.vm_run_dir else None
+        if self.opts.control_path:
+            check_socket_path(self.opts.control_path, "control socket", run_dir)
+            gid = cfg.control_gid
+            if gid is not None and os.geteuid() != 0 and gid != os.getegid() \
+                    and gid not in os.getgroups():
+                raise UsageError(f"[control] gid {gid}: the control socket can only be given to "
+                                 "a group we are in (or as root)")
+        if "vtpm" in cfg.sections_present or cfg.vtpm_state_dir is not None:
+            from agent.app.vtpm import Vtpm
+
+            if Vtpm.enabled(cfg):
+                if not run_dir:
+                    raise UsageError("[vtpm] needs [vm] run_dir for swtpm's control socket")
+                Vtpm.from_config(cfg, run_dir).preflight()
+
+    async def _unless_stopped(self, coro):
+        """``await coro``, unless a signal stops the agent first: then cancel it
+        and return None.  Waiting for QEMU's monitor can take ``--qmp-timeout``
+        (a vTPM sidecar waits for QEMU to be started); SIGTERM acts at once."""
+        task = asyncio.ensure_future(coro)
+        stopped = asyncio.ensure_future(self.done.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+
     async def open_monitor(self, events: set[str]):
         """Connect to QEMU's monitor; return a QmpConnection-like object."""
         qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
         try:
             await qmp.connect(self.opts.qmp_path, self.opts.qmp_timeout)
-        except qmpio.MonitorGone:
+        except BaseException:  # refused, timed out, or cancelled by a signal
             await qmp.close()
             raise
         self.log.info("QMP connected", qmp=self.opts.qmp_path, qemu=qmp.qemu_version)
@@ -235,9 +286,7 @@ class Sidecar:
 
     async def _run(self) -> None:
         self.check()
-        check_host_keys(self.cfg)
-        if self.cfg.sev_enabled and not self.cfg.sev_owner_url:
-            raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
+        self.preflight()
         self.run_dir = None
         try:
             await self._run_locked()
@@ -300,9 +349,11 @@ class Sidecar:
         self.preload()
         try:
             try:
-                qmp = await self.open_monitor(self.wanted_events())
+                qmp = await self._unless_stopped(self.open_monitor(self.wanted_events()))
             except (qmpio.MonitorGone, FlowFailed) as exc:
                 self.exit_code, self.exit_reason = 1, str(exc)
+                return
+            if qmp is None:  # a signal while waiting for the monitor: _on_signal said how
                 return
             rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
                                         owner_url=cfg.sev_owner_url,
@@ -328,6 +379,9 @@ class Sidecar:
             await self.done.wait()
             self._stopping = True
             await rt.drain_qmp()
+        except KeyagentError as exc:  # e.g. the control socket, in a race with preflight
+            self.exit_code, self.exit_reason = exc.exit_code, exc.reason
+            raise
         finally:
             self._stopping = True
             for sig in (signal.SIGTERM, signal.SIGINT):

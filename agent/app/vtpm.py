@@ -11,10 +11,13 @@ for as long as it lives here and is wiped once swtpm has it.
 
 from __future__ import annotations
 
+import os
+
 from agent.common.secret import Secret
 from agent.common.errors import FlowFailed, UsageError
 from agent.io import secretref, swtpm
-from agent.io.rundir import prepare_run_dir
+from agent.io.files import check_regular_file
+from agent.io.rundir import check_socket_length, prepare_run_dir
 from agent.common.logs import get_logger
 
 log = get_logger("keyagent.vtpm")
@@ -54,6 +57,25 @@ class Vtpm:
         return cls(cfg.vtpm_state_dir, cfg.vtpm_key, run_dir, version=cfg.vtpm_version,
                    key_kind=cfg.vtpm_key_kind, device=cfg.vtpm_device)
 
+    def preflight(self) -> None:
+        """What can be refused before anything is created (exit 2).
+
+        The swtpm control socket must fit a unix socket path (found only
+        after ``swtpm_setup`` had made the state, otherwise), and a
+        ``file:`` key must be a regular file: ``open()`` on a FIFO blocks
+        until someone writes to it, so it is opened with ``O_NONBLOCK`` and
+        checked with ``fstat`` (agent.io.files) before the reference is
+        resolved.
+        """
+        check_socket_length(os.path.join(os.path.abspath(self.run_dir), swtpm.CTRL_SOCKET_NAME),
+                            "swtpm control socket")
+        scheme, _, rest = self.key_ref.partition(":")
+        if scheme == "file" and rest:
+            try:
+                check_regular_file(rest, "vTPM key file", secretref.MAX_SECRET_FILE)
+            except OSError as exc:
+                raise UsageError(f"cannot read vTPM key file {rest}: {exc.strerror}") from None
+
     async def start(self, incoming: bool = False) -> list[str]:
         """Bring swtpm up on the decrypted state; return QEMU's TPM arguments.
 
@@ -63,6 +85,7 @@ class Vtpm:
         """
         if self.process is not None:
             raise FlowFailed("vTPM already started")
+        self.preflight()
         self.run_dir = prepare_run_dir(self.run_dir)
         key: Secret = secretref.resolve(self.key_ref, "vTPM key")
         try:

@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
     s.add_argument("--config", required=True, metavar="FILE", help="owner.toml")
     s.add_argument("--listen", required=True, metavar="HOST:PORT", help="port 0 picks a free port")
     s.add_argument("--log-level", default="info", metavar="LEVEL")
+    s.add_argument("--max-connections", type=_count, default=100, metavar="N",
+                   help="connections served at once; more wait in the listen backlog (default 100)")
+    s.add_argument("--request-timeout", type=_seconds, default=10.0, metavar="S",
+                   help="time for a request's headers and body, however slowly sent (default 10)")
     s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("verify", help="check a launch measurement against an expected digest")
@@ -105,6 +109,28 @@ def _add_measurement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-minor", required=True, type=int, metavar="N")
     p.add_argument("--build-id", required=True, type=int, metavar="N")
     p.add_argument("--policy", required=True, type=_policy_int, metavar="N")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be in 1..1000000, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
+    return value
 
 
 def _policy_int(text: str) -> int:
@@ -367,10 +393,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from agent.app.hardening import harden_process
 
     harden_process()  # the owner holds every VM's TIK/TEK and secrets: no core dump
-    return asyncio.run(_serve(config, host, port))
+    return asyncio.run(_serve(config, host, port, max_connections=args.max_connections,
+                              request_timeout=args.request_timeout))
 
 
-async def _serve(config: Any, host: str, port: int) -> int:
+async def _serve(config: Any, host: str, port: int, *, max_connections: int = 100,
+                 request_timeout: float = 10.0) -> int:
     import asyncio
     import signal
 
@@ -380,7 +408,8 @@ async def _serve(config: Any, host: str, port: int) -> int:
 
     log = get_logger("keyagent.owner")
     service = OwnerService(config)
-    server = HttpServer(service.handle)
+    server = HttpServer(service.handle, max_connections=max_connections,
+                        request_timeout=request_timeout)
     try:
         bound_host, bound_port = await server.start_tcp(host, port)
     except OSError as exc:
@@ -392,7 +421,8 @@ async def _serve(config: Any, host: str, port: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
-    log.info("owner listening", url=url, vms=sorted(config.vms))
+    log.info("owner listening", url=url, vms=sorted(config.vms), max_connections=max_connections,
+             request_timeout_s=request_timeout)
     if any(vm.session and vm.platform == "amd" for vm in config.vms.values()):
         log.info("owner platform roots", source=config.amd_roots_source,
                  products=[r.product for r in config.amd_roots])

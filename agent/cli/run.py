@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import math
 import os
 
 from agent.app.config import add_config_flags, config_from_args, unix_path
@@ -20,6 +22,18 @@ def add_agent_options(p) -> None:
                    choices=("debug", "info", "warning", "error"))
 
 
+def seconds(text: str) -> float:
+    """A duration flag: a finite number above 0 (``nan`` would make every
+    deadline comparison false, and the wait endless)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
+    return value
+
+
 def register(sub) -> None:
     p = sub.add_parser("run", help="run as a sidecar next to a running QEMU")
     monitor = p.add_mutually_exclusive_group(required=True)
@@ -28,7 +42,7 @@ def register(sub) -> None:
                          help="libvirt connection URI, for a VM whose monitor libvirt owns "
                               "(needs --domain; pip install 'keyagent[libvirt]')")
     p.add_argument("--domain", metavar="NAME", help="the libvirt domain (name, UUID or id)")
-    p.add_argument("--qmp-timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--qmp-timeout", type=seconds, default=10.0, metavar="S",
                    help="how long to wait for QEMU's monitor (start QEMU after a vTPM sidecar)")
     p.add_argument("--incoming", action="store_true",
                    help="QEMU will be started with -incoming: do not create a vTPM state")

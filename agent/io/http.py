@@ -26,6 +26,9 @@ import stat
 import struct
 import traceback
 from dataclasses import KW_ONLY, dataclass, field
+# Imported here, not at the first answer: a server out of file descriptors
+# (EMFILE) could not import it then.
+from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -269,8 +272,6 @@ async def _exchange(method: str, host: str, port: int, target: str, body: dict |
 # server
 
 def _reason(status: int) -> bytes:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
@@ -295,34 +296,140 @@ class _Close(Exception):
     """End this connection quietly."""
 
 
+# accept() failing with one of these means "out of a resource for now" (file
+# descriptors above all): the pending connection stays in the kernel's
+# backlog, and the server tries again after a pause.
+ACCEPT_BACKOFF_FIRST = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+# A burst (of accept failures, or of time at the connection cap) is logged
+# when it starts and when it has been over for this long, with its count.
+BURST_QUIET_S = 5.0
+# Closing a connection waits this long for unsent bytes to leave, then aborts.
+CLOSE_TIMEOUT_S = 1.0
+# accept() errors that only mean this one peer went away first.
+_PEER_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN, errno.EINTR}
+
+
+class _Burst:
+    """A condition that can repeat thousands of times a second (accept()
+    failing with EMFILE; new connections waiting at the cap), logged once
+    when it starts and once when it has stayed away for ``BURST_QUIET_S``."""
+
+    def __init__(self, log: Any, start: str, end: str) -> None:
+        self._log, self._start, self._end = log, start, end
+        self.count = 0
+        self._since = 0.0
+        self._last = 0.0
+
+    def hit(self, now: float, **fields: Any) -> None:
+        if self.count == 0:
+            self._since = now
+            self._log.warning(self._start, **fields)
+        self.count += 1
+        self._last = now
+
+    def clear(self, now: float, **fields: Any) -> None:
+        if self.count and now - self._last >= BURST_QUIET_S:
+            self._log.info(self._end, times=self.count,
+                           lasted_s=round(self._last - self._since, 3), **fields)
+            self.count = 0
+
+
+class _Conn:
+    """One accepted connection, as the server tracks it."""
+
+    __slots__ = ("sock", "transport", "idle")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.transport: asyncio.BaseTransport | None = None
+        self.idle = False  # between two requests of a keep-alive connection
+
+
 @dataclass
 class HttpServer:
     """Serve ``handler`` over HTTP/1.1 on TCP and/or unix sockets.
 
     The handler sees every request the peer is allowed to make, 404s
     included.  The server itself answers 400 (unparseable request), 403
-    (``allow_peer`` said no), 413 (body over ``max_body``) and 500 (the
-    handler raised), each as JSON ``{"error": ...}``.
+    (``allow_peer`` said no), 408 (a request not received in time), 413
+    (body over ``max_body``) and 500 (the handler raised), each as JSON
+    ``{"error": ...}``.
+
+    What one peer can hold, and for how long:
+
+    * at most ``max_connections`` connections are open at once.  At the cap
+      the server stops accepting: new connections wait in the kernel's
+      listen backlog (no file descriptor of ours) until one closes; idle
+      keep-alive connections are closed to make room, and responses sent
+      at the cap end their connection (``Connection: close``);
+    * a request's head and body must arrive within ``request_timeout`` of
+      its first byte (of the accept, for a connection's first request),
+      however slowly they trickle in; a response must leave within it too;
+    * a keep-alive connection waits ``idle_timeout`` for its next request.
+
+    The handler's own time is not bounded here (``migrate wait`` runs for
+    minutes on purpose).  ``accept()`` failures (EMFILE when the process is
+    out of file descriptors) are retried with a growing pause and logged
+    once per burst, not once per retry as asyncio's own server does.
     """
 
     handler: Handler
     _: KW_ONLY
     max_body: int = 1 << 20
     allow_peer: Callable[[object], bool] | None = None
-    # A connection that sends nothing for this long is closed (keep-alive
-    # idle time and slow senders alike).
     idle_timeout: float = 60.0
-    _servers: list[asyncio.AbstractServer] = field(default_factory=list, init=False)
-    _tasks: set[asyncio.Task] = field(default_factory=set, init=False)
+    request_timeout: float = 10.0
+    max_connections: int = 100
+    backlog: int = 1024
+    _listeners: list[tuple[socket.socket, str]] = field(default_factory=list, init=False)
+    _accepters: list[asyncio.Task] = field(default_factory=list, init=False)
+    _conns: dict[asyncio.Task, _Conn] = field(default_factory=dict, init=False)
     _unix_paths: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        for name in ("idle_timeout", "request_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and value != float("inf")):  # nan fails too
+                raise ValueError(f"{name} must be a finite number above 0")
         self._log = get_logger("keyagent.http")
+        self._slot_free = asyncio.Event()
+        self._accept_failures = _Burst(self._log, "accept() failed: pausing before trying again",
+                                       "accept() works again")
+        self._at_cap = _Burst(self._log, "connection limit reached: new connections wait "
+                              "in the listen backlog", "below the connection limit again")
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (for tests and metrics)."""
+        return len(self._conns)
 
     async def start_tcp(self, host: str, port: int) -> tuple[str, int]:
-        server = await asyncio.start_server(self._on_connect, host, port)
-        self._servers.append(server)
-        addr = server.sockets[0].getsockname()
+        """Listen on every address ``host`` resolves to; return the first bound one."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        made: list[socket.socket] = []
+        try:
+            for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+                sock = socket.socket(family, type_, proto)
+                made.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(self.backlog)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        for sock in made:
+            addr = sock.getsockname()
+            self._listen(sock, f"{addr[0]}:{addr[1]}")
+        addr = made[0].getsockname()
         return addr[0], addr[1]
 
     async def start_unix(self, path: str, mode: int = 0o600) -> None:
@@ -345,57 +452,150 @@ class HttpServer:
         try:
             sock.bind(path)
             os.chmod(path, mode)
-            server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        self._servers.append(server)
         self._unix_paths.append(path)
+        self._listen(sock, path)
+
+    def _listen(self, sock: socket.socket, where: str) -> None:
+        self._listeners.append((sock, where))
+        self._accepters.append(asyncio.ensure_future(self._accept_loop(sock, where)))
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        for task in list(self._tasks):
+        """Stop listening and end every connection, quietly."""
+        for task in self._accepters:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
-        self._servers.clear()
+        await asyncio.gather(*self._accepters, return_exceptions=True)
+        self._accepters.clear()
+        for sock, _ in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        tasks = list(self._conns)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._unix_paths.clear()
 
+    # -- accepting ------------------------------------------------------------
+
+    async def _accept_loop(self, listener: socket.socket, where: str) -> None:
+        loop = asyncio.get_running_loop()
+        unix = listener.family == socket.AF_UNIX
+        pause = ACCEPT_BACKOFF_FIRST
+        while True:
+            if len(self._conns) >= self.max_connections:
+                self._at_cap.hit(loop.time(), listen=where, limit=self.max_connections)
+                self._slot_free.clear()
+                self._shed_idle()
+                await self._slot_free.wait()
+                continue
+            try:
+                sock = await self._accept(listener)
+            except OSError as exc:
+                if exc.errno in _PEER_GONE:
+                    continue
+                self._accept_failures.hit(loop.time(), listen=where,
+                                          error=errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            pause = ACCEPT_BACKOFF_FIRST
+            now = loop.time()
+            self._accept_failures.clear(now, listen=where)
+            self._at_cap.clear(now, listen=where)
+            sock.setblocking(False)
+            state = _Conn(sock)
+            task = loop.create_task(self._on_connect(state, unix))
+            self._conns[task] = state
+            task.add_done_callback(self._on_conn_done)
+
+    @staticmethod
+    async def _accept(listener: socket.socket) -> socket.socket:
+        """``accept()``, waiting for the listener to be readable.
+
+        Not ``loop.sock_accept``: in Python 3.11 its callback can still run
+        after the future was cancelled (server closing), which logs an
+        InvalidStateError and loses the accepted socket.  The reader is
+        registered only while waiting: at the cap or during a back-off the
+        loop must not be woken by a readable listener it will not serve.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = listener.accept()
+                return sock
+            except (BlockingIOError, InterruptedError):
+                pass
+            readable = loop.create_future()
+            fd = listener.fileno()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+
+    def _shed_idle(self) -> None:
+        """At the cap, idle keep-alive connections go first (HTTP/1.1 lets a
+        server close a connection between requests at any time)."""
+        for task, state in list(self._conns.items()):
+            if state.idle:
+                task.cancel()
+
+    def _on_conn_done(self, task: asyncio.Task) -> None:
+        state = self._conns.pop(task, None)
+        if state is not None:
+            if state.transport is not None:
+                state.transport.abort()  # a no-op once it has closed
+            else:
+                state.sock.close()  # cancelled before it ever ran
+        self._slot_free.set()
+
     # -- one connection -----------------------------------------------------
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _on_connect(self, state: _Conn, unix: bool) -> None:
+        writer: asyncio.StreamWriter | None = None
         try:
-            await self._serve(reader, writer)
+            if unix:
+                reader, writer = await asyncio.open_unix_connection(sock=state.sock)
+            else:
+                reader, writer = await asyncio.open_connection(sock=state.sock)
+            state.transport = writer.transport
+            await self._serve(reader, writer, state)
         except (_Close, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
-            pass
+            pass  # the server is closing, or shed this idle connection
         except Exception as exc:  # pragma: no cover - a bug in this module
             self._log.error("http connection failed", error=type(exc).__name__)
         finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if writer is not None:
+                writer.close()
+                try:  # unsent bytes get a moment to leave; a peer that reads nothing gets none
+                    await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT_S)
+                except BaseException:  # noqa: BLE001 - the done callback aborts the transport
+                    pass
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     state: _Conn) -> None:
+        loop = asyncio.get_running_loop()
         conn = h11.Connection(h11.SERVER)
         peer = _peer_of(writer)
         allowed = self.allow_peer is None or bool(self.allow_peer(peer))
+        # The first request's clock starts at the accept; a later one's at its first byte.
+        deadline: float | None = loop.time() + self.request_timeout
+        started = False  # a byte of the current request has arrived
 
         async def next_event() -> Any:
+            nonlocal deadline, started
             while True:
                 try:
                     event = conn.next_event()
@@ -404,7 +604,28 @@ class HttpServer:
                     raise _Close() from None
                 if event is not h11.NEED_DATA:
                     return event
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
+                if not started:
+                    # Waiting for a request: keep-alive idle time, and the
+                    # first request's deadline.
+                    wait = self.idle_timeout
+                    if deadline is not None:
+                        wait = min(wait, deadline - loop.time())
+                    state.idle = deadline is None
+                    try:
+                        async with asyncio.timeout(max(wait, 0)):
+                            data = await reader.read(READ_CHUNK)
+                    finally:
+                        state.idle = False
+                    started = True
+                    if deadline is None:
+                        deadline = loop.time() + self.request_timeout
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            data = await reader.read(READ_CHUNK)
+                    except TimeoutError:
+                        await self._send_error(conn, writer, 408, "request not received in time")
+                        raise _Close() from None
                 conn.receive_data(data)
 
         while True:
@@ -427,7 +648,7 @@ class HttpServer:
 
             if conn.they_are_waiting_for_100_continue:  # curl does this for bodies over 1 KiB
                 writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-                await writer.drain()
+                await self._drain(writer)
 
             chunks: list[bytes] = []
             size = 0
@@ -458,7 +679,9 @@ class HttpServer:
                                 path=request.path.split("?", 1)[0],
                                 error=type(exc).__name__, where=where)
                 response = Response.json(500, {"error": "internal error"})
-            await self._send(conn, writer, response, head=request.method == "HEAD")
+            # At the cap, keep-alive ends: the slot goes to whoever waits in the backlog.
+            await self._send(conn, writer, response, head=request.method == "HEAD",
+                             close=len(self._conns) >= self.max_connections)
 
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 raise _Close()
@@ -466,6 +689,15 @@ class HttpServer:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 raise _Close() from None
+            if conn.trailing_data[0]:  # the next request is already here (pipelined)
+                deadline, started = loop.time() + self.request_timeout, True
+            else:
+                deadline, started = None, False
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """A response leaves within ``request_timeout``, read or not."""
+        async with asyncio.timeout(self.request_timeout):
+            await writer.drain()
 
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter,
                     response: Response, close: bool = False, head: bool = False) -> None:
@@ -480,7 +712,7 @@ class HttpServer:
             out += conn.send(h11.Data(data=response.body))
         out += conn.send(h11.EndOfMessage())
         writer.write(out)
-        await writer.drain()
+        await self._drain(writer)
 
     async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter,
                           status: int, reason: str) -> None:
@@ -490,5 +722,5 @@ class HttpServer:
             return
         try:
             await self._send(conn, writer, Response.json(status, {"error": reason}), close=True)
-        except (h11.LocalProtocolError, ConnectionError):
+        except (h11.LocalProtocolError, ConnectionError, TimeoutError):
             pass

@@ -147,6 +147,7 @@ class QmpConnection:
 
     async def _connect_retrying(self, path: str, deadline: float) -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         last: Exception | None = None
         while True:
             try:
@@ -160,6 +161,10 @@ class QmpConnection:
                     await self.client.disconnect()
                 except (QMPError, OSError, EOFError):
                     pass  # the failed attempt's own error, already in `last`
+            # qemu.qmp turns a cancellation inside connect() into a ConnectError:
+            # a signal that stops the agent must not become one more retry.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError()
             if loop.time() >= deadline:
                 cause = getattr(last, "exc", None) or last
                 raise MonitorGone(

@@ -33,6 +33,7 @@ from agent.common.errors import UsageError
 
 KEY_DIR_PREFIX = "key-"
 STALE_FILE_NAMES = ("keys.psk",)
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL (unix(7))
 
 
 def prepare_run_dir(path: str) -> str:
@@ -122,6 +123,36 @@ def set_run_dir_group(lock: RunDirLock, gid: int | None) -> None:
         raise UsageError(f"cannot give run_dir {lock.path} to group {gid}: "
                          f"{exc.strerror}") from None
     os.fchmod(lock.fd, keep | 0o710)
+
+
+def check_socket_length(path: str, what: str) -> None:
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise UsageError(f"{what} path {path} is {size} bytes, longer than a unix socket "
+                         f"allows ({SUN_PATH_MAX})")
+
+
+def check_socket_path(path: str, what: str, run_dir: str | None = None) -> None:
+    """Refuse, before anything is created, a unix socket path that can never be bound.
+
+    Too long for ``sun_path``, in a directory that does not exist (the
+    run_dir itself is fine: the agent creates it), or taken by a file that
+    is not a socket (only a stale socket is replaced).
+    """
+    check_socket_length(path, what)
+    parent = os.path.dirname(os.path.abspath(path))
+    if run_dir is not None and parent == os.path.abspath(run_dir) and not os.path.isdir(parent):
+        return  # prepare_run_dir creates it, or says what is wrong with it
+    if not os.path.isdir(parent):
+        raise UsageError(f"{what} directory {parent} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"cannot check {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{what} {path} exists and is not a socket")
 
 
 def sweep_stale_keys(run_dir: str) -> list[str]:

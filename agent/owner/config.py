@@ -75,6 +75,7 @@ __all__ = ["OwnerConfig", "VmPolicy", "SecretEntry", "load_owner_config",
 KEY_LEN = 16          # TIK and TEK: AES-128 / HMAC keys of the SEV API
 DIGEST_LEN = 32       # SHA-256 of the launch data
 MAX_SECRET_FILE = 16384  # the whole secret table must fit the OVMF secret area
+MAX_CONFIG_FILE = 4 << 20  # owner.toml: far above any real one, far below /dev/zero
 
 _LAUNCH_KEYS = {"firmware", "kernel", "initrd", "append"}
 _AREA_KEYS = {"secret_gpa", "secret_size", "gpa"}  # gpa: the older name of secret_gpa
@@ -139,17 +140,17 @@ def read_secret_file(path: str | os.PathLike, what: str) -> Secret:
 
 
 def _read_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
+    """A regular file of at most ``limit`` bytes (never a FIFO or a device)."""
+    from agent.io.files import read_regular_file
+
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(limit + 1)
+        raw = read_regular_file(path, f"{what} file", limit)
     except FileNotFoundError:
         raise UsageError(f"{what} file {os.fspath(path)} does not exist") from None
     except IsADirectoryError:
         raise UsageError(f"{what} file {os.fspath(path)} is a directory") from None
     except OSError as exc:
         raise UsageError(f"cannot read {what} file {os.fspath(path)}: {exc.strerror}") from None
-    if len(raw) > limit:
-        raise UsageError(f"{what} file {os.fspath(path)} is larger than {limit} bytes")
     return raw
 
 
@@ -191,22 +192,26 @@ def _int(value: Any, where: str, lo: int, hi: int) -> int:
 
 def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
     """Read and check owner.toml; :class:`UsageError` with one line on any fault."""
+    from agent.io.files import read_regular_file
+
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
+        doc = tomllib.loads(read_regular_file(path, "owner config", MAX_CONFIG_FILE).decode())
     except FileNotFoundError:
         raise UsageError(f"owner config {path} does not exist") from None
     except OSError as exc:
         raise UsageError(f"cannot read owner config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"owner config {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"owner config {path} is not valid TOML: nested too deeply") from None
 
     base = path.parent
     vms_doc = doc.get("vm")
     if not isinstance(vms_doc, dict) or not vms_doc:
         raise UsageError(f"owner config {path} has no [vm.NAME] tables")
     vms = {name: _load_vm(name, table, base) for name, table in vms_doc.items()}
+    refuse_shared_keys(vms)
     roots, source = _load_platform(doc.get("platform", {}), base)
     return OwnerConfig(path=str(path), vms=vms, amd_roots=roots, amd_roots_source=source)
 
@@ -230,6 +235,30 @@ def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str]:
         return load_roots_dir(directory), str(directory)
     except ValueError as exc:
         raise UsageError(f"platform.amd_roots: {exc}") from None
+
+
+def refuse_shared_keys(vms: dict[str, VmPolicy]) -> None:
+    """Every offline TIK and TEK must be one VM's alone.
+
+    Two VMs with the same TIK: a measurement made for one verifies as the
+    other's (the request names the VM), and the other's secret is released
+    to it.  A shared TEK lets one launch decrypt the other's packet.  The
+    keys are compared by a keyed BLAKE2b of each (a fresh key per load), so
+    no key byte is compared or kept outside its Secret.
+    """
+    import hashlib
+
+    salt = os.urandom(32)
+    seen: dict[bytes, tuple[str, str]] = {}
+    for name, vm in vms.items():
+        for role, key in (("TIK", vm.tik), ("TEK", vm.tek)):
+            if key is None:
+                continue
+            tag = hashlib.blake2b(key.reveal(), key=salt, digest_size=32).digest()
+            first = seen.setdefault(tag, (name, role))
+            if first[0] != name:
+                raise UsageError(f"vm.{name} {role} is the same key as vm.{first[0]} {first[1]}: "
+                                 "every VM needs a TIK and a TEK of its own")
 
 
 def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:

@@ -223,11 +223,21 @@ class Ctx:
 
     # -- the two services every launch needs -------------------------------------
     def write_keys(self) -> None:
-        for name, data in (("tik.bin", os.urandom(16)), ("tek.bin", os.urandom(16)),
-                           ("disk.pass", OWNER_SECRET)):
-            fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        self._write("disk.pass", OWNER_SECRET)
+
+    def _write(self, name: str, data: bytes) -> None:
+        fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def vm_keys(self, vm: str) -> tuple[str, str]:
+        """The TIK and TEK files of ``vm``: every VM has keys of its own (the
+        owner refuses a TIK or TEK shared by two VMs)."""
+        tik, tek = f"tik-{vm}.bin", f"tek-{vm}.bin"
+        if not os.path.exists(self.path(tik)):
+            self._write(tik, os.urandom(16))
+            self._write(tek, os.urandom(16))
+        return self.path(tik), self.path(tek)
 
     async def owner(self, vms: list[str]) -> str:
         from agent.tools.sim.machine import DEFAULT_DIGEST
@@ -237,7 +247,7 @@ class Ctx:
         for proc in [p for p in self.procs if getattr(p, "bench_role", "") == "owner"]:
             await self.stop(proc)
         self.vms = sorted(set(vms) | set(self.vms))
-        text = "".join(f'[vm.{vm}]\ntik = "tik.bin"\ntek = "tek.bin"\npolicy = 1\n'
+        text = "".join(f'[vm.{vm}]\ntik = "{self.vm_keys(vm)[0]}"\ntek = "{self.vm_keys(vm)[1]}"\npolicy = 1\n'
                        f'digest = "{DEFAULT_DIGEST.hex()}"\n'
                        f'[[vm.{vm}.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n'
                        for vm in self.vms)
@@ -252,10 +262,11 @@ class Ctx:
         self.owner_url = (await self.ready_line(proc, "owner"))["listening"]
         return self.owner_url
 
-    async def simulator(self, name: str) -> tuple[asyncio.subprocess.Process, str]:
+    async def simulator(self, name: str, vm: str = "bench") -> tuple[asyncio.subprocess.Process, str]:
         path = self.path(f"{name}.qmp")
+        tik, tek = self.vm_keys(vm)
         proc = await self.spawn(name, [*self.keyagent, "simulate", "--qmp", f"unix:{path}",
-                                       "--tik", self.path("tik.bin"), "--tek", self.path("tek.bin"),
+                                       "--tik", tik, "--tek", tek,
                                        "--log-level", "warning"], stdout=subprocess.PIPE)
         await self.ready_line(proc, name)
         return proc, path
@@ -687,7 +698,7 @@ async def bench_density(ctx: Ctx, n: int) -> dict:
 
     async def start_sim(name: str):
         async with gate:
-            proc, path = await ctx.simulator(f"{name}-sim")
+            proc, path = await ctx.simulator(f"{name}-sim", name)
             client = await qmp_client(path)
             return proc, path, client
 

@@ -345,3 +345,187 @@ async def test_missing_unix_socket_is_one_line(tmp_path):
     with pytest.raises(HttpError) as err:
         await request_json("GET", "http://localhost/", None, timeout=5, unix_path=path)
     assert str(err.value) == f"no socket at {path}"
+
+
+# -- what one peer can hold: connections, time -------------------------------
+
+async def answered(port: int, path: str = "/echo", timeout: float = 5.0) -> bytes:
+    """One request on a fresh connection; the raw answer ("" if none came in time)."""
+    try:
+        return await raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                  .encode(), read_timeout=timeout)
+    except TimeoutError:
+        return b""
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_at_the_connection_cap_new_connections_wait_until_one_closes():
+    server = HttpServer(echo, max_connections=2, request_timeout=30)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    holders = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    try:
+        await wait_until(lambda: server.connections == 2)
+        waiting = asyncio.ensure_future(answered(port, timeout=10))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # in the listen backlog, not accepted
+        assert server.connections == 2
+        holders[0][1].close()
+        reply = await asyncio.wait_for(waiting, 5)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for _, writer in holders:
+            writer.close()
+        await server.close()
+
+
+async def test_at_the_cap_keep_alive_ends_to_make_room():
+    server = HttpServer(echo, max_connections=2, idle_timeout=60, request_timeout=30)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    silent = None
+    try:
+        idle_writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive, below the cap
+        head = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower()
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(idle_reader.readexactly(length), 5)
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        # The cap is reached with the first one idle between requests: it is closed.
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+        reply = await asyncio.wait_for(answered(port), 5)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert b"connection: close" in reply.lower()  # served at the cap: no keep-alive
+    finally:
+        idle_writer.close()
+        if silent is not None:
+            silent[1].close()
+        await server.close()
+
+
+async def test_a_request_trickled_a_byte_at_a_time_is_cut_off_at_one_deadline():
+    # Each byte comes well inside any per-read timeout; the whole request does not.
+    server = HttpServer(echo, idle_timeout=5, request_timeout=0.5)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        async def trickle():
+            for byte in b"GET /echo HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx":
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+
+        sender = asyncio.ensure_future(trickle())
+        reply = await asyncio.wait_for(reader.read(), 5)
+        elapsed = loop.time() - start
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    finally:
+        writer.close()
+        await server.close()
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert 0.4 < elapsed < 2.0
+
+
+async def test_a_connection_that_says_nothing_is_closed_at_the_request_deadline():
+    server = HttpServer(echo, idle_timeout=60, request_timeout=0.3)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    try:
+        reply = await raw_exchange(port, b"", read_timeout=3)
+        assert reply == b""
+        await wait_until(lambda: server.connections == 0, 2)
+    finally:
+        await server.close()
+
+
+async def test_a_response_nobody_reads_does_not_hold_its_connection():
+    big = b"x" * (32 << 20)  # far more than the socket buffers take
+
+    async def handler(request: Request) -> Response:
+        return Response(200, big, "application/octet-stream")
+
+    server = HttpServer(handler, request_timeout=0.5)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: server.connections == 1, 2)
+        await wait_until(lambda: server.connections == 0, 5)  # never read: dropped
+    finally:
+        sock.close()
+        await server.close()
+
+
+async def test_pipelined_requests_are_all_answered():
+    server = HttpServer(echo, request_timeout=2)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    try:
+        two = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        reply = await raw_exchange(port, two, read_timeout=3)
+    finally:
+        await server.close()
+    assert reply.count(b"HTTP/1.1 200 ") == 2 and reply.endswith(b"up 1\n")
+
+
+@pytest.mark.parametrize("bad", [{"max_connections": 0}, {"request_timeout": float("nan")},
+                                 {"idle_timeout": 0}, {"request_timeout": float("inf")}])
+def test_server_limits_must_be_sane(bad):
+    with pytest.raises(ValueError):
+        HttpServer(echo, **bad)
+
+
+async def test_close_is_quiet_with_connections_in_every_state(tmp_path):
+    """Accepted but not yet served, mid-request, in the handler, idle keep-alive,
+    and a response nobody reads: close() ends them all at once, and neither
+    asyncio nor the server logs anything."""
+    in_handler = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/hang":
+            in_handler.set()
+            await asyncio.sleep(60)
+        if request.path == "/big":
+            return Response(200, b"x" * (32 << 20), "application/octet-stream")
+        return Response.json(200, {})
+
+    loop = asyncio.get_running_loop()
+    problems: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: problems.append(context))
+    buf = io.StringIO()
+    setup_logging("debug", stream=buf)
+    server = HttpServer(handler, request_timeout=30)
+    _, port = await server.start_tcp("127.0.0.1", 0)
+    socks = []
+    try:
+        def connect(data: bytes) -> None:
+            s = socket.create_connection(("127.0.0.1", port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(data)
+            socks.append(s)
+
+        connect(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        connect(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        connect(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        connect(b"GET /half HTTP/1.1\r\nHo")
+        await asyncio.wait_for(in_handler.wait(), 5)
+        await asyncio.sleep(0.2)
+        connect(b"")  # accepted at most, never served
+        started = loop.time()
+        await asyncio.wait_for(server.close(), 5)
+        assert loop.time() - started < 3
+        await asyncio.sleep(0.1)
+    finally:
+        setup_logging("info")
+        loop.set_exception_handler(None)
+        for s in socks:
+            s.close()
+    assert problems == []
+    assert buf.getvalue() == ""
+    assert server.connections == 0

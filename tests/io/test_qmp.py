@@ -81,6 +81,22 @@ async def test_connect_waits_for_a_socket_that_appears_late(tmp_path):
         await conn.close()
 
 
+async def test_cancelling_connect_ends_it_at_once(tmp_path):
+    # Python 3.11's wait_for drops a cancellation that arrives as the inner
+    # connect() fails (here: at once, no socket): the retry loop must not
+    # take that for one more refused attempt, or a SIGTERM waits for the
+    # whole --qmp-timeout.  Cancelled at many points, it always ends.
+    for i in range(60):
+        conn = qmpio.QmpConnection("test")
+        task = asyncio.ensure_future(conn.connect(str(tmp_path / "absent.sock"), 60))
+        for _ in range(i):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2)
+        assert done and task.cancelled(), f"still connecting after a cancel at step {i}"
+        await asyncio.wait_for(conn.close(), 2)
+
+
 async def test_wait_disconnected_returns_when_qemu_quits(sim):
     s, path = sim
     conn = qmpio.QmpConnection("t")

@@ -552,3 +552,172 @@ def test_platform_bad_input_is_usage_error(platform_files):
                        "certificate 1 of the chain has usage 0x1001, not PEK")
     assert_usage_error(run("platform", "--pdh", str(d / "pdh.b64"), "--amd-roots", str(d / "nope")),
                        "--amd-roots: cannot read AMD roots directory")
+
+
+# -- serve under pressure: slow peers, few file descriptors, stopping -------------
+
+def start_owner(owner_dir, *extra: str, nofile: int | None = None) -> tuple[subprocess.Popen, str]:
+    def limit_fds():  # in the child, before exec
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    proc = subprocess.Popen([*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
+                             "--listen", "127.0.0.1:0", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit_fds if nofile else None)
+    return proc, read_listening(proc)
+
+
+def stop_owner(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, stderr
+
+
+def slow_connections(url: str, count: int) -> list:
+    """``count`` connections that each sent the start of a request and then nothing."""
+    import socket
+
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"POST /v1/secret HTTP/1.1\r\nHost: owner\r\n")
+        socks.append(s)
+    return socks
+
+
+def good_client_answer_time(url: str, owner_dir) -> float:
+    """Seconds until a well-behaved client gets its answer (it retries its connect)."""
+    start = time.monotonic()
+    status, _ = asyncio.run(request_json("POST", url + "/v1/secret", owner_dir.request(), timeout=30))
+    assert status == 200
+    return time.monotonic() - start
+
+
+def assert_json_lines_only(stderr: str) -> None:
+    for line in stderr.strip().splitlines():
+        json.loads(line)  # a traceback or a multi-line message is not JSON
+    assert "Traceback" not in stderr and "CancelledError" not in stderr
+
+
+def test_serve_slow_connections_over_the_cap_keep_a_good_client_out_only_briefly(owner_dir):
+    proc, url = start_owner(owner_dir, "--max-connections", "50", "--request-timeout", "1")
+    socks = slow_connections(url, 260)
+    try:
+        took = good_client_answer_time(url, owner_dir)
+    finally:
+        for s in socks:
+            s.close()
+    code, stderr = stop_owner(proc)
+    assert code == 0
+    # 260 slow peers, 50 at a time, each cut off after 1 s: about 6 s, not minutes.
+    assert took < 15, took
+    assert stderr.count("connection limit reached") == 1
+    assert stderr.count("408") == 0  # answers go to peers, not into the log
+    assert_json_lines_only(stderr)
+
+
+def test_serve_out_of_file_descriptors_backs_off_and_logs_once(owner_dir):
+    # A cap above the fd limit: accept() fails with EMFILE until slow peers are cut off.
+    proc, url = start_owner(owner_dir, "--max-connections", "1000", "--request-timeout", "1",
+                            nofile=256)
+    socks = slow_connections(url, 260)
+    try:
+        took = good_client_answer_time(url, owner_dir)
+    finally:
+        for s in socks:
+            s.close()
+    code, stderr = stop_owner(proc)
+    assert code == 0
+    assert took < 15, took
+    assert stderr.count("accept() failed") == 1, stderr[-2000:]
+    assert "EMFILE" in stderr
+    assert "out of system resource" not in stderr  # asyncio's own per-retry message
+    assert len(stderr.splitlines()) < 20
+    assert_json_lines_only(stderr)
+
+
+def test_serve_stops_at_once_and_quietly_with_connections_open(owner_dir):
+    import socket
+
+    proc, url = start_owner(owner_dir)
+    port = int(url.rsplit(":", 1)[1])
+    socks = slow_connections(url, 3)  # mid-request
+    idle = socket.create_connection(("127.0.0.1", port))  # says nothing
+    keep = socket.create_connection(("127.0.0.1", port))  # one answer, then idle keep-alive
+    keep.sendall(b"GET /nope HTTP/1.1\r\nHost: owner\r\n\r\n")
+    assert keep.recv(65536).startswith(b"HTTP/1.1 404 ")
+    # Pipelined requests whose answers are never read: the owner's sends block.
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", port))
+    hog.setblocking(False)
+    try:
+        for _ in range(20000):
+            hog.send(b"GET /nope HTTP/1.1\r\nHost: owner\r\n\r\n")
+    except BlockingIOError:
+        pass  # the owner stopped reading: its answers fill both buffers
+    socks.append(hog)
+    time.sleep(0.5)
+    try:
+        start = time.monotonic()
+        code, stderr = stop_owner(proc)
+        took = time.monotonic() - start
+    finally:
+        for s in (*socks, idle, keep):
+            s.close()
+    assert code == 0 and took < 5
+    assert_json_lines_only(stderr)
+    assert stderr.strip().splitlines()[-1].count("owner stopped") == 1
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-connections", "0"], "--max-connections: must be in 1..1000000"),
+    (["--max-connections", "many"], "--max-connections: must be an integer"),
+    (["--request-timeout", "nan"], "--request-timeout: must be a finite number of seconds above 0"),
+    (["--request-timeout", "-1"], "--request-timeout: must be a finite number of seconds above 0"),
+])
+def test_serve_bad_limits_are_usage_errors(owner_dir, flags, words):
+    assert_usage_error(run("serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0", *flags),
+                       words)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_serve_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    import os
+
+    path = tmp_path / "owner.toml"
+    if kind == "fifo":
+        os.mkfifo(path)  # open() would wait for a writer for ever
+    else:
+        path = "/dev/zero"  # read() would fill memory
+    proc = subprocess.run([*KEYAGENT, "owner", "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
+                          capture_output=True, text=True, timeout=20, preexec_fn=limit_memory)
+    assert_usage_error(proc, "is not a regular file")
+
+
+def limit_memory() -> None:
+    """In the child: 2 GiB of address space, so that a regression that reads
+    /dev/zero fails there instead of filling this shared machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def test_serve_refuses_two_vms_with_the_same_tik(owner_dir):
+    text = owner_dir.toml.read_text()
+    second = text.replace("[vm.vm1]", "[vm.vm2]").replace("vm.vm1.secret", "vm.vm2.secret")
+    (owner_dir.root / "vm2_tek.bin").write_bytes(bytes(range(100, 116)))
+    second = second.replace('tek = "keys/vm1_tek.bin"', 'tek = "vm2_tek.bin"')
+    owner_dir.toml.write_text(text + second)
+    proc = run("serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0")
+    assert_usage_error(proc, "vm.vm2 TIK is the same key as vm.vm1 TIK")
+    for form in leak_forms():
+        assert form not in proc.stderr

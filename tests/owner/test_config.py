@@ -7,6 +7,7 @@ import pytest
 from agent.common.errors import UsageError
 from agent.owner.config import load_owner_config
 from agent.sev.guids import LUKS_KEY_GUID
+from tests.fifo import call_with_fifo_deadline
 
 from .conftest import DIGEST, OTHER_DIGEST, PASSPHRASE, TEK, TIK, write_owner_dir
 
@@ -307,3 +308,42 @@ def test_digest_vm_without_sev_es_declared_is_not_checked(tmp_path):
     d = write_owner_dir(tmp_path)
     d.toml.write_text(d.toml.read_text().replace("policy = 1", "policy = 5"))
     assert load_owner_config(d.toml).vms["vm1"].policy == 5
+
+
+def two_vms(owner_dir, tik2: bytes, tek2: bytes):
+    """owner.toml with vm2 next to vm1, vm2's keys as given."""
+    (owner_dir.root / "vm2_tik.bin").write_bytes(tik2)
+    (owner_dir.root / "vm2_tek.bin").write_bytes(tek2)
+    text = owner_dir.toml.read_text()
+    second = (text.replace("[vm.vm1]", "[vm.vm2]").replace("vm.vm1.secret", "vm.vm2.secret")
+              .replace("keys/vm1_tik.bin", "vm2_tik.bin").replace("keys/vm1_tek.bin", "vm2_tek.bin"))
+    owner_dir.toml.write_text(text + second)
+    return owner_dir.toml
+
+
+@pytest.mark.parametrize("tik2, tek2, words", [
+    (TIK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TIK"),
+    (bytes(range(200, 216)), TEK, "vm.vm2 TEK is the same key as vm.vm1 TEK"),
+    (TEK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TEK"),
+], ids=["tik", "tek", "tik-is-the-other-tek"])
+def test_a_key_shared_by_two_vms_is_refused(owner_dir, tik2, tek2, words):
+    text = one_line_error(two_vms(owner_dir, tik2, tek2))
+    assert words in text
+    for raw in (TIK, TEK):
+        assert raw.hex() not in text
+
+
+def test_vms_with_keys_of_their_own_load(owner_dir):
+    config = load_owner_config(two_vms(owner_dir, bytes(range(200, 216)), bytes(range(216, 232))))
+    assert sorted(config.vms) == ["vm1", "vm2"]
+
+
+def test_a_fifo_as_an_owner_file_is_refused_at_once(owner_dir):
+    # /dev/zero is tested in a subprocess with a memory limit (test_cli.py).
+    import os
+
+    owner_dir.secret.unlink()
+    os.mkfifo(owner_dir.secret)  # open() alone would wait for a writer
+    err = call_with_fifo_deadline(owner_dir.secret, lambda: load_owner_config(owner_dir.toml))
+    assert isinstance(err, UsageError), err
+    assert "vm1-disk.pass is not a regular file" in str(err)
