@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, TextIO
 
-import agent.core.launch  # noqa: F401  (registers the flow kinds)
-import agent.core.migration  # noqa: F401
-import agent.core.resume  # noqa: F401
-import agent.core.secret_objects  # noqa: F401
 from agent.core.codec import CodecError, decode_event, encode
-from agent.core.flow import FLOW_KINDS, Flow
+from agent.core.flow import Flow
+from agent.core.registry import FLOW_KINDS
 from agent.common.errors import FlowFailed, UsageError
 
 

@@ -31,7 +31,7 @@ from agent.core.actions import (Action, ControlReply, KeyringAdd, KeyringDrop, L
 from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
                                KeyringFailed, KeyringReady, QmpDisconnected, QmpError,
                                QmpEvent, QmpReply, Start)
-from agent.core.flow import Flow, register_flow
+from agent.core.flow import Flow
 
 MASTER = "master"
 
@@ -54,7 +54,6 @@ class SecretsParams:
     preloaded: bool = False
 
 
-@register_flow
 class SecretsFlow(Flow):
     kind = "secrets"
     wanted_events = frozenset({"SHUTDOWN"})

@@ -393,8 +393,7 @@ class _StateTracker:
     def __init__(self, kind: Any, params: Any) -> None:
         self.flow = None
         try:
-            import agent.app.replay  # noqa: F401  (registers the flow kinds)
-            from agent.core.flow import FLOW_KINDS
+            from agent.core.registry import FLOW_KINDS
 
             cls = FLOW_KINDS.get(kind) if isinstance(kind, str) else None
             if cls is not None and isinstance(params, dict):
