@@ -543,7 +543,7 @@ def test_owner_answer_is_always_an_event_with_one_line(status, body):
                                              json_value.map(lambda v: json.dumps(v).encode())))))
 def test_owner_client_turns_any_http_answer_into_an_event(answer):
     from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
-    from agent.io.owner_client import post_owner
+    from agent.app.runtime import ask_owner
 
     async def go():
         async def serve(reader, writer):
@@ -557,7 +557,7 @@ def test_owner_client_turns_any_http_answer_into_an_event(answer):
         port = server.sockets[0].getsockname()[1]
         try:
             async with asyncio.timeout(5):
-                return await post_owner(f"http://127.0.0.1:{port}", "/v1/secret", {"vm": "x"}, 2.0)
+                return await ask_owner(f"http://127.0.0.1:{port}", "/v1/secret", {"vm": "x"}, 2.0)
         finally:
             server.close()
 
@@ -569,7 +569,7 @@ def test_owner_client_turns_any_http_answer_into_an_event(answer):
 
 async def test_owner_client_takes_a_deeply_nested_answer_as_malformed():
     from agent.core.events import OwnerFailed
-    from agent.io.owner_client import post_owner
+    from agent.app.runtime import ask_owner
 
     body = b"[" * 100_000 + b"]" * 100_000
 
@@ -582,7 +582,7 @@ async def test_owner_client_takes_a_deeply_nested_answer_as_malformed():
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        event = await post_owner(f"http://127.0.0.1:{port}", "/v1/secret", {}, 5.0)
+        event = await ask_owner(f"http://127.0.0.1:{port}", "/v1/secret", {}, 5.0)
     finally:
         server.close()
     assert isinstance(event, OwnerFailed) and "not a JSON object" in event.reason

@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import os
-from typing import Any
 
+from agent.app.flowhost import ControlHost
 from agent.common.errors import UsageError
 from agent.common.secret import Secret
 from agent.io.http import HttpError, HttpServer, InvalidJson, PeerCred, Request, Response
@@ -109,9 +109,9 @@ def check_socket_free(path: str) -> None:
 
 
 class ControlServer:
-    def __init__(self, sidecar: Any, path: str, gid: int | None = None,
+    def __init__(self, host: ControlHost, path: str, gid: int | None = None,
                  ref_dirs: tuple[str, ...] = ()) -> None:
-        self.sidecar = sidecar
+        self.host = host
         self.path = path
         self.gid = gid
         self.ref_dirs = tuple(ref_dirs)
@@ -155,15 +155,15 @@ class ControlServer:
         if route == ("GET", "/healthz"):
             return Response.json(200, {"status": "ok"})
         if route == ("GET", "/readyz"):
-            status = self.sidecar.status()
+            status = self.host.status()
             ready = status["qmp"] == "connected"
             return Response.json(200 if ready else 503, {"ready": ready})
         if route == ("GET", "/metrics"):
-            body, content_type = self.sidecar.metrics.render()
+            body, content_type = self.host.metrics.render()
             return Response(200, body, content_type)
         if route == ("GET", "/v1/status"):
-            return Response.json(200, self.sidecar.status())
-        handler = self.sidecar.control_verbs().get(route)
+            return Response.json(200, self.host.status())
+        handler = self.host.control_verbs().get(route)
         if handler is not None:
             return await self._call(handler, request)
         return Response.json(404, {"error": f"no such endpoint: {request.method} {route[1]}"})

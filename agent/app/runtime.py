@@ -153,9 +153,7 @@ class Runtime:
         if not self.owner_url:
             self.feed(flow_id, OwnerFailed("no owner_url configured"))
             return
-        from agent.io.owner_client import post_owner
-
-        event = await post_owner(self.owner_url, action.path, action.body, self.owner_timeout)
+        event = await ask_owner(self.owner_url, action.path, action.body, self.owner_timeout)
         self.feed(flow_id, event)
 
     def _spawn(self, flow_id: str, coro) -> None:
@@ -329,3 +327,21 @@ class Runtime:
                 task.cancel()
         for task in self._qmp_tasks:
             task.cancel()
+
+
+async def ask_owner(owner_url: str, path: str, body: dict, timeout: float):
+    """POST to the guest owner; its answer as the core event it means.
+
+    The shell (``agent.io.owner_client``) returns ``(status, body)``; the
+    core (``agent.core.owner_answer``) decides what that is: released,
+    refused, or a malformed answer.  No answer at all is ``OwnerFailed``."""
+    from agent.core.events import OwnerFailed
+    from agent.core.owner_answer import one_line, parse_owner_answer
+    from agent.io.http import HttpError
+    from agent.io.owner_client import post_owner
+
+    try:
+        status, answer = await post_owner(owner_url, path, body, timeout)
+    except HttpError as exc:
+        return OwnerFailed(reason=f"owner unreachable: {one_line(str(exc))}")
+    return parse_owner_answer(status, answer)

@@ -19,6 +19,8 @@ import os
 import signal
 import stat
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from agent import __version__
 from agent.app.config import Config
@@ -221,6 +223,7 @@ class Sidecar:
         RSS in every idle sidecar.
         """
         if self.cfg.sev_enabled:
+            import agent.core.owner_answer  # noqa: F401
             import agent.io.owner_client  # noqa: F401
         if self.opts.control_path:
             import agent.app.control  # noqa: F401
@@ -316,26 +319,9 @@ class Sidecar:
         set_run_dir_group(self._run_dir_lock, group)
 
     async def _run_locked(self) -> None:
-        cfg, opts, log = self.cfg, self.opts, self.log
-        if cfg.vm_run_dir:
-            self._own_run_dir()
-        if opts.control_path:
-            from agent.app.control import check_socket_free
-
-            check_socket_free(opts.control_path)
-        if self.run_dir:
-            removed = sweep_stale_keys(self.run_dir)
-            from agent.io import keyring
-
-            removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
-            if removed:
-                log.warning("swept stale key material left by a previous agent",
-                            run_dir=self.run_dir, removed=removed)
-        event_log = EventLog(opts.event_log)
-        # The wall-clock time of this record, so a replay can say when each
-        # step happened (the records' t counts from here, monotonic).
-        event_log.write("start", version=__version__, vm=cfg.vm_name,
-                        wall=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
+        """The life after the run_dir is ours: each step below, then the exit."""
+        self._claim_run_dir()
+        event_log = self._open_event_log()
         try:
             await self.start_vtpm()
         except BaseException:
@@ -355,25 +341,9 @@ class Sidecar:
                 return
             if qmp is None:  # a signal while waiting for the monitor: _on_signal said how
                 return
-            rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
-                                        owner_url=cfg.sev_owner_url,
-                                        owner_timeout=cfg.sev_timeout_s,
-                                        on_finish=self._on_finish, log=log, run_dir=self.run_dir,
-                                        metrics=self.metrics)
-            self.metrics.qmp_connected = True
-            events = getattr(qmp, "events", None)
-            self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)
-            if opts.control_path:
-                from agent.app.control import ControlServer
-
-                self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid,
-                                             ref_dirs=cfg.control_ref_dirs)
-                await self.control.start()
-            tasks = [asyncio.ensure_future(rt.dispatch()),
-                     asyncio.ensure_future(rt.pump_qmp_events()),
-                     asyncio.ensure_future(self._watch(rt))]
-            if self.vtpm is not None:
-                tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
+            rt = self._start_runtime(qmp, event_log)
+            await self._start_control()
+            tasks = self._start_tasks(rt)
             self.start_flows(rt)
             self._maybe_done()
             await self.done.wait()
@@ -386,27 +356,93 @@ class Sidecar:
             self._stopping = True
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            if self.runtime is not None:
-                self.runtime.close()
-            self.wipe_held_keys()
-            if self.control is not None:
-                await self.control.close()
-            # Close QMP before cancelling the watcher: cancelling it inside
-            # qemu.qmp's disconnect() would orphan qemu.qmp's own futures.
-            if qmp is not None:
-                await qmp.close()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.on_exit()
-            if self.vtpm is not None:
-                await self.vtpm.stop()
-            event_log.write("exit", code=self.exit_code, reason=self.exit_reason)
-            event_log.close()
-            if self.exit_code:
-                log.error("keyagent exiting", code=self.exit_code, reason=self.exit_reason)
-            else:
-                log.info("keyagent exiting", code=0)
+            await self._shut_down(qmp, tasks, event_log)
+
+    def _claim_run_dir(self) -> None:
+        """Own the run_dir, check the control socket is free, and sweep what a
+        previous agent left (key files, keyring keys) before making new ones."""
+        cfg, opts = self.cfg, self.opts
+        if cfg.vm_run_dir:
+            self._own_run_dir()
+        if opts.control_path:
+            from agent.app.control import check_socket_free
+
+            check_socket_free(opts.control_path)
+        if self.run_dir:
+            removed = sweep_stale_keys(self.run_dir)
+            from agent.io import keyring
+
+            removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
+            if removed:
+                self.log.warning("swept stale key material left by a previous agent",
+                                 run_dir=self.run_dir, removed=removed)
+
+    def _open_event_log(self) -> EventLog:
+        event_log = EventLog(self.opts.event_log)
+        # The wall-clock time of this record, so a replay can say when each
+        # step happened (the records' t counts from here, monotonic).
+        event_log.write("start", version=__version__, vm=self.cfg.vm_name,
+                        wall=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
+        return event_log
+
+    def _start_runtime(self, qmp, event_log: EventLog) -> Runtime:
+        """The runtime that runs the flows over this monitor connection."""
+        cfg = self.cfg
+        rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
+                                    owner_url=cfg.sev_owner_url,
+                                    owner_timeout=cfg.sev_timeout_s,
+                                    on_finish=self._on_finish, log=self.log, run_dir=self.run_dir,
+                                    metrics=self.metrics)
+        self.metrics.qmp_connected = True
+        events = getattr(qmp, "events", None)
+        self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)
+        return rt
+
+    async def _start_control(self) -> None:
+        """Serve the control socket, if there is one (after the runtime: the
+        verbs need it)."""
+        cfg, opts = self.cfg, self.opts
+        if opts.control_path:
+            from agent.app.control import ControlServer
+
+            self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid,
+                                         ref_dirs=cfg.control_ref_dirs)
+            await self.control.start()
+
+    def _start_tasks(self, rt: Runtime) -> list[asyncio.Task]:
+        """The runtime's loops, the monitor watcher and the swtpm supervisor."""
+        tasks = [asyncio.ensure_future(rt.dispatch()),
+                 asyncio.ensure_future(rt.pump_qmp_events()),
+                 asyncio.ensure_future(self._watch(rt))]
+        if self.vtpm is not None:
+            tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
+        return tasks
+
+    async def _shut_down(self, qmp, tasks: list[asyncio.Task], event_log: EventLog) -> None:
+        """Every exit path: stop the runtime, wipe keys, close the control
+        socket and the monitor, stop swtpm, write the exit record."""
+        log = self.log
+        if self.runtime is not None:
+            self.runtime.close()
+        self.wipe_held_keys()
+        if self.control is not None:
+            await self.control.close()
+        # Close QMP before cancelling the watcher: cancelling it inside
+        # qemu.qmp's disconnect() would orphan qemu.qmp's own futures.
+        if qmp is not None:
+            await qmp.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.on_exit()
+        if self.vtpm is not None:
+            await self.vtpm.stop()
+        event_log.write("exit", code=self.exit_code, reason=self.exit_reason)
+        event_log.close()
+        if self.exit_code:
+            log.error("keyagent exiting", code=self.exit_code, reason=self.exit_reason)
+        else:
+            log.info("keyagent exiting", code=0)
 
     def wipe_held_keys(self) -> None:
         """At exit: zero the key material this process still holds.
@@ -421,6 +457,22 @@ class Sidecar:
             secrets.master.wipe()
         if migration is not None:
             migration.wipe()
+
+    # -- FlowHost (agent.app.flowhost): all the control verbs see of us -------
+    def start_flow(self, flow_id: str, flow) -> None:
+        self.runtime.start_flow(flow_id, flow)
+
+    def feed(self, flow_id: str, event) -> None:
+        self.runtime.feed(flow_id, event)
+
+    def new_request(self):
+        return self.runtime.new_request()
+
+    def finished(self, flow_id: str):
+        return self.runtime.finished(flow_id)
+
+    def flows(self) -> Mapping[str, Any]:
+        return MappingProxyType(self.runtime.flows)
 
     def control_verbs(self) -> dict:
         """(method, path) -> handler(args) for the control socket."""

@@ -74,26 +74,11 @@ def run(args) -> int:
     opts = SidecarOptions(qmp_path=qmp_path, control_path=control_path(args, cfg),
                           event_log=args.event_log, qmp_timeout=args.qmp_timeout,
                           incoming=args.incoming)
-    sidecar = (Sidecar(cfg, opts) if args.libvirt is None
-               else libvirt_sidecar(cfg, opts, args.libvirt, args.domain))
+    if args.libvirt is None:
+        sidecar = Sidecar(cfg, opts)
+    else:
+        from agent.app.libvirt_sidecar import LibvirtSidecar
+
+        sidecar = LibvirtSidecar(cfg, opts, args.libvirt, args.domain)
     code = asyncio.run(sidecar.run())
     return code
-
-
-def libvirt_sidecar(cfg, opts, uri: str, domain: str):
-    """The same sidecar, with libvirt's side of the monitor (agent.io.libvirt_monitor)."""
-    from agent.io import libvirt_monitor
-    from agent.app.sidecar import Sidecar
-
-    class LibvirtSidecar(Sidecar):
-        def check(self) -> None:
-            libvirt_monitor.load_api()  # UsageError (exit 2) without libvirt-python
-
-        async def open_monitor(self, events: set[str]):
-            conn = await libvirt_monitor.open_connection(
-                uri, domain, f"keyagent.{self.cfg.vm_name}", events, self.opts.qmp_timeout)
-            self.log.info("libvirt connected", libvirt=uri, domain=domain,
-                          qemu=conn.qemu_version, monitor_events=conn.monitor_events)
-            return conn
-
-    return LibvirtSidecar(cfg, opts)

@@ -23,6 +23,7 @@ from typing import Any
 from agent.core.events import ControlRequest, KeyProvided
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.common.secret import Secret
+from agent.app.flowhost import FlowHost
 from agent.common.errors import ControlError, UsageError
 
 MAX_PENDING_OFFERS = 8
@@ -63,13 +64,13 @@ class Options:
 
 
 class MigrationControl:
-    def __init__(self, sidecar: Any, clock=time.monotonic) -> None:
-        self.sidecar = sidecar
+    def __init__(self, host: FlowHost, clock=time.monotonic) -> None:
+        self.host = host
         self.offers: OrderedDict[bytes, PendingOffer] = OrderedDict()  # by SHA-256 of the offer
         self.source_psk: Secret | None = None
         self._count = 0
         self.clock = clock
-        self.log = sidecar.log
+        self.log = host.log
 
     # -- host identity ---------------------------------------------------------------
     def _identity(self):
@@ -77,7 +78,7 @@ class MigrationControl:
         counts from the next request on."""
         from agent.crypto import hostkey
 
-        cfg = self.sidecar.cfg
+        cfg = self.host.cfg
         if cfg.migration_host_key is None or cfg.migration_trusted_hosts is None:
             raise ControlError(400, NO_HOST_KEYS)
         try:
@@ -87,7 +88,7 @@ class MigrationControl:
             raise ControlError(500, str(exc)) from None
 
     def _expire(self) -> None:
-        lifetime = self.sidecar.cfg.migration_offer_lifetime_s
+        lifetime = self.host.cfg.migration_offer_lifetime_s
         now = self.clock()
         for digest in [d for d, p in self.offers.items() if now - p.made > lifetime]:
             pending = self.offers.pop(digest)
@@ -101,7 +102,7 @@ class MigrationControl:
         from agent.crypto import seal
 
         host_key, _trusted = self._identity()
-        vm = self.sidecar.cfg.vm_name
+        vm = self.host.cfg.vm_name
         self._expire()
         offer_id, private = os.urandom(16), Secret(os.urandom(32))
         offer_b64 = seal.make_offer(host_key, vm, offer_id, private.reveal())
@@ -117,13 +118,13 @@ class MigrationControl:
         from agent.crypto import seal
 
         host_key, trusted = self._identity()
-        vm = self.sidecar.cfg.vm_name
+        vm = self.host.cfg.vm_name
         try:
             offer, dest = seal.verify_offer(args.get("offer"), vm, trusted)
         except seal.SealError as exc:
             self.log.warning("migration offer refused", reason=str(exc))
             raise ControlError(exc.status, str(exc)) from None
-        length = self.sidecar.cfg.migration_psk_length
+        length = self.host.cfg.migration_psk_length
         psk = Secret(os.urandom(length))
         try:
             cookie = seal.seal(offer, vm, psk.reveal(), host_key)
@@ -144,7 +145,7 @@ class MigrationControl:
 
         _host_key, trusted = self._identity()
         try:
-            cookie, source = seal.verify_cookie(cookie_b64, self.sidecar.cfg.vm_name, trusted)
+            cookie, source = seal.verify_cookie(cookie_b64, self.host.cfg.vm_name, trusted)
         except seal.SealError as exc:
             self.log.warning("migration cookie refused", reason=str(exc))
             raise ControlError(exc.status, str(exc)) from None
@@ -195,18 +196,18 @@ class MigrationControl:
 
     # -- the flows -----------------------------------------------------------------
     def _active(self) -> MigrationFlow | None:
-        rt = self.sidecar.runtime
-        for fid in reversed(list(rt.flows)):
-            flow = rt.flows[fid]
+        flows = self.host.flows()
+        for fid in reversed(list(flows)):
+            flow = flows[fid]
             if isinstance(flow, MigrationFlow):
                 return flow if flow.finished is None else None
         return None
 
     def _latest(self) -> tuple[str, MigrationFlow] | None:
-        rt = self.sidecar.runtime
-        for fid in reversed(list(rt.flows)):
-            if isinstance(rt.flows[fid], MigrationFlow):
-                return fid, rt.flows[fid]
+        flows = self.host.flows()
+        for fid in reversed(list(flows)):
+            if isinstance(flows[fid], MigrationFlow):
+                return fid, flows[fid]
         return None
 
     def _options(self, args: dict) -> Options:
@@ -224,22 +225,22 @@ class MigrationControl:
             raise ControlError(400, "multifd must be a boolean and multifd_channels 1..255")
         if self._active() is not None:
             raise ControlError(409, "a migration is already in progress")
-        if not self.sidecar.runtime.run_dir:
+        if not self.host.run_dir:
             raise ControlError(409, "no run_dir configured: the agent has nowhere to put key files")
         return Options(uri, multifd, channels, postcopy)
 
     async def _run(self, role: str, psk: Secret, opts: Options) -> tuple[int, dict]:
         """Start the flow with a key that is already spent: nothing here refuses."""
-        rt = self.sidecar.runtime
+        host = self.host
         self._count += 1
         flow_id = f"migrate-{self._count}"
-        req, future = rt.new_request()
+        req, future = host.new_request()
         flow = MigrationFlow(MigrationParams(
             role=role, uri=opts.uri, reply_to=req, creds_id=f"keyagent-tls-{flow_id}",
             multifd=opts.multifd, multifd_channels=opts.channels, postcopy=opts.postcopy,
-            dest_deadline_s=self.sidecar.cfg.migration_dest_deadline_s))
-        rt.start_flow(flow_id, flow)
-        rt.feed(flow_id, KeyProvided("psk", psk))
+            dest_deadline_s=self.host.cfg.migration_dest_deadline_s))
+        host.start_flow(flow_id, flow)
+        host.feed(flow_id, KeyProvided("psk", psk))
         status, body = await future
         return status, {**body, "migration": flow_id}
 
@@ -276,7 +277,7 @@ class MigrationControl:
             raise ControlError(404, "no migration has been started")
         flow_id, flow = latest
         try:
-            await asyncio.wait_for(self.sidecar.runtime.finished(flow_id), timeout)
+            await asyncio.wait_for(self.host.finished(flow_id), timeout)
         except asyncio.TimeoutError:
             return 200, {"status": flow.status, "migration": flow_id, "timed_out": True}
         return 200, {**flow.result(), "migration": flow_id}
@@ -285,9 +286,9 @@ class MigrationControl:
         flow = self._active()
         if flow is None:
             raise ControlError(409, "no migration in progress")
-        rt = self.sidecar.runtime
-        flow_id = next(fid for fid, f in rt.flows.items() if f is flow)
-        req, future = rt.new_request()
-        rt.feed(flow_id, ControlRequest(req, "cancel", {}))
+        host = self.host
+        flow_id = next(fid for fid, f in host.flows().items() if f is flow)
+        req, future = host.new_request()
+        host.feed(flow_id, ControlRequest(req, "cancel", {}))
         status, body = await future
         return status, {**body, "migration": flow_id}

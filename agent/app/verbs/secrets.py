@@ -2,7 +2,8 @@
 
 The master key (32 bytes from ``os.urandom``) stays in this process's
 memory: the shell encrypts each secret under it (AES-256-CBC, PKCS#7, a
-fresh 16-byte IV each) and hands the flow only ciphertext.  Plaintext never
+fresh 16-byte IV each: ``agent.crypto.secret_object``) and hands the flow
+only ciphertext.  Plaintext never
 goes to QEMU, to a log, or to the event log.
 
 Bounds: a secret is 1 byte to 64 KiB (``MAX_SECRET_FILE``); an id is a QOM
@@ -15,50 +16,39 @@ from __future__ import annotations
 import base64
 import os
 import re
-from typing import Any
 
+from agent.app.flowhost import FlowHost
 from agent.core.events import ControlRequest, KeyProvided
 from agent.common.secret import Secret
 from agent.core.secret_objects import SecretsFlow, SecretsParams
-from agent.common.errors import UsageError
-from agent.common.errors import ControlError
+from agent.crypto.secret_object import IV_LEN, MASTER_KEY_LEN, encrypt
+from agent.common.errors import ControlError, UsageError
 
 FLOW_ID = "secrets"
-MASTER_KEY_LEN = 32
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
 QOM_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
 
 
-def encrypt(master: Secret, plaintext: Secret, iv: bytes) -> Secret:
-    """AES-256-CBC with PKCS#7 padding, as QEMU's ``secret`` ``keyid=`` expects."""
-    from cryptography.hazmat.primitives import padding
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    padder = padding.PKCS7(128).padder()
-    padded = padder.update(plaintext.reveal()) + padder.finalize()
-    enc = Cipher(algorithms.AES(master.reveal()), modes.CBC(iv)).encryptor()
-    return Secret(enc.update(padded) + enc.finalize())
-
-
 class SecretsControl:
-    def __init__(self, sidecar: Any) -> None:
-        self.sidecar = sidecar
+    def __init__(self, host: FlowHost) -> None:
+        self.host = host
         self.master: Secret | None = None
 
     def start(self, master: Secret | None = None) -> None:
         """Start the flow; ``master`` is a key already on QEMU's command line."""
-        cfg, rt = self.sidecar.cfg, self.sidecar.runtime
+        host, cfg = self.host, self.host.cfg
         self.master = master or Secret(os.urandom(MASTER_KEY_LEN))
-        rt.start_flow(FLOW_ID, SecretsFlow(SecretsParams(
+        host.start_flow(FLOW_ID, SecretsFlow(SecretsParams(
             vm=cfg.vm_name, mode=cfg.secrets_master_key, preloaded=master is not None)))
-        rt.feed(FLOW_ID, KeyProvided("master", self.master))
+        host.feed(FLOW_ID, KeyProvided("master", self.master))
 
     async def _ask(self, verb: str, args: dict) -> tuple[int, dict]:
-        rt = self.sidecar.runtime
-        if FLOW_ID not in rt.flows or rt.flows[FLOW_ID].finished is not None:
+        host = self.host
+        flow = host.flows().get(FLOW_ID)
+        if flow is None or flow.finished is not None:
             raise ControlError(503, "secret objects are unavailable (QEMU is gone)")
-        req, future = rt.new_request()
-        rt.feed(FLOW_ID, ControlRequest(req, verb, args))
+        req, future = host.new_request()
+        host.feed(FLOW_ID, ControlRequest(req, verb, args))
         return await future
 
     @staticmethod
@@ -80,7 +70,7 @@ class SecretsControl:
             plaintext = await resolve_ref(ref, "secret")
         except UsageError as exc:
             raise ControlError(400, str(exc)) from None
-        iv = os.urandom(16)
+        iv = os.urandom(IV_LEN)
         try:
             data = encrypt(self.master, plaintext, iv)
         finally:
@@ -88,7 +78,7 @@ class SecretsControl:
         status, body = await self._ask("add", {"id": sid, "iv": base64.b64encode(iv).decode(),
                                                "data": data})
         if status == 200:
-            self.sidecar.metrics.secrets_added += 1
+            self.host.metrics.secrets_added += 1
         return status, body
 
     async def remove(self, args: dict) -> tuple[int, dict]:
