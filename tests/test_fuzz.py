@@ -253,7 +253,7 @@ def test_simulator_monitor_answers_anything_with_a_reply(monitor, request):
 async def test_simulator_keeps_serving_after_hostile_bytes(short_tmp):
     from agent.tools.sim.machine import SimConfig
     from agent.tools.sim.qmp_server import Simulator
-    from tests.sim.conftest import RawClient
+    from tests.tools.sim.conftest import RawClient
 
     path = str(short_tmp / "sim.sock")
     hostile = [b"\xff\xfe" * 1000, b"{" * 5000, b'{"execute": ' + b'"x' * 300_000, b"}" * 10,
@@ -421,7 +421,7 @@ def launch_waiting_for_owner(short_tmp, owner_answer: bytes):
     import threading
 
     from tests.e2e.harness import StandInOwner, wait_for
-    from tests.e2e.test_flood import TinyQemu, start_agent
+    from tests.e2e.tinyqemu import TinyQemu, start_agent
 
     qemu = TinyQemu(str(short_tmp / "qmp.sock"))
     owner = StandInOwner(403, owner_answer)
@@ -466,7 +466,7 @@ def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
 
 
 def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
-    from tests.e2e.test_flood import ctl
+    from tests.e2e.harness import ctl
 
     with launch_waiting_for_owner(short_tmp, b'{"error": "measurement rejected"}') \
             as (qemu, agent, release):
@@ -483,7 +483,7 @@ def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
 @pytest.mark.parametrize("malformed_first", [False, True])
 def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_first, short_tmp):
     from tests.e2e.harness import wait_for
-    from tests.e2e.test_flood import ctl
+    from tests.e2e.harness import ctl
 
     with launch_waiting_for_owner(short_tmp, b'{"error": "not yet"}') as (qemu, agent, release):
         wait_for(lambda: ctl(short_tmp / "run" / "control.sock", "status").returncode == 0,

@@ -12,26 +12,15 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import KEYAGENT, World, free_port, host_identity, trusting_hosts, wait_for
+from tests.e2e.harness import (World, ctl, ctl_json, free_port, host_identity,
+                               trusting_hosts, wait_for)
 from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, QEMU, Qemu, boot_image
 from tests.leakscan import ArgvWatcher, LeakScan
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
-
-
-def ctl(control: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*KEYAGENT, "ctl", "--control", f"unix:{control}", *args],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ctl_json(control: Path, *args: str) -> dict:
-    out = ctl(control, *args)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 VM = "vm1"  # one VM, migrating: the same name on both sides (the hand-over binds it)

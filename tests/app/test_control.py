@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import socket
@@ -13,11 +12,11 @@ import sys
 import pytest
 
 from agent.app.control import ControlServer, access_for, peer_check, resolve_ref
-from agent.common.errors import UsageError
+from agent.app.metrics import Metrics
+from agent.common.errors import ControlError, UsageError
 from agent.io.http import PeerCred
 from agent.io.secretref import NOBODY, NOT_ALLOWED, UNRESTRICTED
-from agent.app.metrics import Metrics
-from agent.common.errors import ControlError
+from tests.control_client import UnixHTTPConnection, get
 
 
 async def read_ref(args):
@@ -39,23 +38,6 @@ class FakeSidecar:
     def control_verbs(self):
         return {("POST", "/v1/echo"): lambda args: {"echo": args},
                 ("POST", "/v1/ref"): read_ref}
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost")
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.unix_path)
-
-
-def get(path: str, route: str) -> tuple[int, bytes, str]:
-    conn = UnixHTTPConnection(path)
-    conn.request("GET", route)
-    resp = conn.getresponse()
-    return resp.status, resp.read(), resp.getheader("Content-Type")
 
 
 @pytest.fixture
@@ -264,9 +246,9 @@ def test_a_stale_control_socket_is_free_and_a_live_one_is_not(tmp_path):
 
 async def test_migrate_and_secret_verbs_resolve_references_within_the_peers_rights(tmp_path):
     from agent.app import control
-    from agent.io.secretref import RefAccess
     from agent.app.verbs.migrate import MigrationControl
     from agent.app.verbs.secrets import SecretsControl
+    from agent.io.secretref import RefAccess
 
     key = tmp_path / "k"
     key.write_bytes(b"k" * 32)

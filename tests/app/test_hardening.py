@@ -15,7 +15,7 @@ import pytest
 from tests.e2e.harness import KEYAGENT, wait_for
 from tests.leakscan import ArgvWatcher
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def python(code: str) -> subprocess.CompletedProcess:
@@ -79,7 +79,8 @@ def short_tmp():
 
 
 def test_keyagent_run_is_hardened_and_still_reachable(short_tmp):
-    from tests.e2e.test_flood import TinyQemu, ctl, start_agent
+    from tests.e2e.harness import ctl
+    from tests.e2e.tinyqemu import TinyQemu, start_agent
 
     qemu = TinyQemu(str(short_tmp / "qmp.sock"))
     agent = start_agent(short_tmp, None)

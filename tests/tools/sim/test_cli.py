@@ -16,7 +16,7 @@ import pytest
 from agent.sev.measurement import verify_measurement
 from agent.tools.sim.machine import DEFAULT_DIGEST
 from tests.executable import KEYAGENT
-from tests.sim.conftest import DIGEST, TEK, TIK
+from tests.tools.sim.conftest import DIGEST, TEK, TIK
 
 
 

@@ -13,7 +13,7 @@ from agent.sev.packet import build_packet
 from agent.sev.secret_table import build_secret_table, parse_secret_table
 from agent.sev.guids import LUKS_KEY_GUID
 from agent.tools.sim.psp import FW_ERROR_TEXT, FwError, Psp, SevRet
-from tests.sim.conftest import DIGEST, TEK, TIK
+from tests.tools.sim.conftest import DIGEST, TEK, TIK
 
 NONCE = bytes(range(32, 48))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import time
 
-from tests.sim.conftest import RawClient, packet_for
+from tests.tools.sim.conftest import RawClient, packet_for
 
 
 async def _cmd(client: RawClient, name: str, arguments: dict | None = None) -> dict:

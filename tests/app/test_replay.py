@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-TRACES = sorted((Path(__file__).parent.parent / "fixtures" / "traces").glob("*.jsonl"))
+TRACES = sorted((Path(__file__).parents[2] / "fixtures" / "traces").glob("*.jsonl"))
 
 
 def replay(*args: str) -> subprocess.CompletedProcess:

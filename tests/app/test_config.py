@@ -124,7 +124,7 @@ def test_gid_flag_out_of_range_is_one_line():
         load_config(None, {"control_gid": "99999999999"})
 
 
-# /dev/zero is tested in a subprocess with a memory limit (tests/test_runner_cli.py):
+# /dev/zero is tested in a subprocess with a memory limit (tests/cli/test_run.py):
 # a regression here would fill this machine's memory.
 @pytest.mark.parametrize("kind", ["fifo", "directory", "huge"])
 def test_config_must_be_a_small_regular_file(tmp_path, kind):

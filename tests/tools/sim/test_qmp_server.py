@@ -17,7 +17,7 @@ from agent.sev.guids import LUKS_KEY_GUID
 from agent.sev.measurement import verify_measurement
 from agent.tools.sim.machine import SimConfig
 from agent.tools.sim.qmp_server import Simulator
-from tests.sim.conftest import DIGEST, DISK_PASS, TEK, TIK, RawClient, make_config, new_guid, packet_for
+from tests.tools.sim.conftest import DIGEST, DISK_PASS, TEK, TIK, RawClient, make_config, new_guid, packet_for
 
 
 async def measurement(client: RawClient) -> bytes:
