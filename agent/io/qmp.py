@@ -193,7 +193,10 @@ class QmpConnection:
             await self.client.disconnect()
         except EOFError:
             return "QEMU closed the monitor"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
+            # disconnect() re-raises whatever ended the connection (a reader's
+            # ProtocolError, an OSError...): here it is the reason to report,
+            # and the exit path (wiping keys, the exit record) must go on.
             return _one_line(exc)
         return "connection closed"
 
