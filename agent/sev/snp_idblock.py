@@ -49,6 +49,26 @@ CURVE_P384 = 2
 COORD_SIZE = 48  # P-384 coordinates and R/S values fit in 48 bytes
 
 
+# SNP guest policy (ABI spec, "Guest Policy"): 7:0 ABI_MINOR, 15:8 ABI_MAJOR,
+# 16 SMT, 17 reserved (must be one), 18 MIGRATE_MA, 19 DEBUG, 20
+# SINGLE_SOCKET, 21 CXL_ALLOW, 22 MEM_AES_256_XTS, 23 RAPL_DIS, 24
+# CIPHERTEXT_HIDING, 25 PAGE_SWAP_DISABLE, 63:26 reserved (must be zero).
+POLICY_RESERVED_ONE = 1 << 17
+POLICY_DEBUG = 1 << 19
+POLICY_KNOWN_BITS = (1 << 26) - 1
+
+
+def policy_problem(policy: int) -> str | None:
+    """Why the PSP would refuse this SNP guest policy, or None."""
+    if not 0 <= policy < 1 << 64:
+        return "an SNP policy is a 64-bit value"
+    if not policy & POLICY_RESERVED_ONE:
+        return f"SNP policy {policy:#x} lacks bit 17, which the SNP ABI requires to be one"
+    if policy & ~POLICY_KNOWN_BITS:
+        return f"SNP policy {policy:#x} sets reserved bits 63:26"
+    return None
+
+
 class SnpFormatError(ValueError):
     """Bytes that are not a well-formed SNP structure (one-line reason)."""
 
