@@ -17,7 +17,7 @@ from agent.sev.snp_report import (REPORT_SIZE, SIGNED_SIZE, AttestationReport, E
                                   verify_report)
 from agent.sev.snp_sign import encode_tcb
 from tests.sev.snp_chain import CHIP_ID, TCB, authority, signed_report, vcek
-from tests.sev.snp_vectors import (MILAN_CHIP_ID_PREFIX, MILAN_MEASUREMENT, MILAN_POLICY, MILAN_REPORT_DATA,
+from tests.sev.snp_vectors import (SNP_DATA, MILAN_CHIP_ID_PREFIX, MILAN_MEASUREMENT, MILAN_POLICY, MILAN_REPORT_DATA,
                                    milan_report, milan_vcek)
 
 ROOTS = builtin_snp_roots()
@@ -217,3 +217,19 @@ def test_roots_dir_problems_are_one_line_errors(tmp_path: Path):
 
 def test_signed_part_is_everything_before_the_signature():
     assert SIGNED_SIZE == 0x2A0 and REPORT_SIZE - SIGNED_SIZE == 0x200
+
+
+def test_builtin_milan_roots_are_the_chain_amd_s_kds_served_with_the_real_report():
+    served = x509.load_pem_x509_certificates((SNP_DATA / "cert_chain_milan").read_bytes())
+    milan = next(r for r in ROOTS if r.product == "milan")
+    assert [c.fingerprint(hashes.SHA256()) for c in served] == [milan.ask.fingerprint(hashes.SHA256()),
+                                                                 milan.ark.fingerprint(hashes.SHA256())]
+
+
+@pytest.mark.parametrize("directory", [SNP_DATA, Path(__file__).resolve().parents[2] / "agent" / "sev" / "snp_roots"])
+def test_snp_data_is_in_the_tree_with_its_origin_and_licence(directory):
+    readme = (directory / "README.md").read_text()
+    assert "github.com/virtee/" in readme and "Apache-2.0" in readme
+    for path in directory.iterdir():
+        if path.name != "README.md":
+            assert path.name in readme or path.name.split("-")[0] in readme, path.name
