@@ -12,6 +12,7 @@
                   prints {"pdh_sha256", "verified", "reason"}: exit 0 verified
                   to AMD's roots, 1 not (the pin is printed either way)
     owner measure ...        (registered by agent.owner.measure when present)
+    owner idblock ... / owner verify-report ...   (SEV-SNP, agent.owner.snp_tools)
 
 This module is imported every time ``keyagent`` builds its parser, the
 sidecar's commands included, so it imports only argparse-level modules at
@@ -91,6 +92,10 @@ def register(subparsers: Any) -> None:
 
     if measure is not None and hasattr(measure, "register"):
         measure.register(sub)
+
+    from agent.owner import snp_tools  # SEV-SNP: owner idblock, owner verify-report
+
+    snp_tools.register(sub)
 
 
 def _measure_module() -> Any:

@@ -166,6 +166,10 @@ def _handle(args: argparse.Namespace) -> int:
 
     from agent.owner.secret_area import area_from_firmware
 
+    from agent.owner import snp_tools
+
+    if snp_tools.measure_snp_requested(args):
+        return snp_tools.cmd_measure_snp(args)
     digest = digest_from_args(args)
     assert digest is not None  # --firmware is required by this parser
     # The firmware was readable a moment ago; the area is where `owner serve`
@@ -185,11 +189,14 @@ def register(owner_subparsers) -> argparse.ArgumentParser:
     """Add ``measure`` to the ``keyagent owner`` subcommands."""
     parser = owner_subparsers.add_parser(
         "measure",
-        help="print the expected SEV/SEV-ES launch digest (hex)",
+        help="print the expected SEV/SEV-ES (or, with --snp, SEV-SNP) launch digest (hex)",
         description="Compute the SHA-256 launch digest QEMU 7.2 + KVM produce for this "
         "firmware, kernel and vCPU set-up.",
     )
     add_measure_options(parser, require_firmware=True)
+    from agent.owner.snp_tools import add_snp_measure_options
+
+    add_snp_measure_options(parser)
     parser.add_argument("--json", action="store_true",
                         help='print {"digest": hex, "secret_area": {gpa, size, usable, problem}}')
     parser.set_defaults(func=_handle)
