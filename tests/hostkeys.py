@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import hostkey
+from agent.crypto import hostkey
 
 
 @dataclass

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Directories whose contents differ from one machine to the next.
 MACHINE_PATH = re.compile(r"^/(tmp|root|home|work|opt|mnt|srv)/")
 # Test inputs that are never opened (a malformed socket spec).
-NEVER_OPENED = {("tests/test_config.py", "/tmp/x")}
+NEVER_OPENED = {("tests/app/test_config.py", "/tmp/x")}
 
 
 def _string_constants(path: Path):

@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = sorted((ROOT / "fixtures" / "traces").glob("*.jsonl"))
@@ -72,7 +72,7 @@ def short_tmp():
 # the event log
 
 def replay_cli(path: str, *flags: str) -> tuple[int, str, str]:
-    from agent.cli import main
+    from agent.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -194,7 +194,7 @@ def test_decoding_any_record_is_an_event_or_a_codec_error(record):
     st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b'{"execute": "x"}', b"\r\n", b"\xff",
                      b'{"a": "\\u00', b"nan", b"-", b"1e999"])), max_size=40))
 def test_simulator_stream_parser_never_raises_and_stays_bounded(chunks):
-    from agent.sim.json_stream import JsonStream, Parsed, ParseFailure
+    from agent.tools.sim.json_stream import JsonStream, Parsed, ParseFailure
 
     stream = JsonStream(max_message=256, max_nesting=16)
     for chunk in chunks:
@@ -214,7 +214,7 @@ def test_simulator_stream_parser_never_raises_and_stays_bounded(chunks):
                          min_size=1, max_size=5),
        cuts=st.lists(st.integers(0, 2000), max_size=6))
 def test_simulator_stream_parser_frames_any_split_the_same(messages, cuts):
-    from agent.sim.json_stream import JsonStream, Parsed
+    from agent.tools.sim.json_stream import JsonStream, Parsed
 
     wire = b"".join(json.dumps(m).encode() for m in messages)
     stream, got, last = JsonStream(), [], 0
@@ -226,8 +226,8 @@ def test_simulator_stream_parser_frames_any_split_the_same(messages, cuts):
 
 @pytest.fixture(scope="module")
 def monitor():
-    from agent.sim.machine import Machine, SimConfig
-    from agent.sim.qmp_server import Monitor
+    from agent.tools.sim.machine import Machine, SimConfig
+    from agent.tools.sim.qmp_server import Monitor
 
     return Monitor(Machine(SimConfig(tik=bytes(16), tek=bytes(16))))
 
@@ -241,7 +241,7 @@ def monitor():
     optional={"arguments": json_value, "id": json_value, "exec-oob": json_value,
               "x": json_value})))
 def test_simulator_monitor_answers_anything_with_a_reply(monitor, request):
-    from agent.sim.json_stream import Parsed
+    from agent.tools.sim.json_stream import Parsed
 
     reply, _name = monitor.handle(Parsed(request))
     assert ("return" in reply) != ("error" in reply)
@@ -251,9 +251,9 @@ def test_simulator_monitor_answers_anything_with_a_reply(monitor, request):
 
 
 async def test_simulator_keeps_serving_after_hostile_bytes(short_tmp):
-    from agent.sim.machine import SimConfig
-    from agent.sim.qmp_server import Simulator
-    from tests.sim.conftest import RawClient
+    from agent.tools.sim.machine import SimConfig
+    from agent.tools.sim.qmp_server import Simulator
+    from tests.tools.sim.conftest import RawClient
 
     path = str(short_tmp / "sim.sock")
     hostile = [b"\xff\xfe" * 1000, b"{" * 5000, b'{"execute": ' + b'"x' * 300_000, b"}" * 10,
@@ -342,14 +342,14 @@ async def drive_agent_qmp(path: str) -> list[str]:
         async with asyncio.timeout(10):
             try:
                 await conn.connect(path, 0.5)
-            except qmpio.QmpDisconnectedError as exc:
+            except qmpio.MonitorGone as exc:
                 seen.append(f"connect: {exc}")
                 return seen
             try:
                 seen.append(f"result: {await conn.execute('query-status')!r}"[:200])
-            except qmpio.QmpError as exc:
+            except qmpio.QmpCommandError as exc:
                 seen.append(f"error: {exc.error_class}: {exc.desc}")
-            except qmpio.QmpDisconnectedError as exc:
+            except qmpio.MonitorGone as exc:
                 seen.append(f"disconnected: {exc}")
             assert conn.events._queue.qsize() <= 16
             seen.append(f"gone: {await conn.wait_disconnected()}")
@@ -421,7 +421,7 @@ def launch_waiting_for_owner(short_tmp, owner_answer: bytes):
     import threading
 
     from tests.e2e.harness import StandInOwner, wait_for
-    from tests.e2e.test_flood import TinyQemu, start_agent
+    from tests.e2e.tinyqemu import TinyQemu, start_agent
 
     qemu = TinyQemu(str(short_tmp / "qmp.sock"))
     owner = StandInOwner(403, owner_answer)
@@ -466,7 +466,7 @@ def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
 
 
 def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
-    from tests.e2e.test_flood import ctl
+    from tests.e2e.harness import ctl
 
     with launch_waiting_for_owner(short_tmp, b'{"error": "measurement rejected"}') \
             as (qemu, agent, release):
@@ -483,7 +483,7 @@ def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
 @pytest.mark.parametrize("malformed_first", [False, True])
 def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_first, short_tmp):
     from tests.e2e.harness import wait_for
-    from tests.e2e.test_flood import ctl
+    from tests.e2e.harness import ctl
 
     with launch_waiting_for_owner(short_tmp, b'{"error": "not yet"}') as (qemu, agent, release):
         wait_for(lambda: ctl(short_tmp / "run" / "control.sock", "status").returncode == 0,
@@ -543,7 +543,7 @@ def test_owner_answer_is_always_an_event_with_one_line(status, body):
                                              json_value.map(lambda v: json.dumps(v).encode())))))
 def test_owner_client_turns_any_http_answer_into_an_event(answer):
     from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
-    from agent.io.owner_client import post_owner
+    from agent.app.runtime import ask_owner
 
     async def go():
         async def serve(reader, writer):
@@ -557,7 +557,7 @@ def test_owner_client_turns_any_http_answer_into_an_event(answer):
         port = server.sockets[0].getsockname()[1]
         try:
             async with asyncio.timeout(5):
-                return await post_owner(f"http://127.0.0.1:{port}", "/v1/secret", {"vm": "x"}, 2.0)
+                return await ask_owner(f"http://127.0.0.1:{port}", "/v1/secret", {"vm": "x"}, 2.0)
         finally:
             server.close()
 
@@ -569,7 +569,7 @@ def test_owner_client_turns_any_http_answer_into_an_event(answer):
 
 async def test_owner_client_takes_a_deeply_nested_answer_as_malformed():
     from agent.core.events import OwnerFailed
-    from agent.io.owner_client import post_owner
+    from agent.app.runtime import ask_owner
 
     body = b"[" * 100_000 + b"]" * 100_000
 
@@ -582,7 +582,7 @@ async def test_owner_client_takes_a_deeply_nested_answer_as_malformed():
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        event = await post_owner(f"http://127.0.0.1:{port}", "/v1/secret", {}, 5.0)
+        event = await ask_owner(f"http://127.0.0.1:{port}", "/v1/secret", {}, 5.0)
     finally:
         server.close()
     assert isinstance(event, OwnerFailed) and "not a JSON object" in event.reason
@@ -600,12 +600,12 @@ class FakeQmp:
 
 @contextlib.asynccontextmanager
 async def control_server(tmp: Path):
-    from agent.config import load_config
-    from agent.control import ControlServer
-    from agent.eventlog import EventLog
-    from agent.runtime import Runtime
-    from agent.secrets_ctl import SecretsControl
-    from agent.sidecar import Sidecar, SidecarOptions
+    from agent.app.config import load_config
+    from agent.app.control import ControlServer
+    from agent.app.eventlog import EventLog
+    from agent.app.runtime import Runtime
+    from agent.app.verbs.secrets import SecretsControl
+    from agent.app.sidecar import Sidecar, SidecarOptions
 
     run_dir = tmp / "run"
     run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -766,7 +766,7 @@ def _toml_text(doc: dict) -> str:
 
 @functools.cache
 def _config_doc():
-    from agent.config import SCHEMA
+    from agent.app.config import SCHEMA
 
     toml_scalar = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(),
                             st.text(max_size=20).filter(lambda s: "\x00" not in s),
@@ -784,7 +784,7 @@ def _config_doc():
 @FUZZ
 @given(data=st.data())
 def test_any_config_file_is_a_config_or_one_line(data, tmp_path):
-    from agent.config import Config, load_config
+    from agent.app.config import Config, load_config
 
     path = tmp_path / "keyagent.toml"
     if data.draw(st.booleans()):
@@ -810,7 +810,7 @@ def test_any_config_file_is_a_config_or_one_line(data, tmp_path):
     st.one_of(st.text(max_size=20), st.sampled_from(["nan", "inf", "-inf", "1e999", "0x10", "-0",
                                                      "1_000", " 5 ", "\x00"])), max_size=4))
 def test_any_config_flags_are_a_config_or_one_line(flags):
-    from agent.config import load_config
+    from agent.app.config import load_config
 
     try:
         cfg = load_config(None, flags)
@@ -836,7 +836,7 @@ def test_fuzz_fixture_event_logs_are_handled(path, tmp_path):
 
 @pytest.mark.parametrize("path", _fixture_files("config"), ids=lambda p: p.name)
 def test_fuzz_fixture_configs_are_refused_in_one_line(path):
-    from agent.config import load_config
+    from agent.app.config import load_config
 
     with pytest.raises(UsageError) as exc:
         load_config(str(path))

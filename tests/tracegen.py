@@ -107,11 +107,10 @@ def replay_with_secrets(path: Path, trace: str, secrets: dict[str, bytes]) -> Pa
     secrets, so a test can look for them anywhere downstream."""
     import dataclasses
 
-    import agent.replay  # noqa: F401  (registers the flow kinds)
     from agent.core.codec import decode_event
-    from agent.core.flow import FLOW_KINDS
-    from agent.core.secret import Secret
-    from agent.eventlog import EventLog
+    from agent.core.registry import FLOW_KINDS
+    from agent.common.secret import Secret
+    from agent.app.eventlog import EventLog
 
     recs = records(trace)
     log = EventLog(str(path))

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.core.actions import ACTION_TYPES
 from agent.core.events import EVENT_TYPES
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 
 
 class CodecError(ValueError):

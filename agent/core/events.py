@@ -1,6 +1,6 @@
 """What happens to a flow: the typed inputs of the sans-IO core.
 
-The shell (``agent.runtime`` and ``agent.io``) turns bytes, sockets, timers
+The shell (``agent.app.runtime`` and ``agent.io``) turns bytes, sockets, timers
 and HTTP answers into these values; a flow sees nothing else.  Each is a
 frozen dataclass of JSON-friendly fields (or :class:`Secret`), so the event
 log can record it and ``keyagent replay`` can rebuild it exactly.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The shape every flow shares, and the registry replay rebuilds flows from.
+"""The shape every flow shares (the table of kinds is ``agent.core.registry``).
 
 A flow is a state machine: ``handle(event) -> list[Action]``.  It is built
 from JSON parameters (recorded in the event log), so ``keyagent replay
@@ -11,13 +11,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 from agent.core.actions import Action, ArmTimer, CancelTimer, Finish
-
-FLOW_KINDS: dict[str, type["Flow"]] = {}
-
-
-def register_flow(cls: type["Flow"]) -> type["Flow"]:
-    FLOW_KINDS[cls.kind] = cls
-    return cls
 
 
 class Flow:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from agent.core.actions import Action, Log, PostOwner, SendQmp
 from agent.core.events import (OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
                                QmpError, QmpEvent, QmpReply, Start, TimerFired)
-from agent.core.flow import Flow, register_flow
+from agent.core.flow import Flow
+from agent.sev.sizes import MEASUREMENT_LEN
 
-MEASUREMENT_LEN = 48  # MEASURE[32] || MNONCE[16]
 SEV_ES_POLICY_BIT = 0x4
 QUIT_GRACE_S = 5.0
 
@@ -72,7 +72,6 @@ class LaunchParams:
     retry_s: float = 0.1
 
 
-@register_flow
 class SevLaunchFlow(Flow):
     kind = "sev-launch"
     wanted_events = frozenset({"RESUME", "SHUTDOWN"})

@@ -35,8 +35,8 @@ from agent.core.actions import (Action, ControlReply, Log, RemoveKeyDir, SendQmp
 from agent.core.dhparams import ffdhe2048_pem
 from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
                                QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
-from agent.core.flow import Flow, register_flow
-from agent.core.secret import Secret
+from agent.core.flow import Flow
+from agent.common.secret import Secret
 
 FINAL = ("completed", "failed", "cancelled")
 KEY_DIR = "tls"
@@ -85,7 +85,6 @@ def psk_file_line(psk: Secret) -> Secret:
         line[:] = bytes(len(line))
 
 
-@register_flow
 class MigrationFlow(Flow):
     kind = "migration"
     wanted_events = frozenset({"MIGRATION", "SHUTDOWN"})

@@ -13,9 +13,9 @@ import binascii
 from typing import Any
 
 from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
-from agent.core.secret import Secret
+from agent.common.secret import Secret
+from agent.sev.sizes import PACKET_HEADER_LEN
 
-PACKET_HEADER_LEN = 52  # flags(4) || IV(16) || MAC(32)
 MAX_SECRET_LEN = 64 * 1024  # far above OVMF's 4 KiB secret area; refuses absurd answers
 MAX_ERROR_LEN = 200
 

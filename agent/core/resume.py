@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from agent.core.actions import Action, Log, SendQmp
 from agent.core.events import QmpDisconnected, QmpError, QmpReply, Start
-from agent.core.flow import Flow, register_flow
+from agent.core.flow import Flow
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,6 @@ class ResumeParams:
     vm: str
 
 
-@register_flow
 class ResumeFlow(Flow):
     kind = "resume"
     Params = ResumeParams

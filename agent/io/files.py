@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 __all__ = ["read_regular_file", "check_regular_file"]
 

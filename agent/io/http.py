@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from agent.logs import get_logger
+from agent.common.logs import get_logger
 
 __all__ = [
     "HttpError",

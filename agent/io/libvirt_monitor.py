@@ -50,9 +50,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from agent.core.secret import Secret
-from agent.io.qmp import SENSITIVE_KEYS, QmpDisconnectedError, QmpError, describe, wire_args
-from agent.logs import get_logger, scrub
+from agent.common.secret import Secret
+from agent.common.errors import MonitorGone, QmpCommandError
+from agent.io.qmp import SENSITIVE_KEYS, describe, wire_args
+from agent.common.logs import get_logger, scrub
 
 # -- libvirt's stable ABI numbers (libvirt-domain.h, virterror.h) -----------
 # Written out so the translation does not need libvirt-python to be tested,
@@ -156,7 +157,7 @@ def load_api() -> LibvirtApi:
         import libvirt
         import libvirt_qemu
     except ImportError:
-        from agent.errors import UsageError
+        from agent.common.errors import UsageError
 
         raise UsageError(INSTALL_HINT) from None
     return LibvirtApi(libvirt.libvirtError, libvirt.open, libvirt_qemu.qemuMonitorCommand,
@@ -183,7 +184,7 @@ def bind_event_loop(loop: asyncio.AbstractEventLoop) -> None:
         libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
     elif impl.loop is not loop:
         if not impl.is_idle():
-            raise QmpDisconnectedError("libvirt's event loop is still in use by another "
+            raise MonitorGone("libvirt's event loop is still in use by another "
                                        "asyncio loop in this process")
         impl.loop = loop
 
@@ -295,12 +296,12 @@ class LibvirtConnection:
                         self._close_conn()
             if loop.time() >= deadline:
                 self._close_conn()
-                raise QmpDisconnectedError(problem)
+                raise MonitorGone(problem)
             await asyncio.sleep(0.1)
 
     async def execute(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
         if self._gone.is_set():
-            raise QmpDisconnectedError(self._reason)
+            raise MonitorGone(self._reason)
         args = dict(args or {})
         debug = logging.getLogger("keyagent.libvirt").isEnabledFor(logging.DEBUG)
         if debug:  # redacting costs more than the call: only when it is shown
@@ -451,7 +452,7 @@ class LibvirtConnection:
 
     # -- translation ------------------------------------------------------------------
     def _error(self, command: str, exc: Exception, sent: Mapping[str, Any]) -> Exception:
-        """A libvirtError as QmpError, or QmpDisconnectedError once the domain is gone."""
+        """A libvirtError as QmpCommandError, or MonitorGone once the domain is gone."""
         text = _one_line(exc)
         # Defence in depth: libvirt's texts do not echo arguments, but nothing
         # we sent that could be secret may come back inside an error.
@@ -461,11 +462,11 @@ class LibvirtConnection:
                 break
         if not self._domain_alive():
             self._set_gone(f"the domain is gone ({text})")
-            return QmpDisconnectedError(self._reason)
+            return MonitorGone(self._reason)
         m = _QEMU_ERROR.search(text)
         if m:
-            return QmpError("GenericError", m.group(1).strip())
-        return QmpError("libvirt", text)
+            return QmpCommandError("GenericError", m.group(1).strip())
+        return QmpCommandError("libvirt", text)
 
     def _passthrough(self, command: str, args: dict) -> Any:
         message = {"execute": command}
@@ -475,20 +476,20 @@ class LibvirtConnection:
         try:
             reply = json.loads(reply_text)
         except ValueError:
-            raise QmpError("libvirt", f"unparsable monitor reply to {command}") from None
+            raise QmpCommandError("libvirt", f"unparsable monitor reply to {command}") from None
         if not isinstance(reply, dict):
-            raise QmpError("libvirt", f"unexpected monitor reply to {command}")
+            raise QmpCommandError("libvirt", f"unexpected monitor reply to {command}")
         error = reply.get("error")
         if isinstance(error, dict):
             desc = scrub(str(error.get("desc", ""))).strip().splitlines()
-            raise QmpError(str(error.get("class", "GenericError")), desc[0] if desc else "")
+            raise QmpCommandError(str(error.get("class", "GenericError")), desc[0] if desc else "")
         return reply.get("return", {})
 
     def _query_status(self, _args: dict) -> dict:
         state, reason = self.dom.state()
         if state == VIR_DOMAIN_SHUTOFF:
             self._set_gone("the domain is shut off")
-            raise QmpDisconnectedError(self._reason)
+            raise MonitorGone(self._reason)
         if state == VIR_DOMAIN_PAUSED:
             status = PAUSED_STATUS.get(reason, "paused")
         else:
@@ -518,14 +519,14 @@ class LibvirtConnection:
     def _query_sev_launch_measure(self, _args: dict) -> dict:
         measurement = self._sev_info().get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_MEASUREMENT)
         if not measurement:
-            raise QmpError("GenericError", "SEV launch measurement is not available")
+            raise QmpCommandError("GenericError", "SEV launch measurement is not available")
         return {"data": measurement}
 
     def _inject_launch_secret(self, args: dict) -> dict:
         wire = wire_args(args)
         header, secret = wire.get("packet-header"), wire.get("secret")
         if not isinstance(header, str) or not isinstance(secret, str):
-            raise QmpError("GenericError", "packet-header and secret must be base64 strings")
+            raise QmpCommandError("GenericError", "packet-header and secret must be base64 strings")
         params: dict[str, Any] = {VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER: header,
                                   VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET: secret}
         if wire.get("gpa") is not None:
@@ -569,7 +570,7 @@ _TRANSLATED: dict[str, Callable[[LibvirtConnection, dict], Any]] = {
 async def open_connection(uri: str, domain: str, name: str = "keyagent",
                           events: set[str] | None = None,
                           timeout: float = 10.0) -> LibvirtConnection:
-    """Connect to ``domain`` at ``uri``; QmpDisconnectedError if it cannot be had."""
+    """Connect to ``domain`` at ``uri``; MonitorGone if it cannot be had."""
     conn = LibvirtConnection(uri, name, events)
     try:
         await conn.connect(domain, timeout)

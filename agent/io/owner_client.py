@@ -1,23 +1,21 @@
 """The agent's side of the guest owner protocol (HTTP + JSON).
 
-The answer is parsed by :func:`agent.core.owner_answer.parse_owner_answer`
-(pure); this module only moves bytes and turns transport failures into
-:class:`OwnerFailed` with a one-line reason.
+This module only moves bytes: it returns the owner's ``(status, body)`` and
+raises :class:`agent.io.http.HttpError` when there is no answer.  Which core
+event an answer becomes is the core's decision
+(:func:`agent.core.owner_answer.parse_owner_answer`), made by the runtime
+(:func:`agent.app.runtime.ask_owner`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from agent.core.events import OwnerFailed
-from agent.core.owner_answer import one_line, parse_owner_answer
-from agent.io.http import HttpError, request_json
+from agent.io.http import request_json
 
 
-async def post_owner(owner_url: str, path: str, body: dict[str, Any], timeout: float):
+async def post_owner(owner_url: str, path: str, body: dict[str, Any],
+                     timeout: float) -> tuple[int, Any]:
+    """POST ``body`` as JSON to the owner; its status and decoded JSON body."""
     url = owner_url.rstrip("/") + path
-    try:
-        status, answer = await request_json("POST", url, body, timeout=timeout)
-    except HttpError as exc:
-        return OwnerFailed(reason=f"owner unreachable: {one_line(str(exc))}")
-    return parse_owner_answer(status, answer)
+    return await request_json("POST", url, body, timeout=timeout)

@@ -16,17 +16,28 @@ import json
 import logging
 from typing import Any, Mapping
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp.error import ProtocolError, QMPError
 from qemu.qmp.message import Message
+from qemu.qmp.protocol import ConnectError, StateError
 
-from agent.core.secret import Secret
-from agent.logs import scrub
+from agent.common.secret import Secret
+from agent.common.errors import MonitorGone, QmpCommandError
+from agent.common.logs import scrub
 
 # Argument names whose values are secret material or ciphertext of it.
 SENSITIVE_KEYS = frozenset({"secret", "data", "iv", "password", "passphrase", "key",
                             "packet-header", "psk", "key-secret"})
 
 REDACTED = "<redacted>"
+
+#: What qemu.qmp raises from ``execute`` when the connection is lost: the
+#: reply never comes (ExecInterruptedError), we are no longer connected
+#: (StateError), QEMU broke the protocol (ProtocolError: qemu.qmp then drops
+#: the connection), or the stream itself failed.  An ``ExecuteError`` is an
+#: answer, not a loss; anything else (a TypeError from arguments that are not
+#: JSON) is our bug and surfaces as such.
+MONITOR_LOST = (ExecInterruptedError, StateError, ProtocolError, EOFError, OSError)
 
 
 def redact(value: Any) -> Any:
@@ -75,19 +86,6 @@ class RedactingQMPClient(QMPClient):
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("<-- %s", describe(msg))
         return msg
-
-
-class QmpError(Exception):
-    """A command failed; ``error_class``/``desc`` are QEMU's, never our args."""
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.error_class = error_class
-        self.desc = desc
-
-
-class QmpDisconnectedError(Exception):
-    pass
 
 
 class BoundedListener(EventListener):
@@ -155,19 +153,21 @@ class QmpConnection:
             try:
                 await asyncio.wait_for(self.client.connect(path), max(0.1, deadline - loop.time()))
                 return
-            except (OSError, asyncio.TimeoutError, Exception) as exc:  # ConnectError wraps OSError
+            except (ConnectError, StateError, asyncio.TimeoutError) as exc:
+                # ConnectError wraps what the attempt met (no socket yet,
+                # refused, EOF or a bad greeting); anything else is a bug.
                 last = exc
                 try:
                     await self.client.disconnect()
-                except Exception:
-                    pass
+                except (QMPError, OSError, EOFError):
+                    pass  # the failed attempt's own error, already in `last`
             # qemu.qmp turns a cancellation inside connect() into a ConnectError:
             # a signal that stops the agent must not become one more retry.
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError()
             if loop.time() >= deadline:
                 cause = getattr(last, "exc", None) or last
-                raise QmpDisconnectedError(
+                raise MonitorGone(
                     f"cannot connect to QMP socket {path}: {_one_line(cause)}") from None
             await asyncio.sleep(0.05)
 
@@ -175,9 +175,9 @@ class QmpConnection:
         try:
             return await self.client.execute(command, wire_args(args or {}))
         except ExecuteError as exc:
-            raise QmpError(exc.error_class, exc.error.error.desc) from None
-        except Exception as exc:  # disconnected, protocol error
-            raise QmpDisconnectedError(_one_line(exc)) from None
+            raise QmpCommandError(exc.error_class, exc.error.error.desc) from None
+        except MONITOR_LOST as exc:
+            raise MonitorGone(_one_line(exc)) from None
 
     def _disconnect_once(self) -> "asyncio.Task[str]":
         """One disconnect for everybody: qemu.qmp's ``disconnect()`` makes a
@@ -193,7 +193,10 @@ class QmpConnection:
             await self.client.disconnect()
         except EOFError:
             return "QEMU closed the monitor"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
+            # disconnect() re-raises whatever ended the connection (a reader's
+            # ProtocolError, an OSError...): here it is the reason to report,
+            # and the exit path (wiping keys, the exit record) must go on.
             return _one_line(exc)
         return "connection closed"
 

@@ -29,7 +29,7 @@ import secrets
 import shutil
 import stat
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 KEY_DIR_PREFIX = "key-"
 STALE_FILE_NAMES = ("keys.psk",)
@@ -208,7 +208,7 @@ def write_new_files(files: list[tuple[str, bytes]], what: str) -> None:
     """Write key files for a user (``--out-dir``, ``--keys-out``): each new,
     0600, O_EXCL|O_NOFOLLOW; all or nothing.  ``what`` names the flag in the
     one-line error."""
-    from agent.errors import UsageError
+    from agent.common.errors import UsageError
 
     written: list[str] = []
     try:

@@ -35,8 +35,8 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from agent.core.secret import Secret
-from agent.errors import UsageError
+from agent.common.secret import Secret
+from agent.common.errors import UsageError
 
 MAX_SECRET_FILE = 64 * 1024
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")

@@ -47,9 +47,9 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from agent.core.secret import Secret
-from agent.errors import FlowFailed, UsageError
-from agent.logs import get_logger
+from agent.common.secret import Secret
+from agent.common.errors import FlowFailed, UsageError
+from agent.common.logs import get_logger
 
 log = get_logger("keyagent.swtpm")
 

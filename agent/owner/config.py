@@ -65,8 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.core.secret import Secret
-from agent.errors import UsageError
+from agent.common.secret import Secret
+from agent.common.errors import UsageError
 from agent.owner.secret_area import SecretArea, area_from_config, area_from_firmware
 
 __all__ = ["OwnerConfig", "VmPolicy", "SecretEntry", "load_owner_config",

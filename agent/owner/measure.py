@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.sev.digest import launch_digest
 from agent.sev.vmsa import VmsaOptions, cpu_signature
 
@@ -67,7 +67,7 @@ def add_measure_options(parser: argparse.ArgumentParser, *, require_firmware: bo
                        help="SEV_FEATURES word in the VMSA (default 0)")
 
 
-# The name ``agent.owner.cli`` looks for when it builds ``owner verify``.
+# The name ``agent.cli.owner`` looks for when it builds ``owner verify``.
 def add_digest_arguments(parser: argparse.ArgumentParser) -> None:
     """``owner verify``: the launch options, as an alternative to ``--digest``."""
     add_measure_options(parser)

@@ -68,9 +68,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping, Sequence
 
-from agent.core.secret import Secret
+from agent.common.errors import OwnerError
+from agent.common.secret import Secret
 from agent.io.http import Request, Response
-from agent.logs import get_logger
+from agent.common.logs import get_logger
 from agent.owner.config import OwnerConfig, VmPolicy
 
 __all__ = ["Decision", "decide_secret", "decide_session", "make_session", "LaunchSession",
@@ -133,7 +134,7 @@ def _refused(status: int, reason: str, audit: dict[str, Any]) -> Decision:
 
 # -- launch sessions ------------------------------------------------------------
 
-class SessionInputError(ValueError):
+class SessionInputError(OwnerError, ValueError):
     """A PDH or chain the owner will not make a session for (one line, no secrets).
 
     ``refusal`` is True when the input was well-formed but does not verify

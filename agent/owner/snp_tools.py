@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 
 __all__ = ["register", "add_snp_measure_options", "measure_snp_requested", "cmd_measure_snp"]
 

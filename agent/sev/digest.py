@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives import hashes
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 from agent.sev.hashes_table import PADDED_SIZE, kernel_hashes_table
 from agent.sev.ovmf import FirmwareError, OvmfImage
 from agent.sev.vmsa import VmsaOptions, vmsa_pages
@@ -43,14 +43,14 @@ def launch_data(
 ) -> list[bytes]:
     """The measured updates, in order (each one LAUNCH_UPDATE_* call)."""
     if kernel is None and (initrd is not None or append is not None):
-        raise UsageError("an initrd or a command line is only measured with a kernel")
+        raise SevFormatError("an initrd or a command line is only measured with a kernel")
     image = OvmfImage(firmware)
     parts = [image.data]
     if kernel is not None:
         parts.append(_hashes_table(image, kernel, initrd, append))
     if sev_es:
         if vcpu_sig is None:
-            raise UsageError("SEV-ES needs the vCPU signature (or family/model/stepping)")
+            raise SevFormatError("SEV-ES needs the vCPU signature (or family/model/stepping)")
         reset = image.sev_es_reset_address()
         if reset is None:
             raise FirmwareError(

@@ -34,7 +34,7 @@ from uuid import UUID
 
 from cryptography.hazmat.primitives import hashes
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 
 TABLE_GUID = UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
 CMDLINE_ENTRY_GUID = UUID("97d02dd8-bd20-4c94-aa78-e7714d36ab2a")
@@ -68,7 +68,7 @@ def cmdline_bytes(append: str | bytes | None) -> bytes:
         raw = bytes(append)
     if b"\x00" in raw:
         # QEMU keeps the command line as a C string: a NUL would cut it short.
-        raise UsageError("the kernel command line must not contain a NUL byte")
+        raise SevFormatError("the kernel command line must not contain a NUL byte")
     return raw + b"\x00"
 
 

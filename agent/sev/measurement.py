@@ -21,9 +21,8 @@ import struct
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-MEASURE_LEN = 32
-MNONCE_LEN = 16
-BLOB_LEN = MEASURE_LEN + MNONCE_LEN
+from agent.sev.sizes import MEASURE_LEN, MNONCE_LEN
+from agent.sev.sizes import MEASUREMENT_LEN as BLOB_LEN
 DIGEST_LEN = 32
 TIK_LEN = 16
 

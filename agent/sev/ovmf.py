@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Iterable
 from uuid import UUID
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 
 # Footer of the table: 48 bytes from the end sits its GUID, just below it its
 # length; the last 32 bytes of the image are code (AP entry, VTF0, reset).
@@ -64,8 +64,9 @@ AREA = struct.Struct("<II")  # base, size
 RESET_BLOCK = struct.Struct("<I")  # reset_addr
 
 
-class FirmwareError(UsageError):
-    """The firmware image cannot give what the launch needs (exit 2)."""
+class FirmwareError(SevFormatError):
+    """The firmware image cannot give what the launch needs (the command
+    line: exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-#: Table 55: FLAGS u32, IV[16], MAC[32]
-_HEADER = struct.Struct("<I16s32s")
-PACKET_HEADER_LEN = _HEADER.size  # 52
+from agent.sev.sizes import MEASURE_LEN, PACKET_HEADER_LEN
+from agent.sev.sizes import PACKET_HEADER as _HEADER  # Table 55: FLAGS u32, IV[16], MAC[32]
+
 assert PACKET_HEADER_LEN == 52
 
 #: the MAC'd prefix: domain separator 0x01, FLAGS u32, IV[16], GUEST_LENGTH u32, TRANS_LENGTH u32
@@ -38,7 +38,6 @@ _MAC_DOMAIN = 0x01
 
 KEY_LEN = 16
 IV_LEN = 16
-MEASURE_LEN = 32
 MAC_LEN = 32
 ALIGN = 16
 

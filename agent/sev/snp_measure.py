@@ -34,7 +34,7 @@ from typing import Iterable
 
 from cryptography.hazmat.primitives import hashes
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 from agent.sev.hashes_table import kernel_hashes_table
 from agent.sev.ovmf import SEV_METADATA_OFFSET_GUID, FirmwareError, OvmfImage
 from agent.sev.vmsa import PAGE_SIZE, VmsaOptions, cpu_signature, vmsa_pages
@@ -108,11 +108,11 @@ for _base, _fms in _FMS.items():
 
 
 def vcpu_signature(vcpu_type: str) -> int:
-    """CPUID signature of a QEMU CPU model name (UsageError if unknown)."""
+    """CPUID signature of a QEMU CPU model name (SevFormatError if unknown)."""
     try:
         return VCPU_TYPES[vcpu_type]
     except KeyError:
-        raise UsageError(f"unknown vCPU type {vcpu_type!r} (known: {', '.join(VCPU_TYPES)})") from None
+        raise SevFormatError(f"unknown vCPU type {vcpu_type!r} (known: {', '.join(VCPU_TYPES)})") from None
 
 
 def _sha384(data: bytes) -> bytes:
@@ -227,11 +227,11 @@ def snp_launch_digest(
 ) -> bytes:
     """The 48-byte SNP launch digest of this firmware, kernel and vCPU set-up."""
     if kernel is None and (initrd is not None or append is not None):
-        raise UsageError("an initrd or a command line is only measured with a kernel")
+        raise SevFormatError("an initrd or a command line is only measured with a kernel")
     if vcpus < 1:
-        raise UsageError("an SNP guest needs at least one vCPU")
+        raise SevFormatError("an SNP guest needs at least one vCPU")
     if not 0 <= guest_features < 1 << 64:
-        raise UsageError("guest features must be a 64-bit value")
+        raise SevFormatError("guest features must be a 64-bit value")
     if not firmware or len(firmware) % PAGE_SIZE or len(firmware) > FOUR_GIB:
         raise FirmwareError(f"firmware is {len(firmware)} bytes, not a whole number of pages below 4 GiB")
     image = OvmfImage(firmware)

@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 
 PAGE_SIZE = 4096
 
@@ -215,11 +215,11 @@ def cpu_signature(family: int, model: int, stepping: int) -> int:
     the extended model field.
     """
     if not 0 <= family <= 0xFF + 0xF:
-        raise UsageError(f"vCPU family {family} out of range 0..{0xFF + 0xF}")
+        raise SevFormatError(f"vCPU family {family} out of range 0..{0xFF + 0xF}")
     if not 0 <= model <= 0xFF:
-        raise UsageError(f"vCPU model {model} out of range 0..255")
+        raise SevFormatError(f"vCPU model {model} out of range 0..255")
     if not 0 <= stepping <= 0xF:
-        raise UsageError(f"vCPU stepping {stepping} out of range 0..15")
+        raise SevFormatError(f"vCPU stepping {stepping} out of range 0..15")
     if family > 0xF:
         fam = 0xF00 | ((family - 0xF) << 20)
     else:
@@ -238,9 +238,9 @@ class VmsaOptions:
 def build_vmsa(eip: int, vcpu_sig: int, options: VmsaOptions = VmsaOptions()) -> bytes:
     """The VMSA page of a vCPU that starts at ``eip`` (real mode, CS.sel 0xf000)."""
     if not 0 <= vcpu_sig <= 0xFFFFFFFF:
-        raise UsageError(f"vCPU signature {vcpu_sig:#x} is not a 32-bit value")
+        raise SevFormatError(f"vCPU signature {vcpu_sig:#x} is not a 32-bit value")
     if not 0 <= eip <= 0xFFFFFFFF:
-        raise UsageError(f"reset address {eip:#x} is not a 32-bit value")
+        raise SevFormatError(f"reset address {eip:#x} is not a 32-bit value")
     data_seg = (0, _DATA_SEG_ATTR, 0xFFFF, 0)
     fields: dict[str, object] = dict(
         es=data_seg,
@@ -279,7 +279,7 @@ def vmsa_pages(
     reset address from OVMF: CS base = addr & 0xffff0000, IP = addr & 0xffff.
     """
     if vcpus < 1:
-        raise UsageError("an SEV-ES guest needs at least one vCPU")
+        raise SevFormatError("an SEV-ES guest needs at least one vCPU")
     bsp = build_vmsa(BSP_RESET_ADDRESS, vcpu_sig, options)
     yield bsp
     if vcpus > 1:

@@ -97,7 +97,7 @@ def only(instructions, name: str) -> str:
 
 def control_route(argv) -> tuple[str, str]:
     """(method, route) that a ``keyagent ctl ...`` argv sends, from ctl's own parser."""
-    from agent.cli import build_parser
+    from agent.cli.main import build_parser
 
     args = build_parser(list(argv[1:])).parse_args(list(argv[1:]))
     return args.method, args.route
@@ -107,7 +107,7 @@ def control_server_status(method: str, route: str, qmp: str = "connected") -> in
     """The HTTP status the agent's control server gives ``method route``."""
     import asyncio
 
-    from agent.control import ControlServer
+    from agent.app.control import ControlServer
     from agent.io.http import Request
 
     class FakeSidecar:

@@ -8,8 +8,8 @@ import shlex
 
 import pytest
 
-from agent.cli import build_parser
-from agent.config import load_config
+from agent.cli.main import build_parser
+from agent.app.config import load_config
 from tests.contrib.support import CONTAINERFILE, CONTRIB, REPO, assert_real_ctl_verb, \
     control_path, dev_sh_apt_packages, exec_form, only, parse_containerfile
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.app.config import load_config
 from tests.contrib.support import CONTAINERFILE, CONTRIB, assert_real_ctl_verb, control_path, \
     control_route, control_server_status, exec_form, only, parse_containerfile
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import build_parser
+from agent.cli.main import build_parser
 from tests.contrib.support import CONTRIB
 
 UNIT = CONTRIB / "systemd" / "keyagent@.service"

@@ -5,7 +5,7 @@ import pytest
 from agent.core.actions import Finish, SendQmp
 from agent.core.codec import CodecError, decode_action, decode_event, encode
 from agent.core.events import OwnerReleased, QmpReply
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 
 
 def test_a_secret_is_recorded_as_its_length_and_read_back_as_zeros():

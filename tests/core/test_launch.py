@@ -8,7 +8,7 @@ from agent.core.actions import ArmTimer, CancelTimer, Finish, Log, PostOwner, Se
 from agent.core.events import (OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
                                QmpError, QmpEvent, QmpReply, Start, TimerFired)
 from agent.core.launch import LaunchParams, SevLaunchFlow, State
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 
 MEASUREMENT = base64.b64encode(bytes(range(48))).decode()
 HEADER = base64.b64encode(bytes(52)).decode()

@@ -5,7 +5,7 @@ from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, Rem
 from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
                                QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
 from agent.core.migration import MigrationFlow, MigrationParams
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 
 
 def flow(role="source", **kw):

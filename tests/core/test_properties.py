@@ -56,10 +56,10 @@ from agent.core.codec import encode
 from agent.core.launch import LaunchParams, SevLaunchFlow
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.core.resume import ResumeFlow, ResumeParams
-from agent.core.secret import Secret
-from agent.core.secrets import SecretsFlow, SecretsParams
-from agent.eventlog import EventLog
-from agent.replay import check
+from agent.common.secret import Secret
+from agent.core.secret_objects import SecretsFlow, SecretsParams
+from agent.app.eventlog import EventLog
+from agent.app.replay import check
 from tests.leakscan import find
 
 _COMMON = dict(deadline=None, derandomize=False, print_blob=True,

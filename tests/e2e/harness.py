@@ -184,7 +184,7 @@ class HostIdentity:
         """The raw private key, for the leak scan."""
         from cryptography.hazmat.primitives import serialization
 
-        from agent.hostkey import load_private
+        from agent.crypto.hostkey import load_private
 
         return load_private(str(self.key)).private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
@@ -277,3 +277,16 @@ def leak_checked(world: World, *, dirs: tuple[str, ...] = ("run",),
             scan.file(str(world.tmp / name))
     scan.dirs += [str(world.tmp / d) for d in dirs]
     scan.check()
+
+
+def ctl(control: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``keyagent ctl`` against the agent's control socket at ``control``."""
+    return subprocess.run([*KEYAGENT, "ctl", "--control", f"unix:{control}", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ctl_json(control: Path, *args: str) -> dict:
+    """``keyagent ctl`` that must succeed: its JSON answer."""
+    out = ctl(control, *args)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.e2e.harness import KEYAGENT, World, wait_for
-from tests.e2e.test_migration import ctl
+from tests.e2e.harness import ctl
 
 
 def plain_agent(world: World, name: str, run_dir, *extra: str):

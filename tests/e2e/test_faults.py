@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.harness import DISK_PASS, KEYAGENT, StandInOwner, World, free_port, wait_for
 from tests.e2e.qemu import QEMU, Qemu
-from tests.e2e.test_migration import ctl, ctl_json
+from tests.e2e.harness import ctl, ctl_json
 from tests.leakscan import LeakScan
 
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")

@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.harness import KEYAGENT, World, leak_checked, wait_for
 from tests.e2e.qemu import QEMU, Qemu
-from tests.e2e.test_migration import ctl
+from tests.e2e.harness import ctl
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 

@@ -43,8 +43,8 @@ import pytest
 
 from tests.e2e.harness import World, wait_for
 from tests.e2e.qemu import QEMU
-from tests.e2e.test_migration import ctl
-from tests.e2e.test_secrets import make_luks
+from tests.e2e.harness import ctl
+from tests.e2e.qemu import make_luks
 from tests.leakscan import ArgvWatcher, LeakScan
 
 LIBVIRTD = shutil.which("libvirtd") or ("/usr/sbin/libvirtd" if os.path.exists(
@@ -333,14 +333,14 @@ async def test_lifecycle_and_migration_events_through_libvirtd(libvirtd, tmp_pat
 # -- SEV end to end, on a fake libvirt domain ---------------------------------------------------
 
 async def _sev_launch(tmp_path: Path, owner_digest: bytes, machine_digest: bytes):
-    from agent.config import load_config
+    from agent.app.config import load_config
     from agent.io.http import HttpServer
     from agent.io.libvirt_monitor import LibvirtConnection
     from agent.owner.config import load_owner_config
     from agent.owner.service import OwnerService
-    from agent.sidecar import Sidecar, SidecarOptions
-    from agent.sim.machine import Machine, SimConfig
-    from tests.io.test_libvirt_monitor import FakeLibvirt, FakeSevDomain
+    from agent.app.sidecar import Sidecar, SidecarOptions
+    from agent.tools.sim.machine import Machine, SimConfig
+    from tests.io.fake_libvirt import FakeLibvirt, FakeSevDomain
 
     tik, tek = os.urandom(16), os.urandom(16)
     (tmp_path / "tik.bin").write_bytes(tik)

@@ -12,26 +12,15 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import KEYAGENT, World, free_port, host_identity, trusting_hosts, wait_for
+from tests.e2e.harness import (World, ctl, ctl_json, free_port, host_identity,
+                               trusting_hosts, wait_for)
 from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, QEMU, Qemu, boot_image
 from tests.leakscan import ArgvWatcher, LeakScan
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
-
-
-def ctl(control: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*KEYAGENT, "ctl", "--control", f"unix:{control}", *args],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ctl_json(control: Path, *args: str) -> dict:
-    out = ctl(control, *args)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 VM = "vm1"  # one VM, migrating: the same name on both sides (the hand-over binds it)
@@ -234,13 +223,13 @@ def one_line_refusal(out: subprocess.CompletedProcess, words: str) -> None:
 
 
 def carrier_key(pair):
-    from agent.hostkey import load_private
+    from agent.crypto.hostkey import load_private
 
     return load_private(str(host_identity(pair.tmp, "carrier").key))
 
 
 def test_a_carrier_that_swaps_the_offer_gets_no_cookie(pair):
-    from agent import seal
+    from agent.crypto import seal
 
     src, dst = pair.src, pair.dst
     own = seal.make_offer(carrier_key(pair), VM, os.urandom(16), os.urandom(32))
@@ -258,7 +247,7 @@ def test_a_carrier_that_swaps_the_offer_gets_no_cookie(pair):
 
 
 def test_a_cookie_forged_with_the_carriers_key_plants_no_psk(pair):
-    from agent import seal
+    from agent.crypto import seal
 
     src, dst = pair.src, pair.dst
     uri = f"tcp:127.0.0.1:{free_port()}"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from agent.io import keyring
 from tests.e2e.harness import World, wait_for
-from tests.e2e.qemu import QEMU
-from tests.e2e.test_migration import ctl
+from tests.e2e.qemu import QEMU, make_luks
+from tests.e2e.harness import ctl
 from tests.leakscan import ArgvWatcher, LeakScan
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -30,20 +29,6 @@ def agent_keys(vm: str) -> list[str]:
     if KEYRING_PROBLEM is not None:
         return []
     return [desc for _serial, desc in keyring.find(f"keyagent:{vm}:")]
-
-
-def make_luks(image: Path, passfile: Path) -> None:
-    # iter-time=10 ms keeps create and unlock fast.  qemu-img's PBKDF
-    # benchmark fails at random ("Unable to get accurate CPU usage"): its
-    # first 32768 iterations can take less than the thread-CPU clock's tick,
-    # even on an idle machine.  A failed try is quick: try again, many times.
-    for _ in range(40):
-        out = subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object",
-                              f"secret,id=s0,file={passfile}", "-o", "key-secret=s0,iter-time=10",
-                              str(image), "1M"], capture_output=True, text=True)
-        if out.returncode == 0:
-            return
-    raise AssertionError(out.stderr)
 
 
 class Vm:

@@ -156,7 +156,7 @@ def test_with_a_control_socket_the_sidecar_stays_until_qemu_quits(world):
     assert agent.popen.poll() is None
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.test_control import get
+    from tests.control_client import get
 
     status, body, _ = get(str(control), "/metrics")
     samples = {s.name: s.value for f in text_string_to_metric_families(body.decode())

@@ -14,7 +14,7 @@ import pytest
 from agent.io import swtpm
 from tests.e2e.harness import World, free_port, leak_checked, wait_for
 from tests.e2e.qemu import QEMU, Qemu
-from tests.e2e.test_migration import ctl, ctl_json
+from tests.e2e.harness import ctl, ctl_json
 
 pytestmark = pytest.mark.skipif(QEMU is None or shutil.which("swtpm") is None,
                                 reason="qemu-system-x86_64 or swtpm is not installed")

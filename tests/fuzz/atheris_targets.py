@@ -21,14 +21,14 @@ import tempfile
 import atheris
 
 with atheris.instrument_imports():
-    import agent.config
+    import agent.app.config
     import agent.core.codec
     import agent.core.owner_answer
-    import agent.eventlog
+    import agent.app.eventlog
     import agent.io.http
-    import agent.replay
-    import agent.sim.json_stream
-    from agent.errors import KeyagentError
+    import agent.app.replay
+    import agent.tools.sim.json_stream
+    from agent.common.errors import KeyagentError
 
 _TMP = tempfile.mkdtemp(prefix="keyagent-atheris-")
 
@@ -43,18 +43,18 @@ def _file(data: bytes, name: str) -> str:
 def eventlog(data: bytes) -> None:
     path = _file(data, "log.jsonl")
     try:
-        records = list(agent.eventlog.read_records(path))
-    except agent.eventlog.LogFormatError:
+        records = list(agent.app.eventlog.read_records(path))
+    except agent.app.eventlog.LogFormatError:
         return
-    agent.replay.print_timeline(records, io.StringIO())
+    agent.app.replay.print_timeline(records, io.StringIO())
     try:
-        agent.replay.check(records)
+        agent.app.replay.check(records)
     except KeyagentError:
         pass
 
 
 def json_stream(data: bytes) -> None:
-    stream = agent.sim.json_stream.JsonStream(max_message=4096, max_nesting=64)
+    stream = agent.tools.sim.json_stream.JsonStream(max_message=4096, max_nesting=64)
     fdp = atheris.FuzzedDataProvider(data)
     while fdp.remaining_bytes():
         stream.feed(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 64)))
@@ -73,8 +73,8 @@ def owner_answer(data: bytes) -> None:
 
 def config(data: bytes) -> None:
     try:
-        agent.config.load_config(_file(data, "keyagent.toml"))
-    except agent.errors.UsageError:
+        agent.app.config.load_config(_file(data, "keyagent.toml"))
+    except agent.common.errors.UsageError:
         pass
 
 

@@ -13,7 +13,7 @@ import h11
 import pytest
 
 from agent.io.http import HttpError, HttpServer, InvalidJson, Request, Response, request_json
-from agent.logs import setup_logging
+from agent.common.logs import setup_logging
 
 
 async def echo(request: Request) -> Response:

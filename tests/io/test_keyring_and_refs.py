@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.io import keyring
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 from agent.io.secretref import NOT_ALLOWED, UNRESTRICTED, RefAccess, resolve
 
 KEYRING_PROBLEM = keyring.usable()

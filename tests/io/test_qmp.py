@@ -10,11 +10,11 @@ import os
 
 import pytest
 
-from agent.core.secret import Secret
+from agent.common.secret import Secret
 from agent.io import qmp as qmpio
-from agent.logs import setup_logging
-from agent.sim.machine import SimConfig
-from agent.sim.qmp_server import Simulator
+from agent.common.logs import setup_logging
+from agent.tools.sim.machine import SimConfig
+from agent.tools.sim.qmp_server import Simulator
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ async def test_a_secret_argument_is_redacted_in_qemu_qmp_debug_log(sim, captured
     conn = qmpio.QmpConnection("t")
     await conn.connect(path, 5)
     secret = Secret(b"super secret payload bytes 0123")
-    with pytest.raises(qmpio.QmpError):
+    with pytest.raises(qmpio.QmpCommandError):
         # The simulator refuses the packet (bad MAC): the error text is QEMU's.
         await conn.execute("sev-inject-launch-secret",
                            {"packet-header": base64.b64encode(bytes(52)).decode(),
@@ -55,7 +55,7 @@ async def test_execute_error_becomes_qmp_error_with_qemus_text(sim):
     _sim, path = sim
     conn = qmpio.QmpConnection("t")
     await conn.connect(path, 5)
-    with pytest.raises(qmpio.QmpError) as err:
+    with pytest.raises(qmpio.QmpCommandError) as err:
         await conn.execute("no-such-command")
     assert err.value.error_class == "CommandNotFound"
     await conn.close()
@@ -63,7 +63,7 @@ async def test_execute_error_becomes_qmp_error_with_qemus_text(sim):
 
 async def test_connect_to_missing_socket_times_out_with_one_line(tmp_path):
     conn = qmpio.QmpConnection("t")
-    with pytest.raises(qmpio.QmpDisconnectedError) as err:
+    with pytest.raises(qmpio.MonitorGone) as err:
         await conn.connect(str(tmp_path / "none.sock"), 0.3)
     assert "cannot connect to QMP socket" in str(err.value)
     assert "\n" not in str(err.value)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.io.rundir import (lock_run_dir, make_key_dir, prepare_run_dir, set_run_dir_group,
                              sweep_stale_keys, write_key_file)
 

@@ -15,8 +15,8 @@ import tempfile
 
 import pytest
 
-from agent.core.secret import Secret
-from agent.errors import FlowFailed, UsageError
+from agent.common.secret import Secret
+from agent.common.errors import FlowFailed, UsageError
 from agent.io import swtpm
 from tests.leakscan import ArgvWatcher, LeakScan
 

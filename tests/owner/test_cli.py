@@ -195,8 +195,8 @@ def platform_files(tmp_path):
     """A simulated platform's PDH and chain, written as QEMU reports them (base64)."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from agent.sim.amd import shared_amd
-    from agent.sim.psp import Platform
+    from agent.tools.sim.amd import shared_amd
+    from agent.tools.sim.psp import Platform
 
     key = ec.generate_private_key(ec.SECP384R1())
     platform = Platform(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import UsageError
 from agent.owner.config import load_owner_config
 from agent.sev.guids import LUKS_KEY_GUID
 from tests.fifo import call_with_fifo_deadline
@@ -217,7 +217,7 @@ def test_platform_defaults_to_amd_with_the_builtin_roots(tmp_path):
 
 
 def test_amd_roots_dir_replaces_the_builtin_roots_relative_to_the_toml(tmp_path):
-    from agent.sim.amd import SimAmd
+    from agent.tools.sim.amd import SimAmd
 
     SimAmd(bits=2048, product="lab").write_roots(str(tmp_path / "r"))
     path = session_toml(tmp_path, "session = true")
@@ -258,7 +258,7 @@ def test_bad_platform_table(tmp_path, head, words):
 
 
 def test_amd_roots_with_a_damaged_ask_is_a_config_error(tmp_path):
-    from agent.sim.amd import SimAmd
+    from agent.tools.sim.amd import SimAmd
 
     SimAmd(bits=2048, product="lab").write_roots(str(tmp_path / "r"))
     raw = bytearray((tmp_path / "r" / "lab-ask.cert").read_bytes())

@@ -382,7 +382,7 @@ def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
 
 def test_session_flood_does_not_displace_the_waiting_launch(chain):
     from agent.owner.service import MAX_PENDING_SESSIONS
-    from agent.sim.psp import Platform
+    from agent.tools.sim.psp import Platform
     from tests.sev.amd_chains import real_certs
 
     chain.platform_run()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import ArgumentParser, main
-from agent.errors import UsageError
+from agent.cli.main import ArgumentParser, main
+from agent.common.errors import UsageError
 from agent.owner.measure import add_measure_options, digest_from_args, has_measure_options, register
 from agent.sev.digest import launch_digest
 from agent.sev.ovmf import Area, synthetic_image

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import UsageError
-from agent.logs import setup_logging
+from agent.common.errors import UsageError
+from agent.common.logs import setup_logging
 from agent.owner.config import load_owner_config
 from agent.owner.secret_area import SecretArea, area_from_firmware, area_refusal, table_length
 from agent.owner.service import OwnerService, decide_secret

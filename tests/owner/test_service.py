@@ -8,7 +8,7 @@ import io
 import pytest
 
 from agent.io.http import HttpServer, request_json
-from agent.logs import setup_logging
+from agent.common.logs import setup_logging
 from agent.owner.config import OwnerConfig, load_owner_config
 from agent.owner.service import OwnerService, decide_secret
 from agent.sev.guids import LUKS_KEY_GUID
@@ -293,12 +293,12 @@ async def test_one_audit_line_per_decision_without_secrets(owner_url, owner_dir)
 
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
-from agent.core.secret import Secret  # noqa: E402
+from agent.common.secret import Secret  # noqa: E402
 from agent.owner.service import MAX_PENDING_SESSIONS, SessionMaterial, decide_session  # noqa: E402
 from agent.sev.measurement import measurement_blob  # noqa: E402
 from agent.sev.session import open_session  # noqa: E402
-from agent.sim.amd import shared_amd  # noqa: E402
-from agent.sim.psp import Platform  # noqa: E402
+from agent.tools.sim.amd import shared_amd  # noqa: E402
+from agent.tools.sim.psp import Platform  # noqa: E402
 
 from .conftest import API, DIGEST, POLICY, write_owner_dir  # noqa: E402
 

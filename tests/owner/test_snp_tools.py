@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.cli import main
+from agent.cli.main import main
 from agent.sev.snp_idblock import IdBlock, check_id_auth
 from tests.executable import KEYAGENT
 from tests.sev.snp_chain import authority, signed_report, vcek

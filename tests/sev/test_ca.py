@@ -31,7 +31,7 @@ from agent.sev.cert import (
     PlatformChain,
     Signature,
 )
-from agent.sim.amd import SimAmd, shared_amd
+from agent.tools.sim.amd import SimAmd, shared_amd
 from tests.sev.amd_chains import FIXTURES, NAMES, REAL_PRODUCTS, flip, parse, real_certs
 
 ROOTS = builtin_roots()

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 from agent.sev.digest import launch_data, launch_digest
 from agent.sev.hashes_table import kernel_hashes_table
 from agent.sev.ovmf import Area, FirmwareError, synthetic_image
@@ -99,13 +99,13 @@ def test_sev_es_without_reset_block_is_refused(vcpus):
 
 
 def test_sev_es_without_signature_is_refused():
-    with pytest.raises(UsageError, match="signature"):
+    with pytest.raises(SevFormatError, match="signature"):
         launch_digest(FIRMWARE, sev_es=True, vcpus=1)
 
 
 @pytest.mark.parametrize("extra", [{"initrd": INITRD}, {"append": "x"}])
 def test_initrd_or_append_without_kernel_is_refused(extra):
-    with pytest.raises(UsageError, match="only measured with a kernel"):
+    with pytest.raises(SevFormatError, match="only measured with a kernel"):
         launch_digest(FIRMWARE, **extra)
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 from agent.sev.hashes_table import (
     PADDED_SIZE,
     TABLE_SIZE,
@@ -61,7 +61,7 @@ def test_command_line_is_utf8_with_a_terminating_nul():
 
 
 def test_command_line_with_a_nul_is_refused():
-    with pytest.raises(UsageError, match="NUL"):
+    with pytest.raises(SevFormatError, match="NUL"):
         cmdline_bytes("a\0b")
 
 

@@ -7,7 +7,7 @@ from uuid import UUID
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 from agent.sev.ovmf import (
     SEV_ES_RESET_BLOCK_GUID,
     SEV_HASH_TABLE_RV_GUID,
@@ -136,7 +136,7 @@ def test_zero_reset_address_is_refused():
 
 def test_short_area_entry_is_a_usage_error():
     top = build_table([(SEV_HASH_TABLE_RV_GUID, b"\x00\xcc\x80\x00")])
-    with pytest.raises(UsageError, match="hashes-table entry is 4 bytes"):
+    with pytest.raises(SevFormatError, match="hashes-table entry is 4 bytes"):
         OvmfImage(_image_with_top(top)).hashes_table_area()
 
 

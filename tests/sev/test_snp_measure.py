@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 from agent.sev.ovmf import FirmwareError, OvmfImage
 from agent.sev.snp_measure import (PAGE_INFO, PAGE_TYPE_NORMAL, VCPU_TYPES, LaunchDigest, metadata_sections,
                                    snp_launch_digest, synthetic_snp_image, vcpu_signature)
@@ -112,7 +112,7 @@ def test_vcpu_type_names_are_qemu_s_models_with_their_signatures():
     assert VCPU_TYPES["EPYC-Milan"] == 0xA00F11
     assert VCPU_TYPES["EPYC-Genoa-v1"] == 0xA10F10
     assert VCPU_TYPES["EPYC-v4"] == 0x800F12
-    with pytest.raises(UsageError, match="unknown vCPU type 'EPYC-Nope'"):
+    with pytest.raises(SevFormatError, match="unknown vCPU type 'EPYC-Nope'"):
         vcpu_signature("EPYC-Nope")
 
 
@@ -143,7 +143,7 @@ def test_firmware_not_in_whole_pages_is_refused():
 
 
 def test_initrd_without_kernel_is_a_usage_error():
-    with pytest.raises(UsageError, match="only measured with a kernel"):
+    with pytest.raises(SevFormatError, match="only measured with a kernel"):
         snp_launch_digest(snp_firmware(), vcpus=1, vcpu_sig=1, initrd=b"i")
 
 

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from agent.errors import UsageError
+from agent.common.errors import SevFormatError
 from agent.sev.vmsa import (
     BSP_RESET_ADDRESS,
     PAGE_SIZE,
@@ -66,7 +66,7 @@ def test_cpu_signature_encodes_like_qemu(family, model, stepping, sig):
 
 @pytest.mark.parametrize("fms", [(0x10F, 0, 0), (25, 256, 0), (25, 1, 16), (-1, 0, 0)])
 def test_cpu_signature_out_of_range_is_a_usage_error(fms):
-    with pytest.raises(UsageError):
+    with pytest.raises(SevFormatError):
         cpu_signature(*fms)
 
 
@@ -115,12 +115,12 @@ def test_sev_features_lands_in_its_field():
 
 
 def test_zero_vcpus_is_a_usage_error():
-    with pytest.raises(UsageError):
+    with pytest.raises(SevFormatError):
         list(vmsa_pages(0, MILAN_SIG, SEVCTL_RESET))
 
 
 def test_signature_wider_than_32_bits_is_a_usage_error():
-    with pytest.raises(UsageError):
+    with pytest.raises(SevFormatError):
         build_vmsa(BSP_RESET_ADDRESS, 1 << 32)
 
 

@@ -1,0 +1,302 @@
+"""Configuration: a TOML file (stdlib ``tomllib``) plus command-line flags.
+
+One schema lists every key, its type, default and check.  The same schema
+makes a command-line flag for each key (``[sev] timeout_s`` is
+``--sev-timeout-s``), so both ways of configuring stay in step.  Every
+mistake is a :class:`UsageError` naming the key: exit status 2, one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from agent.common.errors import UsageError
+
+SECRET_REF = re.compile(r"(file|keyring|libvirt):.+")
+# A config file is a few hundred bytes; this only stops /dev/zero-like inputs.
+MAX_CONFIG_FILE = 1 << 20
+MAX_GID = 2**32 - 2
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    type: type
+    default: Any = None
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    path: bool = False  # relative to the config file's directory
+    check: Callable[[Any], str | None] | None = None
+    help: str = ""
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.section}-{self.name}".replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return f"{self.section}_{self.name}"
+
+
+def _secret_ref(value: str) -> str | None:
+    return None if SECRET_REF.fullmatch(value) else "must be file:PATH, keyring:DESCRIPTION or libvirt:UUID"
+
+
+def _vm_name(value: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value) else \
+        "must be 1-64 characters of letters, digits, '_', '.', '-'"
+
+
+def _url(value: str) -> str | None:
+    """The owner client speaks plain HTTP (agent.io.http): anything else would
+    only fail at the launch, after QEMU was started and the VM quit for it."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#]+([/?#]\S*)?", value):
+        return "must be an http:// URL"
+    parts = urlsplit(value)
+    if parts.scheme.lower() != "http":
+        return f"must be an http:// URL (scheme {parts.scheme!r} is not supported)"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold a user name or password"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has an invalid port (must be 1..65535)"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has an invalid port (must be 1..65535)"
+    return None
+
+
+def _ref_dirs(value: tuple[str, ...]) -> str | None:
+    for d in value:
+        if d == os.sep:
+            return "must not include / (that would be every file)"
+        if not os.path.isdir(d):
+            return f"{d!r} is not a directory"
+    return None
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key("vm", "name", str, "vm", check=_vm_name, help="VM name, in logs and owner requests"),
+    Key("vm", "run_dir", str, None, path=True, help="the agent's 0700 directory for this VM"),
+    Key("launch", "shutdown_grace_s", float, 30.0, minimum=0),
+    Key("sev", "owner_url", str, None, check=_url, help="guest owner URL"),
+    Key("sev", "timeout_s", float, 30.0, minimum=0.001),
+    Key("sev", "on_refusal", str, "quit", choices=("quit", "pause")),
+    Key("sev", "pdh", str, None, path=True,
+        help="(launch) the platform's PDH certificate, to get a launch session from the owner"),
+    Key("sev", "cert_chain", str, None, path=True,
+        help="(launch) the platform's PEK/OCA/CEK chain, sent with the PDH"),
+    Key("sev", "cek", str, None, path=True,
+        help="(launch) the CEK as AMD's key server signs it (sevctl export --full): sent in place of the "
+             "chain's CEK"),
+    # GnuTLS's psktool makes keys of at most 512 bytes.
+    Key("migration", "psk_length", int, 32, minimum=16, maximum=512),
+    Key("migration", "dest_deadline_s", float, 60.0, minimum=0.001),
+    Key("migration", "host_key", str, None, path=True,
+        help="this host's Ed25519 identity key (keyagent hostkey init), for the sealed hand-over"),
+    Key("migration", "trusted_hosts", str, None, path=True,
+        help="a directory of the host public keys this agent may migrate with, one per file"),
+    Key("migration", "offer_lifetime_s", float, 600.0, minimum=0.001,
+        help="a destination forgets an offer no cookie has answered after this"),
+    Key("secrets", "master_key", str, "keyring", choices=("keyring", "file")),
+    Key("vtpm", "state_dir", str, None, path=True),
+    Key("vtpm", "key", str, None, check=_secret_ref),
+    Key("vtpm", "version", str, "2.0", choices=("2.0", "1.2")),
+    Key("vtpm", "key_kind", str, "raw", choices=("raw", "passphrase")),
+    Key("vtpm", "device", str, "tpm-crb", choices=("tpm-crb", "tpm-tis")),
+    # gid_t is 32 bits and (gid_t)-1 means "leave the group as it is".
+    Key("control", "gid", int, None, minimum=0, maximum=MAX_GID,
+        help="a group (besides our uid and root) allowed on the control socket"),
+    Key("control", "ref_dirs", list, (), path=True, check=_ref_dirs,
+        help="(repeat) a directory under which peers of [control] gid may name key files; "
+             "none by default"),
+)
+KEYS = {(k.section, k.name): k for k in SCHEMA}
+SECTIONS = {k.section for k in SCHEMA}
+
+
+class Config:
+    """Resolved settings: ``cfg.get("sev", "timeout_s")`` or ``cfg.sev_timeout_s``."""
+
+    def __init__(self, values: dict[tuple[str, str], Any], present: set[str],
+                 source: str | None) -> None:
+        self._values = values
+        self.sections_present = present
+        self.source = source
+
+    def get(self, section: str, name: str) -> Any:
+        return self._values[(section, name)]
+
+    def __getattr__(self, attr: str) -> Any:
+        for (section, name), value in self.__dict__["_values"].items():
+            if f"{section}_{name}" == attr:
+                return value
+        raise AttributeError(attr)
+
+    @property
+    def sev_enabled(self) -> bool:
+        return "sev" in self.sections_present or self.sev_owner_url is not None
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _coerce(key: Key, value: Any, where: str) -> Any:
+    label = f"{where}[{key.section}] {key.name}"
+    if key.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{label} must be a number")
+        try:
+            value = float(value)
+        except OverflowError:  # a TOML integer too large for a float
+            raise UsageError(f"{label} must be a finite number") from None
+        if not math.isfinite(value):  # nan would make every comparison false
+            raise UsageError(f"{label} must be a finite number")
+    elif key.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{label} must be an integer")
+    elif key.type is str:
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{label} must be a non-empty string")
+    elif key.type is list:
+        if not isinstance(value, (list, tuple)) or \
+                not all(isinstance(v, str) and v and v.isprintable() for v in value):
+            raise UsageError(f"{label} must be a list of non-empty strings")
+        value = tuple(value)
+    if key.minimum is not None and value < key.minimum:
+        raise UsageError(f"{label} must be at least {_num(key.minimum)}")
+    if key.maximum is not None and value > key.maximum:
+        raise UsageError(f"{label} must be at most {_num(key.maximum)}")
+    if key.choices is not None and value not in key.choices:
+        raise UsageError(f"{label} must be one of {', '.join(map(str, key.choices))}")
+    if key.check is not None and not (key.path and key.type is list):
+        problem = key.check(value)
+        if problem:
+            raise UsageError(f"{label} {problem}")
+    return value
+
+
+def _check_paths(key: Key, value: Any, where: str) -> Any:
+    """A list of paths, once resolved: real paths (symlinks resolved, so that
+    containment checks compare like with like), then the key's check."""
+    value = tuple(os.path.realpath(v) for v in value)
+    if key.check is not None:
+        problem = key.check(value)
+        if problem:
+            raise UsageError(f"{where}[{key.section}] {key.name} {problem}")
+    return value
+
+
+def _parse_flag(key: Key, text: str) -> Any:
+    if key.type is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"{key.flag} must be a number") from None
+    if key.type is int:
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise UsageError(f"{key.flag} must be an integer") from None
+    if key.type is list:
+        return list(text)  # the flag was given once per item
+    return text
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per schema key."""
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    group = parser.add_argument_group("configuration keys (override the file)")
+    for key in SCHEMA:
+        if key.type is list:  # one item per flag; the singular also works
+            names = [key.flag] + ([key.flag[:-1]] if key.flag.endswith("s") else [])
+            group.add_argument(*names, dest=key.dest, metavar=key.name.upper()[:-1],
+                               action="append", default=None, help=key.help or None)
+            continue
+        group.add_argument(key.flag, dest=key.dest, metavar=key.name.upper(), default=None,
+                           help=key.help or None)
+
+
+def _resolve_path(base: str, value: str) -> str:
+    if value.startswith(("file:",)):
+        inner = value[5:]
+        return "file:" + (inner if os.path.isabs(inner) else os.path.join(base, inner))
+    return value if os.path.isabs(value) else os.path.join(base, value)
+
+
+def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config:
+    values = {(k.section, k.name): k.default for k in SCHEMA}
+    present: set[str] = set()
+    if path:
+        from agent.io.files import read_regular_file
+
+        try:
+            data = tomllib.loads(read_regular_file(path, "config", MAX_CONFIG_FILE).decode())
+        except OSError as exc:
+            raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"invalid TOML in {path}: {exc}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"invalid TOML in {path}: not UTF-8 text") from None
+        except RecursionError:
+            raise UsageError(f"invalid TOML in {path}: nested too deeply") from None
+        base = os.path.dirname(os.path.abspath(path))
+        where = f"{path}: "
+        for section, table in data.items():
+            if section not in SECTIONS:
+                raise UsageError(f"{where}unknown section [{section}]")
+            if not isinstance(table, dict):
+                raise UsageError(f"{where}[{section}] must be a table")
+            present.add(section)
+            for name, value in table.items():
+                key = KEYS.get((section, name))
+                if key is None:
+                    raise UsageError(f"{where}unknown key [{section}] {name}")
+                value = _coerce(key, value, where)
+                if key.path and key.type is list:
+                    value = _check_paths(key, [_resolve_path(base, v) for v in value], where)
+                elif key.path or (key.check is _secret_ref and value.startswith("file:")):
+                    value = _resolve_path(base, value)
+                values[(section, name)] = value
+    for dest, text in (flags or {}).items():
+        if text is None:
+            continue
+        key = next((k for k in SCHEMA if k.dest == dest), None)
+        if key is None:
+            continue
+        values[(key.section, key.name)] = _coerce(key, _parse_flag(key, text), "")
+        if key.path and key.type is list:
+            values[(key.section, key.name)] = _check_paths(
+                key, [os.path.abspath(v) for v in text], "")
+        elif key.path:
+            values[(key.section, key.name)] = os.path.abspath(text)
+        present.add(key.section)
+    if values.get(("sev", "cek")) and not values.get(("sev", "cert_chain")):
+        raise UsageError("[sev] cek replaces the CEK of [sev] cert_chain: give cert_chain too")
+    return Config(values, present, path)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {k.dest: getattr(args, k.dest, None) for k in SCHEMA}
+    if getattr(args, "owner_url", None):
+        flags["sev_owner_url"] = args.owner_url
+    return load_config(getattr(args, "config", None), flags)
+
+
+def unix_path(spec: str, flag: str) -> str:
+    """``unix:PATH`` -> PATH, or a UsageError naming the flag."""
+    if not isinstance(spec, str) or not spec.startswith("unix:") or len(spec) <= 5:
+        raise UsageError(f"{flag} must be unix:PATH, got {spec!r}")
+    return spec[5:]

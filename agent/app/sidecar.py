@@ -1,0 +1,502 @@
+"""``keyagent run``: the sidecar next to one QEMU process.
+
+It connects to QEMU's monitor, sweeps stale key files from the run_dir,
+starts the flows the configuration asks for (the SEV launch when ``[sev]``
+is configured), serves the control socket, and exits:
+
+* 1 as soon as a flow is refused or fails (the flow has already quit QEMU or
+  left it paused, as ``on_refusal`` says);
+* 0 when its work is done: after the launch if there is no control socket,
+  otherwise when QEMU goes away (the sidecar lives as long as its VM);
+* on SIGTERM/SIGINT: 0 if every flow had finished well, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import signal
+import stat
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from agent import __version__
+from agent.app.config import Config
+from agent.core.launch import LaunchParams, SevLaunchFlow
+from agent.common.errors import FlowFailed, KeyagentError, UsageError
+from agent.app.eventlog import EventLog
+from agent.io import qmp as qmpio
+from agent.io.rundir import (check_socket_length, check_socket_path, lock_run_dir,
+                             prepare_run_dir, set_run_dir_group, sweep_stale_keys)
+from agent.common.logs import get_logger
+from agent.app.runtime import Runtime
+
+QMP_CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class SidecarOptions:
+    qmp_path: str
+    control_path: str | None
+    event_log: str | None
+    qmp_timeout: float = QMP_CONNECT_TIMEOUT_S
+    incoming: bool = False  # QEMU runs with -incoming: its vTPM state arrives by migration
+
+
+def check_qmp_path(path: str) -> None:
+    """Refuse at once what can never become a QMP socket (exit 2)."""
+    check_socket_length(path, "QMP socket")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"QMP socket directory {parent} does not exist")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # QEMU may not have created it yet: connect() waits for it
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} is not a unix socket")
+
+
+def check_host_keys(cfg: Config) -> None:
+    """``[migration] host_key`` and ``trusted_hosts`` go together and must be usable (exit 2).
+
+    Checked without ``cryptography`` (an idle sidecar does not load it); the
+    verbs read both again when they use them.
+    """
+    key, trusted = cfg.migration_host_key, cfg.migration_trusted_hosts
+    if (key is None) != (trusted is None):
+        raise UsageError("[migration] host_key and trusted_hosts go together "
+                         "(--migration-host-key, --migration-trusted-hosts)")
+    if key is None:
+        return
+    from agent.crypto import hostkey
+
+    try:
+        hostkey.check_private(key)
+        hostkey.load_trusted(trusted)
+    except hostkey.HostKeyError as exc:
+        raise UsageError(str(exc)) from None
+
+
+class Sidecar:
+    def __init__(self, cfg: Config, opts: SidecarOptions) -> None:
+        self.cfg = cfg
+        self.opts = opts
+        self.log = get_logger("keyagent", vm=cfg.vm_name)
+        self.done = asyncio.Event()
+        self.exit_code = 0
+        self.exit_reason = ""
+        self.runtime: Runtime | None = None
+        self.control = None
+        self.migration = None
+        self.secrets = None
+        self.run_dir: str | None = None
+        self.vtpm = None
+        from agent.app.metrics import Metrics
+
+        self.metrics = Metrics()
+        self.tpm_args: list[str] = []
+        self.incoming = getattr(opts, "incoming", False)
+        self._stopping = False
+        self._run_dir_lock = None
+
+    # -- policy: when is the sidecar done? ------------------------------------
+    def _stays(self) -> bool:
+        return self.control is not None
+
+    def _on_finish(self, flow_id: str, fin) -> None:
+        # Only the launch decides the sidecar's fate; a failed migration or
+        # secret request is answered to its caller and the VM goes on.
+        if flow_id == "launch" and fin.code != 0 and self.exit_code == 0:
+            self.exit_code, self.exit_reason = fin.code, fin.reason
+            self.done.set()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        rt = self.runtime
+        if rt is None or rt.active():
+            return
+        if not self._stays() or rt.qmp_gone is not None:
+            self.done.set()
+
+    async def _watch(self, rt: Runtime) -> None:
+        await rt.watch_qmp()
+        self.metrics.qmp_connected = False
+        # Flows that were waiting get QmpDisconnected through the queue; once
+        # they have finished, _on_finish ends the sidecar.  With none active:
+        await asyncio.sleep(0)
+        self._maybe_done()
+
+    def _on_signal(self, signame: str) -> None:
+        self.log.info("signal received, stopping", signal=signame)
+        launch = self.runtime.flows.get("launch") if self.runtime is not None else None
+        unfinished = (launch is not None and launch.finished is None) or \
+            (self.runtime is None and self.cfg.sev_enabled)  # still waiting for the monitor
+        if unfinished and self.exit_code == 0:
+            # The VM stays where it is (paused): never resumed without its secret.
+            self.exit_code = 1
+            self.exit_reason = f"stopped by {signame} before the launch completed"
+        self.done.set()
+
+    # -- hooks for other ways of running (``keyagent launch``, libvirt) ----------
+    def check(self) -> None:
+        """Refuse bad usage before anything is created (exit 2)."""
+        check_qmp_path(self.opts.qmp_path)
+
+    def preflight(self) -> None:
+        """Every check that needs no I/O beyond looking: before anything is created.
+
+        A control socket or swtpm socket that cannot be bound, a key file
+        that is a FIFO, a group the socket cannot be given to: each is a
+        one-line exit 2 here, not a traceback (or a half-made vTPM state)
+        once the run_dir, the event log and swtpm exist.
+        """
+        cfg = self.cfg
+        check_host_keys(cfg)
+        if cfg.sev_enabled and not cfg.sev_owner_url:
+            raise UsageError("[sev] owner_url (or --owner-url) is required for the SEV launch")
+        run_dir = os.path.abspath(cfg.vm_run_dir) if cfg.vm_run_dir else None
+        if self.opts.control_path:
+            check_socket_path(self.opts.control_path, "control socket", run_dir)
+            gid = cfg.control_gid
+            if gid is not None and os.geteuid() != 0 and gid != os.getegid() \
+                    and gid not in os.getgroups():
+                raise UsageError(f"[control] gid {gid}: the control socket can only be given to "
+                                 "a group we are in (or as root)")
+        if "vtpm" in cfg.sections_present or cfg.vtpm_state_dir is not None:
+            from agent.app.vtpm import Vtpm
+
+            if Vtpm.enabled(cfg):
+                if not run_dir:
+                    raise UsageError("[vtpm] needs [vm] run_dir for swtpm's control socket")
+                Vtpm.from_config(cfg, run_dir).preflight()
+
+    async def _unless_stopped(self, coro):
+        """``await coro``, unless a signal stops the agent first: then cancel it
+        and return None.  Waiting for QEMU's monitor can take ``--qmp-timeout``
+        (a vTPM sidecar waits for QEMU to be started); SIGTERM acts at once."""
+        task = asyncio.ensure_future(coro)
+        stopped = asyncio.ensure_future(self.done.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+
+    async def open_monitor(self, events: set[str]):
+        """Connect to QEMU's monitor; return a QmpConnection-like object."""
+        qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
+        try:
+            await qmp.connect(self.opts.qmp_path, self.opts.qmp_timeout)
+        except BaseException:  # refused, timed out, or cancelled by a signal
+            await qmp.close()
+            raise
+        self.log.info("QMP connected", qmp=self.opts.qmp_path, qemu=qmp.qemu_version)
+        return qmp
+
+    def start_flows(self, rt: Runtime) -> None:
+        cfg = self.cfg
+        if self.run_dir:
+            from agent.app.verbs.secrets import SecretsControl
+
+            self.secrets = SecretsControl(self)
+            self.secrets.start()
+        if cfg.sev_enabled:
+            rt.start_flow("launch", SevLaunchFlow(LaunchParams(
+                vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
+
+    def preload(self) -> None:
+        """Import, before QMP connects, what the flows need once it is up.
+
+        An import after connecting sits inside the launch, on the VM's boot
+        path (``keyagent bench``: h11 and the owner client were ~10 ms of a
+        20 ms launch).  Only what this configuration uses: every module is
+        RSS in every idle sidecar.
+        """
+        if self.cfg.sev_enabled:
+            import agent.core.owner_answer  # noqa: F401
+            import agent.io.owner_client  # noqa: F401
+        if self.opts.control_path:
+            import agent.app.control  # noqa: F401
+        if self.run_dir:
+            import agent.io.keyring  # noqa: F401
+            import agent.app.verbs.secrets  # noqa: F401
+        if self.incoming and self.opts.control_path:
+            # A VM that arrives by migration: its agent will open a sealed
+            # PSK (cryptography, ~25 ms to load) inside the migration.
+            import agent.crypto.seal  # noqa: F401
+
+    def wanted_events(self) -> set[str]:
+        from agent.core.migration import MigrationFlow
+
+        wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if self.cfg.sev_enabled
+                                 else set())
+        if self.opts.control_path:
+            wanted |= MigrationFlow.wanted_events
+        return wanted
+
+    async def on_exit(self) -> None:
+        """Called after the monitor is closed, before the exit record."""
+
+    # -- the vTPM ------------------------------------------------------------------
+    async def start_vtpm(self) -> None:
+        """swtpm first: QEMU's -tpmdev connects to it when QEMU starts."""
+        if "vtpm" not in self.cfg.sections_present and self.cfg.vtpm_state_dir is None:
+            return  # Vtpm.enabled(), without loading agent.app.vtpm and agent.io.swtpm (~10 ms)
+        from agent.app.vtpm import Vtpm
+
+        if not Vtpm.enabled(self.cfg):
+            return
+        if not self.run_dir:
+            raise UsageError("[vtpm] needs [vm] run_dir for swtpm's control socket")
+        self.vtpm = Vtpm.from_config(self.cfg, self.run_dir)
+        self.tpm_args = await self.vtpm.start(incoming=self.incoming)
+        self.log.info("vTPM ready: start QEMU with these arguments", qemu_args=self.tpm_args)
+
+    async def _supervise_vtpm(self) -> None:
+        status = await self.vtpm.wait()
+        rt = self.runtime
+        # swtpm --terminate exits when QEMU closes its socket, which may be a
+        # moment before we see the monitor close: give QEMU's end a second.
+        for _ in range(20):
+            if self._stopping or rt is None or rt.qmp_gone is not None:
+                return
+            await asyncio.sleep(0.05)
+        if self._stopping or self.done.is_set() or rt is None or rt.qmp_gone is not None:
+            return  # swtpm followed QEMU out (--terminate), as it should
+        self.log.error("swtpm died while QEMU runs: stopping QEMU", status=status)
+        if self.exit_code == 0:
+            self.exit_code, self.exit_reason = 1, f"swtpm exited with status {status}"
+        try:
+            await rt.qmp.execute("quit")
+        except (qmpio.QmpCommandError, qmpio.MonitorGone):
+            pass
+
+    # -- the whole life -------------------------------------------------------
+    async def run(self) -> int:
+        """Run until done; the exit status may still change while shutting down."""
+        await self._run()
+        return self.exit_code
+
+    async def _run(self) -> None:
+        self.check()
+        self.preflight()
+        self.run_dir = None
+        try:
+            await self._run_locked()
+        finally:
+            if self._run_dir_lock is not None:
+                self._run_dir_lock.release()
+                self._run_dir_lock = None
+
+    def _own_run_dir(self) -> None:
+        """Create or check the run_dir, lock it for our life, set its group.
+
+        Before the sweep: a second agent given the same run_dir stops here
+        (exit 2) and touches nothing of the first's.
+        """
+        cfg = self.cfg
+        self.run_dir = prepare_run_dir(cfg.vm_run_dir)
+        self._run_dir_lock = lock_run_dir(self.run_dir)
+        control = self.opts.control_path
+        group = None
+        if cfg.control_gid is not None and control and \
+                os.path.commonpath([self.run_dir, os.path.abspath(control)]) == self.run_dir:
+            group = cfg.control_gid
+            # The group may now enter the run_dir: whatever else appears in it
+            # (QEMU's QMP socket under ``keyagent launch``, swtpm's sockets)
+            # must not be open to that group by a lax umask.
+            os.umask(0o077)
+        set_run_dir_group(self._run_dir_lock, group)
+
+    async def _run_locked(self) -> None:
+        """The life after the run_dir is ours: each step below, then the exit."""
+        self._claim_run_dir()
+        event_log = self._open_event_log()
+        try:
+            await self.start_vtpm()
+        except BaseException:
+            event_log.close()
+            raise
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig.name)
+        tasks: list[asyncio.Task] = []
+        qmp = None
+        self.preload()
+        try:
+            try:
+                qmp = await self._unless_stopped(self.open_monitor(self.wanted_events()))
+            except (qmpio.MonitorGone, FlowFailed) as exc:
+                self.exit_code, self.exit_reason = 1, str(exc)
+                return
+            if qmp is None:  # a signal while waiting for the monitor: _on_signal said how
+                return
+            rt = self._start_runtime(qmp, event_log)
+            await self._start_control()
+            tasks = self._start_tasks(rt)
+            self.start_flows(rt)
+            self._maybe_done()
+            await self.done.wait()
+            self._stopping = True
+            await rt.drain_qmp()
+        except KeyagentError as exc:  # e.g. the control socket, in a race with preflight
+            self.exit_code, self.exit_reason = exc.exit_code, exc.reason
+            raise
+        finally:
+            self._stopping = True
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._shut_down(qmp, tasks, event_log)
+
+    def _claim_run_dir(self) -> None:
+        """Own the run_dir, check the control socket is free, and sweep what a
+        previous agent left (key files, keyring keys) before making new ones."""
+        cfg, opts = self.cfg, self.opts
+        if cfg.vm_run_dir:
+            self._own_run_dir()
+        if opts.control_path:
+            from agent.app.control import check_socket_free
+
+            check_socket_free(opts.control_path)
+        if self.run_dir:
+            removed = sweep_stale_keys(self.run_dir)
+            from agent.io import keyring
+
+            removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
+            if removed:
+                self.log.warning("swept stale key material left by a previous agent",
+                                 run_dir=self.run_dir, removed=removed)
+
+    def _open_event_log(self) -> EventLog:
+        event_log = EventLog(self.opts.event_log)
+        # The wall-clock time of this record, so a replay can say when each
+        # step happened (the records' t counts from here, monotonic).
+        event_log.write("start", version=__version__, vm=self.cfg.vm_name,
+                        wall=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
+        return event_log
+
+    def _start_runtime(self, qmp, event_log: EventLog) -> Runtime:
+        """The runtime that runs the flows over this monitor connection."""
+        cfg = self.cfg
+        rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
+                                    owner_url=cfg.sev_owner_url,
+                                    owner_timeout=cfg.sev_timeout_s,
+                                    on_finish=self._on_finish, log=self.log, run_dir=self.run_dir,
+                                    metrics=self.metrics)
+        self.metrics.qmp_connected = True
+        events = getattr(qmp, "events", None)
+        self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)
+        return rt
+
+    async def _start_control(self) -> None:
+        """Serve the control socket, if there is one (after the runtime: the
+        verbs need it)."""
+        cfg, opts = self.cfg, self.opts
+        if opts.control_path:
+            from agent.app.control import ControlServer
+
+            self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid,
+                                         ref_dirs=cfg.control_ref_dirs)
+            await self.control.start()
+
+    def _start_tasks(self, rt: Runtime) -> list[asyncio.Task]:
+        """The runtime's loops, the monitor watcher and the swtpm supervisor."""
+        tasks = [asyncio.ensure_future(rt.dispatch()),
+                 asyncio.ensure_future(rt.pump_qmp_events()),
+                 asyncio.ensure_future(self._watch(rt))]
+        if self.vtpm is not None:
+            tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
+        return tasks
+
+    async def _shut_down(self, qmp, tasks: list[asyncio.Task], event_log: EventLog) -> None:
+        """Every exit path: stop the runtime, wipe keys, close the control
+        socket and the monitor, stop swtpm, write the exit record."""
+        log = self.log
+        if self.runtime is not None:
+            self.runtime.close()
+        self.wipe_held_keys()
+        if self.control is not None:
+            await self.control.close()
+        # Close QMP before cancelling the watcher: cancelling it inside
+        # qemu.qmp's disconnect() would orphan qemu.qmp's own futures.
+        if qmp is not None:
+            await qmp.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.on_exit()
+        if self.vtpm is not None:
+            await self.vtpm.stop()
+        event_log.write("exit", code=self.exit_code, reason=self.exit_reason)
+        event_log.close()
+        if self.exit_code:
+            log.error("keyagent exiting", code=self.exit_code, reason=self.exit_reason)
+        else:
+            log.info("keyagent exiting", code=0)
+
+    def wipe_held_keys(self) -> None:
+        """At exit: zero the key material this process still holds.
+
+        The master key (the secret objects' keyid, alive as long as QEMU may
+        take another secret), the one-time offer keys of pending hand-overs and
+        a sealed PSK that no ``migrate start`` used.  Best effort: see the
+        README for the copies Python and the libraries keep.
+        """
+        secrets, migration = self.secrets, self.migration
+        if secrets is not None and secrets.master is not None:
+            secrets.master.wipe()
+        if migration is not None:
+            migration.wipe()
+
+    # -- FlowHost (agent.app.flowhost): all the control verbs see of us -------
+    def start_flow(self, flow_id: str, flow) -> None:
+        self.runtime.start_flow(flow_id, flow)
+
+    def feed(self, flow_id: str, event) -> None:
+        self.runtime.feed(flow_id, event)
+
+    def new_request(self):
+        return self.runtime.new_request()
+
+    def finished(self, flow_id: str):
+        return self.runtime.finished(flow_id)
+
+    def flows(self) -> Mapping[str, Any]:
+        return MappingProxyType(self.runtime.flows)
+
+    def control_verbs(self) -> dict:
+        """(method, path) -> handler(args) for the control socket."""
+        if self.migration is None:
+            from agent.app.verbs.migrate import MigrationControl
+
+            self.migration = MigrationControl(self)
+        m, s = self.migration, self.secrets
+        secrets = {} if s is None else {("POST", "/v1/secret/add"): s.add,
+                                        ("POST", "/v1/secret/remove"): s.remove}
+        return {**secrets,
+                ("POST", "/v1/migrate/prepare"): m.prepare, ("POST", "/v1/migrate/begin"): m.begin,
+                ("POST", "/v1/migrate/accept"): m.accept, ("POST", "/v1/migrate/start"): m.start,
+                ("POST", "/v1/migrate/wait"): m.wait, ("POST", "/v1/migrate/cancel"): m.cancel}
+
+    def status(self) -> dict:
+        rt = self.runtime
+        flows = {}
+        if rt is not None:
+            for fid, flow in rt.flows.items():
+                entry = {"kind": flow.kind, "state": getattr(getattr(flow, "state", None), "value", None)}
+                if flow.finished is not None:
+                    entry["result"] = {"code": flow.finished.code, "reason": flow.finished.reason}
+                flows[fid] = entry
+        return {"vm": self.cfg.vm_name, "version": __version__,
+                "qmp": "disconnected" if (rt is None or rt.qmp_gone is not None) else "connected",
+                "flows": flows}

@@ -1,0 +1,1 @@
+"""Every command line: ``keyagent COMMAND`` (main.py) and one module per command, imported lazily."""

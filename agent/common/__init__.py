@@ -1,0 +1,1 @@
+"""The leaf every layer shares: Secret, the exception tree, logging. Imports nothing else from agent."""

@@ -1,0 +1,1 @@
+"""The agent's own crypto: the PSK hand-over (seal), host keys, secret objects (cryptography only)."""
