@@ -54,7 +54,8 @@ class Monitor:
         self._clients = clients
 
     def greeting(self) -> dict:
-        version = {"qemu": dict(QEMU_VERSION["qemu"]), "package": QEMU_VERSION["package"]}
+        known = getattr(self.machine, "qemu_version", QEMU_VERSION)  # SNP: QEMU 9.1 (agent.sim.snp)
+        version = {"qemu": dict(known["qemu"]), "package": known["package"]}
         return {"QMP": {"version": version, "capabilities": list(_QMP_CAPABILITIES)}}
 
     def handle(self, item: Parsed | ParseFailure) -> tuple[dict, str | None]:
@@ -194,7 +195,12 @@ class Simulator:
         self.path = os.fspath(path)
         self._max_message = max_message
         self._log = get_logger("keyagent.sim")
-        self.machine = Machine(config, clock=clock, emit=self._emit)
+        if getattr(config, "snp", False) is True:  # agent.sim.snp.SnpSimConfig: QEMU 9.1, sev-snp-guest
+            from agent.sim.snp import SnpMachine
+
+            self.machine = SnpMachine(config, clock=clock, emit=self._emit)
+        else:
+            self.machine = Machine(config, clock=clock, emit=self._emit)
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[int, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
