@@ -20,6 +20,7 @@ import agent.core.launch  # noqa: F401  (registers the flow kinds)
 import agent.core.migration  # noqa: F401
 import agent.core.resume  # noqa: F401
 import agent.core.secrets  # noqa: F401
+import agent.core.snp_launch  # noqa: F401
 from agent.core.codec import CodecError, decode_event, encode
 from agent.core.flow import FLOW_KINDS, Flow
 from agent.errors import FlowFailed, UsageError
