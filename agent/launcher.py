@@ -199,14 +199,6 @@ class Launcher(Sidecar):
         elif not self.user_stopped:
             rt.start_flow("resume", ResumeFlow(ResumeParams(vm=cfg.vm_name)))
 
-    def wanted_events(self) -> set[str]:
-        wanted = super().wanted_events()
-        if self.snp is not None:
-            from agent.core.snp_launch import SnpLaunchFlow
-
-            wanted |= SnpLaunchFlow.wanted_events
-        return wanted
-
     def _stays(self) -> bool:
         return True  # the launcher lives as long as its QEMU
 

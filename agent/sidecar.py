@@ -211,6 +211,11 @@ class Sidecar:
         if cfg.sev_enabled:
             rt.start_flow("launch", SevLaunchFlow(LaunchParams(
                 vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
+        elif cfg.snp_enabled:  # SEV-SNP: check the guest QEMU holds at -S, then cont (agent.core.snp_launch)
+            from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
+
+            rt.start_flow("launch", SnpLaunchFlow(SnpLaunchParams(
+                vm=cfg.vm_name, policy=cfg.snp_policy, timeout_s=cfg.snp_timeout_s)))
 
     def preload(self) -> None:
         """Import, before QMP connects, what the flows need once it is up.
@@ -237,6 +242,8 @@ class Sidecar:
 
         wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if self.cfg.sev_enabled
                                  else set())
+        if self.cfg.snp_enabled:
+            wanted |= {"RESUME", "SHUTDOWN"}  # agent.core.snp_launch.SnpLaunchFlow.wanted_events
         if self.opts.control_path:
             wanted |= MigrationFlow.wanted_events
         return wanted

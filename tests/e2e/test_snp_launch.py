@@ -230,3 +230,17 @@ def test_id_block_with_another_policy_is_a_usage_error_before_qemu(snp):
     assert proc.wait(timeout=30) == 2
     assert "the ID block pins policy 0x30000" in proc.stderr
     assert not (snp.root / "roots").exists()  # QEMU never started
+
+
+@pytest.mark.parametrize("policy, code", [("0x30000", 0), ("0x70000", 1)])
+def test_run_checks_an_snp_guest_someone_else_started(snp, policy, code):
+    sim = snp.world.spawn("sim", ["simulate", "--snp", "--qmp", f"unix:{snp.world.qmp}",
+                                  "--snp-digest", DIGEST.hex()])
+    wait_for(lambda: sim.stdout_path.stat().st_size > 0 or sim.popen.poll() is not None, what="simulator")
+    agent = snp.world.spawn("agent", ["run", "--qmp", f"unix:{snp.world.qmp}", "--snp-policy", policy])
+    assert agent.wait() == code, agent.stderr
+    if code == 0:
+        assert snp.world.sim_query("query-status")["status"] == "running"
+    else:
+        assert "differs from the configured 0x70000" in agent.stderr
+        assert sim.wait() == 0  # quit, never ran
