@@ -138,7 +138,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("snp", "host_data", str, None, check=_hex32, help="(launch) 32 bytes the report carries, hex"),
     Key("snp", "author_key_enabled", bool, False, help="(launch) the ID auth carries an author key"),
     Key("snp", "cbitpos", int, None, minimum=0, maximum=63, help="(launch) the C-bit position QEMU checks"),
-    Key("snp", "reduced_phys_bits", int, None, minimum=0, maximum=63),
+    # QEMU's -object is QAPI: reduced-phys-bits is a required member of SevCommonProperties
+    Key("snp", "reduced_phys_bits", int, 1, minimum=0, maximum=63,
+        help="(launch) physical address bits lost to the C-bit (QEMU requires it; 1 on Milan/Genoa)"),
     Key("snp", "timeout_s", float, 30.0, minimum=0.001,
         help="(launch) how long the QMP check of the SNP guest may take"),
     # GnuTLS's psktool makes keys of at most 512 bytes.

@@ -58,7 +58,7 @@ def test_id_block_and_auth_from_files(tmp_path):
 
 def test_plain_snp_section_uses_qemus_default_policy(tmp_path):
     args = snp_qemu_args(snp_launch_from_config(config(tmp_path, "[snp]\n")))
-    assert args[1] == f"sev-snp-guest,id={SNP_OBJECT_ID},policy=0x30000"
+    assert args[1] == f"sev-snp-guest,id={SNP_OBJECT_ID},policy=0x30000,reduced-phys-bits=1"
 
 
 @pytest.mark.parametrize("text, words", [
