@@ -83,3 +83,56 @@ async def guest_attest(qmp_path: str, owner_url: str, vm: str, *, timeout: float
 
 def _error(answer: Any) -> str:
     return str(answer.get("error")) if isinstance(answer, dict) else "(no JSON error)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.sim.snp_guest --qmp unix:P --owner-url URL --vm NAME --out-dir DIR``.
+
+    The guest's side from a shell (demos): each secret goes to ``DIR/<guid>``
+    (new, 0600, O_EXCL|O_NOFOLLOW); stdout gets ``{"secrets": [{"guid", "length"}]}``,
+    never the bytes.  Exit 0 on success, 1 refused or failed, 2 bad usage.
+    """
+    import argparse
+    import asyncio
+    import json
+    import os
+    import sys
+
+    from agent.errors import UsageError
+
+    p = argparse.ArgumentParser(prog="python -m agent.sim.snp_guest",
+                                description="The simulated SNP guest asks the owner for its secrets.")
+    p.add_argument("--qmp", required=True, metavar="unix:PATH", help="the simulator (keyagent simulate --snp)")
+    p.add_argument("--owner-url", required=True, metavar="URL")
+    p.add_argument("--vm", required=True, metavar="NAME")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="a directory for the secrets (0700)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    args = p.parse_args(argv)
+    try:
+        if not args.qmp.startswith("unix:") or len(args.qmp) <= 5:
+            raise UsageError(f"--qmp must be unix:PATH, got {args.qmp[:80]!r}")
+        if not os.path.isdir(args.out_dir):
+            raise UsageError(f"--out-dir {args.out_dir} is not a directory")
+        if not args.timeout > 0:
+            raise UsageError("--timeout must be > 0 seconds")
+    except UsageError as exc:
+        print(f"snp-guest: {exc}", file=sys.stderr)
+        return 2
+    try:
+        secrets = asyncio.run(guest_attest(args.qmp[5:], args.owner_url, args.vm, timeout=args.timeout))
+    except GuestAttestError as exc:
+        print(f"snp-guest: {exc}", file=sys.stderr)
+        return 1
+    from agent.io.rundir import write_new_files
+
+    try:
+        write_new_files([(os.path.join(args.out_dir, guid), value) for guid, value in secrets.items()], "--out-dir")
+    except UsageError as exc:
+        print(f"snp-guest: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"secrets": [{"guid": g, "length": len(v)} for g, v in secrets.items()]}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

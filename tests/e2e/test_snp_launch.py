@@ -122,6 +122,7 @@ def snp(tmp_path):
         for proc in s.world.procs:
             scan.text(f"{proc.name} stderr", proc.stderr)
             scan.text(f"{proc.name} stdout", proc.stdout)
+        scan.text("guest helper output", getattr(s, "scan_extra", ""))
         if (root / "events.jsonl").exists():
             scan.file(str(root / "events.jsonl"))
         scan.dirs.append(str(root / "run"))
@@ -244,3 +245,27 @@ def test_run_checks_an_snp_guest_someone_else_started(snp, policy, code):
     else:
         assert "differs from the configured 0x70000" in agent.stderr
         assert sim.wait() == 0  # quit, never ran
+
+
+def test_the_guest_helper_from_a_shell_writes_its_secret_0600_and_prints_no_secret(snp):
+    import subprocess
+    import stat
+
+    launched(snp, snp.launch())
+    url = snp.owner()
+    out = snp.root / "guest"
+    out.mkdir(mode=0o700)
+    proc = subprocess.run([sys.executable, "-m", "agent.sim.snp_guest", "--qmp", f"unix:{snp.world.qmp}",
+                           "--owner-url", url, "--vm", "vm1", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    guid = str(resolve_guid("luks-key"))
+    assert json.loads(proc.stdout) == {"secrets": [{"guid": guid, "length": len(SECRET)}]}
+    assert (out / guid).read_bytes() == SECRET
+    assert stat.S_IMODE((out / guid).stat().st_mode) == 0o600
+    snp.scan_extra = proc.stdout + proc.stderr
+    (out / guid).unlink()
+    again = subprocess.run([sys.executable, "-m", "agent.sim.snp_guest", "--qmp", f"unix:{snp.world.qmp}",
+                            "--owner-url", url, "--vm", "vm9", "--out-dir", str(out)],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 1 and "challenge refused: 404" in again.stderr
