@@ -242,3 +242,48 @@ async def test_service_forgets_nonces_after_their_ttl(config):
     r = await service.handle(_request("/v1/snp/attest", Guest().body()))
     assert r.status == 403 and not service.snp_nonces
 
+
+
+def test_amd_roots_dir_may_hold_both_sev_and_snp_roots(tmp_path):
+    from agent.sim.amd import SimAmd
+
+    toml = write_snp_owner(tmp_path)
+    SimAmd(bits=2048).write_roots(str(tmp_path / "roots"))
+    config = load_owner_config(toml)
+    assert [r.product for r in config.amd_roots] == ["sim"]
+    assert [r.product for r in config.snp_roots] == ["milan"]
+
+
+def test_sev_roots_only_leave_snp_with_no_root(tmp_path):
+    from agent.sim.amd import SimAmd
+
+    toml = write_snp_owner(tmp_path, roots=False)
+    SimAmd(bits=2048).write_roots(str(tmp_path / "sevroots"))
+    toml.write_text('[platform]\namd_roots = "sevroots"\n' + toml.read_text())
+    config = load_owner_config(toml)
+    assert config.snp_roots == ()
+    d = decide_attest(config, Guest().body(), now=1.0, nonces=store())
+    assert d.status == 403 and "vcek_chain" in d.reason
+
+
+def test_snp_digest_computed_from_firmware_like_owner_measure(tmp_path):
+    from agent.sev.snp_measure import snp_launch_digest, vcpu_signature
+    from tests.sev.snp_firmware import snp_firmware
+
+    firmware = snp_firmware()
+    (tmp_path / "fw.fd").write_bytes(firmware)
+    toml = write_snp_owner(tmp_path)
+    toml.write_text(toml.read_text().replace(f'snp_digest = "{DIGEST.hex()}"',
+                                             'firmware = "fw.fd"\nvcpus = 2\nvcpu_type = "EPYC-Milan"'))
+    vm = load_owner_config(toml).vms["snp1"]
+    assert vm.snp_digest == snp_launch_digest(firmware, vcpus=2, vcpu_sig=vcpu_signature("EPYC-Milan"))
+
+
+def test_firmware_without_vcpu_type_is_a_usage_error(tmp_path):
+    from tests.sev.snp_firmware import snp_firmware
+
+    (tmp_path / "fw.fd").write_bytes(snp_firmware())
+    toml = write_snp_owner(tmp_path)
+    toml.write_text(toml.read_text().replace(f'snp_digest = "{DIGEST.hex()}"', 'firmware = "fw.fd"\nvcpus = 2'))
+    with pytest.raises(UsageError, match="needs 'vcpu_type'"):
+        load_owner_config(toml)
