@@ -287,3 +287,12 @@ def test_firmware_without_vcpu_type_is_a_usage_error(tmp_path):
     toml.write_text(toml.read_text().replace(f'snp_digest = "{DIGEST.hex()}"', 'firmware = "fw.fd"\nvcpus = 2'))
     with pytest.raises(UsageError, match="needs 'vcpu_type'"):
         load_owner_config(toml)
+
+
+@pytest.mark.parametrize("path", ["/v1/snp/challenge", "/v1/snp/attest"])
+async def test_snp_paths_take_only_application_json(config, path):
+    service = OwnerService(config)
+    r = await service.handle(Request("POST", path, {"content-type": "text/plain"}, b'{"vm": "snp1"}', None))
+    assert r.status == 415 and not service.snp_nonces
+    r = await service.handle(Request("GET", path, {}, b"", None))
+    assert r.status == 405
