@@ -131,7 +131,7 @@ class Sidecar:
         self.log.info("signal received, stopping", signal=signame)
         launch = self.runtime.flows.get("launch") if self.runtime is not None else None
         unfinished = (launch is not None and launch.finished is None) or \
-            (self.runtime is None and self.cfg.sev_enabled)  # still waiting for the monitor
+            (self.runtime is None and (self.cfg.sev_enabled or self.cfg.snp_enabled))  # no monitor yet
         if unfinished and self.exit_code == 0:
             # The VM stays where it is (paused): never resumed without its secret.
             self.exit_code = 1
