@@ -26,6 +26,12 @@ not open for its PDH and policy stops it, exit 2, as QEMU fails to start::
     keyagent simulate --qmp unix:q.sock --pdh-key pdh.pem \
         --dh-cert-file owner/godh.b64 --session-file owner/session.b64
 
+``--snp`` is a QEMU 9.1 holding an SEV-SNP guest instead (agent.sim.snp):
+``--policy``, ``--id-block``, ``--id-auth``, ``--host-data``,
+``--author-key-enabled`` are the ``sev-snp-guest`` object's properties,
+``--snp-digest`` what the firmware measures to; ``--amd-roots-out DIR`` then
+writes ``milan-ark.pem`` / ``milan-ask.pem``, the test roots its VCEK chains to.
+
 On start it prints one JSON line to stdout (``{"ready": true, "qmp": ...}``)
 so a script can wait for it.  It exits 0 after ``quit`` or on SIGTERM /
 SIGINT, removing its socket.
@@ -53,7 +59,7 @@ _MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the NUL
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate",
-        help="serve a simulated QEMU 7.2 with an SEV guest on a QMP socket",
+        help="serve a simulated QEMU 7.2 with an SEV guest (--snp: QEMU 9.1, SEV-SNP) on a QMP socket",
         description="A QMP server that behaves like QEMU 7.2 holding an SEV / SEV-ES guest "
         "at -S, with a simulated PSP doing the real launch cryptography.",
     )
