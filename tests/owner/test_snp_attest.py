@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -296,3 +298,31 @@ async def test_snp_paths_take_only_application_json(config, path):
     assert r.status == 415 and not service.snp_nonces
     r = await service.handle(Request("GET", path, {}, b"", None))
     assert r.status == 405
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(_json, st.fixed_dictionaries({"vm": st.sampled_from(["snp1", "vm9", ""])},
+                                                    optional={k: _json | st.text(max_size=40) for k in
+                                                              ("nonce", "report", "vcek", "pubkey")})))
+def test_any_body_is_a_4xx_never_an_exception(config, body):
+    for decide in (lambda: decide_attest(config, body, now=1.0, nonces=store()),
+                   lambda: decide_challenge(config, body, nonce=NONCE, now=1.0, nonces={})):
+        d = decide()
+        assert 200 <= d.status < 500
+        if d.status == 200:
+            assert d.issue is not None  # only a challenge can succeed without a signed report
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bit=st.integers(0, 0x2A0 * 8 - 1))
+def test_any_flipped_bit_of_the_signed_part_is_refused(config, bit):
+    body = Guest().body()
+    raw = bytearray(base64.b64decode(body["report"]))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    body["report"] = base64.b64encode(bytes(raw)).decode()
+    assert decide_attest(config, body, now=1.0, nonces=store()).status == 403
