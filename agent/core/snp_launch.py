@@ -65,7 +65,11 @@ class SnpLaunchFlow(Flow):
         if isinstance(event, QmpDisconnected):
             if self.step == "quit":
                 return self.finish(1, self._failure or "refused")
-            text = f"QMP connection lost during {self.step}" + (f": {event.reason}" if event.reason else "")
+            if self.step == "cont":
+                text = ("QEMU went away at cont: the PSP refuses SNP_LAUNCH_FINISH there (e.g. an ID "
+                        "block for another launch digest or policy) and QEMU exits")
+            else:
+                text = f"QMP connection lost during {self.step}" + (f": {event.reason}" if event.reason else "")
             return [Log("error", text), *self.finish(1, text)]
         if self.step == "quit":
             done = ((isinstance(event, (QmpReply, QmpError)) and event.tag == self.pending)

@@ -325,6 +325,11 @@ class Simulator:
                     break
                 for item in stream.feed(data):
                     reply, name = conn.monitor.handle(item)
+                    if getattr(self.machine, "died", False):
+                        # QEMU's exit(1) inside a command (SNP_LAUNCH_FINISH refused at cont):
+                        # no reply, no SHUTDOWN event, every connection just closes
+                        await self._die()
+                        return
                     stamp = _STAMPED.get(name)
                     if stamp is not None and "error" not in reply:
                         conn.times[stamp] = time.monotonic()
@@ -352,6 +357,13 @@ class Simulator:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             log.info("sim.client_disconnected")
+
+    async def _die(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns.values()):
+            conn.writer.close()
+        self._quit.set()
 
     async def _shutdown_after_quit(self) -> None:
         # qmp_quit(): reply first, then SHUTDOWN from the main loop, then exit.

@@ -11,9 +11,8 @@ What the QMP client sees follows QEMU 9.1 (target/i386/sev.c, qapi/misc-target.j
   (with the ID block and ID auth, host data and author-key flag of the
   ``sev-snp-guest`` object) when the VM first runs, i.e. at ``cont``.  The PSP
   refuses an ID block whose launch digest or policy differs from the launch, or
-  whose signatures do not verify; QEMU then reports the error and exits 1.  The
-  simulator answers ``cont`` and then quits with status 1 (QEMU drops the
-  connection without an answer: the difference is only in the reply).
+  whose signatures do not verify; QEMU then reports the error and exits 1
+  inside ``cont``: no answer, the connection closes.  So does the simulator.
 
 Not QEMU: ``x-sim-snp-guest-report {"report-data": b64}`` is what a running guest
 gets from the PSP through SNP_GUEST_REQUEST (MSG_REPORT_REQ) together with its
@@ -107,6 +106,7 @@ class SnpMachine:
         self.state = "launch-update"
         self.policy = config.policy
         self.quit_requested = False
+        self.died = False           # QEMU exit(1) inside a command: the server answers nothing more
         self.exit_status = 0
         self.reports = 0
         self.cont_happened = False
@@ -188,9 +188,9 @@ class SnpMachine:
             self.cont_happened = True
             problem = self._launch_finish()
             if problem is not None:
-                # QEMU: error_report("SNP_LAUNCH_FINISH ...") and exit(1)
+                # QEMU: error_report("SNP_LAUNCH_FINISH ...") and exit(1), inside cont
                 self._log.error("sim.snp_launch_finish_failed", reason=problem)
-                self.quit_requested = True
+                self.died = True
                 self.exit_status = 1
                 return {}
             self.state = "running"

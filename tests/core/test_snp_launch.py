@@ -105,3 +105,12 @@ def test_flow_is_registered_for_replay():
     assert FLOW_KINDS["snp-launch"] is SnpLaunchFlow
     flow = SnpLaunchFlow.from_params({"vm": "vm1", "policy": POLICY, "timeout_s": 3.0})
     assert flow.params.policy == POLICY
+
+
+def test_qemu_gone_at_cont_is_the_psp_refusing_launch_finish():
+    d = Driver()
+    d.feed(Start())
+    d.reply({"status": "prelaunch"})
+    d.reply(SNP_INFO)
+    d.feed(QmpDisconnected("closed"))
+    assert d.finish.code == 1 and "SNP_LAUNCH_FINISH" in d.finish.reason

@@ -223,7 +223,8 @@ def test_id_block_for_another_launch_fails_at_launch_finish(snp):
     other = json.loads(out.stdout)
     proc = snp.launch(id_block=json.dumps(other["id_block"]), id_auth=json.dumps(other["id_auth"]))
     assert proc.wait(timeout=60) == 1, proc.stderr
-    assert "QEMU exited with status 1" in proc.stderr
+    assert "QEMU went away at cont" in proc.stderr and "BAD_MEASUREMENT" in proc.stderr
+    assert "VM resumed" not in proc.stderr
 
 
 def test_id_block_with_another_policy_is_a_usage_error_before_qemu(snp):

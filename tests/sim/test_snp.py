@@ -83,7 +83,7 @@ def test_id_block_for_another_launch_fails_launch_finish_and_quits_1(block_args,
     block = signed_block(**block_args)
     m = machine(id_block=block.id_block, id_auth=block.id_auth)
     m.execute("cont", {})
-    assert m.quit_requested and m.exit_status == 1 and m.status != "running"
+    assert m.died and m.exit_status == 1 and m.status != "running"
 
 
 def test_id_block_with_a_broken_signature_fails_launch_finish():
@@ -159,3 +159,17 @@ async def test_simulated_guest_is_refused(tmp_path, running_sim, owner, status, 
     finally:
         await server.close()
     assert info.value.status == status
+
+
+async def test_failed_launch_finish_closes_the_monitor_without_an_answer(sock_path):
+    from tests.sim.conftest import RawClient
+
+    block = signed_block(digest=b"\x01" * 48)
+    sim = Simulator(SnpSimConfig(authority=authority(), id_block=block.id_block, id_auth=block.id_auth), sock_path)
+    async with sim:
+        client = await RawClient.connect(sock_path)
+        await client.negotiate()
+        await client.send_raw(b'{"execute": "cont"}')
+        assert await client.reader.read() == b""  # closed, no reply, no SHUTDOWN
+        await sim.wait_closed()
+        assert sim.machine.exit_status == 1
