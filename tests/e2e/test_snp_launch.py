@@ -107,7 +107,7 @@ def snp(tmp_path):
     short = None
     root = tmp_path
     if len(str(tmp_path / "run" / "qmp.sock")) > 100:
-        short = Path(tempfile.mkdtemp(prefix="snp", dir="/tmp"))
+        short = Path(tempfile.mkdtemp(prefix="snp"))  # the default temp dir: short enough for sun_path
         root = short
     s = Snp(root)
     scan = LeakScan()
