@@ -7,6 +7,8 @@ What the QMP client sees follows QEMU 9.1 (target/i386/sev.c, qapi/misc-target.j
   base (``enabled``, ``api-major``, ``api-minor``, ``build-id``, ``state``,
   ``sev-type``) plus ``SevSnpGuestInfo``'s single member ``snp-policy``
   (uint64).  There is no ``handle`` and no ``policy`` for SNP;
+* ``query-sev-launch-measure`` and ``sev-inject-launch-secret`` fail as for
+  any guest that is not SEV (no measurement; never in LAUNCH_SECRET);
 * under ``-S`` the guest is in ``launch-update``: QEMU runs SNP_LAUNCH_FINISH
   (with the ID block and ID auth, host data and author-key flag of the
   ``sev-snp-guest`` object) when the VM first runs, i.e. at ``cont``.  The PSP
@@ -116,6 +118,10 @@ class SnpMachine:
             "query-status": (self._query_status, {}),
             "query-version": (lambda _a: dict(QEMU_91_VERSION), {}),
             "query-sev": (self._query_sev, {}),
+            "query-sev-launch-measure": (self._query_sev_launch_measure, {}),
+            "sev-inject-launch-secret": (self._sev_inject_launch_secret,
+                                         {"packet-header": ("str", True), "secret": ("str", True),
+                                          "gpa": ("uint64", False)}),
             "cont": (self._cont, {}),
             "stop": (self._stop, {}),
             "quit": (self._quit, {}),
@@ -155,6 +161,15 @@ class SnpMachine:
         return {"enabled": True, "api-major": self.config.api_major, "api-minor": self.config.api_minor,
                 "build-id": self.config.build_id, "state": self.state, "sev-type": "sev-snp",
                 "snp-policy": self.config.policy}
+
+    def _query_sev_launch_measure(self, _args: dict) -> dict:
+        # sev_get_launch_measurement(): only an SEV (not SNP) guest has one
+        raise QmpError("SEV launch measurement is not available")
+
+    def _sev_inject_launch_secret(self, _args: dict) -> dict:
+        # sev_inject_launch_secret(): an SNP guest never reaches LAUNCH_SECRET
+        index = {"launch-update": 1, "running": 3}[self.state]
+        raise QmpError(f"SEV: Not in correct state. (LSECRET) {index:x}")
 
     def _launch_finish(self) -> str | None:
         """SNP_LAUNCH_FINISH: the PSP's checks of the ID block; the reason it fails, or None."""

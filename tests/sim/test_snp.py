@@ -173,3 +173,11 @@ async def test_failed_launch_finish_closes_the_monitor_without_an_answer(sock_pa
         assert await client.reader.read() == b""  # closed, no reply, no SHUTDOWN
         await sim.wait_closed()
         assert sim.machine.exit_status == 1
+
+
+def test_sev_launch_commands_fail_on_an_snp_guest_as_in_qemu_91():
+    m = machine()
+    with pytest.raises(QmpError, match="SEV launch measurement is not available"):
+        m.execute("query-sev-launch-measure", {})
+    with pytest.raises(QmpError, match=r"Not in correct state. \(LSECRET\) 1"):
+        m.execute("sev-inject-launch-secret", {"packet-header": "AAAA", "secret": "AAAA"})
