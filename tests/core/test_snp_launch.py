@@ -114,3 +114,14 @@ def test_qemu_gone_at_cont_is_the_psp_refusing_launch_finish():
     d.reply(SNP_INFO)
     d.feed(QmpDisconnected("closed"))
     assert d.finish.code == 1 and "SNP_LAUNCH_FINISH" in d.finish.reason
+
+
+def test_the_sev_flow_names_an_snp_guest_instead_of_calling_it_malformed():
+    from agent.core.launch import LaunchParams, SevLaunchFlow
+
+    flow = SevLaunchFlow(LaunchParams(vm="vm1"))
+    first = [a for a in flow.handle(Start()) if isinstance(a, SendQmp)][0]
+    second = [a for a in flow.handle(QmpReply(first.tag, {"status": "prelaunch"})) if isinstance(a, SendQmp)][0]
+    out = flow.handle(QmpReply(second.tag, SNP_INFO))
+    assert [a.command for a in out if isinstance(a, SendQmp)] == ["quit"]
+    assert "configure [snp]" in flow._failure
