@@ -86,6 +86,34 @@ def _ref_dirs(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _snp_policy(value: int) -> str | None:
+    from agent.sev.snp_idblock import policy_problem
+
+    problem = policy_problem(value)
+    return None if problem is None else f"is not a valid SNP policy: {problem}"
+
+
+def _b64_of(size: int) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        import base64
+        import binascii
+
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return "must be base64"
+        return None if len(raw) == size else f"must be {size} bytes in base64, got {len(raw)}"
+    return check
+
+
+def _hex32(value: str) -> str | None:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return "must be hex"
+    return None if len(raw) == 32 else f"must be 32 bytes (64 hex digits), got {len(raw)}"
+
+
 SCHEMA: tuple[Key, ...] = (
     Key("vm", "name", str, "vm", check=_vm_name, help="VM name, in logs and owner requests"),
     Key("vm", "run_dir", str, None, path=True, help="the agent's 0700 directory for this VM"),
@@ -100,6 +128,21 @@ SCHEMA: tuple[Key, ...] = (
     Key("sev", "cek", str, None, path=True,
         help="(launch) the CEK as AMD's key server signs it (sevctl export --full): sent in place of the "
              "chain's CEK"),
+    # SEV-SNP (keyagent launch, QEMU >= 9.1): agent.app.snp_launch, docs/snp.md
+    Key("snp", "policy", int, 0x30000, minimum=0, maximum=2**64 - 1, check=_snp_policy,
+        help="(launch) the 64-bit SNP guest policy of the sev-snp-guest object"),
+    Key("snp", "id_block", str, None, check=_b64_of(0x60), help="(launch) the ID block, base64 (owner idblock)"),
+    Key("snp", "id_auth", str, None, check=_b64_of(0x1000), help="(launch) the ID auth information, base64"),
+    Key("snp", "id_block_file", str, None, path=True, help="(launch) a file holding the ID block in base64"),
+    Key("snp", "id_auth_file", str, None, path=True, help="(launch) a file holding the ID auth in base64"),
+    Key("snp", "host_data", str, None, check=_hex32, help="(launch) 32 bytes the report carries, hex"),
+    Key("snp", "author_key_enabled", bool, False, help="(launch) the ID auth carries an author key"),
+    Key("snp", "cbitpos", int, None, minimum=0, maximum=63, help="(launch) the C-bit position QEMU checks"),
+    # QEMU's -object is QAPI: reduced-phys-bits is a required member of SevCommonProperties
+    Key("snp", "reduced_phys_bits", int, 1, minimum=0, maximum=63,
+        help="(launch) physical address bits lost to the C-bit (QEMU requires it; 1 on Milan/Genoa)"),
+    Key("snp", "timeout_s", float, 30.0, minimum=0.001,
+        help="(launch) how long the QMP check of the SNP guest may take"),
     # GnuTLS's psktool makes keys of at most 512 bytes.
     Key("migration", "psk_length", int, 32, minimum=16, maximum=512),
     Key("migration", "dest_deadline_s", float, 60.0, minimum=0.001),
@@ -148,6 +191,10 @@ class Config:
     def sev_enabled(self) -> bool:
         return "sev" in self.sections_present or self.sev_owner_url is not None
 
+    @property
+    def snp_enabled(self) -> bool:
+        return "snp" in self.sections_present
+
 
 def _num(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -164,6 +211,9 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
             raise UsageError(f"{label} must be a finite number") from None
         if not math.isfinite(value):  # nan would make every comparison false
             raise UsageError(f"{label} must be a finite number")
+    elif key.type is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"{label} must be true or false")
     elif key.type is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UsageError(f"{label} must be an integer")
@@ -212,6 +262,11 @@ def _parse_flag(key: Key, text: str) -> Any:
             raise UsageError(f"{key.flag} must be an integer") from None
     if key.type is list:
         return list(text)  # the flag was given once per item
+    if key.type is bool:
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if text.lower() not in words:
+            raise UsageError(f"{key.flag} must be true or false")
+        return words[text.lower()]
     return text
 
 
@@ -283,6 +338,13 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
         elif key.path:
             values[(key.section, key.name)] = os.path.abspath(text)
         present.add(key.section)
+    if "snp" in present and ("sev" in present or values.get(("sev", "owner_url"))):
+        raise UsageError("[snp] and [sev] are different launches: an SNP guest asks the owner itself, "
+                         "give one of them")
+    if "snp" in present:
+        for name in ("id_block", "id_auth"):
+            if values.get(("snp", name)) and values.get(("snp", f"{name}_file")):
+                raise UsageError(f"[snp] {name} and {name}_file: give one")
     if values.get(("sev", "cek")) and not values.get(("sev", "cert_chain")):
         raise UsageError("[sev] cek replaces the CEK of [sev] cert_chain: give cert_chain too")
     return Config(values, present, path)

@@ -66,11 +66,17 @@ class Launcher(Sidecar):
         self._signals = 0
         self._stderr_task: asyncio.Task | None = None
         self._qemu_done = asyncio.Event()
+        self.snp = None  # agent.app.snp_launch.SnpLaunch, set by check() with [snp]
 
     def check(self) -> None:
         if not self.cfg.vm_run_dir:
             raise UsageError("keyagent launch needs [vm] run_dir (or --vm-run-dir)")
         prepare_argv(self.qemu_argv, "")  # the QEMU binary must exist
+        if self.cfg.snp_enabled:  # SEV-SNP: checked now, before anything is created (agent.app.snp_launch)
+            from agent.app.snp_launch import refuse_own_sev_objects, snp_launch_from_config
+
+            refuse_own_sev_objects(self.qemu_argv)
+            self.snp = snp_launch_from_config(self.cfg)
         check_socket_path(os.path.join(os.path.abspath(self.cfg.vm_run_dir), QMP_SOCKET),
                           "QMP socket", self.cfg.vm_run_dir)
 
@@ -85,6 +91,10 @@ class Launcher(Sidecar):
         with self.master.view() as raw:
             key_file = write_key_file(self._master_dir, "master.key", raw)
         argv += ["-object", f"secret,id={MASTER_ID},file={key_file},format=raw", *self.tpm_args]
+        if self.snp is not None:
+            from agent.app.snp_launch import snp_qemu_args
+
+            argv += snp_qemu_args(self.snp)
         self.log.info("starting QEMU", argv0=argv[0], args=len(argv) - 1)
         try:
             self.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -176,7 +186,12 @@ class Launcher(Sidecar):
         self.secrets = SecretsControl(self)
         self.secrets.start(master=self.master)
         cfg = self.cfg
-        if cfg.sev_enabled:
+        if self.snp is not None:
+            from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
+
+            rt.start_flow("launch", SnpLaunchFlow(SnpLaunchParams(
+                vm=cfg.vm_name, policy=self.snp.policy, timeout_s=cfg.snp_timeout_s)))
+        elif cfg.sev_enabled:
             from agent.core.launch import LaunchParams, SevLaunchFlow
 
             rt.start_flow("launch", SevLaunchFlow(LaunchParams(

@@ -133,7 +133,7 @@ class Sidecar:
         self.log.info("signal received, stopping", signal=signame)
         launch = self.runtime.flows.get("launch") if self.runtime is not None else None
         unfinished = (launch is not None and launch.finished is None) or \
-            (self.runtime is None and self.cfg.sev_enabled)  # still waiting for the monitor
+            (self.runtime is None and (self.cfg.sev_enabled or self.cfg.snp_enabled))  # no monitor yet
         if unfinished and self.exit_code == 0:
             # The VM stays where it is (paused): never resumed without its secret.
             self.exit_code = 1
@@ -213,6 +213,11 @@ class Sidecar:
         if cfg.sev_enabled:
             rt.start_flow("launch", SevLaunchFlow(LaunchParams(
                 vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
+        elif cfg.snp_enabled:  # SEV-SNP: check the guest QEMU holds at -S, then cont (agent.core.snp_launch)
+            from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
+
+            rt.start_flow("launch", SnpLaunchFlow(SnpLaunchParams(
+                vm=cfg.vm_name, policy=cfg.snp_policy, timeout_s=cfg.snp_timeout_s)))
 
     def preload(self) -> None:
         """Import, before QMP connects, what the flows need once it is up.
@@ -240,6 +245,8 @@ class Sidecar:
 
         wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if self.cfg.sev_enabled
                                  else set())
+        if self.cfg.snp_enabled:
+            wanted |= {"RESUME", "SHUTDOWN"}  # agent.core.snp_launch.SnpLaunchFlow.wanted_events
         if self.opts.control_path:
             wanted |= MigrationFlow.wanted_events
         return wanted

@@ -431,6 +431,9 @@ async def _serve(config: Any, host: str, port: int, *, max_connections: int = 10
     if any(vm.session and vm.platform == "amd" for vm in config.vms.values()):
         log.info("owner platform roots", source=config.amd_roots_source,
                  products=[r.product for r in config.amd_roots])
+    if any(vm.snp for vm in config.vms.values()):  # /v1/snp/attest: VCEK <- ASK <- ARK
+        log.info("owner SNP roots", source=config.snp_roots_source,
+                 products=[r.product for r in config.snp_roots])
     service.log_secret_areas()
     _print_json({"listening": url})
     try:

@@ -26,6 +26,12 @@ not open for its PDH and policy stops it, exit 2, as QEMU fails to start::
     keyagent simulate --qmp unix:q.sock --pdh-key pdh.pem \
         --dh-cert-file owner/godh.b64 --session-file owner/session.b64
 
+``--snp`` is a QEMU 9.1 holding an SEV-SNP guest instead (agent.tools.sim.snp):
+``--policy``, ``--id-block``, ``--id-auth``, ``--host-data``,
+``--author-key-enabled`` are the ``sev-snp-guest`` object's properties,
+``--snp-digest`` what the firmware measures to; ``--amd-roots-out DIR`` then
+writes ``milan-ark.pem`` / ``milan-ask.pem``, the test roots its VCEK chains to.
+
 On start it prints one JSON line to stdout (``{"ready": true, "qmp": ...}``)
 so a script can wait for it.  It exits 0 after ``quit`` or on SIGTERM /
 SIGINT, removing its socket.
@@ -53,7 +59,7 @@ _MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the NUL
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate",
-        help="serve a simulated QEMU 7.2 with an SEV guest on a QMP socket",
+        help="serve a simulated QEMU 7.2 with an SEV guest (--snp: QEMU 9.1, SEV-SNP) on a QMP socket",
         description="A QMP server that behaves like QEMU 7.2 holding an SEV / SEV-ES guest "
         "at -S, with a simulated PSP doing the real launch cryptography.",
     )
@@ -61,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--sev", action="store_true", help="an SEV guest (the default)")
     kind.add_argument("--sev-es", action="store_true", help="an SEV-ES guest (sets policy bit 0x4)")
+    kind.add_argument("--snp", action="store_true",
+                      help="a QEMU 9.1 with an SEV-SNP guest (agent.tools.sim.snp): query-sev says sev-snp, "
+                           "x-sim-snp-guest-report gives the guest's VCEK-signed reports")
     p.add_argument("--tik", metavar="FILE", help="TIK, 16 raw bytes (with --tek)")
     p.add_argument("--tek", metavar="FILE", help="TEK, 16 raw bytes (with --tik)")
     p.add_argument("--keys-out", metavar="DIR", help="without --tik/--tek: write the generated tik.bin, tek.bin here (0600)")
@@ -75,7 +84,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dh-cert-file", metavar="FILE", help="the owner's GODH certificate, base64 (with --session-file)")
     p.add_argument("--session-file", metavar="FILE", help="the owner's launch session, base64 (instead of --tik/--tek)")
     p.add_argument("--digest", metavar="HEX", help="launch digest, 64 hex digits (default: SHA-256 of a fixed test firmware)")
-    p.add_argument("--policy", metavar="N", default="0x1", help="guest policy (default 0x1)")
+    p.add_argument("--policy", metavar="N", default=None,
+                   help="guest policy (default 0x1; with --snp the 64-bit SNP policy, default 0x30000)")
+    snp = p.add_argument_group("SEV-SNP (with --snp; the sev-snp-guest object's properties, as QEMU takes them)")
+    snp.add_argument("--snp-digest", metavar="HEX", help="the launch digest the firmware measures to (48 bytes hex)")
+    snp.add_argument("--id-block", metavar="B64", help="the ID block, base64 (with --id-auth)")
+    snp.add_argument("--id-auth", metavar="B64", help="the ID authentication information, base64")
+    snp.add_argument("--host-data", metavar="B64", help="32 bytes of host data, base64")
+    snp.add_argument("--author-key-enabled", action="store_true", help="the ID auth carries an author key")
     p.add_argument("--api-major", metavar="N", default="1", help="PSP API major version (default 1)")
     p.add_argument("--api-minor", metavar="N", default="55", help="PSP API minor version (default 55)")
     p.add_argument("--build-id", metavar="N", default="21", help="PSP firmware build (default 21)")
@@ -103,7 +119,14 @@ def run(args: argparse.Namespace) -> int:
 
     harden_process()  # the simulated PSP holds TIK/TEK: no core dump
     path = _socket_path(args.qmp)
-    policy = _number("--policy", args.policy, 0xFFFFFFFF)
+    if args.snp:
+        return _run_snp(args, path)
+    for flag in ("snp_digest", "id_block", "id_auth", "host_data"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} only applies with --snp")
+    if args.author_key_enabled:
+        raise UsageError("--author-key-enabled only applies with --snp")
+    policy = _number("--policy", args.policy if args.policy is not None else "0x1", 0xFFFFFFFF)
     api_major = _number("--api-major", args.api_major, 0xFF)
     api_minor = _number("--api-minor", args.api_minor, 0xFF)
     build_id = _number("--build-id", args.build_id, 0xFF)
@@ -141,6 +164,51 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral))
 
 
+def _run_snp(args: argparse.Namespace, path: str) -> int:
+    """``--snp``: QEMU 9.1 with a sev-snp-guest object (agent.tools.sim.snp)."""
+    from agent.tools.sim.snp import DEFAULT_SNP_DIGEST, DEFAULT_SNP_POLICY, SnpSimConfig
+
+    sev_only = {"--tik": args.tik, "--tek": args.tek, "--keys-out": args.keys_out, "--pdh-key": args.pdh_key,
+                "--pdh-out": args.pdh_out, "--cert-chain-out": args.cert_chain_out, "--cek-out": args.cek_out,
+                "--dh-cert-file": args.dh_cert_file, "--session-file": args.session_file,
+                "--digest": args.digest, "--secret-area": args.secret_area, "--firmware": args.firmware}
+    for flag, value in sev_only.items():
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to --snp")
+    if args.running or args.no_secret_area:
+        raise UsageError("--running/--no-secret-area do not apply to --snp")
+    policy = _number("--policy", args.policy, (1 << 64) - 1) if args.policy is not None else DEFAULT_SNP_POLICY
+    digest = DEFAULT_SNP_DIGEST
+    if args.snp_digest is not None:
+        try:
+            digest = bytes.fromhex(args.snp_digest)
+        except ValueError:
+            raise UsageError("--snp-digest must be hex") from None
+        if len(digest) != 48:
+            raise UsageError(f"--snp-digest must be 48 bytes (96 hex digits), got {len(digest)} bytes")
+    blobs = {}
+    for flag, value, size in (("--id-block", args.id_block, 0x60), ("--id-auth", args.id_auth, 0x1000),
+                              ("--host-data", args.host_data, 32)):
+        if value is None:
+            continue
+        try:
+            blobs[flag] = base64.b64decode(value, validate=True)
+        except ValueError:
+            raise UsageError(f"{flag} is not valid base64") from None
+        if len(blobs[flag]) != size:
+            raise UsageError(f"{flag} must be {size} bytes, got {len(blobs[flag])}")
+    try:
+        config = SnpSimConfig(policy=policy, digest=digest, id_block=blobs.get("--id-block"),
+                              id_auth=blobs.get("--id-auth"), host_data=blobs.get("--host-data", bytes(32)),
+                              author_key_enabled=args.author_key_enabled,
+                              api_major=_number("--api-major", args.api_major, 0xFF),
+                              api_minor=_number("--api-minor", args.api_minor, 0xFF),
+                              build_id=_number("--build-id", args.build_id, 0xFF))
+    except ValueError as exc:
+        raise UsageError(f"sev-snp-guest: {exc}") from None
+    return asyncio.run(_serve(config, path, None, {"--amd-roots-out": args.amd_roots_out}))
+
+
 async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str | None] | None = None,
                  *, warn_ephemeral: bool = False) -> int:
     from agent.common.logs import get_logger
@@ -160,7 +228,10 @@ async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str
             raise UsageError(f"--session-file: LAUNCH_START failed: fw_error={int(exc.code)} "
                              f"'{exc.text}' ({exc.why})") from None
         try:
-            _write_platform_certs(sim.machine.platform, outputs or {})
+            if getattr(config, "snp", False) is True:
+                _write_snp_roots(sim.machine, (outputs or {}).get("--amd-roots-out"))
+            else:
+                _write_platform_certs(sim.machine.platform, outputs or {})
         except BaseException:
             sim.machine.shutdown()
             raise
@@ -179,8 +250,10 @@ async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str
                 "policy": config.effective_policy,
                 "sev_es": bool(config.effective_policy & 0x4),
                 "keys_out": keys_out,
-                "session": config.session is not None,
+                "session": getattr(config, "session", None) is not None,
             }
+            if getattr(config, "snp", False) is True:
+                ready.update(snp=True, sev_es=False)
             print(json.dumps(ready), flush=True)
             quit_wait = asyncio.ensure_future(sim.wait_closed())
             stop_wait = asyncio.ensure_future(stop.wait())
@@ -192,7 +265,26 @@ async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-    return 0
+    return getattr(sim.machine, "exit_status", 0)  # SNP: a failed SNP_LAUNCH_FINISH exits 1, as QEMU
+
+
+def _write_snp_roots(machine, roots_dir: str | None) -> None:
+    """--amd-roots-out with --snp: the simulated chip's test ARK and ASK, <product>-ark.pem / -ask.pem."""
+    if roots_dir is None:
+        return
+    if os.path.lexists(roots_dir) and not os.path.isdir(roots_dir):
+        raise UsageError(f"--amd-roots-out {roots_dir} exists and is not a directory")
+    try:
+        os.makedirs(roots_dir, exist_ok=True)
+        for name, pem in machine.roots_pems().items():
+            target = os.path.join(roots_dir, name)
+            tmp = target + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+            os.replace(tmp, target)  # a reader never sees half a PEM
+    except OSError as exc:
+        raise UsageError(f"--amd-roots-out: cannot write into {roots_dir}: {exc.strerror}") from None
 
 
 # -- argument checks: each bad value is a one-line UsageError -------------

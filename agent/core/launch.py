@@ -138,6 +138,8 @@ class SevLaunchFlow(Flow):
     def _on_query_sev(self, result) -> list[Action]:
         if not isinstance(result, dict) or result.get("enabled") is not True:
             return self._fail("SEV is not enabled for this VM")
+        if result.get("sev-type") == "sev-snp":  # QEMU 9.1+: an SNP guest takes no launch secret
+            return self._fail("the guest is SEV-SNP: it takes no launch secret (configure [snp], not [sev])")
         fields = {}
         for key in ("api-major", "api-minor", "build-id", "policy"):
             value = result.get(key)

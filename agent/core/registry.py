@@ -13,7 +13,8 @@ from agent.core.launch import SevLaunchFlow
 from agent.core.migration import MigrationFlow
 from agent.core.resume import ResumeFlow
 from agent.core.secret_objects import SecretsFlow
+from agent.core.snp_launch import SnpLaunchFlow
 
 FLOW_KINDS: dict[str, type[Flow]] = {
-    cls.kind: cls for cls in (SevLaunchFlow, MigrationFlow, ResumeFlow, SecretsFlow)
+    cls.kind: cls for cls in (SevLaunchFlow, MigrationFlow, ResumeFlow, SecretsFlow, SnpLaunchFlow)
 }

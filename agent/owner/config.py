@@ -83,6 +83,9 @@ _ES_KEYS = {"vcpus", "vcpu_sig", "vmsa_fpu_init"}    # an SEV-ES digest computed
 _VM_KEYS = ({"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret", "sev_es",
              "platform", "pdh_sha256"} | _LAUNCH_KEYS | _AREA_KEYS | _ES_KEYS)
 _PLATFORM_KEYS = {"amd_roots"}
+# an SNP vm ([vm.NAME] snp = true): agent.owner.snp_attest, docs/snp.md
+_SNP_VM_KEYS = ({"snp", "policy", "snp_digest", "vcpus", "vcpu_type", "guest_features", "host_data",
+                 "id_key_digest", "author_key_digest", "secret"} | _LAUNCH_KEYS)
 PLATFORM_MODES = ("amd", "pinned", "any")
 MAX_IMAGE_FILE = 256 << 20  # firmware, kernel, initrd: far above any real one
 _SECRET_KEYS = {"guid", "file"}
@@ -110,6 +113,13 @@ class VmPolicy:
     platform: str = "amd"       # amd | pinned | any: whose PDH gets a session
     pdh_pins: frozenset[bytes] = frozenset()   # platform = "pinned": SHA-256 of each PDH
     secret_area: SecretArea = SecretArea()
+    # SEV-SNP (snp = true): the guest attests itself (POST /v1/snp/attest); policy is the
+    # 64-bit SNP policy and every report must carry snp_digest as its MEASUREMENT
+    snp: bool = False
+    snp_digest: bytes | None = None
+    snp_host_data: bytes | None = None
+    snp_id_key_digest: bytes | None = None
+    snp_author_key_digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,9 @@ class OwnerConfig:
     # AMD roots a platform = "amd" chain must end at: the built-in ones, or [platform] amd_roots
     amd_roots: tuple[Any, ...] = ()          # tuple[agent.sev.ca.AmdRoots, ...]
     amd_roots_source: str = "built-in"
+    # SNP roots (agent.sev.snp_ca.SnpRoots): built in, or the <product>-ark/ask.pem of amd_roots
+    snp_roots: tuple[Any, ...] = ()
+    snp_roots_source: str = "built-in"
 
 
 # -- small readers shared with the command line ----------------------------
@@ -212,13 +225,21 @@ def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
         raise UsageError(f"owner config {path} has no [vm.NAME] tables")
     vms = {name: _load_vm(name, table, base) for name, table in vms_doc.items()}
     refuse_shared_keys(vms)
-    roots, source = _load_platform(doc.get("platform", {}), base)
-    return OwnerConfig(path=str(path), vms=vms, amd_roots=roots, amd_roots_source=source)
+    roots, source, snp_roots, snp_source = _load_platform(doc.get("platform", {}), base)
+    return OwnerConfig(path=str(path), vms=vms, amd_roots=roots, amd_roots_source=source,
+                       snp_roots=snp_roots, snp_roots_source=snp_source)
 
 
-def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str]:
-    """[platform]: the AMD roots, read and checked now (ARK self-signed, ASK by the ARK)."""
+def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str, tuple[Any, ...], str]:
+    """[platform]: the AMD roots, read and checked now (ARK self-signed, ASK by the ARK).
+
+    ``amd_roots = DIR`` replaces the built-in roots: SEV's ``<product>-ark.cert`` /
+    ``-ask.cert`` (AMD's format) and SNP's ``<product>-ark.pem`` / ``-ask.pem``.  A
+    directory with only one kind leaves the other kind with no root at all: an owner
+    that points at a test root trusts nothing else.
+    """
     from agent.sev.ca import builtin_roots, load_roots_dir
+    from agent.sev.snp_ca import builtin_snp_roots, load_snp_roots_dir
 
     if not isinstance(table, dict):
         raise UsageError("[platform] must be a table")
@@ -226,15 +247,27 @@ def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str]:
     if unknown:
         raise UsageError(f"platform: unknown key {unknown[0]!r}")
     if "amd_roots" not in table:
-        return builtin_roots(), "built-in"
+        return builtin_roots(), "built-in", builtin_snp_roots(), "built-in"
     value = table["amd_roots"]
     if not isinstance(value, str) or not value:
         raise UsageError("platform.amd_roots must be a directory path")
     directory = base / value
     try:
-        return load_roots_dir(directory), str(directory)
+        names = os.listdir(directory)
+    except OSError as exc:
+        raise UsageError(f"platform.amd_roots: cannot read AMD roots directory {directory}: "
+                         f"{exc.strerror}") from None
+    has_sev = any(n.endswith("-ark.cert") for n in names)
+    has_snp = any(n.endswith("-ark.pem") for n in names)
+    if not (has_sev or has_snp):
+        raise UsageError(f"platform.amd_roots: {directory} holds no <product>-ark.cert (SEV) "
+                         "and no <product>-ark.pem (SNP)")
+    try:
+        sev = load_roots_dir(directory) if has_sev else ()
+        snp = load_snp_roots_dir(directory) if has_snp else ()
     except ValueError as exc:
         raise UsageError(f"platform.amd_roots: {exc}") from None
+    return sev, str(directory), snp, str(directory)
 
 
 def refuse_shared_keys(vms: dict[str, VmPolicy]) -> None:
@@ -265,6 +298,11 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     where = f"vm.{name}"
     if not isinstance(table, dict):
         raise UsageError(f"{where} must be a table")
+    snp = table.get("snp", False)
+    if not isinstance(snp, bool):
+        raise UsageError(f"{where}.snp must be true or false")
+    if snp:
+        return _load_snp_vm(name, table, base)
     unknown = sorted(set(table) - _VM_KEYS)
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r}")
@@ -358,6 +396,106 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     return VmPolicy(name=name, tik=tik, tek=tek, policy=policy, digests=digests, secrets=secrets,
                     min_api=min_api, build_ids=build_ids, gpa=None if area.problem else area.gpa,
                     session=session, secret_area=area, platform=platform, pdh_pins=pins)
+
+
+def _hex_bytes(text: Any, where: str, size: int) -> bytes:
+    if not isinstance(text, str):
+        raise UsageError(f"{where} must be a hex string")
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raise UsageError(f"{where} is not valid hex") from None
+    if len(raw) != size:
+        raise UsageError(f"{where} must be {size} bytes ({2 * size} hex digits), got {len(raw)}")
+    return raw
+
+
+def _load_snp_vm(name: str, table: dict, base: Path) -> VmPolicy:
+    """``snp = true``: policy (the 64-bit SNP policy), snp_digest or the images, the secrets.
+
+    The guest asks for its secrets itself (``POST /v1/snp/attest``): no TIK/TEK, no
+    launch session, no secret area.  ``host_data`` / ``id_key_digest`` /
+    ``author_key_digest`` (hex), when given, must be in every report.
+    """
+    from agent.sev.snp_idblock import policy_problem
+
+    where = f"vm.{name}"
+    unknown = sorted(set(table) - _SNP_VM_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: {unknown[0]!r} does not apply to an SNP vm (snp = true)")
+    if "policy" not in table:
+        raise UsageError(f"{where}: missing 'policy' (the SNP guest policy)")
+    policy_doc = table["policy"]
+    if isinstance(policy_doc, str):
+        try:
+            policy_doc = int(policy_doc, 16)
+        except ValueError:
+            raise UsageError(f"{where}.policy must be an integer or a hex string") from None
+    policy = _int(policy_doc, f"{where}.policy", 0, (1 << 64) - 1)
+    problem = policy_problem(policy)
+    if problem:
+        raise UsageError(f"{where}.policy: {problem}")
+    if "snp_digest" in table and _LAUNCH_KEYS & set(table):
+        raise UsageError(f"{where}: give snp_digest or firmware/kernel/initrd/append, not both")
+    if "snp_digest" in table:
+        if {"vcpus", "vcpu_type", "guest_features"} & set(table):
+            raise UsageError(f"{where}: vcpus/vcpu_type/guest_features only apply with firmware")
+        digest = _hex_bytes(table["snp_digest"], f"{where}.snp_digest", 48)
+    elif "firmware" in table:
+        digest = _snp_launch_digest(table, where, base)
+    else:
+        raise UsageError(f"{where}: missing 'snp_digest' (or 'firmware' with vcpus and vcpu_type)")
+    optional = {key: _hex_bytes(table[key], f"{where}.{key}", size) if key in table else None
+                for key, size in (("host_data", 32), ("id_key_digest", 48), ("author_key_digest", 48))}
+    secrets_doc = table.get("secret")
+    if not isinstance(secrets_doc, list) or not secrets_doc:
+        raise UsageError(f"{where}: needs at least one [[{where}.secret]] entry")
+    secrets = tuple(_load_secret(f"{where}.secret[{i}]", s, base) for i, s in enumerate(secrets_doc))
+    if len({s.guid for s in secrets}) != len(secrets):
+        raise UsageError(f"{where}: a secret GUID appears twice")
+    return VmPolicy(name=name, tik=None, tek=None, policy=policy, digests=(), secrets=secrets,
+                    platform="amd", snp=True, snp_digest=digest, snp_host_data=optional["host_data"],
+                    snp_id_key_digest=optional["id_key_digest"],
+                    snp_author_key_digest=optional["author_key_digest"])
+
+
+def _snp_launch_digest(table: dict, where: str, base: Path) -> bytes:
+    """The SNP launch digest of the images in ``table``, as ``owner measure --snp``."""
+    from agent.sev.snp_measure import DEFAULT_GUEST_FEATURES, snp_launch_digest, vcpu_signature
+
+    for key in ("vcpus", "vcpu_type"):
+        if key not in table:
+            raise UsageError(f"{where}: firmware for an SNP vm needs {key!r}")
+    vcpus = _int(table["vcpus"], f"{where}.vcpus", 1, 4096)
+    if not isinstance(table["vcpu_type"], str):
+        raise UsageError(f"{where}.vcpu_type must be a string (a QEMU CPU model name)")
+    try:
+        sig = vcpu_signature(table["vcpu_type"])
+    except (ValueError, UsageError) as exc:
+        raise UsageError(f"{where}.vcpu_type: {exc}") from None
+    features = table.get("guest_features", DEFAULT_GUEST_FEATURES)
+    if isinstance(features, str):
+        try:
+            features = int(features, 16)
+        except ValueError:
+            raise UsageError(f"{where}.guest_features must be an integer or a hex string") from None
+    features = _int(features, f"{where}.guest_features", 0, (1 << 64) - 1)
+    if "kernel" not in table and ("initrd" in table or "append" in table):
+        raise UsageError(f"{where}: initrd/append need kernel")
+    images = {}
+    for key in ("firmware", "kernel", "initrd"):
+        if key in table:
+            if not isinstance(table[key], str) or not table[key]:
+                raise UsageError(f"{where}.{key} must be a file path")
+            images[key] = _read_file(base / table[key], f"{where}.{key}", MAX_IMAGE_FILE)
+    append = table.get("append")
+    if append is not None and not isinstance(append, str):
+        raise UsageError(f"{where}.append must be a string")
+    try:
+        return snp_launch_digest(images["firmware"], vcpus=vcpus, vcpu_sig=sig, kernel=images.get("kernel"),
+                                 initrd=images.get("initrd"), append=append, guest_features=features)
+    except (ValueError, UsageError) as exc:
+        raise UsageError(f"{where}: cannot compute the SNP launch digest: {exc}") from None
 
 
 def _pin(text: Any, where: str) -> bytes:

@@ -429,6 +429,8 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     vm_policy: VmPolicy | None = config.vms.get(vm)
     if vm_policy is None:
         return _refused(404, f"unknown vm '{_shown(vm)}'", audit)
+    if vm_policy.snp:
+        return _refused(403, "an SNP vm: its guest attests itself through /v1/snp/attest", audit)
 
     # -- 2. what the platform reported must be what the owner accepts
     if numbers["policy"] != vm_policy.policy:
@@ -533,6 +535,7 @@ class OwnerService:
         self._material = session_material
         self._clock = clock
         self._log = get_logger("keyagent.owner")
+        self.snp_nonces: dict[bytes, Any] = {}   # SEV-SNP challenges (agent.owner.snp_attest)
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
                 self._log.warning("owner platform unchecked", vm=vm.name,
@@ -541,6 +544,8 @@ class OwnerService:
     def log_secret_areas(self) -> None:
         """Once at start: the VMs whose secret area the owner cannot check, or cannot use."""
         for name, vm in self.config.vms.items():
+            if vm.snp:  # the guest fetches its secrets itself: no secret area
+                continue
             area = vm.secret_area
             refusal = secret_area_refusal(vm)
             if refusal is not None:
@@ -558,6 +563,8 @@ class OwnerService:
         routes = {
             "/v1/secret": ("POST", self._secret),
             "/v1/session": ("POST", self._session),
+            "/v1/snp/challenge": ("POST", self._snp_challenge),
+            "/v1/snp/attest": ("POST", self._snp_attest),
             "/healthz": ("GET", self._healthz),
         }
         route = routes.get(path)
@@ -637,6 +644,37 @@ class OwnerService:
             used.wipe()
         self.audit(decision, request.peer)
         return Response.json(decision.status, decision.body)
+
+    def _snp(self, request: Request, decide: Callable[..., Any], **kwargs: Any) -> Response:
+        """/v1/snp/*: the pure decision (agent.owner.snp_attest), then its change to the nonce store."""
+        from agent.owner.snp_attest import NonceEntry, prune_nonces
+
+        now = self._clock()
+        self.snp_nonces = prune_nonces(self.snp_nonces, now)
+        try:
+            body = request.json()
+        except ValueError:
+            decision = _invalid("request body is not valid JSON", {"request": request.path})
+        else:
+            decision = decide(self.config, body, now=now, nonces=self.snp_nonces, **kwargs)
+            if decision.issue is not None:
+                nonce, entry = decision.issue
+                self.snp_nonces[nonce] = entry
+            if decision.use is not None and decision.use in self.snp_nonces:
+                old = self.snp_nonces[decision.use]
+                self.snp_nonces[decision.use] = NonceEntry(old.vm, old.created, used=True)
+        self.audit(decision, request.peer)
+        return Response.json(decision.status, decision.body)
+
+    def _snp_challenge(self, request: Request) -> Response:
+        from agent.owner.snp_attest import NONCE_LEN, decide_challenge
+
+        return self._snp(request, decide_challenge, nonce=self._random(NONCE_LEN))
+
+    def _snp_attest(self, request: Request) -> Response:
+        from agent.owner.snp_attest import decide_attest
+
+        return self._snp(request, decide_attest)
 
     def audit(self, decision: Decision, peer: object = None) -> None:
         """One line per decision; never the keys, the table or the packet."""

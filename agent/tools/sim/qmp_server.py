@@ -54,7 +54,8 @@ class Monitor:
         self._clients = clients
 
     def greeting(self) -> dict:
-        version = {"qemu": dict(QEMU_VERSION["qemu"]), "package": QEMU_VERSION["package"]}
+        known = getattr(self.machine, "qemu_version", QEMU_VERSION)  # SNP: QEMU 9.1 (agent.tools.sim.snp)
+        version = {"qemu": dict(known["qemu"]), "package": known["package"]}
         return {"QMP": {"version": version, "capabilities": list(_QMP_CAPABILITIES)}}
 
     def handle(self, item: Parsed | ParseFailure) -> tuple[dict, str | None]:
@@ -194,7 +195,12 @@ class Simulator:
         self.path = os.fspath(path)
         self._max_message = max_message
         self._log = get_logger("keyagent.sim")
-        self.machine = Machine(config, clock=clock, emit=self._emit)
+        if getattr(config, "snp", False) is True:  # agent.tools.sim.snp.SnpSimConfig: QEMU 9.1, sev-snp-guest
+            from agent.tools.sim.snp import SnpMachine
+
+            self.machine = SnpMachine(config, clock=clock, emit=self._emit)
+        else:
+            self.machine = Machine(config, clock=clock, emit=self._emit)
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[int, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -319,6 +325,11 @@ class Simulator:
                     break
                 for item in stream.feed(data):
                     reply, name = conn.monitor.handle(item)
+                    if getattr(self.machine, "died", False):
+                        # QEMU's exit(1) inside a command (SNP_LAUNCH_FINISH refused at cont):
+                        # no reply, no SHUTDOWN event, every connection just closes
+                        await self._die()
+                        return
                     stamp = _STAMPED.get(name)
                     if stamp is not None and "error" not in reply:
                         conn.times[stamp] = time.monotonic()
@@ -346,6 +357,13 @@ class Simulator:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             log.info("sim.client_disconnected")
+
+    async def _die(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns.values()):
+            conn.writer.close()
+        self._quit.set()
 
     async def _shutdown_after_quit(self) -> None:
         # qmp_quit(): reply first, then SHUTDOWN from the main loop, then exit.
