@@ -9,7 +9,7 @@ import shutil
 import tempfile
 
 import pytest
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from agent.app.config import load_config
 from agent.common.errors import FlowFailed, UsageError
@@ -57,13 +57,19 @@ async def run_qemu(run_dir: str, tpm_args: list[str]) -> list[dict]:
         stdin=asyncio.subprocess.DEVNULL)
     client = QMPClient("vtpm-test")
     try:
-        for _ in range(500):
-            if os.path.exists(qmp_path):
-                break
+        # The socket file appears at bind(), a moment before QEMU listens: retry
+        # a refused connect until QEMU answers (a loaded machine is slow here).
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
             if proc.returncode is not None:
                 raise AssertionError(f"qemu exited {proc.returncode}")
-            await asyncio.sleep(0.01)
-        await client.connect(qmp_path)
+            try:
+                await client.connect(qmp_path)
+                break
+            except ConnectError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
         tpms = await client.execute("query-tpm")
         await client.execute("quit")
     finally:
