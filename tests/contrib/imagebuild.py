@@ -44,7 +44,7 @@ BUILD_TIMEOUT = 900
 # Where the pods mount their volumes (contrib/kubernetes/keyagent-pods.yaml).
 RUN_MOUNT = "/run/keyagent"
 CONFIG_MOUNT = "/etc/keyagent"
-VM_MOUNT = "/mnt"  # the test's disk image; an empty directory in Debian's base
+VM_MOUNT = "/mnt"  # the test's disk image
 
 
 class SetupError(Exception):
@@ -239,22 +239,34 @@ def build_image(tmp: Path, podman: Podman) -> Image:
 
 # -- running the entrypoint ---------------------------------------------------------
 
-# In the new namespaces, as root: the mounts a runtime makes, then the image's
-# root, working directory and user, and nothing of this process's environment.
+# In the new namespaces, as root: the mounts a runtime makes for a read-only
+# root file system (proc, /dev, tmpfs on /tmp, /var/tmp and /run), then the
+# volumes (mount points made as the runtime makes them: in /run's tmpfs, or an
+# empty file for a single-file mount), then the image's root, working
+# directory and user, and nothing of this process's environment.
 _ENTER = r"""
 set -eu
-root=$1 run=$2 config=$3 vm=$4 wd=$5 uid=$6 gid=$7
-shift 7
+root=$1 wd=$2 uid=$3 gid=$4 n=$5
+shift 5
 mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
 mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/tmp"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/var/tmp"
-mount --bind "$run" "$root/run/keyagent"
-mount -o bind,ro "$config" "$root/etc/keyagent"
-mount -o bind,ro "$vm" "$root/mnt"
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$root/run"
+while [ "$n" -gt 0 ]; do
+    src=$1 dst=$root$2 opt=$3
+    shift 3
+    n=$((n - 1))
+    if [ -d "$src" ]; then
+        [ -d "$dst" ] || mkdir -p "$dst"
+    else
+        [ -d "${dst%/*}" ] || mkdir -p "${dst%/*}"
+        [ -e "$dst" ] || : > "$dst"
+    fi
+    mount -o "bind,$opt" "$src" "$dst"
+done
 exec unshare --root="$root" --wd="$wd" --setuid "$uid" --setgid "$gid" -- env -i "$@"
 """
-assert all(f'"$root{m}"' in _ENTER for m in (RUN_MOUNT, CONFIG_MOUNT, VM_MOUNT))
 
 
 @dataclass
@@ -314,18 +326,23 @@ class Container:
                 self.popen.wait(timeout=30)
 
 
-def start(image: Image, tmp: Path, cmd: list[str], *, run: Path, config: Path,
-          vm: Path) -> Container:
-    """The image's ENTRYPOINT with ``cmd`` as its CMD (``podman run IMAGE CMD...``)."""
+def start(image: Image, tmp: Path, cmd: list[str],
+          mounts: list[tuple[Path, str, str]]) -> Container:
+    """The image's ENTRYPOINT with ``cmd`` as its CMD (``podman run IMAGE CMD...``).
+
+    ``mounts``: (host path, path in the container, "rw" or "ro"), in order.
+    """
     cfg = image.config
     argv = list(cfg.get("Entrypoint") or []) + list(cmd)
     uid, gid = image.user_ids()
     env = list(cfg.get("Env") or [])
+    volumes = [str(v) for src, dst, opt in mounts for v in (src, dst, opt)]
+    assert all(opt in ("rw", "ro") for _, _, opt in mounts)
     out, err = tmp / "container.stdout", tmp / "container.stderr"
     popen = subprocess.Popen(
         ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
-         "sh", "-c", _ENTER, "enter", str(image.root), str(run), str(config), str(vm),
-         cfg.get("WorkingDir") or "/", str(uid), str(gid), *env, *argv],
+         "sh", "-c", _ENTER, "enter", str(image.root), cfg.get("WorkingDir") or "/",
+         str(uid), str(gid), str(len(mounts)), *volumes, *env, *argv],
         stdin=subprocess.DEVNULL, stdout=open(out, "wb"), stderr=open(err, "wb"))
     return Container(image, popen, out, err, env)
 
@@ -334,8 +351,16 @@ def podman_run(image: Image, *argv: str) -> tuple[str | None, str]:
     """``podman run --rm IMAGE`` with ``argv`` replacing the entrypoint: (error, stdout).
 
     The error is None when podman could run it, else podman's one-line reason.
+    The rlimits are this process's own: podman's defaults (RLIMIT_NOFILE and
+    RLIMIT_NPROC raised) fail where CAP_SYS_RESOURCE is missing.
     """
-    proc = image.podman.run("run", "--rm", "--network", "none", "--read-only",
+    import resource
+
+    ulimits = []
+    for name, which in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
+        soft, hard = (-1 if v == resource.RLIM_INFINITY else v for v in resource.getrlimit(which))
+        ulimits += ["--ulimit", f"{name}={soft}:{hard}"]
+    proc = image.podman.run("run", "--rm", "--network", "none", "--read-only", *ulimits,
                             "--entrypoint", argv[0], image.ref, *argv[1:],
                             check=False, timeout=120)
     if proc.returncode in (125, 126, 127):  # podman's own, or the OCI runtime's, failure

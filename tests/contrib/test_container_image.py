@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.contrib.imagebuild import RUN_MOUNT, VM_MOUNT, Podman, SetupError, build_image, \
+from tests.contrib.imagebuild import CONFIG_MOUNT, RUN_MOUNT, VM_MOUNT, Podman, SetupError, build_image, \
     children_of, missing_prerequisite, podman_run, qmp, start, status_ids
 from tests.contrib.support import CONTAINERFILE, CONTRIB, exec_form, only, parse_containerfile
 from tests.e2e.harness import wait_for
@@ -59,8 +60,19 @@ def image(tmp_path_factory):
 
 
 @pytest.fixture
-def volumes(image, tmp_path):
+def short_tmp():
+    """A directory whose socket paths fit sun_path (pytest's tmp_path can be too long)."""
+    path = Path(tempfile.mkdtemp(prefix="ka-ct-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def volumes(image, short_tmp):
     """The host side of the container's mounts: run (rw), config and vm (read-only)."""
+    tmp_path = short_tmp
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     os.chown(run, UID, GID)
@@ -87,8 +99,9 @@ def qemu_cmd() -> list[str]:
 
 @pytest.fixture
 def container(image, volumes):
-    box = start(image, volumes["tmp"], qemu_cmd(), run=volumes["run"],
-                config=volumes["config"], vm=volumes["vm"])
+    box = start(image, volumes["tmp"], qemu_cmd(), [
+        (volumes["run"], RUN_MOUNT, "rw"), (volumes["config"], CONFIG_MOUNT, "ro"),
+        (volumes["vm"], VM_MOUNT, "ro")])
     try:
         yield box
     finally:
@@ -104,18 +117,24 @@ def files(path: Path) -> list[str]:
     return sorted(p.name for p in path.rglob("*")) if path.exists() else []
 
 
-def entrypoint_pod_probes() -> dict[str, list[str]]:
+def manifest(kind: str, name: str) -> dict:
     yaml = pytest.importorskip("yaml")
     docs = yaml.safe_load_all((CONTRIB / "kubernetes" / "keyagent-pods.yaml").read_text())
-    (pod,) = [d for d in docs if d and d["kind"] == "Pod"
-              and d["metadata"]["name"] == "vm1-entrypoint"]
-    (c,) = pod["spec"]["containers"]
+    (doc,) = [d for d in docs if d and d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def entrypoint_pod_probes() -> dict[str, list[str]]:
+    (c,) = manifest("Pod", "vm1-entrypoint")["spec"]["containers"]
     return {kind: c[kind]["exec"]["command"]
             for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
 
 
 def wait_until_ready(box, volumes) -> int:
-    """The entrypoint's pid once the image's HEALTHCHECK answers inside the container."""
+    """The entrypoint's pid once the image's HEALTHCHECK answers inside the container.
+
+    ``volumes["run"]`` is the host side of /run/keyagent, which holds the run_dir.
+    """
     health = box.image.info["Healthcheck"]["Test"]
     assert health[0] == "CMD", health
     answers = []
@@ -133,10 +152,14 @@ def wait_until_ready(box, volumes) -> int:
     return box.pid
 
 
-def qemu_of(agent_pid: int) -> int:
+def child_named(agent_pid: int, prefix: str) -> int:
     (pid,) = [p for p in children_of(agent_pid)
-              if Path(f"/proc/{p}/comm").read_text().strip().startswith("qemu")]
+              if Path(f"/proc/{p}/comm").read_text().strip().startswith(prefix)]
     return pid
+
+
+def qemu_of(agent_pid: int) -> int:
+    return child_named(agent_pid, "qemu")
 
 
 def test_image_builds_from_the_checkout_within_its_size_budget(image):
@@ -255,3 +278,75 @@ def test_entrypoint_exits_with_qemus_status_when_qemu_dies(image, volumes, conta
     os.kill(qemu_of(agent), signal.SIGKILL)
     assert container.wait(timeout=30) == 128 + signal.SIGKILL, container.stderr[-2000:]
     assert files(run_dir(volumes)) == []
+
+
+def test_entrypoint_pod_as_written_runs_its_vm_with_the_vtpm(image, short_tmp):
+    """vm1-entrypoint of contrib/kubernetes: its ConfigMap, command, args and volumes.
+
+    The volumes as the kubelet makes them: the emptyDir 0777 and root's, the
+    PersistentVolume's root the image user's (no fsGroup), each Secret key a
+    single root-owned 0444 file (subPath, defaultMode 0444), read-only.
+    """
+    pod = manifest("Pod", "vm1-entrypoint")
+    (c,) = pod["spec"]["containers"]
+    assert c["command"] == image.config["Entrypoint"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_map = manifest("ConfigMap", volumes["config"]["configMap"]["name"])
+    host = {}
+    run = short_tmp / "run"
+    run.mkdir()
+    run.chmod(0o777)
+    host["run"] = run
+    config = short_tmp / "config"
+    config.mkdir()
+    for key, value in config_map["data"].items():
+        (config / key).write_text(value)
+    host["config"] = config
+    state = short_tmp / "tpm-state"
+    state.mkdir(mode=0o700)
+    os.chown(state, UID, GID)
+    host["tpm-state"] = state
+    scan = LeakScan()
+    keys = short_tmp / "keys"
+    keys.mkdir()
+    for key in ("vtpm.key", "migration.psk"):
+        (keys / key).write_bytes(scan.secret(key, os.urandom(32)))
+        (keys / key).chmod(volumes["keys"]["secret"]["defaultMode"])
+    mounts = []
+    for m in c["volumeMounts"]:
+        volume = volumes[m["name"]]
+        assert {"emptyDir", "configMap", "persistentVolumeClaim", "secret"} & set(volume)
+        src = keys / m["subPath"] if "subPath" in m else host[m["name"]]
+        mounts.append((src, m["mountPath"], "ro" if m.get("readOnly") else "rw"))
+    test_qmp = run / TEST_QMP
+    args = [*c["args"], "-qmp", f"unix:{RUN_MOUNT}/{TEST_QMP},server=on,wait=off"]
+    box = start(image, short_tmp, args, mounts)
+    try:
+        with ArgvWatcher() as argv:
+            scan.argv = argv
+            agent = wait_until_ready(box, {"run": run})
+            swtpm = child_named(agent, "swtpm")
+            assert status_ids(swtpm)[:2] == (UID, GID)
+            for kind, command in entrypoint_pod_probes().items():
+                answer = box.exec_in(command)
+                assert answer.returncode == 0, (kind, answer.stderr)
+            wait_for(lambda: qmp(test_qmp, "query-status")["status"] == "running",
+                     timeout=30, what="the VM running")
+            assert qmp(test_qmp, "query-tpm")[0]["model"] == "tpm-crb"
+            # The vTPM state on the persistent volume, encrypted with the mounted key.
+            assert list((state / "tpm").glob("tpm2-00.permall"))
+            # kubectl delete pod: SIGTERM; then (sooner than the grace period) a
+            # second signal quits QEMU at once.
+            os.kill(agent, signal.SIGTERM)
+            wait_for(lambda: "powering the VM down" in box.stderr, what="the first signal")
+            os.kill(agent, signal.SIGTERM)
+            code = box.wait(timeout=30)
+        assert code == 0, box.stderr[-2000:]
+        assert "second signal: quitting QEMU now" in box.stderr
+        assert files(run / "vm") == []
+        scan.text("container stderr", box.stderr)
+        scan.text("container stdout", box.stdout)
+        scan.dirs += [str(run), str(state)]
+        scan.check()
+    finally:
+        box.kill()
