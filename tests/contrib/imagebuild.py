@@ -45,6 +45,10 @@ BUILD_TIMEOUT = 900
 RUN_MOUNT = "/run/keyagent"
 CONFIG_MOUNT = "/etc/keyagent"
 VM_MOUNT = "/mnt"  # the test's disk image
+BLOB_INFO_CACHE = "/var/lib/containers/cache"
+# What podman 4.3 makes in /run as root whatever --runroot and --tmpdir say
+# (netavark's and crun's state): removed at the end if this test made them.
+RUNTIME_DIRS = ("/run/containers", "/run/crun", "/run/libpod")
 
 
 class SetupError(Exception):
@@ -93,6 +97,7 @@ class Podman:
     state: Path
     runroot: Path
     driver: str = "overlay"
+    made: list[str] = field(default_factory=list)  # directories made outside ``state``
 
     def argv(self, *args: str) -> list[str]:
         return ["podman", "--root", str(self.state / "root"),
@@ -100,6 +105,28 @@ class Podman:
                 "--tmpdir", str(self.state / "libpod"),
                 "--storage-driver", self.driver, "--cgroup-manager", "cgroupfs",
                 "--events-backend", "none", *args]
+
+    def sealed_argv(self, *args: str) -> list[str]:
+        """``argv`` for the commands that write image blobs (import, build).
+
+        For root, containers/image keeps a blob-info cache in BLOB_INFO_CACHE
+        whatever ``--root`` says (no option or variable moves it): these
+        commands run in a mount namespace of their own where a directory of
+        ``state`` is bound over it.
+        """
+        cache = self.state / "blob-info-cache"
+        cache.mkdir(exist_ok=True)
+        missing = []
+        path = Path(BLOB_INFO_CACHE)
+        while not path.exists():
+            missing.append(str(path))
+            path = path.parent
+        for d in reversed(missing):
+            os.mkdir(d, 0o700)
+            self.made.append(d)
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sealed",
+                str(cache), BLOB_INFO_CACHE, *self.argv(*args)]
 
     def env(self) -> dict:
         tmp = self.state / "tmp"
@@ -116,7 +143,12 @@ class Podman:
         return proc
 
     def choose_driver(self) -> None:
-        """overlay where the kernel allows it (not over an overlayfs root), else vfs."""
+        """overlay where the kernel allows it (not over an overlayfs root), else vfs.
+
+        The first podman command: it notes which of podman's fixed run-time
+        directories exist, so that those podman makes are removed at the end.
+        """
+        self.made += [d for d in RUNTIME_DIRS if not os.path.exists(d)]
         probe = self.run("info", "--format", "{{.Store.GraphDriverName}}", check=False)
         if probe.returncode != 0:
             shutil.rmtree(self.state / "root", ignore_errors=True)
@@ -133,6 +165,13 @@ class Podman:
             for mount in mounts_under(top):
                 subprocess.run(["umount", "--lazy", mount], capture_output=True, timeout=30)
             shutil.rmtree(top, ignore_errors=True)
+        for top in reversed(self.made):
+            # Empty directories only, bottom up: nothing of anyone else's.
+            for d, _, _ in os.walk(top, topdown=False) if os.path.isdir(top) else ():
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -201,7 +240,7 @@ def build_image(tmp: Path, podman: Podman) -> Image:
     with open(logs / "import.log", "wb") as log:
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."],
                                stdout=subprocess.PIPE, stderr=log)
-        imp = subprocess.run(podman.argv("import", "-", BASE), stdin=tar.stdout,
+        imp = subprocess.run(podman.sealed_argv("import", "-", BASE), stdin=tar.stdout,
                              stdout=log, stderr=subprocess.STDOUT, env=podman.env(),
                              timeout=300)
         tar.stdout.close()
@@ -227,7 +266,7 @@ def build_image(tmp: Path, podman: Podman) -> Image:
              600, logs / "wheel.log")
 
     run_step("podman build of contrib/container/Containerfile",
-             podman.argv("build", "--isolation", "chroot", "--pull=never", "--format", "docker",
+             podman.sealed_argv("build", "--isolation", "chroot", "--pull=never", "--format", "docker",
                          "--build-context", f"wheels={wheels}",
                          "-f", str(CONTAINERFILE), "-t", TAG, str(REPO)),
              BUILD_TIMEOUT, logs / "build.log", env=podman.env())
@@ -289,12 +328,8 @@ class Container:
 
     @property
     def pid(self) -> int | None:
-        """The entrypoint's process: unshare's only child, once it has exec'd."""
-        try:
-            children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
-        except OSError:
-            return None
-        pids = [int(p) for p in children.split()]
+        """The entrypoint's process: unshare's only child."""
+        pids = children_of(self.popen.pid)
         return pids[0] if pids else None
 
     def exec_in(self, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
@@ -404,7 +439,14 @@ def status_ids(pid: int) -> tuple[int, int, list[int]]:
 
 
 def children_of(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The children of ``pid``, from /proc/*/stat (kernels without .../children too)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)

@@ -137,15 +137,13 @@ def wait_until_ready(box, volumes) -> int:
     """
     health = box.image.info["Healthcheck"]["Test"]
     assert health[0] == "CMD", health
-    answers = []
 
     def healthy() -> bool:
         if box.popen.poll() is not None:
             return True
         if box.pid is None or not (run_dir(volumes) / "control.sock").exists():
             return False
-        answers.append(box.exec_in(health[1:]))
-        return answers[-1].returncode == 0
+        return box.exec_in(health[1:]).returncode == 0
 
     wait_for(healthy, timeout=60, what="the image's HEALTHCHECK to pass")
     assert box.popen.poll() is None, f"the entrypoint exited: {box.stderr[-2000:]}"
