@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -251,29 +252,40 @@ def build_image(tmp: Path, podman: Podman) -> Image:
     shutil.rmtree(rootfs)
     base_size = int(json.loads(podman.run("image", "inspect", BASE).stdout)[0]["Size"])
 
-    # The wheelhouse, from a copy of the package's sources (pip wheel builds in
-    # the source tree; the checkout stays untouched).
-    src = tmp / "src"
-    src.mkdir()
-    shutil.copy(REPO / "pyproject.toml", src)
-    shutil.copy(REPO / "README.md", src)
-    shutil.copytree(REPO / "agent", src / "agent",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    wheels = tmp / "wheels"
-    run_step("pip wheel (the wheelhouse)",
-             [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check",
-              "--wheel-dir", str(wheels), str(src)],
-             600, logs / "wheel.log")
-
-    run_step("podman build of contrib/container/Containerfile",
-             podman.sealed_argv("build", "--isolation", "chroot", "--pull=never", "--format", "docker",
-                         "--build-context", f"wheels={wheels}",
-                         "-f", str(CONTAINERFILE), "-t", TAG, str(REPO)),
-             BUILD_TIMEOUT, logs / "build.log", env=podman.env())
+    wheels = build_wheels(tmp / "src", tmp / "wheels", logs / "wheel.log")
+    build(podman, wheels, TAG, logs / "build.log")
     built = time.monotonic() - started
     info = json.loads(podman.run("image", "inspect", TAG).stdout)[0]
     root = Path(podman.run("image", "mount", TAG).stdout.strip())
     return Image(podman, TAG, info, base_size, root, built)
+
+
+def build_wheels(src: Path, wheels: Path, log: Path, version: str | None = None) -> Path:
+    """The wheelhouse, from a copy of the package's sources (pip wheel builds in
+    the source tree: the checkout stays untouched); ``version`` replaces the
+    package's version."""
+    src.mkdir()
+    text = (REPO / "pyproject.toml").read_text()
+    if version is not None:
+        text, n = re.subn(r'(?m)^version = "[^"]*"$', f'version = "{version}"', text)
+        assert n == 1, "pyproject.toml: no version line"
+    (src / "pyproject.toml").write_text(text)
+    shutil.copy(REPO / "README.md", src)
+    shutil.copytree(REPO / "agent", src / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    run_step("pip wheel (the wheelhouse)",
+             [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check",
+              "--wheel-dir", str(wheels), str(src)],
+             600, log)
+    return wheels
+
+
+def build(podman: Podman, wheels: Path, tag: str, log: Path) -> None:
+    """podman build of the checkout, with ``wheels`` as the "wheels" build context."""
+    run_step("podman build of contrib/container/Containerfile",
+             podman.sealed_argv("build", "--isolation", "chroot", "--pull=never",
+                                "--format", "docker", "--build-context", f"wheels={wheels}",
+                                "-f", str(CONTAINERFILE), "-t", tag, str(REPO)),
+             BUILD_TIMEOUT, log, env=podman.env())
 
 
 # -- running the entrypoint ---------------------------------------------------------

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.contrib.imagebuild import CONFIG_MOUNT, RUN_MOUNT, VM_MOUNT, Podman, SetupError, build_image, \
-    children_of, missing_prerequisite, podman_run, qmp, start, status_ids
+from tests.contrib.imagebuild import CONFIG_MOUNT, RUN_MOUNT, VM_MOUNT, Podman, SetupError, build, \
+    build_image, build_wheels, children_of, missing_prerequisite, podman_run, qmp, start, \
+    status_ids
 from tests.contrib.support import CONTAINERFILE, CONTRIB, exec_form, only, parse_containerfile
 from tests.e2e.harness import wait_for
 from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, boot_image
@@ -170,10 +171,39 @@ def test_image_builds_from_the_checkout_within_its_size_budget(image):
     assert image.config["StopSignal"] == "SIGTERM"
     # Nothing of the build context but the installed package.
     assert not (image.root / "src").exists()
+    assert not (image.root / "tmp" / "wheels").exists()
     assert (image.root / "opt" / "keyagent" / "bin" / "keyagent").exists()
     for tool in ("qemu-system-x86_64", "qemu-img", "swtpm", "swtpm_setup", "keyctl"):
         assert (image.root / "usr" / "bin" / tool).exists(), tool
     assert (image.root / "usr" / "share" / "ovmf" / "OVMF.fd").exists()
+
+
+def site_packages(root: Path) -> Path:
+    (found,) = (root / "opt" / "keyagent" / "lib").glob("python3.*/site-packages")
+    return found
+
+
+def test_rebuild_with_new_wheels_installs_them_not_a_cached_layer(image, tmp_path):
+    """A changed package gives a changed image (buildah would reuse a cached
+    ``RUN --mount=from=wheels`` layer; the Containerfile COPYs the wheels)."""
+    before = [p.name for p in site_packages(image.root).glob("keyagent-*.dist-info")]
+    assert before == ["keyagent-0.1.0.dist-info"] or len(before) == 1, before
+    failure = None
+    try:
+        wheels = build_wheels(tmp_path / "src", tmp_path / "wheels", tmp_path / "wheel.log",
+                              version="0.1.0.post99")
+        build(image.podman, wheels, "localhost/keyagent:rebuilt", tmp_path / "build.log")
+    except SetupError as exc:
+        failure = str(exc)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    root = Path(image.podman.run("image", "mount", "localhost/keyagent:rebuilt").stdout.strip())
+    try:
+        after = [p.name for p in site_packages(root).glob("keyagent-*.dist-info")]
+    finally:
+        image.podman.run("image", "unmount", "localhost/keyagent:rebuilt", check=False)
+        image.podman.run("rmi", "localhost/keyagent:rebuilt", check=False)
+    assert after == ["keyagent-0.1.0.post99.dist-info"], after
 
 
 def test_image_runs_as_the_documented_user(image):
