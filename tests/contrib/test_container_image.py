@@ -151,14 +151,23 @@ def wait_until_ready(box, volumes) -> int:
     return box.pid
 
 
-def child_named(agent_pid: int, prefix: str) -> int:
-    (pid,) = [p for p in children_of(agent_pid)
-              if Path(f"/proc/{p}/comm").read_text().strip().startswith(prefix)]
-    return pid
+def child_named(agent_pid: int, comm: str) -> int:
+    """The agent's one live child called ``comm`` (orphans it reaps may be zombies)."""
+    found = []
+    for pid in children_of(agent_pid):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if name == comm and state != "Z":
+            found.append(pid)
+    assert len(found) == 1, f"{comm}: {found}"
+    return found[0]
 
 
 def qemu_of(agent_pid: int) -> int:
-    return child_named(agent_pid, "qemu")
+    return child_named(agent_pid, "qemu-system-x86")  # comm: 15 characters
 
 
 def test_image_builds_from_the_checkout_within_its_size_budget(image):
