@@ -8,10 +8,12 @@ cd "$(dirname "$0")"
 
 # What keyagent runs with (the Containerfile installs the same), then what
 # only the tests need: a libvirtd for the --libvirt backend, the
-# toolchain libvirt-python builds with, and chromium (headless) to load the
-# pages `keyagent replay --html` writes.
+# toolchain libvirt-python builds with, chromium (headless) to load the
+# pages `keyagent replay --html` writes, and podman + debootstrap to build and
+# run contrib/container/Containerfile (tests/contrib/test_container_image.py).
 APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf)
-TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc chromium)
+TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc chromium
+                   podman debootstrap)
 VENV=${KEYAGENT_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 

@@ -23,6 +23,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import time
 from collections import deque
 
 from agent.core.resume import ResumeFlow, ResumeParams
@@ -278,14 +279,26 @@ class Launcher(Sidecar):
 
 class ChildReaper:
     """As PID 1, reap orphans that were re-parented to us (never our own children:
-    their statuses belong to whoever waits for them)."""
+    their statuses belong to whoever waits for them).
+
+    ``own`` names QEMU and swtpm, but not the short-lived children asyncio
+    waits for (swtpm_setup).  So a zombie is reaped only when it still is one
+    AGE_S after it was first seen: its waiter would have had it long before.
+    Reaping at first sight raced asyncio's watcher, which then reported 255
+    ("Unknown child process"): swtpm_setup "failed" in the entrypoint image.
+    """
+
+    AGE_S = 1.0
 
     def __init__(self, own) -> None:
         self.own = own  # () -> the pids whose statuses others wait for
+        self._seen: dict[int, float] = {}  # zombie pid -> when first seen
+        self._again: asyncio.TimerHandle | None = None
 
-    def reap(self) -> None:
+    def _zombies(self) -> set[int]:
         me = os.getpid()
         own = self.own()
+        found = set()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -298,7 +311,22 @@ class ChildReaper:
             except OSError:
                 continue
             if fields[0] == "Z" and int(fields[1]) == me:
+                found.add(pid)
+        return found
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        self._seen = {pid: self._seen.get(pid, now) for pid in self._zombies()}
+        for pid, since in list(self._seen.items()):
+            if now - since >= self.AGE_S:
                 try:
                     os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
+                del self._seen[pid]
+        if self._seen and self._again is None:
+            self._again = asyncio.get_running_loop().call_later(self.AGE_S, self._look_again)
+
+    def _look_again(self) -> None:
+        self._again = None
+        self.reap()

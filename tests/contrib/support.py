@@ -83,6 +83,20 @@ def parse_containerfile(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def stages(instructions) -> list[tuple[str, str | None, list[tuple[str, str]]]]:
+    """(base image, stage name or None, the stage's instructions) per FROM."""
+    out: list[tuple[str, str | None, list[tuple[str, str]]]] = []
+    for word, args in instructions:
+        if word == "FROM":
+            parts = args.split()
+            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
+            assert len(parts) == 1 or name, f"FROM {args}"
+            out.append((parts[0], name, []))
+        elif out:
+            out[-1][2].append((word, args))
+    return out
+
+
 def exec_form(args: str) -> list[str]:
     value = json.loads(args)
     assert isinstance(value, list) and all(isinstance(a, str) for a in value), args

@@ -11,7 +11,7 @@ import pytest
 from agent.cli.main import build_parser
 from agent.app.config import load_config
 from tests.contrib.support import CONTAINERFILE, CONTRIB, REPO, assert_real_ctl_verb, \
-    control_path, dev_sh_apt_packages, exec_form, only, parse_containerfile
+    control_path, dev_sh_apt_packages, exec_form, only, parse_containerfile, stages
 
 VM_TOML = CONTRIB / "container" / "vm.toml"
 
@@ -31,7 +31,12 @@ def test_every_instruction_is_known_and_from_is_debian_bookworm_slim(instruction
         assert word in INSTRUCTIONS, word
     words = [w for w, _ in instructions]
     assert words[0] in ("FROM", "ARG")
-    assert only(instructions, "FROM") == "debian:bookworm-slim"
+    found = stages(instructions)
+    # The image itself (the last stage) and the stage that builds the wheels
+    # stand on the same base; "wheels" holds nothing but wheel files.
+    assert found[-1][0] == "debian:bookworm-slim" and found[-1][1] is None
+    assert {base for base, _, _ in found} == {"debian:bookworm-slim", "scratch"}
+    assert [name for base, name, _ in found if base == "scratch"] == ["wheels"]
 
 
 def test_entrypoint_is_keyagent_launch_in_exec_form(instructions):
@@ -64,23 +69,49 @@ def test_apt_packages_are_the_ones_dev_sh_installs_plus_python(instructions):
     assert installed == dev_sh_apt_packages() | {"python3", "python3-venv"}
 
 
-def test_copied_sources_exist_and_pip_installs_what_was_copied(instructions):
-    destinations = []
-    for word, args in instructions:
+def _copies(stage_instructions) -> list[tuple[str | None, list[str], str]]:
+    out = []
+    for word, args in stage_instructions:
         if word in ("COPY", "ADD"):
             parts = args.split()
-            assert not any(p.startswith("--from") for p in parts), "no multi-stage copies"
+            source = next((p[len("--from="):] for p in parts if p.startswith("--from=")), None)
             *sources, dest = [p for p in parts if not p.startswith("--")]
-            for src in sources:
-                assert (REPO / src).exists(), f"{word} {src}: not in the repository"
-            destinations.append((sources, dest))
-    pip = next(args for word, args in instructions if word == "RUN" and "pip install" in args)
-    m = re.search(r"pip install (?:--\S+ )*(\S+)", pip)
-    target = m.group(1).rstrip("/")
-    copied = {s: d.rstrip("/") for sources, d in destinations for s in sources}
-    assert copied.get("pyproject.toml") == target, "pip installs a directory without pyproject.toml"
+            out.append((source, sources, dest))
+    return out
+
+
+def test_wheel_stage_builds_what_it_copied_from_the_context(instructions):
+    (builder,) = [s for s in stages(instructions) if s[1] == "wheelhouse"]
+    copied = {}
+    for source, sources, dest in _copies(builder[2]):
+        assert source is None
+        for src in sources:
+            assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+            copied[src] = dest.rstrip("/")
+    pip = next(args for word, args in builder[2] if word == "RUN" and "pip wheel" in args)
+    target = shlex.split(pip)[-1].rstrip("/")
+    assert copied.get("pyproject.toml") == target, "pip wheel builds a directory without pyproject.toml"
     assert copied.get("agent") == target + "/agent"
     assert copied.get("README.md") == target  # pyproject's readme
+    m = re.search(r"--wheel-dir (\S+)", pip)
+    (wheels,) = [s for s in stages(instructions) if s[1] == "wheels"]
+    assert _copies(wheels[2]) == [("wheelhouse", [m.group(1).rstrip("/") + "/"], "/")]
+
+
+def test_image_installs_only_from_the_wheels_and_copies_nothing_of_the_context(instructions):
+    base, name, final = stages(instructions)[-1]
+    # One COPY, of the wheels (not a bind mount: buildah would reuse a cached
+    # RUN layer whose mounted stage changed), removed by the RUN that installs.
+    (copy,) = _copies(final)
+    assert copy[:2] == ("wheels", ["/"]), copy
+    wheels = copy[2].rstrip("/")
+    assert not any(word == "RUN" and "--mount" in args for word, args in final)
+    pip = next(args for word, args in final if word == "RUN" and "pip install" in args)
+    tokens = shlex.split(pip[pip.index("pip install"):].split("&&")[0])
+    assert "--no-index" in tokens
+    assert tokens[tokens.index("--find-links") + 1] == wheels
+    assert tokens[-1] == "keyagent"
+    assert f"rm -rf {wheels}" in pip
 
 
 def test_runs_as_a_non_root_user(instructions):
