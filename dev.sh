@@ -53,7 +53,8 @@ checks() {
     "$VENV/bin/mypy" agent || failed+=(mypy)
     "$VENV/bin/lint-imports" || failed+=(lint-imports)
     if [ ${#failed[@]} -ne 0 ]; then
-        echo "dev.sh: failed: ${failed[*]}" >&2
+        local IFS=,
+        echo "dev.sh: checks failed: ${failed[*]}" >&2
         return 1
     fi
 }
