@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for each job on a fresh machine; each does its own set-up.
 #   ./dev.sh demo    install keyagent into .venv and run the demo (embedded simulator)
-#   ./dev.sh test    install what the tests need (apt + .venv) and run them
+#   ./dev.sh test    install what the tests need (apt + .venv), run the checks, then the tests
+#   ./dev.sh check   only the checks: ruff, ruff format, mypy, import-linter (needs .venv)
 #   ./dev.sh setup   only the set-up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,16 +45,34 @@ libvirt_setup() {
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[libvirt]"
 }
 
+# The static checks, configured in pyproject.toml: lint, formatting, types
+# (strict on the packages [tool.mypy] names), the layering ([tool.importlinter]).
+# Each runs even when one before it failed; any failure fails the run.
+checks() {
+    local failed=()
+    "$VENV/bin/ruff" check . || failed+=("ruff check")
+    "$VENV/bin/ruff" format --check . || failed+=("ruff format --check")
+    "$VENV/bin/mypy" agent || failed+=(mypy)
+    "$VENV/bin/lint-imports" || failed+=(lint-imports)
+    if [ ${#failed[@]} -ne 0 ]; then
+        local IFS=,
+        echo "dev.sh: checks failed: ${failed[*]}" >&2
+        return 1
+    fi
+}
+
 case "${1:-}" in
     setup) apt_setup; venv_setup; libvirt_setup ;;
     demo)  venv_setup; exec "$VENV/bin/keyagent" demo ;;
     test)
         shift
         apt_setup; venv_setup; libvirt_setup
+        checks
         set +e
         "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
         rc=$?
         [ $rc -eq 5 ] && { echo "dev.sh: pytest collected no tests" >&2; exit 1; }
         exit $rc ;;
-    *) echo "usage: ./dev.sh demo | test [PYTEST-ARGS] | setup" >&2; exit 2 ;;
+    check) [ -x "$VENV/bin/lint-imports" ] || venv_setup; checks ;;
+    *) echo "usage: ./dev.sh demo | test [PYTEST-ARGS] | check | setup" >&2; exit 2 ;;
 esac

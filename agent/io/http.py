@@ -537,7 +537,7 @@ class HttpServer:
                 pass
             readable = loop.create_future()
             fd = listener.fileno()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(fd, lambda fut=readable: fut.done() or fut.set_result(None))
             try:
                 await readable
             finally:

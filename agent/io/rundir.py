@@ -167,7 +167,7 @@ def sweep_stale_keys(run_dir: str) -> list[str]:
         if entry.name.startswith(KEY_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.name)
-    for root, dirs, files in os.walk(run_dir, followlinks=False):
+    for root, _dirs, files in os.walk(run_dir, followlinks=False):
         for name in files:
             if name in STALE_FILE_NAMES:
                 path = os.path.join(root, name)

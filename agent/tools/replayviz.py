@@ -623,7 +623,8 @@ CSS = """
 
 DEFS = "".join(
     f'<marker id="ka-head{suffix}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" '
-    f'markerHeight="9" markerUnits="userSpaceOnUse" orient="auto-start-reverse"><path d="M0,0L10,5L0,10z" fill="{colour}"/></marker>'
+    f'markerHeight="9" markerUnits="userSpaceOnUse" orient="auto-start-reverse">'
+    f'<path d="M0,0L10,5L0,10z" fill="{colour}"/></marker>'
     for suffix, colour in (("", "#3d6bd8"), ("-grey", "#6a737d"), ("-purple", "#8250df"),
                            ("-green", "#1a7f37"), ("-amber", "#bf8700"), ("-red", "#cf222e")))
 
@@ -738,7 +739,8 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
             for s in item.steps:
                 y += _step_svg(s, y, fv.t0, body, item.times if len(item.steps) == 1 else 1)
             if len(item.steps) > 1:
-                body.append(f'<g class="folded"><title>{esc(f"repeated {item.times} times, from {elapsed(item.t_first - fv.t0)} to {elapsed(item.t_last - fv.t0)}")}</title>'
+                span = f"from {elapsed(item.t_first - fv.t0)} to {elapsed(item.t_last - fv.t0)}"
+                body.append(f'<g class="folded"><title>{esc(f"repeated {item.times} times, {span}")}</title>'
                             f'<path class="fold" d="M{GUTTER + 2},{top + 4:.0f}h6v{y - top - 8:.0f}h-6"/>'
                             f'<text class="foldtext" x="{GUTTER + 12}" y="{(top + y) / 2 + 4:.0f}">'
                             f'×{item.times}</text></g>')
@@ -852,7 +854,7 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
            f'<div class="sub">{report.records} records · {len(report.flows)} flow(s) · '
            f'{failed} failed · VM {esc(", ".join(vms) or "?")}',
            ]
-    for log, vm, code, reason in report.exits:
+    for _log, vm, code, reason in report.exits:
         out.append(f" · agent {esc(vm)} exited {esc(str(code))}" + (f": {esc(reason)}" if reason else ""))
     out.append("</div>")
     out.append('<table class="summary" id="summary"><thead><tr>'

@@ -170,8 +170,8 @@ def _run_options() -> set[str]:
 
 
 def test_the_libvirt_monitor_line_parses_once_the_backend_exists(unit):
-    line = next(l for l in ENV_EXAMPLE.read_text().splitlines()
-                if l.startswith("#KEYAGENT_MONITOR=--libvirt"))
+    line = next(text for text in ENV_EXAMPLE.read_text().splitlines()
+                if text.startswith("#KEYAGENT_MONITOR=--libvirt"))
     if "--libvirt" not in _run_options():
         pytest.skip("keyagent run has no --libvirt yet (libvirt backend being written)")
     env = parse_env_file(line[1:])
@@ -181,8 +181,8 @@ def test_the_libvirt_monitor_line_parses_once_the_backend_exists(unit):
 
 
 def test_extra_args_line_parses(unit):
-    line = next(l for l in ENV_EXAMPLE.read_text().splitlines()
-                if l.startswith("#KEYAGENT_ARGS="))
+    line = next(text for text in ENV_EXAMPLE.read_text().splitlines()
+                if text.startswith("#KEYAGENT_ARGS="))
     env = parse_env_file(ENV_EXAMPLE.read_text() + line[1:] + "\n")
     argv = expand_exec(value(unit, "Service", "ExecStart"), env, VM)
     args = build_parser(argv[1:]).parse_args(argv[1:])

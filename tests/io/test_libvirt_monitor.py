@@ -230,7 +230,7 @@ async def test_monitor_events_arrive_as_qmp_shaped_dicts():
 
 async def test_events_past_the_bound_are_dropped_and_counted():
     stream = lm.EventStream(None, maxsize=2)
-    for i in range(5):
+    for _ in range(5):
         stream.put("MIGRATION", {"status": "active"})
     assert stream.dropped == 3
 

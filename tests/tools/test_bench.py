@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from agent.tools.bench import TARGETS, format_table, percentile
 
 KEYS = ("launch_ratio", "launch_added_ms_p50", "idle_rss_mb", "startup_ms",
@@ -17,6 +19,8 @@ KEYS = ("launch_ratio", "launch_added_ms_p50", "idle_rss_mb", "startup_ms",
         "density_rss_mb_total")
 
 
+# Its migration figure runs two real QEMUs where qemu-system-x86_64 is installed.
+@pytest.mark.qemu
 def test_smoke_run_prints_every_figure_as_json_and_exits_0():
     out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--smoke", "--json"],
                          capture_output=True, text=True, timeout=90)

@@ -1,4 +1,5 @@
-"""The simulator's SEV-SNP guest (agent.tools.sim.snp) and the simulated guest's attestation (agent.tools.sim.snp_guest)."""
+"""The simulator's SEV-SNP guest (agent.tools.sim.snp) and the simulated guest's attestation
+(agent.tools.sim.snp_guest)."""
 
 from __future__ import annotations
 
