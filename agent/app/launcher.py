@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 from collections import deque
+from typing import TYPE_CHECKING
 
 from agent.core.resume import ResumeFlow, ResumeParams
 from agent.common.secret import Secret
@@ -32,6 +33,9 @@ from agent.io import qmp as qmpio
 from agent.io.rundir import check_socket_path, make_key_dir, remove_key_dir, write_key_file
 from agent.app.runtime import Runtime
 from agent.app.sidecar import Sidecar, SidecarOptions
+
+if TYPE_CHECKING:
+    from agent.app.snp_launch import SnpLaunch
 
 QMP_SOCKET = "qmp.sock"
 MASTER_ID = "keyagent-master"
@@ -66,7 +70,7 @@ class Launcher(Sidecar):
         self._signals = 0
         self._stderr_task: asyncio.Task | None = None
         self._qemu_done = asyncio.Event()
-        self.snp = None  # agent.app.snp_launch.SnpLaunch, set by check() with [snp]
+        self.snp: SnpLaunch | None = None  # set by check() with [snp]
 
     def check(self) -> None:
         if not self.cfg.vm_run_dir:
@@ -85,7 +89,7 @@ class Launcher(Sidecar):
         """Start QEMU with the master key (and any launch session) as files it
         reads at start, and connect to its monitor; the files are gone
         whatever happens."""
-        qmp_path = os.path.join(self.run_dir, QMP_SOCKET)
+        qmp_path = os.path.join(self._own_dir(), QMP_SOCKET)
         self.opts.qmp_path = qmp_path
         argv, self.user_stopped = prepare_argv(self.qemu_argv, qmp_path)
         await self._launch_session(argv)
@@ -106,10 +110,15 @@ class Launcher(Sidecar):
         self.log.info("QMP connected", qmp=qmp_path, qemu=qmp.qemu_version)
         return qmp
 
+    def _own_dir(self) -> str:
+        """The run_dir, ours by now (``_claim_run_dir`` comes first)."""
+        assert self.run_dir is not None
+        return self.run_dir
+
     def _write_master_key(self) -> str:
         """A fresh master key for the secret objects, as a 0600 file for QEMU."""
         self.master = Secret(os.urandom(32))
-        self._master_dir = make_key_dir(self.run_dir, "master")
+        self._master_dir = make_key_dir(self._own_dir(), "master")
         with self.master.view() as raw:
             return write_key_file(self._master_dir, "master.key", raw)
 
@@ -163,7 +172,7 @@ class Launcher(Sidecar):
         godh, session = await ls.fetch_session(
             cfg.sev_owner_url, cfg.vm_name, cfg.sev_pdh, cfg.sev_cert_chain,
             ls.sev_policy(argv[index]), cfg.sev_timeout_s, cek_path=cfg.sev_cek)
-        self._session_dir = make_key_dir(self.run_dir, "session")
+        self._session_dir = make_key_dir(self._own_dir(), "session")
         godh_path = write_key_file(self._session_dir, "godh.b64", godh)
         session_path = write_key_file(self._session_dir, "session.b64", session)
         argv[index] = ls.with_session_files(argv[index], godh_path, session_path)
@@ -179,6 +188,7 @@ class Launcher(Sidecar):
                 setattr(self, attr, None)
 
     async def _relay_stderr(self, loop) -> None:
+        assert self.qemu is not None
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), self.qemu.stderr)
@@ -191,6 +201,7 @@ class Launcher(Sidecar):
             transport.close()
 
     async def _wait_qemu(self, loop) -> None:
+        assert self.qemu is not None
         await loop.run_in_executor(None, self.qemu.wait)
         self._qemu_done.set()
 
@@ -242,7 +253,7 @@ class Launcher(Sidecar):
 
     async def _shutdown(self, grace: float) -> None:
         try:
-            await self.runtime.qmp.execute("system_powerdown")
+            await self._rt().qmp.execute("system_powerdown")
         except (qmpio.QmpCommandError, qmpio.MonitorGone):
             pass
         try:
@@ -254,7 +265,7 @@ class Launcher(Sidecar):
 
     async def _quit(self) -> None:
         try:
-            await self.runtime.qmp.execute("quit")
+            await self._rt().qmp.execute("quit")
         except (qmpio.QmpCommandError, qmpio.MonitorGone):
             pass
 
