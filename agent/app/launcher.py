@@ -252,22 +252,15 @@ class Launcher(Sidecar):
             asyncio.ensure_future(self._quit())
 
     async def _shutdown(self, grace: float) -> None:
-        try:
-            await self._rt().qmp.execute("system_powerdown")
-        except (qmpio.QmpCommandError, qmpio.MonitorGone):
-            pass
+        await self._rt().command_outside_flows("system_powerdown")
         try:
             await asyncio.wait_for(self._qemu_done.wait(), grace)
         except asyncio.TimeoutError:
             self.log.info("grace period over: quitting QEMU", grace_s=grace)
             await self._quit()
 
-
     async def _quit(self) -> None:
-        try:
-            await self._rt().qmp.execute("quit")
-        except (qmpio.QmpCommandError, qmpio.MonitorGone):
-            pass
+        await self._rt().command_outside_flows("quit")
 
     async def on_exit(self) -> None:
         self._drop_master_file()

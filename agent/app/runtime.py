@@ -36,7 +36,7 @@ from agent.app.runtime_base import Executor
 from agent.app.runtime_control import Answer, ControlReplies
 from agent.app.runtime_keys import KeyStore
 from agent.app.runtime_owner import OwnerExecutor, ask_owner
-from agent.app.runtime_qmp import QmpExecutor
+from agent.app.runtime_qmp import CommandChannel, QmpExecutor
 from agent.app.runtime_timers import TimerExecutor
 from agent.common.logs import get_logger
 from agent.core.actions import (Action, ArmTimer, CancelTimer, ControlReply, Finish, KeyringAdd,
@@ -51,7 +51,7 @@ Handler = Callable[[str, Any], None]
 
 
 class Runtime:
-    def __init__(self, *, qmp: Any, event_log: EventLog,
+    def __init__(self, *, qmp: CommandChannel | None, event_log: EventLog,
                  owner_url: str | None = None, owner_timeout: float = 30.0,
                  on_finish: FinishCallback | None = None, log: Any = None,
                  run_dir: str | None = None, metrics: Any = None) -> None:
@@ -94,7 +94,7 @@ class Runtime:
 
     # -- what the sidecar, the launcher and the verbs read -----------------------
     @property
-    def qmp(self) -> Any:
+    def qmp(self) -> CommandChannel | None:
         return self.qmp_executor.monitor
 
     @property
@@ -200,6 +200,12 @@ class Runtime:
     async def drain_qmp(self, timeout: float = 5.0) -> None:
         """Let commands already sent (a final ``quit`` or ``stop``) complete."""
         await self.qmp_executor.drain(timeout)
+
+    async def command_outside_flows(self, command: str) -> None:
+        """A command no flow asked for (the sidecar's own ``quit``, the
+        launcher's ``system_powerdown``): best effort, QEMU's refusal and a lost
+        monitor ignored (the disconnect watcher reports the latter)."""
+        await self.qmp_executor.command_outside_flows(command)
 
     def close(self) -> None:
         for executor in self.executors:

@@ -42,7 +42,7 @@ class FlowView(Protocol):
 
 
 class QmpExecutor:
-    def __init__(self, monitor: Any, feed: Feed, log: Any) -> None:
+    def __init__(self, monitor: CommandChannel | None, feed: Feed, log: Any) -> None:
         self.monitor: CommandChannel | None = monitor
         self._feed = feed
         self._log = log
@@ -66,6 +66,15 @@ class QmpExecutor:
             pass  # the disconnect watcher tells every flow
         else:
             self._feed(flow_id, QmpReply(action.tag, result))
+
+    async def command_outside_flows(self, command: str) -> None:
+        """Best effort, no reply: refused by QEMU or lost, it is ignored."""
+        if self.monitor is None:
+            return
+        try:
+            await self.monitor.execute(command)
+        except (qmpio.QmpCommandError, qmpio.MonitorGone):
+            pass
 
     async def pump_events(self, flows: Callable[[], Mapping[str, FlowView]]) -> None:
         """Hand each monitor event to every running flow that wants it."""

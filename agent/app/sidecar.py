@@ -290,10 +290,7 @@ class Sidecar:
         self.log.error("swtpm died while QEMU runs: stopping QEMU", status=status)
         if self.exit_code == 0:
             self.exit_code, self.exit_reason = 1, f"swtpm exited with status {status}"
-        try:
-            await rt.qmp.execute("quit")
-        except (qmpio.QmpCommandError, qmpio.MonitorGone):
-            pass
+        await rt.command_outside_flows("quit")
 
     # -- the whole life -------------------------------------------------------
     async def run(self) -> int:
@@ -348,21 +345,9 @@ class Sidecar:
         qmp = None
         self.preload()
         try:
-            try:
-                qmp = await self._unless_stopped(self.open_monitor(self.wanted_events()))
-            except (qmpio.MonitorGone, FlowFailed) as exc:
-                self.exit_code, self.exit_reason = 1, str(exc)
-                return
-            if qmp is None:  # a signal while waiting for the monitor: _on_signal said how
-                return
-            rt = self._start_runtime(qmp, event_log)
-            await self._start_control()
-            tasks = self._start_tasks(rt)
-            self.start_flows(rt)
-            self._maybe_done()
-            await self.done.wait()
-            self._stopping = True
-            await rt.drain_qmp()
+            qmp = await self._monitor_or_exit()
+            if qmp is not None:
+                await self._serve(qmp, event_log, tasks)
         except KeyagentError as exc:  # e.g. the control socket, in a race with preflight
             self.exit_code, self.exit_reason = exc.exit_code, exc.reason
             raise
@@ -371,6 +356,27 @@ class Sidecar:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self._shut_down(qmp, tasks, event_log)
+
+    async def _monitor_or_exit(self):
+        """The monitor connection, or None when there is none to serve: it
+        failed (exit 1, its reason) or a signal came first (_on_signal said how)."""
+        try:
+            return await self._unless_stopped(self.open_monitor(self.wanted_events()))
+        except (qmpio.MonitorGone, FlowFailed) as exc:
+            self.exit_code, self.exit_reason = 1, str(exc)
+            return None
+
+    async def _serve(self, qmp, event_log: EventLog, tasks: list[asyncio.Task]) -> None:
+        """Run the flows and the control socket until done; ``tasks`` gets the
+        loops started, for _shut_down to stop whatever happens."""
+        rt = self._start_runtime(qmp, event_log)
+        await self._start_control()
+        tasks += self._start_tasks(rt)
+        self.start_flows(rt)
+        self._maybe_done()
+        await self.done.wait()
+        self._stopping = True
+        await rt.drain_qmp()
 
     def _claim_run_dir(self) -> None:
         """Own the run_dir, check the control socket is free, and sweep what a

@@ -94,3 +94,13 @@ async def test_the_log_names_the_command_never_its_arguments():
     qmp.run("secrets", SendQmp("t1", "object-add", {"data": "c2VjcmV0"}))
     await qmp.drain(1.0)
     assert log.lines == [("debug", "qmp command", {"flow": "secrets", "command": "object-add"})]
+
+
+async def test_a_command_outside_the_flows_is_best_effort():
+    mon = FakeMonitor({"system_powerdown": COMMAND_FAILED, "quit": LOST})
+    fed = Fed()
+    qmp = QmpExecutor(mon, fed, QuietLog())
+    await qmp.command_outside_flows("system_powerdown")
+    await qmp.command_outside_flows("quit")
+    await QmpExecutor(None, fed, QuietLog()).command_outside_flows("quit")
+    assert mon.sent == [("system_powerdown", None), ("quit", None)] and fed == []
