@@ -39,8 +39,20 @@ from agent.app.runtime_owner import OwnerExecutor, ask_owner
 from agent.app.runtime_qmp import CommandChannel, QmpExecutor
 from agent.app.runtime_timers import TimerExecutor
 from agent.common.logs import get_logger
-from agent.core.actions import (Action, ArmTimer, CancelTimer, ControlReply, Finish, KeyringAdd,
-                                KeyringDrop, Log, PostOwner, RemoveKeyDir, SendQmp, WriteKeyDir)
+from agent.core.actions import (
+    Action,
+    ArmTimer,
+    CancelTimer,
+    ControlReply,
+    Finish,
+    KeyringAdd,
+    KeyringDrop,
+    Log,
+    PostOwner,
+    RemoveKeyDir,
+    SendQmp,
+    WriteKeyDir,
+)
 from agent.core.events import ControlRequest, Event, Start
 from agent.core.flow import Flow
 
