@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from agent.core.resume import ResumeFlow, ResumeParams
 from agent.common.secret import Secret
@@ -33,6 +34,9 @@ from agent.io import qmp as qmpio
 from agent.io.rundir import check_socket_path, make_key_dir, remove_key_dir, write_key_file
 from agent.app.runtime import Runtime
 from agent.app.sidecar import Sidecar, SidecarOptions
+
+if TYPE_CHECKING:
+    from agent.app.snp_launch import SnpLaunch
 
 QMP_SOCKET = "qmp.sock"
 MASTER_ID = "keyagent-master"
@@ -67,7 +71,7 @@ class Launcher(Sidecar):
         self._signals = 0
         self._stderr_task: asyncio.Task | None = None
         self._qemu_done = asyncio.Event()
-        self.snp = None  # agent.app.snp_launch.SnpLaunch, set by check() with [snp]
+        self.snp: SnpLaunch | None = None  # set by check() with [snp]
 
     def check(self) -> None:
         if not self.cfg.vm_run_dir:
@@ -82,32 +86,59 @@ class Launcher(Sidecar):
                           "QMP socket", self.cfg.vm_run_dir)
 
     # -- starting QEMU -------------------------------------------------------------
-    async def open_monitor(self, events: set[str]):
-        qmp_path = os.path.join(self.run_dir, QMP_SOCKET)
+    async def open_monitor(self, events: set[str]) -> qmpio.QmpConnection:
+        """Start QEMU with the master key (and any launch session) as files it
+        reads at start, and connect to its monitor; the files are gone
+        whatever happens."""
+        qmp_path = os.path.join(self._own_dir(), QMP_SOCKET)
         self.opts.qmp_path = qmp_path
         argv, self.user_stopped = prepare_argv(self.qemu_argv, qmp_path)
         await self._launch_session(argv)
-        self.master = Secret(os.urandom(32))
-        self._master_dir = make_key_dir(self.run_dir, "master")
-        with self.master.view() as raw:
-            key_file = write_key_file(self._master_dir, "master.key", raw)
-        argv += ["-object", f"secret,id={MASTER_ID},file={key_file},format=raw", *self.tpm_args]
+        argv += ["-object", f"secret,id={MASTER_ID},file={self._write_master_key()},format=raw",
+                 *self.tpm_args]
         if self.snp is not None:
             from agent.app.snp_launch import snp_qemu_args
 
             argv += snp_qemu_args(self.snp)
+        self._start_qemu(argv)
+        qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
+        try:
+            await self._connect_unless_qemu_dies(qmp, qmp_path)
+        finally:
+            # QEMU read the master key when it created the object at start;
+            # on every other path it is not needed any more either.
+            self._drop_master_file()
+        self.log.info("QMP connected", qmp=qmp_path, qemu=qmp.qemu_version)
+        return qmp
+
+    def _own_dir(self) -> str:
+        """The run_dir, ours by now (``_claim_run_dir`` comes first)."""
+        assert self.run_dir is not None
+        return self.run_dir
+
+    def _write_master_key(self) -> str:
+        """A fresh master key for the secret objects, as a 0600 file for QEMU."""
+        self.master = Secret(os.urandom(32))
+        self._master_dir = make_key_dir(self._own_dir(), "master")
+        with self.master.view() as raw:
+            return write_key_file(self._master_dir, "master.key", raw)
+
+    def _start_qemu(self, argv: list[str]) -> None:
+        """QEMU in its own session (signals are ours to handle), its stderr relayed."""
         self.log.info("starting QEMU", argv0=argv[0], args=len(argv) - 1)
         try:
             self.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, close_fds=True,
-                                         start_new_session=True)  # signals are ours to handle
+                                         start_new_session=True)
         except OSError as exc:
             self._drop_master_file()
             raise qmpio.MonitorGone(f"cannot start QEMU: {exc.strerror}") from None
         loop = asyncio.get_running_loop()
         self._stderr_task = asyncio.ensure_future(self._relay_stderr(loop))
         asyncio.ensure_future(self._wait_qemu(loop))
-        qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
+
+    async def _connect_unless_qemu_dies(self, qmp: qmpio.QmpConnection, qmp_path: str) -> None:
+        """Connect (30 s at most) or fail with QEMU's last words if it exits first."""
         connect = asyncio.ensure_future(qmp.connect(qmp_path, 30.0))
         died = asyncio.ensure_future(self._qemu_done.wait())
         try:
@@ -117,27 +148,19 @@ class Launcher(Sidecar):
             connect.cancel()
             await asyncio.gather(connect, return_exceptions=True)
             await qmp.close()
-            self._drop_master_file()  # on_exit stops QEMU
-            raise
+            raise  # on_exit stops QEMU
         if not connect.done():
             connect.cancel()
             await asyncio.gather(connect, return_exceptions=True)
             await qmp.close()
             self._drop_master_file()
+            assert self._stderr_task is not None and self.qemu is not None
             await asyncio.wait_for(asyncio.shield(self._stderr_task), 5)
             last = next((line for line in reversed(self.qemu_lines) if line.strip()), "")
             raise qmpio.MonitorGone(
                 f"QEMU failed to start (exit {self.qemu.returncode}): {last or 'no error text'}")
         died.cancel()
-        try:
-            connect.result()
-        except qmpio.MonitorGone:
-            self._drop_master_file()
-            raise
-        # QEMU read the master key when it created the object at start.
-        self._drop_master_file()
-        self.log.info("QMP connected", qmp=qmp_path, qemu=qmp.qemu_version)
-        return qmp
+        connect.result()  # MonitorGone: the caller drops the key files
 
     async def _launch_session(self, argv: list[str]) -> None:
         """SEV with ``[sev] pdh``: the owner's launch session, as files QEMU reads."""
@@ -150,7 +173,7 @@ class Launcher(Sidecar):
         godh, session = await ls.fetch_session(
             cfg.sev_owner_url, cfg.vm_name, cfg.sev_pdh, cfg.sev_cert_chain,
             ls.sev_policy(argv[index]), cfg.sev_timeout_s, cek_path=cfg.sev_cek)
-        self._session_dir = make_key_dir(self.run_dir, "session")
+        self._session_dir = make_key_dir(self._own_dir(), "session")
         godh_path = write_key_file(self._session_dir, "godh.b64", godh)
         session_path = write_key_file(self._session_dir, "session.b64", session)
         argv[index] = ls.with_session_files(argv[index], godh_path, session_path)
@@ -166,6 +189,7 @@ class Launcher(Sidecar):
                 setattr(self, attr, None)
 
     async def _relay_stderr(self, loop) -> None:
+        assert self.qemu is not None
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), self.qemu.stderr)
@@ -178,6 +202,7 @@ class Launcher(Sidecar):
             transport.close()
 
     async def _wait_qemu(self, loop) -> None:
+        assert self.qemu is not None
         await loop.run_in_executor(None, self.qemu.wait)
         self._qemu_done.set()
 
@@ -228,22 +253,15 @@ class Launcher(Sidecar):
             asyncio.ensure_future(self._quit())
 
     async def _shutdown(self, grace: float) -> None:
-        try:
-            await self.runtime.qmp.execute("system_powerdown")
-        except (qmpio.QmpCommandError, qmpio.MonitorGone):
-            pass
+        await self._rt().command_outside_flows("system_powerdown")
         try:
             await asyncio.wait_for(self._qemu_done.wait(), grace)
         except asyncio.TimeoutError:
             self.log.info("grace period over: quitting QEMU", grace_s=grace)
             await self._quit()
 
-
     async def _quit(self) -> None:
-        try:
-            await self.runtime.qmp.execute("quit")
-        except (qmpio.QmpCommandError, qmpio.MonitorGone):
-            pass
+        await self._rt().command_outside_flows("quit")
 
     async def on_exit(self) -> None:
         self._drop_master_file()

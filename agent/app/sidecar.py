@@ -20,7 +20,7 @@ import signal
 import stat
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from agent import __version__
 from agent.app.config import Config
@@ -28,10 +28,16 @@ from agent.core.launch import LaunchParams, SevLaunchFlow
 from agent.common.errors import FlowFailed, KeyagentError, UsageError
 from agent.app.eventlog import EventLog
 from agent.io import qmp as qmpio
-from agent.io.rundir import (check_socket_length, check_socket_path, lock_run_dir,
+from agent.io.rundir import (RunDirLock, check_socket_length, check_socket_path, lock_run_dir,
                              prepare_run_dir, set_run_dir_group, sweep_stale_keys)
 from agent.common.logs import get_logger
 from agent.app.runtime import Runtime
+
+if TYPE_CHECKING:  # imported where used: an idle sidecar loads none of them
+    from agent.app.control import ControlServer
+    from agent.app.verbs.migrate import MigrationControl
+    from agent.app.verbs.secrets import SecretsControl
+    from agent.app.vtpm import Vtpm
 
 QMP_CONNECT_TIMEOUT_S = 10.0
 
@@ -89,18 +95,18 @@ class Sidecar:
         self.exit_code = 0
         self.exit_reason = ""
         self.runtime: Runtime | None = None
-        self.control = None
-        self.migration = None
-        self.secrets = None
+        self.control: ControlServer | None = None
+        self.migration: MigrationControl | None = None
+        self.secrets: SecretsControl | None = None
         self.run_dir: str | None = None
-        self.vtpm = None
+        self.vtpm: Vtpm | None = None
         from agent.app.metrics import Metrics
 
         self.metrics = Metrics()
         self.tpm_args: list[str] = []
         self.incoming = getattr(opts, "incoming", False)
         self._stopping = False
-        self._run_dir_lock = None
+        self._run_dir_lock: RunDirLock | None = None
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
@@ -270,6 +276,7 @@ class Sidecar:
         self.log.info("vTPM ready: start QEMU with these arguments", qemu_args=self.tpm_args)
 
     async def _supervise_vtpm(self) -> None:
+        assert self.vtpm is not None  # started only when there is one
         status = await self.vtpm.wait()
         rt = self.runtime
         # swtpm --terminate exits when QEMU closes its socket, which may be a
@@ -283,10 +290,7 @@ class Sidecar:
         self.log.error("swtpm died while QEMU runs: stopping QEMU", status=status)
         if self.exit_code == 0:
             self.exit_code, self.exit_reason = 1, f"swtpm exited with status {status}"
-        try:
-            await rt.qmp.execute("quit")
-        except (qmpio.QmpCommandError, qmpio.MonitorGone):
-            pass
+        await rt.command_outside_flows("quit")
 
     # -- the whole life -------------------------------------------------------
     async def run(self) -> int:
@@ -341,21 +345,9 @@ class Sidecar:
         qmp = None
         self.preload()
         try:
-            try:
-                qmp = await self._unless_stopped(self.open_monitor(self.wanted_events()))
-            except (qmpio.MonitorGone, FlowFailed) as exc:
-                self.exit_code, self.exit_reason = 1, str(exc)
-                return
-            if qmp is None:  # a signal while waiting for the monitor: _on_signal said how
-                return
-            rt = self._start_runtime(qmp, event_log)
-            await self._start_control()
-            tasks = self._start_tasks(rt)
-            self.start_flows(rt)
-            self._maybe_done()
-            await self.done.wait()
-            self._stopping = True
-            await rt.drain_qmp()
+            qmp = await self._monitor_or_exit()
+            if qmp is not None:
+                await self._serve(qmp, event_log, tasks)
         except KeyagentError as exc:  # e.g. the control socket, in a race with preflight
             self.exit_code, self.exit_reason = exc.exit_code, exc.reason
             raise
@@ -364,6 +356,27 @@ class Sidecar:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self._shut_down(qmp, tasks, event_log)
+
+    async def _monitor_or_exit(self):
+        """The monitor connection, or None when there is none to serve: it
+        failed (exit 1, its reason) or a signal came first (_on_signal said how)."""
+        try:
+            return await self._unless_stopped(self.open_monitor(self.wanted_events()))
+        except (qmpio.MonitorGone, FlowFailed) as exc:
+            self.exit_code, self.exit_reason = 1, str(exc)
+            return None
+
+    async def _serve(self, qmp, event_log: EventLog, tasks: list[asyncio.Task]) -> None:
+        """Run the flows and the control socket until done; ``tasks`` gets the
+        loops started, for _shut_down to stop whatever happens."""
+        rt = self._start_runtime(qmp, event_log)
+        await self._start_control()
+        tasks += self._start_tasks(rt)
+        self.start_flows(rt)
+        self._maybe_done()
+        await self.done.wait()
+        self._stopping = True
+        await rt.drain_qmp()
 
     def _claim_run_dir(self) -> None:
         """Own the run_dir, check the control socket is free, and sweep what a
@@ -466,20 +479,25 @@ class Sidecar:
             migration.wipe()
 
     # -- FlowHost (agent.app.flowhost): all the control verbs see of us -------
+    def _rt(self) -> Runtime:
+        """The runtime: the verbs are served only once it runs."""
+        assert self.runtime is not None, "no runtime yet"
+        return self.runtime
+
     def start_flow(self, flow_id: str, flow) -> None:
-        self.runtime.start_flow(flow_id, flow)
+        self._rt().start_flow(flow_id, flow)
 
     def feed(self, flow_id: str, event) -> None:
-        self.runtime.feed(flow_id, event)
+        self._rt().feed(flow_id, event)
 
     def new_request(self):
-        return self.runtime.new_request()
+        return self._rt().new_request()
 
     def finished(self, flow_id: str):
-        return self.runtime.finished(flow_id)
+        return self._rt().finished(flow_id)
 
     def flows(self) -> Mapping[str, Any]:
-        return MappingProxyType(self.runtime.flows)
+        return MappingProxyType(self._rt().flows)
 
     def control_verbs(self) -> dict:
         """(method, path) -> handler(args) for the control socket."""
