@@ -14,6 +14,8 @@ only below ``[control] ref_dirs``.  Routes:
 * ``GET /metrics``: Prometheus text format (see ``agent.app.metrics``);
 * ``POST /v1/migrate/{prepare,begin,accept,start,wait,cancel}``: JSON
   arguments in, JSON out (see ``agent.app.verbs.migrate``).
+
+The routes and answer shapes are :mod:`agent.protocol.control`'s.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from agent.common.errors import UsageError
 from agent.common.secret import Secret
 from agent.io.http import HttpError, HttpServer, InvalidJson, PeerCred, Request, Response
 from agent.io.secretref import NOBODY, UNRESTRICTED, RefAccess, resolve_async
+from agent.protocol import control as wire
 
 # The RefAccess of the control request being served, for the verbs that
 # resolve references (set around each handler call; NOBODY outside one).
@@ -152,21 +155,19 @@ class ControlServer:
 
     async def handle(self, request: Request) -> Response:
         route = (request.method, request.path.split("?", 1)[0])
-        if route == ("GET", "/healthz"):
-            return Response.json(200, {"status": "ok"})
-        if route == ("GET", "/readyz"):
-            status = self.host.status()
-            ready = status["qmp"] == "connected"
-            return Response.json(200 if ready else 503, {"ready": ready})
-        if route == ("GET", "/metrics"):
+        if route == wire.HEALTHZ:
+            return Response.json(200, wire.health_body())
+        if route == wire.READYZ:
+            return Response.json(*wire.ready_answer(self.host.status()["qmp"] == "connected"))
+        if route == wire.METRICS:
             body, content_type = self.host.metrics.render()
             return Response(200, body, content_type)
-        if route == ("GET", "/v1/status"):
+        if route == wire.STATUS:
             return Response.json(200, self.host.status())
         handler = self.host.control_verbs().get(route)
         if handler is not None:
             return await self._call(handler, request)
-        return Response.json(404, {"error": f"no such endpoint: {request.method} {route[1]}"})
+        return Response.json(404, wire.not_found(request.method, route[1]))
 
     async def _call(self, handler, request: Request) -> Response:
         from agent.common.errors import ControlError
@@ -174,16 +175,16 @@ class ControlServer:
         try:
             args = request.json() if request.body else {}
         except InvalidJson as exc:
-            return Response.json(400, {"error": str(exc)})
+            return Response.json(wire.BAD_REQUEST, wire.error_body(str(exc)))
         if not isinstance(args, dict):
-            return Response.json(400, {"error": "request body must be a JSON object"})
+            return Response.json(wire.BAD_REQUEST, wire.error_body("request body must be a JSON object"))
         token = _ACCESS.set(access_for(request.peer, self.ref_dirs))
         try:
             result = handler(args)
             if inspect.isawaitable(result):
                 result = await result
         except ControlError as exc:
-            return Response.json(exc.status, {"error": exc.error})
+            return Response.json(exc.status, wire.error_body(exc.error))
         finally:
             _ACCESS.reset(token)
         status, body = result if isinstance(result, tuple) else (200, result)

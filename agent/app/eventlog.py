@@ -1,13 +1,8 @@
 """The event log: JSON lines of every flow's inputs and outputs.
 
-Each record has ``seq``, ``t`` (seconds since the agent started) and
-``kind``:
-
-* ``start`` / ``exit``: the agent's own bounds (version, vm, exit status;
-  ``start`` also has ``wall``, the UTC time it was written, ISO 8601);
-* ``flow``: a flow was created, with its kind and JSON parameters;
-* ``event``: an input fed to a flow (``flow`` names it);
-* ``action``: an output of a flow.
+The record format and its version are :mod:`agent.protocol.eventlog`: the
+writer puts ``format`` into the start record, the reader takes every
+version and hands on records in the current one.
 
 Secrets are :class:`Secret` values in events and actions and are written as
 ``{"redacted": N}`` by :mod:`agent.core.codec`.  Each line is flushed as it
@@ -22,8 +17,9 @@ import os
 import time
 from typing import Any, Iterator
 
-from agent.core.codec import encode
 from agent.common.errors import UsageError
+from agent.core.codec import encode
+from agent.protocol.eventlog import START, UnknownFormat, start_fields, upgrade
 
 
 class EventLog:
@@ -48,6 +44,8 @@ class EventLog:
         if self._file is None:
             return
         self._seq += 1
+        if kind == START:
+            fields = start_fields(fields)
         record = {"seq": self._seq, "t": round(self._clock() - self._t0, 6), "kind": kind, **fields}
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
@@ -122,7 +120,14 @@ def _parse_text(text: str) -> list[dict] | None:
 
 
 def read_records(path: str) -> Iterator[dict]:
-    """Yield records in order; raise LogFormatError with a one-line reason."""
+    """Yield records in order, in the current format; raise LogFormatError with a one-line reason."""
+    try:
+        yield from upgrade(_read_records(path))
+    except UnknownFormat as exc:
+        raise LogFormatError(f"{path}: {exc}") from None
+
+
+def _read_records(path: str) -> Iterator[dict]:
     try:
         f = open(path, "rb")
     except OSError as exc:

@@ -75,31 +75,27 @@ def chain_with_cek(chain_b64: str, cek_b64: str) -> str:
 async def fetch_session(owner_url: str, vm: str, pdh_path: str, chain_path: str | None,
                         policy: int, timeout: float, cek_path: str | None = None) -> tuple[bytes, bytes]:
     """-> (godh.b64 file content, session.b64 file content)."""
-    from agent.core.owner_answer import one_line
     from agent.io.http import HttpError, request_json
+    from agent.protocol.owner import SESSION_PATH, ProtocolError, SessionAnswer, SessionRequest, one_line
 
-    body = {"vm": vm, "pdh": read_cert(pdh_path, "[sev] pdh"), "policy": policy}
+    chain = None
     if chain_path:
-        body["cert_chain"] = read_cert(chain_path, "[sev] cert_chain")
+        chain = read_cert(chain_path, "[sev] cert_chain")
         if cek_path:
-            body["cert_chain"] = chain_with_cek(body["cert_chain"], read_cert(cek_path, "[sev] cek"))
+            chain = chain_with_cek(chain, read_cert(cek_path, "[sev] cek"))
+    request = SessionRequest(vm=vm, pdh=base64.b64decode(read_cert(pdh_path, "[sev] pdh")), policy=policy,
+                             cert_chain=base64.b64decode(chain) if chain is not None else None)
     try:
-        status, answer = await request_json("POST", owner_url.rstrip("/") + "/v1/session",
-                                            body, timeout=timeout)
+        status, answer = await request_json("POST", owner_url.rstrip("/") + SESSION_PATH,
+                                            request.encode(), timeout=timeout)
     except HttpError as exc:
         raise FlowFailed(f"guest owner unreachable for the launch session: {exc}") from None
     if status != 200 or not isinstance(answer, dict):
         error = answer.get("error") if isinstance(answer, dict) else None
         raise FlowFailed(f"guest owner refused the launch session: "
                          f"{one_line(error or f'HTTP {status}')} (HTTP {status})")
-    out = []
-    for field in ("godh", "session"):
-        value = answer.get(field)
-        try:
-            raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
-        except (binascii.Error, ValueError):
-            raw = b""
-        if not raw:
-            raise FlowFailed(f"malformed launch session from the owner: {field} is not base64")
-        out.append(base64.b64encode(raw) + b"\n")
-    return out[0], out[1]
+    try:
+        session = SessionAnswer.parse(answer)
+    except ProtocolError as exc:
+        raise FlowFailed(f"malformed launch session from the owner: {exc.reason}") from None
+    return base64.b64encode(session.godh) + b"\n", base64.b64encode(session.session) + b"\n"

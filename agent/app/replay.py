@@ -9,7 +9,7 @@ command line is :mod:`agent.cli.replay`.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, TextIO, cast
 
 from agent.core.codec import CodecError, decode_event, encode
 from agent.core.flow import Flow
@@ -69,66 +69,82 @@ def check(records: list[dict]) -> str:
     A damaged or hand-made log is refused with a one-line reason
     (``UsageError``), whatever it holds: wrong types, unknown flows,
     parameters or events a flow cannot take."""
-    flows: dict[str, Flow] = {}
-    pending: dict[str, list[tuple[dict, Any]]] = {}
-    events = actions = 0
-    ended = False
+    run = _Check()
     for r in records:
         kind = r["kind"]
-        if kind in ("flow", "event", "action"):
-            _flow_id(r)
         if kind == "flow":
-            flow_kind = r.get("flow_kind")
-            cls = FLOW_KINDS.get(flow_kind) if isinstance(flow_kind, str) else None
-            if cls is None:
-                raise _bad(r, f"unknown flow kind {flow_kind!r}")
-            params = r.get("params") or {}
-            if not isinstance(params, dict):
-                raise _bad(r, "flow parameters are not an object")
-            try:
-                flows[r["flow"]] = cls.from_params(params)
-            except (TypeError, KeyError, ValueError) as exc:
-                raise _bad(r, f"bad flow parameters ({type(exc).__name__})") from None
-            pending[r["flow"]] = []
+            run.flow(r, _flow_id(r))
         elif kind == "event":
-            flow = flows.get(r.get("flow"))
-            if flow is None:
-                raise _bad(r, f"event for unknown flow {r.get('flow')!r}")
-            left = pending[r["flow"]]
-            if left:
-                raise Divergence(f"record {r['seq']}: flow {r['flow']} produced "
-                                 f"{_summary(encode(left[0][1]))} that the log does not have")
-            try:
-                event = decode_event(r.get("event"))
-            except CodecError as exc:
-                raise _bad(r, str(exc)) from None
-            except RecursionError:
-                raise _bad(r, "event nested too deeply") from None
-            events += 1
-            try:
-                computed = flow.handle(event)
-            except Exception as exc:  # a hand-made event or parameters no agent recorded
-                raise _bad(r, f"flow {r['flow']} cannot take this event "
-                              f"({type(exc).__name__})") from None
-            pending[r["flow"]] = [(r, a) for a in computed]
+            run.event(r, _flow_id(r))
         elif kind == "action":
-            left = pending.get(r.get("flow"))
-            if left is None:
-                raise _bad(r, f"action for unknown flow {r.get('flow')!r}")
-            recorded = r.get("action")
-            if not left:
-                raise Divergence(f"record {r['seq']}: the log has {_summary(recorded or {})} "
-                                 f"but flow {r['flow']} produced nothing")
-            _, computed = left.pop(0)
-            if encode(computed) != recorded:
-                raise Divergence(f"record {r['seq']}: flow {r['flow']} produced "
-                                 f"{_summary(encode(computed))}, the log has {_summary(recorded or {})}")
-            actions += 1
+            run.action(r, _flow_id(r))
         elif kind == "exit":
-            ended = True
-    for fid, left in pending.items():
-        if left and ended:
-            raise Divergence(f"flow {fid} produced {_summary(encode(left[0][1]))} "
-                             "that the log does not have")
-    return (f"replay check passed: {len(flows)} flow(s), {events} events, "
-            f"{actions} actions match")
+            run.ended = True
+    return run.summary()
+
+
+class _Check:
+    """The flows being re-run, and the actions each computed that the log has yet to show."""
+
+    def __init__(self) -> None:
+        self.flows: dict[str, Flow] = {}
+        self.pending: dict[str, list[Any]] = {}
+        self.events = self.actions = 0
+        self.ended = False
+
+    def flow(self, r: dict[str, Any], fid: str) -> None:
+        flow_kind = r.get("flow_kind")
+        cls = FLOW_KINDS.get(flow_kind) if isinstance(flow_kind, str) else None
+        if cls is None:
+            raise _bad(r, f"unknown flow kind {flow_kind!r}")
+        params = r.get("params") or {}
+        if not isinstance(params, dict):
+            raise _bad(r, "flow parameters are not an object")
+        try:
+            self.flows[fid] = cls.from_params(params)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise _bad(r, f"bad flow parameters ({type(exc).__name__})") from None
+        self.pending[fid] = []
+
+    def event(self, r: dict[str, Any], fid: str) -> None:
+        flow = self.flows.get(fid)
+        if flow is None:
+            raise _bad(r, f"event for unknown flow {fid!r}")
+        left = self.pending[fid]
+        if left:
+            raise Divergence(f"record {r['seq']}: flow {fid} produced "
+                             f"{_summary(encode(left[0]))} that the log does not have")
+        try:
+            event = decode_event(cast(dict, r.get("event")))  # it refuses a non-object itself
+        except CodecError as exc:
+            raise _bad(r, str(exc)) from None
+        except RecursionError:
+            raise _bad(r, "event nested too deeply") from None
+        self.events += 1
+        try:
+            computed = flow.handle(event)
+        except Exception as exc:  # a hand-made event or parameters no agent recorded
+            raise _bad(r, f"flow {fid} cannot take this event ({type(exc).__name__})") from None
+        self.pending[fid] = list(computed)
+
+    def action(self, r: dict[str, Any], fid: str) -> None:
+        left = self.pending.get(fid)
+        if left is None:
+            raise _bad(r, f"action for unknown flow {fid!r}")
+        recorded = r.get("action")
+        if not left:
+            raise Divergence(f"record {r['seq']}: the log has {_summary(recorded or {})} "
+                             f"but flow {fid} produced nothing")
+        computed = left.pop(0)
+        if encode(computed) != recorded:
+            raise Divergence(f"record {r['seq']}: flow {fid} produced "
+                             f"{_summary(encode(computed))}, the log has {_summary(recorded or {})}")
+        self.actions += 1
+
+    def summary(self) -> str:
+        for fid, left in self.pending.items():
+            if left and self.ended:
+                raise Divergence(f"flow {fid} produced {_summary(encode(left[0]))} "
+                                 "that the log does not have")
+        return (f"replay check passed: {len(self.flows)} flow(s), {self.events} events, "
+                f"{self.actions} actions match")

@@ -501,17 +501,18 @@ class Sidecar:
 
     def control_verbs(self) -> dict:
         """(method, path) -> handler(args) for the control socket."""
+        from agent.protocol import control as wire
+
         if self.migration is None:
             from agent.app.verbs.migrate import MigrationControl
 
             self.migration = MigrationControl(self)
         m, s = self.migration, self.secrets
-        secrets = {} if s is None else {("POST", "/v1/secret/add"): s.add,
-                                        ("POST", "/v1/secret/remove"): s.remove}
+        secrets = {} if s is None else {wire.SECRET_ADD: s.add, wire.SECRET_REMOVE: s.remove}
         return {**secrets,
-                ("POST", "/v1/migrate/prepare"): m.prepare, ("POST", "/v1/migrate/begin"): m.begin,
-                ("POST", "/v1/migrate/accept"): m.accept, ("POST", "/v1/migrate/start"): m.start,
-                ("POST", "/v1/migrate/wait"): m.wait, ("POST", "/v1/migrate/cancel"): m.cancel}
+                wire.MIGRATE_PREPARE: m.prepare, wire.MIGRATE_BEGIN: m.begin,
+                wire.MIGRATE_ACCEPT: m.accept, wire.MIGRATE_START: m.start,
+                wire.MIGRATE_WAIT: m.wait, wire.MIGRATE_CANCEL: m.cancel}
 
     def status(self) -> dict:
         rt = self.runtime

@@ -63,6 +63,8 @@ def _migrate_body(args) -> dict:
 
 
 def register(sub) -> None:
+    from agent.protocol import control as wire
+
     p = sub.add_parser("ctl", help="send a verb to a running agent")
     p.add_argument("--control", required=True, metavar="unix:PATH")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
@@ -71,37 +73,37 @@ def register(sub) -> None:
     verbs.required = True
 
     s = verbs.add_parser("status", help="what the agent and its flows are doing")
-    s.set_defaults(func=run, method="GET", route="/v1/status", body=lambda a: None)
+    s.set_defaults(func=run, route=wire.STATUS, body=lambda a: None)
 
     s = verbs.add_parser("health", help="GET /healthz: exit 0 while the agent lives (liveness)")
-    s.set_defaults(func=run, method="GET", route="/healthz", body=lambda a: None)
+    s.set_defaults(func=run, route=wire.HEALTHZ, body=lambda a: None)
     s = verbs.add_parser("ready", help="GET /readyz: exit 0 when QMP is connected (readiness)")
-    s.set_defaults(func=run, method="GET", route="/readyz", body=lambda a: None)
+    s.set_defaults(func=run, route=wire.READYZ, body=lambda a: None)
 
     m = verbs.add_parser("migrate", help="encrypted migration (TLS-PSK)")
     mv = m.add_subparsers(dest="migrate_verb", metavar="MIGRATE_VERB")
     mv.required = True
     x = mv.add_parser("prepare", help="(destination) make a one-time key, print the offer "
                                           "signed with the host key")
-    x.set_defaults(func=run, method="POST", route="/v1/migrate/prepare", body=lambda a: {})
+    x.set_defaults(func=run, route=wire.MIGRATE_PREPARE, body=lambda a: {})
     x = mv.add_parser("begin", help="(source) check the offer comes from a trusted host, "
                                         "make the PSK, seal it to the offer, sign the cookie")
     x.add_argument("--offer", required=True, metavar="B64")
-    x.set_defaults(func=run, method="POST", route="/v1/migrate/begin",
+    x.set_defaults(func=run, route=wire.MIGRATE_BEGIN,
                    body=lambda a: {"offer": a.offer})
     x = mv.add_parser("accept", help="(destination) check the cookie comes from a trusted "
                                          "host, open it, listen for the migration")
     _migrate_opts(x, psk=True, cookie=True)
-    x.set_defaults(func=run, method="POST", route="/v1/migrate/accept", body=_migrate_body)
+    x.set_defaults(func=run, route=wire.MIGRATE_ACCEPT, body=_migrate_body)
     x = mv.add_parser("start", help="(source) migrate to the destination")
     _migrate_opts(x, psk=True, cookie=False)
-    x.set_defaults(func=run, method="POST", route="/v1/migrate/start", body=_migrate_body)
+    x.set_defaults(func=run, route=wire.MIGRATE_START, body=_migrate_body)
     x = mv.add_parser("wait", help="wait for the final status (exit 0 only if completed)")
     x.add_argument("--timeout", dest="wait_timeout", type=float, default=3600.0, metavar="S")
-    x.set_defaults(func=run, method="POST", route="/v1/migrate/wait",
+    x.set_defaults(func=run, route=wire.MIGRATE_WAIT,
                    body=lambda a: {"timeout": a.wait_timeout}, success="completed")
     x = mv.add_parser("cancel", help="cancel the migration in progress")
-    x.set_defaults(func=run, method="POST", route="/v1/migrate/cancel", body=lambda a: {})
+    x.set_defaults(func=run, route=wire.MIGRATE_CANCEL, body=lambda a: {})
 
     sec = verbs.add_parser("secret", help="encrypted secret objects in QEMU")
     sv = sec.add_subparsers(dest="secret_verb", metavar="SECRET_VERB")
@@ -111,11 +113,11 @@ def register(sub) -> None:
     g = x.add_mutually_exclusive_group(required=True)
     g.add_argument("--file", metavar="F")
     g.add_argument("--ref", metavar="REF", help="file:PATH, keyring:DESC or libvirt:UUID")
-    x.set_defaults(func=run, method="POST", route="/v1/secret/add",
+    x.set_defaults(func=run, route=wire.SECRET_ADD,
                    body=lambda a: {"id": a.secret_id, "ref": a.ref or _file_ref(a.file)})
     x = sv.add_parser("remove", help="object-del a secret the agent added")
     x.add_argument("--id", required=True, dest="secret_id", metavar="ID")
-    x.set_defaults(func=run, method="POST", route="/v1/secret/remove",
+    x.set_defaults(func=run, route=wire.SECRET_REMOVE,
                    body=lambda a: {"id": a.secret_id})
 
 
@@ -128,8 +130,9 @@ def run(args) -> int:
     if timeout is None:
         timeout = TIMEOUT_S + (body.get("timeout", 0) if isinstance(body, dict) else 0)
     try:
+        method, route = args.route
         status, answer = asyncio.run(request_json(
-            args.method, f"http://localhost{args.route}", body,
+            method, f"http://localhost{route}", body,
             timeout=timeout, unix_path=path))
     except HttpError as exc:
         raise FlowFailed(f"control socket {path}: {exc}") from None
@@ -139,8 +142,9 @@ def run(args) -> int:
         if wanted and (not isinstance(answer, dict) or answer.get("status") != wanted):
             return 1
         return 0
-    error = answer.get("error") if isinstance(answer, dict) else None
-    reason = error or f"HTTP {status}"
-    if status == 400:
+    from agent.protocol.control import BAD_REQUEST, error_reason
+
+    reason = error_reason(status, answer)
+    if status == BAD_REQUEST:
         raise UsageError(reason)
     raise FlowFailed(reason)

@@ -33,6 +33,7 @@ from agent.core.actions import Action, Log, PostOwner, SendQmp
 from agent.core.events import (OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
                                QmpError, QmpEvent, QmpReply, Start, TimerFired)
 from agent.core.flow import Flow
+from agent.protocol.owner import SECRET_PATH, SecretRequest
 from agent.sev.sizes import MEASUREMENT_LEN
 
 SEV_ES_POLICY_BIT = 0x4
@@ -166,11 +167,11 @@ class SevLaunchFlow(Flow):
             return self._fail("malformed launch measurement from QEMU "
                               f"(expected {MEASUREMENT_LEN} bytes, base64)")
         self.state = State.ASK_OWNER
-        body = {"vm": self.params.vm, "measurement": base64.b64encode(blob).decode(),
-                "api_major": self.sev["api-major"], "api_minor": self.sev["api-minor"],
-                "build_id": self.sev["build-id"], "policy": self.sev["policy"]}
+        request = SecretRequest(vm=self.params.vm, measurement=blob,
+                                api_major=self.sev["api-major"], api_minor=self.sev["api-minor"],
+                                build_id=self.sev["build-id"], policy=self.sev["policy"])
         return [Log("info", "asking the guest owner to verify the measurement"),
-                PostOwner("/v1/secret", body)]
+                PostOwner(SECRET_PATH, request.encode())]
 
     def _owner(self, event) -> list[Action]:
         if isinstance(event, OwnerRefused):

@@ -125,9 +125,7 @@ class MigrationFlow(Flow):
             return self._late(event)
         if isinstance(event, Start):
             fields = {"role": self.params.role, "uri": self.params.uri,
-                      "multifd": self.params.multifd}
-            if self.params.postcopy:  # only then: older recorded traces replay unchanged
-                fields["postcopy"] = True
+                      "multifd": self.params.multifd, "postcopy": self.params.postcopy}
             return [Log("info", "migration prepared, waiting for the key", fields)]
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)

@@ -59,8 +59,6 @@ the service (a launch that never asked for its secret).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -73,6 +71,8 @@ from agent.common.secret import Secret
 from agent.io.http import Request, Response
 from agent.common.logs import get_logger
 from agent.owner.config import OwnerConfig, VmPolicy
+from agent.protocol.owner import (SECRET_FIELDS, ProtocolError, SecretAnswer, SecretRequest, SessionAnswer,
+                                  SessionRequest, error_body)
 
 __all__ = ["Decision", "decide_secret", "decide_session", "make_session", "LaunchSession",
            "SessionMaterial", "SessionInputError", "OwnerService", "SECRET_FIELDS",
@@ -86,17 +86,7 @@ MAX_PENDING_PER_VM = 64
 #: A pending session older than this is dropped by the service.
 PENDING_SESSION_TTL_S = 3600.0
 
-BLOB_LEN = 48        # MEASURE[32] || MNONCE[16]
-MEASURE_LEN = 32
-IV_LEN = 16
-
-#: the integer fields of a /v1/secret request and their ranges
-SECRET_FIELDS: dict[str, tuple[int, int]] = {
-    "api_major": (0, 0xFF),
-    "api_minor": (0, 0xFF),
-    "build_id": (0, 0xFF),
-    "policy": (0, 0xFFFFFFFF),
-}
+IV_LEN = 16          # the packet's IV (agent.sev.packet)
 
 
 @dataclass(frozen=True)
@@ -125,11 +115,11 @@ def _shown(value: str, limit: int = 64) -> str:
 
 
 def _invalid(reason: str, audit: dict[str, Any], status: int = 400) -> Decision:
-    return Decision(status, {"error": reason}, "invalid", reason, audit)
+    return Decision(status, error_body(reason), "invalid", reason, audit)
 
 
 def _refused(status: int, reason: str, audit: dict[str, Any]) -> Decision:
-    return Decision(status, {"error": reason}, "refused", reason, audit)
+    return Decision(status, error_body(reason), "refused", reason, audit)
 
 
 # -- launch sessions ------------------------------------------------------------
@@ -286,17 +276,6 @@ def make_session(pdh: bytes, cert_chain: bytes | None, policy: int, material: Se
                          chain_verified=verified, platform=hashlib.sha256(bytes(pdh)).hexdigest(), trust=trust)
 
 
-def _b64_field(body: dict, name: str) -> bytes | str:
-    """The decoded field, or an error text."""
-    text = body.get(name)
-    if not isinstance(text, str) or not text:
-        return f"field {name!r} must be a non-empty base64 string"
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return f"field {name!r} is not valid base64"
-
-
 def _request_vm(body: Any, audit: dict[str, Any]) -> "str | Decision":
     """The VM a request names, or the 400 for a body that names none."""
     if not isinstance(body, dict):
@@ -321,24 +300,12 @@ def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial,
     from agent.sev.cert import USAGE_PDH, Certificate
 
     audit: dict[str, Any] = {"request": "session"}
-    vm = _request_vm(body, audit)
-    if isinstance(vm, Decision):
-        return vm
-    policy = body.get("policy")
-    if isinstance(policy, bool) or not isinstance(policy, int):
-        return _invalid("field 'policy' must be an integer", audit)
-    if not 0 <= policy <= 0xFFFFFFFF:
-        return _invalid("field 'policy' must be in 0..4294967295", audit)
-    audit["policy"] = policy
-    pdh = _b64_field(body, "pdh")
-    if isinstance(pdh, str):
-        return _invalid(pdh, audit)
-    chain: bytes | None = None
-    if body.get("cert_chain") not in (None, ""):
-        decoded = _b64_field(body, "cert_chain")
-        if isinstance(decoded, str):
-            return _invalid(decoded, audit)
-        chain = decoded
+    try:
+        request = SessionRequest.parse(body)
+    except ProtocolError as exc:
+        return _invalid(exc.reason, _audit_fields(audit, exc.partial))
+    _audit_fields(audit, {"vm": request.vm, "policy": request.policy})
+    vm, policy, pdh, chain = request.vm, request.policy, request.pdh, request.cert_chain
 
     vm_policy = config.vms.get(vm)
     if vm_policy is None:
@@ -375,7 +342,7 @@ def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial,
             return _refused(403, str(exc), audit)
         return _invalid(str(exc), audit)
     audit.update(session=made.id, chain_verified=made.chain_verified)
-    out = {"godh": base64.b64encode(made.godh).decode(), "session": base64.b64encode(made.session).decode()}
+    out = SessionAnswer(godh=made.godh, session=made.session).encode()
     return Decision(200, out, "session", "launch session made", audit, session=made)
 
 
@@ -390,76 +357,112 @@ def decide_secret(config: OwnerConfig, body: Any, *,
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
     the packet's fresh 16-byte IV (the caller draws it from os.urandom).
     ``sessions`` are the pending launch sessions per VM, ``released`` the
-    SHA-256 of every measurement blob released so far.
+    SHA-256 of every measurement blob released so far.  The steps, in the
+    order of the module's docstring, each return a refusal or pass on.
     """
-    from agent.sev.measurement import split_blob, verify_measurement
-    from agent.sev.packet import build_packet
-    from agent.sev.secret_table import build_secret_table
+    from agent.sev.measurement import split_blob
 
     audit: dict[str, Any] = {}
-    vm = _request_vm(body, audit)
-    if isinstance(vm, Decision):
-        return vm
-
-    numbers: dict[str, int] = {}
-    for name, (lo, hi) in SECRET_FIELDS.items():
-        value = body.get(name)
-        if value is None:
-            return _invalid(f"field {name!r} is missing", audit)
-        if isinstance(value, bool) or not isinstance(value, int):
-            return _invalid(f"field {name!r} must be an integer", audit)
-        if not lo <= value <= hi:
-            return _invalid(f"field {name!r} must be in {lo}..{hi}", audit)
-        numbers[name] = value
-    audit.update(policy=numbers["policy"], api=f"{numbers['api_major']}.{numbers['api_minor']}",
-                 build=numbers["build_id"])
-
-    text = body.get("measurement")
-    if not isinstance(text, str):
-        return _invalid("field 'measurement' must be a base64 string", audit)
     try:
-        blob = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return _invalid("field 'measurement' is not valid base64", audit)
-    if len(blob) != BLOB_LEN:
-        return _invalid(f"measurement must be {BLOB_LEN} bytes, got {len(blob)}", audit)
-    measure, mnonce = split_blob(blob)
-    audit["mnonce"] = mnonce.hex()
+        request = SecretRequest.parse(body)
+    except ProtocolError as exc:
+        return _invalid(exc.reason, _audit_fields(audit, exc.partial))
+    _audit_fields(audit, _request_fields(request))
+    audit["mnonce"] = split_blob(request.measurement)[1].hex()
 
+    vm_policy = _secret_vm(config, request.vm, audit)
+    if isinstance(vm_policy, Decision):
+        return vm_policy
+    refusal = _platform_refusal(request, vm_policy, audit)
+    if refusal is not None:
+        return refusal
+    chosen = _verified_keys(request, vm_policy, sessions, released, audit)
+    if isinstance(chosen, Decision):
+        return chosen
+    blob_id = hashlib.sha256(request.measurement).digest()
+    key = (request.vm, split_blob(request.measurement)[1])
+    if key in attested or blob_id in released:  # 4. single use
+        return _refused(409, "launch already attested", audit)
+    area = secret_area_refusal(vm_policy)  # 5. where the measured firmware will look
+    if area is not None:
+        return _refused(403, area, audit)
+    answer = _wrap_secrets(request, vm_policy, chosen, iv)
+    audit["secrets"] = [s.name for s in vm_policy.secrets]
+    return Decision(200, answer.encode(), "released", "measurement verified", audit, attested=key,
+                    released=blob_id, session=chosen[2])
+
+
+#: a TIK, its TEK, and the pending session they came from (None: the VM's offline keys)
+_Keys = tuple[Secret, Secret, "LaunchSession | None"]
+
+
+def _request_fields(request: SecretRequest) -> dict[str, Any]:
+    return {"vm": request.vm, "api_major": request.api_major, "api_minor": request.api_minor,
+            "build_id": request.build_id, "policy": request.policy}
+
+
+def _audit_fields(audit: dict[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What a (maybe partly) parsed request said, for the audit line: vm, policy, api, build."""
+    if "vm" in fields:
+        audit["vm"] = _shown(fields["vm"])
+    if "policy" in fields:
+        audit["policy"] = fields["policy"]
+    if "api_major" in fields:
+        audit["api"] = f"{fields['api_major']}.{fields['api_minor']}"
+        audit["build"] = fields["build_id"]
+    return audit
+
+
+def _secret_vm(config: OwnerConfig, vm: str, audit: dict[str, Any]) -> "VmPolicy | Decision":
+    """1. The VM must be known, and be one that takes a launch secret."""
     vm_policy: VmPolicy | None = config.vms.get(vm)
     if vm_policy is None:
         return _refused(404, f"unknown vm '{_shown(vm)}'", audit)
     if vm_policy.snp:
         return _refused(403, "an SNP vm: its guest attests itself through /v1/snp/attest", audit)
+    return vm_policy
 
-    # -- 2. what the platform reported must be what the owner accepts
-    if numbers["policy"] != vm_policy.policy:
-        return _refused(403, f"policy mismatch: policy 0x{numbers['policy']:x} is not accepted "
+
+def _platform_refusal(request: SecretRequest, vm_policy: VmPolicy, audit: dict[str, Any]) -> Decision | None:
+    """2. What the platform reported must be what the owner accepts."""
+    if request.policy != vm_policy.policy:
+        return _refused(403, f"policy mismatch: policy 0x{request.policy:x} is not accepted "
                              f"for this vm", audit)
-    if vm_policy.min_api is not None and (numbers["api_major"], numbers["api_minor"]) < vm_policy.min_api:
+    if vm_policy.min_api is not None and (request.api_major, request.api_minor) < vm_policy.min_api:
         need = "%d.%d" % vm_policy.min_api
         return _refused(403, f"policy mismatch: api {audit['api']} is older than {need}", audit)
-    if vm_policy.build_ids is not None and numbers["build_id"] not in vm_policy.build_ids:
-        return _refused(403, f"policy mismatch: build id {numbers['build_id']} is not accepted", audit)
+    if vm_policy.build_ids is not None and request.build_id not in vm_policy.build_ids:
+        return _refused(403, f"policy mismatch: build id {request.build_id} is not accepted", audit)
+    return None
 
-    # -- 3. the measurement, against every candidate TIK and accepted digest:
-    # the VM's pending launch sessions, then its offline keys (no early exit)
+
+def _verified_keys(request: SecretRequest, vm_policy: VmPolicy,
+                   sessions: Mapping[str, Sequence[LaunchSession]] | None,
+                   released: Collection[bytes], audit: dict[str, Any]) -> "_Keys | Decision":
+    """3. The measurement, against every candidate TIK and accepted digest.
+
+    The VM's pending launch sessions, then its offline keys, every one tried
+    (no early exit), each compare in constant time.
+    """
+    from agent.sev.measurement import verify_measurement
+
+    blob = request.measurement
     blob_id = hashlib.sha256(blob).digest()
-    candidates: list[tuple[Secret, Secret, LaunchSession | None]] = []
+    candidates: list[_Keys] = []
     if vm_policy.session and sessions:
-        candidates += [(s.tik, s.tek, s) for s in sessions.get(vm, ())]
+        candidates += [(s.tik, s.tek, s) for s in sessions.get(request.vm, ())]
     if vm_policy.tik is not None and vm_policy.tek is not None:
         candidates.append((vm_policy.tik, vm_policy.tek, None))
     if not candidates:
         if blob_id in released:
             return _refused(409, "launch already attested", audit)
         return _refused(409, "no launch session for this vm: POST /v1/session first", audit)
-    chosen: tuple[Secret, Secret, LaunchSession | None] | None = None
+    chosen: _Keys | None = None
     for cand in candidates:
         ok = False
         for digest in vm_policy.digests:
-            ok |= verify_measurement(blob, cand[0].reveal(), numbers["api_major"], numbers["api_minor"],
-                                     numbers["build_id"], numbers["policy"], digest)
+            ok |= verify_measurement(blob, cand[0].reveal(), request.api_major, request.api_minor,
+                                     request.build_id, request.policy, digest)
         if ok and chosen is None:
             chosen = cand
     if chosen is None:
@@ -470,36 +473,27 @@ def decide_secret(config: OwnerConfig, body: Any, *,
             audit["pending"] = len(candidates)
             return _refused(403, "no launch session matches this measurement", audit)
         return _refused(403, "measurement does not match", audit)
-    tik_secret, tek_secret, used = chosen
+    used = chosen[2]
     audit["keys"] = f"session {used.id}" if used is not None else "offline"
+    return chosen
 
-    # -- 4. single use
-    key = (vm, mnonce)
-    if key in attested or blob_id in released:
-        return _refused(409, "launch already attested", audit)
 
-    # -- 5. the secret must land where the measured firmware will look
-    refusal = secret_area_refusal(vm_policy)
-    if refusal is not None:
-        return _refused(403, refusal, audit)
+def _wrap_secrets(request: SecretRequest, vm_policy: VmPolicy, keys: _Keys, iv: bytes) -> SecretAnswer:
+    """The secret table, encrypted under the TEK and MACed with the TIK, for the guest."""
+    from agent.sev.measurement import split_blob
+    from agent.sev.packet import build_packet
+    from agent.sev.secret_table import build_secret_table
 
     if len(iv) != IV_LEN:
         raise ValueError(f"packet IV must be {IV_LEN} bytes")
-    tik = tik_secret.reveal()
+    tik_secret, tek_secret, _ = keys
+    measure = split_blob(request.measurement)[0]
     table = bytearray(build_secret_table([(s.guid, s.value.reveal()) for s in vm_policy.secrets]))
     try:
-        header, ciphertext = build_packet(tik, tek_secret.reveal(), measure, bytes(table), iv)
+        header, ciphertext = build_packet(tik_secret.reveal(), tek_secret.reveal(), measure, bytes(table), iv)
     finally:
         table[:] = bytes(len(table))
-    out: dict[str, Any] = {
-        "packet_header": base64.b64encode(header).decode(),
-        "secret": base64.b64encode(ciphertext).decode(),
-    }
-    if vm_policy.gpa is not None:
-        out["gpa"] = vm_policy.gpa
-    audit["secrets"] = [s.name for s in vm_policy.secrets]
-    return Decision(200, out, "released", "measurement verified", audit, attested=key,
-                    released=blob_id, session=used)
+    return SecretAnswer(packet_header=header, secret=Secret(ciphertext), gpa=vm_policy.gpa)
 
 
 def secret_area_refusal(vm_policy: VmPolicy) -> str | None:

@@ -88,6 +88,7 @@ def test_a_truncated_log_exits_two_with_one_line(tmp_path):
     ('{"seq": 2, "t": 0, "kind": "start"}\n', "seq"),
     ('[1, 2]\n', "not a JSON object"),
     ('{"seq": 1, "t": 0, "kind": "flow", "flow": "f", "flow_kind": "nope", "params": {}}\n', "unknown flow kind"),
+    ('{"seq": 1, "t": 0, "kind": "start", "format": 99}\n', "newer than this agent reads"),
 ])
 def test_an_invalid_log_exits_two(tmp_path, content, words):
     path = tmp_path / "bad.jsonl"
@@ -96,6 +97,18 @@ def test_an_invalid_log_exits_two(tmp_path, content, words):
     assert out.returncode == 2, out.stderr
     assert words in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_an_event_log_written_now_says_its_format_and_reads_back(tmp_path):
+    from agent.app.eventlog import EventLog, read_records
+    from agent.protocol.eventlog import FORMAT_VERSION
+
+    path = tmp_path / "events.jsonl"
+    log = EventLog(str(path))
+    log.write("start", version="test", vm="vm1")
+    log.close()
+    (start,) = read_records(str(path))
+    assert start["format"] == FORMAT_VERSION and start["vm"] == "vm1"
 
 
 def test_a_missing_log_exits_two(tmp_path):

@@ -114,7 +114,8 @@ def control_route(argv) -> tuple[str, str]:
     from agent.cli.main import build_parser
 
     args = build_parser(list(argv[1:])).parse_args(list(argv[1:]))
-    return args.method, args.route
+    method, route = args.route
+    return method, route
 
 
 def control_server_status(method: str, route: str, qmp: str = "connected") -> int:
