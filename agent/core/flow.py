@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from agent.core.actions import Action, ArmTimer, CancelTimer, Finish
+from agent.core.events import Event
 
 
 class Flow:
@@ -50,5 +51,5 @@ class Flow:
         self.finished = Finish(code, " ".join(reason.splitlines()))
         return [*(CancelTimer(name) for name in sorted(self._timers)), self.finished]
 
-    def handle(self, event: Any) -> list[Action]:  # pragma: no cover - abstract
+    def handle(self, event: Event) -> list[Action]:  # pragma: no cover - abstract
         raise NotImplementedError
