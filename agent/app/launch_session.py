@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Any
 
 from agent.common.errors import FlowFailed, UsageError
 
@@ -78,7 +79,7 @@ async def fetch_session(owner_url: str, vm: str, pdh_path: str, chain_path: str 
     from agent.core.owner_answer import one_line
     from agent.io.http import HttpError, request_json
 
-    body = {"vm": vm, "pdh": read_cert(pdh_path, "[sev] pdh"), "policy": policy}
+    body: dict[str, Any] = {"vm": vm, "pdh": read_cert(pdh_path, "[sev] pdh"), "policy": policy}
     if chain_path:
         body["cert_chain"] = read_cert(chain_path, "[sev] cert_chain")
         if cek_path:

@@ -24,14 +24,20 @@ import os
 import shutil
 import subprocess
 from collections import deque
+from typing import TYPE_CHECKING
 
 from agent.core.resume import ResumeFlow, ResumeParams
 from agent.common.secret import Secret
 from agent.common.errors import UsageError
 from agent.io import qmp as qmpio
+from agent.io.monitor import Monitor
 from agent.io.rundir import check_socket_path, make_key_dir, remove_key_dir, write_key_file
+from agent.app.config import Config
 from agent.app.runtime import Runtime
 from agent.app.sidecar import Sidecar, SidecarOptions
+
+if TYPE_CHECKING:
+    from agent.app.snp_launch import SnpLaunch
 
 QMP_SOCKET = "qmp.sock"
 MASTER_ID = "keyagent-master"
@@ -53,7 +59,7 @@ def prepare_argv(argv: list[str], qmp_path: str) -> tuple[list[str], bool]:
 
 
 class Launcher(Sidecar):
-    def __init__(self, cfg, opts: SidecarOptions, qemu_argv: list[str]) -> None:
+    def __init__(self, cfg: Config, opts: SidecarOptions, qemu_argv: list[str]) -> None:
         super().__init__(cfg, opts)
         self.qemu_argv = qemu_argv
         self.incoming = "-incoming" in qemu_argv[1:]
@@ -66,7 +72,7 @@ class Launcher(Sidecar):
         self._signals = 0
         self._stderr_task: asyncio.Task | None = None
         self._qemu_done = asyncio.Event()
-        self.snp = None  # agent.app.snp_launch.SnpLaunch, set by check() with [snp]
+        self.snp: SnpLaunch | None = None  # set by check() with [snp]
 
     def check(self) -> None:
         if not self.cfg.vm_run_dir:
@@ -81,7 +87,8 @@ class Launcher(Sidecar):
                           "QMP socket", self.cfg.vm_run_dir)
 
     # -- starting QEMU -------------------------------------------------------------
-    async def open_monitor(self, events: set[str]):
+    async def open_monitor(self, events: set[str]) -> Monitor:
+        assert self.run_dir is not None  # check() refused a launcher without one
         qmp_path = os.path.join(self.run_dir, QMP_SOCKET)
         self.opts.qmp_path = qmp_path
         argv, self.user_stopped = prepare_argv(self.qemu_argv, qmp_path)
@@ -146,6 +153,7 @@ class Launcher(Sidecar):
         index = ls.find_sev_object(argv)
         if not cfg.sev_enabled or not cfg.sev_pdh or index is None:
             return
+        assert cfg.sev_owner_url is not None and self.run_dir is not None  # preflight, check()
         godh, session = await ls.fetch_session(
             cfg.sev_owner_url, cfg.vm_name, cfg.sev_pdh, cfg.sev_cert_chain,
             ls.sev_policy(argv[index]), cfg.sev_timeout_s, cek_path=cfg.sev_cek)
@@ -164,7 +172,8 @@ class Launcher(Sidecar):
                 remove_key_dir(path)
                 setattr(self, attr, None)
 
-    async def _relay_stderr(self, loop) -> None:
+    async def _relay_stderr(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.qemu is not None  # started before this task
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), self.qemu.stderr)
@@ -176,7 +185,8 @@ class Launcher(Sidecar):
         finally:
             transport.close()
 
-    async def _wait_qemu(self, loop) -> None:
+    async def _wait_qemu(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.qemu is not None  # started before this task
         await loop.run_in_executor(None, self.qemu.wait)
         self._qemu_done.set()
 
@@ -227,6 +237,7 @@ class Launcher(Sidecar):
             asyncio.ensure_future(self._quit())
 
     async def _shutdown(self, grace: float) -> None:
+        assert self.runtime is not None and self.runtime.qmp is not None  # _on_signal checked
         try:
             await self.runtime.qmp.execute("system_powerdown")
         except (qmpio.QmpCommandError, qmpio.MonitorGone):
@@ -239,6 +250,7 @@ class Launcher(Sidecar):
 
 
     async def _quit(self) -> None:
+        assert self.runtime is not None and self.runtime.qmp is not None  # _on_signal checked
         try:
             await self.runtime.qmp.execute("quit")
         except (qmpio.QmpCommandError, qmpio.MonitorGone):

@@ -21,13 +21,14 @@ from agent.common.secret import Secret
 from agent.core.flow import Flow
 from agent.app.eventlog import EventLog
 from agent.io import qmp as qmpio
+from agent.io.monitor import Monitor
 from agent.common.logs import get_logger
 
 FinishCallback = Callable[[str, Finish], None]
 
 
 class Runtime:
-    def __init__(self, *, qmp: qmpio.QmpConnection | None, event_log: EventLog,
+    def __init__(self, *, qmp: Monitor | None, event_log: EventLog,
                  owner_url: str | None = None, owner_timeout: float = 30.0,
                  on_finish: FinishCallback | None = None, log: Any = None,
                  run_dir: str | None = None, metrics=None) -> None:

@@ -20,7 +20,7 @@ import signal
 import stat
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Mapping
 
 from agent import __version__
 from agent.app.config import Config
@@ -28,10 +28,22 @@ from agent.core.launch import LaunchParams, SevLaunchFlow
 from agent.common.errors import FlowFailed, KeyagentError, UsageError
 from agent.app.eventlog import EventLog
 from agent.io import qmp as qmpio
+from agent.io.monitor import Monitor
 from agent.io.rundir import (check_socket_length, check_socket_path, lock_run_dir,
                              prepare_run_dir, set_run_dir_group, sweep_stale_keys)
 from agent.common.logs import get_logger
 from agent.app.runtime import Runtime
+from agent.core.actions import Finish
+from agent.core.events import Event
+from agent.core.flow import Flow
+
+if TYPE_CHECKING:
+    from agent.app.control import ControlServer
+    from agent.app.flowhost import VerbTable
+    from agent.app.verbs.migrate import MigrationControl
+    from agent.app.verbs.secrets import SecretsControl
+    from agent.app.vtpm import Vtpm
+    from agent.io.rundir import RunDirLock
 
 QMP_CONNECT_TIMEOUT_S = 10.0
 
@@ -73,6 +85,7 @@ def check_host_keys(cfg: Config) -> None:
         return
     from agent.crypto import hostkey
 
+    assert trusted is not None  # they go together
     try:
         hostkey.check_private(key)
         hostkey.load_trusted(trusted)
@@ -89,24 +102,24 @@ class Sidecar:
         self.exit_code = 0
         self.exit_reason = ""
         self.runtime: Runtime | None = None
-        self.control = None
-        self.migration = None
-        self.secrets = None
+        self.control: ControlServer | None = None
+        self.migration: MigrationControl | None = None
+        self.secrets: SecretsControl | None = None
         self.run_dir: str | None = None
-        self.vtpm = None
+        self.vtpm: Vtpm | None = None
         from agent.app.metrics import Metrics
 
         self.metrics = Metrics()
         self.tpm_args: list[str] = []
         self.incoming = getattr(opts, "incoming", False)
         self._stopping = False
-        self._run_dir_lock = None
+        self._run_dir_lock: RunDirLock | None = None
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
         return self.control is not None
 
-    def _on_finish(self, flow_id: str, fin) -> None:
+    def _on_finish(self, flow_id: str, fin: Finish) -> None:
         # Only the launch decides the sidecar's fate; a failed migration or
         # secret request is answered to its caller and the VM goes on.
         if flow_id == "launch" and fin.code != 0 and self.exit_code == 0:
@@ -192,8 +205,8 @@ class Sidecar:
         await asyncio.gather(task, return_exceptions=True)
         return None
 
-    async def open_monitor(self, events: set[str]):
-        """Connect to QEMU's monitor; return a QmpConnection-like object."""
+    async def open_monitor(self, events: set[str]) -> Monitor:
+        """Connect to QEMU's monitor (a QMP socket here; libvirt's, a launcher's own QEMU in subclasses)."""
         qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
         try:
             await qmp.connect(self.opts.qmp_path, self.opts.qmp_timeout)
@@ -270,6 +283,7 @@ class Sidecar:
         self.log.info("vTPM ready: start QEMU with these arguments", qemu_args=self.tpm_args)
 
     async def _supervise_vtpm(self) -> None:
+        assert self.vtpm is not None  # started by _start_vtpm
         status = await self.vtpm.wait()
         rt = self.runtime
         # swtpm --terminate exits when QEMU closes its socket, which may be a
@@ -283,6 +297,7 @@ class Sidecar:
         self.log.error("swtpm died while QEMU runs: stopping QEMU", status=status)
         if self.exit_code == 0:
             self.exit_code, self.exit_reason = 1, f"swtpm exited with status {status}"
+        assert rt.qmp is not None  # a sidecar's runtime always has its monitor
         try:
             await rt.qmp.execute("quit")
         except (qmpio.QmpCommandError, qmpio.MonitorGone):
@@ -312,6 +327,7 @@ class Sidecar:
         (exit 2) and touches nothing of the first's.
         """
         cfg = self.cfg
+        assert cfg.vm_run_dir is not None  # called only with one
         self.run_dir = prepare_run_dir(cfg.vm_run_dir)
         self._run_dir_lock = lock_run_dir(self.run_dir)
         control = self.opts.control_path
@@ -392,7 +408,7 @@ class Sidecar:
                         wall=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
         return event_log
 
-    def _start_runtime(self, qmp, event_log: EventLog) -> Runtime:
+    def _start_runtime(self, qmp: Monitor, event_log: EventLog) -> Runtime:
         """The runtime that runs the flows over this monitor connection."""
         cfg = self.cfg
         rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
@@ -425,7 +441,7 @@ class Sidecar:
             tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
         return tasks
 
-    async def _shut_down(self, qmp, tasks: list[asyncio.Task], event_log: EventLog) -> None:
+    async def _shut_down(self, qmp: Monitor | None, tasks: list[asyncio.Task[Any]], event_log: EventLog) -> None:
         """Every exit path: stop the runtime, wipe keys, close the control
         socket and the monitor, stop swtpm, write the exit record."""
         log = self.log
@@ -466,29 +482,34 @@ class Sidecar:
             migration.wipe()
 
     # -- FlowHost (agent.app.flowhost): all the control verbs see of us -------
-    def start_flow(self, flow_id: str, flow) -> None:
-        self.runtime.start_flow(flow_id, flow)
+    def _running(self) -> Runtime:
+        """The runtime: the control server (and so every verb) starts after it."""
+        assert self.runtime is not None
+        return self.runtime
 
-    def feed(self, flow_id: str, event) -> None:
-        self.runtime.feed(flow_id, event)
+    def start_flow(self, flow_id: str, flow: Flow) -> None:
+        self._running().start_flow(flow_id, flow)
 
-    def new_request(self):
-        return self.runtime.new_request()
+    def feed(self, flow_id: str, event: Event) -> None:
+        self._running().feed(flow_id, event)
 
-    def finished(self, flow_id: str):
-        return self.runtime.finished(flow_id)
+    def new_request(self) -> tuple[str, asyncio.Future[tuple[int, dict[str, Any]]]]:
+        return self._running().new_request()
 
-    def flows(self) -> Mapping[str, Any]:
-        return MappingProxyType(self.runtime.flows)
+    def finished(self, flow_id: str) -> Awaitable[None]:
+        return self._running().finished(flow_id)
 
-    def control_verbs(self) -> dict:
+    def flows(self) -> Mapping[str, Flow]:
+        return MappingProxyType(self._running().flows)
+
+    def control_verbs(self) -> VerbTable:
         """(method, path) -> handler(args) for the control socket."""
         if self.migration is None:
             from agent.app.verbs.migrate import MigrationControl
 
             self.migration = MigrationControl(self)
         m, s = self.migration, self.secrets
-        secrets = {} if s is None else {("POST", "/v1/secret/add"): s.add,
+        secrets: dict[tuple[str, str], Any] = {} if s is None else {("POST", "/v1/secret/add"): s.add,
                                         ("POST", "/v1/secret/remove"): s.remove}
         return {**secrets,
                 ("POST", "/v1/migrate/prepare"): m.prepare, ("POST", "/v1/migrate/begin"): m.begin,

@@ -126,9 +126,9 @@ class QmpConnection:
 
     @property
     def qemu_version(self) -> str:
-        greeting = self.client.greeting
+        greeting: Any = self.client.greeting
         try:
-            v = greeting._asdict()["QMP"]["version"]["qemu"]  # type: ignore[union-attr]
+            v = greeting._asdict()["QMP"]["version"]["qemu"]
             return f"{v['major']}.{v['minor']}.{v['micro']}"
         except (AttributeError, TypeError, KeyError):
             return ""

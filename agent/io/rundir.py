@@ -187,7 +187,7 @@ def make_key_dir(run_dir: str, purpose: str) -> str:
     return path
 
 
-def write_key_file(directory: str, name: str, data: bytes) -> str:
+def write_key_file(directory: str, name: str, data: bytes | memoryview) -> str:
     """Write ``data`` to a new 0600 file; never follows or reuses a path."""
     path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
