@@ -65,7 +65,7 @@ def wire_args(args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def describe(msg: Message) -> str:
+def describe(msg: Mapping[str, Any]) -> str:
     try:
         return scrub(json.dumps(redact(dict(msg)), separators=(",", ":")))
     except Exception:  # pragma: no cover - a message that is not JSON-able
