@@ -34,7 +34,7 @@ from typing import Any
 
 from agent.core.actions import (Action, ControlReply, Log, RemoveKeyDir, SendQmp, WriteKeyDir)
 from agent.core.dhparams import ffdhe2048_pem
-from agent.core.events import (Event, ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
+from agent.core.events import (ControlRequest, Event, KeyDirFailed, KeyDirReady, KeyProvided,
                                QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
 from agent.core.flow import Flow
 from agent.common.secret import Secret

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from agent.core.actions import (Action, ControlReply, KeyringAdd, KeyringDrop, Log,
                                 RemoveKeyDir, SendQmp, WriteKeyDir)
-from agent.core.events import (Event, ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
+from agent.core.events import (ControlRequest, Event, KeyDirFailed, KeyDirReady, KeyProvided,
                                KeyringFailed, KeyringReady, QmpDisconnected, QmpError,
                                QmpEvent, QmpReply, Start)
 from agent.core.flow import Flow
