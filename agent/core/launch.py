@@ -74,7 +74,7 @@ class LaunchParams:
     retry_s: float = 0.1
 
 
-class SevLaunchFlow(Flow):
+class SevLaunchFlow(Flow[LaunchParams]):
     kind = "sev-launch"
     wanted_events = frozenset({"RESUME", "SHUTDOWN"})
     Params = LaunchParams

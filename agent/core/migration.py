@@ -87,7 +87,7 @@ def psk_file_line(psk: Secret) -> Secret:
         line[:] = bytes(len(line))
 
 
-class MigrationFlow(Flow):
+class MigrationFlow(Flow[MigrationParams]):
     kind = "migration"
     wanted_events = frozenset({"MIGRATION", "SHUTDOWN"})
     Params = MigrationParams
@@ -185,7 +185,7 @@ class MigrationFlow(Flow):
                 {"capability": "multifd", "state": p.multifd}]
         if p.postcopy:
             caps.append({"capability": "postcopy-ram", "state": True})
-        params = {"tls-creds": p.creds_id}
+        params: dict[str, Any] = {"tls-creds": p.creds_id}
         if p.multifd:
             params["multifd-channels"] = p.multifd_channels
         self._steps = [

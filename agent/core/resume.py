@@ -22,7 +22,7 @@ class ResumeParams:
     vm: str
 
 
-class ResumeFlow(Flow):
+class ResumeFlow(Flow[ResumeParams]):
     kind = "resume"
     Params = ResumeParams
 

@@ -56,7 +56,7 @@ class SecretsParams:
     preloaded: bool = False
 
 
-class SecretsFlow(Flow):
+class SecretsFlow(Flow[SecretsParams]):
     kind = "secrets"
     wanted_events = frozenset({"SHUTDOWN"})
     Params = SecretsParams

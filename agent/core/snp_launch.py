@@ -41,7 +41,7 @@ class SnpLaunchParams:
     timeout_s: float = 30.0
 
 
-class SnpLaunchFlow(Flow):
+class SnpLaunchFlow(Flow[SnpLaunchParams]):
     kind = "snp-launch"
     wanted_events = frozenset({"RESUME", "SHUTDOWN"})
     Params = SnpLaunchParams
