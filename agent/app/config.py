@@ -14,10 +14,11 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 from urllib.parse import urlsplit
 
 from agent.common.errors import UsageError
+from agent.core.modes import MasterKeyMode, OnRefusal
 
 SECRET_REF = re.compile(r"(file|keyring|libvirt):.+")
 # A config file is a few hundred bytes; this only stops /dev/zero-like inputs.
@@ -31,7 +32,7 @@ class Key:
     name: str
     type: type
     default: Any = None
-    choices: tuple | None = None
+    choices: tuple[Any, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
     path: bool = False  # relative to the config file's directory
@@ -114,13 +115,18 @@ def _hex32(value: str) -> str | None:
     return None if len(raw) == 32 else f"must be 32 bytes (64 hex digits), got {len(raw)}"
 
 
+#: the vTPM's choices (agent.app.vtpm, agent.io.swtpm); the flows' modes are in agent.core.modes
+VtpmVersion = Literal["2.0", "1.2"]
+VtpmKeyKind = Literal["raw", "passphrase"]
+VtpmDevice = Literal["tpm-crb", "tpm-tis"]
+
 SCHEMA: tuple[Key, ...] = (
     Key("vm", "name", str, "vm", check=_vm_name, help="VM name, in logs and owner requests"),
     Key("vm", "run_dir", str, None, path=True, help="the agent's 0700 directory for this VM"),
     Key("launch", "shutdown_grace_s", float, 30.0, minimum=0),
     Key("sev", "owner_url", str, None, check=_url, help="guest owner URL"),
     Key("sev", "timeout_s", float, 30.0, minimum=0.001),
-    Key("sev", "on_refusal", str, "quit", choices=("quit", "pause")),
+    Key("sev", "on_refusal", str, "quit", choices=get_args(OnRefusal)),
     Key("sev", "pdh", str, None, path=True,
         help="(launch) the platform's PDH certificate, to get a launch session from the owner"),
     Key("sev", "cert_chain", str, None, path=True,
@@ -152,12 +158,12 @@ SCHEMA: tuple[Key, ...] = (
         help="a directory of the host public keys this agent may migrate with, one per file"),
     Key("migration", "offer_lifetime_s", float, 600.0, minimum=0.001,
         help="a destination forgets an offer no cookie has answered after this"),
-    Key("secrets", "master_key", str, "keyring", choices=("keyring", "file")),
+    Key("secrets", "master_key", str, "keyring", choices=get_args(MasterKeyMode)),
     Key("vtpm", "state_dir", str, None, path=True),
     Key("vtpm", "key", str, None, check=_secret_ref),
-    Key("vtpm", "version", str, "2.0", choices=("2.0", "1.2")),
-    Key("vtpm", "key_kind", str, "raw", choices=("raw", "passphrase")),
-    Key("vtpm", "device", str, "tpm-crb", choices=("tpm-crb", "tpm-tis")),
+    Key("vtpm", "version", str, "2.0", choices=get_args(VtpmVersion)),
+    Key("vtpm", "key_kind", str, "raw", choices=get_args(VtpmKeyKind)),
+    Key("vtpm", "device", str, "tpm-crb", choices=get_args(VtpmDevice)),
     # gid_t is 32 bits and (gid_t)-1 means "leave the group as it is".
     Key("control", "gid", int, None, minimum=0, maximum=MAX_GID,
         help="a group (besides our uid and root) allowed on the control socket"),
@@ -169,23 +175,63 @@ KEYS = {(k.section, k.name): k for k in SCHEMA}
 SECTIONS = {k.section for k in SCHEMA}
 
 
+@dataclass(frozen=True)
 class Config:
-    """Resolved settings: ``cfg.get("sev", "timeout_s")`` or ``cfg.sev_timeout_s``."""
+    """Resolved settings, one typed field per schema key: ``[sev] timeout_s``
+    is ``cfg.sev_timeout_s``.  Built only by :func:`load_config`, which
+    checked every value against its :class:`Key` (so the ``Literal`` fields
+    hold one of their choices); a test keeps the fields and SCHEMA in step.
+    """
 
-    def __init__(self, values: dict[tuple[str, str], Any], present: set[str],
-                 source: str | None) -> None:
-        self._values = values
-        self.sections_present = present
-        self.source = source
+    vm_name: str
+    vm_run_dir: str | None
+    launch_shutdown_grace_s: float
+    sev_owner_url: str | None
+    sev_timeout_s: float
+    sev_on_refusal: OnRefusal
+    sev_pdh: str | None
+    sev_cert_chain: str | None
+    sev_cek: str | None
+    snp_policy: int
+    snp_id_block: str | None
+    snp_id_auth: str | None
+    snp_id_block_file: str | None
+    snp_id_auth_file: str | None
+    snp_host_data: str | None
+    snp_author_key_enabled: bool
+    snp_cbitpos: int | None
+    snp_reduced_phys_bits: int
+    snp_timeout_s: float
+    migration_psk_length: int
+    migration_dest_deadline_s: float
+    migration_host_key: str | None
+    migration_trusted_hosts: str | None
+    migration_offer_lifetime_s: float
+    secrets_master_key: MasterKeyMode
+    vtpm_state_dir: str | None
+    vtpm_key: str | None
+    vtpm_version: VtpmVersion
+    vtpm_key_kind: VtpmKeyKind
+    vtpm_device: VtpmDevice
+    control_gid: int | None
+    control_ref_dirs: tuple[str, ...]
+    #: the sections the file or a flag named (``[vtpm]`` alone turns the vTPM on)
+    sections_present: frozenset[str] = frozenset()
+    #: the config file read, if any
+    source: str | None = None
+
+    @classmethod
+    def from_values(cls, values: dict[tuple[str, str], Any], present: set[str] | frozenset[str],
+                    source: str | None) -> Config:
+        """The checked ``{(section, name): value}`` of :func:`load_config`."""
+        fields = {f"{section}_{name}": value for (section, name), value in values.items()}
+        return cls(**fields, sections_present=frozenset(present), source=source)
 
     def get(self, section: str, name: str) -> Any:
-        return self._values[(section, name)]
-
-    def __getattr__(self, attr: str) -> Any:
-        for (section, name), value in self.__dict__["_values"].items():
-            if f"{section}_{name}" == attr:
-                return value
-        raise AttributeError(attr)
+        """The value of ``[section] name`` when the key is computed (``KeyError`` if unknown)."""
+        if (section, name) not in KEYS:
+            raise KeyError((section, name))
+        return getattr(self, f"{section}_{name}")
 
     @property
     def sev_enabled(self) -> bool:
@@ -347,7 +393,7 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
                 raise UsageError(f"[snp] {name} and {name}_file: give one")
     if values.get(("sev", "cek")) and not values.get(("sev", "cert_chain")):
         raise UsageError("[sev] cek replaces the CEK of [sev] cert_chain: give cert_chain too")
-    return Config(values, present, path)
+    return Config.from_values(values, present, path)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
 if TYPE_CHECKING:
     from agent.app.config import Config
     from agent.app.metrics import Metrics
+    from agent.core.events import Event
     from agent.core.flow import Flow
 
 #: (method, path) -> handler(args); a handler returns a body, or (status, body).
@@ -34,7 +35,7 @@ class FlowHost(Protocol):
     def start_flow(self, flow_id: str, flow: "Flow") -> None:
         """Start ``flow`` under ``flow_id`` (the verbs name their flows)."""
 
-    def feed(self, flow_id: str, event: Any) -> None:
+    def feed(self, flow_id: str, event: "Event") -> None:
         """Give the flow one event (``KeyProvided``, ``ControlRequest``)."""
 
     def new_request(self) -> tuple[str, "asyncio.Future[tuple[int, dict]]"]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Any
 
 from agent.common.errors import FlowFailed, UsageError
 

@@ -31,7 +31,9 @@ from agent.core.resume import ResumeFlow, ResumeParams
 from agent.common.secret import Secret
 from agent.common.errors import UsageError
 from agent.io import qmp as qmpio
+from agent.io.monitor import Monitor
 from agent.io.rundir import check_socket_path, make_key_dir, remove_key_dir, write_key_file
+from agent.app.config import Config
 from agent.app.runtime import Runtime
 from agent.app.sidecar import Sidecar, SidecarOptions
 
@@ -58,7 +60,7 @@ def prepare_argv(argv: list[str], qmp_path: str) -> tuple[list[str], bool]:
 
 
 class Launcher(Sidecar):
-    def __init__(self, cfg, opts: SidecarOptions, qemu_argv: list[str]) -> None:
+    def __init__(self, cfg: Config, opts: SidecarOptions, qemu_argv: list[str]) -> None:
         super().__init__(cfg, opts)
         self.qemu_argv = qemu_argv
         self.incoming = "-incoming" in qemu_argv[1:]
@@ -86,7 +88,7 @@ class Launcher(Sidecar):
                           "QMP socket", self.cfg.vm_run_dir)
 
     # -- starting QEMU -------------------------------------------------------------
-    async def open_monitor(self, events: set[str]) -> qmpio.QmpConnection:
+    async def open_monitor(self, events: set[str]) -> Monitor:
         """Start QEMU with the master key (and any launch session) as files it
         reads at start, and connect to its monitor; the files are gone
         whatever happens."""
@@ -170,6 +172,7 @@ class Launcher(Sidecar):
         index = ls.find_sev_object(argv)
         if not cfg.sev_enabled or not cfg.sev_pdh or index is None:
             return
+        assert cfg.sev_owner_url is not None and self.run_dir is not None  # preflight, check()
         godh, session = await ls.fetch_session(
             cfg.sev_owner_url, cfg.vm_name, cfg.sev_pdh, cfg.sev_cert_chain,
             ls.sev_policy(argv[index]), cfg.sev_timeout_s, cek_path=cfg.sev_cek)
@@ -188,8 +191,8 @@ class Launcher(Sidecar):
                 remove_key_dir(path)
                 setattr(self, attr, None)
 
-    async def _relay_stderr(self, loop) -> None:
-        assert self.qemu is not None
+    async def _relay_stderr(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.qemu is not None  # started before this task
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), self.qemu.stderr)
@@ -201,8 +204,8 @@ class Launcher(Sidecar):
         finally:
             transport.close()
 
-    async def _wait_qemu(self, loop) -> None:
-        assert self.qemu is not None
+    async def _wait_qemu(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.qemu is not None  # started before this task
         await loop.run_in_executor(None, self.qemu.wait)
         self._qemu_done.set()
 

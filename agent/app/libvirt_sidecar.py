@@ -11,6 +11,7 @@ from __future__ import annotations
 from agent.app.config import Config
 from agent.app.sidecar import Sidecar, SidecarOptions
 from agent.io import libvirt_monitor
+from agent.io.monitor import Monitor
 
 
 class LibvirtSidecar(Sidecar):
@@ -22,7 +23,7 @@ class LibvirtSidecar(Sidecar):
     def check(self) -> None:
         libvirt_monitor.load_api()  # UsageError (exit 2) without libvirt-python
 
-    async def open_monitor(self, events: set[str]):
+    async def open_monitor(self, events: set[str]) -> Monitor:
         conn = await libvirt_monitor.open_connection(
             self.uri, self.domain, f"keyagent.{self.cfg.vm_name}", events, self.opts.qmp_timeout)
         self.log.info("libvirt connected", libvirt=self.uri, domain=self.domain,

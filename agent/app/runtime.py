@@ -38,6 +38,7 @@ from agent.app.runtime_keys import KeyStore
 from agent.app.runtime_owner import OwnerExecutor, ask_owner
 from agent.app.runtime_qmp import CommandChannel, QmpExecutor
 from agent.app.runtime_timers import TimerExecutor
+from agent.io.monitor import Monitor
 from agent.common.logs import get_logger
 from agent.core.actions import (
     Action,
@@ -63,7 +64,7 @@ Handler = Callable[[str, Any], None]
 
 
 class Runtime:
-    def __init__(self, *, qmp: CommandChannel | None, event_log: EventLog,
+    def __init__(self, *, qmp: Monitor | None, event_log: EventLog,
                  owner_url: str | None = None, owner_timeout: float = 30.0,
                  on_finish: FinishCallback | None = None, log: Any = None,
                  run_dir: str | None = None, metrics: Any = None) -> None:

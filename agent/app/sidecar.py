@@ -20,7 +20,7 @@ import signal
 import stat
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Mapping
 
 from agent import __version__
 from agent.app.config import Config
@@ -28,10 +28,22 @@ from agent.core.launch import LaunchParams, SevLaunchFlow
 from agent.common.errors import FlowFailed, KeyagentError, UsageError
 from agent.app.eventlog import EventLog
 from agent.io import qmp as qmpio
+from agent.io.monitor import Monitor
 from agent.io.rundir import (RunDirLock, check_socket_length, check_socket_path, lock_run_dir,
                              prepare_run_dir, set_run_dir_group, sweep_stale_keys)
 from agent.common.logs import get_logger
 from agent.app.runtime import Runtime
+from agent.core.actions import Finish
+from agent.core.events import Event
+from agent.core.flow import Flow
+
+if TYPE_CHECKING:
+    from agent.app.control import ControlServer
+    from agent.app.flowhost import VerbTable
+    from agent.app.verbs.migrate import MigrationControl
+    from agent.app.verbs.secrets import SecretsControl
+    from agent.app.vtpm import Vtpm
+    from agent.io.rundir import RunDirLock
 
 if TYPE_CHECKING:  # imported where used: an idle sidecar loads none of them
     from agent.app.control import ControlServer
@@ -79,6 +91,7 @@ def check_host_keys(cfg: Config) -> None:
         return
     from agent.crypto import hostkey
 
+    assert trusted is not None  # they go together
     try:
         hostkey.check_private(key)
         hostkey.load_trusted(trusted)
@@ -112,7 +125,7 @@ class Sidecar:
     def _stays(self) -> bool:
         return self.control is not None
 
-    def _on_finish(self, flow_id: str, fin) -> None:
+    def _on_finish(self, flow_id: str, fin: Finish) -> None:
         # Only the launch decides the sidecar's fate; a failed migration or
         # secret request is answered to its caller and the VM goes on.
         if flow_id == "launch" and fin.code != 0 and self.exit_code == 0:
@@ -198,8 +211,8 @@ class Sidecar:
         await asyncio.gather(task, return_exceptions=True)
         return None
 
-    async def open_monitor(self, events: set[str]):
-        """Connect to QEMU's monitor; return a QmpConnection-like object."""
+    async def open_monitor(self, events: set[str]) -> Monitor:
+        """Connect to QEMU's monitor (a QMP socket here; libvirt's, a launcher's own QEMU in subclasses)."""
         qmp = qmpio.QmpConnection(f"keyagent.{self.cfg.vm_name}", events=events)
         try:
             await qmp.connect(self.opts.qmp_path, self.opts.qmp_timeout)
@@ -316,6 +329,7 @@ class Sidecar:
         (exit 2) and touches nothing of the first's.
         """
         cfg = self.cfg
+        assert cfg.vm_run_dir is not None  # called only with one
         self.run_dir = prepare_run_dir(cfg.vm_run_dir)
         self._run_dir_lock = lock_run_dir(self.run_dir)
         control = self.opts.control_path
@@ -405,7 +419,7 @@ class Sidecar:
                         wall=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
         return event_log
 
-    def _start_runtime(self, qmp, event_log: EventLog) -> Runtime:
+    def _start_runtime(self, qmp: Monitor, event_log: EventLog) -> Runtime:
         """The runtime that runs the flows over this monitor connection."""
         cfg = self.cfg
         rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
@@ -438,7 +452,7 @@ class Sidecar:
             tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
         return tasks
 
-    async def _shut_down(self, qmp, tasks: list[asyncio.Task], event_log: EventLog) -> None:
+    async def _shut_down(self, qmp: Monitor | None, tasks: list[asyncio.Task[Any]], event_log: EventLog) -> None:
         """Every exit path: stop the runtime, wipe keys, close the control
         socket and the monitor, stop swtpm, write the exit record."""
         log = self.log
@@ -480,26 +494,26 @@ class Sidecar:
 
     # -- FlowHost (agent.app.flowhost): all the control verbs see of us -------
     def _rt(self) -> Runtime:
-        """The runtime: the verbs are served only once it runs."""
-        assert self.runtime is not None, "no runtime yet"
+        """The runtime: the control server (and so every verb) starts after it."""
+        assert self.runtime is not None
         return self.runtime
 
-    def start_flow(self, flow_id: str, flow) -> None:
+    def start_flow(self, flow_id: str, flow: Flow) -> None:
         self._rt().start_flow(flow_id, flow)
 
-    def feed(self, flow_id: str, event) -> None:
+    def feed(self, flow_id: str, event: Event) -> None:
         self._rt().feed(flow_id, event)
 
-    def new_request(self):
+    def new_request(self) -> tuple[str, asyncio.Future[tuple[int, dict[str, Any]]]]:
         return self._rt().new_request()
 
-    def finished(self, flow_id: str):
+    def finished(self, flow_id: str) -> Awaitable[None]:
         return self._rt().finished(flow_id)
 
-    def flows(self) -> Mapping[str, Any]:
+    def flows(self) -> Mapping[str, Flow]:
         return MappingProxyType(self._rt().flows)
 
-    def control_verbs(self) -> dict:
+    def control_verbs(self) -> VerbTable:
         """(method, path) -> handler(args) for the control socket."""
         from agent.protocol import control as wire
 
@@ -508,7 +522,7 @@ class Sidecar:
 
             self.migration = MigrationControl(self)
         m, s = self.migration, self.secrets
-        secrets = {} if s is None else {wire.SECRET_ADD: s.add, wire.SECRET_REMOVE: s.remove}
+        secrets: dict[tuple[str, str], Any] = {} if s is None else {wire.SECRET_ADD: s.add, wire.SECRET_REMOVE: s.remove}
         return {**secrets,
                 wire.MIGRATE_PREPARE: m.prepare, wire.MIGRATE_BEGIN: m.begin,
                 wire.MIGRATE_ACCEPT: m.accept, wire.MIGRATE_START: m.start,

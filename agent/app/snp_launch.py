@@ -25,8 +25,12 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.common.errors import UsageError
+
+if TYPE_CHECKING:
+    from agent.app.config import Config
 
 __all__ = ["SNP_OBJECT_ID", "SnpLaunch", "snp_launch_from_config", "snp_qemu_args", "refuse_own_sev_objects"]
 
@@ -62,7 +66,7 @@ def _b64_file(path: str, what: str, size: int) -> bytes:
     return raw
 
 
-def snp_launch_from_config(cfg) -> SnpLaunch:
+def snp_launch_from_config(cfg: Config) -> SnpLaunch:
     """The checked ``[snp]`` settings; UsageError (exit 2) with one line on any fault."""
     from agent.sev.snp_idblock import IdBlock, check_id_auth, SnpFormatError
 
@@ -86,8 +90,10 @@ def snp_launch_from_config(cfg) -> SnpLaunch:
         if block.policy != policy:
             raise UsageError(f"[snp] the ID block pins policy {block.policy:#x}, [snp] policy is {policy:#x}: "
                              "the PSP would refuse the launch")
+        id_auth = blobs["id_auth"]
+        assert id_auth is not None  # they go together (checked above)
         try:
-            auth = check_id_auth(blobs["id_block"], blobs["id_auth"])
+            auth = check_id_auth(blobs["id_block"], id_auth)
         except SnpFormatError as exc:
             raise UsageError(f"[snp] id_auth: {exc}") from None
         if not auth.block_signature:

@@ -79,6 +79,6 @@ def run(args) -> int:
     else:
         from agent.app.libvirt_sidecar import LibvirtSidecar
 
-        sidecar = LibvirtSidecar(cfg, opts, args.libvirt, args.domain)
+        sidecar = LibvirtSidecar(cfg, opts, args.libvirt, str(args.domain))  # both checked above
     code = asyncio.run(sidecar.run())
     return code

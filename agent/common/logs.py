@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from typing import Any, MutableMapping, TextIO
 
 import structlog
+from structlog.typing import Processor
 
 from agent.common.secret import Secret, live_secret_forms
 
@@ -46,7 +47,7 @@ def _scrub_value(value: Any) -> Any:
     return value
 
 
-def _redact_processor(_logger: Any, _name: str, event_dict: dict) -> dict:
+def _redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     return {k: _scrub_value(v) for k, v in event_dict.items()}
 
 
@@ -82,7 +83,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     if numeric is None:
         raise ValueError(f"unknown log level {level!r} (use debug, info, warning, error)")
 
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

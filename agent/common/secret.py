@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import weakref
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["Secret", "live_secret_forms"]
 
@@ -105,10 +105,10 @@ class Secret:
 
     __str__ = __repr__
 
-    def __reduce__(self):  # refuse pickling: it would copy the bytes out
+    def __reduce__(self) -> Any:  # refuse pickling: it would copy the bytes out
         raise TypeError("Secret cannot be pickled")
 
-    def to_log(self) -> dict:
+    def to_log(self) -> dict[str, int]:
         """How the event log and structured logs record this value."""
         return {"redacted": len(self._buf)}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from agent.core.modes import LogLevel
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class CancelTimer:
 class Log:
     """One log line the shell writes for the flow (never secret fields)."""
 
-    level: str
+    level: LogLevel
     message: str
     fields: dict[str, Any] = field(default_factory=dict)
 

@@ -8,10 +8,10 @@ only move secrets around; they never branch on their bytes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
-from agent.core.actions import ACTION_TYPES
-from agent.core.events import EVENT_TYPES
+from agent.core.actions import ACTION_TYPES, Action
+from agent.core.events import EVENT_TYPES, Event
 from agent.common.secret import Secret
 
 
@@ -66,16 +66,16 @@ def from_json(value: Any) -> Any:
     return value
 
 
-def encode(obj: Any) -> dict:
+def encode(obj: Any) -> dict[str, Any]:
     """``{"type": "QmpReply", "tag": ..., ...}``"""
     cls = type(obj)
-    out = {"type": cls.__name__}
+    out: dict[str, Any] = {"type": cls.__name__}
     for name in _field_names(cls):
         out[name] = to_json(getattr(obj, name))
     return out
 
 
-def _decode(record: dict, types: dict[str, type]) -> Any:
+def _decode(record: dict[str, Any], types: dict[str, type]) -> Any:
     if not isinstance(record, dict):
         raise CodecError("record is not an object")
     name = record.get("type")
@@ -93,9 +93,9 @@ def _decode(record: dict, types: dict[str, type]) -> Any:
         raise CodecError(f"{name}: {exc}") from None
 
 
-def decode_event(record: dict) -> Any:
-    return _decode(record, EVENT_TYPES)
+def decode_event(record: dict[str, Any]) -> Event:
+    return cast(Event, _decode(record, EVENT_TYPES))
 
 
-def decode_action(record: dict) -> Any:
-    return _decode(record, ACTION_TYPES)
+def decode_action(record: dict[str, Any]) -> Action:
+    return cast(Action, _decode(record, ACTION_TYPES))

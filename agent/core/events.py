@@ -48,7 +48,7 @@ class QmpEvent:
     """An asynchronous QMP event (RESUME, STOP, SHUTDOWN, MIGRATION, ...)."""
 
     name: str
-    data: dict = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class ControlRequest:
 
     req: str
     verb: str
-    args: dict = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -8,19 +8,26 @@ from JSON parameters (recorded in the event log), so ``keyagent replay
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from agent.core.actions import Action, ArmTimer, CancelTimer, Finish
+from agent.core.events import Event
 
 
-class Flow:
+#: a flow's parameters: a frozen dataclass of JSON values (``Flow.Params``)
+P = TypeVar("P")
+
+
+class Flow(Generic[P]):
+    """``Flow[LaunchParams]``: ``self.params`` is typed by the subclass."""
+
     kind: ClassVar[str]
     #: QMP event names this flow wants; the runtime feeds (and records) only these.
     wanted_events: ClassVar[frozenset[str]] = frozenset()
     #: the dataclass of this flow's parameters
-    Params: ClassVar[type]
+    Params: ClassVar[type[Any]]
 
-    def __init__(self, params: Any) -> None:
+    def __init__(self, params: P) -> None:
         self.params = params
         self.finished: Finish | None = None
         self._timers: set[str] = set()
@@ -28,10 +35,11 @@ class Flow:
 
     # -- replay support ------------------------------------------------------
     def params_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.params)
+        params: Any = self.params  # a dataclass instance (Params)
+        return dataclasses.asdict(params)
 
     @classmethod
-    def from_params(cls, data: dict[str, Any]) -> "Flow":
+    def from_params(cls, data: dict[str, Any]) -> Flow[Any]:
         return cls(cls.Params(**data))
 
     # -- helpers for subclasses ---------------------------------------------
@@ -50,5 +58,5 @@ class Flow:
         self.finished = Finish(code, " ".join(reason.splitlines()))
         return [*(CancelTimer(name) for name in sorted(self._timers)), self.finished]
 
-    def handle(self, event: Any) -> list[Action]:  # pragma: no cover - abstract
+    def handle(self, event: Event) -> list[Action]:  # pragma: no cover - abstract
         raise NotImplementedError

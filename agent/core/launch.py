@@ -28,13 +28,15 @@ import base64
 import binascii
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from agent.core.actions import Action, Log, PostOwner, SendQmp
-from agent.core.events import (OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
+from agent.core.events import (Event, OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
                                QmpError, QmpEvent, QmpReply, Start, TimerFired)
 from agent.core.flow import Flow
 from agent.protocol.owner import SECRET_PATH, SecretRequest
 from agent.sev.sizes import MEASUREMENT_LEN
+from agent.core.modes import OnRefusal
 
 SEV_ES_POLICY_BIT = 0x4
 QUIT_GRACE_S = 5.0
@@ -69,11 +71,11 @@ WAITING_FOR = {
 class LaunchParams:
     vm: str
     timeout_s: float = 30.0
-    on_refusal: str = "quit"  # quit | pause
+    on_refusal: OnRefusal = "quit"
     retry_s: float = 0.1
 
 
-class SevLaunchFlow(Flow):
+class SevLaunchFlow(Flow[LaunchParams]):
     kind = "sev-launch"
     wanted_events = frozenset({"RESUME", "SHUTDOWN"})
     Params = LaunchParams
@@ -82,11 +84,11 @@ class SevLaunchFlow(Flow):
         super().__init__(params)
         self.state = State.IDLE
         self.pending: str | None = None  # tag of the command we wait for
-        self.sev: dict = {}
+        self.sev: dict[str, Any] = {}
         self._failure: str | None = None
 
     # -- the happy path, step by step ----------------------------------------
-    def handle(self, event) -> list[Action]:
+    def handle(self, event: Event) -> list[Action]:
         if self.state in (State.DONE, State.FAILED):
             return []
         if isinstance(event, Start):
@@ -112,7 +114,7 @@ class SevLaunchFlow(Flow):
             return self._owner(event)
         return []
 
-    def _reply(self, result) -> list[Action]:
+    def _reply(self, result: Any) -> list[Action]:
         if self.state is State.QUERY_STATUS:
             return self._on_status(result)
         if self.state is State.QUERY_SEV:
@@ -127,7 +129,7 @@ class SevLaunchFlow(Flow):
                     *self.finish(0, "launched: secret injected, VM running")]
         return []
 
-    def _on_status(self, result) -> list[Action]:
+    def _on_status(self, result: Any) -> list[Action]:
         status = result.get("status") if isinstance(result, dict) else None
         if status == "running":
             self.state = State.FAILED
@@ -136,7 +138,7 @@ class SevLaunchFlow(Flow):
             return self._fail(f"cannot attest a VM in status {status!r}")
         return self._send("query-sev")
 
-    def _on_query_sev(self, result) -> list[Action]:
+    def _on_query_sev(self, result: Any) -> list[Action]:
         if not isinstance(result, dict) or result.get("enabled") is not True:
             return self._fail("SEV is not enabled for this VM")
         if result.get("sev-type") == "sev-snp":  # QEMU 9.1+: an SNP guest takes no launch secret
@@ -157,7 +159,7 @@ class SevLaunchFlow(Flow):
                 "sev_es": bool(fields["policy"] & SEV_ES_POLICY_BIT), "sev_state": sev_state}
         return [Log("info", "SEV guest found", info), *self._send("query-sev-launch-measure")]
 
-    def _on_measurement(self, result) -> list[Action]:
+    def _on_measurement(self, result: Any) -> list[Action]:
         data = result.get("data") if isinstance(result, dict) else None
         try:
             blob = base64.b64decode(data, validate=True) if isinstance(data, str) else b""
@@ -173,12 +175,12 @@ class SevLaunchFlow(Flow):
         return [Log("info", "asking the guest owner to verify the measurement"),
                 PostOwner(SECRET_PATH, request.encode())]
 
-    def _owner(self, event) -> list[Action]:
+    def _owner(self, event: OwnerReleased | OwnerRefused | OwnerFailed) -> list[Action]:
         if isinstance(event, OwnerRefused):
             return self._fail(f"guest owner refused: {event.error} (HTTP {event.status})")
         if isinstance(event, OwnerFailed):
             return self._fail(f"guest owner: {event.reason}")
-        args = {"packet-header": event.packet_header, "secret": event.secret}
+        args: dict[str, Any] = {"packet-header": event.packet_header, "secret": event.secret}
         if event.gpa is not None:
             args["gpa"] = event.gpa
         return [Log("info", "guest owner released the launch secret"),
@@ -211,7 +213,7 @@ class SevLaunchFlow(Flow):
                               stop_first=True)
         return []
 
-    def _send(self, command: str, args: dict | None = None,
+    def _send(self, command: str, args: dict[str, Any] | None = None,
               state: State | None = None) -> list[Action]:
         tag = self.next_tag(command)
         self.pending = tag
@@ -241,7 +243,7 @@ class SevLaunchFlow(Flow):
         self.state = State.FAILED
         return [*actions, *self.finish(1, f"{reason} (VM left paused)")]
 
-    def _quitting(self, event) -> list[Action]:
+    def _quitting(self, event: Event) -> list[Action]:
         done = ((isinstance(event, (QmpReply, QmpError)) and event.tag == self.pending)
                 or (isinstance(event, TimerFired) and event.name == "quit"))
         if not done:

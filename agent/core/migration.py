@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from agent.core.actions import (Action, ControlReply, Log, RemoveKeyDir, SendQmp, WriteKeyDir)
 from agent.core.dhparams import ffdhe2048_pem
-from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
+from agent.core.events import (ControlRequest, Event, KeyDirFailed, KeyDirReady, KeyProvided,
                                QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
 from agent.core.flow import Flow
 from agent.common.secret import Secret
+from agent.core.modes import LogLevel, MigrationRole
 
 FINAL = ("completed", "failed", "cancelled")
 KEY_DIR = "tls"
@@ -54,7 +56,7 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class MigrationParams:
-    role: str  # "source" | "destination"
+    role: MigrationRole
     uri: str
     reply_to: str  # the control request that started it (answered when it is under way)
     creds_id: str
@@ -85,7 +87,7 @@ def psk_file_line(psk: Secret) -> Secret:
         line[:] = bytes(len(line))
 
 
-class MigrationFlow(Flow):
+class MigrationFlow(Flow[MigrationParams]):
     kind = "migration"
     wanted_events = frozenset({"MIGRATION", "SHUTDOWN"})
     Params = MigrationParams
@@ -97,14 +99,14 @@ class MigrationFlow(Flow):
         self.status = "none"  # QEMU's last MIGRATION status
         self.error = ""
         self.final_status: str | None = None
-        self._steps: list[tuple[str, dict]] = []
+        self._steps: list[tuple[str, dict[str, Any]]] = []
         self._pending: str | None = None
         self._replied = False
         self._creds_added = False
         self._tls_set = False
         self._dir = False
         self._cancel_req: str | None = None
-        self._cleanup: list[tuple[str, dict]] = []
+        self._cleanup: list[tuple[str, dict[str, Any]]] = []
         self._leftover: str | None = None  # a setup command still out when we stopped
         self._deadline_live = False  # the destination's deadline is armed, not cancelled
         self._postcopy_asked = False
@@ -112,10 +114,10 @@ class MigrationFlow(Flow):
 
     @property
     def source(self) -> bool:
-        return self.params.role == "source"
+        return bool(self.params.role == "source")
 
     # -- the sequence ------------------------------------------------------------
-    def handle(self, event) -> list[Action]:
+    def handle(self, event: Event) -> list[Action]:
         if self._line is not None:
             # The shell wrote keys.psk while carrying out WriteKeyDir, before
             # it fed us anything else: the file is the line's only home now.
@@ -167,7 +169,7 @@ class MigrationFlow(Flow):
         self._dir = True
         self._line = psk_file_line(psk)
         psk.wipe()  # the line is all that is needed of it, and only until it is written
-        files: dict = {"keys.psk": self._line}
+        files: dict[str, Any] = {"keys.psk": self._line}
         if not self.source:
             files["dh-params.pem"] = ffdhe2048_pem()
         return [WriteKeyDir(KEY_DIR, files)]
@@ -181,7 +183,7 @@ class MigrationFlow(Flow):
                 {"capability": "multifd", "state": p.multifd}]
         if p.postcopy:
             caps.append({"capability": "postcopy-ram", "state": True})
-        params = {"tls-creds": p.creds_id}
+        params: dict[str, Any] = {"tls-creds": p.creds_id}
         if p.multifd:
             params["multifd-channels"] = p.multifd_channels
         self._steps = [
@@ -195,13 +197,13 @@ class MigrationFlow(Flow):
     def _next_step(self) -> list[Action]:
         return self._send(*self._steps.pop(0))
 
-    def _send(self, command: str, args: dict) -> list[Action]:
+    def _send(self, command: str, args: dict[str, Any]) -> list[Action]:
         """The one command this flow waits for next (setup or cleanup)."""
         self._last_command = command
         self._pending = self.next_tag(command)
         return [SendQmp(self._pending, command, args)]
 
-    def _setup_step(self, _result) -> list[Action]:
+    def _setup_step(self, _result: Any) -> list[Action]:
         actions: list[Action] = []
         done = self._last_command
         if done == "object-add":
@@ -312,7 +314,7 @@ class MigrationFlow(Flow):
             return self._done()
         return self._send(*self._cleanup.pop(0))
 
-    def _cleanup_step(self, event) -> list[Action]:
+    def _cleanup_step(self, event: QmpReply | QmpError) -> list[Action]:
         actions: list[Action] = []
         ok = isinstance(event, QmpReply)
         if self._leftover is not None:
@@ -329,7 +331,7 @@ class MigrationFlow(Flow):
                 self._cleanup.insert(0, ("migrate_cancel", {}))
             return self._cleanup_next()
         command = self._last_command
-        if command == "query-migrate" and ok:
+        if command == "query-migrate" and isinstance(event, QmpReply):
             desc = event.result.get("error-desc") if isinstance(event.result, dict) else None
             if isinstance(desc, str) and desc:
                 self.error = desc
@@ -337,7 +339,7 @@ class MigrationFlow(Flow):
             self._tls_set = False
         elif command == "object-del" and ok:
             self._creds_added = False
-        if not ok and command != "query-migrate":
+        if isinstance(event, QmpError) and command != "query-migrate":
             actions.append(Log("warning", "cleanup step failed",
                                {"command": command, "error": event.desc}))
         return [*actions, *self._cleanup_next()]
@@ -346,10 +348,10 @@ class MigrationFlow(Flow):
         self.state = State.DONE
         status = self.final_status or "failed"
         reason = self.error or f"migration {status}"
-        fields = {"status": status}
+        fields: dict[str, Any] = {"status": status}
         if self.error:
             fields["error"] = self.error
-        level = "info" if status == "completed" else "error"
+        level: LogLevel = "info" if status == "completed" else "error"
         return [Log(level, "migration finished", fields),
                 *self.finish(0 if status == "completed" else 1, reason if status != "completed"
                              else "migration completed")]
@@ -370,7 +372,7 @@ class MigrationFlow(Flow):
                                                                "error": self.error}),
                 *self.finish(1, self.error)]
 
-    def _late(self, event) -> list[Action]:
+    def _late(self, event: Event) -> list[Action]:
         if isinstance(event, KeyProvided):
             event.key.wipe()
             return []
@@ -379,14 +381,14 @@ class MigrationFlow(Flow):
                                                   "status": self.final_status})]
         return []
 
-    def result(self) -> dict:
-        out = {"status": self.final_status or self.status}
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.final_status or self.status}
         if self.error:
             out["error"] = self.error
         return out
 
 
-def _cancel(name: str):
+def _cancel(name: str) -> Action:
     from agent.core.actions import CancelTimer
 
     return CancelTimer(name)

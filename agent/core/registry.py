@@ -8,6 +8,8 @@ one line here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.core.flow import Flow
 from agent.core.launch import SevLaunchFlow
 from agent.core.migration import MigrationFlow
@@ -15,6 +17,6 @@ from agent.core.resume import ResumeFlow
 from agent.core.secret_objects import SecretsFlow
 from agent.core.snp_launch import SnpLaunchFlow
 
-FLOW_KINDS: dict[str, type[Flow]] = {
+FLOW_KINDS: dict[str, type[Flow[Any]]] = {
     cls.kind: cls for cls in (SevLaunchFlow, MigrationFlow, ResumeFlow, SecretsFlow, SnpLaunchFlow)
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.core.actions import Action, Log, SendQmp
-from agent.core.events import QmpDisconnected, QmpError, QmpReply, Start
+from agent.core.events import Event, QmpDisconnected, QmpError, QmpReply, Start
 from agent.core.flow import Flow
 
 
@@ -22,7 +22,7 @@ class ResumeParams:
     vm: str
 
 
-class ResumeFlow(Flow):
+class ResumeFlow(Flow[ResumeParams]):
     kind = "resume"
     Params = ResumeParams
 
@@ -36,7 +36,7 @@ class ResumeFlow(Flow):
         self.pending = self.next_tag(command)
         return [SendQmp(self.pending, command, {})]
 
-    def handle(self, event) -> list[Action]:
+    def handle(self, event: Event) -> list[Action]:
         if self.finished is not None:
             return []
         if isinstance(event, Start):

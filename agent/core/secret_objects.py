@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any, cast
 
 from agent.core.actions import (Action, ControlReply, KeyringAdd, KeyringDrop, Log,
                                 RemoveKeyDir, SendQmp, WriteKeyDir)
-from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
+from agent.core.events import (ControlRequest, Event, KeyDirFailed, KeyDirReady, KeyProvided,
                                KeyringFailed, KeyringReady, QmpDisconnected, QmpError,
                                QmpEvent, QmpReply, Start)
 from agent.core.flow import Flow
+from agent.core.modes import MasterKeyMode
 
 MASTER = "master"
 
@@ -48,13 +50,13 @@ class State(enum.Enum):
 @dataclass(frozen=True)
 class SecretsParams:
     vm: str
-    mode: str = "keyring"  # keyring | file
+    mode: MasterKeyMode = "keyring"
     master_id: str = "keyagent-master"
     # ``keyagent launch`` put the master key on QEMU's command line already.
     preloaded: bool = False
 
 
-class SecretsFlow(Flow):
+class SecretsFlow(Flow[SecretsParams]):
     kind = "secrets"
     wanted_events = frozenset({"SHUTDOWN"})
     Params = SecretsParams
@@ -68,7 +70,7 @@ class SecretsFlow(Flow):
         self.pending: dict[str, tuple[str, ControlRequest | None]] = {}  # tag -> (what, request)
         self.adding: set[str] = set()
 
-    def handle(self, event) -> list[Action]:
+    def handle(self, event: Event) -> list[Action]:
         if self.state is State.DONE:
             return []
         if isinstance(event, Start):
@@ -101,13 +103,13 @@ class SecretsFlow(Flow):
         return []
 
     # -- the master key ---------------------------------------------------------------
-    def _add_master(self, props: dict) -> list[Action]:
+    def _add_master(self, props: dict[str, Any]) -> list[Action]:
         self.state = State.ADDING_MASTER
         tag = self.next_tag("object-add")
         self.pending[tag] = ("master", None)
         return [SendQmp(tag, "object-add", props)]
 
-    def _master_added(self, event) -> list[Action]:
+    def _master_added(self, event: QmpReply | QmpError) -> list[Action]:
         # QEMU read the key at object-add (or failed to): the copy goes either way.
         drop: list[Action] = [KeyringDrop(MASTER) if self.params.mode == "keyring"
                               else RemoveKeyDir(MASTER)]
@@ -138,7 +140,7 @@ class SecretsFlow(Flow):
             return []
         if self.state is State.BROKEN:
             return [ControlReply(request.req, 503, {"error": f"no master key: {self.problem}"})]
-        sid = request.args.get("id")
+        sid = cast(str, request.args.get("id"))  # the verb checked it (agent.app.verbs.secrets)
         if request.verb == "add":
             if sid in self.objects or sid in self.adding:
                 return [ControlReply(request.req, 409, {"error": f"secret {sid!r} already exists"})]
@@ -158,14 +160,15 @@ class SecretsFlow(Flow):
             return [SendQmp(tag, "object-del", {"id": sid})]
         return [ControlReply(request.req, 400, {"error": f"unknown verb {request.verb!r}"})]
 
-    def _answer(self, event) -> list[Action]:
+    def _answer(self, event: QmpReply | QmpError) -> list[Action]:
         entry = self.pending.pop(event.tag, None)
         if entry is None:
             return []
         what, request = entry
         if what == "master":
             return self._master_added(event)
-        sid = request.args.get("id")
+        assert request is not None  # only the master key's entry has none
+        sid = cast(str, request.args.get("id"))  # the verb checked it (agent.app.verbs.secrets)
         if what == "add":
             self.adding.discard(sid)
             if isinstance(event, QmpError):
@@ -188,9 +191,9 @@ class SecretsFlow(Flow):
                            else RemoveKeyDir(MASTER))
         for request in self.waiting:
             actions.append(ControlReply(request.req, 503, {"error": "QEMU is gone"}))
-        for _what, request in self.pending.values():
-            if request is not None:
-                actions.append(ControlReply(request.req, 503, {"error": "QEMU is gone"}))
+        for _what, pending in self.pending.values():
+            if pending is not None:
+                actions.append(ControlReply(pending.req, 503, {"error": "QEMU is gone"}))
         self.waiting, self.pending = [], {}
         self.state = State.DONE
         return [*actions, *self.finish(0, "QEMU is gone")]

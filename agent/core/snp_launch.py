@@ -24,9 +24,10 @@ is a refusal too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from agent.core.actions import Action, Log, SendQmp
-from agent.core.events import QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired
+from agent.core.events import Event, QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired
 from agent.core.flow import Flow
 
 QUIT_GRACE_S = 5.0
@@ -40,7 +41,7 @@ class SnpLaunchParams:
     timeout_s: float = 30.0
 
 
-class SnpLaunchFlow(Flow):
+class SnpLaunchFlow(Flow[SnpLaunchParams]):
     kind = "snp-launch"
     wanted_events = frozenset({"RESUME", "SHUTDOWN"})
     Params = SnpLaunchParams
@@ -56,7 +57,7 @@ class SnpLaunchFlow(Flow):
         self.pending = self.next_tag(command)
         return [SendQmp(self.pending, command, {})]
 
-    def handle(self, event) -> list[Action]:
+    def handle(self, event: Event) -> list[Action]:
         if self.finished is not None:
             return []
         if isinstance(event, Start):
@@ -110,7 +111,7 @@ class SnpLaunchFlow(Flow):
                     *self.finish(0, "launched: SNP guest checked, VM running")]
         return []
 
-    def check_query_sev(self, result) -> str | None:
+    def check_query_sev(self, result: Any) -> str | None:
         """Why ``query-sev``'s answer is not the SNP guest asked for, or None."""
         if not isinstance(result, dict) or result.get("enabled") is not True:
             return "SEV is not enabled for this VM"

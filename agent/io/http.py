@@ -285,7 +285,8 @@ def _peer_of(writer: asyncio.StreamWriter) -> object:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
         except OSError:
             return None
-        return PeerCred(*UCRED.unpack(raw), groups=_peer_groups(sock))
+        pid, uid, gid = UCRED.unpack(raw)
+        return PeerCred(pid, uid, gid, groups=_peer_groups(sock))
     peername = writer.get_extra_info("peername")
     if isinstance(peername, tuple):
         return tuple(peername[:2])
@@ -342,7 +343,7 @@ class _Conn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.WriteTransport | None = None
         self.idle = False  # between two requests of a keep-alive connection
 
 
@@ -537,7 +538,12 @@ class HttpServer:
                 pass
             readable = loop.create_future()
             fd = listener.fileno()
-            loop.add_reader(fd, lambda fut=readable: fut.done() or fut.set_result(None))
+
+            def wake(fut: asyncio.Future[None] = readable) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, wake)
             try:
                 await readable
             finally:

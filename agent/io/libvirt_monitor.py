@@ -144,7 +144,7 @@ INSTALL_HINT = ("libvirt-python is not installed: pip install 'keyagent[libvirt]
 class LibvirtApi:
     """The module-level libvirt calls, in one place so tests can stand in."""
 
-    libvirtError: type  # noqa: N815 - libvirt's name
+    libvirtError: type[Exception]  # noqa: N815 - libvirt's name
     open: Callable[[str], Any]
     qemuMonitorCommand: Callable[[Any, str, int], str]  # noqa: N815
     qemuMonitorEventRegister: Callable[..., int]  # noqa: N815
@@ -255,7 +255,13 @@ class LibvirtConnection:
         self._attach(conn, dom)
         return self
 
-    # -- QmpConnection's interface -----------------------------------------------
+    @property
+    def _libvirt(self) -> LibvirtApi:
+        """libvirt's calls: loaded by connect(), or given to attached()."""
+        assert self._api is not None
+        return self._api
+
+    # -- QmpConnection's interface (agent.io.monitor.Monitor) ----------------------
     @property
     def qemu_version(self) -> str:
         v = self._version
@@ -278,7 +284,7 @@ class LibvirtConnection:
             if self.conn is None:
                 try:
                     self.conn = self._api.open(self.uri)
-                except self._api.libvirtError as exc:
+                except self._libvirt.libvirtError as exc:
                     problem = f"cannot open libvirt connection {self.uri}: {_one_line(exc)}"
             if self.conn is not None:
                 try:
@@ -288,7 +294,7 @@ class LibvirtConnection:
                         return
                     problem = f"domain {domain} is not running"
                     dom = None  # it holds the connection open
-                except self._api.libvirtError as exc:
+                except self._libvirt.libvirtError as exc:
                     self._deregister()
                     self.dom = None
                     problem = f"domain {domain}: {_one_line(exc)}"
@@ -308,7 +314,7 @@ class LibvirtConnection:
             self.log.debug("libvirt -->", message=describe({"execute": command,
                                                             "arguments": args}))
         handler = _TRANSLATED.get(command)
-        api = self._api
+        api = self._libvirt
         try:
             result = handler(self, args) if handler else self._passthrough(command, args)
         except api.libvirtError as exc:
@@ -344,7 +350,7 @@ class LibvirtConnection:
     # -- set-up -------------------------------------------------------------------
     def _attach(self, conn: Any, dom: Any) -> None:
         self.conn, self.dom = conn, dom
-        api = self._api
+        api = self._libvirt
         try:
             self._version = int(conn.getVersion())
         except (api.libvirtError, TypeError, ValueError):
@@ -376,9 +382,10 @@ class LibvirtConnection:
             self._set_gone("the domain is not running")
 
     def _deregister(self) -> None:
-        api, conn = self._api, self.conn
+        conn = self.conn
         if conn is None:
             return
+        api = self._libvirt
         steps = []
         if self._monitor_cb is not None:
             steps.append(lambda cb=self._monitor_cb: api.qemuMonitorEventDeregister(conn, cb))
@@ -402,7 +409,7 @@ class LibvirtConnection:
         if conn is not None:
             try:
                 conn.close()
-            except self._api.libvirtError:
+            except self._libvirt.libvirtError:
                 pass
 
     def _set_gone(self, reason: str) -> None:
@@ -447,7 +454,7 @@ class LibvirtConnection:
     def _domain_alive(self) -> bool:
         try:
             return bool(self.dom is not None and _alive(self.conn) and self.dom.isActive())
-        except self._api.libvirtError:
+        except self._libvirt.libvirtError:
             return False
 
     # -- translation ------------------------------------------------------------------
@@ -469,10 +476,10 @@ class LibvirtConnection:
         return QmpCommandError("libvirt", text)
 
     def _passthrough(self, command: str, args: dict) -> Any:
-        message = {"execute": command}
+        message: dict[str, Any] = {"execute": command}
         if args:
             message["arguments"] = wire_args(args)
-        reply_text = self._api.qemuMonitorCommand(self.dom, json.dumps(message), 0)
+        reply_text = self._libvirt.qemuMonitorCommand(self.dom, json.dumps(message), 0)
         try:
             reply = json.loads(reply_text)
         except ValueError:

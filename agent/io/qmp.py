@@ -65,7 +65,7 @@ def wire_args(args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def describe(msg: Message) -> str:
+def describe(msg: Mapping[str, Any]) -> str:
     try:
         return scrub(json.dumps(redact(dict(msg)), separators=(",", ":")))
     except Exception:  # pragma: no cover - a message that is not JSON-able
@@ -126,9 +126,9 @@ class QmpConnection:
 
     @property
     def qemu_version(self) -> str:
-        greeting = self.client.greeting
+        greeting: Any = self.client.greeting
         try:
-            v = greeting._asdict()["QMP"]["version"]["qemu"]  # type: ignore[union-attr]
+            v = greeting._asdict()["QMP"]["version"]["qemu"]
             return f"{v['major']}.{v['minor']}.{v['micro']}"
         except (AttributeError, TypeError, KeyError):
             return ""

@@ -345,7 +345,7 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
             raise UsageError(f"{where}: {mismatch}")
     if digest_doc is None:
         firmware, digest = _launch_digest(table, where, rel, sev_es)
-        digests = (digest,)
+        digests: tuple[bytes, ...] = (digest,)
         if _AREA_KEYS & set(table):
             raise UsageError(f"{where}: the firmware gives the secret area; "
                              "secret_gpa/secret_size are for a vm given by digest")

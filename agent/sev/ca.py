@@ -81,14 +81,15 @@ _HEAD = struct.Struct("<I16s16sI16sII")
 assert _HEAD.size == 0x40
 
 #: modulus bits -> the digest of its RSASSA-PSS signatures
-_RSA_HASH = {2048: hashes.SHA256, 4096: hashes.SHA384}
+_RSA_HASH: dict[int, type[hashes.HashAlgorithm]] = {2048: hashes.SHA256, 4096: hashes.SHA384}
 #: a CEK's ASK-slot algorithm -> the ASK modulus bits it implies
 _CEK_SLOT_BITS = {ALGO_RSA_SHA256: 2048, ALGO_RSA_SHA384: 4096}
 _ALGO_FOR_BITS = {bits: algo for algo, bits in _CEK_SLOT_BITS.items()}
 
 
 def _pss(hash_cls: type[hashes.HashAlgorithm]) -> padding.PSS:
-    return padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls.digest_size)
+    algorithm = hash_cls()
+    return padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size)
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def builtin_roots() -> tuple[AmdRoots, ...]:
                                      (base / f"{p}-ask.cert").read_bytes()) for p in PRODUCTS)
 
 
-def load_roots_dir(path: str | os.PathLike) -> tuple[AmdRoots, ...]:
+def load_roots_dir(path: str | os.PathLike[str]) -> tuple[AmdRoots, ...]:
     """Every ``<product>-ark.cert`` with its ``<product>-ask.cert`` in ``path``; ValueError (one line)."""
     path = Path(path)
     try:

@@ -142,7 +142,8 @@ class Certificate:
 
     @property
     def curve(self) -> int:
-        return _ECC_PUBKEY.unpack(self.pubkey)[0]
+        curve: int = _ECC_PUBKEY.unpack(self.pubkey)[0]
+        return curve
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         """The EC public key; ValueError if the certificate holds no valid EC point."""

@@ -149,7 +149,7 @@ class OvmfImage:
             raise FirmwareError(
                 f"firmware SEV-ES reset block is {len(data)} bytes, expected {RESET_BLOCK.size}"
             )
-        (addr,) = RESET_BLOCK.unpack_from(data)
+        addr: int = RESET_BLOCK.unpack_from(data)[0]
         if addr == 0:
             # QEMU refuses to start such a guest ("SEV-ES reset address is zero").
             raise FirmwareError("firmware SEV-ES reset address is zero")

@@ -163,7 +163,7 @@ class AttestationReport:
 
     @property
     def signing_key(self) -> int:
-        return (self.key_info >> 2) & 0x7
+        return int((self.key_info >> 2) & 0x7)
 
     @property
     def mask_chip_key(self) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -40,7 +40,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _issue(subject: x509.Name, public_key: Any, issuer: x509.Name, issuer_key: rsa.RSAPrivateKey,
-           serial: int, *, ca: bool, extensions: list[x509.ExtensionType] = ()) -> x509.Certificate:
+           serial: int, *, ca: bool, extensions: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
                .serial_number(serial).not_valid_before(_NOT_BEFORE).not_valid_after(_NOT_AFTER))
     if ca:

@@ -433,8 +433,9 @@ def generate_log(path: str, want_events: int) -> dict:
     import base64
 
     from agent.core.actions import PostOwner, SendQmp, WriteKeyDir
-    from agent.core.events import (KeyDirReady, KeyProvided, OwnerReleased, QmpEvent, QmpReply,
+    from agent.core.events import (Event, KeyDirReady, KeyProvided, OwnerReleased, QmpEvent, QmpReply,
                                    Start)
+    from agent.core.flow import Flow
     from agent.core.launch import LaunchParams, SevLaunchFlow
     from agent.core.migration import MigrationFlow, MigrationParams
     from agent.common.secret import Secret
@@ -478,6 +479,8 @@ def generate_log(path: str, want_events: int) -> dict:
     i = 0
     while counts["events"] < want_events:
         i += 1
+        flow: Flow
+        first: list[Event]
         if i % 10:
             fid, flow = f"launch-{i}", SevLaunchFlow(LaunchParams(vm=f"vm{i}"))
             first = [Start()]
@@ -704,15 +707,15 @@ async def bench_density(ctx: Ctx, n: int) -> dict:
 
     try:
         started = await asyncio.gather(*(start_sim(name) for name in names), return_exceptions=True)
+        ok = [item for item in started if not isinstance(item, BaseException)]
         for item in started:
             if isinstance(item, BaseException):
-                for other in started:
-                    if not isinstance(other, BaseException):
-                        sims.append(other[0])
-                        clients.append(other[2])
+                for other in ok:
+                    sims.append(other[0])
+                    clients.append(other[2])
                 raise item
-        sims = [s[0] for s in started]
-        clients = [s[2] for s in started]
+        sims = [s[0] for s in ok]
+        clients = [s[2] for s in ok]
         waits = [asyncio.ensure_future(_resumed(c)) for c in clients]
         # "At once": every sidecar waits in a shell on one pipe, and execs
         # keyagent when the pipe closes.  Spawning them one by one would
@@ -720,7 +723,7 @@ async def bench_density(ctx: Ctx, n: int) -> dict:
         gate_r, gate_w = os.pipe()
         t_spawn = time.monotonic()
         try:
-            for name, (_proc, path, _client) in zip(names, started):
+            for name, (_proc, path, _client) in zip(names, ok):
                 run_dir = _run_dir(ctx, f"{name}-run")
                 agents.append(await ctx.spawn(f"{name}-agent", [
                     "/bin/sh", "-c", 'read _; exec "$@" </dev/null', "sh",
@@ -793,7 +796,7 @@ def _count(args, name: str, attr: str, minimum: int) -> int:
 
 def met(key: str, value: float | None) -> bool | None:
     op, target, _ = TARGETS[key]
-    if value is None or op is None:
+    if value is None or op is None or target is None:
         return None
     return value <= target if op == "<=" else value >= target
 

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+from typing import Any
 from urllib.parse import urlsplit
 
 from qemu.qmp import QMPClient
@@ -35,6 +36,7 @@ def _post_json(url: str, body: dict, timeout: float) -> tuple[int, dict]:
     """One blocking HTTP POST with the stdlib client (the script does nothing
     else meanwhile, so blocking the loop costs nothing)."""
     parts = urlsplit(url)
+    assert parts.hostname is not None  # the script's own owner URL
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
     try:
         conn.request("POST", parts.path, json.dumps(body),
@@ -51,13 +53,13 @@ async def bare_launch(qmp_path: str, owner_url: str, vm: str, timeout: float = 1
     client = QMPClient("floor")
     await client.connect(qmp_path)
     try:
-        status = await client.execute("query-status")
+        status: Any = await client.execute("query-status")
         if status["status"] not in ("prelaunch", "paused"):
             return 1
-        sev = await client.execute("query-sev")
+        sev: Any = await client.execute("query-sev")
         while True:  # the simulator measures at once; QEMU may need a moment
             try:
-                measure = await client.execute("query-sev-launch-measure")
+                measure: Any = await client.execute("query-sev-launch-measure")
                 break
             except Exception:
                 await asyncio.sleep(0.1)
@@ -91,7 +93,7 @@ async def _wait_status(events, final=("completed", "failed", "cancelled")) -> st
         if event.get("event") == "MIGRATION":
             status = (event.get("data") or {}).get("status")
             if status in final:
-                return status
+                return str(status)
     return "disconnected"
 
 

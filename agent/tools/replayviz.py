@@ -302,9 +302,9 @@ def _event_step(r: dict, ev: Any, commands: dict) -> Step:
         return Step(t, seq, CONTROL, AGENT, short(f"{ev.get('verb', '?')} {kv(ev.get('args'))}", 34),
                     detail, "ctl")
     if typ == "TimerFired":
-        name = ev.get("name")
-        bad = name not in ("retry", "poll")
-        return Step(t, seq, AGENT, AGENT, f"timer {name} fired", detail,
+        timer = ev.get("name")
+        bad = timer not in ("retry", "poll")
+        return Step(t, seq, AGENT, AGENT, f"timer {timer} fired", detail,
                     "timer err" if bad else "timer", "note", bad=bad)
     if typ == "Start":
         return Step(t, seq, AGENT, AGENT, "start", detail, "minor", "note")
@@ -461,8 +461,8 @@ def build(logs: Iterable[tuple[str, list[dict]]]) -> Report:
                 continue
             if kind == "exit":
                 exits.append((path, vm, r.get("code"), str(r.get("reason") or "")))
-                for fv in by_name.values():
-                    fv.open_at_exit = fv.code is None
+                for open_fv in by_name.values():
+                    open_fv.open_at_exit = open_fv.code is None
                 continue
             if kind not in ("flow", "event", "action"):
                 continue
@@ -647,7 +647,8 @@ def _make_rows(fv: FlowView) -> list[Step | Group]:
     items = fold(steps)
     if len(items) > MAX_FLOW_ROWS:
         left = len(items) - HEAD_ROWS - TAIL_ROWS
-        gap = Step(items[HEAD_ROWS].t if isinstance(items[HEAD_ROWS], Step) else items[HEAD_ROWS].t_first,
+        first = items[HEAD_ROWS]
+        gap = Step(first.t if isinstance(first, Step) else first.t_first,
                    0, AGENT, AGENT, f"… {left} more rows left out here (keyagent replay LOG prints them all) …",
                    "", "gap", "gap")
         items = items[:HEAD_ROWS] + [gap] + items[-TAIL_ROWS:]
@@ -688,7 +689,7 @@ def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> f
                    f'{tx(label)}</text></g>')
     elif s.row == "state":
         x = LANE_X[AGENT]
-        w = 7 * len(s.label) + 18
+        w: float = 7 * len(s.label) + 18
         out.append(f'<g class="state-change"><title>{esc(s.detail)}</title>'
                    f'<rect class="pill" x="{x - w / 2:.0f}" y="{y + 3:.0f}" width="{w}" height="16" rx="8"/>'
                    f'<text class="state" x="{x}" y="{y + 15:.0f}">{tx(s.label)}</text></g>')
@@ -732,7 +733,7 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
     header of their own that stays in view (:data:`PAGE_HEAD`) and the
     diagram below it."""
     body: list[str] = []
-    y = TOP + 34 if standalone else 4
+    y: float = TOP + 34 if standalone else 4
     for item in _rows(fv):
         if isinstance(item, Group):
             top = y

@@ -141,3 +141,33 @@ def test_config_must_be_a_small_regular_file(tmp_path, kind):
     assert isinstance(err, UsageError), err
     words = {"fifo": "is not a regular file", "directory": "is a directory", "huge": "is larger than 1048576 bytes"}[kind]
     assert words in str(err) and "\n" not in str(err)
+
+
+def test_config_has_one_typed_field_per_schema_key():
+    import dataclasses
+
+    from agent.app.config import KEYS, Config
+
+    names = {f.name for f in dataclasses.fields(Config)} - {"sections_present", "source"}
+    assert names == {f"{section}_{name}" for section, name in KEYS}
+
+
+def test_config_is_frozen_and_get_reads_the_same_value():
+    import dataclasses
+
+    cfg = load_config(None, {"sev_timeout_s": "5"})
+    assert cfg.get("sev", "timeout_s") == cfg.sev_timeout_s == 5.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sev_timeout_s = 1.0  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        cfg.get("sev", "nonexistent")
+
+
+def test_mode_choices_are_the_literal_types_of_the_flows():
+    from typing import get_args
+
+    from agent.app.config import KEYS
+    from agent.core.modes import MasterKeyMode, OnRefusal
+
+    assert KEYS[("sev", "on_refusal")].choices == get_args(OnRefusal)
+    assert KEYS[("secrets", "master_key")].choices == get_args(MasterKeyMode)

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.core.events import ControlRequest, KeyProvided
 from agent.core.migration import MigrationFlow, MigrationParams
+from agent.core.modes import MigrationRole
 from agent.common.secret import Secret
 from agent.app.flowhost import FlowHost
 from agent.common.errors import ControlError, UsageError
@@ -206,8 +207,9 @@ class MigrationControl:
     def _latest(self) -> tuple[str, MigrationFlow] | None:
         flows = self.host.flows()
         for fid in reversed(list(flows)):
-            if isinstance(flows[fid], MigrationFlow):
-                return fid, flows[fid]
+            flow = flows[fid]
+            if isinstance(flow, MigrationFlow):
+                return fid, flow
         return None
 
     def _options(self, args: dict) -> Options:
@@ -229,7 +231,7 @@ class MigrationControl:
             raise ControlError(409, "no run_dir configured: the agent has nowhere to put key files")
         return Options(uri, multifd, channels, postcopy)
 
-    async def _run(self, role: str, psk: Secret, opts: Options) -> tuple[int, dict]:
+    async def _run(self, role: MigrationRole, psk: Secret, opts: Options) -> tuple[int, dict]:
         """Start the flow with a key that is already spent: nothing here refuses."""
         host = self.host
         self._count += 1
@@ -254,9 +256,10 @@ class MigrationControl:
             digest, psk = self._open_cookie(args["cookie"])
             self._spend_offer(digest)
         else:
-            psk = await self._psk_from_ref(args)
-            if psk is None:
+            from_ref = await self._psk_from_ref(args)
+            if from_ref is None:
                 raise ControlError(400, "migrate accept needs --cookie or --psk-file")
+            psk = from_ref
         return await self._run("destination", psk, opts)
 
     async def start(self, args: dict) -> tuple[int, dict]:

@@ -71,6 +71,7 @@ class SecretsControl:
         except UsageError as exc:
             raise ControlError(400, str(exc)) from None
         iv = os.urandom(IV_LEN)
+        assert self.master is not None  # start() made it; the verbs are served after
         try:
             data = encrypt(self.master, plaintext, iv)
         finally:

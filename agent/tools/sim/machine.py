@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: ``query-version`` of the Debian bookworm QEMU the facts were checked on.
-QEMU_VERSION = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7"}
+QEMU_VERSION: dict[str, Any] = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7"}
 
 #: The launch digest the simulator reports unless told otherwise.
 DEFAULT_DIGEST = hashlib.sha256(b"keyagent-simulated-firmware").digest()
@@ -237,6 +237,7 @@ class Machine:
             tik, tek = self.platform.launch_start(*config.session, config.effective_policy)
             self._log.info("sim.launch_start", session=True, policy=config.effective_policy)
         else:
+            assert config.tik is not None and config.tek is not None  # __post_init__ checked them
             tik, tek = Secret(config.tik), Secret(config.tek)
         self._launch_keys = (tik, tek)
         self._new_launch()

@@ -43,7 +43,8 @@ from agent.sev.cert import (
     PlatformChain,
 )
 from agent.sev.measurement import measurement_blob, split_blob
-from agent.sev.packet import PACKET_HEADER_LEN, PacketError, open_packet, parse_header
+from agent.sev.packet import PacketError, open_packet, parse_header
+from agent.sev.sizes import PACKET_HEADER_LEN
 
 if TYPE_CHECKING:
     from agent.tools.sim.amd import SimAmd

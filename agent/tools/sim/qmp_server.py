@@ -28,7 +28,7 @@ import json
 import os
 import stat
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from agent.common.logs import get_logger
 from agent.tools.sim.json_stream import DEFAULT_MAX_MESSAGE, JsonStream, Parsed, ParseFailure
@@ -195,10 +195,12 @@ class Simulator:
         self.path = os.fspath(path)
         self._max_message = max_message
         self._log = get_logger("keyagent.sim")
+        # a Machine, or an SnpMachine that answers the same names (duck-typed)
+        self.machine: Any
         if getattr(config, "snp", False) is True:  # agent.tools.sim.snp.SnpSimConfig: QEMU 9.1, sev-snp-guest
-            from agent.tools.sim.snp import SnpMachine
+            from agent.tools.sim.snp import SnpMachine, SnpSimConfig
 
-            self.machine = SnpMachine(config, clock=clock, emit=self._emit)
+            self.machine = SnpMachine(cast(SnpSimConfig, config), clock=clock, emit=self._emit)
         else:
             self.machine = Machine(config, clock=clock, emit=self._emit)
         self._server: asyncio.AbstractServer | None = None
@@ -330,7 +332,7 @@ class Simulator:
                         # no reply, no SHUTDOWN event, every connection just closes
                         await self._die()
                         return
-                    stamp = _STAMPED.get(name)
+                    stamp = _STAMPED.get(name) if name is not None else None
                     if stamp is not None and "error" not in reply:
                         conn.times[stamp] = time.monotonic()
                     if name is not None:

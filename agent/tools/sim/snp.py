@@ -34,11 +34,14 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent.common.logs import get_logger
 from agent.common.errors import SimQmpError
 from agent.tools.sim.machine import _check_args
+
+if TYPE_CHECKING:
+    from agent.sev.snp_sign import TestAuthority
 
 __all__ = ["SnpSimConfig", "SnpMachine", "QEMU_91_VERSION", "DEFAULT_SNP_DIGEST", "DEFAULT_SNP_POLICY"]
 
@@ -66,7 +69,7 @@ class SnpSimConfig:
     api_major: int = 1
     api_minor: int = 55
     build_id: int = 21
-    authority: Any = field(default=None, repr=False)   # agent.sev.snp_sign.TestAuthority
+    authority: TestAuthority | None = field(default=None, repr=False)
     chip_id: bytes = field(default_factory=lambda: os.urandom(64), repr=False)
 
     def __post_init__(self) -> None:
