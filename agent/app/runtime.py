@@ -36,7 +36,7 @@ from agent.app.runtime_base import Executor
 from agent.app.runtime_control import Answer, ControlReplies
 from agent.app.runtime_keys import KeyStore
 from agent.app.runtime_owner import OwnerExecutor, ask_owner
-from agent.app.runtime_qmp import CommandChannel, QmpExecutor
+from agent.app.runtime_qmp import QmpExecutor
 from agent.app.runtime_timers import TimerExecutor
 from agent.io.monitor import Monitor
 from agent.common.logs import get_logger
@@ -107,7 +107,7 @@ class Runtime:
 
     # -- what the sidecar, the launcher and the verbs read -----------------------
     @property
-    def qmp(self) -> CommandChannel | None:
+    def qmp(self) -> Monitor | None:
         return self.qmp_executor.monitor
 
     @property

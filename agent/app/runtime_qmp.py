@@ -18,17 +18,7 @@ from agent.app.runtime_base import Feed
 from agent.core.actions import SendQmp
 from agent.core.events import QmpDisconnected, QmpError, QmpEvent, QmpReply
 from agent.io import qmp as qmpio
-
-
-class CommandChannel(Protocol):
-    """What the executor needs of a monitor connection (QMP or libvirt)."""
-
-    @property
-    def events(self) -> AsyncIterator[Any]: ...
-
-    async def execute(self, command: str, args: Mapping[str, Any] | None = None) -> Any: ...
-
-    async def wait_disconnected(self) -> str: ...
+from agent.io.monitor import Monitor
 
 
 class FlowView(Protocol):
@@ -42,8 +32,8 @@ class FlowView(Protocol):
 
 
 class QmpExecutor:
-    def __init__(self, monitor: CommandChannel | None, feed: Feed, log: Any) -> None:
-        self.monitor: CommandChannel | None = monitor
+    def __init__(self, monitor: Monitor | None, feed: Feed, log: Any) -> None:
+        self.monitor: Monitor | None = monitor
         self._feed = feed
         self._log = log
         self.gone: str | None = None  # why the monitor went away, once it has
@@ -84,6 +74,8 @@ class QmpExecutor:
                 name = msg.get("event")
                 data = msg.get("data")
             except Exception:  # not even a mapping: nothing to tell a flow
+                continue
+            if not isinstance(name, str):  # no event name (an unhashable one would stop the pump)
                 continue
             # QEMU's events carry an object or nothing; anything else is
             # treated as no data rather than allowed to stop the pump (and
