@@ -17,12 +17,21 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 
-FLAGS = ("--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--disable-default-apps", "--mute-audio", "--hide-scrollbars")
+FLAGS = (
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--mute-audio",
+    "--hide-scrollbars",
+)
 
 #: generous: a loaded CI machine, and a 100,000-record page; never a speed assertion
 TIMEOUT_S = 300
@@ -33,8 +42,9 @@ def _run(profile: Path, args: list[str]) -> subprocess.CompletedProcess:
     if os.geteuid() == 0:
         flags.append("--no-sandbox")  # chromium refuses to run as root with its sandbox
     profile.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", *args],
-                          capture_output=True, timeout=TIMEOUT_S, check=False)
+    return subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={profile}", *args], capture_output=True, timeout=TIMEOUT_S, check=False
+    )
 
 
 def dump_dom(page: Path, profile: Path, fragment: str = "", settle_ms: int = 0) -> str:

@@ -21,8 +21,7 @@ QEMU_MODULES = {"tests/e2e/test_libvirt.py"}
 def _starts_qemu(item: pytest.Item) -> bool:
     if item.nodeid.split("::", 1)[0] in QEMU_MODULES:
         return True
-    return any("qemu-system-x86_64" in str(mark.kwargs.get("reason", ""))
-               for mark in item.iter_markers("skipif"))
+    return any("qemu-system-x86_64" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

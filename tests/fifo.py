@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
-def call_with_fifo_deadline(fifo: str | os.PathLike, fn: Callable[[], Any],
-                            seconds: float = 5.0) -> BaseException | None:
+def call_with_fifo_deadline(
+    fifo: str | os.PathLike, fn: Callable[[], Any], seconds: float = 5.0
+) -> BaseException | None:
     """Run ``fn()``; return the exception it raised (None if it returned)."""
     outcome: list[BaseException | None] = []
 

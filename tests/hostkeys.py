@@ -23,11 +23,11 @@ class Host:
         """The raw private bytes, for the leak scan."""
         from cryptography.hazmat.primitives import serialization
 
-        return self.private().private_bytes(serialization.Encoding.Raw,
-                                            serialization.PrivateFormat.Raw,
-                                            serialization.NoEncryption())
+        return self.private().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
 
-    def trust(self, *others: "Host") -> None:
+    def trust(self, *others: Host) -> None:
         for other in others:
             (self.trusted / other.name).write_text(other.public + "\n")
 
@@ -35,8 +35,7 @@ class Host:
         return hostkey.load_trusted(str(self.trusted))
 
     def flags(self) -> list[str]:
-        return ["--migration-host-key", str(self.key),
-                "--migration-trusted-hosts", str(self.trusted)]
+        return ["--migration-host-key", str(self.key), "--migration-trusted-hosts", str(self.trusted)]
 
 
 def make_host(root: Path, name: str) -> Host:

@@ -22,8 +22,10 @@ def forms(secret: bytes) -> dict[str, bytes]:
     for k in range(3):
         # Only the characters whose 6 bits all come from the secret.
         start, end = -(-8 * k // 6), (8 * (k + n)) // 6
-        for variant, enc in (("b64", base64.b64encode(b"\0" * k + secret)),
-                             ("b64url", base64.urlsafe_b64encode(b"\0" * k + secret))):
+        for variant, enc in (
+            ("b64", base64.b64encode(b"\0" * k + secret)),
+            ("b64url", base64.urlsafe_b64encode(b"\0" * k + secret)),
+        ):
             core = enc[start:end]
             if len(core) >= 8:
                 out[f"{variant}@{k}"] = core
@@ -62,7 +64,7 @@ class ArgvWatcher:
             self.snapshot()
             time.sleep(self.interval)
 
-    def __enter__(self) -> "ArgvWatcher":
+    def __enter__(self) -> ArgvWatcher:
         self._thread.start()
         return self
 

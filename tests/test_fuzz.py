@@ -42,16 +42,25 @@ FUZZ_FIXTURES = ROOT / "fixtures" / "fuzz"
 
 # KEYAGENT_FUZZ_EXAMPLES=5000 for a long hunt; the default keeps the suite quick.
 EXAMPLES = int(os.environ.get("KEYAGENT_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 FEW = settings(FUZZ, max_examples=max(10, EXAMPLES // 4))
 
-json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
-                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=16))
-json_value = st.recursive(json_scalar, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=12)
+json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=16),
+)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def one_line(text: str) -> bool:
@@ -70,6 +79,7 @@ def short_tmp():
 
 # ==========================================================================
 # the event log
+
 
 def replay_cli(path: str, *flags: str) -> tuple[int, str, str]:
     from agent.cli.main import main
@@ -101,9 +111,11 @@ def _write_records(path: Path, records: list) -> str:
 
 
 @FUZZ
-@given(raw=st.one_of(st.binary(max_size=400),
-                     st.lists(st.text(max_size=60), max_size=8).map(
-                         lambda lines: "\n".join(lines).encode())))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=400), st.lists(st.text(max_size=60), max_size=8).map(lambda lines: "\n".join(lines).encode())
+    )
+)
 def test_any_bytes_as_an_event_log_give_one_line(raw):
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as f:
         f.write(raw)
@@ -111,8 +123,15 @@ def test_any_bytes_as_an_event_log_give_one_line(raw):
         assert_replay_is_clean(f.name)
 
 
-MUTATIONS = ("replace-field", "drop-field", "replace-record", "drop-record", "duplicate-record",
-             "swap-records", "replace-inner")
+MUTATIONS = (
+    "replace-field",
+    "drop-field",
+    "replace-record",
+    "drop-record",
+    "duplicate-record",
+    "swap-records",
+    "replace-inner",
+)
 
 
 @FUZZ
@@ -126,8 +145,7 @@ def test_mutated_recorded_traces_give_one_line(data, tmp_path):
         if not isinstance(r, dict) and how in ("replace-field", "drop-field", "replace-inner"):
             how = "replace-record"
         if how == "replace-field":
-            r[data.draw(st.sampled_from(sorted(r) + ["flow", "event", "action", "x"]))] = \
-                data.draw(json_value)
+            r[data.draw(st.sampled_from(sorted(r) + ["flow", "event", "action", "x"]))] = data.draw(json_value)
         elif how == "drop-field" and r:
             del r[data.draw(st.sampled_from(sorted(r)))]
         elif how == "replace-record":
@@ -155,8 +173,7 @@ def test_mutated_recorded_traces_give_one_line(data, tmp_path):
 def test_a_deeply_nested_event_log_line_is_refused_in_one_line(tmp_path):
     path = tmp_path / "deep.jsonl"
     depth = 200_000
-    path.write_text('{"seq":1,"t":0,"kind":"event","flow":"f","event":' + "[" * depth
-                    + "]" * depth + "}\n")
+    path.write_text('{"seq":1,"t":0,"kind":"event","flow":"f","event":' + "[" * depth + "]" * depth + "}\n")
     code, _out, err = replay_cli(str(path), "--check")
     assert code == 2 and one_line(err), err
 
@@ -168,14 +185,39 @@ def test_a_huge_event_log_line_is_handled(tmp_path):
 
 
 @FUZZ
-@given(record=st.one_of(json_value, st.fixed_dictionaries(
-    {"type": st.sampled_from(["QmpReply", "QmpEvent", "OwnerReleased", "ControlRequest",
-                              "KeyProvided", "TimerFired", "Start", "Nope"])},
-    optional={"tag": json_value, "name": json_value, "data": json_value, "result": json_value,
-              "secret": st.one_of(json_value, st.builds(lambda n: {"redacted": n},
-                                                        st.integers(-5, 2**22))),
-              "packet_header": json_value, "req": json_value, "verb": json_value,
-              "args": json_value, "key": json_value})))
+@given(
+    record=st.one_of(
+        json_value,
+        st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(
+                    [
+                        "QmpReply",
+                        "QmpEvent",
+                        "OwnerReleased",
+                        "ControlRequest",
+                        "KeyProvided",
+                        "TimerFired",
+                        "Start",
+                        "Nope",
+                    ]
+                )
+            },
+            optional={
+                "tag": json_value,
+                "name": json_value,
+                "data": json_value,
+                "result": json_value,
+                "secret": st.one_of(json_value, st.builds(lambda n: {"redacted": n}, st.integers(-5, 2**22))),
+                "packet_header": json_value,
+                "req": json_value,
+                "verb": json_value,
+                "args": json_value,
+                "key": json_value,
+            },
+        ),
+    )
+)
 def test_decoding_any_record_is_an_event_or_a_codec_error(record):
     from agent.core.codec import CodecError, decode_event
 
@@ -188,11 +230,33 @@ def test_decoding_any_record_is_an_event_or_a_codec_error(record):
 # ==========================================================================
 # QMP into the simulator
 
+
 @FUZZ
-@given(chunks=st.lists(st.one_of(
-    st.binary(max_size=64),
-    st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b'{"execute": "x"}', b"\r\n", b"\xff",
-                     b'{"a": "\\u00', b"nan", b"-", b"1e999"])), max_size=40))
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.sampled_from(
+                [
+                    b"{",
+                    b"}",
+                    b"[",
+                    b"]",
+                    b'"',
+                    b"\\",
+                    b'{"execute": "x"}',
+                    b"\r\n",
+                    b"\xff",
+                    b'{"a": "\\u00',
+                    b"nan",
+                    b"-",
+                    b"1e999",
+                ]
+            ),
+        ),
+        max_size=40,
+    )
+)
 def test_simulator_stream_parser_never_raises_and_stays_bounded(chunks):
     from agent.tools.sim.json_stream import JsonStream, Parsed, ParseFailure
 
@@ -210,9 +274,10 @@ def test_simulator_stream_parser_never_raises_and_stays_bounded(chunks):
 
 
 @FUZZ
-@given(messages=st.lists(st.dictionaries(st.text(max_size=8), json_value, max_size=4),
-                         min_size=1, max_size=5),
-       cuts=st.lists(st.integers(0, 2000), max_size=6))
+@given(
+    messages=st.lists(st.dictionaries(st.text(max_size=8), json_value, max_size=4), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(0, 2000), max_size=6),
+)
 def test_simulator_stream_parser_frames_any_split_the_same(messages, cuts):
     from agent.tools.sim.json_stream import JsonStream, Parsed
 
@@ -233,13 +298,35 @@ def monitor():
 
 
 @FUZZ
-@given(request=st.one_of(json_value, st.fixed_dictionaries(
-    {"execute": st.one_of(st.sampled_from(
-        ["qmp_capabilities", "query-status", "query-sev", "query-sev-launch-measure",
-         "sev-inject-launch-secret", "cont", "stop", "object-add", "object-del",
-         "migrate-set-capabilities", "query-commands", "x-sim-query-clients"]), json_value)},
-    optional={"arguments": json_value, "id": json_value, "exec-oob": json_value,
-              "x": json_value})))
+@given(
+    request=st.one_of(
+        json_value,
+        st.fixed_dictionaries(
+            {
+                "execute": st.one_of(
+                    st.sampled_from(
+                        [
+                            "qmp_capabilities",
+                            "query-status",
+                            "query-sev",
+                            "query-sev-launch-measure",
+                            "sev-inject-launch-secret",
+                            "cont",
+                            "stop",
+                            "object-add",
+                            "object-del",
+                            "migrate-set-capabilities",
+                            "query-commands",
+                            "x-sim-query-clients",
+                        ]
+                    ),
+                    json_value,
+                )
+            },
+            optional={"arguments": json_value, "id": json_value, "exec-oob": json_value, "x": json_value},
+        ),
+    )
+)
 def test_simulator_monitor_answers_anything_with_a_reply(monitor, request):
     from agent.tools.sim.json_stream import Parsed
 
@@ -256,9 +343,15 @@ async def test_simulator_keeps_serving_after_hostile_bytes(short_tmp):
     from tests.tools.sim.conftest import RawClient
 
     path = str(short_tmp / "sim.sock")
-    hostile = [b"\xff\xfe" * 1000, b"{" * 5000, b'{"execute": ' + b'"x' * 300_000, b"}" * 10,
-               b'{"execute": "query-status", "arguments": [1]}', b"[" * 2000 + b"]" * 2000,
-               b'{"execute": "qmp_capabilities", "id": {"deep": [[[[]]]]}}']
+    hostile = [
+        b"\xff\xfe" * 1000,
+        b"{" * 5000,
+        b'{"execute": ' + b'"x' * 300_000,
+        b"}" * 10,
+        b'{"execute": "query-status", "arguments": [1]}',
+        b"[" * 2000 + b"]" * 2000,
+        b'{"execute": "qmp_capabilities", "id": {"deep": [[[[]]]]}}',
+    ]
     async with Simulator(SimConfig(tik=bytes(16), tek=bytes(16)), path, max_message=1 << 16):
         bad = await RawClient.connect(path)
         for chunk in hostile:
@@ -273,8 +366,9 @@ async def test_simulator_keeps_serving_after_hostile_bytes(short_tmp):
 # ==========================================================================
 # QMP into the agent: a hostile QEMU on a raw unix socket
 
-GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},'
-            b' "capabilities": []}}\r\n')
+GREETING = (
+    b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}\r\n'
+)
 
 
 class HostileQemu:
@@ -284,7 +378,7 @@ class HostileQemu:
         self.path, self.greeting, self.script, self.close_after = path, greeting, script, close
         self.server: asyncio.AbstractServer | None = None
 
-    async def __aenter__(self) -> "HostileQemu":
+    async def __aenter__(self) -> HostileQemu:
         self.server = await asyncio.start_unix_server(self._serve, self.path)
         return self
 
@@ -374,8 +468,10 @@ HOSTILE_QMP = {
     "event name not a string": (GREETING, b'{"event": ["SHUTDOWN"]}\r\n{"return": {}, "id": @ID@}\r\n'),
     "event name a number": (GREETING, b'{"event": 5}\r\n{"return": {}, "id": @ID@}\r\n'),
     "unknown fields": (GREETING, b'{"return": {}, "id": @ID@, "x-new": {"a": 1}}\r\n'),
-    "flood then reply": (GREETING, b'{"event": "SHUTDOWN", "data": {}}\r\n' * 5000
-                         + b'{"return": {"status": "prelaunch"}, "id": @ID@}\r\n'),
+    "flood then reply": (
+        GREETING,
+        b'{"event": "SHUTDOWN", "data": {}}\r\n' * 5000 + b'{"return": {"status": "prelaunch"}, "id": @ID@}\r\n',
+    ),
     "invalid utf-8": (GREETING, b'{"return": "\xff\xfe", "id": @ID@}\r\n'),
 }
 
@@ -390,14 +486,23 @@ async def test_agent_qmp_shell_survives_a_hostile_qemu(name, short_tmp):
 
 
 @FEW
-@given(script=st.one_of(
-    st.binary(max_size=300),
-    st.lists(st.one_of(json_value, st.fixed_dictionaries(
-        {"event": st.one_of(st.sampled_from(["SHUTDOWN", "RESUME", "MIGRATION", "X"]), json_value)},
-        optional={"data": json_value, "timestamp": json_value}),
-        st.fixed_dictionaries({"return": json_value}, optional={"id": json_value}),
-        st.fixed_dictionaries({"error": json_value}, optional={"id": json_value})),
-        max_size=5).map(lambda msgs: b"".join(json.dumps(m).encode() + b"\r\n" for m in msgs))))
+@given(
+    script=st.one_of(
+        st.binary(max_size=300),
+        st.lists(
+            st.one_of(
+                json_value,
+                st.fixed_dictionaries(
+                    {"event": st.one_of(st.sampled_from(["SHUTDOWN", "RESUME", "MIGRATION", "X"]), json_value)},
+                    optional={"data": json_value, "timestamp": json_value},
+                ),
+                st.fixed_dictionaries({"return": json_value}, optional={"id": json_value}),
+                st.fixed_dictionaries({"error": json_value}, optional={"id": json_value}),
+            ),
+            max_size=5,
+        ).map(lambda msgs: b"".join(json.dumps(m).encode() + b"\r\n" for m in msgs)),
+    )
+)
 def test_agent_qmp_shell_survives_random_qemu_output(script):
     async def go():
         where = tempfile.mkdtemp(prefix="kfzq", dir="/tmp")
@@ -431,8 +536,11 @@ def launch_waiting_for_owner(short_tmp, owner_answer: bytes):
     handler.do_POST = lambda self: (release.wait(60), original(self))
     agent = start_agent(short_tmp, owner.url)
     try:
-        wait_for(lambda: "query-sev-launch-measure" in qemu.commands or agent.poll() is not None,
-                 timeout=20, what="the launch waiting for the owner")
+        wait_for(
+            lambda: "query-sev-launch-measure" in qemu.commands or agent.poll() is not None,
+            timeout=20,
+            what="the launch waiting for the owner",
+        )
         yield qemu, agent, release
     finally:
         release.set()
@@ -443,10 +551,16 @@ def launch_waiting_for_owner(short_tmp, owner_answer: bytes):
         qemu.close()
 
 
-@pytest.mark.parametrize("garbage", [b"}}}{{{ not json\r\n", b"\xff\xfe" * 64 + b"\r\n",
-                                     b"[" * 50_000 + b"]" * 50_000 + b"\r\n",
-                                     b'{"error": {"class": "GenericError", "desc": "x"}}\r\n'],
-                         ids=["junk", "binary", "deep", "error-without-id"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"}}}{{{ not json\r\n",
+        b"\xff\xfe" * 64 + b"\r\n",
+        b"[" * 50_000 + b"]" * 50_000 + b"\r\n",
+        b'{"error": {"class": "GenericError", "desc": "x"}}\r\n',
+    ],
+    ids=["junk", "binary", "deep", "error-without-id"],
+)
 def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
     import subprocess
 
@@ -468,8 +582,7 @@ def test_keyagent_run_fails_cleanly_when_qemu_sends_garbage(garbage, short_tmp):
 def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
     from tests.e2e.harness import ctl
 
-    with launch_waiting_for_owner(short_tmp, b'{"error": "measurement rejected"}') \
-            as (qemu, agent, release):
+    with launch_waiting_for_owner(short_tmp, b'{"error": "measurement rejected"}') as (qemu, agent, release):
         # qmp-spec: "Clients should drop all the responses that have an unknown id".
         qemu.send(b'{"return": {"status": "running"}, "id": "nobody-asked"}\r\n')
         assert ctl(short_tmp / "run" / "control.sock", "status").returncode == 0
@@ -482,12 +595,10 @@ def test_keyagent_run_drops_a_reply_nobody_asked_for(short_tmp):
 
 @pytest.mark.parametrize("malformed_first", [False, True])
 def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_first, short_tmp):
-    from tests.e2e.harness import wait_for
-    from tests.e2e.harness import ctl
+    from tests.e2e.harness import ctl, wait_for
 
     with launch_waiting_for_owner(short_tmp, b'{"error": "not yet"}') as (qemu, agent, release):
-        wait_for(lambda: ctl(short_tmp / "run" / "control.sock", "status").returncode == 0,
-                 what="agent ready")
+        wait_for(lambda: ctl(short_tmp / "run" / "control.sock", "status").returncode == 0, what="agent ready")
         ts = b', "timestamp": {"seconds": 1, "microseconds": 0}}\r\n'
         if malformed_first:
             qemu.send(b'{"event": "RESUME", "data": "not an object"' + ts)
@@ -498,8 +609,7 @@ def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_fi
             # quit QEMU and closed the monitor before the second one went out.
             assert malformed_first and "quit" in qemu.commands
         # Somebody resumed the VM before attestation: the agent must quit it.
-        wait_for(lambda: "quit" in qemu.commands or agent.poll() is not None, timeout=5,
-                 what="quit after RESUME")
+        wait_for(lambda: "quit" in qemu.commands or agent.poll() is not None, timeout=5, what="quit after RESUME")
         assert "quit" in qemu.commands
 
 
@@ -507,17 +617,24 @@ def test_agent_still_sees_resume_after_an_event_with_malformed_data(malformed_fi
 # owner answers
 
 b64_of = st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode())
-owner_body = st.one_of(json_value, st.fixed_dictionaries({}, optional={
-    "packet_header": st.one_of(b64_of, st.sampled_from([base64.b64encode(bytes(52)).decode(),
-                                                        "!!", "QUJD", None]), json_value),
-    "secret": st.one_of(b64_of, st.just(base64.b64encode(bytes(70000)).decode()), json_value),
-    "gpa": st.one_of(st.integers(-2, 2**65), json_value),
-    "error": st.one_of(st.text(max_size=300), json_value)}))
+owner_body = st.one_of(
+    json_value,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "packet_header": st.one_of(
+                b64_of, st.sampled_from([base64.b64encode(bytes(52)).decode(), "!!", "QUJD", None]), json_value
+            ),
+            "secret": st.one_of(b64_of, st.just(base64.b64encode(bytes(70000)).decode()), json_value),
+            "gpa": st.one_of(st.integers(-2, 2**65), json_value),
+            "error": st.one_of(st.text(max_size=300), json_value),
+        },
+    ),
+)
 
 
 @FUZZ
-@given(status=st.one_of(st.integers(-1, 1000), st.sampled_from([200, 200, 403, 500])),
-       body=owner_body)
+@given(status=st.one_of(st.integers(-1, 1000), st.sampled_from([200, 200, 403, 500])), body=owner_body)
 def test_owner_answer_is_always_an_event_with_one_line(status, body):
     from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
     from agent.core.owner_answer import parse_owner_answer
@@ -535,15 +652,19 @@ def test_owner_answer_is_always_an_event_with_one_line(status, body):
 
 
 @FEW
-@given(answer=st.one_of(
-    st.binary(max_size=300),
-    st.builds(lambda status, body: (f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n"
-                                    "\r\n").encode() + body,
-              st.integers(0, 999), st.one_of(st.binary(max_size=100),
-                                             json_value.map(lambda v: json.dumps(v).encode())))))
+@given(
+    answer=st.one_of(
+        st.binary(max_size=300),
+        st.builds(
+            lambda status, body: (f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body,
+            st.integers(0, 999),
+            st.one_of(st.binary(max_size=100), json_value.map(lambda v: json.dumps(v).encode())),
+        ),
+    )
+)
 def test_owner_client_turns_any_http_answer_into_an_event(answer):
-    from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
     from agent.app.runtime import ask_owner
+    from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
 
     async def go():
         async def serve(reader, writer):
@@ -568,8 +689,8 @@ def test_owner_client_turns_any_http_answer_into_an_event(answer):
 
 
 async def test_owner_client_takes_a_deeply_nested_answer_as_malformed():
-    from agent.core.events import OwnerFailed
     from agent.app.runtime import ask_owner
+    from agent.core.events import OwnerFailed
 
     body = b"[" * 100_000 + b"]" * 100_000
 
@@ -591,6 +712,7 @@ async def test_owner_client_takes_a_deeply_nested_answer_as_malformed():
 # ==========================================================================
 # the control API
 
+
 class FakeQmp:
     """A QEMU that says yes to everything (the control fuzz needs answers, not a VM)."""
 
@@ -604,8 +726,8 @@ async def control_server(tmp: Path):
     from agent.app.control import ControlServer
     from agent.app.eventlog import EventLog
     from agent.app.runtime import Runtime
-    from agent.app.verbs.secrets import SecretsControl
     from agent.app.sidecar import Sidecar, SidecarOptions
+    from agent.app.verbs.secrets import SecretsControl
 
     run_dir = tmp / "run"
     run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -613,15 +735,19 @@ async def control_server(tmp: Path):
 
     host = make_host(tmp, f"fuzz{os.urandom(4).hex()}")  # so the hand-over's parsers get fuzzed
     host.trust(host)
-    cfg = load_config(None, {"vm_name": "fuzz", "vm_run_dir": str(run_dir),
-                             "secrets_master_key": "file",
-                             "migration_host_key": str(host.key),
-                             "migration_trusted_hosts": str(host.trusted)})
+    cfg = load_config(
+        None,
+        {
+            "vm_name": "fuzz",
+            "vm_run_dir": str(run_dir),
+            "secrets_master_key": "file",
+            "migration_host_key": str(host.key),
+            "migration_trusted_hosts": str(host.trusted),
+        },
+    )
     sock = str(tmp / "ctl.sock")
-    sidecar = Sidecar(cfg, SidecarOptions(qmp_path=str(tmp / "qmp.sock"), control_path=sock,
-                                          event_log=None))
-    rt = sidecar.runtime = Runtime(qmp=FakeQmp(), event_log=EventLog(None), run_dir=str(run_dir),
-                                   log=sidecar.log)
+    sidecar = Sidecar(cfg, SidecarOptions(qmp_path=str(tmp / "qmp.sock"), control_path=sock, event_log=None))
+    rt = sidecar.runtime = Runtime(qmp=FakeQmp(), event_log=EventLog(None), run_dir=str(run_dir), log=sidecar.log)
     sidecar.run_dir = str(run_dir)
     dispatch = asyncio.ensure_future(rt.dispatch())
     sidecar.secrets = SecretsControl(sidecar)
@@ -638,22 +764,40 @@ async def control_server(tmp: Path):
             await dispatch
 
 
-ROUTES = ["/v1/status", "/healthz", "/readyz", "/metrics", "/v1/migrate/prepare",
-          "/v1/migrate/begin", "/v1/migrate/accept", "/v1/migrate/start", "/v1/migrate/wait",
-          "/v1/migrate/cancel", "/v1/secret/add", "/v1/secret/remove", "/nope", "/v1/status?x=1"]
+ROUTES = [
+    "/v1/status",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/migrate/prepare",
+    "/v1/migrate/begin",
+    "/v1/migrate/accept",
+    "/v1/migrate/start",
+    "/v1/migrate/wait",
+    "/v1/migrate/cancel",
+    "/v1/secret/add",
+    "/v1/secret/remove",
+    "/nope",
+    "/v1/status?x=1",
+]
 
 
 def control_body(tmp: Path):
     psk = str(tmp / "psk.bin")
-    realistic = st.fixed_dictionaries({}, optional={
-        "uri": st.sampled_from(["tcp:127.0.0.1:4444", "tcp:[::1]:1", "unix:/x", "tcp:a", ""]),
-        "psk_ref": st.sampled_from([f"file:{psk}", "file:/nonexistent", "keyring:nope", "libvirt:x",
-                                    "bogus", ""]),
-        "ref": st.sampled_from([f"file:{psk}", "file:/nonexistent", "x"]),
-        "id": st.sampled_from(["s0", "s1", "0bad", "", "x" * 200]),
-        "cookie": b64_of, "offer": b64_of,
-        "timeout": st.sampled_from([0.05, -1, 0, "1", True, 1e308]),
-        "multifd": json_value, "multifd_channels": json_value})
+    realistic = st.fixed_dictionaries(
+        {},
+        optional={
+            "uri": st.sampled_from(["tcp:127.0.0.1:4444", "tcp:[::1]:1", "unix:/x", "tcp:a", ""]),
+            "psk_ref": st.sampled_from([f"file:{psk}", "file:/nonexistent", "keyring:nope", "libvirt:x", "bogus", ""]),
+            "ref": st.sampled_from([f"file:{psk}", "file:/nonexistent", "x"]),
+            "id": st.sampled_from(["s0", "s1", "0bad", "", "x" * 200]),
+            "cookie": b64_of,
+            "offer": b64_of,
+            "timeout": st.sampled_from([0.05, -1, 0, "1", True, 1e308]),
+            "multifd": json_value,
+            "multifd_channels": json_value,
+        },
+    )
     return st.one_of(realistic, json_value)
 
 
@@ -668,8 +812,11 @@ async def test_control_api_answers_random_requests_and_keeps_serving(short_tmp):
     requests = []
 
     @FUZZ
-    @given(method=st.sampled_from(["GET", "POST", "PUT", "HEAD"]), path=st.sampled_from(ROUTES),
-           body=control_body(short_tmp))
+    @given(
+        method=st.sampled_from(["GET", "POST", "PUT", "HEAD"]),
+        path=st.sampled_from(ROUTES),
+        body=control_body(short_tmp),
+    )
     def collect(method, path, body):
         requests.append((method, path, body))
 
@@ -687,15 +834,29 @@ async def test_control_api_answers_random_requests_and_keeps_serving(short_tmp):
 
 
 @FUZZ
-@given(raw=st.one_of(
-    st.binary(max_size=400),
-    st.builds(lambda m, t, h, b: m + b" " + t + b" HTTP/1.1\r\n" + h + b"\r\n" + b,
-              st.sampled_from([b"GET", b"POST", b"X", b""]),
-              st.sampled_from([b"/v1/status", b"/v1/secret/add", b"*", b"/\xff", b""]),
-              st.sampled_from([b"Host: a\r\n", b"Content-Length: 5\r\n", b"Content-Length: -1\r\n",
-                               b"Content-Length: 99999999999\r\n", b"Transfer-Encoding: chunked\r\n",
-                               b"Host: a\r\nContent-Length: 3\r\n", b"X: \xff\r\n", b""]),
-              st.binary(max_size=40))))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=400),
+        st.builds(
+            lambda m, t, h, b: m + b" " + t + b" HTTP/1.1\r\n" + h + b"\r\n" + b,
+            st.sampled_from([b"GET", b"POST", b"X", b""]),
+            st.sampled_from([b"/v1/status", b"/v1/secret/add", b"*", b"/\xff", b""]),
+            st.sampled_from(
+                [
+                    b"Host: a\r\n",
+                    b"Content-Length: 5\r\n",
+                    b"Content-Length: -1\r\n",
+                    b"Content-Length: 99999999999\r\n",
+                    b"Transfer-Encoding: chunked\r\n",
+                    b"Host: a\r\nContent-Length: 3\r\n",
+                    b"X: \xff\r\n",
+                    b"",
+                ]
+            ),
+            st.binary(max_size=40),
+        ),
+    )
+)
 def test_control_socket_survives_raw_garbage(raw):
     async def go():
         tmp = Path(tempfile.mkdtemp(prefix="kfzc", dir="/tmp"))
@@ -725,25 +886,28 @@ async def test_control_api_refuses_a_deeply_nested_body_as_bad_json(short_tmp):
     async with control_server(short_tmp) as (_server, sock):
         reader, writer = await asyncio.open_unix_connection(sock)
         body = b"[" * 100_000 + b"]" * 100_000
-        writer.write(b"POST /v1/secret/add HTTP/1.1\r\nHost: a\r\nContent-Length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        writer.write(
+            b"POST /v1/secret/add HTTP/1.1\r\nHost: a\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
         writer.close()
         assert head.startswith(b"HTTP/1.1 400"), head
-        assert (await request_json("GET", "http://a/healthz", None, timeout=5,
-                                   unix_path=sock))[0] == 200
+        assert (await request_json("GET", "http://a/healthz", None, timeout=5, unix_path=sock))[0] == 200
 
 
 # ==========================================================================
 # config files
 
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v == math.inf else
-                                             "-inf" if v == -math.inf else repr(v))
+        return "nan" if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else repr(v))
     if isinstance(v, (int, str)):
         return json.dumps(v, ensure_ascii=True) if isinstance(v, str) else str(v)
     if isinstance(v, list):
@@ -768,17 +932,27 @@ def _toml_text(doc: dict) -> str:
 def _config_doc():
     from agent.app.config import SCHEMA
 
-    toml_scalar = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(),
-                            st.text(max_size=20).filter(lambda s: "\x00" not in s),
-                            st.sampled_from(["vm1", "file:key.bin", "keyring:x", "http://o:1",
-                                             "quit", "pause", "keyring", "file", "tpm-crb"]))
-    toml_value = st.recursive(toml_scalar, lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=2)),
-        max_leaves=5)
+    toml_scalar = st.one_of(
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(),
+        st.text(max_size=20).filter(lambda s: "\x00" not in s),
+        st.sampled_from(
+            ["vm1", "file:key.bin", "keyring:x", "http://o:1", "quit", "pause", "keyring", "file", "tpm-crb"]
+        ),
+    )
+    toml_value = st.recursive(
+        toml_scalar,
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=2)),
+        max_leaves=5,
+    )
     sections = sorted({k.section for k in SCHEMA}) + ["nope"]
     names = sorted({k.name for k in SCHEMA}) + ["nope"]
-    return st.dictionaries(st.sampled_from(sections), st.one_of(
-        st.dictionaries(st.sampled_from(names), toml_value, max_size=4), toml_scalar), max_size=4)
+    return st.dictionaries(
+        st.sampled_from(sections),
+        st.one_of(st.dictionaries(st.sampled_from(names), toml_value, max_size=4), toml_scalar),
+        max_size=4,
+    )
 
 
 @FUZZ
@@ -803,12 +977,29 @@ def test_any_config_file_is_a_config_or_one_line(data, tmp_path):
 
 
 @FUZZ
-@given(flags=st.dictionaries(
-    st.sampled_from(["vm_name", "vm_run_dir", "sev_timeout_s", "sev_on_refusal", "sev_owner_url",
-                     "migration_psk_length", "migration_dest_deadline_s", "vtpm_key",
-                     "launch_shutdown_grace_s", "secrets_master_key", "nope"]),
-    st.one_of(st.text(max_size=20), st.sampled_from(["nan", "inf", "-inf", "1e999", "0x10", "-0",
-                                                     "1_000", " 5 ", "\x00"])), max_size=4))
+@given(
+    flags=st.dictionaries(
+        st.sampled_from(
+            [
+                "vm_name",
+                "vm_run_dir",
+                "sev_timeout_s",
+                "sev_on_refusal",
+                "sev_owner_url",
+                "migration_psk_length",
+                "migration_dest_deadline_s",
+                "vtpm_key",
+                "launch_shutdown_grace_s",
+                "secrets_master_key",
+                "nope",
+            ]
+        ),
+        st.one_of(
+            st.text(max_size=20), st.sampled_from(["nan", "inf", "-inf", "1e999", "0x10", "-0", "1_000", " 5 ", "\x00"])
+        ),
+        max_size=4,
+    )
+)
 def test_any_config_flags_are_a_config_or_one_line(flags):
     from agent.app.config import load_config
 
@@ -824,6 +1015,7 @@ def test_any_config_flags_are_a_config_or_one_line(flags):
 
 # ==========================================================================
 # crashes found, kept
+
 
 def _fixture_files(kind: str) -> list[Path]:
     return sorted((FUZZ_FIXTURES / kind).glob("*"))

@@ -36,8 +36,7 @@ class LogWriter:
         r["t"] = round(self.t, 6)
         self.out.append(r)
 
-    def copy_flow(self, recs: list[dict], flow_id: str,
-                  repeat: tuple[int, int, int, int] | None = None) -> None:
+    def copy_flow(self, recs: list[dict], flow_id: str, repeat: tuple[int, int, int, int] | None = None) -> None:
         """Append ``recs`` as flow ``flow_id``; ``repeat=(start, end, stop,
         times)`` plays ``recs[start:end]`` that many times in place of
         ``recs[start:stop]`` (a retry loop going on for longer)."""
@@ -73,10 +72,14 @@ def retry_loop(recs: list[dict], times: int) -> tuple[int, int, int, int]:
     """``copy_flow``'s ``repeat`` for launch-measurement-retried: its
     measurement retry (query-sev-launch-measure, the error, the retry timer
     firing) done ``times`` times instead of the recorded three."""
-    start = next(i for i, r in enumerate(recs) if r["kind"] == "action"
-                 and r["action"].get("command") == "query-sev-launch-measure")
-    fired = [i for i, r in enumerate(recs) if r["kind"] == "event"
-             and r["event"] == {"type": "TimerFired", "name": "retry"}]
+    start = next(
+        i
+        for i, r in enumerate(recs)
+        if r["kind"] == "action" and r["action"].get("command") == "query-sev-launch-measure"
+    )
+    fired = [
+        i for i, r in enumerate(recs) if r["kind"] == "event" and r["event"] == {"type": "TimerFired", "name": "retry"}
+    ]
     return start, fired[0] + 1, fired[-1] + 1, times
 
 
@@ -95,8 +98,7 @@ def big_log(path: Path, records_wanted: int = 100_000) -> tuple[Path, dict]:
         log.copy_flow(good if n % 2 == 0 else refused, f"launch-{n + 1}")
         n += 1
     log.exit()
-    return log.write(path), {"retries": times, "flows": n + 1,
-                             "refused": n // 2, "records": len(log.out)}
+    return log.write(path), {"retries": times, "flows": n + 1, "refused": n // 2, "records": len(log.out)}
 
 
 def replay_with_secrets(path: Path, trace: str, secrets: dict[str, bytes]) -> Path:
@@ -107,10 +109,10 @@ def replay_with_secrets(path: Path, trace: str, secrets: dict[str, bytes]) -> Pa
     secrets, so a test can look for them anywhere downstream."""
     import dataclasses
 
+    from agent.app.eventlog import EventLog
+    from agent.common.secret import Secret
     from agent.core.codec import decode_event
     from agent.core.registry import FLOW_KINDS
-    from agent.common.secret import Secret
-    from agent.app.eventlog import EventLog
 
     recs = records(trace)
     log = EventLog(str(path))

@@ -13,8 +13,9 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from agent.common.errors import UsageError
@@ -53,8 +54,11 @@ def _secret_ref(value: str) -> str | None:
 
 
 def _vm_name(value: str) -> str | None:
-    return None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value) else \
-        "must be 1-64 characters of letters, digits, '_', '.', '-'"
+    return (
+        None
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value)
+        else "must be 1-64 characters of letters, digits, '_', '.', '-'"
+    )
 
 
 def _url(value: str) -> str | None:
@@ -104,6 +108,7 @@ def _b64_of(size: int) -> Callable[[str], str | None]:
         except (binascii.Error, ValueError):
             return "must be base64"
         return None if len(raw) == size else f"must be {size} bytes in base64, got {len(raw)}"
+
     return check
 
 
@@ -127,16 +132,34 @@ SCHEMA: tuple[Key, ...] = (
     Key("sev", "owner_url", str, None, check=_url, help="guest owner URL"),
     Key("sev", "timeout_s", float, 30.0, minimum=0.001),
     Key("sev", "on_refusal", str, "quit", choices=get_args(OnRefusal)),
-    Key("sev", "pdh", str, None, path=True,
-        help="(launch) the platform's PDH certificate, to get a launch session from the owner"),
-    Key("sev", "cert_chain", str, None, path=True,
-        help="(launch) the platform's PEK/OCA/CEK chain, sent with the PDH"),
-    Key("sev", "cek", str, None, path=True,
-        help="(launch) the CEK as AMD's key server signs it (sevctl export --full): sent in place of the "
-             "chain's CEK"),
+    Key(
+        "sev",
+        "pdh",
+        str,
+        None,
+        path=True,
+        help="(launch) the platform's PDH certificate, to get a launch session from the owner",
+    ),
+    Key("sev", "cert_chain", str, None, path=True, help="(launch) the platform's PEK/OCA/CEK chain, sent with the PDH"),
+    Key(
+        "sev",
+        "cek",
+        str,
+        None,
+        path=True,
+        help="(launch) the CEK as AMD's key server signs it (sevctl export --full): sent in place of the chain's CEK",
+    ),
     # SEV-SNP (keyagent launch, QEMU >= 9.1): agent.app.snp_launch, docs/snp.md
-    Key("snp", "policy", int, 0x30000, minimum=0, maximum=2**64 - 1, check=_snp_policy,
-        help="(launch) the 64-bit SNP guest policy of the sev-snp-guest object"),
+    Key(
+        "snp",
+        "policy",
+        int,
+        0x30000,
+        minimum=0,
+        maximum=2**64 - 1,
+        check=_snp_policy,
+        help="(launch) the 64-bit SNP guest policy of the sev-snp-guest object",
+    ),
     Key("snp", "id_block", str, None, check=_b64_of(0x60), help="(launch) the ID block, base64 (owner idblock)"),
     Key("snp", "id_auth", str, None, check=_b64_of(0x1000), help="(launch) the ID auth information, base64"),
     Key("snp", "id_block_file", str, None, path=True, help="(launch) a file holding the ID block in base64"),
@@ -145,19 +168,45 @@ SCHEMA: tuple[Key, ...] = (
     Key("snp", "author_key_enabled", bool, False, help="(launch) the ID auth carries an author key"),
     Key("snp", "cbitpos", int, None, minimum=0, maximum=63, help="(launch) the C-bit position QEMU checks"),
     # QEMU's -object is QAPI: reduced-phys-bits is a required member of SevCommonProperties
-    Key("snp", "reduced_phys_bits", int, 1, minimum=0, maximum=63,
-        help="(launch) physical address bits lost to the C-bit (QEMU requires it; 1 on Milan/Genoa)"),
-    Key("snp", "timeout_s", float, 30.0, minimum=0.001,
-        help="(launch) how long the QMP check of the SNP guest may take"),
+    Key(
+        "snp",
+        "reduced_phys_bits",
+        int,
+        1,
+        minimum=0,
+        maximum=63,
+        help="(launch) physical address bits lost to the C-bit (QEMU requires it; 1 on Milan/Genoa)",
+    ),
+    Key(
+        "snp", "timeout_s", float, 30.0, minimum=0.001, help="(launch) how long the QMP check of the SNP guest may take"
+    ),
     # GnuTLS's psktool makes keys of at most 512 bytes.
     Key("migration", "psk_length", int, 32, minimum=16, maximum=512),
     Key("migration", "dest_deadline_s", float, 60.0, minimum=0.001),
-    Key("migration", "host_key", str, None, path=True,
-        help="this host's Ed25519 identity key (keyagent hostkey init), for the sealed hand-over"),
-    Key("migration", "trusted_hosts", str, None, path=True,
-        help="a directory of the host public keys this agent may migrate with, one per file"),
-    Key("migration", "offer_lifetime_s", float, 600.0, minimum=0.001,
-        help="a destination forgets an offer no cookie has answered after this"),
+    Key(
+        "migration",
+        "host_key",
+        str,
+        None,
+        path=True,
+        help="this host's Ed25519 identity key (keyagent hostkey init), for the sealed hand-over",
+    ),
+    Key(
+        "migration",
+        "trusted_hosts",
+        str,
+        None,
+        path=True,
+        help="a directory of the host public keys this agent may migrate with, one per file",
+    ),
+    Key(
+        "migration",
+        "offer_lifetime_s",
+        float,
+        600.0,
+        minimum=0.001,
+        help="a destination forgets an offer no cookie has answered after this",
+    ),
     Key("secrets", "master_key", str, "keyring", choices=get_args(MasterKeyMode)),
     Key("vtpm", "state_dir", str, None, path=True),
     Key("vtpm", "key", str, None, check=_secret_ref),
@@ -165,11 +214,24 @@ SCHEMA: tuple[Key, ...] = (
     Key("vtpm", "key_kind", str, "raw", choices=get_args(VtpmKeyKind)),
     Key("vtpm", "device", str, "tpm-crb", choices=get_args(VtpmDevice)),
     # gid_t is 32 bits and (gid_t)-1 means "leave the group as it is".
-    Key("control", "gid", int, None, minimum=0, maximum=MAX_GID,
-        help="a group (besides our uid and root) allowed on the control socket"),
-    Key("control", "ref_dirs", list, (), path=True, check=_ref_dirs,
-        help="(repeat) a directory under which peers of [control] gid may name key files; "
-             "none by default"),
+    Key(
+        "control",
+        "gid",
+        int,
+        None,
+        minimum=0,
+        maximum=MAX_GID,
+        help="a group (besides our uid and root) allowed on the control socket",
+    ),
+    Key(
+        "control",
+        "ref_dirs",
+        list,
+        (),
+        path=True,
+        check=_ref_dirs,
+        help="(repeat) a directory under which peers of [control] gid may name key files; none by default",
+    ),
 )
 KEYS = {(k.section, k.name): k for k in SCHEMA}
 SECTIONS = {k.section for k in SCHEMA}
@@ -221,8 +283,9 @@ class Config:
     source: str | None = None
 
     @classmethod
-    def from_values(cls, values: dict[tuple[str, str], Any], present: set[str] | frozenset[str],
-                    source: str | None) -> Config:
+    def from_values(
+        cls, values: dict[tuple[str, str], Any], present: set[str] | frozenset[str], source: str | None
+    ) -> Config:
         """The checked ``{(section, name): value}`` of :func:`load_config`."""
         fields = {f"{section}_{name}": value for (section, name), value in values.items()}
         return cls(**fields, sections_present=frozenset(present), source=source)
@@ -267,8 +330,7 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
         if not isinstance(value, str) or not value:
             raise UsageError(f"{label} must be a non-empty string")
     elif key.type is list:
-        if not isinstance(value, (list, tuple)) or \
-                not all(isinstance(v, str) and v and v.isprintable() for v in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v and v.isprintable() for v in value):
             raise UsageError(f"{label} must be a list of non-empty strings")
         value = tuple(value)
     if key.minimum is not None and value < key.minimum:
@@ -323,11 +385,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for key in SCHEMA:
         if key.type is list:  # one item per flag; the singular also works
             names = [key.flag] + ([key.flag[:-1]] if key.flag.endswith("s") else [])
-            group.add_argument(*names, dest=key.dest, metavar=key.name.upper()[:-1],
-                               action="append", default=None, help=key.help or None)
+            group.add_argument(
+                *names,
+                dest=key.dest,
+                metavar=key.name.upper()[:-1],
+                action="append",
+                default=None,
+                help=key.help or None,
+            )
             continue
-        group.add_argument(key.flag, dest=key.dest, metavar=key.name.upper(), default=None,
-                           help=key.help or None)
+        group.add_argument(key.flag, dest=key.dest, metavar=key.name.upper(), default=None, help=key.help or None)
 
 
 def _resolve_path(base: str, value: str) -> str:
@@ -379,14 +446,12 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
             continue
         values[(key.section, key.name)] = _coerce(key, _parse_flag(key, text), "")
         if key.path and key.type is list:
-            values[(key.section, key.name)] = _check_paths(
-                key, [os.path.abspath(v) for v in text], "")
+            values[(key.section, key.name)] = _check_paths(key, [os.path.abspath(v) for v in text], "")
         elif key.path:
             values[(key.section, key.name)] = os.path.abspath(text)
         present.add(key.section)
     if "snp" in present and ("sev" in present or values.get(("sev", "owner_url"))):
-        raise UsageError("[snp] and [sev] are different launches: an SNP guest asks the owner itself, "
-                         "give one of them")
+        raise UsageError("[snp] and [sev] are different launches: an SNP guest asks the owner itself, give one of them")
     if "snp" in present:
         for name in ("id_block", "id_auth"):
             if values.get(("snp", name)) and values.get(("snp", f"{name}_file")):

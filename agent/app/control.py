@@ -33,8 +33,7 @@ from agent.protocol import control as wire
 
 # The RefAccess of the control request being served, for the verbs that
 # resolve references (set around each handler call; NOBODY outside one).
-_ACCESS: contextvars.ContextVar[RefAccess] = contextvars.ContextVar("keyagent_ref_access",
-                                                                    default=NOBODY)
+_ACCESS: contextvars.ContextVar[RefAccess] = contextvars.ContextVar("keyagent_ref_access", default=NOBODY)
 
 
 def _groups(peer: tuple) -> frozenset[int]:
@@ -70,8 +69,7 @@ def access_for(peer: object, ref_dirs: tuple[str, ...] = ()) -> RefAccess:
         return NOBODY
     if _trusted(peer):
         return UNRESTRICTED
-    return RefAccess(unrestricted=False, uid=peer[1], groups=_groups(peer),
-                     ref_dirs=tuple(ref_dirs))
+    return RefAccess(unrestricted=False, uid=peer[1], groups=_groups(peer), ref_dirs=tuple(ref_dirs))
 
 
 async def resolve_ref(ref: str, what: str) -> Secret:
@@ -112,8 +110,7 @@ def check_socket_free(path: str) -> None:
 
 
 class ControlServer:
-    def __init__(self, host: ControlHost, path: str, gid: int | None = None,
-                 ref_dirs: tuple[str, ...] = ()) -> None:
+    def __init__(self, host: ControlHost, path: str, gid: int | None = None, ref_dirs: tuple[str, ...] = ()) -> None:
         self.host = host
         self.path = path
         self.gid = gid
@@ -121,8 +118,9 @@ class ControlServer:
         # A few ctl calls and probes at a time; ``migrate wait`` holds one for
         # minutes.  More wait in the listen backlog; every request's head
         # and body must arrive within 10 s (HttpServer's default).
-        self.server = HttpServer(self.handle, allow_peer=peer_check(gid), max_body=256 * 1024,
-                                 max_connections=CONTROL_MAX_CONNECTIONS)
+        self.server = HttpServer(
+            self.handle, allow_peer=peer_check(gid), max_body=256 * 1024, max_connections=CONTROL_MAX_CONNECTIONS
+        )
 
     async def start(self) -> None:
         """Listen; a path that cannot be bound is a UsageError (one line, exit 2).
@@ -136,15 +134,18 @@ class ControlServer:
         except HttpError as exc:
             raise UsageError(f"control socket: {exc}") from None
         except OSError as exc:
-            raise UsageError(f"cannot listen on control socket {self.path}: "
-                             f"{exc.strerror or type(exc).__name__}") from None
+            raise UsageError(
+                f"cannot listen on control socket {self.path}: {exc.strerror or type(exc).__name__}"
+            ) from None
         if self.gid is not None:
             try:
                 os.chown(self.path, -1, self.gid)
             except (OSError, OverflowError) as exc:
                 await self.close()
-                raise UsageError(f"cannot give control socket {self.path} to group {self.gid}: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+                raise UsageError(
+                    f"cannot give control socket {self.path} to group {self.gid}: "
+                    f"{getattr(exc, 'strerror', None) or exc}"
+                ) from None
 
     async def close(self) -> None:
         await self.server.close()

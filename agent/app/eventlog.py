@@ -15,7 +15,8 @@ import gc
 import json
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from agent.common.errors import UsageError
 from agent.core.codec import encode
@@ -30,8 +31,7 @@ class EventLog:
         self._file = None
         if path:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 raise UsageError(f"cannot open event log {path}: {exc.strerror}") from None
             self._file = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
@@ -107,9 +107,12 @@ def _parse_text(text: str) -> list[dict] | None:
             if text[stop] != "\n" or type(record) is not dict:
                 return None
             seq = record.get("seq")
-            if type(seq) is not int or seq != last_seq + 1 \
-                    or type(record.get("t")) not in (int, float) \
-                    or type(record.get("kind")) is not str:
+            if (
+                type(seq) is not int
+                or seq != last_seq + 1
+                or type(record.get("t")) not in (int, float)
+                or type(record.get("kind")) is not str
+            ):
                 return None
             last_seq = seq
             append(record)

@@ -11,7 +11,8 @@ test can hand them a small fake instead.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from agent.app.config import Config
@@ -26,32 +27,32 @@ VerbTable = Mapping[tuple[str, str], Callable[[dict], Any]]
 class FlowHost(Protocol):
     """What a control verb may use of the process that runs the flows."""
 
-    cfg: "Config"
+    cfg: Config
     log: Any
-    metrics: "Metrics"
+    metrics: Metrics
     #: the VM's run_dir, where the runtime writes key files (None: not configured)
     run_dir: str | None
 
-    def start_flow(self, flow_id: str, flow: "Flow") -> None:
+    def start_flow(self, flow_id: str, flow: Flow) -> None:
         """Start ``flow`` under ``flow_id`` (the verbs name their flows)."""
 
-    def feed(self, flow_id: str, event: "Event") -> None:
+    def feed(self, flow_id: str, event: Event) -> None:
         """Give the flow one event (``KeyProvided``, ``ControlRequest``)."""
 
-    def new_request(self) -> tuple[str, "asyncio.Future[tuple[int, dict]]"]:
+    def new_request(self) -> tuple[str, asyncio.Future[tuple[int, dict]]]:
         """A request id for a flow's ``ControlReply``, and the future it resolves."""
 
     def finished(self, flow_id: str) -> Awaitable[None]:
         """Wait until the flow has finished."""
 
-    def flows(self) -> Mapping[str, "Flow"]:
+    def flows(self) -> Mapping[str, Flow]:
         """The flows started so far, oldest first (read only)."""
 
 
 class ControlHost(Protocol):
     """What the control server needs: a status, the metrics, the verbs."""
 
-    metrics: "Metrics"
+    metrics: Metrics
 
     def status(self) -> dict:
         """``GET /v1/status``'s body."""

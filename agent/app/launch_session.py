@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any
 
 from agent.common.errors import FlowFailed, UsageError
 
@@ -38,8 +37,10 @@ def sev_policy(spec: str) -> int:
 
 def with_session_files(spec: str, godh_path: str, session_path: str) -> str:
     if "dh-cert-file=" in spec or "session-file=" in spec:
-        raise UsageError("the sev-guest object already names dh-cert-file/session-file: "
-                         "remove them, or remove [sev] pdh to use your own files")
+        raise UsageError(
+            "the sev-guest object already names dh-cert-file/session-file: "
+            "remove them, or remove [sev] pdh to use your own files"
+        )
     return f"{spec},dh-cert-file={godh_path},session-file={session_path}"
 
 
@@ -57,8 +58,8 @@ def read_cert(path: str, what: str) -> str:
     return base64.b64encode(raw).decode()
 
 
-CERT_LEN = 2084             # one SEV certificate
-CHAIN_LEN = 3 * CERT_LEN    # PEK || OCA || CEK
+CERT_LEN = 2084  # one SEV certificate
+CHAIN_LEN = 3 * CERT_LEN  # PEK || OCA || CEK
 
 
 def chain_with_cek(chain_b64: str, cek_b64: str) -> str:
@@ -70,11 +71,18 @@ def chain_with_cek(chain_b64: str, cek_b64: str) -> str:
         raise UsageError(f"[sev] cert_chain must hold {CHAIN_LEN} bytes (PEK, OCA, CEK), holds {len(chain)}")
     if len(cek) != CERT_LEN:
         raise UsageError(f"[sev] cek must hold one {CERT_LEN}-byte certificate, holds {len(cek)} bytes")
-    return base64.b64encode(chain[:2 * CERT_LEN] + cek).decode()
+    return base64.b64encode(chain[: 2 * CERT_LEN] + cek).decode()
 
 
-async def fetch_session(owner_url: str, vm: str, pdh_path: str, chain_path: str | None,
-                        policy: int, timeout: float, cek_path: str | None = None) -> tuple[bytes, bytes]:
+async def fetch_session(
+    owner_url: str,
+    vm: str,
+    pdh_path: str,
+    chain_path: str | None,
+    policy: int,
+    timeout: float,
+    cek_path: str | None = None,
+) -> tuple[bytes, bytes]:
     """-> (godh.b64 file content, session.b64 file content)."""
     from agent.io.http import HttpError, request_json
     from agent.protocol.owner import SESSION_PATH, ProtocolError, SessionAnswer, SessionRequest, one_line
@@ -84,17 +92,23 @@ async def fetch_session(owner_url: str, vm: str, pdh_path: str, chain_path: str 
         chain = read_cert(chain_path, "[sev] cert_chain")
         if cek_path:
             chain = chain_with_cek(chain, read_cert(cek_path, "[sev] cek"))
-    request = SessionRequest(vm=vm, pdh=base64.b64decode(read_cert(pdh_path, "[sev] pdh")), policy=policy,
-                             cert_chain=base64.b64decode(chain) if chain is not None else None)
+    request = SessionRequest(
+        vm=vm,
+        pdh=base64.b64decode(read_cert(pdh_path, "[sev] pdh")),
+        policy=policy,
+        cert_chain=base64.b64decode(chain) if chain is not None else None,
+    )
     try:
-        status, answer = await request_json("POST", owner_url.rstrip("/") + SESSION_PATH,
-                                            request.encode(), timeout=timeout)
+        status, answer = await request_json(
+            "POST", owner_url.rstrip("/") + SESSION_PATH, request.encode(), timeout=timeout
+        )
     except HttpError as exc:
         raise FlowFailed(f"guest owner unreachable for the launch session: {exc}") from None
     if status != 200 or not isinstance(answer, dict):
         error = answer.get("error") if isinstance(answer, dict) else None
-        raise FlowFailed(f"guest owner refused the launch session: "
-                         f"{one_line(error or f'HTTP {status}')} (HTTP {status})")
+        raise FlowFailed(
+            f"guest owner refused the launch session: {one_line(error or f'HTTP {status}')} (HTTP {status})"
+        )
     try:
         session = SessionAnswer.parse(answer)
     except ProtocolError as exc:

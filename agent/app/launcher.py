@@ -27,15 +27,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from agent.core.resume import ResumeFlow, ResumeParams
-from agent.common.secret import Secret
-from agent.common.errors import UsageError
-from agent.io import qmp as qmpio
-from agent.io.monitor import Monitor
-from agent.io.rundir import check_socket_path, make_key_dir, remove_key_dir, write_key_file
 from agent.app.config import Config
 from agent.app.runtime import Runtime
 from agent.app.sidecar import Sidecar, SidecarOptions
+from agent.common.errors import UsageError
+from agent.common.secret import Secret
+from agent.core.resume import ResumeFlow, ResumeParams
+from agent.io import qmp as qmpio
+from agent.io.monitor import Monitor
+from agent.io.rundir import check_socket_path, make_key_dir, remove_key_dir, write_key_file
 
 if TYPE_CHECKING:
     from agent.app.snp_launch import SnpLaunch
@@ -84,8 +84,9 @@ class Launcher(Sidecar):
 
             refuse_own_sev_objects(self.qemu_argv)
             self.snp = snp_launch_from_config(self.cfg)
-        check_socket_path(os.path.join(os.path.abspath(self.cfg.vm_run_dir), QMP_SOCKET),
-                          "QMP socket", self.cfg.vm_run_dir)
+        check_socket_path(
+            os.path.join(os.path.abspath(self.cfg.vm_run_dir), QMP_SOCKET), "QMP socket", self.cfg.vm_run_dir
+        )
 
     # -- starting QEMU -------------------------------------------------------------
     async def open_monitor(self, events: set[str]) -> Monitor:
@@ -96,8 +97,7 @@ class Launcher(Sidecar):
         self.opts.qmp_path = qmp_path
         argv, self.user_stopped = prepare_argv(self.qemu_argv, qmp_path)
         await self._launch_session(argv)
-        argv += ["-object", f"secret,id={MASTER_ID},file={self._write_master_key()},format=raw",
-                 *self.tpm_args]
+        argv += ["-object", f"secret,id={MASTER_ID},file={self._write_master_key()},format=raw", *self.tpm_args]
         if self.snp is not None:
             from agent.app.snp_launch import snp_qemu_args
 
@@ -129,9 +129,9 @@ class Launcher(Sidecar):
         """QEMU in its own session (signals are ours to handle), its stderr relayed."""
         self.log.info("starting QEMU", argv0=argv[0], args=len(argv) - 1)
         try:
-            self.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, close_fds=True,
-                                         start_new_session=True)
+            self.qemu = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True, start_new_session=True
+            )
         except OSError as exc:
             self._drop_master_file()
             raise qmpio.MonitorGone(f"cannot start QEMU: {exc.strerror}") from None
@@ -159,8 +159,7 @@ class Launcher(Sidecar):
             assert self._stderr_task is not None and self.qemu is not None
             await asyncio.wait_for(asyncio.shield(self._stderr_task), 5)
             last = next((line for line in reversed(self.qemu_lines) if line.strip()), "")
-            raise qmpio.MonitorGone(
-                f"QEMU failed to start (exit {self.qemu.returncode}): {last or 'no error text'}")
+            raise qmpio.MonitorGone(f"QEMU failed to start (exit {self.qemu.returncode}): {last or 'no error text'}")
         died.cancel()
         connect.result()  # MonitorGone: the caller drops the key files
 
@@ -174,14 +173,19 @@ class Launcher(Sidecar):
             return
         assert cfg.sev_owner_url is not None and self.run_dir is not None  # preflight, check()
         godh, session = await ls.fetch_session(
-            cfg.sev_owner_url, cfg.vm_name, cfg.sev_pdh, cfg.sev_cert_chain,
-            ls.sev_policy(argv[index]), cfg.sev_timeout_s, cek_path=cfg.sev_cek)
+            cfg.sev_owner_url,
+            cfg.vm_name,
+            cfg.sev_pdh,
+            cfg.sev_cert_chain,
+            ls.sev_policy(argv[index]),
+            cfg.sev_timeout_s,
+            cek_path=cfg.sev_cek,
+        )
         self._session_dir = make_key_dir(self._own_dir(), "session")
         godh_path = write_key_file(self._session_dir, "godh.b64", godh)
         session_path = write_key_file(self._session_dir, "session.b64", session)
         argv[index] = ls.with_session_files(argv[index], godh_path, session_path)
-        self.log.info("launch session from the guest owner written for QEMU",
-                      dir=self._session_dir)
+        self.log.info("launch session from the guest owner written for QEMU", dir=self._session_dir)
 
     def _drop_master_file(self) -> None:
         """Launch material QEMU read at start: the master key and the SEV session."""
@@ -194,8 +198,7 @@ class Launcher(Sidecar):
     async def _relay_stderr(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.qemu is not None  # started before this task
         reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), self.qemu.stderr)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self.qemu.stderr)
         try:
             while line := await reader.readline():
                 text = line.decode(errors="replace").rstrip()
@@ -218,13 +221,17 @@ class Launcher(Sidecar):
         if self.snp is not None:
             from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
 
-            rt.start_flow("launch", SnpLaunchFlow(SnpLaunchParams(
-                vm=cfg.vm_name, policy=self.snp.policy, timeout_s=cfg.snp_timeout_s)))
+            rt.start_flow(
+                "launch",
+                SnpLaunchFlow(SnpLaunchParams(vm=cfg.vm_name, policy=self.snp.policy, timeout_s=cfg.snp_timeout_s)),
+            )
         elif cfg.sev_enabled:
             from agent.core.launch import LaunchParams, SevLaunchFlow
 
-            rt.start_flow("launch", SevLaunchFlow(LaunchParams(
-                vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
+            rt.start_flow(
+                "launch",
+                SevLaunchFlow(LaunchParams(vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)),
+            )
         elif not self.user_stopped:
             rt.start_flow("resume", ResumeFlow(ResumeParams(vm=cfg.vm_name)))
 
@@ -259,7 +266,7 @@ class Launcher(Sidecar):
         await self._rt().command_outside_flows("system_powerdown")
         try:
             await asyncio.wait_for(self._qemu_done.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.log.info("grace period over: quitting QEMU", grace_s=grace)
             await self._quit()
 
@@ -278,7 +285,7 @@ class Launcher(Sidecar):
             self.qemu.terminate()  # the monitor is closed by now: SIGTERM is what is left
         try:
             await asyncio.wait_for(self._qemu_done.wait(), KILL_AFTER_QUIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.log.warning("QEMU did not exit: killing it")
             self.qemu.kill()
             await self._qemu_done.wait()

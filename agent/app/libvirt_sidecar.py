@@ -25,7 +25,13 @@ class LibvirtSidecar(Sidecar):
 
     async def open_monitor(self, events: set[str]) -> Monitor:
         conn = await libvirt_monitor.open_connection(
-            self.uri, self.domain, f"keyagent.{self.cfg.vm_name}", events, self.opts.qmp_timeout)
-        self.log.info("libvirt connected", libvirt=self.uri, domain=self.domain,
-                      qemu=conn.qemu_version, monitor_events=conn.monitor_events)
+            self.uri, self.domain, f"keyagent.{self.cfg.vm_name}", events, self.opts.qmp_timeout
+        )
+        self.log.info(
+            "libvirt connected",
+            libvirt=self.uri,
+            domain=self.domain,
+            qemu=conn.qemu_version,
+            monitor_events=conn.monitor_events,
+        )
         return conn

@@ -41,36 +41,36 @@ class Metrics:
 
     # -- scrape ----------------------------------------------------------------
     def collect(self):
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        started = CounterMetricFamily("keyagent_flows_started", "Flows started, by kind",
-                                      labels=["kind"])
+        started = CounterMetricFamily("keyagent_flows_started", "Flows started, by kind", labels=["kind"])
         for kind, n in sorted(self.flows_started.items()):
             started.add_metric([kind], n)
-        finished = CounterMetricFamily("keyagent_flows_finished",
-                                       "Flows finished, by kind and result",
-                                       labels=["kind", "result"])
+        finished = CounterMetricFamily(
+            "keyagent_flows_finished", "Flows finished, by kind and result", labels=["kind", "result"]
+        )
         for (kind, result), n in sorted(self.flows_finished.items()):
             finished.add_metric([kind, result], n)
-        migrations = CounterMetricFamily("keyagent_migrations", "Migrations, by role and status",
-                                         labels=["role", "status"])
+        migrations = CounterMetricFamily(
+            "keyagent_migrations", "Migrations, by role and status", labels=["role", "status"]
+        )
         for (role, status), n in sorted(self.migrations.items()):
             migrations.add_metric([role, status], n)
-        secrets = CounterMetricFamily("keyagent_secrets_added",
-                                      "Encrypted secret objects added to QEMU")
+        secrets = CounterMetricFamily("keyagent_secrets_added", "Encrypted secret objects added to QEMU")
         secrets.add_metric([], self.secrets_added)
         buckets, total = [], 0
         for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.latency_counts):
             total += n
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
-        latency = HistogramMetricFamily("keyagent_attestation_seconds",
-                                        "SEV launch attestation, start to cont",
-                                        buckets=buckets, sum_value=self.latency_sum)
+        latency = HistogramMetricFamily(
+            "keyagent_attestation_seconds",
+            "SEV launch attestation, start to cont",
+            buckets=buckets,
+            sum_value=self.latency_sum,
+        )
         connected = GaugeMetricFamily("keyagent_qmp_connected", "1 while QMP is connected")
         connected.add_metric([], 1 if self.qmp_connected else 0)
-        dropped = CounterMetricFamily("keyagent_qmp_events_dropped",
-                                      "QMP events dropped because the queue was full")
+        dropped = CounterMetricFamily("keyagent_qmp_events_dropped", "QMP events dropped because the queue was full")
         dropped.add_metric([], self.events_dropped())
         return [started, finished, migrations, secrets, latency, connected, dropped]
 

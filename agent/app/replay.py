@@ -9,12 +9,13 @@ command line is :mod:`agent.cli.replay`.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, TextIO, cast
+from collections.abc import Iterable
+from typing import Any, TextIO, cast
 
+from agent.common.errors import FlowFailed, UsageError
 from agent.core.codec import CodecError, decode_event, encode
 from agent.core.flow import Flow
 from agent.core.registry import FLOW_KINDS
-from agent.common.errors import FlowFailed, UsageError
 
 
 class Divergence(FlowFailed):
@@ -112,8 +113,9 @@ class _Check:
             raise _bad(r, f"event for unknown flow {fid!r}")
         left = self.pending[fid]
         if left:
-            raise Divergence(f"record {r['seq']}: flow {fid} produced "
-                             f"{_summary(encode(left[0]))} that the log does not have")
+            raise Divergence(
+                f"record {r['seq']}: flow {fid} produced {_summary(encode(left[0]))} that the log does not have"
+            )
         try:
             event = decode_event(cast(dict, r.get("event")))  # it refuses a non-object itself
         except CodecError as exc:
@@ -133,18 +135,19 @@ class _Check:
             raise _bad(r, f"action for unknown flow {fid!r}")
         recorded = r.get("action")
         if not left:
-            raise Divergence(f"record {r['seq']}: the log has {_summary(recorded or {})} "
-                             f"but flow {fid} produced nothing")
+            raise Divergence(
+                f"record {r['seq']}: the log has {_summary(recorded or {})} but flow {fid} produced nothing"
+            )
         computed = left.pop(0)
         if encode(computed) != recorded:
-            raise Divergence(f"record {r['seq']}: flow {fid} produced "
-                             f"{_summary(encode(computed))}, the log has {_summary(recorded or {})}")
+            raise Divergence(
+                f"record {r['seq']}: flow {fid} produced "
+                f"{_summary(encode(computed))}, the log has {_summary(recorded or {})}"
+            )
         self.actions += 1
 
     def summary(self) -> str:
         for fid, left in self.pending.items():
             if left and self.ended:
-                raise Divergence(f"flow {fid} produced {_summary(encode(left[0]))} "
-                                 "that the log does not have")
-        return (f"replay check passed: {len(self.flows)} flow(s), {self.events} events, "
-                f"{self.actions} actions match")
+                raise Divergence(f"flow {fid} produced {_summary(encode(left[0]))} that the log does not have")
+        return f"replay check passed: {len(self.flows)} flow(s), {self.events} events, {self.actions} actions match"

@@ -38,7 +38,6 @@ from agent.app.runtime_keys import KeyStore
 from agent.app.runtime_owner import OwnerExecutor, ask_owner
 from agent.app.runtime_qmp import QmpExecutor
 from agent.app.runtime_timers import TimerExecutor
-from agent.io.monitor import Monitor
 from agent.common.logs import get_logger
 from agent.core.actions import (
     Action,
@@ -56,6 +55,7 @@ from agent.core.actions import (
 )
 from agent.core.events import ControlRequest, Event, Start
 from agent.core.flow import Flow
+from agent.io.monitor import Monitor
 
 __all__ = ["Runtime", "ask_owner", "FinishCallback"]
 
@@ -64,10 +64,18 @@ Handler = Callable[[str, Any], None]
 
 
 class Runtime:
-    def __init__(self, *, qmp: Monitor | None, event_log: EventLog,
-                 owner_url: str | None = None, owner_timeout: float = 30.0,
-                 on_finish: FinishCallback | None = None, log: Any = None,
-                 run_dir: str | None = None, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        qmp: Monitor | None,
+        event_log: EventLog,
+        owner_url: str | None = None,
+        owner_timeout: float = 30.0,
+        on_finish: FinishCallback | None = None,
+        log: Any = None,
+        run_dir: str | None = None,
+        metrics: Any = None,
+    ) -> None:
         self.event_log = event_log
         self.on_finish = on_finish
         self.log = log or get_logger("keyagent")
@@ -84,8 +92,7 @@ class Runtime:
         self.timers = TimerExecutor(self.feed)
         self.keys = KeyStore(self.feed, run_dir, self.log)
         self.control = ControlReplies()
-        self.executors: tuple[Executor, ...] = (self.keys, self.timers, self.owner,
-                                                self.control, self.qmp_executor)
+        self.executors: tuple[Executor, ...] = (self.keys, self.timers, self.owner, self.control, self.qmp_executor)
         self.handlers: dict[type, Handler] = self._handler_table()
 
     def _handler_table(self) -> dict[type, Handler]:
@@ -169,8 +176,7 @@ class Runtime:
         if flow is None or flow.finished is not None:
             if isinstance(event, ControlRequest):
                 # Raced the flow's end: answer rather than leave the caller hanging.
-                self._do(flow_id, ControlReply(event.req, 409,
-                                               {"error": "that flow has already ended"}))
+                self._do(flow_id, ControlReply(event.req, 409, {"error": "that flow has already ended"}))
             return
         self.event_log.event(flow_id, event)
         for action in flow.handle(event):
@@ -223,4 +229,3 @@ class Runtime:
     def close(self) -> None:
         for executor in self.executors:
             executor.close()
-

@@ -86,8 +86,9 @@ class KeyStore:
             with action.key.view() as payload:
                 serial = keyring.add_key(action.description, payload)
             # Possessor: all; user (QEMU runs as this uid): view, read, search.
-            keyring.setperm(serial, keyring.KEY_POS_ALL | keyring.KEY_USR_VIEW
-                            | keyring.KEY_USR_READ | keyring.KEY_USR_SEARCH)
+            keyring.setperm(
+                serial, keyring.KEY_POS_ALL | keyring.KEY_USR_VIEW | keyring.KEY_USR_READ | keyring.KEY_USR_SEARCH
+            )
         except OSError as exc:
             if serial is not None:  # added but not usable: it must not stay
                 _revoke_and_unlink(serial)

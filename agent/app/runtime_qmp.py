@@ -11,7 +11,7 @@ command (``quit``, ``stop``) must still reach QEMU; ``drain`` waits for them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from agent.app.runtime_base import Feed

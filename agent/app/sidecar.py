@@ -18,24 +18,32 @@ import datetime
 import os
 import signal
 import stat
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.app.config import Config
-from agent.core.launch import LaunchParams, SevLaunchFlow
-from agent.common.errors import FlowFailed, KeyagentError, UsageError
 from agent.app.eventlog import EventLog
-from agent.io import qmp as qmpio
-from agent.io.monitor import Monitor
-from agent.io.rundir import (RunDirLock, check_socket_length, check_socket_path, lock_run_dir,
-                             prepare_run_dir, set_run_dir_group, sweep_stale_keys)
-from agent.common.logs import get_logger
 from agent.app.runtime import Runtime
+from agent.common.errors import FlowFailed, KeyagentError, UsageError
+from agent.common.logs import get_logger
 from agent.core.actions import Finish
 from agent.core.events import Event
 from agent.core.flow import Flow
+from agent.core.launch import LaunchParams, SevLaunchFlow
+from agent.io import qmp as qmpio
+from agent.io.monitor import Monitor
+from agent.io.rundir import (
+    RunDirLock,
+    check_socket_length,
+    check_socket_path,
+    lock_run_dir,
+    prepare_run_dir,
+    set_run_dir_group,
+    sweep_stale_keys,
+)
 
 if TYPE_CHECKING:
     from agent.app.control import ControlServer
@@ -85,8 +93,9 @@ def check_host_keys(cfg: Config) -> None:
     """
     key, trusted = cfg.migration_host_key, cfg.migration_trusted_hosts
     if (key is None) != (trusted is None):
-        raise UsageError("[migration] host_key and trusted_hosts go together "
-                         "(--migration-host-key, --migration-trusted-hosts)")
+        raise UsageError(
+            "[migration] host_key and trusted_hosts go together (--migration-host-key, --migration-trusted-hosts)"
+        )
     if key is None:
         return
     from agent.crypto import hostkey
@@ -151,8 +160,9 @@ class Sidecar:
     def _on_signal(self, signame: str) -> None:
         self.log.info("signal received, stopping", signal=signame)
         launch = self.runtime.flows.get("launch") if self.runtime is not None else None
-        unfinished = (launch is not None and launch.finished is None) or \
-            (self.runtime is None and (self.cfg.sev_enabled or self.cfg.snp_enabled))  # no monitor yet
+        unfinished = (launch is not None and launch.finished is None) or (
+            self.runtime is None and (self.cfg.sev_enabled or self.cfg.snp_enabled)
+        )  # no monitor yet
         if unfinished and self.exit_code == 0:
             # The VM stays where it is (paused): never resumed without its secret.
             self.exit_code = 1
@@ -180,10 +190,10 @@ class Sidecar:
         if self.opts.control_path:
             check_socket_path(self.opts.control_path, "control socket", run_dir)
             gid = cfg.control_gid
-            if gid is not None and os.geteuid() != 0 and gid != os.getegid() \
-                    and gid not in os.getgroups():
-                raise UsageError(f"[control] gid {gid}: the control socket can only be given to "
-                                 "a group we are in (or as root)")
+            if gid is not None and os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+                raise UsageError(
+                    f"[control] gid {gid}: the control socket can only be given to a group we are in (or as root)"
+                )
         if "vtpm" in cfg.sections_present or cfg.vtpm_state_dir is not None:
             from agent.app.vtpm import Vtpm
 
@@ -230,13 +240,17 @@ class Sidecar:
             self.secrets = SecretsControl(self)
             self.secrets.start()
         if cfg.sev_enabled:
-            rt.start_flow("launch", SevLaunchFlow(LaunchParams(
-                vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)))
+            rt.start_flow(
+                "launch",
+                SevLaunchFlow(LaunchParams(vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)),
+            )
         elif cfg.snp_enabled:  # SEV-SNP: check the guest QEMU holds at -S, then cont (agent.core.snp_launch)
             from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
 
-            rt.start_flow("launch", SnpLaunchFlow(SnpLaunchParams(
-                vm=cfg.vm_name, policy=cfg.snp_policy, timeout_s=cfg.snp_timeout_s)))
+            rt.start_flow(
+                "launch",
+                SnpLaunchFlow(SnpLaunchParams(vm=cfg.vm_name, policy=cfg.snp_policy, timeout_s=cfg.snp_timeout_s)),
+            )
 
     def preload(self) -> None:
         """Import, before QMP connects, what the flows need once it is up.
@@ -252,8 +266,8 @@ class Sidecar:
         if self.opts.control_path:
             import agent.app.control  # noqa: F401
         if self.run_dir:
-            import agent.io.keyring  # noqa: F401
             import agent.app.verbs.secrets  # noqa: F401
+            import agent.io.keyring  # noqa: F401
         if self.incoming and self.opts.control_path:
             # A VM that arrives by migration: its agent will open a sealed
             # PSK (cryptography, ~25 ms to load) inside the migration.
@@ -262,8 +276,7 @@ class Sidecar:
     def wanted_events(self) -> set[str]:
         from agent.core.migration import MigrationFlow
 
-        wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if self.cfg.sev_enabled
-                                 else set())
+        wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if self.cfg.sev_enabled else set())
         if self.cfg.snp_enabled:
             wanted |= {"RESUME", "SHUTDOWN"}  # agent.core.snp_launch.SnpLaunchFlow.wanted_events
         if self.opts.control_path:
@@ -334,8 +347,11 @@ class Sidecar:
         self._run_dir_lock = lock_run_dir(self.run_dir)
         control = self.opts.control_path
         group = None
-        if cfg.control_gid is not None and control and \
-                os.path.commonpath([self.run_dir, os.path.abspath(control)]) == self.run_dir:
+        if (
+            cfg.control_gid is not None
+            and control
+            and os.path.commonpath([self.run_dir, os.path.abspath(control)]) == self.run_dir
+        ):
             group = cfg.control_gid
             # The group may now enter the run_dir: whatever else appears in it
             # (QEMU's QMP socket under ``keyagent launch``, swtpm's sockets)
@@ -408,25 +424,35 @@ class Sidecar:
 
             removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
             if removed:
-                self.log.warning("swept stale key material left by a previous agent",
-                                 run_dir=self.run_dir, removed=removed)
+                self.log.warning(
+                    "swept stale key material left by a previous agent", run_dir=self.run_dir, removed=removed
+                )
 
     def _open_event_log(self) -> EventLog:
         event_log = EventLog(self.opts.event_log)
         # The wall-clock time of this record, so a replay can say when each
         # step happened (the records' t counts from here, monotonic).
-        event_log.write("start", version=__version__, vm=self.cfg.vm_name,
-                        wall=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
+        event_log.write(
+            "start",
+            version=__version__,
+            vm=self.cfg.vm_name,
+            wall=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        )
         return event_log
 
     def _start_runtime(self, qmp: Monitor, event_log: EventLog) -> Runtime:
         """The runtime that runs the flows over this monitor connection."""
         cfg = self.cfg
-        rt = self.runtime = Runtime(qmp=qmp, event_log=event_log,
-                                    owner_url=cfg.sev_owner_url,
-                                    owner_timeout=cfg.sev_timeout_s,
-                                    on_finish=self._on_finish, log=self.log, run_dir=self.run_dir,
-                                    metrics=self.metrics)
+        rt = self.runtime = Runtime(
+            qmp=qmp,
+            event_log=event_log,
+            owner_url=cfg.sev_owner_url,
+            owner_timeout=cfg.sev_timeout_s,
+            on_finish=self._on_finish,
+            log=self.log,
+            run_dir=self.run_dir,
+            metrics=self.metrics,
+        )
         self.metrics.qmp_connected = True
         events = getattr(qmp, "events", None)
         self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)
@@ -439,15 +465,16 @@ class Sidecar:
         if opts.control_path:
             from agent.app.control import ControlServer
 
-            self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid,
-                                         ref_dirs=cfg.control_ref_dirs)
+            self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid, ref_dirs=cfg.control_ref_dirs)
             await self.control.start()
 
     def _start_tasks(self, rt: Runtime) -> list[asyncio.Task]:
         """The runtime's loops, the monitor watcher and the swtpm supervisor."""
-        tasks = [asyncio.ensure_future(rt.dispatch()),
-                 asyncio.ensure_future(rt.pump_qmp_events()),
-                 asyncio.ensure_future(self._watch(rt))]
+        tasks = [
+            asyncio.ensure_future(rt.dispatch()),
+            asyncio.ensure_future(rt.pump_qmp_events()),
+            asyncio.ensure_future(self._watch(rt)),
+        ]
         if self.vtpm is not None:
             tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
         return tasks
@@ -522,11 +549,18 @@ class Sidecar:
 
             self.migration = MigrationControl(self)
         m, s = self.migration, self.secrets
-        secrets: dict[tuple[str, str], Any] = {} if s is None else {wire.SECRET_ADD: s.add, wire.SECRET_REMOVE: s.remove}
-        return {**secrets,
-                wire.MIGRATE_PREPARE: m.prepare, wire.MIGRATE_BEGIN: m.begin,
-                wire.MIGRATE_ACCEPT: m.accept, wire.MIGRATE_START: m.start,
-                wire.MIGRATE_WAIT: m.wait, wire.MIGRATE_CANCEL: m.cancel}
+        secrets: dict[tuple[str, str], Any] = (
+            {} if s is None else {wire.SECRET_ADD: s.add, wire.SECRET_REMOVE: s.remove}
+        )
+        return {
+            **secrets,
+            wire.MIGRATE_PREPARE: m.prepare,
+            wire.MIGRATE_BEGIN: m.begin,
+            wire.MIGRATE_ACCEPT: m.accept,
+            wire.MIGRATE_START: m.start,
+            wire.MIGRATE_WAIT: m.wait,
+            wire.MIGRATE_CANCEL: m.cancel,
+        }
 
     def status(self) -> dict:
         rt = self.runtime
@@ -537,6 +571,9 @@ class Sidecar:
                 if flow.finished is not None:
                     entry["result"] = {"code": flow.finished.code, "reason": flow.finished.reason}
                 flows[fid] = entry
-        return {"vm": self.cfg.vm_name, "version": __version__,
-                "qmp": "disconnected" if (rt is None or rt.qmp_gone is not None) else "connected",
-                "flows": flows}
+        return {
+            "vm": self.cfg.vm_name,
+            "version": __version__,
+            "qmp": "disconnected" if (rt is None or rt.qmp_gone is not None) else "connected",
+            "flows": flows,
+        }

@@ -68,7 +68,7 @@ def _b64_file(path: str, what: str, size: int) -> bytes:
 
 def snp_launch_from_config(cfg: Config) -> SnpLaunch:
     """The checked ``[snp]`` settings; UsageError (exit 2) with one line on any fault."""
-    from agent.sev.snp_idblock import IdBlock, check_id_auth, SnpFormatError
+    from agent.sev.snp_idblock import IdBlock, SnpFormatError, check_id_auth
 
     blobs: dict[str, bytes | None] = {}
     for name, size in (("id_block", ID_BLOCK_LEN), ("id_auth", ID_AUTH_LEN)):
@@ -88,8 +88,10 @@ def snp_launch_from_config(cfg: Config) -> SnpLaunch:
     if blobs["id_block"] is not None:
         block = IdBlock.from_bytes(blobs["id_block"])
         if block.policy != policy:
-            raise UsageError(f"[snp] the ID block pins policy {block.policy:#x}, [snp] policy is {policy:#x}: "
-                             "the PSP would refuse the launch")
+            raise UsageError(
+                f"[snp] the ID block pins policy {block.policy:#x}, [snp] policy is {policy:#x}: "
+                "the PSP would refuse the launch"
+            )
         id_auth = blobs["id_auth"]
         assert id_auth is not None  # they go together (checked above)
         try:
@@ -101,9 +103,15 @@ def snp_launch_from_config(cfg: Config) -> SnpLaunch:
         if author and not auth.id_key_signature:
             raise UsageError("[snp] id_auth: the author key's signature of the ID key does not verify")
     host = cfg.get("snp", "host_data")
-    return SnpLaunch(policy=policy, id_block=blobs["id_block"], id_auth=blobs["id_auth"],
-                     host_data=bytes.fromhex(host) if host else None, author_key_enabled=author,
-                     cbitpos=cfg.get("snp", "cbitpos"), reduced_phys_bits=cfg.get("snp", "reduced_phys_bits"))
+    return SnpLaunch(
+        policy=policy,
+        id_block=blobs["id_block"],
+        id_auth=blobs["id_auth"],
+        host_data=bytes.fromhex(host) if host else None,
+        author_key_enabled=author,
+        cbitpos=cfg.get("snp", "cbitpos"),
+        reduced_phys_bits=cfg.get("snp", "reduced_phys_bits"),
+    )
 
 
 def refuse_own_sev_objects(argv: list[str]) -> None:
@@ -111,8 +119,10 @@ def refuse_own_sev_objects(argv: list[str]) -> None:
     for arg in argv[1:]:
         for word in ("sev-snp-guest", "sev-guest", "confidential-guest-support"):
             if word in arg:
-                raise UsageError(f"[snp] adds the sev-snp-guest object and confidential-guest-support itself: "
-                                 f"remove '{word}' from the QEMU command line")
+                raise UsageError(
+                    f"[snp] adds the sev-snp-guest object and confidential-guest-support itself: "
+                    f"remove '{word}' from the QEMU command line"
+                )
 
 
 def snp_qemu_args(s: SnpLaunch) -> list[str]:
@@ -123,8 +133,10 @@ def snp_qemu_args(s: SnpLaunch) -> list[str]:
     if s.reduced_phys_bits is not None:
         props.append(f"reduced-phys-bits={s.reduced_phys_bits}")
     if s.id_block is not None and s.id_auth is not None:
-        props += [f"id-block={base64.b64encode(s.id_block).decode()}",
-                  f"id-auth={base64.b64encode(s.id_auth).decode()}"]
+        props += [
+            f"id-block={base64.b64encode(s.id_block).decode()}",
+            f"id-auth={base64.b64encode(s.id_auth).decode()}",
+        ]
         if s.author_key_enabled:
             props.append("author-key-enabled=on")
     if s.host_data is not None:

@@ -13,20 +13,29 @@ from __future__ import annotations
 
 import os
 
-from agent.common.secret import Secret
 from agent.common.errors import FlowFailed, UsageError
+from agent.common.logs import get_logger
+from agent.common.secret import Secret
 from agent.io import secretref, swtpm
 from agent.io.files import check_regular_file
 from agent.io.rundir import check_socket_length, prepare_run_dir
-from agent.common.logs import get_logger
 
 log = get_logger("keyagent.vtpm")
 
 
 class Vtpm:
-    def __init__(self, state_dir: str, key_ref: str, run_dir: str, *, version: str = "2.0",
-                 key_kind: str = "raw", device: str = "tpm-crb",
-                 swtpm_bin: str = swtpm.SWTPM, swtpm_setup_bin: str = swtpm.SWTPM_SETUP) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        key_ref: str,
+        run_dir: str,
+        *,
+        version: str = "2.0",
+        key_kind: str = "raw",
+        device: str = "tpm-crb",
+        swtpm_bin: str = swtpm.SWTPM,
+        swtpm_setup_bin: str = swtpm.SWTPM_SETUP,
+    ) -> None:
         if version not in swtpm.VERSIONS:
             raise UsageError(f"[vtpm] version must be one of {', '.join(swtpm.VERSIONS)}")
         if key_kind not in swtpm.KEY_KINDS:
@@ -49,13 +58,19 @@ class Vtpm:
         return "vtpm" in cfg.sections_present or cfg.vtpm_state_dir is not None
 
     @classmethod
-    def from_config(cls, cfg, run_dir: str) -> "Vtpm":
+    def from_config(cls, cfg, run_dir: str) -> Vtpm:
         if not cfg.vtpm_state_dir:
             raise UsageError("[vtpm] state_dir is required")
         if not cfg.vtpm_key:
             raise UsageError("[vtpm] key is required (an encrypted state needs a key)")
-        return cls(cfg.vtpm_state_dir, cfg.vtpm_key, run_dir, version=cfg.vtpm_version,
-                   key_kind=cfg.vtpm_key_kind, device=cfg.vtpm_device)
+        return cls(
+            cfg.vtpm_state_dir,
+            cfg.vtpm_key,
+            run_dir,
+            version=cfg.vtpm_version,
+            key_kind=cfg.vtpm_key_kind,
+            device=cfg.vtpm_device,
+        )
 
     def preflight(self) -> None:
         """What can be refused before anything is created (exit 2).
@@ -67,8 +82,7 @@ class Vtpm:
         checked with ``fstat`` (agent.io.files) before the reference is
         resolved.
         """
-        check_socket_length(os.path.join(os.path.abspath(self.run_dir), swtpm.CTRL_SOCKET_NAME),
-                            "swtpm control socket")
+        check_socket_length(os.path.join(os.path.abspath(self.run_dir), swtpm.CTRL_SOCKET_NAME), "swtpm control socket")
         scheme, _, rest = self.key_ref.partition(":")
         if scheme == "file" and rest:
             try:
@@ -92,16 +106,16 @@ class Vtpm:
             swtpm.check_key(key, self.key_kind)
             info = swtpm.check_state(self.state_dir, self.version)
             if info.kind is swtpm.StateKind.ABSENT and not incoming:
-                await swtpm.setup_state(self.state_dir, self.version, key, self.key_kind,
-                                        swtpm_setup=self.swtpm_setup_bin)
+                await swtpm.setup_state(
+                    self.state_dir, self.version, key, self.key_kind, swtpm_setup=self.swtpm_setup_bin
+                )
                 self.created = True
             self.process = await swtpm.start_swtpm(
-                self.state_dir, self.version, key, self.key_kind, self.run_dir,
-                swtpm=self.swtpm_bin, incoming=incoming)
+                self.state_dir, self.version, key, self.key_kind, self.run_dir, swtpm=self.swtpm_bin, incoming=incoming
+            )
         finally:
             key.wipe()
-        log.info("vtpm_ready", state_dir=self.state_dir, created=self.created,
-                 device=self.device, pid=self.process.pid)
+        log.info("vtpm_ready", state_dir=self.state_dir, created=self.created, device=self.device, pid=self.process.pid)
         return swtpm.qemu_tpm_args(self.process.ctrl_socket, self.device)
 
     async def wait(self) -> int:

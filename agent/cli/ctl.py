@@ -28,8 +28,7 @@ def _file_ref(path: str | None) -> str | None:
     if path is None:
         return None
     path = os.path.abspath(path)
-    return "file:" + os.path.join(os.path.realpath(os.path.dirname(path)),
-                                  os.path.basename(path))
+    return "file:" + os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def _migrate_opts(p, psk: bool, cookie: bool) -> None:
@@ -45,13 +44,13 @@ def _migrate_opts(p, psk: bool, cookie: bool) -> None:
         g.add_argument("--psk-ref", metavar="REF", help="file:PATH, keyring:DESC or libvirt:UUID")
     p.add_argument("--multifd", action="store_true", help="use multifd channels")
     p.add_argument("--multifd-channels", type=int, default=2, metavar="N")
-    p.add_argument("--postcopy", action="store_true",
-                   help="postcopy (give it on both sides; the source switches once active)")
+    p.add_argument(
+        "--postcopy", action="store_true", help="postcopy (give it on both sides; the source switches once active)"
+    )
 
 
 def _migrate_body(args) -> dict:
-    body: dict = {"uri": args.uri, "multifd": args.multifd,
-                  "multifd_channels": args.multifd_channels}
+    body: dict = {"uri": args.uri, "multifd": args.multifd, "multifd_channels": args.multifd_channels}
     if args.postcopy:
         body["postcopy"] = True
     if getattr(args, "cookie", None):
@@ -67,8 +66,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("ctl", help="send a verb to a running agent")
     p.add_argument("--control", required=True, metavar="unix:PATH")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="how long to wait for the agent's answer")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="how long to wait for the agent's answer")
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
@@ -83,16 +81,17 @@ def register(sub) -> None:
     m = verbs.add_parser("migrate", help="encrypted migration (TLS-PSK)")
     mv = m.add_subparsers(dest="migrate_verb", metavar="MIGRATE_VERB")
     mv.required = True
-    x = mv.add_parser("prepare", help="(destination) make a one-time key, print the offer "
-                                          "signed with the host key")
+    x = mv.add_parser("prepare", help="(destination) make a one-time key, print the offer signed with the host key")
     x.set_defaults(func=run, route=wire.MIGRATE_PREPARE, body=lambda a: {})
-    x = mv.add_parser("begin", help="(source) check the offer comes from a trusted host, "
-                                        "make the PSK, seal it to the offer, sign the cookie")
+    x = mv.add_parser(
+        "begin",
+        help="(source) check the offer comes from a trusted host, make the PSK, seal it to the offer, sign the cookie",
+    )
     x.add_argument("--offer", required=True, metavar="B64")
-    x.set_defaults(func=run, route=wire.MIGRATE_BEGIN,
-                   body=lambda a: {"offer": a.offer})
-    x = mv.add_parser("accept", help="(destination) check the cookie comes from a trusted "
-                                         "host, open it, listen for the migration")
+    x.set_defaults(func=run, route=wire.MIGRATE_BEGIN, body=lambda a: {"offer": a.offer})
+    x = mv.add_parser(
+        "accept", help="(destination) check the cookie comes from a trusted host, open it, listen for the migration"
+    )
     _migrate_opts(x, psk=True, cookie=True)
     x.set_defaults(func=run, route=wire.MIGRATE_ACCEPT, body=_migrate_body)
     x = mv.add_parser("start", help="(source) migrate to the destination")
@@ -100,8 +99,7 @@ def register(sub) -> None:
     x.set_defaults(func=run, route=wire.MIGRATE_START, body=_migrate_body)
     x = mv.add_parser("wait", help="wait for the final status (exit 0 only if completed)")
     x.add_argument("--timeout", dest="wait_timeout", type=float, default=3600.0, metavar="S")
-    x.set_defaults(func=run, route=wire.MIGRATE_WAIT,
-                   body=lambda a: {"timeout": a.wait_timeout}, success="completed")
+    x.set_defaults(func=run, route=wire.MIGRATE_WAIT, body=lambda a: {"timeout": a.wait_timeout}, success="completed")
     x = mv.add_parser("cancel", help="cancel the migration in progress")
     x.set_defaults(func=run, route=wire.MIGRATE_CANCEL, body=lambda a: {})
 
@@ -113,12 +111,12 @@ def register(sub) -> None:
     g = x.add_mutually_exclusive_group(required=True)
     g.add_argument("--file", metavar="F")
     g.add_argument("--ref", metavar="REF", help="file:PATH, keyring:DESC or libvirt:UUID")
-    x.set_defaults(func=run, route=wire.SECRET_ADD,
-                   body=lambda a: {"id": a.secret_id, "ref": a.ref or _file_ref(a.file)})
+    x.set_defaults(
+        func=run, route=wire.SECRET_ADD, body=lambda a: {"id": a.secret_id, "ref": a.ref or _file_ref(a.file)}
+    )
     x = sv.add_parser("remove", help="object-del a secret the agent added")
     x.add_argument("--id", required=True, dest="secret_id", metavar="ID")
-    x.set_defaults(func=run, route=wire.SECRET_REMOVE,
-                   body=lambda a: {"id": a.secret_id})
+    x.set_defaults(func=run, route=wire.SECRET_REMOVE, body=lambda a: {"id": a.secret_id})
 
 
 def run(args) -> int:
@@ -131,9 +129,9 @@ def run(args) -> int:
         timeout = TIMEOUT_S + (body.get("timeout", 0) if isinstance(body, dict) else 0)
     try:
         method, route = args.route
-        status, answer = asyncio.run(request_json(
-            method, f"http://localhost{route}", body,
-            timeout=timeout, unix_path=path))
+        status, answer = asyncio.run(
+            request_json(method, f"http://localhost{route}", body, timeout=timeout, unix_path=path)
+        )
     except HttpError as exc:
         raise FlowFailed(f"control socket {path}: {exc}") from None
     if 200 <= status < 300:

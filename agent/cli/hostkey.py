@@ -16,8 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("hostkey", help="this host's identity key for the migration hand-over")
     verbs = p.add_subparsers(dest="hostkey_verb", metavar="VERB")
     verbs.required = True
-    x = verbs.add_parser("init", help="write a new host key (0600, never overwrites); "
-                                      "print its public key")
+    x = verbs.add_parser("init", help="write a new host key (0600, never overwrites); print its public key")
     x.add_argument("path", metavar="PATH")
     x.set_defaults(func=_init)
     x = verbs.add_parser("show", help="print the public key of a host key")

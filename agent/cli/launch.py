@@ -7,23 +7,22 @@ import os
 import signal
 
 from agent.app.config import config_from_args
-from agent.common.errors import UsageError
 from agent.app.hardening import harden_process
 from agent.cli.run import add_agent_options, control_path
+from agent.common.errors import UsageError
 
 
 def register(sub) -> None:
     p = sub.add_parser("launch", help="start QEMU and run the flows for it (entrypoint)")
     add_agent_options(p)
-    p.add_argument("qemu_argv", nargs="*", metavar="QEMU-ARGV",
-                   help="the QEMU command, after --")
+    p.add_argument("qemu_argv", nargs="*", metavar="QEMU-ARGV", help="the QEMU command, after --")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from agent.app.launcher import ChildReaper, Launcher
-    from agent.common.logs import setup_logging
     from agent.app.sidecar import SidecarOptions
+    from agent.common.logs import setup_logging
 
     harden_process()  # no core dump, no same-uid ptrace: the agent holds keys
     setup_logging(args.log_level)
@@ -33,8 +32,7 @@ def run(args) -> int:
     if not argv:
         raise UsageError("launch needs a QEMU command after --")
     cfg = config_from_args(args)
-    opts = SidecarOptions(qmp_path="", control_path=control_path(args, cfg),
-                          event_log=args.event_log)
+    opts = SidecarOptions(qmp_path="", control_path=control_path(args, cfg), event_log=args.event_log)
     launcher = Launcher(cfg, opts, argv)
 
     async def main() -> int:

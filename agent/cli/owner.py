@@ -45,16 +45,25 @@ def register(subparsers: Any) -> None:
     s.add_argument("--config", required=True, metavar="FILE", help="owner.toml")
     s.add_argument("--listen", required=True, metavar="HOST:PORT", help="port 0 picks a free port")
     s.add_argument("--log-level", default="info", metavar="LEVEL")
-    s.add_argument("--max-connections", type=_count, default=100, metavar="N",
-                   help="connections served at once; more wait in the listen backlog (default 100)")
-    s.add_argument("--request-timeout", type=_seconds, default=10.0, metavar="S",
-                   help="time for a request's headers and body, however slowly sent (default 10)")
+    s.add_argument(
+        "--max-connections",
+        type=_count,
+        default=100,
+        metavar="N",
+        help="connections served at once; more wait in the listen backlog (default 100)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="time for a request's headers and body, however slowly sent (default 10)",
+    )
     s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("verify", help="check a launch measurement against an expected digest")
     _add_measurement_args(v)
-    v.add_argument("--digest", action="append", metavar="HEX",
-                   help="expected launch digest (repeat to accept several)")
+    v.add_argument("--digest", action="append", metavar="HEX", help="expected launch digest (repeat to accept several)")
     measure = _measure_module()
     if measure is not None and hasattr(measure, "add_measure_options"):
         measure.add_measure_options(v)  # --firmware/--kernel/... instead of --digest
@@ -64,24 +73,46 @@ def register(subparsers: Any) -> None:
     k.add_argument("--tik", required=True, metavar="FILE")
     k.add_argument("--tek", required=True, metavar="FILE")
     k.add_argument("--measurement", required=True, metavar="B64")
-    k.add_argument("--secret", required=True, action="append", metavar="GUID=FILE",
-                   help="a secret table entry; GUID may be an alias like luks-key")
+    k.add_argument(
+        "--secret",
+        required=True,
+        action="append",
+        metavar="GUID=FILE",
+        help="a secret table entry; GUID may be an alias like luks-key",
+    )
     k.add_argument("--iv", metavar="B64", help="16-byte IV (default: fresh random)")
     k.set_defaults(func=cmd_package)
 
     x = sub.add_parser("session", help="make a launch session for a platform's PDH")
-    x.add_argument("--pdh", required=True, metavar="FILE",
-                   help="the platform's PDH certificate (2084 bytes, raw or base64 as QEMU reports it)")
-    x.add_argument("--cert-chain", metavar="FILE",
-                   help="PEK || OCA || CEK (raw or base64, QEMU's cert-chain, the CEK as AMD's key server signs "
-                        "it): must chain the PDH to AMD's ARK")
-    x.add_argument("--amd-roots", metavar="DIR",
-                   help="trust the <product>-ark.cert/<product>-ask.cert here instead of the built-in AMD roots")
-    x.add_argument("--unverified-platform", action="store_true",
-                   help="make the session without checking the platform at all (demos only)")
+    x.add_argument(
+        "--pdh",
+        required=True,
+        metavar="FILE",
+        help="the platform's PDH certificate (2084 bytes, raw or base64 as QEMU reports it)",
+    )
+    x.add_argument(
+        "--cert-chain",
+        metavar="FILE",
+        help="PEK || OCA || CEK (raw or base64, QEMU's cert-chain, the CEK as AMD's key server signs "
+        "it): must chain the PDH to AMD's ARK",
+    )
+    x.add_argument(
+        "--amd-roots",
+        metavar="DIR",
+        help="trust the <product>-ark.cert/<product>-ask.cert here instead of the built-in AMD roots",
+    )
+    x.add_argument(
+        "--unverified-platform",
+        action="store_true",
+        help="make the session without checking the platform at all (demos only)",
+    )
     x.add_argument("--policy", required=True, type=_policy_int, metavar="N", help="the guest policy")
-    x.add_argument("--out-dir", required=True, metavar="DIR",
-                   help="where godh.b64, session.b64, tik.bin, tek.bin go (created 0700 if missing)")
+    x.add_argument(
+        "--out-dir",
+        required=True,
+        metavar="DIR",
+        help="where godh.b64, session.b64, tik.bin, tek.bin go (created 0700 if missing)",
+    )
     x.set_defaults(func=cmd_session)
 
     q = sub.add_parser("platform", help="check a platform's PDH and chain; print its pdh_sha256 pin")
@@ -160,6 +191,7 @@ def _print_json(obj: Any) -> None:
 
 # -- verify -------------------------------------------------------------------
 
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.owner.config import parse_digest, read_key_file
     from agent.sev.measurement import verify_measurement
@@ -189,8 +221,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     ok = False
     for digest in digests:
-        ok |= verify_measurement(blob, tik.reveal(), args.api_major, args.api_minor,
-                                 args.build_id, args.policy, digest)
+        ok |= verify_measurement(blob, tik.reveal(), args.api_major, args.api_minor, args.build_id, args.policy, digest)
     if not ok:
         raise FlowFailed("measurement does not match")
     _print_json({"valid": True, "mnonce": blob[32:].hex()})
@@ -198,6 +229,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # -- package ------------------------------------------------------------------
+
 
 def cmd_package(args: argparse.Namespace) -> int:
     import os
@@ -228,8 +260,7 @@ def cmd_package(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"cannot build the secret table: {exc}") from None
     header, ciphertext = build_packet(tik.reveal(), tek.reveal(), blob[:32], table, iv)
-    _print_json({"packet_header": base64.b64encode(header).decode(),
-                 "secret": base64.b64encode(ciphertext).decode()})
+    _print_json({"packet_header": base64.b64encode(header).decode(), "secret": base64.b64encode(ciphertext).decode()})
     return 0
 
 
@@ -319,8 +350,9 @@ def cmd_session(args: argparse.Namespace) -> int:
     if args.unverified_platform and (args.cert_chain or args.amd_roots):
         raise UsageError("--unverified-platform checks nothing: leave out --cert-chain/--amd-roots")
     if not args.unverified_platform and not args.cert_chain:
-        raise UsageError("--cert-chain is needed to verify the platform to AMD "
-                         "(or --unverified-platform, for demos only)")
+        raise UsageError(
+            "--cert-chain is needed to verify the platform to AMD (or --unverified-platform, for demos only)"
+        )
     roots = _roots(args.amd_roots)
     pdh = _read_cert_input(args.pdh, "--pdh", CERT_LEN)
     chain = _read_cert_input(args.cert_chain, "--cert-chain", CHAIN_LEN) if args.cert_chain else None
@@ -334,8 +366,9 @@ def cmd_session(args: argparse.Namespace) -> int:
 
     try:
         _check_pdh(pdh)
-        checked = check_platform("any" if args.unverified_platform else "amd", pdh, chain, roots=roots,
-                                 chain_name="--cert-chain")
+        checked = check_platform(
+            "any" if args.unverified_platform else "amd", pdh, chain, roots=roots, chain_name="--cert-chain"
+        )
     except SessionInputError as exc:
         raise UsageError(str(exc)) from None
     material = SessionMaterial.fresh()
@@ -346,19 +379,33 @@ def cmd_session(args: argparse.Namespace) -> int:
     if not checked.verified:
         from agent.common.logs import get_logger
 
-        get_logger("keyagent.owner").warning("owner platform unchecked", why="--unverified-platform: "
-                                             "this session may go to a platform nobody verified")
+        get_logger("keyagent.owner").warning(
+            "owner platform unchecked", why="--unverified-platform: this session may go to a platform nobody verified"
+        )
 
     try:
         os.makedirs(out_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out-dir: cannot create {out_dir}: {exc.strerror}") from None
-    contents = (base64.b64encode(made.godh) + b"\n", base64.b64encode(made.session) + b"\n",
-                made.tik.reveal(), made.tek.reveal())
+    contents = (
+        base64.b64encode(made.godh) + b"\n",
+        base64.b64encode(made.session) + b"\n",
+        made.tik.reveal(),
+        made.tek.reveal(),
+    )
     _write_new_files(list(zip(targets, contents)))
     made.wipe()
-    _print_json({"godh": targets[0], "session": targets[1], "tik": targets[2], "tek": targets[3],
-                 "policy": args.policy, "chain_verified": made.chain_verified, "platform": made.trust})
+    _print_json(
+        {
+            "godh": targets[0],
+            "session": targets[1],
+            "tik": targets[2],
+            "tek": targets[3],
+            "policy": args.policy,
+            "chain_verified": made.chain_verified,
+            "platform": made.trust,
+        }
+    )
     return 0
 
 
@@ -369,6 +416,7 @@ def _write_new_files(files: list[tuple[str, bytes]]) -> None:
 
 
 # -- serve --------------------------------------------------------------------
+
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT``; port 0 means any free port."""
@@ -398,23 +446,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from agent.app.hardening import harden_process
 
     harden_process()  # the owner holds every VM's TIK/TEK and secrets: no core dump
-    return asyncio.run(_serve(config, host, port, max_connections=args.max_connections,
-                              request_timeout=args.request_timeout))
+    return asyncio.run(
+        _serve(config, host, port, max_connections=args.max_connections, request_timeout=args.request_timeout)
+    )
 
 
-async def _serve(config: Any, host: str, port: int, *, max_connections: int = 100,
-                 request_timeout: float = 10.0) -> int:
+async def _serve(
+    config: Any, host: str, port: int, *, max_connections: int = 100, request_timeout: float = 10.0
+) -> int:
     import asyncio
     import signal
 
-    from agent.io.http import HttpServer
     from agent.common.logs import get_logger
+    from agent.io.http import HttpServer
     from agent.owner.service import OwnerService
 
     log = get_logger("keyagent.owner")
     service = OwnerService(config)
-    server = HttpServer(service.handle, max_connections=max_connections,
-                        request_timeout=request_timeout)
+    server = HttpServer(service.handle, max_connections=max_connections, request_timeout=request_timeout)
     try:
         bound_host, bound_port = await server.start_tcp(host, port)
     except OSError as exc:
@@ -426,14 +475,17 @@ async def _serve(config: Any, host: str, port: int, *, max_connections: int = 10
         loop.add_signal_handler(sig, stop.set)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
-    log.info("owner listening", url=url, vms=sorted(config.vms), max_connections=max_connections,
-             request_timeout_s=request_timeout)
+    log.info(
+        "owner listening",
+        url=url,
+        vms=sorted(config.vms),
+        max_connections=max_connections,
+        request_timeout_s=request_timeout,
+    )
     if any(vm.session and vm.platform == "amd" for vm in config.vms.values()):
-        log.info("owner platform roots", source=config.amd_roots_source,
-                 products=[r.product for r in config.amd_roots])
+        log.info("owner platform roots", source=config.amd_roots_source, products=[r.product for r in config.amd_roots])
     if any(vm.snp for vm in config.vms.values()):  # /v1/snp/attest: VCEK <- ASK <- ARK
-        log.info("owner SNP roots", source=config.snp_roots_source,
-                 products=[r.product for r in config.snp_roots])
+        log.info("owner SNP roots", source=config.snp_roots_source, products=[r.product for r in config.snp_roots])
     service.log_secret_areas()
     _print_json({"listening": url})
     try:

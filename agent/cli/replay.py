@@ -22,18 +22,25 @@ from agent.common.errors import UsageError
 
 def register(sub) -> None:
     p = sub.add_parser("replay", help="show or re-check a recorded event log")
-    p.add_argument("log", metavar="LOG", nargs="+",
-                   help="event log (--html, --svg and --summary take several, e.g. one per VM, "
-                        "or a directory of them)")
+    p.add_argument(
+        "log",
+        metavar="LOG",
+        nargs="+",
+        help="event log (--html, --svg and --summary take several, e.g. one per VM, or a directory of them)",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true",
-                      help="re-run the flows and compare every action (exit 1 on divergence)")
-    mode.add_argument("--html", metavar="OUT",
-                      help="write a self-contained HTML page: a summary table and one sequence "
-                           "diagram per flow")
+    mode.add_argument(
+        "--check", action="store_true", help="re-run the flows and compare every action (exit 1 on divergence)"
+    )
+    mode.add_argument(
+        "--html",
+        metavar="OUT",
+        help="write a self-contained HTML page: a summary table and one sequence diagram per flow",
+    )
     mode.add_argument("--svg", metavar="OUT", help="write the sequence diagram of one flow (--flow ID)")
-    mode.add_argument("--summary", action="store_true",
-                      help="print the summary table (flow ids, VM, start, duration, result)")
+    mode.add_argument(
+        "--summary", action="store_true", help="print the summary table (flow ids, VM, start, duration, result)"
+    )
     p.add_argument("--flow", metavar="ID", help="the flow --svg draws (ids: see --summary)")
     p.set_defaults(func=run)
 

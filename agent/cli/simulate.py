@@ -67,25 +67,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--sev", action="store_true", help="an SEV guest (the default)")
     kind.add_argument("--sev-es", action="store_true", help="an SEV-ES guest (sets policy bit 0x4)")
-    kind.add_argument("--snp", action="store_true",
-                      help="a QEMU 9.1 with an SEV-SNP guest (agent.tools.sim.snp): query-sev says sev-snp, "
-                           "x-sim-snp-guest-report gives the guest's VCEK-signed reports")
+    kind.add_argument(
+        "--snp",
+        action="store_true",
+        help="a QEMU 9.1 with an SEV-SNP guest (agent.tools.sim.snp): query-sev says sev-snp, "
+        "x-sim-snp-guest-report gives the guest's VCEK-signed reports",
+    )
     p.add_argument("--tik", metavar="FILE", help="TIK, 16 raw bytes (with --tek)")
     p.add_argument("--tek", metavar="FILE", help="TEK, 16 raw bytes (with --tik)")
-    p.add_argument("--keys-out", metavar="DIR", help="without --tik/--tek: write the generated tik.bin, tek.bin here (0600)")
-    p.add_argument("--pdh-key", metavar="FILE", help="the platform's PDH private key, PEM, P-384 (default: a fresh one)")
+    p.add_argument(
+        "--keys-out", metavar="DIR", help="without --tik/--tek: write the generated tik.bin, tek.bin here (0600)"
+    )
+    p.add_argument(
+        "--pdh-key", metavar="FILE", help="the platform's PDH private key, PEM, P-384 (default: a fresh one)"
+    )
     p.add_argument("--pdh-out", metavar="FILE", help="write the platform's PDH certificate here (base64)")
     p.add_argument("--cert-chain-out", metavar="FILE", help="write the PEK || OCA || CEK chain here (base64)")
-    p.add_argument("--cek-out", metavar="FILE",
-                   help="write the CEK signed by the simulated AMD's ASK here (base64), as AMD's key server serves it")
-    p.add_argument("--amd-roots-out", metavar="DIR",
-                   help="write the simulated AMD's root (sim-ark.cert, sim-ask.cert) here, for the owner's "
-                        "[platform] amd_roots")
+    p.add_argument(
+        "--cek-out",
+        metavar="FILE",
+        help="write the CEK signed by the simulated AMD's ASK here (base64), as AMD's key server serves it",
+    )
+    p.add_argument(
+        "--amd-roots-out",
+        metavar="DIR",
+        help="write the simulated AMD's root (sim-ark.cert, sim-ask.cert) here, for the owner's [platform] amd_roots",
+    )
     p.add_argument("--dh-cert-file", metavar="FILE", help="the owner's GODH certificate, base64 (with --session-file)")
     p.add_argument("--session-file", metavar="FILE", help="the owner's launch session, base64 (instead of --tik/--tek)")
-    p.add_argument("--digest", metavar="HEX", help="launch digest, 64 hex digits (default: SHA-256 of a fixed test firmware)")
-    p.add_argument("--policy", metavar="N", default=None,
-                   help="guest policy (default 0x1; with --snp the 64-bit SNP policy, default 0x30000)")
+    p.add_argument(
+        "--digest", metavar="HEX", help="launch digest, 64 hex digits (default: SHA-256 of a fixed test firmware)"
+    )
+    p.add_argument(
+        "--policy",
+        metavar="N",
+        default=None,
+        help="guest policy (default 0x1; with --snp the 64-bit SNP policy, default 0x30000)",
+    )
     snp = p.add_argument_group("SEV-SNP (with --snp; the sev-snp-guest object's properties, as QEMU takes them)")
     snp.add_argument("--snp-digest", metavar="HEX", help="the launch digest the firmware measures to (48 bytes hex)")
     snp.add_argument("--id-block", metavar="B64", help="the ID block, base64 (with --id-auth)")
@@ -98,14 +116,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--running", action="store_true", help="model a VM already launched and running")
     p.add_argument("--measure-delay", metavar="S", default="0", help="seconds before the measurement is available")
     area = p.add_mutually_exclusive_group()
-    area.add_argument("--no-secret-area", action="store_true",
-                      help="firmware without an SEV secret-block entry (QEMU then needs a gpa)")
-    area.add_argument("--secret-area", metavar="GPA,SIZE",
-                      help="the firmware's SEV secret-block entry (default 0x80c000,0xc00); 0,0 is "
-                           "Debian's stock OVMF.fd: QEMU injects at gpa 0 and the guest never sees it")
-    area.add_argument("--firmware", metavar="F",
-                      help="read the SEV secret-block entry from this OVMF image, as QEMU does "
-                           "(the digest still comes from --digest)")
+    area.add_argument(
+        "--no-secret-area",
+        action="store_true",
+        help="firmware without an SEV secret-block entry (QEMU then needs a gpa)",
+    )
+    area.add_argument(
+        "--secret-area",
+        metavar="GPA,SIZE",
+        help="the firmware's SEV secret-block entry (default 0x80c000,0xc00); 0,0 is "
+        "Debian's stock OVMF.fd: QEMU injects at gpa 0 and the guest never sees it",
+    )
+    area.add_argument(
+        "--firmware",
+        metavar="F",
+        help="read the SEV secret-block entry from this OVMF image, as QEMU does "
+        "(the digest still comes from --digest)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -158,8 +185,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    outputs = {"--pdh-out": args.pdh_out, "--cert-chain-out": args.cert_chain_out, "--cek-out": args.cek_out,
-               "--amd-roots-out": args.amd_roots_out}
+    outputs = {
+        "--pdh-out": args.pdh_out,
+        "--cert-chain-out": args.cert_chain_out,
+        "--cek-out": args.cek_out,
+        "--amd-roots-out": args.amd_roots_out,
+    }
     ephemeral = keys_out is None and args.tik is None and session is None
     return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral))
 
@@ -168,10 +199,20 @@ def _run_snp(args: argparse.Namespace, path: str) -> int:
     """``--snp``: QEMU 9.1 with a sev-snp-guest object (agent.tools.sim.snp)."""
     from agent.tools.sim.snp import DEFAULT_SNP_DIGEST, DEFAULT_SNP_POLICY, SnpSimConfig
 
-    sev_only = {"--tik": args.tik, "--tek": args.tek, "--keys-out": args.keys_out, "--pdh-key": args.pdh_key,
-                "--pdh-out": args.pdh_out, "--cert-chain-out": args.cert_chain_out, "--cek-out": args.cek_out,
-                "--dh-cert-file": args.dh_cert_file, "--session-file": args.session_file,
-                "--digest": args.digest, "--secret-area": args.secret_area, "--firmware": args.firmware}
+    sev_only = {
+        "--tik": args.tik,
+        "--tek": args.tek,
+        "--keys-out": args.keys_out,
+        "--pdh-key": args.pdh_key,
+        "--pdh-out": args.pdh_out,
+        "--cert-chain-out": args.cert_chain_out,
+        "--cek-out": args.cek_out,
+        "--dh-cert-file": args.dh_cert_file,
+        "--session-file": args.session_file,
+        "--digest": args.digest,
+        "--secret-area": args.secret_area,
+        "--firmware": args.firmware,
+    }
     for flag, value in sev_only.items():
         if value is not None:
             raise UsageError(f"{flag} does not apply to --snp")
@@ -187,8 +228,11 @@ def _run_snp(args: argparse.Namespace, path: str) -> int:
         if len(digest) != 48:
             raise UsageError(f"--snp-digest must be 48 bytes (96 hex digits), got {len(digest)} bytes")
     blobs = {}
-    for flag, value, size in (("--id-block", args.id_block, 0x60), ("--id-auth", args.id_auth, 0x1000),
-                              ("--host-data", args.host_data, 32)):
+    for flag, value, size in (
+        ("--id-block", args.id_block, 0x60),
+        ("--id-auth", args.id_auth, 0x1000),
+        ("--host-data", args.host_data, 32),
+    ):
         if value is None:
             continue
         try:
@@ -198,19 +242,30 @@ def _run_snp(args: argparse.Namespace, path: str) -> int:
         if len(blobs[flag]) != size:
             raise UsageError(f"{flag} must be {size} bytes, got {len(blobs[flag])}")
     try:
-        config = SnpSimConfig(policy=policy, digest=digest, id_block=blobs.get("--id-block"),
-                              id_auth=blobs.get("--id-auth"), host_data=blobs.get("--host-data", bytes(32)),
-                              author_key_enabled=args.author_key_enabled,
-                              api_major=_number("--api-major", args.api_major, 0xFF),
-                              api_minor=_number("--api-minor", args.api_minor, 0xFF),
-                              build_id=_number("--build-id", args.build_id, 0xFF))
+        config = SnpSimConfig(
+            policy=policy,
+            digest=digest,
+            id_block=blobs.get("--id-block"),
+            id_auth=blobs.get("--id-auth"),
+            host_data=blobs.get("--host-data", bytes(32)),
+            author_key_enabled=args.author_key_enabled,
+            api_major=_number("--api-major", args.api_major, 0xFF),
+            api_minor=_number("--api-minor", args.api_minor, 0xFF),
+            build_id=_number("--build-id", args.build_id, 0xFF),
+        )
     except ValueError as exc:
         raise UsageError(f"sev-snp-guest: {exc}") from None
     return asyncio.run(_serve(config, path, None, {"--amd-roots-out": args.amd_roots_out}))
 
 
-async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str | None] | None = None,
-                 *, warn_ephemeral: bool = False) -> int:
+async def _serve(
+    config,
+    path: str,
+    keys_out: str | None,
+    outputs: dict[str, str | None] | None = None,
+    *,
+    warn_ephemeral: bool = False,
+) -> int:
     from agent.common.logs import get_logger
     from agent.tools.sim.psp import FwError
     from agent.tools.sim.qmp_server import Simulator
@@ -225,8 +280,9 @@ async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str
             sim = Simulator(config, path)
         except FwError as exc:
             # QEMU: "sev_launch_start: LAUNCH_START ret=-5 fw_error=N 'text'", then exit.
-            raise UsageError(f"--session-file: LAUNCH_START failed: fw_error={int(exc.code)} "
-                             f"'{exc.text}' ({exc.why})") from None
+            raise UsageError(
+                f"--session-file: LAUNCH_START failed: fw_error={int(exc.code)} '{exc.text}' ({exc.why})"
+            ) from None
         try:
             if getattr(config, "snp", False) is True:
                 _write_snp_roots(sim.machine, (outputs or {}).get("--amd-roots-out"))
@@ -237,7 +293,8 @@ async def _serve(config, path: str, keys_out: str | None, outputs: dict[str, str
             raise
         if warn_ephemeral:
             get_logger("keyagent.sim").warning(
-                "sim.keys_ephemeral", why="no --tik/--tek, no session and no --keys-out: no owner can build a packet")
+                "sim.keys_ephemeral", why="no --tik/--tek, no session and no --keys-out: no owner can build a packet"
+            )
         try:
             await sim.start()
         except OSError as exc:
@@ -293,7 +350,7 @@ def _write_snp_roots(machine, roots_dir: str | None) -> None:
 def _socket_path(spec: str) -> str:
     if not spec.startswith("unix:") or len(spec) == len("unix:"):
         raise UsageError(f"--qmp must be unix:PATH, got {spec[:80]!r}")
-    path = spec[len("unix:"):]
+    path = spec[len("unix:") :]
     if len(os.fsencode(path)) > _MAX_UNIX_PATH:
         raise UsageError(f"--qmp path is longer than {_MAX_UNIX_PATH} bytes: {path[:80]}...")
     parent = os.path.dirname(path) or "."
@@ -445,8 +502,11 @@ def _write_platform_certs(platform, outputs: dict[str, str | None]) -> None:
             platform.amd.write_roots(roots_dir)
         except OSError as exc:
             raise UsageError(f"--amd-roots-out: cannot write into {roots_dir}: {exc.strerror}") from None
-    blobs = {"--pdh-out": lambda: platform.pdh_cert.to_bytes(), "--cert-chain-out": lambda: platform.chain.to_bytes(),
-             "--cek-out": lambda: platform.chain.cek.to_bytes()}
+    blobs = {
+        "--pdh-out": lambda: platform.pdh_cert.to_bytes(),
+        "--cert-chain-out": lambda: platform.chain.to_bytes(),
+        "--cek-out": lambda: platform.chain.cek.to_bytes(),
+    }
     for flag, make in blobs.items():
         target = outputs.get(flag)
         if target is None:
@@ -477,8 +537,7 @@ def _write_keys(directory: str, files: dict[str, bytes]) -> None:
         raise UsageError(f"--keys-out: cannot create {directory}: {exc.strerror}") from None
     from agent.io.rundir import write_new_files
 
-    write_new_files([(os.path.join(directory, name), data) for name, data in files.items()],
-                    "--keys-out")
+    write_new_files([(os.path.join(directory, name), data) for name, data in files.items()], "--keys-out")
 
 
 if __name__ == "__main__":  # pragma: no cover

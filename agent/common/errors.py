@@ -53,6 +53,7 @@ class FlowFailed(KeyagentError):
 
 # -- the agent ------------------------------------------------------------------------
 
+
 class AgentError(KeyagentError):
     """A failure of the sidecar (or launcher) itself."""
 
@@ -86,11 +87,13 @@ class ControlError(AgentError):
 
 # -- the guest owner ------------------------------------------------------------------
 
+
 class OwnerError(KeyagentError):
     """A failure of the reference guest owner."""
 
 
 # -- the simulator --------------------------------------------------------------------
+
 
 class SimError(KeyagentError):
     """A failure of the SEV simulator."""
@@ -106,6 +109,7 @@ class SimQmpError(SimError):
 
 
 # -- pure formats ---------------------------------------------------------------------
+
 
 class SevFormatError(ValueError):
     """SEV input that cannot be measured or built (``agent.sev``); the

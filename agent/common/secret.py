@@ -19,13 +19,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["Secret", "live_secret_forms"]
 
 # Every live Secret, so the log filter can scrub its forms.  Weak so that a
 # Secret that is dropped (or wiped) stops being tracked.
-_LIVE: "weakref.WeakSet[Secret]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Secret] = weakref.WeakSet()
 
 
 class Secret:
@@ -40,7 +41,7 @@ class Secret:
         _LIVE.add(self)
 
     @classmethod
-    def placeholder(cls, length: int) -> "Secret":
+    def placeholder(cls, length: int) -> Secret:
         """``length`` zero bytes standing in for a redacted secret (replay).
 
         Not tracked for log scrubbing: zeros are no secret, and a replay makes
@@ -51,7 +52,7 @@ class Secret:
         return obj
 
     @classmethod
-    def from_b64(cls, text: str) -> "Secret":
+    def from_b64(cls, text: str) -> Secret:
         """Decode strict base64 (raises ``ValueError`` without echoing it)."""
         try:
             return cls(base64.b64decode(text, validate=True))

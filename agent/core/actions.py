@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
 from agent.core.modes import LogLevel
 
 
@@ -108,9 +109,33 @@ class KeyringDrop:
     name: str
 
 
-Action = (SendQmp | PostOwner | ArmTimer | CancelTimer | Log | Finish | ControlReply
-          | WriteKeyDir | RemoveKeyDir | KeyringAdd | KeyringDrop)
+Action = (
+    SendQmp
+    | PostOwner
+    | ArmTimer
+    | CancelTimer
+    | Log
+    | Finish
+    | ControlReply
+    | WriteKeyDir
+    | RemoveKeyDir
+    | KeyringAdd
+    | KeyringDrop
+)
 
-ACTION_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
-    SendQmp, PostOwner, ArmTimer, CancelTimer, Log, Finish, ControlReply, WriteKeyDir,
-    RemoveKeyDir, KeyringAdd, KeyringDrop)}
+ACTION_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        SendQmp,
+        PostOwner,
+        ArmTimer,
+        CancelTimer,
+        Log,
+        Finish,
+        ControlReply,
+        WriteKeyDir,
+        RemoveKeyDir,
+        KeyringAdd,
+        KeyringDrop,
+    )
+}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, cast
 
+from agent.common.secret import Secret
 from agent.core.actions import ACTION_TYPES, Action
 from agent.core.events import EVENT_TYPES, Event
-from agent.common.secret import Secret
 
 
 class CodecError(ValueError):

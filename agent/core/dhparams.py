@@ -32,7 +32,7 @@ def _floor_e_times_2_pow(bits: int) -> int:
 
 @lru_cache(maxsize=1)
 def ffdhe2048_prime() -> int:
-    return (2**2048 - 2**1984 + (_floor_e_times_2_pow(1918) + FFDHE2048_OFFSET) * 2**64 - 1)
+    return 2**2048 - 2**1984 + (_floor_e_times_2_pow(1918) + FFDHE2048_OFFSET) * 2**64 - 1
 
 
 def _der_length(n: int) -> bytes:

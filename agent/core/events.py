@@ -136,11 +136,43 @@ class KeyringFailed:
     reason: str
 
 
-Event = (Start | QmpConnected | QmpReply | QmpError | QmpEvent | QmpDisconnected
-         | TimerFired | OwnerReleased | OwnerRefused | OwnerFailed | ControlRequest
-         | KeyProvided | KeyDirReady | KeyDirFailed | KeyringReady | KeyringFailed)
+Event = (
+    Start
+    | QmpConnected
+    | QmpReply
+    | QmpError
+    | QmpEvent
+    | QmpDisconnected
+    | TimerFired
+    | OwnerReleased
+    | OwnerRefused
+    | OwnerFailed
+    | ControlRequest
+    | KeyProvided
+    | KeyDirReady
+    | KeyDirFailed
+    | KeyringReady
+    | KeyringFailed
+)
 
-EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
-    Start, QmpConnected, QmpReply, QmpError, QmpEvent, QmpDisconnected, TimerFired,
-    OwnerReleased, OwnerRefused, OwnerFailed, ControlRequest, KeyProvided, KeyDirReady,
-    KeyDirFailed, KeyringReady, KeyringFailed)}
+EVENT_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        Start,
+        QmpConnected,
+        QmpReply,
+        QmpError,
+        QmpEvent,
+        QmpDisconnected,
+        TimerFired,
+        OwnerReleased,
+        OwnerRefused,
+        OwnerFailed,
+        ControlRequest,
+        KeyProvided,
+        KeyDirReady,
+        KeyDirFailed,
+        KeyringReady,
+        KeyringFailed,
+    )
+}

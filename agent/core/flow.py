@@ -13,7 +13,6 @@ from typing import Any, ClassVar, Generic, TypeVar
 from agent.core.actions import Action, ArmTimer, CancelTimer, Finish
 from agent.core.events import Event
 
-
 #: a flow's parameters: a frozen dataclass of JSON values (``Flow.Params``)
 P = TypeVar("P")
 

@@ -31,12 +31,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.core.actions import Action, Log, PostOwner, SendQmp
-from agent.core.events import (Event, OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
-                               QmpError, QmpEvent, QmpReply, Start, TimerFired)
+from agent.core.events import (
+    Event,
+    OwnerFailed,
+    OwnerRefused,
+    OwnerReleased,
+    QmpDisconnected,
+    QmpError,
+    QmpEvent,
+    QmpReply,
+    Start,
+    TimerFired,
+)
 from agent.core.flow import Flow
+from agent.core.modes import OnRefusal
 from agent.protocol.owner import SECRET_PATH, SecretRequest
 from agent.sev.sizes import MEASUREMENT_LEN
-from agent.core.modes import OnRefusal
 
 SEV_ES_POLICY_BIT = 0x4
 QUIT_GRACE_S = 5.0
@@ -125,8 +135,10 @@ class SevLaunchFlow(Flow[LaunchParams]):
             return [Log("info", "launch secret injected"), *self._send("cont")]
         if self.state is State.RESUME:
             self.state = State.DONE
-            return [Log("info", "VM resumed after attestation"),
-                    *self.finish(0, "launched: secret injected, VM running")]
+            return [
+                Log("info", "VM resumed after attestation"),
+                *self.finish(0, "launched: secret injected, VM running"),
+            ]
         return []
 
     def _on_status(self, result: Any) -> list[Action]:
@@ -154,9 +166,13 @@ class SevLaunchFlow(Flow[LaunchParams]):
             self.state = State.FAILED
             return [Log("error", TOO_LATE, {"sev_state": sev_state}), *self.finish(1, TOO_LATE)]
         self.sev = fields
-        info = {"api": f"{fields['api-major']}.{fields['api-minor']}",
-                "build_id": fields["build-id"], "policy": fields["policy"],
-                "sev_es": bool(fields["policy"] & SEV_ES_POLICY_BIT), "sev_state": sev_state}
+        info = {
+            "api": f"{fields['api-major']}.{fields['api-minor']}",
+            "build_id": fields["build-id"],
+            "policy": fields["policy"],
+            "sev_es": bool(fields["policy"] & SEV_ES_POLICY_BIT),
+            "sev_state": sev_state,
+        }
         return [Log("info", "SEV guest found", info), *self._send("query-sev-launch-measure")]
 
     def _on_measurement(self, result: Any) -> list[Action]:
@@ -166,14 +182,20 @@ class SevLaunchFlow(Flow[LaunchParams]):
         except (binascii.Error, ValueError):
             blob = b""
         if len(blob) != MEASUREMENT_LEN:
-            return self._fail("malformed launch measurement from QEMU "
-                              f"(expected {MEASUREMENT_LEN} bytes, base64)")
+            return self._fail(f"malformed launch measurement from QEMU (expected {MEASUREMENT_LEN} bytes, base64)")
         self.state = State.ASK_OWNER
-        request = SecretRequest(vm=self.params.vm, measurement=blob,
-                                api_major=self.sev["api-major"], api_minor=self.sev["api-minor"],
-                                build_id=self.sev["build-id"], policy=self.sev["policy"])
-        return [Log("info", "asking the guest owner to verify the measurement"),
-                PostOwner(SECRET_PATH, request.encode())]
+        request = SecretRequest(
+            vm=self.params.vm,
+            measurement=blob,
+            api_major=self.sev["api-major"],
+            api_minor=self.sev["api-minor"],
+            build_id=self.sev["build-id"],
+            policy=self.sev["policy"],
+        )
+        return [
+            Log("info", "asking the guest owner to verify the measurement"),
+            PostOwner(SECRET_PATH, request.encode()),
+        ]
 
     def _owner(self, event: OwnerReleased | OwnerRefused | OwnerFailed) -> list[Action]:
         if isinstance(event, OwnerRefused):
@@ -183,15 +205,19 @@ class SevLaunchFlow(Flow[LaunchParams]):
         args: dict[str, Any] = {"packet-header": event.packet_header, "secret": event.secret}
         if event.gpa is not None:
             args["gpa"] = event.gpa
-        return [Log("info", "guest owner released the launch secret"),
-                *self._send("sev-inject-launch-secret", args, State.INJECT)]
+        return [
+            Log("info", "guest owner released the launch secret"),
+            *self._send("sev-inject-launch-secret", args, State.INJECT),
+        ]
 
     # -- everything else ----------------------------------------------------
     def _qmp_error(self, event: QmpError) -> list[Action]:
         if self.state is State.MEASURE and event.error_class == "GenericError":
             # QEMU: "SEV launch measurement is not available" until LAUNCH_MEASURE.
-            return [Log("debug", "launch measurement not available yet, retrying",
-                        {"error": event.desc}), self.arm("retry", self.params.retry_s)]
+            return [
+                Log("debug", "launch measurement not available yet, retrying", {"error": event.desc}),
+                self.arm("retry", self.params.retry_s),
+            ]
         return self._fail(f"{self._command_for_state()} failed: {event.desc}")
 
     def _timer(self, name: str) -> list[Action]:
@@ -209,25 +235,31 @@ class SevLaunchFlow(Flow[LaunchParams]):
             return [Log("error", reason), *self.finish(1, reason)]
         if event.name == "RESUME" and self.state is not State.RESUME:
             # Someone else ran the VM before it got its secret: never let it run.
-            return self._fail("the VM was resumed by someone else before attestation",
-                              stop_first=True)
+            return self._fail("the VM was resumed by someone else before attestation", stop_first=True)
         return []
 
-    def _send(self, command: str, args: dict[str, Any] | None = None,
-              state: State | None = None) -> list[Action]:
+    def _send(self, command: str, args: dict[str, Any] | None = None, state: State | None = None) -> list[Action]:
         tag = self.next_tag(command)
         self.pending = tag
-        self.state = state or {
-            "query-status": State.QUERY_STATUS, "query-sev": State.QUERY_SEV,
-            "query-sev-launch-measure": State.MEASURE, "cont": State.RESUME,
-        }[command]
+        self.state = (
+            state
+            or {
+                "query-status": State.QUERY_STATUS,
+                "query-sev": State.QUERY_SEV,
+                "query-sev-launch-measure": State.MEASURE,
+                "cont": State.RESUME,
+            }[command]
+        )
         return [SendQmp(tag, command, args or {})]
 
     def _command_for_state(self) -> str:
-        return {State.QUERY_STATUS: "query-status", State.QUERY_SEV: "query-sev",
-                State.MEASURE: "query-sev-launch-measure",
-                State.INJECT: "sev-inject-launch-secret", State.RESUME: "cont"}.get(
-                    self.state, self.state.value)
+        return {
+            State.QUERY_STATUS: "query-status",
+            State.QUERY_SEV: "query-sev",
+            State.MEASURE: "query-sev-launch-measure",
+            State.INJECT: "sev-inject-launch-secret",
+            State.RESUME: "cont",
+        }.get(self.state, self.state.value)
 
     def _fail(self, reason: str, stop_first: bool = False) -> list[Action]:
         """Refuse: one clear log line, then quit QEMU or leave it paused."""
@@ -244,8 +276,9 @@ class SevLaunchFlow(Flow[LaunchParams]):
         return [*actions, *self.finish(1, f"{reason} (VM left paused)")]
 
     def _quitting(self, event: Event) -> list[Action]:
-        done = ((isinstance(event, (QmpReply, QmpError)) and event.tag == self.pending)
-                or (isinstance(event, TimerFired) and event.name == "quit"))
+        done = (isinstance(event, (QmpReply, QmpError)) and event.tag == self.pending) or (
+            isinstance(event, TimerFired) and event.name == "quit"
+        )
         if not done:
             return []
         self.state = State.FAILED

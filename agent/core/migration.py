@@ -32,12 +32,23 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core.actions import (Action, ControlReply, Log, RemoveKeyDir, SendQmp, WriteKeyDir)
-from agent.core.dhparams import ffdhe2048_pem
-from agent.core.events import (ControlRequest, Event, KeyDirFailed, KeyDirReady, KeyProvided,
-                               QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
-from agent.core.flow import Flow
 from agent.common.secret import Secret
+from agent.core.actions import Action, ControlReply, Log, RemoveKeyDir, SendQmp, WriteKeyDir
+from agent.core.dhparams import ffdhe2048_pem
+from agent.core.events import (
+    ControlRequest,
+    Event,
+    KeyDirFailed,
+    KeyDirReady,
+    KeyProvided,
+    QmpDisconnected,
+    QmpError,
+    QmpEvent,
+    QmpReply,
+    Start,
+    TimerFired,
+)
+from agent.core.flow import Flow
 from agent.core.modes import LogLevel, MigrationRole
 
 FINAL = ("completed", "failed", "cancelled")
@@ -126,8 +137,12 @@ class MigrationFlow(Flow[MigrationParams]):
         if self.state is State.DONE:
             return self._late(event)
         if isinstance(event, Start):
-            fields = {"role": self.params.role, "uri": self.params.uri,
-                      "multifd": self.params.multifd, "postcopy": self.params.postcopy}
+            fields = {
+                "role": self.params.role,
+                "uri": self.params.uri,
+                "multifd": self.params.multifd,
+                "postcopy": self.params.postcopy,
+            }
             return [Log("info", "migration prepared, waiting for the key", fields)]
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)
@@ -146,8 +161,7 @@ class MigrationFlow(Flow[MigrationParams]):
             return self._abort(f"cannot write the PSK: {event.reason}")
         if isinstance(event, (QmpReply, QmpError)):
             if isinstance(event, QmpError) and event.tag == self._postcopy_tag:
-                return [Log("warning", "could not switch to postcopy; precopy goes on",
-                            {"error": event.desc})]
+                return [Log("warning", "could not switch to postcopy; precopy goes on", {"error": event.desc})]
             if event.tag != self._pending:
                 return []
             self._pending = None
@@ -177,10 +191,13 @@ class MigrationFlow(Flow[MigrationParams]):
     def _setup(self, key_dir: str) -> list[Action]:
         self.state = State.SETUP
         p = self.params
-        creds = {"qom-type": "tls-creds-psk", "id": p.creds_id, "dir": key_dir,
-                 "endpoint": "client" if self.source else "server"}
-        caps = [{"capability": "events", "state": True},
-                {"capability": "multifd", "state": p.multifd}]
+        creds = {
+            "qom-type": "tls-creds-psk",
+            "id": p.creds_id,
+            "dir": key_dir,
+            "endpoint": "client" if self.source else "server",
+        }
+        caps = [{"capability": "events", "state": True}, {"capability": "multifd", "state": p.multifd}]
         if p.postcopy:
             caps.append({"capability": "postcopy-ram", "state": True})
         params: dict[str, Any] = {"tls-creds": p.creds_id}
@@ -223,8 +240,11 @@ class MigrationFlow(Flow[MigrationParams]):
             self._deadline_live = True
         self._replied = True
         word = "started" if self.source else "listening"
-        return [*actions, Log("info", f"migration {word}", {"uri": self.params.uri}),
-                ControlReply(self.params.reply_to, 200, {"status": word})]
+        return [
+            *actions,
+            Log("info", f"migration {word}", {"uri": self.params.uri}),
+            ControlReply(self.params.reply_to, 200, {"status": word}),
+        ]
 
     # -- QEMU tells us how it goes ---------------------------------------------------
     def _qmp_event(self, event: QmpEvent) -> list[Action]:
@@ -240,8 +260,13 @@ class MigrationFlow(Flow[MigrationParams]):
             # the migration now: _deadline() checks the flag.
             self._deadline_live = False
             actions.append(_cancel("deadline"))
-        if status == "active" and self.source and self.params.postcopy \
-                and not self._postcopy_asked and self.state is State.MIGRATING:
+        if (
+            status == "active"
+            and self.source
+            and self.params.postcopy
+            and not self._postcopy_asked
+            and self.state is State.MIGRATING
+        ):
             # Switch to postcopy at once: the destination runs the guest and
             # pulls the rest.  Its answer is not waited for: MIGRATION events
             # (postcopy-active, completed or failed) tell how it went.
@@ -252,7 +277,8 @@ class MigrationFlow(Flow[MigrationParams]):
         # may come before that command's answer); before, it can only be an
         # earlier migration's, and must not end (or "complete") this one.
         started = self.state is State.MIGRATING or (
-            self.state is State.SETUP and self._last_command in ("migrate", "migrate-incoming"))
+            self.state is State.SETUP and self._last_command in ("migrate", "migrate-incoming")
+        )
         if status in FINAL and started:
             return [*actions, *self._finish_with(status, "")]
         return actions  # every other status, known today or not, is progress
@@ -261,8 +287,9 @@ class MigrationFlow(Flow[MigrationParams]):
         if self.state is not State.MIGRATING or not self._deadline_live:
             return []
         return self._finish_with(
-            "failed", f"no final migration status within {self.params.dest_deadline_s:g}s "
-                      "(wrong PSK, or the source gave up)")
+            "failed",
+            f"no final migration status within {self.params.dest_deadline_s:g}s (wrong PSK, or the source gave up)",
+        )
 
     def _control(self, event: ControlRequest) -> list[Action]:
         if event.verb != "cancel":
@@ -273,11 +300,15 @@ class MigrationFlow(Flow[MigrationParams]):
             self._cancel_req = event.req
             tag = self.next_tag("migrate_cancel")
             # Not a setup step: the answer only tells us QEMU took the request.
-            return [Log("info", "cancelling the migration"),
-                    SendQmp(tag, "migrate_cancel", {}),
-                    ControlReply(event.req, 200, {"status": "cancelling"})]
-        return [ControlReply(event.req, 200, {"status": "cancelled"}),
-                *self._finish_with("cancelled", "cancelled by request")]
+            return [
+                Log("info", "cancelling the migration"),
+                SendQmp(tag, "migrate_cancel", {}),
+                ControlReply(event.req, 200, {"status": "cancelling"}),
+            ]
+        return [
+            ControlReply(event.req, 200, {"status": "cancelled"}),
+            *self._finish_with("cancelled", "cancelled by request"),
+        ]
 
     # -- endings ---------------------------------------------------------------------
     def _abort(self, reason: str) -> list[Action]:
@@ -290,8 +321,7 @@ class MigrationFlow(Flow[MigrationParams]):
         actions: list[Action] = []
         if not self._replied:
             self._replied = True
-            actions.append(ControlReply(self.params.reply_to, 500,
-                                        {"error": reason or f"migration {status}"}))
+            actions.append(ControlReply(self.params.reply_to, 500, {"error": reason or f"migration {status}"}))
         if self._dir:
             self._dir = False
             actions.append(RemoveKeyDir(KEY_DIR))
@@ -340,8 +370,7 @@ class MigrationFlow(Flow[MigrationParams]):
         elif command == "object-del" and ok:
             self._creds_added = False
         if isinstance(event, QmpError) and command != "query-migrate":
-            actions.append(Log("warning", "cleanup step failed",
-                               {"command": command, "error": event.desc}))
+            actions.append(Log("warning", "cleanup step failed", {"command": command, "error": event.desc}))
         return [*actions, *self._cleanup_next()]
 
     def _done(self) -> list[Action]:
@@ -352,9 +381,10 @@ class MigrationFlow(Flow[MigrationParams]):
         if self.error:
             fields["error"] = self.error
         level: LogLevel = "info" if status == "completed" else "error"
-        return [Log(level, "migration finished", fields),
-                *self.finish(0 if status == "completed" else 1, reason if status != "completed"
-                             else "migration completed")]
+        return [
+            Log(level, "migration finished", fields),
+            *self.finish(0 if status == "completed" else 1, reason if status != "completed" else "migration completed"),
+        ]
 
     def _lost(self, reason: str) -> list[Action]:
         self.final_status = self.final_status or "failed"
@@ -368,17 +398,20 @@ class MigrationFlow(Flow[MigrationParams]):
             self._dir = False
             actions.append(RemoveKeyDir(KEY_DIR))
         self.state = State.DONE
-        return [*actions, Log("error", "migration finished", {"status": self.final_status,
-                                                               "error": self.error}),
-                *self.finish(1, self.error)]
+        return [
+            *actions,
+            Log("error", "migration finished", {"status": self.final_status, "error": self.error}),
+            *self.finish(1, self.error),
+        ]
 
     def _late(self, event: Event) -> list[Action]:
         if isinstance(event, KeyProvided):
             event.key.wipe()
             return []
         if isinstance(event, ControlRequest):
-            return [ControlReply(event.req, 409, {"error": "the migration has already ended",
-                                                  "status": self.final_status})]
+            return [
+                ControlReply(event.req, 409, {"error": "the migration has already ended", "status": self.final_status})
+            ]
         return []
 
     def result(self) -> dict[str, Any]:

@@ -46,8 +46,10 @@ class ResumeFlow(Flow[ResumeParams]):
         if not isinstance(event, (QmpReply, QmpError)) or event.tag != self.pending:
             return []
         if isinstance(event, QmpError):
-            return [Log("error", f"{self.step} failed: {event.desc}"),
-                    *self.finish(1, f"{self.step} failed: {event.desc}")]
+            return [
+                Log("error", f"{self.step} failed: {event.desc}"),
+                *self.finish(1, f"{self.step} failed: {event.desc}"),
+            ]
         if self.step == "query-status":
             status = event.result.get("status") if isinstance(event.result, dict) else None
             if status == "running":

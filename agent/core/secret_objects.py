@@ -27,11 +27,21 @@ import enum
 from dataclasses import dataclass
 from typing import Any, cast
 
-from agent.core.actions import (Action, ControlReply, KeyringAdd, KeyringDrop, Log,
-                                RemoveKeyDir, SendQmp, WriteKeyDir)
-from agent.core.events import (ControlRequest, Event, KeyDirFailed, KeyDirReady, KeyProvided,
-                               KeyringFailed, KeyringReady, QmpDisconnected, QmpError,
-                               QmpEvent, QmpReply, Start)
+from agent.core.actions import Action, ControlReply, KeyringAdd, KeyringDrop, Log, RemoveKeyDir, SendQmp, WriteKeyDir
+from agent.core.events import (
+    ControlRequest,
+    Event,
+    KeyDirFailed,
+    KeyDirReady,
+    KeyProvided,
+    KeyringFailed,
+    KeyringReady,
+    QmpDisconnected,
+    QmpError,
+    QmpEvent,
+    QmpReply,
+    Start,
+)
 from agent.core.flow import Flow
 from agent.core.modes import MasterKeyMode
 
@@ -75,25 +85,22 @@ class SecretsFlow(Flow[SecretsParams]):
             return []
         if isinstance(event, Start):
             return []
-        if isinstance(event, QmpDisconnected) or (
-                isinstance(event, QmpEvent) and event.name == "SHUTDOWN"):
+        if isinstance(event, QmpDisconnected) or (isinstance(event, QmpEvent) and event.name == "SHUTDOWN"):
             return self._gone()
-        if isinstance(event, KeyProvided) and event.name == MASTER and \
-                self.state is State.WAIT_KEY:
+        if isinstance(event, KeyProvided) and event.name == MASTER and self.state is State.WAIT_KEY:
             if self.params.preloaded:
                 self.state = State.READY
-                return [Log("info", "master key given to QEMU on its command line",
-                            {"id": self.params.master_id})]
+                return [Log("info", "master key given to QEMU on its command line", {"id": self.params.master_id})]
             self.state = State.STORING
             if self.params.mode == "keyring":
                 return [KeyringAdd(MASTER, f"keyagent:{self.params.vm}:master", event.key)]
             return [WriteKeyDir(MASTER, {"master.key": event.key})]
         if isinstance(event, KeyringReady) and self.state is State.STORING:
-            return self._add_master({"qom-type": "secret_keyring", "id": self.params.master_id,
-                                     "serial": event.serial})
+            return self._add_master({"qom-type": "secret_keyring", "id": self.params.master_id, "serial": event.serial})
         if isinstance(event, KeyDirReady) and self.state is State.STORING:
-            return self._add_master({"qom-type": "secret", "id": self.params.master_id,
-                                     "file": f"{event.path}/master.key", "format": "raw"})
+            return self._add_master(
+                {"qom-type": "secret", "id": self.params.master_id, "file": f"{event.path}/master.key", "format": "raw"}
+            )
         if isinstance(event, (KeyringFailed, KeyDirFailed)) and self.state is State.STORING:
             return self._broken(event.reason, [])
         if isinstance(event, (QmpReply, QmpError)):
@@ -111,13 +118,14 @@ class SecretsFlow(Flow[SecretsParams]):
 
     def _master_added(self, event: QmpReply | QmpError) -> list[Action]:
         # QEMU read the key at object-add (or failed to): the copy goes either way.
-        drop: list[Action] = [KeyringDrop(MASTER) if self.params.mode == "keyring"
-                              else RemoveKeyDir(MASTER)]
+        drop: list[Action] = [KeyringDrop(MASTER) if self.params.mode == "keyring" else RemoveKeyDir(MASTER)]
         if isinstance(event, QmpError):
             return self._broken(f"QEMU refused the master key: {event.desc}", drop)
         self.state = State.READY
-        actions = [*drop, Log("info", "master key handed to QEMU",
-                              {"mode": self.params.mode, "id": self.params.master_id})]
+        actions = [
+            *drop,
+            Log("info", "master key handed to QEMU", {"mode": self.params.mode, "id": self.params.master_id}),
+        ]
         waiting, self.waiting = self.waiting, []
         for request in waiting:
             actions += self._request(request)
@@ -126,8 +134,7 @@ class SecretsFlow(Flow[SecretsParams]):
     def _broken(self, reason: str, actions: list[Action]) -> list[Action]:
         self.state = State.BROKEN
         self.problem = reason
-        out = [*actions, Log("error", "no master key: secret objects are unavailable",
-                             {"reason": reason})]
+        out = [*actions, Log("error", "no master key: secret objects are unavailable", {"reason": reason})]
         waiting, self.waiting = self.waiting, []
         for request in waiting:
             out.append(ControlReply(request.req, 503, {"error": f"no master key: {reason}"}))
@@ -145,16 +152,20 @@ class SecretsFlow(Flow[SecretsParams]):
             if sid in self.objects or sid in self.adding:
                 return [ControlReply(request.req, 409, {"error": f"secret {sid!r} already exists"})]
             self.adding.add(sid)
-            props = {"qom-type": "secret", "id": sid, "data": request.args["data"],
-                     "keyid": self.params.master_id, "iv": request.args["iv"],
-                     "format": "base64"}
+            props = {
+                "qom-type": "secret",
+                "id": sid,
+                "data": request.args["data"],
+                "keyid": self.params.master_id,
+                "iv": request.args["iv"],
+                "format": "base64",
+            }
             tag = self.next_tag("object-add")
             self.pending[tag] = ("add", request)
             return [SendQmp(tag, "object-add", props)]
         if request.verb == "remove":
             if sid not in self.objects:
-                return [ControlReply(request.req, 404,
-                                     {"error": f"no secret {sid!r} added by this agent"})]
+                return [ControlReply(request.req, 404, {"error": f"no secret {sid!r} added by this agent"})]
             tag = self.next_tag("object-del")
             self.pending[tag] = ("remove", request)
             return [SendQmp(tag, "object-del", {"id": sid})]
@@ -172,23 +183,25 @@ class SecretsFlow(Flow[SecretsParams]):
         if what == "add":
             self.adding.discard(sid)
             if isinstance(event, QmpError):
-                status = 409 if "already exists" in event.desc or "duplicate" in event.desc.lower() \
-                    else 500
+                status = 409 if "already exists" in event.desc or "duplicate" in event.desc.lower() else 500
                 return [ControlReply(request.req, status, {"error": event.desc})]
             self.objects.add(sid)
-            return [Log("info", "secret object added", {"id": sid}),
-                    ControlReply(request.req, 200, {"id": sid, "status": "added"})]
+            return [
+                Log("info", "secret object added", {"id": sid}),
+                ControlReply(request.req, 200, {"id": sid, "status": "added"}),
+            ]
         if isinstance(event, QmpError):
             return [ControlReply(request.req, 500, {"error": event.desc})]
         self.objects.discard(sid)
-        return [Log("info", "secret object removed", {"id": sid}),
-                ControlReply(request.req, 200, {"id": sid, "status": "removed"})]
+        return [
+            Log("info", "secret object removed", {"id": sid}),
+            ControlReply(request.req, 200, {"id": sid, "status": "removed"}),
+        ]
 
     def _gone(self) -> list[Action]:
         actions: list[Action] = []
         if self.state is State.STORING or self.state is State.ADDING_MASTER:
-            actions.append(KeyringDrop(MASTER) if self.params.mode == "keyring"
-                           else RemoveKeyDir(MASTER))
+            actions.append(KeyringDrop(MASTER) if self.params.mode == "keyring" else RemoveKeyDir(MASTER))
         for request in self.waiting:
             actions.append(ControlReply(request.req, 503, {"error": "QEMU is gone"}))
         for _what, pending in self.pending.values():

@@ -48,7 +48,7 @@ class SnpLaunchFlow(Flow[SnpLaunchParams]):
 
     def __init__(self, params: SnpLaunchParams) -> None:
         super().__init__(params)
-        self.step = "idle"          # query-status | query-sev | cont | quit | done
+        self.step = "idle"  # query-status | query-sev | cont | quit | done
         self.pending: str | None = None
         self._failure: str | None = None
 
@@ -66,14 +66,17 @@ class SnpLaunchFlow(Flow[SnpLaunchParams]):
             if self.step == "quit":
                 return self.finish(1, self._failure or "refused")
             if self.step == "cont":
-                text = ("QEMU went away at cont: the PSP refuses SNP_LAUNCH_FINISH there (e.g. an ID "
-                        "block for another launch digest or policy) and QEMU exits")
+                text = (
+                    "QEMU went away at cont: the PSP refuses SNP_LAUNCH_FINISH there (e.g. an ID "
+                    "block for another launch digest or policy) and QEMU exits"
+                )
             else:
                 text = f"QMP connection lost during {self.step}" + (f": {event.reason}" if event.reason else "")
             return [Log("error", text), *self.finish(1, text)]
         if self.step == "quit":
-            done = ((isinstance(event, (QmpReply, QmpError)) and event.tag == self.pending)
-                    or (isinstance(event, TimerFired) and event.name == "quit"))
+            done = (isinstance(event, (QmpReply, QmpError)) and event.tag == self.pending) or (
+                isinstance(event, TimerFired) and event.name == "quit"
+            )
             return self.finish(1, self._failure or "refused") if done else []
         if isinstance(event, TimerFired):
             if event.name == "deadline":
@@ -103,12 +106,16 @@ class SnpLaunchFlow(Flow[SnpLaunchParams]):
             problem = self.check_query_sev(result)
             if problem is not None:
                 return self._fail(f"not the SNP guest asked for: {problem}")
-            return [Log("info", "SNP guest checked: resuming it",
-                        {"policy": f"{self.params.policy:#x}"}), *self._send("cont")]
+            return [
+                Log("info", "SNP guest checked: resuming it", {"policy": f"{self.params.policy:#x}"}),
+                *self._send("cont"),
+            ]
         if self.step == "cont":
             self.step = "done"
-            return [Log("info", "VM resumed after the SNP launch check"),
-                    *self.finish(0, "launched: SNP guest checked, VM running")]
+            return [
+                Log("info", "VM resumed after the SNP launch check"),
+                *self.finish(0, "launched: SNP guest checked, VM running"),
+            ]
         return []
 
     def check_query_sev(self, result: Any) -> str | None:

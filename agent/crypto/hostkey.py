@@ -25,7 +25,6 @@ import binascii
 import os
 import stat
 
-
 PUBLIC_PREFIX = "keyagent-host-ed25519"
 PUBLIC_LEN = 32
 PEM_BEGIN = "-----BEGIN PRIVATE KEY-----"
@@ -43,6 +42,7 @@ class HostKeyError(ValueError):
 
 
 # -- public keys -------------------------------------------------------------------
+
 
 def format_public(raw: bytes) -> str:
     """The one-line text form of a 32-byte Ed25519 public key."""
@@ -114,6 +114,7 @@ def load_trusted(directory: str) -> dict[bytes, str]:
 
 # -- the private key -------------------------------------------------------------------
 
+
 def _read_private_file(path: str) -> bytes:
     """The PEM text of a host key file that only its owner can read."""
     try:
@@ -125,8 +126,9 @@ def _read_private_file(path: str) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise HostKeyError(f"host_key {path} is not a regular file")
         if st.st_mode & 0o077:
-            raise HostKeyError(f"host_key {path} is readable by group or others "
-                               f"(mode {stat.S_IMODE(st.st_mode):04o}, want 0600)")
+            raise HostKeyError(
+                f"host_key {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}, want 0600)"
+            )
         data = os.read(fd, MAX_KEY_FILE + 1)
     finally:
         os.close(fd)
@@ -142,8 +144,7 @@ def _der_from_pem(data: bytes, path: str) -> bytes:
     except UnicodeDecodeError:
         lines = []
     if len(lines) < 3 or lines[0].strip() != PEM_BEGIN or lines[-1].strip() != PEM_END:
-        raise HostKeyError(f"host_key {path} is not a PKCS#8 PEM private key "
-                           "(make one with 'keyagent hostkey init')")
+        raise HostKeyError(f"host_key {path} is not a PKCS#8 PEM private key (make one with 'keyagent hostkey init')")
     try:
         der = base64.b64decode("".join(line.strip() for line in lines[1:-1]), validate=True)
     except (binascii.Error, ValueError):
@@ -177,8 +178,7 @@ def load_private(path: str):
 def public_raw(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.public_key().public_bytes(serialization.Encoding.Raw,
-                                         serialization.PublicFormat.Raw)
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def init(path: str) -> str:
@@ -187,11 +187,9 @@ def init(path: str) -> str:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise HostKeyError(f"{path} exists: a host key is never overwritten") from None
     except OSError as exc:
@@ -200,7 +198,7 @@ def init(path: str) -> str:
         os.fchmod(fd, 0o600)  # whatever the umask
         view = memoryview(pem)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
@@ -208,5 +206,3 @@ def init(path: str) -> str:
         raise HostKeyError(f"cannot write {path}: {exc.strerror}") from None
     os.close(fd)
     return format_public(public_raw(key))
-
-

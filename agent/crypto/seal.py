@@ -99,8 +99,7 @@ def _suite():
 
 
 def _raw_public(key) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw,
-                                         serialization.PublicFormat.Raw)
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _b64decode(text: object, what: str) -> bytes:
@@ -123,7 +122,7 @@ def _vm_bytes(vm: str) -> bytes:
 
 def _vm_field(raw: bytes, offset: int, length: int, what: str) -> str:
     try:
-        return raw[offset:offset + length].decode()
+        return raw[offset : offset + length].decode()
     except UnicodeDecodeError:
         raise Malformed(f"{what} holds a VM name that is not UTF-8") from None
 
@@ -131,8 +130,10 @@ def _vm_field(raw: bytes, offset: int, length: int, what: str) -> str:
 def _check_signer(host: bytes, trusted: dict[bytes, str], what: str, role: str) -> str:
     name = trusted.get(host)
     if name is None:
-        raise Refused(f"{what} is signed by a host this agent does not trust "
-                      f"(not in [migration] trusted_hosts): an unknown {role}")
+        raise Refused(
+            f"{what} is signed by a host this agent does not trust "
+            f"(not in [migration] trusted_hosts): an unknown {role}"
+        )
     return name
 
 
@@ -150,6 +151,7 @@ def _check_vm(theirs: str, ours: str, what: str) -> None:
 
 # -- the offer (destination -> source) ---------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Offer:
     raw: bytes
@@ -163,15 +165,21 @@ class Offer:
         return hashlib.sha256(self.raw).digest()
 
 
-def make_offer(host_key: Ed25519PrivateKey, vm: str, offer_id: bytes,
-               hpke_private: bytes) -> str:
+def make_offer(host_key: Ed25519PrivateKey, vm: str, offer_id: bytes, hpke_private: bytes) -> str:
     """The destination's signed offer (base64) for a fresh 32-byte HPKE private key."""
     if len(offer_id) != 16:
         raise SealError("offer id must be 16 bytes")
     vm_raw = _vm_bytes(vm)
-    body = OFFER_HEAD.pack(OFFER_MAGIC, offer_id,
-                           _raw_public(X25519PrivateKey.from_private_bytes(hpke_private)),
-                           _raw_public(host_key), len(vm_raw)) + vm_raw
+    body = (
+        OFFER_HEAD.pack(
+            OFFER_MAGIC,
+            offer_id,
+            _raw_public(X25519PrivateKey.from_private_bytes(hpke_private)),
+            _raw_public(host_key),
+            len(vm_raw),
+        )
+        + vm_raw
+    )
     return base64.b64encode(body + host_key.sign(OFFER_CONTEXT + body)).decode()
 
 
@@ -184,8 +192,7 @@ def parse_offer(offer_b64: object) -> Offer:
     if magic != OFFER_MAGIC:
         raise Malformed("not a keyagent migration offer (v2)")
     if len(raw) != OFFER_HEAD.size + vm_len + SIGNATURE or vm_len == 0:
-        raise Malformed(f"offer is {len(raw)} bytes, its VM name says "
-                        f"{OFFER_HEAD.size + vm_len + SIGNATURE}")
+        raise Malformed(f"offer is {len(raw)} bytes, its VM name says {OFFER_HEAD.size + vm_len + SIGNATURE}")
     vm = _vm_field(raw, OFFER_HEAD.size, vm_len, "offer")
     return Offer(raw, offer_id, hpke_public, host, vm)
 
@@ -204,6 +211,7 @@ def verify_offer(offer_b64: object, vm: str, trusted: dict[bytes, str]) -> tuple
 
 
 # -- the cookie (source -> destination) ------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Cookie:
@@ -225,8 +233,9 @@ def seal(offer: Offer, vm: str, psk: bytes, host_key: Ed25519PrivateKey) -> str:
     vm_raw = _vm_bytes(vm)
     source_host = _raw_public(host_key)
     digest = offer.digest
-    sealed = _suite().encrypt(psk, X25519PublicKey.from_public_bytes(offer.hpke_public),
-                              info=_psk_info(digest, source_host, vm_raw))
+    sealed = _suite().encrypt(
+        psk, X25519PublicKey.from_public_bytes(offer.hpke_public), info=_psk_info(digest, source_host, vm_raw)
+    )
     body = COOKIE_HEAD.pack(COOKIE_MAGIC, digest, source_host, len(vm_raw)) + vm_raw + sealed
     return base64.b64encode(body + host_key.sign(COOKIE_CONTEXT + body)).decode()
 
@@ -242,7 +251,7 @@ def parse_cookie(cookie_b64: object) -> Cookie:
     if vm_len == 0 or not ENC + MIN_PSK + TAG <= sealed_len <= ENC + MAX_PSK + TAG:
         raise Malformed(f"cookie is {len(raw)} bytes: no room for a sealed PSK")
     vm = _vm_field(raw, COOKIE_HEAD.size, vm_len, "cookie")
-    sealed = raw[COOKIE_HEAD.size + vm_len:-SIGNATURE]
+    sealed = raw[COOKIE_HEAD.size + vm_len : -SIGNATURE]
     return Cookie(raw, offer_hash, host, vm, sealed)
 
 
@@ -253,8 +262,7 @@ def verify_cookie(cookie_b64: object, vm: str, trusted: dict[bytes, str]) -> tup
     """
     cookie = parse_cookie(cookie_b64)
     name = _check_signer(cookie.host, trusted, "cookie", "source")
-    _verify(cookie.host, cookie.raw[-SIGNATURE:], COOKIE_CONTEXT + cookie.raw[:-SIGNATURE],
-            "cookie")
+    _verify(cookie.host, cookie.raw[-SIGNATURE:], COOKIE_CONTEXT + cookie.raw[:-SIGNATURE], "cookie")
     _check_vm(cookie.vm, vm, "cookie")
     return cookie, name
 
@@ -265,7 +273,6 @@ def open_cookie(cookie: Cookie, offer: Offer, hpke_private: bytes) -> bytes:
         raise Refused("cookie answers another offer")
     key = X25519PrivateKey.from_private_bytes(hpke_private)
     try:
-        return _suite().decrypt(cookie.sealed, key,
-                                info=_psk_info(offer.digest, cookie.host, cookie.vm.encode()))
+        return _suite().decrypt(cookie.sealed, key, info=_psk_info(offer.digest, cookie.host, cookie.vm.encode()))
     except (InvalidTag, ValueError):
         raise Refused("cookie does not open: not sealed to this offer's key") from None

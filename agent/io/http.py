@@ -25,11 +25,13 @@ import socket
 import stat
 import struct
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
+
 # Imported here, not at the first answer: a server out of file descriptors
 # (EMFILE) could not import it then.
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
@@ -70,7 +72,7 @@ class PeerCred(tuple):
 
     groups: frozenset[int] | None
 
-    def __new__(cls, pid: int, uid: int, gid: int, groups=None) -> "PeerCred":
+    def __new__(cls, pid: int, uid: int, gid: int, groups=None) -> PeerCred:
         self = super().__new__(cls, (pid, uid, gid))
         self.groups = None if groups is None else frozenset(groups)
         return self
@@ -99,7 +101,7 @@ def _peer_groups(sock: socket.socket) -> list[int] | None:
             if exc.errno == errno.ERANGE:
                 continue
             return None
-        return list(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
+        return list(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
     return None
 
 
@@ -118,12 +120,11 @@ class Response:
     content_type: str = "application/json"
 
     @classmethod
-    def json(cls, status: int, obj: Any) -> "Response":
+    def json(cls, status: int, obj: Any) -> Response:
         return cls(status, json.dumps(obj, separators=(",", ":")).encode())
 
     @classmethod
-    def text(cls, status: int, text: str,
-             content_type: str = "text/plain; version=0.0.4") -> "Response":
+    def text(cls, status: int, text: str, content_type: str = "text/plain; version=0.0.4") -> Response:
         # The default is the Prometheus text exposition format's type.
         return cls(status, text.encode(), content_type)
 
@@ -134,8 +135,8 @@ class Response:
 @dataclass
 class Request:
     method: str
-    path: str                      # the request target, query included
-    headers: dict[str, str]        # names lower-case
+    path: str  # the request target, query included
+    headers: dict[str, str]  # names lower-case
     body: bytes = b""
     # PeerCred (pid, uid, gid; .groups) for unix sockets, (host, port) for TCP.
     peer: object = None
@@ -155,6 +156,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 # --------------------------------------------------------------------------
 # client
+
 
 def _split_url(url: str) -> tuple[str, int, str]:
     parts = urlsplit(url)
@@ -178,8 +180,9 @@ def _host_header(host: str, port: int) -> str:
     return host if port == 80 else f"{host}:{port}"
 
 
-async def request_json(method: str, url: str, body: dict | None, *, timeout: float,
-                       unix_path: str | None = None) -> tuple[int, Any]:
+async def request_json(
+    method: str, url: str, body: dict | None, *, timeout: float, unix_path: str | None = None
+) -> tuple[int, Any]:
     """One HTTP request with a JSON body; returns ``(status, parsed JSON)``.
 
     The parsed JSON is ``None`` when the response body is not JSON.  With
@@ -211,8 +214,9 @@ async def request_json(method: str, url: str, body: dict | None, *, timeout: flo
         raise HttpError(f"cannot talk to {where}: {exc.strerror or type(exc).__name__}") from None
 
 
-async def _exchange(method: str, host: str, port: int, target: str, body: dict | None,
-                    unix_path: str | None) -> tuple[int, Any]:
+async def _exchange(
+    method: str, host: str, port: int, target: str, body: dict | None, unix_path: str | None
+) -> tuple[int, Any]:
     if unix_path is not None:
         reader, writer = await asyncio.open_unix_connection(unix_path)
         host_header = "localhost"
@@ -221,8 +225,12 @@ async def _exchange(method: str, host: str, port: int, target: str, body: dict |
         host_header = _host_header(host, port)
     try:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = [("Host", host_header), ("Connection", "close"),
-                   ("Accept", "application/json"), ("Content-Length", str(len(payload)))]
+        headers = [
+            ("Host", host_header),
+            ("Connection", "close"),
+            ("Accept", "application/json"),
+            ("Content-Length", str(len(payload))),
+        ]
         if body is not None:
             headers.append(("Content-Type", "application/json"))
         conn = h11.Connection(h11.CLIENT)
@@ -270,6 +278,7 @@ async def _exchange(method: str, host: str, port: int, target: str, body: dict |
 
 # --------------------------------------------------------------------------
 # server
+
 
 def _reason(status: int) -> bytes:
     try:
@@ -331,8 +340,7 @@ class _Burst:
 
     def clear(self, now: float, **fields: Any) -> None:
         if self.count and now - self._last >= BURST_QUIET_S:
-            self._log.info(self._end, times=self.count,
-                           lasted_s=round(self._last - self._since, 3), **fields)
+            self._log.info(self._end, times=self.count, lasted_s=round(self._last - self._since, 3), **fields)
             self.count = 0
 
 
@@ -397,10 +405,14 @@ class HttpServer:
                 raise ValueError(f"{name} must be a finite number above 0")
         self._log = get_logger("keyagent.http")
         self._slot_free = asyncio.Event()
-        self._accept_failures = _Burst(self._log, "accept() failed: pausing before trying again",
-                                       "accept() works again")
-        self._at_cap = _Burst(self._log, "connection limit reached: new connections wait "
-                              "in the listen backlog", "below the connection limit again")
+        self._accept_failures = _Burst(
+            self._log, "accept() failed: pausing before trying again", "accept() works again"
+        )
+        self._at_cap = _Burst(
+            self._log,
+            "connection limit reached: new connections wait in the listen backlog",
+            "below the connection limit again",
+        )
 
     @property
     def connections(self) -> int:
@@ -410,8 +422,7 @@ class HttpServer:
     async def start_tcp(self, host: str, port: int) -> tuple[str, int]:
         """Listen on every address ``host`` resolves to; return the first bound one."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         made: list[socket.socket] = []
         try:
             for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
@@ -504,8 +515,9 @@ class HttpServer:
             except OSError as exc:
                 if exc.errno in _PEER_GONE:
                     continue
-                self._accept_failures.hit(loop.time(), listen=where,
-                                          error=errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+                self._accept_failures.hit(
+                    loop.time(), listen=where, error=errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, ACCEPT_BACKOFF_MAX)
                 continue
@@ -590,8 +602,7 @@ class HttpServer:
                 except BaseException:  # noqa: BLE001 - the done callback aborts the transport
                     pass
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     state: _Conn) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _Conn) -> None:
         loop = asyncio.get_running_loop()
         conn = h11.Connection(h11.SERVER)
         peer = _peer_of(writer)
@@ -641,9 +652,12 @@ class HttpServer:
             if not isinstance(event, h11.Request):  # pragma: no cover - h11 ordering
                 raise _Close()
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
-            request = Request(method=event.method.decode("ascii", "replace"),
-                              path=event.target.decode("latin-1"),
-                              headers=headers, peer=peer)
+            request = Request(
+                method=event.method.decode("ascii", "replace"),
+                path=event.target.decode("latin-1"),
+                headers=headers,
+                peer=peer,
+            )
             if not allowed:
                 await self._send_error(conn, writer, 403, "forbidden")
                 raise _Close()
@@ -681,13 +695,18 @@ class HttpServer:
                 # quote the request body.
                 frame = traceback.extract_tb(exc.__traceback__)[-1:] or None
                 where = f"{os.path.basename(frame[0].filename)}:{frame[0].lineno}" if frame else "?"
-                self._log.error("http handler failed", method=request.method,
-                                path=request.path.split("?", 1)[0],
-                                error=type(exc).__name__, where=where)
+                self._log.error(
+                    "http handler failed",
+                    method=request.method,
+                    path=request.path.split("?", 1)[0],
+                    error=type(exc).__name__,
+                    where=where,
+                )
                 response = Response.json(500, {"error": "internal error"})
             # At the cap, keep-alive ends: the slot goes to whoever waits in the backlog.
-            await self._send(conn, writer, response, head=request.method == "HEAD",
-                             close=len(self._conns) >= self.max_connections)
+            await self._send(
+                conn, writer, response, head=request.method == "HEAD", close=len(self._conns) >= self.max_connections
+            )
 
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 raise _Close()
@@ -705,23 +724,29 @@ class HttpServer:
         async with asyncio.timeout(self.request_timeout):
             await writer.drain()
 
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                    response: Response, close: bool = False, head: bool = False) -> None:
-        headers = [("Content-Type", response.content_type),
-                   ("Content-Length", str(len(response.body))),
-                   ("Cache-Control", "no-store")]
+    async def _send(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        response: Response,
+        close: bool = False,
+        head: bool = False,
+    ) -> None:
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            ("Cache-Control", "no-store"),
+        ]
         if close:
             headers.append(("Connection", "close"))
-        out = conn.send(h11.Response(status_code=response.status, headers=headers,
-                                     reason=_reason(response.status)))
+        out = conn.send(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status)))
         if response.body and not head:  # a HEAD answer has the headers only
             out += conn.send(h11.Data(data=response.body))
         out += conn.send(h11.EndOfMessage())
         writer.write(out)
         await self._drain(writer)
 
-    async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                          status: int, reason: str) -> None:
+    async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, reason: str) -> None:
         # After a protocol error h11 can only send a response if it has not
         # started one; otherwise the connection just closes.
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -39,8 +39,7 @@ KEYCTL_DESCRIBE = 6
 KEY_POS_ALL = 0x3F000000
 KEY_USR_VIEW, KEY_USR_READ, KEY_USR_SEARCH = 0x00010000, 0x00020000, 0x00080000
 
-KEYRINGS = {"@u": KEY_SPEC_USER_KEYRING, "@s": KEY_SPEC_SESSION_KEYRING,
-            "@p": KEY_SPEC_PROCESS_KEYRING}
+KEYRINGS = {"@u": KEY_SPEC_USER_KEYRING, "@s": KEY_SPEC_SESSION_KEYRING, "@p": KEY_SPEC_PROCESS_KEYRING}
 
 
 class KeyringError(OSError):
@@ -65,43 +64,53 @@ def _syscall(name: str, *args) -> int:
     return ret
 
 
-def add_key(description: str, payload: bytes | bytearray | memoryview,
-            keyring: int = KEY_SPEC_USER_KEYRING, key_type: str = "user") -> int:
+def add_key(
+    description: str,
+    payload: bytes | bytearray | memoryview,
+    keyring: int = KEY_SPEC_USER_KEYRING,
+    key_type: str = "user",
+) -> int:
     """Add (or update) a key; returns its serial.  ``payload`` is copied once, into
     a ctypes buffer that is zeroed after the call (no immutable copy)."""
     buf = (ctypes.c_char * len(payload)).from_buffer_copy(payload)
     try:
-        return _syscall("add_key", ctypes.c_char_p(key_type.encode()),
-                        ctypes.c_char_p(description.encode()), buf,
-                        ctypes.c_size_t(len(payload)), ctypes.c_int(keyring))
+        return _syscall(
+            "add_key",
+            ctypes.c_char_p(key_type.encode()),
+            ctypes.c_char_p(description.encode()),
+            buf,
+            ctypes.c_size_t(len(payload)),
+            ctypes.c_int(keyring),
+        )
     finally:
         ctypes.memset(buf, 0, len(payload))
 
 
 def search(description: str, keyring: int = KEY_SPEC_USER_KEYRING, key_type: str = "user") -> int:
-    return _syscall("keyctl", ctypes.c_int(KEYCTL_SEARCH), ctypes.c_int(keyring),
-                    ctypes.c_char_p(key_type.encode()), ctypes.c_char_p(description.encode()),
-                    ctypes.c_int(0))
+    return _syscall(
+        "keyctl",
+        ctypes.c_int(KEYCTL_SEARCH),
+        ctypes.c_int(keyring),
+        ctypes.c_char_p(key_type.encode()),
+        ctypes.c_char_p(description.encode()),
+        ctypes.c_int(0),
+    )
 
 
 def read(serial: int) -> bytearray:
-    size = _syscall("keyctl", ctypes.c_int(KEYCTL_READ), ctypes.c_int(serial), None,
-                    ctypes.c_size_t(0))
+    size = _syscall("keyctl", ctypes.c_int(KEYCTL_READ), ctypes.c_int(serial), None, ctypes.c_size_t(0))
     buf = ctypes.create_string_buffer(max(size, 1))
-    got = _syscall("keyctl", ctypes.c_int(KEYCTL_READ), ctypes.c_int(serial), buf,
-                   ctypes.c_size_t(size))
-    out = bytearray(buf.raw[:min(got, size)])
+    got = _syscall("keyctl", ctypes.c_int(KEYCTL_READ), ctypes.c_int(serial), buf, ctypes.c_size_t(size))
+    out = bytearray(buf.raw[: min(got, size)])
     ctypes.memset(buf, 0, max(size, 1))
     return out
 
 
 def describe(serial: int) -> str:
     """``type;uid;gid;perm;description`` as the kernel gives it."""
-    size = _syscall("keyctl", ctypes.c_int(KEYCTL_DESCRIBE), ctypes.c_int(serial), None,
-                    ctypes.c_size_t(0))
+    size = _syscall("keyctl", ctypes.c_int(KEYCTL_DESCRIBE), ctypes.c_int(serial), None, ctypes.c_size_t(0))
     buf = ctypes.create_string_buffer(max(size, 1))
-    _syscall("keyctl", ctypes.c_int(KEYCTL_DESCRIBE), ctypes.c_int(serial), buf,
-             ctypes.c_size_t(size))
+    _syscall("keyctl", ctypes.c_int(KEYCTL_DESCRIBE), ctypes.c_int(serial), buf, ctypes.c_size_t(size))
     return buf.value.decode(errors="replace")
 
 

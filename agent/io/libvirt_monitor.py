@@ -47,13 +47,14 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from agent.common.secret import Secret
 from agent.common.errors import MonitorGone, QmpCommandError
-from agent.io.qmp import SENSITIVE_KEYS, describe, wire_args
 from agent.common.logs import get_logger, scrub
+from agent.common.secret import Secret
+from agent.io.qmp import SENSITIVE_KEYS, describe, wire_args
 
 # -- libvirt's stable ABI numbers (libvirt-domain.h, virterror.h) -----------
 # Written out so the translation does not need libvirt-python to be tested,
@@ -124,20 +125,30 @@ STATE_STATUS = {
 }
 
 # Lifecycle event -> the QMP event it stands for (only without monitor events).
-LIFECYCLE_AS_QMP = {VIR_DOMAIN_EVENT_RESUMED: "RESUME", VIR_DOMAIN_EVENT_SUSPENDED: "STOP",
-                    VIR_DOMAIN_EVENT_SHUTDOWN: "SHUTDOWN"}
-STOPPED_REASONS = {0: "the domain shut down", 1: "the domain was destroyed",
-                   2: "the domain crashed", 3: "the domain migrated away",
-                   4: "the domain was saved", 5: "the domain failed",
-                   6: "the domain was restored from a snapshot"}
+LIFECYCLE_AS_QMP = {
+    VIR_DOMAIN_EVENT_RESUMED: "RESUME",
+    VIR_DOMAIN_EVENT_SUSPENDED: "STOP",
+    VIR_DOMAIN_EVENT_SHUTDOWN: "SHUTDOWN",
+}
+STOPPED_REASONS = {
+    0: "the domain shut down",
+    1: "the domain was destroyed",
+    2: "the domain crashed",
+    3: "the domain migrated away",
+    4: "the domain was saved",
+    5: "the domain failed",
+    6: "the domain was restored from a snapshot",
+}
 CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "closed by us"}
 
 # libvirt's wrapping of a QMP error: qemuMonitorJSONCheckError().
 _QEMU_ERROR = re.compile(r"unable to execute QEMU command '[^']*': (.*)$", re.S)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}")
 
-INSTALL_HINT = ("libvirt-python is not installed: pip install 'keyagent[libvirt]' "
-                "(it builds against libvirt-dev, with pkg-config and a C compiler)")
+INSTALL_HINT = (
+    "libvirt-python is not installed: pip install 'keyagent[libvirt]' "
+    "(it builds against libvirt-dev, with pkg-config and a C compiler)"
+)
 
 
 @dataclass
@@ -160,9 +171,13 @@ def load_api() -> LibvirtApi:
         from agent.common.errors import UsageError
 
         raise UsageError(INSTALL_HINT) from None
-    return LibvirtApi(libvirt.libvirtError, libvirt.open, libvirt_qemu.qemuMonitorCommand,
-                      libvirt_qemu.qemuMonitorEventRegister,
-                      libvirt_qemu.qemuMonitorEventDeregister)
+    return LibvirtApi(
+        libvirt.libvirtError,
+        libvirt.open,
+        libvirt_qemu.qemuMonitorCommand,
+        libvirt_qemu.qemuMonitorEventRegister,
+        libvirt_qemu.qemuMonitorEventDeregister,
+    )
 
 
 def bind_event_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -184,8 +199,7 @@ def bind_event_loop(loop: asyncio.AbstractEventLoop) -> None:
         libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
     elif impl.loop is not loop:
         if not impl.is_idle():
-            raise MonitorGone("libvirt's event loop is still in use by another "
-                                       "asyncio loop in this process")
+            raise MonitorGone("libvirt's event loop is still in use by another asyncio loop in this process")
         impl.loop = loop
 
 
@@ -208,18 +222,16 @@ class EventStream:
     def accept(self, name: str) -> bool:
         return self.names is None or name in self.names
 
-    def put(self, name: str, data: Mapping[str, Any] | None,
-            seconds: int = 0, micros: int = 0) -> None:
+    def put(self, name: str, data: Mapping[str, Any] | None, seconds: int = 0, micros: int = 0) -> None:
         if not self.accept(name):
             return
-        msg = {"event": name, "data": dict(data or {}),
-               "timestamp": {"seconds": seconds, "microseconds": micros}}
+        msg = {"event": name, "data": dict(data or {}), "timestamp": {"seconds": seconds, "microseconds": micros}}
         try:
             self._queue.put_nowait(msg)
         except asyncio.QueueFull:
             self.dropped += 1
 
-    def __aiter__(self) -> "EventStream":
+    def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> dict:
@@ -229,8 +241,15 @@ class EventStream:
 class LibvirtConnection:
     """One libvirt domain, spoken to as if it were QEMU's QMP monitor."""
 
-    def __init__(self, uri: str, name: str = "keyagent", events: set[str] | None = None,
-                 max_events: int = 4096, *, api: LibvirtApi | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        name: str = "keyagent",
+        events: set[str] | None = None,
+        max_events: int = 4096,
+        *,
+        api: LibvirtApi | None = None,
+    ) -> None:
         self.uri = uri
         self.name = name
         self.events = EventStream(events, max_events)
@@ -248,8 +267,16 @@ class LibvirtConnection:
         self._closed = False
 
     @classmethod
-    def attached(cls, conn: Any, dom: Any, *, api: LibvirtApi, name: str = "keyagent",
-                 events: set[str] | None = None, max_events: int = 4096) -> "LibvirtConnection":
+    def attached(
+        cls,
+        conn: Any,
+        dom: Any,
+        *,
+        api: LibvirtApi,
+        name: str = "keyagent",
+        events: set[str] | None = None,
+        max_events: int = 4096,
+    ) -> LibvirtConnection:
         """A connection around objects already opened (an embedding, a test's fakes)."""
         self = cls("", name, events, max_events, api=api)
         self._attach(conn, dom)
@@ -311,8 +338,7 @@ class LibvirtConnection:
         args = dict(args or {})
         debug = logging.getLogger("keyagent.libvirt").isEnabledFor(logging.DEBUG)
         if debug:  # redacting costs more than the call: only when it is shown
-            self.log.debug("libvirt -->", message=describe({"execute": command,
-                                                            "arguments": args}))
+            self.log.debug("libvirt -->", message=describe({"execute": command, "arguments": args}))
         handler = _TRANSLATED.get(command)
         api = self._libvirt
         try:
@@ -344,7 +370,7 @@ class LibvirtConnection:
         if impl is not None and impl.loop is asyncio.get_running_loop():
             try:
                 await asyncio.wait_for(impl.drain(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.log.warning("libvirt event callbacks still pending after close")
 
     # -- set-up -------------------------------------------------------------------
@@ -356,14 +382,11 @@ class LibvirtConnection:
         except (api.libvirtError, TypeError, ValueError):
             self._version = 0
         try:
-            self._monitor_cb = api.qemuMonitorEventRegister(conn, dom, None,
-                                                            self._on_monitor_event, 0)
+            self._monitor_cb = api.qemuMonitorEventRegister(conn, dom, None, self._on_monitor_event, 0)
             self.monitor_events = True
         except api.libvirtError as exc:
-            self.log.info("no QEMU monitor events from this driver: using lifecycle events",
-                          reason=_one_line(exc))
-        self._lifecycle_cb = conn.domainEventRegisterAny(dom, VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                                         self._on_lifecycle, None)
+            self.log.info("no QEMU monitor events from this driver: using lifecycle events", reason=_one_line(exc))
+        self._lifecycle_cb = conn.domainEventRegisterAny(dom, VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         try:
             conn.registerCloseCallback(self._on_close, None)
             self._close_cb = True
@@ -418,8 +441,9 @@ class LibvirtConnection:
             self._gone.set()
 
     # -- callbacks (libvirtaio runs them on the loop) ---------------------------
-    def _on_monitor_event(self, _conn: Any, _dom: Any, event: str, seconds: int, micros: int,
-                          details: str | None, _opaque: Any) -> None:
+    def _on_monitor_event(
+        self, _conn: Any, _dom: Any, event: str, seconds: int, micros: int, details: str | None, _opaque: Any
+    ) -> None:
         try:
             data = json.loads(details) if details else {}
         except ValueError:
@@ -439,9 +463,14 @@ class LibvirtConnection:
             return  # QEMU's own event arrives through the monitor
         data: dict[str, Any] = {}
         if name == "SHUTDOWN":
-            data = {"guest": detail == VIR_DOMAIN_EVENT_SHUTDOWN_GUEST,
-                    "reason": "guest-shutdown" if detail == VIR_DOMAIN_EVENT_SHUTDOWN_GUEST
-                    else "host-signal" if detail == VIR_DOMAIN_EVENT_SHUTDOWN_HOST else "none"}
+            data = {
+                "guest": detail == VIR_DOMAIN_EVENT_SHUTDOWN_GUEST,
+                "reason": "guest-shutdown"
+                if detail == VIR_DOMAIN_EVENT_SHUTDOWN_GUEST
+                else "host-signal"
+                if detail == VIR_DOMAIN_EVENT_SHUTDOWN_HOST
+                else "none",
+            }
         self.events.put(name, data)
 
     def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
@@ -515,13 +544,14 @@ class LibvirtConnection:
         # state stands in: paused before the first run is LAUNCH_SECRET,
         # and the PSP refuses a secret in any other state anyway.
         state, _ = self.dom.state()
-        return {"enabled": True,
-                "api-major": info[VIR_DOMAIN_LAUNCH_SECURITY_SEV_API_MAJOR],
-                "api-minor": info.get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_API_MINOR),
-                "build-id": info.get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_BUILD_ID),
-                "policy": info.get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_POLICY),
-                "state": "running" if state in (VIR_DOMAIN_RUNNING, VIR_DOMAIN_BLOCKED)
-                else "launch-secret"}
+        return {
+            "enabled": True,
+            "api-major": info[VIR_DOMAIN_LAUNCH_SECURITY_SEV_API_MAJOR],
+            "api-minor": info.get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_API_MINOR),
+            "build-id": info.get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_BUILD_ID),
+            "policy": info.get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_POLICY),
+            "state": "running" if state in (VIR_DOMAIN_RUNNING, VIR_DOMAIN_BLOCKED) else "launch-secret",
+        }
 
     def _query_sev_launch_measure(self, _args: dict) -> dict:
         measurement = self._sev_info().get(VIR_DOMAIN_LAUNCH_SECURITY_SEV_MEASUREMENT)
@@ -534,8 +564,10 @@ class LibvirtConnection:
         header, secret = wire.get("packet-header"), wire.get("secret")
         if not isinstance(header, str) or not isinstance(secret, str):
             raise QmpCommandError("GenericError", "packet-header and secret must be base64 strings")
-        params: dict[str, Any] = {VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER: header,
-                                  VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET: secret}
+        params: dict[str, Any] = {
+            VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER: header,
+            VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET: secret,
+        }
         if wire.get("gpa") is not None:
             params[VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_SET_ADDRESS] = int(wire["gpa"])
         try:
@@ -574,9 +606,9 @@ _TRANSLATED: dict[str, Callable[[LibvirtConnection, dict], Any]] = {
 }
 
 
-async def open_connection(uri: str, domain: str, name: str = "keyagent",
-                          events: set[str] | None = None,
-                          timeout: float = 10.0) -> LibvirtConnection:
+async def open_connection(
+    uri: str, domain: str, name: str = "keyagent", events: set[str] | None = None, timeout: float = 10.0
+) -> LibvirtConnection:
     """Connect to ``domain`` at ``uri``; MonitorGone if it cannot be had."""
     conn = LibvirtConnection(uri, name, events)
     try:
@@ -608,8 +640,7 @@ def _alive(conn: Any) -> bool:
 def _sensitive_strings(value: Any, sensitive: bool = False) -> list[str]:
     """The wire text of every Secret and of every value under a secret-bearing key."""
     if isinstance(value, Mapping):
-        return [s for k, v in value.items()
-                for s in _sensitive_strings(v, sensitive or k in SENSITIVE_KEYS)]
+        return [s for k, v in value.items() for s in _sensitive_strings(v, sensitive or k in SENSITIVE_KEYS)]
     if isinstance(value, (list, tuple)):
         return [s for v in value for s in _sensitive_strings(v, sensitive)]
     if isinstance(value, Secret):

@@ -11,7 +11,8 @@ answer, ``MonitorGone`` when the connection is lost.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 
 class MonitorEvents(Protocol):

@@ -14,8 +14,7 @@ from typing import Any
 from agent.io.http import request_json
 
 
-async def post_owner(owner_url: str, path: str, body: dict[str, Any],
-                     timeout: float) -> tuple[int, Any]:
+async def post_owner(owner_url: str, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
     """POST ``body`` as JSON to the owner; its status and decoded JSON body."""
     url = owner_url.rstrip("/") + path
     return await request_json("POST", url, body, timeout=timeout)

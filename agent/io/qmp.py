@@ -14,20 +14,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.error import ProtocolError, QMPError
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import ConnectError, StateError
 
-from agent.common.secret import Secret
 from agent.common.errors import MonitorGone, QmpCommandError
 from agent.common.logs import scrub
+from agent.common.secret import Secret
 
 # Argument names whose values are secret material or ciphertext of it.
-SENSITIVE_KEYS = frozenset({"secret", "data", "iv", "password", "passphrase", "key",
-                            "packet-header", "psk", "key-secret"})
+SENSITIVE_KEYS = frozenset(
+    {"secret", "data", "iv", "password", "passphrase", "key", "packet-header", "psk", "key-secret"}
+)
 
 REDACTED = "<redacted>"
 
@@ -43,8 +45,9 @@ MONITOR_LOST = (ExecInterruptedError, StateError, ProtocolError, EOFError, OSErr
 def redact(value: Any) -> Any:
     """A copy of a QMP message with secret-bearing values replaced."""
     if isinstance(value, Mapping):
-        return {k: (REDACTED if k in SENSITIVE_KEYS and not isinstance(v, Mapping) else redact(v))
-                for k, v in value.items()}
+        return {
+            k: (REDACTED if k in SENSITIVE_KEYS and not isinstance(v, Mapping) else redact(v)) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     if isinstance(value, Secret):
@@ -114,8 +117,7 @@ class BoundedListener(EventListener):
 class QmpConnection:
     """One monitor connection: commands, a bounded event stream, and EOF."""
 
-    def __init__(self, name: str = "keyagent", events: set[str] | None = None,
-                 max_events: int = 4096) -> None:
+    def __init__(self, name: str = "keyagent", events: set[str] | None = None, max_events: int = 4096) -> None:
         self.client = RedactingQMPClient(name)
         # The default listener keeps every event forever and cannot be
         # removed: make it accept none (its names filter), and use our own.
@@ -153,7 +155,7 @@ class QmpConnection:
             try:
                 await asyncio.wait_for(self.client.connect(path), max(0.1, deadline - loop.time()))
                 return
-            except (ConnectError, StateError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ConnectError, StateError) as exc:
                 # ConnectError wraps what the attempt met (no socket yet,
                 # refused, EOF or a bad greeting); anything else is a bug.
                 last = exc
@@ -167,8 +169,7 @@ class QmpConnection:
                 raise asyncio.CancelledError()
             if loop.time() >= deadline:
                 cause = getattr(last, "exc", None) or last
-                raise MonitorGone(
-                    f"cannot connect to QMP socket {path}: {_one_line(cause)}") from None
+                raise MonitorGone(f"cannot connect to QMP socket {path}: {_one_line(cause)}") from None
             await asyncio.sleep(0.05)
 
     async def execute(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -179,7 +180,7 @@ class QmpConnection:
         except MONITOR_LOST as exc:
             raise MonitorGone(_one_line(exc)) from None
 
-    def _disconnect_once(self) -> "asyncio.Task[str]":
+    def _disconnect_once(self) -> asyncio.Task[str]:
         """One disconnect for everybody: qemu.qmp's ``disconnect()`` makes a
         gather per caller, and a caller cancelled halfway leaves its gather's
         exception unretrieved (asyncio then logs an error).  So there is one

@@ -95,8 +95,9 @@ def lock_run_dir(path: str) -> RunDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise UsageError(f"run_dir {path} is in use by another agent "
-                                 "(give each agent its own run_dir)") from None
+                raise UsageError(
+                    f"run_dir {path} is in use by another agent (give each agent its own run_dir)"
+                ) from None
             raise UsageError(f"cannot lock run_dir {path}: {exc.strerror}") from None
     except BaseException:
         os.close(fd)
@@ -120,16 +121,14 @@ def set_run_dir_group(lock: RunDirLock, gid: int | None) -> None:
     try:
         os.fchown(lock.fd, -1, gid)
     except OSError as exc:
-        raise UsageError(f"cannot give run_dir {lock.path} to group {gid}: "
-                         f"{exc.strerror}") from None
+        raise UsageError(f"cannot give run_dir {lock.path} to group {gid}: {exc.strerror}") from None
     os.fchmod(lock.fd, keep | 0o710)
 
 
 def check_socket_length(path: str, what: str) -> None:
     size = len(os.fsencode(path))
     if size > SUN_PATH_MAX:
-        raise UsageError(f"{what} path {path} is {size} bytes, longer than a unix socket "
-                         f"allows ({SUN_PATH_MAX})")
+        raise UsageError(f"{what} path {path} is {size} bytes, longer than a unix socket allows ({SUN_PATH_MAX})")
 
 
 def check_socket_path(path: str, what: str, run_dir: str | None = None) -> None:
@@ -214,8 +213,7 @@ def write_new_files(files: list[tuple[str, bytes]], what: str) -> None:
     try:
         for target, data in files:
             try:
-                written.append(write_key_file(os.path.dirname(target) or ".",
-                                              os.path.basename(target), data))
+                written.append(write_key_file(os.path.dirname(target) or ".", os.path.basename(target), data))
             except FileExistsError:
                 raise UsageError(f"{what}: {target} already exists; not overwriting it") from None
             except OSError as exc:

@@ -35,8 +35,8 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from agent.common.secret import Secret
 from agent.common.errors import UsageError
+from agent.common.secret import Secret
 
 MAX_SECRET_FILE = 64 * 1024
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
@@ -233,8 +233,7 @@ def resolve(ref: str, what: str = "secret", access: RefAccess = UNRESTRICTED) ->
     """Read the secret a reference names; UsageError (one line) otherwise."""
     scheme, sep, rest = ref.partition(":")
     if not sep or not rest:
-        raise UsageError(f"{what} reference must be file:PATH, keyring:DESCRIPTION "
-                         "or libvirt:UUID")
+        raise UsageError(f"{what} reference must be file:PATH, keyring:DESCRIPTION or libvirt:UUID")
     if not access.unrestricted:
         if scheme != "file":
             raise RefNotAllowed()
@@ -248,8 +247,7 @@ def resolve(ref: str, what: str = "secret", access: RefAccess = UNRESTRICTED) ->
     raise UsageError(f"unknown {what} reference scheme {scheme!r} (use file:, keyring: or libvirt:)")
 
 
-async def resolve_async(ref: str, what: str, access: RefAccess,
-                        timeout: float = RESOLVE_TIMEOUT_S) -> Secret:
+async def resolve_async(ref: str, what: str, access: RefAccess, timeout: float = RESOLVE_TIMEOUT_S) -> Secret:
     """:func:`resolve` in a daemon thread, under a deadline.
 
     The event loop keeps serving (``/healthz``, QMP events) whatever the
@@ -286,7 +284,7 @@ async def resolve_async(ref: str, what: str, access: RefAccess,
     threading.Thread(target=work, name="keyagent-ref", daemon=True).start()
     try:
         return await asyncio.wait_for(future, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UsageError(f"{what} reference: no answer within {timeout:g} s") from None
 
 

@@ -47,9 +47,9 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from agent.common.secret import Secret
 from agent.common.errors import FlowFailed, UsageError
 from agent.common.logs import get_logger
+from agent.common.secret import Secret
 
 log = get_logger("keyagent.swtpm")
 
@@ -91,10 +91,10 @@ PID_FILE_NAME = "swtpm.pid"
 
 
 class StateKind(enum.Enum):
-    ABSENT = "absent"          # no state yet: swtpm_setup creates it encrypted
-    PLAIN = "plain"            # written without a key: swtpm cannot convert it
+    ABSENT = "absent"  # no state yet: swtpm_setup creates it encrypted
+    PLAIN = "plain"  # written without a key: swtpm cannot convert it
     ENCRYPTED = "encrypted"
-    UNKNOWN = "unknown"        # no blob header (pre-0.2 swtpm?): cannot tell
+    UNKNOWN = "unknown"  # no blob header (pre-0.2 swtpm?): cannot tell
 
 
 @dataclass(frozen=True)
@@ -137,17 +137,18 @@ def check_state(state_dir: str, version: str) -> StateInfo:
     if info.kind is StateKind.ABSENT:
         other = next(v for v in VERSIONS if v != version)
         if os.path.exists(os.path.join(state_dir, STATE_FILE[other])):
-            raise UsageError(f"vTPM state_dir {state_dir} holds a TPM {other} state, "
-                             f"but [vtpm] version is {version}")
+            raise UsageError(f"vTPM state_dir {state_dir} holds a TPM {other} state, but [vtpm] version is {version}")
     elif info.kind is StateKind.PLAIN:
-        raise UsageError(f"vTPM state {info.path} is not encrypted and swtpm cannot encrypt "
-                         "an existing state; move it away to create a new encrypted one")
+        raise UsageError(
+            f"vTPM state {info.path} is not encrypted and swtpm cannot encrypt "
+            "an existing state; move it away to create a new encrypted one"
+        )
     elif info.kind is StateKind.UNKNOWN:
-        raise UsageError(f"vTPM state {info.path} has no swtpm blob header; "
-                         "cannot tell whether it is encrypted, refusing it")
+        raise UsageError(
+            f"vTPM state {info.path} has no swtpm blob header; cannot tell whether it is encrypted, refusing it"
+        )
     elif info.key_bits != 256:
-        raise UsageError(f"vTPM state {info.path} is encrypted with a {info.key_bits}-bit key; "
-                         f"keyagent uses {CIPHER}")
+        raise UsageError(f"vTPM state {info.path} is encrypted with a {info.key_bits}-bit key; keyagent uses {CIPHER}")
     return info
 
 
@@ -159,11 +160,9 @@ def check_key(key: Secret, kind: str) -> None:
     if kind not in KEY_KINDS:
         raise UsageError(f"vTPM key_kind must be one of {', '.join(KEY_KINDS)}")
     if kind == "raw" and len(key) != RAW_KEY_LEN:
-        raise UsageError(f"vTPM key must be {RAW_KEY_LEN} raw bytes for key_kind raw "
-                         f"(got {len(key)})")
+        raise UsageError(f"vTPM key must be {RAW_KEY_LEN} raw bytes for key_kind raw (got {len(key)})")
     if kind == "passphrase" and not 0 < len(key) <= MAX_PIPE_SECRET:
-        raise UsageError(f"vTPM passphrase must be 1 to {MAX_PIPE_SECRET} bytes "
-                         f"(got {len(key)})")
+        raise UsageError(f"vTPM passphrase must be 1 to {MAX_PIPE_SECRET} bytes (got {len(key)})")
 
 
 def secret_pipe(data: bytes | bytearray) -> int:
@@ -206,14 +205,19 @@ def _close_all(fds: list[int]) -> None:
 # swtpm_setup: the first start
 
 
-def setup_argv(state_dir: str, version: str, kind: str, fd: int,
-               swtpm_setup: str = SWTPM_SETUP) -> list[str]:
+def setup_argv(state_dir: str, version: str, kind: str, fd: int, swtpm_setup: str = SWTPM_SETUP) -> list[str]:
     argv = [swtpm_setup]
     if version == "2.0":
         argv.append("--tpm2")
-    argv += ["--tpm-state", state_dir, "--createek",
-             "--keyfile-fd" if kind == "raw" else "--pwdfile-fd", str(fd),
-             "--cipher", CIPHER]
+    argv += [
+        "--tpm-state",
+        state_dir,
+        "--createek",
+        "--keyfile-fd" if kind == "raw" else "--pwdfile-fd",
+        str(fd),
+        "--cipher",
+        CIPHER,
+    ]
     return argv
 
 
@@ -236,16 +240,21 @@ async def _spawn_with_key_fds(make_argv, fds: list[int], binary: str):
     try:
         try:
             return await asyncio.create_subprocess_exec(
-                *make_argv(), pass_fds=tuple(fds), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                *make_argv(),
+                pass_fds=tuple(fds),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
         except OSError as exc:
             raise FlowFailed(f"cannot run {binary}: {exc.strerror}") from None
     finally:
         _close_all(fds)
 
 
-async def setup_state(state_dir: str, version: str, key: Secret, kind: str, *,
-                      swtpm_setup: str = SWTPM_SETUP, timeout: float = 60.0) -> StateInfo:
+async def setup_state(
+    state_dir: str, version: str, key: Secret, kind: str, *, swtpm_setup: str = SWTPM_SETUP, timeout: float = 60.0
+) -> StateInfo:
     """Create the TPM state in ``state_dir``, encrypted from its first byte."""
     check_key(key, kind)
     if check_state(state_dir, version).kind is not StateKind.ABSENT:
@@ -261,11 +270,10 @@ async def setup_state(state_dir: str, version: str, key: Secret, kind: str, *,
     finally:
         material[:] = bytes(len(material))
     log.info("swtpm_setup_start", state_dir=state_dir, version=version, key_kind=kind)
-    proc = await _spawn_with_key_fds(
-        lambda: setup_argv(state_dir, version, kind, fd, swtpm_setup), [fd], swtpm_setup)
+    proc = await _spawn_with_key_fds(lambda: setup_argv(state_dir, version, kind, fd, swtpm_setup), [fd], swtpm_setup)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise FlowFailed(f"swtpm_setup did not finish within {timeout:g} s") from None
@@ -286,16 +294,34 @@ async def setup_state(state_dir: str, version: str, key: Secret, kind: str, *,
 # swtpm socket: every start
 
 
-def swtpm_argv(state_dir: str, version: str, kind: str, key_fd: int, migration_fd: int,
-               ctrl_socket: str, pid_file: str, *, data_socket: str | None = None,
-               terminate: bool = True, swtpm: str = SWTPM,
-               incoming: bool = False) -> list[str]:
-    argv = [swtpm, "socket",
-            "--tpmstate", f"dir={state_dir},mode=0600",
-            "--ctrl", f"type=unixio,path={ctrl_socket},mode=0600",
-            "--key", key_option(key_fd, kind),
-            "--migration-key", key_option(migration_fd, kind),
-            "--pid", f"file={pid_file}"]
+def swtpm_argv(
+    state_dir: str,
+    version: str,
+    kind: str,
+    key_fd: int,
+    migration_fd: int,
+    ctrl_socket: str,
+    pid_file: str,
+    *,
+    data_socket: str | None = None,
+    terminate: bool = True,
+    swtpm: str = SWTPM,
+    incoming: bool = False,
+) -> list[str]:
+    argv = [
+        swtpm,
+        "socket",
+        "--tpmstate",
+        f"dir={state_dir},mode=0600",
+        "--ctrl",
+        f"type=unixio,path={ctrl_socket},mode=0600",
+        "--key",
+        key_option(key_fd, kind),
+        "--migration-key",
+        key_option(migration_fd, kind),
+        "--pid",
+        f"file={pid_file}",
+    ]
     if not incoming:
         # Decrypt the state now, so a wrong key fails here, not in QEMU.  An
         # incoming VM's TPM waits, uninitialised, for the migrated state blobs.
@@ -309,14 +335,20 @@ def swtpm_argv(state_dir: str, version: str, kind: str, key_fd: int, migration_f
     return argv
 
 
-def qemu_tpm_args(ctrl_socket: str, device: str = "tpm-crb", *, tpm_id: str = "tpm0",
-                  chardev_id: str = "chrtpm") -> list[str]:
+def qemu_tpm_args(
+    ctrl_socket: str, device: str = "tpm-crb", *, tpm_id: str = "tpm0", chardev_id: str = "chrtpm"
+) -> list[str]:
     """QEMU's side: the chardev is swtpm's control socket."""
     if device not in DEVICES:
         raise UsageError(f"vTPM device must be one of {', '.join(DEVICES)}")
-    return ["-chardev", f"socket,id={chardev_id},path={ctrl_socket}",
-            "-tpmdev", f"emulator,id={tpm_id},chardev={chardev_id}",
-            "-device", f"{device},tpmdev={tpm_id}"]
+    return [
+        "-chardev",
+        f"socket,id={chardev_id},path={ctrl_socket}",
+        "-tpmdev",
+        f"emulator,id={tpm_id},chardev={chardev_id}",
+        "-device",
+        f"{device},tpmdev={tpm_id}",
+    ]
 
 
 def failure_reason(lines: list[str], status: int | None, state_dir: str) -> str:
@@ -327,8 +359,10 @@ def failure_reason(lines: list[str], status: int | None, state_dir: str) -> str:
     if "Could not find plain data" in text:
         return f"the vTPM state in {state_dir} is encrypted but swtpm got no key"
     if "Wrong decryption key" in text:
-        return (f"the vTPM state in {state_dir} does not match the key size "
-                f"(swtpm: {_last_matching(lines, 'Wrong decryption key')})")
+        return (
+            f"the vTPM state in {state_dir} does not match the key size "
+            f"(swtpm: {_last_matching(lines, 'Wrong decryption key')})"
+        )
     if "Could not lock access to lockfile" in text:
         return f"the vTPM state in {state_dir} is in use by another swtpm"
     code = "" if status is None else f" (exit {status})"
@@ -352,8 +386,7 @@ def _unlink(path: str) -> None:
 class SwtpmProcess:
     """A running ``swtpm socket``: its output drained, its exit awaitable."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, ctrl_socket: str, pid_file: str,
-                 state_dir: str) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, ctrl_socket: str, pid_file: str, state_dir: str) -> None:
         self._proc = proc
         self.ctrl_socket = ctrl_socket
         self.pid_file = pid_file
@@ -386,13 +419,12 @@ class SwtpmProcess:
         status = await self._proc.wait()
         try:
             await asyncio.wait_for(self._drain, 2.0)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             pass
         if self._stopping or status == 0:
             log.info("swtpm_exited", pid=self._proc.pid, status=status)
         else:
-            log.error("swtpm_died", pid=self._proc.pid, status=status,
-                      reason=_last_reason(list(self.output)))
+            log.error("swtpm_died", pid=self._proc.pid, status=status, reason=_last_reason(list(self.output)))
         for path in (self.pid_file,):
             try:
                 os.unlink(path)
@@ -418,7 +450,7 @@ class SwtpmProcess:
             pass
         try:
             return await asyncio.wait_for(self.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("swtpm_kill", pid=self._proc.pid)
             try:
                 self._proc.kill()
@@ -448,10 +480,19 @@ async def _probe(ctrl_socket: str) -> bool:
             pass
 
 
-async def start_swtpm(state_dir: str, version: str, key: Secret, kind: str, run_dir: str, *,
-                      data_socket: str | None = None, terminate: bool = True,
-                      swtpm: str = SWTPM, ready_timeout: float = 10.0,
-                      incoming: bool = False) -> SwtpmProcess:
+async def start_swtpm(
+    state_dir: str,
+    version: str,
+    key: Secret,
+    kind: str,
+    run_dir: str,
+    *,
+    data_socket: str | None = None,
+    terminate: bool = True,
+    swtpm: str = SWTPM,
+    ready_timeout: float = 10.0,
+    incoming: bool = False,
+) -> SwtpmProcess:
     """Start swtpm on an existing encrypted state; return once it has decrypted it.
 
     ``incoming``: the state arrives by migration; an absent state is fine.
@@ -475,26 +516,39 @@ async def start_swtpm(state_dir: str, version: str, key: Secret, kind: str, run_
     material = bytearray(key.reveal())
     fds: list[int] = []
     try:
-        fds.append(secret_pipe(material))   # --key
-        fds.append(secret_pipe(material))   # --migration-key: its own pipe
+        fds.append(secret_pipe(material))  # --key
+        fds.append(secret_pipe(material))  # --migration-key: its own pipe
     except BaseException:
         _close_all(fds)
         raise
     finally:
         material[:] = bytes(len(material))
     proc = await _spawn_with_key_fds(
-        lambda: swtpm_argv(state_dir, version, kind, fds[0], fds[1], ctrl_socket, pid_file,
-                           data_socket=data_socket, terminate=terminate, swtpm=swtpm,
-                           incoming=incoming), fds, swtpm)
+        lambda: swtpm_argv(
+            state_dir,
+            version,
+            kind,
+            fds[0],
+            fds[1],
+            ctrl_socket,
+            pid_file,
+            data_socket=data_socket,
+            terminate=terminate,
+            swtpm=swtpm,
+            incoming=incoming,
+        ),
+        fds,
+        swtpm,
+    )
     sw = SwtpmProcess(proc, ctrl_socket, pid_file, state_dir)
-    log.info("swtpm_started", pid=proc.pid, state_dir=state_dir, version=version,
-             key_kind=kind, ctrl_socket=ctrl_socket)
+    log.info(
+        "swtpm_started", pid=proc.pid, state_dir=state_dir, version=version, key_kind=kind, ctrl_socket=ctrl_socket
+    )
     try:
         await asyncio.wait_for(_wait_ready(sw), ready_timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         await sw.stop()
-        raise FlowFailed(f"swtpm did not answer on {ctrl_socket} within {ready_timeout:g} s") \
-            from None
+        raise FlowFailed(f"swtpm did not answer on {ctrl_socket} within {ready_timeout:g} s") from None
     except BaseException:
         await sw.stop()
         raise

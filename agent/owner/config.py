@@ -65,27 +65,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.common.secret import Secret
 from agent.common.errors import UsageError
+from agent.common.secret import Secret
 from agent.owner.secret_area import SecretArea, area_from_config, area_from_firmware
 
-__all__ = ["OwnerConfig", "VmPolicy", "SecretEntry", "load_owner_config",
-           "read_key_file", "read_secret_file", "parse_digest", "parse_api_version"]
+__all__ = [
+    "OwnerConfig",
+    "VmPolicy",
+    "SecretEntry",
+    "load_owner_config",
+    "read_key_file",
+    "read_secret_file",
+    "parse_digest",
+    "parse_api_version",
+]
 
-KEY_LEN = 16          # TIK and TEK: AES-128 / HMAC keys of the SEV API
-DIGEST_LEN = 32       # SHA-256 of the launch data
+KEY_LEN = 16  # TIK and TEK: AES-128 / HMAC keys of the SEV API
+DIGEST_LEN = 32  # SHA-256 of the launch data
 MAX_SECRET_FILE = 16384  # the whole secret table must fit the OVMF secret area
 MAX_CONFIG_FILE = 4 << 20  # owner.toml: far above any real one, far below /dev/zero
 
 _LAUNCH_KEYS = {"firmware", "kernel", "initrd", "append"}
 _AREA_KEYS = {"secret_gpa", "secret_size", "gpa"}  # gpa: the older name of secret_gpa
-_ES_KEYS = {"vcpus", "vcpu_sig", "vmsa_fpu_init"}    # an SEV-ES digest computed from firmware
-_VM_KEYS = ({"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret", "sev_es",
-             "platform", "pdh_sha256"} | _LAUNCH_KEYS | _AREA_KEYS | _ES_KEYS)
+_ES_KEYS = {"vcpus", "vcpu_sig", "vmsa_fpu_init"}  # an SEV-ES digest computed from firmware
+_VM_KEYS = (
+    {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret", "sev_es", "platform", "pdh_sha256"}
+    | _LAUNCH_KEYS
+    | _AREA_KEYS
+    | _ES_KEYS
+)
 _PLATFORM_KEYS = {"amd_roots"}
 # an SNP vm ([vm.NAME] snp = true): agent.owner.snp_attest, docs/snp.md
-_SNP_VM_KEYS = ({"snp", "policy", "snp_digest", "vcpus", "vcpu_type", "guest_features", "host_data",
-                 "id_key_digest", "author_key_digest", "secret"} | _LAUNCH_KEYS)
+_SNP_VM_KEYS = {
+    "snp",
+    "policy",
+    "snp_digest",
+    "vcpus",
+    "vcpu_type",
+    "guest_features",
+    "host_data",
+    "id_key_digest",
+    "author_key_digest",
+    "secret",
+} | _LAUNCH_KEYS
 PLATFORM_MODES = ("amd", "pinned", "any")
 MAX_IMAGE_FILE = 256 << 20  # firmware, kernel, initrd: far above any real one
 _SECRET_KEYS = {"guid", "file"}
@@ -94,24 +116,24 @@ _SECRET_KEYS = {"guid", "file"}
 @dataclass(frozen=True)
 class SecretEntry:
     guid: uuid.UUID
-    name: str          # as written in owner.toml (a GUID or an alias), for logs
+    name: str  # as written in owner.toml (a GUID or an alias), for logs
     value: Secret
 
 
 @dataclass(frozen=True)
 class VmPolicy:
     name: str
-    tik: Secret | None          # None only for a session VM without offline keys
+    tik: Secret | None  # None only for a session VM without offline keys
     tek: Secret | None
     policy: int
     digests: tuple[bytes, ...]
     secrets: tuple[SecretEntry, ...]
     min_api: tuple[int, int] | None = None
     build_ids: frozenset[int] | None = None
-    gpa: int | None = None      # answered to the agent: the secret area's base
-    session: bool = False       # takes POST /v1/session
-    platform: str = "amd"       # amd | pinned | any: whose PDH gets a session
-    pdh_pins: frozenset[bytes] = frozenset()   # platform = "pinned": SHA-256 of each PDH
+    gpa: int | None = None  # answered to the agent: the secret area's base
+    session: bool = False  # takes POST /v1/session
+    platform: str = "amd"  # amd | pinned | any: whose PDH gets a session
+    pdh_pins: frozenset[bytes] = frozenset()  # platform = "pinned": SHA-256 of each PDH
     secret_area: SecretArea = SecretArea()
     # SEV-SNP (snp = true): the guest attests itself (POST /v1/snp/attest); policy is the
     # 64-bit SNP policy and every report must carry snp_digest as its MEASUREMENT
@@ -127,7 +149,7 @@ class OwnerConfig:
     path: str
     vms: dict[str, VmPolicy]
     # AMD roots a platform = "amd" chain must end at: the built-in ones, or [platform] amd_roots
-    amd_roots: tuple[Any, ...] = ()          # tuple[agent.sev.ca.AmdRoots, ...]
+    amd_roots: tuple[Any, ...] = ()  # tuple[agent.sev.ca.AmdRoots, ...]
     amd_roots_source: str = "built-in"
     # SNP roots (agent.sev.snp_ca.SnpRoots): built in, or the <product>-ark/ask.pem of amd_roots
     snp_roots: tuple[Any, ...] = ()
@@ -135,6 +157,7 @@ class OwnerConfig:
 
 
 # -- small readers shared with the command line ----------------------------
+
 
 def read_key_file(path: str | os.PathLike, what: str) -> Secret:
     """A raw 16-byte TIK or TEK file, as a Secret."""
@@ -183,10 +206,10 @@ def parse_digest(text: Any, where: str) -> bytes:
 def parse_api_version(text: Any, where: str) -> tuple[int, int]:
     """``"1.49"`` -> (1, 49).  Minor is a number, not a decimal fraction."""
     if not isinstance(text, str):
-        raise UsageError(f"{where}: min_api must be a string like \"1.49\"")
+        raise UsageError(f'{where}: min_api must be a string like "1.49"')
     major, dot, minor = text.strip().partition(".")
     if not (dot and major.isdigit() and minor.isdigit()):
-        raise UsageError(f"{where}: min_api must look like \"1.49\"")
+        raise UsageError(f'{where}: min_api must look like "1.49"')
     a, b = int(major), int(minor)
     if a > 255 or b > 255:
         raise UsageError(f"{where}: min_api parts must be 0..255")
@@ -202,6 +225,7 @@ def _int(value: Any, where: str, lo: int, hi: int) -> int:
 
 
 # -- owner.toml ---------------------------------------------------------------
+
 
 def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
     """Read and check owner.toml; :class:`UsageError` with one line on any fault."""
@@ -226,8 +250,14 @@ def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
     vms = {name: _load_vm(name, table, base) for name, table in vms_doc.items()}
     refuse_shared_keys(vms)
     roots, source, snp_roots, snp_source = _load_platform(doc.get("platform", {}), base)
-    return OwnerConfig(path=str(path), vms=vms, amd_roots=roots, amd_roots_source=source,
-                       snp_roots=snp_roots, snp_roots_source=snp_source)
+    return OwnerConfig(
+        path=str(path),
+        vms=vms,
+        amd_roots=roots,
+        amd_roots_source=source,
+        snp_roots=snp_roots,
+        snp_roots_source=snp_source,
+    )
 
 
 def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str, tuple[Any, ...], str]:
@@ -255,13 +285,13 @@ def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str, tuple[
     try:
         names = os.listdir(directory)
     except OSError as exc:
-        raise UsageError(f"platform.amd_roots: cannot read AMD roots directory {directory}: "
-                         f"{exc.strerror}") from None
+        raise UsageError(f"platform.amd_roots: cannot read AMD roots directory {directory}: {exc.strerror}") from None
     has_sev = any(n.endswith("-ark.cert") for n in names)
     has_snp = any(n.endswith("-ark.pem") for n in names)
     if not (has_sev or has_snp):
-        raise UsageError(f"platform.amd_roots: {directory} holds no <product>-ark.cert (SEV) "
-                         "and no <product>-ark.pem (SNP)")
+        raise UsageError(
+            f"platform.amd_roots: {directory} holds no <product>-ark.cert (SEV) and no <product>-ark.pem (SNP)"
+        )
     try:
         sev = load_roots_dir(directory) if has_sev else ()
         snp = load_snp_roots_dir(directory) if has_snp else ()
@@ -290,8 +320,10 @@ def refuse_shared_keys(vms: dict[str, VmPolicy]) -> None:
             tag = hashlib.blake2b(key.reveal(), key=salt, digest_size=32).digest()
             first = seen.setdefault(tag, (name, role))
             if first[0] != name:
-                raise UsageError(f"vm.{name} {role} is the same key as vm.{first[0]} {first[1]}: "
-                                 "every VM needs a TIK and a TEK of its own")
+                raise UsageError(
+                    f"vm.{name} {role} is the same key as vm.{first[0]} {first[1]}: "
+                    "every VM needs a TIK and a TEK of its own"
+                )
 
 
 def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
@@ -347,8 +379,9 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
         firmware, digest = _launch_digest(table, where, rel, sev_es)
         digests: tuple[bytes, ...] = (digest,)
         if _AREA_KEYS & set(table):
-            raise UsageError(f"{where}: the firmware gives the secret area; "
-                             "secret_gpa/secret_size are for a vm given by digest")
+            raise UsageError(
+                f"{where}: the firmware gives the secret area; secret_gpa/secret_size are for a vm given by digest"
+            )
         area = area_from_firmware(firmware)
     else:
         if isinstance(digest_doc, list):
@@ -388,14 +421,26 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     if platform == "pinned":
         pin_doc = table.get("pdh_sha256")
         if not isinstance(pin_doc, list) or not pin_doc:
-            raise UsageError(f"{where}: platform = \"pinned\" needs pdh_sha256 = [\"<hex>\", ...]")
+            raise UsageError(f'{where}: platform = "pinned" needs pdh_sha256 = ["<hex>", ...]')
         pins = frozenset(_pin(p, f"{where}.pdh_sha256[{i}]") for i, p in enumerate(pin_doc))
     elif "pdh_sha256" in table:
-        raise UsageError(f"{where}: pdh_sha256 applies only with platform = \"pinned\"")
+        raise UsageError(f'{where}: pdh_sha256 applies only with platform = "pinned"')
 
-    return VmPolicy(name=name, tik=tik, tek=tek, policy=policy, digests=digests, secrets=secrets,
-                    min_api=min_api, build_ids=build_ids, gpa=None if area.problem else area.gpa,
-                    session=session, secret_area=area, platform=platform, pdh_pins=pins)
+    return VmPolicy(
+        name=name,
+        tik=tik,
+        tek=tek,
+        policy=policy,
+        digests=digests,
+        secrets=secrets,
+        min_api=min_api,
+        build_ids=build_ids,
+        gpa=None if area.problem else area.gpa,
+        session=session,
+        secret_area=area,
+        platform=platform,
+        pdh_pins=pins,
+    )
 
 
 def _hex_bytes(text: Any, where: str, size: int) -> bytes:
@@ -445,18 +490,30 @@ def _load_snp_vm(name: str, table: dict, base: Path) -> VmPolicy:
         digest = _snp_launch_digest(table, where, base)
     else:
         raise UsageError(f"{where}: missing 'snp_digest' (or 'firmware' with vcpus and vcpu_type)")
-    optional = {key: _hex_bytes(table[key], f"{where}.{key}", size) if key in table else None
-                for key, size in (("host_data", 32), ("id_key_digest", 48), ("author_key_digest", 48))}
+    optional = {
+        key: _hex_bytes(table[key], f"{where}.{key}", size) if key in table else None
+        for key, size in (("host_data", 32), ("id_key_digest", 48), ("author_key_digest", 48))
+    }
     secrets_doc = table.get("secret")
     if not isinstance(secrets_doc, list) or not secrets_doc:
         raise UsageError(f"{where}: needs at least one [[{where}.secret]] entry")
     secrets = tuple(_load_secret(f"{where}.secret[{i}]", s, base) for i, s in enumerate(secrets_doc))
     if len({s.guid for s in secrets}) != len(secrets):
         raise UsageError(f"{where}: a secret GUID appears twice")
-    return VmPolicy(name=name, tik=None, tek=None, policy=policy, digests=(), secrets=secrets,
-                    platform="amd", snp=True, snp_digest=digest, snp_host_data=optional["host_data"],
-                    snp_id_key_digest=optional["id_key_digest"],
-                    snp_author_key_digest=optional["author_key_digest"])
+    return VmPolicy(
+        name=name,
+        tik=None,
+        tek=None,
+        policy=policy,
+        digests=(),
+        secrets=secrets,
+        platform="amd",
+        snp=True,
+        snp_digest=digest,
+        snp_host_data=optional["host_data"],
+        snp_id_key_digest=optional["id_key_digest"],
+        snp_author_key_digest=optional["author_key_digest"],
+    )
 
 
 def _snp_launch_digest(table: dict, where: str, base: Path) -> bytes:
@@ -492,8 +549,15 @@ def _snp_launch_digest(table: dict, where: str, base: Path) -> bytes:
     if append is not None and not isinstance(append, str):
         raise UsageError(f"{where}.append must be a string")
     try:
-        return snp_launch_digest(images["firmware"], vcpus=vcpus, vcpu_sig=sig, kernel=images.get("kernel"),
-                                 initrd=images.get("initrd"), append=append, guest_features=features)
+        return snp_launch_digest(
+            images["firmware"],
+            vcpus=vcpus,
+            vcpu_sig=sig,
+            kernel=images.get("kernel"),
+            initrd=images.get("initrd"),
+            append=append,
+            guest_features=features,
+        )
     except (ValueError, UsageError) as exc:
         raise UsageError(f"{where}: cannot compute the SNP launch digest: {exc}") from None
 
@@ -542,22 +606,29 @@ def _launch_digest(table: dict, where: str, rel: Any, sev_es: bool) -> tuple[byt
         fpu = table.get("vmsa_fpu_init", False)
         if not isinstance(fpu, bool):
             raise UsageError(f"{where}.vmsa_fpu_init must be true or false")
-        es = {"sev_es": True, "vcpus": _int(table["vcpus"], f"{where}.vcpus", 1, 4096),
-              "vcpu_sig": _int(table["vcpu_sig"], f"{where}.vcpu_sig", 0, 0xFFFFFFFF),
-              "vmsa_options": VmsaOptions(fpu_init=fpu)}
+        es = {
+            "sev_es": True,
+            "vcpus": _int(table["vcpus"], f"{where}.vcpus", 1, 4096),
+            "vcpu_sig": _int(table["vcpu_sig"], f"{where}.vcpu_sig", 0, 0xFFFFFFFF),
+            "vmsa_options": VmsaOptions(fpu_init=fpu),
+        }
 
     if "kernel" not in table and ("initrd" in table or "append" in table):
         raise UsageError(f"{where}: initrd/append need kernel")
-    images = {key: _read_file(rel(key, table[key]), f"{where}.{key}", MAX_IMAGE_FILE)
-              for key in ("firmware", "kernel", "initrd") if key in table}
+    images = {
+        key: _read_file(rel(key, table[key]), f"{where}.{key}", MAX_IMAGE_FILE)
+        for key in ("firmware", "kernel", "initrd")
+        if key in table
+    }
     append = table.get("append")
     if append is not None and not isinstance(append, str):
         raise UsageError(f"{where}.append must be a string")
     if not images["firmware"]:
         raise UsageError(f"{where}.firmware is empty")
     try:
-        return images["firmware"], launch_digest(images["firmware"], kernel=images.get("kernel"),
-                                                 initrd=images.get("initrd"), append=append, **es)
+        return images["firmware"], launch_digest(
+            images["firmware"], kernel=images.get("kernel"), initrd=images.get("initrd"), append=append, **es
+        )
     except (ValueError, UsageError) as exc:
         raise UsageError(f"{where}: cannot compute the launch digest: {exc}") from None
 
@@ -571,11 +642,12 @@ def _load_secret(where: str, entry: Any, base: Path) -> SecretEntry:
     name = entry.get("guid")
     file = entry.get("file")
     if not isinstance(name, str) or not name:
-        raise UsageError(f"{where}.guid must be a GUID or an alias like \"luks-key\"")
+        raise UsageError(f'{where}.guid must be a GUID or an alias like "luks-key"')
     if not isinstance(file, str) or not file:
         raise UsageError(f"{where}.file must be a file path")
-    return SecretEntry(guid=resolve_guid_or_usage(name, where), name=name,
-                       value=read_secret_file(base / file, f"{where}"))
+    return SecretEntry(
+        guid=resolve_guid_or_usage(name, where), name=name, value=read_secret_file(base / file, f"{where}")
+    )
 
 
 def resolve_guid_or_usage(name: str, where: str) -> uuid.UUID:

@@ -46,25 +46,32 @@ def _int(text: str) -> int:
 def add_measure_options(parser: argparse.ArgumentParser, *, require_firmware: bool = False) -> None:
     """Add the options that describe the launch (firmware, kernel, SEV-ES vCPUs)."""
     group = parser.add_argument_group("launch (expected digest)")
-    group.add_argument("--firmware", metavar="F", type=Path, required=require_firmware,
-                       help="OVMF image the VM boots (-bios / pflash unit 0)")
-    group.add_argument("--kernel", metavar="K", type=Path,
-                       help="kernel for direct boot (QEMU sev-guest kernel-hashes=on)")
+    group.add_argument(
+        "--firmware",
+        metavar="F",
+        type=Path,
+        required=require_firmware,
+        help="OVMF image the VM boots (-bios / pflash unit 0)",
+    )
+    group.add_argument(
+        "--kernel", metavar="K", type=Path, help="kernel for direct boot (QEMU sev-guest kernel-hashes=on)"
+    )
     group.add_argument("--initrd", metavar="I", type=Path, help="initrd (needs --kernel)")
     group.add_argument("--append", metavar="C", help="kernel command line (needs --kernel)")
     group.add_argument("--sev-es", action="store_true", help="SEV-ES guest: measure the vCPUs' VMSAs")
     group.add_argument("--vcpus", metavar="N", type=_int, help="number of vCPUs (SEV-ES)")
-    group.add_argument("--vcpu-sig", metavar="N", type=_int,
-                       help="guest CPUID(1).EAX signature (SEV-ES)")
+    group.add_argument("--vcpu-sig", metavar="N", type=_int, help="guest CPUID(1).EAX signature (SEV-ES)")
     group.add_argument("--vcpu-family", metavar="N", type=_int, help="guest CPU family (SEV-ES)")
     group.add_argument("--vcpu-model", metavar="N", type=_int, help="guest CPU model (SEV-ES)")
     group.add_argument("--vcpu-stepping", metavar="N", type=_int, help="guest CPU stepping (SEV-ES)")
-    group.add_argument("--vmsa-fpu-init", action="store_true",
-                       help="the VMSA holds the reset FPU state (MXCSR 0x1f80, FCW 0x37f): "
-                            "QEMU 9.1+ SEV-ES guests made with KVM_SEV_INIT2 (no "
-                            "legacy-vm-type); not QEMU 7.2 (KVM_SEV_ES_INIT, the default)")
-    group.add_argument("--vmsa-sev-features", metavar="N", type=_int,
-                       help="SEV_FEATURES word in the VMSA (default 0)")
+    group.add_argument(
+        "--vmsa-fpu-init",
+        action="store_true",
+        help="the VMSA holds the reset FPU state (MXCSR 0x1f80, FCW 0x37f): "
+        "QEMU 9.1+ SEV-ES guests made with KVM_SEV_INIT2 (no "
+        "legacy-vm-type); not QEMU 7.2 (KVM_SEV_ES_INIT, the default)",
+    )
+    group.add_argument("--vmsa-sev-features", metavar="N", type=_int, help="SEV_FEATURES word in the VMSA (default 0)")
 
 
 # The name ``agent.cli.owner`` looks for when it builds ``owner verify``.
@@ -164,9 +171,8 @@ def _handle(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from agent.owner.secret_area import area_from_firmware
-
     from agent.owner import snp_tools
+    from agent.owner.secret_area import area_from_firmware
 
     if snp_tools.measure_snp_requested(args):
         return snp_tools.cmd_measure_snp(args)
@@ -176,8 +182,19 @@ def _handle(args: argparse.Namespace) -> int:
     # will send the secret for a vm given by this firmware.
     area = area_from_firmware(_read(args.firmware, "--firmware") or b"")
     if args.json:
-        print(json.dumps({"digest": digest.hex(), "secret_area": {
-            "gpa": area.gpa, "size": area.size, "usable": area.problem is None, "problem": area.problem}}))
+        print(
+            json.dumps(
+                {
+                    "digest": digest.hex(),
+                    "secret_area": {
+                        "gpa": area.gpa,
+                        "size": area.size,
+                        "usable": area.problem is None,
+                        "problem": area.problem,
+                    },
+                }
+            )
+        )
     else:
         print(digest.hex())
         # stdout stays the digest alone (scripts read it); the area goes beside it
@@ -197,7 +214,8 @@ def register(owner_subparsers) -> argparse.ArgumentParser:
     from agent.owner.snp_tools import add_snp_measure_options
 
     add_snp_measure_options(parser)
-    parser.add_argument("--json", action="store_true",
-                        help='print {"digest": hex, "secret_area": {gpa, size, usable, problem}}')
+    parser.add_argument(
+        "--json", action="store_true", help='print {"digest": hex, "secret_area": {gpa, size, usable, problem}}'
+    )
     parser.set_defaults(func=_handle)
     return parser

@@ -86,9 +86,13 @@ def area_from_firmware(firmware: bytes) -> SecretArea:
         return SecretArea("firmware", problem=f"firmware has no SEV secret area ({why})")
     if area.size == 0 or area.base == 0:
         # QEMU would inject at gpa `base` (0) and report success.
-        return SecretArea("firmware", gpa=area.base, size=area.size,
-                          problem=f"the firmware's SEV secret-block entry is base 0x{area.base:x} "
-                                  f"size 0x{area.size:x}; QEMU would inject where the guest never looks")
+        return SecretArea(
+            "firmware",
+            gpa=area.base,
+            size=area.size,
+            problem=f"the firmware's SEV secret-block entry is base 0x{area.base:x} "
+            f"size 0x{area.size:x}; QEMU would inject where the guest never looks",
+        )
     return SecretArea("firmware", gpa=area.base, size=area.size)
 
 
@@ -118,6 +122,5 @@ def area_refusal(area: SecretArea, table_len: int) -> str | None:
     if area.problem is not None:
         return f"no usable secret area: {area.problem}"
     if area.size is not None and table_len > area.size:
-        return (f"secret table does not fit: {table_len} bytes, the secret area at "
-                f"0x{area.gpa:x} holds {area.size}")
+        return f"secret table does not fit: {table_len} bytes, the secret area at 0x{area.gpa:x} holds {area.size}"
     return None

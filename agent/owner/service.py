@@ -63,21 +63,41 @@ import hashlib
 import hmac
 import os
 import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from agent.common.errors import OwnerError
+from agent.common.logs import get_logger
 from agent.common.secret import Secret
 from agent.io.http import Request, Response
-from agent.common.logs import get_logger
 from agent.owner.config import OwnerConfig, VmPolicy
-from agent.protocol.owner import (SECRET_FIELDS, ProtocolError, SecretAnswer, SecretRequest, SessionAnswer,
-                                  SessionRequest, error_body)
+from agent.protocol.owner import (
+    SECRET_FIELDS,
+    ProtocolError,
+    SecretAnswer,
+    SecretRequest,
+    SessionAnswer,
+    SessionRequest,
+    error_body,
+)
 
-__all__ = ["Decision", "decide_secret", "decide_session", "make_session", "LaunchSession",
-           "SessionMaterial", "SessionInputError", "OwnerService", "SECRET_FIELDS",
-           "MAX_PENDING_SESSIONS", "MAX_PENDING_PER_VM", "PlatformCheck", "check_platform",
-           "secret_area_refusal"]
+__all__ = [
+    "Decision",
+    "decide_secret",
+    "decide_session",
+    "make_session",
+    "LaunchSession",
+    "SessionMaterial",
+    "SessionInputError",
+    "OwnerService",
+    "SECRET_FIELDS",
+    "MAX_PENDING_SESSIONS",
+    "MAX_PENDING_PER_VM",
+    "PlatformCheck",
+    "check_platform",
+    "secret_area_refusal",
+]
 
 #: Launch sessions that may wait for their /v1/secret, per VM and platform (PDH).
 MAX_PENDING_SESSIONS = 4
@@ -86,14 +106,14 @@ MAX_PENDING_PER_VM = 64
 #: A pending session older than this is dropped by the service.
 PENDING_SESSION_TTL_S = 3600.0
 
-IV_LEN = 16          # the packet's IV (agent.sev.packet)
+IV_LEN = 16  # the packet's IV (agent.sev.packet)
 
 
 @dataclass(frozen=True)
 class Decision:
     status: int
     body: dict[str, Any]
-    decision: str                 # "released" | "refused" | "invalid"
+    decision: str  # "released" | "refused" | "invalid"
     reason: str
     audit: dict[str, Any] = field(default_factory=dict)
     # (vm, mnonce) to remember as attested; set only on a release.
@@ -102,7 +122,7 @@ class Decision:
     released: bytes | None = None
     # /v1/secret: the pending session this release used up.
     # /v1/session: the new session to keep pending.
-    session: "LaunchSession | None" = None
+    session: LaunchSession | None = None
 
     def __repr__(self) -> str:  # the body of a release carries the packet
         return f"Decision({self.status}, {self.decision}, {self.reason!r})"
@@ -123,6 +143,7 @@ def _refused(status: int, reason: str, audit: dict[str, Any]) -> Decision:
 
 
 # -- launch sessions ------------------------------------------------------------
+
 
 class SessionInputError(OwnerError, ValueError):
     """A PDH or chain the owner will not make a session for (one line, no secrets).
@@ -147,25 +168,30 @@ class SessionMaterial:
     godh_private: Any = field(repr=False)  # ec.EllipticCurvePrivateKey, P-384
 
     @classmethod
-    def fresh(cls) -> "SessionMaterial":
+    def fresh(cls) -> SessionMaterial:
         from cryptography.hazmat.primitives.asymmetric import ec
 
-        return cls(tek=Secret(os.urandom(16)), tik=Secret(os.urandom(16)), nonce=os.urandom(16),
-                   iv=os.urandom(16), godh_private=ec.generate_private_key(ec.SECP384R1()))
+        return cls(
+            tek=Secret(os.urandom(16)),
+            tik=Secret(os.urandom(16)),
+            nonce=os.urandom(16),
+            iv=os.urandom(16),
+            godh_private=ec.generate_private_key(ec.SECP384R1()),
+        )
 
 
 @dataclass(frozen=True, eq=False)
 class LaunchSession:
     """A session made for one launch: what QEMU gets, and the keys the owner keeps."""
 
-    godh: bytes = field(repr=False)      # 2084-byte GODH certificate (public)
-    session: bytes = field(repr=False)   # 128-byte session blob (public)
+    godh: bytes = field(repr=False)  # 2084-byte GODH certificate (public)
+    session: bytes = field(repr=False)  # 128-byte session blob (public)
     tik: Secret = field(repr=False)
     tek: Secret = field(repr=False)
     policy: int = 0
-    chain_verified: bool = False         # the platform verified (amd chain or pin)
-    platform: str = ""                   # SHA-256 of the PDH as sent, hex: the pending-session key
-    trust: str = ""                      # "amd:<product>" | "pinned" | "any" | "chain" (offline tool)
+    chain_verified: bool = False  # the platform verified (amd chain or pin)
+    platform: str = ""  # SHA-256 of the PDH as sent, hex: the pending-session key
+    trust: str = ""  # "amd:<product>" | "pinned" | "any" | "chain" (offline tool)
 
     @property
     def id(self) -> str:
@@ -184,16 +210,23 @@ class LaunchSession:
 class PlatformCheck:
     """A platform the owner accepted for a session."""
 
-    platform: str        # SHA-256 of the PDH certificate as sent, hex
-    trust: str           # "amd:<product>" | "pinned" | "any"
+    platform: str  # SHA-256 of the PDH certificate as sent, hex
+    trust: str  # "amd:<product>" | "pinned" | "any"
 
     @property
     def verified(self) -> bool:
         return self.trust != "any"
 
 
-def check_platform(mode: str, pdh: bytes, cert_chain: bytes | None, *, roots: Sequence[Any] = (),
-                   pins: Collection[bytes] = (), chain_name: str = "cert_chain") -> PlatformCheck:
+def check_platform(
+    mode: str,
+    pdh: bytes,
+    cert_chain: bytes | None,
+    *,
+    roots: Sequence[Any] = (),
+    pins: Collection[bytes] = (),
+    chain_name: str = "cert_chain",
+) -> PlatformCheck:
     """Does the owner trust this PDH?  SessionInputError (refusal: "platform not verified: ...").
 
     ``mode`` is the VM's ``platform``; ``roots`` the AMD roots for ``amd``,
@@ -212,14 +245,17 @@ def check_platform(mode: str, pdh: bytes, cert_chain: bytes | None, *, roots: Se
         for pin in pins:  # every pin, constant time each
             hit |= hmac.compare_digest(digest, pin)
         if not hit:
-            raise SessionInputError(f"platform not verified: PDH sha256 {platform} is not pinned for this vm",
-                                    refusal=True)
+            raise SessionInputError(
+                f"platform not verified: PDH sha256 {platform} is not pinned for this vm", refusal=True
+            )
         return PlatformCheck(platform, "pinned")
     if mode != "amd":
         raise ValueError(f"unknown platform mode {mode!r}")
     if cert_chain is None:
-        raise SessionInputError(f"platform not verified: no {chain_name} (PEK, OCA and the CEK as AMD "
-                                f"signs it) to chain the PDH to AMD", refusal=True)
+        raise SessionInputError(
+            f"platform not verified: no {chain_name} (PEK, OCA and the CEK as AMD signs it) to chain the PDH to AMD",
+            refusal=True,
+        )
     try:
         pdh_cert = Certificate.from_bytes(pdh)
         chain = PlatformChain.from_bytes(cert_chain)
@@ -232,9 +268,15 @@ def check_platform(mode: str, pdh: bytes, cert_chain: bytes | None, *, roots: Se
     return PlatformCheck(platform, f"amd:{verified.product}")
 
 
-def make_session(pdh: bytes, cert_chain: bytes | None, policy: int, material: SessionMaterial, *,
-                 names: tuple[str, str] = ("pdh", "cert_chain"),
-                 platform: PlatformCheck | None = None) -> LaunchSession:
+def make_session(
+    pdh: bytes,
+    cert_chain: bytes | None,
+    policy: int,
+    material: SessionMaterial,
+    *,
+    names: tuple[str, str] = ("pdh", "cert_chain"),
+    platform: PlatformCheck | None = None,
+) -> LaunchSession:
     """GODH + session blob for the platform's PDH; SessionInputError on bad input.
 
     ``pdh`` is the 2084-byte certificate.  Whether the platform is trusted is
@@ -268,15 +310,30 @@ def make_session(pdh: bytes, cert_chain: bytes | None, policy: int, material: Se
             raise SessionInputError(f"{chain_name} does not vouch for the PDH: {exc}", refusal=True) from None
         verified, trust = True, "chain"
     try:
-        godh, blob = create_session(pdh_cert, policy, godh_private=material.godh_private, nonce=material.nonce,
-                                    tek=material.tek.reveal(), tik=material.tik.reveal(), iv=material.iv)
+        godh, blob = create_session(
+            pdh_cert,
+            policy,
+            godh_private=material.godh_private,
+            nonce=material.nonce,
+            tek=material.tek.reveal(),
+            tik=material.tik.reveal(),
+            iv=material.iv,
+        )
     except SessionError as exc:
         raise SessionInputError(f"{pdh_name}: {exc}") from None
-    return LaunchSession(godh=godh, session=blob, tik=material.tik, tek=material.tek, policy=policy,
-                         chain_verified=verified, platform=hashlib.sha256(bytes(pdh)).hexdigest(), trust=trust)
+    return LaunchSession(
+        godh=godh,
+        session=blob,
+        tik=material.tik,
+        tek=material.tek,
+        policy=policy,
+        chain_verified=verified,
+        platform=hashlib.sha256(bytes(pdh)).hexdigest(),
+        trust=trust,
+    )
 
 
-def _request_vm(body: Any, audit: dict[str, Any]) -> "str | Decision":
+def _request_vm(body: Any, audit: dict[str, Any]) -> str | Decision:
     """The VM a request names, or the 400 for a body that names none."""
     if not isinstance(body, dict):
         return _invalid("request body must be a JSON object", audit)
@@ -287,8 +344,13 @@ def _request_vm(body: Any, audit: dict[str, Any]) -> "str | Decision":
     return vm
 
 
-def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial,
-                   pending: Mapping[str, Sequence[LaunchSession]] | None = None) -> Decision:
+def decide_session(
+    config: OwnerConfig,
+    body: Any,
+    *,
+    material: SessionMaterial,
+    pending: Mapping[str, Sequence[LaunchSession]] | None = None,
+) -> Decision:
     """Decide one ``POST /v1/session`` request.  Pure: the randomness is ``material``.
 
     ``{"vm", "pdh": b64, "cert_chain": b64, "policy": int}`` -> 200
@@ -322,19 +384,21 @@ def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial,
         return _invalid(f"pdh: certificate has usage 0x{pdh_cert.usage:x}, not PDH (0x{USAGE_PDH:x})", audit)
     audit["pdh"] = hashlib.sha256(pdh).hexdigest()
     try:
-        checked = check_platform(vm_policy.platform, pdh, chain, roots=config.amd_roots,
-                                 pins=vm_policy.pdh_pins)
+        checked = check_platform(vm_policy.platform, pdh, chain, roots=config.amd_roots, pins=vm_policy.pdh_pins)
     except SessionInputError as exc:
         return _refused(403, str(exc), audit) if exc.refusal else _invalid(str(exc), audit)
     audit["platform"] = checked.trust
 
     waiting = list((pending or {}).get(vm, ()))
     if sum(1 for s in waiting if s.platform == checked.platform) >= MAX_PENDING_SESSIONS:
-        return _refused(429, f"too many launch sessions pending for this vm and platform "
-                             f"(at most {MAX_PENDING_SESSIONS}); retry when one is used or expired", audit)
+        return _refused(
+            429,
+            f"too many launch sessions pending for this vm and platform "
+            f"(at most {MAX_PENDING_SESSIONS}); retry when one is used or expired",
+            audit,
+        )
     if len(waiting) >= MAX_PENDING_PER_VM:
-        return _refused(429, f"too many launch sessions pending for this vm (at most {MAX_PENDING_PER_VM})",
-                        audit)
+        return _refused(429, f"too many launch sessions pending for this vm (at most {MAX_PENDING_PER_VM})", audit)
     try:
         made = make_session(pdh, chain, policy, material, platform=checked)
     except SessionInputError as exc:
@@ -348,10 +412,16 @@ def decide_session(config: OwnerConfig, body: Any, *, material: SessionMaterial,
 
 # -- secrets ----------------------------------------------------------------------
 
-def decide_secret(config: OwnerConfig, body: Any, *,
-                  attested: Collection[tuple[str, bytes]], iv: bytes,
-                  sessions: Mapping[str, Sequence[LaunchSession]] | None = None,
-                  released: Collection[bytes] = ()) -> Decision:
+
+def decide_secret(
+    config: OwnerConfig,
+    body: Any,
+    *,
+    attested: Collection[tuple[str, bytes]],
+    iv: bytes,
+    sessions: Mapping[str, Sequence[LaunchSession]] | None = None,
+    released: Collection[bytes] = (),
+) -> Decision:
     """Decide one ``POST /v1/secret`` request.  Pure: no I/O.
 
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
@@ -388,8 +458,16 @@ def decide_secret(config: OwnerConfig, body: Any, *,
         return _refused(403, area, audit)
     answer = _wrap_secrets(request, vm_policy, chosen, iv)
     audit["secrets"] = [s.name for s in vm_policy.secrets]
-    return Decision(200, answer.encode(), "released", "measurement verified", audit, attested=key,
-                    released=blob_id, session=chosen[2])
+    return Decision(
+        200,
+        answer.encode(),
+        "released",
+        "measurement verified",
+        audit,
+        attested=key,
+        released=blob_id,
+        session=chosen[2],
+    )
 
 
 #: a TIK, its TEK, and the pending session they came from (None: the VM's offline keys)
@@ -397,8 +475,13 @@ _Keys = tuple[Secret, Secret, "LaunchSession | None"]
 
 
 def _request_fields(request: SecretRequest) -> dict[str, Any]:
-    return {"vm": request.vm, "api_major": request.api_major, "api_minor": request.api_minor,
-            "build_id": request.build_id, "policy": request.policy}
+    return {
+        "vm": request.vm,
+        "api_major": request.api_major,
+        "api_minor": request.api_minor,
+        "build_id": request.build_id,
+        "policy": request.policy,
+    }
 
 
 def _audit_fields(audit: dict[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,7 +496,7 @@ def _audit_fields(audit: dict[str, Any], fields: Mapping[str, Any]) -> dict[str,
     return audit
 
 
-def _secret_vm(config: OwnerConfig, vm: str, audit: dict[str, Any]) -> "VmPolicy | Decision":
+def _secret_vm(config: OwnerConfig, vm: str, audit: dict[str, Any]) -> VmPolicy | Decision:
     """1. The VM must be known, and be one that takes a launch secret."""
     vm_policy: VmPolicy | None = config.vms.get(vm)
     if vm_policy is None:
@@ -426,8 +509,7 @@ def _secret_vm(config: OwnerConfig, vm: str, audit: dict[str, Any]) -> "VmPolicy
 def _platform_refusal(request: SecretRequest, vm_policy: VmPolicy, audit: dict[str, Any]) -> Decision | None:
     """2. What the platform reported must be what the owner accepts."""
     if request.policy != vm_policy.policy:
-        return _refused(403, f"policy mismatch: policy 0x{request.policy:x} is not accepted "
-                             f"for this vm", audit)
+        return _refused(403, f"policy mismatch: policy 0x{request.policy:x} is not accepted for this vm", audit)
     if vm_policy.min_api is not None and (request.api_major, request.api_minor) < vm_policy.min_api:
         need = "%d.%d" % vm_policy.min_api
         return _refused(403, f"policy mismatch: api {audit['api']} is older than {need}", audit)
@@ -436,9 +518,13 @@ def _platform_refusal(request: SecretRequest, vm_policy: VmPolicy, audit: dict[s
     return None
 
 
-def _verified_keys(request: SecretRequest, vm_policy: VmPolicy,
-                   sessions: Mapping[str, Sequence[LaunchSession]] | None,
-                   released: Collection[bytes], audit: dict[str, Any]) -> "_Keys | Decision":
+def _verified_keys(
+    request: SecretRequest,
+    vm_policy: VmPolicy,
+    sessions: Mapping[str, Sequence[LaunchSession]] | None,
+    released: Collection[bytes],
+    audit: dict[str, Any],
+) -> _Keys | Decision:
     """3. The measurement, against every candidate TIK and accepted digest.
 
     The VM's pending launch sessions, then its offline keys, every one tried
@@ -461,8 +547,9 @@ def _verified_keys(request: SecretRequest, vm_policy: VmPolicy,
     for cand in candidates:
         ok = False
         for digest in vm_policy.digests:
-            ok |= verify_measurement(blob, cand[0].reveal(), request.api_major, request.api_minor,
-                                     request.build_id, request.policy, digest)
+            ok |= verify_measurement(
+                blob, cand[0].reveal(), request.api_major, request.api_minor, request.build_id, request.policy, digest
+            )
         if ok and chosen is None:
             chosen = cand
     if chosen is None:
@@ -517,23 +604,31 @@ class OwnerService:
     launch sessions (in memory only).
     """
 
-    def __init__(self, config: OwnerConfig, *, random_bytes: Callable[[int], bytes] = os.urandom,
-                 session_material: Callable[[], SessionMaterial] = SessionMaterial.fresh,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: OwnerConfig,
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        session_material: Callable[[], SessionMaterial] = SessionMaterial.fresh,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.attested: set[tuple[str, bytes]] = set()
         self.released: set[bytes] = set()
         self.sessions: dict[str, list[LaunchSession]] = {}
-        self._made_at: dict[LaunchSession, float] = {}   # pending session -> when it was made
+        self._made_at: dict[LaunchSession, float] = {}  # pending session -> when it was made
         self._random = random_bytes
         self._material = session_material
         self._clock = clock
         self._log = get_logger("keyagent.owner")
-        self.snp_nonces: dict[bytes, Any] = {}   # SEV-SNP challenges (agent.owner.snp_attest)
+        self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest)
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
-                self._log.warning("owner platform unchecked", vm=vm.name,
-                                  why='platform = "any": any PDH gets a launch session (demos only)')
+                self._log.warning(
+                    "owner platform unchecked",
+                    vm=vm.name,
+                    why='platform = "any": any PDH gets a launch session (demos only)',
+                )
 
     def log_secret_areas(self) -> None:
         """Once at start: the VMs whose secret area the owner cannot check, or cannot use."""
@@ -543,13 +638,16 @@ class OwnerService:
             area = vm.secret_area
             refusal = secret_area_refusal(vm)
             if refusal is not None:
-                self._log.warning("owner secret area unusable: launches will be refused", vm=_shown(name),
-                                  reason=refusal)
+                self._log.warning(
+                    "owner secret area unusable: launches will be refused", vm=_shown(name), reason=refusal
+                )
             elif not area.checked:
-                what = ("gpa answered, size unknown: cannot check that the secret table fits"
-                        if area.gpa is not None else
-                        "vm given by digest alone: cannot check its secret area (QEMU takes it from "
-                        "the firmware it loads)")
+                what = (
+                    "gpa answered, size unknown: cannot check that the secret table fits"
+                    if area.gpa is not None
+                    else "vm given by digest alone: cannot check its secret area (QEMU takes it from "
+                    "the firmware it loads)"
+                )
                 self._log.warning("owner secret area unchecked", vm=_shown(name), detail=what)
 
     async def handle(self, request: Request) -> Response:
@@ -609,9 +707,12 @@ class OwnerService:
             self.sessions.setdefault(body["vm"], []).append(decision.session)
             self._made_at[decision.session] = self._clock()
             if decision.session.trust == "any":
-                self._log.warning("owner platform unchecked", vm=decision.audit.get("vm"),
-                                  session=decision.session.id,
-                                  why='platform = "any": this session went to a platform nobody verified')
+                self._log.warning(
+                    "owner platform unchecked",
+                    vm=decision.audit.get("vm"),
+                    session=decision.session.id,
+                    why='platform = "any": this session went to a platform nobody verified',
+                )
         self.audit(decision, request.peer)
         return Response.json(decision.status, decision.body)
 
@@ -622,9 +723,14 @@ class OwnerService:
         except ValueError:
             decision = _invalid("request body is not valid JSON", {})
         else:
-            decision = decide_secret(self.config, body, attested=self.attested,
-                                     iv=self._random(IV_LEN), sessions=self.sessions,
-                                     released=self.released)
+            decision = decide_secret(
+                self.config,
+                body,
+                attested=self.attested,
+                iv=self._random(IV_LEN),
+                sessions=self.sessions,
+                released=self.released,
+            )
         if decision.attested is not None:
             self.attested.add(decision.attested)
         if decision.released is not None:
@@ -672,8 +778,7 @@ class OwnerService:
 
     def audit(self, decision: Decision, peer: object = None) -> None:
         """One line per decision; never the keys, the table or the packet."""
-        fields = {"decision": decision.decision, "status": decision.status,
-                  "reason": decision.reason, **decision.audit}
+        fields = {"decision": decision.decision, "status": decision.status, "reason": decision.reason, **decision.audit}
         if isinstance(peer, tuple) and len(peer) == 2:
             fields["peer"] = f"{peer[0]}:{peer[1]}"
         log = self._log.info if decision.status == 200 else self._log.warning

@@ -44,24 +44,35 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from agent.owner.config import OwnerConfig, VmPolicy
 from agent.owner.service import Decision, _invalid, _refused, _request_vm, _shown
 
-__all__ = ["NonceEntry", "SnpDecision", "decide_challenge", "decide_attest", "prune_nonces",
-           "report_data_for", "open_answer", "NONCE_LEN", "NONCE_TTL_S", "MAX_NONCES_PER_VM",
-           "HPKE_ENC_LEN"]
+__all__ = [
+    "NonceEntry",
+    "SnpDecision",
+    "decide_challenge",
+    "decide_attest",
+    "prune_nonces",
+    "report_data_for",
+    "open_answer",
+    "NONCE_LEN",
+    "NONCE_TTL_S",
+    "MAX_NONCES_PER_VM",
+    "HPKE_ENC_LEN",
+]
 
 NONCE_LEN = 32
 #: A challenge not answered within this many seconds is refused ("nonce expired").
 NONCE_TTL_S = 120.0
 #: Nonces waiting per VM; a used nonce is remembered until its TTL ends (for the 409).
 MAX_NONCES_PER_VM = 16
-PUBKEY_LEN = 32       # raw X25519
-HPKE_ENC_LEN = 32     # DHKEM(X25519) encapsulated key
-MAX_VCEK = 8192       # a VCEK is ~1.4 KB DER
+PUBKEY_LEN = 32  # raw X25519
+HPKE_ENC_LEN = 32  # DHKEM(X25519) encapsulated key
+MAX_VCEK = 8192  # a VCEK is ~1.4 KB DER
 REPORT_LEN = 0x4A0
 
 
@@ -78,8 +89,8 @@ class NonceEntry:
 class SnpDecision(Decision):
     """A :class:`Decision` plus the change to the nonce store."""
 
-    issue: tuple[bytes, NonceEntry] | None = None   # remember this new nonce
-    use: bytes | None = None                        # mark this nonce used
+    issue: tuple[bytes, NonceEntry] | None = None  # remember this new nonce
+    use: bytes | None = None  # mark this nonce used
 
 
 def _suite():
@@ -111,8 +122,9 @@ def _as_snp(d: Decision, **extra: Any) -> SnpDecision:
     return SnpDecision(d.status, d.body, d.decision, d.reason, d.audit, **extra)
 
 
-def decide_challenge(config: OwnerConfig, body: Any, *, nonce: bytes, now: float,
-                     nonces: Mapping[bytes, NonceEntry]) -> SnpDecision:
+def decide_challenge(
+    config: OwnerConfig, body: Any, *, nonce: bytes, now: float, nonces: Mapping[bytes, NonceEntry]
+) -> SnpDecision:
     """``POST /v1/snp/challenge {"vm"}`` -> 200 ``{"nonce", "expires_in_s"}`` (``nonce`` drawn by the caller)."""
     audit: dict[str, Any] = {"request": "snp-challenge"}
     vm = _request_vm(body, audit)
@@ -125,8 +137,14 @@ def decide_challenge(config: OwnerConfig, body: Any, *, nonce: bytes, now: float
         raise ValueError(f"an SNP challenge nonce is {NONCE_LEN} bytes")
     waiting = sum(1 for e in prune_nonces(nonces, now).values() if e.vm == vm)
     if waiting >= MAX_NONCES_PER_VM:
-        return _as_snp(_refused(429, f"too many SNP challenges outstanding for this vm (at most "
-                                     f"{MAX_NONCES_PER_VM}); retry in {NONCE_TTL_S:g}s", audit))
+        return _as_snp(
+            _refused(
+                429,
+                f"too many SNP challenges outstanding for this vm (at most "
+                f"{MAX_NONCES_PER_VM}); retry in {NONCE_TTL_S:g}s",
+                audit,
+            )
+        )
     audit["nonce"] = nonce.hex()
     out = {"nonce": base64.b64encode(nonce).decode(), "expires_in_s": NONCE_TTL_S}
     return SnpDecision(200, out, "challenge", "nonce issued", audit, issue=(bytes(nonce), NonceEntry(vm, now)))
@@ -148,8 +166,7 @@ def _b64(body: dict, name: str, *, size: int | None = None, limit: int = 1 << 16
     return raw
 
 
-def decide_attest(config: OwnerConfig, body: Any, *, now: float,
-                  nonces: Mapping[bytes, NonceEntry]) -> SnpDecision:
+def decide_attest(config: OwnerConfig, body: Any, *, now: float, nonces: Mapping[bytes, NonceEntry]) -> SnpDecision:
     """``POST /v1/snp/attest`` -> 200 ``{"enc", "ciphertext"}`` or a refusal (see the module text)."""
     from agent.sev.snp_ca import SnpCertError, load_vcek
     from agent.sev.snp_report import Expected, SnpFormatError, verify_report
@@ -159,8 +176,12 @@ def decide_attest(config: OwnerConfig, body: Any, *, now: float,
     if isinstance(vm, Decision):
         return _as_snp(vm)
     fields: dict[str, bytes] = {}
-    for name, size, limit in (("nonce", NONCE_LEN, 64), ("report", REPORT_LEN, REPORT_LEN),
-                              ("vcek", None, MAX_VCEK), ("pubkey", PUBKEY_LEN, 64)):
+    for name, size, limit in (
+        ("nonce", NONCE_LEN, 64),
+        ("report", REPORT_LEN, REPORT_LEN),
+        ("vcek", None, MAX_VCEK),
+        ("pubkey", PUBKEY_LEN, 64),
+    ):
         value = _b64(body, name, size=size, limit=limit)
         if isinstance(value, str):
             return _as_snp(_invalid(value, audit))
@@ -185,21 +206,30 @@ def decide_attest(config: OwnerConfig, body: Any, *, now: float,
         vcek = load_vcek(fields["vcek"])
     except SnpCertError as exc:
         return _as_snp(_invalid(str(exc), audit), use=nonce)
-    expected = Expected(measurement=policy.snp_digest, policy=policy.policy,
-                        report_data=report_data_for(nonce, fields["pubkey"]),
-                        host_data=policy.snp_host_data, id_key_digest=policy.snp_id_key_digest,
-                        author_key_digest=policy.snp_author_key_digest)
+    expected = Expected(
+        measurement=policy.snp_digest,
+        policy=policy.policy,
+        report_data=report_data_for(nonce, fields["pubkey"]),
+        host_data=policy.snp_host_data,
+        id_key_digest=policy.snp_id_key_digest,
+        author_key_digest=policy.snp_author_key_digest,
+    )
     try:
         verdict = verify_report(fields["report"], vcek, config.snp_roots, expected=expected)
     except SnpFormatError as exc:
         return _as_snp(_invalid(str(exc), audit), use=nonce)
-    audit.update(product=verdict.product, measurement=verdict.report.measurement.hex(),
-                 policy=f"{verdict.report.policy:#x}", chip_id=verdict.report.chip_id.hex()[:16])
+    audit.update(
+        product=verdict.product,
+        measurement=verdict.report.measurement.hex(),
+        policy=f"{verdict.report.policy:#x}",
+        chip_id=verdict.report.chip_id.hex()[:16],
+    )
     if not verdict.valid:
         audit["failed"] = list(verdict.failed)
         first = next(c for c in verdict.checks if not c.ok)
-        return _as_snp(_refused(403, f"report not verified: {', '.join(verdict.failed)} ({first.detail})",
-                                audit), use=nonce)
+        return _as_snp(
+            _refused(403, f"report not verified: {', '.join(verdict.failed)} ({first.detail})", audit), use=nonce
+        )
 
     # -- release: the secrets, sealed to the key the PSP vouched for
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -208,8 +238,11 @@ def decide_attest(config: OwnerConfig, body: Any, *, now: float,
         public = X25519PublicKey.from_public_bytes(fields["pubkey"])
     except ValueError:
         return _as_snp(_invalid("field 'pubkey' is not an X25519 public key", audit), use=nonce)
-    plaintext = bytearray(json.dumps({"secrets": {
-        str(s.guid): base64.b64encode(s.value.reveal()).decode() for s in policy.secrets}}).encode())
+    plaintext = bytearray(
+        json.dumps(
+            {"secrets": {str(s.guid): base64.b64encode(s.value.reveal()).decode() for s in policy.secrets}}
+        ).encode()
+    )
     try:
         sealed = _suite().encrypt(bytes(plaintext), public, info=vm.encode())
     except ValueError:  # a low-order point: no shared secret
@@ -217,8 +250,10 @@ def decide_attest(config: OwnerConfig, body: Any, *, now: float,
     finally:
         plaintext[:] = bytes(len(plaintext))
     audit["secrets"] = [s.name for s in policy.secrets]
-    out = {"enc": base64.b64encode(sealed[:HPKE_ENC_LEN]).decode(),
-           "ciphertext": base64.b64encode(sealed[HPKE_ENC_LEN:]).decode()}
+    out = {
+        "enc": base64.b64encode(sealed[:HPKE_ENC_LEN]).decode(),
+        "ciphertext": base64.b64encode(sealed[HPKE_ENC_LEN:]).decode(),
+    }
     return SnpDecision(200, out, "released", "SNP report verified", audit, use=nonce)
 
 

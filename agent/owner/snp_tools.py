@@ -90,12 +90,15 @@ def _print_json(obj: Any) -> None:
 def add_snp_measure_options(parser: argparse.ArgumentParser) -> None:
     """``--snp``, ``--vcpu-type``, ``--guest-features`` for ``owner measure``."""
     group = parser.add_argument_group("SEV-SNP (with --snp)")
-    group.add_argument("--snp", action="store_true",
-                       help="print the 48-byte SEV-SNP launch digest (QEMU 9.1+ sev-snp-guest) instead")
-    group.add_argument("--vcpu-type", metavar="TYPE",
-                       help="QEMU CPU model of the vCPUs (EPYC, EPYC-Milan, EPYC-Genoa, ...; or --vcpu-sig)")
-    group.add_argument("--guest-features", metavar="HEX",
-                       help="the guest's SEV_FEATURES word (default 0x1, SNPActive)")
+    group.add_argument(
+        "--snp", action="store_true", help="print the 48-byte SEV-SNP launch digest (QEMU 9.1+ sev-snp-guest) instead"
+    )
+    group.add_argument(
+        "--vcpu-type",
+        metavar="TYPE",
+        help="QEMU CPU model of the vCPUs (EPYC, EPYC-Milan, EPYC-Genoa, ...; or --vcpu-sig)",
+    )
+    group.add_argument("--guest-features", metavar="HEX", help="the guest's SEV_FEATURES word (default 0x1, SNPActive)")
 
 
 def measure_snp_requested(args: argparse.Namespace) -> bool:
@@ -113,11 +116,20 @@ def _snp_vcpu_sig(args: argparse.Namespace) -> int:
     from agent.sev.vmsa import cpu_signature
 
     fms = (args.vcpu_family, args.vcpu_model, args.vcpu_stepping)
-    given = [name for name, value in (("--vcpu-type", args.vcpu_type), ("--vcpu-sig", args.vcpu_sig),
-                                      ("--vcpu-family", args.vcpu_family)) if value is not None]
+    given = [
+        name
+        for name, value in (
+            ("--vcpu-type", args.vcpu_type),
+            ("--vcpu-sig", args.vcpu_sig),
+            ("--vcpu-family", args.vcpu_family),
+        )
+        if value is not None
+    ]
     if len(given) > 1:
-        raise UsageError(f"give one of --vcpu-type, --vcpu-sig, --vcpu-family/--vcpu-model/--vcpu-stepping, "
-                         f"not {' and '.join(given)}")
+        raise UsageError(
+            f"give one of --vcpu-type, --vcpu-sig, --vcpu-family/--vcpu-model/--vcpu-stepping, "
+            f"not {' and '.join(given)}"
+        )
     if args.vcpu_type is not None:
         if any(v is not None for v in fms):
             raise UsageError("--vcpu-model/--vcpu-stepping go with --vcpu-family, not --vcpu-type")
@@ -157,8 +169,9 @@ def snp_digest_from_args(args: argparse.Namespace) -> bytes:
     if not 1 <= args.vcpus <= MAX_VCPUS:
         raise UsageError(f"--vcpus must be between 1 and {MAX_VCPUS}")
     vcpu_sig = _snp_vcpu_sig(args)
-    features = (DEFAULT_GUEST_FEATURES if args.guest_features is None
-                else _hex_int(args.guest_features, "--guest-features", 64))
+    features = (
+        DEFAULT_GUEST_FEATURES if args.guest_features is None else _hex_int(args.guest_features, "--guest-features", 64)
+    )
 
     def read(path: Any, option: str) -> bytes | None:
         if path is None:
@@ -168,8 +181,15 @@ def snp_digest_from_args(args: argparse.Namespace) -> bytes:
     firmware = read(args.firmware, "--firmware")
     if not firmware:
         raise UsageError(f"--firmware {args.firmware} is empty")
-    return snp_launch_digest(firmware, vcpus=args.vcpus, vcpu_sig=vcpu_sig, kernel=read(args.kernel, "--kernel"),
-                             initrd=read(args.initrd, "--initrd"), append=args.append, guest_features=features)
+    return snp_launch_digest(
+        firmware,
+        vcpus=args.vcpus,
+        vcpu_sig=vcpu_sig,
+        kernel=read(args.kernel, "--kernel"),
+        initrd=read(args.initrd, "--initrd"),
+        append=args.append,
+        guest_features=features,
+    )
 
 
 def cmd_measure_snp(args: argparse.Namespace) -> int:
@@ -225,10 +245,14 @@ def cmd_idblock(args: argparse.Namespace) -> int:
     id_key = _load_signing_key(args.id_key, "--id-key")
     author_key = _load_signing_key(args.author_key, "--author-key")
     signed = sign_id_block(IdBlock(digest, policy, family, image, args.svn), id_key, author_key)
-    _print_json({"id_block": base64.b64encode(signed.id_block).decode(),
-                 "id_auth": base64.b64encode(signed.id_auth).decode(),
-                 "id_key_digest": signed.id_key_digest.hex(),
-                 "author_key_digest": signed.author_key_digest.hex()})
+    _print_json(
+        {
+            "id_block": base64.b64encode(signed.id_block).decode(),
+            "id_auth": base64.b64encode(signed.id_auth).decode(),
+            "id_key_digest": signed.id_key_digest.hex(),
+            "author_key_digest": signed.author_key_digest.hex(),
+        }
+    )
     return 0
 
 
@@ -270,15 +294,18 @@ def cmd_verify_report(args: argparse.Namespace) -> int:
         policy=_hex_int(args.policy, "--policy", 64) if args.policy is not None else None,
         report_data=_hex_bytes(args.report_data, "--report-data", 64) if args.report_data is not None else None,
         host_data=_hex_bytes(args.host_data, "--host-data", 32) if args.host_data is not None else None,
-        id_key_digest=(_hex_bytes(args.id_key_digest, "--id-key-digest", 48)
-                       if args.id_key_digest is not None else None),
-        author_key_digest=(_hex_bytes(args.author_key_digest, "--author-key-digest", 48)
-                           if args.author_key_digest is not None else None),
+        id_key_digest=(
+            _hex_bytes(args.id_key_digest, "--id-key-digest", 48) if args.id_key_digest is not None else None
+        ),
+        author_key_digest=(
+            _hex_bytes(args.author_key_digest, "--author-key-digest", 48)
+            if args.author_key_digest is not None
+            else None
+        ),
     )
     roots = _snp_roots(args.amd_roots)
     if args.product is not None and args.product not in {r.product for r in roots}:
-        raise UsageError(f"--product {args.product}: no such roots in "
-                         f"{args.amd_roots or 'the built-in AMD roots'}")
+        raise UsageError(f"--product {args.product}: no such roots in {args.amd_roots or 'the built-in AMD roots'}")
     report = _read_report(args.report)
     try:
         vcek = load_vcek(_read_file(args.vcek, "--vcek", CERT_LIMIT), f"--vcek {args.vcek}")
@@ -295,9 +322,11 @@ def cmd_verify_report(args: argparse.Namespace) -> int:
 def register(owner_subparsers: Any) -> None:
     """Add ``idblock`` and ``verify-report`` to the ``keyagent owner`` subcommands."""
     i = owner_subparsers.add_parser(
-        "idblock", help="sign an SEV-SNP ID block for QEMU's sev-snp-guest id-block/id-auth",
+        "idblock",
+        help="sign an SEV-SNP ID block for QEMU's sev-snp-guest id-block/id-auth",
         description="Build the ID block that pins an SNP launch to --digest and --policy, and its "
-                    "ID_AUTH_INFO signed with the ID key (ECDSA P-384), the ID key signed with the author key.")
+        "ID_AUTH_INFO signed with the ID key (ECDSA P-384), the ID key signed with the author key.",
+    )
     i.add_argument("--digest", required=True, metavar="HEX", help="the 48-byte SNP launch digest (owner measure --snp)")
     i.add_argument("--policy", required=True, metavar="HEX", help="the SNP guest policy, e.g. 0x30000")
     i.add_argument("--id-key", required=True, metavar="ID.pem", help="ECDSA P-384 private key, PEM")
@@ -308,14 +337,17 @@ def register(owner_subparsers: Any) -> None:
     i.set_defaults(func=cmd_idblock)
 
     v = owner_subparsers.add_parser(
-        "verify-report", help="verify an SEV-SNP attestation report: exit 0 valid, 1 not",
+        "verify-report",
+        help="verify an SEV-SNP attestation report: exit 0 valid, 1 not",
         description="Verify VCEK <- ASK <- ARK against AMD's SNP roots, the report's signature under the "
-                    "VCEK, its TCB and chip id against the VCEK, and each field asked for; print every check.")
+        "VCEK, its TCB and chip id against the VCEK, and each field asked for; print every check.",
+    )
     v.add_argument("--report", required=True, metavar="R", help="the report: 0x4A0 raw bytes, or their hex")
     v.add_argument("--vcek", required=True, metavar="VCEK.der", help="the chip's VCEK certificate, DER or PEM")
     v.add_argument("--product", choices=SNP_PRODUCTS, help="only trust this product's roots")
-    v.add_argument("--amd-roots", metavar="DIR", help="<product>-ark.pem/<product>-ask.pem here instead of "
-                   "the built-in AMD roots")
+    v.add_argument(
+        "--amd-roots", metavar="DIR", help="<product>-ark.pem/<product>-ask.pem here instead of the built-in AMD roots"
+    )
     v.add_argument("--digest", metavar="HEX", help="expected MEASUREMENT (48 bytes)")
     v.add_argument("--policy", metavar="HEX", help="expected POLICY")
     v.add_argument("--report-data", metavar="HEX", help="expected REPORT_DATA (64 bytes)")

@@ -26,7 +26,8 @@ refused (:class:`UnknownFormat`).
 
 from __future__ import annotations
 
-from typing import Any, Final, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
 
 FORMAT_VERSION: Final = 2
 #: a log that does not say: written before the version existed
@@ -61,8 +62,7 @@ def format_of(first: Record | None) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < FIRST_VERSION:
         raise UnknownFormat(f"the start record's format {version!r} is not a version number")
     if version > FORMAT_VERSION:
-        raise UnknownFormat(f"log format {version} is newer than this agent reads "
-                            f"(up to {FORMAT_VERSION})")
+        raise UnknownFormat(f"log format {version} is newer than this agent reads (up to {FORMAT_VERSION})")
     return version
 
 
@@ -106,8 +106,7 @@ def _chain(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
 
 def _with_postcopy(record: Record) -> Record:
     action = record.get("action")
-    if not (isinstance(action, dict) and action.get("type") == "Log"
-            and action.get("message") == _MIGRATION_PREPARED):
+    if not (isinstance(action, dict) and action.get("type") == "Log" and action.get("message") == _MIGRATION_PREPARED):
         return record
     fields = action.get("fields")
     if not isinstance(fields, dict) or "postcopy" in fields:

@@ -27,9 +27,20 @@ from agent.common.secret import Secret
 from agent.protocol.base import ProtocolError, b64decode, b64encode, is_uint, one_line
 from agent.sev.sizes import MEASUREMENT_LEN, PACKET_HEADER_LEN
 
-__all__ = ["SECRET_PATH", "SESSION_PATH", "SECRET_FIELDS", "MAX_SECRET_LEN", "SecretRequest",
-           "SecretAnswer", "SessionRequest", "SessionAnswer", "ProtocolError", "error_body",
-           "refusal_reason", "one_line"]
+__all__ = [
+    "SECRET_PATH",
+    "SESSION_PATH",
+    "SECRET_FIELDS",
+    "MAX_SECRET_LEN",
+    "SecretRequest",
+    "SecretAnswer",
+    "SessionRequest",
+    "SessionAnswer",
+    "ProtocolError",
+    "error_body",
+    "refusal_reason",
+    "one_line",
+]
 
 SECRET_PATH = "/v1/secret"
 SESSION_PATH = "/v1/session"
@@ -71,21 +82,27 @@ def _b64_field(body: dict[str, Any], name: str, partial: dict[str, Any]) -> byte
 
 # -- /v1/secret ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SecretRequest:
     """The agent's plea for a launch secret: the PSP's measurement and what it ran under."""
 
     vm: str
-    measurement: bytes = field(repr=False)   # MEASURE[32] || MNONCE[16]
+    measurement: bytes = field(repr=False)  # MEASURE[32] || MNONCE[16]
     api_major: int
     api_minor: int
     build_id: int
     policy: int
 
     def encode(self) -> dict[str, Any]:
-        return {"vm": self.vm, "measurement": b64encode(self.measurement),
-                "api_major": self.api_major, "api_minor": self.api_minor,
-                "build_id": self.build_id, "policy": self.policy}
+        return {
+            "vm": self.vm,
+            "measurement": b64encode(self.measurement),
+            "api_major": self.api_major,
+            "api_minor": self.api_minor,
+            "build_id": self.build_id,
+            "policy": self.policy,
+        }
 
     @classmethod
     def parse(cls, body: object) -> SecretRequest:
@@ -119,8 +136,8 @@ class SecretAnswer:
     """The owner's release: the packet header, the wrapped secret table, where it goes."""
 
     packet_header: bytes = field(repr=False)  # PACKET_HEADER: flags, IV, MAC
-    secret: Secret = field(repr=False)        # the encrypted secret table
-    gpa: int | None = None                    # None: QEMU finds the area in OVMF
+    secret: Secret = field(repr=False)  # the encrypted secret table
+    gpa: int | None = None  # None: QEMU finds the area in OVMF
 
     def packet_header_b64(self) -> str:
         return b64encode(self.packet_header)
@@ -156,12 +173,13 @@ class SecretAnswer:
 
 # -- /v1/session -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SessionRequest:
     """A launch session for the platform whose PDH this is (``keyagent launch``)."""
 
     vm: str
-    pdh: bytes = field(repr=False)                  # 2084-byte PDH certificate
+    pdh: bytes = field(repr=False)  # 2084-byte PDH certificate
     policy: int
     cert_chain: bytes | None = field(default=None, repr=False)  # PEK || OCA || CEK
 
@@ -213,6 +231,7 @@ class SessionAnswer:
 
 
 # -- refusals --------------------------------------------------------------------------
+
 
 def error_body(reason: str) -> dict[str, Any]:
     """Every refusal's body, on every path (the reason is one line, no secret)."""

@@ -41,10 +41,10 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -69,9 +69,20 @@ from agent.sev.cert import (
     verify_pdh_chain,
 )
 
-__all__ = ["CaCertificate", "AmdRoots", "PlatformVerified", "USAGE_ARK", "PRODUCTS",
-           "builtin_roots", "load_roots_dir", "verify_platform", "cek_signed_by_ask",
-           "sign_cek", "make_ca_certificate", "pdh_sha256"]
+__all__ = [
+    "CaCertificate",
+    "AmdRoots",
+    "PlatformVerified",
+    "USAGE_ARK",
+    "PRODUCTS",
+    "builtin_roots",
+    "load_roots_dir",
+    "verify_platform",
+    "cek_signed_by_ask",
+    "sign_cek",
+    "make_ca_certificate",
+    "pdh_sha256",
+]
 
 #: The products whose ARK/ASK ship in ``agent/sev/roots`` (from virtee/sev, originally AMD's KDS).
 PRODUCTS = ("naples", "rome", "milan", "genoa", "turin")
@@ -102,13 +113,13 @@ class CaCertificate:
     modulus_bits: int
     pubexp: int
     modulus: int
-    signature: bytes            # MODULUS_SIZE/8 bytes, little-endian, as stored
-    pubexp_bits: int = 0        # 0: the same as modulus_bits
+    signature: bytes  # MODULUS_SIZE/8 bytes, little-endian, as stored
+    pubexp_bits: int = 0  # 0: the same as modulus_bits
     version: int = 1
     reserved: bytes = bytes(16)
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str = "AMD certificate") -> "CaCertificate":
+    def from_bytes(cls, data: bytes, what: str = "AMD certificate") -> CaCertificate:
         """Parse one certificate that fills ``data`` exactly; ValueError (one line) otherwise."""
         data = bytes(data)
         if len(data) < _HEAD.size:
@@ -124,19 +135,38 @@ class CaCertificate:
         want = _HEAD.size + 3 * n
         if len(data) != want:
             raise ValueError(f"{what} must be {want} bytes for a {mbits}-bit key, got {len(data)}")
-        pubexp = int.from_bytes(data[0x40:0x40 + n], "little")
-        modulus = int.from_bytes(data[0x40 + n:0x40 + 2 * n], "little")
-        signature = data[0x40 + 2 * n:]
-        return cls(key_id=key_id, certifying_id=cert_id, usage=usage, modulus_bits=mbits, pubexp=pubexp,
-                   modulus=modulus, signature=signature, pubexp_bits=pbits, version=version,
-                   reserved=reserved)
+        pubexp = int.from_bytes(data[0x40 : 0x40 + n], "little")
+        modulus = int.from_bytes(data[0x40 + n : 0x40 + 2 * n], "little")
+        signature = data[0x40 + 2 * n :]
+        return cls(
+            key_id=key_id,
+            certifying_id=cert_id,
+            usage=usage,
+            modulus_bits=mbits,
+            pubexp=pubexp,
+            modulus=modulus,
+            signature=signature,
+            pubexp_bits=pbits,
+            version=version,
+            reserved=reserved,
+        )
 
     def body(self) -> bytes:
         """The signed part: VERSION through MODULUS."""
         n = self.modulus_bits // 8
-        return (_HEAD.pack(self.version, self.key_id, self.certifying_id, self.usage, self.reserved,
-                           self.pubexp_bits or self.modulus_bits, self.modulus_bits)
-                + self.pubexp.to_bytes(n, "little") + self.modulus.to_bytes(n, "little"))
+        return (
+            _HEAD.pack(
+                self.version,
+                self.key_id,
+                self.certifying_id,
+                self.usage,
+                self.reserved,
+                self.pubexp_bits or self.modulus_bits,
+                self.modulus_bits,
+            )
+            + self.pubexp.to_bytes(n, "little")
+            + self.modulus.to_bytes(n, "little")
+        )
 
     def to_bytes(self) -> bytes:
         return self.body() + self.signature
@@ -168,26 +198,41 @@ class CaCertificate:
             return False
         return True
 
-    def is_signed_by(self, signer: "CaCertificate") -> bool:
+    def is_signed_by(self, signer: CaCertificate) -> bool:
         """True if ``signer`` certified this key: ids match and the signature verifies."""
         if self.certifying_id != signer.key_id or signer.modulus_bits != self.modulus_bits:
             return False
         return signer.verify_rsa(self.body(), self.signature, signer.hash)
 
 
-def make_ca_certificate(key: rsa.RSAPublicKey, *, key_id: bytes, usage: int, signer_id: bytes,
-                        signer_key: rsa.RSAPrivateKey) -> CaCertificate:
+def make_ca_certificate(
+    key: rsa.RSAPublicKey, *, key_id: bytes, usage: int, signer_id: bytes, signer_key: rsa.RSAPrivateKey
+) -> CaCertificate:
     """An ARK (self-signed: ``signer_id == key_id``) or ASK, for the simulator's own root."""
     nums = key.public_numbers()
     bits = key.key_size
     if bits not in _RSA_HASH:
         raise ValueError(f"AMD certificates hold 2048- or 4096-bit RSA keys, not {bits}")
-    unsigned = CaCertificate(key_id=key_id, certifying_id=signer_id, usage=usage, modulus_bits=bits,
-                             pubexp=nums.e, modulus=nums.n, signature=b"")
+    unsigned = CaCertificate(
+        key_id=key_id,
+        certifying_id=signer_id,
+        usage=usage,
+        modulus_bits=bits,
+        pubexp=nums.e,
+        modulus=nums.n,
+        signature=b"",
+    )
     hash_cls = _RSA_HASH[bits]
     sig = signer_key.sign(unsigned.body(), _pss(hash_cls), hash_cls())
-    return CaCertificate(key_id=key_id, certifying_id=signer_id, usage=usage, modulus_bits=bits,
-                         pubexp=nums.e, modulus=nums.n, signature=sig[::-1])
+    return CaCertificate(
+        key_id=key_id,
+        certifying_id=signer_id,
+        usage=usage,
+        modulus_bits=bits,
+        pubexp=nums.e,
+        modulus=nums.n,
+        signature=sig[::-1],
+    )
 
 
 def cek_signed_by_ask(cek: Certificate, ask: CaCertificate) -> bool:
@@ -225,7 +270,7 @@ class AmdRoots:
     ask: CaCertificate
 
     @classmethod
-    def from_bytes(cls, product: str, ark: bytes, ask: bytes) -> "AmdRoots":
+    def from_bytes(cls, product: str, ark: bytes, ask: bytes) -> AmdRoots:
         ark_cert = CaCertificate.from_bytes(ark, f"{product} ARK")
         ask_cert = CaCertificate.from_bytes(ask, f"{product} ASK")
         if ark_cert.usage != USAGE_ARK:
@@ -242,8 +287,10 @@ class AmdRoots:
 def builtin_roots() -> tuple[AmdRoots, ...]:
     """AMD's public ARK/ASK for every product in :data:`PRODUCTS` (package data)."""
     base = resources.files("agent.sev") / "roots"
-    return tuple(AmdRoots.from_bytes(p, (base / f"{p}-ark.cert").read_bytes(),
-                                     (base / f"{p}-ask.cert").read_bytes()) for p in PRODUCTS)
+    return tuple(
+        AmdRoots.from_bytes(p, (base / f"{p}-ark.cert").read_bytes(), (base / f"{p}-ask.cert").read_bytes())
+        for p in PRODUCTS
+    )
 
 
 def load_roots_dir(path: str | os.PathLike[str]) -> tuple[AmdRoots, ...]:
@@ -253,7 +300,7 @@ def load_roots_dir(path: str | os.PathLike[str]) -> tuple[AmdRoots, ...]:
         names = sorted(os.listdir(path))
     except OSError as exc:
         raise ValueError(f"cannot read AMD roots directory {path}: {exc.strerror}") from None
-    products = [n[:-len("-ark.cert")] for n in names if n.endswith("-ark.cert")]
+    products = [n[: -len("-ark.cert")] for n in names if n.endswith("-ark.cert")]
     if not products:
         raise ValueError(f"AMD roots directory {path} holds no <product>-ark.cert")
     roots = []
@@ -302,8 +349,9 @@ def _check_slots(cert: Certificate, name: str, signers: dict[int, Callable[[Sign
             raise ValueError(f"{name} certificate's signature slot {i} has non-zero reserved bytes")
         check = signers.get(slot.usage)
         if check is None:
-            raise ValueError(f"{name} certificate's signature slot {i} has usage 0x{slot.usage:x}, "
-                             f"which does not sign a {name}")
+            raise ValueError(
+                f"{name} certificate's signature slot {i} has usage 0x{slot.usage:x}, which does not sign a {name}"
+            )
         try:
             ok = check(slot)
         except ValueError as exc:
@@ -326,8 +374,12 @@ def verify_platform(pdh: Certificate, chain: PlatformChain, roots: tuple[AmdRoot
     The roots were checked when loaded (ARK self-signed, ASK by the ARK), so
     what remains is the platform's part and the CEK's ASK signature.
     """
-    for cert, usage, name in ((pdh, USAGE_PDH, "PDH"), (chain.pek, USAGE_PEK, "PEK"),
-                              (chain.oca, USAGE_OCA, "OCA"), (chain.cek, USAGE_CEK, "CEK")):
+    for cert, usage, name in (
+        (pdh, USAGE_PDH, "PDH"),
+        (chain.pek, USAGE_PEK, "PEK"),
+        (chain.oca, USAGE_OCA, "OCA"),
+        (chain.cek, USAGE_CEK, "CEK"),
+    ):
         if cert.usage != usage:
             raise ValueError(f"{name} certificate has usage 0x{cert.usage:x}")
     try:
@@ -337,8 +389,11 @@ def verify_platform(pdh: Certificate, chain: PlatformChain, roots: tuple[AmdRoot
     if not oca_self:
         raise ValueError("OCA certificate is not self-signed")
     verify_pdh_chain(pdh, chain)
-    kinds = {_CEK_SLOT_BITS[s.algo] for s in (chain.cek.sig1, chain.cek.sig2)
-             if s.usage == USAGE_ASK and s.algo in _CEK_SLOT_BITS}
+    kinds = {
+        _CEK_SLOT_BITS[s.algo]
+        for s in (chain.cek.sig1, chain.cek.sig2)
+        if s.usage == USAGE_ASK and s.algo in _CEK_SLOT_BITS
+    }
     if not kinds:
         raise ValueError("CEK certificate carries no ASK signature (send the CEK as AMD's key server signs it)")
     candidates = [r for r in roots if r.ask.modulus_bits in kinds]
@@ -352,8 +407,14 @@ def verify_platform(pdh: Certificate, chain: PlatformChain, roots: tuple[AmdRoot
     # every signature slot of every certificate is a signature that verified, or zero
     ask_slot = lambda slot: _ask_slot_verifies(chain.cek, slot, root.ask)  # noqa: E731
     _check_slots(pdh, "PDH", {USAGE_PEK: lambda slot: pdh.slot_signed_by(slot, chain.pek)})
-    _check_slots(chain.pek, "PEK", {USAGE_OCA: lambda slot: chain.pek.slot_signed_by(slot, chain.oca),
-                                    USAGE_CEK: lambda slot: chain.pek.slot_signed_by(slot, chain.cek)})
+    _check_slots(
+        chain.pek,
+        "PEK",
+        {
+            USAGE_OCA: lambda slot: chain.pek.slot_signed_by(slot, chain.oca),
+            USAGE_CEK: lambda slot: chain.pek.slot_signed_by(slot, chain.cek),
+        },
+    )
     _check_slots(chain.oca, "OCA", {USAGE_OCA: lambda slot: chain.oca.slot_signed_by(slot, chain.oca)})
     _check_slots(chain.cek, "CEK", {USAGE_ASK: ask_slot})
     return PlatformVerified(root.product)

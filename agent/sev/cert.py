@@ -101,7 +101,7 @@ class Certificate:
 
     # -- wire form ----------------------------------------------------------
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Certificate":
+    def from_bytes(cls, data: bytes) -> Certificate:
         if len(data) != CERT_LEN:
             raise ValueError(f"SEV certificate must be {CERT_LEN} bytes, got {len(data)}")
         data = bytes(data)
@@ -113,7 +113,9 @@ class Certificate:
 
     def body(self) -> bytes:
         """The signed part: VERSION through PUBKEY (0x414 bytes)."""
-        return _BODY.pack(self.version, self.api_major, self.api_minor, self.reserved, self.usage, self.algo, self.pubkey)
+        return _BODY.pack(
+            self.version, self.api_major, self.api_minor, self.reserved, self.usage, self.algo, self.pubkey
+        )
 
     def to_bytes(self) -> bytes:
         return (
@@ -131,7 +133,7 @@ class Certificate:
         algo: int = ALGO_ECDH_SHA256,
         api_major: int = 0,
         api_minor: int = 0,
-    ) -> "Certificate":
+    ) -> Certificate:
         """An unsigned certificate for an EC public key (how the GODH is made)."""
         curve = {ec.SECP256R1.name: CURVE_P256, ec.SECP384R1.name: CURVE_P384}.get(key.curve.name)
         if curve is None:
@@ -163,7 +165,7 @@ class Certificate:
             raise ValueError("SEV certificate key is not a point on its curve") from None
 
     # -- signatures ---------------------------------------------------------
-    def is_signed_by(self, signer: "Certificate") -> bool:
+    def is_signed_by(self, signer: Certificate) -> bool:
         """True if one of this certificate's ECDSA slots is a valid signature by ``signer``.
 
         Only the signature is checked (as virtee's ``(&pek, &pdh).verify()``); which
@@ -172,11 +174,11 @@ class Certificate:
         key = signer.public_key()
         return any(self._slot_verifies(slot, signer, key) for slot in (self.sig1, self.sig2))
 
-    def slot_signed_by(self, slot: Signature, signer: "Certificate") -> bool:
+    def slot_signed_by(self, slot: Signature, signer: Certificate) -> bool:
         """True if this one slot is a valid ECDSA signature by ``signer``."""
         return self._slot_verifies(slot, signer, signer.public_key())
 
-    def _slot_verifies(self, slot: Signature, signer: "Certificate", key: ec.EllipticCurvePublicKey) -> bool:
+    def _slot_verifies(self, slot: Signature, signer: Certificate, key: ec.EllipticCurvePublicKey) -> bool:
         if slot.is_empty() or slot.usage != signer.usage or slot.algo not in _ECDSA_HASH:
             return False
         r, s, _ = _ECDSA_SIG.unpack(slot.sig)
@@ -189,7 +191,7 @@ class Certificate:
 
     def signed(
         self, signer: ec.EllipticCurvePrivateKey, signer_usage: int, algo: int = ALGO_ECDSA_SHA256
-    ) -> "Certificate":
+    ) -> Certificate:
         """A copy with the first empty signature slot filled by ``signer`` (for test chains)."""
         if algo not in _ECDSA_HASH:
             raise ValueError(f"cannot sign with algorithm 0x{algo:x}")
@@ -227,7 +229,7 @@ class PlatformChain:
     cek: Certificate
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PlatformChain":
+    def from_bytes(cls, data: bytes) -> PlatformChain:
         """Parse the 6252-byte chain; ValueError (one line) if it is not PEK || OCA || CEK."""
         if len(data) != CHAIN_LEN:
             raise ValueError(f"SEV certificate chain must be {CHAIN_LEN} bytes (PEK, OCA, CEK), got {len(data)}")
@@ -235,7 +237,9 @@ class PlatformChain:
         for i, (usage, name) in enumerate(_CHAIN_ORDER):
             cert = Certificate.from_bytes(data[i * CERT_LEN : (i + 1) * CERT_LEN])
             if cert.usage != usage:
-                raise ValueError(f"certificate {i + 1} of the chain has usage 0x{cert.usage:x}, not {name} (0x{usage:x})")
+                raise ValueError(
+                    f"certificate {i + 1} of the chain has usage 0x{cert.usage:x}, not {name} (0x{usage:x})"
+                )
             certs.append(cert)
         return cls(*certs)
 
@@ -251,8 +255,7 @@ def verify_pdh_chain(pdh: Certificate, chain: PlatformChain) -> None:
     """
     if pdh.usage != USAGE_PDH:
         raise ValueError(f"PDH certificate has usage 0x{pdh.usage:x}, not PDH (0x{USAGE_PDH:x})")
-    links = ((pdh, "PDH", chain.pek, "PEK"), (chain.pek, "PEK", chain.oca, "OCA"),
-             (chain.pek, "PEK", chain.cek, "CEK"))
+    links = ((pdh, "PDH", chain.pek, "PEK"), (chain.pek, "PEK", chain.oca, "OCA"), (chain.pek, "PEK", chain.cek, "CEK"))
     for subject, sname, signer, iname in links:
         try:
             ok = subject.is_signed_by(signer)

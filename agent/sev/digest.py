@@ -88,9 +88,7 @@ def launch_digest(
     return digest.finalize()
 
 
-def _hashes_table(
-    image: OvmfImage, kernel: bytes, initrd: bytes | None, append: str | bytes | None
-) -> bytes:
+def _hashes_table(image: OvmfImage, kernel: bytes, initrd: bytes | None, append: str | bytes | None) -> bytes:
     # QEMU refuses to start rather than boot an unmeasured kernel; so do we,
     # rather than hand out a digest no real launch can produce.
     area = image.hashes_table_area()
@@ -98,7 +96,5 @@ def _hashes_table(
         why = image.table_problem or "its GUID table has no SEV hashes-table entry"
         raise FirmwareError(f"firmware cannot measure a kernel: {why}")
     if area.base == 0 or area.size < PADDED_SIZE:
-        raise FirmwareError(
-            f"firmware hashes-table area is invalid (base={area.base:#x} size={area.size:#x})"
-        )
+        raise FirmwareError(f"firmware hashes-table area is invalid (base={area.base:#x} size={area.size:#x})")
     return kernel_hashes_table(kernel, initrd, append)

@@ -81,9 +81,7 @@ class KernelHashes:
     kernel: bytes
 
     @classmethod
-    def of(
-        cls, kernel: bytes, initrd: bytes | None = None, append: str | bytes | None = None
-    ) -> "KernelHashes":
+    def of(cls, kernel: bytes, initrd: bytes | None = None, append: str | bytes | None = None) -> KernelHashes:
         return cls(
             cmdline=sha256(cmdline_bytes(append)),
             initrd=sha256(initrd if initrd is not None else b""),
@@ -104,8 +102,6 @@ def build_hashes_table(hashes_: KernelHashes) -> bytes:
     return table + bytes(PADDED_SIZE - len(table))
 
 
-def kernel_hashes_table(
-    kernel: bytes, initrd: bytes | None = None, append: str | bytes | None = None
-) -> bytes:
+def kernel_hashes_table(kernel: bytes, initrd: bytes | None = None, append: str | bytes | None = None) -> bytes:
     """Shortcut: hash the three inputs and build the padded table."""
     return build_hashes_table(KernelHashes.of(kernel, initrd, append))

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from agent.sev.sizes import MEASURE_LEN, MNONCE_LEN
 from agent.sev.sizes import MEASUREMENT_LEN as BLOB_LEN
+
 DIGEST_LEN = 32
 TIK_LEN = 16
 

@@ -30,8 +30,8 @@ the table existed) is read as target/i386/sev.c sev_es_find_reset_vector does.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 from uuid import UUID
 
 from agent.common.errors import SevFormatError
@@ -146,9 +146,7 @@ class OvmfImage:
         if data is None:
             return None
         if len(data) < RESET_BLOCK.size:
-            raise FirmwareError(
-                f"firmware SEV-ES reset block is {len(data)} bytes, expected {RESET_BLOCK.size}"
-            )
+            raise FirmwareError(f"firmware SEV-ES reset block is {len(data)} bytes, expected {RESET_BLOCK.size}")
         addr: int = RESET_BLOCK.unpack_from(data)[0]
         if addr == 0:
             # QEMU refuses to start such a guest ("SEV-ES reset address is zero").

@@ -27,6 +27,5 @@ def es_mismatch(sev_es: bool, policy: int) -> str | None:
     if sev_es and not has_es:
         return f"an SEV-ES digest (VMSAs measured) needs a policy with the SEV-ES bit 0x4; policy 0x{policy:x} has none"
     if has_es and not sev_es:
-        return (f"policy 0x{policy:x} has the SEV-ES bit 0x4, but the digest is an SEV digest "
-                "(no VMSAs measured)")
+        return f"policy 0x{policy:x} has the SEV-ES bit 0x4, but the digest is an SEV digest (no VMSAs measured)"
     return None

@@ -101,7 +101,7 @@ class Session:
     policy_mac: bytes
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Session":
+    def from_bytes(cls, data: bytes) -> Session:
         if len(data) != SESSION_LEN:
             raise SessionError(f"launch session must be {SESSION_LEN} bytes, got {len(data)}", "length")
         return cls(*_SESSION.unpack(bytes(data)))

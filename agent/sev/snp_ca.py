@@ -141,8 +141,9 @@ def load_snp_roots_dir(path: str | Path) -> tuple[SnpRoots, ...]:
     return tuple(out)
 
 
-def vcek_product(vcek: x509.Certificate, roots: tuple[SnpRoots, ...] | list[SnpRoots],
-                 product: str | None = None) -> str | None:
+def vcek_product(
+    vcek: x509.Certificate, roots: tuple[SnpRoots, ...] | list[SnpRoots], product: str | None = None
+) -> str | None:
     """The product whose ARK -> ASK chain signs ``vcek``, or None.
 
     With ``product`` only that product's roots are tried.

@@ -162,8 +162,11 @@ class IdBlock:
     version: int = ID_BLOCK_VERSION
 
     def __post_init__(self) -> None:
-        for name, value, size in (("launch digest", self.launch_digest, 48),
-                                  ("family id", self.family_id, 16), ("image id", self.image_id, 16)):
+        for name, value, size in (
+            ("launch digest", self.launch_digest, 48),
+            ("family id", self.family_id, 16),
+            ("image id", self.image_id, 16),
+        ):
             if len(value) != size:
                 raise SnpFormatError(f"{name} must be {size} bytes, got {len(value)}")
         if not 0 <= self.guest_svn < 1 << 32:
@@ -172,11 +175,12 @@ class IdBlock:
             raise SnpFormatError("policy must be a 64-bit value")
 
     def to_bytes(self) -> bytes:
-        return ID_BLOCK.pack(self.launch_digest, self.family_id, self.image_id, self.version,
-                             self.guest_svn, self.policy)
+        return ID_BLOCK.pack(
+            self.launch_digest, self.family_id, self.image_id, self.version, self.guest_svn, self.policy
+        )
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "IdBlock":
+    def from_bytes(cls, raw: bytes) -> IdBlock:
         if len(raw) != ID_BLOCK.size:
             raise SnpFormatError(f"ID block is {len(raw)} bytes, not {ID_BLOCK.size}")
         ld, family, image, version, svn, policy = ID_BLOCK.unpack(raw)
@@ -193,19 +197,25 @@ class SignedIdBlock:
     author_key_digest: bytes
 
 
-def make_id_auth(id_block: bytes, id_key: ec.EllipticCurvePrivateKey,
-                 author_key: ec.EllipticCurvePrivateKey) -> bytes:
+def make_id_auth(id_block: bytes, id_key: ec.EllipticCurvePrivateKey, author_key: ec.EllipticCurvePrivateKey) -> bytes:
     """ID_AUTH_INFO: the ID key signs the block, the author key signs the ID key."""
     id_pub = encode_public_key(id_key.public_key())
     return ID_AUTH.pack(
-        ALGO_ECDSA_P384_SHA384, ALGO_ECDSA_P384_SHA384, bytes(56),
-        sign(id_key, id_block), id_pub, bytes(60),
-        sign(author_key, id_pub), encode_public_key(author_key.public_key()), bytes(892),
+        ALGO_ECDSA_P384_SHA384,
+        ALGO_ECDSA_P384_SHA384,
+        bytes(56),
+        sign(id_key, id_block),
+        id_pub,
+        bytes(60),
+        sign(author_key, id_pub),
+        encode_public_key(author_key.public_key()),
+        bytes(892),
     )
 
 
-def sign_id_block(block: IdBlock, id_key: ec.EllipticCurvePrivateKey,
-                  author_key: ec.EllipticCurvePrivateKey) -> SignedIdBlock:
+def sign_id_block(
+    block: IdBlock, id_key: ec.EllipticCurvePrivateKey, author_key: ec.EllipticCurvePrivateKey
+) -> SignedIdBlock:
     raw = block.to_bytes()
     return SignedIdBlock(
         id_block=raw,

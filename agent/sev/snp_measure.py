@@ -29,8 +29,8 @@ This module is pure: bytes in, digest out.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from cryptography.hazmat.primitives import hashes
 
@@ -198,8 +198,7 @@ def metadata_sections(image: OvmfImage) -> list[MetadataSection]:
         if kind not in SECTION_NAMES:
             raise FirmwareError(f"firmware SEV metadata section {i} has unknown type {kind:#x}")
         if gpa % PAGE_SIZE or length % PAGE_SIZE or length == 0:
-            raise FirmwareError(f"firmware SEV metadata section {i} is not whole pages "
-                                f"(gpa={gpa:#x} size={length:#x})")
+            raise FirmwareError(f"firmware SEV metadata section {i} is not whole pages (gpa={gpa:#x} size={length:#x})")
         sections.append(MetadataSection(gpa, length, kind))
     return sections
 
@@ -210,8 +209,10 @@ def _kernel_hashes_page(image: OvmfImage, section: MetadataSection, table: bytes
         raise FirmwareError("firmware has an SNP_KERNEL_HASHES section but no SEV hashes-table area")
     offset = area.base - section.gpa
     if section.size != PAGE_SIZE or not 0 <= offset <= PAGE_SIZE - len(table):
-        raise FirmwareError(f"firmware hashes-table area {area.base:#x} does not fit its "
-                            f"SNP_KERNEL_HASHES page {section.gpa:#x}+{section.size:#x}")
+        raise FirmwareError(
+            f"firmware hashes-table area {area.base:#x} does not fit its "
+            f"SNP_KERNEL_HASHES page {section.gpa:#x}+{section.size:#x}"
+        )
     return bytes(offset) + table + bytes(PAGE_SIZE - offset - len(table))
 
 
@@ -291,8 +292,14 @@ def synthetic_snp_image(
     metadata sits right below the table, its offset named by the table's
     SEV metadata entry.
     """
-    from agent.sev.ovmf import (AREA, RESET_BLOCK, SEV_ES_RESET_BLOCK_GUID, SEV_HASH_TABLE_RV_GUID,
-                                TAIL_SIZE, build_table)
+    from agent.sev.ovmf import (
+        AREA,
+        RESET_BLOCK,
+        SEV_ES_RESET_BLOCK_GUID,
+        SEV_HASH_TABLE_RV_GUID,
+        TAIL_SIZE,
+        build_table,
+    )
 
     metadata = build_metadata(sections)
     entries = []

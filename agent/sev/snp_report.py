@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -124,7 +125,7 @@ class Tcb:
     fmc: int | None = None
 
     @classmethod
-    def decode(cls, raw: bytes, product: str | None) -> "Tcb":
+    def decode(cls, raw: bytes, product: str | None) -> Tcb:
         if product == "turin":
             return cls(bootloader=raw[1], tee=raw[2], snp=raw[3], microcode=raw[7], fmc=raw[0])
         return cls(bootloader=raw[0], tee=raw[1], snp=raw[6], microcode=raw[7])
@@ -144,7 +145,7 @@ class AttestationReport:
     fields: dict[str, Any]
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "AttestationReport":
+    def from_bytes(cls, raw: bytes) -> AttestationReport:
         raw = bytes(raw)
         if len(raw) != REPORT_SIZE:
             raise SnpFormatError(f"attestation report is {len(raw)} bytes, not {REPORT_SIZE}")
@@ -177,14 +178,23 @@ class AttestationReport:
         """The fields an owner looks at, JSON-ready (no secret is ever in a report)."""
         f = self.fields
         return {
-            "version": f["version"], "guest_svn": f["guest_svn"], "policy": f"{f['policy']:#x}",
-            "family_id": f["family_id"].hex(), "image_id": f["image_id"].hex(), "vmpl": f["vmpl"],
-            "signature_algo": f["signature_algo"], "platform_info": f"{f['platform_info']:#x}",
-            "author_key_en": self.author_key_en, "mask_chip_key": self.mask_chip_key,
+            "version": f["version"],
+            "guest_svn": f["guest_svn"],
+            "policy": f"{f['policy']:#x}",
+            "family_id": f["family_id"].hex(),
+            "image_id": f["image_id"].hex(),
+            "vmpl": f["vmpl"],
+            "signature_algo": f["signature_algo"],
+            "platform_info": f"{f['platform_info']:#x}",
+            "author_key_en": self.author_key_en,
+            "mask_chip_key": self.mask_chip_key,
             "signing_key": self.signing_key,
-            "report_data": f["report_data"].hex(), "measurement": f["measurement"].hex(),
-            "host_data": f["host_data"].hex(), "id_key_digest": f["id_key_digest"].hex(),
-            "author_key_digest": f["author_key_digest"].hex(), "report_id": f["report_id"].hex(),
+            "report_data": f["report_data"].hex(),
+            "measurement": f["measurement"].hex(),
+            "host_data": f["host_data"].hex(),
+            "id_key_digest": f["id_key_digest"].hex(),
+            "author_key_digest": f["author_key_digest"].hex(),
+            "report_id": f["report_id"].hex(),
             "chip_id": f["chip_id"].hex(),
             "current_tcb": Tcb.decode(f["current_tcb"], product).as_dict(),
             "reported_tcb": Tcb.decode(f["reported_tcb"], product).as_dict(),
@@ -233,9 +243,12 @@ class ReportVerdict:
         return bool(self.checks) and not self.failed
 
     def as_dict(self) -> dict[str, Any]:
-        return {"valid": self.valid, "product": self.product,
-                "checks": [c.as_dict() for c in self.checks],
-                "report": self.report.summary(self.product)}
+        return {
+            "valid": self.valid,
+            "product": self.product,
+            "checks": [c.as_dict() for c in self.checks],
+            "report": self.report.summary(self.product),
+        }
 
 
 def _der_small_int(raw: bytes) -> int | None:
@@ -258,8 +271,13 @@ def _extension(cert: x509.Certificate, oid: str) -> bytes | None:
 def vcek_tcb(cert: x509.Certificate) -> dict[str, int | None]:
     """The SPLs a VCEK names (None where an extension is missing or malformed)."""
     out: dict[str, int | None] = {}
-    for name, oid in (("bootloader", OID_BL_SPL), ("tee", OID_TEE_SPL), ("snp", OID_SNP_SPL),
-                      ("microcode", OID_UCODE_SPL), ("fmc", OID_FMC_SPL)):
+    for name, oid in (
+        ("bootloader", OID_BL_SPL),
+        ("tee", OID_TEE_SPL),
+        ("snp", OID_SNP_SPL),
+        ("microcode", OID_UCODE_SPL),
+        ("fmc", OID_FMC_SPL),
+    ):
         raw = _extension(cert, oid)
         out[name] = None if raw is None else _der_small_int(raw)
     return out
@@ -279,8 +297,14 @@ def _eq(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-def verify_report(report: bytes, vcek: bytes | x509.Certificate, roots: Sequence[SnpRoots], *,
-                  product: str | None = None, expected: Expected = Expected()) -> ReportVerdict:
+def verify_report(
+    report: bytes,
+    vcek: bytes | x509.Certificate,
+    roots: Sequence[SnpRoots],
+    *,
+    product: str | None = None,
+    expected: Expected = Expected(),
+) -> ReportVerdict:
     """Check a report against its VCEK, AMD's roots and what the owner expects.
 
     SnpFormatError / SnpCertError (ValueError) when the report is not 0x4A0
@@ -295,8 +319,11 @@ def verify_report(report: bytes, vcek: bytes | x509.Certificate, roots: Sequence
         checks.append(Check(name, ok, detail))
 
     add("version", rep.version in KNOWN_VERSIONS, f"report version {rep.version}")
-    add("signature_algo", rep.signature_algo == SIG_ALGO_ECDSA_P384_SHA384,
-        f"signature algorithm {rep.signature_algo} (1 = ECDSA P-384 SHA-384)")
+    add(
+        "signature_algo",
+        rep.signature_algo == SIG_ALGO_ECDSA_P384_SHA384,
+        f"signature algorithm {rep.signature_algo} (1 = ECDSA P-384 SHA-384)",
+    )
 
     found = vcek_product(cert, tuple(roots), product)
     if found is None:
@@ -305,8 +332,7 @@ def verify_report(report: bytes, vcek: bytes | x509.Certificate, roots: Sequence
     else:
         add("vcek_chain", True, f"VCEK <- {found} ASK <- {found} ARK")
 
-    add("signing_key", rep.signing_key == SIGNING_KEY_VCEK,
-        f"report signed by key kind {rep.signing_key} (0 = VCEK)")
+    add("signing_key", rep.signing_key == SIGNING_KEY_VCEK, f"report signed by key kind {rep.signing_key} (0 = VCEK)")
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)  # load_vcek made sure
     sig_ok = verify(key, rep.signed_bytes, rep.signature)
@@ -316,9 +342,13 @@ def verify_report(report: bytes, vcek: bytes | x509.Certificate, roots: Sequence
     named = vcek_tcb(cert)
     want = {k: v for k, v in tcb.as_dict().items()}
     mismatched = [k for k, v in want.items() if named.get(k) != v]
-    add("reported_tcb", not mismatched,
-        "reported TCB equals the VCEK's" if not mismatched else
-        "reported TCB differs from the VCEK's in " + ", ".join(mismatched))
+    add(
+        "reported_tcb",
+        not mismatched,
+        "reported TCB equals the VCEK's"
+        if not mismatched
+        else "reported TCB differs from the VCEK's in " + ", ".join(mismatched),
+    )
 
     hwid = vcek_hwid(cert)
     if rep.mask_chip_key:
@@ -327,9 +357,13 @@ def verify_report(report: bytes, vcek: bytes | x509.Certificate, roots: Sequence
         ok = hwid is not None and len(hwid) == 64 and _eq(hwid, rep.chip_id)
         add("chip_id", ok, "chip id equals the VCEK's hwID" if ok else "chip id differs from the VCEK's hwID")
 
-    for name, want_bytes in (("measurement", expected.measurement), ("report_data", expected.report_data),
-                             ("host_data", expected.host_data), ("id_key_digest", expected.id_key_digest),
-                             ("author_key_digest", expected.author_key_digest)):
+    for name, want_bytes in (
+        ("measurement", expected.measurement),
+        ("report_data", expected.report_data),
+        ("host_data", expected.host_data),
+        ("id_key_digest", expected.id_key_digest),
+        ("author_key_digest", expected.author_key_digest),
+    ):
         if want_bytes is None:
             continue
         got = rep.fields[name]
@@ -341,6 +375,19 @@ def verify_report(report: bytes, vcek: bytes | x509.Certificate, roots: Sequence
     return ReportVerdict(tuple(checks), found, rep)
 
 
-__all__ = ["AttestationReport", "Check", "Expected", "ReportVerdict", "Tcb", "REPORT", "REPORT_FIELDS",
-           "REPORT_SIZE", "SIGNED_SIZE", "SnpCertError", "SnpFormatError", "verify_report", "vcek_tcb",
-           "vcek_hwid"]
+__all__ = [
+    "AttestationReport",
+    "Check",
+    "Expected",
+    "ReportVerdict",
+    "Tcb",
+    "REPORT",
+    "REPORT_FIELDS",
+    "REPORT_SIZE",
+    "SIGNED_SIZE",
+    "SnpCertError",
+    "SnpFormatError",
+    "verify_report",
+    "vcek_tcb",
+    "vcek_hwid",
+]

@@ -29,8 +29,8 @@ QEMU creates, which the caller selects:
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from agent.common.errors import SevFormatError
 

@@ -110,6 +110,7 @@ class BenchError(FlowFailed):
 
 # -- small statistics ------------------------------------------------------------
 
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
@@ -122,6 +123,7 @@ def _r(x: float | None, digits: int = 3) -> float | None:
 
 
 # -- the machine -----------------------------------------------------------------------
+
 
 def machine_info() -> dict:
     cpu = ""
@@ -140,9 +142,14 @@ def machine_info() -> dict:
         with open("/proc/meminfo") as f:
             first = f.readline().split()
             mem = f"{int(first[1]) / (1 << 20):.1f} GiB"
-    return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem,
-            "python": platform.python_version(), "kernel": platform.release(),
-            "loadavg_at_start": [round(x, 2) for x in load]}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory": mem,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+    }
 
 
 def rss_kb(pid: int) -> tuple[int, int]:
@@ -164,6 +171,7 @@ def rss_kb(pid: int) -> tuple[int, int]:
 
 
 # -- processes ---------------------------------------------------------------------------
+
 
 def keyagent_argv() -> list[str]:
     """The installed ``keyagent`` next to this Python (as deployed), else ``-m``."""
@@ -189,11 +197,11 @@ class Ctx:
     def errfile(self, name: str):
         return open(self.path(f"{name}.stderr"), "wb")
 
-    async def spawn(self, name: str, argv: list[str], stdout=subprocess.DEVNULL,
-                    track: bool = True, stdin=subprocess.DEVNULL) -> asyncio.subprocess.Process:
+    async def spawn(
+        self, name: str, argv: list[str], stdout=subprocess.DEVNULL, track: bool = True, stdin=subprocess.DEVNULL
+    ) -> asyncio.subprocess.Process:
         with self.errfile(name) as err:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=stdin, stdout=stdout, stderr=err, cwd=self.work)
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout, stderr=err, cwd=self.work)
         if track:
             self.procs.append(proc)
         return proc
@@ -202,7 +210,7 @@ class Ctx:
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), timeout)
             return json.loads(line)
-        except (asyncio.TimeoutError, ValueError):
+        except (TimeoutError, ValueError):
             raise BenchError(f"{name} did not start; see {self.path(name + '.stderr')}") from None
 
     async def stop(self, proc, timeout: float = 10.0) -> None:
@@ -211,7 +219,7 @@ class Ctx:
                 proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
@@ -247,17 +255,21 @@ class Ctx:
         for proc in [p for p in self.procs if getattr(p, "bench_role", "") == "owner"]:
             await self.stop(proc)
         self.vms = sorted(set(vms) | set(self.vms))
-        text = "".join(f'[vm.{vm}]\ntik = "{self.vm_keys(vm)[0]}"\ntek = "{self.vm_keys(vm)[1]}"\npolicy = 1\n'
-                       f'digest = "{DEFAULT_DIGEST.hex()}"\n'
-                       f'[[vm.{vm}.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n'
-                       for vm in self.vms)
+        text = "".join(
+            f'[vm.{vm}]\ntik = "{self.vm_keys(vm)[0]}"\ntek = "{self.vm_keys(vm)[1]}"\npolicy = 1\n'
+            f'digest = "{DEFAULT_DIGEST.hex()}"\n'
+            f'[[vm.{vm}.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n'
+            for vm in self.vms
+        )
         self._n += 1
         config = self.path(f"owner{self._n}.toml")
         with open(config, "w") as f:
             f.write(text)
-        proc = await self.spawn("owner", [*self.keyagent, "owner", "serve", "--config", config,
-                                          "--listen", "127.0.0.1:0", "--log-level", "warning"],
-                                stdout=subprocess.PIPE)
+        proc = await self.spawn(
+            "owner",
+            [*self.keyagent, "owner", "serve", "--config", config, "--listen", "127.0.0.1:0", "--log-level", "warning"],
+            stdout=subprocess.PIPE,
+        )
         proc.bench_role = "owner"  # type: ignore[attr-defined]
         self.owner_url = (await self.ready_line(proc, "owner"))["listening"]
         return self.owner_url
@@ -265,9 +277,11 @@ class Ctx:
     async def simulator(self, name: str, vm: str = "bench") -> tuple[asyncio.subprocess.Process, str]:
         path = self.path(f"{name}.qmp")
         tik, tek = self.vm_keys(vm)
-        proc = await self.spawn(name, [*self.keyagent, "simulate", "--qmp", f"unix:{path}",
-                                       "--tik", tik, "--tek", tek,
-                                       "--log-level", "warning"], stdout=subprocess.PIPE)
+        proc = await self.spawn(
+            name,
+            [*self.keyagent, "simulate", "--qmp", f"unix:{path}", "--tik", tik, "--tek", tek, "--log-level", "warning"],
+            stdout=subprocess.PIPE,
+        )
         await self.ready_line(proc, name)
         return proc, path
 
@@ -287,27 +301,36 @@ async def close_client(client) -> None:
 
 # -- launch: ratio, added latency, startup -----------------------------------------
 
+
 async def bench_launch(ctx: Ctx, n: int) -> dict:
     owner_url = await ctx.owner(["bench"])
     sim, sim_path = await ctx.simulator("launch-sim")
     control = await qmp_client(sim_path)
-    agent_argv = [*ctx.keyagent, "run", "--qmp", f"unix:{sim_path}", "--owner-url", owner_url,
-                  "--vm-name", "bench"]
-    floor_argv = [sys.executable, "-m", "agent.tools.benchfloor", "launch", "--qmp", sim_path,
-                  "--owner-url", owner_url, "--vm", "bench"]
+    agent_argv = [*ctx.keyagent, "run", "--qmp", f"unix:{sim_path}", "--owner-url", owner_url, "--vm-name", "bench"]
+    floor_argv = [
+        sys.executable,
+        "-m",
+        "agent.tools.benchfloor",
+        "launch",
+        "--qmp",
+        sim_path,
+        "--owner-url",
+        owner_url,
+        "--vm",
+        "bench",
+    ]
     seen = max(c["client"] for c in await control.execute("x-sim-query-clients"))
     samples: dict[str, list[float]] = {"agent": [], "floor": []}
     startup: list[float] = []
     try:
         for i in range(n):
-            for side in (("agent", "floor") if i % 2 == 0 else ("floor", "agent")):
+            for side in ("agent", "floor") if i % 2 == 0 else ("floor", "agent"):
                 await control.execute("x-sim-reset")
                 t_exec = time.monotonic()
-                proc = await ctx.spawn(f"launch-{side}", agent_argv if side == "agent" else floor_argv,
-                                       track=False)
+                proc = await ctx.spawn(f"launch-{side}", agent_argv if side == "agent" else floor_argv, track=False)
                 try:
                     code = await asyncio.wait_for(proc.wait(), 60)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     proc.kill()
                     await proc.wait()
                     code = -1
@@ -315,8 +338,9 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
                 mine = [c for c in clients if c["client"] > seen and c["cont"] is not None]
                 seen = max(c["client"] for c in clients)
                 if code != 0 or len(mine) != 1:
-                    raise BenchError(f"{side} launch {i + 1} failed (exit {code}); "
-                                     f"see {ctx.path(f'launch-{side}.stderr')}")
+                    raise BenchError(
+                        f"{side} launch {i + 1} failed (exit {code}); see {ctx.path(f'launch-{side}.stderr')}"
+                    )
                 rec = mine[0]
                 samples[side].append((rec["cont"] - rec["connected"]) * 1000)
                 if side == "agent":
@@ -332,24 +356,26 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
         "startup_ms": statistics.median(startup),
         "details": {
             "launches_per_side": n,
-            "agent_ms": {"p50": _r(statistics.median(agent)), "p90": _r(percentile(agent, 90)),
-                         "min": _r(min(agent))},
-            "floor_ms": {"p50": _r(statistics.median(floor)), "p90": _r(percentile(floor, 90)),
-                         "min": _r(min(floor))},
-            "startup_ms": {"p50": _r(statistics.median(startup)), "p90": _r(percentile(startup, 90)),
-                           "min": _r(min(startup)), "samples": len(startup)},
+            "agent_ms": {"p50": _r(statistics.median(agent)), "p90": _r(percentile(agent, 90)), "min": _r(min(agent))},
+            "floor_ms": {"p50": _r(statistics.median(floor)), "p90": _r(percentile(floor, 90)), "min": _r(min(floor))},
+            "startup_ms": {
+                "p50": _r(statistics.median(startup)),
+                "p90": _r(percentile(startup, 90)),
+                "min": _r(min(startup)),
+                "samples": len(startup),
+            },
         },
     }
 
 
 # -- idle RSS -----------------------------------------------------------------------------
 
+
 async def _status(control_sock: str) -> dict | None:
     from agent.io.http import HttpError, request_json
 
     try:
-        code, body = await request_json("GET", "http://localhost/v1/status", None, timeout=5,
-                                        unix_path=control_sock)
+        code, body = await request_json("GET", "http://localhost/v1/status", None, timeout=5, unix_path=control_sock)
     except HttpError:
         return None
     return body if code == 200 and isinstance(body, dict) else None
@@ -391,9 +417,15 @@ def _host_keys(ctx: Ctx) -> dict[str, list[str]]:
             other = "dst" if role == "src" else "src"
             with open(os.path.join(root, f"{other}-trusted", role), "w") as f:
                 f.write(public + "\n")
-    return {role: ["--migration-host-key", os.path.join(root, f"{role}.key"),
-                   "--migration-trusted-hosts", os.path.join(root, f"{role}-trusted")]
-            for role in ("src", "dst")}
+    return {
+        role: [
+            "--migration-host-key",
+            os.path.join(root, f"{role}.key"),
+            "--migration-trusted-hosts",
+            os.path.join(root, f"{role}-trusted"),
+        ]
+        for role in ("src", "dst")
+    }
 
 
 async def bench_idle(ctx: Ctx, reps: int) -> dict:
@@ -406,9 +438,21 @@ async def bench_idle(ctx: Ctx, reps: int) -> dict:
         for i in range(reps):
             await control.execute("x-sim-reset")
             run_dir = _run_dir(ctx, f"idle-run{i}")
-            proc = await ctx.spawn(f"idle-agent{i}", [
-                *ctx.keyagent, "run", "--qmp", f"unix:{sim_path}", "--owner-url", owner_url,
-                "--vm-name", "bench", "--vm-run-dir", run_dir])
+            proc = await ctx.spawn(
+                f"idle-agent{i}",
+                [
+                    *ctx.keyagent,
+                    "run",
+                    "--qmp",
+                    f"unix:{sim_path}",
+                    "--owner-url",
+                    owner_url,
+                    "--vm-name",
+                    "bench",
+                    "--vm-run-dir",
+                    run_dir,
+                ],
+            )
             try:
                 await _wait_launched(ctx, proc, os.path.join(run_dir, "control.sock"), f"idle-agent{i}")
                 await asyncio.sleep(1.0)
@@ -420,36 +464,47 @@ async def bench_idle(ctx: Ctx, reps: int) -> dict:
     finally:
         await close_client(control)
         await ctx.stop(sim)
-    return {"idle_rss_mb": statistics.median(rss) / 1024,
-            "details": {"rss_kb": rss, "pss_kb": pss,
-                        "pss_mb_p50": _r(statistics.median(pss) / 1024, 2)}}
+    return {
+        "idle_rss_mb": statistics.median(rss) / 1024,
+        "details": {"rss_kb": rss, "pss_kb": pss, "pss_mb_p50": _r(statistics.median(pss) / 1024, 2)},
+    }
 
 
 # -- replay ------------------------------------------------------------------------------------
+
 
 def generate_log(path: str, want_events: int) -> dict:
     """A valid event log of launch flows and migration flows, about ``want_events``
     inputs long, recorded the way the runtime records (event, then its actions)."""
     import base64
 
+    from agent.app.eventlog import EventLog
+    from agent.common.secret import Secret
     from agent.core.actions import PostOwner, SendQmp, WriteKeyDir
-    from agent.core.events import (Event, KeyDirReady, KeyProvided, OwnerReleased, QmpEvent, QmpReply,
-                                   Start)
+    from agent.core.events import Event, KeyDirReady, KeyProvided, OwnerReleased, QmpEvent, QmpReply, Start
     from agent.core.flow import Flow
     from agent.core.launch import LaunchParams, SevLaunchFlow
     from agent.core.migration import MigrationFlow, MigrationParams
-    from agent.common.secret import Secret
-    from agent.app.eventlog import EventLog
 
     log = EventLog(path)
     log.write("start", version="bench", vm="bench")
     counts = {"events": 0, "actions": 0, "flows": 0}
     measure = base64.b64encode(os.urandom(48)).decode()
     header = base64.b64encode(os.urandom(52)).decode()
-    sev = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21, "policy": 1,
-           "state": "launch-secret", "handle": 1}
-    answers = {"query-status": {"status": "prelaunch", "singlestep": False, "running": False},
-               "query-sev": sev, "query-sev-launch-measure": {"data": measure}}
+    sev = {
+        "enabled": True,
+        "api-major": 1,
+        "api-minor": 55,
+        "build-id": 21,
+        "policy": 1,
+        "state": "launch-secret",
+        "handle": 1,
+    }
+    answers = {
+        "query-status": {"status": "prelaunch", "singlestep": False, "running": False},
+        "query-sev": sev,
+        "query-sev-launch-measure": {"data": measure},
+    }
 
     def feed(fid: str, flow, event, queue: list) -> None:
         log.event(fid, event)
@@ -486,8 +541,11 @@ def generate_log(path: str, want_events: int) -> dict:
             first = [Start()]
         else:
             fid = f"migrate-{i}"
-            flow = MigrationFlow(MigrationParams(role="source", uri="tcp:10.0.0.2:4444",
-                                                 reply_to=f"ctl-{i}", creds_id=f"keyagent-tls-{fid}"))
+            flow = MigrationFlow(
+                MigrationParams(
+                    role="source", uri="tcp:10.0.0.2:4444", reply_to=f"ctl-{i}", creds_id=f"keyagent-tls-{fid}"
+                )
+            )
             first = [Start(), KeyProvided("psk", Secret(os.urandom(32)))]
         log.flow(fid, flow)
         counts["flows"] += 1
@@ -511,35 +569,40 @@ async def bench_replay(ctx: Ctx, want_events: int) -> dict:
     generate_s = time.perf_counter() - t0
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    proc = await ctx.spawn("replay", [*ctx.keyagent, "replay", path, "--check"],
-                           stdout=subprocess.PIPE, track=False)
+    proc = await ctx.spawn("replay", [*ctx.keyagent, "replay", path, "--check"], stdout=subprocess.PIPE, track=False)
     out, _ = await proc.communicate()
     wall = time.monotonic() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode != 0 or b"replay check passed" not in out:
-        raise BenchError(f"replay --check failed (exit {proc.returncode}); "
-                         f"see {ctx.path('replay.stderr')}")
+        raise BenchError(f"replay --check failed (exit {proc.returncode}); see {ctx.path('replay.stderr')}")
     page = ctx.path("replay.html")
     t0 = time.monotonic()
     html = await ctx.spawn("replay-html", [*ctx.keyagent, "replay", path, "--html", page], track=False)
     await html.wait()
     html_wall = time.monotonic() - t0
     if html.returncode != 0:
-        raise BenchError(f"replay --html failed (exit {html.returncode}); "
-                         f"see {ctx.path('replay-html.stderr')}")
-    return {"replay_events_per_s": counts["records"] / wall,
-            "replay_html_records_per_s": counts["records"] / html_wall,
-            "details": {**counts, "log_mb": _r(os.path.getsize(path) / (1 << 20), 1),
-                        "html_s": _r(html_wall), "html_mb": _r(os.path.getsize(page) / (1 << 20), 1),
-                        "process_s": _r(wall), "process_cpu_s": _r(cpu),
-                        "inputs_per_s": round(counts["events"] / wall),
-                        "records_per_cpu_s": round(counts["records"] / cpu) if cpu else None,
-                        "generate_s": _r(generate_s),
-                        "summary": out.decode(errors="replace").strip()}}
+        raise BenchError(f"replay --html failed (exit {html.returncode}); see {ctx.path('replay-html.stderr')}")
+    return {
+        "replay_events_per_s": counts["records"] / wall,
+        "replay_html_records_per_s": counts["records"] / html_wall,
+        "details": {
+            **counts,
+            "log_mb": _r(os.path.getsize(path) / (1 << 20), 1),
+            "html_s": _r(html_wall),
+            "html_mb": _r(os.path.getsize(page) / (1 << 20), 1),
+            "process_s": _r(wall),
+            "process_cpu_s": _r(cpu),
+            "inputs_per_s": round(counts["events"] / wall),
+            "records_per_cpu_s": round(counts["records"] / cpu) if cpu else None,
+            "generate_s": _r(generate_s),
+            "summary": out.decode(errors="replace").strip(),
+        },
+    }
 
 
 # -- migration on real QEMU -------------------------------------------------------------------
+
 
 def free_port() -> int:
     import socket
@@ -549,13 +612,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _qemu(ctx: Ctx, qemu: str, name: str, incoming: bool,
-                fill: str | None = None) -> tuple[Any, str, str]:
+async def _qemu(ctx: Ctx, qemu: str, name: str, incoming: bool, fill: str | None = None) -> tuple[Any, str, str]:
     agent_sock, test_sock = ctx.path(f"{name}.qmp"), ctx.path(f"{name}-test.qmp")
-    argv = [qemu, "-machine", "q35,accel=tcg", "-m", str(MIGRATION_RAM_MB), "-nodefaults",
-            "-display", "none", "-serial", "none",
-            "-qmp", f"unix:{agent_sock},server=on,wait=off",
-            "-qmp", f"unix:{test_sock},server=on,wait=off"]
+    argv = [
+        qemu,
+        "-machine",
+        "q35,accel=tcg",
+        "-m",
+        str(MIGRATION_RAM_MB),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "none",
+        "-qmp",
+        f"unix:{agent_sock},server=on,wait=off",
+        "-qmp",
+        f"unix:{test_sock},server=on,wait=off",
+    ]
     if incoming:
         argv += ["-incoming", "defer"]
     elif fill:
@@ -572,16 +646,15 @@ async def _qemu(ctx: Ctx, qemu: str, name: str, incoming: bool,
 async def _ctl(sock: str, route: str, body: dict, timeout: float = 120) -> dict:
     from agent.io.http import request_json
 
-    code, answer = await request_json("POST", f"http://localhost{route}", body,
-                                      timeout=timeout, unix_path=sock)
+    code, answer = await request_json("POST", f"http://localhost{route}", body, timeout=timeout, unix_path=sock)
     if code != 200:
         raise BenchError(f"control {route}: HTTP {code} {answer}")
     return answer
 
 
 async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | None) -> float:
-    from agent.tools.benchfloor import bare_migration
     from agent.core.dhparams import ffdhe2048_pem
+    from agent.tools.benchfloor import bare_migration
 
     procs = []
     try:
@@ -599,14 +672,25 @@ async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | N
             for role, qmp in (("src", src_sock), ("dst", dst_sock)):
                 run_dir = _run_dir(ctx, f"mig{rep}-{role}-run")
                 name = f"mig{rep}-{role}-agent"
-                proc = await ctx.spawn(name, [*ctx.keyagent, "run", "--qmp", f"unix:{qmp}",
-                                              "--vm-name", "mig", "--vm-run-dir", run_dir,
-                                              *host_keys[role],
-                                              *(["--incoming"] if role == "dst" else [])])
+                proc = await ctx.spawn(
+                    name,
+                    [
+                        *ctx.keyagent,
+                        "run",
+                        "--qmp",
+                        f"unix:{qmp}",
+                        "--vm-name",
+                        "mig",
+                        "--vm-run-dir",
+                        run_dir,
+                        *host_keys[role],
+                        *(["--incoming"] if role == "dst" else []),
+                    ],
+                )
                 procs.append(proc)
                 socks[role] = os.path.join(run_dir, "control.sock")
                 deadline = time.monotonic() + 30
-                while (not os.path.exists(socks[role]) or await _status(socks[role]) is None):
+                while not os.path.exists(socks[role]) or await _status(socks[role]) is None:
                     if proc.returncode is not None or time.monotonic() > deadline:
                         raise BenchError(f"{name} did not start; see {ctx.path(name + '.stderr')}")
                     await asyncio.sleep(0.05)
@@ -664,26 +748,33 @@ async def bench_migration(ctx: Ctx, reps: int, fill_mb: int) -> dict:
                 f.write(os.urandom(1 << 20))
     samples: dict[str, list[float]] = {"agent": [], "floor": []}
     for rep in range(reps):
-        for side in (("agent", "floor") if rep % 2 == 0 else ("floor", "agent")):
+        for side in ("agent", "floor") if rep % 2 == 0 else ("floor", "agent"):
             samples[side].append(await _one_migration(ctx, qemu, side, rep, fill))
     agent, floor = samples["agent"], samples["floor"]
     added = [a - f for a, f in zip(agent, floor)]
     # Pairs run back to back: the median of their ratios is robust to the
     # machine's drift between pairs, which a few repetitions cannot average out.
     ratios = [a / f for a, f in zip(agent, floor)]
-    return {"migration_ratio": statistics.median(ratios),
-            "details": {"migrations_per_side": reps, "max_bandwidth": MIGRATION_BANDWIDTH,
-                        "ratio_of_medians": _r(statistics.median(agent) / statistics.median(floor)),
-                        "guest_ram_mb": MIGRATION_RAM_MB, "guest_fill_mb": fill_mb,
-                        "added_ms_p50": _r(statistics.median(added), 1),
-                        "sealed_handover_ms_p50": (_r(statistics.median(ctx.handover_ms), 1)
-                                                   if ctx.handover_ms else None),
-                        "agent_ms": [_r(x, 1) for x in agent], "floor_ms": [_r(x, 1) for x in floor],
-                        "agent_ms_p50": _r(statistics.median(agent), 1),
-                        "floor_ms_p50": _r(statistics.median(floor), 1)}}
+    return {
+        "migration_ratio": statistics.median(ratios),
+        "details": {
+            "migrations_per_side": reps,
+            "max_bandwidth": MIGRATION_BANDWIDTH,
+            "ratio_of_medians": _r(statistics.median(agent) / statistics.median(floor)),
+            "guest_ram_mb": MIGRATION_RAM_MB,
+            "guest_fill_mb": fill_mb,
+            "added_ms_p50": _r(statistics.median(added), 1),
+            "sealed_handover_ms_p50": (_r(statistics.median(ctx.handover_ms), 1) if ctx.handover_ms else None),
+            "agent_ms": [_r(x, 1) for x in agent],
+            "floor_ms": [_r(x, 1) for x in floor],
+            "agent_ms_p50": _r(statistics.median(agent), 1),
+            "floor_ms_p50": _r(statistics.median(floor), 1),
+        },
+    }
 
 
 # -- density --------------------------------------------------------------------------------
+
 
 async def _resumed(client) -> None:
     async for event in client.events:
@@ -725,10 +816,28 @@ async def bench_density(ctx: Ctx, n: int) -> dict:
         try:
             for name, (_proc, path, _client) in zip(names, ok):
                 run_dir = _run_dir(ctx, f"{name}-run")
-                agents.append(await ctx.spawn(f"{name}-agent", [
-                    "/bin/sh", "-c", 'read _; exec "$@" </dev/null', "sh",
-                    *ctx.keyagent, "run", "--qmp", f"unix:{path}", "--owner-url", owner_url,
-                    "--vm-name", name, "--vm-run-dir", run_dir], stdin=gate_r))
+                agents.append(
+                    await ctx.spawn(
+                        f"{name}-agent",
+                        [
+                            "/bin/sh",
+                            "-c",
+                            'read _; exec "$@" </dev/null',
+                            "sh",
+                            *ctx.keyagent,
+                            "run",
+                            "--qmp",
+                            f"unix:{path}",
+                            "--owner-url",
+                            owner_url,
+                            "--vm-name",
+                            name,
+                            "--vm-run-dir",
+                            run_dir,
+                        ],
+                        stdin=gate_r,
+                    )
+                )
         finally:
             os.close(gate_r)
         spawned = time.monotonic() - t_spawn
@@ -757,23 +866,30 @@ async def bench_density(ctx: Ctx, n: int) -> dict:
         for client in clients:
             await close_client(client)
         await asyncio.gather(*(ctx.stop(s) for s in sims), return_exceptions=True)
-    return {"density_launch_p99_ms": percentile(launch_ms, 99),
-            "density_rss_mb_total": sum(r for r, _ in rss) / 1024,
-            "details": {"vms": n, "alive_after_launch": alive,
-                        "launch_ms": {"p50": _r(statistics.median(launch_ms)),
-                                      "p90": _r(percentile(launch_ms, 90)),
-                                      "p99": _r(percentile(launch_ms, 99)),
-                                      "max": _r(max(launch_ms))},
-                        # measurement in hand -> packet injected: the owner's round trip
-                        "owner_round_trip_ms": {"p50": _r(statistics.median(owner_ms)),
-                                                "p99": _r(percentile(owner_ms, 99))},
-                        "spawn_gated_ms": _r(spawned * 1000, 1),
-                        "exec_to_last_cont_ms": _r(makespan, 1),
-                        "pss_mb_total": _r(sum(p for _, p in rss) / 1024, 1),
-                        "rss_mb_per_sidecar_p50": _r(statistics.median(r for r, _ in rss) / 1024, 2)}}
+    return {
+        "density_launch_p99_ms": percentile(launch_ms, 99),
+        "density_rss_mb_total": sum(r for r, _ in rss) / 1024,
+        "details": {
+            "vms": n,
+            "alive_after_launch": alive,
+            "launch_ms": {
+                "p50": _r(statistics.median(launch_ms)),
+                "p90": _r(percentile(launch_ms, 90)),
+                "p99": _r(percentile(launch_ms, 99)),
+                "max": _r(max(launch_ms)),
+            },
+            # measurement in hand -> packet injected: the owner's round trip
+            "owner_round_trip_ms": {"p50": _r(statistics.median(owner_ms)), "p99": _r(percentile(owner_ms, 99))},
+            "spawn_gated_ms": _r(spawned * 1000, 1),
+            "exec_to_last_cont_ms": _r(makespan, 1),
+            "pss_mb_total": _r(sum(p for _, p in rss) / 1024, 1),
+            "rss_mb_per_sidecar_p50": _r(statistics.median(r for r, _ in rss) / 1024, 2),
+        },
+    }
 
 
 # -- the run -----------------------------------------------------------------------------------
+
 
 def _selected(only: str | None) -> list[str]:
     if not only:
@@ -806,12 +922,13 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
     details: dict[str, Any] = {}
     skipped: dict[str, str] = {k: "not selected (--only)" for k in TARGETS if k not in keys}
     errors: dict[str, str] = {}
-    runners = {"launch": lambda: bench_launch(ctx, counts["launches"]),
-               "idle": lambda: bench_idle(ctx, counts["idle"]),
-               "replay": lambda: bench_replay(ctx, counts["replay_events"]),
-               "migration": lambda: bench_migration(ctx, counts["migrations"],
-                                                    counts["migration_fill_mb"]),
-               "density": lambda: bench_density(ctx, counts["density"])}
+    runners = {
+        "launch": lambda: bench_launch(ctx, counts["launches"]),
+        "idle": lambda: bench_idle(ctx, counts["idle"]),
+        "replay": lambda: bench_replay(ctx, counts["replay_events"]),
+        "migration": lambda: bench_migration(ctx, counts["migrations"], counts["migration_fill_mb"]),
+        "density": lambda: bench_density(ctx, counts["density"]),
+    }
     try:
         for group, members in GROUPS.items():
             if not any(k in keys for k in members):
@@ -830,8 +947,7 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
             for k in members:
                 if k in keys:
                     figures[k] = result[k]
-            details[group] = {**result.get("details", {}),
-                              "seconds": round(time.monotonic() - t0, 1)}
+            details[group] = {**result.get("details", {}), "seconds": round(time.monotonic() - t0, 1)}
     finally:
         await ctx.stop_all()
     return figures, details, skipped, errors
@@ -842,19 +958,24 @@ def run(args) -> int:
 
     setup_logging("error")
     keys = _selected(args.only)
-    counts = {"launches": _count(args, "launches", "launches", 1),
-              "density": _count(args, "density", "density", 1),
-              "migrations": _count(args, "migrations", "migrations", 1),
-              "replay_events": _count(args, "replay_events", "replay_events", 10),
-              "idle": (SMOKE if args.smoke else FULL)["idle"],
-              "migration_fill_mb": (args.migration_fill_mb if args.migration_fill_mb is not None
-                                    else MIGRATION_FILL_MB["smoke" if args.smoke else "full"])}
+    counts = {
+        "launches": _count(args, "launches", "launches", 1),
+        "density": _count(args, "density", "density", 1),
+        "migrations": _count(args, "migrations", "migrations", 1),
+        "replay_events": _count(args, "replay_events", "replay_events", 10),
+        "idle": (SMOKE if args.smoke else FULL)["idle"],
+        "migration_fill_mb": (
+            args.migration_fill_mb
+            if args.migration_fill_mb is not None
+            else MIGRATION_FILL_MB["smoke" if args.smoke else "full"]
+        ),
+    }
     if not 0 <= counts["migration_fill_mb"] <= MIGRATION_RAM_MB - 32:
         raise UsageError(f"--migration-fill-mb must be 0..{MIGRATION_RAM_MB - 32}")
     # Short: unix socket paths are limited to 107 bytes.
     work = tempfile.mkdtemp(prefix="kab-", dir="/tmp")
     os.chmod(work, 0o700)
-    began = datetime.datetime.now(datetime.timezone.utc)
+    began = datetime.datetime.now(datetime.UTC)
     machine = machine_info()
     t0 = time.monotonic()
     ctx = Ctx(work=work, keyagent=keyagent_argv())
@@ -906,46 +1027,57 @@ def _notes(key: str, report: dict) -> str:
         return f"failed: {report['errors'][key]}"
     if key in ("launch_ratio", "launch_added_ms_p50") and "launch" in d:
         x = d["launch"]
-        return (f"agent {x['agent_ms']['p50']:.2f} ms / floor {x['floor_ms']['p50']:.2f} ms, "
-                f"{x['launches_per_side']} launches each")
+        return (
+            f"agent {x['agent_ms']['p50']:.2f} ms / floor {x['floor_ms']['p50']:.2f} ms, "
+            f"{x['launches_per_side']} launches each"
+        )
     if key == "startup_ms" and "launch" in d:
         return f"{d['launch']['startup_ms']['samples']} starts, p90 {d['launch']['startup_ms']['p90']:.0f} ms"
     if key == "idle_rss_mb" and "idle" in d:
         return f"PSS {d['idle']['pss_mb_p50']:.1f} MB"
     if key == "replay_events_per_s" and "replay" in d:
         x = d["replay"]
-        return (f"records/s: {x['records']:,} records ({x['events']:,} recorded events, "
-                f"{x['actions']:,} actions) in {x['process_s']:.2f} s; recorded events alone "
-                f"{x['inputs_per_s']:,}/s; {x['records_per_cpu_s']:,} records per CPU-second")
+        return (
+            f"records/s: {x['records']:,} records ({x['events']:,} recorded events, "
+            f"{x['actions']:,} actions) in {x['process_s']:.2f} s; recorded events alone "
+            f"{x['inputs_per_s']:,}/s; {x['records_per_cpu_s']:,} records per CPU-second"
+        )
     if key == "replay_html_records_per_s" and "replay" in d:
         x = d["replay"]
         return f"{x['records']:,} records drawn in {x['html_s']:.2f} s, a {x['html_mb']:.1f} MB page"
     if key == "migration_ratio" and "migration" in d:
         x = d["migration"]
-        return (f"agent {x['agent_ms_p50']:.0f} ms / floor {x['floor_ms_p50']:.0f} ms "
-                f"(+{x['added_ms_p50']:.0f} ms), {x['migrations_per_side']} each, guest "
-                f"{x['guest_ram_mb']} MiB RAM with {x['guest_fill_mb']} MiB in use")
+        return (
+            f"agent {x['agent_ms_p50']:.0f} ms / floor {x['floor_ms_p50']:.0f} ms "
+            f"(+{x['added_ms_p50']:.0f} ms), {x['migrations_per_side']} each, guest "
+            f"{x['guest_ram_mb']} MiB RAM with {x['guest_fill_mb']} MiB in use"
+        )
     if key.startswith("density") and "density" in d:
         x = d["density"]
         if key == "density_launch_p99_ms":
-            return (f"{x['vms']} VMs exec'd at once: p50 {x['launch_ms']['p50']:.1f} ms, of "
-                    f"which owner round trip p50 {x['owner_round_trip_ms']['p50']:.1f} ms; "
-                    f"exec->last cont {x['exec_to_last_cont_ms']:.0f} ms")
+            return (
+                f"{x['vms']} VMs exec'd at once: p50 {x['launch_ms']['p50']:.1f} ms, of "
+                f"which owner round trip p50 {x['owner_round_trip_ms']['p50']:.1f} ms; "
+                f"exec->last cont {x['exec_to_last_cont_ms']:.0f} ms"
+            )
         return f"PSS total {x['pss_mb_total']:.0f} MB, {x['rss_mb_per_sidecar_p50']:.1f} MB each"
     return ""
 
 
 def format_table(report: dict) -> str:
     m = report["machine"]
-    lines = [f"keyagent bench ({report['mode']}), {report['date']}, {m['nproc']} x {m['cpu']}, "
-             f"{m['memory']}, Python {m['python']}, Linux {m['kernel']}, "
-             f"load {' '.join(map(str, m['loadavg_at_start']))}",
-             "",
-             "| key | value | target | met | notes |",
-             "| --- | ---: | --- | --- | --- |"]
+    lines = [
+        f"keyagent bench ({report['mode']}), {report['date']}, {m['nproc']} x {m['cpu']}, "
+        f"{m['memory']}, Python {m['python']}, Linux {m['kernel']}, "
+        f"load {' '.join(map(str, m['loadavg_at_start']))}",
+        "",
+        "| key | value | target | met | notes |",
+        "| --- | ---: | --- | --- | --- |",
+    ]
     for key in TARGETS:
         ok = report["targets_met"][key]
         mark = "-" if ok is None else ("yes" if ok else "no")
-        lines.append(f"| {key} | {_fmt(key, report[key])} | {report['targets'][key]} | {mark} | "
-                     f"{_notes(key, report)} |")
+        lines.append(
+            f"| {key} | {_fmt(key, report[key])} | {report['targets'][key]} | {mark} | {_notes(key, report)} |"
+        )
     return "\n".join(lines)

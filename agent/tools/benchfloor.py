@@ -39,8 +39,7 @@ def _post_json(url: str, body: dict, timeout: float) -> tuple[int, dict]:
     assert parts.hostname is not None  # the script's own owner URL
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
     try:
-        conn.request("POST", parts.path, json.dumps(body),
-                     {"Content-Type": "application/json", "Connection": "close"})
+        conn.request("POST", parts.path, json.dumps(body), {"Content-Type": "application/json", "Connection": "close"})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
     finally:
@@ -63,9 +62,14 @@ async def bare_launch(qmp_path: str, owner_url: str, vm: str, timeout: float = 1
                 break
             except Exception:
                 await asyncio.sleep(0.1)
-        body = {"vm": vm, "measurement": measure["data"], "api_major": sev["api-major"],
-                "api_minor": sev["api-minor"], "build_id": sev["build-id"],
-                "policy": sev["policy"]}
+        body = {
+            "vm": vm,
+            "measurement": measure["data"],
+            "api_major": sev["api-major"],
+            "api_minor": sev["api-minor"],
+            "build_id": sev["build-id"],
+            "policy": sev["policy"],
+        }
         code, answer = _post_json(owner_url.rstrip("/") + "/v1/secret", body, timeout)
         if code != 200:
             await client.execute("quit")
@@ -97,8 +101,7 @@ async def _wait_status(events, final=("completed", "failed", "cancelled")) -> st
     return "disconnected"
 
 
-async def bare_migration(src: QMPClient, dst: QMPClient, uri: str, key_root: str,
-                         dh_params_pem: bytes) -> str:
+async def bare_migration(src: QMPClient, dst: QMPClient, uri: str, key_root: str, dh_params_pem: bytes) -> str:
     """TLS-PSK migration with the agent's QMP calls, in the agent's order.
 
     ``src`` and ``dst`` are connected clients; ``key_root`` a 0700 directory
@@ -106,28 +109,28 @@ async def bare_migration(src: QMPClient, dst: QMPClient, uri: str, key_root: str
     """
     psk_line = b"qemu:" + os.urandom(32).hex().encode() + b"\n"
     dst_dir, src_dir = os.path.join(key_root, "dst"), os.path.join(key_root, "src")
-    caps = {"capabilities": [{"capability": "events", "state": True},
-                             {"capability": "multifd", "state": False}]}
+    caps = {"capabilities": [{"capability": "events", "state": True}, {"capability": "multifd", "state": False}]}
     src_events, dst_events = src.events, dst.events
     src_events.clear()
     dst_events.clear()
     # Destination: keys.psk + dh-params.pem, server creds, listen.
     _write_key_dir(dst_dir, {"keys.psk": psk_line, "dh-params.pem": dh_params_pem})
-    await dst.execute("object-add", {"qom-type": "tls-creds-psk", "id": "floor-tls",
-                                     "dir": dst_dir, "endpoint": "server"})
+    await dst.execute(
+        "object-add", {"qom-type": "tls-creds-psk", "id": "floor-tls", "dir": dst_dir, "endpoint": "server"}
+    )
     await dst.execute("migrate-set-capabilities", caps)
     await dst.execute("migrate-set-parameters", {"tls-creds": "floor-tls"})
     await dst.execute("migrate-incoming", {"uri": uri})
     # Source: client creds (the file goes right after object-add), migrate.
     _write_key_dir(src_dir, {"keys.psk": psk_line})
-    await src.execute("object-add", {"qom-type": "tls-creds-psk", "id": "floor-tls",
-                                     "dir": src_dir, "endpoint": "client"})
+    await src.execute(
+        "object-add", {"qom-type": "tls-creds-psk", "id": "floor-tls", "dir": src_dir, "endpoint": "client"}
+    )
     shutil.rmtree(src_dir)
     await src.execute("migrate-set-capabilities", caps)
     await src.execute("migrate-set-parameters", {"tls-creds": "floor-tls"})
     await src.execute("migrate", {"uri": uri})
-    src_status, dst_status = await asyncio.gather(_wait_status(src_events),
-                                                  _wait_status(dst_events))
+    src_status, dst_status = await asyncio.gather(_wait_status(src_events), _wait_status(dst_events))
     for client in (src, dst):
         await client.execute("migrate-set-parameters", {"tls-creds": ""})
         await client.execute("object-del", {"id": "floor-tls"})

@@ -42,9 +42,10 @@ async def _owner(d: Path, name: str, owner_digest: bytes):
     shared_amd().write_roots(str(d / "roots"))
     (d / "owner.toml").write_text(
         f'[platform]\namd_roots = "roots"\n\n'
-        f'[vm.{name}]\nsession = true\npolicy = 1\n'
+        f"[vm.{name}]\nsession = true\npolicy = 1\n"
         f'digest = "{owner_digest.hex()}"\n'
-        f'[[vm.{name}.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n')
+        f'[[vm.{name}.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n'
+    )
     owner = HttpServer(OwnerService(load_owner_config(d / "owner.toml")).handle)
     host, port = await owner.start_tcp("127.0.0.1", 0)
     return owner, f"http://{host}:{port}"
@@ -56,8 +57,12 @@ async def _ask_session(url: str, name: str, platform) -> tuple[int, dict]:
 
     from agent.io.http import request_json
 
-    body = {"vm": name, "policy": 1, "pdh": base64.b64encode(platform.pdh_cert.to_bytes()).decode(),
-            "cert_chain": base64.b64encode(platform.chain.to_bytes()).decode()}
+    body = {
+        "vm": name,
+        "policy": 1,
+        "pdh": base64.b64encode(platform.pdh_cert.to_bytes()).decode(),
+        "cert_chain": base64.b64encode(platform.chain.to_bytes()).decode(),
+    }
     return await request_json("POST", url + "/v1/session", body, timeout=10)
 
 
@@ -86,11 +91,13 @@ async def _launch(work: Path, name: str, owner_digest: bytes, firmware_digest: b
         async with Simulator(sim_cfg, qmp_path) as sim:
             cfg = load_config(None, {"vm_name": name, "sev_owner_url": url, "sev_timeout_s": "10"})
             events = str(d / "events.jsonl")
-            sidecar = Sidecar(cfg, SidecarOptions(qmp_path=qmp_path, control_path=None,
-                                                  event_log=events))
+            sidecar = Sidecar(cfg, SidecarOptions(qmp_path=qmp_path, control_path=None, event_log=events))
             code = await sidecar.run()
-            state = {"status": sim.status, "secret_entries": len(sim.injected_entries),
-                     "resumed_without_secret": sim.cont_before_secret}
+            state = {
+                "status": sim.status,
+                "secret_entries": len(sim.injected_entries),
+                "resumed_without_secret": sim.cont_before_secret,
+            }
     finally:
         await owner.close()
     return code, events, state
@@ -124,9 +131,11 @@ def _show(result: tuple[int, str, dict]) -> tuple[int, dict]:
     records = list(read_records(events))
     print_timeline(records, sys.stdout)
     entries = state["secret_entries"]
-    print(f"agent exit status {code}; VM {state['status']}"
-          f"{'' if state['status'] == 'running' else ' (never resumed)'}, "
-          f"{entries} secret entr{'y' if entries == 1 else 'ies'} injected")
+    print(
+        f"agent exit status {code}; VM {state['status']}"
+        f"{'' if state['status'] == 'running' else ' (never resumed)'}, "
+        f"{entries} secret entr{'y' if entries == 1 else 'ies'} injected"
+    )
     print(check(records))
     return code, state
 
@@ -155,6 +164,5 @@ def run(args) -> int:
         ok &= status == 403 and str(answer.get("error", "")).startswith("platform not verified")
 
     _section("result")
-    print("demo passed: the VM ran only with a released secret, on a verified platform" if ok
-          else "demo FAILED")
+    print("demo passed: the VM ran only with a released secret, on a verified platform" if ok else "demo FAILED")
     return 0 if ok else 1

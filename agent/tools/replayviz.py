@@ -46,8 +46,9 @@ import os
 import re
 import tempfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from agent.common.errors import UsageError
 
@@ -55,8 +56,7 @@ from agent.common.errors import UsageError
 
 CONTROL, AGENT, QEMU, OWNER, SWTPM = "control", "agent", "qemu", "owner", "swtpm"
 LANES = (CONTROL, AGENT, QEMU, OWNER, SWTPM)
-LANE_NAMES = {CONTROL: "control peer", AGENT: "agent", QEMU: "QEMU", OWNER: "guest owner",
-              SWTPM: "swtpm"}
+LANE_NAMES = {CONTROL: "control peer", AGENT: "agent", QEMU: "QEMU", OWNER: "guest owner", SWTPM: "swtpm"}
 LANE_X = {CONTROL: 150, AGENT: 330, QEMU: 610, OWNER: 880, SWTPM: 1070}
 WIDTH = 1150
 GUTTER = 92  # the elapsed-time column
@@ -100,8 +100,7 @@ def tx(text: str) -> str:
 
 
 def is_redacted(value: Any) -> bool:
-    return (isinstance(value, dict) and len(value) == 1 and "redacted" in value
-            and type(value["redacted"]) is int)
+    return isinstance(value, dict) and len(value) == 1 and "redacted" in value and type(value["redacted"]) is int
 
 
 def show(value: Any, depth: int = 0) -> str:
@@ -119,8 +118,11 @@ def show(value: Any, depth: int = 0) -> str:
     if depth > 12:
         return "…"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {show(v, depth + 1)}"
-                               for k, v in value.items()) + "}"
+        return (
+            "{"
+            + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {show(v, depth + 1)}" for k, v in value.items())
+            + "}"
+        )
     if isinstance(value, list):
         return "[" + ", ".join(show(v, depth + 1) for v in value) + "]"
     try:
@@ -163,6 +165,7 @@ def elapsed(seconds: float) -> str:
 
 
 # -- the model --------------------------------------------------------------------------------
+
 
 @dataclass
 class Step:
@@ -245,6 +248,7 @@ class Report:
 
 # -- records to steps -------------------------------------------------------------------------
 
+
 def _tag_command(tag: Any, commands: dict) -> str:
     if isinstance(tag, str):
         if tag in commands:
@@ -273,57 +277,72 @@ def _event_step(r: dict, ev: Any, commands: dict) -> Step:
         return Step(t, seq, QEMU, AGENT, f"↩ {cmd} {kv(res, 44)}".rstrip(), detail, "reply")
     if typ == "QmpError":
         cmd = _tag_command(ev.get("tag"), commands)
-        return Step(t, seq, QEMU, AGENT, short(f"✗ {cmd}: {ev.get('desc', '')}", 60), detail,
-                    "err", bad=True)
+        return Step(t, seq, QEMU, AGENT, short(f"✗ {cmd}: {ev.get('desc', '')}", 60), detail, "err", bad=True)
     if typ == "QmpEvent":
         name = str(ev.get("name", "?"))
         data = ev.get("data")
         status = data.get("status") if isinstance(data, dict) else None
         bad = name in ("SHUTDOWN", "GUEST_PANICKED") or status in ("failed", "cancelled")
-        return Step(t, seq, QEMU, AGENT, f"{name} {kv(data, 40)}".rstrip(), detail,
-                    "qevent err" if bad else "qevent", bad=bad)
+        return Step(
+            t, seq, QEMU, AGENT, f"{name} {kv(data, 40)}".rstrip(), detail, "qevent err" if bad else "qevent", bad=bad
+        )
     if typ == "QmpDisconnected":
-        return Step(t, seq, QEMU, AGENT, short(f"✗ QMP disconnected: {ev.get('reason', '')}", 60),
-                    detail, "err", bad=True)
+        return Step(
+            t, seq, QEMU, AGENT, short(f"✗ QMP disconnected: {ev.get('reason', '')}", 60), detail, "err", bad=True
+        )
     if typ == "QmpConnected":
-        return Step(t, seq, QEMU, AGENT, short(f"QMP connected {ev.get('qemu_version', '')}", 60),
-                    detail, "reply")
+        return Step(t, seq, QEMU, AGENT, short(f"QMP connected {ev.get('qemu_version', '')}", 60), detail, "reply")
     if typ == "OwnerReleased":
         gpa = ev.get("gpa")
         label = f"200 released: secret {show(ev.get('secret'))}" + (f" gpa={gpa}" if gpa is not None else "")
         return Step(t, seq, OWNER, AGENT, short(label, 80), detail, "reply ok")
     if typ == "OwnerRefused":
-        return Step(t, seq, OWNER, AGENT, short(f"✗ {ev.get('status')} {ev.get('error', '')}", 80),
-                    detail, "err", bad=True)
+        return Step(
+            t, seq, OWNER, AGENT, short(f"✗ {ev.get('status')} {ev.get('error', '')}", 80), detail, "err", bad=True
+        )
     if typ == "OwnerFailed":
-        return Step(t, seq, OWNER, AGENT, short(f"✗ {ev.get('reason', '')}", 80), detail,
-                    "err dashed", bad=True)
+        return Step(t, seq, OWNER, AGENT, short(f"✗ {ev.get('reason', '')}", 80), detail, "err dashed", bad=True)
     if typ == "ControlRequest":
-        return Step(t, seq, CONTROL, AGENT, short(f"{ev.get('verb', '?')} {kv(ev.get('args'))}", 34),
-                    detail, "ctl")
+        return Step(t, seq, CONTROL, AGENT, short(f"{ev.get('verb', '?')} {kv(ev.get('args'))}", 34), detail, "ctl")
     if typ == "TimerFired":
         timer = ev.get("name")
         bad = timer not in ("retry", "poll")
-        return Step(t, seq, AGENT, AGENT, f"timer {timer} fired", detail,
-                    "timer err" if bad else "timer", "note", bad=bad)
+        return Step(
+            t, seq, AGENT, AGENT, f"timer {timer} fired", detail, "timer err" if bad else "timer", "note", bad=bad
+        )
     if typ == "Start":
         return Step(t, seq, AGENT, AGENT, "start", detail, "minor", "note")
     if typ == "KeyProvided":
-        return Step(t, seq, AGENT, AGENT, f"key {ev.get('name')} {show(ev.get('key'))}", detail,
-                    "key", "note")
+        return Step(t, seq, AGENT, AGENT, f"key {ev.get('name')} {show(ev.get('key'))}", detail, "key", "note")
     if typ == "KeyDirReady":
         return Step(t, seq, AGENT, AGENT, f"key dir {ev.get('name')} ready", detail, "minor", "note")
     if typ == "KeyDirFailed":
-        return Step(t, seq, AGENT, AGENT, short(f"✗ key dir {ev.get('name')} failed {kv(rest)}", 80),
-                    detail, "err", "note", bad=True)
+        return Step(
+            t,
+            seq,
+            AGENT,
+            AGENT,
+            short(f"✗ key dir {ev.get('name')} failed {kv(rest)}", 80),
+            detail,
+            "err",
+            "note",
+            bad=True,
+        )
     if typ == "KeyringReady":
         return Step(t, seq, AGENT, AGENT, f"keyring {ev.get('name')} ready", detail, "minor", "note")
     if typ.startswith("Keyring") and "Fail" in typ:
         return Step(t, seq, AGENT, AGENT, short(f"✗ {typ} {kv(rest)}", 80), detail, "err", "note", bad=True)
     lane = _lane_of_type(typ)
     if lane:
-        return Step(t, seq, lane, AGENT, short(f"{typ} {kv(rest)}", 60), detail,
-                    "err" if "Fail" in typ or "Exit" in typ else "reply")
+        return Step(
+            t,
+            seq,
+            lane,
+            AGENT,
+            short(f"{typ} {kv(rest)}", 60),
+            detail,
+            "err" if "Fail" in typ or "Exit" in typ else "reply",
+        )
     return Step(t, seq, AGENT, AGENT, short(f"{typ} {kv(rest)}", 80), detail, "", "note")
 
 
@@ -341,11 +360,19 @@ def _action_step(r: dict, act: Any, commands: dict) -> Step:
         args = act.get("args")
         return Step(t, seq, AGENT, QEMU, f"{cmd} {kv(args, 40)}".rstrip(), detail, "cmd")
     if typ == "PostOwner":
-        return Step(t, seq, AGENT, OWNER, f"POST {act.get('path', '?')} {kv(act.get('body'), 60)}".rstrip(),
-                    detail, "req")
+        return Step(
+            t, seq, AGENT, OWNER, f"POST {act.get('path', '?')} {kv(act.get('body'), 60)}".rstrip(), detail, "req"
+        )
     if typ == "ControlReply":
-        return Step(t, seq, AGENT, CONTROL, short(f"{act.get('status')} {kv(act.get('body'))}", 34),
-                    detail, "ctl" if act.get("status") in (200, None) else "ctl err")
+        return Step(
+            t,
+            seq,
+            AGENT,
+            CONTROL,
+            short(f"{act.get('status')} {kv(act.get('body'))}", 34),
+            detail,
+            "ctl" if act.get("status") in (200, None) else "ctl err",
+        )
     if typ == "Log":
         level = str(act.get("level", "info"))
         text = str(act.get("message", ""))
@@ -355,26 +382,44 @@ def _action_step(r: dict, act: Any, commands: dict) -> Step:
         cls = {"error": "log err", "warning": "log warn", "debug": "log minor"}.get(level, "log")
         return Step(t, seq, AGENT, AGENT, short(f"log {level}: {text}", 96), detail, cls, "note")
     if typ == "ArmTimer":
-        return Step(t, seq, AGENT, AGENT, f"timer arm {act.get('name')} {act.get('seconds')} s", detail,
-                    "minor", "note")
+        return Step(
+            t, seq, AGENT, AGENT, f"timer arm {act.get('name')} {act.get('seconds')} s", detail, "minor", "note"
+        )
     if typ == "CancelTimer":
         return Step(t, seq, AGENT, AGENT, f"timer cancel {act.get('name')}", detail, "minor", "note")
     if typ == "Finish":
         code = act.get("code")
-        return Step(t, seq, AGENT, AGENT, short(f"■ finish {code}: {act.get('reason', '')}", 96), detail,
-                    "finish ok" if code == 0 else "finish err", "note")
+        return Step(
+            t,
+            seq,
+            AGENT,
+            AGENT,
+            short(f"■ finish {code}: {act.get('reason', '')}", 96),
+            detail,
+            "finish ok" if code == 0 else "finish err",
+            "note",
+        )
     if typ == "WriteKeyDir":
         files = act.get("files")
-        what = ", ".join(f"{k} {show(v) if is_redacted(v) else '(public)'}"
-                         for k, v in files.items()) if isinstance(files, dict) else show(files)
-        return Step(t, seq, AGENT, AGENT, short(f"write key dir {act.get('name')}: {what}", 96), detail,
-                    "key", "note")
+        what = (
+            ", ".join(f"{k} {show(v) if is_redacted(v) else '(public)'}" for k, v in files.items())
+            if isinstance(files, dict)
+            else show(files)
+        )
+        return Step(t, seq, AGENT, AGENT, short(f"write key dir {act.get('name')}: {what}", 96), detail, "key", "note")
     if typ == "RemoveKeyDir":
         return Step(t, seq, AGENT, AGENT, f"remove key dir {act.get('name')}", detail, "key", "note")
     if typ == "KeyringAdd":
-        return Step(t, seq, AGENT, AGENT,
-                    short(f"keyring add {act.get('description')} {show(act.get('key'))}", 96),
-                    detail, "key", "note")
+        return Step(
+            t,
+            seq,
+            AGENT,
+            AGENT,
+            short(f"keyring add {act.get('description')} {show(act.get('key'))}", 96),
+            detail,
+            "key",
+            "note",
+        )
     if typ == "KeyringDrop":
         return Step(t, seq, AGENT, AGENT, f"keyring drop {act.get('name')}", detail, "key", "note")
     lane = _lane_of_type(typ)
@@ -496,8 +541,9 @@ def build(logs: Iterable[tuple[str, list[dict]]]) -> Report:
                 state = tracker.feed(ev) if tracker is not None else None
                 if state is not None and state != states[key]:
                     states[key] = state
-                    fv.steps.append(Step(r["t"], r["seq"], AGENT, AGENT, state, "flow state: " + state,
-                                         "state", "state"))
+                    fv.steps.append(
+                        Step(r["t"], r["seq"], AGENT, AGENT, state, "flow state: " + state, "state", "state")
+                    )
             else:
                 act = r.get("action")
                 fv.steps.append(_action_step(r, act, commands[key]))
@@ -522,7 +568,7 @@ def _parse_wall(value: Any) -> float | None:
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
+        when = when.replace(tzinfo=datetime.UTC)
     return when.timestamp()
 
 
@@ -532,7 +578,7 @@ def start_text(fv: FlowView) -> str:
     if fv.wall0 is None:
         return f"{fv.t0:.3f} s"
     try:
-        when = datetime.datetime.fromtimestamp(fv.wall0 + fv.t0, datetime.timezone.utc)
+        when = datetime.datetime.fromtimestamp(fv.wall0 + fv.t0, datetime.UTC)
     except (OverflowError, ValueError, OSError):  # a hand-made start record
         return f"{fv.t0:.3f} s"
     return when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
@@ -552,6 +598,7 @@ def _assign_ids(flows: list[FlowView]) -> None:
 
 # -- folding ----------------------------------------------------------------------------------
 
+
 def fold(steps: list[Step]) -> list[Step | Group]:
     """Runs of identical consecutive steps (or of a repeated unit of up to
     ``MAX_PERIOD`` steps: send, error, retry timer...) become one Group."""
@@ -564,16 +611,16 @@ def fold(steps: list[Step]) -> list[Step | Group]:
         for p in range(1, MAX_PERIOD + 1):
             if i + 2 * p > n:
                 break
-            if ids[i:i + p] != ids[i + p:i + 2 * p]:
+            if ids[i : i + p] != ids[i + p : i + 2 * p]:
                 continue
             reps = 2
-            while i + (reps + 1) * p <= n and ids[i + reps * p:i + (reps + 1) * p] == ids[i:i + p]:
+            while i + (reps + 1) * p <= n and ids[i + reps * p : i + (reps + 1) * p] == ids[i : i + p]:
                 reps += 1
             if reps * p > best_reps * max(best_p, 1):
                 best_p, best_reps = p, reps
         if best_p:
-            span = steps[i:i + best_reps * best_p]
-            out.append(Group(steps[i:i + best_p], best_reps, span[0].t, span[-1].t))
+            span = steps[i : i + best_reps * best_p]
+            out.append(Group(steps[i : i + best_p], best_reps, span[0].t, span[-1].t))
             i += best_reps * best_p
         else:
             out.append(steps[i])
@@ -625,8 +672,15 @@ DEFS = "".join(
     f'<marker id="ka-head{suffix}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" '
     f'markerHeight="9" markerUnits="userSpaceOnUse" orient="auto-start-reverse">'
     f'<path d="M0,0L10,5L0,10z" fill="{colour}"/></marker>'
-    for suffix, colour in (("", "#3d6bd8"), ("-grey", "#6a737d"), ("-purple", "#8250df"),
-                           ("-green", "#1a7f37"), ("-amber", "#bf8700"), ("-red", "#cf222e")))
+    for suffix, colour in (
+        ("", "#3d6bd8"),
+        ("-grey", "#6a737d"),
+        ("-purple", "#8250df"),
+        ("-green", "#1a7f37"),
+        ("-amber", "#bf8700"),
+        ("-red", "#cf222e"),
+    )
+)
 
 
 def _rows(fv: FlowView) -> list[Step | Group]:
@@ -642,15 +696,24 @@ def _make_rows(fv: FlowView) -> list[Step | Group]:
     if fv.fail_at is not None:
         failing = steps[fv.fail_at] = dataclasses.replace(steps[fv.fail_at])
         failing.cls += " failing"
-        steps.insert(fv.fail_at + 1, Step(failing.t, failing.seq, AGENT, AGENT,
-                                          f"✗ failed here: {fv.reason}", fv.reason, "fail", "fail"))
+        steps.insert(
+            fv.fail_at + 1,
+            Step(failing.t, failing.seq, AGENT, AGENT, f"✗ failed here: {fv.reason}", fv.reason, "fail", "fail"),
+        )
     items = fold(steps)
     if len(items) > MAX_FLOW_ROWS:
         left = len(items) - HEAD_ROWS - TAIL_ROWS
         first = items[HEAD_ROWS]
-        gap = Step(first.t if isinstance(first, Step) else first.t_first,
-                   0, AGENT, AGENT, f"… {left} more rows left out here (keyagent replay LOG prints them all) …",
-                   "", "gap", "gap")
+        gap = Step(
+            first.t if isinstance(first, Step) else first.t_first,
+            0,
+            AGENT,
+            AGENT,
+            f"… {left} more rows left out here (keyagent replay LOG prints them all) …",
+            "",
+            "gap",
+            "gap",
+        )
         items = items[:HEAD_ROWS] + [gap] + items[-TAIL_ROWS:]
     return items
 
@@ -675,31 +738,39 @@ def _step_svg(s: Step, y: float, t0: float, out: list[str], times: int = 1) -> f
         suffix = f"  ×{count}" if count > 1 else ""
         label = short(s.label, max(room - len(suffix), 12)) + suffix
         tag = "err" if "err" in s.cls or "failing" in s.cls else ""
-        out.append(f'<g class="step{" failing" if "failing" in s.cls else ""}">{title}'
-                   f'<line class="arrow {esc(s.cls)}" x1="{x1 + 3 * sign}" y1="{ly:.0f}" '
-                   f'x2="{x2 - 3 * sign}" y2="{ly:.0f}"/>'
-                   f'<text class="label halo {tag}" x="{mid:.0f}" y="{ly - 5:.0f}">{tx(label)}</text></g>')
+        out.append(
+            f'<g class="step{" failing" if "failing" in s.cls else ""}">{title}'
+            f'<line class="arrow {esc(s.cls)}" x1="{x1 + 3 * sign}" y1="{ly:.0f}" '
+            f'x2="{x2 - 3 * sign}" y2="{ly:.0f}"/>'
+            f'<text class="label halo {tag}" x="{mid:.0f}" y="{ly - 5:.0f}">{tx(label)}</text></g>'
+        )
     elif s.row == "note":
         x = LANE_X[s.src]
         label = s.label + (f"  ×{count}" if count > 1 else "")
         cls = "err" if "err" in s.cls or "failing" in s.cls else ""
-        out.append(f'<g class="step{" failing" if "failing" in s.cls else ""}">{title}'
-                   f'<circle class="dot {cls}" cx="{x}" cy="{y + h - 8:.0f}" r="3"/>'
-                   f'<text class="note halo {esc(s.cls)}" x="{x + 9}" y="{y + h - 4:.0f}">'
-                   f'{tx(label)}</text></g>')
+        out.append(
+            f'<g class="step{" failing" if "failing" in s.cls else ""}">{title}'
+            f'<circle class="dot {cls}" cx="{x}" cy="{y + h - 8:.0f}" r="3"/>'
+            f'<text class="note halo {esc(s.cls)}" x="{x + 9}" y="{y + h - 4:.0f}">'
+            f"{tx(label)}</text></g>"
+        )
     elif s.row == "state":
         x = LANE_X[AGENT]
         w: float = 7 * len(s.label) + 18
-        out.append(f'<g class="state-change"><title>{esc(s.detail)}</title>'
-                   f'<rect class="pill" x="{x - w / 2:.0f}" y="{y + 3:.0f}" width="{w}" height="16" rx="8"/>'
-                   f'<text class="state" x="{x}" y="{y + 15:.0f}">{tx(s.label)}</text></g>')
+        out.append(
+            f'<g class="state-change"><title>{esc(s.detail)}</title>'
+            f'<rect class="pill" x="{x - w / 2:.0f}" y="{y + 3:.0f}" width="{w}" height="16" rx="8"/>'
+            f'<text class="state" x="{x}" y="{y + 15:.0f}">{tx(s.label)}</text></g>'
+        )
     elif s.row == "fail":
         x = LANE_X[AGENT]
         text = s.label
         w = min(max(7.2 * len(text) + 24, 200), WIDTH - x + 60)
-        out.append(f'<g class="fail"><rect class="failbox" x="{x - 60}" y="{y + 3:.0f}" width="{w:.0f}" '
-                   f'height="{h - 6}" rx="5"/>'
-                   f'<text class="failtext" x="{x - 48}" y="{y + h - 10:.0f}">{tx(text)}</text></g>')
+        out.append(
+            f'<g class="fail"><rect class="failbox" x="{x - 60}" y="{y + 3:.0f}" width="{w:.0f}" '
+            f'height="{h - 6}" rx="5"/>'
+            f'<text class="failtext" x="{x - 48}" y="{y + h - 10:.0f}">{tx(text)}</text></g>'
+        )
     elif s.row == "gap":
         out.append(f'<text class="gap" x="{WIDTH / 2:.0f}" y="{y + h - 9:.0f}">{tx(s.label)}</text>')
     return h
@@ -710,21 +781,28 @@ def _lane_heads(head_y: int) -> str:
     for lane in LANES:
         x = LANE_X[lane]
         extra = "-agent" if lane == AGENT else ""
-        parts.append(f'<rect class="lanebox lanebox{extra}" x="{x - 52}" y="{head_y}" width="104" height="26" rx="6"/>'
-                     f'<text class="lane-name" x="{x}" y="{head_y + 17}">{LANE_NAMES[lane]}</text>')
+        parts.append(
+            f'<rect class="lanebox lanebox{extra}" x="{x - 52}" y="{head_y}" width="104" height="26" rx="6"/>'
+            f'<text class="lane-name" x="{x}" y="{head_y + 17}">{LANE_NAMES[lane]}</text>'
+        )
     parts.append(f'<text class="time" x="{GUTTER - 8}" y="{head_y + 17}">elapsed</text>')
     return "".join(parts)
 
 
 def _lane_lines(y1: float, y2: float) -> str:
-    return "".join(f'<line class="lane lane{"-agent" if lane == AGENT else ""}" x1="{LANE_X[lane]}" '
-                   f'y1="{y1:.0f}" x2="{LANE_X[lane]}" y2="{y2:.0f}"/>' for lane in LANES)
+    return "".join(
+        f'<line class="lane lane{"-agent" if lane == AGENT else ""}" x1="{LANE_X[lane]}" '
+        f'y1="{y1:.0f}" x2="{LANE_X[lane]}" y2="{y2:.0f}"/>'
+        for lane in LANES
+    )
 
 
 #: the lane names above a diagram in a page: kept in view while it scrolls
-PAGE_HEAD = (f'<div class="lanes"><svg class="ka ka-head" xmlns="http://www.w3.org/2000/svg" '
-             f'width="{WIDTH}" height="40" viewBox="0 0 {WIDTH} 40">{_lane_lines(34, 40)}'
-             f'{_lane_heads(7)}</svg></div>')
+PAGE_HEAD = (
+    f'<div class="lanes"><svg class="ka ka-head" xmlns="http://www.w3.org/2000/svg" '
+    f'width="{WIDTH}" height="40" viewBox="0 0 {WIDTH} 40">{_lane_lines(34, 40)}'
+    f"{_lane_heads(7)}</svg></div>"
+)
 
 
 def flow_svg(fv: FlowView, standalone: bool = False) -> str:
@@ -741,10 +819,12 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
                 y += _step_svg(s, y, fv.t0, body, item.times if len(item.steps) == 1 else 1)
             if len(item.steps) > 1:
                 span = f"from {elapsed(item.t_first - fv.t0)} to {elapsed(item.t_last - fv.t0)}"
-                body.append(f'<g class="folded"><title>{esc(f"repeated {item.times} times, {span}")}</title>'
-                            f'<path class="fold" d="M{GUTTER + 2},{top + 4:.0f}h6v{y - top - 8:.0f}h-6"/>'
-                            f'<text class="foldtext" x="{GUTTER + 12}" y="{(top + y) / 2 + 4:.0f}">'
-                            f'×{item.times}</text></g>')
+                body.append(
+                    f'<g class="folded"><title>{esc(f"repeated {item.times} times, {span}")}</title>'
+                    f'<path class="fold" d="M{GUTTER + 2},{top + 4:.0f}h6v{y - top - 8:.0f}h-6"/>'
+                    f'<text class="foldtext" x="{GUTTER + 12}" y="{(top + y) / 2 + 4:.0f}">'
+                    f"×{item.times}</text></g>"
+                )
         else:
             y += _step_svg(item, y, fv.t0, body)
     height = y + 16
@@ -754,11 +834,15 @@ def flow_svg(fv: FlowView, standalone: bool = False) -> str:
         lanes = _lane_lines(0, height - 6)
     head = ""
     if standalone:
-        head = (f'<rect width="100%" height="100%" fill="#fff"/>'
-                f'<text class="head" x="12" y="24">{tx(f"{_title(fv)} ({fv.kind}) · {fv.result_text}")}</text>')
-    svg_open = (f'<svg class="ka" xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height:.0f}" '
-                f'viewBox="0 0 {WIDTH} {height:.0f}" role="img" '
-                f'aria-label="{esc(f"sequence diagram of flow {fv.id}")}">')
+        head = (
+            f'<rect width="100%" height="100%" fill="#fff"/>'
+            f'<text class="head" x="12" y="24">{tx(f"{_title(fv)} ({fv.kind}) · {fv.result_text}")}</text>'
+        )
+    svg_open = (
+        f'<svg class="ka" xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height:.0f}" '
+        f'viewBox="0 0 {WIDTH} {height:.0f}" role="img" '
+        f'aria-label="{esc(f"sequence diagram of flow {fv.id}")}">'
+    )
     defs = f"<defs>{DEFS}</defs><style>{CSS}</style>" if standalone else ""
     svg = svg_open + defs + head + lanes + "".join(body) + "</svg>"
     return svg if standalone else PAGE_HEAD + svg
@@ -829,8 +913,7 @@ class _LazyBlob:
 
 
 def summary_rows(report: Report) -> list[tuple[str, ...]]:
-    return [(f.id, f.vm, f.kind, start_text(f), elapsed(f.duration), f.result_text)
-            for f in report.flows]
+    return [(f.id, f.vm, f.kind, start_text(f), elapsed(f.duration), f.result_text) for f in report.flows]
 
 
 SUMMARY_HEAD = ("ID", "VM", "FLOW", "START", "DURATION", "RESULT")
@@ -847,30 +930,38 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
     title = ", ".join(os.path.basename(p) for p in report.logs)
     vms = sorted({f.vm for f in report.flows if f.vm})
     failed = sum(1 for f in report.flows if f.result == "failed")
-    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>keyagent replay: {esc(title)}</title><style>{PAGE_CSS}{CSS}</style></head><body>",
-           f'<svg width="0" height="0" style="position:absolute" aria-hidden="true"><defs>{DEFS}</defs></svg>',
-           "<main>", f"<h1>keyagent replay: {esc(title)}</h1>",
-           f'<div class="sub">{report.records} records · {len(report.flows)} flow(s) · '
-           f'{failed} failed · VM {esc(", ".join(vms) or "?")}',
-           ]
+    out = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>keyagent replay: {esc(title)}</title><style>{PAGE_CSS}{CSS}</style></head><body>",
+        f'<svg width="0" height="0" style="position:absolute" aria-hidden="true"><defs>{DEFS}</defs></svg>',
+        "<main>",
+        f"<h1>keyagent replay: {esc(title)}</h1>",
+        f'<div class="sub">{report.records} records · {len(report.flows)} flow(s) · '
+        f"{failed} failed · VM {esc(', '.join(vms) or '?')}",
+    ]
     for _log, vm, code, reason in report.exits:
         out.append(f" · agent {esc(vm)} exited {esc(str(code))}" + (f": {esc(reason)}" if reason else ""))
     out.append("</div>")
-    out.append('<table class="summary" id="summary"><thead><tr>'
-               + "".join(f"<th>{h.title() if h != 'VM' and h != 'ID' else h}</th>" for h in SUMMARY_HEAD)
-               + "</tr></thead><tbody>")
+    out.append(
+        '<table class="summary" id="summary"><thead><tr>'
+        + "".join(f"<th>{h.title() if h != 'VM' and h != 'ID' else h}</th>" for h in SUMMARY_HEAD)
+        + "</tr></thead><tbody>"
+    )
     for f, row in zip(report.flows, summary_rows(report)):
         fid, vm, kind, start, duration, result = row
-        out.append(f'<tr class="flow-row"><td><a href="#{f.anchor}">{esc(fid)}</a></td><td>{esc(vm)}</td>'
-                   f'<td>{esc(kind)}</td><td class="num">{esc(start)}</td><td class="num">{esc(duration)}</td>'
-                   f'<td class="result-{f.result}">{esc(result)}</td></tr>')
+        out.append(
+            f'<tr class="flow-row"><td><a href="#{f.anchor}">{esc(fid)}</a></td><td>{esc(vm)}</td>'
+            f'<td>{esc(kind)}</td><td class="num">{esc(start)}</td><td class="num">{esc(duration)}</td>'
+            f'<td class="result-{f.result}">{esc(result)}</td></tr>'
+        )
     out.append("</tbody></table>")
-    out.append('<div class="legend">Arrows: solid blue a QMP command, grey dashed its reply, purple a '
-               'QMP event, green the guest owner, amber the control peer, red an error or refusal. '
-               'Pills on the agent lane: the flow\'s state. ×N: repeated N times in a row. '
-               'Hover a step for the full record. Secrets appear only as [redacted, N bytes].</div>')
+    out.append(
+        '<div class="legend">Arrows: solid blue a QMP command, grey dashed its reply, purple a '
+        "QMP event, green the guest owner, amber the control peer, red an error or refusal. "
+        "Pills on the agent lane: the flow's state. ×N: repeated N times in a row. "
+        "Hover a step for the full record. Secrets appear only as [redacted, N bytes].</div>"
+    )
     # Failed flows are drawn first (the page is opened to find out what went
     # wrong), then the others in log order, while the row budget lasts.
     budget = eager_rows
@@ -884,16 +975,20 @@ def page(report: Report, eager_rows: int = EAGER_ROWS) -> str:
     for f in report.flows:
         rows = row_count(f)
         eager = id(f) in drawn
-        out.append(f'<section class="flow {f.result}" id="{f.anchor}" data-flow="{esc(f.id)}">'
-                   f'<h2>{esc(_title(f))} <span class="meta">({esc(f.kind)})</span></h2>'
-                   f'<div class="meta">start {esc(start_text(f))} · {esc(elapsed(f.duration))} · '
-                   f'{f.records} records · {esc(os.path.basename(f.log))} · ')
+        out.append(
+            f'<section class="flow {f.result}" id="{f.anchor}" data-flow="{esc(f.id)}">'
+            f'<h2>{esc(_title(f))} <span class="meta">({esc(f.kind)})</span></h2>'
+            f'<div class="meta">start {esc(start_text(f))} · {esc(elapsed(f.duration))} · '
+            f"{f.records} records · {esc(os.path.basename(f.log))} · "
+        )
         if f.result == "failed":
             out.append(f'<span class="reason">failed: {esc(f.reason)}</span>')
         else:
             out.append(esc(f.result_text))
-        out.append(f'</div><details{" open" if eager else ""}><summary>diagram: {rows} rows'
-                   f'{"" if eager else " (drawn when opened)"}</summary>')
+        out.append(
+            f"</div><details{' open' if eager else ''}><summary>diagram: {rows} rows"
+            f"{'' if eager else ' (drawn when opened)'}</summary>"
+        )
         svg = flow_svg(f)
         if eager:
             out.append(f'<div class="diagram">{svg}</div>')
@@ -918,6 +1013,7 @@ def standalone_svg(fv: FlowView) -> str:
 
 
 # -- output -----------------------------------------------------------------------------------
+
 
 def check_output_path(path: str, inputs: list[str]) -> None:
     """Refuse, before anything is written, an output we could not write or
@@ -968,10 +1064,16 @@ def find_flow(report: Report, flow_id: str | None) -> FlowView:
     if flow_id is None:
         if len(report.flows) == 1:
             return report.flows[0]
-        raise UsageError("--svg needs --flow ID; flows in this log: " + (", ".join(ids[:20]) or "none")
-                         + (" …" if len(ids) > 20 else ""))
+        raise UsageError(
+            "--svg needs --flow ID; flows in this log: "
+            + (", ".join(ids[:20]) or "none")
+            + (" …" if len(ids) > 20 else "")
+        )
     for f in report.flows:
         if f.id == flow_id:
             return f
-    raise UsageError(f"no flow {clean(repr(flow_id))} in the log; flows: " + (", ".join(ids[:20]) or "none")
-                     + (" …" if len(ids) > 20 else ""))
+    raise UsageError(
+        f"no flow {clean(repr(flow_id))} in the log; flows: "
+        + (", ".join(ids[:20]) or "none")
+        + (" …" if len(ids) > 20 else "")
+    )

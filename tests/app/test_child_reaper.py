@@ -63,6 +63,6 @@ async def test_an_asyncio_child_keeps_its_status_under_a_storm_of_sigchld():
             reaper.reap()
             try:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), 0.001)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         assert proc.returncode == 3

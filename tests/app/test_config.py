@@ -20,38 +20,45 @@ def test_defaults_without_a_file():
 
 
 def test_file_values_and_relative_paths(tmp_path):
-    cfg = load_config(write(tmp_path, '[vm]\nname = "vm1"\nrun_dir = "run"\n'
-                                      '[sev]\nowner_url = "http://127.0.0.1:8443"\ntimeout_s = 5\n'
-                                      '[vtpm]\nkey = "file:tpm.key"\n'))
+    cfg = load_config(
+        write(
+            tmp_path,
+            '[vm]\nname = "vm1"\nrun_dir = "run"\n'
+            '[sev]\nowner_url = "http://127.0.0.1:8443"\ntimeout_s = 5\n'
+            '[vtpm]\nkey = "file:tpm.key"\n',
+        )
+    )
     assert cfg.vm_run_dir == str(tmp_path / "run")
     assert cfg.sev_timeout_s == 5.0 and cfg.sev_enabled
     assert cfg.vtpm_key == f"file:{tmp_path / 'tpm.key'}"
 
 
 def test_flags_override_the_file(tmp_path):
-    cfg = load_config(write(tmp_path, '[sev]\ntimeout_s = 5\n'), {"sev_timeout_s": "7",
-                                                                 "sev_on_refusal": "pause"})
+    cfg = load_config(write(tmp_path, "[sev]\ntimeout_s = 5\n"), {"sev_timeout_s": "7", "sev_on_refusal": "pause"})
     assert cfg.sev_timeout_s == 7.0 and cfg.sev_on_refusal == "pause"
 
 
-@pytest.mark.parametrize("text, words", [
-    ("[nope]\n", "unknown section [nope]"),
-    ("[sev]\nbogus = 1\n", "unknown key [sev] bogus"),
-    ("[sev]\ntimeout_s = \"x\"\n", "[sev] timeout_s must be a number"),
-    ("[sev]\ntimeout_s = -1\n", "at least"),
-    ("[sev]\non_refusal = \"resume\"\n", "must be one of quit, pause"),
-    ("[sev]\nowner_url = \"ftp://x\"\n", "http:// URL"),
-    ("[vm]\nname = \"a b\"\n", "[vm] name"),
-    ("[vtpm]\nkey = \"/etc/key\"\n", "file:PATH"),
-    ("[migration]\npsk_length = 4\n", "at least 16"),
-    ("[control]\ngid = 99999999999\n", "[control] gid must be at most 4294967294"),
-    ("[sev]\nowner_url = \"https://owner:8443\"\n", "scheme 'https' is not supported"),
-    ("[sev]\nowner_url = \"http://owner:99999\"\n", "invalid port (must be 1..65535)"),
-    ("[sev]\nowner_url = \"http://owner:0\"\n", "invalid port"),
-    ("[sev]\nowner_url = \"http://user:pw@owner\"\n", "must not hold a user name"),
-    ("[vm\n", "invalid TOML"),
-    ("vm = 3\n", "[vm] must be a table"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[nope]\n", "unknown section [nope]"),
+        ("[sev]\nbogus = 1\n", "unknown key [sev] bogus"),
+        ('[sev]\ntimeout_s = "x"\n', "[sev] timeout_s must be a number"),
+        ("[sev]\ntimeout_s = -1\n", "at least"),
+        ('[sev]\non_refusal = "resume"\n', "must be one of quit, pause"),
+        ('[sev]\nowner_url = "ftp://x"\n', "http:// URL"),
+        ('[vm]\nname = "a b"\n', "[vm] name"),
+        ('[vtpm]\nkey = "/etc/key"\n', "file:PATH"),
+        ("[migration]\npsk_length = 4\n", "at least 16"),
+        ("[control]\ngid = 99999999999\n", "[control] gid must be at most 4294967294"),
+        ('[sev]\nowner_url = "https://owner:8443"\n', "scheme 'https' is not supported"),
+        ('[sev]\nowner_url = "http://owner:99999"\n', "invalid port (must be 1..65535)"),
+        ('[sev]\nowner_url = "http://owner:0"\n', "invalid port"),
+        ('[sev]\nowner_url = "http://user:pw@owner"\n', "must not hold a user name"),
+        ("[vm\n", "invalid TOML"),
+        ("vm = 3\n", "[vm] must be a table"),
+    ],
+)
 def test_bad_config_is_a_one_line_usage_error(tmp_path, text, words):
     with pytest.raises(UsageError) as err:
         load_config(write(tmp_path, text))
@@ -93,19 +100,29 @@ def test_control_ref_dir_flag_repeats_and_overrides_the_file(tmp_path):
         (tmp_path / name).mkdir()
     p = ArgumentParser()
     add_config_flags(p)
-    args = p.parse_args(["--config", write(tmp_path, '[control]\nref_dirs = ["a"]\n'),
-                         "--control-ref-dir", str(tmp_path / "b"),
-                         "--control-ref-dirs", str(tmp_path / "a")])
+    args = p.parse_args(
+        [
+            "--config",
+            write(tmp_path, '[control]\nref_dirs = ["a"]\n'),
+            "--control-ref-dir",
+            str(tmp_path / "b"),
+            "--control-ref-dirs",
+            str(tmp_path / "a"),
+        ]
+    )
     assert config_from_args(args).control_ref_dirs == (str(tmp_path / "b"), str(tmp_path / "a"))
 
 
-@pytest.mark.parametrize("value, words", [
-    ('"refs"', "must be a list of non-empty strings"),
-    ('[""]', "must be a list of non-empty strings"),
-    ('[1]', "must be a list of non-empty strings"),
-    ('["missing"]', "is not a directory"),
-    ('["/"]', "must not include /"),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ('"refs"', "must be a list of non-empty strings"),
+        ('[""]', "must be a list of non-empty strings"),
+        ("[1]", "must be a list of non-empty strings"),
+        ('["missing"]', "is not a directory"),
+        ('["/"]', "must not include /"),
+    ],
+)
 def test_bad_control_ref_dirs_are_one_line(tmp_path, value, words):
     with pytest.raises(UsageError) as err:
         load_config(write(tmp_path, f"[control]\nref_dirs = {value}\n"))
@@ -113,8 +130,9 @@ def test_bad_control_ref_dirs_are_one_line(tmp_path, value, words):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8443", "http://owner", "http://[::1]:1/base",
-                                 "HTTP://owner.example:65535/x?y=1"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8443", "http://owner", "http://[::1]:1/base", "HTTP://owner.example:65535/x?y=1"]
+)
 def test_owner_urls_the_client_can_use_are_accepted(url):
     assert load_config(None, {"sev_owner_url": url}).sev_owner_url == url
 
@@ -139,7 +157,9 @@ def test_config_must_be_a_small_regular_file(tmp_path, kind):
         path.write_bytes(b"#" * (2 << 20))
     err = call_with_fifo_deadline(path, lambda: load_config(str(path)))
     assert isinstance(err, UsageError), err
-    words = {"fifo": "is not a regular file", "directory": "is a directory", "huge": "is larger than 1048576 bytes"}[kind]
+    words = {"fifo": "is not a regular file", "directory": "is a directory", "huge": "is larger than 1048576 bytes"}[
+        kind
+    ]
     assert words in str(err) and "\n" not in str(err)
 
 

@@ -36,8 +36,7 @@ class FakeSidecar:
         return {"vm": "vm1", "qmp": "connected", "flows": {}}
 
     def control_verbs(self):
-        return {("POST", "/v1/echo"): lambda args: {"echo": args},
-                ("POST", "/v1/ref"): read_ref}
+        return {("POST", "/v1/echo"): lambda args: {"echo": args}, ("POST", "/v1/ref"): read_ref}
 
 
 @pytest.fixture
@@ -67,8 +66,7 @@ def test_health_ready_status_and_verbs(server):
     assert get(path, "/readyz")[0] == 200
     assert json.loads(get(path, "/v1/status")[1])["vm"] == "vm1"
     conn = UnixHTTPConnection(path)
-    conn.request("POST", "/v1/echo", body=json.dumps({"a": 1}),
-                 headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/echo", body=json.dumps({"a": 1}), headers={"Content-Type": "application/json"})
     assert json.loads(conn.getresponse().read()) == {"echo": {"a": 1}}
     assert get(path, "/nope")[0] == 404
 
@@ -86,11 +84,9 @@ def test_metrics_parse_with_prometheus_clients_parser(server):
     status, body, ctype = get(path, "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in families.values() for s in f.samples}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("keyagent_flows_started_total", (("kind", "sev-launch"),))] == 2
-    assert samples[("keyagent_flows_finished_total",
-                    (("kind", "sev-launch"), ("result", "failed")))] == 1
+    assert samples[("keyagent_flows_finished_total", (("kind", "sev-launch"), ("result", "failed")))] == 1
     assert samples[("keyagent_secrets_added_total", ())] == 3
     assert samples[("keyagent_attestation_seconds_count", ())] == 1
     assert samples[("keyagent_attestation_seconds_bucket", (("le", "0.025"),))] == 1
@@ -117,9 +113,15 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 def as_user(path: str, uid: int, gid: int, extra_groups: list[int] | None = None) -> str:
     if not os.path.exists(SYSTEM_PYTHON):
         pytest.skip("no /usr/bin/python3 to run a client as another user")
-    return subprocess.run([SYSTEM_PYTHON, "-c", CLIENT, path], user=uid, group=gid,
-                          extra_groups=extra_groups or [], capture_output=True, text=True,
-                          timeout=30).stdout.strip()
+    return subprocess.run(
+        [SYSTEM_PYTHON, "-c", CLIENT, path],
+        user=uid,
+        group=gid,
+        extra_groups=extra_groups or [],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
 
 
 @needs_root
@@ -191,8 +193,7 @@ def post_ref(path: str, ref: str, **user) -> tuple[int, dict]:
         if not os.path.exists(SYSTEM_PYTHON):
             pytest.skip("no /usr/bin/python3 to run a client as another user")
         python = SYSTEM_PYTHON
-    out = subprocess.run([python, "-c", POST_CLIENT, path, ref], capture_output=True, text=True,
-                         timeout=30, **user)
+    out = subprocess.run([python, "-c", POST_CLIENT, path, ref], capture_output=True, text=True, timeout=30, **user)
     status, _, body = out.stdout.strip().partition(" ")
     assert status.isdigit(), out.stderr
     return int(status), json.loads(body)
@@ -219,8 +220,13 @@ def test_a_group_peer_cannot_make_the_agent_read_files_outside_ref_dirs(server, 
     outside = tmp_path / "outside.key"
     outside.write_bytes(b"root's")
     group_peer = dict(user=65534, group=4242, extra_groups=[])
-    for ref in ("file:/etc/shadow", "file:/proc/self/environ", f"file:{outside}",
-                "file:/etc/no-such-file", "keyring:keyagent:vm1:master"):
+    for ref in (
+        "file:/etc/shadow",
+        "file:/proc/self/environ",
+        f"file:{outside}",
+        "file:/etc/no-such-file",
+        "keyring:keyagent:vm1:master",
+    ):
         assert post_ref(path, ref, **group_peer) == (400, {"error": NOT_ALLOWED}), ref
     inside = f"file:{tmp_path / 'refs' / 'k'}"
     assert post_ref(path, inside, **group_peer) == (200, {"length": 9})
@@ -252,11 +258,12 @@ async def test_migrate_and_secret_verbs_resolve_references_within_the_peers_righ
 
     key = tmp_path / "k"
     key.write_bytes(b"k" * 32)
-    token = control._ACCESS.set(RefAccess(unrestricted=False, uid=65534,
-                                          groups=frozenset({4242})))
+    token = control._ACCESS.set(RefAccess(unrestricted=False, uid=65534, groups=frozenset({4242})))
     try:
-        for call in (MigrationControl._psk_from_ref({"psk_ref": f"file:{key}"}),
-                     SecretsControl(None).add({"id": "s0", "ref": f"file:{key}"})):
+        for call in (
+            MigrationControl._psk_from_ref({"psk_ref": f"file:{key}"}),
+            SecretsControl(None).add({"id": "s0", "ref": f"file:{key}"}),
+        ):
             with pytest.raises(ControlError) as info:
                 await call
             assert (info.value.status, info.value.error) == (400, NOT_ALLOWED)

@@ -12,12 +12,12 @@ import os
 import pytest
 
 from agent.app.config import _secret_ref
-from agent.common.errors import UsageError
-from agent.io.libvirt_monitor import _UUID
-from agent.io.secretref import resolve
 from agent.app.launch_session import sev_policy
 from agent.app.verbs.migrate import ControlError, _uri
 from agent.app.verbs.secrets import SecretsControl
+from agent.common.errors import UsageError
+from agent.io.libvirt_monitor import _UUID
+from agent.io.secretref import resolve
 
 UUID = "0b5e6f5e-1c3a-4d2b-9a8f-1234567890ab"
 
@@ -27,10 +27,17 @@ def test_migration_uri_accepts_the_documented_forms(uri):
     assert _uri({"uri": uri}) == uri
 
 
-@pytest.mark.parametrize("uri", [
-    "tcp:a:1\n", "tcp:[::1]:1\n", "unix:/x\n", "tcp:a:1\r\n", "tcp:a:1\n,x",
-    "tcp:a:\u0661",  # an Arabic-Indic digit is a \d, not a port
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "tcp:a:1\n",
+        "tcp:[::1]:1\n",
+        "unix:/x\n",
+        "tcp:a:1\r\n",
+        "tcp:a:1\n,x",
+        "tcp:a:\u0661",  # an Arabic-Indic digit is a \d, not a port
+    ],
+)
 def test_migration_uri_with_a_trailing_newline_or_junk_is_refused(uri):
     with pytest.raises(ControlError) as info:
         _uri({"uri": uri})

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
 
 
 def core_limit(pid: int | str) -> tuple[str, str]:
@@ -88,8 +89,11 @@ def test_keyagent_run_is_hardened_and_still_reachable(short_tmp):
     try:
         with ArgvWatcher() as watcher:
             # SO_PEERCRED on the control socket is unaffected.
-            wait_for(lambda: ctl(control, "status").returncode == 0 or agent.poll() is not None,
-                     timeout=20, what="agent ready")
+            wait_for(
+                lambda: ctl(control, "status").returncode == 0 or agent.poll() is not None,
+                timeout=20,
+                what="agent ready",
+            )
             assert agent.poll() is None, (short_tmp / "agent.stderr").read_text()
         assert core_limit(agent.pid) == ("0", "0")
         # /proc/PID/cmdline (the ArgvWatcher of the leak scans) and status
@@ -99,15 +103,20 @@ def test_keyagent_run_is_hardened_and_still_reachable(short_tmp):
         assert oct(os.stat(f"/proc/{agent.pid}/status").st_mode & 0o777) == "0o444"
         if os.geteuid() == 0 and shutil.which("setpriv"):
             # Even for another uid, without CAP_SYS_PTRACE.
-            out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                  "cat", f"/proc/{agent.pid}/status"], capture_output=True,
-                                 text=True, timeout=10)
+            out = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", f"/proc/{agent.pid}/status"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             assert out.returncode == 0 and "VmRSS:" in out.stdout, out.stderr
             # ... while the memory is not (it never was for another uid; for
             # the same uid the cleared dumpable flag is what refuses it).
-            out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                  "cat", f"/proc/{agent.pid}/environ"], capture_output=True,
-                                 timeout=10)
+            out = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", f"/proc/{agent.pid}/environ"],
+                capture_output=True,
+                timeout=10,
+            )
             assert out.returncode != 0
     finally:
         agent.terminate()
@@ -129,10 +138,25 @@ def limit(pid):
 open({str(report)!r}, "w").write(limit("self") + "\\n" + limit(os.getppid()) + "\\n")
 """)
     fake.chmod(0o755)
-    out = subprocess.run([*KEYAGENT, "launch", "--vm-name", "hd", "--vm-run-dir",
-                          str(short_tmp / "run"), "--secrets-master-key", "file", "--",
-                          str(fake), "-machine", "none"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            *KEYAGENT,
+            "launch",
+            "--vm-name",
+            "hd",
+            "--vm-run-dir",
+            str(short_tmp / "run"),
+            "--secrets-master-key",
+            "file",
+            "--",
+            str(fake),
+            "-machine",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     qemu_limit, agent_limit = report.read_text().splitlines()

@@ -7,8 +7,8 @@ import base64
 import pytest
 
 from agent.app.config import load_config
-from agent.common.errors import UsageError
 from agent.app.launch_session import CERT_LEN, chain_with_cek
+from agent.common.errors import UsageError
 
 
 def b64(raw: bytes) -> str:
@@ -21,10 +21,13 @@ def test_sev_cek_takes_the_place_of_the_chains_cek():
     assert base64.b64decode(chain_with_cek(b64(pek + oca + cek), b64(signed))) == pek + oca + signed
 
 
-@pytest.mark.parametrize("chain, cek, words", [
-    (bytes(100), bytes(CERT_LEN), "[sev] cert_chain must hold 6252 bytes"),
-    (bytes(3 * CERT_LEN), bytes(CERT_LEN - 1), "[sev] cek must hold one 2084-byte certificate"),
-])
+@pytest.mark.parametrize(
+    "chain, cek, words",
+    [
+        (bytes(100), bytes(CERT_LEN), "[sev] cert_chain must hold 6252 bytes"),
+        (bytes(3 * CERT_LEN), bytes(CERT_LEN - 1), "[sev] cek must hold one 2084-byte certificate"),
+    ],
+)
 def test_sev_cek_of_the_wrong_size_is_a_usage_error(chain, cek, words):
     with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("]", r"\]")):
         chain_with_cek(b64(chain), b64(cek))

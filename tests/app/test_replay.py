@@ -13,8 +13,9 @@ TRACES = sorted((Path(__file__).parents[2] / "fixtures" / "traces").glob("*.json
 
 
 def replay(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "replay", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "replay", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_there_are_recorded_traces():
@@ -54,8 +55,7 @@ def _write(path: Path, records: list[dict]) -> str:
 def test_a_changed_action_is_a_divergence(tmp_path):
     records = _records(next(t for t in TRACES if t.stem == "launch-good"))
     for r in records:
-        if r["kind"] == "action" and r["action"]["type"] == "SendQmp" \
-                and r["action"]["command"] == "query-sev":
+        if r["kind"] == "action" and r["action"]["type"] == "SendQmp" and r["action"]["command"] == "query-sev":
             r["action"]["command"] = "query-sev-capabilities"
     out = replay("--check", _write(tmp_path / "log.jsonl", records))
     assert out.returncode == 1
@@ -82,14 +82,17 @@ def test_a_truncated_log_exits_two_with_one_line(tmp_path):
     assert "truncated" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("content, words", [
-    ("not json\n", "not JSON"),
-    ('{"seq": 1, "t": 0, "kind": "event", "flow": "x", "event": {"type": "Start"}}\n', "unknown flow"),
-    ('{"seq": 2, "t": 0, "kind": "start"}\n', "seq"),
-    ('[1, 2]\n', "not a JSON object"),
-    ('{"seq": 1, "t": 0, "kind": "flow", "flow": "f", "flow_kind": "nope", "params": {}}\n', "unknown flow kind"),
-    ('{"seq": 1, "t": 0, "kind": "start", "format": 99}\n', "newer than this agent reads"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("not json\n", "not JSON"),
+        ('{"seq": 1, "t": 0, "kind": "event", "flow": "x", "event": {"type": "Start"}}\n', "unknown flow"),
+        ('{"seq": 2, "t": 0, "kind": "start"}\n', "seq"),
+        ("[1, 2]\n", "not a JSON object"),
+        ('{"seq": 1, "t": 0, "kind": "flow", "flow": "f", "flow_kind": "nope", "params": {}}\n', "unknown flow kind"),
+        ('{"seq": 1, "t": 0, "kind": "start", "format": 99}\n', "newer than this agent reads"),
+    ],
+)
 def test_an_invalid_log_exits_two(tmp_path, content, words):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)

@@ -26,8 +26,13 @@ class RecordingLog(EventLog):
 
 
 def _runtime(tmp_path, **kw) -> Runtime:
-    return Runtime(qmp=kw.pop("qmp", None), event_log=kw.pop("event_log", EventLog(None)),
-                   run_dir=str(tmp_path), log=kw.pop("log", QuietLog()), **kw)
+    return Runtime(
+        qmp=kw.pop("qmp", None),
+        event_log=kw.pop("event_log", EventLog(None)),
+        run_dir=str(tmp_path),
+        log=kw.pop("log", QuietLog()),
+        **kw,
+    )
 
 
 async def test_every_action_type_has_a_handler(tmp_path):
@@ -45,8 +50,7 @@ async def test_each_event_and_its_actions_are_recorded_in_order_and_carried_out(
     mon = FakeMonitor({"query-status": {"status": "prelaunch"}})
     log = RecordingLog()
     rt = _runtime(tmp_path, qmp=mon, event_log=log)
-    flow = ScriptedFlow([SendQmp("t1", "query-status"), Log("info", "asked", {"n": 1})],
-                        [Finish(0, "done")])
+    flow = ScriptedFlow([SendQmp("t1", "query-status"), Log("info", "asked", {"n": 1})], [Finish(0, "done")])
     finished = []
     rt.on_finish = lambda fid, fin: finished.append((fid, fin))
     dispatch = asyncio.ensure_future(rt.dispatch())

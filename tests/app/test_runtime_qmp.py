@@ -58,11 +58,17 @@ async def test_monitor_events_reach_the_running_flows_that_want_them_whatever_th
     mon = FakeMonitor()
     fed = Fed()
     qmp = QmpExecutor(mon, fed, QuietLog())
-    flows = {"wants": SimpleNamespace(finished=None, wanted_events={"RESUME"}),
-             "ended": SimpleNamespace(finished=object(), wanted_events={"RESUME"}),
-             "deaf": SimpleNamespace(finished=None, wanted_events=set())}
-    for msg in ({"event": "RESUME", "data": {"a": 1}}, "not a mapping", {"event": "RESUME", "data": [1]},
-                {"event": "STOP"}):
+    flows = {
+        "wants": SimpleNamespace(finished=None, wanted_events={"RESUME"}),
+        "ended": SimpleNamespace(finished=object(), wanted_events={"RESUME"}),
+        "deaf": SimpleNamespace(finished=None, wanted_events=set()),
+    }
+    for msg in (
+        {"event": "RESUME", "data": {"a": 1}},
+        "not a mapping",
+        {"event": "RESUME", "data": [1]},
+        {"event": "STOP"},
+    ):
         mon.events.put(msg)
     mon.events.end()
     await asyncio.wait_for(qmp.pump_events(lambda: flows), 1.0)

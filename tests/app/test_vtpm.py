@@ -12,14 +12,16 @@ import pytest
 from qemu.qmp import ConnectError, QMPClient
 
 from agent.app.config import load_config
+from agent.app.vtpm import Vtpm
 from agent.common.errors import FlowFailed, UsageError
 from agent.common.logs import setup_logging
-from agent.app.vtpm import Vtpm
 from tests.leakscan import ArgvWatcher, LeakScan
 
 QEMU = "qemu-system-x86_64"
-pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
-                                reason="needs swtpm and swtpm_setup (apt: swtpm swtpm-tools)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
+    reason="needs swtpm and swtpm_setup (apt: swtpm swtpm-tools)",
+)
 
 
 @pytest.fixture
@@ -42,9 +44,11 @@ def write_config(base: str, key: bytes, *, kind: str = "raw", device: str = "tpm
         f.write(key)
     path = os.path.join(base, "agent.toml")
     with open(path, "w") as f:
-        f.write('[vm]\nname = "vm1"\nrun_dir = "run"\n'
-                '[vtpm]\nstate_dir = "tpm"\nkey = "file:vm1.tpmkey"\n'
-                f'version = "2.0"\nkey_kind = "{kind}"\ndevice = "{device}"\n')
+        f.write(
+            '[vm]\nname = "vm1"\nrun_dir = "run"\n'
+            '[vtpm]\nstate_dir = "tpm"\nkey = "file:vm1.tpmkey"\n'
+            f'version = "2.0"\nkey_kind = "{kind}"\ndevice = "{device}"\n'
+        )
     return path
 
 
@@ -52,9 +56,17 @@ async def run_qemu(run_dir: str, tpm_args: list[str]) -> list[dict]:
     """QEMU paused (-S), TCG; returns query-tpm and quits."""
     qmp_path = os.path.join(run_dir, "qmp.sock")
     proc = await asyncio.create_subprocess_exec(
-        QEMU, "-machine", "q35,accel=tcg", "-nographic", "-nodefaults", "-S",
-        "-qmp", f"unix:{qmp_path},server=on,wait=off", *tpm_args,
-        stdin=asyncio.subprocess.DEVNULL)
+        QEMU,
+        "-machine",
+        "q35,accel=tcg",
+        "-nographic",
+        "-nodefaults",
+        "-S",
+        "-qmp",
+        f"unix:{qmp_path},server=on,wait=off",
+        *tpm_args,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
     client = QMPClient("vtpm-test")
     try:
         # The socket file appears at bind(), a moment before QEMU listens: retry
@@ -79,7 +91,7 @@ async def run_qemu(run_dir: str, tpm_args: list[str]) -> list[dict]:
             pass
         try:
             await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
     return tpms
@@ -98,8 +110,9 @@ async def test_qemu_sees_the_tpm_and_swtpm_exits_with_qemu(base, captured_logs):
         assert vtpm.created
         assert args[args.index("-device") + 1] == "tpm-crb,tpmdev=tpm0"
         tpms = await run_qemu(cfg.vm_run_dir, args)
-        assert tpms == [{"model": "tpm-crb", "id": "tpm0",
-                         "options": {"type": "emulator", "data": {"chardev": "chrtpm"}}}]
+        assert tpms == [
+            {"model": "tpm-crb", "id": "tpm0", "options": {"type": "emulator", "data": {"chardev": "chrtpm"}}}
+        ]
         # --terminate: QEMU gone, swtpm goes too.
         assert await asyncio.wait_for(vtpm.wait(), 5) == 0
 
@@ -130,8 +143,7 @@ async def test_wrong_key_in_the_config_is_refused_in_one_line(base):
 
 
 async def test_passphrase_kind_from_config(base):
-    cfg = load_config(write_config(base, b"a passphrase, not a raw key", kind="passphrase",
-                                   device="tpm-tis"))
+    cfg = load_config(write_config(base, b"a passphrase, not a raw key", kind="passphrase", device="tpm-tis"))
     vtpm = Vtpm.from_config(cfg, cfg.vm_run_dir)
     args = await vtpm.start()
     assert "tpm-tis,tpmdev=tpm0" in args

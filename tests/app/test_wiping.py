@@ -6,12 +6,12 @@ import asyncio
 import os
 from types import SimpleNamespace
 
-from agent.core.actions import WriteKeyDir
-from agent.core.events import KeyDirFailed, KeyDirReady
-from agent.common.secret import Secret
 from agent.app.eventlog import EventLog
 from agent.app.runtime import Runtime
 from agent.app.sidecar import Sidecar
+from agent.common.secret import Secret
+from agent.core.actions import WriteKeyDir
+from agent.core.events import KeyDirFailed, KeyDirReady
 
 
 def _runtime(run_dir) -> Runtime:
@@ -30,6 +30,7 @@ def test_runtime_writes_key_files_but_leaves_the_secrets_to_their_owners(tmp_pat
         assert open(os.path.join(event.path, "master.key"), "rb").read() == bytes(range(32))
         assert master.reveal() == bytes(range(32))
         rt.close()
+
     asyncio.run(go())
 
 
@@ -37,8 +38,9 @@ def test_keys_psk_line_is_wiped_at_the_flows_next_event():
     from agent.core.events import KeyProvided, Start
     from agent.core.migration import MigrationFlow, MigrationParams
 
-    flow = MigrationFlow(MigrationParams(role="destination", uri="tcp:127.0.0.1:4444", reply_to="ctl-1",
-                                         creds_id="tls0"))
+    flow = MigrationFlow(
+        MigrationParams(role="destination", uri="tcp:127.0.0.1:4444", reply_to="ctl-1", creds_id="tls0")
+    )
     flow.handle(Start())
     (write,) = flow.handle(KeyProvided("psk", Secret(bytes(32))))
     line = write.files["keys.psk"]
@@ -51,8 +53,7 @@ def test_keys_psk_line_is_wiped_when_the_write_failed_too():
     from agent.core.events import KeyProvided, Start
     from agent.core.migration import MigrationFlow, MigrationParams
 
-    flow = MigrationFlow(MigrationParams(role="source", uri="tcp:127.0.0.1:4444", reply_to="ctl-1",
-                                         creds_id="tls0"))
+    flow = MigrationFlow(MigrationParams(role="source", uri="tcp:127.0.0.1:4444", reply_to="ctl-1", creds_id="tls0"))
     flow.handle(Start())
     (write,) = flow.handle(KeyProvided("psk", Secret(bytes(32))))
     flow.handle(KeyDirFailed("tls", "cannot write key files: No space left on device"))

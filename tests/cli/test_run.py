@@ -19,7 +19,6 @@ import pytest
 from tests.executable import KEYAGENT
 
 
-
 def limit_memory() -> None:
     """In the child: 2 GiB of address space, so that a regression that reads
     /dev/zero fails there instead of filling this shared machine's memory."""
@@ -27,8 +26,14 @@ def limit_memory() -> None:
 
 
 def keyagent(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([*KEYAGENT, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, preexec_fn=limit_memory)
+    return subprocess.run(
+        [*KEYAGENT, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit_memory,
+    )
 
 
 def long_dir(tmp_path: Path, total: int) -> Path:
@@ -59,27 +64,46 @@ def paths(tmp_path):
 RUN = ["run", "--qmp", "unix:{T}/qmp.sock", "--qmp-timeout", "1", "--event-log", "{T}/events.jsonl"]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--vm-run-dir", "{T}/run", "--control-gid", "99999999999"],
-     "[control] gid must be at most 4294967294"),
-    (["--vm-run-dir", "{T}/run", "--control", "unix:/nonexistent/x.sock"],
-     "control socket directory /nonexistent does not exist"),
-    (["--vm-run-dir", "{T}/run", "--control", "unix:{LONG}"],
-     "longer than a unix socket allows (107)"),
-    (["--vm-run-dir", "{TAKEN}"], "control socket {TAKEN}/control.sock exists and is not a socket"),
-    (["--config", "/dev/zero"], "config /dev/zero is not a regular file"),
-    (["--config", "{FIFO}"], "config {FIFO} is not a regular file"),
-    (["--vm-run-dir", "{T}/run", "--vtpm-state-dir", "{T}/tpm", "--vtpm-key", "file:{FIFO}"],
-     "vTPM key file {FIFO} is not a regular file"),
-    (["--vm-run-dir", "{RUN93}", "--vtpm-state-dir", "{T}/tpm", "--vtpm-key", "file:{KEY}"],
-     "swtpm control socket path {RUN93}/swtpm-ctrl.sock is 109 bytes"),
-    (["--qmp-timeout", "nan"], "--qmp-timeout: must be a finite number of seconds above 0"),
-    (["--qmp-timeout", "inf"], "--qmp-timeout: must be a finite number of seconds above 0"),
-    (["--owner-url", "https://owner.example:8443"], "scheme 'https' is not supported"),
-    (["--owner-url", "http://owner.example:99999"], "invalid port (must be 1..65535)"),
-], ids=["gid-overflow", "control-dir-missing", "control-path-too-long", "control-not-a-socket",
-        "config-dev-zero", "config-fifo", "vtpm-key-fifo", "vtpm-socket-too-long", "qmp-timeout-nan",
-        "qmp-timeout-inf", "owner-url-https", "owner-url-port"])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--vm-run-dir", "{T}/run", "--control-gid", "99999999999"], "[control] gid must be at most 4294967294"),
+        (
+            ["--vm-run-dir", "{T}/run", "--control", "unix:/nonexistent/x.sock"],
+            "control socket directory /nonexistent does not exist",
+        ),
+        (["--vm-run-dir", "{T}/run", "--control", "unix:{LONG}"], "longer than a unix socket allows (107)"),
+        (["--vm-run-dir", "{TAKEN}"], "control socket {TAKEN}/control.sock exists and is not a socket"),
+        (["--config", "/dev/zero"], "config /dev/zero is not a regular file"),
+        (["--config", "{FIFO}"], "config {FIFO} is not a regular file"),
+        (
+            ["--vm-run-dir", "{T}/run", "--vtpm-state-dir", "{T}/tpm", "--vtpm-key", "file:{FIFO}"],
+            "vTPM key file {FIFO} is not a regular file",
+        ),
+        (
+            ["--vm-run-dir", "{RUN93}", "--vtpm-state-dir", "{T}/tpm", "--vtpm-key", "file:{KEY}"],
+            "swtpm control socket path {RUN93}/swtpm-ctrl.sock is 109 bytes",
+        ),
+        (["--qmp-timeout", "nan"], "--qmp-timeout: must be a finite number of seconds above 0"),
+        (["--qmp-timeout", "inf"], "--qmp-timeout: must be a finite number of seconds above 0"),
+        (["--owner-url", "https://owner.example:8443"], "scheme 'https' is not supported"),
+        (["--owner-url", "http://owner.example:99999"], "invalid port (must be 1..65535)"),
+    ],
+    ids=[
+        "gid-overflow",
+        "control-dir-missing",
+        "control-path-too-long",
+        "control-not-a-socket",
+        "config-dev-zero",
+        "config-fifo",
+        "vtpm-key-fifo",
+        "vtpm-socket-too-long",
+        "qmp-timeout-nan",
+        "qmp-timeout-inf",
+        "owner-url-https",
+        "owner-url-port",
+    ],
+)
 def test_run_refuses_in_one_line_before_creating_anything(paths, tmp_path, args, words):
     (tmp_path / "tpm.key").write_bytes(os.urandom(32))
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -98,8 +122,17 @@ def test_run_refuses_in_one_line_before_creating_anything(paths, tmp_path, args,
 
 def test_launch_refuses_a_control_socket_it_cannot_bind_before_starting_qemu(tmp_path):
     # sys.executable stands in for QEMU: it must never be started.
-    proc = keyagent("launch", "--vm-run-dir", str(tmp_path / "run"), "--control",
-                    "unix:/nonexistent/x.sock", "--", sys.executable, "-c", "raise SystemExit(9)")
+    proc = keyagent(
+        "launch",
+        "--vm-run-dir",
+        str(tmp_path / "run"),
+        "--control",
+        "unix:/nonexistent/x.sock",
+        "--",
+        sys.executable,
+        "-c",
+        "raise SystemExit(9)",
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "keyagent: error: control socket directory /nonexistent does not exist"
     assert not (tmp_path / "run").exists()
@@ -117,13 +150,16 @@ def test_launch_refuses_a_run_dir_too_long_for_its_qmp_socket(tmp_path):
 def test_a_control_gid_we_cannot_give_the_socket_to_is_refused_before_anything(tmp_path, monkeypatch):
     # As root every group works; as anybody else only our own groups do (chown(2)).
     from agent.app.config import load_config
-    from agent.common.errors import UsageError
     from agent.app.sidecar import Sidecar, SidecarOptions
+    from agent.common.errors import UsageError
 
     cfg = load_config(None, {"vm_run_dir": str(tmp_path / "run"), "control_gid": "4242"})
-    sidecar = Sidecar(cfg, SidecarOptions(qmp_path=str(tmp_path / "qmp.sock"),
-                                          control_path=str(tmp_path / "run" / "control.sock"),
-                                          event_log=None))
+    sidecar = Sidecar(
+        cfg,
+        SidecarOptions(
+            qmp_path=str(tmp_path / "qmp.sock"), control_path=str(tmp_path / "run" / "control.sock"), event_log=None
+        ),
+    )
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(os, "getegid", lambda: 1000)
     monkeypatch.setattr(os, "getgroups", lambda: [1000, 27])

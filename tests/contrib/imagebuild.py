@@ -69,8 +69,10 @@ def missing_prerequisite() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (./dev.sh setup installs it)"
     if sys.version_info[:2] != (3, 11):
-        return ("the wheelhouse is built by the tests' Python, which must be the image's "
-                f"(3.11, Debian 12), not {sys.version_info[0]}.{sys.version_info[1]}")
+        return (
+            "the wheelhouse is built by the tests' Python, which must be the image's "
+            f"(3.11, Debian 12), not {sys.version_info[0]}.{sys.version_info[1]}"
+        )
     return None
 
 
@@ -78,13 +80,11 @@ def run_step(what: str, argv: list[str], timeout: float, log: Path, **kw) -> Non
     """Run one build step, its output into ``log``; a failure is one line."""
     with open(log, "wb") as out:
         try:
-            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout, **kw)
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, **kw)
         except subprocess.TimeoutExpired:
             raise SetupError(f"{what}: no result after {timeout:.0f} s") from None
     if proc.returncode != 0:
-        raise SetupError(f"{what} failed (exit {proc.returncode}): "
-                         f"{_last_line(log.read_text(errors='replace'))}")
+        raise SetupError(f"{what} failed (exit {proc.returncode}): {_last_line(log.read_text(errors='replace'))}")
 
 
 @dataclass
@@ -101,11 +101,22 @@ class Podman:
     made: list[str] = field(default_factory=list)  # directories made outside ``state``
 
     def argv(self, *args: str) -> list[str]:
-        return ["podman", "--root", str(self.state / "root"),
-                "--runroot", str(self.runroot),
-                "--tmpdir", str(self.state / "libpod"),
-                "--storage-driver", self.driver, "--cgroup-manager", "cgroupfs",
-                "--events-backend", "none", *args]
+        return [
+            "podman",
+            "--root",
+            str(self.state / "root"),
+            "--runroot",
+            str(self.runroot),
+            "--tmpdir",
+            str(self.state / "libpod"),
+            "--storage-driver",
+            self.driver,
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "none",
+            *args,
+        ]
 
     def sealed_argv(self, *args: str) -> list[str]:
         """``argv`` for the commands that write image blobs (import, build).
@@ -125,22 +136,29 @@ class Podman:
         for d in reversed(missing):
             os.mkdir(d, 0o700)
             self.made.append(d)
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sealed",
-                str(cache), BLOB_INFO_CACHE, *self.argv(*args)]
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+            "sealed",
+            str(cache),
+            BLOB_INFO_CACHE,
+            *self.argv(*args),
+        ]
 
     def env(self) -> dict:
         tmp = self.state / "tmp"
         tmp.mkdir(exist_ok=True)
         return {**os.environ, "TMPDIR": str(tmp)}
 
-    def run(self, *args: str, timeout: float = 120, check: bool = True,
-            **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.argv(*args), capture_output=True, text=True,
-                              timeout=timeout, env=self.env(), **kw)
+    def run(self, *args: str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env(), **kw)
         if check and proc.returncode != 0:
-            raise SetupError(f"podman {args[0]} failed (exit {proc.returncode}): "
-                             f"{_last_line(proc.stderr)}")
+            raise SetupError(f"podman {args[0]} failed (exit {proc.returncode}): {_last_line(proc.stderr)}")
         return proc
 
     def choose_driver(self) -> None:
@@ -191,9 +209,9 @@ def mounts_under(path: Path) -> list[str]:
 class Image:
     podman: Podman
     ref: str
-    info: dict           # podman image inspect
+    info: dict  # podman image inspect
     base_size: int
-    root: Path           # the image's file system, mounted read-only
+    root: Path  # the image's file system, mounted read-only
     build_seconds: float
 
     @property
@@ -230,25 +248,36 @@ def build_image(tmp: Path, podman: Podman) -> Image:
     started = time.monotonic()
 
     rootfs = tmp / "rootfs"
-    run_step(f"debootstrap --variant=minbase bookworm from {MIRROR}",
-             ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), MIRROR],
-             DEBOOTSTRAP_TIMEOUT, logs / "debootstrap.log")
+    run_step(
+        f"debootstrap --variant=minbase bookworm from {MIRROR}",
+        ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), MIRROR],
+        DEBOOTSTRAP_TIMEOUT,
+        logs / "debootstrap.log",
+    )
     # What the official slim image leaves out too: downloaded packages, apt lists.
     for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for entry in (rootfs / leftover).glob("*"):
             if entry.is_file():
                 entry.unlink()
     with open(logs / "import.log", "wb") as log:
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."],
-                               stdout=subprocess.PIPE, stderr=log)
-        imp = subprocess.run(podman.sealed_argv("import", "-", BASE), stdin=tar.stdout,
-                             stdout=log, stderr=subprocess.STDOUT, env=podman.env(),
-                             timeout=300)
+        tar = subprocess.Popen(
+            ["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE, stderr=log
+        )
+        imp = subprocess.run(
+            podman.sealed_argv("import", "-", BASE),
+            stdin=tar.stdout,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=podman.env(),
+            timeout=300,
+        )
         tar.stdout.close()
         tar.wait(timeout=60)
     if tar.returncode != 0 or imp.returncode != 0:
-        raise SetupError(f"podman import of the debootstrapped base failed: "
-                         f"{_last_line((logs / 'import.log').read_text(errors='replace'))}")
+        raise SetupError(
+            f"podman import of the debootstrapped base failed: "
+            f"{_last_line((logs / 'import.log').read_text(errors='replace'))}"
+        )
     shutil.rmtree(rootfs)
     base_size = int(json.loads(podman.run("image", "inspect", BASE).stdout)[0]["Size"])
 
@@ -272,20 +301,38 @@ def build_wheels(src: Path, wheels: Path, log: Path, version: str | None = None)
     (src / "pyproject.toml").write_text(text)
     shutil.copy(REPO / "README.md", src)
     shutil.copytree(REPO / "agent", src / "agent", ignore=shutil.ignore_patterns("__pycache__"))
-    run_step("pip wheel (the wheelhouse)",
-             [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check",
-              "--wheel-dir", str(wheels), str(src)],
-             600, log)
+    run_step(
+        "pip wheel (the wheelhouse)",
+        [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--wheel-dir", str(wheels), str(src)],
+        600,
+        log,
+    )
     return wheels
 
 
 def build(podman: Podman, wheels: Path, tag: str, log: Path) -> None:
     """podman build of the checkout, with ``wheels`` as the "wheels" build context."""
-    run_step("podman build of contrib/container/Containerfile",
-             podman.sealed_argv("build", "--isolation", "chroot", "--pull=never",
-                                "--format", "docker", "--build-context", f"wheels={wheels}",
-                                "-f", str(CONTAINERFILE), "-t", tag, str(REPO)),
-             BUILD_TIMEOUT, log, env=podman.env())
+    run_step(
+        "podman build of contrib/container/Containerfile",
+        podman.sealed_argv(
+            "build",
+            "--isolation",
+            "chroot",
+            "--pull=never",
+            "--format",
+            "docker",
+            "--build-context",
+            f"wheels={wheels}",
+            "-f",
+            str(CONTAINERFILE),
+            "-t",
+            tag,
+            str(REPO),
+        ),
+        BUILD_TIMEOUT,
+        log,
+        env=podman.env(),
+    )
 
 
 # -- running the entrypoint ---------------------------------------------------------
@@ -350,9 +397,28 @@ class Container:
         pid = self.pid
         assert pid is not None, "the container is not running"
         return subprocess.run(
-            ["nsenter", "--target", str(pid), "--mount", "--pid", "--root", "--wd",
-             "--setuid", str(uid), "--setgid", str(gid), "--", "env", "-i", *self.env, *argv],
-            capture_output=True, text=True, timeout=timeout)
+            [
+                "nsenter",
+                "--target",
+                str(pid),
+                "--mount",
+                "--pid",
+                "--root",
+                "--wd",
+                "--setuid",
+                str(uid),
+                "--setgid",
+                str(gid),
+                "--",
+                "env",
+                "-i",
+                *self.env,
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def wait(self, timeout: float) -> int:
         return self.popen.wait(timeout=timeout)
@@ -373,8 +439,7 @@ class Container:
                 self.popen.wait(timeout=30)
 
 
-def start(image: Image, tmp: Path, cmd: list[str],
-          mounts: list[tuple[Path, str, str]]) -> Container:
+def start(image: Image, tmp: Path, cmd: list[str], mounts: list[tuple[Path, str, str]]) -> Container:
     """The image's ENTRYPOINT with ``cmd`` as its CMD (``podman run IMAGE CMD...``).
 
     ``mounts``: (host path, path in the container, "rw" or "ro"), in order.
@@ -387,10 +452,31 @@ def start(image: Image, tmp: Path, cmd: list[str],
     assert all(opt in ("rw", "ro") for _, _, opt in mounts)
     out, err = tmp / "container.stdout", tmp / "container.stderr"
     popen = subprocess.Popen(
-        ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
-         "sh", "-c", _ENTER, "enter", str(image.root), cfg.get("WorkingDir") or "/",
-         str(uid), str(gid), str(len(mounts)), *volumes, *env, *argv],
-        stdin=subprocess.DEVNULL, stdout=open(out, "wb"), stderr=open(err, "wb"))
+        [
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            _ENTER,
+            "enter",
+            str(image.root),
+            cfg.get("WorkingDir") or "/",
+            str(uid),
+            str(gid),
+            str(len(mounts)),
+            *volumes,
+            *env,
+            *argv,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=open(out, "wb"),
+        stderr=open(err, "wb"),
+    )
     return Container(image, popen, out, err, env)
 
 
@@ -407,9 +493,20 @@ def podman_run(image: Image, *argv: str) -> tuple[str | None, str]:
     for name, which in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
         soft, hard = (-1 if v == resource.RLIM_INFINITY else v for v in resource.getrlimit(which))
         ulimits += ["--ulimit", f"{name}={soft}:{hard}"]
-    proc = image.podman.run("run", "--rm", "--network", "none", "--read-only", *ulimits,
-                            "--entrypoint", argv[0], image.ref, *argv[1:],
-                            check=False, timeout=120)
+    proc = image.podman.run(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        *ulimits,
+        "--entrypoint",
+        argv[0],
+        image.ref,
+        *argv[1:],
+        check=False,
+        timeout=120,
+    )
     if proc.returncode in (125, 126, 127):  # podman's own, or the OCI runtime's, failure
         return _last_line(proc.stderr), proc.stdout
     return None, proc.stdout

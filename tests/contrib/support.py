@@ -32,19 +32,24 @@ def ctl_failure(argv: tuple[str, ...]) -> tuple[int, str]:
     return _run_ctl(tuple(args))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run_ctl(args: tuple[str, ...]) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "ctl", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "ctl", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     return proc.returncode, proc.stderr
 
 
 def assert_real_ctl_verb(argv) -> None:
     code, stderr = ctl_failure(tuple(argv))
     assert code == 1 and "no socket" in stderr, (
-        f"{shlex.join(argv)} is not a working keyagent ctl command line: "
-        f"exit {code}, {stderr.strip()!r}")
+        f"{shlex.join(argv)} is not a working keyagent ctl command line: exit {code}, {stderr.strip()!r}"
+    )
 
 
 def control_path(argv) -> str:

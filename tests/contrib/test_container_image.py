@@ -21,9 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.contrib.imagebuild import CONFIG_MOUNT, RUN_MOUNT, VM_MOUNT, Podman, SetupError, build, \
-    build_image, build_wheels, children_of, missing_prerequisite, podman_run, qmp, start, \
-    status_ids
+from tests.contrib.imagebuild import (
+    CONFIG_MOUNT,
+    RUN_MOUNT,
+    VM_MOUNT,
+    Podman,
+    SetupError,
+    build,
+    build_image,
+    build_wheels,
+    children_of,
+    missing_prerequisite,
+    podman_run,
+    qmp,
+    start,
+    status_ids,
+)
 from tests.contrib.support import CONTAINERFILE, CONTRIB, exec_form, only, parse_containerfile
 from tests.e2e.harness import wait_for
 from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, boot_image
@@ -92,17 +105,32 @@ def volumes(image, short_tmp):
 
 def qemu_cmd() -> list[str]:
     """The CMD a user gives after the image name: the marker guest, a test monitor."""
-    return ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults",
-            "-display", "none", "-serial", "none",
-            "-drive", f"file={VM_MOUNT}/disk.img,format=raw,if=ide,snapshot=on",
-            "-qmp", f"unix:{RUN_MOUNT}/{TEST_QMP},server=on,wait=off"]
+    return [
+        "qemu-system-x86_64",
+        "-machine",
+        "q35,accel=tcg",
+        "-m",
+        "64",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "none",
+        "-drive",
+        f"file={VM_MOUNT}/disk.img,format=raw,if=ide,snapshot=on",
+        "-qmp",
+        f"unix:{RUN_MOUNT}/{TEST_QMP},server=on,wait=off",
+    ]
 
 
 @pytest.fixture
 def container(image, volumes):
-    box = start(image, volumes["tmp"], qemu_cmd(), [
-        (volumes["run"], RUN_MOUNT, "rw"), (volumes["config"], CONFIG_MOUNT, "ro"),
-        (volumes["vm"], VM_MOUNT, "ro")])
+    box = start(
+        image,
+        volumes["tmp"],
+        qemu_cmd(),
+        [(volumes["run"], RUN_MOUNT, "rw"), (volumes["config"], CONFIG_MOUNT, "ro"), (volumes["vm"], VM_MOUNT, "ro")],
+    )
     try:
         yield box
     finally:
@@ -127,8 +155,7 @@ def manifest(kind: str, name: str) -> dict:
 
 def entrypoint_pod_probes() -> dict[str, list[str]]:
     (c,) = manifest("Pod", "vm1-entrypoint")["spec"]["containers"]
-    return {kind: c[kind]["exec"]["command"]
-            for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    return {kind: c[kind]["exec"]["command"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
 
 
 def wait_until_ready(box, volumes) -> int:
@@ -199,8 +226,7 @@ def test_rebuild_with_new_wheels_installs_them_not_a_cached_layer(image, tmp_pat
     assert before == ["keyagent-0.1.0.dist-info"] or len(before) == 1, before
     failure = None
     try:
-        wheels = build_wheels(tmp_path / "src", tmp_path / "wheels", tmp_path / "wheel.log",
-                              version="0.1.0.post99")
+        wheels = build_wheels(tmp_path / "src", tmp_path / "wheels", tmp_path / "wheel.log", version="0.1.0.post99")
         build(image.podman, wheels, "localhost/keyagent:rebuilt", tmp_path / "build.log")
     except SetupError as exc:
         failure = str(exc)
@@ -233,13 +259,14 @@ def test_image_runs_as_the_documented_user(image):
 def test_podman_run_gives_the_documented_user_where_podman_can_run(image):
     error, out = podman_run(image, "id", "-u")
     if error is not None:
-        pytest.skip(f"podman run does not work on this machine ({error}); the entrypoint "
-                    "tests run the image by mount + unshare + chroot instead")
+        pytest.skip(
+            f"podman run does not work on this machine ({error}); the entrypoint "
+            "tests run the image by mount + unshare + chroot instead"
+        )
     assert out.strip() == str(UID)
 
 
-def test_entrypoint_launches_the_marker_guest_and_sigterm_powers_it_down(
-        image, volumes, container):
+def test_entrypoint_launches_the_marker_guest_and_sigterm_powers_it_down(image, volumes, container):
     scan = LeakScan()
     with ArgvWatcher() as argv:
         scan.argv = argv
@@ -252,16 +279,14 @@ def test_entrypoint_launches_the_marker_guest_and_sigterm_powers_it_down(
 
         # The VM runs (the agent resumed the -S it added) and booted our disk.
         test_qmp = volumes["run"] / TEST_QMP
-        wait_for(lambda: qmp(test_qmp, "query-status")["status"] == "running",
-                 timeout=30, what="the VM running")
+        wait_for(lambda: qmp(test_qmp, "query-status")["status"] == "running", timeout=30, what="the VM running")
         names = [o["name"] for o in qmp(test_qmp, "qom-list", {"path": "/objects"})]
         assert "keyagent-master" in names
         marker = volumes["marker"]
 
         def marker_in_ram() -> bool:
             out = f"{RUN_MOUNT}/mem.bin"  # QEMU writes it, as the image's user
-            qmp(test_qmp, "pmemsave", {"val": BOOT_ADDR + MARKER_OFFSET,
-                                       "size": len(marker), "filename": out})
+            qmp(test_qmp, "pmemsave", {"val": BOOT_ADDR + MARKER_OFFSET, "size": len(marker), "filename": out})
             host = volumes["run"] / "mem.bin"
             data = host.read_bytes()
             host.unlink()
@@ -283,9 +308,8 @@ def test_entrypoint_launches_the_marker_guest_and_sigterm_powers_it_down(
         pw = volumes["vm"] / "pw"
         pw.write_bytes(secret)
         health = container.image.info["Healthcheck"]["Test"][1:]
-        ctl = health[:health.index("--timeout")]  # keyagent ctl --control unix:...
-        added = container.exec_in([*ctl, "secret", "add", "--id", "s0", "--file",
-                                   f"{VM_MOUNT}/pw"])
+        ctl = health[: health.index("--timeout")]  # keyagent ctl --control unix:...
+        added = container.exec_in([*ctl, "secret", "add", "--id", "s0", "--file", f"{VM_MOUNT}/pw"])
         assert added.returncode == 0, added.stderr
         pw.unlink()
         assert "s0" in [o["name"] for o in qmp(test_qmp, "qom-list", {"path": "/objects"})]
@@ -300,8 +324,7 @@ def test_entrypoint_launches_the_marker_guest_and_sigterm_powers_it_down(
     assert "signal received: powering the VM down" in stderr
     assert "grace period over: quitting QEMU" in stderr  # the marker guest ignores ACPI
     assert took < GRACE_S + 15
-    exited = [json.loads(line) for line in stderr.splitlines()
-              if line.startswith("{") and '"QEMU exited"' in line]
+    exited = [json.loads(line) for line in stderr.splitlines() if line.startswith("{") and '"QEMU exited"' in line]
     assert [e["status"] for e in exited] == [0]
     assert files(run_dir(volumes)) == []
     scan.text("container stderr", stderr)
@@ -367,8 +390,7 @@ def test_entrypoint_pod_as_written_runs_its_vm_with_the_vtpm(image, short_tmp):
             for kind, command in entrypoint_pod_probes().items():
                 answer = box.exec_in(command)
                 assert answer.returncode == 0, (kind, answer.stderr)
-            wait_for(lambda: qmp(test_qmp, "query-status")["status"] == "running",
-                     timeout=30, what="the VM running")
+            wait_for(lambda: qmp(test_qmp, "query-status")["status"] == "running", timeout=30, what="the VM running")
             assert qmp(test_qmp, "query-tpm")[0]["model"] == "tpm-crb"
             # The vTPM state on the persistent volume, encrypted with the mounted key.
             assert list((state / "tpm").glob("tpm2-00.permall"))

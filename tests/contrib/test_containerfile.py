@@ -8,16 +8,42 @@ import shlex
 
 import pytest
 
-from agent.cli.main import build_parser
 from agent.app.config import load_config
-from tests.contrib.support import CONTAINERFILE, CONTRIB, REPO, assert_real_ctl_verb, \
-    control_path, dev_sh_apt_packages, exec_form, only, parse_containerfile, stages
+from agent.cli.main import build_parser
+from tests.contrib.support import (
+    CONTAINERFILE,
+    CONTRIB,
+    REPO,
+    assert_real_ctl_verb,
+    control_path,
+    dev_sh_apt_packages,
+    exec_form,
+    only,
+    parse_containerfile,
+    stages,
+)
 
 VM_TOML = CONTRIB / "container" / "vm.toml"
 
-INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
-                "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK",
-                "SHELL"}
+INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 ENTRYPOINT = ["keyagent", "launch", "--config", "/etc/keyagent/vm.toml", "--"]
 
 
@@ -74,7 +100,7 @@ def _copies(stage_instructions) -> list[tuple[str | None, list[str], str]]:
     for word, args in stage_instructions:
         if word in ("COPY", "ADD"):
             parts = args.split()
-            source = next((p[len("--from="):] for p in parts if p.startswith("--from=")), None)
+            source = next((p[len("--from=") :] for p in parts if p.startswith("--from=")), None)
             *sources, dest = [p for p in parts if not p.startswith("--")]
             out.append((source, sources, dest))
     return out
@@ -107,7 +133,7 @@ def test_image_installs_only_from_the_wheels_and_copies_nothing_of_the_context(i
     wheels = copy[2].rstrip("/")
     assert not any(word == "RUN" and "--mount" in args for word, args in final)
     pip = next(args for word, args in final if word == "RUN" and "pip install" in args)
-    tokens = shlex.split(pip[pip.index("pip install"):].split("&&")[0])
+    tokens = shlex.split(pip[pip.index("pip install") :].split("&&")[0])
     assert "--no-index" in tokens
     assert tokens[tokens.index("--find-links") + 1] == wheels
     assert tokens[-1] == "keyagent"
@@ -123,7 +149,7 @@ def test_runs_as_a_non_root_user(instructions):
 
 def test_healthcheck_is_a_real_ctl_verb_on_the_run_dir_socket(instructions):
     args = only(instructions, "HEALTHCHECK")
-    argv = exec_form(args[args.index("CMD ") + 4:])
+    argv = exec_form(args[args.index("CMD ") + 4 :])
     assert_real_ctl_verb(argv)
     cfg = load_config(str(VM_TOML))
     assert control_path(argv) == cfg.vm_run_dir + "/control.sock"

@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 
 from agent.app.config import load_config
-from tests.contrib.support import CONTAINERFILE, CONTRIB, assert_real_ctl_verb, control_path, \
-    control_route, control_server_status, exec_form, only, parse_containerfile
+from tests.contrib.support import (
+    CONTAINERFILE,
+    CONTRIB,
+    assert_real_ctl_verb,
+    control_path,
+    control_route,
+    control_server_status,
+    exec_form,
+    only,
+    parse_containerfile,
+)
 
 yaml = pytest.importorskip("yaml")
 
@@ -41,8 +50,7 @@ def config_maps(docs) -> dict[str, dict]:
 
 
 def agent_container(pod) -> dict:
-    (c,) = [c for c in pod["spec"]["containers"]
-            if (c.get("command") or [""])[0] == "keyagent"]
+    (c,) = [c for c in pod["spec"]["containers"] if (c.get("command") or [""])[0] == "keyagent"]
     return c
 
 
@@ -92,15 +100,15 @@ def test_two_variants_sidecar_and_entrypoint(pods):
 
 
 @pytest.mark.parametrize("pod_name", ["vm1-sidecar", "vm1-entrypoint"])
-def test_probes_are_exec_probes_running_real_ctl_verbs_on_the_control_socket(
-        docs, pods, pod_name, tmp_path):
+def test_probes_are_exec_probes_running_real_ctl_verbs_on_the_control_socket(docs, pods, pod_name, tmp_path):
     pod = pods[pod_name]
     cfg = agent_config(docs, pod, tmp_path)
     container = agent_container(pod)
     for kind in PROBES:
         probe = container[kind]
-        assert set(probe) & {"httpGet", "tcpSocket", "grpc"} == set(), \
+        assert set(probe) & {"httpGet", "tcpSocket", "grpc"} == set(), (
             f"{kind}: the control socket is a UNIX socket, only exec probes reach it"
+        )
         command = probe["exec"]["command"]
         assert command[-1] == PROBE_VERB[kind]
         assert_real_ctl_verb(command)
@@ -110,8 +118,7 @@ def test_probes_are_exec_probes_running_real_ctl_verbs_on_the_control_socket(
 
 
 def test_probe_routes_are_answered_by_the_control_server(pods):
-    routes = {(kind, tuple(agent_container(p)[kind]["exec"]["command"]))
-              for p in pods.values() for kind in PROBES}
+    routes = {(kind, tuple(agent_container(p)[kind]["exec"]["command"])) for p in pods.values() for kind in PROBES}
     for kind, command in routes:
         method, route = control_route(command)
         assert (method, route) == ("GET", {"health": "/healthz", "ready": "/readyz"}[command[-1]])
@@ -149,8 +156,7 @@ def test_paths_the_agent_uses_are_mounted_with_the_right_volumes(docs, pods, pod
 
 
 def test_no_secret_reaches_env_or_args(docs, pods):
-    secret_volumes = {v["name"] for p in pods.values() for v in p["spec"]["volumes"]
-                      if "secret" in v}
+    secret_volumes = {v["name"] for p in pods.values() for v in p["spec"]["volumes"] if "secret" in v}
     for pod in pods.values():
         for c in pod["spec"]["containers"]:
             for env in c.get("env", []):
@@ -160,13 +166,19 @@ def test_no_secret_reaches_env_or_args(docs, pods):
             for m in c.get("volumeMounts", []):
                 if m["name"] in secret_volumes:
                     assert m["readOnly"] is True
-    assert not [d for d in docs if d["kind"] == "Secret"], \
+    assert not [d for d in docs if d["kind"] == "Secret"], (
         "the key material is created out of band, never committed in a manifest"
+    )
 
 
 def test_security_context_is_locked_down(pods):
-    uid = int(next(args for word, args in parse_containerfile(CONTAINERFILE.read_text())
-                   if word == "RUN" and "useradd" in args).split("--uid ")[1].split()[0])
+    uid = int(
+        next(
+            args for word, args in parse_containerfile(CONTAINERFILE.read_text()) if word == "RUN" and "useradd" in args
+        )
+        .split("--uid ")[1]
+        .split()[0]
+    )
     for pod in pods.values():
         spec = pod["spec"]
         sc = spec["securityContext"]

@@ -54,19 +54,26 @@ def test_manifest_is_valid_for_kubernetes(name, doc, version):
         checked = kv.validate(doc, version, strict=True)
     except kv.ValidationError as exc:
         path = "/".join(str(p) for p in exc.absolute_path)
-        pytest.fail(f"{name} is invalid for Kubernetes {version} at {path}: {exc.message}",
-                    pytrace=False)
+        pytest.fail(f"{name} is invalid for Kubernetes {version} at {path}: {exc.message}", pytrace=False)
     assert checked == version
 
 
-@pytest.mark.parametrize("break_it, why", [
-    (lambda pod: pod["spec"]["containers"][0]["securityContext"].update(
-        readOnlyRootFileSystem=True), "an unknown field (strict)"),
-    (lambda pod: pod["spec"]["containers"][-1]["startupProbe"].update(periodSeconds="2"),
-     "a string for an integer"),
-    (lambda pod: pod["spec"]["containers"][0].pop("name"), "a required field missing"),
-    (lambda pod: pod["spec"]["volumes"][0].update(emptyDir=[]), "a list for an object"),
-], ids=["unknown-field", "string-for-integer", "required-field-missing", "list-for-object"])
+@pytest.mark.parametrize(
+    "break_it, why",
+    [
+        (
+            lambda pod: pod["spec"]["containers"][0]["securityContext"].update(readOnlyRootFileSystem=True),
+            "an unknown field (strict)",
+        ),
+        (
+            lambda pod: pod["spec"]["containers"][-1]["startupProbe"].update(periodSeconds="2"),
+            "a string for an integer",
+        ),
+        (lambda pod: pod["spec"]["containers"][0].pop("name"), "a required field missing"),
+        (lambda pod: pod["spec"]["volumes"][0].update(emptyDir=[]), "a list for an object"),
+    ],
+    ids=["unknown-field", "string-for-integer", "required-field-missing", "list-for-object"],
+)
 def test_validator_rejects_a_broken_pod(break_it, why):
     """The check above can fail: the same pod, broken one way, is refused."""
     pod = copy.deepcopy(next(doc for _, doc in DOCS if doc["kind"] == "Pod"))

@@ -17,9 +17,13 @@ DOMAIN_XML = b"<domain type='kvm'><name>vm1</name><uuid>8f0c2f44-2d3c-4b6b-9d0e-
 UNIT = "keyagent@vm1.service"
 
 # Every call libvirt makes to the qemu hook (docs/hooks.rst), as (op, sub-op, extra).
-NOTHING_TO_DO = [("start", "begin", "-"), ("started", "begin", "-"),
-                 ("stopped", "end", "-"), ("migrate", "begin", "-"),
-                 ("restore", "begin", "-")]
+NOTHING_TO_DO = [
+    ("start", "begin", "-"),
+    ("started", "begin", "-"),
+    ("stopped", "end", "-"),
+    ("migrate", "begin", "-"),
+    ("restore", "begin", "-"),
+]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 
@@ -33,25 +37,33 @@ class Hook:
         self.calls = tmp_path / "systemctl.calls"
         self.systemctl_status = 0
         fake = self.bin / "systemctl"
-        fake.write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$FAKE_SYSTEMCTL_CALLS"\n'
-                        'echo "fake systemctl output"\nexit "${FAKE_SYSTEMCTL_STATUS:-0}"\n')
+        fake.write_text(
+            '#!/bin/sh\nprintf "%s\\n" "$*" >> "$FAKE_SYSTEMCTL_CALLS"\n'
+            'echo "fake systemctl output"\nexit "${FAKE_SYSTEMCTL_STATUS:-0}"\n'
+        )
         fake.chmod(0o755)
 
     def configure(self, domain: str, env: bool = True) -> None:
         (self.config_dir / f"{domain}.toml").write_text(f'[vm]\nname = "{domain}"\n')
         if env:
             (self.config_dir / f"{domain}.env").write_text(
-                f"KEYAGENT_MONITOR=--libvirt qemu:///system --domain {domain}\n")
+                f"KEYAGENT_MONITOR=--libvirt qemu:///system --domain {domain}\n"
+            )
 
     def run(self, domain: str, op: str, subop: str = "begin", extra: str = "-"):
         # libvirt's environment for hooks: LC_ALL, PATH, HOME, USER, LOGNAME.
-        env = {"LC_ALL": "C", "PATH": f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin",
-               "HOME": "/root", "KEYAGENT_CONFIG_DIR": str(self.config_dir),
-               "FAKE_SYSTEMCTL_CALLS": str(self.calls),
-               "FAKE_SYSTEMCTL_STATUS": str(self.systemctl_status)}
+        env = {
+            "LC_ALL": "C",
+            "PATH": f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "KEYAGENT_CONFIG_DIR": str(self.config_dir),
+            "FAKE_SYSTEMCTL_CALLS": str(self.calls),
+            "FAKE_SYSTEMCTL_STATUS": str(self.systemctl_status),
+        }
         start = time.monotonic()
-        proc = subprocess.run([str(HOOK), domain, op, subop, extra], input=DOMAIN_XML,
-                              capture_output=True, env=env, timeout=10)
+        proc = subprocess.run(
+            [str(HOOK), domain, op, subop, extra], input=DOMAIN_XML, capture_output=True, env=env, timeout=10
+        )
         elapsed = time.monotonic() - start
         assert elapsed < 2.0, f"{op}: the hook took {elapsed:.2f} s; libvirt waits for it"
         return proc
@@ -109,9 +121,11 @@ def test_other_operations_do_nothing_and_leave_the_xml_alone(hook, op, subop, ex
     assert proc.stdout == b""
 
 
-@pytest.mark.parametrize("op,subop", [("prepare", "begin"), ("reconnect", "begin"),
-                                      ("attach", "begin"), ("release", "end")]
-                         + [(o, s) for o, s, _ in NOTHING_TO_DO])
+@pytest.mark.parametrize(
+    "op,subop",
+    [("prepare", "begin"), ("reconnect", "begin"), ("attach", "begin"), ("release", "end")]
+    + [(o, s) for o, s, _ in NOTHING_TO_DO],
+)
 def test_domains_without_a_keyagent_config_are_ignored(hook, op, subop):
     hook.configure("other")
     proc = hook.run("vm1", op, subop)
@@ -119,8 +133,9 @@ def test_domains_without_a_keyagent_config_are_ignored(hook, op, subop):
     assert hook.systemctl_calls() == []
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "-rf", "", "vm 1", ".hidden",
-                                  "a" * 65, "vm1;reboot", "vm1\nrelease"])
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "-rf", "", "vm 1", ".hidden", "a" * 65, "vm1;reboot", "vm1\nrelease"]
+)
 def test_names_the_agent_would_refuse_are_ignored(hook, name):
     hook.configure("vm1")
     proc = hook.run(name, "prepare", "begin")
@@ -141,8 +156,7 @@ def test_prepare_fails_when_the_agent_cannot_start(hook):
     assert proc.returncode == 1 and b"cannot queue the start" in proc.stderr
 
 
-@pytest.mark.parametrize("op,subop", [("reconnect", "begin"), ("attach", "begin"),
-                                      ("release", "end")])
+@pytest.mark.parametrize("op,subop", [("reconnect", "begin"), ("attach", "begin"), ("release", "end")])
 def test_reconnect_attach_and_release_never_fail(hook, op, subop):
     # A failed reconnect makes libvirt kill the running QEMU; a failed release
     # undoes nothing.

@@ -80,8 +80,7 @@ def expand_exec(line: str, env: dict[str, str], instance: str) -> list[str]:
         if m:
             argv += shlex.split(env.get(m.group(1), ""))
         else:
-            argv.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
-                               lambda v: env.get(v.group(1), ""), word))
+            argv.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda v: env.get(v.group(1), ""), word))
     return argv
 
 
@@ -100,19 +99,31 @@ def test_unit_has_the_sections_and_runs_keyagent_run(unit):
 
 def test_hardening_directives_are_set(unit):
     expected = {
-        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "NoNewPrivileges": "yes", "ProtectKernelTunables": "yes",
-        "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
-        "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
-        "RestrictNamespaces": "yes", "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes",
-        "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
-        "SystemCallArchitectures": "native", "LimitCORE": "0", "UMask": "0077",
-        "CapabilityBoundingSet": "", "AmbientCapabilities": "",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallArchitectures": "native",
+        "LimitCORE": "0",
+        "UMask": "0077",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
     }
     for key, want in expected.items():
         assert value(unit, "Service", key) == want, key
-    assert set(value(unit, "Service", "RestrictAddressFamilies").split()) == \
-        {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert set(value(unit, "Service", "RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     allowed, denied = [], []
     for line in values(unit, "Service", "SystemCallFilter"):
         (denied if line.startswith("~") else allowed).extend(line.lstrip("~").split())
@@ -142,8 +153,7 @@ def test_run_dir_is_the_runtime_directory_mode_0700(unit):
     assert value(unit, "Service", "RuntimeDirectory") == "keyagent/%i"
     assert value(unit, "Service", "RuntimeDirectoryMode") == "0700"
     assert value(unit, "Service", "StateDirectory") == "keyagent/%i"
-    argv = expand_exec(value(unit, "Service", "ExecStart"),
-                       parse_env_file(ENV_EXAMPLE.read_text()), VM)
+    argv = expand_exec(value(unit, "Service", "ExecStart"), parse_env_file(ENV_EXAMPLE.read_text()), VM)
     run_dir = argv[argv.index("--vm-run-dir") + 1]
     assert run_dir == "/run/" + value(unit, "Service", "RuntimeDirectory").replace("%i", VM)
 
@@ -170,8 +180,7 @@ def _run_options() -> set[str]:
 
 
 def test_the_libvirt_monitor_line_parses_once_the_backend_exists(unit):
-    line = next(text for text in ENV_EXAMPLE.read_text().splitlines()
-                if text.startswith("#KEYAGENT_MONITOR=--libvirt"))
+    line = next(text for text in ENV_EXAMPLE.read_text().splitlines() if text.startswith("#KEYAGENT_MONITOR=--libvirt"))
     if "--libvirt" not in _run_options():
         pytest.skip("keyagent run has no --libvirt yet (libvirt backend being written)")
     env = parse_env_file(line[1:])
@@ -181,8 +190,7 @@ def test_the_libvirt_monitor_line_parses_once_the_backend_exists(unit):
 
 
 def test_extra_args_line_parses(unit):
-    line = next(text for text in ENV_EXAMPLE.read_text().splitlines()
-                if text.startswith("#KEYAGENT_ARGS="))
+    line = next(text for text in ENV_EXAMPLE.read_text().splitlines() if text.startswith("#KEYAGENT_ARGS="))
     env = parse_env_file(ENV_EXAMPLE.read_text() + line[1:] + "\n")
     argv = expand_exec(value(unit, "Service", "ExecStart"), env, VM)
     args = build_parser(argv[1:]).parse_args(argv[1:])
@@ -192,8 +200,9 @@ def test_extra_args_line_parses(unit):
 
 def _expand_filter(tool: str, name: str, seen: dict) -> set[str]:
     if name not in seen:
-        out = subprocess.run([tool, "syscall-filter", "--no-pager", name], capture_output=True,
-                             text=True, timeout=30).stdout
+        out = subprocess.run(
+            [tool, "syscall-filter", "--no-pager", name], capture_output=True, text=True, timeout=30
+        ).stdout
         calls: set[str] = set()
         for line in out.splitlines()[1:]:
             word = line.strip()
@@ -217,11 +226,22 @@ def test_syscall_filter_allows_the_keyring_memfd_and_seccomp(unit):
     if not allowed:
         pytest.skip("systemd-analyze syscall-filter lists nothing here")
     effective = allowed - denied
-    needed = {"add_key", "keyctl",            # master key, keyring: references
-              "memfd_create",                 # libffi's W^X fallback
-              "seccomp",                      # swtpm's own filter
-              "socket", "connect", "bind", "listen", "accept4",  # QMP, owner, control
-              "execve", "clone3", "wait4", "pipe2", "prlimit64"}  # swtpm, ldconfig
+    needed = {
+        "add_key",
+        "keyctl",  # master key, keyring: references
+        "memfd_create",  # libffi's W^X fallback
+        "seccomp",  # swtpm's own filter
+        "socket",
+        "connect",
+        "bind",
+        "listen",
+        "accept4",  # QMP, owner, control
+        "execve",
+        "clone3",
+        "wait4",
+        "pipe2",
+        "prlimit64",
+    }  # swtpm, ldconfig
     assert needed <= effective, sorted(needed - effective)
 
 
@@ -244,9 +264,14 @@ def _systemd_analyze(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
-    return subprocess.run([tool, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=30, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:",
-                                           "SYSTEMD_LOG_COLOR": "0"})
+    return subprocess.run(
+        [tool, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:", "SYSTEMD_LOG_COLOR": "0"},
+    )
 
 
 def test_systemd_analyze_verify_accepts_the_unit_and_drop_in(tmp_path):

@@ -4,16 +4,32 @@ import base64
 
 import pytest
 
-from agent.core.actions import ArmTimer, CancelTimer, Finish, Log, PostOwner, SendQmp
-from agent.core.events import (OwnerFailed, OwnerRefused, OwnerReleased, QmpDisconnected,
-                               QmpError, QmpEvent, QmpReply, Start, TimerFired)
-from agent.core.launch import LaunchParams, SevLaunchFlow, State
 from agent.common.secret import Secret
+from agent.core.actions import ArmTimer, CancelTimer, Finish, Log, PostOwner, SendQmp
+from agent.core.events import (
+    OwnerFailed,
+    OwnerRefused,
+    OwnerReleased,
+    QmpDisconnected,
+    QmpError,
+    QmpEvent,
+    QmpReply,
+    Start,
+    TimerFired,
+)
+from agent.core.launch import LaunchParams, SevLaunchFlow, State
 
 MEASUREMENT = base64.b64encode(bytes(range(48))).decode()
 HEADER = base64.b64encode(bytes(52)).decode()
-SEV_INFO = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21,
-            "policy": 1, "state": "launch-secret", "handle": 1}
+SEV_INFO = {
+    "enabled": True,
+    "api-major": 1,
+    "api-minor": 55,
+    "build-id": 21,
+    "policy": 1,
+    "state": "launch-secret",
+    "handle": 1,
+}
 
 
 def sends(actions):
@@ -71,8 +87,14 @@ def test_good_path_injects_then_continues_and_finishes_zero():
     out = d.to_owner()
     post = [a for a in out if isinstance(a, PostOwner)][0]
     assert post.path == "/v1/secret"
-    assert post.body == {"vm": "vm1", "measurement": MEASUREMENT, "api_major": 1,
-                         "api_minor": 55, "build_id": 21, "policy": 1}
+    assert post.body == {
+        "vm": "vm1",
+        "measurement": MEASUREMENT,
+        "api_major": 1,
+        "api_minor": 55,
+        "build_id": 21,
+        "policy": 1,
+    }
     inject = only_send(d.feed(released()))
     assert inject.command == "sev-inject-launch-secret"
     assert inject.args["packet-header"] == HEADER
@@ -82,8 +104,7 @@ def test_good_path_injects_then_continues_and_finishes_zero():
     out = d.reply()
     assert finish_of(out) == Finish(0, "launched: secret injected, VM running")
     assert CancelTimer("deadline") in out
-    assert d.commands() == ["query-status", "query-sev", "query-sev-launch-measure",
-                            "sev-inject-launch-secret", "cont"]
+    assert d.commands() == ["query-status", "query-sev", "query-sev-launch-measure", "sev-inject-launch-secret", "cont"]
 
 
 def test_gpa_from_owner_is_passed_to_qemu():
@@ -99,11 +120,14 @@ def test_start_arms_the_deadline():
     assert out[0] == ArmTimer("deadline", 7)
 
 
-@pytest.mark.parametrize("event, words", [
-    (OwnerRefused(403, "measurement does not match"), "guest owner refused"),
-    (OwnerFailed("connection refused to 127.0.0.1:1"), "connection refused"),
-    (OwnerFailed("malformed owner answer: secret is not base64"), "malformed"),
-])
+@pytest.mark.parametrize(
+    "event, words",
+    [
+        (OwnerRefused(403, "measurement does not match"), "guest owner refused"),
+        (OwnerFailed("connection refused to 127.0.0.1:1"), "connection refused"),
+        (OwnerFailed("malformed owner answer: secret is not base64"), "malformed"),
+    ],
+)
 def test_owner_refusal_quits_and_never_continues(event, words):
     d = Driver()
     d.to_owner()
@@ -178,8 +202,9 @@ def test_sev_disabled_is_refused():
     d = Driver()
     d.feed(Start())
     d.reply({"status": "prelaunch"})
-    out = d.reply({"enabled": False, "api-major": 0, "api-minor": 0, "build-id": 0,
-                   "policy": 0, "state": "uninit", "handle": 0})
+    out = d.reply(
+        {"enabled": False, "api-major": 0, "api-minor": 0, "build-id": 0, "policy": 0, "state": "uninit", "handle": 0}
+    )
     assert only_send(out).command == "quit"
 
 

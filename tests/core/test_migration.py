@@ -1,16 +1,26 @@
 """The migration flow, both roles, driven event by event."""
 
-from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, RemoveKeyDir,
-                                SendQmp, WriteKeyDir)
-from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
-                               QmpDisconnected, QmpError, QmpEvent, QmpReply, Start, TimerFired)
-from agent.core.migration import MigrationFlow, MigrationParams
 from agent.common.secret import Secret
+from agent.core.actions import ArmTimer, CancelTimer, ControlReply, Finish, RemoveKeyDir, SendQmp, WriteKeyDir
+from agent.core.events import (
+    ControlRequest,
+    KeyDirFailed,
+    KeyDirReady,
+    KeyProvided,
+    QmpDisconnected,
+    QmpError,
+    QmpEvent,
+    QmpReply,
+    Start,
+    TimerFired,
+)
+from agent.core.migration import MigrationFlow, MigrationParams
 
 
 def flow(role="source", **kw):
-    f = MigrationFlow(MigrationParams(role=role, uri="tcp:127.0.0.1:4444", reply_to="ctl-1",
-                                      creds_id="tls0", dest_deadline_s=5, **kw))
+    f = MigrationFlow(
+        MigrationParams(role=role, uri="tcp:127.0.0.1:4444", reply_to="ctl-1", creds_id="tls0", dest_deadline_s=5, **kw)
+    )
     f.handle(Start())
     return f
 
@@ -48,13 +58,10 @@ def test_source_removes_its_key_file_right_after_object_add():
     write, seen = start(f)
     assert set(write.files) == {"keys.psk"}
     assert len(write.files["keys.psk"]) == 0  # written by the shell, then wiped
-    assert cmds(seen) == ["object-add", "migrate-set-capabilities", "migrate-set-parameters",
-                          "migrate"]
+    assert cmds(seen) == ["object-add", "migrate-set-capabilities", "migrate-set-parameters", "migrate"]
     add = next(a for a in seen if isinstance(a, SendQmp))
-    assert add.args == {"qom-type": "tls-creds-psk", "id": "tls0", "dir": "/run/vm/key-tls-1",
-                        "endpoint": "client"}
-    assert seen.index(RemoveKeyDir("tls")) < [i for i, a in enumerate(seen)
-                                              if isinstance(a, SendQmp)][1]
+    assert add.args == {"qom-type": "tls-creds-psk", "id": "tls0", "dir": "/run/vm/key-tls-1", "endpoint": "client"}
+    assert seen.index(RemoveKeyDir("tls")) < [i for i, a in enumerate(seen) if isinstance(a, SendQmp)][1]
     assert ControlReply("ctl-1", 200, {"status": "started"}) in seen
 
 
@@ -66,7 +73,7 @@ def test_destination_keeps_the_key_until_a_final_status_and_then_cleans_up():
     assert RemoveKeyDir("tls") not in seen
     assert cmds(seen)[-1] == "migrate-incoming"
     assert ArmTimer("deadline", 5) in seen
-    assert f.handle(QmpEvent("MIGRATION", {"status": "active"})) [-1] == CancelTimer("deadline")
+    assert f.handle(QmpEvent("MIGRATION", {"status": "active"}))[-1] == CancelTimer("deadline")
     out = answer_all(f, f.handle(QmpEvent("MIGRATION", {"status": "completed"})))
     assert out.index(RemoveKeyDir("tls")) == 1
     assert cmds(out) == ["migrate-set-parameters", "object-del"]
@@ -86,16 +93,20 @@ def test_multifd_sets_the_capability_and_channels():
 def test_unknown_statuses_are_progress():
     f = flow("source")
     start(f)
-    assert not any(isinstance(a, (Finish, SendQmp))
-                   for a in f.handle(QmpEvent("MIGRATION", {"status": "wait-unplug-2031"})))
+    assert not any(
+        isinstance(a, (Finish, SendQmp)) for a in f.handle(QmpEvent("MIGRATION", {"status": "wait-unplug-2031"}))
+    )
     assert f.status == "wait-unplug-2031"
 
 
 def test_source_failure_asks_qemu_for_its_error_text():
     f = flow("source")
     start(f)
-    out = answer_all(f, f.handle(QmpEvent("MIGRATION", {"status": "failed"})),
-                     {"query-migrate": {"status": "failed", "error-desc": "TLS handshake failed"}})
+    out = answer_all(
+        f,
+        f.handle(QmpEvent("MIGRATION", {"status": "failed"})),
+        {"query-migrate": {"status": "failed", "error-desc": "TLS handshake failed"}},
+    )
     assert cmds(out) == ["query-migrate", "migrate-set-parameters", "object-del"]
     assert out[-1] == Finish(1, "TLS handshake failed")
 
@@ -112,8 +123,11 @@ def test_destination_deadline_tears_down():
 def test_failed_setup_step_answers_the_request_and_undoes_what_was_done():
     f = flow("destination")
     f.handle(KeyProvided("psk", Secret(b"k" * 32)))
-    out = answer_all(f, f.handle(KeyDirReady("tls", "/d")),
-                     {"migrate-incoming": QmpError("", "GenericError", "Failed to bind socket")})
+    out = answer_all(
+        f,
+        f.handle(KeyDirReady("tls", "/d")),
+        {"migrate-incoming": QmpError("", "GenericError", "Failed to bind socket")},
+    )
     reply = next(a for a in out if isinstance(a, ControlReply))
     assert reply.status == 500 and "Failed to bind socket" in reply.body["error"]
     assert cmds(out)[-2:] == ["migrate-set-parameters", "object-del"]
@@ -182,8 +196,7 @@ def test_postcopy_switches_once_active_and_follows_postcopy_statuses():
     out = f.handle(QmpEvent("MIGRATION", {"status": "active"}))
     assert cmds(out) == ["migrate-start-postcopy"]
     assert cmds(f.handle(QmpEvent("MIGRATION", {"status": "active"}))) == []  # asked once
-    assert f.handle(QmpEvent("MIGRATION", {"status": "postcopy-active"}))[-1].fields == \
-        {"status": "postcopy-active"}
+    assert f.handle(QmpEvent("MIGRATION", {"status": "postcopy-active"}))[-1].fields == {"status": "postcopy-active"}
     out = answer_all(f, f.handle(QmpEvent("MIGRATION", {"status": "completed"})))
     assert out[-1] == Finish(0, "migration completed")
 
@@ -191,13 +204,13 @@ def test_postcopy_switches_once_active_and_follows_postcopy_statuses():
 def test_a_refused_postcopy_switch_is_logged_and_precopy_goes_on():
     f = flow("source", postcopy=True)
     start(f)
-    (switch,) = [a for a in f.handle(QmpEvent("MIGRATION", {"status": "active"}))
-                 if isinstance(a, SendQmp)]
+    (switch,) = [a for a in f.handle(QmpEvent("MIGRATION", {"status": "active"})) if isinstance(a, SendQmp)]
     (log,) = f.handle(QmpError(switch.tag, "GenericError", "Postcopy is not enabled"))
     assert log.level == "warning" and f.finished is None
 
 
 # -- wiping: the PSK lives in memory only until its keys.psk line exists --------
+
 
 def test_psk_is_wiped_once_its_keys_psk_line_is_made():
     f = flow("destination")
@@ -213,4 +226,3 @@ def test_psk_that_arrives_when_the_flow_cannot_use_it_is_wiped():
     late = Secret(bytes(32))
     assert f.handle(KeyProvided("psk", late)) == []
     assert len(late) == 0
-

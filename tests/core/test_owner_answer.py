@@ -28,20 +28,23 @@ def test_refusal_without_an_error_names_the_status():
     assert parse_owner_answer(500, None) == OwnerRefused(500, "HTTP 500")
 
 
-@pytest.mark.parametrize("status, body, words", [
-    (200, None, "not a JSON object"),
-    (200, [], "not a JSON object"),
-    (200, {"secret": SECRET}, "packet_header is not base64"),
-    (200, {"packet_header": "AAAA", "secret": SECRET}, "packet_header is 3 bytes"),
-    (200, {"packet_header": HEADER, "secret": "%%%"}, "secret is not base64"),
-    (200, {"packet_header": HEADER, "secret": ""}, "secret is empty"),
-    (200, {"packet_header": HEADER, "secret": 5}, "secret is not base64"),
-    (200, {"packet_header": HEADER, "secret": SECRET, "gpa": -1}, "gpa"),
-    (200, {"packet_header": HEADER, "secret": SECRET, "gpa": True}, "gpa"),
-    (200, {"packet_header": HEADER, "secret": SECRET, "gpa": "1"}, "gpa"),
-    (200, {"packet_header": HEADER, "secret": base64.b64encode(bytes(70000)).decode()}, "more than"),
-    (302, {}, "unexpected HTTP status 302"),
-])
+@pytest.mark.parametrize(
+    "status, body, words",
+    [
+        (200, None, "not a JSON object"),
+        (200, [], "not a JSON object"),
+        (200, {"secret": SECRET}, "packet_header is not base64"),
+        (200, {"packet_header": "AAAA", "secret": SECRET}, "packet_header is 3 bytes"),
+        (200, {"packet_header": HEADER, "secret": "%%%"}, "secret is not base64"),
+        (200, {"packet_header": HEADER, "secret": ""}, "secret is empty"),
+        (200, {"packet_header": HEADER, "secret": 5}, "secret is not base64"),
+        (200, {"packet_header": HEADER, "secret": SECRET, "gpa": -1}, "gpa"),
+        (200, {"packet_header": HEADER, "secret": SECRET, "gpa": True}, "gpa"),
+        (200, {"packet_header": HEADER, "secret": SECRET, "gpa": "1"}, "gpa"),
+        (200, {"packet_header": HEADER, "secret": base64.b64encode(bytes(70000)).decode()}, "more than"),
+        (302, {}, "unexpected HTTP status 302"),
+    ],
+)
 def test_malformed_answers_fail(status, body, words):
     ev = parse_owner_answer(status, body)
     assert isinstance(ev, OwnerFailed)

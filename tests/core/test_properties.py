@@ -46,42 +46,99 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
 
-from agent.core.actions import (ArmTimer, CancelTimer, ControlReply, Finish, KeyringAdd,
-                                KeyringDrop, Log, PostOwner, RemoveKeyDir, SendQmp, WriteKeyDir)
-from agent.core.events import (ControlRequest, KeyDirFailed, KeyDirReady, KeyProvided,
-                               KeyringFailed, KeyringReady, OwnerFailed, OwnerRefused,
-                               OwnerReleased, QmpDisconnected, QmpError, QmpEvent, QmpReply,
-                               Start, TimerFired)
+from agent.app.eventlog import EventLog
+from agent.app.replay import check
+from agent.common.secret import Secret
+from agent.core.actions import (
+    ArmTimer,
+    CancelTimer,
+    ControlReply,
+    Finish,
+    KeyringAdd,
+    KeyringDrop,
+    Log,
+    PostOwner,
+    RemoveKeyDir,
+    SendQmp,
+    WriteKeyDir,
+)
 from agent.core.codec import encode
+from agent.core.events import (
+    ControlRequest,
+    KeyDirFailed,
+    KeyDirReady,
+    KeyProvided,
+    KeyringFailed,
+    KeyringReady,
+    OwnerFailed,
+    OwnerRefused,
+    OwnerReleased,
+    QmpDisconnected,
+    QmpError,
+    QmpEvent,
+    QmpReply,
+    Start,
+    TimerFired,
+)
 from agent.core.launch import LaunchParams, SevLaunchFlow
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.core.resume import ResumeFlow, ResumeParams
-from agent.common.secret import Secret
 from agent.core.secret_objects import SecretsFlow, SecretsParams
-from agent.app.eventlog import EventLog
-from agent.app.replay import check
 from tests.leakscan import find
 
-_COMMON = dict(deadline=None, derandomize=False, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.filter_too_much])
+_COMMON = dict(
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 FAST = settings(max_examples=250, **_COMMON)
 SLOW = settings(max_examples=10_000, **_COMMON)
 
 MAX_STEPS = 60
 
 # -- JSON values QEMU (or something pretending to be QEMU) may send ------------------
-json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64),
-                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
-json_value = st.recursive(json_scalar, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-    max_leaves=8)
+json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8,
+)
 
-MIGRATION_STATUSES = ("none", "setup", "active", "completed", "failed", "cancelled",
-                      "cancelling", "postcopy-active", "postcopy-paused", "postcopy-recover",
-                      "pre-switchover", "device", "wait-unplug", "colo", "x-status-from-2031")
-EVENT_NAMES = ("RESUME", "STOP", "SHUTDOWN", "MIGRATION", "MIGRATION_PASS", "RTC_CHANGE",
-               "BLOCK_JOB_COMPLETED", "X_FLOOD", "")
+MIGRATION_STATUSES = (
+    "none",
+    "setup",
+    "active",
+    "completed",
+    "failed",
+    "cancelled",
+    "cancelling",
+    "postcopy-active",
+    "postcopy-paused",
+    "postcopy-recover",
+    "pre-switchover",
+    "device",
+    "wait-unplug",
+    "colo",
+    "x-status-from-2031",
+)
+EVENT_NAMES = (
+    "RESUME",
+    "STOP",
+    "SHUTDOWN",
+    "MIGRATION",
+    "MIGRATION_PASS",
+    "RTC_CHANGE",
+    "BLOCK_JOB_COMPLETED",
+    "X_FLOOD",
+    "",
+)
 
 
 def secret_bytes(data, n: int = 32, purpose: str = "secret") -> bytes:
@@ -95,20 +152,29 @@ def secret_bytes(data, n: int = 32, purpose: str = "secret") -> bytes:
 
 def good_result(data, command: str, hostility: int = 0):
     """A plausible answer; with ``hostility`` > 0 sometimes one that is subtly off."""
+
     def off() -> bool:
         return data.draw(st.integers(0, 9)) < hostility
 
     if command == "query-status":
-        status = data.draw(st.sampled_from(["prelaunch", "paused", "running", "inmigrate",
-                                            "postmigrate", "weird"])) if off() else "prelaunch"
+        status = (
+            data.draw(st.sampled_from(["prelaunch", "paused", "running", "inmigrate", "postmigrate", "weird"]))
+            if off()
+            else "prelaunch"
+        )
         return {"status": status, "running": status == "running", "singlestep": False}
     if command == "query-sev":
-        info = {"enabled": True, "api-major": 0, "api-minor": 24, "build-id": 15,
-                "policy": data.draw(st.sampled_from([1, 0, 5, 7])), "handle": 1,
-                "state": "launch-secret"}
+        info = {
+            "enabled": True,
+            "api-major": 0,
+            "api-minor": 24,
+            "build-id": 15,
+            "policy": data.draw(st.sampled_from([1, 0, 5, 7])),
+            "handle": 1,
+            "state": "launch-secret",
+        }
         if off():
-            info["state"] = data.draw(st.sampled_from(["launch-update", "running", "uninit",
-                                                       "x-new-state"]))
+            info["state"] = data.draw(st.sampled_from(["launch-update", "running", "uninit", "x-new-state"]))
         if off():
             flaw = data.draw(st.sampled_from(["enabled", "api-major", "policy", "build-id"]))
             info[flaw] = data.draw(st.sampled_from([False, -1, "1", None, 2**70, True]))
@@ -120,8 +186,10 @@ def good_result(data, command: str, hostility: int = 0):
             text = data.draw(st.sampled_from(["%%%", text[:-1], text + "=", "", " " + text]))
         return {"data": text}
     if command == "query-migrate":
-        return {"status": "failed", "error-desc": data.draw(st.sampled_from(
-            ["TLS handshake failed", "", "Connection reset by peer"]))}
+        return {
+            "status": "failed",
+            "error-desc": data.draw(st.sampled_from(["TLS handshake failed", "", "Connection reset by peer"])),
+        }
     return {}
 
 
@@ -192,8 +260,7 @@ class World:
             self.sent[a.tag] = a
             self.outstanding[a.tag] = a
             if a.command == "cont" and self.flow.kind == "sev-launch":
-                assert "sev-inject-launch-secret" in self.acked, \
-                    "cont before QEMU acknowledged the secret injection"
+                assert "sev-inject-launch-secret" in self.acked, "cont before QEMU acknowledged the secret injection"
             if a.command == "sev-inject-launch-secret":
                 assert self.released, "injection without a released packet"
                 assert isinstance(a.args["secret"], Secret)
@@ -208,23 +275,22 @@ class World:
         elif isinstance(a, PostOwner):
             self.owner_posts += 1
         elif isinstance(a, WriteKeyDir):
-            assert self.key_dirs.get(a.name) not in ("pending", "ready"), \
-                f"key dir {a.name!r} written twice while live"
+            assert self.key_dirs.get(a.name) not in ("pending", "ready"), f"key dir {a.name!r} written twice while live"
             self.key_dirs[a.name] = "pending"
             assert all(isinstance(v, (Secret, str)) for v in a.files.values())
         elif isinstance(a, RemoveKeyDir):
             self.key_dirs[a.name] = "removed"
         elif isinstance(a, KeyringAdd):
-            assert self.keyring.get(a.name) not in ("pending", "ready"), \
+            assert self.keyring.get(a.name) not in ("pending", "ready"), (
                 f"keyring key {a.name!r} added twice while live"
+            )
             assert isinstance(a.key, Secret)
             self.keyring[a.name] = "pending"
         elif isinstance(a, KeyringDrop):
             self.keyring[a.name] = "removed"
         elif isinstance(a, ControlReply):
             if a.req not in self.requests:
-                assert a.req == getattr(self.flow.params, "reply_to", None), \
-                    f"reply to unknown request {a.req}"
+                assert a.req == getattr(self.flow.params, "reply_to", None), f"reply to unknown request {a.req}"
                 self.requests[a.req] = 0
             self.requests[a.req] += 1
             assert self.requests[a.req] == 1, f"request {a.req} answered twice"
@@ -274,10 +340,15 @@ class World:
     def extra_moves(self) -> list[tuple]:
         kind = self.flow.kind
         if kind == "migration":
-            return [("control", "cancel"), ("control", "junk"), ("key", "psk")][:self.hostility]
+            return [("control", "cancel"), ("control", "junk"), ("key", "psk")][: self.hostility]
         if kind == "secrets":
-            return [("control", "add"), ("control", "add"), ("control", "remove"),
-                    ("control", "junk"), ("key", "master")][:3 + self.hostility]
+            return [
+                ("control", "add"),
+                ("control", "add"),
+                ("control", "remove"),
+                ("control", "junk"),
+                ("key", "master"),
+            ][: 3 + self.hostility]
         return []
 
     def play(self, move: tuple) -> None:
@@ -295,11 +366,28 @@ class World:
             elif how == "garbage":
                 self.feed(QmpReply(send.tag, d.draw(json_value)))
             else:
-                cls = d.draw(st.sampled_from(["GenericError", "GenericError", "CommandNotFound",
-                                              "DeviceNotFound", "KVMMissingCap", "X-New"]))
-                self.feed(QmpError(send.tag, cls, d.draw(st.sampled_from(
-                    ["SEV launch measurement is not available", "object 'x' already exists",
-                     "Duplicate ID", "", "multi\nline"]))))
+                cls = d.draw(
+                    st.sampled_from(
+                        ["GenericError", "GenericError", "CommandNotFound", "DeviceNotFound", "KVMMissingCap", "X-New"]
+                    )
+                )
+                self.feed(
+                    QmpError(
+                        send.tag,
+                        cls,
+                        d.draw(
+                            st.sampled_from(
+                                [
+                                    "SEV launch measurement is not available",
+                                    "object 'x' already exists",
+                                    "Duplicate ID",
+                                    "",
+                                    "multi\nline",
+                                ]
+                            )
+                        ),
+                    )
+                )
         elif what == "stray-reply":
             tag = d.draw(st.sampled_from(sorted(self.sent) + ["nobody:1:x"]))
             if tag in self.outstanding:
@@ -310,9 +398,12 @@ class World:
             if self.flow.kind == "migration" and d.draw(st.integers(0, 3)):
                 name = "MIGRATION"  # what this flow lives on
             if name == "MIGRATION":
-                payload = d.draw(st.one_of(
-                    st.builds(lambda s: {"status": s}, st.sampled_from(MIGRATION_STATUSES)),
-                    st.dictionaries(st.sampled_from(["status", "x"]), json_value, max_size=2)))
+                payload = d.draw(
+                    st.one_of(
+                        st.builds(lambda s: {"status": s}, st.sampled_from(MIGRATION_STATUSES)),
+                        st.dictionaries(st.sampled_from(["status", "x"]), json_value, max_size=2),
+                    )
+                )
             else:
                 payload = d.draw(st.dictionaries(st.text(max_size=6), json_value, max_size=2))
             self.feed(QmpEvent(name, payload))
@@ -327,7 +418,7 @@ class World:
                 self.released = True
                 secret = secret_bytes(d, d.draw(st.sampled_from([32, 64, 100])), "owner")
                 self.secrets.append(secret)
-                gpa = d.draw(st.sampled_from([None, 0x7fff0000]))
+                gpa = d.draw(st.sampled_from([None, 0x7FFF0000]))
                 self.feed(OwnerReleased(base64.b64encode(bytes(52)).decode(), Secret(secret), gpa))
             elif how == "refused":
                 self.feed(OwnerRefused(d.draw(st.sampled_from([403, 404, 500])), "no"))
@@ -368,8 +459,9 @@ class World:
                 return ControlRequest(req, "remove", {"id": sid})
             ciphertext = secret_bytes(self.data, 48, "object")
             self.secrets.append(ciphertext)
-            return ControlRequest(req, "add", {"id": sid, "iv": base64.b64encode(bytes(16)).decode(),
-                                               "data": Secret(ciphertext)})
+            return ControlRequest(
+                req, "add", {"id": sid, "iv": base64.b64encode(bytes(16)).decode(), "data": Secret(ciphertext)}
+            )
         if verb == "junk":
             verb = self.data.draw(st.sampled_from(["status", "", "ADD", "migrate"]))
         return ControlRequest(req, verb, {})
@@ -452,22 +544,40 @@ def run_world(data, flow, first: list, secrets: tuple = ()) -> World:
 
 # -- the flows ---------------------------------------------------------------------------
 
+
 def launch_flow(data) -> SevLaunchFlow:
-    return SevLaunchFlow(LaunchParams(
-        vm="vm1", timeout_s=data.draw(st.sampled_from([30.0, 0.5])),
-        on_refusal=data.draw(st.sampled_from(["quit", "pause"])), retry_s=0.1))
+    return SevLaunchFlow(
+        LaunchParams(
+            vm="vm1",
+            timeout_s=data.draw(st.sampled_from([30.0, 0.5])),
+            on_refusal=data.draw(st.sampled_from(["quit", "pause"])),
+            retry_s=0.1,
+        )
+    )
 
 
 def migration_flow(data) -> MigrationFlow:
-    return MigrationFlow(MigrationParams(
-        role=data.draw(st.sampled_from(["source", "destination"])), uri="tcp:127.0.0.1:4444",
-        reply_to="ctl-start", creds_id="keyagent-tls-migrate-1",
-        multifd=data.draw(st.booleans()), multifd_channels=2, dest_deadline_s=60.0))
+    return MigrationFlow(
+        MigrationParams(
+            role=data.draw(st.sampled_from(["source", "destination"])),
+            uri="tcp:127.0.0.1:4444",
+            reply_to="ctl-start",
+            creds_id="keyagent-tls-migrate-1",
+            multifd=data.draw(st.booleans()),
+            multifd_channels=2,
+            dest_deadline_s=60.0,
+        )
+    )
 
 
 def secrets_flow(data) -> SecretsFlow:
-    return SecretsFlow(SecretsParams(vm="vm1", mode=data.draw(st.sampled_from(["keyring", "file"])),
-                                     preloaded=data.draw(st.sampled_from([False, False, True]))))
+    return SecretsFlow(
+        SecretsParams(
+            vm="vm1",
+            mode=data.draw(st.sampled_from(["keyring", "file"])),
+            preloaded=data.draw(st.sampled_from([False, False, True])),
+        )
+    )
 
 
 def launch_property(data) -> None:
@@ -546,16 +656,17 @@ def test_secrets_flow_drops_the_master_copy_on_every_path_10k(data):
 
 # -- regressions: what the properties found, kept as plain examples ----------------------
 
+
 def _migration(role: str) -> MigrationFlow:
-    flow = MigrationFlow(MigrationParams(role=role, uri="tcp:127.0.0.1:4444", reply_to="ctl-1",
-                                         creds_id="tls0"))
+    flow = MigrationFlow(MigrationParams(role=role, uri="tcp:127.0.0.1:4444", reply_to="ctl-1", creds_id="tls0"))
     flow.handle(Start())
     return flow
 
 
 @pytest.mark.parametrize("role", ["source", "destination"])
-@pytest.mark.parametrize("ending", [QmpDisconnected("EOF"), ControlRequest("ctl-2", "cancel", {}),
-                                    QmpEvent("SHUTDOWN", {})])
+@pytest.mark.parametrize(
+    "ending", [QmpDisconnected("EOF"), ControlRequest("ctl-2", "cancel", {}), QmpEvent("SHUTDOWN", {})]
+)
 def test_migration_ending_before_the_key_dir_is_ready_still_removes_it(role, ending):
     # The shell creates the directory when it carries out WriteKeyDir; an
     # ending that overtakes KeyDirReady left it to the runtime's safety net.
@@ -584,8 +695,7 @@ def test_a_final_status_before_migrate_is_sent_does_not_end_the_migration(status
     flow.handle(KeyProvided("psk", Secret(bytes(32))))
     (add,) = flow.handle(KeyDirReady("tls", "/run/vm/key-tls-1"))
     assert add.command == "object-add"
-    assert not any(isinstance(a, (Finish, SendQmp))
-                   for a in flow.handle(QmpEvent("MIGRATION", {"status": status})))
+    assert not any(isinstance(a, (Finish, SendQmp)) for a in flow.handle(QmpEvent("MIGRATION", {"status": status})))
     assert flow.finished is None
     steps = flow.handle(QmpReply(add.tag, {}))
     while flow.finished is None and (sends := [a for a in steps if isinstance(a, SendQmp)]):

@@ -1,10 +1,18 @@
 """The secrets flow: master key handed over once, then secret objects."""
 
-from agent.core.actions import (ControlReply, KeyringAdd, KeyringDrop, RemoveKeyDir, SendQmp,
-                                WriteKeyDir)
-from agent.core.events import (ControlRequest, KeyDirReady, KeyProvided, KeyringFailed,
-                               KeyringReady, QmpDisconnected, QmpError, QmpReply, Start)
 from agent.common.secret import Secret
+from agent.core.actions import ControlReply, KeyringAdd, KeyringDrop, RemoveKeyDir, SendQmp, WriteKeyDir
+from agent.core.events import (
+    ControlRequest,
+    KeyDirReady,
+    KeyProvided,
+    KeyringFailed,
+    KeyringReady,
+    QmpDisconnected,
+    QmpError,
+    QmpReply,
+    Start,
+)
 from agent.core.secret_objects import SecretsFlow, SecretsParams, State
 
 
@@ -27,8 +35,7 @@ def ready(mode="keyring"):
 
 
 def add_request(req="ctl-1", sid="s0"):
-    return ControlRequest(req, "add", {"id": sid, "iv": "AAAAAAAAAAAAAAAAAAAAAA==",
-                                       "data": Secret(b"c" * 32)})
+    return ControlRequest(req, "add", {"id": sid, "iv": "AAAAAAAAAAAAAAAAAAAAAA==", "data": Secret(b"c" * 32)})
 
 
 def test_secret_object_is_added_with_keyid_iv_and_base64():

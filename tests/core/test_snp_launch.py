@@ -8,8 +8,15 @@ from agent.core.registry import FLOW_KINDS
 from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
 
 POLICY = 0x30000
-SNP_INFO = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21, "state": "launch-update",
-            "sev-type": "sev-snp", "snp-policy": POLICY}
+SNP_INFO = {
+    "enabled": True,
+    "api-major": 1,
+    "api-minor": 55,
+    "build-id": 21,
+    "state": "launch-update",
+    "sev-type": "sev-snp",
+    "snp-policy": POLICY,
+}
 
 
 class Driver:
@@ -49,15 +56,20 @@ def test_the_snp_guest_asked_for_is_resumed():
     assert d.finish.code == 0
 
 
-@pytest.mark.parametrize("info, words", [
-    ({**SNP_INFO, "snp-policy": 0x30001}, "SNP policy 0x30001 differs"),
-    ({k: v for k, v in SNP_INFO.items() if k not in ("sev-type", "snp-policy")} | {"policy": 1, "handle": 1},
-     "no sev-type"),
-    ({**SNP_INFO, "sev-type": "sev"}, "not sev-snp"),
-    ({**SNP_INFO, "enabled": False}, "not enabled"),
-    ({**SNP_INFO, "state": "running"}, "not launch-update"),
-    ({"enabled": True, "sev-type": "sev-snp", "state": "launch-update"}, "no snp-policy"),
-])
+@pytest.mark.parametrize(
+    "info, words",
+    [
+        ({**SNP_INFO, "snp-policy": 0x30001}, "SNP policy 0x30001 differs"),
+        (
+            {k: v for k, v in SNP_INFO.items() if k not in ("sev-type", "snp-policy")} | {"policy": 1, "handle": 1},
+            "no sev-type",
+        ),
+        ({**SNP_INFO, "sev-type": "sev"}, "not sev-snp"),
+        ({**SNP_INFO, "enabled": False}, "not enabled"),
+        ({**SNP_INFO, "state": "running"}, "not launch-update"),
+        ({"enabled": True, "sev-type": "sev-snp", "state": "launch-update"}, "no snp-policy"),
+    ],
+)
 def test_any_other_guest_is_quit_never_resumed(info, words):
     d = Driver()
     d.feed(Start())

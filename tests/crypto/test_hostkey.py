@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from agent.crypto import hostkey
 from agent.app.config import load_config
-from agent.common.errors import UsageError
 from agent.app.sidecar import check_host_keys
+from agent.common.errors import UsageError
+from agent.crypto import hostkey
 from tests.hostkeys import make_host
 
 KEYAGENT = [sys.executable, "-m", "agent.cli"]
@@ -51,13 +51,16 @@ def test_init_does_not_follow_a_symlink(tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
-@pytest.mark.parametrize("content,mode,words", [
-    (None, 0o600, "No such file"),
-    ("hello\n", 0o600, "not a PKCS#8 PEM"),
-    ("-----BEGIN PRIVATE KEY-----\nMAo=\n-----END PRIVATE KEY-----\n", 0o600, "not an Ed25519"),
-    ("-----BEGIN PRIVATE KEY-----\n!!\n-----END PRIVATE KEY-----\n", 0o600, "not valid base64"),
-    ("GOOD", 0o640, "readable by group or others"),
-])
+@pytest.mark.parametrize(
+    "content,mode,words",
+    [
+        (None, 0o600, "No such file"),
+        ("hello\n", 0o600, "not a PKCS#8 PEM"),
+        ("-----BEGIN PRIVATE KEY-----\nMAo=\n-----END PRIVATE KEY-----\n", 0o600, "not an Ed25519"),
+        ("-----BEGIN PRIVATE KEY-----\n!!\n-----END PRIVATE KEY-----\n", 0o600, "not valid base64"),
+        ("GOOD", 0o640, "readable by group or others"),
+    ],
+)
 def test_show_refuses_bad_key_files_with_one_line(tmp_path, content, mode, words):
     path = tmp_path / "host.key"
     if content == "GOOD":
@@ -76,21 +79,24 @@ def test_an_openssl_style_pkcs8_ed25519_key_is_accepted(tmp_path):
 
     key = Ed25519PrivateKey.generate()
     path = tmp_path / "k.pem"
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     os.chmod(path, 0o600)
     hostkey.check_private(str(path))
     assert hostkey.public_raw(hostkey.load_private(str(path))) == hostkey.public_raw(key)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("ssh-ed25519 AAAA", "not a host public key"),
-    ("keyagent-host-ed25519 !!", "not valid base64"),
-    ("keyagent-host-ed25519 AAAA", "3 bytes, expected 32"),
-    ("keyagent-host-ed25519 " + "A" * 43 + "=\nx", "one line"),
-    ("keyagent-host-ed25519  " + "A" * 43 + "=", "not a host public key"),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("ssh-ed25519 AAAA", "not a host public key"),
+        ("keyagent-host-ed25519 !!", "not valid base64"),
+        ("keyagent-host-ed25519 AAAA", "3 bytes, expected 32"),
+        ("keyagent-host-ed25519 " + "A" * 43 + "=\nx", "one line"),
+        ("keyagent-host-ed25519  " + "A" * 43 + "=", "not a host public key"),
+    ],
+)
 def test_bad_public_keys_are_one_line_errors(text, words):
     with pytest.raises(hostkey.HostKeyError, match=words) as err:
         hostkey.parse_public(text, "f")
@@ -120,20 +126,19 @@ def test_a_bad_file_in_trusted_hosts_is_refused(tmp_path):
 
 def test_the_agent_checks_host_keys_at_start(tmp_path):
     a = make_host(tmp_path, "a")
-    check_host_keys(load_config(None, {"migration_host_key": str(a.key),
-                                       "migration_trusted_hosts": str(a.trusted)}))
+    check_host_keys(load_config(None, {"migration_host_key": str(a.key), "migration_trusted_hosts": str(a.trusted)}))
     with pytest.raises(UsageError, match="go together"):
         check_host_keys(load_config(None, {"migration_host_key": str(a.key)}))
     os.chmod(a.key, 0o644)
     with pytest.raises(UsageError, match="readable by group or others"):
-        check_host_keys(load_config(None, {"migration_host_key": str(a.key),
-                                           "migration_trusted_hosts": str(a.trusted)}))
+        check_host_keys(
+            load_config(None, {"migration_host_key": str(a.key), "migration_trusted_hosts": str(a.trusted)})
+        )
 
 
 def test_host_key_paths_in_a_config_file_are_relative_to_it(tmp_path):
     cfg = tmp_path / "vm.toml"
-    cfg.write_text('[migration]\nhost_key = "host.key"\ntrusted_hosts = "trusted"\n'
-                   'offer_lifetime_s = 30\n')
+    cfg.write_text('[migration]\nhost_key = "host.key"\ntrusted_hosts = "trusted"\noffer_lifetime_s = 30\n')
     c = load_config(str(cfg))
     assert c.migration_host_key == str(tmp_path / "host.key")
     assert c.migration_trusted_hosts == str(tmp_path / "trusted")
@@ -144,8 +149,7 @@ def test_keyagent_run_with_a_bad_host_key_exits_2_before_anything_is_created(tmp
     a = make_host(tmp_path, "a")
     os.chmod(a.key, 0o644)
     run_dir = tmp_path / "run"
-    out = keyagent("run", "--qmp", f"unix:{tmp_path}/qmp.sock", "--vm-run-dir", str(run_dir),
-                   *a.flags())
+    out = keyagent("run", "--qmp", f"unix:{tmp_path}/qmp.sock", "--vm-run-dir", str(run_dir), *a.flags())
     assert out.returncode == 2 and "readable by group or others" in out.stderr
     assert not run_dir.exists()
 
@@ -153,11 +157,13 @@ def test_keyagent_run_with_a_bad_host_key_exits_2_before_anything_is_created(tmp
 def test_checking_host_keys_at_start_does_not_load_cryptography(tmp_path):
     """An idle sidecar must not pay for cryptography (~7 MB RSS) because host keys are set."""
     a = make_host(tmp_path, "a")
-    code = ("import sys\n"
-            "from agent.app.config import load_config\n"
-            "from agent.app.sidecar import check_host_keys\n"
-            f"check_host_keys(load_config(None, {{'migration_host_key': {str(a.key)!r}, "
-            f"'migration_trusted_hosts': {str(a.trusted)!r}}}))\n"
-            "assert not [m for m in sys.modules if m.startswith('cryptography')]\n")
+    code = (
+        "import sys\n"
+        "from agent.app.config import load_config\n"
+        "from agent.app.sidecar import check_host_keys\n"
+        f"check_host_keys(load_config(None, {{'migration_host_key': {str(a.key)!r}, "
+        f"'migration_trusted_hosts': {str(a.trusted)!r}}}))\n"
+        "assert not [m for m in sys.modules if m.startswith('cryptography')]\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -104,8 +104,7 @@ def test_a_cookie_resigned_under_a_trusted_key_it_does_not_hold_fails(hosts):
     """Claiming a trusted source's key without its private key: the signature fails."""
     src, dst, carrier = hosts
     _priv, off = offer(dst)
-    forged = bytearray(base64.b64decode(seal.seal(seal.parse_offer(off), VM, b"c" * 32,
-                                                  carrier.private())))
+    forged = bytearray(base64.b64decode(seal.seal(seal.parse_offer(off), VM, b"c" * 32, carrier.private())))
     forged[36:68] = base64.b64decode(src.public.split()[1])
     with pytest.raises(seal.Refused, match="signature does not verify"):
         seal.verify_cookie(b64(bytes(forged)), VM, dst.trusted_map())
@@ -157,9 +156,18 @@ def test_an_offer_cannot_be_reflected_as_a_cookie(hosts):
     assert b"source->destination" in seal.OFFER_CONTEXT and b"source->destination" in seal.PSK_INFO
 
 
-@pytest.mark.parametrize("bad", ["", "!!", b64(b"KAO2" + bytes(10)), b64(b"XXXX" + bytes(200)), 5,
-                                 None, b64(seal.OFFER_HEAD.pack(b"KAO2", bytes(16), bytes(32),
-                                                                bytes(32), 9) + bytes(64))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "!!",
+        b64(b"KAO2" + bytes(10)),
+        b64(b"XXXX" + bytes(200)),
+        5,
+        None,
+        b64(seal.OFFER_HEAD.pack(b"KAO2", bytes(16), bytes(32), bytes(32), 9) + bytes(64)),
+    ],
+)
 def test_bad_offers_are_one_line_malformed_errors(hosts, bad):
     src, _dst, _ = hosts
     with pytest.raises(seal.Malformed) as err:

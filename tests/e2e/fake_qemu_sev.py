@@ -29,13 +29,30 @@ def main(argv: list[str]) -> None:
                 elif key == "policy":
                     policy = str(int(value, 0))
     if not (qmp and godh and session):
-        print("fake-qemu: need -qmp unix:... and a sev-guest object with session files",
-              file=sys.stderr)
+        print("fake-qemu: need -qmp unix:... and a sev-guest object with session files", file=sys.stderr)
         sys.exit(1)
-    os.execv(sys.executable, [sys.executable, "-m", "agent.cli", "simulate", "--qmp", qmp,
-                              "--sev", "--pdh-key", os.environ["FAKE_QEMU_PDH_KEY"],
-                              "--dh-cert-file", godh, "--session-file", session,
-                              "--policy", policy, "--digest", os.environ["FAKE_QEMU_DIGEST"]])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "simulate",
+            "--qmp",
+            qmp,
+            "--sev",
+            "--pdh-key",
+            os.environ["FAKE_QEMU_PDH_KEY"],
+            "--dh-cert-file",
+            godh,
+            "--session-file",
+            session,
+            "--policy",
+            policy,
+            "--digest",
+            os.environ["FAKE_QEMU_DIGEST"],
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,15 @@ def main(argv: list[str]) -> None:
     cmd = [sys.executable, "-m", "agent.cli", "simulate", "--qmp", qmp]
     if snp is None or os.environ.get("FAKE_QEMU_AS_SEV") == "1":
         os.execv(sys.executable, cmd + ["--sev"])
-    cmd += ["--snp", "--policy", os.environ.get("FAKE_QEMU_SNP_POLICY", snp.get("policy", "0x30000")),
-            "--snp-digest", os.environ["FAKE_QEMU_SNP_DIGEST"],
-            "--amd-roots-out", os.environ["FAKE_QEMU_AMD_ROOTS_OUT"]]
+    cmd += [
+        "--snp",
+        "--policy",
+        os.environ.get("FAKE_QEMU_SNP_POLICY", snp.get("policy", "0x30000")),
+        "--snp-digest",
+        os.environ["FAKE_QEMU_SNP_DIGEST"],
+        "--amd-roots-out",
+        os.environ["FAKE_QEMU_AMD_ROOTS_OUT"],
+    ]
     for prop in ("id-block", "id-auth", "host-data"):
         if prop in snp:
             cmd += [f"--{prop}", snp[prop]]

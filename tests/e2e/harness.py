@@ -85,21 +85,36 @@ class World:
         out = self.tmp / f"{name}.stdout"
         err = self.tmp / f"{name}.stderr"
         popen = subprocess.Popen(
-            [*KEYAGENT, *args], stdout=open(out, "wb"), stderr=open(err, "wb"),
-            stdin=subprocess.DEVNULL, cwd=self.tmp, env={**os.environ, **(env or {})})
+            [*KEYAGENT, *args],
+            stdout=open(out, "wb"),
+            stderr=open(err, "wb"),
+            stdin=subprocess.DEVNULL,
+            cwd=self.tmp,
+            env={**os.environ, **(env or {})},
+        )
         proc = Proc(name, popen, out, err)
         self.procs.append(proc)
         return proc
 
     # -- the simulator --------------------------------------------------------
     def simulator(self, *extra: str, sev_es: bool = False) -> Proc:
-        proc = self.spawn("sim", ["simulate", "--qmp", f"unix:{self.qmp}",
-                                  "--sev-es" if sev_es else "--sev",
-                                  "--tik", str(self.tmp / "tik.bin"),
-                                  "--tek", str(self.tmp / "tek.bin"),
-                                  "--digest", DIGEST.hex(), *extra])
-        wait_for(lambda: os.path.exists(self.qmp) or proc.popen.poll() is not None,
-                 what="simulator socket")
+        proc = self.spawn(
+            "sim",
+            [
+                "simulate",
+                "--qmp",
+                f"unix:{self.qmp}",
+                "--sev-es" if sev_es else "--sev",
+                "--tik",
+                str(self.tmp / "tik.bin"),
+                "--tek",
+                str(self.tmp / "tek.bin"),
+                "--digest",
+                DIGEST.hex(),
+                *extra,
+            ],
+        )
+        wait_for(lambda: os.path.exists(self.qmp) or proc.popen.poll() is not None, what="simulator socket")
         assert proc.popen.poll() is None, proc.stderr
         return proc
 
@@ -137,23 +152,37 @@ file = "disk.pass"
 
     def owner(self, digest: bytes = DIGEST, policy: int = 1) -> str:
         cfg = self.owner_config(digest, policy)
-        proc = self.spawn("owner", ["owner", "serve", "--config", str(cfg),
-                                    "--listen", "127.0.0.1:0"])
-        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
-                 what="owner listening line")
+        proc = self.spawn("owner", ["owner", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"])
+        wait_for(
+            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner listening line"
+        )
         assert proc.popen.poll() is None, proc.stderr
         return json.loads(proc.stdout.splitlines()[0])["listening"]
 
     # -- the agent ------------------------------------------------------------
     def agent(self, owner_url: str, *extra: str) -> Proc:
-        return self.spawn("agent", ["run", "--qmp", f"unix:{self.qmp}", "--owner-url", owner_url,
-                                    "--vm-name", "vm1", "--event-log",
-                                    str(self.tmp / "events.jsonl"), "--log-level", "debug",
-                                    *extra])
+        return self.spawn(
+            "agent",
+            [
+                "run",
+                "--qmp",
+                f"unix:{self.qmp}",
+                "--owner-url",
+                owner_url,
+                "--vm-name",
+                "vm1",
+                "--event-log",
+                str(self.tmp / "events.jsonl"),
+                "--log-level",
+                "debug",
+                *extra,
+            ],
+        )
 
     def replay_check(self) -> subprocess.CompletedProcess:
-        return subprocess.run([*KEYAGENT, "replay", "--check", str(self.tmp / "events.jsonl")],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [*KEYAGENT, "replay", "--check", str(self.tmp / "events.jsonl")], capture_output=True, text=True, timeout=60
+        )
 
     def close(self) -> None:
         for proc in self.procs:
@@ -169,16 +198,15 @@ class HostIdentity:
     public: str
     trusted: Path
 
-    def trust(self, *others: "HostIdentity") -> None:
+    def trust(self, *others: HostIdentity) -> None:
         for other in others:
             (self.trusted / other.name).write_text(other.public + "\n")
 
-    def distrust(self, other: "HostIdentity") -> None:
+    def distrust(self, other: HostIdentity) -> None:
         (self.trusted / other.name).unlink()
 
     def flags(self) -> list[str]:
-        return ["--migration-host-key", str(self.key),
-                "--migration-trusted-hosts", str(self.trusted)]
+        return ["--migration-host-key", str(self.key), "--migration-trusted-hosts", str(self.trusted)]
 
     def seed(self) -> bytes:
         """The raw private key, for the leak scan."""
@@ -187,16 +215,17 @@ class HostIdentity:
         from agent.crypto.hostkey import load_private
 
         return load_private(str(self.key)).private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-            serialization.NoEncryption())
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
 
 
 def host_identity(tmp: Path, name: str) -> HostIdentity:
     base = tmp / f"hostid-{name}"
     (base / "trusted").mkdir(parents=True)
     os.chmod(base / "trusted", 0o755)
-    out = subprocess.run([*KEYAGENT, "hostkey", "init", str(base / "host.key")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*KEYAGENT, "hostkey", "init", str(base / "host.key")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return HostIdentity(name, base / "host.key", out.stdout.strip(), base / "trusted")
 
@@ -251,8 +280,7 @@ class StandInOwner:
 
 
 @contextmanager
-def leak_checked(world: World, *, dirs: tuple[str, ...] = ("run",),
-                 files: tuple[str, ...] = ("events.jsonl",)):
+def leak_checked(world: World, *, dirs: tuple[str, ...] = ("run",), files: tuple[str, ...] = ("events.jsonl",)):
     """Run a test's processes under the leak scan.
 
     Argv is watched while the test runs; afterwards every process's stderr
@@ -281,8 +309,9 @@ def leak_checked(world: World, *, dirs: tuple[str, ...] = ("run",),
 
 def ctl(control: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``keyagent ctl`` against the agent's control socket at ``control``."""
-    return subprocess.run([*KEYAGENT, "ctl", "--control", f"unix:{control}", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*KEYAGENT, "ctl", "--control", f"unix:{control}", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def ctl_json(control: Path, *args: str) -> dict:

@@ -24,30 +24,44 @@ MARKER_OFFSET = 0x100
 def boot_image(path: Path, marker: bytes) -> None:
     sector = bytearray(512)
     sector[:4] = bytes([0xFA, 0xF4, 0xEB, 0xFD])  # cli; hlt; jmp $-1
-    sector[MARKER_OFFSET:MARKER_OFFSET + len(marker)] = marker
+    sector[MARKER_OFFSET : MARKER_OFFSET + len(marker)] = marker
     sector[510:512] = b"\x55\xaa"
     path.write_bytes(bytes(sector) + bytes(1024 * 1024 - 512))  # SeaBIOS skips tiny disks
 
 
 class Qemu:
-    def __init__(self, tmp: Path, name: str, disk: Path, incoming: bool = False,
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, name: str, disk: Path, incoming: bool = False, extra: list[str] | None = None
+    ) -> None:
         self.name = name
         self.agent_qmp = str(tmp / f"{name}-qmp.sock")
         self.test_qmp = str(tmp / f"{name}-test.sock")
         self.stderr_path = tmp / f"{name}-qemu.stderr"
-        args = [QEMU, "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults",
-                "-display", "none", "-serial", "none",
-                "-drive", f"file={disk},format=raw,if=ide",
-                "-qmp", f"unix:{self.agent_qmp},server=on,wait=off",
-                "-qmp", f"unix:{self.test_qmp},server=on,wait=off", *(extra or [])]
+        args = [
+            QEMU,
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "none",
+            "-drive",
+            f"file={disk},format=raw,if=ide",
+            "-qmp",
+            f"unix:{self.agent_qmp},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.test_qmp},server=on,wait=off",
+            *(extra or []),
+        ]
         if incoming:
             args += ["-incoming", "defer"]
-        self.popen = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL,
-                                      stderr=open(self.stderr_path, "wb"))
-        wait_for(lambda: os.path.exists(self.test_qmp) or self.popen.poll() is not None,
-                 what=f"{name} QEMU monitor")
+        self.popen = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb")
+        )
+        wait_for(lambda: os.path.exists(self.test_qmp) or self.popen.poll() is not None, what=f"{name} QEMU monitor")
         assert self.popen.poll() is None, self.stderr
 
     @property
@@ -71,8 +85,9 @@ class Qemu:
         return asyncio.run(go())
 
     def tls_objects(self) -> list[str]:
-        return [o["name"] for o in self.qmp("qom-list", {"path": "/objects"})
-                if o.get("type") == "child<tls-creds-psk>"]
+        return [
+            o["name"] for o in self.qmp("qom-list", {"path": "/objects"}) if o.get("type") == "child<tls-creds-psk>"
+        ]
 
     def tls_creds(self) -> str:
         return self.qmp("query-migrate-parameters").get("tls-creds", "")
@@ -96,9 +111,23 @@ def make_luks(image: Path, passfile: Path) -> None:
     # first 32768 iterations can take less than the thread-CPU clock's tick,
     # even on an idle machine.  A failed try is quick: try again, many times.
     for _ in range(40):
-        out = subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object",
-                              f"secret,id=s0,file={passfile}", "-o", "key-secret=s0,iter-time=10",
-                              str(image), "1M"], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                f"secret,id=s0,file={passfile}",
+                "-o",
+                "key-secret=s0,iter-time=10",
+                str(image),
+                "1M",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode == 0:
             return
     raise AssertionError(out.stderr)

@@ -11,14 +11,25 @@ import sys
 
 import pytest
 
-from tests.e2e.harness import KEYAGENT, World, wait_for
-from tests.e2e.harness import ctl
+from tests.e2e.harness import KEYAGENT, World, ctl, wait_for
 
 
 def plain_agent(world: World, name: str, run_dir, *extra: str):
-    return world.spawn(name, ["run", "--qmp", f"unix:{world.qmp}", "--vm-name", "vm1",
-                              "--vm-run-dir", str(run_dir), "--secrets-master-key", "file",
-                              *extra])
+    return world.spawn(
+        name,
+        [
+            "run",
+            "--qmp",
+            f"unix:{world.qmp}",
+            "--vm-name",
+            "vm1",
+            "--vm-run-dir",
+            str(run_dir),
+            "--secrets-master-key",
+            "file",
+            *extra,
+        ],
+    )
 
 
 def test_second_agent_on_the_same_run_dir_exits_2_and_touches_nothing(tmp_path):
@@ -43,9 +54,12 @@ def test_second_agent_on_the_same_run_dir_exits_2_and_touches_nothing(tmp_path):
         assert first.popen.poll() is None
 
         # keyagent launch refuses the same way, before starting anything.
-        out = subprocess.run([*KEYAGENT, "launch", "--vm-run-dir", str(run), "--",
-                              sys.executable, "-c", "raise SystemExit(7)"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [*KEYAGENT, "launch", "--vm-run-dir", str(run), "--", sys.executable, "-c", "raise SystemExit(7)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 2 and "in use by another agent" in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
@@ -68,18 +82,36 @@ def test_fifo_as_a_file_reference_is_refused_and_the_agent_keeps_answering(tmp_p
         wait_for(lambda: ctl(run / "control.sock", "status").returncode == 0, what="agent")
         fifo = tmp_path / "key.fifo"
         os.mkfifo(fifo, 0o600)  # nobody will ever write to it
-        add = subprocess.Popen([*KEYAGENT, "ctl", "--control", f"unix:{run / 'control.sock'}",
-                                "--timeout", "20", "secret", "add", "--id", "s0",
-                                "--ref", f"file:{fifo}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        add = subprocess.Popen(
+            [
+                *KEYAGENT,
+                "ctl",
+                "--control",
+                f"unix:{run / 'control.sock'}",
+                "--timeout",
+                "20",
+                "secret",
+                "add",
+                "--id",
+                "s0",
+                "--ref",
+                f"file:{fifo}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             try:  # let the request reach the agent (a blocked agent never answers it)
                 add.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 pass
-            health = subprocess.run([*KEYAGENT, "ctl", "--control", f"unix:{run / 'control.sock'}",
-                                     "--timeout", "5", "health"],
-                                    capture_output=True, text=True, timeout=30)
+            health = subprocess.run(
+                [*KEYAGENT, "ctl", "--control", f"unix:{run / 'control.sock'}", "--timeout", "5", "health"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert health.returncode == 0, health.stderr  # the loop was never blocked
             _out, err = add.communicate(timeout=30)
         finally:
@@ -115,13 +147,21 @@ except OSError as exc:
 
 
 def as_user(script: str, arg: str, uid: int, gid: int, groups: list[int]) -> str:
-    return subprocess.run([SYSTEM_PYTHON, "-c", script, arg], user=uid, group=gid,
-                          extra_groups=groups, capture_output=True, text=True,
-                          timeout=30).stdout.strip()
+    return subprocess.run(
+        [SYSTEM_PYTHON, "-c", script, arg],
+        user=uid,
+        group=gid,
+        extra_groups=groups,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
-                    reason="running a client as another user needs root and /usr/bin/python3")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+    reason="running a client as another user needs root and /usr/bin/python3",
+)
 def test_control_group_reaches_the_default_socket_but_not_the_keys(tmp_path):
     for d in (tmp_path, *tmp_path.parents):  # let the other users reach the run_dir
         if d == d.parent:

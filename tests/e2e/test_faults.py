@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import DISK_PASS, KEYAGENT, StandInOwner, World, free_port, wait_for
+from tests.e2e.harness import DISK_PASS, KEYAGENT, StandInOwner, World, ctl, ctl_json, free_port, wait_for
 from tests.e2e.qemu import QEMU, Qemu
-from tests.e2e.harness import ctl, ctl_json
 from tests.leakscan import LeakScan
 
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -25,8 +24,12 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 def tiny_run_dir():
     """A 64 KiB tmpfs as run_dir, so that the disk can really be full."""
     mnt = Path(tempfile.mkdtemp(prefix="ka-tmpfs-"))
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -47,9 +50,22 @@ def fill(directory: Path) -> None:
 def destination(world: World, run_dir: Path) -> tuple[Qemu, object]:
     (world.tmp / "dst.img").write_bytes(bytes(1024 * 1024))
     q = Qemu(world.tmp, "dst", world.tmp / "dst.img", incoming=True)
-    agent = world.spawn("dst-agent", ["run", "--qmp", f"unix:{q.agent_qmp}", "--vm-name", "dst",
-                                      "--vm-run-dir", str(run_dir), "--secrets-master-key",
-                                      "file", "--log-level", "debug"])
+    agent = world.spawn(
+        "dst-agent",
+        [
+            "run",
+            "--qmp",
+            f"unix:{q.agent_qmp}",
+            "--vm-name",
+            "dst",
+            "--vm-run-dir",
+            str(run_dir),
+            "--secrets-master-key",
+            "file",
+            "--log-level",
+            "debug",
+        ],
+    )
     wait_for(lambda: ctl(run_dir / "control.sock", "status").returncode == 0, what="agent")
     return q, agent
 
@@ -57,8 +73,7 @@ def destination(world: World, run_dir: Path) -> tuple[Qemu, object]:
 @needs_qemu
 @needs_root
 @pytest.mark.parametrize("fault", ["disk-full", "read-only"])
-def test_key_file_that_cannot_be_written_fails_the_request_and_leaves_nothing(
-        tmp_path, tiny_run_dir, fault):
+def test_key_file_that_cannot_be_written_fails_the_request_and_leaves_nothing(tmp_path, tiny_run_dir, fault):
     world = World(tmp_path)
     q, agent = destination(world, tiny_run_dir)
     try:
@@ -68,8 +83,15 @@ def test_key_file_that_cannot_be_written_fails_the_request_and_leaves_nothing(
             fill(tiny_run_dir)
         else:
             subprocess.run(["mount", "-o", "remount,ro", str(tiny_run_dir)], check=True)
-        out = ctl(tiny_run_dir / "control.sock", "migrate", "accept", "--psk-file",
-                  str(tmp_path / "psk.bin"), "--uri", f"tcp:127.0.0.1:{free_port()}")
+        out = ctl(
+            tiny_run_dir / "control.sock",
+            "migrate",
+            "accept",
+            "--psk-file",
+            str(tmp_path / "psk.bin"),
+            "--uri",
+            f"tcp:127.0.0.1:{free_port()}",
+        )
         assert out.returncode == 1
         why = "No space left on device" if fault == "disk-full" else "Read-only file system"
         assert "cannot write the PSK" in out.stderr and why in out.stderr
@@ -94,8 +116,15 @@ def test_qemu_killed_mid_migration_leaves_no_key_behind(tmp_path):
     q, agent = destination(world, run_dir)
     try:
         (tmp_path / "psk.bin").write_bytes(os.urandom(32))
-        ctl_json(run_dir / "control.sock", "migrate", "accept", "--psk-file",
-                 str(tmp_path / "psk.bin"), "--uri", f"tcp:127.0.0.1:{free_port()}")
+        ctl_json(
+            run_dir / "control.sock",
+            "migrate",
+            "accept",
+            "--psk-file",
+            str(tmp_path / "psk.bin"),
+            "--uri",
+            f"tcp:127.0.0.1:{free_port()}",
+        )
         assert list(run_dir.glob("key-*/keys.psk"))
         q.popen.kill()
         assert agent.wait(timeout=20) == 0
@@ -134,27 +163,47 @@ def test_agent_killed_during_attestation_never_resumes_and_a_new_agent_finishes(
 
 
 @needs_qemu
-@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                    reason="needs unshare and root for a PID namespace")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare and root for a PID namespace"
+)
 def test_launch_as_pid_1_reaps_orphans_and_exits_with_qemus_status(tmp_path):
     """In its own PID namespace the launcher is PID 1: an orphan re-parented to it
     is reaped, and the agent still gets QEMU's own exit status."""
     run = tmp_path / "run"
     test_qmp = tmp_path / "t.sock"
     # The "QEMU" is a shell that leaves an orphan behind, then becomes QEMU.
-    script = (f'(sleep 0.3 &) ; exec {QEMU} -machine q35,accel=tcg -m 64 -nodefaults '
-              f'-display none -qmp unix:{test_qmp},server=on,wait=off "$@"')
+    script = (
+        f"(sleep 0.3 &) ; exec {QEMU} -machine q35,accel=tcg -m 64 -nodefaults "
+        f'-display none -qmp unix:{test_qmp},server=on,wait=off "$@"'
+    )
     proc = subprocess.Popen(
-        ["unshare", "--fork", "--pid", "--mount-proc", *KEYAGENT, "launch", "--vm-run-dir",
-         str(run), "--secrets-master-key", "file", "--", "/bin/sh", "-c", script, "sh"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.stderr", "wb"))
+        [
+            "unshare",
+            "--fork",
+            "--pid",
+            "--mount-proc",
+            *KEYAGENT,
+            "launch",
+            "--vm-run-dir",
+            str(run),
+            "--secrets-master-key",
+            "file",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+            "sh",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "agent.stderr", "wb"),
+    )
     try:
         wait_for(lambda: test_qmp.exists(), timeout=20, what="QEMU monitor")
         wait_for(lambda: ctl(run / "control.sock", "ready").returncode == 0, what="agent")
         import time
+
         time.sleep(1.0)  # the orphan has exited by now
-        ns_pids = subprocess.run(["pgrep", "-f", str(test_qmp)], capture_output=True,
-                                 text=True).stdout.split()
+        ns_pids = subprocess.run(["pgrep", "-f", str(test_qmp)], capture_output=True, text=True).stdout.split()
         agent_host_pid = None
         for pid in ns_pids:
             try:

@@ -32,6 +32,8 @@ from tests.e2e.tinyqemu import TinyQemu, start_agent
 
 FLOOD_EVENTS = 100_000
 RSS_BOUND_MB = 30
+
+
 def rss_kb(pid: int, field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -53,8 +55,12 @@ def test_event_flood_keeps_memory_bounded_and_the_launch_going(short_tmp):
     tmp = short_tmp
     qemu = TinyQemu(str(tmp / "qmp.sock"))
     # The owner holds its answer until the flood is over: the launch is in flight.
-    owner = StandInOwner(200, json.dumps({"packet_header": base64.b64encode(bytes(52)).decode(),
-                                          "secret": base64.b64encode(bytes(64)).decode()}).encode())
+    owner = StandInOwner(
+        200,
+        json.dumps(
+            {"packet_header": base64.b64encode(bytes(52)).decode(), "secret": base64.b64encode(bytes(64)).decode()}
+        ).encode(),
+    )
     release = threading.Event()
     handler_cls = owner.server.RequestHandlerClass
     original = handler_cls.do_POST
@@ -67,8 +73,9 @@ def test_event_flood_keeps_memory_bounded_and_the_launch_going(short_tmp):
     agent = start_agent(tmp, owner.url)
     control = tmp / "run" / "control.sock"
     try:
-        wait_for(lambda: ctl(control, "status").returncode == 0 or agent.poll() is not None,
-                 timeout=20, what="agent ready")
+        wait_for(
+            lambda: ctl(control, "status").returncode == 0 or agent.poll() is not None, timeout=20, what="agent ready"
+        )
         assert agent.poll() is None, (tmp / "agent.stderr").read_text()
         wait_for(lambda: "query-sev-launch-measure" in qemu.commands, what="measurement asked")
         time.sleep(0.5)  # let the agent settle: its idle footprint
@@ -114,14 +121,15 @@ def test_event_flood_keeps_memory_bounded_and_the_launch_going(short_tmp):
 
         # Now the owner answers: the flow must still react.
         release.set()
-        wait_for(lambda: "cont" in qemu.commands or agent.poll() is not None, timeout=60,
-                 what="cont after the flood")
+        wait_for(lambda: "cont" in qemu.commands or agent.poll() is not None, timeout=60, what="cont after the flood")
         assert qemu.commands.index("sev-inject-launch-secret") < qemu.commands.index("cont")
         assert all(code == 0 for code in status_during), status_during
-        print(f"\nflood: {FLOOD_EVENTS} events written in {sent_s:.2f}s, read by the agent "
-              f"within {drained_s:.2f}s; VmRSS idle {idle / 1024:.1f} MB, peak "
-              f"{peak[0] / 1024:.1f} MB (+{grown_mb:.1f} MB); ctl status during the flood: "
-              f"{len(latencies)} calls, max {max(latencies or [0]):.2f}s")
+        print(
+            f"\nflood: {FLOOD_EVENTS} events written in {sent_s:.2f}s, read by the agent "
+            f"within {drained_s:.2f}s; VmRSS idle {idle / 1024:.1f} MB, peak "
+            f"{peak[0] / 1024:.1f} MB (+{grown_mb:.1f} MB); ctl status during the flood: "
+            f"{len(latencies)} calls, max {max(latencies or [0]):.2f}s"
+        )
         assert grown_mb < RSS_BOUND_MB, f"VmRSS grew by {grown_mb:.1f} MB under the flood"
         stderr = (tmp / "agent.stderr").read_text()
         assert "Traceback" not in stderr

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from tests.e2e.harness import KEYAGENT, World, leak_checked, wait_for
+from tests.e2e.harness import KEYAGENT, World, ctl, leak_checked, wait_for
 from tests.e2e.qemu import QEMU, Qemu
-from tests.e2e.harness import ctl
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 
@@ -25,17 +24,44 @@ class Launched:
         self.run_dir = tmp / "run"
         self.control = self.run_dir / "control.sock"
         self.test_qmp = str(tmp / "test.sock")
-        self.proc = world.spawn("launch", [
-            "launch", "--vm-name", "lvm", "--vm-run-dir", str(self.run_dir),
-            "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
-            "--event-log", str(tmp / "events.jsonl"), "--log-level", "debug", *agent_extra,
-            "--", QEMU, "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults",
-            "-display", "none", "-qmp", f"unix:{self.test_qmp},server=on,wait=off",
-            *qemu_extra])
+        self.proc = world.spawn(
+            "launch",
+            [
+                "launch",
+                "--vm-name",
+                "lvm",
+                "--vm-run-dir",
+                str(self.run_dir),
+                "--secrets-master-key",
+                "file",
+                "--launch-shutdown-grace-s",
+                "1",
+                "--event-log",
+                str(tmp / "events.jsonl"),
+                "--log-level",
+                "debug",
+                *agent_extra,
+                "--",
+                QEMU,
+                "-machine",
+                "q35,accel=tcg",
+                "-m",
+                "64",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+                f"unix:{self.test_qmp},server=on,wait=off",
+                *qemu_extra,
+            ],
+        )
 
     def ready(self):
-        wait_for(lambda: ctl(self.control, "ready").returncode == 0 or
-                 self.proc.popen.poll() is not None, timeout=20, what="agent ready")
+        wait_for(
+            lambda: ctl(self.control, "ready").returncode == 0 or self.proc.popen.poll() is not None,
+            timeout=20,
+            what="agent ready",
+        )
         assert self.proc.popen.poll() is None, self.proc.stderr
         return self
 
@@ -109,11 +135,14 @@ def test_qemu_that_fails_to_start_gives_its_own_error_in_one_line(world):
     assert vm.files() == []
 
 
-@pytest.mark.parametrize("args, words", [
-    (["launch", "--", "qemu-system-x86_64"], "run_dir"),
-    (["launch", "--vm-run-dir", "RUN", "--", "/no/such/qemu"], "not found"),
-    (["launch", "--vm-run-dir", "RUN"], "QEMU command"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["launch", "--", "qemu-system-x86_64"], "run_dir"),
+        (["launch", "--vm-run-dir", "RUN", "--", "/no/such/qemu"], "not found"),
+        (["launch", "--vm-run-dir", "RUN"], "QEMU command"),
+    ],
+)
 def test_bad_usage_exits_two(tmp_path, args, words):
     args = [a.replace("RUN", str(tmp_path / "run")) for a in args]
     out = subprocess.run([*KEYAGENT, *args], capture_output=True, text=True, timeout=30)
@@ -122,6 +151,7 @@ def test_bad_usage_exits_two(tmp_path, args, words):
 
 
 # -- a signal while the agent waits for QEMU's monitor --------------------------
+
 
 @pytest.fixture
 def short_world():
@@ -151,13 +181,29 @@ def test_sigterm_while_waiting_for_the_monitor_stops_the_agent_and_swtpm_at_once
     key = os.urandom(32)
     (w.tmp / "tpm.key").write_bytes(key)
     w.scan.secret("vTPM key", key)
-    agent = w.spawn("agent", [
-        "run", "--qmp", f"unix:{w.tmp / 'qmp.sock'}", "--qmp-timeout", "120", "--vm-name", "side",
-        "--vm-run-dir", str(w.tmp / "run"), "--vtpm-state-dir", str(w.tmp / "tpm"),
-        "--vtpm-key", f"file:{w.tmp / 'tpm.key'}", "--secrets-master-key", "file",
-        "--event-log", str(w.tmp / "events.jsonl")])
-    wait_for(lambda: "vTPM ready" in agent.stderr or agent.popen.poll() is not None,
-             timeout=30, what="swtpm started")
+    agent = w.spawn(
+        "agent",
+        [
+            "run",
+            "--qmp",
+            f"unix:{w.tmp / 'qmp.sock'}",
+            "--qmp-timeout",
+            "120",
+            "--vm-name",
+            "side",
+            "--vm-run-dir",
+            str(w.tmp / "run"),
+            "--vtpm-state-dir",
+            str(w.tmp / "tpm"),
+            "--vtpm-key",
+            f"file:{w.tmp / 'tpm.key'}",
+            "--secrets-master-key",
+            "file",
+            "--event-log",
+            str(w.tmp / "events.jsonl"),
+        ],
+    )
+    wait_for(lambda: "vTPM ready" in agent.stderr or agent.popen.poll() is not None, timeout=30, what="swtpm started")
     assert _pids_under(w.tmp), agent.stderr  # swtpm runs; QEMU is not there yet
     start = time.monotonic()
     agent.popen.send_signal(signal.SIGTERM)
@@ -175,11 +221,21 @@ def test_sigterm_while_waiting_for_the_monitor_stops_the_agent_and_swtpm_at_once
 def test_sigterm_while_waiting_for_the_monitor_of_an_sev_launch_exits_1_at_once(tmp_path):
     w = World(tmp_path)
     with leak_checked(w, dirs=()):
-        agent = w.spawn("agent", [
-            "run", "--qmp", f"unix:{tmp_path / 'absent.sock'}", "--qmp-timeout", "120",
-            "--owner-url", "http://127.0.0.1:9", "--event-log", str(tmp_path / "events.jsonl")])
-        wait_for(lambda: (tmp_path / "events.jsonl").exists() or agent.popen.poll() is not None,
-                 what="agent started")
+        agent = w.spawn(
+            "agent",
+            [
+                "run",
+                "--qmp",
+                f"unix:{tmp_path / 'absent.sock'}",
+                "--qmp-timeout",
+                "120",
+                "--owner-url",
+                "http://127.0.0.1:9",
+                "--event-log",
+                str(tmp_path / "events.jsonl"),
+            ],
+        )
+        wait_for(lambda: (tmp_path / "events.jsonl").exists() or agent.popen.poll() is not None, what="agent started")
         time.sleep(0.3)
         start = time.monotonic()
         agent.popen.send_signal(signal.SIGTERM)
@@ -195,12 +251,24 @@ def test_sigterm_before_qemus_monitor_answers_stops_qemu_and_drops_the_master_ke
     fake_qemu = w.tmp / "fake-qemu"
     fake_qemu.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
     fake_qemu.chmod(0o755)
-    agent = w.spawn("launch", ["launch", "--vm-name", "lvm", "--vm-run-dir", str(w.tmp / "run"),
-                               "--secrets-master-key", "file", "--", str(fake_qemu)])
-    wait_for(lambda: "starting QEMU" in agent.stderr or agent.popen.poll() is not None,
-             what="QEMU started")
-    wait_for(lambda: any(p.name.startswith("key-master") for p in (w.tmp / "run").iterdir()),
-             what="master key directory")
+    agent = w.spawn(
+        "launch",
+        [
+            "launch",
+            "--vm-name",
+            "lvm",
+            "--vm-run-dir",
+            str(w.tmp / "run"),
+            "--secrets-master-key",
+            "file",
+            "--",
+            str(fake_qemu),
+        ],
+    )
+    wait_for(lambda: "starting QEMU" in agent.stderr or agent.popen.poll() is not None, what="QEMU started")
+    wait_for(
+        lambda: any(p.name.startswith("key-master") for p in (w.tmp / "run").iterdir()), what="master key directory"
+    )
     start = time.monotonic()
     agent.popen.send_signal(signal.SIGTERM)
     try:

@@ -41,14 +41,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import World, wait_for
-from tests.e2e.qemu import QEMU
-from tests.e2e.harness import ctl
-from tests.e2e.qemu import make_luks
+from tests.e2e.harness import World, ctl, wait_for
+from tests.e2e.qemu import QEMU, make_luks
 from tests.leakscan import ArgvWatcher, LeakScan
 
-LIBVIRTD = shutil.which("libvirtd") or ("/usr/sbin/libvirtd" if os.path.exists(
-    "/usr/sbin/libvirtd") else None)
+LIBVIRTD = shutil.which("libvirtd") or ("/usr/sbin/libvirtd" if os.path.exists("/usr/sbin/libvirtd") else None)
 VIRSH = shutil.which("virsh")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 OUR_QEMU_CONF = """# written by keyagent's tests (tests/e2e/test_libvirt.py) while they run
@@ -65,8 +62,9 @@ def _why_no_libvirtd() -> str | None:
     if os.geteuid() != 0:
         return "a system libvirtd needs root"
     if LIBVIRTD is None or VIRSH is None:
-        return "libvirtd/virsh not installed (apt-get install libvirt-daemon " \
-               "libvirt-daemon-driver-qemu libvirt-clients)"
+        return (
+            "libvirtd/virsh not installed (apt-get install libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)"
+        )
     if QEMU is None:
         return "qemu-system-x86_64 is not installed"
     try:
@@ -85,8 +83,7 @@ class Libvirtd:
         self.domains: list[str] = []
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        out = subprocess.run([VIRSH, "-q", "-c", self.uri, *args], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run([VIRSH, "-q", "-c", self.uri, *args], capture_output=True, text=True, timeout=60)
         if check:
             assert out.returncode == 0, out.stderr
         return out
@@ -132,9 +129,21 @@ def libvirtd(tmp_path_factory):
     try:
         pwd.getpwnam("libvirt-qemu")
     except KeyError:
-        made = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                               "/nonexistent", "--shell", "/usr/sbin/nologin", "--user-group",
-                               "libvirt-qemu"], capture_output=True, text=True)
+        made = subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--user-group",
+                "libvirt-qemu",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert made.returncode == 0, made.stderr
     tmp = tmp_path_factory.mktemp("libvirtd")
     d = Libvirtd(tmp)
@@ -142,18 +151,23 @@ def libvirtd(tmp_path_factory):
     conf = tmp / "libvirtd.conf"
     # Our own sockets; QEMU monitor traffic logged at debug, so the leak scan
     # can prove that no plaintext secret ever reaches libvirtd.
-    conf.write_text(f'unix_sock_dir = "{d.sock_dir}"\nunix_sock_rw_perms = "0700"\n'
-                    'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
-                    f'log_outputs = "1:file:{d.log}"\n'
-                    'log_filters = "1:qemu.qemu_monitor 3:*"\n')
+    conf.write_text(
+        f'unix_sock_dir = "{d.sock_dir}"\nunix_sock_rw_perms = "0700"\n'
+        'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+        f'log_outputs = "1:file:{d.log}"\n'
+        'log_filters = "1:qemu.qemu_monitor 3:*"\n'
+    )
     saved = QEMU_CONF.read_bytes() if QEMU_CONF.exists() else None
     QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
     QEMU_CONF.write_text(OUR_QEMU_CONF)
     for path in ("/var/log/libvirt/qemu", "/run/libvirt", "/var/lib/libvirt/qemu"):
         os.makedirs(path, exist_ok=True)
-    proc = subprocess.Popen([LIBVIRTD, "-f", str(conf), "-p", str(tmp / "libvirtd.pid")],
-                            stdin=subprocess.DEVNULL, stdout=open(tmp / "libvirtd.out", "wb"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [LIBVIRTD, "-f", str(conf), "-p", str(tmp / "libvirtd.pid")],
+        stdin=subprocess.DEVNULL,
+        stdout=open(tmp / "libvirtd.out", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -188,6 +202,7 @@ def domain_name() -> str:
 
 # -- the agent as a process, against libvirtd ---------------------------------------------
 
+
 def test_agent_secret_unlocks_luks_inside_a_libvirt_domain(libvirtd, tmp_path):
     world = World(tmp_path)
     (tmp_path / "pass.txt").write_text(PASSPHRASE)
@@ -200,22 +215,49 @@ def test_agent_secret_unlocks_luks_inside_a_libvirt_domain(libvirtd, tmp_path):
     with ArgvWatcher() as argv:
         scan.argv = argv
         try:
-            agent = world.spawn("agent", [
-                "run", "--libvirt", libvirtd.uri, "--domain", name, "--vm-name", "lv1",
-                "--vm-run-dir", str(run_dir), "--secrets-master-key", "file",
-                "--event-log", str(tmp_path / "events.jsonl"), "--log-level", "debug"])
-            wait_for(lambda: ctl(control, "status").returncode == 0 or agent.popen.poll()
-                     is not None, timeout=20, what="agent")
+            agent = world.spawn(
+                "agent",
+                [
+                    "run",
+                    "--libvirt",
+                    libvirtd.uri,
+                    "--domain",
+                    name,
+                    "--vm-name",
+                    "lv1",
+                    "--vm-run-dir",
+                    str(run_dir),
+                    "--secrets-master-key",
+                    "file",
+                    "--event-log",
+                    str(tmp_path / "events.jsonl"),
+                    "--log-level",
+                    "debug",
+                ],
+            )
+            wait_for(
+                lambda: ctl(control, "status").returncode == 0 or agent.popen.poll() is not None,
+                timeout=20,
+                what="agent",
+            )
             assert agent.popen.poll() is None, agent.stderr
-            out = ctl(control, "secret", "add", "--id", "luks0", "--file",
-                      str(tmp_path / "pass.txt"))
+            out = ctl(control, "secret", "add", "--id", "luks0", "--file", str(tmp_path / "pass.txt"))
             assert out.returncode == 0, out.stderr + agent.stderr
             # QEMU (under libvirt) holds ciphertext under the master key, and it opens LUKS.
-            assert PASSPHRASE not in libvirtd.qmp(name, "qom-get", {
-                "path": "/objects/luks0", "property": "data"})
-            assert libvirtd.qmp(name, "blockdev-add", {
-                "driver": "luks", "node-name": "disk0", "key-secret": "luks0",
-                "file": {"driver": "file", "filename": str(tmp_path / "disk.luks")}}) == {}
+            assert PASSPHRASE not in libvirtd.qmp(name, "qom-get", {"path": "/objects/luks0", "property": "data"})
+            assert (
+                libvirtd.qmp(
+                    name,
+                    "blockdev-add",
+                    {
+                        "driver": "luks",
+                        "node-name": "disk0",
+                        "key-secret": "luks0",
+                        "file": {"driver": "file", "filename": str(tmp_path / "disk.luks")},
+                    },
+                )
+                == {}
+            )
             assert [p.name for p in run_dir.rglob("*")] == ["control.sock"]
             libvirtd.virsh("resume", name)
             libvirtd.virsh("destroy", name)
@@ -239,10 +281,24 @@ def test_sev_launch_on_a_domain_without_sev_is_refused_and_destroyed(libvirtd, t
     world = World(tmp_path)
     name = libvirtd.create(domain_name())
     try:
-        agent = world.spawn("agent", [
-            "run", "--libvirt", libvirtd.uri, "--domain", name, "--vm-name", "lv2",
-            "--owner-url", "http://127.0.0.1:9", "--event-log", str(tmp_path / "events.jsonl"),
-            "--log-level", "debug"])
+        agent = world.spawn(
+            "agent",
+            [
+                "run",
+                "--libvirt",
+                libvirtd.uri,
+                "--domain",
+                name,
+                "--vm-name",
+                "lv2",
+                "--owner-url",
+                "http://127.0.0.1:9",
+                "--event-log",
+                str(tmp_path / "events.jsonl"),
+                "--log-level",
+                "debug",
+            ],
+        )
         assert agent.wait(30) == 1, agent.stderr
     finally:
         world.close()
@@ -257,13 +313,18 @@ def test_sev_launch_on_a_domain_without_sev_is_refused_and_destroyed(libvirtd, t
 def test_bad_domain_is_a_one_line_failure(libvirtd, tmp_path):
     from tests.e2e.harness import KEYAGENT
 
-    out = subprocess.run([*KEYAGENT, "run", "--libvirt", libvirtd.uri, "--domain", "no-such-vm",
-                          "--qmp-timeout", "0.5"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [*KEYAGENT, "run", "--libvirt", libvirtd.uri, "--domain", "no-such-vm", "--qmp-timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1
     assert "no-such-vm" in out.stderr and "Traceback" not in out.stderr
 
 
 # -- LibvirtConnection in-process, against libvirtd ------------------------------------------
+
 
 class Sink:
     """A unix socket that swallows a migration stream (QEMU's exec: is seccomp-denied)."""
@@ -292,8 +353,9 @@ async def test_lifecycle_and_migration_events_through_libvirtd(libvirtd, tmp_pat
     from agent.io.libvirt_monitor import open_connection
 
     name = libvirtd.create(domain_name())
-    conn = await open_connection(libvirtd.uri, name, "t",
-                                 events={"RESUME", "STOP", "SHUTDOWN", "MIGRATION"}, timeout=10)
+    conn = await open_connection(
+        libvirtd.uri, name, "t", events={"RESUME", "STOP", "SHUTDOWN", "MIGRATION"}, timeout=10
+    )
     try:
         assert conn.monitor_events and conn.qemu_version.startswith("7.")
         # libvirt starts a domain "paused (user)" where QEMU itself says prelaunch.
@@ -332,13 +394,14 @@ async def test_lifecycle_and_migration_events_through_libvirtd(libvirtd, tmp_pat
 
 # -- SEV end to end, on a fake libvirt domain ---------------------------------------------------
 
+
 async def _sev_launch(tmp_path: Path, owner_digest: bytes, machine_digest: bytes):
     from agent.app.config import load_config
+    from agent.app.sidecar import Sidecar, SidecarOptions
     from agent.io.http import HttpServer
     from agent.io.libvirt_monitor import LibvirtConnection
     from agent.owner.config import load_owner_config
     from agent.owner.service import OwnerService
-    from agent.app.sidecar import Sidecar, SidecarOptions
     from agent.tools.sim.machine import Machine, SimConfig
     from tests.io.fake_libvirt import FakeLibvirt, FakeSevDomain
 
@@ -349,7 +412,8 @@ async def _sev_launch(tmp_path: Path, owner_digest: bytes, machine_digest: bytes
     (tmp_path / "owner.toml").write_text(
         f'[vm.vm1]\ntik = "tik.bin"\ntek = "tek.bin"\npolicy = 1\n'
         f'digest = "{owner_digest.hex()}"\n'
-        f'[[vm.vm1.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n')
+        f'[[vm.vm1.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n'
+    )
     owner = HttpServer(OwnerService(load_owner_config(tmp_path / "owner.toml")).handle)
     host, port = await owner.start_tcp("127.0.0.1", 0)
     lib = FakeLibvirt()
@@ -362,12 +426,12 @@ async def _sev_launch(tmp_path: Path, owner_digest: bytes, machine_digest: bytes
         async def open_monitor(self, events):
             return LibvirtConnection.attached(lib, dom, api=lib.api(), events=events)
 
-    cfg = load_config(None, {"vm_name": "vm1", "sev_owner_url": f"http://{host}:{port}",
-                             "sev_timeout_s": "10"})
+    cfg = load_config(None, {"vm_name": "vm1", "sev_owner_url": f"http://{host}:{port}", "sev_timeout_s": "10"})
     events = tmp_path / "events.jsonl"
     try:
-        code = await FakeLibvirtSidecar(cfg, SidecarOptions(
-            qmp_path="", control_path=None, event_log=str(events))).run()
+        code = await FakeLibvirtSidecar(
+            cfg, SidecarOptions(qmp_path="", control_path=None, event_log=str(events))
+        ).run()
     finally:
         await owner.close()
     return code, lib, dom, events
@@ -377,8 +441,7 @@ async def test_sev_launch_through_libvirt_apis_end_to_end(tmp_path, capfd):
     digest = hashlib.sha256(b"libvirt fw").digest()
     code, lib, dom, events = await _sev_launch(tmp_path, digest, digest)
     assert code == 0
-    assert [c[0] for c in dom.calls] == ["launchSecurityInfo", "launchSecurityInfo",
-                                         "setLaunchSecurityState", "resume"]
+    assert [c[0] for c in dom.calls] == ["launchSecurityInfo", "launchSecurityInfo", "setLaunchSecurityState", "resume"]
     params = dom.calls[2][1]
     assert set(params) == {"sev-secret-header", "sev-secret"}  # the firmware's secret area
     assert len(base64.b64decode(params["sev-secret-header"])) == 52
@@ -395,8 +458,9 @@ async def test_sev_launch_through_libvirt_apis_end_to_end(tmp_path, capfd):
 
 
 async def test_sev_refusal_through_libvirt_never_resumes(tmp_path):
-    code, lib, dom, _events = await _sev_launch(tmp_path, hashlib.sha256(b"expected").digest(),
-                                                hashlib.sha256(b"tampered").digest())
+    code, lib, dom, _events = await _sev_launch(
+        tmp_path, hashlib.sha256(b"expected").digest(), hashlib.sha256(b"tampered").digest()
+    )
     assert code == 1
     assert [c[0] for c in dom.calls] == ["launchSecurityInfo", "launchSecurityInfo", "destroy"]
     assert not dom.machine.cont_happened and dom.machine.injections == 0

@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from tests.e2e.harness import (World, ctl, ctl_json, free_port, host_identity,
-                               trusting_hosts, wait_for)
+from tests.e2e.harness import World, ctl, ctl_json, free_port, host_identity, trusting_hosts, wait_for
 from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, QEMU, Qemu, boot_image
 from tests.leakscan import ArgvWatcher, LeakScan
 
@@ -37,16 +36,28 @@ class Host:
         self.start_agent()
 
     def start_agent(self):
-        self.agent = self.world.spawn(f"{self.name}-agent{len(self.world.procs)}", [
-            "run", "--qmp", f"unix:{self.qemu.agent_qmp}", "--vm-name", VM,
-            "--vm-run-dir", str(self.run_dir), "--event-log", str(self.event_log),
-            "--log-level", "debug", *self.extra])
+        self.agent = self.world.spawn(
+            f"{self.name}-agent{len(self.world.procs)}",
+            [
+                "run",
+                "--qmp",
+                f"unix:{self.qemu.agent_qmp}",
+                "--vm-name",
+                VM,
+                "--vm-run-dir",
+                str(self.run_dir),
+                "--event-log",
+                str(self.event_log),
+                "--log-level",
+                "debug",
+                *self.extra,
+            ],
+        )
         wait_for(lambda: ctl(self.control, "status").returncode == 0, what=f"{self.name} agent")
         return self.agent
 
     def key_files(self) -> list[str]:
-        return sorted(str(p.relative_to(self.run_dir)) for p in self.run_dir.rglob("*")
-                      if p.name != "control.sock")
+        return sorted(str(p.relative_to(self.run_dir)) for p in self.run_dir.rglob("*") if p.name != "control.sock")
 
     def assert_clean(self):
         assert self.key_files() == [], f"{self.name}: key material left: {self.key_files()}"
@@ -93,8 +104,11 @@ def pair(tmp_path):
 def boot_source(world):
     src = world.src.qemu
     src.qmp("cont")
-    wait_for(lambda: world.marker in src.read_memory(BOOT_ADDR, 512, world.tmp),
-             timeout=20, what="the guest to boot and hold its marker")
+    wait_for(
+        lambda: world.marker in src.read_memory(BOOT_ADDR, 512, world.tmp),
+        timeout=20,
+        what="the guest to boot and hold its marker",
+    )
 
 
 def capture_psk(host: Host, scan: LeakScan) -> None:
@@ -122,16 +136,22 @@ def test_migration_completes_and_the_guest_memory_travels(pair, mode, variant):
     if mode == "sealed":
         offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
         cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
-        assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri,
-                        *extra)["status"] == "listening"
+        assert (
+            ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri, *extra)["status"]
+            == "listening"
+        )
         capture_psk(dst, pair.scan)
         start = ["migrate", "start", "--uri", uri, *extra]
     else:
         psk = os.urandom(32)
         pair.scan.secret("PSK", psk)
         (tmp / "psk.bin").write_bytes(psk)
-        assert ctl_json(dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"),
-                        "--uri", uri, *extra)["status"] == "listening"
+        assert (
+            ctl_json(dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"), "--uri", uri, *extra)[
+                "status"
+            ]
+            == "listening"
+        )
         start = ["migrate", "start", "--psk-file", str(tmp / "psk.bin"), "--uri", uri, *extra]
     assert ctl_json(src.control, *start)["status"] == "started"
     # The source's key directory went right after object-add.
@@ -139,13 +159,12 @@ def test_migration_completes_and_the_guest_memory_travels(pair, mode, variant):
     done = ctl(src.control, "migrate", "wait", "--timeout", "60")
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["status"] == "completed"
-    assert json.loads(ctl(dst.control, "migrate", "wait", "--timeout", "30").stdout)["status"] \
-        == "completed"
+    assert json.loads(ctl(dst.control, "migrate", "wait", "--timeout", "30").stdout)["status"] == "completed"
     if variant == "postcopy":
         events = src.event_log.read_text()
         assert "migrate-start-postcopy" in events and '"postcopy-active"' in events
     memory = dst.qemu.read_memory(BOOT_ADDR, 512, tmp)
-    assert memory[MARKER_OFFSET:MARKER_OFFSET + len(pair.marker)] == pair.marker
+    assert memory[MARKER_OFFSET : MARKER_OFFSET + len(pair.marker)] == pair.marker
     src.assert_clean()
     dst.assert_clean()
 
@@ -200,8 +219,9 @@ def test_agent_killed_mid_migration_is_swept_on_restart(pair):
     psk = os.urandom(32)
     pair.scan.secret("PSK", psk)
     (tmp / "psk.bin").write_bytes(psk)
-    ctl_json(dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"),
-             "--uri", f"tcp:127.0.0.1:{free_port()}")
+    ctl_json(
+        dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"), "--uri", f"tcp:127.0.0.1:{free_port()}"
+    )
     assert any("keys.psk" in f for f in dst.key_files())
     dst.agent.popen.send_signal(signal.SIGKILL)
     dst.agent.popen.wait()
@@ -212,6 +232,7 @@ def test_agent_killed_mid_migration_is_swept_on_restart(pair):
 
 
 # -- the carrier between the hosts ------------------------------------------------------
+
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
@@ -237,11 +258,9 @@ def test_a_carrier_that_swaps_the_offer_gets_no_cookie(pair):
     # The destination's real offer, with the carrier's HPKE key put in.
     real = bytearray(base64.b64decode(ctl_json(dst.control, "migrate", "prepare")["offer"]))
     real[20:52] = base64.b64decode(own)[20:52]
-    one_line_refusal(ctl(src.control, "migrate", "begin", "--offer", b64(bytes(real))),
-                     "signature does not verify")
+    one_line_refusal(ctl(src.control, "migrate", "begin", "--offer", b64(bytes(real))), "signature does not verify")
     # Nothing was sealed: the source has no PSK to migrate with.
-    one_line_refusal(ctl(src.control, "migrate", "start", "--uri",
-                         f"tcp:127.0.0.1:{free_port()}"), "no PSK")
+    one_line_refusal(ctl(src.control, "migrate", "start", "--uri", f"tcp:127.0.0.1:{free_port()}"), "no PSK")
     src.assert_clean()
     dst.assert_clean()
 
@@ -253,13 +272,11 @@ def test_a_cookie_forged_with_the_carriers_key_plants_no_psk(pair):
     uri = f"tcp:127.0.0.1:{free_port()}"
     offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
     forged = seal.seal(seal.parse_offer(offer), VM, os.urandom(32), carrier_key(pair))
-    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", forged, "--uri", uri),
-                     "unknown source")
+    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", forged, "--uri", uri), "unknown source")
     dst.assert_clean()
     # The refusal spent nothing: the real cookie for the same offer still opens.
     cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
-    assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie,
-                    "--uri", uri)["status"] == "listening"
+    assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri)["status"] == "listening"
     capture_psk(dst, pair.scan)
     ctl(dst.control, "migrate", "cancel")
     ctl(dst.control, "migrate", "wait", "--timeout", "30")
@@ -273,15 +290,15 @@ def test_tampered_and_replayed_cookies_are_refused(pair):
     cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
     raw = bytearray(base64.b64decode(cookie))
     raw[-70] ^= 1  # in the sealed PSK
-    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", b64(bytes(raw)),
-                         "--uri", uri), "signature does not verify")
+    one_line_refusal(
+        ctl(dst.control, "migrate", "accept", "--cookie", b64(bytes(raw)), "--uri", uri), "signature does not verify"
+    )
     dst.assert_clean()
     assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri)
     capture_psk(dst, pair.scan)
     ctl(dst.control, "migrate", "cancel")
     ctl(dst.control, "migrate", "wait", "--timeout", "30")
-    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri),
-                     "no pending offer")
+    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri), "no pending offer")
     dst.assert_clean()
 
 
@@ -292,12 +309,10 @@ def test_hosts_that_do_not_trust_each_other_hand_over_nothing(pair):
     dst.identity.distrust(src.identity)
     offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
     cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
-    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri),
-                     "unknown source")
+    one_line_refusal(ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri), "unknown source")
     src.identity.distrust(dst.identity)
     offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
-    one_line_refusal(ctl(src.control, "migrate", "begin", "--offer", offer),
-                     "unknown destination")
+    one_line_refusal(ctl(src.control, "migrate", "begin", "--offer", offer), "unknown destination")
     src.assert_clean()
     dst.assert_clean()
 
@@ -307,12 +322,12 @@ def test_accept_with_a_bad_option_then_the_corrected_retry_listens(pair):
     uri = f"tcp:127.0.0.1:{free_port()}"
     offer = ctl_json(dst.control, "migrate", "prepare")["offer"]
     cookie = ctl_json(src.control, "migrate", "begin", "--offer", offer)["cookie"]
-    bad = ctl(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri,
-              "--multifd", "--multifd-channels", "0")
+    bad = ctl(
+        dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri, "--multifd", "--multifd-channels", "0"
+    )
     assert bad.returncode == 2 and "multifd_channels" in bad.stderr
     dst.assert_clean()
-    assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie,
-                    "--uri", uri)["status"] == "listening"
+    assert ctl_json(dst.control, "migrate", "accept", "--cookie", cookie, "--uri", uri)["status"] == "listening"
     capture_psk(dst, pair.scan)
     ctl(dst.control, "migrate", "cancel")
     ctl(dst.control, "migrate", "wait", "--timeout", "30")

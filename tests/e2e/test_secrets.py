@@ -9,9 +9,8 @@ import subprocess
 import pytest
 
 from agent.io import keyring
-from tests.e2e.harness import World, wait_for
+from tests.e2e.harness import World, ctl, wait_for
 from tests.e2e.qemu import QEMU, make_luks
-from tests.e2e.harness import ctl
 from tests.leakscan import ArgvWatcher, LeakScan
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -20,8 +19,9 @@ PASSPHRASE = "LUKS passphrase ünïcode " + os.urandom(6).hex()  # QEMU wants UT
 
 
 def master_mode_params():
-    keyring_mode = pytest.param("keyring", marks=pytest.mark.skipif(
-        KEYRING_PROBLEM is not None, reason=KEYRING_PROBLEM or ""))
+    keyring_mode = pytest.param(
+        "keyring", marks=pytest.mark.skipif(KEYRING_PROBLEM is not None, reason=KEYRING_PROBLEM or "")
+    )
     return [keyring_mode, "file"]
 
 
@@ -37,18 +37,46 @@ class Vm:
         self.tmp, self.name = tmp, f"sec-{mode}-{os.getpid()}"
         self.agent_qmp, self.test_qmp = str(tmp / "qmp.sock"), str(tmp / "test.sock")
         self.qemu = subprocess.Popen(
-            [QEMU, "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults", "-display", "none",
-             "-S", "-qmp", f"unix:{self.agent_qmp},server=on,wait=off",
-             "-qmp", f"unix:{self.test_qmp},server=on,wait=off"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(tmp / "qemu.stderr", "wb"))
+            [
+                QEMU,
+                "-machine",
+                "q35,accel=tcg",
+                "-m",
+                "64",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+                "-qmp",
+                f"unix:{self.agent_qmp},server=on,wait=off",
+                "-qmp",
+                f"unix:{self.test_qmp},server=on,wait=off",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "qemu.stderr", "wb"),
+        )
         wait_for(lambda: os.path.exists(self.test_qmp), what="QEMU monitor")
         self.run_dir = tmp / "run"
         self.control = self.run_dir / "control.sock"
-        self.agent = world.spawn("agent", [
-            "run", "--qmp", f"unix:{self.agent_qmp}", "--vm-name", self.name,
-            "--vm-run-dir", str(self.run_dir), "--secrets-master-key", mode,
-            "--event-log", str(tmp / "events.jsonl"), "--log-level", "debug"])
+        self.agent = world.spawn(
+            "agent",
+            [
+                "run",
+                "--qmp",
+                f"unix:{self.agent_qmp}",
+                "--vm-name",
+                self.name,
+                "--vm-run-dir",
+                str(self.run_dir),
+                "--secrets-master-key",
+                mode,
+                "--event-log",
+                str(tmp / "events.jsonl"),
+                "--log-level",
+                "debug",
+            ],
+        )
         wait_for(lambda: ctl(self.control, "status").returncode == 0, what="agent")
 
     def qmp(self, command: str, args: dict | None = None):
@@ -59,9 +87,15 @@ class Vm:
         return q.qmp(command, args)
 
     def unlock(self, secret_id: str, node: str):
-        return self.qmp("blockdev-add", {
-            "driver": "luks", "node-name": node, "key-secret": secret_id,
-            "file": {"driver": "file", "filename": str(self.tmp / "disk.luks")}})
+        return self.qmp(
+            "blockdev-add",
+            {
+                "driver": "luks",
+                "node-name": node,
+                "key-secret": secret_id,
+                "file": {"driver": "file", "filename": str(self.tmp / "disk.luks")},
+            },
+        )
 
     def leftovers(self) -> list[str]:
         files = [str(p) for p in self.run_dir.rglob("*") if p.name != "control.sock"]
@@ -100,8 +134,7 @@ def vm_world(tmp_path):
 @pytest.mark.parametrize("mode", master_mode_params())
 def test_luks_image_unlocks_through_the_agents_encrypted_secret(vm_world, mode):
     vm = vm_world.make_vm(mode)
-    out = ctl(vm.control, "secret", "add", "--id", "luks0", "--file",
-              str(vm_world.tmp / "pass.txt"))
+    out = ctl(vm.control, "secret", "add", "--id", "luks0", "--file", str(vm_world.tmp / "pass.txt"))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"id": "luks0", "status": "added"}
     # QEMU holds ciphertext only.
@@ -116,8 +149,7 @@ def test_luks_image_unlocks_through_the_agents_encrypted_secret(vm_world, mode):
 @pytest.mark.parametrize("mode", master_mode_params())
 def test_wrong_passphrase_does_not_unlock(vm_world, mode):
     vm = vm_world.make_vm(mode)
-    assert ctl(vm.control, "secret", "add", "--id", "bad0", "--file",
-               str(vm_world.tmp / "wrong.txt")).returncode == 0
+    assert ctl(vm.control, "secret", "add", "--id", "bad0", "--file", str(vm_world.tmp / "wrong.txt")).returncode == 0
     from qemu.qmp import ExecuteError
 
     with pytest.raises(ExecuteError, match="Invalid password"):
@@ -127,11 +159,9 @@ def test_wrong_passphrase_does_not_unlock(vm_world, mode):
 def test_each_secret_gets_a_fresh_iv(vm_world):
     vm = vm_world.make_vm("file")
     for sid in ("a0", "a1"):
-        assert ctl(vm.control, "secret", "add", "--id", sid, "--file",
-                   str(vm_world.tmp / "pass.txt")).returncode == 0
+        assert ctl(vm.control, "secret", "add", "--id", sid, "--file", str(vm_world.tmp / "pass.txt")).returncode == 0
     ivs = {vm.qmp("qom-get", {"path": f"/objects/{sid}", "property": "iv"}) for sid in ("a0", "a1")}
-    datas = {vm.qmp("qom-get", {"path": f"/objects/{sid}", "property": "data"})
-             for sid in ("a0", "a1")}
+    datas = {vm.qmp("qom-get", {"path": f"/objects/{sid}", "property": "data"}) for sid in ("a0", "a1")}
     assert len(ivs) == 2 and len(datas) == 2
 
 
@@ -149,13 +179,16 @@ def test_remove_and_reuse_of_an_id(vm_world):
     assert missing.returncode == 1 and "no secret" in missing.stderr
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda t: ["--id", "9bad", "--file", str(t / "pass.txt")], "invalid secret id"),
-    (lambda t: ["--id", "e0", "--file", str(t / "empty.txt")], "is empty"),
-    (lambda t: ["--id", "b0", "--file", str(t / "big.bin")], "larger than"),
-    (lambda t: ["--id", "u0", "--ref", "vault:thing"], "unknown secret reference scheme"),
-    (lambda t: ["--id", "m0", "--file", str(t / "missing")], "cannot read"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda t: ["--id", "9bad", "--file", str(t / "pass.txt")], "invalid secret id"),
+        (lambda t: ["--id", "e0", "--file", str(t / "empty.txt")], "is empty"),
+        (lambda t: ["--id", "b0", "--file", str(t / "big.bin")], "larger than"),
+        (lambda t: ["--id", "u0", "--ref", "vault:thing"], "unknown secret reference scheme"),
+        (lambda t: ["--id", "m0", "--file", str(t / "missing")], "cannot read"),
+    ],
+)
 def test_bad_input_is_refused_and_changes_nothing(vm_world, make, words):
     tmp = vm_world.tmp
     (tmp / "empty.txt").write_bytes(b"")
@@ -172,16 +205,14 @@ def test_binary_secret_is_accepted(vm_world):
     (vm_world.tmp / "bin.key").write_bytes(bytes(range(256)))
     vm_world.scan.secret("binary secret", bytes(range(256)))
     vm = vm_world.make_vm("file")
-    assert ctl(vm.control, "secret", "add", "--id", "bin0", "--file",
-               str(vm_world.tmp / "bin.key")).returncode == 0
+    assert ctl(vm.control, "secret", "add", "--id", "bin0", "--file", str(vm_world.tmp / "bin.key")).returncode == 0
 
 
 @pytest.mark.parametrize("how", ["quit", "sigkill"])
 def test_nothing_is_left_after_qemu_exits(vm_world, how):
     mode = "keyring" if KEYRING_PROBLEM is None else "file"
     vm = vm_world.make_vm(mode)
-    assert ctl(vm.control, "secret", "add", "--id", "x0", "--file",
-               str(vm_world.tmp / "pass.txt")).returncode == 0
+    assert ctl(vm.control, "secret", "add", "--id", "x0", "--file", str(vm_world.tmp / "pass.txt")).returncode == 0
     if how == "quit":
         vm.qmp("quit")
     else:

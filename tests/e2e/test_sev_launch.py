@@ -13,8 +13,7 @@ import os
 
 import pytest
 
-from tests.e2e.harness import (DISK_PASS, LUKS_GUID, StandInOwner, World, free_port,
-                               leak_checked, wait_for)
+from tests.e2e.harness import DISK_PASS, LUKS_GUID, StandInOwner, World, free_port, leak_checked, wait_for
 
 
 @pytest.fixture
@@ -100,12 +99,15 @@ def test_owner_that_stalls_past_the_timeout_is_given_up(world):
         stalling.close()
 
 
-@pytest.mark.parametrize("status, body", [
-    (200, b"not json at all"),
-    (200, b'{"packet_header": "!!!", "secret": "AAAA"}'),
-    (200, json.dumps({"packet_header": "AAAA", "secret": "AAAA"}).encode()),
-    (302, b"{}"),
-])
+@pytest.mark.parametrize(
+    "status, body",
+    [
+        (200, b"not json at all"),
+        (200, b'{"packet_header": "!!!", "secret": "AAAA"}'),
+        (200, json.dumps({"packet_header": "AAAA", "secret": "AAAA"}).encode()),
+        (302, b"{}"),
+    ],
+)
 def test_malformed_owner_answer_never_resumes(world, status, body):
     owner = StandInOwner(status=status, body=body)
     try:
@@ -147,9 +149,14 @@ def test_with_a_control_socket_the_sidecar_stays_until_qemu_quits(world):
     wait_for(lambda: control.exists(), what="control socket")
 
     def launched():
-        import subprocess, sys
-        out = subprocess.run([sys.executable, "-m", "agent.cli", "ctl", "--control",
-                              f"unix:{control}", "status"], capture_output=True, text=True)
+        import subprocess
+        import sys
+
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "ctl", "--control", f"unix:{control}", "status"],
+            capture_output=True,
+            text=True,
+        )
         return out.returncode == 0 and '"code": 0' in out.stdout
 
     wait_for(launched, what="launch finished per ctl status")
@@ -159,8 +166,12 @@ def test_with_a_control_socket_the_sidecar_stays_until_qemu_quits(world):
     from tests.control_client import get
 
     status, body, _ = get(str(control), "/metrics")
-    samples = {s.name: s.value for f in text_string_to_metric_families(body.decode())
-               for s in f.samples if not s.labels or s.labels.get("kind") == "sev-launch"}
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(body.decode())
+        for s in f.samples
+        if not s.labels or s.labels.get("kind") == "sev-launch"
+    }
     assert status == 200
     assert samples["keyagent_attestation_seconds_count"] == 1
     assert samples["keyagent_qmp_connected"] == 1

@@ -45,17 +45,38 @@ class Snp:
         (root / "snp.pass").write_bytes(SECRET)
         for name in ("id", "author"):
             key = ec.generate_private_key(ec.SECP384R1())
-            (root / f"{name}.pem").write_bytes(key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        out = self.world.spawn("idblock", ["owner", "idblock", "--digest", DIGEST.hex(), "--policy", hex(POLICY),
-                                           "--id-key", "id.pem", "--author-key", "author.pem"])
+            (root / f"{name}.pem").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+        out = self.world.spawn(
+            "idblock",
+            [
+                "owner",
+                "idblock",
+                "--digest",
+                DIGEST.hex(),
+                "--policy",
+                hex(POLICY),
+                "--id-key",
+                "id.pem",
+                "--author-key",
+                "author.pem",
+            ],
+        )
         assert out.wait() == 0, out.stderr
         self.idblock = json.loads(out.stdout)
 
     def agent_config(self, **snp: str) -> Path:
-        values = {"policy": hex(POLICY), "id_block": json.dumps(self.idblock["id_block"]),
-                  "id_auth": json.dumps(self.idblock["id_auth"]), "host_data": json.dumps(HOST_DATA.hex()),
-                  "author_key_enabled": "true", **snp}
+        values = {
+            "policy": hex(POLICY),
+            "id_block": json.dumps(self.idblock["id_block"]),
+            "id_auth": json.dumps(self.idblock["id_auth"]),
+            "host_data": json.dumps(HOST_DATA.hex()),
+            "author_key_enabled": "true",
+            **snp,
+        }
         lines = "\n".join(f"{k} = {v}" for k, v in values.items() if v is not None)
         path = self.root / "agent.toml"
         path.write_text(f'[vm]\nname = "vm1"\nrun_dir = "run"\n\n[snp]\n{lines}\n')
@@ -63,17 +84,39 @@ class Snp:
 
     def launch(self, *qemu_args: str, env: dict | None = None, **snp: str):
         self.agent_config(**snp)
-        env = {"FAKE_QEMU_SNP_DIGEST": DIGEST.hex(), "FAKE_QEMU_AMD_ROOTS_OUT": str(self.root / "roots"),
-               "PYTHONPATH": str(REPO), **(env or {})}
-        proc = self.world.spawn("launch", [
-            "launch", "--config", "agent.toml", "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
-            "--event-log", str(self.root / "events.jsonl"), "--log-level", "debug",
-            "--", sys.executable, str(FAKE_QEMU), "-machine", "q35", *qemu_args], env=env)
+        env = {
+            "FAKE_QEMU_SNP_DIGEST": DIGEST.hex(),
+            "FAKE_QEMU_AMD_ROOTS_OUT": str(self.root / "roots"),
+            "PYTHONPATH": str(REPO),
+            **(env or {}),
+        }
+        proc = self.world.spawn(
+            "launch",
+            [
+                "launch",
+                "--config",
+                "agent.toml",
+                "--secrets-master-key",
+                "file",
+                "--launch-shutdown-grace-s",
+                "1",
+                "--event-log",
+                str(self.root / "events.jsonl"),
+                "--log-level",
+                "debug",
+                "--",
+                sys.executable,
+                str(FAKE_QEMU),
+                "-machine",
+                "q35",
+                *qemu_args,
+            ],
+            env=env,
+        )
         self.world.qmp = str(self.run / "qmp.sock")
         return proc
 
-    def owner(self, *, roots: bool = True, digest: bytes = DIGEST, policy: int = POLICY,
-              name: str = "owner") -> str:
+    def owner(self, *, roots: bool = True, digest: bytes = DIGEST, policy: int = POLICY, name: str = "owner") -> str:
         platform = '[platform]\namd_roots = "roots"\n' if roots else ""
         toml = self.root / f"{name}.toml"
         toml.write_text(f"""{platform}
@@ -82,15 +125,16 @@ snp = true
 policy = "{policy:#x}"
 snp_digest = "{digest.hex()}"
 host_data = "{HOST_DATA.hex()}"
-id_key_digest = "{self.idblock['id_key_digest']}"
-author_key_digest = "{self.idblock['author_key_digest']}"
+id_key_digest = "{self.idblock["id_key_digest"]}"
+author_key_digest = "{self.idblock["author_key_digest"]}"
 [[vm.vm1.secret]]
 guid = "luks-key"
 file = "snp.pass"
 """)
         proc = self.world.spawn(name, ["owner", "serve", "--config", toml.name, "--listen", "127.0.0.1:0"])
-        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
-                 what="owner listening line")
+        wait_for(
+            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner listening line"
+        )
         assert proc.popen.poll() is None, proc.stderr
         return json.loads(proc.stdout.splitlines()[0])["listening"]
 
@@ -133,8 +177,11 @@ def snp(tmp_path):
 
 
 def launched(snp: Snp, proc) -> None:
-    wait_for(lambda: "launched: SNP guest checked" in proc.stderr or proc.popen.poll() is not None,
-             timeout=60, what="the SNP launch check")
+    wait_for(
+        lambda: "launched: SNP guest checked" in proc.stderr or proc.popen.poll() is not None,
+        timeout=60,
+        what="the SNP launch check",
+    )
     assert proc.popen.poll() is None, proc.stderr
     wait_for(lambda: (snp.root / "roots" / "milan-ask.pem").exists(), what="the simulator's roots")
 
@@ -144,6 +191,7 @@ def flip(field: str, index: int = 0):
         raw = bytearray(base64.b64decode(body[field]))
         raw[index] ^= 1
         return {**body, field: base64.b64encode(bytes(raw)).decode()}
+
     return tamper
 
 
@@ -174,9 +222,16 @@ def test_snp_launch_with_id_block_then_guest_attests_and_opens_its_secret(snp):
 
     decisions = snp.decisions()
     assert [(d["request"], d["status"]) for d in decisions] == [
-        ("snp-challenge", 200), ("snp-attest", 200), ("snp-challenge", 200), ("snp-attest", 403),
-        ("snp-challenge", 200), ("snp-attest", 200), ("snp-attest", 409), ("snp-challenge", 200),
-        ("snp-attest", 403)]
+        ("snp-challenge", 200),
+        ("snp-attest", 200),
+        ("snp-challenge", 200),
+        ("snp-attest", 403),
+        ("snp-challenge", 200),
+        ("snp-attest", 200),
+        ("snp-attest", 409),
+        ("snp-challenge", 200),
+        ("snp-attest", 403),
+    ]
     assert decisions[1]["product"] == "milan"
 
     # the launch is recorded; replay rebuilds the SNP check from it
@@ -186,11 +241,14 @@ def test_snp_launch_with_id_block_then_guest_attests_and_opens_its_secret(snp):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.mark.parametrize("owner, words", [
-    ({"digest": hashlib.sha384(b"another image").digest()}, "measurement"),
-    ({"policy": 0x30001}, "policy"),
-    ({"roots": False}, "vcek_chain"),
-])
+@pytest.mark.parametrize(
+    "owner, words",
+    [
+        ({"digest": hashlib.sha384(b"another image").digest()}, "measurement"),
+        ({"policy": 0x30001}, "policy"),
+        ({"roots": False}, "vcek_chain"),
+    ],
+)
 def test_owner_refuses_a_report_it_does_not_expect(snp, owner, words):
     launched(snp, snp.launch())
     url = snp.owner(**owner)
@@ -217,8 +275,21 @@ def test_qemu_without_snp_is_quit(snp):
 
 
 def test_id_block_for_another_launch_fails_at_launch_finish(snp):
-    out = snp.world.spawn("idblock2", ["owner", "idblock", "--digest", hashlib.sha384(b"x").hexdigest(),
-                                       "--policy", hex(POLICY), "--id-key", "id.pem", "--author-key", "author.pem"])
+    out = snp.world.spawn(
+        "idblock2",
+        [
+            "owner",
+            "idblock",
+            "--digest",
+            hashlib.sha384(b"x").hexdigest(),
+            "--policy",
+            hex(POLICY),
+            "--id-key",
+            "id.pem",
+            "--author-key",
+            "author.pem",
+        ],
+    )
     assert out.wait() == 0
     other = json.loads(out.stdout)
     proc = snp.launch(id_block=json.dumps(other["id_block"]), id_auth=json.dumps(other["id_auth"]))
@@ -236,8 +307,7 @@ def test_id_block_with_another_policy_is_a_usage_error_before_qemu(snp):
 
 @pytest.mark.parametrize("policy, code", [("0x30000", 0), ("0x70000", 1)])
 def test_run_checks_an_snp_guest_someone_else_started(snp, policy, code):
-    sim = snp.world.spawn("sim", ["simulate", "--snp", "--qmp", f"unix:{snp.world.qmp}",
-                                  "--snp-digest", DIGEST.hex()])
+    sim = snp.world.spawn("sim", ["simulate", "--snp", "--qmp", f"unix:{snp.world.qmp}", "--snp-digest", DIGEST.hex()])
     wait_for(lambda: sim.stdout_path.stat().st_size > 0 or sim.popen.poll() is not None, what="simulator")
     agent = snp.world.spawn("agent", ["run", "--qmp", f"unix:{snp.world.qmp}", "--snp-policy", policy])
     assert agent.wait() == code, agent.stderr
@@ -249,16 +319,32 @@ def test_run_checks_an_snp_guest_someone_else_started(snp, policy, code):
 
 
 def test_the_guest_helper_from_a_shell_writes_its_secret_0600_and_prints_no_secret(snp):
-    import subprocess
     import stat
+    import subprocess
 
     launched(snp, snp.launch())
     url = snp.owner()
     out = snp.root / "guest"
     out.mkdir(mode=0o700)
-    proc = subprocess.run([sys.executable, "-m", "agent.tools.sim.snp_guest", "--qmp", f"unix:{snp.world.qmp}",
-                           "--owner-url", url, "--vm", "vm1", "--out-dir", str(out)],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.tools.sim.snp_guest",
+            "--qmp",
+            f"unix:{snp.world.qmp}",
+            "--owner-url",
+            url,
+            "--vm",
+            "vm1",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr
     guid = str(resolve_guid("luks-key"))
     assert json.loads(proc.stdout) == {"secrets": [{"guid": guid, "length": len(SECRET)}]}
@@ -266,7 +352,23 @@ def test_the_guest_helper_from_a_shell_writes_its_secret_0600_and_prints_no_secr
     assert stat.S_IMODE((out / guid).stat().st_mode) == 0o600
     snp.scan_extra = proc.stdout + proc.stderr
     (out / guid).unlink()
-    again = subprocess.run([sys.executable, "-m", "agent.tools.sim.snp_guest", "--qmp", f"unix:{snp.world.qmp}",
-                            "--owner-url", url, "--vm", "vm9", "--out-dir", str(out)],
-                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.tools.sim.snp_guest",
+            "--qmp",
+            f"unix:{snp.world.qmp}",
+            "--owner-url",
+            url,
+            "--vm",
+            "vm9",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert again.returncode == 1 and "challenge refused: 404" in again.stderr

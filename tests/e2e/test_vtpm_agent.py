@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from agent.io import swtpm
-from tests.e2e.harness import World, free_port, leak_checked, wait_for
+from tests.e2e.harness import World, ctl, ctl_json, free_port, leak_checked, wait_for
 from tests.e2e.qemu import QEMU, Qemu
-from tests.e2e.harness import ctl, ctl_json
 
-pytestmark = pytest.mark.skipif(QEMU is None or shutil.which("swtpm") is None,
-                                reason="qemu-system-x86_64 or swtpm is not installed")
+pytestmark = pytest.mark.skipif(
+    QEMU is None or shutil.which("swtpm") is None, reason="qemu-system-x86_64 or swtpm is not installed"
+)
 
 
 @pytest.fixture
@@ -36,31 +36,55 @@ def world():
                 subprocess.run(["pkill", "-f", str(tmp)], check=False)
             # Besides the agent's own reference to it, the key's path is in no
             # argv: swtpm and swtpm_setup get fd numbers.
-            assert not any(str(tmp / "tpm.key").encode() in a for a in scan.argv.seen
-                           if b"--vtpm-key" not in a)
+            assert not any(str(tmp / "tpm.key").encode() in a for a in scan.argv.seen if b"--vtpm-key" not in a)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def launch(world: World, name: str, *qemu_extra: str, run: str = "run", state: str = "tpm",
-           key: str = "tpm.key"):
+def launch(world: World, name: str, *qemu_extra: str, run: str = "run", state: str = "tpm", key: str = "tpm.key"):
     tmp = world.tmp
     test_qmp = str(tmp / f"{name}-t.sock")
-    proc = world.spawn(name, [
-        "launch", "--vm-name", name, "--vm-run-dir", str(tmp / run),
-        "--vtpm-state-dir", str(tmp / state), "--vtpm-key", f"file:{tmp / key}",
-        "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
-        "--log-level", "debug", "--", QEMU, "-machine", "q35,accel=tcg", "-m", "64",
-        "-nodefaults", "-display", "none", "-qmp", f"unix:{test_qmp},server=on,wait=off",
-        *qemu_extra])
+    proc = world.spawn(
+        name,
+        [
+            "launch",
+            "--vm-name",
+            name,
+            "--vm-run-dir",
+            str(tmp / run),
+            "--vtpm-state-dir",
+            str(tmp / state),
+            "--vtpm-key",
+            f"file:{tmp / key}",
+            "--secrets-master-key",
+            "file",
+            "--launch-shutdown-grace-s",
+            "1",
+            "--log-level",
+            "debug",
+            "--",
+            QEMU,
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{test_qmp},server=on,wait=off",
+            *qemu_extra,
+        ],
+    )
     q = Qemu.__new__(Qemu)
     q.name, q.test_qmp = name, test_qmp
     return proc, q
 
 
 def running(proc, control: Path):
-    wait_for(lambda: ctl(control, "ready").returncode == 0 or proc.popen.poll() is not None,
-             timeout=30, what="agent ready")
+    wait_for(
+        lambda: ctl(control, "ready").returncode == 0 or proc.popen.poll() is not None, timeout=30, what="agent ready"
+    )
     assert proc.popen.poll() is None, proc.stderr
 
 
@@ -113,17 +137,46 @@ def test_wrong_key_fails_with_one_line_and_no_qemu(world):
 def test_sidecar_starts_swtpm_before_qemu_and_stops_qemu_when_swtpm_dies(world):
     tmp = world.tmp
     qmp = str(tmp / "qmp.sock")
-    agent = world.spawn("agent", [
-        "run", "--qmp", f"unix:{qmp}", "--qmp-timeout", "30", "--vm-name", "side",
-        "--vm-run-dir", str(tmp / "run"), "--vtpm-state-dir", str(tmp / "tpm"),
-        "--vtpm-key", f"file:{tmp / 'tpm.key'}", "--secrets-master-key", "file"])
+    agent = world.spawn(
+        "agent",
+        [
+            "run",
+            "--qmp",
+            f"unix:{qmp}",
+            "--qmp-timeout",
+            "30",
+            "--vm-name",
+            "side",
+            "--vm-run-dir",
+            str(tmp / "run"),
+            "--vtpm-state-dir",
+            str(tmp / "tpm"),
+            "--vtpm-key",
+            f"file:{tmp / 'tpm.key'}",
+            "--secrets-master-key",
+            "file",
+        ],
+    )
     ctrl = tmp / "run" / "swtpm-ctrl.sock"
     wait_for(lambda: ctrl.exists(), timeout=20, what="swtpm control socket")
-    qemu = subprocess.Popen([QEMU, "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults",
-                             "-display", "none", "-qmp", f"unix:{qmp},server=on,wait=off",
-                             *swtpm.qemu_tpm_args(str(ctrl))],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    qemu = subprocess.Popen(
+        [
+            QEMU,
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{qmp},server=on,wait=off",
+            *swtpm.qemu_tpm_args(str(ctrl)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         running(agent, tmp / "run" / "control.sock")
         for pid in swtpm_pids(tmp):
@@ -145,14 +198,11 @@ def test_vm_with_a_vtpm_migrates_between_two_agents(world):
     (tmp / "psk.bin").write_bytes(os.urandom(32))
     world.scan.secret("PSK", (tmp / "psk.bin").read_bytes())
     uri = f"tcp:127.0.0.1:{free_port()}"
-    ctl_json(tmp / "dst-run" / "control.sock", "migrate", "accept", "--psk-file",
-             str(tmp / "psk.bin"), "--uri", uri)
-    ctl_json(tmp / "src-run" / "control.sock", "migrate", "start", "--psk-file",
-             str(tmp / "psk.bin"), "--uri", uri)
+    ctl_json(tmp / "dst-run" / "control.sock", "migrate", "accept", "--psk-file", str(tmp / "psk.bin"), "--uri", uri)
+    ctl_json(tmp / "src-run" / "control.sock", "migrate", "start", "--psk-file", str(tmp / "psk.bin"), "--uri", uri)
     out = ctl(tmp / "src-run" / "control.sock", "migrate", "wait", "--timeout", "60")
     assert out.returncode == 0, out.stdout + out.stderr
-    wait_for(lambda: dq.qmp("query-status")["status"] == "running", timeout=30,
-             what="destination running")
+    wait_for(lambda: dq.qmp("query-status")["status"] == "running", timeout=30, what="destination running")
     assert dq.qmp("query-tpm")[0]["model"] == "tpm-crb"
     sq.qmp("quit")
     assert src.wait(timeout=30) == 0

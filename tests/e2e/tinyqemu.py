@@ -18,12 +18,28 @@ from pathlib import Path
 
 from tests.e2e.harness import KEYAGENT
 
-GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
-                    "capabilities": []}}
-SEV_INFO = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21, "policy": 1,
-            "state": "launch-secret", "handle": 1}
-MIGRATION_STATUSES = ["setup", "active", "completed", "failed", "cancelled", "cancelling",
-                      "postcopy-active", "device", "pre-switchover", "x-future-status"]
+GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}
+SEV_INFO = {
+    "enabled": True,
+    "api-major": 1,
+    "api-minor": 55,
+    "build-id": 21,
+    "policy": 1,
+    "state": "launch-secret",
+    "handle": 1,
+}
+MIGRATION_STATUSES = [
+    "setup",
+    "active",
+    "completed",
+    "failed",
+    "cancelled",
+    "cancelling",
+    "postcopy-active",
+    "device",
+    "pre-switchover",
+    "x-future-status",
+]
 
 
 def flood_message(i: int) -> bytes:
@@ -32,9 +48,10 @@ def flood_message(i: int) -> bytes:
     if kind == 0:
         msg = {"event": "MIGRATION", "data": {"status": MIGRATION_STATUSES[i % 10]}}
     elif kind == 1:
-        msg = {"event": "BLOCK_JOB_COMPLETED", "data": {"device": f"job{i}", "len": i,
-                                                          "offset": i, "speed": 0,
-                                                          "type": "mirror"}}
+        msg = {
+            "event": "BLOCK_JOB_COMPLETED",
+            "data": {"device": f"job{i}", "len": i, "offset": i, "speed": 0, "type": "mirror"},
+        }
     elif kind == 2:
         msg = {"event": "RTC_CHANGE", "data": {"offset": i, "qom-path": "/machine/unattached"}}
     else:
@@ -100,6 +117,7 @@ class TinyQemu:
 
     def flood(self, n: int) -> float:
         """Send ``n`` events to every client; return the seconds it took to write them."""
+
         async def go() -> float:
             t0 = time.monotonic()
             batch = 1000
@@ -114,6 +132,7 @@ class TinyQemu:
 
     def send(self, raw: bytes) -> None:
         """Write ``raw`` to every client as it is (events, garbage)."""
+
         async def go() -> None:
             for writer in list(self.writers):
                 writer.write(raw)
@@ -133,10 +152,23 @@ class TinyQemu:
 
 
 def start_agent(tmp: Path, owner_url: str | None, *extra: str) -> subprocess.Popen:
-    args = [*KEYAGENT, "run", "--qmp", f"unix:{tmp / 'qmp.sock'}", "--vm-name", "flood",
-            "--vm-run-dir", str(tmp / "run"), "--secrets-master-key", "file",
-            "--log-level", "info", *extra]
+    args = [
+        *KEYAGENT,
+        "run",
+        "--qmp",
+        f"unix:{tmp / 'qmp.sock'}",
+        "--vm-name",
+        "flood",
+        "--vm-run-dir",
+        str(tmp / "run"),
+        "--secrets-master-key",
+        "file",
+        "--log-level",
+        "info",
+        *extra,
+    ]
     if owner_url:
         args += ["--owner-url", owner_url, "--sev-timeout-s", "120"]
-    return subprocess.Popen(args, stdout=open(tmp / "agent.stdout", "wb"),
-                            stderr=open(tmp / "agent.stderr", "wb"), stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        args, stdout=open(tmp / "agent.stdout", "wb"), stderr=open(tmp / "agent.stderr", "wb"), stdin=subprocess.DEVNULL
+    )

@@ -22,11 +22,11 @@ import atheris
 
 with atheris.instrument_imports():
     import agent.app.config
+    import agent.app.eventlog
+    import agent.app.replay
     import agent.core.codec
     import agent.core.owner_answer
-    import agent.app.eventlog
     import agent.io.http
-    import agent.app.replay
     import agent.tools.sim.json_stream
     from agent.common.errors import KeyagentError
 
@@ -97,8 +97,7 @@ def http_request(data: bytes) -> None:
         pass
 
 
-TARGETS = {f.__name__: f for f in (eventlog, json_stream, owner_answer, config, codec,
-                                   http_request)}
+TARGETS = {f.__name__: f for f in (eventlog, json_stream, owner_answer, config, codec, http_request)}
 
 
 def main() -> None:

@@ -13,9 +13,8 @@ import hashlib
 import json
 import os
 
-
-from agent.io import libvirt_monitor as lm
 from agent.common.errors import SimQmpError
+from agent.io import libvirt_monitor as lm
 from agent.tools.sim.machine import Machine, SimConfig
 
 # -- fakes ---------------------------------------------------------------------------
@@ -46,8 +45,13 @@ class FakeLibvirt:
         self._ids = 0
 
     def api(self) -> lm.LibvirtApi:
-        return lm.LibvirtApi(FakeLibvirtError, lambda uri: self, self.qemu_monitor_command,
-                             self.monitor_register, self.monitor_deregister)
+        return lm.LibvirtApi(
+            FakeLibvirtError,
+            lambda uri: self,
+            self.qemu_monitor_command,
+            self.monitor_register,
+            self.monitor_deregister,
+        )
 
     # module-level calls
     def qemu_monitor_command(self, dom, text: str, flags: int) -> str:
@@ -56,8 +60,9 @@ class FakeLibvirt:
 
     def monitor_register(self, conn, dom, event, cb, flags) -> int:
         if not self.monitor_events_supported:
-            raise FakeLibvirtError(3, "this function is not supported by the connection "
-                                      "driver: virConnectDomainQemuMonitorEventRegister")
+            raise FakeLibvirtError(
+                3, "this function is not supported by the connection driver: virConnectDomainQemuMonitorEventRegister"
+            )
         self._ids += 1
         self.monitor_cbs[self._ids] = cb
         return self._ids
@@ -123,8 +128,9 @@ class FakeSevDomain:
         try:
             return self.machine.execute(command, args or {})
         except SimQmpError as exc:
-            raise FakeLibvirtError(VIR_ERR_INTERNAL_ERROR, "internal error: unable to execute "
-                                   f"QEMU command '{command}': {exc.desc}") from None
+            raise FakeLibvirtError(
+                VIR_ERR_INTERNAL_ERROR, f"internal error: unable to execute QEMU command '{command}': {exc.desc}"
+            ) from None
 
     def name(self) -> str:
         return "vm1"
@@ -145,18 +151,23 @@ class FakeSevDomain:
             return {}
         info = self._qemu("query-sev")
         measure = self._qemu("query-sev-launch-measure")
-        return {"sev-measurement": measure["data"], "sev-api-major": info["api-major"],
-                "sev-api-minor": info["api-minor"], "sev-build-id": info["build-id"],
-                "sev-policy": info["policy"]}
+        return {
+            "sev-measurement": measure["data"],
+            "sev-api-major": info["api-major"],
+            "sev-api-minor": info["api-minor"],
+            "sev-build-id": info["build-id"],
+            "sev-policy": info["policy"],
+        }
 
     def setLaunchSecurityState(self, params: dict, flags: int) -> int:  # noqa: N802
         self._alive()
         self.calls.append(("setLaunchSecurityState", dict(params), flags))
         if self.machine.status == "running":
-            raise FakeLibvirtError(VIR_ERR_OPERATION_INVALID,
-                                   "Requested operation is not valid: domain is not paused")
-        args = {"packet-header": params[lm.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER],
-                "secret": params[lm.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET]}
+            raise FakeLibvirtError(VIR_ERR_OPERATION_INVALID, "Requested operation is not valid: domain is not paused")
+        args = {
+            "packet-header": params[lm.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_HEADER],
+            "secret": params[lm.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET],
+        }
         if lm.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_SET_ADDRESS in params:
             args["gpa"] = params[lm.VIR_DOMAIN_LAUNCH_SECURITY_SEV_SECRET_SET_ADDRESS]
         self._qemu("sev-inject-launch-secret", args)
@@ -193,21 +204,29 @@ class FakeSevDomain:
         command, args = msg["execute"], msg.get("arguments", {})
         if command == "object-add":
             if args["id"] in self.objects:
-                return json.dumps({"id": "libvirt-9", "error": {
-                    "class": "GenericError",
-                    "desc": f"attempt to add duplicate property '{args['id']}' to object "
-                            "(type 'container')"}})
+                return json.dumps(
+                    {
+                        "id": "libvirt-9",
+                        "error": {
+                            "class": "GenericError",
+                            "desc": f"attempt to add duplicate property '{args['id']}' to object (type 'container')",
+                        },
+                    }
+                )
             self.objects.add(args["id"])
             return json.dumps({"return": {}, "id": "libvirt-9"})
         if command == "query-migrate":
             return json.dumps({"return": {"status": "completed"}, "id": "libvirt-10"})
-        return json.dumps({"id": "libvirt-11", "error": {
-            "class": "CommandNotFound", "desc": f"The command {command} has not been found"}})
+        return json.dumps(
+            {
+                "id": "libvirt-11",
+                "error": {"class": "CommandNotFound", "desc": f"The command {command} has not been found"},
+            }
+        )
 
 
 def sev_machine(**overrides) -> Machine:
-    cfg = SimConfig(tik=os.urandom(16), tek=os.urandom(16),
-                    digest=hashlib.sha256(b"fw").digest(), **overrides)
+    cfg = SimConfig(tik=os.urandom(16), tek=os.urandom(16), digest=hashlib.sha256(b"fw").digest(), **overrides)
     return Machine(cfg)
 
 

@@ -12,19 +12,22 @@ import stat
 import h11
 import pytest
 
-from agent.io.http import HttpError, HttpServer, InvalidJson, Request, Response, request_json
 from agent.common.logs import setup_logging
+from agent.io.http import HttpError, HttpServer, InvalidJson, Request, Response, request_json
 
 
 async def echo(request: Request) -> Response:
     if request.path.startswith("/echo"):
-        return Response.json(200, {
-            "method": request.method,
-            "path": request.path,
-            "headers": request.headers,
-            "body": request.json() if request.body else None,
-            "peer": list(request.peer) if isinstance(request.peer, tuple) else None,
-        })
+        return Response.json(
+            200,
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": request.headers,
+                "body": request.json() if request.body else None,
+                "peer": list(request.peer) if isinstance(request.peer, tuple) else None,
+            },
+        )
     if request.path == "/metrics":
         return Response.text(200, "up 1\n")
     if request.path == "/slow":
@@ -69,6 +72,7 @@ def port_of(url: str) -> int:
 
 # -- TCP ---------------------------------------------------------------------
 
+
 async def test_json_roundtrip_over_tcp(tcp_server):
     _, url = tcp_server
     status, body = await request_json("POST", url + "/echo?x=1", {"a": [1, 2]}, timeout=5)
@@ -104,8 +108,19 @@ async def test_keep_alive_serves_several_requests_on_one_connection(tcp_server):
     try:
         for i in range(3):
             body = json.dumps({"i": i}).encode()
-            writer.write(conn.send(h11.Request(method="POST", target="/echo", headers=[
-                ("Host", "x"), ("Content-Length", str(len(body))), ("Content-Type", "application/json")])))
+            writer.write(
+                conn.send(
+                    h11.Request(
+                        method="POST",
+                        target="/echo",
+                        headers=[
+                            ("Host", "x"),
+                            ("Content-Length", str(len(body))),
+                            ("Content-Type", "application/json"),
+                        ],
+                    )
+                )
+            )
             writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
             await writer.drain()
             data = b""
@@ -140,8 +155,9 @@ async def test_expect_100_continue_is_answered(tcp_server):
     _, url = tcp_server
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
     try:
-        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
-                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
         await writer.drain()
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
         assert interim.startswith(b"HTTP/1.1 100 ")
@@ -162,8 +178,15 @@ async def test_oversize_body_is_413(tcp_server):
 async def test_oversize_chunked_body_is_413(tcp_server):
     _, url = tcp_server
     chunk = b"a" * 600
-    data = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"%x\r\n" % len(chunk) + chunk + b"\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n")
+    data = (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(chunk)
+        + chunk
+        + b"\r\n"
+        + b"%x\r\n" % len(chunk)
+        + chunk
+        + b"\r\n0\r\n\r\n"
+    )
     reply = await raw_exchange(port_of(url), data)
     assert reply.startswith(b"HTTP/1.1 413 ")
 
@@ -216,10 +239,14 @@ async def test_connection_refused_names_the_address():
     assert str(err.value) == f"connection refused to 127.0.0.1:{port}"
 
 
-@pytest.mark.parametrize("answer, words", [
-    (b"NOT-HTTP SECRETBODY\r\n\r\n", "malformed HTTP response"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nSECRETBODY", ""),
-], ids=["malformed", "truncated"])
+@pytest.mark.parametrize(
+    "answer, words",
+    [
+        (b"NOT-HTTP SECRETBODY\r\n\r\n", "malformed HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nSECRETBODY", ""),
+    ],
+    ids=["malformed", "truncated"],
+)
 async def test_a_broken_response_is_an_error_without_its_bytes(answer, words):
     async def peer(reader, writer):
         await reader.read(65536)
@@ -267,6 +294,7 @@ async def test_close_ends_open_keep_alive_connections(tcp_server):
 
 # -- unix sockets -------------------------------------------------------------
 
+
 async def test_unix_socket_roundtrip_with_peer_credentials(tmp_path):
     seen = []
 
@@ -279,8 +307,7 @@ async def test_unix_socket_roundtrip_with_peer_credentials(tmp_path):
     await server.start_unix(path)
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        status, body = await request_json("GET", "http://localhost/healthz", None,
-                                          timeout=5, unix_path=path)
+        status, body = await request_json("GET", "http://localhost/healthz", None, timeout=5, unix_path=path)
         assert (status, body) == (200, {"ok": True})
         assert seen == [(os.getpid(), os.getuid(), os.getgid())]
     finally:
@@ -349,11 +376,13 @@ async def test_missing_unix_socket_is_one_line(tmp_path):
 
 # -- what one peer can hold: connections, time -------------------------------
 
+
 async def answered(port: int, path: str = "/echo", timeout: float = 5.0) -> bytes:
     """One request on a fresh connection; the raw answer ("" if none came in time)."""
     try:
-        return await raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                                  .encode(), read_timeout=timeout)
+        return await raw_exchange(
+            port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(), read_timeout=timeout
+        )
     except TimeoutError:
         return b""
 
@@ -415,6 +444,7 @@ async def test_a_request_trickled_a_byte_at_a_time_is_cut_off_at_one_deadline():
     loop = asyncio.get_running_loop()
     start = loop.time()
     try:
+
         async def trickle():
             for byte in b"GET /echo HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx":
                 writer.write(bytes([byte]))
@@ -474,8 +504,10 @@ async def test_pipelined_requests_are_all_answered():
     assert reply.count(b"HTTP/1.1 200 ") == 2 and reply.endswith(b"up 1\n")
 
 
-@pytest.mark.parametrize("bad", [{"max_connections": 0}, {"request_timeout": float("nan")},
-                                 {"idle_timeout": 0}, {"request_timeout": float("inf")}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_connections": 0}, {"request_timeout": float("nan")}, {"idle_timeout": 0}, {"request_timeout": float("inf")}],
+)
 def test_server_limits_must_be_sane(bad):
     with pytest.raises(ValueError):
         HttpServer(echo, **bad)
@@ -504,6 +536,7 @@ async def test_close_is_quiet_with_connections_in_every_state(tmp_path):
     _, port = await server.start_tcp("127.0.0.1", 0)
     socks = []
     try:
+
         def connect(data: bytes) -> None:
             s = socket.create_connection(("127.0.0.1", port))
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

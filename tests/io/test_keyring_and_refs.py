@@ -5,8 +5,8 @@ import os
 import pytest
 
 from agent.common.errors import UsageError
-from agent.io import keyring
 from agent.common.secret import Secret
+from agent.io import keyring
 from agent.io.secretref import NOT_ALLOWED, UNRESTRICTED, RefAccess, resolve
 
 KEYRING_PROBLEM = keyring.usable()
@@ -40,12 +40,15 @@ def test_file_reference_reads_raw_bytes(tmp_path):
     assert resolve(f"file:{p}").reveal() == b"key\n"
 
 
-@pytest.mark.parametrize("setup, words", [
-    (lambda p: None, "No such file"),
-    (lambda p: p.write_bytes(b""), "is empty"),
-    (lambda p: p.mkdir(), "not a regular file"),
-    (lambda p: p.write_bytes(b"x" * 70000), "larger than"),
-])
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (lambda p: None, "No such file"),
+        (lambda p: p.write_bytes(b""), "is empty"),
+        (lambda p: p.mkdir(), "not a regular file"),
+        (lambda p: p.write_bytes(b"x" * 70000), "larger than"),
+    ],
+)
 def test_bad_key_files_are_refused(tmp_path, setup, words):
     p = tmp_path / "k"
     setup(p)
@@ -60,10 +63,14 @@ def test_symlinked_key_file_is_refused(tmp_path):
         resolve(f"file:{tmp_path / 'link'}")
 
 
-@pytest.mark.parametrize("ref, words", [
-    ("nothing", "must be file:PATH"), ("s3:bucket", "unknown secret reference scheme"),
-    ("libvirt:not-a-uuid", "is not a UUID"),
-])
+@pytest.mark.parametrize(
+    "ref, words",
+    [
+        ("nothing", "must be file:PATH"),
+        ("s3:bucket", "unknown secret reference scheme"),
+        ("libvirt:not-a-uuid", "is not a UUID"),
+    ],
+)
 def test_bad_references(ref, words):
     with pytest.raises(UsageError, match=words):
         resolve(ref)
@@ -84,8 +91,7 @@ def refs(tmp_path):
 
 
 def peer(refs, uid: int = PEER_UID, groups=frozenset({PEER_UID})) -> RefAccess:
-    return RefAccess(unrestricted=False, uid=uid, groups=frozenset(groups),
-                     ref_dirs=(os.path.realpath(refs),))
+    return RefAccess(unrestricted=False, uid=uid, groups=frozenset(groups), ref_dirs=(os.path.realpath(refs),))
 
 
 def test_fifo_reference_is_refused_at_once(tmp_path):
@@ -133,8 +139,16 @@ def test_restricted_peer_cannot_read_outside_and_cannot_tell_what_exists(tmp_pat
     outside = tmp_path / "outside.key"
     outside.write_bytes(b"not yours")
     answers = set()
-    for path in ("/etc/shadow", "/proc/self/environ", str(outside), str(tmp_path / "missing"),
-                 f"{refs}/../outside.key", f"{refs}/../missing", "relative/k", str(refs)):
+    for path in (
+        "/etc/shadow",
+        "/proc/self/environ",
+        str(outside),
+        str(tmp_path / "missing"),
+        f"{refs}/../outside.key",
+        f"{refs}/../missing",
+        "relative/k",
+        str(refs),
+    ):
         with pytest.raises(UsageError) as info:
             resolve(f"file:{path}", "secret", peer(refs))
         answers.add(str(info.value))
@@ -181,8 +195,7 @@ def test_restricted_peer_cannot_use_another_users_private_key_in_a_ref_dir(refs)
     with pytest.raises(UsageError, match=NOT_ALLOWED):
         resolve(f"file:{theirs}", "secret", peer(refs))
     os.chmod(theirs, 0o640)  # readable by group 4321: a member may name it
-    assert resolve(f"file:{theirs}", "secret",
-                   peer(refs, groups={PEER_UID, 4321})).reveal() == b"someone else's"
+    assert resolve(f"file:{theirs}", "secret", peer(refs, groups={PEER_UID, 4321})).reveal() == b"someone else's"
     mine = refs / "mine"
     mine.write_bytes(b"the peer's own")
     os.chown(mine, PEER_UID, PEER_UID)
@@ -222,8 +235,10 @@ async def test_stuck_reference_reads_are_bounded_and_a_late_secret_is_wiped(monk
         return made[-1]
 
     monkeypatch.setattr(secretref, "resolve", stuck)
-    waits = [secretref.resolve_async("file:/x", "secret", UNRESTRICTED, timeout=0.2)
-             for _ in range(secretref.MAX_PENDING_READS)]
+    waits = [
+        secretref.resolve_async("file:/x", "secret", UNRESTRICTED, timeout=0.2)
+        for _ in range(secretref.MAX_PENDING_READS)
+    ]
     results = await asyncio.gather(*waits, return_exceptions=True)
     assert all("no answer within" in str(r) for r in results)
     with pytest.raises(UsageError, match="too many references still being read"):

@@ -12,27 +12,28 @@ libvirtaio; tests/e2e/test_libvirt.py covers a real libvirtd with QEMU.
 from __future__ import annotations
 
 import asyncio
-import io
 import base64
+import io
 import json
 import os
 
 import pytest
 
-from agent.common.secret import Secret
-from agent.io import libvirt_monitor as lm
 from agent.common.errors import MonitorGone, QmpCommandError
 from agent.common.logs import setup_logging
-from tests.io.fake_libvirt import (FakeLibvirt, FakeLibvirtError,
-                                   FakeSevDomain, attach, sev_machine)
+from agent.common.secret import Secret
+from agent.io import libvirt_monitor as lm
+from tests.io.fake_libvirt import FakeLibvirt, FakeLibvirtError, FakeSevDomain, attach, sev_machine
 
 try:
     import libvirt  # noqa: F401
+
     HAVE_LIBVIRT = True
 except ImportError:
     HAVE_LIBVIRT = False
 
 needs_libvirt = pytest.mark.skipif(not HAVE_LIBVIRT, reason="libvirt-python is not installed")
+
 
 @pytest.fixture
 def captured_logs():
@@ -44,6 +45,7 @@ def captured_logs():
 
 # -- the translation -------------------------------------------------------------------
 
+
 async def test_query_status_maps_libvirt_states_to_qmp_status_names():
     lib = FakeLibvirt()
     dom = FakeSevDomain(lib, sev_machine())
@@ -52,8 +54,7 @@ async def test_query_status_maps_libvirt_states_to_qmp_status_names():
     dom.state = lambda: [lm.VIR_DOMAIN_PAUSED, lm.VIR_DOMAIN_PAUSED_STARTING_UP]
     assert (await conn.execute("query-status"))["status"] == "prelaunch"
     dom.state = lambda: [lm.VIR_DOMAIN_RUNNING, 1]
-    assert await conn.execute("query-status") == {"status": "running", "singlestep": False,
-                                                  "running": True}
+    assert await conn.execute("query-status") == {"status": "running", "singlestep": False, "running": True}
     dom.state = lambda: [lm.VIR_DOMAIN_PAUSED, lm.VIR_DOMAIN_PAUSED_IOERROR]
     assert (await conn.execute("query-status"))["status"] == "io-error"
 
@@ -73,8 +74,14 @@ async def test_query_sev_and_measure_come_from_launch_security_info():
     lib = FakeLibvirt()
     conn = attach(lib, FakeSevDomain(lib, machine))
     sev = await conn.execute("query-sev")
-    assert sev == {"enabled": True, "api-major": 1, "api-minor": 51, "build-id": 3,
-                   "policy": 5, "state": "launch-secret"}
+    assert sev == {
+        "enabled": True,
+        "api-major": 1,
+        "api-minor": 51,
+        "build-id": 3,
+        "policy": 5,
+        "state": "launch-secret",
+    }
     measure = await conn.execute("query-sev-launch-measure")
     assert base64.b64decode(measure["data"]) == machine.measurement
     assert lib.sent == []  # no monitor passthrough for the SEV flow
@@ -95,8 +102,7 @@ async def test_qemu_errors_wrapped_by_libvirt_keep_qemus_text_and_generic_class(
     conn = attach(lib, FakeSevDomain(lib, sev_machine(measure_delay_s=60)))
     with pytest.raises(QmpCommandError) as err:
         await conn.execute("query-sev-launch-measure")
-    assert (err.value.error_class, err.value.desc) == (
-        "GenericError", "SEV launch measurement is not available")
+    assert (err.value.error_class, err.value.desc) == ("GenericError", "SEV launch measurement is not available")
 
 
 async def test_inject_hands_libvirt_the_base64_packet_and_address():
@@ -106,11 +112,12 @@ async def test_inject_hands_libvirt_the_base64_packet_and_address():
     conn = attach(lib, dom)
     secret = Secret(b"\x01\x02 encrypted secret table")
     header = base64.b64encode(bytes(52)).decode()
-    assert await conn.execute("sev-inject-launch-secret",
-                              {"packet-header": header, "secret": secret, "gpa": 0x800000}) == {}
+    assert (
+        await conn.execute("sev-inject-launch-secret", {"packet-header": header, "secret": secret, "gpa": 0x800000})
+        == {}
+    )
     params, flags = dom.calls[-1]
-    assert params == {"sev-secret-header": header, "sev-secret": secret.b64(),
-                      "sev-secret-set-address": 0x800000}
+    assert params == {"sev-secret-header": header, "sev-secret": secret.b64(), "sev-secret-set-address": 0x800000}
     assert flags == 0
     await conn.execute("sev-inject-launch-secret", {"packet-header": header, "secret": secret})
     assert "sev-secret-set-address" not in dom.calls[-1][0]
@@ -131,8 +138,14 @@ async def test_other_commands_pass_through_qemu_monitor_command_with_secrets_as_
     dom = FakeSevDomain(lib, sev_machine())
     conn = attach(lib, dom)
     data = Secret(b"ciphertext under the master key")
-    props = {"qom-type": "secret", "id": "s1", "data": data, "keyid": "keyagent-master",
-             "iv": "AAAAAAAAAAAAAAAAAAAAAA==", "format": "base64"}
+    props = {
+        "qom-type": "secret",
+        "id": "s1",
+        "data": data,
+        "keyid": "keyagent-master",
+        "iv": "AAAAAAAAAAAAAAAAAAAAAA==",
+        "format": "base64",
+    }
     assert await conn.execute("object-add", props) == {}
     sent = json.loads(lib.sent[-1])
     assert sent == {"execute": "object-add", "arguments": {**props, "data": data.b64()}}
@@ -158,14 +171,14 @@ async def test_a_libvirt_error_is_a_one_line_qmp_error_of_class_libvirt():
     dom = FakeSevDomain(lib, sev_machine())
 
     def unsupported(params, flags):
-        raise FakeLibvirtError(84, "Operation not supported: setting a launch secret is only "
-                                   "supported in SEV-enabled domains\nsecond line")
+        raise FakeLibvirtError(
+            84, "Operation not supported: setting a launch secret is only supported in SEV-enabled domains\nsecond line"
+        )
 
     dom.setLaunchSecurityState = unsupported
     conn = attach(lib, dom)
     with pytest.raises(QmpCommandError) as err:
-        await conn.execute("sev-inject-launch-secret",
-                           {"packet-header": "AAAA", "secret": Secret(b"s" * 32)})
+        await conn.execute("sev-inject-launch-secret", {"packet-header": "AAAA", "secret": Secret(b"s" * 32)})
     assert err.value.error_class == "libvirt"
     assert err.value.desc.startswith("Operation not supported") and "\n" not in err.value.desc
 
@@ -181,8 +194,7 @@ async def test_an_error_echoing_what_was_sent_never_carries_it():
     dom.setLaunchSecurityState = echoing
     conn = attach(lib, dom)
     with pytest.raises(QmpCommandError) as err:
-        await conn.execute("sev-inject-launch-secret",
-                           {"packet-header": "AAAA", "secret": secret})
+        await conn.execute("sev-inject-launch-secret", {"packet-header": "AAAA", "secret": secret})
     assert secret.b64() not in str(err.value) and secret.b64() not in err.value.desc
 
 
@@ -202,8 +214,10 @@ async def test_nothing_secret_reaches_the_debug_log(captured_logs):
     lib = FakeLibvirt()
     conn = attach(lib, FakeSevDomain(lib, sev_machine()))
     data = Secret(b"ciphertext that must not be logged")
-    await conn.execute("object-add", {"qom-type": "secret", "id": "s1", "data": data,
-                                      "iv": "AAAAAAAAAAAAAAAAAAAAAA==", "format": "base64"})
+    await conn.execute(
+        "object-add",
+        {"qom-type": "secret", "id": "s1", "data": data, "iv": "AAAAAAAAAAAAAAAAAAAAAA==", "format": "base64"},
+    )
     text = captured_logs.getvalue()
     assert "object-add" in text and "<redacted>" in text
     assert data.b64() not in text and "must not be logged" not in text
@@ -211,6 +225,7 @@ async def test_nothing_secret_reaches_the_debug_log(captured_logs):
 
 
 # -- events ---------------------------------------------------------------------------
+
 
 async def test_monitor_events_arrive_as_qmp_shaped_dicts():
     lib = FakeLibvirt()
@@ -221,8 +236,7 @@ async def test_monitor_events_arrive_as_qmp_shaped_dicts():
     lib.emit_monitor(dom, "RESUME", None)
     it = aiter(conn.events)
     first = await asyncio.wait_for(anext(it), 1)
-    assert first == {"event": "MIGRATION", "data": {"status": "setup"},
-                     "timestamp": {"seconds": 1, "microseconds": 2}}
+    assert first == {"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": {"seconds": 1, "microseconds": 2}}
     resume = await asyncio.wait_for(anext(it), 1)
     assert (resume["event"], resume["data"]) == ("RESUME", {})
     assert conn.events.dropped == 0
@@ -265,8 +279,7 @@ async def test_stopped_lifecycle_event_ends_the_connection():
     conn = attach(lib, dom, events={"SHUTDOWN"})
     await conn.execute("quit")
     assert await asyncio.wait_for(conn.wait_disconnected(), 1) == "the domain was destroyed"
-    assert (await asyncio.wait_for(anext(aiter(conn.events)), 1))["data"] == {
-        "guest": False, "reason": "host-signal"}
+    assert (await asyncio.wait_for(anext(aiter(conn.events)), 1))["data"] == {"guest": False, "reason": "host-signal"}
 
 
 async def test_the_connection_closing_under_us_is_a_disconnect():
@@ -295,6 +308,7 @@ async def test_qemu_version_comes_from_the_hypervisor_version():
 
 # -- the real libvirt library, with its test driver -------------------------------------
 
+
 @needs_libvirt
 def test_our_abi_numbers_are_libvirts():
     import libvirt
@@ -304,8 +318,7 @@ def test_our_abi_numbers_are_libvirts():
             assert getattr(lm, name) == getattr(libvirt, name), name
 
 
-TEST_DOMAIN = ("<domain type='test'><name>{name}</name><memory>8192</memory>"
-               "<os><type>hvm</type></os></domain>")
+TEST_DOMAIN = "<domain type='test'><name>{name}</name><memory>8192</memory><os><type>hvm</type></os></domain>"
 
 
 @needs_libvirt
@@ -316,8 +329,7 @@ async def test_lifecycle_through_libvirtaio_on_the_test_driver():
     name = f"keyagent-t-{os.getpid()}"
     maker = libvirt.open("test:///default")  # the test driver is shared per process
     maker.createXML(TEST_DOMAIN.format(name=name), 0)
-    conn = await lm.open_connection("test:///default", name, "t",
-                                    events={"RESUME", "STOP", "SHUTDOWN"}, timeout=2)
+    conn = await lm.open_connection("test:///default", name, "t", events={"RESUME", "STOP", "SHUTDOWN"}, timeout=2)
     try:
         assert conn.monitor_events is False
         assert (await conn.execute("query-status"))["status"] == "running"
@@ -371,12 +383,16 @@ async def test_a_second_event_loop_takes_libvirtaio_over_once_the_first_is_idle(
 
 # -- the command line -----------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, text", [
-    (["run", "--libvirt", "test:///default"], "--libvirt URI needs --domain NAME"),
-    (["run", "--qmp", "unix:/tmp/x.sock", "--domain", "vm"], "--domain is only for --libvirt"),
-    (["run", "--qmp", "unix:/tmp/x.sock", "--libvirt", "test:///default"], "not allowed with"),
-    (["run"], "one of the arguments --qmp --libvirt is required"),
-])
+
+@pytest.mark.parametrize(
+    "argv, text",
+    [
+        (["run", "--libvirt", "test:///default"], "--libvirt URI needs --domain NAME"),
+        (["run", "--qmp", "unix:/tmp/x.sock", "--domain", "vm"], "--domain is only for --libvirt"),
+        (["run", "--qmp", "unix:/tmp/x.sock", "--libvirt", "test:///default"], "not allowed with"),
+        (["run"], "one of the arguments --qmp --libvirt is required"),
+    ],
+)
 def test_run_needs_exactly_one_monitor(argv, text, capsys):
     from agent.cli.main import main
 

@@ -10,17 +10,16 @@ import os
 
 import pytest
 
+from agent.common.logs import setup_logging
 from agent.common.secret import Secret
 from agent.io import qmp as qmpio
-from agent.common.logs import setup_logging
 from agent.tools.sim.machine import SimConfig
 from agent.tools.sim.qmp_server import Simulator
 
 
 @pytest.fixture
 async def sim(tmp_path):
-    cfg = SimConfig(tik=os.urandom(16), tek=os.urandom(16),
-                    digest=hashlib.sha256(b"fw").digest())
+    cfg = SimConfig(tik=os.urandom(16), tek=os.urandom(16), digest=hashlib.sha256(b"fw").digest())
     path = str(tmp_path / "qmp.sock")
     async with Simulator(cfg, path) as s:
         yield s, path
@@ -41,9 +40,9 @@ async def test_a_secret_argument_is_redacted_in_qemu_qmp_debug_log(sim, captured
     secret = Secret(b"super secret payload bytes 0123")
     with pytest.raises(qmpio.QmpCommandError):
         # The simulator refuses the packet (bad MAC): the error text is QEMU's.
-        await conn.execute("sev-inject-launch-secret",
-                           {"packet-header": base64.b64encode(bytes(52)).decode(),
-                            "secret": secret})
+        await conn.execute(
+            "sev-inject-launch-secret", {"packet-header": base64.b64encode(bytes(52)).decode(), "secret": secret}
+        )
     await conn.close()
     text = captured_logs.getvalue()
     assert "sev-inject-launch-secret" in text
@@ -119,9 +118,10 @@ async def test_listener_keeps_only_named_events_and_is_bounded():
 
 
 def test_redact_replaces_secret_keys_and_secrets():
-    msg = {"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s0",
-                                                  "data": "Y2lwaGVy", "keyid": "m0",
-                                                  "x": Secret(b"abc")}}
+    msg = {
+        "execute": "object-add",
+        "arguments": {"qom-type": "secret", "id": "s0", "data": "Y2lwaGVy", "keyid": "m0", "x": Secret(b"abc")},
+    }
     out = qmpio.redact(msg)
     assert out["arguments"]["data"] == "<redacted>"
     assert out["arguments"]["x"] == "<redacted>"
@@ -129,5 +129,4 @@ def test_redact_replaces_secret_keys_and_secrets():
 
 
 def test_wire_args_send_a_secret_as_base64():
-    assert qmpio.wire_args({"a": Secret(b"\x00\x01"), "b": {"c": Secret(b"z")}}) == \
-        {"a": "AAE=", "b": {"c": "eg=="}}
+    assert qmpio.wire_args({"a": Secret(b"\x00\x01"), "b": {"c": Secret(b"z")}}) == {"a": "AAE=", "b": {"c": "eg=="}}

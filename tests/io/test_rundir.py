@@ -7,8 +7,14 @@ import sys
 import pytest
 
 from agent.common.errors import UsageError
-from agent.io.rundir import (lock_run_dir, make_key_dir, prepare_run_dir, set_run_dir_group,
-                             sweep_stale_keys, write_key_file)
+from agent.io.rundir import (
+    lock_run_dir,
+    make_key_dir,
+    prepare_run_dir,
+    set_run_dir_group,
+    sweep_stale_keys,
+    write_key_file,
+)
 
 
 def test_created_0700(tmp_path):
@@ -84,14 +90,17 @@ def test_second_lock_on_a_run_dir_is_refused_with_one_line(tmp_path):
 
 def test_run_dir_lock_is_held_against_another_process_and_not_inherited(tmp_path):
     run = prepare_run_dir(str(tmp_path / "run"))
-    probe = ("import fcntl, os, sys\n"
-             "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
-             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-             "except BlockingIOError:\n    print('locked')\nelse:\n    print('free')\n")
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except BlockingIOError:\n    print('locked')\nelse:\n    print('free')\n"
+    )
     lock = lock_run_dir(run)
     try:
-        out = subprocess.run([sys.executable, "-c", probe, run], capture_output=True, text=True,
-                             timeout=30, close_fds=False)
+        out = subprocess.run(
+            [sys.executable, "-c", probe, run], capture_output=True, text=True, timeout=30, close_fds=False
+        )
         assert out.stdout.strip() == "locked"
         assert os.get_inheritable(lock.fd) is False  # QEMU and swtpm do not keep it
     finally:

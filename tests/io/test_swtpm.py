@@ -15,13 +15,15 @@ import tempfile
 
 import pytest
 
-from agent.common.secret import Secret
 from agent.common.errors import FlowFailed, UsageError
+from agent.common.secret import Secret
 from agent.io import swtpm
 from tests.leakscan import ArgvWatcher, LeakScan
 
-pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
-                                reason="needs swtpm and swtpm_setup (apt: swtpm swtpm-tools)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
+    reason="needs swtpm and swtpm_setup (apt: swtpm swtpm-tools)",
+)
 
 PASSPHRASE = b"correct horse battery staple, for the vTPM"
 
@@ -34,7 +36,7 @@ TPM_RH_OWNER, TPM_RS_PW = 0x40000001, 0x40000009
 TPM_ALG_SHA256 = 0x000B
 TPMA_NV_AUTHWRITE, TPMA_NV_AUTHREAD, TPMA_NV_NO_DA = 1 << 2, 1 << 18, 1 << 25
 TPM_RC_INITIALIZE = 0x100
-HEADER = struct.Struct(">HII")          # tag, commandSize/responseSize, commandCode/responseCode
+HEADER = struct.Struct(">HII")  # tag, commandSize/responseSize, commandCode/responseCode
 PW_SESSION = struct.pack(">IHBH", TPM_RS_PW, 0, 0, 0)  # handle, nonce(0), attributes, hmac(0)
 NV_INDEX = 0x01500017
 
@@ -69,25 +71,32 @@ def startup() -> bytes:
 
 
 def nv_define(size: int) -> bytes:
-    public = struct.pack(">IHIHH", NV_INDEX, TPM_ALG_SHA256,
-                         TPMA_NV_AUTHWRITE | TPMA_NV_AUTHREAD | TPMA_NV_NO_DA, 0, size)
-    return _command(TPM_ST_SESSIONS, TPM_CC_NV_DEFINE, (TPM_RH_OWNER,),
-                    struct.pack(">H", 0) + struct.pack(">H", len(public)) + public)
+    public = struct.pack(
+        ">IHIHH", NV_INDEX, TPM_ALG_SHA256, TPMA_NV_AUTHWRITE | TPMA_NV_AUTHREAD | TPMA_NV_NO_DA, 0, size
+    )
+    return _command(
+        TPM_ST_SESSIONS,
+        TPM_CC_NV_DEFINE,
+        (TPM_RH_OWNER,),
+        struct.pack(">H", 0) + struct.pack(">H", len(public)) + public,
+    )
 
 
 def nv_write(data: bytes) -> bytes:
-    return _command(TPM_ST_SESSIONS, TPM_CC_NV_WRITE, (NV_INDEX, NV_INDEX),
-                    struct.pack(">H", len(data)) + data + struct.pack(">H", 0))
+    return _command(
+        TPM_ST_SESSIONS,
+        TPM_CC_NV_WRITE,
+        (NV_INDEX, NV_INDEX),
+        struct.pack(">H", len(data)) + data + struct.pack(">H", 0),
+    )
 
 
 def nv_read(size: int) -> bytes:
-    return _command(TPM_ST_SESSIONS, TPM_CC_NV_READ, (NV_INDEX, NV_INDEX),
-                    struct.pack(">HH", size, 0))
+    return _command(TPM_ST_SESSIONS, TPM_CC_NV_READ, (NV_INDEX, NV_INDEX), struct.pack(">HH", size, 0))
 
 
 async def store_value(data_socket: str, value: bytes) -> None:
-    (rc0, _), (rc1, _), (rc2, _) = await _tpm(data_socket, startup(), nv_define(len(value)),
-                                              nv_write(value))
+    (rc0, _), (rc1, _), (rc2, _) = await _tpm(data_socket, startup(), nv_define(len(value)), nv_write(value))
     assert rc0 in (0, TPM_RC_INITIALIZE) and rc1 == 0 and rc2 == 0, (rc0, rc1, rc2)
 
 
@@ -96,7 +105,7 @@ async def read_value(data_socket: str, size: int) -> bytes:
     assert rc0 in (0, TPM_RC_INITIALIZE) and rc1 == 0, (rc0, rc1)
     # parameterSize (u32), then TPM2B_MAX_NV_BUFFER
     (n,) = struct.unpack_from(">H", resp, 4)
-    return resp[6:6 + n]
+    return resp[6 : 6 + n]
 
 
 # --- fixtures ----------------------------------------------------------------
@@ -140,9 +149,20 @@ def state_dir(encrypted_template, short_dir):
 def plain_swtpm(state_dir: str, run_dir: str) -> subprocess.CompletedProcess:
     """swtpm started on the state with no key at all."""
     return subprocess.run(
-        ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
-         "--ctrl", f"type=unixio,path={run_dir}/nokey.sock", "--flags", "not-need-init"],
-        capture_output=True, timeout=10)
+        [
+            "swtpm",
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state_dir}",
+            "--ctrl",
+            f"type=unixio,path={run_dir}/nokey.sock",
+            "--flags",
+            "not-need-init",
+        ],
+        capture_output=True,
+        timeout=10,
+    )
 
 
 # --- tests -------------------------------------------------------------------
@@ -172,15 +192,17 @@ async def test_wrong_key_is_refused_with_a_one_line_reason(state_dir, run_dir):
 async def test_value_survives_a_restart_with_the_right_key(state_dir, run_dir, raw_key):
     data_sock = os.path.join(run_dir, "data.sock")
     value = os.urandom(16)
-    sw = await swtpm.start_swtpm(state_dir, "2.0", Secret(raw_key), "raw", run_dir,
-                                 data_socket=data_sock, terminate=False)
+    sw = await swtpm.start_swtpm(
+        state_dir, "2.0", Secret(raw_key), "raw", run_dir, data_socket=data_sock, terminate=False
+    )
     try:
         await store_value(data_sock, value)
     finally:
         assert await sw.stop() == 0
     assert swtpm.inspect_state(state_dir, "2.0").kind is swtpm.StateKind.ENCRYPTED
-    sw = await swtpm.start_swtpm(state_dir, "2.0", Secret(raw_key), "raw", run_dir,
-                                 data_socket=data_sock, terminate=False)
+    sw = await swtpm.start_swtpm(
+        state_dir, "2.0", Secret(raw_key), "raw", run_dir, data_socket=data_sock, terminate=False
+    )
     try:
         assert await read_value(data_sock, len(value)) == value
     finally:
@@ -211,8 +233,9 @@ async def test_key_is_in_no_argv_and_nowhere_under_run_dir(short_dir, run_dir):
 def test_plain_state_is_refused_with_a_clear_message(short_dir, run_dir):
     state = os.path.join(short_dir, "plain")
     os.mkdir(state)
-    subprocess.run(["swtpm_setup", "--tpm2", "--tpm-state", state, "--createek"],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["swtpm_setup", "--tpm2", "--tpm-state", state, "--createek"], check=True, capture_output=True, timeout=30
+    )
     assert swtpm.inspect_state(state, "2.0").kind is swtpm.StateKind.PLAIN
     with pytest.raises(UsageError, match="is not encrypted") as err:
         asyncio.run(swtpm.start_swtpm(state, "2.0", Secret(os.urandom(32)), "raw", run_dir))
@@ -227,8 +250,9 @@ async def test_passphrase_kind_uses_pbkdf2_and_survives_a_restart(short_dir, run
     await swtpm.setup_state(state, "2.0", Secret(PASSPHRASE), "passphrase")
     assert swtpm.inspect_state(state, "2.0").key_bits == 256
     value = b"passphrase-kept!"
-    sw = await swtpm.start_swtpm(state, "2.0", Secret(PASSPHRASE), "passphrase", run_dir,
-                                 data_socket=data_sock, terminate=False)
+    sw = await swtpm.start_swtpm(
+        state, "2.0", Secret(PASSPHRASE), "passphrase", run_dir, data_socket=data_sock, terminate=False
+    )
     assert "kdf=pbkdf2" in " ".join(swtpm.swtpm_argv(state, "2.0", "passphrase", 3, 4, "c", "p"))
     try:
         await store_value(data_sock, value)
@@ -236,8 +260,9 @@ async def test_passphrase_kind_uses_pbkdf2_and_survives_a_restart(short_dir, run
         await sw.stop()
     with pytest.raises(FlowFailed, match="wrong key"):
         await swtpm.start_swtpm(state, "2.0", Secret(PASSPHRASE + b"x"), "passphrase", run_dir)
-    sw = await swtpm.start_swtpm(state, "2.0", Secret(PASSPHRASE), "passphrase", run_dir,
-                                 data_socket=data_sock, terminate=False)
+    sw = await swtpm.start_swtpm(
+        state, "2.0", Secret(PASSPHRASE), "passphrase", run_dir, data_socket=data_sock, terminate=False
+    )
     try:
         assert await read_value(data_sock, len(value)) == value
     finally:
@@ -274,9 +299,11 @@ def test_state_header_kinds(tmp_path):
     d = str(tmp_path)
     path = os.path.join(d, "tpm2-00.permall")
     assert swtpm.inspect_state(d, "2.0").kind is swtpm.StateKind.ABSENT
-    for flags, kind, bits in ((0x00, swtpm.StateKind.PLAIN, None),
-                              (0x01, swtpm.StateKind.ENCRYPTED, 128),
-                              (0x09, swtpm.StateKind.ENCRYPTED, 256)):
+    for flags, kind, bits in (
+        (0x00, swtpm.StateKind.PLAIN, None),
+        (0x01, swtpm.StateKind.ENCRYPTED, 128),
+        (0x09, swtpm.StateKind.ENCRYPTED, 256),
+    ):
         with open(path, "wb") as f:
             f.write(swtpm.BLOB_HEADER.pack(2, 1, 10, flags, 16) + b"\0" * 6)
         info = swtpm.inspect_state(d, "2.0")
@@ -303,8 +330,12 @@ def test_argv_holds_fd_numbers_only():
 
 def test_qemu_args_point_the_chardev_at_the_control_socket():
     assert swtpm.qemu_tpm_args("/run/x/swtpm-ctrl.sock", "tpm-tis") == [
-        "-chardev", "socket,id=chrtpm,path=/run/x/swtpm-ctrl.sock",
-        "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
-        "-device", "tpm-tis,tpmdev=tpm0"]
+        "-chardev",
+        "socket,id=chrtpm,path=/run/x/swtpm-ctrl.sock",
+        "-tpmdev",
+        "emulator,id=tpm0,chardev=chrtpm",
+        "-device",
+        "tpm-tis,tpmdev=tpm0",
+    ]
     with pytest.raises(UsageError):
         swtpm.qemu_tpm_args("/c", "tpm-spapr")

@@ -28,14 +28,27 @@ class OwnerDir:
     tek: Path
     secret: Path
 
-    def blob(self, mnonce: bytes = b"n" * 16, *, digest: bytes = DIGEST, tik: bytes = TIK,
-             api: tuple[int, int, int] = API, policy: int = POLICY) -> bytes:
+    def blob(
+        self,
+        mnonce: bytes = b"n" * 16,
+        *,
+        digest: bytes = DIGEST,
+        tik: bytes = TIK,
+        api: tuple[int, int, int] = API,
+        policy: int = POLICY,
+    ) -> bytes:
         return measurement_blob(tik, api[0], api[1], api[2], policy, digest, mnonce)
 
     def request(self, mnonce: bytes = b"n" * 16, **over) -> dict:
         blob = self.blob(mnonce)
-        body = {"vm": "vm1", "measurement": base64.b64encode(blob).decode(),
-                "api_major": API[0], "api_minor": API[1], "build_id": API[2], "policy": POLICY}
+        body = {
+            "vm": "vm1",
+            "measurement": base64.b64encode(blob).decode(),
+            "api_major": API[0],
+            "api_minor": API[1],
+            "build_id": API[2],
+            "policy": POLICY,
+        }
         body.update(over)
         return body
 

@@ -9,7 +9,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from tests.executable import KEYAGENT
 from tests.sev import vectors as v
 
 from .conftest import API, DIGEST, PASSPHRASE, POLICY, TEK, TIK
+
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([*KEYAGENT, "owner", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
@@ -46,10 +46,25 @@ def leak_forms() -> list[str]:
 
 # -- verify -------------------------------------------------------------------
 
+
 def verify_args(owner_dir, blob: bytes, digest: bytes = DIGEST, policy: int = POLICY) -> list[str]:
-    return ["verify", "--tik", str(owner_dir.tik), "--measurement", base64.b64encode(blob).decode(),
-            "--api-major", str(API[0]), "--api-minor", str(API[1]), "--build-id", str(API[2]),
-            "--policy", str(policy), "--digest", digest.hex()]
+    return [
+        "verify",
+        "--tik",
+        str(owner_dir.tik),
+        "--measurement",
+        base64.b64encode(blob).decode(),
+        "--api-major",
+        str(API[0]),
+        "--api-minor",
+        str(API[1]),
+        "--build-id",
+        str(API[2]),
+        "--policy",
+        str(policy),
+        "--digest",
+        digest.hex(),
+    ]
 
 
 def test_verify_accepts_a_good_measurement(owner_dir):
@@ -73,20 +88,37 @@ def test_verify_matches_the_sevctl_vector(tmp_path):
     tik = tmp_path / "tik1.bin"
     tik.write_bytes(v.SEVCTL_MEASURE_TIK)
     major, minor, build = v.SEVCTL_MEASURE_API
-    proc = run("verify", "--tik", str(tik), "--measurement", v.SEVCTL_BLOB_GIVEN,
-               "--api-major", str(major), "--api-minor", str(minor), "--build-id", str(build),
-               "--policy", hex(v.SEVCTL_MEASURE_POLICY), "--digest", v.SEVCTL_DIGEST_GIVEN.hex())
+    proc = run(
+        "verify",
+        "--tik",
+        str(tik),
+        "--measurement",
+        v.SEVCTL_BLOB_GIVEN,
+        "--api-major",
+        str(major),
+        "--api-minor",
+        str(minor),
+        "--build-id",
+        str(build),
+        "--policy",
+        hex(v.SEVCTL_MEASURE_POLICY),
+        "--digest",
+        v.SEVCTL_DIGEST_GIVEN.hex(),
+    )
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"--measurement": "@@@"}, "--measurement is not valid base64"),
-    ({"--measurement": base64.b64encode(bytes(40)).decode()}, "48 bytes, got 40"),
-    ({"--digest": "abcd"}, "32 bytes"),
-    ({"--api-minor": "300"}, "--api-minor must be in 0..255"),
-    ({"--build-id": "x"}, "invalid int value"),
-    ({"--tik": "/nonexistent/tik.bin"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"--measurement": "@@@"}, "--measurement is not valid base64"),
+        ({"--measurement": base64.b64encode(bytes(40)).decode()}, "48 bytes, got 40"),
+        ({"--digest": "abcd"}, "32 bytes"),
+        ({"--api-minor": "300"}, "--api-minor must be in 0..255"),
+        ({"--build-id": "x"}, "invalid int value"),
+        ({"--tik": "/nonexistent/tik.bin"}, "does not exist"),
+    ],
+)
 def test_verify_bad_input_is_usage_error(owner_dir, change, words):
     args = verify_args(owner_dir, owner_dir.blob())
     for flag, value in change.items():
@@ -125,17 +157,25 @@ def test_verify_digest_and_firmware_together_is_usage_error(owner_dir):
 
 # -- package ------------------------------------------------------------------
 
+
 def test_package_output_opens_with_open_packet(owner_dir):
     blob = owner_dir.blob()
-    proc = run("package", "--tik", str(owner_dir.tik), "--tek", str(owner_dir.tek),
-               "--measurement", base64.b64encode(blob).decode(),
-               "--secret", f"luks-key={owner_dir.secret}")
+    proc = run(
+        "package",
+        "--tik",
+        str(owner_dir.tik),
+        "--tek",
+        str(owner_dir.tek),
+        "--measurement",
+        base64.b64encode(blob).decode(),
+        "--secret",
+        f"luks-key={owner_dir.secret}",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"packet_header", "secret"}
     measure, _ = split_blob(blob)
-    table = open_packet(TIK, TEK, measure, base64.b64decode(out["packet_header"]),
-                        base64.b64decode(out["secret"]))
+    table = open_packet(TIK, TEK, measure, base64.b64decode(out["packet_header"]), base64.b64decode(out["secret"]))
     assert parse_secret_table(table) == [(LUKS_KEY_GUID, PASSPHRASE)]
     assert proc.stderr == ""
 
@@ -145,29 +185,51 @@ def test_package_matches_the_sevctl_vector(tmp_path):
     (tmp_path / "tek1.bin").write_bytes(v.SEVCTL_SECRET_TEK)
     (tmp_path / "secret1.txt").write_bytes(v.SEVCTL_SECRET1[1])
     (tmp_path / "secret2.txt").write_bytes(v.SEVCTL_SECRET2[1])
-    proc = run("package", "--tik", "tik1.bin", "--tek", "tek1.bin",
-               "--measurement", base64.b64encode(v.SEVCTL_SECRET_BLOB).decode(),
-               "--secret", f"{v.SEVCTL_SECRET1[0]}=secret1.txt",
-               "--secret", f"{v.SEVCTL_SECRET2[0]}=secret2.txt",
-               "--iv", base64.b64encode(v.SEVCTL_SECRET_IV).decode(), cwd=tmp_path)
+    proc = run(
+        "package",
+        "--tik",
+        "tik1.bin",
+        "--tek",
+        "tek1.bin",
+        "--measurement",
+        base64.b64encode(v.SEVCTL_SECRET_BLOB).decode(),
+        "--secret",
+        f"{v.SEVCTL_SECRET1[0]}=secret1.txt",
+        "--secret",
+        f"{v.SEVCTL_SECRET2[0]}=secret2.txt",
+        "--iv",
+        base64.b64encode(v.SEVCTL_SECRET_IV).decode(),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"packet_header": v.SEVCTL_HEADER_TWO, "secret": v.SEVCTL_PAYLOAD_TWO}
 
 
 def package_args(owner_dir) -> list[str]:
-    return ["package", "--tik", str(owner_dir.tik), "--tek", str(owner_dir.tek),
-            "--measurement", base64.b64encode(owner_dir.blob()).decode(),
-            "--secret", f"luks-key={owner_dir.secret}"]
+    return [
+        "package",
+        "--tik",
+        str(owner_dir.tik),
+        "--tek",
+        str(owner_dir.tek),
+        "--measurement",
+        base64.b64encode(owner_dir.blob()).decode(),
+        "--secret",
+        f"luks-key={owner_dir.secret}",
+    ]
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"--secret": "luks-kee=x"}, "unknown GUID alias 'luks-kee'"),
-    ({"--secret": "luks-key"}, "GUID=FILE"),
-    ({"--secret": "luks-key=/nonexistent/pass"}, "does not exist"),
-    ({"--measurement": "AAAA"}, "48 bytes, got 3"),
-    ({"--measurement": "A"}, "not valid base64"),
-    ({"--tek": "/nonexistent/tek"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"--secret": "luks-kee=x"}, "unknown GUID alias 'luks-kee'"),
+        ({"--secret": "luks-key"}, "GUID=FILE"),
+        ({"--secret": "luks-key=/nonexistent/pass"}, "does not exist"),
+        ({"--measurement": "AAAA"}, "48 bytes, got 3"),
+        ({"--measurement": "A"}, "not valid base64"),
+        ({"--tek": "/nonexistent/tek"}, "does not exist"),
+    ],
+)
 def test_package_bad_input_is_usage_error(owner_dir, change, words):
     args = package_args(owner_dir)
     for flag, value in change.items():
@@ -176,8 +238,9 @@ def test_package_bad_input_is_usage_error(owner_dir, change, words):
 
 
 def test_package_bad_iv_is_usage_error(owner_dir):
-    assert_usage_error(run(*package_args(owner_dir), "--iv", base64.b64encode(bytes(8)).decode()),
-                       "--iv must be 16 bytes")
+    assert_usage_error(
+        run(*package_args(owner_dir), "--iv", base64.b64encode(bytes(8)).decode()), "--iv must be 16 bytes"
+    )
 
 
 def test_package_wrong_tek_length_is_usage_error(owner_dir):
@@ -189,6 +252,7 @@ def test_package_wrong_tek_length_is_usage_error(owner_dir):
 
 
 # -- session, parser ----------------------------------------------------------
+
 
 @pytest.fixture
 def platform_files(tmp_path):
@@ -217,15 +281,25 @@ def platform_files(tmp_path):
 
 
 def test_session_files_open_on_the_platform(platform_files):
-    import os
     import stat
 
     from agent.sev.session import open_session
 
     d, key = platform_files
     out = d / "out"
-    proc = run("session", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
-               "--amd-roots", str(d / "roots"), "--policy", "0x5", "--out-dir", str(out))
+    proc = run(
+        "session",
+        "--pdh",
+        str(d / "pdh.b64"),
+        "--cert-chain",
+        str(d / "chain.b64"),
+        "--amd-roots",
+        str(d / "roots"),
+        "--policy",
+        "0x5",
+        "--out-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["chain_verified"] is True and shown["policy"] == 5 and shown["platform"] == "amd:sim"
@@ -246,8 +320,19 @@ def test_session_files_open_on_the_platform(platform_files):
 
 def test_session_takes_a_raw_pdh_and_raw_chain(platform_files):
     d, _ = platform_files
-    proc = run("session", "--pdh", str(d / "pdh.bin"), "--cert-chain", str(d / "chain.bin"),
-               "--amd-roots", str(d / "roots"), "--policy", "1", "--out-dir", str(d / "out"))
+    proc = run(
+        "session",
+        "--pdh",
+        str(d / "pdh.bin"),
+        "--cert-chain",
+        str(d / "chain.bin"),
+        "--amd-roots",
+        str(d / "roots"),
+        "--policy",
+        "1",
+        "--out-dir",
+        str(d / "out"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["chain_verified"] is True
 
@@ -257,16 +342,26 @@ def test_session_without_a_chain_is_refused_unless_the_platform_is_waved_through
     proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"))
     assert_usage_error(proc, "--cert-chain is needed to verify the platform to AMD")
     assert not (d / "out").exists()
-    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"),
-               "--unverified-platform")
+    proc = run(
+        "session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"), "--unverified-platform"
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["chain_verified"] is False and "owner platform unchecked" in proc.stderr
 
 
 def test_session_for_a_self_made_chain_is_refused_by_the_builtin_roots(platform_files):
     d, _ = platform_files
-    proc = run("session", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
-               "--policy", "1", "--out-dir", str(d / "out"))
+    proc = run(
+        "session",
+        "--pdh",
+        str(d / "pdh.b64"),
+        "--cert-chain",
+        str(d / "chain.b64"),
+        "--policy",
+        "1",
+        "--out-dir",
+        str(d / "out"),
+    )
     assert_usage_error(proc, "platform not verified: CEK is not signed by any trusted AMD ASK")
     assert not (d / "out").exists()
 
@@ -277,33 +372,52 @@ def test_session_for_a_real_rome_platform_verifies_to_the_builtin_roots(tmp_path
     c = real_certs("rome")
     (tmp_path / "pdh.bin").write_bytes(c["pdh"])
     (tmp_path / "chain.bin").write_bytes(c["pek"] + c["oca"] + c["cek"])
-    proc = run("session", "--pdh", str(tmp_path / "pdh.bin"), "--cert-chain", str(tmp_path / "chain.bin"),
-               "--policy", "1", "--out-dir", str(tmp_path / "out"))
+    proc = run(
+        "session",
+        "--pdh",
+        str(tmp_path / "pdh.bin"),
+        "--cert-chain",
+        str(tmp_path / "chain.bin"),
+        "--policy",
+        "1",
+        "--out-dir",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["platform"] == "amd:rome"
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--pdh", "short.bin"], "--pdh {d}/short.bin: neither 2084 raw bytes nor valid base64"),
-    (["--pdh", "short.b64"], "must hold 2084 bytes (raw or base64), holds 2000"),
-    (["--pdh", "junk.b64"], "neither 2084 raw bytes nor valid base64"),
-    (["--pdh", "missing"], "does not exist"),
-    (["--pdh", "pek.bin"], "--pdh: certificate has usage 0x1002, not PDH (0x1003)"),
-    (["--cert-chain", "other-chain.b64"],
-     "platform not verified: PDH certificate is not signed by the chain's PEK"),
-    (["--amd-roots", "nope"], "--amd-roots: cannot read AMD roots directory"),
-    (["--amd-roots", "pdh.b64"], "--amd-roots: cannot read AMD roots directory"),
-    (["--cert-chain", "swapped-chain.bin"], "certificate 1 of the chain has usage 0x1001, not PEK"),
-    (["--cert-chain", "pdh.b64"], "--cert-chain"),
-    (["--cert-chain", "junk.b64"], "neither 6252 raw bytes nor valid base64"),
-    (["--policy", "lots"], "invalid"),
-    (["--policy", "0x100000000"], "--policy must be a 32-bit value"),
-    (["--out-dir", "pdh.bin"], "exists and is not a directory"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--pdh", "short.bin"], "--pdh {d}/short.bin: neither 2084 raw bytes nor valid base64"),
+        (["--pdh", "short.b64"], "must hold 2084 bytes (raw or base64), holds 2000"),
+        (["--pdh", "junk.b64"], "neither 2084 raw bytes nor valid base64"),
+        (["--pdh", "missing"], "does not exist"),
+        (["--pdh", "pek.bin"], "--pdh: certificate has usage 0x1002, not PDH (0x1003)"),
+        (
+            ["--cert-chain", "other-chain.b64"],
+            "platform not verified: PDH certificate is not signed by the chain's PEK",
+        ),
+        (["--amd-roots", "nope"], "--amd-roots: cannot read AMD roots directory"),
+        (["--amd-roots", "pdh.b64"], "--amd-roots: cannot read AMD roots directory"),
+        (["--cert-chain", "swapped-chain.bin"], "certificate 1 of the chain has usage 0x1001, not PEK"),
+        (["--cert-chain", "pdh.b64"], "--cert-chain"),
+        (["--cert-chain", "junk.b64"], "neither 6252 raw bytes nor valid base64"),
+        (["--policy", "lots"], "invalid"),
+        (["--policy", "0x100000000"], "--policy must be a 32-bit value"),
+        (["--out-dir", "pdh.bin"], "exists and is not a directory"),
+    ],
+)
 def test_session_bad_input_is_usage_error(platform_files, args, words):
     d, _ = platform_files
-    argv = {"--pdh": "pdh.b64", "--policy": "1", "--out-dir": "out", "--cert-chain": "chain.b64",
-            "--amd-roots": "roots"}
+    argv = {
+        "--pdh": "pdh.b64",
+        "--policy": "1",
+        "--out-dir": "out",
+        "--cert-chain": "chain.b64",
+        "--amd-roots": "roots",
+    }
     argv.update(dict(zip(args[::2], args[1::2])))
     flat = [x for k, v in argv.items() for x in (k, v if k == "--policy" else str(d / v))]
     proc = run("session", *flat)
@@ -315,8 +429,9 @@ def test_session_never_overwrites_a_key_file(platform_files):
     d, _ = platform_files
     (d / "out").mkdir()
     (d / "out" / "tek.bin").write_bytes(b"old key")
-    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"),
-               "--unverified-platform")
+    proc = run(
+        "session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"), "--unverified-platform"
+    )
     assert_usage_error(proc, "tek.bin already exists; not overwriting it")
     assert (d / "out" / "tek.bin").read_bytes() == b"old key"
     assert sorted(p.name for p in (d / "out").iterdir()) == ["tek.bin"]
@@ -326,8 +441,9 @@ def test_session_refuses_a_symlink_in_place_of_a_key_file(platform_files):
     d, _ = platform_files
     (d / "out").mkdir()
     (d / "out" / "tik.bin").symlink_to(d / "elsewhere")
-    proc = run("session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"),
-               "--unverified-platform")
+    proc = run(
+        "session", "--pdh", str(d / "pdh.b64"), "--policy", "1", "--out-dir", str(d / "out"), "--unverified-platform"
+    )
     assert_usage_error(proc, "tik.bin already exists")
     assert not (d / "elsewhere").exists()
 
@@ -341,6 +457,7 @@ def test_owner_without_subcommand_is_usage_error():
 
 
 # -- serve --------------------------------------------------------------------
+
 
 def read_listening(proc: subprocess.Popen, timeout: float = 20) -> str:
     deadline = time.monotonic() + timeout
@@ -356,9 +473,12 @@ def read_listening(proc: subprocess.Popen, timeout: float = 20) -> str:
 
 
 def test_serve_answers_and_stops_on_sigterm(owner_dir):
-    proc = subprocess.Popen([*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
-                             "--listen", "127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = read_listening(proc)
         assert url.startswith("http://127.0.0.1:")
@@ -372,8 +492,7 @@ def test_serve_answers_and_stops_on_sigterm(owner_dir):
         (s1, b1), (s2, _), (s3, _) = asyncio.run(talk())
         assert (s1, s2, s3) == (200, 409, 403)
         measure, _ = split_blob(owner_dir.blob())
-        table = open_packet(TIK, TEK, measure, base64.b64decode(b1["packet_header"]),
-                            base64.b64decode(b1["secret"]))
+        table = open_packet(TIK, TEK, measure, base64.b64decode(b1["packet_header"]), base64.b64decode(b1["secret"]))
         assert parse_secret_table(table) == [(LUKS_KEY_GUID, PASSPHRASE)]
 
         proc.send_signal(signal.SIGTERM)
@@ -392,9 +511,12 @@ def test_serve_answers_and_stops_on_sigterm(owner_dir):
 
 
 def test_serve_stops_on_sigint(owner_dir):
-    proc = subprocess.Popen([*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
-                             "--listen", "127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         read_listening(proc)
         proc.send_signal(signal.SIGINT)
@@ -408,14 +530,14 @@ def test_serve_stops_on_sigint(owner_dir):
 
 def test_serve_bad_config_is_usage_error(owner_dir):
     owner_dir.tik.write_bytes(b"short")
-    assert_usage_error(run("serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0"),
-                       "16 raw bytes")
+    assert_usage_error(run("serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0"), "16 raw bytes")
 
 
 def test_serve_bad_toml_is_usage_error(tmp_path):
     (tmp_path / "owner.toml").write_text("[vm\n")
-    assert_usage_error(run("serve", "--config", str(tmp_path / "owner.toml"), "--listen", "127.0.0.1:0"),
-                       "not valid TOML")
+    assert_usage_error(
+        run("serve", "--config", str(tmp_path / "owner.toml"), "--listen", "127.0.0.1:0"), "not valid TOML"
+    )
 
 
 @pytest.mark.parametrize("listen", ["8443", "127.0.0.1:", "127.0.0.1:99999", "host:port"])
@@ -430,11 +552,13 @@ def test_serve_port_in_use_is_usage_error(owner_dir):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert_usage_error(run("serve", "--config", str(owner_dir.toml), "--listen", f"127.0.0.1:{port}"),
-                           "cannot listen")
+        assert_usage_error(
+            run("serve", "--config", str(owner_dir.toml), "--listen", f"127.0.0.1:{port}"), "cannot listen"
+        )
 
 
 # -- bad input, every subcommand: exit 2, one line, no traceback ---------------
+
 
 @pytest.fixture
 def bad_inputs(owner_dir):
@@ -462,51 +586,187 @@ BLOB_B64 = base64.b64encode(bytes(48)).decode()
 SHORT_B64 = base64.b64encode(bytes(32)).decode()
 
 
-@pytest.mark.parametrize("case, argv, words", [
-    ("verify: TIK too short", ["verify", "--tik", "{r}/tik15.bin", "--measurement", BLOB_B64, "--api-major", "1",
-                               "--api-minor", "49", "--build-id", "21", "--policy", "1", "--digest", "ab" * 32],
-     "must hold 16 raw bytes, it holds 15"),
-    ("verify: short measurement", ["verify", "--tik", "{r}/keys/vm1_tik.bin", "--measurement", SHORT_B64,
-                                   "--api-major", "1", "--api-minor", "49", "--build-id", "21", "--policy", "1",
-                                   "--digest", "ab" * 32], "--measurement must be 48 bytes, got 32"),
-    ("verify: no firmware table", ["verify", "--tik", "{r}/keys/vm1_tik.bin", "--measurement", BLOB_B64,
-                                   "--api-major", "1", "--api-minor", "49", "--build-id", "21", "--policy", "1",
-                                   "--firmware", "{r}/fw-no-table.fd", "--kernel", "{r}/vmlinuz"],
-     "no OVMF GUID table footer"),
-    ("package: TIK too short", ["package", "--tik", "{r}/tik15.bin", "--tek", "{r}/keys/vm1_tek.bin",
-                                "--measurement", BLOB_B64, "--secret", "luks-key={r}/vm1-disk.pass"],
-     "TIK file {r}/tik15.bin must hold 16 raw bytes, it holds 15"),
-    ("package: TEK too long", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/tek17.bin",
-                               "--measurement", BLOB_B64, "--secret", "luks-key={r}/vm1-disk.pass"],
-     "TEK file {r}/tek17.bin must hold 16 raw bytes, it holds 17"),
-    ("package: short measurement", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/keys/vm1_tek.bin",
-                                    "--measurement", SHORT_B64, "--secret", "luks-key={r}/vm1-disk.pass"],
-     "--measurement must be 48 bytes, got 32"),
-    ("package: bad iv base64", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/keys/vm1_tek.bin",
-                                "--measurement", BLOB_B64, "--secret", "luks-key={r}/vm1-disk.pass",
-                                "--iv", "!!!!"], "--iv is not valid base64"),
-    ("package: unknown alias", ["package", "--tik", "{r}/keys/vm1_tik.bin", "--tek", "{r}/keys/vm1_tek.bin",
-                                "--measurement", BLOB_B64, "--secret", "disk-key={r}/vm1-disk.pass"],
-     "unknown GUID alias 'disk-key'"),
-    ("measure: no firmware table", ["measure", "--firmware", "{r}/fw-no-table.fd", "--kernel", "{r}/vmlinuz"],
-     "no OVMF GUID table footer"),
-    ("measure: no hashes table", ["measure", "--firmware", "{r}/fw-no-hashes.fd", "--kernel", "{r}/vmlinuz"],
-     "firmware cannot measure a kernel: its GUID table has no SEV hashes-table entry"),
-    ("serve: TEK too long", ["serve", "--config", "@tek", "--listen", "127.0.0.1:0"],
-     "must hold 16 raw bytes, it holds 17"),
-    ("serve: unknown alias", ["serve", "--config", "@alias", "--listen", "127.0.0.1:0"],
-     "unknown GUID alias 'luks-kee'"),
-    ("serve: no firmware table", ["serve", "--config", "@fw", "--listen", "127.0.0.1:0"],
-     "cannot compute the launch digest"),
-    ("serve: short digest", ["serve", "--config", "@digest", "--listen", "127.0.0.1:0"], "32 bytes"),
-])
+@pytest.mark.parametrize(
+    "case, argv, words",
+    [
+        (
+            "verify: TIK too short",
+            [
+                "verify",
+                "--tik",
+                "{r}/tik15.bin",
+                "--measurement",
+                BLOB_B64,
+                "--api-major",
+                "1",
+                "--api-minor",
+                "49",
+                "--build-id",
+                "21",
+                "--policy",
+                "1",
+                "--digest",
+                "ab" * 32,
+            ],
+            "must hold 16 raw bytes, it holds 15",
+        ),
+        (
+            "verify: short measurement",
+            [
+                "verify",
+                "--tik",
+                "{r}/keys/vm1_tik.bin",
+                "--measurement",
+                SHORT_B64,
+                "--api-major",
+                "1",
+                "--api-minor",
+                "49",
+                "--build-id",
+                "21",
+                "--policy",
+                "1",
+                "--digest",
+                "ab" * 32,
+            ],
+            "--measurement must be 48 bytes, got 32",
+        ),
+        (
+            "verify: no firmware table",
+            [
+                "verify",
+                "--tik",
+                "{r}/keys/vm1_tik.bin",
+                "--measurement",
+                BLOB_B64,
+                "--api-major",
+                "1",
+                "--api-minor",
+                "49",
+                "--build-id",
+                "21",
+                "--policy",
+                "1",
+                "--firmware",
+                "{r}/fw-no-table.fd",
+                "--kernel",
+                "{r}/vmlinuz",
+            ],
+            "no OVMF GUID table footer",
+        ),
+        (
+            "package: TIK too short",
+            [
+                "package",
+                "--tik",
+                "{r}/tik15.bin",
+                "--tek",
+                "{r}/keys/vm1_tek.bin",
+                "--measurement",
+                BLOB_B64,
+                "--secret",
+                "luks-key={r}/vm1-disk.pass",
+            ],
+            "TIK file {r}/tik15.bin must hold 16 raw bytes, it holds 15",
+        ),
+        (
+            "package: TEK too long",
+            [
+                "package",
+                "--tik",
+                "{r}/keys/vm1_tik.bin",
+                "--tek",
+                "{r}/tek17.bin",
+                "--measurement",
+                BLOB_B64,
+                "--secret",
+                "luks-key={r}/vm1-disk.pass",
+            ],
+            "TEK file {r}/tek17.bin must hold 16 raw bytes, it holds 17",
+        ),
+        (
+            "package: short measurement",
+            [
+                "package",
+                "--tik",
+                "{r}/keys/vm1_tik.bin",
+                "--tek",
+                "{r}/keys/vm1_tek.bin",
+                "--measurement",
+                SHORT_B64,
+                "--secret",
+                "luks-key={r}/vm1-disk.pass",
+            ],
+            "--measurement must be 48 bytes, got 32",
+        ),
+        (
+            "package: bad iv base64",
+            [
+                "package",
+                "--tik",
+                "{r}/keys/vm1_tik.bin",
+                "--tek",
+                "{r}/keys/vm1_tek.bin",
+                "--measurement",
+                BLOB_B64,
+                "--secret",
+                "luks-key={r}/vm1-disk.pass",
+                "--iv",
+                "!!!!",
+            ],
+            "--iv is not valid base64",
+        ),
+        (
+            "package: unknown alias",
+            [
+                "package",
+                "--tik",
+                "{r}/keys/vm1_tik.bin",
+                "--tek",
+                "{r}/keys/vm1_tek.bin",
+                "--measurement",
+                BLOB_B64,
+                "--secret",
+                "disk-key={r}/vm1-disk.pass",
+            ],
+            "unknown GUID alias 'disk-key'",
+        ),
+        (
+            "measure: no firmware table",
+            ["measure", "--firmware", "{r}/fw-no-table.fd", "--kernel", "{r}/vmlinuz"],
+            "no OVMF GUID table footer",
+        ),
+        (
+            "measure: no hashes table",
+            ["measure", "--firmware", "{r}/fw-no-hashes.fd", "--kernel", "{r}/vmlinuz"],
+            "firmware cannot measure a kernel: its GUID table has no SEV hashes-table entry",
+        ),
+        (
+            "serve: TEK too long",
+            ["serve", "--config", "@tek", "--listen", "127.0.0.1:0"],
+            "must hold 16 raw bytes, it holds 17",
+        ),
+        (
+            "serve: unknown alias",
+            ["serve", "--config", "@alias", "--listen", "127.0.0.1:0"],
+            "unknown GUID alias 'luks-kee'",
+        ),
+        (
+            "serve: no firmware table",
+            ["serve", "--config", "@fw", "--listen", "127.0.0.1:0"],
+            "cannot compute the launch digest",
+        ),
+        ("serve: short digest", ["serve", "--config", "@digest", "--listen", "127.0.0.1:0"], "32 bytes"),
+    ],
+)
 def test_bad_input_of_every_subcommand_is_one_line_exit_2(bad_inputs, case, argv, words):
     d = bad_inputs
     tomls = {
         "@tek": lambda: _toml_with(d, 'tek = "keys/vm1_tek.bin"', 'tek = "tek17.bin"'),
         "@alias": lambda: _toml_with(d, 'guid = "luks-key"', 'guid = "luks-kee"'),
-        "@fw": lambda: _toml_with(d, f'digest = ["{DIGEST.hex()}", "{"cd" * 32}"]',
-                                  'firmware = "fw-no-table.fd"\nkernel = "vmlinuz"'),
+        "@fw": lambda: _toml_with(
+            d, f'digest = ["{DIGEST.hex()}", "{"cd" * 32}"]', 'firmware = "fw-no-table.fd"\nkernel = "vmlinuz"'
+        ),
         "@digest": lambda: _toml_with(d, f'"{DIGEST.hex()}", ', '"abcd", '),
     }
     argv = [tomls[a]() if a in tomls else a.format(r=d.root) for a in argv]
@@ -517,6 +777,7 @@ def test_bad_input_of_every_subcommand_is_one_line_exit_2(bad_inputs, case, argv
 
 
 # -- platform: the pin and whether AMD vouches ---------------------------------------
+
 
 @pytest.mark.parametrize("product", ["naples", "rome"])
 def test_platform_prints_the_pin_of_a_real_chain_and_its_product(tmp_path, product):
@@ -540,21 +801,27 @@ def test_platform_without_a_chain_still_prints_the_pin_and_exits_1(platform_file
     shown = json.loads(proc.stdout)
     assert len(shown["pdh_sha256"]) == 64 and shown["verified"] is None
     assert shown["reason"].startswith("platform not verified: no --cert-chain")
-    proc = run("platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"),
-               "--amd-roots", str(d / "roots"))
+    proc = run(
+        "platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "chain.b64"), "--amd-roots", str(d / "roots")
+    )
     assert proc.returncode == 0 and json.loads(proc.stdout)["verified"] == "amd:sim"
 
 
 def test_platform_bad_input_is_usage_error(platform_files):
     d, _ = platform_files
     assert_usage_error(run("platform", "--pdh", str(d / "pek.bin")), "--pdh: certificate has usage 0x1002")
-    assert_usage_error(run("platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "swapped-chain.bin")),
-                       "certificate 1 of the chain has usage 0x1001, not PEK")
-    assert_usage_error(run("platform", "--pdh", str(d / "pdh.b64"), "--amd-roots", str(d / "nope")),
-                       "--amd-roots: cannot read AMD roots directory")
+    assert_usage_error(
+        run("platform", "--pdh", str(d / "pdh.b64"), "--cert-chain", str(d / "swapped-chain.bin")),
+        "certificate 1 of the chain has usage 0x1001, not PEK",
+    )
+    assert_usage_error(
+        run("platform", "--pdh", str(d / "pdh.b64"), "--amd-roots", str(d / "nope")),
+        "--amd-roots: cannot read AMD roots directory",
+    )
 
 
 # -- serve under pressure: slow peers, few file descriptors, stopping -------------
+
 
 def start_owner(owner_dir, *extra: str, nofile: int | None = None) -> tuple[subprocess.Popen, str]:
     def limit_fds():  # in the child, before exec
@@ -562,10 +829,13 @@ def start_owner(owner_dir, *extra: str, nofile: int | None = None) -> tuple[subp
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    proc = subprocess.Popen([*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml),
-                             "--listen", "127.0.0.1:0", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=limit_fds if nofile else None)
+    proc = subprocess.Popen(
+        [*KEYAGENT, "owner", "serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit_fds if nofile else None,
+    )
     return proc, read_listening(proc)
 
 
@@ -626,8 +896,7 @@ def test_serve_slow_connections_over_the_cap_keep_a_good_client_out_only_briefly
 
 def test_serve_out_of_file_descriptors_backs_off_and_logs_once(owner_dir):
     # A cap above the fd limit: accept() fails with EMFILE until slow peers are cut off.
-    proc, url = start_owner(owner_dir, "--max-connections", "1000", "--request-timeout", "1",
-                            nofile=256)
+    proc, url = start_owner(owner_dir, "--max-connections", "1000", "--request-timeout", "1", nofile=256)
     socks = slow_connections(url, 260)
     try:
         took = good_client_answer_time(url, owner_dir)
@@ -678,28 +947,34 @@ def test_serve_stops_at_once_and_quietly_with_connections_open(owner_dir):
     assert stderr.strip().splitlines()[-1].count("owner stopped") == 1
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--max-connections", "0"], "--max-connections: must be in 1..1000000"),
-    (["--max-connections", "many"], "--max-connections: must be an integer"),
-    (["--request-timeout", "nan"], "--request-timeout: must be a finite number of seconds above 0"),
-    (["--request-timeout", "-1"], "--request-timeout: must be a finite number of seconds above 0"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--max-connections", "0"], "--max-connections: must be in 1..1000000"),
+        (["--max-connections", "many"], "--max-connections: must be an integer"),
+        (["--request-timeout", "nan"], "--request-timeout: must be a finite number of seconds above 0"),
+        (["--request-timeout", "-1"], "--request-timeout: must be a finite number of seconds above 0"),
+    ],
+)
 def test_serve_bad_limits_are_usage_errors(owner_dir, flags, words):
-    assert_usage_error(run("serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0", *flags),
-                       words)
+    assert_usage_error(run("serve", "--config", str(owner_dir.toml), "--listen", "127.0.0.1:0", *flags), words)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_serve_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
-    import os
 
     path = tmp_path / "owner.toml"
     if kind == "fifo":
         os.mkfifo(path)  # open() would wait for a writer for ever
     else:
         path = "/dev/zero"  # read() would fill memory
-    proc = subprocess.run([*KEYAGENT, "owner", "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
-                          capture_output=True, text=True, timeout=20, preexec_fn=limit_memory)
+    proc = subprocess.run(
+        [*KEYAGENT, "owner", "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        preexec_fn=limit_memory,
+    )
     assert_usage_error(proc, "is not a regular file")
 
 

@@ -32,8 +32,7 @@ def test_keys_do_not_show_in_repr(owner_dir):
 
 def test_single_digest_string_is_accepted(tmp_path):
     d = write_owner_dir(tmp_path)
-    d.toml.write_text(d.toml.read_text().replace(
-        f'["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]', f'"{DIGEST.hex()}"'))
+    d.toml.write_text(d.toml.read_text().replace(f'["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]', f'"{DIGEST.hex()}"'))
     assert load_owner_config(d.toml).vms["vm1"].digests == (DIGEST,)
 
 
@@ -88,20 +87,26 @@ def test_unknown_guid_alias(owner_dir):
 
 
 def test_duplicate_guid(owner_dir):
-    owner_dir.toml.write_text(owner_dir.toml.read_text() + """
+    owner_dir.toml.write_text(
+        owner_dir.toml.read_text()
+        + """
 [[vm.vm1.secret]]
 guid = "736869e5-84f0-4973-92ec-06879ce3da0b"
 file = "vm1-disk.pass"
-""")
+"""
+    )
     assert "appears twice" in one_line_error(owner_dir.toml)
 
 
-@pytest.mark.parametrize("digest, words", [
-    ('"zz"', "not valid hex"),
-    ('"abcd"', "32 bytes"),
-    ("[]", "empty list"),
-    ("7", "hex string"),
-])
+@pytest.mark.parametrize(
+    "digest, words",
+    [
+        ('"zz"', "not valid hex"),
+        ('"abcd"', "32 bytes"),
+        ("[]", "empty list"),
+        ("7", "hex string"),
+    ],
+)
 def test_bad_digest(owner_dir, digest, words):
     text = owner_dir.toml.read_text()
     text = text.replace(f'["{DIGEST.hex()}", "{OTHER_DIGEST.hex()}"]', digest)
@@ -109,16 +114,19 @@ def test_bad_digest(owner_dir, digest, words):
     assert words in one_line_error(owner_dir.toml)
 
 
-@pytest.mark.parametrize("line, words", [
-    ('min_api = "1"', "min_api"),
-    ('min_api = 1.49', "min_api"),
-    ('build_ids = 21', "build_ids"),
-    ('build_ids = [300]', "0..255"),
-    ('gpa = -1', "gpa"),
-    ('policy = "1"', "policy must be an integer"),
-    ('firmware = "OVMF.fd"', "not both"),
-    ('colour = "blue"', "unknown key 'colour'"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('min_api = "1"', "min_api"),
+        ("min_api = 1.49", "min_api"),
+        ("build_ids = 21", "build_ids"),
+        ("build_ids = [300]", "0..255"),
+        ("gpa = -1", "gpa"),
+        ('policy = "1"', "policy must be an integer"),
+        ('firmware = "OVMF.fd"', "not both"),
+        ('colour = "blue"', "unknown key 'colour'"),
+    ],
+)
 def test_bad_vm_keys(owner_dir, line, words):
     key = line.split(" ", 1)[0]
     lines = [ln for ln in owner_dir.toml.read_text().splitlines() if not ln.startswith(key + " ")]
@@ -177,12 +185,14 @@ def test_neither_digest_nor_firmware(tmp_path):
 
 # -- session VMs ---------------------------------------------------------------
 
-def session_toml(tmp_path, lines: str) -> "object":
+
+def session_toml(tmp_path, lines: str) -> object:
     (tmp_path / "pass").write_bytes(PASSPHRASE)
     (tmp_path / "t").write_bytes(TIK)
     path = tmp_path / "owner.toml"
-    path.write_text(f'[vm.s]\npolicy = 1\ndigest = "{DIGEST.hex()}"\n{lines}\n'
-                    '[[vm.s.secret]]\nguid = "luks-key"\nfile = "pass"\n')
+    path.write_text(
+        f'[vm.s]\npolicy = 1\ndigest = "{DIGEST.hex()}"\n{lines}\n[[vm.s.secret]]\nguid = "luks-key"\nfile = "pass"\n'
+    )
     return path
 
 
@@ -200,15 +210,19 @@ def test_vm_without_session_still_needs_tik(tmp_path):
     assert "missing 'tik'" in one_line_error(session_toml(tmp_path, "session = false"))
 
 
-@pytest.mark.parametrize("lines, words", [
-    ('session = "yes"', "session must be true or false"),
-    ('session = true\ntik = "t"', "tik and tek go together"),
-])
+@pytest.mark.parametrize(
+    "lines, words",
+    [
+        ('session = "yes"', "session must be true or false"),
+        ('session = true\ntik = "t"', "tik and tek go together"),
+    ],
+)
 def test_bad_session_keys(tmp_path, lines, words):
     assert words in one_line_error(session_toml(tmp_path, lines))
 
 
 # -- platform trust --------------------------------------------------------------
+
 
 def test_platform_defaults_to_amd_with_the_builtin_roots(tmp_path):
     config = load_owner_config(session_toml(tmp_path, "session = true"))
@@ -227,30 +241,37 @@ def test_amd_roots_dir_replaces_the_builtin_roots_relative_to_the_toml(tmp_path)
 
 
 def test_pinned_platform_reads_its_pins(tmp_path):
-    vm = load_owner_config(session_toml(tmp_path, f'session = true\nplatform = "pinned"\n'
-                                                  f'pdh_sha256 = ["{"ab" * 32}"]')).vms["s"]
+    vm = load_owner_config(
+        session_toml(tmp_path, f'session = true\nplatform = "pinned"\npdh_sha256 = ["{"ab" * 32}"]')
+    ).vms["s"]
     assert vm.platform == "pinned" and vm.pdh_pins == frozenset({bytes.fromhex("ab" * 32)})
 
 
-@pytest.mark.parametrize("lines, words", [
-    ('platform = "amd-ish"', "vm.s.platform must be one of amd, pinned, any"),
-    ('platform = "pinned"', 'platform = "pinned" needs pdh_sha256'),
-    ('platform = "pinned"\npdh_sha256 = []', 'platform = "pinned" needs pdh_sha256'),
-    ('platform = "pinned"\npdh_sha256 = ["abc"]', "vm.s.pdh_sha256[0] is not valid hex"),
-    ('platform = "pinned"\npdh_sha256 = ["abcd"]', "vm.s.pdh_sha256[0] must be 32 bytes"),
-    ('platform = "pinned"\npdh_sha256 = [1]', "vm.s.pdh_sha256[0] must be a hex string"),
-    (f'pdh_sha256 = ["{"ab" * 32}"]', 'pdh_sha256 applies only with platform = "pinned"'),
-])
+@pytest.mark.parametrize(
+    "lines, words",
+    [
+        ('platform = "amd-ish"', "vm.s.platform must be one of amd, pinned, any"),
+        ('platform = "pinned"', 'platform = "pinned" needs pdh_sha256'),
+        ('platform = "pinned"\npdh_sha256 = []', 'platform = "pinned" needs pdh_sha256'),
+        ('platform = "pinned"\npdh_sha256 = ["abc"]', "vm.s.pdh_sha256[0] is not valid hex"),
+        ('platform = "pinned"\npdh_sha256 = ["abcd"]', "vm.s.pdh_sha256[0] must be 32 bytes"),
+        ('platform = "pinned"\npdh_sha256 = [1]', "vm.s.pdh_sha256[0] must be a hex string"),
+        (f'pdh_sha256 = ["{"ab" * 32}"]', 'pdh_sha256 applies only with platform = "pinned"'),
+    ],
+)
 def test_bad_platform_keys(tmp_path, lines, words):
     assert words in one_line_error(session_toml(tmp_path, "session = true\n" + lines))
 
 
-@pytest.mark.parametrize("head, words", [
-    ('[platform]\namd_roots = "nope"', "platform.amd_roots: cannot read AMD roots directory"),
-    ('[platform]\namd_roots = 3', "platform.amd_roots must be a directory path"),
-    ('[platform]\nroots = "x"', "platform: unknown key 'roots'"),
-    ('platform = 1', "[platform] must be a table"),
-])
+@pytest.mark.parametrize(
+    "head, words",
+    [
+        ('[platform]\namd_roots = "nope"', "platform.amd_roots: cannot read AMD roots directory"),
+        ("[platform]\namd_roots = 3", "platform.amd_roots must be a directory path"),
+        ('[platform]\nroots = "x"', "platform: unknown key 'roots'"),
+        ("platform = 1", "[platform] must be a table"),
+    ],
+)
 def test_bad_platform_table(tmp_path, head, words):
     path = session_toml(tmp_path, "session = true")
     path.write_text(head + "\n" + path.read_text())
@@ -271,6 +292,7 @@ def test_amd_roots_with_a_damaged_ask_is_a_config_error(tmp_path):
 
 # -- SEV-ES digest vs the policy's ES bit ----------------------------------------
 
+
 def sevctl_firmware_dir(tmp_path, lines: str):
     from tests.sev.vectors import SEVCTL_DATA, SEVCTL_OVMF_NAME
 
@@ -289,15 +311,18 @@ def test_sev_es_firmware_vm_computes_sevctls_sev_es_digest(tmp_path):
     assert load_owner_config(d.toml).vms["vm1"].digests == (SEVCTL_DIGEST_ES,)
 
 
-@pytest.mark.parametrize("policy, lines, words", [
-    (5, 'firmware = "fw.fd"', "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
-    (1, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4\nvcpu_sig = 0xa00f11', "policy 0x1 has none"),
-    (1, f'digest = "{DIGEST.hex()}"\nsev_es = true', "policy 0x1 has none"),
-    (5, f'digest = "{DIGEST.hex()}"\nsev_es = false', "policy 0x5 has the SEV-ES bit"),
-    (5, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4', "needs 'vcpu_sig'"),
-    (5, f'digest = "{DIGEST.hex()}"\nsev_es = true\nvcpus = 4', "vcpus only applies with firmware"),
-    (1, 'firmware = "fw.fd"\nsev_es = "yes"', "sev_es must be true or false"),
-])
+@pytest.mark.parametrize(
+    "policy, lines, words",
+    [
+        (5, 'firmware = "fw.fd"', "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
+        (1, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4\nvcpu_sig = 0xa00f11', "policy 0x1 has none"),
+        (1, f'digest = "{DIGEST.hex()}"\nsev_es = true', "policy 0x1 has none"),
+        (5, f'digest = "{DIGEST.hex()}"\nsev_es = false', "policy 0x5 has the SEV-ES bit"),
+        (5, 'firmware = "fw.fd"\nsev_es = true\nvcpus = 4', "needs 'vcpu_sig'"),
+        (5, f'digest = "{DIGEST.hex()}"\nsev_es = true\nvcpus = 4', "vcpus only applies with firmware"),
+        (1, 'firmware = "fw.fd"\nsev_es = "yes"', "sev_es must be true or false"),
+    ],
+)
 def test_sev_es_digest_and_policy_must_agree(tmp_path, policy, lines, words):
     d = sevctl_firmware_dir(tmp_path, lines)
     d.toml.write_text(d.toml.read_text().replace("policy = 1", f"policy = {policy}"))
@@ -315,17 +340,25 @@ def two_vms(owner_dir, tik2: bytes, tek2: bytes):
     (owner_dir.root / "vm2_tik.bin").write_bytes(tik2)
     (owner_dir.root / "vm2_tek.bin").write_bytes(tek2)
     text = owner_dir.toml.read_text()
-    second = (text.replace("[vm.vm1]", "[vm.vm2]").replace("vm.vm1.secret", "vm.vm2.secret")
-              .replace("keys/vm1_tik.bin", "vm2_tik.bin").replace("keys/vm1_tek.bin", "vm2_tek.bin"))
+    second = (
+        text.replace("[vm.vm1]", "[vm.vm2]")
+        .replace("vm.vm1.secret", "vm.vm2.secret")
+        .replace("keys/vm1_tik.bin", "vm2_tik.bin")
+        .replace("keys/vm1_tek.bin", "vm2_tek.bin")
+    )
     owner_dir.toml.write_text(text + second)
     return owner_dir.toml
 
 
-@pytest.mark.parametrize("tik2, tek2, words", [
-    (TIK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TIK"),
-    (bytes(range(200, 216)), TEK, "vm.vm2 TEK is the same key as vm.vm1 TEK"),
-    (TEK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TEK"),
-], ids=["tik", "tek", "tik-is-the-other-tek"])
+@pytest.mark.parametrize(
+    "tik2, tek2, words",
+    [
+        (TIK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TIK"),
+        (bytes(range(200, 216)), TEK, "vm.vm2 TEK is the same key as vm.vm1 TEK"),
+        (TEK, bytes(range(200, 216)), "vm.vm2 TIK is the same key as vm.vm1 TEK"),
+    ],
+    ids=["tik", "tek", "tik-is-the-other-tek"],
+)
 def test_a_key_shared_by_two_vms_is_refused(owner_dir, tik2, tek2, words):
     text = one_line_error(two_vms(owner_dir, tik2, tek2))
     assert words in text

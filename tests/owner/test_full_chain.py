@@ -50,15 +50,18 @@ class Chain:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.world = World(root)   # spawn/sim_query; its own tik/tek files stay unused
+        self.world = World(root)  # spawn/sim_query; its own tik/tek files stay unused
         self.qmp = self.world.qmp
         self.cli_outputs: list[tuple[str, str]] = []
         (root / "disk.pass").write_bytes(DISK_PASS)
         self.pdh_key = ec.generate_private_key(ec.SECP384R1())
         fd = os.open(root / "pdh.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(self.pdh_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+            f.write(
+                self.pdh_key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         proc = keyagent(*args, cwd=self.root)
@@ -68,16 +71,32 @@ class Chain:
 
     # -- the platform -------------------------------------------------------
     def wait_ready(self, proc) -> None:
-        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
-                 what="simulator ready line")
+        wait_for(
+            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="simulator ready line"
+        )
         assert proc.popen.poll() is None, proc.stderr
         assert json.loads(proc.stdout.splitlines()[0])["ready"] is True
 
     def platform_run(self) -> None:
         """A first start: the platform hands out its PDH and chain, then goes."""
-        sim = self.world.spawn("platform", ["simulate", "--qmp", f"unix:{self.qmp}", "--pdh-key", "pdh.pem",
-                                            "--pdh-out", "pdh.b64", "--cert-chain-out", "chain.b64",
-                                            "--amd-roots-out", "roots", "--cek-out", "cek.b64"])
+        sim = self.world.spawn(
+            "platform",
+            [
+                "simulate",
+                "--qmp",
+                f"unix:{self.qmp}",
+                "--pdh-key",
+                "pdh.pem",
+                "--pdh-out",
+                "pdh.b64",
+                "--cert-chain-out",
+                "chain.b64",
+                "--amd-roots-out",
+                "roots",
+                "--cek-out",
+                "cek.b64",
+            ],
+        )
         self.wait_ready(sim)
         caps = self.world.sim_query("query-sev-capabilities")
         assert base64.b64decode((self.root / "pdh.b64").read_text()) == base64.b64decode(caps["pdh"])
@@ -87,17 +106,36 @@ class Chain:
 
     def launch(self, godh: str, session: str, digest: bytes, *extra: str):
         """QEMU started with the owner's session, held at -S."""
-        sim = self.world.spawn("sim", ["simulate", "--qmp", f"unix:{self.qmp}", "--sev", "--pdh-key", "pdh.pem",
-                                       "--dh-cert-file", godh, "--session-file", session,
-                                       "--policy", str(POLICY), "--digest", digest.hex(), *extra])
+        sim = self.world.spawn(
+            "sim",
+            [
+                "simulate",
+                "--qmp",
+                f"unix:{self.qmp}",
+                "--sev",
+                "--pdh-key",
+                "pdh.pem",
+                "--dh-cert-file",
+                godh,
+                "--session-file",
+                session,
+                "--policy",
+                str(POLICY),
+                "--digest",
+                digest.hex(),
+                *extra,
+            ],
+        )
         self.wait_ready(sim)
         return sim
 
     # -- the owner ----------------------------------------------------------
-    def firmware_digest(self, name: str = "OVMF.fd", filler: bytes = b"\xff",
-                        secret_area: Area = Area(0x80C000, 0x1000)) -> bytes:
-        image = synthetic_image(hashes_area=Area(0x80CC00, 0x400), secret_area=secret_area,
-                                reset_address=0x80B004, filler=filler)
+    def firmware_digest(
+        self, name: str = "OVMF.fd", filler: bytes = b"\xff", secret_area: Area = Area(0x80C000, 0x1000)
+    ) -> bytes:
+        image = synthetic_image(
+            hashes_area=Area(0x80CC00, 0x400), secret_area=secret_area, reset_address=0x80B004, filler=filler
+        )
         (self.root / name).write_bytes(image)
         return bytes.fromhex(self.cli("owner", "measure", "--firmware", name).stdout.strip())
 
@@ -114,16 +152,29 @@ guid = "luks-key"
 file = "disk.pass"
 """)
         proc = self.world.spawn("owner", ["owner", "serve", "--config", "owner.toml", "--listen", "127.0.0.1:0"])
-        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
-                 what="owner listening line")
+        wait_for(
+            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner listening line"
+        )
         assert proc.popen.poll() is None, proc.stderr
         return json.loads(proc.stdout.splitlines()[0])["listening"]
 
     # -- the agent ----------------------------------------------------------
     def agent(self, owner_url: str, *extra: str, vm: str = "vm1"):
-        return self.world.spawn("agent", ["run", "--qmp", f"unix:{self.qmp}", "--owner-url", owner_url,
-                                          "--vm-name", vm,
-                                          "--event-log", str(self.root / "events.jsonl"), *extra])
+        return self.world.spawn(
+            "agent",
+            [
+                "run",
+                "--qmp",
+                f"unix:{self.qmp}",
+                "--owner-url",
+                owner_url,
+                "--vm-name",
+                vm,
+                "--event-log",
+                str(self.root / "events.jsonl"),
+                *extra,
+            ],
+        )
 
     def assert_launched(self) -> None:
         state = self.world.sim_query("x-sim-query-state")
@@ -131,8 +182,9 @@ file = "disk.pass"
         secrets = self.world.sim_query("x-sim-query-secrets")
         assert secrets["injected"] is True and secrets["table-valid"] is True
         assert secrets["secret-visible"] is True  # where the guest's firmware publishes it
-        assert secrets["entries"] == [{"guid": LUKS_GUID, "length": len(DISK_PASS),
-                                       "sha256": hashlib.sha256(DISK_PASS).hexdigest()}]
+        assert secrets["entries"] == [
+            {"guid": LUKS_GUID, "length": len(DISK_PASS), "sha256": hashlib.sha256(DISK_PASS).hexdigest()}
+        ]
 
     def assert_never_ran(self) -> None:
         state = self.world.sim_query("x-sim-query-state")
@@ -182,8 +234,22 @@ def chain(tmp_path):
 def offline_session(c: Chain) -> tuple[str, str]:
     """`owner session` against the platform's PDH and chain; returns (godh, session) paths."""
     c.platform_run()
-    out = json.loads(c.cli("owner", "session", "--pdh", "pdh.b64", "--cert-chain", "chain.b64",
-                           "--amd-roots", "roots", "--policy", str(POLICY), "--out-dir", "owner").stdout)
+    out = json.loads(
+        c.cli(
+            "owner",
+            "session",
+            "--pdh",
+            "pdh.b64",
+            "--cert-chain",
+            "chain.b64",
+            "--amd-roots",
+            "roots",
+            "--policy",
+            str(POLICY),
+            "--out-dir",
+            "owner",
+        ).stdout
+    )
     assert out["chain_verified"] is True and out["platform"] == "amd:sim"
     c.scan.secret("TIK", (c.root / "owner" / "tik.bin").read_bytes())
     c.scan.secret("TEK", (c.root / "owner" / "tek.bin").read_bytes())
@@ -191,11 +257,11 @@ def offline_session(c: Chain) -> tuple[str, str]:
 
 
 def offline_owner_table(digest: bytes, policy: int = POLICY, extra: str = "") -> str:
-    return (f'tik = "owner/tik.bin"\ntek = "owner/tek.bin"\npolicy = {policy}\n'
-            f'digest = "{digest.hex()}"\n{extra}')
+    return f'tik = "owner/tik.bin"\ntek = "owner/tek.bin"\npolicy = {policy}\ndigest = "{digest.hex()}"\n{extra}'
 
 
 # -- the good paths -----------------------------------------------------------------
+
 
 def test_offline_session_measure_verify_package_inject(chain):
     godh, session = offline_session(chain)
@@ -212,9 +278,13 @@ def test_offline_session_measure_verify_package_inject(chain):
 def test_session_from_owner_serve_then_launch(chain):
     chain.platform_run()
     digest = chain.firmware_digest()
-    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
-    request = {"vm": "vm1", "pdh": (chain.root / "pdh.b64").read_text().strip(),
-               "cert_chain": (chain.root / "chain.b64").read_text().strip(), "policy": POLICY}
+    url = chain.owner(f'session = true\npolicy = {POLICY}\ndigest = "{digest.hex()}"')
+    request = {
+        "vm": "vm1",
+        "pdh": (chain.root / "pdh.b64").read_text().strip(),
+        "cert_chain": (chain.root / "chain.b64").read_text().strip(),
+        "policy": POLICY,
+    }
     status, body = asyncio.run(request_json("POST", url + "/v1/session", request, timeout=10))
     assert status == 200, body
     godh, session = base64.b64decode(body["godh"]), base64.b64decode(body["session"])
@@ -231,10 +301,18 @@ def test_session_from_owner_serve_then_launch(chain):
     chain.assert_launched()
 
     # single use: the same launch again is a replay, the session's keys are gone
-    again = {"vm": "vm1", "measurement": chain.measurement(), "api_major": SIM_API[0],
-             "api_minor": SIM_API[1], "build_id": SIM_API[2], "policy": POLICY}
-    assert asyncio.run(request_json("POST", url + "/v1/secret", again, timeout=10)) == \
-        (409, {"error": "launch already attested"})
+    again = {
+        "vm": "vm1",
+        "measurement": chain.measurement(),
+        "api_major": SIM_API[0],
+        "api_minor": SIM_API[1],
+        "build_id": SIM_API[2],
+        "policy": POLICY,
+    }
+    assert asyncio.run(request_json("POST", url + "/v1/secret", again, timeout=10)) == (
+        409,
+        {"error": "launch already attested"},
+    )
     owner = [p for p in chain.world.procs if p.name == "owner"][0]
     owner_log = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
     assert [rec["decision"] for rec in owner_log] == ["session", "released", "refused"]
@@ -260,8 +338,11 @@ def test_owner_who_knows_the_firmware_sends_the_secret_to_its_area(chain):
     agent = chain.agent(chain.owner(FIRMWARE_VM))
     assert agent.wait() == 0, agent.stderr
     chain.assert_launched()
-    sends = [rec["action"] for rec in map(json.loads, (chain.root / "events.jsonl").read_text().splitlines())
-             if rec.get("action", {}).get("command") == "sev-inject-launch-secret"]
+    sends = [
+        rec["action"]
+        for rec in map(json.loads, (chain.root / "events.jsonl").read_text().splitlines())
+        if rec.get("action", {}).get("command") == "sev-inject-launch-secret"
+    ]
     assert [a["args"]["gpa"] for a in sends] == [0x80C000]
 
 
@@ -328,8 +409,14 @@ def test_replayed_launch_is_refused_409_and_the_vm_never_runs(chain):
     chain.launch(godh, session, digest)
     url = chain.owner(offline_owner_table(digest))
     # someone else took this launch's packet first
-    first = {"vm": "vm1", "measurement": chain.measurement(), "api_major": SIM_API[0],
-             "api_minor": SIM_API[1], "build_id": SIM_API[2], "policy": POLICY}
+    first = {
+        "vm": "vm1",
+        "measurement": chain.measurement(),
+        "api_major": SIM_API[0],
+        "api_minor": SIM_API[1],
+        "build_id": SIM_API[2],
+        "policy": POLICY,
+    }
     assert asyncio.run(request_json("POST", url + "/v1/secret", first, timeout=10))[0] == 200
     agent = chain.agent(url, "--sev-on-refusal", "pause")
     assert agent.wait() == 1, agent.stderr
@@ -339,10 +426,11 @@ def test_replayed_launch_is_refused_409_and_the_vm_never_runs(chain):
 
 # -- keyagent launch: the session comes from the owner, files gone after start ------
 
+
 def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
     chain.platform_run()
     digest = chain.firmware_digest()
-    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
+    url = chain.owner(f'session = true\npolicy = {POLICY}\ndigest = "{digest.hex()}"')
     # the chain as PDH_CERT_EXPORT gives it: the CEK without AMD's signature; [sev] cek
     # (what AMD's key server hands out) takes its place in the request
     from dataclasses import replace
@@ -355,20 +443,52 @@ def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
     assert base64.b64decode((chain.root / "cek.b64").read_text()) == signed.cek.to_bytes()
     fake_qemu = Path(__file__).parent.parent / "e2e" / "fake_qemu_sev.py"
     run = chain.root / "run"
-    env = {"FAKE_QEMU_PDH_KEY": str(chain.root / "pdh.pem"), "FAKE_QEMU_DIGEST": digest.hex(),
-           "PYTHONPATH": str(Path(__file__).parent.parent.parent)}
-    proc = chain.world.spawn("launch", [
-        "launch", "--vm-name", "vm1", "--vm-run-dir", str(run), "--owner-url", url,
-        "--sev-pdh", str(chain.root / "pdh.b64"), "--sev-cert-chain", str(chain.root / "qemu-chain.b64"),
-        "--sev-cek", str(chain.root / "cek.b64"),
-        "--secrets-master-key", "file", "--launch-shutdown-grace-s", "1",
-        "--event-log", str(chain.root / "events.jsonl"), "--log-level", "debug",
-        "--", sys.executable, str(fake_qemu), "-machine", "q35,confidential-guest-support=sev0",
-        "-object", f"sev-guest,id=sev0,policy={POLICY},cbitpos=51,reduced-phys-bits=1"], env=env)
+    env = {
+        "FAKE_QEMU_PDH_KEY": str(chain.root / "pdh.pem"),
+        "FAKE_QEMU_DIGEST": digest.hex(),
+        "PYTHONPATH": str(Path(__file__).parent.parent.parent),
+    }
+    proc = chain.world.spawn(
+        "launch",
+        [
+            "launch",
+            "--vm-name",
+            "vm1",
+            "--vm-run-dir",
+            str(run),
+            "--owner-url",
+            url,
+            "--sev-pdh",
+            str(chain.root / "pdh.b64"),
+            "--sev-cert-chain",
+            str(chain.root / "qemu-chain.b64"),
+            "--sev-cek",
+            str(chain.root / "cek.b64"),
+            "--secrets-master-key",
+            "file",
+            "--launch-shutdown-grace-s",
+            "1",
+            "--event-log",
+            str(chain.root / "events.jsonl"),
+            "--log-level",
+            "debug",
+            "--",
+            sys.executable,
+            str(fake_qemu),
+            "-machine",
+            "q35,confidential-guest-support=sev0",
+            "-object",
+            f"sev-guest,id=sev0,policy={POLICY},cbitpos=51,reduced-phys-bits=1",
+        ],
+        env=env,
+    )
     chain.qmp = str(run / "qmp.sock")
     chain.world.qmp = chain.qmp
-    wait_for(lambda: "launched: secret injected" in proc.stderr or proc.popen.poll() is not None,
-             timeout=30, what="the launch to finish")
+    wait_for(
+        lambda: "launched: secret injected" in proc.stderr or proc.popen.poll() is not None,
+        timeout=30,
+        what="the launch to finish",
+    )
     assert proc.popen.poll() is None, proc.stderr
     chain.assert_launched()
     # QEMU (the simulator) read the session files at start; they are gone.
@@ -380,6 +500,7 @@ def test_launch_gets_the_session_from_the_owner_and_attests(chain, monkeypatch):
 
 # -- platform trust and session floods, with real processes -------------------------
 
+
 def test_session_flood_does_not_displace_the_waiting_launch(chain):
     from agent.owner.service import MAX_PENDING_SESSIONS
     from agent.tools.sim.psp import Platform
@@ -387,9 +508,13 @@ def test_session_flood_does_not_displace_the_waiting_launch(chain):
 
     chain.platform_run()
     digest = chain.firmware_digest()
-    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
-    good = {"vm": "vm1", "pdh": (chain.root / "pdh.b64").read_text().strip(),
-            "cert_chain": (chain.root / "chain.b64").read_text().strip(), "policy": POLICY}
+    url = chain.owner(f'session = true\npolicy = {POLICY}\ndigest = "{digest.hex()}"')
+    good = {
+        "vm": "vm1",
+        "pdh": (chain.root / "pdh.b64").read_text().strip(),
+        "cert_chain": (chain.root / "chain.b64").read_text().strip(),
+        "policy": POLICY,
+    }
     status, body = asyncio.run(request_json("POST", url + "/v1/session", good, timeout=10))
     assert status == 200, body
     (chain.root / "godh.b64").write_text(body["godh"])
@@ -401,12 +526,14 @@ def test_session_flood_does_not_displace_the_waiting_launch(chain):
     def b64(raw: bytes) -> str:
         return base64.b64encode(raw).decode()
 
-    made_up = Platform()   # signed by this test process's own "AMD", which the owner does not trust
+    made_up = Platform()  # signed by this test process's own "AMD", which the owner does not trust
     rome = real_certs("rome")
-    flood = ([good] * (MAX_PENDING_SESSIONS + 3)
-             + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": b64(made_up.chain.to_bytes())}] * 3
-             + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": None}] * 3
-             + [{**good, "pdh": b64(rome["pdh"]), "cert_chain": b64(rome["pek"] + rome["oca"] + rome["cek"])}])
+    flood = (
+        [good] * (MAX_PENDING_SESSIONS + 3)
+        + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": b64(made_up.chain.to_bytes())}] * 3
+        + [{**good, "pdh": b64(made_up.pdh_cert.to_bytes()), "cert_chain": None}] * 3
+        + [{**good, "pdh": b64(rome["pdh"]), "cert_chain": b64(rome["pek"] + rome["oca"] + rome["cek"])}]
+    )
 
     async def send_all():
         return [await request_json("POST", url + "/v1/session", f, timeout=10) for f in flood]
@@ -428,15 +555,32 @@ def test_session_flood_does_not_displace_the_waiting_launch(chain):
 def test_launch_for_a_platform_the_owner_cannot_verify_never_starts_qemu(chain):
     chain.platform_run()
     digest = chain.firmware_digest()
-    url = chain.owner(f"session = true\npolicy = {POLICY}\ndigest = \"{digest.hex()}\"")
-    marker = chain.root / "qemu-started"   # what "QEMU" would do if it ever ran
+    url = chain.owner(f'session = true\npolicy = {POLICY}\ndigest = "{digest.hex()}"')
+    marker = chain.root / "qemu-started"  # what "QEMU" would do if it ever ran
     run = chain.root / "run"
     # no cert_chain: a host that only shows a PDH (any P-384 key it likes)
-    proc = chain.world.spawn("launch", [
-        "launch", "--vm-name", "vm1", "--vm-run-dir", str(run), "--owner-url", url,
-        "--sev-pdh", str(chain.root / "pdh.b64"), "--secrets-master-key", "file",
-        "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')",
-        "-object", f"sev-guest,id=sev0,policy={POLICY},cbitpos=51,reduced-phys-bits=1"])
+    proc = chain.world.spawn(
+        "launch",
+        [
+            "launch",
+            "--vm-name",
+            "vm1",
+            "--vm-run-dir",
+            str(run),
+            "--owner-url",
+            url,
+            "--sev-pdh",
+            str(chain.root / "pdh.b64"),
+            "--secrets-master-key",
+            "file",
+            "--",
+            sys.executable,
+            "-c",
+            f"open({str(marker)!r}, 'w')",
+            "-object",
+            f"sev-guest,id=sev0,policy={POLICY},cbitpos=51,reduced-phys-bits=1",
+        ],
+    )
     assert proc.wait(timeout=30) == 1, proc.stderr
     assert "guest owner refused the launch session: platform not verified: no cert_chain" in proc.stderr
     assert "(HTTP 403)" in proc.stderr and not marker.exists()

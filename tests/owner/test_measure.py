@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -53,28 +52,64 @@ def test_prints_the_sev_digest_in_hex(capsys, images):
 
 
 def test_prints_the_kernel_boot_digest(capsys, images):
-    code, out, _ = run(capsys, "--firmware", images["fw"], "--kernel", images["kernel"],
-                       "--initrd", images["initrd"], "--append", "root=/dev/vda1 quiet")
+    code, out, _ = run(
+        capsys,
+        "--firmware",
+        images["fw"],
+        "--kernel",
+        images["kernel"],
+        "--initrd",
+        images["initrd"],
+        "--append",
+        "root=/dev/vda1 quiet",
+    )
     assert code == 0
-    expected = launch_digest(images["fw"].read_bytes(), kernel=images["kernel"].read_bytes(),
-                             initrd=images["initrd"].read_bytes(), append="root=/dev/vda1 quiet")
+    expected = launch_digest(
+        images["fw"].read_bytes(),
+        kernel=images["kernel"].read_bytes(),
+        initrd=images["initrd"].read_bytes(),
+        append="root=/dev/vda1 quiet",
+    )
     assert out.strip() == expected.hex()
 
 
 def test_sev_es_family_model_stepping_equals_the_signature(capsys, images):
-    _, by_fms, _ = run(capsys, "--firmware", images["fw"], "--sev-es", "--vcpus", "4",
-                       "--vcpu-family", "25", "--vcpu-model", "1", "--vcpu-stepping", "1")
-    _, by_sig, _ = run(capsys, "--firmware", images["fw"], "--sev-es", "--vcpus", "4",
-                       "--vcpu-sig", hex(SIG))
+    _, by_fms, _ = run(
+        capsys,
+        "--firmware",
+        images["fw"],
+        "--sev-es",
+        "--vcpus",
+        "4",
+        "--vcpu-family",
+        "25",
+        "--vcpu-model",
+        "1",
+        "--vcpu-stepping",
+        "1",
+    )
+    _, by_sig, _ = run(capsys, "--firmware", images["fw"], "--sev-es", "--vcpus", "4", "--vcpu-sig", hex(SIG))
     expected = launch_digest(images["fw"].read_bytes(), sev_es=True, vcpus=4, vcpu_sig=SIG)
     assert by_fms.strip() == by_sig.strip() == expected.hex()
 
 
 def test_vmsa_host_kernel_options_reach_the_vmsa(capsys, images):
-    _, out, _ = run(capsys, "--firmware", images["fw"], "--sev-es", "--vcpus", "2",
-                    "--vcpu-sig", str(SIG), "--vmsa-fpu-init", "--vmsa-sev-features", "0")
-    expected = launch_digest(images["fw"].read_bytes(), sev_es=True, vcpus=2, vcpu_sig=SIG,
-                             vmsa_options=VmsaOptions(fpu_init=True))
+    _, out, _ = run(
+        capsys,
+        "--firmware",
+        images["fw"],
+        "--sev-es",
+        "--vcpus",
+        "2",
+        "--vcpu-sig",
+        str(SIG),
+        "--vmsa-fpu-init",
+        "--vmsa-sev-features",
+        "0",
+    )
+    expected = launch_digest(
+        images["fw"].read_bytes(), sev_es=True, vcpus=2, vcpu_sig=SIG, vmsa_options=VmsaOptions(fpu_init=True)
+    )
     assert out.strip() == expected.hex()
 
 
@@ -83,10 +118,8 @@ def test_vmsa_host_kernel_options_reach_the_vmsa(capsys, images):
     [
         (["--firmware", "fw-no-hashes", "--kernel", "kernel"], "no SEV hashes-table entry"),
         (["--firmware", "fw-no-footer", "--kernel", "kernel"], "no OVMF GUID table footer"),
-        (["--firmware", "fw-no-reset", "--sev-es", "--vcpus", "1", "--vcpu-sig", "1"],
-         "no SEV-ES reset block"),
-        (["--firmware", "fw-no-footer", "--sev-es", "--vcpus", "2", "--vcpu-sig", "1"],
-         "no SEV-ES reset block"),
+        (["--firmware", "fw-no-reset", "--sev-es", "--vcpus", "1", "--vcpu-sig", "1"], "no SEV-ES reset block"),
+        (["--firmware", "fw-no-footer", "--sev-es", "--vcpus", "2", "--vcpu-sig", "1"], "no SEV-ES reset block"),
         (["--firmware", "fw", "--initrd", "initrd"], "--initrd needs --kernel"),
         (["--firmware", "fw", "--append", "quiet"], "--append needs --kernel"),
         (["--firmware", "fw", "--vcpus", "2"], "--vcpus only applies with --sev-es"),
@@ -94,11 +127,27 @@ def test_vmsa_host_kernel_options_reach_the_vmsa(capsys, images):
         (["--firmware", "fw", "--sev-es", "--vcpu-sig", "1"], "--sev-es needs --vcpus"),
         (["--firmware", "fw", "--sev-es", "--vcpus", "0", "--vcpu-sig", "1"], "--vcpus must be"),
         (["--firmware", "fw", "--sev-es", "--vcpus", "1"], "needs --vcpu-sig"),
-        (["--firmware", "fw", "--sev-es", "--vcpus", "1", "--vcpu-sig", "1", "--vcpu-family", "25"],
-         "either --vcpu-sig or"),
+        (
+            ["--firmware", "fw", "--sev-es", "--vcpus", "1", "--vcpu-sig", "1", "--vcpu-family", "25"],
+            "either --vcpu-sig or",
+        ),
         (["--firmware", "fw", "--sev-es", "--vcpus", "1", "--vcpu-family", "25"], "go together"),
-        (["--firmware", "fw", "--sev-es", "--vcpus", "1", "--vcpu-family", "25",
-          "--vcpu-model", "1", "--vcpu-stepping", "16"], "stepping 16 out of range"),
+        (
+            [
+                "--firmware",
+                "fw",
+                "--sev-es",
+                "--vcpus",
+                "1",
+                "--vcpu-family",
+                "25",
+                "--vcpu-model",
+                "1",
+                "--vcpu-stepping",
+                "16",
+            ],
+            "stepping 16 out of range",
+        ),
         (["--firmware", "fw", "--sev-es", "--vcpus", "1", "--vcpu-sig", "0x100000000"], "32-bit"),
         (["--firmware", "fw", "--sev-es", "--vcpus", "two", "--vcpu-sig", "1"], "not an integer"),
         (["--firmware", "missing"], "cannot read --firmware"),
@@ -149,10 +198,24 @@ def test_owner_verify_accepts_the_measure_options(capsys, images, tmp_path):
     (tmp_path / "tik.bin").write_bytes(tik)
     digest = launch_digest(images["fw"].read_bytes(), kernel=images["kernel"].read_bytes())
     blob = measurement.measurement_blob(tik, 1, 49, 21, 1, digest, b"n" * 16)
-    common = ["owner", "verify", "--tik", str(tmp_path / "tik.bin"),
-              "--measurement", base64.b64encode(blob).decode(),
-              "--api-major", "1", "--api-minor", "49", "--build-id", "21", "--policy", "1",
-              "--firmware", str(images["fw"])]
+    common = [
+        "owner",
+        "verify",
+        "--tik",
+        str(tmp_path / "tik.bin"),
+        "--measurement",
+        base64.b64encode(blob).decode(),
+        "--api-major",
+        "1",
+        "--api-minor",
+        "49",
+        "--build-id",
+        "21",
+        "--policy",
+        "1",
+        "--firmware",
+        str(images["fw"]),
+    ]
     assert main([*common, "--kernel", str(images["kernel"])]) == 0
     assert main(common) == 1  # the firmware alone is a different launch
     capsys.readouterr()
@@ -162,20 +225,50 @@ def test_sev_es_digest_matches_sev_snp_measure_cli_module(capsys, images):
     guest = pytest.importorskip("sevsnpmeasure.guest")
     from sevsnpmeasure.sev_mode import SevMode
 
-    theirs = guest.calc_launch_digest(SevMode.SEV_ES, 3, SIG, str(images["fw"]), str(images["kernel"]),
-                                      str(images["initrd"]), "console=ttyS0", 0)
-    _, out, _ = run(capsys, "--firmware", images["fw"], "--kernel", images["kernel"],
-                    "--initrd", images["initrd"], "--append", "console=ttyS0", "--sev-es",
-                    "--vcpus", "3", "--vcpu-family", "25", "--vcpu-model", "1",
-                    "--vcpu-stepping", "1", "--vmsa-fpu-init")
+    theirs = guest.calc_launch_digest(
+        SevMode.SEV_ES, 3, SIG, str(images["fw"]), str(images["kernel"]), str(images["initrd"]), "console=ttyS0", 0
+    )
+    _, out, _ = run(
+        capsys,
+        "--firmware",
+        images["fw"],
+        "--kernel",
+        images["kernel"],
+        "--initrd",
+        images["initrd"],
+        "--append",
+        "console=ttyS0",
+        "--sev-es",
+        "--vcpus",
+        "3",
+        "--vcpu-family",
+        "25",
+        "--vcpu-model",
+        "1",
+        "--vcpu-stepping",
+        "1",
+        "--vmsa-fpu-init",
+    )
     assert out.strip() == theirs.hex()
 
 
 def test_sevctl_sev_es_vector_through_the_cli(capsys):
     from tests.sev.vectors import SEVCTL_DATA, SEVCTL_DIGEST_ES, SEVCTL_OVMF_NAME
 
-    _, out, _ = run(capsys, "--firmware", SEVCTL_DATA / SEVCTL_OVMF_NAME, "--sev-es", "--vcpus", "4",
-                    "--vcpu-family", "25", "--vcpu-model", "1", "--vcpu-stepping", "1")
+    _, out, _ = run(
+        capsys,
+        "--firmware",
+        SEVCTL_DATA / SEVCTL_OVMF_NAME,
+        "--sev-es",
+        "--vcpus",
+        "4",
+        "--vcpu-family",
+        "25",
+        "--vcpu-model",
+        "1",
+        "--vcpu-stepping",
+        "1",
+    )
     assert out.strip() == SEVCTL_DIGEST_ES.hex()
 
 
@@ -201,15 +294,33 @@ def test_json_names_the_digest_and_an_unusable_secret_area(capsys, tmp_path):
     assert "base 0x0 size 0x0" in area["problem"]
 
 
-@pytest.mark.parametrize("policy, es, words", [
-    ("1", True, "needs a policy with the SEV-ES bit 0x4; policy 0x1 has none"),
-    ("5", False, "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
-])
+@pytest.mark.parametrize(
+    "policy, es, words",
+    [
+        ("1", True, "needs a policy with the SEV-ES bit 0x4; policy 0x1 has none"),
+        ("5", False, "policy 0x5 has the SEV-ES bit 0x4, but the digest is an SEV digest"),
+    ],
+)
 def test_owner_verify_refuses_a_policy_that_does_not_fit_the_launch(capsys, images, tmp_path, policy, es, words):
     (tmp_path / "tik.bin").write_bytes(bytes(16))
-    argv = ["owner", "verify", "--tik", str(tmp_path / "tik.bin"), "--measurement",
-            base64.b64encode(bytes(48)).decode(), "--api-major", "1", "--api-minor", "49", "--build-id", "21",
-            "--policy", policy, "--firmware", str(images["fw"])]
+    argv = [
+        "owner",
+        "verify",
+        "--tik",
+        str(tmp_path / "tik.bin"),
+        "--measurement",
+        base64.b64encode(bytes(48)).decode(),
+        "--api-major",
+        "1",
+        "--api-minor",
+        "49",
+        "--build-id",
+        "21",
+        "--policy",
+        policy,
+        "--firmware",
+        str(images["fw"]),
+    ]
     if es:
         argv += ["--sev-es", "--vcpus", "1", "--vcpu-sig", str(SIG)]
     assert main(argv) == 2

@@ -76,8 +76,7 @@ def test_secret_table_larger_than_the_firmware_area_is_refused_403(tmp_path):
     d = write_firmware_owner_dir(tmp_path, synthetic_image(secret_area=Area(0x80C000, 64)))
     _, decision = release_for(d)
     assert decision.status == 403
-    assert decision.body["error"] == ("secret table does not fit: 80 bytes, the secret area at 0x80c000 "
-                                      "holds 64")
+    assert decision.body["error"] == ("secret table does not fit: 80 bytes, the secret area at 0x80c000 holds 64")
 
 
 def test_table_that_just_fits_is_released(tmp_path):
@@ -140,13 +139,16 @@ def test_unusable_firmware_area_is_logged_at_start(tmp_path):
     assert line["level"] == "warning" and "launches will be refused" in line["event"]
 
 
-@pytest.mark.parametrize("lines, words", [
-    ("secret_gpa = 0x80c000\ngpa = 0x80c000", "gpa is the older name of secret_gpa"),
-    ("secret_size = 0x1000", "secret_size needs secret_gpa"),
-    ("secret_gpa = 0", "guest address 0 is no firmware's secret area"),
-    ("secret_gpa = 0x80c000\nsecret_size = 0", "secret_size must be in 1..4294967295"),
-    ("secret_gpa = -1", "secret_gpa must be in"),
-])
+@pytest.mark.parametrize(
+    "lines, words",
+    [
+        ("secret_gpa = 0x80c000\ngpa = 0x80c000", "gpa is the older name of secret_gpa"),
+        ("secret_size = 0x1000", "secret_size needs secret_gpa"),
+        ("secret_gpa = 0", "guest address 0 is no firmware's secret area"),
+        ("secret_gpa = 0x80c000\nsecret_size = 0", "secret_size must be in 1..4294967295"),
+        ("secret_gpa = -1", "secret_gpa must be in"),
+    ],
+)
 def test_bad_secret_area_keys(tmp_path, lines, words):
     d = write_owner_dir(tmp_path)
     d.toml.write_text(d.toml.read_text().replace("gpa = 8192\n", lines + "\n"))

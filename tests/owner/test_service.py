@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-from agent.io.http import HttpServer, request_json
 from agent.common.logs import setup_logging
+from agent.io.http import HttpServer, request_json
 from agent.owner.config import OwnerConfig, load_owner_config
 from agent.owner.service import OwnerService, decide_secret
 from agent.sev.guids import LUKS_KEY_GUID
@@ -39,6 +39,7 @@ def open_release(decision, blob):
 
 # -- the decision ------------------------------------------------------------
 
+
 def test_verified_launch_gets_a_packet_that_opens(config, owner_dir):
     d = decide(config, owner_dir.request())
     assert d.status == 200 and d.decision == "released"
@@ -66,27 +67,33 @@ def test_unknown_vm_is_404(config, owner_dir):
     assert (d.status, d.body) == (404, {"error": "unknown vm 'vm2'"})
 
 
-@pytest.mark.parametrize("body, words", [
-    ([], "JSON object"),
-    ({}, "'vm'"),
-    ({"vm": 3}, "'vm'"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ([], "JSON object"),
+        ({}, "'vm'"),
+        ({"vm": 3}, "'vm'"),
+    ],
+)
 def test_bad_request_shape_is_400(config, body, words):
     d = decide(config, body)
     assert d.status == 400 and words in d.body["error"]
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("api_major", None, "'api_major' is missing"),
-    ("api_minor", "49", "'api_minor' must be an integer"),
-    ("build_id", True, "'build_id' must be an integer"),
-    ("build_id", 256, "0..255"),
-    ("policy", -1, "'policy' must be in"),
-    ("policy", 1 << 32, "'policy' must be in"),
-    ("measurement", 12, "base64 string"),
-    ("measurement", "not base64!", "not valid base64"),
-    ("measurement", base64.b64encode(bytes(47)).decode(), "48 bytes, got 47"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("api_major", None, "'api_major' is missing"),
+        ("api_minor", "49", "'api_minor' must be an integer"),
+        ("build_id", True, "'build_id' must be an integer"),
+        ("build_id", 256, "0..255"),
+        ("policy", -1, "'policy' must be in"),
+        ("policy", 1 << 32, "'policy' must be in"),
+        ("measurement", 12, "base64 string"),
+        ("measurement", "not base64!", "not valid base64"),
+        ("measurement", base64.b64encode(bytes(47)).decode(), "48 bytes, got 47"),
+    ],
+)
 def test_bad_field_is_400(config, owner_dir, field, value, words):
     d = decide(config, owner_dir.request(**{field: value}))
     assert d.status == 400 and d.decision == "invalid"
@@ -149,8 +156,7 @@ def test_replayed_launch_is_409(config, owner_dir):
 
 def test_forged_request_with_used_nonce_is_403_not_409(config, owner_dir):
     blob = owner_dir.blob(digest=bytes(32))  # same nonce, bad MAC
-    d = decide(config, owner_dir.request(measurement=base64.b64encode(blob).decode()),
-               attested=[("vm1", b"n" * 16)])
+    d = decide(config, owner_dir.request(measurement=base64.b64encode(blob).decode()), attested=[("vm1", b"n" * 16)])
     assert d.status == 403
 
 
@@ -172,6 +178,7 @@ def secret_forms() -> list[str]:
 
 
 # -- over HTTP ---------------------------------------------------------------
+
 
 @pytest.fixture
 async def owner_url(config):
@@ -206,36 +213,42 @@ async def test_each_release_uses_a_fresh_iv(owner_url, owner_dir):
 
 
 async def test_http_refusal(owner_url, owner_dir):
-    status, body = await request_json("POST", owner_url + "/v1/secret",
-                                      owner_dir.request(vm="nope"), timeout=5)
+    status, body = await request_json("POST", owner_url + "/v1/secret", owner_dir.request(vm="nope"), timeout=5)
     assert status == 404 and "error" in body
 
 
 async def test_http_bad_json_is_400(owner_url):
     import asyncio
 
-    host, port = owner_url[len("http://"):].split(":")
+    host, port = owner_url[len("http://") :].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/secret HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 5\r\nConnection: close\r\n\r\n{nope")
+    writer.write(
+        b"POST /v1/secret HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5\r\nConnection: close\r\n\r\n{nope"
+    )
     reply = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert reply.startswith(b"HTTP/1.1 400 ") and b"not valid JSON" in reply
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
-                                          "application/jsonx"])
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"])
 @pytest.mark.parametrize("path", ["/v1/secret", "/v1/session"])
 async def test_a_post_body_that_is_not_application_json_is_415(owner_url, owner_dir, path, content_type):
     import asyncio
     import json
 
-    host, port = owner_url[len("http://"):].split(":")
+    host, port = owner_url[len("http://") :].split(":")
     body = json.dumps(owner_dir.request()).encode()
     header = f"Content-Type: {content_type}\r\n".encode() if content_type else b""
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + header +
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    writer.write(
+        b"POST "
+        + path.encode()
+        + b" HTTP/1.1\r\nHost: x\r\n"
+        + header
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
     reply = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert reply.startswith(b"HTTP/1.1 415 ") and b"request body must be application/json" in reply
@@ -245,19 +258,22 @@ async def test_application_json_with_a_charset_is_accepted(owner_url, owner_dir)
     import asyncio
     import json
 
-    host, port = owner_url[len("http://"):].split(":")
+    host, port = owner_url[len("http://") :].split(":")
     body = json.dumps(owner_dir.request()).encode()
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/secret HTTP/1.1\r\nHost: x\r\nContent-Type: Application/JSON; charset=utf-8\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    writer.write(
+        b"POST /v1/secret HTTP/1.1\r\nHost: x\r\nContent-Type: Application/JSON; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    )
     reply = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert reply.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_session_for_a_vm_without_sessions_is_403(owner_url):
-    status, body = await request_json("POST", owner_url + "/v1/session",
-                                      {"vm": "vm1", "pdh": "AAAA", "policy": 1}, timeout=5)
+    status, body = await request_json(
+        "POST", owner_url + "/v1/session", {"vm": "vm1", "pdh": "AAAA", "policy": 1}, timeout=5
+    )
     assert status == 403 and "does not take launch sessions" in body["error"]
 
 
@@ -309,17 +325,25 @@ PLATFORM = Platform(PDH_KEY)
 
 
 def material(tik: bytes = TIK2, tek: bytes = TEK2) -> SessionMaterial:
-    return SessionMaterial(tek=Secret(tek), tik=Secret(tik), nonce=bytes(range(16)), iv=bytes(range(16, 32)),
-                           godh_private=ec.generate_private_key(ec.SECP384R1()))
+    return SessionMaterial(
+        tek=Secret(tek),
+        tik=Secret(tik),
+        nonce=bytes(range(16)),
+        iv=bytes(range(16, 32)),
+        godh_private=ec.generate_private_key(ec.SECP384R1()),
+    )
 
 
-def write_session_config(tmp_path, vm2_extra: str = "", head: str = "") -> "OwnerConfig":
+def write_session_config(tmp_path, vm2_extra: str = "", head: str = "") -> OwnerConfig:
     """owner.toml with vm2 taking sessions; by default trusting the simulator's own AMD root."""
     d = write_owner_dir(tmp_path)
     if not head:
         shared_amd().write_roots(str(tmp_path / "roots"))
         head = '[platform]\namd_roots = "roots"\n'
-    d.toml.write_text(head + d.toml.read_text() + f"""
+    d.toml.write_text(
+        head
+        + d.toml.read_text()
+        + f"""
 [vm.vm2]
 session = true
 policy = {POLICY}
@@ -328,7 +352,8 @@ digest = "{DIGEST.hex()}"
 [[vm.vm2.secret]]
 guid = "luks-key"
 file = "vm1-disk.pass"
-""")
+"""
+    )
     return load_owner_config(d.toml)
 
 
@@ -338,16 +363,26 @@ def session_config(tmp_path):
 
 
 def session_request(platform: Platform = PLATFORM, **over) -> dict:
-    body = {"vm": "vm2", "pdh": base64.b64encode(platform.pdh_cert.to_bytes()).decode(),
-            "cert_chain": base64.b64encode(platform.chain.to_bytes()).decode(), "policy": POLICY}
+    body = {
+        "vm": "vm2",
+        "pdh": base64.b64encode(platform.pdh_cert.to_bytes()).decode(),
+        "cert_chain": base64.b64encode(platform.chain.to_bytes()).decode(),
+        "policy": POLICY,
+    }
     body.update(over)
     return body
 
 
 def vm2_secret_request(tik: bytes = TIK2, mnonce: bytes = b"s" * 16, digest: bytes = DIGEST) -> dict:
     blob = measurement_blob(tik, API[0], API[1], API[2], POLICY, digest, mnonce)
-    return {"vm": "vm2", "measurement": base64.b64encode(blob).decode(), "api_major": API[0],
-            "api_minor": API[1], "build_id": API[2], "policy": POLICY}
+    return {
+        "vm": "vm2",
+        "measurement": base64.b64encode(blob).decode(),
+        "api_major": API[0],
+        "api_minor": API[1],
+        "build_id": API[2],
+        "policy": POLICY,
+    }
 
 
 def test_session_opens_on_the_platform_with_the_owners_keys(session_config):
@@ -369,21 +404,27 @@ def test_made_up_pdh_without_a_chain_gets_no_session(session_config):
     assert d.body["error"].startswith("platform not verified: no cert_chain")
 
 
-@pytest.mark.parametrize("over, status, words", [
-    ({"vm": "nope"}, 404, "unknown vm 'nope'"),
-    ({"vm": "vm1"}, 403, "does not take launch sessions"),
-    ({"policy": 3}, 403, "policy mismatch"),
-    ({"policy": "1"}, 400, "'policy' must be an integer"),
-    ({"policy": -1}, 400, "'policy' must be in"),
-    ({"pdh": "@@"}, 400, "'pdh' is not valid base64"),
-    ({"pdh": None}, 400, "'pdh' must be a non-empty base64 string"),
-    ({"pdh": base64.b64encode(bytes(2083)).decode()}, 400, "pdh: SEV certificate must be 2084 bytes, got 2083"),
-    ({"pdh": base64.b64encode(PLATFORM.chain.pek.to_bytes()).decode()}, 400, "not PDH"),
-    ({"cert_chain": "%%"}, 400, "'cert_chain' is not valid base64"),
-    ({"cert_chain": base64.b64encode(bytes(100)).decode()}, 400, "must be 6252 bytes"),
-    ({"cert_chain": base64.b64encode(Platform().chain.to_bytes()).decode()}, 403,
-     "platform not verified: PDH certificate is not signed by the chain's PEK"),
-])
+@pytest.mark.parametrize(
+    "over, status, words",
+    [
+        ({"vm": "nope"}, 404, "unknown vm 'nope'"),
+        ({"vm": "vm1"}, 403, "does not take launch sessions"),
+        ({"policy": 3}, 403, "policy mismatch"),
+        ({"policy": "1"}, 400, "'policy' must be an integer"),
+        ({"policy": -1}, 400, "'policy' must be in"),
+        ({"pdh": "@@"}, 400, "'pdh' is not valid base64"),
+        ({"pdh": None}, 400, "'pdh' must be a non-empty base64 string"),
+        ({"pdh": base64.b64encode(bytes(2083)).decode()}, 400, "pdh: SEV certificate must be 2084 bytes, got 2083"),
+        ({"pdh": base64.b64encode(PLATFORM.chain.pek.to_bytes()).decode()}, 400, "not PDH"),
+        ({"cert_chain": "%%"}, 400, "'cert_chain' is not valid base64"),
+        ({"cert_chain": base64.b64encode(bytes(100)).decode()}, 400, "must be 6252 bytes"),
+        (
+            {"cert_chain": base64.b64encode(Platform().chain.to_bytes()).decode()},
+            403,
+            "platform not verified: PDH certificate is not signed by the chain's PEK",
+        ),
+    ],
+)
 def test_bad_session_requests_are_refused(session_config, over, status, words):
     d = decide_session(session_config, session_request(**over), material=material())
     assert d.status == status and words in d.body["error"], d.body
@@ -400,8 +441,9 @@ def test_pending_session_verifies_the_launch_and_is_used_up(session_config):
     assert d.status == 200 and d.session is made and d.released is not None
     assert d.audit["keys"] == f"session {made.id}"
     measure, _ = split_blob(base64.b64decode(vm2_secret_request()["measurement"]))
-    table = open_packet(TIK2, TEK2, measure, base64.b64decode(d.body["packet_header"]),
-                        base64.b64decode(d.body["secret"]))
+    table = open_packet(
+        TIK2, TEK2, measure, base64.b64decode(d.body["packet_header"]), base64.b64decode(d.body["secret"])
+    )
     assert parse_secret_table(table) == [(LUKS_KEY_GUID, PASSPHRASE)]
 
 
@@ -412,16 +454,18 @@ def test_session_vm_without_a_pending_session_is_409(session_config):
 
 def test_session_launch_with_the_wrong_digest_matches_no_session(session_config):
     made = decide_session(session_config, session_request(), material=material()).session
-    d = decide_secret(session_config, vm2_secret_request(digest=bytes(32)), attested=set(), iv=IV,
-                      sessions={"vm2": [made]})
+    d = decide_secret(
+        session_config, vm2_secret_request(digest=bytes(32)), attested=set(), iv=IV, sessions={"vm2": [made]}
+    )
     assert (d.status, d.body) == (403, {"error": "no launch session matches this measurement"})
     assert d.audit["pending"] == 1
 
 
 def test_a_launch_of_another_session_matches_no_pending_session(session_config):
     made = decide_session(session_config, session_request(), material=material()).session
-    d = decide_secret(session_config, vm2_secret_request(tik=bytes(16)), attested=set(), iv=IV,
-                      sessions={"vm2": [made]})
+    d = decide_secret(
+        session_config, vm2_secret_request(tik=bytes(16)), attested=set(), iv=IV, sessions={"vm2": [made]}
+    )
     assert (d.status, d.body) == (403, {"error": "no launch session matches this measurement"})
 
 
@@ -435,8 +479,10 @@ async def test_session_then_secret_then_replay_over_http(session_config):
     try:
         status, body = await request_json("POST", url + "/v1/session", session_request(), timeout=5)
         assert status == 200
-        assert open_session(PDH_KEY, base64.b64decode(body["godh"]), base64.b64decode(body["session"]),
-                            POLICY) == (TEK2, TIK2)
+        assert open_session(PDH_KEY, base64.b64decode(body["godh"]), base64.b64decode(body["session"]), POLICY) == (
+            TEK2,
+            TIK2,
+        )
         assert len(service.sessions["vm2"]) == 1
         kept = service.sessions["vm2"][0]
         first = await request_json("POST", url + "/v1/secret", vm2_secret_request(), timeout=5)
@@ -497,15 +543,20 @@ async def test_flooding_sessions_from_other_platforms_does_not_displace_a_waitin
         rome = real_certs("rome")
         flood = [session_request(Platform()) for _ in range(2 * MAX_PENDING_SESSIONS)]
         flood += [session_request(Platform(), cert_chain=None)] * 3
-        flood += [session_request(pdh=base64.b64encode(rome["pdh"]).decode(),
-                                  cert_chain=base64.b64encode(rome["pek"] + rome["oca"] + rome["cek"]).decode())]
+        flood += [
+            session_request(
+                pdh=base64.b64encode(rome["pdh"]).decode(),
+                cert_chain=base64.b64encode(rome["pek"] + rome["oca"] + rome["cek"]).decode(),
+            )
+        ]
         statuses = [(await request_json("POST", url + "/v1/session", f, timeout=5))[0] for f in flood]
         assert statuses == [200] * (2 * MAX_PENDING_SESSIONS) + [403] * 4
         launch = await request_json("POST", url + "/v1/secret", vm2_secret_request(tik=tik), timeout=5)
         assert launch[0] == 200
         measure, _ = split_blob(base64.b64decode(vm2_secret_request(tik=tik)["measurement"]))
-        table = open_packet(tik, tek, measure, base64.b64decode(launch[1]["packet_header"]),
-                            base64.b64decode(launch[1]["secret"]))
+        table = open_packet(
+            tik, tek, measure, base64.b64decode(launch[1]["packet_header"]), base64.b64decode(launch[1]["secret"])
+        )
         assert parse_secret_table(table) == [(LUKS_KEY_GUID, PASSPHRASE)]
     finally:
         await server.close()
@@ -538,8 +589,12 @@ from tests.sev.amd_chains import REAL_PRODUCTS, flip, real_certs  # noqa: E402
 
 def real_request(product: str, **over) -> dict:
     c = real_certs(product)
-    body = {"vm": "vm2", "pdh": base64.b64encode(c["pdh"]).decode(),
-            "cert_chain": base64.b64encode(c["pek"] + c["oca"] + c["cek"]).decode(), "policy": POLICY}
+    body = {
+        "vm": "vm2",
+        "pdh": base64.b64encode(c["pdh"]).decode(),
+        "cert_chain": base64.b64encode(c["pek"] + c["oca"] + c["cek"]).decode(),
+        "policy": POLICY,
+    }
     body.update(over)
     return body
 
@@ -559,8 +614,11 @@ def test_real_chain_with_one_bit_flipped_gets_no_session(tmp_path, product, cert
     c = real_certs(product)
     for bit in (0x10 * 8 + 3, 0x200 * 8, 0x414 * 8 + 77 * 8 + 1):  # key usage area, key, first signature
         damaged = dict(c, **{cert: flip(c[cert], bit)})
-        body = real_request(product, pdh=base64.b64encode(damaged["pdh"]).decode(),
-                            cert_chain=base64.b64encode(damaged["pek"] + damaged["oca"] + damaged["cek"]).decode())
+        body = real_request(
+            product,
+            pdh=base64.b64encode(damaged["pdh"]).decode(),
+            cert_chain=base64.b64encode(damaged["pek"] + damaged["oca"] + damaged["cek"]).decode(),
+        )
         d = decide_session(config, body, material=material())
         assert d.session is None and d.status in (400, 403), (cert, bit, d.body)
         if d.status == 403:
@@ -574,12 +632,15 @@ def test_real_chain_from_a_product_the_owner_does_not_trust_gets_no_session(tmp_
     roots.mkdir()
     for kind in ("ark", "ask"):
         (roots / f"naples-{kind}.cert").write_bytes(
-            (resources.files("agent.sev") / "roots" / f"naples-{kind}.cert").read_bytes())
+            (resources.files("agent.sev") / "roots" / f"naples-{kind}.cert").read_bytes()
+        )
     config = write_session_config(tmp_path, head='[platform]\namd_roots = "naples-only"\n')
     assert decide_session(config, real_request("naples"), material=material()).status == 200
     d = decide_session(config, real_request("rome"), material=material())
-    assert d.status == 403 and d.body["error"] == \
-        "platform not verified: CEK is signed by an ASK of a kind no trusted root has"
+    assert (
+        d.status == 403
+        and d.body["error"] == "platform not verified: CEK is signed by an ASK of a kind no trusted root has"
+    )
 
 
 def test_self_made_chain_gets_no_session_from_an_owner_trusting_amd(tmp_path):
@@ -595,24 +656,31 @@ def test_pek_signed_by_the_oca_but_not_the_cek_gets_no_session(session_config):
 
     chain = PLATFORM.chain
     only_oca = replace(chain, pek=replace(chain.pek, sig2=Signature()))
-    d = decide_session(session_config, session_request(cert_chain=base64.b64encode(only_oca.to_bytes()).decode()),
-                       material=material())
-    assert (d.status, d.body["error"]) == (403, "platform not verified: PEK certificate is not signed by the chain's CEK")
+    d = decide_session(
+        session_config, session_request(cert_chain=base64.b64encode(only_oca.to_bytes()).decode()), material=material()
+    )
+    assert (d.status, d.body["error"]) == (
+        403,
+        "platform not verified: PEK certificate is not signed by the chain's CEK",
+    )
 
 
 def test_pinned_platform_needs_no_chain_and_others_are_refused(tmp_path):
     import hashlib
 
     pin = hashlib.sha256(PLATFORM.pdh_cert.to_bytes()).hexdigest()
-    config = write_session_config(tmp_path, f'platform = "pinned"\npdh_sha256 = ["{"00" * 32}", "{pin}"]',
-                                  head="# no roots needed\n")
+    config = write_session_config(
+        tmp_path, f'platform = "pinned"\npdh_sha256 = ["{"00" * 32}", "{pin}"]', head="# no roots needed\n"
+    )
     d = decide_session(config, session_request(cert_chain=None), material=material())
     assert d.status == 200 and d.session.trust == "pinned"
     other = Platform()
     d = decide_session(config, session_request(other), material=material())
     assert d.status == 403
-    assert d.body["error"] == (f"platform not verified: PDH sha256 "
-                               f"{hashlib.sha256(other.pdh_cert.to_bytes()).hexdigest()} is not pinned for this vm")
+    assert d.body["error"] == (
+        f"platform not verified: PDH sha256 "
+        f"{hashlib.sha256(other.pdh_cert.to_bytes()).hexdigest()} is not pinned for this vm"
+    )
 
 
 async def test_platform_any_takes_every_pdh_and_warns_at_start_and_per_session(tmp_path):
@@ -625,8 +693,9 @@ async def test_platform_any_takes_every_pdh_and_warns_at_start_and_per_session(t
         server = HttpServer(service.handle)
         host, port = await server.start_tcp("127.0.0.1", 0)
         try:
-            status, _ = await request_json("POST", f"http://{host}:{port}/v1/session",
-                                           session_request(Platform(), cert_chain=None), timeout=5)
+            status, _ = await request_json(
+                "POST", f"http://{host}:{port}/v1/session", session_request(Platform(), cert_chain=None), timeout=5
+            )
         finally:
             await server.close()
     finally:

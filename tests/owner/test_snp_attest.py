@@ -7,17 +7,24 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.common.errors import UsageError
 from agent.io.http import Request
 from agent.owner.config import load_owner_config
 from agent.owner.service import OwnerService
-from agent.owner.snp_attest import (MAX_NONCES_PER_VM, NONCE_TTL_S, NonceEntry, decide_attest,
-                                    decide_challenge, open_answer, report_data_for)
+from agent.owner.snp_attest import (
+    MAX_NONCES_PER_VM,
+    NONCE_TTL_S,
+    NonceEntry,
+    decide_attest,
+    decide_challenge,
+    open_answer,
+    report_data_for,
+)
 from agent.sev.guids import resolve_guid
 from tests.sev.snp_chain import authority, signed_report, vcek
 
@@ -64,14 +71,18 @@ class Guest:
         self.pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     def body(self, nonce: bytes = NONCE, vm: str = "snp1", **report_fields) -> dict:
-        fields = dict(report_data=report_data_for(nonce, self.pub), measurement=DIGEST, policy=POLICY,
-                      host_data=HOST_DATA)
+        fields = dict(
+            report_data=report_data_for(nonce, self.pub), measurement=DIGEST, policy=POLICY, host_data=HOST_DATA
+        )
         fields.update(report_fields)
         report = signed_report(**fields)
-        return {"vm": vm, "nonce": base64.b64encode(nonce).decode(),
-                "report": base64.b64encode(report).decode(),
-                "vcek": base64.b64encode(vcek()[1].public_bytes(serialization.Encoding.DER)).decode(),
-                "pubkey": base64.b64encode(self.pub).decode()}
+        return {
+            "vm": vm,
+            "nonce": base64.b64encode(nonce).decode(),
+            "report": base64.b64encode(report).decode(),
+            "vcek": base64.b64encode(vcek()[1].public_bytes(serialization.Encoding.DER)).decode(),
+            "pubkey": base64.b64encode(self.pub).decode(),
+        }
 
 
 def store(vm="snp1", created=0.0, used=False):
@@ -112,16 +123,18 @@ def test_too_many_outstanding_challenges_is_429(config):
     d = decide_challenge(config, {"vm": "snp1"}, nonce=NONCE, now=1.0, nonces=nonces)
     assert d.status == 429 and d.issue is None
     # expired ones do not count
-    assert decide_challenge(config, {"vm": "snp1"}, nonce=NONCE, now=NONCE_TTL_S + 1,
-                            nonces=nonces).status == 200
+    assert decide_challenge(config, {"vm": "snp1"}, nonce=NONCE, now=NONCE_TTL_S + 1, nonces=nonces).status == 200
 
 
-@pytest.mark.parametrize("fields, failed", [
-    ({"measurement": b"\x12" * 48}, "measurement"),
-    ({"policy": 0x30001}, "policy"),
-    ({"host_data": b"\x34" * 32}, "host_data"),
-    ({"report_data": b"\x00" * 64}, "report_data"),
-])
+@pytest.mark.parametrize(
+    "fields, failed",
+    [
+        ({"measurement": b"\x12" * 48}, "measurement"),
+        ({"policy": 0x30001}, "policy"),
+        ({"host_data": b"\x34" * 32}, "host_data"),
+        ({"report_data": b"\x00" * 64}, "report_data"),
+    ],
+)
 def test_report_with_wrong_field_is_403(config, fields, failed):
     d = decide_attest(config, Guest().body(**fields), now=1.0, nonces=store())
     assert d.status == 403 and failed in d.reason and d.use == NONCE
@@ -171,12 +184,15 @@ def test_roots_not_configured_refuse_the_test_chain(tmp_path):
     assert d.status == 403 and "vcek_chain" in d.reason
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("nonce", "AAAA", "must be 32 bytes"),
-    ("report", "!!", "not valid base64"),
-    ("pubkey", base64.b64encode(b"x" * 31).decode(), "must be 32 bytes"),
-    ("vcek", base64.b64encode(b"not a cert").decode(), "VCEK"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("nonce", "AAAA", "must be 32 bytes"),
+        ("report", "!!", "not valid base64"),
+        ("pubkey", base64.b64encode(b"x" * 31).decode(), "must be 32 bytes"),
+        ("vcek", base64.b64encode(b"not a cert").decode(), "VCEK"),
+    ],
+)
 def test_malformed_fields_are_400(config, field, value, words):
     body = Guest().body()
     body[field] = value
@@ -194,16 +210,30 @@ def test_sev_vm_is_refused_on_snp_paths_and_snp_vm_on_sev_paths(tmp_path):
     snp_root = tmp_path / "snp"
     snp_root.mkdir()
     snp = load_owner_config(write_snp_owner(snp_root))
-    d = decide_secret(snp, {"vm": "snp1", "measurement": base64.b64encode(bytes(48)).decode(), "api_major": 1,
-                            "api_minor": 1, "build_id": 1, "policy": POLICY}, attested=(), iv=bytes(16))
+    d = decide_secret(
+        snp,
+        {
+            "vm": "snp1",
+            "measurement": base64.b64encode(bytes(48)).decode(),
+            "api_major": 1,
+            "api_minor": 1,
+            "build_id": 1,
+            "policy": POLICY,
+        },
+        attested=(),
+        iv=bytes(16),
+    )
     assert d.status == 403 and "snp/attest" in d.reason
 
 
-@pytest.mark.parametrize("extra, words", [
-    ('tik = "x"', "does not apply to an SNP vm"),
-    ('firmware = "fw.fd"', "snp_digest or firmware"),
-    ('id_key_digest = "00"', "48 bytes"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ('tik = "x"', "does not apply to an SNP vm"),
+        ('firmware = "fw.fd"', "snp_digest or firmware"),
+        ('id_key_digest = "00"', "48 bytes"),
+    ],
+)
 def test_bad_snp_vm_config_is_a_usage_error(tmp_path, extra, words):
     with pytest.raises(UsageError, match=words):
         load_owner_config(write_snp_owner(tmp_path, extra=extra))
@@ -217,14 +247,12 @@ def test_snp_policy_without_bit_17_is_a_usage_error(tmp_path):
 
 
 def _request(path: str, body: dict) -> Request:
-    return Request("POST", path, {"content-type": "application/json"}, json.dumps(body).encode(),
-                   ("127.0.0.1", 1))
+    return Request("POST", path, {"content-type": "application/json"}, json.dumps(body).encode(), ("127.0.0.1", 1))
 
 
 async def test_service_challenge_then_attest_then_replay(config):
     nonces = iter([NONCE])
-    service = OwnerService(config, random_bytes=lambda n: next(nonces) if n == 32 else bytes(n),
-                           clock=lambda: 10.0)
+    service = OwnerService(config, random_bytes=lambda n: next(nonces) if n == 32 else bytes(n), clock=lambda: 10.0)
     r = await service.handle(_request("/v1/snp/challenge", {"vm": "snp1"}))
     assert r.status == 200
     guest = Guest()
@@ -243,7 +271,6 @@ async def test_service_forgets_nonces_after_their_ttl(config):
     now[0] = NONCE_TTL_S + 1
     r = await service.handle(_request("/v1/snp/attest", Guest().body()))
     assert r.status == 403 and not service.snp_nonces
-
 
 
 def test_amd_roots_dir_may_hold_both_sev_and_snp_roots(tmp_path):
@@ -275,8 +302,11 @@ def test_snp_digest_computed_from_firmware_like_owner_measure(tmp_path):
     firmware = snp_firmware()
     (tmp_path / "fw.fd").write_bytes(firmware)
     toml = write_snp_owner(tmp_path)
-    toml.write_text(toml.read_text().replace(f'snp_digest = "{DIGEST.hex()}"',
-                                             'firmware = "fw.fd"\nvcpus = 2\nvcpu_type = "EPYC-Milan"'))
+    toml.write_text(
+        toml.read_text().replace(
+            f'snp_digest = "{DIGEST.hex()}"', 'firmware = "fw.fd"\nvcpus = 2\nvcpu_type = "EPYC-Milan"'
+        )
+    )
     vm = load_owner_config(toml).vms["snp1"]
     assert vm.snp_digest == snp_launch_digest(firmware, vcpus=2, vcpu_sig=vcpu_signature("EPYC-Milan"))
 
@@ -300,18 +330,28 @@ async def test_snp_paths_take_only_application_json(config, path):
     assert r.status == 405
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                     max_leaves=8)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.one_of(_json, st.fixed_dictionaries({"vm": st.sampled_from(["snp1", "vm9", ""])},
-                                                    optional={k: _json | st.text(max_size=40) for k in
-                                                              ("nonce", "report", "vcek", "pubkey")})))
+@given(
+    body=st.one_of(
+        _json,
+        st.fixed_dictionaries(
+            {"vm": st.sampled_from(["snp1", "vm9", ""])},
+            optional={k: _json | st.text(max_size=40) for k in ("nonce", "report", "vcek", "pubkey")},
+        ),
+    )
+)
 def test_any_body_is_a_4xx_never_an_exception(config, body):
-    for decide in (lambda: decide_attest(config, body, now=1.0, nonces=store()),
-                   lambda: decide_challenge(config, body, nonce=NONCE, now=1.0, nonces={})):
+    for decide in (
+        lambda: decide_attest(config, body, now=1.0, nonces=store()),
+        lambda: decide_challenge(config, body, nonce=NONCE, now=1.0, nonces={}),
+    ):
         d = decide()
         assert 200 <= d.status < 500
         if d.status == 200:

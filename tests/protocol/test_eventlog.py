@@ -13,8 +13,13 @@ def _v1_log(fields: dict) -> list[dict]:
     return [
         {"seq": 1, "t": 0, "kind": "start", "version": "0.1.0", "vm": "src"},
         {"seq": 2, "t": 0, "kind": "flow", "flow": "migrate-1", "flow_kind": "migration", "params": {}},
-        {"seq": 3, "t": 0, "kind": "action", "flow": "migrate-1",
-         "action": {"type": "Log", "level": "info", "message": PREPARED, "fields": fields}},
+        {
+            "seq": 3,
+            "t": 0,
+            "kind": "action",
+            "flow": "migrate-1",
+            "action": {"type": "Log", "level": "info", "message": PREPARED, "fields": fields},
+        },
     ]
 
 

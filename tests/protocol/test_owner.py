@@ -7,8 +7,15 @@ import base64
 import pytest
 
 from agent.common.secret import Secret
-from agent.protocol.owner import (MAX_SECRET_LEN, ProtocolError, SecretAnswer, SecretRequest, SessionAnswer,
-                                  SessionRequest, refusal_reason)
+from agent.protocol.owner import (
+    MAX_SECRET_LEN,
+    ProtocolError,
+    SecretAnswer,
+    SecretRequest,
+    SessionAnswer,
+    SessionRequest,
+    refusal_reason,
+)
 
 BLOB = bytes(range(48))
 
@@ -22,19 +29,28 @@ def test_secret_request_round_trips():
 
 
 def test_secret_request_wire_names_are_the_owners():
-    assert _request().encode() == {"vm": "vm1", "measurement": base64.b64encode(BLOB).decode(),
-                                   "api_major": 1, "api_minor": 55, "build_id": 21, "policy": 5}
+    assert _request().encode() == {
+        "vm": "vm1",
+        "measurement": base64.b64encode(BLOB).decode(),
+        "api_major": 1,
+        "api_minor": 55,
+        "build_id": 21,
+        "policy": 5,
+    }
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"vm": ""}, "field 'vm' must be a non-empty string"),
-    ({"api_major": None}, "field 'api_major' is missing"),
-    ({"build_id": True}, "field 'build_id' must be an integer"),
-    ({"policy": 1 << 32}, "field 'policy' must be in 0..4294967295"),
-    ({"measurement": 7}, "field 'measurement' must be a base64 string"),
-    ({"measurement": "!!"}, "field 'measurement' is not valid base64"),
-    ({"measurement": "AAAA"}, "measurement must be 48 bytes, got 3"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"vm": ""}, "field 'vm' must be a non-empty string"),
+        ({"api_major": None}, "field 'api_major' is missing"),
+        ({"build_id": True}, "field 'build_id' must be an integer"),
+        ({"policy": 1 << 32}, "field 'policy' must be in 0..4294967295"),
+        ({"measurement": 7}, "field 'measurement' must be a base64 string"),
+        ({"measurement": "!!"}, "field 'measurement' is not valid base64"),
+        ({"measurement": "AAAA"}, "measurement must be 48 bytes, got 3"),
+    ],
+)
 def test_secret_request_names_its_first_fault(change, reason):
     body = {**_request().encode(), **change}
     with pytest.raises(ProtocolError) as err:
@@ -64,16 +80,25 @@ def test_secret_answer_without_gpa_leaves_it_out():
     assert "gpa" not in SecretAnswer(packet_header=bytes(52), secret=Secret(b"x")).encode()
 
 
-@pytest.mark.parametrize("body, reason", [
-    ([], "body is not a JSON object"),
-    ({"packet_header": "AAAA", "secret": "AAAA"}, "packet_header is 3 bytes, expected 52"),
-    ({"packet_header": base64.b64encode(bytes(52)).decode(), "secret": ""}, "secret is empty"),
-    ({"packet_header": base64.b64encode(bytes(52)).decode(),
-      "secret": base64.b64encode(bytes(MAX_SECRET_LEN + 1)).decode()},
-     f"secret is {MAX_SECRET_LEN + 1} bytes, more than {MAX_SECRET_LEN}"),
-    ({"packet_header": base64.b64encode(bytes(52)).decode(), "secret": "AAAA", "gpa": -1},
-     "gpa is not an unsigned 64-bit integer"),
-])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ([], "body is not a JSON object"),
+        ({"packet_header": "AAAA", "secret": "AAAA"}, "packet_header is 3 bytes, expected 52"),
+        ({"packet_header": base64.b64encode(bytes(52)).decode(), "secret": ""}, "secret is empty"),
+        (
+            {
+                "packet_header": base64.b64encode(bytes(52)).decode(),
+                "secret": base64.b64encode(bytes(MAX_SECRET_LEN + 1)).decode(),
+            },
+            f"secret is {MAX_SECRET_LEN + 1} bytes, more than {MAX_SECRET_LEN}",
+        ),
+        (
+            {"packet_header": base64.b64encode(bytes(52)).decode(), "secret": "AAAA", "gpa": -1},
+            "gpa is not an unsigned 64-bit integer",
+        ),
+    ],
+)
 def test_malformed_secret_answer_names_its_fault(body, reason):
     with pytest.raises(ProtocolError) as err:
         SecretAnswer.parse(body)

@@ -1,7 +1,13 @@
 """Synthetic SNP firmware images for the tests (shared by tests/sev and tests/owner)."""
 
-from agent.sev.snp_measure import (SECTION_CPUID, SECTION_SNP_KERNEL_HASHES, SECTION_SNP_SEC_MEM,
-                                   SECTION_SNP_SECRETS, SECTION_SVSM_CAA, synthetic_snp_image)
+from agent.sev.snp_measure import (
+    SECTION_CPUID,
+    SECTION_SNP_KERNEL_HASHES,
+    SECTION_SNP_SEC_MEM,
+    SECTION_SNP_SECRETS,
+    SECTION_SVSM_CAA,
+    synthetic_snp_image,
+)
 
 RESET = 0x80B004
 # Like OVMF's AmdSev build: SEC memory, secrets, CPUID, the kernel hashes page.
@@ -23,5 +29,7 @@ def snp_firmware(**over) -> bytes:
 
 
 def snp_firmware_without_hashes() -> bytes:
-    return synthetic_snp_image(sections=[s for s in SECTIONS if s[2] != SECTION_SNP_KERNEL_HASHES]
-                               + [(0x810000, 0x1000, SECTION_SVSM_CAA)], reset_address=RESET)
+    return synthetic_snp_image(
+        sections=[s for s in SECTIONS if s[2] != SECTION_SNP_KERNEL_HASHES] + [(0x810000, 0x1000, SECTION_SVSM_CAA)],
+        reset_address=RESET,
+    )

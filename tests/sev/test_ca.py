@@ -43,6 +43,7 @@ def by_product(name: str) -> AmdRoots:
 
 # -- the roots ------------------------------------------------------------------
 
+
 def test_builtin_roots_are_every_product_each_ask_signed_by_its_ark():
     assert [r.product for r in ROOTS] == list(PRODUCTS)
     for root in ROOTS:
@@ -99,6 +100,7 @@ def test_roots_dir_loads_every_product_and_names_a_missing_ask(tmp_path):
 
 # -- real chains ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("product", REAL_PRODUCTS)
 def test_real_platform_chain_verifies_to_the_builtin_root_of_its_product(product):
     pdh, chain = parse(real_certs(product))
@@ -142,8 +144,10 @@ def test_every_single_bit_flip_in_a_real_chain_is_refused(product, name):
 def test_a_nonzero_byte_in_an_unsigned_slot_is_refused():
     certs = real_certs("rome")
     pdh = Certificate.from_bytes(certs["pdh"])
-    for damaged in (replace(pdh, sig2=Signature(sig=b"\x01" + bytes(511))),
-                    replace(pdh, sig1=replace(pdh.sig1, sig=pdh.sig1.sig[:500] + b"\x01" + bytes(11)))):
+    for damaged in (
+        replace(pdh, sig2=Signature(sig=b"\x01" + bytes(511))),
+        replace(pdh, sig1=replace(pdh.sig1, sig=pdh.sig1.sig[:500] + b"\x01" + bytes(11))),
+    ):
         with pytest.raises(ValueError, match="PDH certificate's .*signature slot"):
             verify_platform(damaged, parse(certs)[1], ROOTS)
 
@@ -157,6 +161,7 @@ def test_chain_without_the_asks_signature_on_the_cek_is_refused():
 
 
 # -- made-up platforms -------------------------------------------------------------
+
 
 def _ec(usage: int, algo: int = ALGO_ECDSA_SHA256):
     key = ec.generate_private_key(ec.SECP384R1())
@@ -230,12 +235,16 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)
-@given(product=st.sampled_from(REAL_PRODUCTS), name=st.sampled_from(NAMES),
-       at=st.integers(0, CERT_LEN - 1), junk=st.binary(min_size=1, max_size=64))
+@given(
+    product=st.sampled_from(REAL_PRODUCTS),
+    name=st.sampled_from(NAMES),
+    at=st.integers(0, CERT_LEN - 1),
+    junk=st.binary(min_size=1, max_size=64),
+)
 def test_any_overwritten_run_of_bytes_in_a_real_chain_is_refused(product, name, at, junk):
     certs = real_certs(product)
     raw = certs[name]
-    damaged = raw[:at] + junk[:CERT_LEN - at] + raw[at + len(junk):]
+    damaged = raw[:at] + junk[: CERT_LEN - at] + raw[at + len(junk) :]
     if damaged == raw:
         return
     try:

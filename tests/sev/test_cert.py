@@ -25,28 +25,32 @@ def _sparse(runs: dict[int, str]) -> bytes:
 
 # virtee/sev tests/naples/pdh.cert and pek.cert (a real AMD Naples chain),
 # transcribed as their non-zero byte runs.
-NAPLES_PDH = _sparse({
-    0x000: "01",
-    0x005: "10000003100000030000000200000095522057542425d53ac6e94f8f5f2477e6089e1919f11062ac87b4fe3a3fc1ae9ec352"
-           "f6afc9c134a1b6d5d608490236",
-    0x05C: "036ff19f20ab2ae9841dd2f63617a450b45be0a126d79d71195c5ec44bf44045f4821911b405586997421b11b29bc83e",
-    0x414: "0210000002000000e5b25c29237ad43aa0e2e1bce829b7eca875bca50f02e2fdc51e0a2c224118351790f13ba85169f34d40"
-           "9dadd2cd2809",
-    0x464: "9eb612d9b6d5f8e7bca7f72c6304a5c6ebe1f1b6ebe8460903d2215b858160a711427fbfcb672f7817ade58175645350",
-    0x61D: "10",
-})
-NAPLES_PEK = _sparse({
-    0x000: "01",
-    0x005: "1000000210000002000000020000002b5331da2f7add5ffb24f6366c321fb8fb717367fa0ac4d880cb44379333007c162d3c"
-           "c270fe2da64f8c35ba54f262b1",
-    0x05C: "97ef43e336163153ac92f9289a31e09968641d57d27c66898d4fbd21fd7b72f2e80edfd7373ee7ac65f8e8b7539caea2",
-    0x414: "01100000020000005415e535158b6fdaa86d9a93d115660d559e69cfaccddb73cb85ffcfef7856f8d588b0c3fa1ee64754c5"
-           "ee96427a9cda",
-    0x464: "040ba28ac7d9401463bbf397d259334c52cb6f307062d946fd6075e4b762075e28e56207f4dd69784b238743f471446c",
-    0x61C: "0410000002000000846e900295da9e5cc0f0361a33e9411e737c3036d6504283bab26f1be75b2beded3f0151fcc191522a60"
-           "4866d438067e",
-    0x66C: "2b87bd339de8209ff35a623d70903f41c7a1c4afa927684c3c971c68a999252b17d3be6d1c7559dd1801f5f2cde17d84",
-})
+NAPLES_PDH = _sparse(
+    {
+        0x000: "01",
+        0x005: "10000003100000030000000200000095522057542425d53ac6e94f8f5f2477e6089e1919f11062ac87b4fe3a3fc1ae9ec352"
+        "f6afc9c134a1b6d5d608490236",
+        0x05C: "036ff19f20ab2ae9841dd2f63617a450b45be0a126d79d71195c5ec44bf44045f4821911b405586997421b11b29bc83e",
+        0x414: "0210000002000000e5b25c29237ad43aa0e2e1bce829b7eca875bca50f02e2fdc51e0a2c224118351790f13ba85169f34d40"
+        "9dadd2cd2809",
+        0x464: "9eb612d9b6d5f8e7bca7f72c6304a5c6ebe1f1b6ebe8460903d2215b858160a711427fbfcb672f7817ade58175645350",
+        0x61D: "10",
+    }
+)
+NAPLES_PEK = _sparse(
+    {
+        0x000: "01",
+        0x005: "1000000210000002000000020000002b5331da2f7add5ffb24f6366c321fb8fb717367fa0ac4d880cb44379333007c162d3c"
+        "c270fe2da64f8c35ba54f262b1",
+        0x05C: "97ef43e336163153ac92f9289a31e09968641d57d27c66898d4fbd21fd7b72f2e80edfd7373ee7ac65f8e8b7539caea2",
+        0x414: "01100000020000005415e535158b6fdaa86d9a93d115660d559e69cfaccddb73cb85ffcfef7856f8d588b0c3fa1ee64754c5"
+        "ee96427a9cda",
+        0x464: "040ba28ac7d9401463bbf397d259334c52cb6f307062d946fd6075e4b762075e28e56207f4dd69784b238743f471446c",
+        0x61C: "0410000002000000846e900295da9e5cc0f0361a33e9411e737c3036d6504283bab26f1be75b2beded3f0151fcc191522a60"
+        "4866d438067e",
+        0x66C: "2b87bd339de8209ff35a623d70903f41c7a1c4afa927684c3c971c68a999252b17d3be6d1c7559dd1801f5f2cde17d84",
+    }
+)
 
 
 def test_naples_pdh_fields_parse():
@@ -103,7 +107,7 @@ def test_from_public_key_round_trips_the_point():
     cert = Certificate.from_public_key(key)
     raw = cert.to_bytes()
     assert len(raw) == CERT_LEN
-    assert raw[:0x10] == bytes.fromhex("01000000" "0000" "0000" "03100000" "03000000")
+    assert raw[:0x10] == bytes.fromhex("01000000000000000310000003000000")
     assert Certificate.from_bytes(raw).public_key().public_numbers() == key.public_numbers()
     # the coordinates are little-endian in 72-byte fields
     assert raw[0x14 : 0x14 + 48] == key.public_numbers().x.to_bytes(48, "little")
@@ -184,12 +188,15 @@ def test_chain_in_the_wrong_order_is_refused():
         PlatformChain.from_bytes(swapped)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"pdh_signer": "other"}, "PDH certificate is not signed by the chain's PEK"),
-    ({"pek_signers": ("cek",)}, "PEK certificate is not signed by the chain's OCA"),
-    ({"pek_signers": ("oca",)}, "PEK certificate is not signed by the chain's CEK"),
-    ({"pek_signers": ("other", "cek")}, "not signed by the chain's OCA"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"pdh_signer": "other"}, "PDH certificate is not signed by the chain's PEK"),
+        ({"pek_signers": ("cek",)}, "PEK certificate is not signed by the chain's OCA"),
+        ({"pek_signers": ("oca",)}, "PEK certificate is not signed by the chain's CEK"),
+        ({"pek_signers": ("other", "cek")}, "not signed by the chain's OCA"),
+    ],
+)
 def test_each_broken_link_is_named(kwargs, words):
     pdh, chain = build_chain(**kwargs)
     with pytest.raises(ValueError, match=words):

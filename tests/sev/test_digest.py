@@ -31,9 +31,7 @@ from tests.sev.vectors import (
 
 RESET = 0x80B004
 SIG = 0x00A00F11
-FIRMWARE = synthetic_image(
-    hashes_area=Area(0x80CC00, 0x400), secret_area=Area(0x80C000, 0xC00), reset_address=RESET
-)
+FIRMWARE = synthetic_image(hashes_area=Area(0x80CC00, 0x400), secret_area=Area(0x80C000, 0xC00), reset_address=RESET)
 KERNEL = b"\x4d\x5a" + b"k" * 5000
 INITRD = b"initrd" * 700
 
@@ -134,12 +132,22 @@ def test_digest_matches_sev_snp_measure(tmp_path, sev_es, vcpus, boot):
             (tmp_path / name).write_bytes(data)
             paths[name] = str(tmp_path / name)
     theirs = guest.calc_launch_digest(
-        SevMode.SEV_ES if sev_es else SevMode.SEV, vcpus, SIG, paths["ovmf"],
-        paths.get("kernel"), paths.get("initrd"), boot.get("append"), 0,
+        SevMode.SEV_ES if sev_es else SevMode.SEV,
+        vcpus,
+        SIG,
+        paths["ovmf"],
+        paths.get("kernel"),
+        paths.get("initrd"),
+        boot.get("append"),
+        0,
     )
     # sev-snp-measure's SEV-ES VMSA carries the FPU reset state (newer kernels).
     ours = launch_digest(
-        FIRMWARE, **boot, sev_es=sev_es, vcpus=vcpus, vcpu_sig=SIG,
+        FIRMWARE,
+        **boot,
+        sev_es=sev_es,
+        vcpus=vcpus,
+        vcpu_sig=SIG,
         vmsa_options=VmsaOptions(fpu_init=True),
     )
     assert ours == theirs

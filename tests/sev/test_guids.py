@@ -35,13 +35,19 @@ def test_luks_key_alias_resolves():
 
 @pytest.mark.parametrize(
     "text",
-    ["736869e5-84f0-4973-92ec-06879ce3da0b", "736869E5-84F0-4973-92EC-06879CE3DA0B", "{736869e5-84f0-4973-92ec-06879ce3da0b}"],
+    [
+        "736869e5-84f0-4973-92ec-06879ce3da0b",
+        "736869E5-84F0-4973-92EC-06879CE3DA0B",
+        "{736869e5-84f0-4973-92ec-06879ce3da0b}",
+    ],
 )
 def test_canonical_guid_text_resolves(text):
     assert resolve_guid(text) == LUKS_KEY_GUID
 
 
-@pytest.mark.parametrize("text", ["luks", "736869e584f0497392ec06879ce3da0b", "736869e5-84f0-4973-92ec-06879ce3da0g", ""])
+@pytest.mark.parametrize(
+    "text", ["luks", "736869e584f0497392ec06879ce3da0b", "736869e5-84f0-4973-92ec-06879ce3da0g", ""]
+)
 def test_unknown_alias_is_a_one_line_value_error(text):
     with pytest.raises(ValueError) as err:
         resolve_guid(text)

@@ -18,7 +18,9 @@ from . import vectors as v
 )
 def test_blob_matches_sevctl_measurement_build(digest, expected):
     major, minor, build = v.SEVCTL_MEASURE_API
-    blob = measurement_blob(v.SEVCTL_MEASURE_TIK, major, minor, build, v.SEVCTL_MEASURE_POLICY, digest, v.SEVCTL_MEASURE_NONCE)
+    blob = measurement_blob(
+        v.SEVCTL_MEASURE_TIK, major, minor, build, v.SEVCTL_MEASURE_POLICY, digest, v.SEVCTL_MEASURE_NONCE
+    )
     assert base64.b64encode(blob).decode() == expected
 
 
@@ -35,13 +37,21 @@ def test_virtee_session_verify_vector():
     )
     assert measure == v.VIRTEE_VERIFY_MEASURE
     blob = v.VIRTEE_VERIFY_MEASURE + v.VIRTEE_VERIFY_MNONCE
-    assert verify_measurement(blob, v.VIRTEE_VERIFY_TIK, major, minor, build, v.VIRTEE_VERIFY_POLICY, v.VIRTEE_VERIFY_DIGEST)
+    assert verify_measurement(
+        blob, v.VIRTEE_VERIFY_TIK, major, minor, build, v.VIRTEE_VERIFY_POLICY, v.VIRTEE_VERIFY_DIGEST
+    )
 
 
 def _es_args():
     major, minor, build = v.SEVCTL_ES_API
-    return dict(tik=v.SEVCTL_MEASURE_TIK, api_major=major, api_minor=minor, build_id=build,
-                policy=v.SEVCTL_ES_POLICY, digest=v.SEVCTL_DIGEST_ES)
+    return dict(
+        tik=v.SEVCTL_MEASURE_TIK,
+        api_major=major,
+        api_minor=minor,
+        build_id=build,
+        policy=v.SEVCTL_ES_POLICY,
+        digest=v.SEVCTL_DIGEST_ES,
+    )
 
 
 def test_wrong_tik_is_refused():
@@ -92,8 +102,15 @@ def test_blob_of_wrong_length_is_refused(n):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("api_major", 256), ("api_minor", -1), ("build_id", 300), ("policy", 1 << 32), ("digest", bytes(31)),
-     ("mnonce", bytes(15)), ("tik", bytes(32))],
+    [
+        ("api_major", 256),
+        ("api_minor", -1),
+        ("build_id", 300),
+        ("policy", 1 << 32),
+        ("digest", bytes(31)),
+        ("mnonce", bytes(15)),
+        ("tik", bytes(32)),
+    ],
 )
 def test_out_of_range_inputs_are_refused(field, value):
     args = dict(tik=bytes(16), api_major=1, api_minor=2, build_id=3, policy=0, digest=bytes(32), mnonce=bytes(16))

@@ -126,7 +126,11 @@ def test_error_messages_do_not_echo_secret_bytes():
     assert "hunter2" not in str(err.value)
 
 
-@given(st.dictionaries(st.uuids().filter(lambda g: g != SECRET_TABLE_HEADER_GUID), st.binary(max_size=200), min_size=1, max_size=8))
+@given(
+    st.dictionaries(
+        st.uuids().filter(lambda g: g != SECRET_TABLE_HEADER_GUID), st.binary(max_size=200), min_size=1, max_size=8
+    )
+)
 def test_any_table_round_trips_and_is_aligned(secrets):
     entries = list(secrets.items())
     table = build_secret_table(entries)

@@ -28,7 +28,9 @@ def _reference_kdf(key, label, context, length):
     """SP 800-108 counter mode written out with u32 LE counter and length (test oracle)."""
     out = b""
     for i in range(1, -(-length // 32) + 1):
-        out += hmac.new(key, struct.pack("<I", i) + label + b"\0" + context + struct.pack("<I", length * 8), hashlib.sha256).digest()
+        out += hmac.new(
+            key, struct.pack("<I", i) + label + b"\0" + context + struct.pack("<I", length * 8), hashlib.sha256
+        ).digest()
     return out[:length]
 
 
@@ -103,8 +105,11 @@ def test_other_pdh_key_is_refused():
         open_session(other_key, godh, session, 0x1)
 
 
-@pytest.mark.parametrize("where", [0, 16, 47, 48, 64, 95, 96, 127],
-                         ids=["nonce", "wrap_tk", "wrap_tk-end", "wrap_iv", "wrap_mac", "wrap_mac-end", "policy_mac", "policy_mac-end"])
+@pytest.mark.parametrize(
+    "where",
+    [0, 16, 47, 48, 64, 95, 96, 127],
+    ids=["nonce", "wrap_tk", "wrap_tk-end", "wrap_iv", "wrap_mac", "wrap_mac-end", "policy_mac", "policy_mac-end"],
+)
 def test_tampered_session_is_refused(where):
     pdh_key, pdh = _pdh()
     godh, session = create_session(pdh, 0x1, nonce=NONCE, tek=TEK, tik=TIK, iv=IV)

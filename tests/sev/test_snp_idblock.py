@@ -12,11 +12,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sevsnpmeasure.id_block import snp_calc_id_block
 
-from agent.sev.snp_idblock import (ID_AUTH, ID_BLOCK, PUBLIC_KEY, SIGNATURE, IdBlock, SnpFormatError, check_id_auth,
-                                   decode_public_key, decode_signature, encode_public_key, key_digest,
-                                   policy_problem, sign, sign_id_block, verify)
-from tests.sev.snp_vectors import (AUTHOR_KEY, ID_KEY, IDBLOCK_AUTHOR_KEY_DIGEST, IDBLOCK_B64,
-                                   IDBLOCK_ID_KEY_DIGEST, IDBLOCK_LD, IDBLOCK_POLICY)
+from agent.sev.snp_idblock import (
+    ID_AUTH,
+    ID_BLOCK,
+    PUBLIC_KEY,
+    SIGNATURE,
+    IdBlock,
+    SnpFormatError,
+    check_id_auth,
+    decode_public_key,
+    decode_signature,
+    encode_public_key,
+    key_digest,
+    policy_problem,
+    sign,
+    sign_id_block,
+    verify,
+)
+from tests.sev.snp_vectors import (
+    AUTHOR_KEY,
+    ID_KEY,
+    IDBLOCK_AUTHOR_KEY_DIGEST,
+    IDBLOCK_B64,
+    IDBLOCK_ID_KEY_DIGEST,
+    IDBLOCK_LD,
+    IDBLOCK_POLICY,
+)
 
 
 def _key(path) -> ec.EllipticCurvePrivateKey:
@@ -94,8 +115,9 @@ def test_other_curves_are_refused():
         sign(ec.generate_private_key(ec.SECP256R1()), b"x")
 
 
-@pytest.mark.parametrize("field,value", [("launch_digest", bytes(47)), ("family_id", bytes(15)),
-                                         ("image_id", bytes(17))])
+@pytest.mark.parametrize(
+    "field,value", [("launch_digest", bytes(47)), ("family_id", bytes(15)), ("image_id", bytes(17))]
+)
 def test_id_block_fields_of_the_wrong_size_are_refused(field, value):
     kwargs = dict(launch_digest=bytes(48), policy=0x30000)
     kwargs[field] = value
@@ -108,8 +130,9 @@ def test_id_block_round_trips():
     assert IdBlock.from_bytes(block.to_bytes()) == block
 
 
-@pytest.mark.parametrize("policy,problem", [(0x30000, None), (0x10000, "bit 17"), (0x1 << 40 | 0x20000, "63:26"),
-                                            (0x20000 | 1 << 19, None)])
+@pytest.mark.parametrize(
+    "policy,problem", [(0x30000, None), (0x10000, "bit 17"), (0x1 << 40 | 0x20000, "63:26"), (0x20000 | 1 << 19, None)]
+)
 def test_policy_problems(policy, problem):
     got = policy_problem(policy)
     assert (got is None) if problem is None else (problem in got)

@@ -11,8 +11,16 @@ from hypothesis import strategies as st
 
 from agent.common.errors import SevFormatError
 from agent.sev.ovmf import FirmwareError, OvmfImage
-from agent.sev.snp_measure import (PAGE_INFO, PAGE_TYPE_NORMAL, VCPU_TYPES, LaunchDigest, metadata_sections,
-                                   snp_launch_digest, synthetic_snp_image, vcpu_signature)
+from agent.sev.snp_measure import (
+    PAGE_INFO,
+    PAGE_TYPE_NORMAL,
+    VCPU_TYPES,
+    LaunchDigest,
+    metadata_sections,
+    snp_launch_digest,
+    synthetic_snp_image,
+    vcpu_signature,
+)
 from tests.sev.snp_firmware import RESET, SECTIONS, snp_firmware, snp_firmware_without_hashes
 from tests.sev.snp_oracle import oracle_digest
 
@@ -26,8 +34,12 @@ INITRD = b"initrd\0" * 300
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     out = {}
-    for name, data in {"fw": snp_firmware(), "fw-no-hashes": snp_firmware_without_hashes(),
-                       "kernel": KERNEL, "initrd": INITRD}.items():
+    for name, data in {
+        "fw": snp_firmware(),
+        "fw-no-hashes": snp_firmware_without_hashes(),
+        "kernel": KERNEL,
+        "initrd": INITRD,
+    }.items():
         out[name] = tmp_path / name
         out[name].write_bytes(data)
     return out
@@ -41,8 +53,14 @@ def test_one_normal_page_extends_the_digest_with_its_page_info():
     ld = LaunchDigest()
     page = b"\xaa" * 4096
     ld.normal_pages(0x1000, page)
-    info = bytes(48) + hashlib.sha384(page).digest() + (0x70).to_bytes(2, "little") + bytes([PAGE_TYPE_NORMAL]) \
-        + bytes(5) + (0x1000).to_bytes(8, "little")
+    info = (
+        bytes(48)
+        + hashlib.sha384(page).digest()
+        + (0x70).to_bytes(2, "little")
+        + bytes([PAGE_TYPE_NORMAL])
+        + bytes(5)
+        + (0x1000).to_bytes(8, "little")
+    )
     assert ld.digest == hashlib.sha384(info).digest()
 
 
@@ -59,23 +77,40 @@ def test_debian_ovmf_has_no_kernel_hashes_section_so_a_kernel_is_refused():
         snp_launch_digest(DEBIAN_OVMF.read_bytes(), vcpus=1, vcpu_sig=VCPU_TYPES["EPYC"], kernel=b"k")
 
 
-@pytest.mark.parametrize("kernel,initrd,append", [
-    (True, True, "console=ttyS0 root=/dev/vda"),
-    (True, False, None),
-    (True, True, None),
-    (True, False, "ro"),
-    (False, False, None),
-])
-@pytest.mark.parametrize("vcpus,vcpu_type,features", [(1, "EPYC", 0x1), (3, "EPYC-Rome-v2", 0x1),
-                                                      (2, "EPYC-Turin", 0x21)])
-def test_synthetic_firmware_with_kernel_hashes_equals_sev_snp_measure(files, kernel, initrd, append, vcpus,
-                                                                       vcpu_type, features):
-    mine = snp_launch_digest(files["fw"].read_bytes(), vcpus=vcpus, vcpu_sig=vcpu_signature(vcpu_type),
-                             kernel=KERNEL if kernel else None, initrd=INITRD if initrd else None,
-                             append=append, guest_features=features)
-    theirs = oracle_digest(files["fw"], vcpus=vcpus, vcpu_type=vcpu_type,
-                           kernel=files["kernel"] if kernel else None, initrd=files["initrd"] if initrd else None,
-                           append=append, guest_features=features)
+@pytest.mark.parametrize(
+    "kernel,initrd,append",
+    [
+        (True, True, "console=ttyS0 root=/dev/vda"),
+        (True, False, None),
+        (True, True, None),
+        (True, False, "ro"),
+        (False, False, None),
+    ],
+)
+@pytest.mark.parametrize(
+    "vcpus,vcpu_type,features", [(1, "EPYC", 0x1), (3, "EPYC-Rome-v2", 0x1), (2, "EPYC-Turin", 0x21)]
+)
+def test_synthetic_firmware_with_kernel_hashes_equals_sev_snp_measure(
+    files, kernel, initrd, append, vcpus, vcpu_type, features
+):
+    mine = snp_launch_digest(
+        files["fw"].read_bytes(),
+        vcpus=vcpus,
+        vcpu_sig=vcpu_signature(vcpu_type),
+        kernel=KERNEL if kernel else None,
+        initrd=INITRD if initrd else None,
+        append=append,
+        guest_features=features,
+    )
+    theirs = oracle_digest(
+        files["fw"],
+        vcpus=vcpus,
+        vcpu_type=vcpu_type,
+        kernel=files["kernel"] if kernel else None,
+        initrd=files["initrd"] if initrd else None,
+        append=append,
+        guest_features=features,
+    )
     assert mine == theirs
 
 
@@ -85,24 +120,40 @@ def test_svsm_caa_section_is_measured_as_zero_pages_like_sev_snp_measure(files):
 
 
 @settings(max_examples=15, deadline=None)
-@given(vcpus=st.integers(1, 6), features=st.integers(0, 2**64 - 1),
-       vcpu_type=st.sampled_from(sorted(VCPU_TYPES)), append=st.none() | st.text(
-           st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40))
+@given(
+    vcpus=st.integers(1, 6),
+    features=st.integers(0, 2**64 - 1),
+    vcpu_type=st.sampled_from(sorted(VCPU_TYPES)),
+    append=st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+)
 def test_any_vcpu_set_up_equals_sev_snp_measure(tmp_path_factory, vcpus, features, vcpu_type, append):
     d = tmp_path_factory.mktemp("fw")
     (d / "fw").write_bytes(snp_firmware())
     (d / "k").write_bytes(KERNEL)
-    mine = snp_launch_digest(snp_firmware(), vcpus=vcpus, vcpu_sig=VCPU_TYPES[vcpu_type], kernel=KERNEL,
-                             append=append, guest_features=features)
-    assert mine == oracle_digest(d / "fw", vcpus=vcpus, vcpu_type=vcpu_type, kernel=d / "k", append=append,
-                                 guest_features=features)
+    mine = snp_launch_digest(
+        snp_firmware(),
+        vcpus=vcpus,
+        vcpu_sig=VCPU_TYPES[vcpu_type],
+        kernel=KERNEL,
+        append=append,
+        guest_features=features,
+    )
+    assert mine == oracle_digest(
+        d / "fw", vcpus=vcpus, vcpu_type=vcpu_type, kernel=d / "k", append=append, guest_features=features
+    )
 
 
 def test_every_input_changes_the_digest():
     base = dict(vcpus=2, vcpu_sig=VCPU_TYPES["EPYC-Milan"], kernel=KERNEL, initrd=INITRD, append="a")
     seen = {snp_launch_digest(snp_firmware(), **base)}
-    for over in (dict(vcpus=3), dict(vcpu_sig=VCPU_TYPES["EPYC-Genoa"]), dict(kernel=KERNEL + b"x"),
-                 dict(initrd=INITRD + b"x"), dict(append="b"), dict(guest_features=0x3)):
+    for over in (
+        dict(vcpus=3),
+        dict(vcpu_sig=VCPU_TYPES["EPYC-Genoa"]),
+        dict(kernel=KERNEL + b"x"),
+        dict(initrd=INITRD + b"x"),
+        dict(append="b"),
+        dict(guest_features=0x3),
+    ):
         seen.add(snp_launch_digest(snp_firmware(), **{**base, **over}))
     seen.add(snp_launch_digest(snp_firmware(filler=b"\xfe"), **base))
     assert len(seen) == 8
@@ -121,11 +172,14 @@ def test_metadata_sections_are_read_in_order():
     assert [(s.gpa, s.size, s.kind) for s in sections] == SECTIONS
 
 
-@pytest.mark.parametrize("image,why", [
-    (b"\xff" * 0x10000, "no OVMF GUID table footer"),
-    (synthetic_snp_image(sections=[(0x800000, 0x1800, 1)]), "not whole pages"),
-    (synthetic_snp_image(sections=[(0x800000, 0x1000, 9)]), "unknown type 0x9"),
-])
+@pytest.mark.parametrize(
+    "image,why",
+    [
+        (b"\xff" * 0x10000, "no OVMF GUID table footer"),
+        (synthetic_snp_image(sections=[(0x800000, 0x1800, 1)]), "not whole pages"),
+        (synthetic_snp_image(sections=[(0x800000, 0x1000, 9)]), "unknown type 0x9"),
+    ],
+)
 def test_firmware_without_usable_snp_metadata_is_refused_with_the_reason(image, why):
     with pytest.raises(FirmwareError, match=why):
         snp_launch_digest(image, vcpus=1, vcpu_sig=1)

@@ -11,14 +11,35 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.sev.snp_ca import (SnpCertError, builtin_snp_roots, load_snp_roots_dir, load_vcek, roots_valid,
-                              signed_by, vcek_product)
-from agent.sev.snp_report import (REPORT_SIZE, SIGNED_SIZE, AttestationReport, Expected, SnpFormatError, Tcb,
-                                  verify_report)
+from agent.sev.snp_ca import (
+    SnpCertError,
+    builtin_snp_roots,
+    load_snp_roots_dir,
+    load_vcek,
+    roots_valid,
+    signed_by,
+    vcek_product,
+)
+from agent.sev.snp_report import (
+    REPORT_SIZE,
+    SIGNED_SIZE,
+    AttestationReport,
+    Expected,
+    SnpFormatError,
+    Tcb,
+    verify_report,
+)
 from agent.sev.snp_sign import encode_tcb
 from tests.sev.snp_chain import CHIP_ID, TCB, authority, signed_report, vcek
-from tests.sev.snp_vectors import (SNP_DATA, MILAN_CHIP_ID_PREFIX, MILAN_MEASUREMENT, MILAN_POLICY, MILAN_REPORT_DATA,
-                                   milan_report, milan_vcek)
+from tests.sev.snp_vectors import (
+    MILAN_CHIP_ID_PREFIX,
+    MILAN_MEASUREMENT,
+    MILAN_POLICY,
+    MILAN_REPORT_DATA,
+    SNP_DATA,
+    milan_report,
+    milan_vcek,
+)
 
 ROOTS = builtin_snp_roots()
 
@@ -26,8 +47,11 @@ ROOTS = builtin_snp_roots()
 def test_builtin_roots_are_amd_s_self_consistent_chains():
     assert [r.product for r in ROOTS] == ["milan", "genoa", "turin"]
     assert all(roots_valid(r) for r in ROOTS)
-    assert {r.ark.subject.rfc4514_string().split(",")[0] for r in ROOTS} == {"CN=ARK-Milan", "CN=ARK-Genoa",
-                                                                             "CN=ARK-Turin"}
+    assert {r.ark.subject.rfc4514_string().split(",")[0] for r in ROOTS} == {
+        "CN=ARK-Milan",
+        "CN=ARK-Genoa",
+        "CN=ARK-Turin",
+    }
 
 
 def test_real_milan_report_verifies_against_amd_s_milan_roots():
@@ -47,22 +71,37 @@ def test_real_milan_report_fields_are_read_at_the_spec_s_offsets():
 
 
 def test_real_milan_report_with_every_expected_field():
-    expected = Expected(measurement=MILAN_MEASUREMENT, policy=MILAN_POLICY, report_data=MILAN_REPORT_DATA,
-                        host_data=bytes(32), id_key_digest=bytes(48), author_key_digest=bytes(48))
+    expected = Expected(
+        measurement=MILAN_MEASUREMENT,
+        policy=MILAN_POLICY,
+        report_data=MILAN_REPORT_DATA,
+        host_data=bytes(32),
+        id_key_digest=bytes(48),
+        author_key_digest=bytes(48),
+    )
     verdict = verify_report(milan_report(), milan_vcek(), ROOTS, product="milan", expected=expected)
     assert verdict.valid
-    assert [c.name for c in verdict.checks][-6:] == ["measurement", "report_data", "host_data", "id_key_digest",
-                                                     "author_key_digest", "policy"]
+    assert [c.name for c in verdict.checks][-6:] == [
+        "measurement",
+        "report_data",
+        "host_data",
+        "id_key_digest",
+        "author_key_digest",
+        "policy",
+    ]
 
 
-@pytest.mark.parametrize("expected,failed", [
-    (Expected(measurement=bytes(48)), ("measurement",)),
-    (Expected(policy=0x30001), ("policy",)),
-    (Expected(report_data=bytes(64)), ("report_data",)),
-    (Expected(host_data=b"\x01" * 32), ("host_data",)),
-    (Expected(id_key_digest=b"\x01" * 48), ("id_key_digest",)),
-    (Expected(measurement=MILAN_MEASUREMENT[:47]), ("measurement",)),
-])
+@pytest.mark.parametrize(
+    "expected,failed",
+    [
+        (Expected(measurement=bytes(48)), ("measurement",)),
+        (Expected(policy=0x30001), ("policy",)),
+        (Expected(report_data=bytes(64)), ("report_data",)),
+        (Expected(host_data=b"\x01" * 32), ("host_data",)),
+        (Expected(id_key_digest=b"\x01" * 48), ("id_key_digest",)),
+        (Expected(measurement=MILAN_MEASUREMENT[:47]), ("measurement",)),
+    ],
+)
 def test_real_milan_report_with_a_wrong_expectation_fails_only_that_check(expected, failed):
     verdict = verify_report(milan_report(), milan_vcek(), ROOTS, expected=expected)
     assert not verdict.valid and verdict.failed == failed
@@ -183,9 +222,15 @@ def test_a_vcek_signed_with_pkcs1v15_instead_of_pss_does_not_chain():
     auth = authority()
     key = ec.generate_private_key(ec.SECP384R1())
     _, good = vcek()
-    builder = (x509.CertificateBuilder().subject_name(good.subject).issuer_name(good.issuer)
-               .public_key(key.public_key()).serial_number(9).not_valid_before(good.not_valid_before_utc)
-               .not_valid_after(good.not_valid_after_utc))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(good.subject)
+        .issuer_name(good.issuer)
+        .public_key(key.public_key())
+        .serial_number(9)
+        .not_valid_before(good.not_valid_before_utc)
+        .not_valid_after(good.not_valid_after_utc)
+    )
     for ext in good.extensions:
         builder = builder.add_extension(ext.value, ext.critical)
     cert = builder.sign(auth.ask_key, hashes.SHA384(), rsa_padding=padding.PKCS1v15())
@@ -222,8 +267,10 @@ def test_signed_part_is_everything_before_the_signature():
 def test_builtin_milan_roots_are_the_chain_amd_s_kds_served_with_the_real_report():
     served = x509.load_pem_x509_certificates((SNP_DATA / "cert_chain_milan").read_bytes())
     milan = next(r for r in ROOTS if r.product == "milan")
-    assert [c.fingerprint(hashes.SHA256()) for c in served] == [milan.ask.fingerprint(hashes.SHA256()),
-                                                                 milan.ark.fingerprint(hashes.SHA256())]
+    assert [c.fingerprint(hashes.SHA256()) for c in served] == [
+        milan.ask.fingerprint(hashes.SHA256()),
+        milan.ark.fingerprint(hashes.SHA256()),
+    ]
 
 
 @pytest.mark.parametrize("directory", [SNP_DATA, Path(__file__).resolve().parents[2] / "agent" / "sev" / "snp_roots"])

@@ -14,16 +14,25 @@ import pytest
 
 from agent.tools.bench import TARGETS, format_table, percentile
 
-KEYS = ("launch_ratio", "launch_added_ms_p50", "idle_rss_mb", "startup_ms",
-        "replay_events_per_s", "replay_html_records_per_s", "migration_ratio", "density_launch_p99_ms",
-        "density_rss_mb_total")
+KEYS = (
+    "launch_ratio",
+    "launch_added_ms_p50",
+    "idle_rss_mb",
+    "startup_ms",
+    "replay_events_per_s",
+    "replay_html_records_per_s",
+    "migration_ratio",
+    "density_launch_p99_ms",
+    "density_rss_mb_total",
+)
 
 
 # Its migration figure runs two real QEMUs where qemu-system-x86_64 is installed.
 @pytest.mark.qemu
 def test_smoke_run_prints_every_figure_as_json_and_exits_0():
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--smoke", "--json"],
-                         capture_output=True, text=True, timeout=90)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "bench", "--smoke", "--json"], capture_output=True, text=True, timeout=90
+    )
     assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
     report = json.loads(out.stdout)
     assert report["errors"] == {}
@@ -44,11 +53,13 @@ def test_smoke_run_prints_every_figure_as_json_and_exits_0():
 
 
 def test_unknown_figure_is_a_usage_error():
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--only", "speed"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "bench", "--only", "speed"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        f"keyagent: error: --only: unknown figure 'speed' (known: {', '.join(KEYS)})"]
+        f"keyagent: error: --only: unknown figure 'speed' (known: {', '.join(KEYS)})"
+    ]
 
 
 def test_percentile_is_nearest_rank():

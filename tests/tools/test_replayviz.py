@@ -33,8 +33,9 @@ PSK = hashlib.sha256(b"replayviz test: migration psk").digest()
 
 
 def replay(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "replay", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "replay", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def arrows_in_log(path: Path) -> int:
@@ -44,9 +45,19 @@ def arrows_in_log(path: Path) -> int:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         body = r.get("event") or r.get("action") or {}
-        if body.get("type") in ("SendQmp", "QmpReply", "QmpError", "QmpEvent", "QmpDisconnected",
-                                "PostOwner", "OwnerReleased", "OwnerRefused", "OwnerFailed",
-                                "ControlRequest", "ControlReply"):
+        if body.get("type") in (
+            "SendQmp",
+            "QmpReply",
+            "QmpError",
+            "QmpEvent",
+            "QmpDisconnected",
+            "PostOwner",
+            "OwnerReleased",
+            "OwnerRefused",
+            "OwnerFailed",
+            "ControlRequest",
+            "ControlReply",
+        ):
             n += 1
     return n
 
@@ -56,11 +67,11 @@ def svg_root(text: str) -> ET.Element:
 
 
 def texts(root: ET.Element, cls: str) -> list[str]:
-    return ["".join(e.itertext()) for e in root.iter(f"{SVG_NS}text")
-            if cls in (e.get("class") or "").split()]
+    return ["".join(e.itertext()) for e in root.iter(f"{SVG_NS}text") if cls in (e.get("class") or "").split()]
 
 
 # -- the summary ------------------------------------------------------------------------------
+
 
 def test_summary_prints_each_flow_with_its_result():
     out = replay(REFUSED, "--summary")
@@ -105,6 +116,7 @@ def test_a_directory_stands_for_the_logs_in_it(tmp_path):
 
 # -- the SVG of one flow ----------------------------------------------------------------------
 
+
 def test_svg_of_a_refused_launch_shows_lanes_arrows_and_the_failure(tmp_path):
     out_svg = tmp_path / "launch.svg"
     out = replay(REFUSED, "--svg", out_svg, "--flow", "launch")
@@ -116,14 +128,13 @@ def test_svg_of_a_refused_launch_shows_lanes_arrows_and_the_failure(tmp_path):
     assert texts(root, "failtext") == [f"✗ failed here: {REFUSAL}"]
     failing = [e for e in root.iter(f"{SVG_NS}line") if "failing" in (e.get("class") or "")]
     assert len(failing) == 1 and "owner refused" not in failing[0].get("class")
-    assert texts(root, "state") == ["query-status", "query-sev", "measure", "ask-owner",
-                                    "quitting", "failed"]
+    assert texts(root, "state") == ["query-status", "query-sev", "measure", "ask-owner", "quitting", "failed"]
 
 
 @pytest.mark.parametrize("trace", ALL_TRACES, ids=lambda p: p.stem)
 def test_every_recorded_trace_draws_as_well_formed_svg(trace):
-    from agent.tools import replayviz
     from agent.app.eventlog import read_records
+    from agent.tools import replayviz
 
     report = replayviz.build([(str(trace), list(read_records(str(trace))))])
     for flow in report.flows:
@@ -144,6 +155,7 @@ def test_unknown_flow_id_is_one_line_exit_two_and_writes_nothing(tmp_path):
 
 # -- the HTML page ----------------------------------------------------------------------------
 
+
 def test_html_page_is_self_contained(tmp_path):
     page = tmp_path / "p.html"
     assert replay(*ALL_TRACES, "--html", page).returncode == 0
@@ -151,7 +163,7 @@ def test_html_page_is_self_contained(tmp_path):
     assert "<script src" not in text and "<link" not in text and "@import" not in text
     assert re.findall(r"url\((?!#)", text) == []
     assert set(re.findall(r"https?://[^\s\"'<>]+", text)) == {"http://www.w3.org/2000/svg"}
-    assert " src=" not in text and "href=\"http" not in text
+    assert " src=" not in text and 'href="http' not in text
 
 
 def test_retries_fold_into_one_arrow_with_a_count(tmp_path):
@@ -179,10 +191,8 @@ def test_a_long_retry_loop_folds_to_one_row(tmp_path):
 
 
 def test_secrets_are_drawn_as_redacted_lengths_never_as_bytes(tmp_path):
-    launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good",
-                                 {"OwnerReleased": PACKET_SECRET})
-    migration = replay_with_secrets(tmp_path / "mig.jsonl", "migration-source-completed-multifd",
-                                    {"KeyProvided": PSK})
+    launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good", {"OwnerReleased": PACKET_SECRET})
+    migration = replay_with_secrets(tmp_path / "mig.jsonl", "migration-source-completed-multifd", {"KeyProvided": PSK})
     page, svg = tmp_path / "p.html", tmp_path / "m.svg"
     assert replay(launch, migration, "--html", page).returncode == 0
     assert replay(migration, "--svg", svg).returncode == 0
@@ -208,13 +218,11 @@ def lazy_diagrams(page: str) -> list[str]:
 
 
 def test_diagrams_kept_for_later_are_the_same_and_hold_no_secrets(tmp_path):
-    from agent.tools import replayviz
     from agent.app.eventlog import read_records
+    from agent.tools import replayviz
 
-    launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good",
-                                 {"OwnerReleased": PACKET_SECRET})
-    migration = replay_with_secrets(tmp_path / "mig.jsonl", "migration-source-completed-multifd",
-                                    {"KeyProvided": PSK})
+    launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good", {"OwnerReleased": PACKET_SECRET})
+    migration = replay_with_secrets(tmp_path / "mig.jsonl", "migration-source-completed-multifd", {"KeyProvided": PSK})
     logs = [(str(p), list(read_records(str(p)))) for p in (launch, migration)]
     eager = replayviz.page(replayviz.build(logs))
     later = replayviz.page(replayviz.build(logs), eager_rows=0)
@@ -245,8 +253,9 @@ def test_a_readable_but_odd_log_still_draws(tmp_path):
     assert replay(path, "--html", page).returncode == 0
     assert replay(path, "--svg", svg, "--flow", "y").returncode == 0
     root = svg_root(svg.read_text())
-    swtpm = [e for e in root.iter(f"{SVG_NS}line") if "arrow" in e.get("class", "")
-             and abs(float(e.get("x2")) - 1067) < 5]
+    swtpm = [
+        e for e in root.iter(f"{SVG_NS}line") if "arrow" in e.get("class", "") and abs(float(e.get("x2")) - 1067) < 5
+    ]
     assert len(swtpm) == 1  # the swtpm action is drawn to the swtpm lane
     assert "Mystery n=[redacted, 5 bytes]" in "".join(root.itertext())
     assert "&lt;b&gt;&amp;" in svg.read_text()
@@ -258,30 +267,33 @@ def test_summary_prints_no_control_characters_from_the_log(tmp_path):
     log = LogWriter()
     log.copy_flow(flow_records("launch-refused-quit"), "launch\x1b[2J\ud800")
     path = log.write(tmp_path / "esc.jsonl")
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "replay", str(path), "--summary"],
-                         capture_output=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "replay", str(path), "--summary"], capture_output=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert b"\x1b" not in out.stdout and "launch\ufffd[2J\ufffd" in out.stdout.decode()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["{missing}", "--html", "{out}"], "cannot read"),
-    (["{cut}", "--html", "{out}"], "truncated at line"),
-    (["{log}", "--html", "{tmp}/no/such/dir/x.html"], "no directory"),
-    (["{log}", "--html", "{log}"], "it is the log being read"),
-    (["{log}", "--html", "{out}", "--summary"], "not allowed with"),
-    (["{log}", "--flow", "launch"], "--flow goes with --svg"),
-    (["{log}", "{log}", "--check"], "several logs only with"),
-    (["{log}", "{log}", "--svg", "{out}"], "--svg needs --flow ID"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["{missing}", "--html", "{out}"], "cannot read"),
+        (["{cut}", "--html", "{out}"], "truncated at line"),
+        (["{log}", "--html", "{tmp}/no/such/dir/x.html"], "no directory"),
+        (["{log}", "--html", "{log}"], "it is the log being read"),
+        (["{log}", "--html", "{out}", "--summary"], "not allowed with"),
+        (["{log}", "--flow", "launch"], "--flow goes with --svg"),
+        (["{log}", "{log}", "--check"], "several logs only with"),
+        (["{log}", "{log}", "--svg", "{out}"], "--svg needs --flow ID"),
+    ],
+)
 def test_bad_input_is_one_line_exit_two_and_writes_nothing(tmp_path, args, words):
     cut = tmp_path / "cut.jsonl"
     cut.write_text(REFUSED.read_text()[:700])
     log = tmp_path / "log.jsonl"
     log.write_text(REFUSED.read_text())
     before = sorted(p.name for p in tmp_path.iterdir())
-    names = {"missing": tmp_path / "nope.jsonl", "cut": cut, "log": log, "out": tmp_path / "out.html",
-             "tmp": tmp_path}
+    names = {"missing": tmp_path / "nope.jsonl", "cut": cut, "log": log, "out": tmp_path / "out.html", "tmp": tmp_path}
     out = replay(*(a.format(**names) for a in args))
     assert out.returncode == 2, out.stderr
     assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -290,20 +302,22 @@ def test_bad_input_is_one_line_exit_two_and_writes_nothing(tmp_path, args, words
 
 
 def test_the_picture_is_not_imported_on_the_agent_path():
-    code = ("import sys, agent.cli.main, agent.app.sidecar, agent.cli.run, agent.cli.launch, agent.app.replay\n"
-            "assert 'agent.tools.replayviz' not in sys.modules, 'imported'\n")
+    code = (
+        "import sys, agent.cli.main, agent.app.sidecar, agent.cli.run, agent.cli.launch, agent.app.replay\n"
+        "assert 'agent.tools.replayviz' not in sys.modules, 'imported'\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 
 
 # -- in a browser -----------------------------------------------------------------------------
 
+
 def _flow_svgs(dom: str) -> list[ET.Element]:
     """The diagrams the loaded page shows, parsed (the DOM dump is HTML; each
     inline svg in it is well-formed XML), each with its lane header."""
     shown = []
-    for head, body in re.findall(r'<div class="lanes">(<svg.*?</svg>)</div>(<svg class="ka".*?</svg>)',
-                                 dom, re.S):
+    for head, body in re.findall(r'<div class="lanes">(<svg.*?</svg>)</div>(<svg class="ka".*?</svg>)', dom, re.S):
         both = ET.Element("diagram")
         both.extend([svg_root(head), svg_root(body)])
         shown.append(both)
@@ -326,10 +340,10 @@ def test_browser_shows_the_refused_launch_and_its_reason(tmp_path):
 
 @needs_chromium
 def test_browser_page_holds_no_secret_bytes(tmp_path):
-    launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good",
-                                 {"OwnerReleased": PACKET_SECRET})
-    migration = replay_with_secrets(tmp_path / "mig.jsonl", "migration-destination-completed-sealed",
-                                    {"KeyProvided": PSK})
+    launch = replay_with_secrets(tmp_path / "launch.jsonl", "launch-good", {"OwnerReleased": PACKET_SECRET})
+    migration = replay_with_secrets(
+        tmp_path / "mig.jsonl", "migration-destination-completed-sealed", {"KeyProvided": PSK}
+    )
     page = tmp_path / "p.html"
     assert replay(launch, migration, "--html", page).returncode == 0
     dom = dump_dom(page, tmp_path / "profile")
@@ -358,11 +372,13 @@ def test_browser_loads_a_100k_record_log(tmp_path):
     # the failed flows are drawn first
     assert all(texts(svg, "failtext") == [f"✗ failed here: {REFUSAL}"] for svg in drawn)
     assert dom.count('<div data-lazy="') == info["flows"] - len(drawn)
-    for anchor, check in (("f1", lambda svg: texts(svg, "foldtext") == [f"×{info['retries']}"]),
-                          (f"f{info['flows']}", lambda svg: len(texts(svg, "failtext")) == 1)):
+    for anchor, check in (
+        ("f1", lambda svg: texts(svg, "foldtext") == [f"×{info['retries']}"]),
+        (f"f{info['flows']}", lambda svg: len(texts(svg, "failtext")) == 1),
+    ):
         opened = dump_dom(page, tmp_path / "profile", fragment=f"#{anchor}", settle_ms=10_000)
         start = opened.index(f'id="{anchor}"')
-        [svg] = _flow_svgs(opened[start:opened.index("</section>", start)])
+        [svg] = _flow_svgs(opened[start : opened.index("</section>", start)])
         assert texts(svg, "lane-name") == LANES and check(svg), anchor
 
 
@@ -379,7 +395,7 @@ def test_browser_draws_the_standalone_svg(tmp_path):
     svg = tmp_path / "launch.svg"
     assert replay(REFUSED, "--svg", svg, "--flow", "launch").returncode == 0
     dom = dump_dom(svg, tmp_path / "profile")
-    root = svg_root(dom[dom.index("<svg"):])
+    root = svg_root(dom[dom.index("<svg") :])
     assert texts(root, "lane-name") == LANES
     assert texts(root, "failtext") == [f"✗ failed here: {REFUSAL}"]
     png = screenshot(svg, tmp_path / "launch.png", tmp_path / "profile", size="1150,800")
@@ -392,8 +408,11 @@ def test_summary_into_a_pipe_closed_early_exits_quietly(tmp_path):
     for n in range(1500):  # a summary longer than a pipe's buffer
         log.copy_flow(good, f"launch-{n}")
     path = log.write(tmp_path / "many.jsonl")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "replay", str(path), "--summary"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "replay", str(path), "--summary"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout.readline().split()[0] == b"ID"
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
@@ -412,7 +431,7 @@ def test_a_real_refused_launch_is_drawn_with_its_wall_clock_start(tmp_path):
     try:
         world.simulator()
         agent = world.agent(world.owner(digest=hashlib.sha256(b"other firmware").digest()))
-        before = datetime.datetime.now(datetime.timezone.utc)
+        before = datetime.datetime.now(datetime.UTC)
         assert agent.wait() == 1, agent.stderr
     finally:
         world.close()
@@ -423,7 +442,7 @@ def test_a_real_refused_launch_is_drawn_with_its_wall_clock_start(tmp_path):
     row = out.stdout.splitlines()[1].split()
     assert row[:3] == ["launch", "vm1", "sev-launch"]
     started = datetime.datetime.strptime(f"{row[3]} {row[4]}", "%Y-%m-%d %H:%M:%S.%fZ")
-    assert abs(started.replace(tzinfo=datetime.timezone.utc) - before) < datetime.timedelta(seconds=30)
+    assert abs(started.replace(tzinfo=datetime.UTC) - before) < datetime.timedelta(seconds=30)
     assert "failed: guest owner refused" in out.stdout
     page = tmp_path / "refused.html"
     assert replay(log, "--html", page).returncode == 0

@@ -20,12 +20,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from agent.app.flowhost import FlowHost
+from agent.common.errors import ControlError, UsageError
+from agent.common.secret import Secret
 from agent.core.events import ControlRequest, KeyProvided
 from agent.core.migration import MigrationFlow, MigrationParams
 from agent.core.modes import MigrationRole
-from agent.common.secret import Secret
-from agent.app.flowhost import FlowHost
-from agent.common.errors import ControlError, UsageError
 
 MAX_PENDING_OFFERS = 8
 # fullmatch, not match with "$": "$" also matches before a trailing newline,
@@ -40,9 +40,11 @@ def _uri(args: dict) -> str:
     return uri
 
 
-NO_HOST_KEYS = ("the sealed hand-over needs host keys: set [migration] host_key and "
-                "trusted_hosts (--migration-host-key, --migration-trusted-hosts; "
-                "'keyagent hostkey init'), or give both sides --psk-file/--psk-ref")
+NO_HOST_KEYS = (
+    "the sealed hand-over needs host keys: set [migration] host_key and "
+    "trusted_hosts (--migration-host-key, --migration-trusted-hosts; "
+    "'keyagent hostkey init'), or give both sides --psk-file/--psk-ref"
+)
 
 
 @dataclass
@@ -83,8 +85,7 @@ class MigrationControl:
         if cfg.migration_host_key is None or cfg.migration_trusted_hosts is None:
             raise ControlError(400, NO_HOST_KEYS)
         try:
-            return (hostkey.load_private(cfg.migration_host_key),
-                    hostkey.load_trusted(cfg.migration_trusted_hosts))
+            return (hostkey.load_private(cfg.migration_host_key), hostkey.load_trusted(cfg.migration_trusted_hosts))
         except hostkey.HostKeyError as exc:
             raise ControlError(500, str(exc)) from None
 
@@ -135,8 +136,9 @@ class MigrationControl:
         if self.source_psk is not None:
             self.source_psk.wipe()
         self.source_psk = psk
-        self.log.info("migration PSK generated and sealed", offer_id=offer.offer_id.hex(),
-                      destination=dest, psk_length=length)
+        self.log.info(
+            "migration PSK generated and sealed", offer_id=offer.offer_id.hex(), destination=dest, psk_length=length
+        )
         return {"cookie": cookie}
 
     def _open_cookie(self, cookie_b64: Any) -> tuple[bytes, Secret]:
@@ -154,15 +156,17 @@ class MigrationControl:
         pending = self.offers.get(cookie.offer_hash)
         if pending is None:
             self.log.warning("migration cookie refused", reason="no pending offer", source=source)
-            raise ControlError(409, "cookie answers no pending offer of this agent (already "
-                                    "used, expired, or made for another destination)")
+            raise ControlError(
+                409,
+                "cookie answers no pending offer of this agent (already "
+                "used, expired, or made for another destination)",
+            )
         try:
             psk = Secret(seal.open_cookie(cookie, pending.offer, pending.private.reveal()))
         except seal.SealError as exc:
             self.log.warning("migration cookie refused", reason=str(exc), source=source)
             raise ControlError(exc.status, str(exc)) from None
-        self.log.info("migration cookie opened", offer_id=pending.offer.offer_id.hex(),
-                      source=source)
+        self.log.info("migration cookie opened", offer_id=pending.offer.offer_id.hex(), source=source)
         return cookie.offer_hash, psk
 
     def wipe(self) -> None:
@@ -222,8 +226,12 @@ class MigrationControl:
         if not isinstance(postcopy, bool):
             raise ControlError(400, "postcopy must be a boolean")
         channels = args.get("multifd_channels", 2)
-        if not isinstance(multifd, bool) or isinstance(channels, bool) or \
-                not isinstance(channels, int) or not 1 <= channels <= 255:
+        if (
+            not isinstance(multifd, bool)
+            or isinstance(channels, bool)
+            or not isinstance(channels, int)
+            or not 1 <= channels <= 255
+        ):
             raise ControlError(400, "multifd must be a boolean and multifd_channels 1..255")
         if self._active() is not None:
             raise ControlError(409, "a migration is already in progress")
@@ -237,10 +245,18 @@ class MigrationControl:
         self._count += 1
         flow_id = f"migrate-{self._count}"
         req, future = host.new_request()
-        flow = MigrationFlow(MigrationParams(
-            role=role, uri=opts.uri, reply_to=req, creds_id=f"keyagent-tls-{flow_id}",
-            multifd=opts.multifd, multifd_channels=opts.channels, postcopy=opts.postcopy,
-            dest_deadline_s=self.host.cfg.migration_dest_deadline_s))
+        flow = MigrationFlow(
+            MigrationParams(
+                role=role,
+                uri=opts.uri,
+                reply_to=req,
+                creds_id=f"keyagent-tls-{flow_id}",
+                multifd=opts.multifd,
+                multifd_channels=opts.channels,
+                postcopy=opts.postcopy,
+                dest_deadline_s=self.host.cfg.migration_dest_deadline_s,
+            )
+        )
         host.start_flow(flow_id, flow)
         host.feed(flow_id, KeyProvided("psk", psk))
         status, body = await future
@@ -281,7 +297,7 @@ class MigrationControl:
         flow_id, flow = latest
         try:
             await asyncio.wait_for(self.host.finished(flow_id), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return 200, {"status": flow.status, "migration": flow_id, "timed_out": True}
         return 200, {**flow.result(), "migration": flow_id}
 

@@ -18,11 +18,11 @@ import os
 import re
 
 from agent.app.flowhost import FlowHost
-from agent.core.events import ControlRequest, KeyProvided
+from agent.common.errors import ControlError, UsageError
 from agent.common.secret import Secret
+from agent.core.events import ControlRequest, KeyProvided
 from agent.core.secret_objects import SecretsFlow, SecretsParams
 from agent.crypto.secret_object import IV_LEN, MASTER_KEY_LEN, encrypt
-from agent.common.errors import ControlError, UsageError
 
 FLOW_ID = "secrets"
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
@@ -38,8 +38,10 @@ class SecretsControl:
         """Start the flow; ``master`` is a key already on QEMU's command line."""
         host, cfg = self.host, self.host.cfg
         self.master = master or Secret(os.urandom(MASTER_KEY_LEN))
-        host.start_flow(FLOW_ID, SecretsFlow(SecretsParams(
-            vm=cfg.vm_name, mode=cfg.secrets_master_key, preloaded=master is not None)))
+        host.start_flow(
+            FLOW_ID,
+            SecretsFlow(SecretsParams(vm=cfg.vm_name, mode=cfg.secrets_master_key, preloaded=master is not None)),
+        )
         host.feed(FLOW_ID, KeyProvided("master", self.master))
 
     async def _ask(self, verb: str, args: dict) -> tuple[int, dict]:
@@ -55,8 +57,7 @@ class SecretsControl:
     def _id(args: dict) -> str:
         sid = args.get("id")
         if not isinstance(sid, str) or not QOM_ID.fullmatch(sid):
-            raise ControlError(400, "invalid secret id: a letter, then letters, digits, "
-                                    "'-', '.', '_' (at most 128)")
+            raise ControlError(400, "invalid secret id: a letter, then letters, digits, '-', '.', '_' (at most 128)")
         return sid
 
     async def add(self, args: dict) -> tuple[int, dict]:
@@ -76,8 +77,7 @@ class SecretsControl:
             data = encrypt(self.master, plaintext, iv)
         finally:
             plaintext.wipe()
-        status, body = await self._ask("add", {"id": sid, "iv": base64.b64encode(iv).decode(),
-                                               "data": data})
+        status, body = await self._ask("add", {"id": sid, "iv": base64.b64encode(iv).decode(), "data": data})
         if status == 200:
             self.host.metrics.secrets_added += 1
         return status, body

@@ -36,10 +36,12 @@ class SimAmd:
         ark_key = rsa.generate_private_key(65537, bits)
         self._ask_key = rsa.generate_private_key(65537, bits)
         ark_id, ask_id = os.urandom(16), os.urandom(16)
-        self.ark = make_ca_certificate(ark_key.public_key(), key_id=ark_id, usage=USAGE_ARK,
-                                       signer_id=ark_id, signer_key=ark_key)
-        self.ask = make_ca_certificate(self._ask_key.public_key(), key_id=ask_id, usage=USAGE_ASK,
-                                       signer_id=ark_id, signer_key=ark_key)
+        self.ark = make_ca_certificate(
+            ark_key.public_key(), key_id=ark_id, usage=USAGE_ARK, signer_id=ark_id, signer_key=ark_key
+        )
+        self.ask = make_ca_certificate(
+            self._ask_key.public_key(), key_id=ask_id, usage=USAGE_ASK, signer_id=ark_id, signer_key=ark_key
+        )
         del ark_key  # the ARK signed the ASK; nothing else needs it
 
     def __repr__(self) -> str:

@@ -31,12 +31,13 @@ import hashlib
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from agent.common.secret import Secret
 from agent.common.errors import SimQmpError
 from agent.common.logs import get_logger
+from agent.common.secret import Secret
 from agent.sev.secret_table import parse_secret_table
 from agent.tools.sim.psp import KVM_RET_FW_ERROR, SEV_POLICY_ES, FwError, Platform, Psp
 
@@ -128,8 +129,11 @@ class SimConfig:
                 raise ValueError("give TIK/TEK or a launch session, not both")
             if self.pdh_private_key is None:
                 raise ValueError("a launch session needs the platform's PDH private key")
-            if (not isinstance(self.session, tuple) or len(self.session) != 2
-                    or not all(isinstance(x, (bytes, bytearray)) for x in self.session)):
+            if (
+                not isinstance(self.session, tuple)
+                or len(self.session) != 2
+                or not all(isinstance(x, (bytes, bytearray)) for x in self.session)
+            ):
                 raise ValueError("session must be (godh certificate bytes, session bytes)")
         else:
             for name in ("tik", "tek"):
@@ -421,8 +425,11 @@ class Machine:
         if not visible:
             # QEMU reports success either way; the guest's firmware will not
             # publish a table that is not at the base of its secret area.
-            self._log.warning("sim.secret_outside_secret_area", secret_area_gpa=self.config.secret_gpa,
-                              secret_area_size=self.config.secret_size)
+            self._log.warning(
+                "sim.secret_outside_secret_area",
+                secret_area_gpa=self.config.secret_gpa,
+                secret_area_size=self.config.secret_size,
+            )
         try:
             entries = parse_secret_table(plaintext.reveal())
         except ValueError as exc:

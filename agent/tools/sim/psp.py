@@ -250,20 +250,29 @@ class Platform:
     others exist to sign.
     """
 
-    def __init__(self, pdh_private_key: ec.EllipticCurvePrivateKey | None = None, *,
-                 api_major: int = 0, api_minor: int = 0, amd: "SimAmd | None" = None) -> None:
+    def __init__(
+        self,
+        pdh_private_key: ec.EllipticCurvePrivateKey | None = None,
+        *,
+        api_major: int = 0,
+        api_minor: int = 0,
+        amd: SimAmd | None = None,
+    ) -> None:
         if pdh_private_key is None:
             pdh_private_key = ec.generate_private_key(ec.SECP384R1())
-        elif not isinstance(pdh_private_key, ec.EllipticCurvePrivateKey) or \
-                pdh_private_key.curve.name != ec.SECP384R1.name:
+        elif (
+            not isinstance(pdh_private_key, ec.EllipticCurvePrivateKey)
+            or pdh_private_key.curve.name != ec.SECP384R1.name
+        ):
             raise ValueError("the PDH private key must be an EC key on P-384")
         self._pdh_key = pdh_private_key
         self._amd = amd
 
         def new(usage: int, algo: int = ALGO_ECDSA_SHA256) -> tuple[ec.EllipticCurvePrivateKey, Certificate]:
             key = ec.generate_private_key(ec.SECP384R1())
-            cert = Certificate.from_public_key(key.public_key(), usage=usage, algo=algo,
-                                               api_major=api_major, api_minor=api_minor)
+            cert = Certificate.from_public_key(
+                key.public_key(), usage=usage, algo=algo, api_major=api_major, api_minor=api_minor
+            )
             return key, cert
 
         oca_key, oca = new(USAGE_OCA)
@@ -271,15 +280,20 @@ class Platform:
         cek_key, cek = new(USAGE_CEK)
         pek_key, pek = new(USAGE_PEK)
         pek = pek.signed(oca_key, USAGE_OCA).signed(cek_key, USAGE_CEK)
-        pdh = Certificate.from_public_key(pdh_private_key.public_key(), usage=USAGE_PDH, algo=ALGO_ECDH_SHA256,
-                                          api_major=api_major, api_minor=api_minor)
+        pdh = Certificate.from_public_key(
+            pdh_private_key.public_key(),
+            usage=USAGE_PDH,
+            algo=ALGO_ECDH_SHA256,
+            api_major=api_major,
+            api_minor=api_minor,
+        )
         self.pdh_cert: Certificate = pdh.signed(pek_key, USAGE_PEK)
-        self.unsigned_cek = cek          # as PDH_CERT_EXPORT gives it: no ASK signature
+        self.unsigned_cek = cek  # as PDH_CERT_EXPORT gives it: no ASK signature
         self._pek, self._oca = pek, oca
         self._chain: PlatformChain | None = None
 
     @property
-    def amd(self) -> "SimAmd":
+    def amd(self) -> SimAmd:
         from agent.tools.sim.amd import shared_amd
 
         if self._amd is None:

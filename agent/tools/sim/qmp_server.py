@@ -28,11 +28,12 @@ import json
 import os
 import stat
 import time
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from agent.common.logs import get_logger
 from agent.tools.sim.json_stream import DEFAULT_MAX_MESSAGE, JsonStream, Parsed, ParseFailure
-from agent.tools.sim.machine import QEMU_VERSION, InjectedEntry, Machine, SimQmpError, SimConfig
+from agent.tools.sim.machine import QEMU_VERSION, InjectedEntry, Machine, SimConfig, SimQmpError
 
 __all__ = ["Simulator", "SimConfig", "Monitor", "encode_message"]
 
@@ -108,8 +109,7 @@ class Monitor:
         return request[exec_key], exec_key == "exec-oob"
 
     def _dispatch(self, name: str, oob: bool, args: dict) -> Any:
-        known = name in ("qmp_capabilities", "query-commands", "x-sim-query-clients") \
-            or self.machine.has_command(name)
+        known = name in ("qmp_capabilities", "query-commands", "x-sim-query-clients") or self.machine.has_command(name)
         if not known or (not self.negotiated and name != "qmp_capabilities"):
             raise SimQmpError(f"The command {name} has not been found", "CommandNotFound")
         if oob:
@@ -119,8 +119,7 @@ class Monitor:
         if name == "query-commands":
             if args:
                 raise SimQmpError(f"Parameter '{next(iter(args))}' is unexpected")
-            names = ["qmp_capabilities", "query-commands", "x-sim-query-clients",
-                     *self.machine.command_names]
+            names = ["qmp_capabilities", "query-commands", "x-sim-query-clients", *self.machine.command_names]
             return [{"name": n} for n in names]
         if name == "x-sim-query-clients":
             # Not QEMU: each connection's timestamps (see _Connection.times).
@@ -156,8 +155,12 @@ def _error(exc: SimQmpError) -> dict:
 
 # Commands whose (last successful) time x-sim-query-clients shows, by name:
 # between "measured" and "injected" the client was asking the guest owner.
-_STAMPED = {"qmp_capabilities": "negotiated", "query-sev-launch-measure": "measured",
-            "sev-inject-launch-secret": "injected", "cont": "cont"}
+_STAMPED = {
+    "qmp_capabilities": "negotiated",
+    "query-sev-launch-measure": "measured",
+    "sev-inject-launch-secret": "injected",
+    "cont": "cont",
+}
 
 
 class _Connection:
@@ -168,8 +171,12 @@ class _Connection:
         # When things happened on this connection, CLOCK_MONOTONIC seconds
         # (``time.monotonic()`` is the same clock in every process on Linux):
         # ``keyagent bench`` measures clients from the outside with these.
-        self.times: dict = {"client": cid, "connected": time.monotonic(),
-                            **{stamp: None for stamp in _STAMPED.values()}, "closed": None}
+        self.times: dict = {
+            "client": cid,
+            "connected": time.monotonic(),
+            **{stamp: None for stamp in _STAMPED.values()},
+            "closed": None,
+        }
 
     def send(self, obj: dict) -> None:
         if not self.writer.is_closing():
@@ -245,7 +252,7 @@ class Simulator:
 
     # -- lifecycle ------------------------------------------------------
 
-    async def __aenter__(self) -> "Simulator":
+    async def __aenter__(self) -> Simulator:
         await self.start()
         return self
 

@@ -33,11 +33,12 @@ import binascii
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from agent.common.logs import get_logger
 from agent.common.errors import SimQmpError
+from agent.common.logs import get_logger
 from agent.tools.sim.machine import _check_args
 
 if TYPE_CHECKING:
@@ -97,8 +98,13 @@ class SnpSimConfig:
 class SnpMachine:
     """QEMU 9.1's run state and SNP commands, the PSP's SNP_LAUNCH_FINISH and guest reports."""
 
-    def __init__(self, config: SnpSimConfig, *, clock: Callable[[], float] = time.monotonic,
-                 emit: Callable[[str, dict | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: SnpSimConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        emit: Callable[[str, dict | None], None] | None = None,
+    ) -> None:
         from agent.sev.snp_report import Tcb
         from agent.sev.snp_sign import TestAuthority
 
@@ -112,7 +118,7 @@ class SnpMachine:
         self.state = "launch-update"
         self.policy = config.policy
         self.quit_requested = False
-        self.died = False           # QEMU exit(1) inside a command: the server answers nothing more
+        self.died = False  # QEMU exit(1) inside a command: the server answers nothing more
         self.exit_status = 0
         self.reports = 0
         self.cont_happened = False
@@ -123,9 +129,10 @@ class SnpMachine:
             "query-version": (lambda _a: dict(QEMU_91_VERSION), {}),
             "query-sev": (self._query_sev, {}),
             "query-sev-launch-measure": (self._query_sev_launch_measure, {}),
-            "sev-inject-launch-secret": (self._sev_inject_launch_secret,
-                                         {"packet-header": ("str", True), "secret": ("str", True),
-                                          "gpa": ("uint64", False)}),
+            "sev-inject-launch-secret": (
+                self._sev_inject_launch_secret,
+                {"packet-header": ("str", True), "secret": ("str", True), "gpa": ("uint64", False)},
+            ),
             "cont": (self._cont, {}),
             "stop": (self._stop, {}),
             "quit": (self._quit, {}),
@@ -137,7 +144,7 @@ class SnpMachine:
 
     # the interface agent.tools.sim.qmp_server uses
     @property
-    def psp(self) -> "SnpMachine":
+    def psp(self) -> SnpMachine:
         return self
 
     @property
@@ -162,9 +169,15 @@ class SnpMachine:
         return {"status": self.status, "singlestep": False, "running": self.status == "running"}
 
     def _query_sev(self, _args: dict) -> dict:
-        return {"enabled": True, "api-major": self.config.api_major, "api-minor": self.config.api_minor,
-                "build-id": self.config.build_id, "state": self.state, "sev-type": "sev-snp",
-                "snp-policy": self.config.policy}
+        return {
+            "enabled": True,
+            "api-major": self.config.api_major,
+            "api-minor": self.config.api_minor,
+            "build-id": self.config.build_id,
+            "state": self.state,
+            "sev-type": "sev-snp",
+            "snp-policy": self.config.policy,
+        }
 
     def _query_sev_launch_measure(self, _args: dict) -> dict:
         # sev_get_launch_measurement(): only an SEV (not SNP) guest has one
@@ -229,8 +242,7 @@ class SnpMachine:
         return {}
 
     def _x_sim_query_state(self, _args: dict) -> dict:
-        return {"status": self.status, "sev-state": self.state, "cont": self.cont_happened,
-                "reports": self.reports}
+        return {"status": self.status, "sev-state": self.state, "cont": self.cont_happened, "reports": self.reports}
 
     def _x_sim_snp_guest_report(self, args: dict) -> dict:
         from agent.sev.snp_sign import build_report, encode_tcb
@@ -251,15 +263,31 @@ class SnpMachine:
             block = IdBlock.from_bytes(cfg.id_block)
         tcb = encode_tcb(self.tcb, SNP_PRODUCT)
         fields = dict(
-            version=2, guest_svn=block.guest_svn if block else 0, policy=cfg.policy,
-            family_id=block.family_id if block else bytes(16), image_id=block.image_id if block else bytes(16),
-            vmpl=0, signature_algo=1, current_tcb=tcb, platform_info=0,
+            version=2,
+            guest_svn=block.guest_svn if block else 0,
+            policy=cfg.policy,
+            family_id=block.family_id if block else bytes(16),
+            image_id=block.image_id if block else bytes(16),
+            vmpl=0,
+            signature_algo=1,
+            current_tcb=tcb,
+            platform_info=0,
             key_info=KEY_INFO_AUTHOR_KEY_EN if cfg.author_key_enabled else 0,
-            report_data=report_data, measurement=cfg.digest, host_data=cfg.host_data,
-            id_key_digest=self._id_key_digest, author_key_digest=self._author_key_digest,
-            report_id=hashlib.sha256(cfg.chip_id + cfg.digest).digest(), reported_tcb=tcb, chip_id=cfg.chip_id,
-            committed_tcb=tcb, launch_tcb=tcb, current_build=cfg.build_id, current_minor=cfg.api_minor,
-            current_major=cfg.api_major, committed_build=cfg.build_id, committed_minor=cfg.api_minor,
+            report_data=report_data,
+            measurement=cfg.digest,
+            host_data=cfg.host_data,
+            id_key_digest=self._id_key_digest,
+            author_key_digest=self._author_key_digest,
+            report_id=hashlib.sha256(cfg.chip_id + cfg.digest).digest(),
+            reported_tcb=tcb,
+            chip_id=cfg.chip_id,
+            committed_tcb=tcb,
+            launch_tcb=tcb,
+            current_build=cfg.build_id,
+            current_minor=cfg.api_minor,
+            current_major=cfg.api_major,
+            committed_build=cfg.build_id,
+            committed_minor=cfg.api_minor,
             committed_major=cfg.api_major,
         )
         report = build_report(self.vcek_key, **fields)
@@ -267,5 +295,7 @@ class SnpMachine:
         self._log.info("sim.snp_guest_report")
         from cryptography.hazmat.primitives import serialization
 
-        return {"report": base64.b64encode(report).decode(),
-                "vcek": base64.b64encode(self.vcek.public_bytes(serialization.Encoding.DER)).decode()}
+        return {
+            "report": base64.b64encode(report).decode(),
+            "vcek": base64.b64encode(self.vcek.public_bytes(serialization.Encoding.DER)).decode(),
+        }

@@ -33,14 +33,15 @@ class GuestAttestError(Exception):
         self.status = status
 
 
-async def guest_attest(qmp_path: str, owner_url: str, vm: str, *, timeout: float = 10.0,
-                       tamper: Any = None) -> dict[str, bytes]:
+async def guest_attest(
+    qmp_path: str, owner_url: str, vm: str, *, timeout: float = 10.0, tamper: Any = None
+) -> dict[str, bytes]:
     """Run the guest's side once; ``{guid: secret}`` or GuestAttestError.
 
     ``tamper(body) -> body`` (tests only) changes the attest request before it is sent.
     """
-    from agent.io.http import HttpError, request_json
     from agent.common.errors import MonitorGone, QmpCommandError
+    from agent.io.http import HttpError, request_json
     from agent.io.qmp import QmpConnection
     from agent.owner.snp_attest import open_answer
 
@@ -59,15 +60,19 @@ async def guest_attest(qmp_path: str, owner_url: str, vm: str, *, timeout: float
     qmp = QmpConnection("snp-guest")
     try:
         await qmp.connect(qmp_path, timeout)
-        got = await qmp.execute("x-sim-snp-guest-report",
-                                {"report-data": base64.b64encode(report_data).decode()})
+        got = await qmp.execute("x-sim-snp-guest-report", {"report-data": base64.b64encode(report_data).decode()})
     except (QmpCommandError, MonitorGone) as exc:
         raise GuestAttestError(f"guest report: {exc}") from None
     finally:
         await qmp.close()
 
-    body = {"vm": vm, "nonce": answer["nonce"], "report": got["report"], "vcek": got["vcek"],
-            "pubkey": base64.b64encode(pub).decode()}
+    body = {
+        "vm": vm,
+        "nonce": answer["nonce"],
+        "report": got["report"],
+        "vcek": got["vcek"],
+        "pubkey": base64.b64encode(pub).decode(),
+    }
     if tamper is not None:
         body = tamper(body)
     try:
@@ -101,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from agent.common.errors import UsageError
 
-    p = argparse.ArgumentParser(prog="python -m agent.tools.sim.snp_guest",
-                                description="The simulated SNP guest asks the owner for its secrets.")
+    p = argparse.ArgumentParser(
+        prog="python -m agent.tools.sim.snp_guest",
+        description="The simulated SNP guest asks the owner for its secrets.",
+    )
     p.add_argument("--qmp", required=True, metavar="unix:PATH", help="the simulator (keyagent simulate --snp)")
     p.add_argument("--owner-url", required=True, metavar="URL")
     p.add_argument("--vm", required=True, metavar="NAME")

@@ -71,7 +71,7 @@ class RawClient:
         self.raw_lines: list[bytes] = []
 
     @classmethod
-    async def connect(cls, path: str) -> "RawClient":
+    async def connect(cls, path: str) -> RawClient:
         reader, writer = await asyncio.open_unix_connection(path)
         client = cls(reader, writer)
         client.greeting = await client.recv()

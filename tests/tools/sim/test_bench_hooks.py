@@ -19,8 +19,7 @@ async def _cmd(client: RawClient, name: str, arguments: dict | None = None) -> d
 async def _launch(client: RawClient) -> bytes:
     blob = base64.b64decode((await _cmd(client, "query-sev-launch-measure"))["return"]["data"])
     header, secret = packet_for(blob)
-    assert await _cmd(client, "sev-inject-launch-secret",
-                      {"packet-header": header, "secret": secret}) == {"return": {}}
+    assert await _cmd(client, "sev-inject-launch-secret", {"packet-header": header, "secret": secret}) == {"return": {}}
     assert await _cmd(client, "cont") == {"return": {}}
     return blob
 

@@ -8,10 +8,10 @@ import struct
 import pytest
 
 from agent.common.secret import Secret
+from agent.sev.guids import LUKS_KEY_GUID
 from agent.sev.measurement import compute_measure, split_blob
 from agent.sev.packet import build_packet
 from agent.sev.secret_table import build_secret_table, parse_secret_table
-from agent.sev.guids import LUKS_KEY_GUID
 from agent.tools.sim.psp import FW_ERROR_TEXT, FwError, Psp, SevRet
 from tests.tools.sim.conftest import DIGEST, TEK, TIK
 
@@ -19,15 +19,17 @@ NONCE = bytes(range(32, 48))
 
 
 def make_psp(policy: int = 1) -> Psp:
-    return Psp(Secret(TIK), Secret(TEK), digest=DIGEST, policy=policy, api_major=1, api_minor=55,
-               build_id=21, mnonce=NONCE)
+    return Psp(
+        Secret(TIK), Secret(TEK), digest=DIGEST, policy=policy, api_major=1, api_minor=55, build_id=21, mnonce=NONCE
+    )
 
 
 def packet(psp: Psp, data: bytes = b"pw", **kw) -> tuple[bytes, bytes]:
     measure, _ = split_blob(psp.measurement)
     table = build_secret_table([(LUKS_KEY_GUID, data)])
-    return build_packet(kw.get("tik", TIK), kw.get("tek", TEK), measure, table, os.urandom(16),
-                        flags=kw.get("flags", 0))
+    return build_packet(
+        kw.get("tik", TIK), kw.get("tek", TEK), measure, table, os.urandom(16), flags=kw.get("flags", 0)
+    )
 
 
 def test_launch_measure_is_the_hmac_of_the_launch_with_the_tik():
@@ -56,13 +58,16 @@ def test_launch_secret_before_the_measurement_is_refused():
     assert refused.value.code == SevRet.INVALID_GUEST_STATE
 
 
-@pytest.mark.parametrize("mutate, code", [
-    (lambda h, c: (h[:-1], c), SevRet.INVALID_LEN),
-    (lambda h, c: (h, c[:-1]), SevRet.INVALID_LEN),
-    (lambda h, c: (h[:-1] + bytes([h[-1] ^ 1]), c), SevRet.BAD_MEASUREMENT),
-    (lambda h, c: (h, bytes([c[0] ^ 1]) + c[1:]), SevRet.BAD_MEASUREMENT),
-    (lambda h, c: (struct.pack("<I", 1) + h[4:], c), SevRet.INVALID_PARAM),
-])
+@pytest.mark.parametrize(
+    "mutate, code",
+    [
+        (lambda h, c: (h[:-1], c), SevRet.INVALID_LEN),
+        (lambda h, c: (h, c[:-1]), SevRet.INVALID_LEN),
+        (lambda h, c: (h[:-1] + bytes([h[-1] ^ 1]), c), SevRet.BAD_MEASUREMENT),
+        (lambda h, c: (h, bytes([c[0] ^ 1]) + c[1:]), SevRet.BAD_MEASUREMENT),
+        (lambda h, c: (struct.pack("<I", 1) + h[4:], c), SevRet.INVALID_PARAM),
+    ],
+)
 def test_a_damaged_packet_is_refused(mutate, code):
     psp = make_psp()
     psp.launch_measure()
@@ -138,13 +143,16 @@ def test_launch_start_unwraps_the_owners_keys():
     assert isinstance(tik, Secret) and (tik.reveal(), tek.reveal()) == (TIK, TEK)
 
 
-@pytest.mark.parametrize("damage, code", [
-    (lambda g, s: (g, s, 3), SevRet.POLICY_FAILURE),
-    (lambda g, s: (g, s[:16] + bytes(32) + s[48:], 1), SevRet.BAD_MEASUREMENT),
-    (lambda g, s: (g, s[:-1], 1), SevRet.INVALID_LEN),
-    (lambda g, s: (g[:100], s, 1), SevRet.INVALID_CERTIFICATE),
-    (lambda g, s: (bytes(2084), s, 1), SevRet.INVALID_CERTIFICATE),
-])
+@pytest.mark.parametrize(
+    "damage, code",
+    [
+        (lambda g, s: (g, s, 3), SevRet.POLICY_FAILURE),
+        (lambda g, s: (g, s[:16] + bytes(32) + s[48:], 1), SevRet.BAD_MEASUREMENT),
+        (lambda g, s: (g, s[:-1], 1), SevRet.INVALID_LEN),
+        (lambda g, s: (g[:100], s, 1), SevRet.INVALID_CERTIFICATE),
+        (lambda g, s: (bytes(2084), s, 1), SevRet.INVALID_CERTIFICATE),
+    ],
+)
 def test_a_session_that_does_not_open_is_refused_with_a_firmware_status(damage, code):
     platform = Platform()
     godh, session = owner_session(platform)

@@ -94,7 +94,9 @@ async def test_exec_oob_is_refused_for_in_band_commands(sim):
 
 
 async def test_messages_without_newline_back_to_back_are_all_answered(client):
-    await client.send_raw(b'{"execute":"query-status","id":1}{"execute":"query-sev","id":2}  {"execute":"query-version","id":3}')
+    await client.send_raw(
+        b'{"execute":"query-status","id":1}{"execute":"query-sev","id":2}  {"execute":"query-version","id":3}'
+    )
     replies = [await client.recv() for _ in range(3)]
     assert [r["id"] for r in replies] == [1, 2, 3]
     assert all(line.endswith(b"\r\n") for line in client.raw_lines)
@@ -234,8 +236,9 @@ async def test_a_launch_session_gives_the_psp_the_owners_keys(sock_path):
 
     key = ec.generate_private_key(ec.SECP384R1())
     tik, tek = os.urandom(16), os.urandom(16)
-    godh, session = create_session(Platform(key).pdh_cert, 0x5, nonce=os.urandom(16), tek=tek, tik=tik,
-                                   iv=os.urandom(16))
+    godh, session = create_session(
+        Platform(key).pdh_cert, 0x5, nonce=os.urandom(16), tek=tek, tik=tik, iv=os.urandom(16)
+    )
     config = SimConfig(digest=DIGEST, sev_es=True, pdh_private_key=key, session=(godh, session))
     assert "session" not in repr(config) and "pdh" not in repr(config)
     async with Simulator(config, sock_path) as sim:
@@ -256,8 +259,9 @@ def test_a_session_that_does_not_open_stops_the_machine_at_launch_start(sock_pat
     from agent.tools.sim.psp import FwError, Platform, SevRet
 
     key = ec.generate_private_key(ec.SECP384R1())
-    godh, session = create_session(Platform(key).pdh_cert, 0x1, nonce=os.urandom(16), tek=TEK, tik=TIK,
-                                   iv=os.urandom(16))
+    godh, session = create_session(
+        Platform(key).pdh_cert, 0x1, nonce=os.urandom(16), tek=TEK, tik=TIK, iv=os.urandom(16)
+    )
     config = SimConfig(digest=DIGEST, sev_es=True, pdh_private_key=key, session=(godh, session))
     with pytest.raises(FwError) as info:
         Simulator(config, sock_path)  # policy 0x5 was not the session's
@@ -265,12 +269,15 @@ def test_a_session_that_does_not_open_stops_the_machine_at_launch_start(sock_pat
     assert not os.path.exists(sock_path)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"tik": TIK, "tek": TEK, "session": (b"g", b"s"), "pdh_private_key": object()}, "not both"),
-    ({"session": (b"g", b"s")}, "PDH private key"),
-    ({"session": b"gs", "pdh_private_key": object()}, "session must be"),
-    ({}, "TIK must be 16 bytes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"tik": TIK, "tek": TEK, "session": (b"g", b"s"), "pdh_private_key": object()}, "not both"),
+        ({"session": (b"g", b"s")}, "PDH private key"),
+        ({"session": b"gs", "pdh_private_key": object()}, "session must be"),
+        ({}, "TIK must be 16 bytes"),
+    ],
+)
 def test_sim_config_wants_keys_or_a_session(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SimConfig(digest=DIGEST, **kwargs)
@@ -321,8 +328,12 @@ async def test_bad_mac_is_refused_with_qemus_error_and_nothing_changes(sim, clie
     }
     state = (await client.cmd("x-sim-query-state"))["return"]
     assert state["injections"] == 0 and state["sev-state"] == "launch-secret" and state["status"] == "prelaunch"
-    assert (await client.cmd("x-sim-query-secrets"))["return"] == {"injected": False, "table-valid": None, "secret-visible": None,
-                                                                    "entries": []}
+    assert (await client.cmd("x-sim-query-secrets"))["return"] == {
+        "injected": False,
+        "table-valid": None,
+        "secret-visible": None,
+        "entries": [],
+    }
     assert sim.injected_entries == []
 
 
@@ -344,8 +355,12 @@ async def test_packet_with_the_right_tik_but_wrong_tek_is_injected_as_garbage(cl
     # The MAC only covers the ciphertext: the PSP cannot tell; the guest can.
     header, secret = packet_for(await measurement(client), tek=os.urandom(16))
     assert await client.cmd("sev-inject-launch-secret", {"packet-header": header, "secret": secret}) == {"return": {}}
-    assert (await client.cmd("x-sim-query-secrets"))["return"] == {"injected": True, "table-valid": False, "secret-visible": True,
-                                                                    "entries": []}
+    assert (await client.cmd("x-sim-query-secrets"))["return"] == {
+        "injected": True,
+        "table-valid": False,
+        "secret-visible": True,
+        "entries": [],
+    }
 
 
 @pytest.mark.parametrize(
@@ -358,7 +373,10 @@ async def test_packet_with_the_right_tik_but_wrong_tek_is_injected_as_garbage(cl
         ({"packet-header": "AAAA", "secret": "AAAA", "extra": 1}, "Parameter 'extra' is unexpected"),
         ({"packet-header": "", "secret": "AAAA"}, "SEV: Failed to decode sequence header"),
         ({"packet-header": "AAAA", "secret": "!!"}, "SEV: Failed to decode data"),
-        ({"packet-header": "AAAA", "secret": "A" * 24}, "SEV: failed to inject secret ret=-5 fw_error=4 'Buffer too small'"),
+        (
+            {"packet-header": "AAAA", "secret": "A" * 24},
+            "SEV: failed to inject secret ret=-5 fw_error=4 'Buffer too small'",
+        ),
         (
             {"packet-header": "A" * 72, "secret": "A" * 24, "gpa": 1 << 40},
             "SEV: Failed to calculate guest address: No memory is mapped at address 0x10000000000",
@@ -401,8 +419,9 @@ async def test_secret_at_the_owners_gpa_is_visible_even_when_the_table_entry_is_
         await c.close()
 
 
-@pytest.mark.parametrize("gpa, size, visible", [(0x100000, 0xC00, False), (0x80C000, 0x10, False),
-                                                 (0x80C000, 0xC00, True)])
+@pytest.mark.parametrize(
+    "gpa, size, visible", [(0x100000, 0xC00, False), (0x80C000, 0x10, False), (0x80C000, 0xC00, True)]
+)
 async def test_secret_is_visible_only_at_the_base_of_an_area_it_fits(sock_path, gpa, size, visible):
     async with Simulator(make_config(secret_gpa=0x80C000, secret_size=size), sock_path) as sim:
         c = await RawClient.connect(sim.path)
@@ -546,10 +565,15 @@ async def test_qemu_qmp_client_drives_a_whole_launch(sim):
         info = await qmp.execute("query-sev")
         assert info["state"] == "launch-secret"
         blob = base64.b64decode((await qmp.execute("query-sev-launch-measure"))["data"])
-        assert verify_measurement(blob, TIK, info["api-major"], info["api-minor"], info["build-id"], info["policy"], DIGEST)
+        assert verify_measurement(
+            blob, TIK, info["api-major"], info["api-minor"], info["build-id"], info["policy"], DIGEST
+        )
         with pytest.raises(ExecuteError) as refused:
             zero_header = base64.b64encode(bytes(52)).decode()
-            await qmp.execute("sev-inject-launch-secret", {"packet-header": zero_header, "secret": base64.b64encode(bytes(16)).decode()})
+            await qmp.execute(
+                "sev-inject-launch-secret",
+                {"packet-header": zero_header, "secret": base64.b64encode(bytes(16)).decode()},
+            )
         assert "fw_error=11 'Bad measurement'" in str(refused.value)
         header, secret = packet_for(blob)
         await qmp.execute("sev-inject-launch-secret", {"packet-header": header, "secret": secret})
@@ -605,10 +629,22 @@ async def test_logs_name_commands_but_never_keys_or_secrets(sock_path):
     text = stream.getvalue()
     records = [json.loads(line) for line in text.splitlines()]
     commands = [r["command"] for r in records if r.get("event") == "sim.command"]
-    assert commands == ["qmp_capabilities", "query-sev-launch-measure", "sev-inject-launch-secret",
-                        "sev-inject-launch-secret", "cont"]
+    assert commands == [
+        "qmp_capabilities",
+        "query-sev-launch-measure",
+        "sev-inject-launch-secret",
+        "sev-inject-launch-secret",
+        "cont",
+    ]
     assert any(r.get("event") == "sim.secret_refused" and r.get("fw_error") == 11 for r in records)
-    for form in (TIK.hex(), TEK.hex(), base64.b64encode(TIK).decode(), base64.b64encode(TEK).decode(),
-                 header, secret, DISK_PASS.hex()):
+    for form in (
+        TIK.hex(),
+        TEK.hex(),
+        base64.b64encode(TIK).decode(),
+        base64.b64encode(TEK).decode(),
+        header,
+        secret,
+        DISK_PASS.hex(),
+    ):
         assert form not in text
     assert "sev test passphrase" not in text

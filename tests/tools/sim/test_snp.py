@@ -9,6 +9,7 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.common.errors import SimQmpError
 from agent.io.http import HttpServer
 from agent.owner.config import load_owner_config
 from agent.owner.service import OwnerService
@@ -16,7 +17,6 @@ from agent.sev.guids import resolve_guid
 from agent.sev.snp_ca import load_vcek
 from agent.sev.snp_idblock import IdBlock, sign_id_block
 from agent.sev.snp_report import Expected, verify_report
-from agent.common.errors import SimQmpError
 from agent.tools.sim.qmp_server import Simulator
 from agent.tools.sim.snp import DEFAULT_SNP_DIGEST, SnpMachine, SnpSimConfig
 from agent.tools.sim.snp_guest import GuestAttestError, guest_attest
@@ -44,8 +44,14 @@ def report_for(m: SnpMachine, data: bytes = b"\x07" * 64) -> tuple[bytes, bytes]
 def test_query_sev_is_qemu_91s_snp_union():
     m = machine(policy=0x30000)
     assert m.execute("query-sev", {}) == {
-        "enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21, "state": "launch-update",
-        "sev-type": "sev-snp", "snp-policy": 0x30000}
+        "enabled": True,
+        "api-major": 1,
+        "api-minor": 55,
+        "build-id": 21,
+        "state": "launch-update",
+        "sev-type": "sev-snp",
+        "snp-policy": 0x30000,
+    }
     m.execute("cont", {})
     assert m.execute("query-sev", {})["state"] == "running"
 
@@ -60,9 +66,19 @@ def test_guest_report_verifies_under_the_test_roots_with_the_launch_fields():
     m = machine(id_block=block.id_block, id_auth=block.id_auth, host_data=HOST_DATA, author_key_enabled=True)
     m.execute("cont", {})
     report, vcek = report_for(m, b"\x07" * 64)
-    verdict = verify_report(report, load_vcek(vcek), [authority().roots], expected=Expected(
-        measurement=DEFAULT_SNP_DIGEST, policy=0x30000, report_data=b"\x07" * 64, host_data=HOST_DATA,
-        id_key_digest=block.id_key_digest, author_key_digest=block.author_key_digest))
+    verdict = verify_report(
+        report,
+        load_vcek(vcek),
+        [authority().roots],
+        expected=Expected(
+            measurement=DEFAULT_SNP_DIGEST,
+            policy=0x30000,
+            report_data=b"\x07" * 64,
+            host_data=HOST_DATA,
+            id_key_digest=block.id_key_digest,
+            author_key_digest=block.author_key_digest,
+        ),
+    )
     assert verdict.valid, verdict.failed
     assert verdict.report.author_key_en
 
@@ -76,10 +92,13 @@ def test_guest_report_does_not_verify_under_amds_real_roots():
     assert verify_report(report, load_vcek(vcek), builtin_snp_roots()).failed == ("vcek_chain",)
 
 
-@pytest.mark.parametrize("block_args, why", [
-    ({"digest": b"\x01" * 48}, "BAD_MEASUREMENT"),
-    ({"policy": 0x30001}, "POLICY_FAILURE"),
-])
+@pytest.mark.parametrize(
+    "block_args, why",
+    [
+        ({"digest": b"\x01" * 48}, "BAD_MEASUREMENT"),
+        ({"policy": 0x30001}, "POLICY_FAILURE"),
+    ],
+)
 def test_id_block_for_another_launch_fails_launch_finish_and_quits_1(block_args, why, capsys):
     block = signed_block(**block_args)
     m = machine(id_block=block.id_block, id_auth=block.id_auth)
@@ -147,11 +166,14 @@ async def test_simulated_guest_gets_its_secrets_from_the_owner(tmp_path, running
     assert running_sim.machine.reports == 1
 
 
-@pytest.mark.parametrize("owner, status, words", [
-    ({"digest": hashlib.sha384(b"other").digest()}, 403, "measurement"),
-    ({"policy": "0x30001"}, 403, "policy"),
-    ({"roots": False}, 403, "vcek_chain"),
-])
+@pytest.mark.parametrize(
+    "owner, status, words",
+    [
+        ({"digest": hashlib.sha384(b"other").digest()}, 403, "measurement"),
+        ({"policy": "0x30001"}, 403, "policy"),
+        ({"roots": False}, 403, "vcek_chain"),
+    ],
+)
 async def test_simulated_guest_is_refused(tmp_path, running_sim, owner, status, words):
     server, url = await serve(load_owner_config(write_owner(tmp_path, **owner)))
     try:
