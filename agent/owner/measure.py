@@ -96,7 +96,12 @@ def _read(path: Path | None, option: str) -> bytes | None:
         raise UsageError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
 
 
-def _vcpu_sig(args: argparse.Namespace) -> int:
+def vcpu_sig_from_args(
+    args: argparse.Namespace,
+    missing: str = "--sev-es needs --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping",
+) -> int:
+    """CPUID(1).EAX from ``--vcpu-sig`` or ``--vcpu-family/--vcpu-model/--vcpu-stepping``;
+    ``missing`` is the error when neither is given."""
     fms = (args.vcpu_family, args.vcpu_model, args.vcpu_stepping)
     if args.vcpu_sig is not None:
         if any(v is not None for v in fms):
@@ -108,7 +113,7 @@ def _vcpu_sig(args: argparse.Namespace) -> int:
         return cpu_signature(*fms)
     if any(v is not None for v in fms):
         raise UsageError("--vcpu-family, --vcpu-model and --vcpu-stepping go together")
-    raise UsageError("--sev-es needs --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping")
+    raise UsageError(missing)
 
 
 def digest_from_args(args: argparse.Namespace) -> bytes | None:
@@ -142,7 +147,7 @@ def digest_from_args(args: argparse.Namespace) -> bytes | None:
             raise UsageError("--sev-es needs --vcpus N")
         if not 1 <= args.vcpus <= MAX_VCPUS:
             raise UsageError(f"--vcpus must be between 1 and {MAX_VCPUS}")
-        vcpu_sig: int | None = _vcpu_sig(args)
+        vcpu_sig: int | None = vcpu_sig_from_args(args)
         features = args.vmsa_sev_features or 0
         if not 0 <= features < 1 << 64:
             raise UsageError("--vmsa-sev-features must be a 64-bit value")

@@ -112,8 +112,8 @@ def measure_snp_requested(args: argparse.Namespace) -> bool:
 
 
 def _snp_vcpu_sig(args: argparse.Namespace) -> int:
+    from agent.owner.measure import vcpu_sig_from_args
     from agent.sev.snp_measure import vcpu_signature
-    from agent.sev.vmsa import cpu_signature
 
     fms = (args.vcpu_family, args.vcpu_model, args.vcpu_stepping)
     given = [
@@ -134,17 +134,9 @@ def _snp_vcpu_sig(args: argparse.Namespace) -> int:
         if any(v is not None for v in fms):
             raise UsageError("--vcpu-model/--vcpu-stepping go with --vcpu-family, not --vcpu-type")
         return vcpu_signature(args.vcpu_type)
-    if args.vcpu_sig is not None:
-        if any(v is not None for v in fms):
-            raise UsageError("give either --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping")
-        if not 0 <= args.vcpu_sig <= 0xFFFFFFFF:
-            raise UsageError("--vcpu-sig must be a 32-bit value")
-        return args.vcpu_sig
-    if all(v is not None for v in fms):
-        return cpu_signature(*fms)
-    if any(v is not None for v in fms):
-        raise UsageError("--vcpu-family, --vcpu-model and --vcpu-stepping go together")
-    raise UsageError("--snp needs --vcpu-type (or --vcpu-sig, or --vcpu-family/--vcpu-model/--vcpu-stepping)")
+    return vcpu_sig_from_args(
+        args, "--snp needs --vcpu-type (or --vcpu-sig, or --vcpu-family/--vcpu-model/--vcpu-stepping)"
+    )
 
 
 def snp_digest_from_args(args: argparse.Namespace) -> bytes:
