@@ -192,15 +192,7 @@ def _read_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
 
 def parse_digest(text: Any, where: str) -> bytes:
     """A 32-byte launch digest from hex text."""
-    if not isinstance(text, str):
-        raise UsageError(f"{where}: digest must be a hex string")
-    try:
-        raw = bytes.fromhex(text.strip())
-    except ValueError:
-        raise UsageError(f"{where}: digest is not valid hex") from None
-    if len(raw) != DIGEST_LEN:
-        raise UsageError(f"{where}: digest must be {DIGEST_LEN} bytes (64 hex digits), got {len(raw)}")
-    return raw
+    return _hex_bytes(text, f"{where}: digest", DIGEST_LEN)
 
 
 def parse_api_version(text: Any, where: str) -> tuple[int, int]:
@@ -444,6 +436,7 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
 
 
 def _hex_bytes(text: Any, where: str, size: int) -> bytes:
+    """``size`` bytes from hex text; one-line UsageErrors that start with ``where``."""
     if not isinstance(text, str):
         raise UsageError(f"{where} must be a hex string")
     try:
@@ -564,15 +557,7 @@ def _snp_launch_digest(table: dict, where: str, base: Path) -> bytes:
 
 def _pin(text: Any, where: str) -> bytes:
     """One pinned PDH: 64 hex digits, the SHA-256 of the PDH certificate as the platform sends it."""
-    if not isinstance(text, str):
-        raise UsageError(f"{where} must be a hex string")
-    try:
-        raw = bytes.fromhex(text.strip())
-    except ValueError:
-        raise UsageError(f"{where} is not valid hex") from None
-    if len(raw) != 32:
-        raise UsageError(f"{where} must be 32 bytes (64 hex digits), got {len(raw)}")
-    return raw
+    return _hex_bytes(text, where, 32)
 
 
 def _configured_area(table: dict, where: str) -> SecretArea:
