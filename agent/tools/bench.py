@@ -643,17 +643,20 @@ async def _qemu(ctx: Ctx, qemu: str, name: str, incoming: bool, fill: str | None
     return proc, agent_sock, test_sock
 
 
-async def _ctl(sock: str, route: str, body: dict, timeout: float = 120) -> dict:
+async def _ctl(sock: str, route: tuple[str, str], body: dict, timeout: float = 120) -> dict:
+    """One control request (a route of agent.protocol.control) that must answer 200."""
     from agent.io.http import request_json
 
-    code, answer = await request_json("POST", f"http://localhost{route}", body, timeout=timeout, unix_path=sock)
+    method, path = route
+    code, answer = await request_json(method, f"http://localhost{path}", body, timeout=timeout, unix_path=sock)
     if code != 200:
-        raise BenchError(f"control {route}: HTTP {code} {answer}")
+        raise BenchError(f"control {path}: HTTP {code} {answer}")
     return answer
 
 
 async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | None) -> float:
     from agent.core.dhparams import ffdhe2048_pem
+    from agent.protocol import control as wire
     from agent.tools.benchfloor import bare_migration
 
     procs = []
@@ -704,15 +707,15 @@ async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | N
             os.close(fd)
             ref = {"psk_ref": f"file:{psk_file}"}
             t0 = time.monotonic()
-            await _ctl(socks["dst"], "/v1/migrate/accept", {**ref, "uri": uri})
-            await _ctl(socks["src"], "/v1/migrate/start", {**ref, "uri": uri})
-            s = (await _ctl(socks["src"], "/v1/migrate/wait", {"timeout": 120}))["status"]
-            d = (await _ctl(socks["dst"], "/v1/migrate/wait", {"timeout": 120}))["status"]
+            await _ctl(socks["dst"], wire.MIGRATE_ACCEPT, {**ref, "uri": uri})
+            await _ctl(socks["src"], wire.MIGRATE_START, {**ref, "uri": uri})
+            s = (await _ctl(socks["src"], wire.MIGRATE_WAIT, {"timeout": 120}))["status"]
+            d = (await _ctl(socks["dst"], wire.MIGRATE_WAIT, {"timeout": 120}))["status"]
             elapsed = time.monotonic() - t0
             status = s if s != "completed" else d
             t1 = time.monotonic()
-            offer = (await _ctl(socks["dst"], "/v1/migrate/prepare", {}))["offer"]
-            await _ctl(socks["src"], "/v1/migrate/begin", {"offer": offer})
+            offer = (await _ctl(socks["dst"], wire.MIGRATE_PREPARE, {}))["offer"]
+            await _ctl(socks["src"], wire.MIGRATE_BEGIN, {"offer": offer})
             ctx.handover_ms.append((time.monotonic() - t1) * 1000)
         else:
             src_c, dst_c = await qmp_client(src_sock), await qmp_client(dst_sock)

@@ -56,6 +56,7 @@ async def _ask_session(url: str, name: str, platform) -> tuple[int, dict]:
     import base64
 
     from agent.io.http import request_json
+    from agent.protocol.owner import SESSION_PATH
 
     body = {
         "vm": name,
@@ -63,7 +64,7 @@ async def _ask_session(url: str, name: str, platform) -> tuple[int, dict]:
         "pdh": base64.b64encode(platform.pdh_cert.to_bytes()).decode(),
         "cert_chain": base64.b64encode(platform.chain.to_bytes()).decode(),
     }
-    return await request_json("POST", url + "/v1/session", body, timeout=10)
+    return await request_json("POST", url + SESSION_PATH, body, timeout=10)
 
 
 async def _launch(work: Path, name: str, owner_digest: bytes, firmware_digest: bytes) -> tuple[int, str, dict]:
