@@ -21,6 +21,7 @@ import pytest
 
 from tests.control_client import get
 from tests.e2e.harness import DIGEST, DISK_PASS, KEYAGENT, World, ctl, leak_checked, wait_for
+from tests.e2e.qemu import QEMU, Qemu
 
 
 class HostWorld:
@@ -347,3 +348,64 @@ def test_sigterm_during_a_launch_leaves_that_vm_paused_and_the_host_exits_0(hw):
     log = [json.loads(line) for line in (hw.events / "slow.jsonl").read_text().splitlines()]
     assert log[-1]["kind"] == "exit" and log[-1]["code"] == 1 and "SIGTERM" in log[-1]["reason"]
     assert hw.key_files() == []
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_a_real_qemu_vm_takes_a_secret_through_its_own_socket_and_its_death_touches_no_other_vm(hw):
+    hw.owner("sim")
+    hw.simulator("sim")
+    hw.vm_file("sim")
+    secret = hw.tmp / "secret.txt"
+    secret.write_text("qemu secret " + os.urandom(8).hex())
+    hw.world.scan.secret("secret object", secret.read_bytes())
+    qemu = subprocess.Popen(
+        [
+            QEMU,
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+            f"unix:{hw.qmp('tcg')},server=on,wait=off",
+            "-qmp",
+            f"unix:{hw.tmp / 'tcg-test.sock'},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(hw.tmp / "tcg-qemu.stderr", "wb"),
+    )
+    try:
+        wait_for(lambda: os.path.exists(hw.tmp / "tcg-test.sock"), what="QEMU monitor")
+        hw.vm_file(
+            "tcg",
+            f'[vm]\nqmp = "unix:{hw.qmp("tcg")}"\nrun_dir = "{hw.run_dir("tcg")}"\n[secrets]\nmaster_key = "file"\n',
+        )
+        hw.start()
+        assert hw.wait_launched("sim")["result"]["code"] == 0
+        control = hw.run_dir("tcg") / "control.sock"
+        wait_for(lambda: ctl(control, "ready").returncode == 0, timeout=30, what="tcg VM's control socket")
+        out = ctl(control, "secret", "add", "--id", "disk0", "--file", str(secret))
+        assert out.returncode == 0, out.stderr
+        probe = Qemu.__new__(Qemu)
+        probe.name, probe.test_qmp = "tcg", str(hw.tmp / "tcg-test.sock")
+        objects = {o["name"] for o in probe.qmp("qom-list", {"path": "/objects"})}
+        assert "disk0" in objects
+        assert hw.vms()["tcg"]["state"] == "running"
+
+        qemu.kill()
+        qemu.wait()
+        gone = hw.wait_vm("tcg", lambda e: e["state"] == "failed", what="QEMU killed")
+        assert gone["result"]["reason"].startswith("QEMU went away")
+        assert not control.exists()
+        assert hw.vms()["sim"]["state"] == "running"
+        assert ctl(hw.run_dir("sim") / "control.sock", "ready").returncode == 0
+        assert hw.terminate() == 0, hw.host.stderr
+        assert hw.key_files() == []
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
