@@ -316,6 +316,24 @@ async def test_two_vms_on_one_run_dir_the_second_is_refused(tmp_path, conf):
     await host.stop_all("SIGTERM")
 
 
+async def test_a_vm_on_a_run_dir_a_sidecar_holds_is_refused(tmp_path, conf):
+    from agent.io.rundir import lock_run_dir, prepare_run_dir
+
+    held = lock_run_dir(prepare_run_dir(str(tmp_path / "run-mine")))  # as a keyagent run would hold it
+    try:
+        host, _ = await real_host(tmp_path, conf, {"mine": ScriptedFlow()})
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if states(host)["mine"][0] == "failed":
+                break
+        state, reason = states(host)["mine"]
+        assert state == "failed" and "run_dir" in reason
+        assert not (tmp_path / "run-mine" / "control.sock").exists()
+        await host.stop_all("SIGTERM")
+    finally:
+        held.release()
+
+
 # -- the host's own socket -----------------------------------------------------------
 
 

@@ -238,6 +238,10 @@ def test_every_vm_launches_a_new_file_starts_and_a_removed_one_stops_without_tou
     assert hw.sim_query("b", "x-sim-query-state")["status"] == "running"
     assert hw.sims["b"].popen.poll() is None
     assert {vm: e["state"] for vm, e in hw.vms().items()} == {"a": "running", "c": "running"}
+    records = [json.loads(line) for line in (hw.events / "b.jsonl").read_text().splitlines()]
+    launched = max(i for i, r in enumerate(records) if r.get("action", {}).get("type") == "Finish")
+    assert not [r for r in records[launched + 1 :] if r.get("action", {}).get("type") == "SendQmp"]
+    assert records[-1]["kind"] == "exit" and records[-1]["code"] == 0
 
     assert hw.terminate() == 0, hw.host.stderr
     assert hw.key_files() == []
