@@ -302,7 +302,24 @@ class Host:
         self._done.set()
         self._wake.set()
 
+    @staticmethod
+    def preload() -> None:
+        """Import, before the first VM, what nearly every VM's flows import
+        lazily (the sidecar's preload(), for any configuration but a sealed
+        migration's cryptography): otherwise the first VMs of a batch pay
+        for 30-odd modules inside their launches (``keyagent bench``'s
+        host keys, docs/hostbench.md)."""
+        import agent.app.control  # noqa: F401
+        import agent.app.metrics  # noqa: F401
+        import agent.app.verbs.migrate  # noqa: F401
+        import agent.app.verbs.secrets  # noqa: F401
+        import agent.core.migration  # noqa: F401
+        import agent.core.owner_answer  # noqa: F401
+        import agent.io.keyring  # noqa: F401
+        import agent.io.owner_client  # noqa: F401
+
     async def run(self) -> int:
+        self.preload()
         loop = asyncio.get_running_loop()
         sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         for sig in sigs:
