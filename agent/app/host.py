@@ -137,7 +137,6 @@ class Host:
         self.stopping = False
         self.scanned = False
         self._wake = asyncio.Event()
-        self._done = asyncio.Event()
         self._hup = False
 
     # -- the directory ------------------------------------------------------------
@@ -299,7 +298,6 @@ class Host:
             return
         self.log.info("signal received, stopping every VM", signal=signame)
         self.stopping = True
-        self._done.set()
         self._wake.set()
 
     @staticmethod
