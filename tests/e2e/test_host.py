@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -432,3 +434,80 @@ def test_bad_host_arguments_exit_2_with_one_line(tmp_path, args, reason):
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and reason.format(tmp=tmp_path) in out.stderr, out.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(
+    QEMU is None or shutil.which("swtpm") is None, reason="qemu-system-x86_64 or swtpm is not installed"
+)
+def test_two_vtpm_vms_each_get_their_swtpm_and_one_swtpm_dying_quits_only_its_qemu():
+    from agent.io import swtpm
+
+    tmp = Path(tempfile.mkdtemp(prefix="ka-hv-"))  # unix socket paths must fit 107 bytes
+    world = World(tmp)
+    qemus: dict[str, subprocess.Popen] = {}
+    try:
+        with leak_checked(world, dirs=("run",), files=()) as scan:
+            hw = HostWorld(world)
+            for vm in ("v1", "v2"):
+                key = os.urandom(32)
+                (tmp / f"{vm}.key").write_bytes(key)
+                scan.secret(f"{vm} vTPM key", key)
+                hw.vm_file(
+                    vm,
+                    f'[vm]\nqmp = "unix:{hw.qmp(vm)}"\nrun_dir = "{hw.run_dir(vm)}"\n'
+                    f'[vtpm]\nstate_dir = "{tmp / (vm + "-tpm")}"\nkey = "file:{tmp / (vm + ".key")}"\n'
+                    '[secrets]\nmaster_key = "file"\n',
+                )
+            hw.start("--qmp-timeout", "30")
+            for vm in ("v1", "v2"):
+                ctrl = hw.run_dir(vm) / "swtpm-ctrl.sock"
+                wait_for(lambda ctrl=ctrl: ctrl.exists(), timeout=30, what=f"{vm}'s swtpm")
+                qemus[vm] = subprocess.Popen(
+                    [
+                        QEMU,
+                        "-machine",
+                        "q35,accel=tcg",
+                        "-m",
+                        "64",
+                        "-nodefaults",
+                        "-display",
+                        "none",
+                        "-qmp",
+                        f"unix:{hw.qmp(vm)},server=on,wait=off",
+                        "-qmp",
+                        f"unix:{tmp / (vm + '-test.sock')},server=on,wait=off",
+                        *swtpm.qemu_tpm_args(str(ctrl)),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            for vm in ("v1", "v2"):
+                control = hw.run_dir(vm) / "control.sock"
+                wait_for(lambda c=control: ctl(c, "ready").returncode == 0, timeout=30, what=f"{vm} ready")
+            pids = subprocess.run(
+                ["pgrep", "-f", f"swtpm socket.*{hw.run_dir('v1')}/"], capture_output=True, text=True
+            ).stdout.split()
+            assert pids
+            for pid in pids:
+                os.kill(int(pid), signal.SIGKILL)
+            assert qemus["v1"].wait(timeout=30) == 0  # the agent quit it, as a sidecar does
+            v1 = hw.wait_vm("v1", lambda e: e["state"] == "failed", what="swtpm died")
+            assert "swtpm exited" in v1["result"]["reason"]
+            assert qemus["v2"].poll() is None
+            probe = Qemu.__new__(Qemu)
+            probe.name, probe.test_qmp = "v2", str(tmp / "v2-test.sock")
+            assert probe.qmp("query-tpm")[0]["model"] == "tpm-crb"
+            assert hw.vms()["v2"]["state"] == "running"
+            assert hw.terminate() == 0, hw.host.stderr
+            wait_for(
+                lambda: not subprocess.run(["pgrep", "-f", f"swtpm socket.*{tmp}/"], capture_output=True).stdout,
+                what="every swtpm to exit",
+            )
+            assert hw.key_files() == []
+    finally:
+        for q in qemus.values():
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
