@@ -1,0 +1,341 @@
+"""``keyagent bench``'s host-mode figures: one ``keyagent host`` for N VMs.
+
+Everything runs against one ``keyagent simulate --vms N`` process (N
+simulated QEMUs, one socket each) and one ``keyagent owner serve``, so that
+neither N simulators nor N owners are measured.  Two rounds, on the same VMs:
+
+1. the floor, :mod:`agent.tools.hostfloor`: one bare qemu.qmp process, started
+   and imported beforehand, told "go" on stdin, launches every VM at once;
+2. ``x-sim-reset`` holds every VM at ``-S`` again (same keys, new MNONCE);
+3. ``keyagent host --config-dir DIR``, started with DIR empty and settled;
+   then every VM's config file is renamed into DIR at once.
+
+"QEMU ready" is the moment of "go" (floor) or of the first rename (host):
+every simulated QEMU is listening by then.  Each VM's time to ``cont`` is
+taken from the simulator's stamps (CLOCK_MONOTONIC, as the bench's own
+clock), the same way for both rounds, so the host's own detection of new
+files is inside its figure; how much of it that was is in the details
+(``ready_to_connect_ms``).
+
+* ``host_density_ratio``: p99(host) / p99(floor), same run, same VMs.
+* ``host_density_p99_ms``: p99(host).
+* ``host_rss_kb_per_vm``: (VmRSS of the host with N launched, idle VMs -
+  VmRSS with none, both after a settling second) / N.
+* ``agent_cpu_ms_per_launch``: the host's utime + stime (``/proc/PID/stat``)
+  from just before the renames until every VM was resumed and a settling
+  second passed, / N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from agent.tools.bench import BenchError, Ctx, _r, close_client, percentile, qmp_client, rss_kb
+
+__all__ = ["bench_host", "cpu_ms", "notes"]
+
+OWNER_SECRET_NAME = "host-disk.pass"
+_SETTLE_S = 1.0
+
+
+def cpu_ms(pid: int) -> float:
+    """utime + stime of ``pid`` in milliseconds, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    # comm (field 2) may hold spaces and parentheses: split after its last ')'
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return ticks * 1000.0 / os.sysconf("SC_CLK_TCK")
+
+
+def host_available() -> bool:
+    return importlib.util.find_spec("agent.app.host") is not None
+
+
+async def _start_owner(ctx: Ctx, names: list[str], keys_dir: str) -> tuple[Any, str]:
+    from agent.tools.sim.machine import DEFAULT_DIGEST
+
+    secret = ctx.path(OWNER_SECRET_NAME)
+    if not os.path.exists(secret):
+        ctx._write(OWNER_SECRET_NAME, b"keyagent bench host-mode disk passphrase")
+    text = "".join(
+        f'[vm.{vm}]\ntik = "{keys_dir}/{vm}/tik.bin"\ntek = "{keys_dir}/{vm}/tek.bin"\npolicy = 1\n'
+        f'digest = "{DEFAULT_DIGEST.hex()}"\n'
+        f'[[vm.{vm}.secret]]\nguid = "luks-key"\nfile = "{secret}"\n'
+        for vm in names
+    )
+    config = ctx.path("host-owner.toml")
+    with open(config, "w") as f:
+        f.write(text)
+    proc = await ctx.spawn(
+        "host-owner",
+        [*ctx.keyagent, "owner", "serve", "--config", config, "--listen", "127.0.0.1:0", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+    )
+    return proc, (await ctx.ready_line(proc, "host-owner"))["listening"]
+
+
+async def _resumed(client) -> None:
+    async for event in client.events:
+        if event.get("event") == "RESUME":
+            return
+
+
+class _Vms:
+    """The bench's own QMP client on every simulated VM: RESUME events and stamps."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.clients: list = []
+        self.seen: list[int] = []
+
+    async def open(self) -> None:
+        for path in self.paths:
+            self.clients.append(await qmp_client(path, "bench-host"))
+        self.seen = [await self._last_client(c) for c in self.clients]
+
+    @staticmethod
+    async def _last_client(client) -> int:
+        return max(c["client"] for c in await client.execute("x-sim-query-clients"))
+
+    def watch(self) -> list[asyncio.Future]:
+        for client in self.clients:
+            client.events.clear()
+        return [asyncio.ensure_future(_resumed(c)) for c in self.clients]
+
+    async def stamps(self, names: list[str]) -> list[dict]:
+        """Each VM's one connection since the last call that sent ``cont``."""
+        out = []
+        for i, (name, client) in enumerate(zip(names, self.clients)):
+            clients = await client.execute("x-sim-query-clients")
+            mine = [c for c in clients if c["client"] > self.seen[i] and c["cont"] is not None]
+            self.seen[i] = max(c["client"] for c in clients)
+            if len(mine) != 1:
+                raise BenchError(f"{name}: {len(mine)} connections sent cont, not one")
+            out.append(mine[0])
+        return out
+
+    async def reset(self) -> None:
+        for client in self.clients:
+            await client.execute("x-sim-reset")
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await close_client(client)
+
+
+async def _wait_all(waits: list[asyncio.Future], n: int, what: str, ctx: Ctx) -> None:
+    done, pending = await asyncio.wait(waits, timeout=max(120.0, n * 2.0))
+    for w in pending:
+        w.cancel()
+    if pending:
+        raise BenchError(f"{what}: {len(pending)} of {n} VMs were not resumed; see {ctx.work}")
+
+
+def _latencies(stamps: list[dict], t0: float) -> dict[str, list[float]]:
+    return {
+        "ready_to_cont": [(s["cont"] - t0) * 1000 for s in stamps],
+        "ready_to_connect": [(s["connected"] - t0) * 1000 for s in stamps],
+        "connect_to_cont": [(s["cont"] - s["connected"]) * 1000 for s in stamps],
+        "owner_round_trip": [(s["injected"] - s["measured"]) * 1000 for s in stamps],
+    }
+
+
+def _summary(values: list[float]) -> dict:
+    return {
+        "p50": _r(statistics.median(values)),
+        "p90": _r(percentile(values, 90)),
+        "p99": _r(percentile(values, 99)),
+        "max": _r(max(values)),
+    }
+
+
+async def _get(sock: str, path: str) -> tuple[int, Any]:
+    from agent.io.http import HttpError, request_json
+
+    try:
+        return await request_json("GET", f"http://localhost{path}", None, timeout=5, unix_path=sock)
+    except HttpError:
+        return 0, None
+
+
+async def _wait_host_up(ctx: Ctx, proc, sock: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.returncode is not None:
+            break
+        if os.path.exists(sock):
+            code, _ = await _get(sock, "/healthz")
+            if code == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise BenchError(f"keyagent host did not come up; see {ctx.path('host.stderr')}")
+
+
+def _write_configs(ctx: Ctx, names: list[str], paths: list[str], owner_url: str) -> list[tuple[str, str]]:
+    """Each VM's config in a staging directory: (staged, final) pairs."""
+    stage, config_dir = ctx.path("host-stage"), ctx.path("host-conf")
+    for d in (stage, config_dir, ctx.path("host-run")):
+        os.mkdir(d, 0o700)
+    moves = []
+    for name, path in zip(names, paths):
+        run_dir = ctx.path("host-run", name)
+        os.mkdir(run_dir, 0o700)
+        text = f'[vm]\nname = "{name}"\nrun_dir = "{run_dir}"\nqmp = "unix:{path}"\n[sev]\nowner_url = "{owner_url}"\n'
+        staged = os.path.join(stage, f"{name}.toml")
+        with open(staged, "w") as f:
+            f.write(text)
+        moves.append((staged, os.path.join(config_dir, f"{name}.toml")))
+    return moves
+
+
+async def bench_host(ctx: Ctx, n: int) -> dict:
+    if not host_available():
+        return {"skipped": "this build has no keyagent host (agent.app.host)"}
+    from agent.tools.sim.multi import vm_name
+
+    names = [vm_name(i, n) for i in range(n)]
+    qmp_dir, keys_dir = ctx.path("hq"), ctx.path("hkeys")
+    os.mkdir(qmp_dir, 0o700)
+    sim = floor = owner = host = None
+    vms: _Vms | None = None
+    try:
+        sim = await ctx.spawn(
+            "host-sim",
+            [
+                *ctx.keyagent,
+                "simulate",
+                "--vms",
+                str(n),
+                "--qmp-dir",
+                qmp_dir,
+                "--keys-out",
+                keys_dir,
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        ready = await ctx.ready_line(sim, "host-sim")
+        paths = [s.removeprefix("unix:") for s in ready["qmp_sockets"]]
+        owner, owner_url = await _start_owner(ctx, names, keys_dir)
+        vms = _Vms(paths)
+        await vms.open()
+
+        # -- round 1: the floor -------------------------------------------------------
+        floor = await ctx.spawn(
+            "host-floor",
+            [
+                sys.executable,
+                "-m",
+                "agent.tools.hostfloor",
+                "--qmp-dir",
+                qmp_dir,
+                "--vms",
+                str(n),
+                "--owner-url",
+                owner_url,
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+        )
+        await ctx.ready_line(floor, "host-floor")
+        await asyncio.sleep(_SETTLE_S)
+        waits = vms.watch()
+        t0 = time.monotonic()
+        floor.stdin.write(b"go\n")
+        await floor.stdin.drain()
+        await _wait_all(waits, n, "floor", ctx)
+        floor_out = await ctx.ready_line(floor, "host-floor")
+        if floor_out["failed"]:
+            raise BenchError(
+                f"floor: {len(floor_out['failed'])} VMs failed, e.g. {next(iter(floor_out['failed'].values()))}"
+            )
+        floor_lat = _latencies(await vms.stamps(names), t0)
+        await ctx.stop(floor)
+        floor = None
+        await vms.reset()
+
+        # -- round 2: keyagent host ---------------------------------------------------
+        moves = _write_configs(ctx, names, paths, owner_url)
+        control = ctx.path("host.sock")
+        host = await ctx.spawn(
+            "host",
+            [*ctx.keyagent, "host", "--config-dir", ctx.path("host-conf"), "--control", f"unix:{control}"],
+        )
+        await _wait_host_up(ctx, host, control)
+        await asyncio.sleep(_SETTLE_S)
+        rss_empty, pss_empty = rss_kb(host.pid)
+        waits = vms.watch()
+        cpu0 = cpu_ms(host.pid)
+        t0 = time.monotonic()
+        for staged, final in moves:
+            os.rename(staged, final)
+        await _wait_all(waits, n, "keyagent host", ctx)
+        cpu_at_last_cont = cpu_ms(host.pid) - cpu0
+        host_lat = _latencies(await vms.stamps(names), t0)
+        await asyncio.sleep(_SETTLE_S)
+        cpu = cpu_ms(host.pid) - cpu0
+        rss_full, pss_full = rss_kb(host.pid)
+        code, listing = await _get(control, "/v1/vms")
+        states: dict[str, int] = {}
+        for vm in (listing or {}).get("vms", []) if isinstance(listing, dict) else []:
+            state = str(vm.get("state"))
+            states[state] = states.get(state, 0) + 1
+        cpu_after_settle = cpu_ms(host.pid) - cpu0 - cpu
+        await ctx.stop(host)
+        host_exit = host.returncode
+        host = None
+    finally:
+        if vms is not None:
+            await vms.close()
+        for proc in (floor, host, owner, sim):
+            if proc is not None:
+                await ctx.stop(proc)
+    host_p99 = percentile(host_lat["ready_to_cont"], 99)
+    floor_p99 = percentile(floor_lat["ready_to_cont"], 99)
+    return {
+        "host_density_ratio": host_p99 / floor_p99,
+        "host_density_p99_ms": host_p99,
+        "host_rss_kb_per_vm": (rss_full - rss_empty) / n,
+        "agent_cpu_ms_per_launch": cpu / n,
+        "details": {
+            "vms": n,
+            "host_ms": {k: _summary(v) for k, v in host_lat.items()},
+            "floor_ms": {k: _summary(v) for k, v in floor_lat.items()},
+            "floor_own_ms_p99": _r(percentile(list(floor_out["launched_ms"].values()), 99)),
+            "host_rss_kb": {"empty": rss_empty, "with_vms": rss_full},
+            "host_pss_kb": {"empty": pss_empty, "with_vms": pss_full},
+            "host_cpu_ms": {
+                "to_last_cont": _r(cpu_at_last_cont, 1),
+                "with_settle": _r(cpu, 1),
+                "during_v1_vms": _r(cpu_after_settle, 1),
+            },
+            "v1_vms": {"status": code, "states": states},
+            "host_exit": host_exit,
+        },
+    }
+
+
+def notes(key: str, d: dict) -> str:
+    """The table's notes column for a host_* key (``d``: this group's details)."""
+    if key == "host_density_ratio":
+        return (
+            f"{d['vms']} VMs: host p99 {d['host_ms']['ready_to_cont']['p99']:.0f} ms "
+            f"(of which ready->connect p99 {d['host_ms']['ready_to_connect']['p99']:.0f} ms) / "
+            f"floor p99 {d['floor_ms']['ready_to_cont']['p99']:.0f} ms"
+        )
+    if key == "host_rss_kb_per_vm":
+        r = d["host_rss_kb"]
+        return f"RSS {r['empty'] / 1024:.1f} MB empty, {r['with_vms'] / 1024:.1f} MB with {d['vms']} VMs"
+    if key == "agent_cpu_ms_per_launch":
+        c = d["host_cpu_ms"]
+        return f"{c['with_settle']:.0f} ms CPU for {d['vms']} launches ({c['to_last_cont']:.0f} ms by the last cont)"
+    return ""
