@@ -939,7 +939,7 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
         "replay": lambda: bench_replay(ctx, counts["replay_events"]),
         "migration": lambda: bench_migration(ctx, counts["migrations"], counts["migration_fill_mb"]),
         "density": lambda: bench_density(ctx, counts["density"]),
-        "host": lambda: bench_host(ctx, counts["host"]),
+        "host": lambda: bench_host(ctx, counts["host"], counts["host_rounds"]),
     }
     try:
         for group, members in GROUPS.items():
@@ -977,6 +977,7 @@ def run(args) -> int:
         "replay_events": _count(args, "replay_events", "replay_events", 10),
         "idle": (SMOKE if args.smoke else FULL)["idle"],
         "host": {"full": 100, "smoke": 3}["smoke" if args.smoke else "full"],  # agent.tools.bench_host
+        "host_rounds": {"full": 3, "smoke": 1}["smoke" if args.smoke else "full"],
         "migration_fill_mb": (
             args.migration_fill_mb
             if args.migration_fill_mb is not None

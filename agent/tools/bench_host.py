@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -166,7 +167,7 @@ async def _get(sock: str, path: str) -> tuple[int, Any]:
         return 0, None
 
 
-async def _wait_host_up(ctx: Ctx, proc, sock: str, timeout: float = 60.0) -> None:
+async def _wait_host_up(ctx: Ctx, proc, sock: str, name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.returncode is not None:
@@ -176,7 +177,7 @@ async def _wait_host_up(ctx: Ctx, proc, sock: str, timeout: float = 60.0) -> Non
             if code == 200:
                 return
         await asyncio.sleep(0.05)
-    raise BenchError(f"keyagent host did not come up; see {ctx.path('host.stderr')}")
+    raise BenchError(f"keyagent host did not come up; see {ctx.path(name + '.stderr')}")
 
 
 def _write_configs(ctx: Ctx, names: list[str], paths: list[str], owner_url: str) -> list[tuple[str, str]]:
@@ -196,56 +197,14 @@ def _write_configs(ctx: Ctx, names: list[str], paths: list[str], owner_url: str)
     return moves
 
 
-async def bench_host(ctx: Ctx, n: int) -> dict:
-    if not host_available():
-        return {"skipped": "this build has no keyagent host (agent.app.host)"}
-    from agent.tools.sim.multi import vm_name
-
-    names = [vm_name(i, n) for i in range(n)]
-    qmp_dir, keys_dir = ctx.path("hq"), ctx.path("hkeys")
-    os.mkdir(qmp_dir, 0o700)
-    sim = floor = owner = host = None
-    vms: _Vms | None = None
+async def _floor_round(ctx: Ctx, vms: _Vms, names: list[str], qmp_dir: str, owner_url: str) -> dict:
+    """One launch of every VM by the floor; the latencies."""
+    n = len(names)
+    argv = [sys.executable, "-m", "agent.tools.hostfloor", "--qmp-dir", qmp_dir, "--vms", str(n)]
+    floor = await ctx.spawn(
+        "host-floor", [*argv, "--owner-url", owner_url], stdout=subprocess.PIPE, stdin=subprocess.PIPE
+    )
     try:
-        sim = await ctx.spawn(
-            "host-sim",
-            [
-                *ctx.keyagent,
-                "simulate",
-                "--vms",
-                str(n),
-                "--qmp-dir",
-                qmp_dir,
-                "--keys-out",
-                keys_dir,
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.PIPE,
-        )
-        ready = await ctx.ready_line(sim, "host-sim")
-        paths = [s.removeprefix("unix:") for s in ready["qmp_sockets"]]
-        owner, owner_url = await _start_owner(ctx, names, keys_dir)
-        vms = _Vms(paths)
-        await vms.open()
-
-        # -- round 1: the floor -------------------------------------------------------
-        floor = await ctx.spawn(
-            "host-floor",
-            [
-                sys.executable,
-                "-m",
-                "agent.tools.hostfloor",
-                "--qmp-dir",
-                qmp_dir,
-                "--vms",
-                str(n),
-                "--owner-url",
-                owner_url,
-            ],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.PIPE,
-        )
         await ctx.ready_line(floor, "host-floor")
         await asyncio.sleep(_SETTLE_S)
         waits = vms.watch()
@@ -253,24 +212,27 @@ async def bench_host(ctx: Ctx, n: int) -> dict:
         floor.stdin.write(b"go\n")
         await floor.stdin.drain()
         await _wait_all(waits, n, "floor", ctx)
-        floor_out = await ctx.ready_line(floor, "host-floor")
-        if floor_out["failed"]:
-            raise BenchError(
-                f"floor: {len(floor_out['failed'])} VMs failed, e.g. {next(iter(floor_out['failed'].values()))}"
-            )
-        floor_lat = _latencies(await vms.stamps(names), t0)
+        out = await ctx.ready_line(floor, "host-floor")
+        if out["failed"]:
+            raise BenchError(f"floor: {len(out['failed'])} VMs failed, e.g. {next(iter(out['failed'].values()))}")
+        lat = _latencies(await vms.stamps(names), t0)
+        lat["own"] = list(out["launched_ms"].values())
+        return lat
+    finally:
         await ctx.stop(floor)
-        floor = None
-        await vms.reset()
 
-        # -- round 2: keyagent host ---------------------------------------------------
-        moves = _write_configs(ctx, names, paths, owner_url)
-        control = ctx.path("host.sock")
-        host = await ctx.spawn(
-            "host",
-            [*ctx.keyagent, "host", "--config-dir", ctx.path("host-conf"), "--control", f"unix:{control}"],
-        )
-        await _wait_host_up(ctx, host, control)
+
+async def _host_round(ctx: Ctx, vms: _Vms, names: list[str], moves: list[tuple[str, str]], rnd: int) -> dict:
+    """Start ``keyagent host`` on an empty directory, settle, move every VM's
+    file in at once, wait for every RESUME; latencies, CPU, RSS."""
+    n = len(names)
+    control = ctx.path("host.sock")
+    config_dir = os.path.dirname(moves[0][1])
+    host = await ctx.spawn(
+        f"host{rnd}", [*ctx.keyagent, "host", "--config-dir", config_dir, "--control", f"unix:{control}"]
+    )
+    try:
+        await _wait_host_up(ctx, host, control, f"host{rnd}")
         await asyncio.sleep(_SETTLE_S)
         rss_empty, pss_empty = rss_kb(host.pid)
         waits = vms.watch()
@@ -278,59 +240,113 @@ async def bench_host(ctx: Ctx, n: int) -> dict:
         t0 = time.monotonic()
         for staged, final in moves:
             os.rename(staged, final)
+        # What a hook that wrote the files does next: tell the host to look now,
+        # rather than at its next poll of the directory (poll_s in the details).
+        host.send_signal(signal.SIGHUP)
         await _wait_all(waits, n, "keyagent host", ctx)
         cpu_at_last_cont = cpu_ms(host.pid) - cpu0
-        host_lat = _latencies(await vms.stamps(names), t0)
+        lat = _latencies(await vms.stamps(names), t0)
         await asyncio.sleep(_SETTLE_S)
         cpu = cpu_ms(host.pid) - cpu0
         rss_full, pss_full = rss_kb(host.pid)
         code, listing = await _get(control, "/v1/vms")
         states: dict[str, int] = {}
-        for vm in (listing or {}).get("vms", []) if isinstance(listing, dict) else []:
-            state = str(vm.get("state"))
+        for vm in listing.get("vms", []) if isinstance(listing, dict) else []:
+            state = f"{vm.get('state')}:{(vm.get('result') or {}).get('code')}"
             states[state] = states.get(state, 0) + 1
-        cpu_after_settle = cpu_ms(host.pid) - cpu0 - cpu
         await ctx.stop(host)
-        host_exit = host.returncode
-        host = None
+        return {
+            "lat": lat,
+            "cpu_ms": cpu,
+            "cpu_ms_to_last_cont": cpu_at_last_cont,
+            "rss_kb": (rss_empty, rss_full),
+            "pss_kb": (pss_empty, pss_full),
+            "v1_vms": {"status": code, "states": states},
+            "exit": host.returncode,
+        }
+    finally:
+        await ctx.stop(host)
+        for staged, final in moves:  # back to the stage for the next round
+            if os.path.exists(final):
+                os.rename(final, staged)
+
+
+async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
+    """``rounds`` pairs of (floor, host), alternating which goes first; every
+    figure is the median over the rounds."""
+    if not host_available():
+        return {"skipped": "this build has no keyagent host (agent.app.host)"}
+    from agent.tools.sim.multi import vm_name
+
+    names = [vm_name(i, n) for i in range(n)]
+    qmp_dir, keys_dir = ctx.path("hq"), ctx.path("hkeys")
+    os.mkdir(qmp_dir, 0o700)
+    sim = owner = None
+    vms: _Vms | None = None
+    floors: list[dict] = []
+    hosts: list[dict] = []
+    try:
+        argv = ["simulate", "--vms", str(n), "--qmp-dir", qmp_dir, "--keys-out", keys_dir, "--log-level", "warning"]
+        sim = await ctx.spawn("host-sim", [*ctx.keyagent, *argv], stdout=subprocess.PIPE)
+        ready = await ctx.ready_line(sim, "host-sim")
+        paths = [s.removeprefix("unix:") for s in ready["qmp_sockets"]]
+        owner, owner_url = await _start_owner(ctx, names, keys_dir)
+        vms = _Vms(paths)
+        await vms.open()
+        moves = _write_configs(ctx, names, paths, owner_url)
+        for rnd in range(rounds):
+            for side in ("floor", "host") if rnd % 2 == 0 else ("host", "floor"):
+                if side == "floor":
+                    floors.append(await _floor_round(ctx, vms, names, qmp_dir, owner_url))
+                else:
+                    hosts.append(await _host_round(ctx, vms, names, moves, rnd))
+                await vms.reset()
     finally:
         if vms is not None:
             await vms.close()
-        for proc in (floor, host, owner, sim):
+        for proc in (owner, sim):
             if proc is not None:
                 await ctx.stop(proc)
-    host_p99 = percentile(host_lat["ready_to_cont"], 99)
-    floor_p99 = percentile(floor_lat["ready_to_cont"], 99)
+    host_p99 = [percentile(h["lat"]["ready_to_cont"], 99) for h in hosts]
+    floor_p99 = [percentile(f["ready_to_cont"], 99) for f in floors]
+    rss_per_vm = [(h["rss_kb"][1] - h["rss_kb"][0]) / n for h in hosts]
+    cpu_per_launch = [h["cpu_ms"] / n for h in hosts]
+    med = statistics.median
+    first = hosts[0]
     return {
-        "host_density_ratio": host_p99 / floor_p99,
-        "host_density_p99_ms": host_p99,
-        "host_rss_kb_per_vm": (rss_full - rss_empty) / n,
-        "agent_cpu_ms_per_launch": cpu / n,
+        "host_density_ratio": med(host_p99) / med(floor_p99),
+        "host_density_p99_ms": med(host_p99),
+        "host_rss_kb_per_vm": med(rss_per_vm),
+        "agent_cpu_ms_per_launch": med(cpu_per_launch),
         "details": {
             "vms": n,
-            "host_ms": {k: _summary(v) for k, v in host_lat.items()},
-            "floor_ms": {k: _summary(v) for k, v in floor_lat.items()},
-            "floor_own_ms_p99": _r(percentile(list(floor_out["launched_ms"].values()), 99)),
-            "host_rss_kb": {"empty": rss_empty, "with_vms": rss_full},
-            "host_pss_kb": {"empty": pss_empty, "with_vms": pss_full},
-            "host_cpu_ms": {
-                "to_last_cont": _r(cpu_at_last_cont, 1),
-                "with_settle": _r(cpu, 1),
-                "during_v1_vms": _r(cpu_after_settle, 1),
-            },
-            "v1_vms": {"status": code, "states": states},
-            "host_exit": host_exit,
+            "rounds": rounds,
+            "host_p99_ms": [_r(x, 1) for x in host_p99],
+            "floor_p99_ms": [_r(x, 1) for x in floor_p99],
+            "rss_kb_per_vm": [_r(x, 1) for x in rss_per_vm],
+            "cpu_ms_per_launch": [_r(x, 3) for x in cpu_per_launch],
+            # the first round of each, in full
+            "host_ms": {k: _summary(v) for k, v in first["lat"].items()},
+            "floor_ms": {k: _summary(v) for k, v in floors[0].items()},
+            "host_rss_kb": {"empty": first["rss_kb"][0], "with_vms": first["rss_kb"][1]},
+            "host_pss_kb": {"empty": first["pss_kb"][0], "with_vms": first["pss_kb"][1]},
+            "host_cpu_ms": {"to_last_cont": _r(first["cpu_ms_to_last_cont"], 1), "with_settle": _r(first["cpu_ms"], 1)},
+            "v1_vms": first["v1_vms"],
+            "host_exit": [h["exit"] for h in hosts],
+            "poll_s": getattr(importlib.import_module("agent.app.host"), "POLL_S", None),
         },
     }
 
 
 def notes(key: str, d: dict) -> str:
     """The table's notes column for a host_* key (``d``: this group's details)."""
+    med = statistics.median
     if key == "host_density_ratio":
         return (
-            f"{d['vms']} VMs: host p99 {d['host_ms']['ready_to_cont']['p99']:.0f} ms "
-            f"(of which ready->connect p99 {d['host_ms']['ready_to_connect']['p99']:.0f} ms) / "
-            f"floor p99 {d['floor_ms']['ready_to_cont']['p99']:.0f} ms"
+            f"{d['vms']} VMs, {d['rounds']} round(s): host p99 {med(d['host_p99_ms']):.0f} ms / floor p99 "
+            f"{med(d['floor_p99_ms']):.0f} ms (host ready->connect p99 "
+            f"{d['host_ms']['ready_to_connect']['p99']:.0f} ms, owner round trip p99 "
+            f"{d['host_ms']['owner_round_trip']['p99']:.0f} ms)"
         )
     if key == "host_rss_kb_per_vm":
         r = d["host_rss_kb"]
