@@ -404,7 +404,15 @@ def _resolve_path(base: str, value: str) -> str:
     return value if os.path.isabs(value) else os.path.join(base, value)
 
 
-def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | None, flags: dict[str, Any] | None = None, extras: dict[tuple[str, str], Any] | None = None
+) -> Config:
+    """The file's settings, overridden by ``flags``.
+
+    ``extras`` (``keyagent host``): ``{(section, name): None}`` of keys the
+    caller reads itself; each one the file gives is stored there (a key
+    outside the schema must then be a non-empty string, and is not refused).
+    """
     values = {(k.section, k.name): k.default for k in SCHEMA}
     present: set[str] = set()
     if path:
@@ -430,6 +438,12 @@ def load_config(path: str | None, flags: dict[str, Any] | None = None) -> Config
             present.add(section)
             for name, value in table.items():
                 key = KEYS.get((section, name))
+                if extras is not None and (section, name) in extras:
+                    extras[(section, name)] = value
+                    if key is None:
+                        if not isinstance(value, str) or not value:
+                            raise UsageError(f"{where}[{section}] {name} must be a non-empty string")
+                        continue
                 if key is None:
                     raise UsageError(f"{where}unknown key [{section}] {name}")
                 value = _coerce(key, value, where)

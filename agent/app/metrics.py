@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter as Tally
+from typing import Any
 
 # Attestation latency buckets, seconds: a launch is milliseconds on a local
 # owner and up to the owner timeout on a slow one.
@@ -41,43 +42,84 @@ class Metrics:
 
     # -- scrape ----------------------------------------------------------------
     def collect(self):
+        return self.families()
+
+    def families(self, vm: str | None = None):
+        """The metric families; with ``vm`` (``keyagent host``), each sample
+        carries a ``vm`` label first (see :class:`HostMetrics`)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        started = CounterMetricFamily("keyagent_flows_started", "Flows started, by kind", labels=["kind"])
+        lead = [] if vm is None else ["vm"]
+        at = [] if vm is None else [vm]
+        started = CounterMetricFamily("keyagent_flows_started", "Flows started, by kind", labels=[*lead, "kind"])
         for kind, n in sorted(self.flows_started.items()):
-            started.add_metric([kind], n)
+            started.add_metric([*at, kind], n)
         finished = CounterMetricFamily(
-            "keyagent_flows_finished", "Flows finished, by kind and result", labels=["kind", "result"]
+            "keyagent_flows_finished", "Flows finished, by kind and result", labels=[*lead, "kind", "result"]
         )
         for (kind, result), n in sorted(self.flows_finished.items()):
-            finished.add_metric([kind, result], n)
+            finished.add_metric([*at, kind, result], n)
         migrations = CounterMetricFamily(
-            "keyagent_migrations", "Migrations, by role and status", labels=["role", "status"]
+            "keyagent_migrations", "Migrations, by role and status", labels=[*lead, "role", "status"]
         )
         for (role, status), n in sorted(self.migrations.items()):
-            migrations.add_metric([role, status], n)
-        secrets = CounterMetricFamily("keyagent_secrets_added", "Encrypted secret objects added to QEMU")
-        secrets.add_metric([], self.secrets_added)
+            migrations.add_metric([*at, role, status], n)
+        secrets = CounterMetricFamily("keyagent_secrets_added", "Encrypted secret objects added to QEMU", labels=lead)
+        secrets.add_metric(at, self.secrets_added)
         buckets, total = [], 0
         for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.latency_counts):
             total += n
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
         latency = HistogramMetricFamily(
-            "keyagent_attestation_seconds",
-            "SEV launch attestation, start to cont",
-            buckets=buckets,
-            sum_value=self.latency_sum,
+            "keyagent_attestation_seconds", "SEV launch attestation, start to cont", labels=lead
         )
-        connected = GaugeMetricFamily("keyagent_qmp_connected", "1 while QMP is connected")
-        connected.add_metric([], 1 if self.qmp_connected else 0)
-        dropped = CounterMetricFamily("keyagent_qmp_events_dropped", "QMP events dropped because the queue was full")
-        dropped.add_metric([], self.events_dropped())
+        latency.add_metric(at, buckets, self.latency_sum)
+        connected = GaugeMetricFamily("keyagent_qmp_connected", "1 while QMP is connected", labels=lead)
+        connected.add_metric(at, 1 if self.qmp_connected else 0)
+        dropped = CounterMetricFamily(
+            "keyagent_qmp_events_dropped", "QMP events dropped because the queue was full", labels=lead
+        )
+        dropped.add_metric(at, self.events_dropped())
         return [started, finished, migrations, secrets, latency, connected, dropped]
 
     def render(self) -> tuple[bytes, str]:
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-        from prometheus_client.registry import CollectorRegistry
+        return _render(self)
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+def _render(collector) -> tuple[bytes, str]:
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class HostMetrics:
+    """``keyagent host``'s ``/metrics``: every VM's families merged, each
+    sample labelled with its ``vm``, plus how many VMs are in each state.
+
+    ``source()`` returns ``[(vm, Metrics)]`` and ``{state: count}`` at scrape
+    time: VMs come and go, and nothing is registered or unregistered.
+    """
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        per_vm, states = self.source()
+        merged: dict[str, Any] = {}
+        for vm, metrics in per_vm:
+            for family in metrics.families(vm):
+                into = merged.setdefault(family.name, family)
+                if into is not family:
+                    into.samples.extend(family.samples)
+        vms = GaugeMetricFamily("keyagent_host_vms", "VMs of this host, by state", labels=["state"])
+        for state, n in sorted(states.items()):
+            vms.add_metric([state], n)
+        return [*merged.values(), vms]
+
+    def render(self) -> tuple[bytes, str]:
+        return _render(self)

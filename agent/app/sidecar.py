@@ -69,6 +69,9 @@ class SidecarOptions:
     event_log: str | None
     qmp_timeout: float = QMP_CONNECT_TIMEOUT_S
     incoming: bool = False  # QEMU runs with -incoming: its vTPM state arrives by migration
+    # SIGTERM/SIGINT handlers belong to the process: ``keyagent host`` owns
+    # them and calls Sidecar.stop() on each of its VMs instead.
+    own_signals: bool = True
 
 
 def check_qmp_path(path: str) -> None:
@@ -159,6 +162,11 @@ class Sidecar:
 
     def _on_signal(self, signame: str) -> None:
         self.log.info("signal received, stopping", signal=signame)
+        self.stop(signame)
+
+    def stop(self, signame: str) -> None:
+        """End the flows the way a signal does (QEMU is not touched; a launch
+        not yet completed leaves the VM paused and makes the exit status 1)."""
         launch = self.runtime.flows.get("launch") if self.runtime is not None else None
         unfinished = (launch is not None and launch.finished is None) or (
             self.runtime is None and (self.cfg.sev_enabled or self.cfg.snp_enabled)
@@ -369,7 +377,8 @@ class Sidecar:
             event_log.close()
             raise
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        own_signals = getattr(self.opts, "own_signals", True)
+        for sig in (signal.SIGTERM, signal.SIGINT) if own_signals else ():
             loop.add_signal_handler(sig, self._on_signal, sig.name)
         tasks: list[asyncio.Task] = []
         qmp = None
@@ -383,7 +392,7 @@ class Sidecar:
             raise
         finally:
             self._stopping = True
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT) if own_signals else ():
                 loop.remove_signal_handler(sig)
             await self._shut_down(qmp, tasks, event_log)
 

@@ -78,6 +78,10 @@ def register(sub) -> None:
     s = verbs.add_parser("ready", help="GET /readyz: exit 0 when QMP is connected (readiness)")
     s.set_defaults(func=run, route=wire.READYZ, body=lambda a: None)
 
+    s = verbs.add_parser("vms", help="(keyagent host) every VM: name, state, running flows, last result")
+    s.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
+    s.set_defaults(func=run, route=wire.VMS, body=lambda a: None, render=_vms_table)
+
     m = verbs.add_parser("migrate", help="encrypted migration (TLS-PSK)")
     mv = m.add_subparsers(dest="migrate_verb", metavar="MIGRATE_VERB")
     mv.required = True
@@ -135,6 +139,10 @@ def run(args) -> int:
     except HttpError as exc:
         raise FlowFailed(f"control socket {path}: {exc}") from None
     if 200 <= status < 300:
+        render = getattr(args, "render", None)
+        if render is not None and not getattr(args, "json", False):
+            print(render(answer), end="")
+            return 0
         print(json.dumps(answer, indent=2, sort_keys=True))
         wanted = getattr(args, "success", None)
         if wanted and (not isinstance(answer, dict) or answer.get("status") != wanted):
@@ -146,3 +154,32 @@ def run(args) -> int:
     if status == BAD_REQUEST:
         raise UsageError(reason)
     raise FlowFailed(reason)
+
+
+def _vms_table(answer: object) -> str:
+    """``ctl vms``: one line per VM, columns padded to their widest cell."""
+    vms = answer.get("vms") if isinstance(answer, dict) else None
+    if not isinstance(vms, list):
+        raise FlowFailed("the agent's answer has no VM list (is this a keyagent host socket?)")
+    rows = [("NAME", "STATE", "FLOWS", "RESULT")]
+    for vm in vms:
+        if not isinstance(vm, dict):
+            continue
+        result = vm.get("result")
+        text = "-"
+        if isinstance(result, dict):
+            flow = result.get("flow")
+            text = f"{flow + ': ' if flow else ''}{result.get('code')} {result.get('reason') or ''}".strip()
+        flows = vm.get("flows")
+        rows.append(
+            (
+                str(vm.get("name")),
+                str(vm.get("state")),
+                ",".join(map(str, flows)) if isinstance(flows, list) and flows else "-",
+                " ".join(text.split()),  # one line, whatever the reason holds
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] + "\n" for row in rows
+    )

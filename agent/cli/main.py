@@ -30,6 +30,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # imports (``--help`` imports them all).
 SUBCOMMANDS = {
     "run": "agent.cli.run",
+    "host": "agent.cli.host",
     "launch": "agent.cli.launch",
     "ctl": "agent.cli.ctl",
     "replay": "agent.cli.replay",

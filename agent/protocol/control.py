@@ -15,12 +15,14 @@ Routes (method, path) and what their bodies hold:
   ``GET /metrics``: Prometheus text;
 * ``POST /v1/migrate/{prepare,begin,accept,start,wait,cancel}``
   (:mod:`agent.app.verbs.migrate`);
-* ``POST /v1/secret/{add,remove}`` (:mod:`agent.app.verbs.secrets`).
+* ``POST /v1/secret/{add,remove}`` (:mod:`agent.app.verbs.secrets`);
+* ``GET /v1/vms`` (``keyagent host``'s own socket, :mod:`agent.app.host`):
+  ``{"vms": [VmEntry, ...]}``, one per configuration file, by file name.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, get_args
 
 Method = Literal["GET", "POST"]
 Route = tuple[Method, str]
@@ -39,6 +41,38 @@ MIGRATE_CANCEL: Final[Route] = ("POST", "/v1/migrate/cancel")
 
 SECRET_ADD: Final[Route] = ("POST", "/v1/secret/add")
 SECRET_REMOVE: Final[Route] = ("POST", "/v1/secret/remove")
+
+VMS: Final[Route] = ("GET", "/v1/vms")
+
+#: a host VM's states: its flows are being set up, run, ended well (a launch
+#: with no control socket), ended by a failure (its flow refused or failed,
+#: its QEMU went away, its code raised, its file is bad), or were stopped by
+#: the host (file removed or changed, SIGTERM) without touching QEMU
+VmState = Literal["starting", "running", "done", "failed", "stopped"]
+
+def vm_states() -> tuple[VmState, ...]:
+    return get_args(VmState)
+
+
+class VmResult(TypedDict):
+    """The last result: of the VM's last finished flow while it runs, of the
+    VM itself once it has ended (``flow`` is then None)."""
+
+    flow: str | None
+    code: int
+    reason: str
+
+
+class VmEntry(TypedDict):
+    name: str  # [vm] name, or the file's name without .toml
+    config: str  # the file's name in the config directory
+    state: VmState
+    flows: list[str]  # the flows running now
+    result: VmResult | None
+
+
+def vms_body(vms: list[VmEntry]) -> dict[str, Any]:
+    return {"vms": vms}
 
 #: the status of a request that was itself wrong: ``keyagent ctl`` exits 2
 BAD_REQUEST: Final = 400
