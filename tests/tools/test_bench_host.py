@@ -127,5 +127,5 @@ def test_a_smoke_run_of_the_host_keys_reports_all_four():
         assert isinstance(report[key], (int, float)), key
     assert report["host_density_ratio"] > 0 and report["host_density_p99_ms"] > 0
     details = report["details"]["host"]
-    assert details["vms"] == 3 and details["host_exit"] == 0
-    assert details["v1_vms"]["status"] == 200
+    assert details["vms"] == 3 and details["host_exit"] == [0]
+    assert details["v1_vms"] == {"status": 200, "states": {"running:0": 3}}
