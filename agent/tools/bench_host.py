@@ -210,6 +210,7 @@ async def _floor_round(ctx: Ctx, vms: _Vms, names: list[str], qmp_dir: str, owne
         waits = vms.watch()
         cpu0 = cpu_ms(floor.pid)
         t0 = time.monotonic()
+        assert floor.stdin is not None  # spawned with stdin=PIPE
         floor.stdin.write(b"go\n")
         await floor.stdin.drain()
         await _wait_all(waits, n, "floor", ctx)
