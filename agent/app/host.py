@@ -133,7 +133,7 @@ class Host:
         self.opts = opts
         self.log = get_logger("keyagent.host")
         self.vms: dict[str, Vm] = {}
-        self.make_sidecar = make_sidecar or self._make_sidecar
+        self.make_sidecar = self._make_sidecar if make_sidecar is None else make_sidecar
         self.stopping = False
         self.scanned = False
         self._wake = asyncio.Event()
@@ -256,7 +256,7 @@ class Host:
         try:
             code = await sidecar.run()
         except asyncio.CancelledError:
-            self._ended(vm, "stopped", 1, f"cancelled after {STOP_DEADLINE_S:g} s of shutdown")
+            self._ended(vm, "stopped", 1, "cancelled: its shutdown took too long")
             raise
         except KeyagentError as exc:
             self._ended(vm, "stopped" if vm.stopping else "failed", exc.exit_code, exc.reason)

@@ -486,7 +486,25 @@ class Sidecar:
         ]
         if self.vtpm is not None:
             tasks.append(asyncio.ensure_future(self._supervise_vtpm()))
+        for task in tasks:
+            task.add_done_callback(self._task_ended)
         return tasks
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """One of our loops raised (a bug: a flow step, an executor): stop,
+        exit 1, rather than live on with nothing dispatching.  QEMU is left
+        where it is (a VM still paused for its secret stays paused)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        from agent.common.logs import scrub
+
+        text = scrub(str(exc)).splitlines()
+        reason = f"internal error: {type(exc).__name__}" + (f": {text[0]}" if text else "")
+        self.log.error("an agent loop raised: stopping", reason=reason)
+        if self.exit_code == 0:
+            self.exit_code, self.exit_reason = 1, reason
+        self.done.set()
 
     async def _shut_down(self, qmp: Monitor | None, tasks: list[asyncio.Task[Any]], event_log: EventLog) -> None:
         """Every exit path: stop the runtime, wipe keys, close the control

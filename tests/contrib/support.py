@@ -140,3 +140,68 @@ def control_server_status(method: str, route: str, qmp: str = "connected") -> in
     server = ControlServer(FakeSidecar(), "/nonexistent/control.sock")
     response = asyncio.run(server.handle(Request(method, route, {})))
     return response.status
+
+
+# -- systemd units (keyagent@.service, keyagent-host.service) ------------------
+
+
+def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
+    """systemd's unit syntax: [Section], Key=Value, '#'/';' comments, '\\' continuations.
+
+    configparser does not do: a key may repeat (After=, SystemCallFilter=).
+    """
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    pending = ""
+    for raw in text.splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            assert line.endswith("]"), line
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"key outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not Key=Value: {line}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def values(sections, section: str, key: str) -> list[str]:
+    return [v for k, v in sections.get(section, []) if k == key]
+
+
+def value(sections, section: str, key: str) -> str:
+    found = values(sections, section, key)
+    assert found, f"[{section}] {key}= is missing"
+    return found[-1]
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, val = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), line
+        env[key] = val
+    return env
+
+
+def expand_exec(line: str, env: dict[str, str], instance: str) -> list[str]:
+    """ExecStart= as systemd runs it: specifiers, then $VAR split into words."""
+    line = line.replace("%i", instance).replace("%t", "/run").replace("%%", "%")
+    argv = []
+    for word in shlex.split(line):
+        m = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        if m:
+            argv += shlex.split(env.get(m.group(1), ""))
+        else:
+            argv.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda v: env.get(v.group(1), ""), word))
+    return argv

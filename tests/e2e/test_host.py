@@ -21,6 +21,7 @@ import pytest
 
 from tests.control_client import get
 from tests.e2e.harness import DIGEST, DISK_PASS, KEYAGENT, World, ctl, leak_checked, wait_for
+from tests.e2e.qemu import QEMU, Qemu
 
 
 class HostWorld:
@@ -248,3 +249,163 @@ def test_every_vm_launches_a_new_file_starts_and_a_removed_one_stops_without_tou
             [*KEYAGENT, "replay", "--check", str(hw.events / f"{vm}.jsonl")], capture_output=True, text=True, timeout=60
         )
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_refused_vm_a_bad_file_and_a_killed_qemu_fail_alone(hw):
+    hw.owner("good", "refused", "killed")
+    hw.simulator("good")
+    hw.simulator("refused", digest=hashlib.sha256(b"some other firmware").digest())
+    hw.simulator("killed")
+    for vm in ("good", "refused", "killed"):
+        hw.vm_file(vm)
+    hw.vm_file("broken", "[vm]\nqmp = 'unix:/nowhere/q.sock'\n[sev]\nowner_url = 'ftp://x'\n")
+    hw.vm_file("nomonitor", f"[vm]\nqmp = 'unix:{hw.tmp}/absent/q.sock'\n")
+    hw.start()
+    assert hw.wait_launched("good")["result"]["code"] == 0
+    assert hw.wait_launched("killed")["result"]["code"] == 0
+    refused = hw.wait_vm("refused", lambda e: e["state"] == "failed", what="refused")
+    assert refused["result"]["code"] == 1 and refused["result"]["reason"]
+    # The refused VM is quit, as on_refusal says; the simulator ends with it.
+    wait_for(lambda: hw.sims["refused"].popen.poll() is not None, timeout=20, what="refused VM quit")
+    vms = hw.vms()
+    assert (
+        vms["broken"]["state"] == "failed"
+        and "[sev] owner_url must be an http:// URL" in (vms["broken"]["result"]["reason"])
+    )
+    assert vms["nomonitor"]["state"] == "failed" and "does not exist" in vms["nomonitor"]["result"]["reason"]
+
+    hw.sims["killed"].popen.kill()
+    killed = hw.wait_vm("killed", lambda e: e["state"] == "failed", what="QEMU gone")
+    assert killed["result"]["reason"].startswith("QEMU went away")
+    host_log = [json.loads(line) for line in hw.host.stderr.splitlines() if line.startswith("{")]
+    failed = {rec["vm"] for rec in host_log if rec.get("event") == "VM failed"}
+    assert failed == {"refused", "killed", "broken", "nomonitor"}
+
+    # Nobody else noticed: the good VM runs on, its control socket answers.
+    assert hw.vms()["good"]["state"] == "running"
+    assert ctl(hw.run_dir("good") / "control.sock", "ready").returncode == 0
+    assert hw.sim_query("good", "x-sim-query-state")["status"] == "running"
+    assert hw.terminate() == 0, hw.host.stderr
+    assert hw.key_files() == []
+
+
+def test_sighup_restarts_a_vm_whose_file_changed_and_leaves_the_rest(hw):
+    hw.owner("a", "b")
+    hw.simulator("a")
+    hw.simulator("b")
+    hw.vm_file("a")
+    hw.vm_file("b", "[vm]\nqmp = 'unix:/nowhere/q.sock'\n")  # broken until fixed
+    hw.start()
+    assert hw.wait_launched("a")["result"]["code"] == 0
+    assert hw.wait_vm("b", lambda e: e["state"] == "failed", what="b broken")
+    hw.vm_file("b")
+    time.sleep(1.5)  # a changed file waits for SIGHUP
+    assert hw.vms()["b"]["state"] == "failed"
+    # a's file changes too: a run_dir of its own elsewhere.  Its SEV launch is
+    # over; its restarted flows begin again with the new configuration.
+    hw.vm_file(
+        "a",
+        f'[vm]\nqmp = "unix:{hw.qmp("a")}"\nrun_dir = "{hw.tmp / "run" / "a2"}"\n',
+    )
+    hw.host.popen.send_signal(signal.SIGHUP)
+    assert hw.wait_launched("b")["result"]["code"] == 0
+    hw.wait_vm("a", lambda e: e["state"] == "running" and e["result"] is None, what="a restarted")
+    wait_for(lambda: (hw.tmp / "run" / "a2" / "control.sock").exists(), what="a's new control socket")
+    assert not (hw.run_dir("a") / "control.sock").exists()
+    assert hw.sim_query("a", "x-sim-query-state")["status"] == "running"
+    assert hw.terminate() == 0, hw.host.stderr
+    assert hw.key_files() == []
+
+
+def test_sigterm_during_a_launch_leaves_that_vm_paused_and_the_host_exits_0(hw):
+    hw.owner("slow")
+    # The simulator measures late: the launch is still waiting at SIGTERM.
+    tik, tek = hw.keys["slow"]
+    proc = hw.world.spawn(
+        "sim-slow",
+        [
+            "simulate",
+            "--qmp",
+            f"unix:{hw.qmp('slow')}",
+            "--sev",
+            "--tik",
+            str(tik),
+            "--tek",
+            str(tek),
+            "--digest",
+            DIGEST.hex(),
+            "--measure-delay",
+            "30",
+        ],
+    )
+    wait_for(lambda: os.path.exists(hw.qmp("slow")), what="slow simulator")
+    hw.vm_file("slow")
+    hw.start()
+    hw.wait_vm("slow", lambda e: "launch" in e["flows"], what="launch running")
+    assert hw.terminate() == 0, hw.host.stderr
+    assert hw.sim_query("slow", "x-sim-query-state")["status"] != "running"  # never resumed without its secret
+    assert proc.popen.poll() is None
+    log = [json.loads(line) for line in (hw.events / "slow.jsonl").read_text().splitlines()]
+    assert log[-1]["kind"] == "exit" and log[-1]["code"] == 1 and "SIGTERM" in log[-1]["reason"]
+    assert hw.key_files() == []
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_a_real_qemu_vm_takes_a_secret_through_its_own_socket_and_its_death_touches_no_other_vm(hw):
+    hw.owner("sim")
+    hw.simulator("sim")
+    hw.vm_file("sim")
+    secret = hw.tmp / "secret.txt"
+    secret.write_text("qemu secret " + os.urandom(8).hex())
+    hw.world.scan.secret("secret object", secret.read_bytes())
+    qemu = subprocess.Popen(
+        [
+            QEMU,
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+            f"unix:{hw.qmp('tcg')},server=on,wait=off",
+            "-qmp",
+            f"unix:{hw.tmp / 'tcg-test.sock'},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(hw.tmp / "tcg-qemu.stderr", "wb"),
+    )
+    try:
+        wait_for(lambda: os.path.exists(hw.tmp / "tcg-test.sock"), what="QEMU monitor")
+        hw.vm_file(
+            "tcg",
+            f'[vm]\nqmp = "unix:{hw.qmp("tcg")}"\nrun_dir = "{hw.run_dir("tcg")}"\n[secrets]\nmaster_key = "file"\n',
+        )
+        hw.start()
+        assert hw.wait_launched("sim")["result"]["code"] == 0
+        control = hw.run_dir("tcg") / "control.sock"
+        wait_for(lambda: ctl(control, "ready").returncode == 0, timeout=30, what="tcg VM's control socket")
+        out = ctl(control, "secret", "add", "--id", "disk0", "--file", str(secret))
+        assert out.returncode == 0, out.stderr
+        probe = Qemu.__new__(Qemu)
+        probe.name, probe.test_qmp = "tcg", str(hw.tmp / "tcg-test.sock")
+        objects = {o["name"] for o in probe.qmp("qom-list", {"path": "/objects"})}
+        assert "disk0" in objects
+        assert hw.vms()["tcg"]["state"] == "running"
+
+        qemu.kill()
+        qemu.wait()
+        gone = hw.wait_vm("tcg", lambda e: e["state"] == "failed", what="QEMU killed")
+        assert gone["result"]["reason"].startswith("QEMU went away")
+        assert not control.exists()
+        assert hw.vms()["sim"]["state"] == "running"
+        assert ctl(hw.run_dir("sim") / "control.sock", "ready").returncode == 0
+        assert hw.terminate() == 0, hw.host.stderr
+        assert hw.key_files() == []
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()

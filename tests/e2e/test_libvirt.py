@@ -464,3 +464,91 @@ async def test_sev_refusal_through_libvirt_never_resumes(tmp_path):
     assert code == 1
     assert [c[0] for c in dom.calls] == ["launchSecurityInfo", "launchSecurityInfo", "destroy"]
     assert not dom.machine.cont_happened and dom.machine.injections == 0
+
+
+# -- keyagent host --libvirt: several domains, one agent --------------------------------------
+
+
+def test_host_mode_serves_several_domains_and_one_domains_end_touches_no_other(libvirtd, tmp_path):
+    """``keyagent host --libvirt``: each ``[vm] domain`` file is one domain's
+    sidecar in one process; a destroyed domain fails alone; a removed file
+    stops its flows and leaves the domain as it is."""
+    world = World(tmp_path)
+    (tmp_path / "pass.txt").write_text(PASSPHRASE)
+    conf, run = tmp_path / "conf", tmp_path / "run"
+    conf.mkdir()
+    run.mkdir(mode=0o700)
+    names = {vm: libvirtd.create(domain_name()) for vm in ("h1", "h2", "h3")}
+    for vm, name in names.items():
+        (conf / f"{vm}.toml").write_text(
+            f'[vm]\ndomain = "{name}"\nrun_dir = "{run / vm}"\n[secrets]\nmaster_key = "file"\n'
+        )
+    host_sock = tmp_path / "host.sock"
+    scan = LeakScan()
+    scan.secret("passphrase", PASSPHRASE.encode())
+
+    def vms() -> dict:
+        out = ctl(host_sock, "vms", "--json")
+        assert out.returncode == 0, out.stderr
+        return {v["name"]: v for v in json.loads(out.stdout)["vms"]}
+
+    with ArgvWatcher() as argv:
+        scan.argv = argv
+        try:
+            host = world.spawn(
+                "host",
+                [
+                    "host",
+                    "--libvirt",
+                    libvirtd.uri,
+                    "--config-dir",
+                    str(conf),
+                    "--control",
+                    f"unix:{host_sock}",
+                    "--event-log-dir",
+                    str(tmp_path),
+                    "--log-level",
+                    "debug",
+                ],
+            )
+            for vm in names:
+                wait_for(
+                    lambda vm=vm: (
+                        ctl(run / vm / "control.sock", "ready").returncode == 0 or host.popen.poll() is not None
+                    ),
+                    timeout=30,
+                    what=f"{vm}'s control socket",
+                )
+            assert host.popen.poll() is None, host.stderr
+            out = ctl(
+                run / "h1" / "control.sock", "secret", "add", "--id", "luks0", "--file", str(tmp_path / "pass.txt")
+            )
+            assert out.returncode == 0, out.stderr + host.stderr
+            assert PASSPHRASE not in libvirtd.qmp(
+                names["h1"], "qom-get", {"path": "/objects/luks0", "property": "data"}
+            )
+
+            libvirtd.virsh("destroy", names["h2"])
+            wait_for(lambda: vms()["h2"]["state"] == "failed", timeout=20, what="h2 failed")
+            assert vms()["h2"]["result"]["reason"].startswith("QEMU went away")
+
+            (conf / "h3.toml").unlink()
+            wait_for(lambda: "h3" not in vms(), timeout=10, what="h3 stopped")
+            assert libvirtd.state(names["h3"]) == "paused"  # left as it was
+
+            assert vms()["h1"]["state"] == "running"
+            assert ctl(run / "h1" / "control.sock", "ready").returncode == 0
+            host.popen.send_signal(signal.SIGTERM)
+            assert host.wait(30) == 0, host.stderr
+            assert libvirtd.state(names["h1"]) == "paused"
+            assert sorted(p.name for p in run.rglob("*") if p.is_file() and p.name != ".lock") == []
+        finally:
+            world.close()
+            for name in names.values():
+                libvirtd.virsh("destroy", name, check=False)
+    scan.text("host stderr", host.stderr)
+    for vm in names:
+        scan.file(str(tmp_path / f"{vm}.jsonl"))
+    scan.file(str(libvirtd.log))
+    scan.dirs.append(str(run))
+    scan.check()
