@@ -312,8 +312,10 @@ class Host:
             if self.opts.control_path is not None:
                 server = await self._serve_control(self.opts.control_path)
             self.log.info("keyagent host running", config_dir=self.opts.config_dir)
-            await self._poll()
-            await self.stop_all("SIGTERM")
+            try:
+                await self._poll()
+            finally:  # after SIGTERM, and after a bug of the host's own: every VM ends as a sidecar would
+                await self.stop_all("SIGTERM")
         finally:
             for sig in sigs:
                 loop.remove_signal_handler(sig)

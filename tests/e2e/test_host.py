@@ -409,3 +409,22 @@ def test_a_real_qemu_vm_takes_a_secret_through_its_own_socket_and_its_death_touc
         if qemu.poll() is None:
             qemu.kill()
             qemu.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--config-dir", "{tmp}/nope"], "--config-dir {tmp}/nope is not a directory"),
+        (["--config-dir", "{tmp}", "--control", "tcp:1"], "--control must be unix:PATH"),
+        (["--config-dir", "{tmp}", "--event-log-dir", "{tmp}/nope"], "--event-log-dir {tmp}/nope is not a directory"),
+        (["--config-dir", "{tmp}", "--qmp-timeout", "nan"], "--qmp-timeout"),
+        (["--config-dir", "{tmp}", "--libvirt", ""], "--libvirt needs a connection URI"),
+    ],
+)
+def test_bad_host_arguments_exit_2_with_one_line(tmp_path, args, reason):
+    out = subprocess.run(
+        [*KEYAGENT, "host", *(a.format(tmp=tmp_path) for a in args)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and reason.format(tmp=tmp_path) in out.stderr, out.stderr
+    assert os.listdir(tmp_path) == []
