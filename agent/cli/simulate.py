@@ -32,6 +32,15 @@ not open for its PDH and policy stops it, exit 2, as QEMU fails to start::
 ``--snp-digest`` what the firmware measures to; ``--amd-roots-out DIR`` then
 writes ``milan-ark.pem`` / ``milan-ask.pem``, the test roots its VCEK chains to.
 
+``--vms N --qmp-dir DIR`` serves N independent VMs from this one process
+(one asyncio loop; agent.tools.sim.multi), so that measuring many VMs does not
+measure many simulators: VM i listens on ``DIR/vm-000.sock``, ``DIR/vm-001.sock``,
+... (three digits, more past 1000 VMs) and, with ``--keys-out KDIR``, its fresh
+TIK/TEK go to ``KDIR/vm-000/tik.bin`` and ``tek.bin``.  The VMs share one
+platform (PDH, chain: ``--pdh-key`` and the ``--*-out`` flags apply to it); a
+VM that gets ``quit`` closes its socket alone, and the process exits 0 when
+every VM has quit.  Its ready line lists ``qmp_sockets``.
+
 On start it prints one JSON line to stdout (``{"ready": true, "qmp": ...}``)
 so a script can wait for it.  It exits 0 after ``quit`` or on SIGTERM /
 SIGINT, removing its socket.
@@ -63,7 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="A QMP server that behaves like QEMU 7.2 holding an SEV / SEV-ES guest "
         "at -S, with a simulated PSP doing the real launch cryptography.",
     )
-    p.add_argument("--qmp", required=True, metavar="unix:PATH", help="where to listen")
+    p.add_argument("--qmp", metavar="unix:PATH", help="where to listen (required unless --vms)")
+    p.add_argument(
+        "--vms",
+        metavar="N",
+        help="serve N independent VMs from this one process, one QMP socket each in --qmp-dir: "
+        "DIR/vm-000.sock, DIR/vm-001.sock, ... (keys in --keys-out DIR/vm-000/, ...)",
+    )
+    p.add_argument("--qmp-dir", metavar="DIR", help="with --vms: the directory the VMs' sockets go in")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--sev", action="store_true", help="an SEV guest (the default)")
     kind.add_argument("--sev-es", action="store_true", help="an SEV-ES guest (sets policy bit 0x4)")
@@ -145,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
     from agent.app.hardening import harden_process
 
     harden_process()  # the simulated PSP holds TIK/TEK: no core dump
+    if args.vms is not None or args.qmp_dir is not None:
+        return _run_many(args)
+    if args.qmp is None:
+        raise UsageError("--qmp unix:PATH is required (or --vms N --qmp-dir DIR)")
     path = _socket_path(args.qmp)
     if args.snp:
         return _run_snp(args, path)
@@ -323,6 +343,142 @@ async def _serve(
         for sig in signals:
             loop.remove_signal_handler(sig)
     return getattr(sim.machine, "exit_status", 0)  # SNP: a failed SNP_LAUNCH_FINISH exits 1, as QEMU
+
+
+def _run_many(args: argparse.Namespace) -> int:
+    """``--vms N --qmp-dir DIR``: N VMs in this process (agent.tools.sim.multi).
+
+    Every VM is the single-VM simulator with keys of its own; the platform
+    (PDH and chain, so ``--pdh-key`` and the ``--*-out`` certificates) is the
+    host's one PSP, shared.  What is one VM's alone has no meaning here."""
+    from agent.tools.sim.machine import DEFAULT_DIGEST, SimConfig
+    from agent.tools.sim.multi import MAX_VMS, MultiSimulator, socket_name, vm_name
+
+    if args.vms is None or args.qmp_dir is None:
+        raise UsageError("--vms N and --qmp-dir DIR go together")
+    if args.qmp is not None:
+        raise UsageError("--qmp is one VM's socket: with --vms the sockets are DIR/vm-000.sock, ... in --qmp-dir")
+    one_vm = {
+        "--snp": args.snp or None,
+        "--tik": args.tik,
+        "--tek": args.tek,
+        "--dh-cert-file": args.dh_cert_file,
+        "--session-file": args.session_file,
+        "--snp-digest": args.snp_digest,
+        "--id-block": args.id_block,
+        "--id-auth": args.id_auth,
+        "--host-data": args.host_data,
+        "--author-key-enabled": args.author_key_enabled or None,
+    }
+    for flag, value in one_vm.items():
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to --vms (every VM gets fresh keys: --keys-out DIR)")
+    count = _number("--vms", args.vms, MAX_VMS)
+    if count < 1:
+        raise UsageError("--vms must be at least 1")
+    qmp_dir = args.qmp_dir
+    if not os.path.isdir(qmp_dir):
+        raise UsageError(f"--qmp-dir {qmp_dir} is not a directory")
+    for i in range(count):
+        path = os.path.join(qmp_dir, socket_name(i, count))
+        if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+            raise UsageError(f"--qmp-dir: {path[:80]}... is longer than {_MAX_UNIX_PATH} bytes")
+        if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise UsageError(f"--qmp-dir: {path} exists and is not a socket")
+    _enough_files(2 * count + 64)
+    policy = _number("--policy", args.policy if args.policy is not None else "0x1", 0xFFFFFFFF)
+    secret_gpa, secret_size = _secret_area(args)
+    keys = [(os.urandom(_KEY_LEN), os.urandom(_KEY_LEN)) for _ in range(count)]
+    try:
+        base = SimConfig(
+            tik=keys[0][0],
+            tek=keys[0][1],
+            pdh_private_key=_read_pdh_key(args.pdh_key) if args.pdh_key is not None else None,
+            digest=_digest(args.digest) if args.digest is not None else DEFAULT_DIGEST,
+            policy=policy,
+            api_major=_number("--api-major", args.api_major, 0xFF),
+            api_minor=_number("--api-minor", args.api_minor, 0xFF),
+            build_id=_number("--build-id", args.build_id, 0xFF),
+            sev_es=args.sev_es,
+            state="running" if args.running else "prelaunch",
+            measure_delay_s=_seconds("--measure-delay", args.measure_delay),
+            secret_gpa=secret_gpa,
+            secret_size=secret_size,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.keys_out is not None:
+        for i in range(count):
+            for name in ("tik.bin", "tek.bin"):
+                existing = os.path.join(args.keys_out, vm_name(i, count), name)
+                if os.path.lexists(existing):
+                    raise UsageError(f"--keys-out: {existing} already exists; not overwriting it")
+        _write_keys(args.keys_out, {})
+        for i, (tik, tek) in enumerate(keys):
+            _write_keys(os.path.join(args.keys_out, vm_name(i, count)), {"tik.bin": tik, "tek.bin": tek})
+    outputs = {
+        "--pdh-out": args.pdh_out,
+        "--cert-chain-out": args.cert_chain_out,
+        "--cek-out": args.cek_out,
+        "--amd-roots-out": args.amd_roots_out,
+    }
+    sims = MultiSimulator.with_keys(base, keys, qmp_dir)
+    del keys
+    return asyncio.run(_serve_many(sims, base, qmp_dir, args.keys_out, outputs))
+
+
+async def _serve_many(sims, config, qmp_dir: str, keys_out: str | None, outputs: dict[str, str | None]) -> int:
+    from agent.common.logs import get_logger
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            _write_platform_certs(sims.platform, outputs)
+            if keys_out is None:
+                get_logger("keyagent.sim").warning(
+                    "sim.keys_ephemeral", why="no --keys-out: no owner can build a packet", vms=len(sims.vms)
+                )
+            try:
+                await sims.start()
+            except OSError as exc:
+                raise UsageError(f"cannot listen in {qmp_dir}: {exc.strerror or exc}") from None
+            ready = {
+                "ready": True,
+                "vms": len(sims.vms),
+                "qmp_dir": qmp_dir,
+                "qmp_sockets": [f"unix:{path}" for path in sims.paths],
+                "policy": config.effective_policy,
+                "sev_es": bool(config.effective_policy & 0x4),
+                "keys_out": keys_out,
+                "session": False,
+            }
+            print(json.dumps(ready), flush=True)
+            quit_wait = asyncio.ensure_future(sims.wait_closed())
+            stop_wait = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({quit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            for fut in (quit_wait, stop_wait):
+                fut.cancel()
+        finally:
+            await sims.close()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _enough_files(needed: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to ``needed`` when the hard limit allows it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise UsageError(f"--vms needs {needed} open files; the hard limit (ulimit -Hn) is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _write_snp_roots(machine, roots_dir: str | None) -> None:

@@ -81,6 +81,11 @@ TARGETS: dict[str, tuple[str | None, float | None, str]] = {
     "migration_ratio": ("<=", 1.05, "TLS-PSK migration on real QEMU, agent / bare script (median of paired ratios)"),
     "density_launch_p99_ms": ("<=", 50.0, "N sidecars x N simulators launching at once: p99 connect->cont"),
     "density_rss_mb_total": (None, None, "the same N sidecars: total RSS"),
+    # host mode (agent.tools.bench_host)
+    "host_density_ratio": ("<=", 1.3, "N VMs at once under keyagent host: p99 ready->cont / one-process floor's"),
+    "host_density_p99_ms": (None, None, "the same p99 under keyagent host (QEMU ready -> cont)"),
+    "host_rss_kb_per_vm": ("<=", 512.0, "keyagent host: (RSS with N idle VMs - RSS with none) / N"),
+    "agent_cpu_ms_per_launch": ("<=", 1.0, "keyagent host's CPU time over the N launches / N"),
 }
 GROUPS = {
     "launch": ("launch_ratio", "launch_added_ms_p50", "startup_ms"),
@@ -88,6 +93,7 @@ GROUPS = {
     "replay": ("replay_events_per_s", "replay_html_records_per_s"),
     "migration": ("migration_ratio",),
     "density": ("density_launch_p99_ms", "density_rss_mb_total"),
+    "host": ("host_density_ratio", "host_density_p99_ms", "host_rss_kb_per_vm", "agent_cpu_ms_per_launch"),
 }
 
 FULL = {"launches": 200, "density": 100, "replay_events": 200_000, "migrations": 5, "idle": 3}
@@ -925,12 +931,15 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
     details: dict[str, Any] = {}
     skipped: dict[str, str] = {k: "not selected (--only)" for k in TARGETS if k not in keys}
     errors: dict[str, str] = {}
+    from agent.tools.bench_host import bench_host  # it imports this module: not at the top
+
     runners = {
         "launch": lambda: bench_launch(ctx, counts["launches"]),
         "idle": lambda: bench_idle(ctx, counts["idle"]),
         "replay": lambda: bench_replay(ctx, counts["replay_events"]),
         "migration": lambda: bench_migration(ctx, counts["migrations"], counts["migration_fill_mb"]),
         "density": lambda: bench_density(ctx, counts["density"]),
+        "host": lambda: bench_host(ctx, counts["host"], counts["host_rounds"]),
     }
     try:
         for group, members in GROUPS.items():
@@ -967,6 +976,8 @@ def run(args) -> int:
         "migrations": _count(args, "migrations", "migrations", 1),
         "replay_events": _count(args, "replay_events", "replay_events", 10),
         "idle": (SMOKE if args.smoke else FULL)["idle"],
+        "host": {"full": 100, "smoke": 3}["smoke" if args.smoke else "full"],  # agent.tools.bench_host
+        "host_rounds": {"full": 3, "smoke": 1}["smoke" if args.smoke else "full"],
         "migration_fill_mb": (
             args.migration_fill_mb
             if args.migration_fill_mb is not None
@@ -1055,6 +1066,10 @@ def _notes(key: str, report: dict) -> str:
             f"(+{x['added_ms_p50']:.0f} ms), {x['migrations_per_side']} each, guest "
             f"{x['guest_ram_mb']} MiB RAM with {x['guest_fill_mb']} MiB in use"
         )
+    if key in GROUPS["host"] and "host" in d:
+        from agent.tools.bench_host import notes
+
+        return notes(key, d["host"])
     if key.startswith("density") and "density" in d:
         x = d["density"]
         if key == "density_launch_p99_ms":

@@ -230,12 +230,19 @@ class Machine:
         *,
         clock: Callable[[], float] = time.monotonic,
         emit: Callable[[str, dict | None], None] | None = None,
+        platform: Platform | None = None,
+        name: str | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
         self._emit = emit or (lambda name, data: None)
-        self._log = get_logger("keyagent.sim")
-        self.platform = Platform(config.pdh_private_key, api_major=config.api_major, api_minor=config.api_minor)
+        # ``name``: one VM among several in one process (``simulate --vms``), in every log line.
+        self._log = get_logger("keyagent.sim") if name is None else get_logger("keyagent.sim", vm=name)
+        # ``platform``: the host's one PSP, shared by every VM it serves (``simulate --vms``);
+        # otherwise this VM's own, made from ``config.pdh_private_key``.
+        self.platform = platform or Platform(
+            config.pdh_private_key, api_major=config.api_major, api_minor=config.api_minor
+        )
         if config.session is not None:
             # LAUNCH_START with the owner's session; FwError if it does not open.
             tik, tek = self.platform.launch_start(*config.session, config.effective_policy)

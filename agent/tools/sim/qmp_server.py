@@ -34,6 +34,7 @@ from typing import Any, cast
 from agent.common.logs import get_logger
 from agent.tools.sim.json_stream import DEFAULT_MAX_MESSAGE, JsonStream, Parsed, ParseFailure
 from agent.tools.sim.machine import QEMU_VERSION, InjectedEntry, Machine, SimConfig, SimQmpError
+from agent.tools.sim.psp import Platform
 
 __all__ = ["Simulator", "SimConfig", "Monitor", "encode_message"]
 
@@ -197,11 +198,15 @@ class Simulator:
         *,
         clock: Callable[[], float] = time.monotonic,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        platform: Platform | None = None,
+        name: str | None = None,
     ) -> None:
         self.config = config
         self.path = os.fspath(path)
+        self.name = name
         self._max_message = max_message
-        self._log = get_logger("keyagent.sim")
+        # ``name`` and ``platform``: one VM of several in one process (agent.tools.sim.multi).
+        self._log = get_logger("keyagent.sim") if name is None else get_logger("keyagent.sim", vm=name)
         # a Machine, or an SnpMachine that answers the same names (duck-typed)
         self.machine: Any
         if getattr(config, "snp", False) is True:  # agent.tools.sim.snp.SnpSimConfig: QEMU 9.1, sev-snp-guest
@@ -209,7 +214,7 @@ class Simulator:
 
             self.machine = SnpMachine(cast(SnpSimConfig, config), clock=clock, emit=self._emit)
         else:
-            self.machine = Machine(config, clock=clock, emit=self._emit)
+            self.machine = Machine(config, clock=clock, emit=self._emit, platform=platform, name=name)
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[int, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
