@@ -50,6 +50,7 @@ VMS: Final[Route] = ("GET", "/v1/vms")
 #: the host (file removed or changed, SIGTERM) without touching QEMU
 VmState = Literal["starting", "running", "done", "failed", "stopped"]
 
+
 def vm_states() -> tuple[VmState, ...]:
     return get_args(VmState)
 
@@ -73,6 +74,7 @@ class VmEntry(TypedDict):
 
 def vms_body(vms: list[VmEntry]) -> dict[str, Any]:
     return {"vms": vms}
+
 
 #: the status of a request that was itself wrong: ``keyagent ctl`` exits 2
 BAD_REQUEST: Final = 400
