@@ -303,7 +303,7 @@ class Sidecar:
         if not self.run_dir:
             raise UsageError("[vtpm] needs [vm] run_dir for swtpm's control socket")
         self.vtpm = Vtpm.from_config(self.cfg, self.run_dir)
-        self.tpm_args = await self.vtpm.start(incoming=self.incoming)
+        self.tpm_args = await self.vtpm.start(incoming=self.incoming, adopt=self.adopts)
         self.log.info("vTPM ready: start QEMU with these arguments", qemu_args=self.tpm_args)
 
     async def _supervise_vtpm(self) -> None:
