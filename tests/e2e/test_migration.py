@@ -306,18 +306,23 @@ def test_destination_killed_while_listening_keeps_only_the_live_key_dir_and_the_
     assert not (tmp / "dst-run" / live).exists()
 
 
-def test_source_agent_killed_then_the_migration_is_cancelled_meanwhile_is_cleaned_up_at_restart(pair):
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+def test_source_agent_killed_then_the_migration_ends_meanwhile_is_cleaned_up_at_restart(pair, ending):
     src, dst = pair.src, pair.dst
     slow_migration(pair)
     kill_agent(src)
-    src.qemu.qmp("migrate_cancel")
-    wait_for(lambda: src.qemu.qmp("query-migrate").get("status") == "cancelled", what="cancelled")
+    if ending == "cancelled":
+        src.qemu.qmp("migrate_cancel")
+    else:  # the destination dies: the source's migration fails
+        dst.qemu.popen.kill()
+    wait_for(lambda: src.qemu.qmp("query-migrate").get("status") == ending, timeout=30, what=ending)
     assert src.qemu.tls_objects() == ["keyagent-tls-migrate-1"]  # nobody cleaned up yet
     src.start_agent()
     out = ctl(src.control, "migrate", "wait", "--timeout", "30")
-    assert json.loads(out.stdout)["status"] == "cancelled" and out.returncode == 1
+    assert json.loads(out.stdout)["status"] == ending and out.returncode == 1
     src.assert_clean()
-    # The broken stream fails the incoming side: its QEMU exits, its agent follows.
+    # The broken stream fails the incoming side (or it was killed): its QEMU
+    # is gone, and its agent follows it out, clean.
     assert dst.qemu.popen.wait(timeout=30) != 0
     assert dst.agent.wait(timeout=30) == 0
     dst.assert_clean()
