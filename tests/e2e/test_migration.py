@@ -66,7 +66,11 @@ class Host:
         return sorted(str(p.relative_to(self.run_dir)) for p in self.run_dir.rglob("*") if p.name != "control.sock")
 
     def assert_clean(self):
+        from agent.io import keyring
+
         assert self.key_files() == [], f"{self.name}: key material left: {self.key_files()}"
+        if keyring.usable() is None:
+            assert keyring.find(f"keyagent:{VM}:") == [], "a keyring key was left"
         if self.qemu.popen.poll() is None:
             assert self.qemu.tls_objects() == []
             assert self.qemu.tls_creds() == ""
