@@ -284,11 +284,17 @@ def test_agent_killed_mid_migration_adopts_it_on_restart_and_cleans_up_after_it_
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_destination_killed_while_listening_keeps_only_the_live_key_dir_and_the_migration_then_runs(pair):
+@pytest.mark.parametrize("variant", ["single", "multifd", "postcopy"])
+def test_destination_killed_while_listening_keeps_only_the_live_key_dir_and_the_migration_then_runs(pair, variant):
+    """Every TLS handshake (each multifd channel, postcopy's) happens after the
+    restart: the kept keys.psk is what GnuTLS reads."""
     src, dst, tmp = pair.src, pair.dst, pair.tmp
     boot_source(pair)
     key, uri = psk_file(pair), f"tcp:127.0.0.1:{free_port()}"
-    ctl_json(dst.control, "migrate", "accept", "--psk-file", key, "--uri", uri)
+    extra = {"single": [], "multifd": ["--multifd"], "postcopy": ["--postcopy"]}[variant]
+    if variant == "postcopy":
+        src.qemu.qmp("migrate-set-parameters", {"max-bandwidth": 64 * 1024})
+    ctl_json(dst.control, "migrate", "accept", "--psk-file", key, "--uri", uri, *extra)
     (live,) = {p.parent.name for p in dst.run_dir.glob("key-tls-*/keys.psk")}
     kill_agent(dst)
     # A wreck no migration reads: an older key dir and a stray keys.psk.
@@ -300,10 +306,12 @@ def test_destination_killed_while_listening_keeps_only_the_live_key_dir_and_the_
     assert "swept stale key material" in agent.stderr
     assert sorted(p.name for p in dst.run_dir.glob("key-*")) == [live]
     assert adopted_flows(dst)["migrate-1"]["state"] == "migrating"
-    ctl_json(src.control, "migrate", "start", "--psk-file", key, "--uri", uri)
+    ctl_json(src.control, "migrate", "start", "--psk-file", key, "--uri", uri, *extra)
     for side in (src, dst):
         done = ctl(side.control, "migrate", "wait", "--timeout", "60")
         assert json.loads(done.stdout)["status"] == "completed", done.stdout + done.stderr
+    if variant == "postcopy":  # the adopted flow followed the postcopy phase
+        assert '"postcopy-active"' in dst.event_log.read_text()
     marker_arrived(pair)
     src.assert_clean()
     dst.assert_clean()
