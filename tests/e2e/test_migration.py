@@ -340,6 +340,31 @@ def test_source_agent_killed_then_the_migration_ends_meanwhile_is_cleaned_up_at_
     dst.assert_clean()
 
 
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_agent_killed_during_the_setup_is_undone_at_restart(pair, side):
+    """Killed between object-add and migrate: QEMU holds our creds object (and
+    tls-creds names it), a key dir is on disk, nothing migrates."""
+    host = pair.src if side == "source" else pair.dst
+    kill_agent(host)
+    key_dir = host.run_dir / "key-tls-0123456789ab"
+    key_dir.mkdir(mode=0o700)
+    (key_dir / "keys.psk").write_text("qemu:" + "cd" * 32)
+    pair.scan.secret("setup PSK", bytes.fromhex("cd" * 32))
+    endpoint = "client" if side == "source" else "server"
+    host.qemu.qmp(
+        "object-add",
+        {"qom-type": "tls-creds-psk", "id": "keyagent-tls-migrate-4", "dir": str(key_dir), "endpoint": endpoint},
+    )
+    host.qemu.qmp("migrate-set-parameters", {"tls-creds": "keyagent-tls-migrate-4"})
+    host.start_agent()
+    out = ctl(host.control, "migrate", "wait", "--timeout", "30")
+    result = json.loads(out.stdout)
+    assert result["migration"] == "migrate-4" and result["status"] == "failed" and out.returncode == 1
+    assert "stopped before the migration started" in result["error"]
+    host.assert_clean()
+    assert not key_dir.exists()
+
+
 def test_destination_agent_killed_then_the_source_cancels_the_restarted_agent_follows_qemu_out(pair):
     src, dst = pair.src, pair.dst
     slow_migration(pair)
