@@ -77,7 +77,7 @@ def test_a_listening_destination_keeps_the_key_dir_qemu_names_and_no_other(run_d
 
 @pytest.mark.parametrize(
     "named",
-    ["/etc", "/tmp/elsewhere/key-tls-1", "RUN/key-master-1", "RUN/key-tls-missing", "RUN/../x/key-tls-1"],
+    ["/etc", "/var/lib/elsewhere/key-tls-1", "RUN/key-master-1", "RUN/key-tls-missing", "RUN/../x/key-tls-1"],
 )
 def test_a_dir_qemu_names_outside_our_migration_key_dirs_is_never_kept(run_dir, named):
     make_key_dir(run_dir, "master")
