@@ -409,13 +409,10 @@ class Sidecar:
             from agent.app import adopt
 
             self.found = await adopt.take_over(self, qmp, event_log)
+            adopt.start_migrations(self, self.found)  # before the control socket takes requests
         await self._start_control()
         tasks += self._start_tasks(rt)
         self.start_flows(rt)
-        if self.found is not None:
-            from agent.app.adopt import start_migrations
-
-            start_migrations(self, self.found)
         self._maybe_done()
         await self.done.wait()
         self._stopping = True
