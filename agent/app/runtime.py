@@ -142,13 +142,15 @@ class Runtime:
         return self.control.waiting
 
     # -- flows ----------------------------------------------------------------
-    def start_flow(self, flow_id: str, flow: Flow) -> None:
+    def start_flow(self, flow_id: str, flow: Flow, first: Event | None = None) -> None:
+        """Register and start a flow: ``Start``, or ``first`` (``Adopted`` for
+        what a restarted agent takes over, ``agent.app.adopt``)."""
         self.flows[flow_id] = flow
         self.event_log.flow(flow_id, flow)
         self._started_at[flow_id] = asyncio.get_running_loop().time()
         if self.metrics is not None:
             self.metrics.flow_started(flow.kind)
-        self.feed(flow_id, Start())
+        self.feed(flow_id, Start() if first is None else first)
 
     async def finished(self, flow_id: str) -> None:
         """Return once the flow has finished."""

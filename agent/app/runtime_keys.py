@@ -69,6 +69,13 @@ class KeyStore:
         self._log.debug("key directory written", flow=flow_id, dir=path, files=sorted(action.files))
         self._feed(flow_id, KeyDirReady(action.name, path))
 
+    def adopt_dir(self, flow_id: str, name: str, path: str) -> None:
+        """A key directory a restarted agent found QEMU still reading
+        (``agent.app.adopt``): the flow's own from now on, removed as if
+        this runtime had written it."""
+        self.key_dirs[(flow_id, name)] = path
+        self._log.debug("key directory adopted", flow=flow_id, dir=path)
+
     def remove_dir(self, flow_id: str, name: str) -> None:
         from agent.io.rundir import remove_key_dir
 

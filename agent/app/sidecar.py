@@ -40,12 +40,14 @@ from agent.io.rundir import (
     check_socket_length,
     check_socket_path,
     lock_run_dir,
+    migration_key_dirs,
     prepare_run_dir,
     set_run_dir_group,
     sweep_stale_keys,
 )
 
 if TYPE_CHECKING:
+    from agent.app.adopt import Found
     from agent.app.control import ControlServer
     from agent.app.flowhost import VerbTable
     from agent.app.verbs.migrate import MigrationControl
@@ -112,6 +114,8 @@ def check_host_keys(cfg: Config) -> None:
 
 
 class Sidecar:
+    adopts = True  # takes over what a killed predecessor left in QEMU (agent.app.adopt)
+
     def __init__(self, cfg: Config, opts: SidecarOptions) -> None:
         self.cfg = cfg
         self.opts = opts
@@ -132,6 +136,7 @@ class Sidecar:
         self.incoming = getattr(opts, "incoming", False)
         self._stopping = False
         self._run_dir_lock: RunDirLock | None = None
+        self.found: Found | None = None  # what a restarted agent found in QEMU (agent.app.adopt)
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
@@ -246,7 +251,7 @@ class Sidecar:
             from agent.app.verbs.secrets import SecretsControl
 
             self.secrets = SecretsControl(self)
-            self.secrets.start()
+            self.secrets.start(in_qemu=self.found.secret_ids if self.found is not None else None)
         if cfg.sev_enabled:
             rt.start_flow(
                 "launch",
@@ -306,7 +311,7 @@ class Sidecar:
         if not self.run_dir:
             raise UsageError("[vtpm] needs [vm] run_dir for swtpm's control socket")
         self.vtpm = Vtpm.from_config(self.cfg, self.run_dir)
-        self.tpm_args = await self.vtpm.start(incoming=self.incoming)
+        self.tpm_args = await self.vtpm.start(incoming=self.incoming, adopt=self.adopts)
         self.log.info("vTPM ready: start QEMU with these arguments", qemu_args=self.tpm_args)
 
     async def _supervise_vtpm(self) -> None:
@@ -322,8 +327,8 @@ class Sidecar:
         if self._stopping or self.done.is_set() or rt is None or rt.qmp_gone is not None:
             return  # swtpm followed QEMU out (--terminate), as it should
         self.log.error("swtpm died while QEMU runs: stopping QEMU", status=status)
-        if self.exit_code == 0:
-            self.exit_code, self.exit_reason = 1, f"swtpm exited with status {status}"
+        if self.exit_code == 0:  # status None: an adopted swtpm, not our child
+            self.exit_code, self.exit_reason = 1, "swtpm exited" + ("" if status is None else f" with status {status}")
         await rt.command_outside_flows("quit")
 
     # -- the whole life -------------------------------------------------------
@@ -409,6 +414,11 @@ class Sidecar:
         """Run the flows and the control socket until done; ``tasks`` gets the
         loops started, for _shut_down to stop whatever happens."""
         rt = self._start_runtime(qmp, event_log)
+        if self.adopts and self.run_dir:  # before any request or flow: agent.app.adopt
+            from agent.app import adopt
+
+            self.found = await adopt.take_over(self, qmp, event_log)
+            adopt.start_migrations(self, self.found)  # before the control socket takes requests
         await self._start_control()
         tasks += self._start_tasks(rt)
         self.start_flows(rt)
@@ -428,7 +438,8 @@ class Sidecar:
 
             check_socket_free(opts.control_path)
         if self.run_dir:
-            removed = sweep_stale_keys(self.run_dir)
+            # A migration key dir may still be QEMU's: agent.app.adopt decides once QMP is up.
+            removed = sweep_stale_keys(self.run_dir, keep=migration_key_dirs(self.run_dir) if self.adopts else ())
             from agent.io import keyring
 
             removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
@@ -512,6 +523,8 @@ class Sidecar:
         log = self.log
         if self.runtime is not None:
             self.runtime.close()
+        if self.adopts and self.run_dir and self.found is None:  # QEMU never asked: nothing is live
+            sweep_stale_keys(self.run_dir)
         self.wipe_held_keys()
         if self.control is not None:
             await self.control.close()

@@ -50,8 +50,9 @@ class Vtpm:
         self.device = device
         self.swtpm_bin = swtpm_bin
         self.swtpm_setup_bin = swtpm_setup_bin
-        self.process: swtpm.SwtpmProcess | None = None
+        self.process: swtpm.SwtpmProcess | swtpm.AdoptedSwtpm | None = None
         self.created = False  # True when this start ran swtpm_setup
+        self.adopted = False  # True when a live swtpm of a killed predecessor was taken over
 
     @staticmethod
     def enabled(cfg) -> bool:
@@ -90,17 +91,26 @@ class Vtpm:
             except OSError as exc:
                 raise UsageError(f"cannot read vTPM key file {rest}: {exc.strerror}") from None
 
-    async def start(self, incoming: bool = False) -> list[str]:
+    async def start(self, incoming: bool = False, adopt: bool = False) -> list[str]:
         """Bring swtpm up on the decrypted state; return QEMU's TPM arguments.
 
         ``incoming``: QEMU will receive this VM by migration, and the TPM
         state with it (encrypted under the migration key, the same secret):
         an empty state dir is not set up, as libvirt does for incoming VMs.
+        ``adopt`` (``keyagent run``): a live swtpm that a killed predecessor
+        started for this VM and state is taken over, not started twice
+        (``swtpm.find_live``); the key is not even read.
         """
         if self.process is not None:
             raise FlowFailed("vTPM already started")
         self.preflight()
         self.run_dir = prepare_run_dir(self.run_dir)
+        if adopt:
+            live = swtpm.find_live(self.run_dir, self.state_dir, self.swtpm_bin)
+            if live is not None:
+                self.process, self.adopted = live, True
+                log.info("vtpm_adopted", state_dir=self.state_dir, pid=live.pid, device=self.device)
+                return swtpm.qemu_tpm_args(live.ctrl_socket, self.device)
         key: Secret = secretref.resolve(self.key_ref, "vTPM key")
         try:
             swtpm.check_key(key, self.key_kind)
@@ -118,8 +128,8 @@ class Vtpm:
         log.info("vtpm_ready", state_dir=self.state_dir, created=self.created, device=self.device, pid=self.process.pid)
         return swtpm.qemu_tpm_args(self.process.ctrl_socket, self.device)
 
-    async def wait(self) -> int:
-        """swtpm's exit status; returns when swtpm is gone."""
+    async def wait(self) -> int | None:
+        """swtpm's exit status (None for an adopted one: not our child); returns when swtpm is gone."""
         if self.process is None:
             raise FlowFailed("vTPM not started")
         return await self.process.wait()

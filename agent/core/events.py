@@ -136,6 +136,23 @@ class KeyringFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class Adopted:
+    """A restarted agent takes over what its predecessor left running in QEMU.
+
+    Fed first, instead of :class:`Start`, to a flow created for something
+    already under way (``agent.app.adopt``): every field is what QEMU said
+    at the restart (and the run_dir path QEMU's own object names), never
+    what the dead agent remembered, so a replay rebuilds the same flow.
+    """
+
+    status: str  # query-migrate's status ("none" when QEMU gave none)
+    listening: bool = False  # a destination's migrate-incoming waits for its source
+    key_dir: str = ""  # the key directory QEMU still reads (kept by the start-up sweep)
+    creds: bool = False  # our tls-creds object exists
+    tls_set: bool = False  # the tls-creds parameter names it
+
+
 Event = (
     Start
     | QmpConnected
@@ -153,6 +170,7 @@ Event = (
     | KeyDirFailed
     | KeyringReady
     | KeyringFailed
+    | Adopted
 )
 
 EVENT_TYPES: dict[str, type] = {
@@ -174,5 +192,6 @@ EVENT_TYPES: dict[str, type] = {
         KeyDirFailed,
         KeyringReady,
         KeyringFailed,
+        Adopted,
     )
 }

@@ -24,6 +24,20 @@ cancel``) until the migration is active, then tears down the same way.
 Every ending (completed, failed, cancelled, deadline, a failed step, QMP
 gone) removes the key directory, deletes the object and resets
 ``tls-creds`` to "" (else the next migration fails).
+
+Adopted (``adopted=True``, a restarted agent over a migration its killed
+predecessor began; ``agent.app.adopt``, ``docs/crash-only-adopt.md``): the
+first event is :class:`Adopted` instead of ``Start``, carrying what QEMU
+said at the restart (status, whether a destination still listens, the key
+directory its creds object reads, whether our object and ``tls-creds`` are
+set).  No key, no request to answer::
+
+      |<- Adopted(status, listening, key_dir, creds, tls_set)
+      |   final status, or nothing ever started: clean up at once
+      |   otherwise: MIGRATING (a destination not yet active re-arms its deadline)
+      |-- query-migrate             (a status that changed before this flow
+      |<- MIGRATION ...              was there to see the event)
+      |-- the same cleanup as above; Finish
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from agent.common.secret import Secret
 from agent.core.actions import Action, ControlReply, Log, RemoveKeyDir, SendQmp, WriteKeyDir
 from agent.core.dhparams import ffdhe2048_pem
 from agent.core.events import (
+    Adopted,
     ControlRequest,
     Event,
     KeyDirFailed,
@@ -75,6 +90,7 @@ class MigrationParams:
     multifd_channels: int = 2
     postcopy: bool = False  # both sides: postcopy-ram; the source switches once active
     dest_deadline_s: float = 60.0
+    adopted: bool = False  # taken over after a restart: starts with Adopted, not Start
 
 
 _HEX_DIGITS = b"0123456789abcdef"
@@ -122,6 +138,7 @@ class MigrationFlow(Flow[MigrationParams]):
         self._deadline_live = False  # the destination's deadline is armed, not cancelled
         self._postcopy_asked = False
         self._postcopy_tag: str | None = None
+        self._follow_tag: str | None = None  # an adopted flow's own query-migrate
 
     @property
     def source(self) -> bool:
@@ -144,6 +161,8 @@ class MigrationFlow(Flow[MigrationParams]):
                 "postcopy": self.params.postcopy,
             }
             return [Log("info", "migration prepared, waiting for the key", fields)]
+        if isinstance(event, Adopted):
+            return self._adopt(event) if self.params.adopted and self.state is State.WAIT_KEY else []
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)
         if isinstance(event, ControlRequest):
@@ -162,6 +181,9 @@ class MigrationFlow(Flow[MigrationParams]):
         if isinstance(event, (QmpReply, QmpError)):
             if isinstance(event, QmpError) and event.tag == self._postcopy_tag:
                 return [Log("warning", "could not switch to postcopy; precopy goes on", {"error": event.desc})]
+            if event.tag == self._follow_tag and event.tag is not None:
+                self._follow_tag = None
+                return self._followed(event)
             if event.tag != self._pending:
                 return []
             self._pending = None
@@ -246,6 +268,45 @@ class MigrationFlow(Flow[MigrationParams]):
             ControlReply(self.params.reply_to, 200, {"status": word}),
         ]
 
+    # -- adopted after a restart ---------------------------------------------------
+    def _adopt(self, event: Adopted) -> list[Action]:
+        """Take over from what QEMU says; the shell kept ``key_dir`` for us."""
+        self._replied = True  # the request that started it died with the old agent
+        self._creds_added = event.creds
+        self._tls_set = event.tls_set
+        self._dir = bool(event.key_dir)
+        self.status = event.status
+        fields: dict[str, Any] = {
+            "role": self.params.role,
+            "status": event.status,
+            "listening": event.listening,
+            "key_dir_kept": bool(event.key_dir),
+        }
+        actions: list[Action] = [Log("info", "adopting the migration a previous agent began", fields)]
+        if event.status in FINAL:
+            # It ended while no agent watched: clean up at once.
+            return [*actions, *self._finish_with(event.status, "")]
+        if event.status == "none" and not event.listening:
+            # Killed during the setup, before migrate / migrate-incoming: nothing runs.
+            return [*actions, *self._abort("the previous agent stopped before the migration started")]
+        self.state = State.MIGRATING
+        if not self.source and event.status in ("none", "setup"):
+            # Not yet active: a wrong PSK would leave it waiting for ever.
+            actions.append(self.arm("deadline", self.params.dest_deadline_s))
+            self._deadline_live = True
+        # The status may have moved on between the shell's look and this flow's
+        # birth, when no flow was there to take the MIGRATION event: look again.
+        self._follow_tag = self.next_tag("query-migrate")
+        return [*actions, SendQmp(self._follow_tag, "query-migrate", {})]
+
+    def _followed(self, event: QmpReply | QmpError) -> list[Action]:
+        if self.state is not State.MIGRATING or not isinstance(event, QmpReply):
+            return []
+        status = event.result.get("status") if isinstance(event.result, dict) else None
+        if not isinstance(status, str) or status == self.status:
+            return []
+        return self._on_status(status)
+
     # -- QEMU tells us how it goes ---------------------------------------------------
     def _qmp_event(self, event: QmpEvent) -> list[Action]:
         if event.name == "SHUTDOWN":
@@ -253,6 +314,9 @@ class MigrationFlow(Flow[MigrationParams]):
         status = event.data.get("status") if isinstance(event.data, dict) else None
         if not isinstance(status, str):
             return []
+        return self._on_status(status)
+
+    def _on_status(self, status: str) -> list[Action]:
         self.status = status
         actions: list[Action] = [Log("info", "migration status", {"status": status})]
         if status == "active" and not self.source and self._deadline_live:

@@ -19,6 +19,13 @@ File mode is the same with ``WriteKeyDir`` / ``object-add secret file=... format
 which holds the master key and the randomness) is one ``object-add secret``
 with ``data``, ``keyid``, ``iv`` and ``format=base64``.  Requests that arrive
 before the master key is in QEMU wait for it.
+
+A restarted agent (``agent.app.adopt``) finds the master key of its killed
+predecessor already in QEMU: that object is left alone (its key died with
+the old process, and QEMU holds it, not a file).  ``lazy_master`` then adds
+this agent's own master key, under a fresh ``master_id``, only when the
+first ``secret add`` needs it; ``in_qemu`` names the secret objects that
+were already there, so ``secret remove`` still finds them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, cast
 
+from agent.common.secret import Secret
 from agent.core.actions import Action, ControlReply, KeyringAdd, KeyringDrop, Log, RemoveKeyDir, SendQmp, WriteKeyDir
 from agent.core.events import (
     ControlRequest,
@@ -50,6 +58,7 @@ MASTER = "master"
 
 class State(enum.Enum):
     WAIT_KEY = "wait-key"
+    IDLE = "idle"  # lazy_master: our master key is added at the first request
     STORING = "storing"  # keyring add / key file write
     ADDING_MASTER = "adding-master"
     READY = "ready"
@@ -64,6 +73,10 @@ class SecretsParams:
     master_id: str = "keyagent-master"
     # ``keyagent launch`` put the master key on QEMU's command line already.
     preloaded: bool = False
+    # A restarted agent: the predecessor's master key is in QEMU; add ours
+    # (``master_id``) only when a secret needs it.
+    lazy_master: bool = False
+    in_qemu: tuple[str, ...] = ()  # secret objects already in QEMU at the restart
 
 
 class SecretsFlow(Flow[SecretsParams]):
@@ -75,10 +88,12 @@ class SecretsFlow(Flow[SecretsParams]):
         super().__init__(params)
         self.state = State.WAIT_KEY
         self.problem = ""
-        self.objects: set[str] = set()  # ids of secret objects we added
+        # ids of secret objects we added (and those a predecessor added, adopted)
+        self.objects: set[str] = {i for i in params.in_qemu if not i.startswith("keyagent-master")}
         self.waiting: list[ControlRequest] = []
         self.pending: dict[str, tuple[str, ControlRequest | None]] = {}  # tag -> (what, request)
         self.adding: set[str] = set()
+        self._key: Secret | None = None  # lazy_master: the key, until a request needs it
 
     def handle(self, event: Event) -> list[Action]:
         if self.state is State.DONE:
@@ -91,10 +106,16 @@ class SecretsFlow(Flow[SecretsParams]):
             if self.params.preloaded:
                 self.state = State.READY
                 return [Log("info", "master key given to QEMU on its command line", {"id": self.params.master_id})]
-            self.state = State.STORING
-            if self.params.mode == "keyring":
-                return [KeyringAdd(MASTER, f"keyagent:{self.params.vm}:master", event.key)]
-            return [WriteKeyDir(MASTER, {"master.key": event.key})]
+            if self.params.lazy_master:
+                self.state, self._key = State.IDLE, event.key
+                return [
+                    Log(
+                        "info",
+                        "a master key is already in QEMU: left alone; ours is added when a secret needs it",
+                        {"id": self.params.master_id, "secret_objects": len(self.objects)},
+                    )
+                ]
+            return self._store(event.key)
         if isinstance(event, KeyringReady) and self.state is State.STORING:
             return self._add_master({"qom-type": "secret_keyring", "id": self.params.master_id, "serial": event.serial})
         if isinstance(event, KeyDirReady) and self.state is State.STORING:
@@ -110,6 +131,12 @@ class SecretsFlow(Flow[SecretsParams]):
         return []
 
     # -- the master key ---------------------------------------------------------------
+    def _store(self, key: Secret) -> list[Action]:
+        self.state = State.STORING
+        if self.params.mode == "keyring":
+            return [KeyringAdd(MASTER, f"keyagent:{self.params.vm}:master", key)]
+        return [WriteKeyDir(MASTER, {"master.key": key})]
+
     def _add_master(self, props: dict[str, Any]) -> list[Action]:
         self.state = State.ADDING_MASTER
         tag = self.next_tag("object-add")
@@ -145,6 +172,10 @@ class SecretsFlow(Flow[SecretsParams]):
         if self.state in (State.WAIT_KEY, State.STORING, State.ADDING_MASTER):
             self.waiting.append(request)
             return []
+        if self.state is State.IDLE and request.verb == "add":
+            assert self._key is not None  # set with IDLE
+            self.waiting.append(request)
+            return self._store(self._key)
         if self.state is State.BROKEN:
             return [ControlReply(request.req, 503, {"error": f"no master key: {self.problem}"})]
         sid = cast(str, request.args.get("id"))  # the verb checked it (agent.app.verbs.secrets)

@@ -28,10 +28,12 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Collection
 
 from agent.common.errors import UsageError
 
 KEY_DIR_PREFIX = "key-"
+MIGRATION_KEY_DIR = "tls"  # agent.core.migration.KEY_DIR (io imports no flow)
 STALE_FILE_NAMES = ("keys.psk",)
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL (unix(7))
 
@@ -154,19 +156,26 @@ def check_socket_path(path: str, what: str, run_dir: str | None = None) -> None:
         raise UsageError(f"{what} {path} exists and is not a socket")
 
 
-def sweep_stale_keys(run_dir: str) -> list[str]:
+def sweep_stale_keys(run_dir: str, keep: Collection[str] = ()) -> list[str]:
     """Remove key directories and key files left by a crashed agent.
 
     ``key-*`` directories at the top, and a ``keys.psk`` anywhere below
-    (the run_dir is the agent's alone, so any is stale).  Links are not
-    followed.
+    (the run_dir is the agent's alone, so any is stale), except the
+    top-level entries named in ``keep``: the key directory of a migration
+    QEMU is still running (``agent.app.adopt`` names it from what QEMU
+    says).  Links are not followed.
     """
+    kept = set(keep)
     removed = []
     for entry in os.scandir(run_dir):
+        if entry.name in kept:
+            continue
         if entry.name.startswith(KEY_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.name)
-    for root, _dirs, files in os.walk(run_dir, followlinks=False):
+    for root, dirs, files in os.walk(run_dir, followlinks=False):
+        if root == run_dir:
+            dirs[:] = [d for d in dirs if d not in kept]
         for name in files:
             if name in STALE_FILE_NAMES:
                 path = os.path.join(root, name)
@@ -176,6 +185,30 @@ def sweep_stale_keys(run_dir: str) -> list[str]:
                     continue
                 removed.append(os.path.relpath(path, run_dir))
     return sorted(removed)
+
+
+def migration_key_dirs(run_dir: str) -> list[str]:
+    """The ``key-tls-*`` directories at the top of the run_dir: the only
+    kind a live migration may still read (a destination's ``keys.psk``)."""
+    prefix = f"{KEY_DIR_PREFIX}{MIGRATION_KEY_DIR}-"
+    return sorted(e.name for e in os.scandir(run_dir) if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False))
+
+
+def key_dir_name(run_dir: str, path: str) -> str | None:
+    """``path``'s entry name if it is a migration key directory directly in
+    ``run_dir`` (a real directory, ours, not a link); None for anything else."""
+    if not isinstance(path, str) or os.path.dirname(path.rstrip("/")) != run_dir:
+        return None
+    name = os.path.basename(path.rstrip("/"))
+    if not name.startswith(f"{KEY_DIR_PREFIX}{MIGRATION_KEY_DIR}-"):
+        return None
+    try:
+        st = os.lstat(os.path.join(run_dir, name))
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        return None
+    return name
 
 
 def make_key_dir(run_dir: str, purpose: str) -> str:

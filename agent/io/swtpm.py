@@ -33,6 +33,12 @@ Facts checked against swtpm 0.7.1 (Debian) and its sources (tag v0.7.1):
 - QEMU's ``-tpmdev emulator,chardev=`` talks to the *control* socket and
   passes the data channel over it (CMD_SET_DATAFD); with ``--terminate``
   swtpm exits 0 when QEMU goes away.  SIGTERM makes it exit 0 as well.
+- The control socket serves one client at a time (src/swtpm/mainloop.c
+  polls the listening socket only while no client is connected): while
+  QEMU is connected, a second client is never answered, and newer swtpm
+  ends on the control client's hang-up.  So a restarted agent never
+  connects to a live swtpm to recognise it: :func:`find_live` reads
+  ``/proc`` instead (:class:`AdoptedSwtpm`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import select
 import signal
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.common.errors import FlowFailed, UsageError
@@ -571,3 +578,187 @@ async def _wait_ready(sw: SwtpmProcess) -> None:
     finally:
         if not exited.done():
             exited.cancel()
+
+
+# ---------------------------------------------------------------------------
+# A live swtpm a killed predecessor started: adopted, not started twice
+
+MAX_PID_FILE = 32
+SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags": a listening socket
+
+
+def _read_pid_file(path: str) -> int | None:
+    """The pid in swtpm's pid file, if it is a small regular file of ours."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > MAX_PID_FILE:
+            return None
+        text = os.read(fd, MAX_PID_FILE).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() and 1 < int(text) < 1 << 22 else None
+
+
+def _option(argv: list[str], name: str) -> dict[str, str] | None:
+    """``--name k=v,k=v`` of an argv as a dict (the first occurrence)."""
+    try:
+        value = argv[argv.index(name) + 1]
+    except (ValueError, IndexError):
+        return None
+    return dict(part.partition("=")[::2] for part in value.split(","))
+
+
+def _listening_inodes(path: str, table: Iterable[str]) -> set[str]:
+    """Inodes of the unix sockets listening at ``path`` (``/proc/net/unix`` lines)."""
+    inodes = set()
+    for line in table:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode [Path]
+        if len(fields) == 8 and fields[7] == path:
+            try:
+                if int(fields[3], 16) & SO_ACCEPTCON:
+                    inodes.add(fields[6])
+            except ValueError:
+                continue
+    return inodes
+
+
+def _holds_socket(pid: int, inodes: set[str]) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fd_dir, name))
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
+def _is_our_swtpm(pid: int, run_dir: str, state_dir: str, swtpm: str) -> str | None:
+    """None if ``pid`` is the swtpm this agent would have started for this
+    VM, else why not: its argv names our control socket and state dir, it
+    runs as us, and it holds the socket listening at that path."""
+    ctrl_socket = os.path.join(run_dir, CTRL_SOCKET_NAME)
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return "not ours"
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read(1 << 16).split(b"\0") if a]
+        with open("/proc/net/unix", encoding="ascii", errors="replace") as f:
+            inodes = _listening_inodes(ctrl_socket, f)
+    except OSError:
+        return "gone"
+    if len(argv) < 2 or os.path.basename(argv[0]) != os.path.basename(swtpm) or argv[1] != "socket":
+        return "not swtpm socket"
+    ctrl, state = _option(argv, "--ctrl"), _option(argv, "--tpmstate")
+    if ctrl is None or ctrl.get("path") != ctrl_socket:
+        return "another control socket"
+    if state is None or os.path.abspath(state.get("dir", "")) != os.path.abspath(state_dir):
+        return "another state"
+    if not inodes or not _holds_socket(pid, inodes):
+        return "does not hold the control socket"
+    return None
+
+
+def find_live(run_dir: str, state_dir: str, swtpm: str = SWTPM) -> AdoptedSwtpm | None:
+    """The live swtpm a killed predecessor started for this VM, or None.
+
+    Found from the run_dir's pid file, pinned with a pidfd before anything
+    is read about it, checked (:func:`_is_our_swtpm`), and checked alive
+    through the pidfd afterwards: had that process died meanwhile and its
+    PID gone to another, the pidfd would say so, whatever ``/proc`` said.
+    """
+    pid_file = os.path.join(run_dir, PID_FILE_NAME)
+    pid = _read_pid_file(pid_file)
+    if pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone (ESRCH), or no pidfd here
+        return None
+    try:
+        why = _is_our_swtpm(pid, run_dir, state_dir, swtpm)
+        signal.pidfd_send_signal(pidfd, 0)  # ProcessLookupError once it has exited
+    except OSError:
+        why = "gone"
+    if why is not None:
+        os.close(pidfd)
+        log.info("swtpm_not_adopted", pid=pid, reason=why)
+        return None
+    return AdoptedSwtpm(pidfd, pid, os.path.join(run_dir, CTRL_SOCKET_NAME), pid_file, state_dir)
+
+
+class AdoptedSwtpm:
+    """A live swtpm that is not our child, supervised through its pidfd.
+
+    Same face as :class:`SwtpmProcess`, but its exit status is not ours to
+    read (only its parent, or init, can wait for it): ``wait()`` returns
+    None once it has exited.
+    """
+
+    def __init__(self, pidfd: int, pid: int, ctrl_socket: str, pid_file: str, state_dir: str) -> None:
+        self._pidfd = pidfd
+        self._pid = pid
+        self.ctrl_socket = ctrl_socket
+        self.pid_file = pid_file
+        self.state_dir = state_dir
+        self.output: collections.deque[str] = collections.deque(maxlen=1)
+        self._stopping = False
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, self._on_exit)  # a pidfd is readable once its process has exited
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        (log.info if self._stopping else log.error)("swtpm_exited" if self._stopping else "swtpm_died", pid=self._pid)
+        try:
+            os.unlink(self.pid_file)
+        except OSError:
+            pass
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    async def wait(self) -> None:
+        await asyncio.shield(self._exited)
+
+    def failure(self) -> str:
+        return f"the adopted swtpm (pid {self._pid}) exited"
+
+    def _signal(self, sig: int) -> None:
+        if self._pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM through the pidfd (never a recycled PID), SIGKILL after ``timeout``."""
+        if self._exited.done():
+            return
+        self._stopping = True
+        self._signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.wait(), timeout)
+        except TimeoutError:
+            log.warning("swtpm_kill", pid=self._pid)
+            self._signal(signal.SIGKILL)
+            await self.wait()

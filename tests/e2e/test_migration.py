@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.e2e.harness import World, ctl, ctl_json, free_port, host_identity, trusting_hosts, wait_for
+from tests.e2e.harness import KEYAGENT, World, ctl, ctl_json, free_port, host_identity, trusting_hosts, wait_for
 from tests.e2e.qemu import BOOT_ADDR, MARKER_OFFSET, QEMU, Qemu, boot_image
 from tests.leakscan import ArgvWatcher, LeakScan
 
@@ -56,11 +56,21 @@ class Host:
         wait_for(lambda: ctl(self.control, "status").returncode == 0, what=f"{self.name} agent")
         return self.agent
 
+    def replay_check(self) -> subprocess.CompletedProcess:
+        """``keyagent replay --check`` of this agent's event log (the last agent's)."""
+        return subprocess.run(
+            [*KEYAGENT, "replay", "--check", str(self.event_log)], capture_output=True, text=True, timeout=60
+        )
+
     def key_files(self) -> list[str]:
         return sorted(str(p.relative_to(self.run_dir)) for p in self.run_dir.rglob("*") if p.name != "control.sock")
 
     def assert_clean(self):
+        from agent.io import keyring
+
         assert self.key_files() == [], f"{self.name}: key material left: {self.key_files()}"
+        if keyring.usable() is None:
+            assert keyring.find(f"keyagent:{VM}:") == [], "a keyring key was left"
         if self.qemu.popen.poll() is None:
             assert self.qemu.tls_objects() == []
             assert self.qemu.tls_creds() == ""
@@ -214,21 +224,159 @@ def test_cancel_during_the_migration_cleans_both_sides(pair):
     dst.assert_clean()
 
 
-def test_agent_killed_mid_migration_is_swept_on_restart(pair):
-    dst, tmp = pair.dst, pair.tmp
+def kill_agent(host: Host) -> None:
+    host.agent.popen.send_signal(signal.SIGKILL)
+    host.agent.popen.wait()
+
+
+def psk_file(pair) -> str:
     psk = os.urandom(32)
     pair.scan.secret("PSK", psk)
-    (tmp / "psk.bin").write_bytes(psk)
-    ctl_json(
-        dst.control, "migrate", "accept", "--psk-file", str(tmp / "psk.bin"), "--uri", f"tcp:127.0.0.1:{free_port()}"
-    )
-    assert any("keys.psk" in f for f in dst.key_files())
-    dst.agent.popen.send_signal(signal.SIGKILL)
-    dst.agent.popen.wait()
-    assert any("keys.psk" in f for f in dst.key_files())  # the wreck
+    (pair.tmp / "psk.bin").write_bytes(psk)
+    return str(pair.tmp / "psk.bin")
+
+
+def slow_migration(pair) -> str:
+    """A migration held at 64 KiB/s, under way (active) on both sides."""
+    src, dst = pair.src, pair.dst
+    boot_source(pair)
+    src.qemu.qmp("migrate-set-parameters", {"max-bandwidth": 64 * 1024})
+    key, uri = psk_file(pair), f"tcp:127.0.0.1:{free_port()}"
+    ctl_json(dst.control, "migrate", "accept", "--psk-file", key, "--uri", uri)
+    ctl_json(src.control, "migrate", "start", "--psk-file", key, "--uri", uri)
+    wait_for(lambda: src.qemu.qmp("query-migrate").get("status") == "active", what="active")
+    return uri
+
+
+def adopted_flows(host: Host) -> dict:
+    return {k: v for k, v in ctl_json(host.control, "status")["flows"].items() if v["kind"] == "migration"}
+
+
+def marker_arrived(pair) -> None:
+    memory = pair.dst.qemu.read_memory(BOOT_ADDR, 512, pair.tmp)
+    assert memory[MARKER_OFFSET : MARKER_OFFSET + len(pair.marker)] == pair.marker
+
+
+@pytest.mark.parametrize("killed", ["source", "destination"])
+def test_agent_killed_mid_migration_adopts_it_on_restart_and_cleans_up_after_it_completes(pair, killed):
+    src, dst = pair.src, pair.dst
+    slow_migration(pair)
+    host = src if killed == "source" else dst
+    kill_agent(host)
+    if killed == "destination":
+        (dir_,) = {p.parent for p in dst.run_dir.glob("key-tls-*/keys.psk")}  # QEMU still reads it
+    agent = host.start_agent()
+    assert adopted_flows(host) == {"migrate-1": {"kind": "migration", "state": "migrating"}}
+    if killed == "destination":
+        assert dir_.is_dir() and "swept" not in agent.stderr  # kept: the migration is live
+    else:
+        assert src.key_files() == []
+    assert src.qemu.tls_objects() == ["keyagent-tls-migrate-1"]
+    src.qemu.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 30})
+    for side in (src, dst):
+        done = ctl(side.control, "migrate", "wait", "--timeout", "60")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout) == {"status": "completed", "migration": "migrate-1"}
+    marker_arrived(pair)
+    src.assert_clean()
+    dst.assert_clean()
+    check = host.replay_check()
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("variant", ["single", "multifd", "postcopy"])
+def test_destination_killed_while_listening_keeps_only_the_live_key_dir_and_the_migration_then_runs(pair, variant):
+    """Every TLS handshake (each multifd channel, postcopy's) happens after the
+    restart: the kept keys.psk is what GnuTLS reads."""
+    src, dst, tmp = pair.src, pair.dst, pair.tmp
+    boot_source(pair)
+    key, uri = psk_file(pair), f"tcp:127.0.0.1:{free_port()}"
+    extra = {"single": [], "multifd": ["--multifd"], "postcopy": ["--postcopy"]}[variant]
+    if variant == "postcopy":
+        src.qemu.qmp("migrate-set-parameters", {"max-bandwidth": 64 * 1024})
+    ctl_json(dst.control, "migrate", "accept", "--psk-file", key, "--uri", uri, *extra)
+    (live,) = {p.parent.name for p in dst.run_dir.glob("key-tls-*/keys.psk")}
+    kill_agent(dst)
+    # A wreck no migration reads: an older key dir and a stray keys.psk.
+    stale = dst.run_dir / "key-tls-0123456789ab"
+    stale.mkdir(mode=0o700)
+    (stale / "keys.psk").write_text("qemu:" + "ab" * 32)
+    pair.scan.secret("stale PSK", bytes.fromhex("ab" * 32))
     agent = dst.start_agent()
-    assert dst.key_files() == []
     assert "swept stale key material" in agent.stderr
+    assert sorted(p.name for p in dst.run_dir.glob("key-*")) == [live]
+    assert adopted_flows(dst)["migrate-1"]["state"] == "migrating"
+    ctl_json(src.control, "migrate", "start", "--psk-file", key, "--uri", uri, *extra)
+    for side in (src, dst):
+        done = ctl(side.control, "migrate", "wait", "--timeout", "60")
+        assert json.loads(done.stdout)["status"] == "completed", done.stdout + done.stderr
+    if variant == "postcopy":  # the adopted flow followed the postcopy phase
+        assert '"postcopy-active"' in dst.event_log.read_text()
+    marker_arrived(pair)
+    src.assert_clean()
+    dst.assert_clean()
+    assert not (tmp / "dst-run" / live).exists()
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+def test_source_agent_killed_then_the_migration_ends_meanwhile_is_cleaned_up_at_restart(pair, ending):
+    src, dst = pair.src, pair.dst
+    slow_migration(pair)
+    kill_agent(src)
+    if ending == "cancelled":
+        src.qemu.qmp("migrate_cancel")
+    else:  # the destination dies: the source's migration fails
+        dst.qemu.popen.kill()
+    wait_for(lambda: src.qemu.qmp("query-migrate").get("status") == ending, timeout=30, what=ending)
+    assert src.qemu.tls_objects() == ["keyagent-tls-migrate-1"]  # nobody cleaned up yet
+    src.start_agent()
+    out = ctl(src.control, "migrate", "wait", "--timeout", "30")
+    assert json.loads(out.stdout)["status"] == ending and out.returncode == 1
+    src.assert_clean()
+    # The broken stream fails the incoming side (or it was killed): its QEMU
+    # is gone, and its agent follows it out, clean.
+    assert dst.qemu.popen.wait(timeout=30) != 0
+    assert dst.agent.wait(timeout=30) == 0
+    dst.assert_clean()
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_agent_killed_during_the_setup_is_undone_at_restart(pair, side):
+    """Killed between object-add and migrate: QEMU holds our creds object (and
+    tls-creds names it), a key dir is on disk, nothing migrates."""
+    host = pair.src if side == "source" else pair.dst
+    kill_agent(host)
+    key_dir = host.run_dir / "key-tls-0123456789ab"
+    key_dir.mkdir(mode=0o700)
+    (key_dir / "keys.psk").write_text("qemu:" + "cd" * 32)
+    pair.scan.secret("setup PSK", bytes.fromhex("cd" * 32))
+    endpoint = "client" if side == "source" else "server"
+    host.qemu.qmp(
+        "object-add",
+        {"qom-type": "tls-creds-psk", "id": "keyagent-tls-migrate-4", "dir": str(key_dir), "endpoint": endpoint},
+    )
+    host.qemu.qmp("migrate-set-parameters", {"tls-creds": "keyagent-tls-migrate-4"})
+    host.start_agent()
+    out = ctl(host.control, "migrate", "wait", "--timeout", "30")
+    result = json.loads(out.stdout)
+    assert result["migration"] == "migrate-4" and result["status"] == "failed" and out.returncode == 1
+    assert "stopped before the migration started" in result["error"]
+    host.assert_clean()
+    assert not key_dir.exists()
+
+
+def test_destination_agent_killed_then_the_source_cancels_the_restarted_agent_follows_qemu_out(pair):
+    src, dst = pair.src, pair.dst
+    slow_migration(pair)
+    kill_agent(dst)
+    dst.start_agent()
+    assert ctl_json(src.control, "migrate", "cancel")["status"] == "cancelling"
+    out = ctl(src.control, "migrate", "wait", "--timeout", "30")
+    assert json.loads(out.stdout)["status"] == "cancelled"
+    assert dst.qemu.popen.wait(timeout=30) != 0
+    assert dst.agent.wait(timeout=30) == 0
+    src.assert_clean()
+    dst.assert_clean()
 
 
 # -- the carrier between the hosts ------------------------------------------------------

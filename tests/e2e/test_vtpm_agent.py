@@ -210,3 +210,108 @@ def test_vm_with_a_vtpm_migrates_between_two_agents(world):
     assert dst.wait(timeout=30) == 0
     # The destination's swtpm wrote the migrated state, encrypted under the same key.
     assert swtpm.inspect_state(str(tmp / "dst-tpm"), "2.0").kind is swtpm.StateKind.ENCRYPTED
+
+
+def sidecar(world: World, qmp: str):
+    tmp = world.tmp
+    return world.spawn(
+        f"agent{len(world.procs)}",
+        [
+            "run",
+            "--qmp",
+            f"unix:{qmp}",
+            "--qmp-timeout",
+            "30",
+            "--vm-name",
+            "side",
+            "--vm-run-dir",
+            str(tmp / "run"),
+            "--vtpm-state-dir",
+            str(tmp / "tpm"),
+            "--vtpm-key",
+            f"file:{tmp / 'tpm.key'}",
+            "--secrets-master-key",
+            "file",
+            "--event-log",
+            str(tmp / "events.jsonl"),
+            "--log-level",
+            "debug",
+        ],
+    )
+
+
+def secret_objects(q: Qemu) -> list[str]:
+    return sorted(o["name"] for o in q.qmp("qom-list", {"path": "/objects"}) if o["type"] == "child<secret>")
+
+
+def test_restarted_sidecar_adopts_the_live_swtpm_leaves_the_master_key_alone_and_still_supervises(world):
+    tmp = world.tmp
+    qmp, ctrl, control = str(tmp / "qmp.sock"), tmp / "run" / "swtpm-ctrl.sock", tmp / "run" / "control.sock"
+    first = sidecar(world, qmp)
+    wait_for(lambda: ctrl.exists(), timeout=20, what="swtpm control socket")
+    q = Qemu.__new__(Qemu)
+    q.name, q.test_qmp = "side", str(tmp / "side-t.sock")
+    qemu = subprocess.Popen(
+        [
+            QEMU,
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{qmp},server=on,wait=off",
+            "-qmp",
+            f"unix:{q.test_qmp},server=on,wait=off",
+            *swtpm.qemu_tpm_args(str(ctrl)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        running(first, control)
+        (pid,) = swtpm_pids(tmp)
+        assert secret_objects(q) == ["keyagent-master"]
+        first.popen.send_signal(signal.SIGKILL)
+        first.popen.wait()
+        second = sidecar(world, qmp)
+        running(second, control)
+        assert swtpm_pids(tmp) == [pid]  # not started twice
+        assert "vtpm_adopted" in second.stderr and "swtpm_started" not in second.stderr
+        assert q.qmp("query-tpm")[0]["model"] == "tpm-crb"
+        # The predecessor's master key: left alone, no second object-add, no key file.
+        assert secret_objects(q) == ["keyagent-master"]
+        assert sorted(p.name for p in (tmp / "run").iterdir()) == ["control.sock", "swtpm-ctrl.sock", "swtpm.pid"]
+        # Secrets still work: our own master key goes in when the first one needs it.
+        ctl_json(control, "secret", "add", "--id", "s1", "--file", str(tmp / "disk.pass"))
+        assert secret_objects(q) == ["keyagent-master", "keyagent-master-2", "s1"]
+        assert not list((tmp / "run").glob("key-*"))
+        # Still supervised: swtpm dies, the agent quits QEMU and says why.
+        os.kill(pid, signal.SIGKILL)
+        assert qemu.wait(timeout=30) == 0
+        assert second.wait(timeout=30) == 1
+        assert "swtpm died" in second.stderr
+        assert not list((tmp / "run").glob("key-*"))
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+
+
+def test_a_pid_file_naming_another_process_is_not_adopted(world):
+    """A recycled or planted PID: not that swtpm, so a new one is started (and fails on the lock, or not)."""
+    tmp = world.tmp
+    (tmp / "run").mkdir(mode=0o700)
+    decoy = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp / "run" / "swtpm.pid").write_text(f"{decoy.pid}\n")
+        agent = sidecar(world, str(tmp / "qmp.sock"))
+        wait_for(lambda: "swtpm_not_adopted" in agent.stderr or agent.popen.poll() is not None, timeout=20)
+        wait_for(lambda: "swtpm_ready" in agent.stderr, timeout=20, what="a swtpm of its own")
+        assert decoy.poll() is None  # never signalled
+        assert '"reason": "not swtpm socket"' in agent.stderr
+    finally:
+        decoy.kill()
+        decoy.wait()

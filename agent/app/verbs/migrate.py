@@ -243,6 +243,8 @@ class MigrationControl:
         """Start the flow with a key that is already spent: nothing here refuses."""
         host = self.host
         self._count += 1
+        while f"migrate-{self._count}" in host.flows():  # one a restarted agent adopted (agent.app.adopt)
+            self._count += 1
         flow_id = f"migrate-{self._count}"
         req, future = host.new_request()
         flow = MigrationFlow(

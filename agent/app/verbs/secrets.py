@@ -14,6 +14,7 @@ characters, and not one of ours already.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import re
 
@@ -34,14 +35,27 @@ class SecretsControl:
         self.host = host
         self.master: Secret | None = None
 
-    def start(self, master: Secret | None = None) -> None:
-        """Start the flow; ``master`` is a key already on QEMU's command line."""
+    def start(self, master: Secret | None = None, in_qemu: list[str] | None = None) -> None:
+        """Start the flow; ``master`` is a key already on QEMU's command line.
+
+        ``in_qemu``: the secret objects a restarted agent found in QEMU
+        (``agent.app.adopt``).  If the predecessor's master key is among
+        them it is left alone, and ours gets the first free id, added when
+        a secret needs it.
+        """
         host, cfg = self.host, self.host.cfg
         self.master = master or Secret(os.urandom(MASTER_KEY_LEN))
-        host.start_flow(
-            FLOW_ID,
-            SecretsFlow(SecretsParams(vm=cfg.vm_name, mode=cfg.secrets_master_key, preloaded=master is not None)),
-        )
+        params = SecretsParams(vm=cfg.vm_name, mode=cfg.secrets_master_key, preloaded=master is not None)
+        if in_qemu and master is None and params.master_id in in_qemu:
+            n = 2
+            while f"{params.master_id}-{n}" in in_qemu:
+                n += 1
+            params = dataclasses.replace(
+                params, master_id=f"{params.master_id}-{n}", lazy_master=True, in_qemu=tuple(in_qemu)
+            )
+        elif in_qemu:
+            params = dataclasses.replace(params, in_qemu=tuple(in_qemu))
+        host.start_flow(FLOW_ID, SecretsFlow(params))
         host.feed(FLOW_ID, KeyProvided("master", self.master))
 
     async def _ask(self, verb: str, args: dict) -> tuple[int, dict]:
