@@ -90,6 +90,7 @@ _AREA_KEYS = {"secret_gpa", "secret_size", "gpa"}  # gpa: the older name of secr
 _ES_KEYS = {"vcpus", "vcpu_sig", "vmsa_fpu_init"}  # an SEV-ES digest computed from firmware
 _VM_KEYS = (
     {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret", "sev_es", "platform", "pdh_sha256"}
+    | {"mh"}  # SEV fast migration keys (agent.owner.mh, docs/mh.md)
     | _LAUNCH_KEYS
     | _AREA_KEYS
     | _ES_KEYS
@@ -142,6 +143,8 @@ class VmPolicy:
     snp_host_data: bytes | None = None
     snp_id_key_digest: bytes | None = None
     snp_author_key_digest: bytes | None = None
+    # SEV fast migration (mh = true): the owner provisions the migration handler's keys
+    mh: bool = False
 
 
 @dataclass(frozen=True)
@@ -326,6 +329,8 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     if not isinstance(snp, bool):
         raise UsageError(f"{where}.snp must be true or false")
     if snp:
+        if "mh" in table:
+            raise UsageError(f"{where}.mh does not apply to an SNP vm: it takes no launch secret table")
         return _load_snp_vm(name, table, base)
     unknown = sorted(set(table) - _VM_KEYS)
     if unknown:
@@ -418,6 +423,7 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     elif "pdh_sha256" in table:
         raise UsageError(f'{where}: pdh_sha256 applies only with platform = "pinned"')
 
+    mh = _mh_flag(table, where, area, [len(s.value) for s in secrets])
     return VmPolicy(
         name=name,
         tik=tik,
@@ -432,7 +438,22 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
         secret_area=area,
         platform=platform,
         pdh_pins=pins,
+        mh=mh,
     )
+
+
+def _mh_flag(table: dict[str, Any], where: str, area: SecretArea, lengths: list[int]) -> bool:
+    """``mh = true``: the MH keys travel in the secret table, so the area must be usable and hold them."""
+    from agent.owner.secret_area import area_refusal, table_length
+
+    mh = table.get("mh", False)
+    if not isinstance(mh, bool):
+        raise UsageError(f"{where}.mh must be true or false")
+    if mh:
+        refusal = area_refusal(area, table_length([*lengths, 32, 32]))
+        if refusal is not None:
+            raise UsageError(f"{where}.mh = true: {refusal}")
+    return mh
 
 
 def _hex_bytes(text: Any, where: str, size: int) -> bytes:

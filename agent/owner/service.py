@@ -123,6 +123,8 @@ class Decision:
     # /v1/secret: the pending session this release used up.
     # /v1/session: the new session to keep pending.
     session: LaunchSession | None = None
+    # /v1/secret of an mh = true VM: its MH record to keep once released (agent.owner.mh)
+    mh: Any = None
 
     def __repr__(self) -> str:  # the body of a release carries the packet
         return f"Decision({self.status}, {self.decision}, {self.reason!r})"
@@ -421,8 +423,13 @@ def decide_secret(
     iv: bytes,
     sessions: Mapping[str, Sequence[LaunchSession]] | None = None,
     released: Collection[bytes] = (),
+    mh_record: Any = None,
+    mh_private: bytes | None = None,
 ) -> Decision:
     """Decide one ``POST /v1/secret`` request.  Pure: no I/O.
+
+    For a VM with ``mh = true``, ``mh_record`` is its MH record and
+    ``mh_private`` a fresh 32-byte X25519 private key (:func:`_mh_release`).
 
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
     the packet's fresh 16-byte IV (the caller draws it from os.urandom).
@@ -456,7 +463,10 @@ def decide_secret(
     area = secret_area_refusal(vm_policy)  # 5. where the measured firmware will look
     if area is not None:
         return _refused(403, area, audit)
-    answer = _wrap_secrets(request, vm_policy, chosen, iv)
+    mh = _mh_release(request, vm_policy, mh_record, mh_private, audit)  # 6. SEV fast migration keys
+    if isinstance(mh, Decision):
+        return mh
+    answer = _wrap_secrets(request, vm_policy, chosen, iv, mh.entries if mh is not None else ())
     audit["secrets"] = [s.name for s in vm_policy.secrets]
     return Decision(
         200,
@@ -467,7 +477,35 @@ def decide_secret(
         attested=key,
         released=blob_id,
         session=chosen[2],
+        mh=mh.record if mh is not None else None,
     )
+
+
+def _mh_release(
+    request: SecretRequest, vm_policy: VmPolicy, record: Any, private: bytes | None, audit: dict[str, Any]
+) -> Any:
+    """6. An mh = true VM's MH keys (agent.owner.mh): an MhRelease, a refusal, or None.
+
+    Last, after every other check: only a verified launch changes MH state.
+    ``migrating_from`` for a VM without ``mh`` is ignored (noted in the audit).
+    """
+    from agent.owner.mh import MhRecord, MhRefusal, mh_for_boot, mh_for_migration
+
+    if not vm_policy.mh:
+        if request.migrating_from is not None:
+            audit["migrating_from"] = "ignored: no mh = true"
+        return None
+    if private is None:
+        raise ValueError("an mh = true vm needs a fresh MH private key")
+    record = record if record is not None else MhRecord()
+    if request.migrating_from is None:
+        out = mh_for_boot(record, private)
+    else:
+        out = mh_for_migration(request.vm, request.migrating_from, record, private)
+    if isinstance(out, MhRefusal):
+        return _refused(out.status, out.reason, audit)
+    audit.update(out.audit)
+    return out
 
 
 #: a TIK, its TEK, and the pending session they came from (None: the VM's offline keys)
@@ -565,7 +603,9 @@ def _verified_keys(
     return chosen
 
 
-def _wrap_secrets(request: SecretRequest, vm_policy: VmPolicy, keys: _Keys, iv: bytes) -> SecretAnswer:
+def _wrap_secrets(
+    request: SecretRequest, vm_policy: VmPolicy, keys: _Keys, iv: bytes, extra: Sequence[tuple[Any, bytes]] = ()
+) -> SecretAnswer:
     """The secret table, encrypted under the TEK and MACed with the TIK, for the guest."""
     from agent.sev.measurement import split_blob
     from agent.sev.packet import build_packet
@@ -575,7 +615,7 @@ def _wrap_secrets(request: SecretRequest, vm_policy: VmPolicy, keys: _Keys, iv: 
         raise ValueError(f"packet IV must be {IV_LEN} bytes")
     tik_secret, tek_secret, _ = keys
     measure = split_blob(request.measurement)[0]
-    table = bytearray(build_secret_table([(s.guid, s.value.reveal()) for s in vm_policy.secrets]))
+    table = bytearray(build_secret_table([(s.guid, s.value.reveal()) for s in vm_policy.secrets] + list(extra)))
     try:
         header, ciphertext = build_packet(tik_secret.reveal(), tek_secret.reveal(), measure, bytes(table), iv)
     finally:
@@ -592,7 +632,10 @@ def secret_area_refusal(vm_policy: VmPolicy) -> str | None:
     """
     from agent.owner.secret_area import area_refusal, table_length
 
-    return area_refusal(vm_policy.secret_area, table_length([len(s.value) for s in vm_policy.secrets]))
+    lengths = [len(s.value) for s in vm_policy.secrets]
+    if vm_policy.mh:  # the two MH entries (agent.owner.mh)
+        lengths += [32, 32]
+    return area_refusal(vm_policy.secret_area, table_length(lengths))
 
 
 class OwnerService:
@@ -622,6 +665,9 @@ class OwnerService:
         self._clock = clock
         self._log = get_logger("keyagent.owner")
         self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest)
+        from agent.owner.mh import MemoryMhStore, MhStore
+
+        self.mh_store: MhStore = MemoryMhStore()  # SEV fast migration keys (agent.owner.mh)
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
                 self._log.warning(
@@ -657,6 +703,8 @@ class OwnerService:
             "/v1/session": ("POST", self._session),
             "/v1/snp/challenge": ("POST", self._snp_challenge),
             "/v1/snp/attest": ("POST", self._snp_attest),
+            "/v1/mh/target": ("POST", self._mh_target),
+            "/v1/mh/complete": ("POST", self._mh_complete),
             "/healthz": ("GET", self._healthz),
         }
         route = routes.get(path)
@@ -730,7 +778,10 @@ class OwnerService:
                 iv=self._random(IV_LEN),
                 sessions=self.sessions,
                 released=self.released,
+                **self._mh_inputs(body),
             )
+        if decision.status == 200 and decision.mh is not None:
+            self.mh_store.put(body["vm"], decision.mh)
         if decision.attested is not None:
             self.attested.add(decision.attested)
         if decision.released is not None:
@@ -744,6 +795,48 @@ class OwnerService:
             used.wipe()
         self.audit(decision, request.peer)
         return Response.json(decision.status, decision.body)
+
+    # -- SEV fast migration (agent.owner.mh, docs/mh.md) ---------------------------------
+    def _mh_inputs(self, body: Any) -> dict[str, Any]:
+        """decide_secret's MH inputs: the VM's record and a fresh private key (mh = true only)."""
+        vm = body.get("vm") if isinstance(body, dict) else None
+        policy = self.config.vms.get(vm) if isinstance(vm, str) else None
+        if policy is None or not policy.mh:
+            return {}
+        return {"mh_record": self.mh_store.get(policy.name), "mh_private": self._random(32)}
+
+    def _mh(self, request: Request, decide: Callable[..., Any]) -> Response:
+        try:
+            body = request.json()
+        except ValueError:
+            decision = _invalid("request body is not valid JSON", {"request": request.path})
+            self.audit(decision, request.peer)
+            return Response.json(decision.status, decision.body)
+        vm = body.get("vm") if isinstance(body, dict) else None
+        policy = self.config.vms.get(vm) if isinstance(vm, str) else None
+        record = self.mh_store.get(vm) if policy is not None and isinstance(vm, str) else None
+        from agent.owner.mh import MhRecord
+
+        mh = policy is not None and policy.mh
+        answer = decide(body, known=policy is not None, mh=mh, record=record or MhRecord())
+        if answer.record is not None and isinstance(vm, str):
+            self.mh_store.put(vm, answer.record)
+        audit = dict(answer.audit)
+        if "vm" in audit:
+            audit["vm"] = _shown(str(audit["vm"]))
+        kind = "mh" if answer.status == 200 else ("invalid" if answer.status == 400 else "refused")
+        self.audit(Decision(answer.status, answer.body, kind, answer.reason, audit), request.peer)
+        return Response.json(answer.status, answer.body)
+
+    def _mh_target(self, request: Request) -> Response:
+        from agent.owner.mh import decide_mh_target
+
+        return self._mh(request, decide_mh_target)
+
+    def _mh_complete(self, request: Request) -> Response:
+        from agent.owner.mh import decide_mh_complete
+
+        return self._mh(request, decide_mh_complete)
 
     def _snp(self, request: Request, decide: Callable[..., Any], **kwargs: Any) -> Response:
         """/v1/snp/*: the pure decision (agent.owner.snp_attest), then its change to the nonce store."""
