@@ -489,7 +489,7 @@ def _mh_release(
     Last, after every other check: only a verified launch changes MH state.
     ``migrating_from`` for a VM without ``mh`` is ignored (noted in the audit).
     """
-    from agent.owner.mh import MhRecord, MhRefusal, mh_for_boot, mh_for_migration
+    from agent.owner.mh import MhRecord, MhRefusal, MhRelease, mh_for_boot, mh_for_migration
 
     if not vm_policy.mh:
         if request.migrating_from is not None:
@@ -498,6 +498,7 @@ def _mh_release(
     if private is None:
         raise ValueError("an mh = true vm needs a fresh MH private key")
     record = record if record is not None else MhRecord()
+    out: MhRelease | MhRefusal
     if request.migrating_from is None:
         out = mh_for_boot(record, private)
     else:
