@@ -207,7 +207,7 @@ def decide_mh_complete(body: Any, *, known: bool, mh: bool, record: MhRecord) ->
         request = MhCompleteRequest.parse(body)
     except ProtocolError as exc:
         return _invalid(exc, "mh complete")
-    audit: dict[str, Any] = {"request": "mh complete", "vm": request.vm, "status": request.status}
+    audit: dict[str, Any] = {"request": "mh complete", "vm": request.vm, "migration": request.status}
     if not known:
         return _refused(404, "unknown vm", audit)
     if not mh:
