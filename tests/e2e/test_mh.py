@@ -247,6 +247,7 @@ def test_mh_keys_boot_migrate_complete_and_never_leak(world):
     made = [r for r in owner_lines if r.get("mh") in ("boot", "migration target")]
     assert len(made) == 2  # one identity at boot, one target key: no more
 
-    for side in (src, dst):
+    for side in (src, dst):  # what the leak scan looks for: both private keys and both transport keys
+        assert len(side.mh_keys()["private"]) == len(side.mh_keys()["transport"]) == 64
         leftovers = [p.name for p in side.run_dir.rglob("*") if p.name != "control.sock"]
         assert leftovers == [], leftovers
