@@ -16,12 +16,13 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.e2e.harness import DIGEST, DISK_PASS, World, ctl, ctl_json, free_port, leak_checked, wait_for
+from tests.e2e.harness import DIGEST, DISK_PASS, KEYAGENT, World, ctl, ctl_json, free_port, leak_checked, wait_for
 
 MH_PRIVATE = "e1d17176-1244-40d6-a793-71c9344c786e"
 MH_SOURCE = "6109108f-0824-4106-b59e-46a19b275b0d"
@@ -247,7 +248,42 @@ def test_mh_keys_boot_migrate_complete_and_never_leak(world):
     made = [r for r in owner_lines if r.get("mh") in ("boot", "migration target")]
     assert len(made) == 2  # one identity at boot, one target key: no more
 
+    for side in ("src", "dst"):  # every flow, the MH steps too, replays from its event log
+        check = subprocess.run(
+            [*KEYAGENT, "replay", "--check", str(world.tmp / f"{side}-events.jsonl")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
     for side in (src, dst):  # what the leak scan looks for: both private keys and both transport keys
         assert len(side.mh_keys()["private"]) == len(side.mh_keys()["transport"]) == 64
         leftovers = [p.name for p in side.run_dir.rglob("*") if p.name != "control.sock"]
         assert leftovers == [], leftovers
+
+
+def test_a_migration_without_the_peer_key_fails_and_the_owner_retires_the_targets_key(world):
+    url, owner_proc = owner(world)
+    (world.tmp / "psk.bin").write_bytes(os.urandom(32))
+    src, dst = Side(world, "src"), Side(world, "dst")
+    src.start_agent(url)
+    dst.start_agent(url, "--incoming")
+    target_key = base64.b64decode(dst.q("x-mh-query")["public-key"])
+
+    # no 'ctl migrate mh-target': the source MH has no transport key and sends nothing
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    ctl_json(dst.control, "migrate", "accept", "--psk-file", str(world.tmp / "psk.bin"), "--uri", uri)
+    ctl_json(src.control, "migrate", "start", "--psk-file", str(world.tmp / "psk.bin"), "--uri", uri)
+    done = ctl(src.control, "migrate", "wait", "--timeout", "60")
+    assert done.returncode == 1 and json.loads(done.stdout)["status"] == "failed"
+    assert "no transport key" in json.loads(done.stdout)["error"]
+    ctl(dst.control, "migrate", "cancel")  # the destination would wait for its deadline
+    assert src.q("x-mh-query")["pages-sent"] == 0 and dst.q("x-mh-query")["pages-received"] == 0
+
+    wait_for(lambda: "guest owner retired an MH key" in src.agent.stderr, what="the report")
+    owner_lines = [json.loads(line) for line in owner_proc.stderr.splitlines() if line.startswith("{")]
+    (complete,) = [r for r in owner_lines if r.get("request") == "mh complete"]
+    assert complete["migration"] == "failed" and complete["mh_retired"] == hashlib.sha256(target_key).hexdigest()[:16]
+    # the source's key stays live: there is nothing in flight to hand over
+    assert post(url, "/v1/mh/target", {"vm": "vm1"})[0] == 409
+    assert src.q("x-mh-query")["role"] == "boot"
