@@ -222,6 +222,7 @@ def test_mh_keys_boot_migrate_complete_and_never_leak(world):
     assert src_mh["pages-sent"] == dst_mh["pages-received"] == 8
     assert src_mh["sent-digest"] == dst_mh["received-digest"]
     assert src_mh["role"] == "retired"  # the source MH's key is destroyed after success
+    assert dst_mh["role"] == "boot"  # the target keeps its identity: the next migration's source
 
     # -- completion: the source key is retired at the owner ---------------------------------------
     assert "guest owner retired an MH key" in src.agent.stderr

@@ -333,8 +333,10 @@ class Machine:
         return cmd.handler(checked)
 
     def shutdown(self) -> None:
-        """The process ends: the PSP context (and its keys) goes away."""
+        """The process ends: the PSP context (and its keys) goes away, and the MH's key with it."""
         self.psp.wipe()
+        if self.mh is not None:
+            self.mh.retire()
 
     def _tick(self) -> None:
         # Real QEMU takes the measurement at machine-init-done, before the

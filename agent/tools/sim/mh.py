@@ -161,6 +161,15 @@ class SimMh:
         self._received.update(page)
         self.pages_received += 1
 
+    def arrived(self) -> None:
+        """The target after a completed migration: the transport key goes; its identity key
+        stays, so this VM can be the source of the next migration."""
+        if self._transport is not None:
+            self._transport.wipe()
+            self._transport = None
+        self.role = "boot"
+        self._log.info("sim.mh_arrived")
+
     def retire(self) -> None:
         """The migration succeeded (source) or the VM ended: the MH key is destroyed."""
         if self._private is not None:
@@ -299,6 +308,7 @@ async def migrate_in(machine: Any, uri: str) -> Any:
             pass
         writer.close()
         if error is None:
+            mh.arrived()
             machine.set_migration("completed")
         else:
             machine.set_migration("failed", error)
