@@ -151,19 +151,18 @@ file = "disk.pass"
 @pytest.fixture
 def world(tmp_path):
     w = World(tmp_path)
-    with leak_checked(
-        w, dirs=("src-run", "dst-run"), files=("src-events.jsonl", "dst-events.jsonl", "owner.toml")
-    ) as scan:
+    runs = ("src-run", "dst-run", "next-run")
+    events = ("src-events.jsonl", "dst-events.jsonl", "next-events.jsonl", "owner.toml")
+    with leak_checked(w, dirs=runs, files=events) as scan:
         scan.secret("disk passphrase", DISK_PASS)
         scan.secret("TIK", w.tik)
         scan.secret("TEK", w.tek)
         yield w
         # registered at the end: the simulators wrote them while the test ran
-        for side in ("src", "dst"):
-            keys = json.loads((tmp_path / f"{side}-mh-keys.json").read_text())
-            for name, value in keys.items():
+        for path in sorted(tmp_path.glob("*-mh-keys.json")):
+            for name, value in json.loads(path.read_text()).items():
                 if value:
-                    scan.secret(f"{side} MH {name} key", bytes.fromhex(value))
+                    scan.secret(f"{path.name}: MH {name} key", bytes.fromhex(value))
 
 
 def test_mh_keys_boot_migrate_complete_and_never_leak(world):
@@ -256,6 +255,16 @@ def test_mh_keys_boot_migrate_complete_and_never_leak(world):
         assert status == 409, answer
     made = [r for r in owner_lines if r.get("mh") in ("boot", "migration target")]
     assert len(made) == 2  # one identity at boot, one target key: no more
+
+    # the next migration starts from the VM's new live key: the retired source key is not released again
+    nxt = Side(world, "next")
+    nxt.start_agent(url, "--incoming")
+    dst_public = base64.b64decode(dst.q("x-mh-query")["public-key"])
+    assert nxt.entries()[MH_SOURCE]["sha256"] == hashlib.sha256(dst_public).hexdigest()
+    assert nxt.q("x-mh-query")["source-public-key"] == base64.b64encode(dst_public).decode()
+    owner_lines = [json.loads(line) for line in owner_proc.stderr.splitlines() if line.startswith("{")]
+    sources = [r["mh_source"] for r in owner_lines if r.get("mh") == "migration target"]
+    assert sources == [hashlib.sha256(k).hexdigest()[:16] for k in (src_public, dst_public)]
 
     for side in ("src", "dst"):  # every flow, the MH steps too, replays from its event log
         check = subprocess.run(
