@@ -6,6 +6,8 @@ import base64
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.common.errors import UsageError
 from agent.owner.config import load_owner_config
@@ -221,3 +223,30 @@ def test_mh_must_be_a_boolean(tmp_path):
     d = write_owner_dir(tmp_path, 'mh = "yes"')
     with pytest.raises(UsageError, match="mh must be true or false"):
         load_owner_config(d.toml)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.one_of(
+        _json,
+        st.fixed_dictionaries(
+            {"vm": st.sampled_from(["vm1", "", "vm9"])},
+            optional={"status": st.sampled_from(["completed", "failed", "cancelled", "done"]) | _json},
+        ),
+    ),
+    flying=st.booleans(),
+)
+def test_any_mh_body_is_an_answer_never_an_exception(body, flying):
+    record = flying_record() if flying else MhRecord()
+    for decide in (decide_mh_target, decide_mh_complete):
+        a = decide(body, known=True, mh=True, record=record)
+        assert 200 <= a.status < 500
+        if a.status != 200:
+            assert a.record is None and set(a.body) == {"error"}
