@@ -82,11 +82,16 @@ class MhRecord:
 
 
 class MhStore(Protocol):
-    """Where the owner keeps each VM's MH record (memory, or a database table)."""
+    """Where the owner keeps each VM's MH record (memory, or a table of the owner database).
 
-    def get(self, vm: str) -> MhRecord: ...
+    ``swap`` is compare-and-set: it keeps ``new`` only if the VM's record is
+    still ``old`` (another replica may have changed it meanwhile) and says
+    whether it did.
+    """
 
-    def put(self, vm: str, record: MhRecord) -> None: ...
+    async def get(self, vm: str) -> MhRecord: ...
+
+    async def swap(self, vm: str, old: MhRecord, new: MhRecord) -> bool: ...
 
 
 class MemoryMhStore:
@@ -95,11 +100,14 @@ class MemoryMhStore:
     def __init__(self) -> None:
         self._records: dict[str, MhRecord] = {}
 
-    def get(self, vm: str) -> MhRecord:
+    async def get(self, vm: str) -> MhRecord:
         return self._records.get(vm, MhRecord())
 
-    def put(self, vm: str, record: MhRecord) -> None:
-        self._records[vm] = record
+    async def swap(self, vm: str, old: MhRecord, new: MhRecord) -> bool:
+        if self._records.get(vm, MhRecord()) != old:
+            return False
+        self._records[vm] = new
+        return True
 
 
 @dataclass(frozen=True)

@@ -197,11 +197,13 @@ def test_a_reboot_retires_the_old_identity_and_a_pending_target():
     assert {mhkeys.key_id(mhkeys.public_key(p)) for p in (SRC_PRIV, DST_PRIV)} <= out.record.retired
 
 
-def test_the_memory_store_keeps_records_per_vm():
+async def test_the_memory_store_keeps_records_per_vm_and_swaps_only_from_what_it_holds():
     store = MemoryMhStore()
-    assert store.get("vm1") == MhRecord()
-    store.put("vm1", flying_record())
-    assert store.get("vm1").target is not None and store.get("vm2") == MhRecord()
+    assert await store.get("vm1") == MhRecord()
+    assert await store.swap("vm1", MhRecord(), flying_record())
+    assert (await store.get("vm1")).target is not None and await store.get("vm2") == MhRecord()
+    assert not await store.swap("vm1", MhRecord(), MhRecord())  # another replica changed it meanwhile
+    assert (await store.get("vm1")).target is not None
 
 
 # -- owner.toml ------------------------------------------------------------------------------
