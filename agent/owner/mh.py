@@ -48,6 +48,10 @@ __all__ = [
     "MhRecord",
     "MhStore",
     "MemoryMhStore",
+    "SqlMhStore",
+    "mh_store_for",
+    "record_text",
+    "record_from_text",
     "MhRelease",
     "MhRefusal",
     "MhAnswer",
@@ -108,6 +112,87 @@ class MemoryMhStore:
             return False
         self._records[vm] = new
         return True
+
+
+def record_text(record: MhRecord) -> str:
+    """The record as one canonical JSON text (a table row; equal records, equal texts)."""
+    import json
+
+    target = record.target
+    doc = {
+        "live": record.live.hex() if record.live is not None else None,
+        "target": (
+            {"public": target.public.hex(), "tag": target.tag.hex(), "source": target.source.hex()} if target else None
+        ),
+        "retired": sorted(record.retired),
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def record_from_text(text: str) -> MhRecord:
+    import json
+
+    doc = json.loads(text)
+    target = doc.get("target")
+    return MhRecord(
+        live=bytes.fromhex(doc["live"]) if doc.get("live") else None,
+        target=(
+            MhTarget(bytes.fromhex(target["public"]), bytes.fromhex(target["tag"]), bytes.fromhex(target["source"]))
+            if target
+            else None
+        ),
+        retired=frozenset(doc.get("retired", ())),
+    )
+
+
+class SqlMhStore:
+    """The records in the owner database's ``owner_mh`` table (SQLite or PostgreSQL).
+
+    Public keys and tags only: nothing to seal under the state key.  ``swap``
+    is one conditional write (``INSERT ... ON CONFLICT DO NOTHING`` for a VM
+    without a row, ``UPDATE ... WHERE record = old`` otherwise), so of two
+    replicas changing the same record one wins and the other is told.
+    """
+
+    def __init__(self, store: Any) -> None:  # agent.owner.store_sql.SqlStore
+        self._store = store
+
+    async def get(self, vm: str) -> MhRecord:
+        def read(db: Any) -> str | None:
+            row = db.execute("SELECT record FROM owner_mh WHERE vm = ?", (vm,)).fetchone()
+            return str(row[0]) if row is not None else None
+
+        text = await self._store._run("an MH record", read)
+        return record_from_text(text) if text is not None else MhRecord()
+
+    async def swap(self, vm: str, old: MhRecord, new: MhRecord) -> bool:
+        import time
+
+        old_text, new_text, now = record_text(old), record_text(new), time.time()
+
+        def write(db: Any) -> bool:
+            with db.tx(write=True):
+                if old == MhRecord():
+                    cur = db.execute(
+                        "INSERT INTO owner_mh (vm, record, updated_at) VALUES (?, ?, ?) ON CONFLICT (vm) DO NOTHING",
+                        (vm, new_text, now),
+                    )
+                    if cur.rowcount == 1:
+                        return True
+                cur = db.execute(
+                    "UPDATE owner_mh SET record = ?, updated_at = ? WHERE vm = ? AND record = ?",
+                    (new_text, now, vm, old_text),
+                )
+                return bool(cur.rowcount == 1)
+
+        return bool(await self._store._run("an MH record", write))
+
+
+def mh_store_for(store: Any) -> MhStore:
+    """The MH store that goes with the owner's state store: its database, or memory."""
+    from agent.owner.store_sql import SqlStore
+
+    return SqlMhStore(store) if isinstance(store, SqlStore) else MemoryMhStore()
 
 
 @dataclass(frozen=True)

@@ -763,10 +763,10 @@ class OwnerService:
         self._material = session_material
         self._clock = clock
         self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest), in memory
-        from agent.owner.mh import MemoryMhStore, MhStore
+        from agent.owner.mh import MhStore, mh_store_for
 
         # SEV fast migration keys (agent.owner.mh): a table of the owner database, or memory
-        self.mh_store: MhStore = mh_store if mh_store is not None else MemoryMhStore()
+        self.mh_store: MhStore = mh_store if mh_store is not None else mh_store_for(self.store)
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
                 self._log.warning(

@@ -142,6 +142,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX owner_audit_vm ON owner_audit (vm, time)",
         ),
     ),
+    # SEV fast migration (agent.owner.mh, docs/mh.md): one row per VM, public keys only
+    Migration(
+        "mh keys",
+        ("CREATE TABLE owner_mh (vm TEXT PRIMARY KEY, record TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL)",),
+    ),
 )
 
 

@@ -252,3 +252,44 @@ def test_any_mh_body_is_an_answer_never_an_exception(body, flying):
         assert 200 <= a.status < 500
         if a.status != 200:
             assert a.record is None and set(a.body) == {"error"}
+
+
+# -- the owner database's owner_mh table --------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def sql_store(request, tmp_path):
+    from agent.owner.store import open_store, parse_db_url
+
+    key = tmp_path / "state.key"
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    url = f"sqlite:///{tmp_path / 'owner.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    return open_store(parse_db_url(url), f"file:{key}")
+
+
+async def test_the_database_keeps_mh_records_and_one_of_two_writers_wins(sql_store):
+    from agent.owner.mh import SqlMhStore, mh_store_for, record_from_text, record_text
+
+    store = mh_store_for(sql_store)
+    assert isinstance(store, SqlMhStore)
+    try:
+        assert await store.get("vm1") == MhRecord()
+        record = flying_record()
+        assert record_from_text(record_text(record)) == record
+        assert await store.swap("vm1", MhRecord(), record)
+        assert not await store.swap("vm1", MhRecord(), mh_for_boot(MhRecord(), DST_PRIV).record)  # lost the race
+        assert await store.get("vm1") == record
+        done = decide_mh_complete({"vm": "vm1", "status": "completed"}, known=True, mh=True, record=record).record
+        assert await store.swap("vm1", record, done)
+        assert not await store.swap("vm1", record, MhRecord())  # a second report from the same old record
+        # another replica (a second store over the same database) sees it
+        assert await SqlMhStore(sql_store).get("vm1") == done
+    finally:
+        await sql_store.close()
+
+
+def test_the_mh_table_is_one_schema_migration():
+    from agent.owner.store import MIGRATIONS
+
+    assert MIGRATIONS[-1].name == "mh keys" and "owner_mh" in MIGRATIONS[-1].statements[0]
