@@ -293,3 +293,47 @@ def test_the_mh_table_is_one_schema_migration():
     from agent.owner.store import MIGRATIONS
 
     assert MIGRATIONS[-1].name == "mh keys" and "owner_mh" in MIGRATIONS[-1].statements[0]
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+class _Racing(MemoryMhStore):
+    """Another replica changes every record just before this one writes."""
+
+    async def swap(self, vm, old, new):
+        return False
+
+
+async def test_a_release_whose_mh_record_changed_meanwhile_is_503_and_releases_nothing(mh_config, mh_dir):
+    import json
+
+    from agent.owner.service import OwnerService
+
+    from .ownerstate import call
+
+    service = OwnerService(mh_config, mh_store=_Racing())
+    status, raw = await call(service, "/v1/secret", mh_dir.request(b"a" * 16))
+    assert status == 503 and "try again" in json.loads(raw)["error"]
+    service.mh_store = MemoryMhStore()  # the retry, with the state settled: a first release, not a resend
+    status, raw = await call(service, "/v1/secret", mh_dir.request(b"a" * 16))
+    assert status == 200 and (await service.mh_store.get("vm1")).live is not None
+
+
+async def test_the_service_walks_boot_target_and_completion(mh_config, mh_dir):
+    import json
+
+    from agent.owner.service import OwnerService
+
+    from .ownerstate import call
+
+    service = OwnerService(mh_config)
+    assert (await call(service, "/v1/secret", mh_dir.request(b"a" * 16)))[0] == 200
+    assert (await call(service, "/v1/mh/target", {"vm": "vm1"}))[0] == 409
+    assert (await call(service, "/v1/secret", mh_dir.request(b"b" * 16, migrating_from="vm1")))[0] == 200
+    status, raw = await call(service, "/v1/mh/target", {"vm": "vm1"})
+    assert status == 200 and len(base64.b64decode(json.loads(raw)["public_key"])) == 32
+    status, raw = await call(service, "/v1/mh/complete", {"vm": "vm1", "status": "completed"})
+    assert status == 200 and json.loads(raw)["retired"] == "source"
+    assert (await call(service, "/v1/mh/complete", {"vm": "vm1", "status": "completed"}))[0] == 409
+    assert (await call(service, "/v1/mh/complete", {"vm": "nope", "status": "failed"}))[0] == 404
