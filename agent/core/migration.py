@@ -61,7 +61,7 @@ from agent.core.events import (
 )
 from agent.core.flow import Flow
 from agent.core.modes import LogLevel, MigrationRole
-from agent.protocol.owner import MH_COMPLETE_PATH, MhCompleteRequest
+from agent.protocol.owner import MH_COMPLETE_PATH, MhCompleteAnswer, MhCompleteRequest, ProtocolError
 
 FINAL = ("completed", "failed", "cancelled")
 KEY_DIR = "tls"
@@ -419,10 +419,12 @@ class MigrationFlow(Flow[MigrationParams]):
             event.key.wipe()
             return []
         if isinstance(event, OwnerAnswered):
-            retired = event.body.get("retired")
-            log = Log(
-                "info", "guest owner retired an MH key", {"retired": retired if isinstance(retired, str) else "?"}
-            )
+            try:
+                retired = MhCompleteAnswer.parse(event.body).retired
+            except ProtocolError as exc:
+                log = Log("warning", "malformed owner answer to the MH report", {"error": exc.reason})
+            else:
+                log = Log("info", "guest owner retired an MH key", {"retired": retired})
         elif isinstance(event, OwnerRefused):
             log = Log("warning", "guest owner refused the MH report", {"status": event.status, "error": event.error})
         elif isinstance(event, OwnerFailed):

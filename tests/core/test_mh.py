@@ -148,3 +148,11 @@ def test_the_peer_flow_is_replayable_by_kind():
     assert FLOW_KINDS["mh-peer"] is MhPeerFlow
     f = FLOW_KINDS["mh-peer"].from_params(peer_flow().params_json())
     assert isinstance(f, MhPeerFlow)
+
+
+def test_a_malformed_answer_to_the_report_is_a_warning():
+    f = migration()
+    drive(f, f.handle(QmpEvent("MIGRATION", {"status": "completed"})))
+    end = f.handle(OwnerAnswered("/v1/mh/complete", {"vm": "vm1", "retired": "everything"}))
+    assert end[0].level == "warning" and "malformed" in end[0].message
+    assert end[-1] == Finish(0, "migration completed")
