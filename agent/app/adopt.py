@@ -172,6 +172,8 @@ def start_migrations(host: Any, found: Found) -> None:
                 creds_id=m.creds_id,
                 dest_deadline_s=cfg.migration_dest_deadline_s,
                 adopted=True,
+                # an adopted source of an MH VM reports its end to the owner, as its predecessor would have
+                mh_vm=cfg.vm_name if (m.role != "destination" and cfg.sev_mh and cfg.sev_enabled) else None,
             )
         )
         if m.event.key_dir:

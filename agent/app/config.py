@@ -134,6 +134,13 @@ SCHEMA: tuple[Key, ...] = (
     Key("sev", "on_refusal", str, "quit", choices=get_args(OnRefusal)),
     Key(
         "sev",
+        "mh",
+        bool,
+        False,
+        help="SEV fast migration (docs/mh.md): an incoming VM asks with migrating_from; the source reports its end",
+    ),
+    Key(
+        "sev",
         "pdh",
         str,
         None,
@@ -251,6 +258,7 @@ class Config:
     sev_owner_url: str | None
     sev_timeout_s: float
     sev_on_refusal: OnRefusal
+    sev_mh: bool
     sev_pdh: str | None
     sev_cert_chain: str | None
     sev_cek: str | None

@@ -232,7 +232,14 @@ class Launcher(Sidecar):
 
             rt.start_flow(
                 "launch",
-                SevLaunchFlow(LaunchParams(vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)),
+                SevLaunchFlow(
+                    LaunchParams(
+                        vm=cfg.vm_name,
+                        timeout_s=cfg.sev_timeout_s,
+                        on_refusal=cfg.sev_on_refusal,
+                        migrating_from=cfg.vm_name if (self.incoming and cfg.sev_mh) else None,  # docs/mh.md
+                    )
+                ),
             )
         elif not self.user_stopped:
             rt.start_flow("resume", ResumeFlow(ResumeParams(vm=cfg.vm_name)))

@@ -12,9 +12,9 @@ from typing import Any
 
 from agent.app.runtime_base import Feed, FlowTasks
 from agent.core.actions import PostOwner
-from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
+from agent.core.events import OwnerAnswered, OwnerFailed, OwnerRefused, OwnerReleased
 
-OwnerEvent = OwnerReleased | OwnerRefused | OwnerFailed
+OwnerEvent = OwnerReleased | OwnerRefused | OwnerFailed | OwnerAnswered
 
 
 async def ask_owner(owner_url: str, path: str, body: dict[str, Any], timeout: float) -> OwnerEvent:
@@ -22,14 +22,17 @@ async def ask_owner(owner_url: str, path: str, body: dict[str, Any], timeout: fl
 
     No answer at all (refused connection, timeout, not HTTP) is ``OwnerFailed``
     with a one-line reason; every wait is bounded by ``timeout``."""
-    from agent.core.owner_answer import one_line, parse_owner_answer
+    from agent.core.owner_answer import one_line, parse_other_answer, parse_owner_answer
     from agent.io.http import HttpError
     from agent.io.owner_client import post_owner
+    from agent.protocol.owner import SECRET_PATH
 
     try:
         status, answer = await post_owner(owner_url, path, body, timeout)
     except HttpError as exc:
         return OwnerFailed(reason=f"owner unreachable: {one_line(str(exc))}")
+    if path != SECRET_PATH:  # /v1/mh/*: the flow that asked parses the body
+        return parse_other_answer(path, status, answer)
     return parse_owner_answer(status, answer)
 
 

@@ -255,7 +255,15 @@ class Sidecar:
         if cfg.sev_enabled:
             rt.start_flow(
                 "launch",
-                SevLaunchFlow(LaunchParams(vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)),
+                SevLaunchFlow(
+                    LaunchParams(
+                        vm=cfg.vm_name,
+                        timeout_s=cfg.sev_timeout_s,
+                        on_refusal=cfg.sev_on_refusal,
+                        # an MH VM arriving by migration: the owner gives it the source's key (docs/mh.md)
+                        migrating_from=cfg.vm_name if (self.incoming and cfg.sev_mh) else None,
+                    )
+                ),
             )
         elif cfg.snp_enabled:  # SEV-SNP: check the guest QEMU holds at -S, then cont (agent.core.snp_launch)
             from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
@@ -600,6 +608,7 @@ class Sidecar:
             wire.MIGRATE_START: m.start,
             wire.MIGRATE_WAIT: m.wait,
             wire.MIGRATE_CANCEL: m.cancel,
+            wire.MIGRATE_MH_TARGET: m.mh_target,
         }
 
     def status(self) -> dict:

@@ -106,6 +106,10 @@ def register(sub) -> None:
     x.set_defaults(func=run, route=wire.MIGRATE_WAIT, body=lambda a: {"timeout": a.wait_timeout}, success="completed")
     x = mv.add_parser("cancel", help="cancel the migration in progress")
     x.set_defaults(func=run, route=wire.MIGRATE_CANCEL, body=lambda a: {})
+    x = mv.add_parser(
+        "mh-target", help="(source, SEV fast migration) hand the target MH's public key from the owner to the VM"
+    )
+    x.set_defaults(func=run, route=wire.MIGRATE_MH_TARGET, body=lambda a: {})
 
     sec = verbs.add_parser("secret", help="encrypted secret objects in QEMU")
     sv = sec.add_subparsers(dest="secret_verb", metavar="SECRET_VERB")

@@ -149,6 +149,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read the SEV secret-block entry from this OVMF image, as QEMU does "
         "(the digest still comes from --digest)",
     )
+    mh = p.add_argument_group("SEV fast migration (docs/mh.md)")
+    mh.add_argument(
+        "--mh",
+        action="store_true",
+        help="model the guest's migration handler: MH keys from the secret table, x-mh-set-peer-key, "
+        "x-mh-query, and migrate / migrate-incoming that carry encrypted guest pages",
+    )
+    mh.add_argument("--mh-vm", metavar="NAME", default="vm1", help="the VM name the MH binds its keys to (default vm1)")
+    mh.add_argument(
+        "--mh-secrets-out", metavar="FILE", help="(tests only) write the MH's private and transport keys here, 0600"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -173,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} only applies with --snp")
     if args.author_key_enabled:
         raise UsageError("--author-key-enabled only applies with --snp")
+    mh_vm = _mh_vm(args)
     policy = _number("--policy", args.policy if args.policy is not None else "0x1", 0xFFFFFFFF)
     api_major = _number("--api-major", args.api_major, 0xFF)
     api_minor = _number("--api-minor", args.api_minor, 0xFF)
@@ -202,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
             measure_delay_s=delay,
             secret_gpa=secret_gpa,
             secret_size=secret_size,
+            mh_vm=mh_vm,
+            mh_secrets_out=args.mh_secrets_out if mh_vm is not None else None,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -213,6 +227,24 @@ def run(args: argparse.Namespace) -> int:
     }
     ephemeral = keys_out is None and args.tik is None and session is None
     return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral))
+
+
+def _mh_vm(args: argparse.Namespace) -> str | None:
+    """--mh: the VM name the MH binds its keys to; --mh-secrets-out only with --mh, never over a file."""
+    if not args.mh:
+        if args.mh_secrets_out is not None:
+            raise UsageError("--mh-secrets-out only applies with --mh")
+        return None
+    name = args.mh_vm
+    if not 1 <= len(name.encode()) <= 255:
+        raise UsageError("--mh-vm must be 1..255 bytes")
+    out = args.mh_secrets_out
+    if out is not None:
+        if os.path.lexists(out):
+            raise UsageError(f"--mh-secrets-out {out} exists")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise UsageError(f"--mh-secrets-out: the directory of {out} does not exist")
+    return name
 
 
 def _run_snp(args: argparse.Namespace, path: str) -> int:
@@ -238,6 +270,8 @@ def _run_snp(args: argparse.Namespace, path: str) -> int:
             raise UsageError(f"{flag} does not apply to --snp")
     if args.running or args.no_secret_area:
         raise UsageError("--running/--no-secret-area do not apply to --snp")
+    if args.mh:
+        raise UsageError("--mh does not apply to --snp: an SNP guest takes no launch secret table")
     policy = _number("--policy", args.policy, (1 << 64) - 1) if args.policy is not None else DEFAULT_SNP_POLICY
     digest = DEFAULT_SNP_DIGEST
     if args.snp_digest is not None:

@@ -90,6 +90,18 @@ class OwnerFailed:
 
 
 @dataclass(frozen=True)
+class OwnerAnswered:
+    """A 200 from the guest owner on a path other than /v1/secret (``/v1/mh/*``): its JSON body.
+
+    Public data only (the flow parses it with :mod:`agent.protocol.owner`);
+    refusals and failures on those paths are ``OwnerRefused``/``OwnerFailed``.
+    """
+
+    path: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ControlRequest:
     """A ``keyagent ctl`` verb for this flow; answer with ``ControlReply(req)``."""
 
@@ -164,6 +176,7 @@ Event = (
     | OwnerReleased
     | OwnerRefused
     | OwnerFailed
+    | OwnerAnswered
     | ControlRequest
     | KeyProvided
     | KeyDirReady
@@ -186,6 +199,7 @@ EVENT_TYPES: dict[str, type] = {
         OwnerReleased,
         OwnerRefused,
         OwnerFailed,
+        OwnerAnswered,
         ControlRequest,
         KeyProvided,
         KeyDirReady,

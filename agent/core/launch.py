@@ -83,6 +83,8 @@ class LaunchParams:
     timeout_s: float = 30.0
     on_refusal: OnRefusal = "quit"
     retry_s: float = 0.1
+    #: SEV fast migration (docs/mh.md): the VM this launch is the migration target of
+    migrating_from: str | None = None
 
 
 class SevLaunchFlow(Flow[LaunchParams]):
@@ -191,6 +193,7 @@ class SevLaunchFlow(Flow[LaunchParams]):
             api_minor=self.sev["api-minor"],
             build_id=self.sev["build-id"],
             policy=self.sev["policy"],
+            migrating_from=self.params.migrating_from,
         )
         return [
             Log("info", "asking the guest owner to verify the measurement"),

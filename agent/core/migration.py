@@ -38,6 +38,14 @@ set).  No key, no request to answer::
       |-- query-migrate             (a status that changed before this flow
       |<- MIGRATION ...              was there to see the event)
       |-- the same cleanup as above; Finish
+
+SEV fast migration (``mh_vm`` set, source only, docs/mh.md): once cleaned
+up, the source reports the final status to the guest owner (``POST
+/v1/mh/complete``), which retires the source's MH key (completed) or the
+target's (failed, cancelled), and finishes when the owner answered (the
+owner executor bounds the wait).  A refused or failed report is a warning:
+the migration's own result stands.  A migration whose end is unknown (QMP
+lost) is not reported.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.common.secret import Secret
-from agent.core.actions import Action, ControlReply, Log, RemoveKeyDir, SendQmp, WriteKeyDir
+from agent.core.actions import Action, ControlReply, Log, PostOwner, RemoveKeyDir, SendQmp, WriteKeyDir
 from agent.core.dhparams import ffdhe2048_pem
 from agent.core.events import (
     Adopted,
@@ -56,6 +64,9 @@ from agent.core.events import (
     KeyDirFailed,
     KeyDirReady,
     KeyProvided,
+    OwnerAnswered,
+    OwnerFailed,
+    OwnerRefused,
     QmpDisconnected,
     QmpError,
     QmpEvent,
@@ -65,6 +76,7 @@ from agent.core.events import (
 )
 from agent.core.flow import Flow
 from agent.core.modes import LogLevel, MigrationRole
+from agent.protocol.owner import MH_COMPLETE_PATH, MhCompleteAnswer, MhCompleteRequest, ProtocolError
 
 FINAL = ("completed", "failed", "cancelled")
 KEY_DIR = "tls"
@@ -77,6 +89,7 @@ class State(enum.Enum):
     SETUP = "setup"  # object-add, capabilities, parameters, migrate/migrate-incoming
     MIGRATING = "migrating"
     CLEANUP = "cleanup"
+    REPORT = "report"  # an MH VM's source: telling the owner how it ended
     DONE = "done"
 
 
@@ -91,6 +104,8 @@ class MigrationParams:
     postcopy: bool = False  # both sides: postcopy-ram; the source switches once active
     dest_deadline_s: float = 60.0
     adopted: bool = False  # taken over after a restart: starts with Adopted, not Start
+    #: SEV fast migration: the VM whose end the source reports to the owner (None: not an MH VM)
+    mh_vm: str | None = None
 
 
 _HEX_DIGITS = b"0123456789abcdef"
@@ -163,6 +178,8 @@ class MigrationFlow(Flow[MigrationParams]):
             return [Log("info", "migration prepared, waiting for the key", fields)]
         if isinstance(event, Adopted):
             return self._adopt(event) if self.params.adopted and self.state is State.WAIT_KEY else []
+        if self.state is State.REPORT:
+            return self._report_answer(event)
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)
         if isinstance(event, ControlRequest):
@@ -438,8 +455,16 @@ class MigrationFlow(Flow[MigrationParams]):
         return [*actions, *self._cleanup_next()]
 
     def _done(self) -> list[Action]:
-        self.state = State.DONE
         status = self.final_status or "failed"
+        vm = self.params.mh_vm
+        if self.source and vm is not None and status in FINAL and self.state is not State.REPORT:
+            self.state = State.REPORT
+            body = MhCompleteRequest(vm=vm, status=status).encode()
+            return [
+                Log("info", "reporting the migration's end to the guest owner", body),
+                PostOwner(MH_COMPLETE_PATH, body),
+            ]
+        self.state = State.DONE
         reason = self.error or f"migration {status}"
         fields: dict[str, Any] = {"status": status}
         if self.error:
@@ -449,6 +474,28 @@ class MigrationFlow(Flow[MigrationParams]):
             Log(level, "migration finished", fields),
             *self.finish(0 if status == "completed" else 1, reason if status != "completed" else "migration completed"),
         ]
+
+    def _report_answer(self, event: Event) -> list[Action]:
+        """REPORT: the owner's answer to /v1/mh/complete; then the usual ending."""
+        if isinstance(event, ControlRequest):
+            return [ControlReply(event.req, 200, {"status": "finishing"})]
+        if isinstance(event, KeyProvided):
+            event.key.wipe()
+            return []
+        if isinstance(event, OwnerAnswered):
+            try:
+                retired = MhCompleteAnswer.parse(event.body).retired
+            except ProtocolError as exc:
+                log = Log("warning", "malformed owner answer to the MH report", {"error": exc.reason})
+            else:
+                log = Log("info", "guest owner retired an MH key", {"retired": retired})
+        elif isinstance(event, OwnerRefused):
+            log = Log("warning", "guest owner refused the MH report", {"status": event.status, "error": event.error})
+        elif isinstance(event, OwnerFailed):
+            log = Log("warning", "MH report did not reach the guest owner", {"error": event.reason})
+        else:
+            return []
+        return [log, *self._done()]
 
     def _lost(self, reason: str) -> list[Action]:
         self.final_status = self.final_status or "failed"

@@ -12,11 +12,12 @@ from typing import Any
 
 from agent.core.flow import Flow
 from agent.core.launch import SevLaunchFlow
+from agent.core.mh import MhPeerFlow
 from agent.core.migration import MigrationFlow
 from agent.core.resume import ResumeFlow
 from agent.core.secret_objects import SecretsFlow
 from agent.core.snp_launch import SnpLaunchFlow
 
 FLOW_KINDS: dict[str, type[Flow[Any]]] = {
-    cls.kind: cls for cls in (SevLaunchFlow, MigrationFlow, ResumeFlow, SecretsFlow, SnpLaunchFlow)
+    cls.kind: cls for cls in (SevLaunchFlow, MigrationFlow, ResumeFlow, SecretsFlow, SnpLaunchFlow, MhPeerFlow)
 }

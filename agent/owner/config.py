@@ -54,6 +54,14 @@ Which platforms get a launch session (``POST /v1/session``): per VM
     [platform]                   # owner-wide
     amd_roots = "roots/"         # <product>-ark.cert, <product>-ask.cert (AMD's
                                  # binary format) instead of the built-in roots
+
+The owner's own state (``owner serve --db``, :mod:`agent.owner.store`)::
+
+    [owner]
+    state_key = "file:state.key" # 32 raw bytes (relative to this file), or
+    # state_key = "keyring:DESC" # a user key in the kernel keyring; without it
+                                 # a SQLite owner makes owner.db.key beside its
+                                 # database, a PostgreSQL one refuses to start
 """
 
 from __future__ import annotations
@@ -90,6 +98,7 @@ _AREA_KEYS = {"secret_gpa", "secret_size", "gpa"}  # gpa: the older name of secr
 _ES_KEYS = {"vcpus", "vcpu_sig", "vmsa_fpu_init"}  # an SEV-ES digest computed from firmware
 _VM_KEYS = (
     {"tik", "tek", "session", "policy", "digest", "min_api", "build_ids", "secret", "sev_es", "platform", "pdh_sha256"}
+    | {"mh"}  # SEV fast migration keys (agent.owner.mh, docs/mh.md)
     | _LAUNCH_KEYS
     | _AREA_KEYS
     | _ES_KEYS
@@ -142,6 +151,8 @@ class VmPolicy:
     snp_host_data: bytes | None = None
     snp_id_key_digest: bytes | None = None
     snp_author_key_digest: bytes | None = None
+    # SEV fast migration (mh = true): the owner provisions the migration handler's keys
+    mh: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,8 @@ class OwnerConfig:
     # SNP roots (agent.sev.snp_ca.SnpRoots): built in, or the <product>-ark/ask.pem of amd_roots
     snp_roots: tuple[Any, ...] = ()
     snp_roots_source: str = "built-in"
+    # [owner] state_key: "file:/abs/path" or "keyring:DESC" (read at serve time), None: not set
+    state_key: str | None = None
 
 
 # -- small readers shared with the command line ----------------------------
@@ -249,7 +262,31 @@ def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
         amd_roots_source=source,
         snp_roots=snp_roots,
         snp_roots_source=snp_source,
+        state_key=_load_owner_table(doc.get("owner", {}), base),
     )
+
+
+_OWNER_KEYS = {"state_key"}
+
+
+def _load_owner_table(table: Any, base: Path) -> str | None:
+    """[owner] state_key: the reference, checked for form now and read by ``owner serve``."""
+    if not isinstance(table, dict):
+        raise UsageError("[owner] must be a table")
+    unknown = sorted(set(table) - _OWNER_KEYS)
+    if unknown:
+        raise UsageError(f"[owner]: unknown key {unknown[0]!r}")
+    ref = table.get("state_key")
+    if ref is None:
+        return None
+    if not isinstance(ref, str):
+        raise UsageError('[owner] state_key must be "file:PATH" or "keyring:DESC"')
+    scheme, _, rest = ref.partition(":")
+    if scheme not in ("file", "keyring") or not rest:
+        raise UsageError('[owner] state_key must be "file:PATH" or "keyring:DESC"')
+    if scheme == "file":
+        return f"file:{base / rest}"
+    return ref
 
 
 def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str, tuple[Any, ...], str]:
@@ -326,6 +363,8 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     if not isinstance(snp, bool):
         raise UsageError(f"{where}.snp must be true or false")
     if snp:
+        if "mh" in table:
+            raise UsageError(f"{where}.mh does not apply to an SNP vm: it takes no launch secret table")
         return _load_snp_vm(name, table, base)
     unknown = sorted(set(table) - _VM_KEYS)
     if unknown:
@@ -418,6 +457,7 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
     elif "pdh_sha256" in table:
         raise UsageError(f'{where}: pdh_sha256 applies only with platform = "pinned"')
 
+    mh = _mh_flag(table, where, area, [len(s.value) for s in secrets])
     return VmPolicy(
         name=name,
         tik=tik,
@@ -432,7 +472,22 @@ def _load_vm(name: str, table: Any, base: Path) -> VmPolicy:
         secret_area=area,
         platform=platform,
         pdh_pins=pins,
+        mh=mh,
     )
+
+
+def _mh_flag(table: dict[str, Any], where: str, area: SecretArea, lengths: list[int]) -> bool:
+    """``mh = true``: the MH keys travel in the secret table, so the area must be usable and hold them."""
+    from agent.owner.secret_area import area_refusal, table_length
+
+    mh = table.get("mh", False)
+    if not isinstance(mh, bool):
+        raise UsageError(f"{where}.mh must be true or false")
+    if mh:
+        refusal = area_refusal(area, table_length([*lengths, 32, 32]))
+        if refusal is not None:
+            raise UsageError(f"{where}.mh = true: {refusal}")
+    return mh
 
 
 def _hex_bytes(text: Any, where: str, size: int) -> bytes:

@@ -16,10 +16,22 @@ Order of checks, and why:
    measurement verifies;
 3. the measurement against the TIK and every accepted digest, in constant
    time (403 "measurement does not match");
+3a. the same blob again (200 "resent"): a measurement blob released before,
+   asked again by the same VM with the same api/build/policy, gets the
+   byte-identical answer it got the first time (the stored
+   :class:`Release`), without a new verification: its session's TIK is gone,
+   and a blob whose SHA-256 matches one that verified is that launch.
+   Safe: the packet is MACed over that launch's MNONCE and measurement and
+   only that PSP launch context can use it, and the host that asks has seen
+   it already; it is what lets an agent that died after the release finish
+   the launch.  A released blob asked for with other fields or by another
+   VM is 409.  Checked before the MAC because no key may be left to check
+   it with; a blob altered in any bit has another SHA-256 and goes on to 3.
 4. single use (409): the PSP draws a fresh MNONCE for every launch, so a
-   verified blob seen a second time is a replay.  Checked only after the
-   MAC verified, so a forged request learns nothing about which nonces
-   were used.  The record is in memory: a restarted owner forgets it.
+   verified blob with an MNONCE already released for that VM (but another
+   measurement) is not the launch that was released.  Checked only after
+   the MAC verified, so a forged request learns nothing about which nonces
+   were used.
 5. the secret area (403 "no usable secret area" / "secret table does not
    fit"): a secret the guest cannot read is a failed launch, so it is not
    released (:mod:`agent.owner.secret_area`).  Last, because only a
@@ -33,9 +45,9 @@ answers ``{"godh", "session"}`` and keeps the session's TIK/TEK in memory as
 TIKs (and the VM's offline tik/tek, if configured) against the measurement;
 the session that verifies is used up: its keys are forgotten and wiped
 after the packet is built.  A second request for that launch can no longer
-be verified (the TIK is gone), so the service also remembers the SHA-256 of
-every released measurement blob: the same blob again is a replay (409),
-anything else that does not verify is 403.  With no pending session and no
+be verified (the TIK is gone), so the service also remembers every
+release by the SHA-256 of its measurement blob: the same blob again gets
+the same answer (3a), anything else that does not verify is 403.  With no pending session and no
 offline keys the answer is 409 ("POST /v1/session first"); with pending
 sessions none of whose TIKs verifies the measurement, 403 "no launch session
 matches this measurement" (the MAC cannot tell a launch made with another
@@ -63,7 +75,7 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +84,7 @@ from agent.common.logs import get_logger
 from agent.common.secret import Secret
 from agent.io.http import Request, Response
 from agent.owner.config import OwnerConfig, VmPolicy
+from agent.owner.store import PENDING_SESSION_TTL_S, AuditRow, MemoryStore, SecretView, Store, StoreUnavailable
 from agent.protocol.owner import (
     SECRET_FIELDS,
     ProtocolError,
@@ -84,6 +97,7 @@ from agent.protocol.owner import (
 
 __all__ = [
     "Decision",
+    "Release",
     "decide_secret",
     "decide_session",
     "make_session",
@@ -97,32 +111,53 @@ __all__ = [
     "PlatformCheck",
     "check_platform",
     "secret_area_refusal",
+    "PENDING_SESSION_TTL_S",
 ]
 
 #: Launch sessions that may wait for their /v1/secret, per VM and platform (PDH).
 MAX_PENDING_SESSIONS = 4
 #: ... and per VM over all platforms (bounds memory with platform = "any").
 MAX_PENDING_PER_VM = 64
-#: A pending session older than this is dropped by the service.
-PENDING_SESSION_TTL_S = 3600.0
+#: A pending session older than PENDING_SESSION_TTL_S (agent.owner.store) is dropped by the service.
 
 IV_LEN = 16  # the packet's IV (agent.sev.packet)
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released launch, as kept: enough to give the same answer again (step 3a).
+
+    ``fields`` are the request's (api_major, api_minor, build_id, policy): a
+    resend must name the same ones.  ``answer`` is the packet exactly as sent.
+    """
+
+    vm: str
+    blob_sha256: bytes
+    fields: tuple[int, int, int, int]
+    answer: SecretAnswer = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Release(vm={self.vm!r}, blob_sha256={self.blob_sha256.hex()[:16]})"
 
 
 @dataclass(frozen=True)
 class Decision:
     status: int
     body: dict[str, Any]
-    decision: str  # "released" | "refused" | "invalid"
+    decision: str  # "released" | "resent" | "refused" | "invalid" | "session"
     reason: str
     audit: dict[str, Any] = field(default_factory=dict)
     # (vm, mnonce) to remember as attested; set only on a release.
     attested: tuple[str, bytes] | None = None
-    # SHA-256 of the released measurement blob; set only on a release.
+    # SHA-256 of the released measurement blob; set on a release and a resend.
     released: bytes | None = None
+    # the release to keep (a first release) or the one given again (a resend)
+    release: Release | None = None
     # /v1/secret: the pending session this release used up.
     # /v1/session: the new session to keep pending.
     session: LaunchSession | None = None
+    # /v1/secret of an mh = true VM: its MH record to keep once released (agent.owner.mh)
+    mh: Any = None
 
     def __repr__(self) -> str:  # the body of a release carries the packet
         return f"Decision({self.status}, {self.decision}, {self.reason!r})"
@@ -420,15 +455,22 @@ def decide_secret(
     attested: Collection[tuple[str, bytes]],
     iv: bytes,
     sessions: Mapping[str, Sequence[LaunchSession]] | None = None,
-    released: Collection[bytes] = (),
+    released: Mapping[bytes, Release] | Collection[bytes] = (),
+    mh_record: Any = None,
+    mh_private: bytes | None = None,
 ) -> Decision:
     """Decide one ``POST /v1/secret`` request.  Pure: no I/O.
+
+    For a VM with ``mh = true``, ``mh_record`` is its MH record and
+    ``mh_private`` a fresh 32-byte X25519 private key (:func:`_mh_release`).
 
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
     the packet's fresh 16-byte IV (the caller draws it from os.urandom).
     ``sessions`` are the pending launch sessions per VM, ``released`` the
-    SHA-256 of every measurement blob released so far.  The steps, in the
-    order of the module's docstring, each return a refusal or pass on.
+    releases so far by the SHA-256 of their measurement blob (a mapping to
+    :class:`Release`; a bare collection of digests refuses every repeat with
+    409).  The steps, in the order of the module's docstring, each return
+    a refusal or pass on.
     """
     from agent.sev.measurement import split_blob
 
@@ -446,18 +488,25 @@ def decide_secret(
     refusal = _platform_refusal(request, vm_policy, audit)
     if refusal is not None:
         return refusal
-    chosen = _verified_keys(request, vm_policy, sessions, released, audit)
+    blob_id = hashlib.sha256(request.measurement).digest()
+    audit["measurement_sha256"] = blob_id.hex()
+    if blob_id in released:  # 3a. the same blob again: the same answer, or 409
+        return _resend(request, blob_id, released, audit)
+    chosen = _verified_keys(request, vm_policy, sessions, audit)
     if isinstance(chosen, Decision):
         return chosen
-    blob_id = hashlib.sha256(request.measurement).digest()
     key = (request.vm, split_blob(request.measurement)[1])
-    if key in attested or blob_id in released:  # 4. single use
+    if key in attested:  # 4. single use
         return _refused(409, "launch already attested", audit)
     area = secret_area_refusal(vm_policy)  # 5. where the measured firmware will look
     if area is not None:
         return _refused(403, area, audit)
-    answer = _wrap_secrets(request, vm_policy, chosen, iv)
+    mh = _mh_release(request, vm_policy, mh_record, mh_private, audit)  # 6. SEV fast migration keys
+    if isinstance(mh, Decision):
+        return mh
+    answer = _wrap_secrets(request, vm_policy, chosen, iv, mh.entries if mh is not None else ())
     audit["secrets"] = [s.name for s in vm_policy.secrets]
+    release = Release(request.vm, blob_id, _fields(request), answer)
     return Decision(
         200,
         answer.encode(),
@@ -466,7 +515,94 @@ def decide_secret(
         audit,
         attested=key,
         released=blob_id,
+        release=release,
         session=chosen[2],
+        mh=mh.record if mh is not None else None,
+    )
+
+
+def _mh_release(
+    request: SecretRequest, vm_policy: VmPolicy, record: Any, private: bytes | None, audit: dict[str, Any]
+) -> Any:
+    """6. An mh = true VM's MH keys (agent.owner.mh): an MhRelease, a refusal, or None.
+
+    Last, after every other check: only a verified launch changes MH state.
+    ``migrating_from`` for a VM without ``mh`` is ignored (noted in the audit).
+    """
+    from agent.owner.mh import MhRecord, MhRefusal, MhRelease, mh_for_boot, mh_for_migration
+
+    if not vm_policy.mh:
+        if request.migrating_from is not None:
+            audit["migrating_from"] = "ignored: no mh = true"
+        return None
+    if private is None:
+        raise ValueError("an mh = true vm needs a fresh MH private key")
+    record = record if record is not None else MhRecord()
+    out: MhRelease | MhRefusal
+    if request.migrating_from is None:
+        out = mh_for_boot(record, private)
+    else:
+        out = mh_for_migration(request.vm, request.migrating_from, record, private)
+    if isinstance(out, MhRefusal):
+        return _refused(out.status, out.reason, audit)
+    audit.update(out.audit)
+    return out
+
+
+def _fields(request: SecretRequest) -> tuple[int, int, int, int]:
+    return (request.api_major, request.api_minor, request.build_id, request.policy)
+
+
+def _resend(
+    request: SecretRequest,
+    blob_id: bytes,
+    released: Mapping[bytes, Release] | Collection[bytes],
+    audit: dict[str, Any],
+) -> Decision:
+    """3a. A blob released before: its answer again if the request is the same one, else 409."""
+    before = released.get(blob_id) if isinstance(released, Mapping) else None
+    if before is None or before.vm != request.vm or before.fields != _fields(request):
+        return _refused(409, "launch already attested", audit)
+    return Decision(
+        200,
+        before.answer.encode(),
+        "resent",
+        "same measurement released before: same answer",
+        audit,
+        released=blob_id,
+        release=before,
+    )
+
+
+def _peek_secret(body: Any) -> tuple[str, bytes, bytes] | None:
+    """(vm, SHA-256 of the blob, MNONCE) of a well-formed /v1/secret body: what to read from the store."""
+    from agent.sev.measurement import split_blob
+
+    try:
+        request = SecretRequest.parse(body)
+    except ProtocolError:
+        return None
+    return request.vm, hashlib.sha256(request.measurement).digest(), split_blob(request.measurement)[1]
+
+
+def _after_race(decision: Decision, winner: Release | None) -> Decision:
+    """A release the store did not take: another request's answer for this blob, or 409.
+
+    Pure.  ``winner`` is the release another request (at this replica or
+    another) recorded first for the same blob with the same fields: its
+    bytes are the answer.  None: the launch's session or its (VM, MNONCE)
+    went to another release.
+    """
+    if winner is None:
+        return _refused(409, "launch already attested", decision.audit)
+    return Decision(
+        200,
+        winner.answer.encode(),
+        "resent",
+        "released by another request for the same measurement: same answer",
+        decision.audit,
+        released=winner.blob_sha256,
+        release=winner,
     )
 
 
@@ -522,7 +658,6 @@ def _verified_keys(
     request: SecretRequest,
     vm_policy: VmPolicy,
     sessions: Mapping[str, Sequence[LaunchSession]] | None,
-    released: Collection[bytes],
     audit: dict[str, Any],
 ) -> _Keys | Decision:
     """3. The measurement, against every candidate TIK and accepted digest.
@@ -533,15 +668,12 @@ def _verified_keys(
     from agent.sev.measurement import verify_measurement
 
     blob = request.measurement
-    blob_id = hashlib.sha256(blob).digest()
     candidates: list[_Keys] = []
     if vm_policy.session and sessions:
         candidates += [(s.tik, s.tek, s) for s in sessions.get(request.vm, ())]
     if vm_policy.tik is not None and vm_policy.tek is not None:
         candidates.append((vm_policy.tik, vm_policy.tek, None))
     if not candidates:
-        if blob_id in released:
-            return _refused(409, "launch already attested", audit)
         return _refused(409, "no launch session for this vm: POST /v1/session first", audit)
     chosen: _Keys | None = None
     for cand in candidates:
@@ -553,8 +685,6 @@ def _verified_keys(
         if ok and chosen is None:
             chosen = cand
     if chosen is None:
-        if blob_id in released:  # its session is used up: the same blob again is a replay
-            return _refused(409, "launch already attested", audit)
         if all(c[2] is not None for c in candidates):
             # only pending sessions were tried: none of them is this launch's
             audit["pending"] = len(candidates)
@@ -565,7 +695,9 @@ def _verified_keys(
     return chosen
 
 
-def _wrap_secrets(request: SecretRequest, vm_policy: VmPolicy, keys: _Keys, iv: bytes) -> SecretAnswer:
+def _wrap_secrets(
+    request: SecretRequest, vm_policy: VmPolicy, keys: _Keys, iv: bytes, extra: Sequence[tuple[Any, bytes]] = ()
+) -> SecretAnswer:
     """The secret table, encrypted under the TEK and MACed with the TIK, for the guest."""
     from agent.sev.measurement import split_blob
     from agent.sev.packet import build_packet
@@ -575,7 +707,7 @@ def _wrap_secrets(request: SecretRequest, vm_policy: VmPolicy, keys: _Keys, iv: 
         raise ValueError(f"packet IV must be {IV_LEN} bytes")
     tik_secret, tek_secret, _ = keys
     measure = split_blob(request.measurement)[0]
-    table = bytearray(build_secret_table([(s.guid, s.value.reveal()) for s in vm_policy.secrets]))
+    table = bytearray(build_secret_table([(s.guid, s.value.reveal()) for s in vm_policy.secrets] + list(extra)))
     try:
         header, ciphertext = build_packet(tik_secret.reveal(), tek_secret.reveal(), measure, bytes(table), iv)
     finally:
@@ -592,16 +724,26 @@ def secret_area_refusal(vm_policy: VmPolicy) -> str | None:
     """
     from agent.owner.secret_area import area_refusal, table_length
 
-    return area_refusal(vm_policy.secret_area, table_length([len(s.value) for s in vm_policy.secrets]))
+    lengths = [len(s.value) for s in vm_policy.secrets]
+    if vm_policy.mh:  # the two MH entries (agent.owner.mh)
+        lengths += [32, 32]
+    return area_refusal(vm_policy.secret_area, table_length(lengths))
 
 
 class OwnerService:
     """The HTTP face of the guest owner.
 
     ``POST /v1/secret`` -> :func:`decide_secret`; ``POST /v1/session`` ->
-    :func:`decide_session`; ``GET /healthz`` -> 200.  It holds the state the
-    pure functions are given: attested launches, released blobs, pending
-    launch sessions (in memory only).
+    :func:`decide_session`; ``GET /healthz`` -> 200.  The state the pure
+    functions are given (releases, attested launches, pending launch
+    sessions) and the audit rows live in ``store``
+    (:mod:`agent.owner.store`): in memory by default, or in SQLite or
+    PostgreSQL (``owner serve --db``).  For each request the service reads
+    what the decision needs, decides, and writes what changed; a first
+    release is written with a unique key, and a request that lost the race
+    to another (at this replica or another) answers the winner's bytes.  A
+    store that fails or does not answer in time gets 503 and nothing is
+    released.
     """
 
     def __init__(
@@ -610,18 +752,21 @@ class OwnerService:
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
         session_material: Callable[[], SessionMaterial] = SessionMaterial.fresh,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        store: Store | None = None,
+        mh_store: Any = None,
     ) -> None:
         self.config = config
-        self.attested: set[tuple[str, bytes]] = set()
-        self.released: set[bytes] = set()
-        self.sessions: dict[str, list[LaunchSession]] = {}
-        self._made_at: dict[LaunchSession, float] = {}  # pending session -> when it was made
+        self._log = get_logger("keyagent.owner")
+        self.store: Store = store if store is not None else MemoryStore(log=self._log)
         self._random = random_bytes
         self._material = session_material
         self._clock = clock
-        self._log = get_logger("keyagent.owner")
-        self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest)
+        self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest), in memory
+        from agent.owner.mh import MhStore, mh_store_for
+
+        # SEV fast migration keys (agent.owner.mh): a table of the owner database, or memory
+        self.mh_store: MhStore = mh_store if mh_store is not None else mh_store_for(self.store)
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
                 self._log.warning(
@@ -629,6 +774,13 @@ class OwnerService:
                     vm=vm.name,
                     why='platform = "any": any PDH gets a launch session (demos only)',
                 )
+
+    @property
+    def sessions(self) -> dict[str, list[LaunchSession]]:
+        """The pending sessions of an in-memory store (tests look at them)."""
+        if not isinstance(self.store, MemoryStore):
+            raise AttributeError("pending sessions are in the database")
+        return self.store.sessions
 
     def log_secret_areas(self) -> None:
         """Once at start: the VMs whose secret area the owner cannot check, or cannot use."""
@@ -652,11 +804,13 @@ class OwnerService:
 
     async def handle(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
-        routes = {
+        routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
             "/v1/secret": ("POST", self._secret),
             "/v1/session": ("POST", self._session),
             "/v1/snp/challenge": ("POST", self._snp_challenge),
             "/v1/snp/attest": ("POST", self._snp_attest),
+            "/v1/mh/target": ("POST", self._mh_target),
+            "/v1/mh/complete": ("POST", self._mh_complete),
             "/healthz": ("GET", self._healthz),
         }
         route = routes.get(path)
@@ -669,43 +823,44 @@ class OwnerService:
             media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media != "application/json":
                 decision = _invalid("request body must be application/json", {"request": path}, status=415)
-                self.audit(decision, request.peer)
-                return Response.json(decision.status, decision.body)
-        return func(request)
+                return await self._answer(decision, request.peer)
+        try:
+            return await func(request)
+        except StoreUnavailable as exc:
+            self._log.error("owner state unavailable", path=path, error=str(exc))
+            return Response.json(503, error_body("owner state unavailable: try again"))
 
-    def _healthz(self, _request: Request) -> Response:
-        return Response.json(200, {"status": "ok", "vms": len(self.config.vms)})
+    async def _healthz(self, _request: Request) -> Response:
+        return Response.json(200, {"status": "ok", "vms": len(self.config.vms), "state": self.store.kind})
 
-    def _expire(self) -> None:
-        """Drop pending sessions older than PENDING_SESSION_TTL_S (never a younger one)."""
+    async def _session(self, request: Request) -> Response:
         now = self._clock()
-        for vm, pending in self.sessions.items():
-            keep = []
-            for s in pending:
-                if now - self._made_at.get(s, now) > PENDING_SESSION_TTL_S:
-                    self._made_at.pop(s, None)
-                    s.wipe()
-                    self._log.info("owner session expired", vm=_shown(vm), session=s.id)
-                else:
-                    keep.append(s)
-            pending[:] = keep
-
-    def _session(self, request: Request) -> Response:
-        self._expire()
         try:
             body = request.json()
         except ValueError:
-            decision = _invalid("request body is not valid JSON", {"request": "session"})
-        else:
-            material = self._material()
-            decision = decide_session(self.config, body, material=material, pending=self.sessions)
-            if decision.session is None:  # refused: the keys drawn for it are never used
-                material.tik.wipe()
-                material.tek.wipe()
+            return await self._answer(_invalid("request body is not valid JSON", {"request": "session"}), request.peer)
+        vm = body.get("vm") if isinstance(body, dict) else None
+        pending = await self.store.pending_sessions(vm, now) if isinstance(vm, str) and vm in self.config.vms else {}
+        material = self._material()
+        try:
+            decision = decide_session(self.config, body, material=material, pending=pending)
+        finally:
+            if pending is not getattr(self.store, "sessions", None):  # copies from a database
+                for waiting in pending.values():
+                    for s in waiting:
+                        s.wipe()
+        if decision.session is None:  # refused: the keys drawn for it are never used
+            material.tik.wipe()
+            material.tek.wipe()
         if decision.status == 200 and decision.session is not None:
             # kept until used or expired; decide_session refused (429) rather than push one out
-            self.sessions.setdefault(body["vm"], []).append(decision.session)
-            self._made_at[decision.session] = self._clock()
+            try:
+                await self.store.add_session(body["vm"], decision.session, now)
+            except BaseException:
+                decision.session.wipe()
+                raise
+            if not isinstance(self.store, MemoryStore):
+                decision.session.wipe()  # the database holds it now (sealed)
             if decision.session.trust == "any":
                 self._log.warning(
                     "owner platform unchecked",
@@ -713,39 +868,112 @@ class OwnerService:
                     session=decision.session.id,
                     why='platform = "any": this session went to a platform nobody verified',
                 )
-        self.audit(decision, request.peer)
-        return Response.json(decision.status, decision.body)
+        return await self._answer(decision, request.peer, now=now)
 
-    def _secret(self, request: Request) -> Response:
-        self._expire()
+    async def _secret(self, request: Request) -> Response:
+        now = self._clock()
         try:
             body = request.json()
         except ValueError:
-            decision = _invalid("request body is not valid JSON", {})
-        else:
+            return await self._answer(_invalid("request body is not valid JSON", {}), request.peer)
+        view = SecretView()
+        try:
+            peek = _peek_secret(body)
+            if peek is not None and peek[0] in self.config.vms:
+                view = await self.store.secret_view(*peek, now)
+            mh_inputs = await self._mh_inputs(peek[0] if peek is not None else None)
             decision = decide_secret(
                 self.config,
                 body,
-                attested=self.attested,
+                attested=view.attested,
                 iv=self._random(IV_LEN),
-                sessions=self.sessions,
-                released=self.released,
+                sessions=view.sessions,
+                released=view.released,
+                **mh_inputs,
             )
-        if decision.attested is not None:
-            self.attested.add(decision.attested)
-        if decision.released is not None:
-            self.released.add(decision.released)
-        if decision.status == 200 and decision.session is not None:
-            # single use: the launch is verified, its session keys go
-            used = decision.session
-            pending = self.sessions.get(body["vm"], [])
-            pending[:] = [s for s in pending if s is not used]
-            self._made_at.pop(used, None)
-            used.wipe()
-        self.audit(decision, request.peer)
+            if decision.decision == "released" and decision.release is not None and peek is not None:
+                if decision.mh is not None and not await self._mh_swap(peek[0], mh_inputs, decision.mh):
+                    changed = _refused(503, "owner state changed meanwhile: try again", decision.audit)
+                    return await self._answer(changed, request.peer, now=now)
+                row = self._audit_row(decision, request.peer, now)
+                won = await self.store.commit_release(decision.release, peek[2], decision.session, now, row)
+                if won is decision.release:
+                    self._log_decision(decision, request.peer)
+                    return Response.json(decision.status, decision.body)
+                if decision.mh is not None:  # not released after all: the MH record goes back
+                    await self._mh_swap(peek[0], {"mh_record": decision.mh}, mh_inputs["mh_record"])
+                decision = _after_race(decision, won)
+        finally:
+            view.done()
+        return await self._answer(decision, request.peer, now=now)
+
+    async def _answer(self, decision: Decision, peer: object, now: float | None = None) -> Response:
+        """Audit the decision (a row in the store, a log line), then answer it."""
+        await self.store.audit(self._audit_row(decision, peer, self._clock() if now is None else now))
+        self._log_decision(decision, peer)
         return Response.json(decision.status, decision.body)
 
-    def _snp(self, request: Request, decide: Callable[..., Any], **kwargs: Any) -> Response:
+    def _audit_row(self, decision: Decision, peer: object, now: float) -> AuditRow:
+        detail = {k: v for k, v in decision.audit.items() if k not in ("vm", "measurement_sha256")}
+        if isinstance(peer, tuple) and len(peer) == 2:
+            detail["peer"] = f"{peer[0]}:{peer[1]}"
+        return AuditRow(
+            time=now,
+            vm=decision.audit.get("vm"),
+            decision=decision.decision,
+            status=decision.status,
+            reason=decision.reason,
+            measurement_sha256=decision.audit.get("measurement_sha256"),
+            replica=getattr(self.store, "replica", "memory"),
+            detail=detail,
+        )
+
+    # -- SEV fast migration (agent.owner.mh, docs/mh.md) ---------------------------------
+    async def _mh_inputs(self, vm: str | None) -> dict[str, Any]:
+        """decide_secret's MH inputs: the VM's record and a fresh private key (mh = true only)."""
+        policy = self.config.vms.get(vm) if isinstance(vm, str) else None
+        if policy is None or not policy.mh:
+            return {}
+        return {"mh_record": await self.mh_store.get(policy.name), "mh_private": self._random(32)}
+
+    async def _mh_swap(self, vm: str, inputs: dict[str, Any], new: Any) -> bool:
+        """Keep ``new`` as the VM's MH record if nobody changed it since it was read (another replica)."""
+        return bool(await self.mh_store.swap(vm, inputs["mh_record"], new))
+
+    async def _mh(self, request: Request, decide: Callable[..., Any]) -> Response:
+        from agent.owner.mh import MhRecord
+
+        try:
+            body = request.json()
+        except ValueError:
+            bad = _invalid("request body is not valid JSON", {"request": request.path})
+            return await self._answer(bad, request.peer)
+        vm = body.get("vm") if isinstance(body, dict) else None
+        policy = self.config.vms.get(vm) if isinstance(vm, str) else None
+        record = await self.mh_store.get(vm) if policy is not None and isinstance(vm, str) else MhRecord()
+        answer = decide(body, known=policy is not None, mh=policy is not None and policy.mh, record=record)
+        audit = dict(answer.audit)
+        if "vm" in audit:
+            audit["vm"] = _shown(str(audit["vm"]))
+        kind = "mh" if answer.status == 200 else ("invalid" if answer.status == 400 else "refused")
+        decision = Decision(answer.status, answer.body, kind, answer.reason, audit)
+        if answer.record is not None and isinstance(vm, str) and not await self.mh_store.swap(
+            vm, record, answer.record
+        ):
+            decision = _refused(503, "owner state changed meanwhile: try again", audit)
+        return await self._answer(decision, request.peer)
+
+    async def _mh_target(self, request: Request) -> Response:
+        from agent.owner.mh import decide_mh_target
+
+        return await self._mh(request, decide_mh_target)
+
+    async def _mh_complete(self, request: Request) -> Response:
+        from agent.owner.mh import decide_mh_complete
+
+        return await self._mh(request, decide_mh_complete)
+
+    async def _snp(self, request: Request, decide: Callable[..., Any], **kwargs: Any) -> Response:
         """/v1/snp/*: the pure decision (agent.owner.snp_attest), then its change to the nonce store."""
         from agent.owner.snp_attest import NonceEntry, prune_nonces
 
@@ -763,20 +991,23 @@ class OwnerService:
             if decision.use is not None and decision.use in self.snp_nonces:
                 old = self.snp_nonces[decision.use]
                 self.snp_nonces[decision.use] = NonceEntry(old.vm, old.created, used=True)
-        self.audit(decision, request.peer)
-        return Response.json(decision.status, decision.body)
+        return await self._answer(decision, request.peer, now=now)
 
-    def _snp_challenge(self, request: Request) -> Response:
+    async def _snp_challenge(self, request: Request) -> Response:
         from agent.owner.snp_attest import NONCE_LEN, decide_challenge
 
-        return self._snp(request, decide_challenge, nonce=self._random(NONCE_LEN))
+        return await self._snp(request, decide_challenge, nonce=self._random(NONCE_LEN))
 
-    def _snp_attest(self, request: Request) -> Response:
+    async def _snp_attest(self, request: Request) -> Response:
         from agent.owner.snp_attest import decide_attest
 
-        return self._snp(request, decide_attest)
+        return await self._snp(request, decide_attest)
 
     def audit(self, decision: Decision, peer: object = None) -> None:
+        """The log line of a decision (``_answer`` also writes its row to the store)."""
+        self._log_decision(decision, peer)
+
+    def _log_decision(self, decision: Decision, peer: object = None) -> None:
         """One line per decision; never the keys, the table or the packet."""
         fields = {"decision": decision.decision, "status": decision.status, "reason": decision.reason, **decision.audit}
         if isinstance(peer, tuple) and len(peer) == 2:

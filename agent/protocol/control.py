@@ -13,7 +13,7 @@ Routes (method, path) and what their bodies hold:
 * ``GET /v1/status``: the agent and its flows; ``GET /healthz``:
   ``{"status": "ok"}``; ``GET /readyz``: ``{"ready": bool}`` (503 when not);
   ``GET /metrics``: Prometheus text;
-* ``POST /v1/migrate/{prepare,begin,accept,start,wait,cancel}``
+* ``POST /v1/migrate/{prepare,begin,accept,start,wait,cancel,mh-target}``
   (:mod:`agent.app.verbs.migrate`);
 * ``POST /v1/secret/{add,remove}`` (:mod:`agent.app.verbs.secrets`);
 * ``GET /v1/vms`` (``keyagent host``'s own socket, :mod:`agent.app.host`):
@@ -38,6 +38,8 @@ MIGRATE_ACCEPT: Final[Route] = ("POST", "/v1/migrate/accept")
 MIGRATE_START: Final[Route] = ("POST", "/v1/migrate/start")
 MIGRATE_WAIT: Final[Route] = ("POST", "/v1/migrate/wait")
 MIGRATE_CANCEL: Final[Route] = ("POST", "/v1/migrate/cancel")
+#: SEV fast migration (source): hand the target MH's public key to the source VM (docs/mh.md)
+MIGRATE_MH_TARGET: Final[Route] = ("POST", "/v1/migrate/mh-target")
 
 SECRET_ADD: Final[Route] = ("POST", "/v1/secret/add")
 SECRET_REMOVE: Final[Route] = ("POST", "/v1/secret/remove")

@@ -5,8 +5,13 @@
     POST /v1/secret   {"vm": str, "measurement": b64(MEASURE[32] || MNONCE[16]),
                        "api_major": u8, "api_minor": u8, "build_id": u8, "policy": u32}
       200             {"packet_header": b64(52 bytes), "secret": b64(1..64 KiB), "gpa"?: u64}
+                      (+ "migrating_from"?: str, the VM migrating in: docs/mh.md)
     POST /v1/session  {"vm": str, "pdh": b64, "policy": u32, "cert_chain"?: b64}
       200             {"godh": b64, "session": b64}
+    POST /v1/mh/target   {"vm": str}
+      200             {"vm": str, "public_key": b64(32), "tag": b64(32)}
+    POST /v1/mh/complete {"vm": str, "status": "completed" | "failed" | "cancelled"}
+      200             {"vm": str, "status": str, "retired": "source" | "target"}
     any refusal       4xx/5xx {"error": str}
 
 The agent builds :class:`SecretRequest` and :class:`SessionRequest`
@@ -36,6 +41,13 @@ __all__ = [
     "SecretAnswer",
     "SessionRequest",
     "SessionAnswer",
+    "MH_TARGET_PATH",
+    "MH_COMPLETE_PATH",
+    "MH_STATUSES",
+    "MhTargetRequest",
+    "MhTargetAnswer",
+    "MhCompleteRequest",
+    "MhCompleteAnswer",
     "ProtocolError",
     "error_body",
     "refusal_reason",
@@ -44,6 +56,8 @@ __all__ = [
 
 SECRET_PATH = "/v1/secret"
 SESSION_PATH = "/v1/session"
+MH_TARGET_PATH = "/v1/mh/target"
+MH_COMPLETE_PATH = "/v1/mh/complete"
 
 #: the integer fields of a /v1/secret request and their ranges, in the order checked
 SECRET_FIELDS: dict[str, tuple[int, int]] = {
@@ -93,9 +107,12 @@ class SecretRequest:
     api_minor: int
     build_id: int
     policy: int
+    #: the VM this launch is a migration target of (SEV fast migration, docs/mh.md);
+    #: None for an ordinary boot.  The owner takes only the request's own vm here.
+    migrating_from: str | None = None
 
     def encode(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "vm": self.vm,
             "measurement": b64encode(self.measurement),
             "api_major": self.api_major,
@@ -103,10 +120,13 @@ class SecretRequest:
             "build_id": self.build_id,
             "policy": self.policy,
         }
+        if self.migrating_from is not None:
+            out["migrating_from"] = self.migrating_from
+        return out
 
     @classmethod
     def parse(cls, body: object) -> SecretRequest:
-        """Checks in order: object, vm, the integers (SECRET_FIELDS), the measurement."""
+        """Checks in order: object, vm, the integers (SECRET_FIELDS), the measurement, migrating_from."""
         obj = _require_object(body)
         partial: dict[str, Any] = {"vm": _vm(obj)}
         numbers: dict[str, int] = {}
@@ -128,7 +148,10 @@ class SecretRequest:
             raise ProtocolError("field 'measurement' is not valid base64", partial)
         if len(blob) != MEASUREMENT_LEN:
             raise ProtocolError(f"measurement must be {MEASUREMENT_LEN} bytes, got {len(blob)}", partial)
-        return cls(vm=partial["vm"], measurement=blob, **numbers)
+        source = obj.get("migrating_from")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise ProtocolError("field 'migrating_from' must be a non-empty string", partial)
+        return cls(vm=partial["vm"], measurement=blob, **numbers, migrating_from=source)
 
 
 @dataclass(frozen=True)
@@ -228,6 +251,98 @@ class SessionAnswer:
                 raise ProtocolError(f"{name} is not base64")
             out.append(raw)
         return cls(godh=out[0], session=out[1])
+
+
+# -- /v1/mh/* (SEV fast migration, docs/mh.md) -----------------------------------------
+
+#: the final statuses a source agent reports (agent.core.migration.FINAL)
+MH_STATUSES = ("completed", "failed", "cancelled")
+MH_KEY_LEN = 32  # X25519, raw (agent.sev.mh)
+
+
+def _fixed_b64(body: dict[str, Any], name: str, size: int) -> bytes:
+    raw = b64decode(body.get(name))
+    if raw is None:
+        raise ProtocolError(f"{name} is not base64")
+    if len(raw) != size:
+        raise ProtocolError(f"{name} is {len(raw)} bytes, expected {size}")
+    return raw
+
+
+@dataclass(frozen=True)
+class MhTargetRequest:
+    """The source agent asks for the public key of its VM's migration target."""
+
+    vm: str
+
+    def encode(self) -> dict[str, Any]:
+        return {"vm": self.vm}
+
+    @classmethod
+    def parse(cls, body: object) -> MhTargetRequest:
+        return cls(vm=_vm(_require_object(body)))
+
+
+@dataclass(frozen=True)
+class MhTargetAnswer:
+    """The target MH's public key and the owner's tag over it (public, the host may carry both)."""
+
+    vm: str
+    public_key: bytes
+    tag: bytes
+
+    def encode(self) -> dict[str, Any]:
+        return {"vm": self.vm, "public_key": b64encode(self.public_key), "tag": b64encode(self.tag)}
+
+    @classmethod
+    def parse(cls, body: object) -> MhTargetAnswer:
+        if not isinstance(body, dict):
+            raise ProtocolError("body is not a JSON object")
+        vm = body.get("vm")
+        if not isinstance(vm, str) or not vm:
+            raise ProtocolError("vm is not a non-empty string")
+        return cls(vm=vm, public_key=_fixed_b64(body, "public_key", MH_KEY_LEN), tag=_fixed_b64(body, "tag", 32))
+
+
+@dataclass(frozen=True)
+class MhCompleteRequest:
+    """The source agent reports how its VM's migration ended."""
+
+    vm: str
+    status: str  # one of MH_STATUSES
+
+    def encode(self) -> dict[str, Any]:
+        return {"vm": self.vm, "status": self.status}
+
+    @classmethod
+    def parse(cls, body: object) -> MhCompleteRequest:
+        obj = _require_object(body)
+        vm = _vm(obj)
+        status = obj.get("status")
+        if status not in MH_STATUSES:
+            raise ProtocolError(f"field 'status' must be one of {', '.join(MH_STATUSES)}", {"vm": vm})
+        return cls(vm=vm, status=status)
+
+
+@dataclass(frozen=True)
+class MhCompleteAnswer:
+    """Which of the two MH keys the owner retired."""
+
+    vm: str
+    status: str
+    retired: str  # "source" | "target"
+
+    def encode(self) -> dict[str, Any]:
+        return {"vm": self.vm, "status": self.status, "retired": self.retired}
+
+    @classmethod
+    def parse(cls, body: object) -> MhCompleteAnswer:
+        if not isinstance(body, dict):
+            raise ProtocolError("body is not a JSON object")
+        vm, status, retired = body.get("vm"), body.get("status"), body.get("retired")
+        if not isinstance(vm, str) or status not in MH_STATUSES or retired not in ("source", "target"):
+            raise ProtocolError("not an MH completion answer")
+        return cls(vm=vm, status=status, retired=retired)
 
 
 # -- refusals --------------------------------------------------------------------------

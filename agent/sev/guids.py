@@ -23,6 +23,15 @@ SECRET_TABLE_HEADER_GUID = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
 #: GRUB calls it ``GRUB_EFI_DISKPASSWD_GUID``, COCONUT SVSM ``LUKS_KEY_GUID``.
 LUKS_KEY_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 
+#: SEV fast migration (issue 18, docs/mh.md): the migration handler's (MH)
+#: identity, the private half of its X25519 key pair, 32 raw bytes (RFC 7748).
+#: Generated once for keyagent (uuid4); no public standard names these yet.
+MH_PRIVATE_KEY_GUID = uuid.UUID("e1d17176-1244-40d6-a793-71c9344c786e")
+
+#: ... and the source MH's X25519 public key, 32 raw bytes, in a migration
+#: target's table; present but empty (0 data bytes) at an ordinary boot.
+MH_SOURCE_PUBLIC_KEY_GUID = uuid.UUID("6109108f-0824-4106-b59e-46a19b275b0d")
+
 #: Names a guest owner may write instead of a GUID. Only aliases with a public,
 #: agreed meaning: libvirt's ``virt-qemu-sev-validate`` knows exactly this one
 #: (``--inject-secret ALIAS-OR-GUID:PATH``, e.g. ``luks-key:PATH``). Any other

@@ -257,6 +257,8 @@ class MigrationControl:
                 multifd_channels=opts.channels,
                 postcopy=opts.postcopy,
                 dest_deadline_s=self.host.cfg.migration_dest_deadline_s,
+                # SEV fast migration: the source reports the end to the owner (docs/mh.md)
+                mh_vm=self.host.cfg.vm_name if (role == "source" and self._mh_enabled()) else None,
             )
         )
         host.start_flow(flow_id, flow)
@@ -313,3 +315,24 @@ class MigrationControl:
         host.feed(flow_id, ControlRequest(req, "cancel", {}))
         status, body = await future
         return status, {**body, "migration": flow_id}
+
+    # -- SEV fast migration (docs/mh.md) ----------------------------------------------
+    def _mh_enabled(self) -> bool:
+        cfg = self.host.cfg
+        return bool(getattr(cfg, "sev_mh", False)) and cfg.sev_enabled
+
+    async def mh_target(self, _args: dict) -> tuple[int, dict]:
+        """(source) Fetch the target MH's public key from the owner, hand it to the source VM."""
+        from agent.core.mh import MhPeerFlow, MhPeerParams
+
+        if not self._mh_enabled():
+            raise ControlError(400, "migrate mh-target needs [sev] mh = true (--sev-mh true) and an owner_url")
+        host = self.host
+        self._count += 1
+        flow_id = f"mh-target-{self._count}"
+        req, future = host.new_request()
+        host.start_flow(
+            flow_id, MhPeerFlow(MhPeerParams(vm=host.cfg.vm_name, reply_to=req, timeout_s=host.cfg.sev_timeout_s))
+        )
+        status, body = await future
+        return status, {**body, "flow": flow_id}

@@ -122,6 +122,10 @@ class SimConfig:
     reduced_phys_bits: int = 1
     pdh_private_key: Any = field(default=None, repr=False)  # ec.EllipticCurvePrivateKey | None
     session: tuple[bytes, bytes] | None = field(default=None, repr=False)
+    # SEV fast migration (keyagent simulate --mh, agent.tools.sim.mh): the VM name the
+    # migration handler binds its keys to; None: no MH and no migration commands
+    mh_vm: str | None = None
+    mh_secrets_out: str | None = None  # tests only: the MH's keys, for a leak scan
 
     def __post_init__(self) -> None:
         if self.session is not None:
@@ -251,6 +255,7 @@ class Machine:
             assert config.tik is not None and config.tek is not None  # __post_init__ checked them
             tik, tek = Secret(config.tik), Secret(config.tek)
         self._launch_keys = (tik, tek)
+        self._free_args: set[str] = set()  # QAPI commands with open members (object-add, ...)
         self._new_launch()
         self.quit_requested = False
         if config.state == "running":
@@ -274,6 +279,9 @@ class Machine:
             "x-sim-query-state": _Command(self._x_sim_query_state, {}),
             "x-sim-reset": _Command(self._x_sim_reset, {}),
         }
+        self.mh: Any = None
+        if config.mh_vm is not None:
+            self._add_mh_commands(config.mh_vm)
 
     def _new_launch(self) -> None:
         """A VM held at ``-S`` right after LAUNCH_START: fresh MNONCE, no secret."""
@@ -327,13 +335,15 @@ class Machine:
     def execute(self, name: str, args: dict) -> Any:
         """Run one command; raises :class:`SimQmpError` (or KeyError if unknown)."""
         cmd = self._commands[name]
-        checked = _check_args(args, cmd.args)
+        checked = dict(args) if name in self._free_args else _check_args(args, cmd.args)
         self._tick()
         return cmd.handler(checked)
 
     def shutdown(self) -> None:
-        """The process ends: the PSP context (and its keys) goes away."""
+        """The process ends: the PSP context (and its keys) goes away, and the MH's key with it."""
         self.psp.wipe()
+        if self.mh is not None:
+            self.mh.retire()
 
     def _tick(self) -> None:
         # Real QEMU takes the measurement at machine-init-done, before the
@@ -449,6 +459,8 @@ class Machine:
                 InjectedEntry(guid, len(data), hashlib.sha256(data).hexdigest()) for guid, data in entries
             ]
             self._log.info("sim.secret_injected", table_valid=True, entries=len(entries))
+            if self.mh is not None and visible:
+                self.mh.on_table(entries)  # the guest's migration handler reads its keys
         finally:
             plaintext.wipe()
 
@@ -515,3 +527,115 @@ class Machine:
             "cont-before-secret": self.cont_before_secret,
             "secret-visible": self.secret_visible,
         }
+
+    # -- SEV fast migration (--mh): the MH channel and a migration that carries its pages ----
+
+    def _add_mh_commands(self, vm: str) -> None:
+        from agent.tools.sim.mh import SimMh
+
+        self.mh = SimMh(vm, self.config.mh_secrets_out)
+        #: set by the QMP server: runs a migration coroutine (the stream is I/O)
+        self.spawn: Callable[[Any], None] = lambda coro: coro.close()
+        self.migration_status = "none"
+        self.migration_error: str | None = None
+        self.migration_cancelled = False
+        self.objects: dict[str, str] = {}
+        self.migrate_params: dict[str, Any] = {"tls-creds": ""}
+        self._incoming: Any = None  # the listening server of migrate-incoming
+        self._commands.update(
+            {
+                "x-mh-set-peer-key": _Command(
+                    lambda a: self.mh.set_peer_key(a["public-key"], a["tag"]),
+                    {"public-key": (_STR, True), "tag": (_STR, True)},
+                ),
+                "x-mh-query": _Command(lambda a: self.mh.query(), {}),
+                "object-add": _Command(self._object_add, {}),
+                "object-del": _Command(self._object_del, {"id": (_STR, True)}),
+                "migrate-set-capabilities": _Command(lambda a: {}, {}),
+                "migrate-set-parameters": _Command(self._migrate_set_parameters, {}),
+                "query-migrate-parameters": _Command(lambda a: dict(self.migrate_params), {}),
+                "query-migrate": _Command(self._query_migrate, {}),
+                "migrate": _Command(self._migrate, {"uri": (_STR, True)}),
+                "migrate-incoming": _Command(self._migrate_incoming, {"uri": (_STR, True)}),
+                "migrate_cancel": _Command(self._migrate_cancel, {}),
+            }
+        )
+        for name in ("object-add", "migrate-set-capabilities", "migrate-set-parameters"):
+            self._free_args.add(name)
+
+    def _object_add(self, args: dict) -> dict:
+        oid, kind = args.get("id"), args.get("qom-type")
+        if not isinstance(oid, str) or not isinstance(kind, str):
+            raise SimQmpError("Parameter 'id' is missing")
+        if oid in self.objects:
+            raise SimQmpError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
+        self.objects[oid] = kind
+        return {}
+
+    def _object_del(self, args: dict) -> dict:
+        if self.objects.pop(args["id"], None) is None:
+            raise SimQmpError(f"object '{args['id']}' not found")
+        return {}
+
+    def _migrate_set_parameters(self, args: dict) -> dict:
+        self.migrate_params.update(args)
+        return {}
+
+    def _query_migrate(self, _args: dict) -> dict:
+        if self.migration_status == "none":
+            return {}
+        out: dict[str, Any] = {"status": self.migration_status}
+        if self.migration_error:
+            out["error-desc"] = self.migration_error
+        return out
+
+    def _migrate(self, args: dict) -> dict:
+        from agent.tools.sim.mh import check_uri, migrate_out
+
+        check_uri(args["uri"])
+        if self.migration_status in ("setup", "active"):
+            raise SimQmpError("There's a migration process in progress")
+        self.migration_cancelled = False
+        self.spawn(migrate_out(self, args["uri"]))
+        return {}
+
+    def _migrate_incoming(self, args: dict) -> dict:
+        from agent.tools.sim.mh import check_uri, migrate_in
+
+        check_uri(args["uri"])
+        if self._incoming is not None:
+            raise SimQmpError("The incoming migration has already been started")
+        self._incoming = True
+
+        async def listen() -> None:
+            try:
+                self._incoming = await migrate_in(self, args["uri"])
+            except OSError as exc:
+                self.set_migration("failed", f"cannot listen: {exc.strerror or exc}")
+
+        self.spawn(listen())
+        return {}
+
+    def _migrate_cancel(self, _args: dict) -> dict:
+        if self.migration_status in ("setup", "active"):
+            self.migration_cancelled = True
+            self.set_migration("cancelled")
+        return {}
+
+    def set_migration(self, status: str, error: str | None = None) -> None:
+        """A MIGRATION status change, as QEMU emits it (a final one only once)."""
+        if self.migration_status in ("completed", "failed", "cancelled") and status != "setup":
+            return
+        self.migration_status = status
+        self.migration_error = error
+        self._log.info("sim.migration", status=status)
+        self._emit("MIGRATION", {"status": status})
+        if status in ("completed", "failed", "cancelled") and self._incoming not in (None, True):
+            self._incoming.close()
+            self._incoming = None
+
+    def migration_done_source(self) -> None:
+        """The source after a completed migration: paused in postmigrate, its MH key destroyed."""
+        self.status = "postmigrate"
+        self.mh.retire()
+        self.set_migration("completed")

@@ -215,6 +215,8 @@ class Simulator:
             self.machine = SnpMachine(cast(SnpSimConfig, config), clock=clock, emit=self._emit)
         else:
             self.machine = Machine(config, clock=clock, emit=self._emit, platform=platform, name=name)
+            if self.machine.mh is not None:  # --mh: migrations run as tasks of this server
+                self.machine.spawn = self._spawn
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[int, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -304,6 +306,12 @@ class Simulator:
 
     def _clients(self) -> list[dict]:
         return [dict(t) for t in self._client_times]
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a machine's coroutine (a migration stream) until it ends or the server closes."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _emit(self, name: str, data: dict | None) -> None:
         now = time.time()
