@@ -957,8 +957,10 @@ class OwnerService:
             audit["vm"] = _shown(str(audit["vm"]))
         kind = "mh" if answer.status == 200 else ("invalid" if answer.status == 400 else "refused")
         decision = Decision(answer.status, answer.body, kind, answer.reason, audit)
-        if answer.record is not None and isinstance(vm, str) and not await self.mh_store.swap(
-            vm, record, answer.record
+        if (
+            answer.record is not None
+            and isinstance(vm, str)
+            and not await self.mh_store.swap(vm, record, answer.record)
         ):
             decision = _refused(503, "owner state changed meanwhile: try again", audit)
         return await self._answer(decision, request.peer)
