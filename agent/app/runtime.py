@@ -28,7 +28,7 @@ the runtime        ``Log``, ``Finish``                          here
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.app.eventlog import EventLog
@@ -69,7 +69,7 @@ class Runtime:
         *,
         qmp: Monitor | None,
         event_log: EventLog,
-        owner_url: str | None = None,
+        owner_url: str | Sequence[str] | None = None,
         owner_timeout: float = 30.0,
         on_finish: FinishCallback | None = None,
         log: Any = None,
@@ -88,7 +88,7 @@ class Runtime:
         self._finished: dict[str, asyncio.Event] = {}
 
         self.qmp_executor = QmpExecutor(qmp, self.feed, self.log)
-        self.owner = OwnerExecutor(self.feed, owner_url, owner_timeout)
+        self.owner = OwnerExecutor(self.feed, owner_url, owner_timeout, self.log)
         self.timers = TimerExecutor(self.feed)
         self.keys = KeyStore(self.feed, run_dir, self.log)
         self.control = ControlReplies()
@@ -122,7 +122,7 @@ class Runtime:
         return self.qmp_executor.gone
 
     @property
-    def owner_url(self) -> str | None:
+    def owner_url(self) -> str | Sequence[str] | None:
         return self.owner.owner_url
 
     @property
