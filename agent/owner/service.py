@@ -16,10 +16,22 @@ Order of checks, and why:
    measurement verifies;
 3. the measurement against the TIK and every accepted digest, in constant
    time (403 "measurement does not match");
+3a. the same blob again (200 "resent"): a measurement blob released before,
+   asked again by the same VM with the same api/build/policy, gets the
+   byte-identical answer it got the first time (the stored
+   :class:`Release`), without a new verification: its session's TIK is gone,
+   and a blob whose SHA-256 matches one that verified is that launch.
+   Safe: the packet is MACed over that launch's MNONCE and measurement and
+   only that PSP launch context can use it, and the host that asks has seen
+   it already; it is what lets an agent that died after the release finish
+   the launch.  A released blob asked for with other fields or by another
+   VM is 409.  Checked before the MAC because no key may be left to check
+   it with; a blob altered in any bit has another SHA-256 and goes on to 3.
 4. single use (409): the PSP draws a fresh MNONCE for every launch, so a
-   verified blob seen a second time is a replay.  Checked only after the
-   MAC verified, so a forged request learns nothing about which nonces
-   were used.  The record is in memory: a restarted owner forgets it.
+   verified blob with an MNONCE already released for that VM (but another
+   measurement) is not the launch that was released.  Checked only after
+   the MAC verified, so a forged request learns nothing about which nonces
+   were used.
 5. the secret area (403 "no usable secret area" / "secret table does not
    fit"): a secret the guest cannot read is a failed launch, so it is not
    released (:mod:`agent.owner.secret_area`).  Last, because only a
@@ -33,9 +45,9 @@ answers ``{"godh", "session"}`` and keeps the session's TIK/TEK in memory as
 TIKs (and the VM's offline tik/tek, if configured) against the measurement;
 the session that verifies is used up: its keys are forgotten and wiped
 after the packet is built.  A second request for that launch can no longer
-be verified (the TIK is gone), so the service also remembers the SHA-256 of
-every released measurement blob: the same blob again is a replay (409),
-anything else that does not verify is 403.  With no pending session and no
+be verified (the TIK is gone), so the service also remembers every
+release by the SHA-256 of its measurement blob: the same blob again gets
+the same answer (3a), anything else that does not verify is 403.  With no pending session and no
 offline keys the answer is 409 ("POST /v1/session first"); with pending
 sessions none of whose TIKs verifies the measurement, 403 "no launch session
 matches this measurement" (the MAC cannot tell a launch made with another
@@ -84,6 +96,7 @@ from agent.protocol.owner import (
 
 __all__ = [
     "Decision",
+    "Release",
     "decide_secret",
     "decide_session",
     "make_session",
@@ -110,16 +123,35 @@ IV_LEN = 16  # the packet's IV (agent.sev.packet)
 
 
 @dataclass(frozen=True)
+class Release:
+    """One released launch, as kept: enough to give the same answer again (step 3a).
+
+    ``fields`` are the request's (api_major, api_minor, build_id, policy): a
+    resend must name the same ones.  ``answer`` is the packet exactly as sent.
+    """
+
+    vm: str
+    blob_sha256: bytes
+    fields: tuple[int, int, int, int]
+    answer: SecretAnswer = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Release(vm={self.vm!r}, blob_sha256={self.blob_sha256.hex()[:16]})"
+
+
+@dataclass(frozen=True)
 class Decision:
     status: int
     body: dict[str, Any]
-    decision: str  # "released" | "refused" | "invalid"
+    decision: str  # "released" | "resent" | "refused" | "invalid" | "session"
     reason: str
     audit: dict[str, Any] = field(default_factory=dict)
     # (vm, mnonce) to remember as attested; set only on a release.
     attested: tuple[str, bytes] | None = None
-    # SHA-256 of the released measurement blob; set only on a release.
+    # SHA-256 of the released measurement blob; set on a release and a resend.
     released: bytes | None = None
+    # the release to keep (a first release) or the one given again (a resend)
+    release: Release | None = None
     # /v1/secret: the pending session this release used up.
     # /v1/session: the new session to keep pending.
     session: LaunchSession | None = None
@@ -420,15 +452,17 @@ def decide_secret(
     attested: Collection[tuple[str, bytes]],
     iv: bytes,
     sessions: Mapping[str, Sequence[LaunchSession]] | None = None,
-    released: Collection[bytes] = (),
+    released: Mapping[bytes, Release] | Collection[bytes] = (),
 ) -> Decision:
     """Decide one ``POST /v1/secret`` request.  Pure: no I/O.
 
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
     the packet's fresh 16-byte IV (the caller draws it from os.urandom).
     ``sessions`` are the pending launch sessions per VM, ``released`` the
-    SHA-256 of every measurement blob released so far.  The steps, in the
-    order of the module's docstring, each return a refusal or pass on.
+    releases so far by the SHA-256 of their measurement blob (a mapping to
+    :class:`Release`; a bare collection of digests refuses every repeat with
+    409).  The steps, in the order of the module's docstring, each return
+    a refusal or pass on.
     """
     from agent.sev.measurement import split_blob
 
@@ -446,18 +480,22 @@ def decide_secret(
     refusal = _platform_refusal(request, vm_policy, audit)
     if refusal is not None:
         return refusal
-    chosen = _verified_keys(request, vm_policy, sessions, released, audit)
+    blob_id = hashlib.sha256(request.measurement).digest()
+    audit["measurement_sha256"] = blob_id.hex()
+    if blob_id in released:  # 3a. the same blob again: the same answer, or 409
+        return _resend(request, blob_id, released, audit)
+    chosen = _verified_keys(request, vm_policy, sessions, audit)
     if isinstance(chosen, Decision):
         return chosen
-    blob_id = hashlib.sha256(request.measurement).digest()
     key = (request.vm, split_blob(request.measurement)[1])
-    if key in attested or blob_id in released:  # 4. single use
+    if key in attested:  # 4. single use
         return _refused(409, "launch already attested", audit)
     area = secret_area_refusal(vm_policy)  # 5. where the measured firmware will look
     if area is not None:
         return _refused(403, area, audit)
     answer = _wrap_secrets(request, vm_policy, chosen, iv)
     audit["secrets"] = [s.name for s in vm_policy.secrets]
+    release = Release(request.vm, blob_id, _fields(request), answer)
     return Decision(
         200,
         answer.encode(),
@@ -466,7 +504,33 @@ def decide_secret(
         audit,
         attested=key,
         released=blob_id,
+        release=release,
         session=chosen[2],
+    )
+
+
+def _fields(request: SecretRequest) -> tuple[int, int, int, int]:
+    return (request.api_major, request.api_minor, request.build_id, request.policy)
+
+
+def _resend(
+    request: SecretRequest,
+    blob_id: bytes,
+    released: Mapping[bytes, Release] | Collection[bytes],
+    audit: dict[str, Any],
+) -> Decision:
+    """3a. A blob released before: its answer again if the request is the same one, else 409."""
+    before = released.get(blob_id) if isinstance(released, Mapping) else None
+    if before is None or before.vm != request.vm or before.fields != _fields(request):
+        return _refused(409, "launch already attested", audit)
+    return Decision(
+        200,
+        before.answer.encode(),
+        "resent",
+        "same measurement released before: same answer",
+        audit,
+        released=blob_id,
+        release=before,
     )
 
 
@@ -522,7 +586,6 @@ def _verified_keys(
     request: SecretRequest,
     vm_policy: VmPolicy,
     sessions: Mapping[str, Sequence[LaunchSession]] | None,
-    released: Collection[bytes],
     audit: dict[str, Any],
 ) -> _Keys | Decision:
     """3. The measurement, against every candidate TIK and accepted digest.
@@ -533,15 +596,12 @@ def _verified_keys(
     from agent.sev.measurement import verify_measurement
 
     blob = request.measurement
-    blob_id = hashlib.sha256(blob).digest()
     candidates: list[_Keys] = []
     if vm_policy.session and sessions:
         candidates += [(s.tik, s.tek, s) for s in sessions.get(request.vm, ())]
     if vm_policy.tik is not None and vm_policy.tek is not None:
         candidates.append((vm_policy.tik, vm_policy.tek, None))
     if not candidates:
-        if blob_id in released:
-            return _refused(409, "launch already attested", audit)
         return _refused(409, "no launch session for this vm: POST /v1/session first", audit)
     chosen: _Keys | None = None
     for cand in candidates:
@@ -553,8 +613,6 @@ def _verified_keys(
         if ok and chosen is None:
             chosen = cand
     if chosen is None:
-        if blob_id in released:  # its session is used up: the same blob again is a replay
-            return _refused(409, "launch already attested", audit)
         if all(c[2] is not None for c in candidates):
             # only pending sessions were tried: none of them is this launch's
             audit["pending"] = len(candidates)
@@ -600,7 +658,7 @@ class OwnerService:
 
     ``POST /v1/secret`` -> :func:`decide_secret`; ``POST /v1/session`` ->
     :func:`decide_session`; ``GET /healthz`` -> 200.  It holds the state the
-    pure functions are given: attested launches, released blobs, pending
+    pure functions are given: attested launches, releases, pending
     launch sessions (in memory only).
     """
 
@@ -614,7 +672,7 @@ class OwnerService:
     ) -> None:
         self.config = config
         self.attested: set[tuple[str, bytes]] = set()
-        self.released: set[bytes] = set()
+        self.released: dict[bytes, Release] = {}
         self.sessions: dict[str, list[LaunchSession]] = {}
         self._made_at: dict[LaunchSession, float] = {}  # pending session -> when it was made
         self._random = random_bytes
@@ -733,8 +791,8 @@ class OwnerService:
             )
         if decision.attested is not None:
             self.attested.add(decision.attested)
-        if decision.released is not None:
-            self.released.add(decision.released)
+        if decision.released is not None and decision.release is not None:
+            self.released.setdefault(decision.released, decision.release)
         if decision.status == 200 and decision.session is not None:
             # single use: the launch is verified, its session keys go
             used = decision.session

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 
@@ -17,6 +18,7 @@ from agent.sev.packet import open_packet
 from agent.sev.secret_table import parse_secret_table
 
 from .conftest import OTHER_DIGEST, PASSPHRASE, TEK, TIK
+from .rawhttp import post_raw
 
 IV = bytes(range(100, 116))
 
@@ -154,6 +156,36 @@ def test_replayed_launch_is_409(config, owner_dir):
     assert (d.status, d.body) == (409, {"error": "launch already attested"})
 
 
+def test_the_same_blob_again_gets_the_same_answer_resent(config, owner_dir):
+    first = decide(config, owner_dir.request())
+    again = decide_secret(
+        config, owner_dir.request(), attested={first.attested}, iv=bytes(16), released={first.released: first.release}
+    )
+    assert (again.status, again.decision) == (200, "resent")
+    assert again.body == first.body and again.release is first.release
+    assert again.attested is None and again.session is None
+    assert again.audit["measurement_sha256"] == first.audit["measurement_sha256"]
+
+
+@pytest.mark.parametrize("over", [{"vm": "vm2"}, {"build_id": 22}])
+def test_a_released_blob_asked_with_other_fields_is_409(config, owner_dir, over):
+    first = decide(config, owner_dir.request())
+    if "vm" in over:  # a second VM, so the request gets past "unknown vm"
+        config.vms["vm2"] = config.vms["vm1"]
+    d = decide_secret(
+        config, owner_dir.request(**over), attested={first.attested}, iv=IV, released={first.released: first.release}
+    )
+    assert (d.status, d.body) == (409, {"error": "launch already attested"})
+
+
+def test_a_released_blob_is_still_checked_against_the_policy(config, owner_dir):
+    first = decide(config, owner_dir.request())
+    d = decide_secret(
+        config, owner_dir.request(policy=7), attested=set(), iv=IV, released={first.released: first.release}
+    )
+    assert d.status == 403 and d.body["error"].startswith("policy mismatch")
+
+
 def test_forged_request_with_used_nonce_is_403_not_409(config, owner_dir):
     blob = owner_dir.blob(digest=bytes(32))  # same nonce, bad MAC
     d = decide(config, owner_dir.request(measurement=base64.b64encode(blob).decode()), attested=[("vm1", b"n" * 16)])
@@ -188,15 +220,17 @@ async def owner_url(config):
     await server.close()
 
 
-async def test_http_release_then_replay(owner_url, owner_dir):
-    status, body = await request_json("POST", owner_url + "/v1/secret", owner_dir.request(), timeout=5)
+async def test_http_release_then_the_same_bytes_again(owner_url, owner_dir):
+    status, raw = await post_raw(owner_url + "/v1/secret", owner_dir.request())
     assert status == 200
+    body = json.loads(raw)
     header = base64.b64decode(body["packet_header"])
     measure, _ = split_blob(owner_dir.blob())
     table = open_packet(TIK, TEK, measure, header, base64.b64decode(body["secret"]))
     assert parse_secret_table(table) == [(LUKS_KEY_GUID, PASSPHRASE)]
 
-    status, body = await request_json("POST", owner_url + "/v1/secret", owner_dir.request(), timeout=5)
+    assert await post_raw(owner_url + "/v1/secret", owner_dir.request()) == (200, raw)
+    status, body = await request_json("POST", owner_url + "/v1/secret", owner_dir.request(build_id=22), timeout=5)
     assert (status, body) == (409, {"error": "launch already attested"})
 
     # a fresh launch (new nonce) is served again
@@ -298,7 +332,7 @@ async def test_one_audit_line_per_decision_without_secrets(owner_url, owner_dir)
         setup_logging("info")
     lines = [ln for ln in buf.getvalue().splitlines() if "owner decision" in ln]
     assert len(lines) == 3
-    assert '"decision": "released"' in lines[0] and '"status": 409' in lines[1]
+    assert '"decision": "released"' in lines[0] and '"decision": "resent"' in lines[1]
     assert "policy mismatch" in lines[2]
     for form in secret_forms():
         assert form not in buf.getvalue()
@@ -489,7 +523,7 @@ async def test_session_then_secret_then_replay_over_http(session_config):
         assert first[0] == 200
         assert service.sessions["vm2"] == [] and len(kept.tik) == 0 and len(kept.tek) == 0  # wiped
         again = await request_json("POST", url + "/v1/secret", vm2_secret_request(), timeout=5)
-        assert again == (409, {"error": "launch already attested"})
+        assert again == first  # the session is used up; the same blob gets the same answer
         # another launch with the used-up session's keys: nothing left to verify it with
         other = await request_json("POST", url + "/v1/secret", vm2_secret_request(mnonce=b"o" * 16), timeout=5)
         assert other[0] == 409 and "POST /v1/session first" in other[1]["error"]
