@@ -60,6 +60,8 @@ def prepare_argv(argv: list[str], qmp_path: str) -> tuple[list[str], bool]:
 
 
 class Launcher(Sidecar):
+    ends_with_its_vm = True  # on_exit stops QEMU
+
     def __init__(self, cfg: Config, opts: SidecarOptions, qemu_argv: list[str]) -> None:
         super().__init__(cfg, opts)
         self.qemu_argv = qemu_argv

@@ -21,7 +21,7 @@ executor           actions                                      module
 ``keys``           ``WriteKeyDir``, ``RemoveKeyDir``,           ``runtime_keys``
                    ``KeyringAdd``, ``KeyringDrop``
 ``control``        ``ControlReply``                             ``runtime_control``
-the runtime        ``Log``, ``Finish``                          here
+the runtime        ``Log``, ``Finish``, ``NoteLaunched``        here
 =================  ===========================================  ==================
 """
 
@@ -48,6 +48,7 @@ from agent.core.actions import (
     KeyringAdd,
     KeyringDrop,
     Log,
+    NoteLaunched,
     PostOwner,
     RemoveKeyDir,
     SendQmp,
@@ -109,6 +110,7 @@ class Runtime:
             RemoveKeyDir: self.keys.run,
             KeyringAdd: self.keys.run,
             KeyringDrop: self.keys.run,
+            NoteLaunched: self._note_launched,
         }
         return table
 
@@ -192,6 +194,20 @@ class Runtime:
 
     def _log_line(self, flow_id: str, action: Log) -> None:
         getattr(self.log, action.level, self.log.info)(action.message, flow=flow_id, **action.fields)
+
+    def _note_launched(self, flow_id: str, action: NoteLaunched) -> None:
+        """The launch got its verified secret: a note in the run_dir for the next
+        agent (:mod:`agent.app.resume_launch`), written before ``cont`` is sent.
+        Without a run_dir, or if it cannot be written, a restarted agent finds a
+        running VM too late to attest: the safe side, so only a warning."""
+        if self.run_dir is None:
+            return
+        from agent.app.resume_launch import write_launch_note
+
+        try:
+            write_launch_note(self.run_dir, action.measurement)
+        except OSError as exc:
+            self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
 
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action

@@ -109,6 +109,10 @@ def check_host_keys(cfg: Config) -> None:
 
 
 class Sidecar:
+    #: True where the agent's exit always ends its QEMU (``keyagent launch``):
+    #: nothing it noted for a restarted agent can matter after it
+    ends_with_its_vm = False
+
     def __init__(self, cfg: Config, opts: SidecarOptions) -> None:
         self.cfg = cfg
         self.opts = opts
@@ -240,9 +244,18 @@ class Sidecar:
             self.secrets = SecretsControl(self)
             self.secrets.start()
         if cfg.sev_enabled:
+            launched = None
+            if self.run_dir:  # a previous agent's note: a running VM may need nothing (docs/crash-only.md)
+                from agent.app.resume_launch import read_launch_note
+
+                launched = read_launch_note(self.run_dir)
             rt.start_flow(
                 "launch",
-                SevLaunchFlow(LaunchParams(vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal)),
+                SevLaunchFlow(
+                    LaunchParams(
+                        vm=cfg.vm_name, timeout_s=cfg.sev_timeout_s, on_refusal=cfg.sev_on_refusal, launched=launched
+                    )
+                ),
             )
         elif cfg.snp_enabled:  # SEV-SNP: check the guest QEMU holds at -S, then cont (agent.core.snp_launch)
             from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
@@ -483,6 +496,7 @@ class Sidecar:
         """Every exit path: stop the runtime, wipe keys, close the control
         socket and the monitor, stop swtpm, write the exit record."""
         log = self.log
+        vm_gone = self.runtime is not None and self.runtime.qmp_gone is not None  # before we close it ourselves
         if self.runtime is not None:
             self.runtime.close()
         self.wipe_held_keys()
@@ -496,6 +510,10 @@ class Sidecar:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.on_exit()
+        if self.run_dir and (vm_gone or self.ends_with_its_vm):
+            from agent.app.resume_launch import drop_launch_note
+
+            drop_launch_note(self.run_dir)  # QEMU is gone: no running VM for it to speak of
         if self.vtpm is not None:
             await self.vtpm.stop()
         event_log.write("exit", code=self.exit_code, reason=self.exit_reason)

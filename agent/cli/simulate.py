@@ -133,6 +133,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read the SEV secret-block entry from this OVMF image, as QEMU does "
         "(the digest still comes from --digest)",
     )
+    p.add_argument(
+        "--x-test-hold",
+        metavar="COMMAND",
+        action="append",
+        default=[],
+        help="(tests only, not QEMU) the first COMMAND request is never executed or answered: "
+        "its client hangs until it disconnects (kill an agent at an exact step)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -192,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         "--amd-roots-out": args.amd_roots_out,
     }
     ephemeral = keys_out is None and args.tik is None and session is None
-    return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral))
+    return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral, hold=args.x_test_hold))
 
 
 def _run_snp(args: argparse.Namespace, path: str) -> int:
@@ -265,6 +273,7 @@ async def _serve(
     outputs: dict[str, str | None] | None = None,
     *,
     warn_ephemeral: bool = False,
+    hold: list[str] | None = None,
 ) -> int:
     from agent.common.logs import get_logger
     from agent.tools.sim.psp import FwError
@@ -278,6 +287,7 @@ async def _serve(
     try:
         try:
             sim = Simulator(config, path)
+            sim.hold_once = set(hold or ())
         except FwError as exc:
             # QEMU: "sev_launch_start: LAUNCH_START ret=-5 fw_error=N 'text'", then exit.
             raise UsageError(
