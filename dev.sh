@@ -11,10 +11,12 @@ cd "$(dirname "$0")"
 # only the tests need: a libvirtd for the --libvirt backend, the
 # toolchain libvirt-python builds with, chromium (headless) to load the
 # pages `keyagent replay --html` writes, and podman + debootstrap to build and
-# run contrib/container/Containerfile (tests/contrib/test_container_image.py).
+# run contrib/container/Containerfile (tests/contrib/test_container_image.py),
+# and PostgreSQL (initdb, pg_ctl; its libpq5 is what psycopg loads) for the
+# guest owner's database tests (tests/owner/conftest.py: a throwaway cluster).
 APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm swtpm-tools keyutils ovmf)
 TEST_APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc chromium
-                   podman debootstrap)
+                   podman debootstrap postgresql)
 VENV=${KEYAGENT_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 

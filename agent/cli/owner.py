@@ -1,6 +1,10 @@
 """``keyagent owner``: the reference guest owner and its offline tools.
 
-    owner serve   --config owner.toml --listen HOST:PORT
+    owner serve   --config owner.toml --listen HOST:PORT [--db URL]
+                  --db sqlite:///PATH (default: owner.db next to owner.toml)
+                  or postgresql://... (replicas share it; needs [owner] state_key)
+    owner audit   --db URL [--vm NAME] [--since ISO8601]
+                  the decisions as JSON lines: time, vm, decision, reason, ...
     owner verify  --tik F --measurement B64 --api-major N --api-minor N
                   --build-id N --policy N --digest HEX           exit 0 valid, 1 not
     owner package --tik F --tek F --measurement B64 --secret GUID=FILE [...] [--iv B64]
@@ -59,7 +63,18 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="time for a request's headers and body, however slowly sent (default 10)",
     )
+    s.add_argument(
+        "--db",
+        metavar="URL",
+        help="the owner's state: sqlite:///PATH (default: owner.db next to owner.toml) or postgresql://...",
+    )
     s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("audit", help="print the owner's decisions from its database as JSON lines")
+    a.add_argument("--db", required=True, metavar="URL", help="sqlite:///PATH or postgresql://...")
+    a.add_argument("--vm", metavar="NAME", help="only this VM's decisions")
+    a.add_argument("--since", metavar="ISO8601", help="only decisions at or after this time (UTC if no zone)")
+    a.set_defaults(func=cmd_audit)
 
     v = sub.add_parser("verify", help="check a launch measurement against an expected digest")
     _add_measurement_args(v)
@@ -443,16 +458,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     host, port = parse_listen(args.listen)
     config = load_owner_config(args.config)
+    from agent.owner.store import default_db_url, open_store, parse_db_url
+
+    url = parse_db_url(args.db) if args.db else default_db_url(config.path)
     from agent.app.hardening import harden_process
 
     harden_process()  # the owner holds every VM's TIK/TEK and secrets: no core dump
+    from agent.common.logs import get_logger
+
+    store = open_store(url, config.state_key, log=get_logger("keyagent.owner"))  # schema, state key: exit 2
     return asyncio.run(
-        _serve(config, host, port, max_connections=args.max_connections, request_timeout=args.request_timeout)
+        _serve(
+            config,
+            host,
+            port,
+            max_connections=args.max_connections,
+            request_timeout=args.request_timeout,
+            store=store,
+        )
     )
 
 
 async def _serve(
-    config: Any, host: str, port: int, *, max_connections: int = 100, request_timeout: float = 10.0
+    config: Any,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = 100,
+    request_timeout: float = 10.0,
+    store: Any = None,
 ) -> int:
     import asyncio
     import signal
@@ -462,11 +496,12 @@ async def _serve(
     from agent.owner.service import OwnerService
 
     log = get_logger("keyagent.owner")
-    service = OwnerService(config)
+    service = OwnerService(config, store=store)
     server = HttpServer(service.handle, max_connections=max_connections, request_timeout=request_timeout)
     try:
         bound_host, bound_port = await server.start_tcp(host, port)
     except OSError as exc:
+        await service.store.close()
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
     stop = asyncio.Event()
@@ -482,6 +517,8 @@ async def _serve(
         max_connections=max_connections,
         request_timeout_s=request_timeout,
     )
+    shown_db = store.url.shown() if hasattr(store, "url") else "memory"
+    log.info("owner state", db=shown_db, kind=service.store.kind, replica=getattr(service.store, "replica", ""))
     if any(vm.session and vm.platform == "amd" for vm in config.vms.values()):
         log.info("owner platform roots", source=config.amd_roots_source, products=[r.product for r in config.amd_roots])
     if any(vm.snp for vm in config.vms.values()):  # /v1/snp/attest: VCEK <- ASK <- ARK
@@ -494,5 +531,34 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await server.close()
+        await service.store.close()
     log.info("owner stopped")
+    return 0
+
+
+# -- audit --------------------------------------------------------------------
+
+
+def parse_since(text: str) -> float:
+    """ISO 8601 (``2026-12-02T16:00:00Z``, ``2026-12-02``): seconds since the epoch; UTC if no zone."""
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since must be an ISO 8601 time like 2026-12-02T16:00:00Z, got {text[:40]!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from agent.owner.store import parse_db_url
+    from agent.owner.store_sql import read_audit_rows
+
+    url = parse_db_url(args.db)
+    since = parse_since(args.since) if args.since is not None else None
+    for row in read_audit_rows(url, args.vm, since):
+        sys.stdout.write(json.dumps(row.as_json()) + "\n")
+    sys.stdout.flush()
     return 0

@@ -54,6 +54,14 @@ Which platforms get a launch session (``POST /v1/session``): per VM
     [platform]                   # owner-wide
     amd_roots = "roots/"         # <product>-ark.cert, <product>-ask.cert (AMD's
                                  # binary format) instead of the built-in roots
+
+The owner's own state (``owner serve --db``, :mod:`agent.owner.store`)::
+
+    [owner]
+    state_key = "file:state.key" # 32 raw bytes (relative to this file), or
+    # state_key = "keyring:DESC" # a user key in the kernel keyring; without it
+                                 # a SQLite owner makes owner.db.key beside its
+                                 # database, a PostgreSQL one refuses to start
 """
 
 from __future__ import annotations
@@ -154,6 +162,8 @@ class OwnerConfig:
     # SNP roots (agent.sev.snp_ca.SnpRoots): built in, or the <product>-ark/ask.pem of amd_roots
     snp_roots: tuple[Any, ...] = ()
     snp_roots_source: str = "built-in"
+    # [owner] state_key: "file:/abs/path" or "keyring:DESC" (read at serve time), None: not set
+    state_key: str | None = None
 
 
 # -- small readers shared with the command line ----------------------------
@@ -249,7 +259,31 @@ def load_owner_config(path: str | os.PathLike) -> OwnerConfig:
         amd_roots_source=source,
         snp_roots=snp_roots,
         snp_roots_source=snp_source,
+        state_key=_load_owner_table(doc.get("owner", {}), base),
     )
+
+
+_OWNER_KEYS = {"state_key"}
+
+
+def _load_owner_table(table: Any, base: Path) -> str | None:
+    """[owner] state_key: the reference, checked for form now and read by ``owner serve``."""
+    if not isinstance(table, dict):
+        raise UsageError("[owner] must be a table")
+    unknown = sorted(set(table) - _OWNER_KEYS)
+    if unknown:
+        raise UsageError(f"[owner]: unknown key {unknown[0]!r}")
+    ref = table.get("state_key")
+    if ref is None:
+        return None
+    if not isinstance(ref, str):
+        raise UsageError('[owner] state_key must be "file:PATH" or "keyring:DESC"')
+    scheme, _, rest = ref.partition(":")
+    if scheme not in ("file", "keyring") or not rest:
+        raise UsageError('[owner] state_key must be "file:PATH" or "keyring:DESC"')
+    if scheme == "file":
+        return f"file:{base / rest}"
+    return ref
 
 
 def _load_platform(table: Any, base: Path) -> tuple[tuple[Any, ...], str, tuple[Any, ...], str]:

@@ -75,7 +75,7 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,7 @@ from agent.common.logs import get_logger
 from agent.common.secret import Secret
 from agent.io.http import Request, Response
 from agent.owner.config import OwnerConfig, VmPolicy
+from agent.owner.store import PENDING_SESSION_TTL_S, AuditRow, MemoryStore, SecretView, Store, StoreUnavailable
 from agent.protocol.owner import (
     SECRET_FIELDS,
     ProtocolError,
@@ -110,14 +111,14 @@ __all__ = [
     "PlatformCheck",
     "check_platform",
     "secret_area_refusal",
+    "PENDING_SESSION_TTL_S",
 ]
 
 #: Launch sessions that may wait for their /v1/secret, per VM and platform (PDH).
 MAX_PENDING_SESSIONS = 4
 #: ... and per VM over all platforms (bounds memory with platform = "any").
 MAX_PENDING_PER_VM = 64
-#: A pending session older than this is dropped by the service.
-PENDING_SESSION_TTL_S = 3600.0
+#: A pending session older than PENDING_SESSION_TTL_S (agent.owner.store) is dropped by the service.
 
 IV_LEN = 16  # the packet's IV (agent.sev.packet)
 
@@ -534,6 +535,38 @@ def _resend(
     )
 
 
+def _peek_secret(body: Any) -> tuple[str, bytes, bytes] | None:
+    """(vm, SHA-256 of the blob, MNONCE) of a well-formed /v1/secret body: what to read from the store."""
+    from agent.sev.measurement import split_blob
+
+    try:
+        request = SecretRequest.parse(body)
+    except ProtocolError:
+        return None
+    return request.vm, hashlib.sha256(request.measurement).digest(), split_blob(request.measurement)[1]
+
+
+def _after_race(decision: Decision, winner: Release | None) -> Decision:
+    """A release the store did not take: another request's answer for this blob, or 409.
+
+    Pure.  ``winner`` is the release another request (at this replica or
+    another) recorded first for the same blob with the same fields: its
+    bytes are the answer.  None: the launch's session or its (VM, MNONCE)
+    went to another release.
+    """
+    if winner is None:
+        return _refused(409, "launch already attested", decision.audit)
+    return Decision(
+        200,
+        winner.answer.encode(),
+        "resent",
+        "released by another request for the same measurement: same answer",
+        decision.audit,
+        released=winner.blob_sha256,
+        release=winner,
+    )
+
+
 #: a TIK, its TEK, and the pending session they came from (None: the VM's offline keys)
 _Keys = tuple[Secret, Secret, "LaunchSession | None"]
 
@@ -657,9 +690,16 @@ class OwnerService:
     """The HTTP face of the guest owner.
 
     ``POST /v1/secret`` -> :func:`decide_secret`; ``POST /v1/session`` ->
-    :func:`decide_session`; ``GET /healthz`` -> 200.  It holds the state the
-    pure functions are given: attested launches, releases, pending
-    launch sessions (in memory only).
+    :func:`decide_session`; ``GET /healthz`` -> 200.  The state the pure
+    functions are given (releases, attested launches, pending launch
+    sessions) and the audit rows live in ``store``
+    (:mod:`agent.owner.store`): in memory by default, or in SQLite or
+    PostgreSQL (``owner serve --db``).  For each request the service reads
+    what the decision needs, decides, and writes what changed; a first
+    release is written with a unique key, and a request that lost the race
+    to another (at this replica or another) answers the winner's bytes.  A
+    store that fails or does not answer in time gets 503 and nothing is
+    released.
     """
 
     def __init__(
@@ -668,18 +708,16 @@ class OwnerService:
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
         session_material: Callable[[], SessionMaterial] = SessionMaterial.fresh,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        store: Store | None = None,
     ) -> None:
         self.config = config
-        self.attested: set[tuple[str, bytes]] = set()
-        self.released: dict[bytes, Release] = {}
-        self.sessions: dict[str, list[LaunchSession]] = {}
-        self._made_at: dict[LaunchSession, float] = {}  # pending session -> when it was made
+        self._log = get_logger("keyagent.owner")
+        self.store: Store = store if store is not None else MemoryStore(log=self._log)
         self._random = random_bytes
         self._material = session_material
         self._clock = clock
-        self._log = get_logger("keyagent.owner")
-        self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest)
+        self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest), in memory
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
                 self._log.warning(
@@ -687,6 +725,13 @@ class OwnerService:
                     vm=vm.name,
                     why='platform = "any": any PDH gets a launch session (demos only)',
                 )
+
+    @property
+    def sessions(self) -> dict[str, list[LaunchSession]]:
+        """The pending sessions of an in-memory store (tests look at them)."""
+        if not isinstance(self.store, MemoryStore):
+            raise AttributeError("pending sessions are in the database")
+        return self.store.sessions
 
     def log_secret_areas(self) -> None:
         """Once at start: the VMs whose secret area the owner cannot check, or cannot use."""
@@ -710,7 +755,7 @@ class OwnerService:
 
     async def handle(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
-        routes = {
+        routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
             "/v1/secret": ("POST", self._secret),
             "/v1/session": ("POST", self._session),
             "/v1/snp/challenge": ("POST", self._snp_challenge),
@@ -727,43 +772,44 @@ class OwnerService:
             media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media != "application/json":
                 decision = _invalid("request body must be application/json", {"request": path}, status=415)
-                self.audit(decision, request.peer)
-                return Response.json(decision.status, decision.body)
-        return func(request)
+                return await self._answer(decision, request.peer)
+        try:
+            return await func(request)
+        except StoreUnavailable as exc:
+            self._log.error("owner state unavailable", path=path, error=str(exc))
+            return Response.json(503, error_body("owner state unavailable: try again"))
 
-    def _healthz(self, _request: Request) -> Response:
-        return Response.json(200, {"status": "ok", "vms": len(self.config.vms)})
+    async def _healthz(self, _request: Request) -> Response:
+        return Response.json(200, {"status": "ok", "vms": len(self.config.vms), "state": self.store.kind})
 
-    def _expire(self) -> None:
-        """Drop pending sessions older than PENDING_SESSION_TTL_S (never a younger one)."""
+    async def _session(self, request: Request) -> Response:
         now = self._clock()
-        for vm, pending in self.sessions.items():
-            keep = []
-            for s in pending:
-                if now - self._made_at.get(s, now) > PENDING_SESSION_TTL_S:
-                    self._made_at.pop(s, None)
-                    s.wipe()
-                    self._log.info("owner session expired", vm=_shown(vm), session=s.id)
-                else:
-                    keep.append(s)
-            pending[:] = keep
-
-    def _session(self, request: Request) -> Response:
-        self._expire()
         try:
             body = request.json()
         except ValueError:
-            decision = _invalid("request body is not valid JSON", {"request": "session"})
-        else:
-            material = self._material()
-            decision = decide_session(self.config, body, material=material, pending=self.sessions)
-            if decision.session is None:  # refused: the keys drawn for it are never used
-                material.tik.wipe()
-                material.tek.wipe()
+            return await self._answer(_invalid("request body is not valid JSON", {"request": "session"}), request.peer)
+        vm = body.get("vm") if isinstance(body, dict) else None
+        pending = await self.store.pending_sessions(vm, now) if isinstance(vm, str) and vm in self.config.vms else {}
+        material = self._material()
+        try:
+            decision = decide_session(self.config, body, material=material, pending=pending)
+        finally:
+            if pending is not getattr(self.store, "sessions", None):  # copies from a database
+                for waiting in pending.values():
+                    for s in waiting:
+                        s.wipe()
+        if decision.session is None:  # refused: the keys drawn for it are never used
+            material.tik.wipe()
+            material.tek.wipe()
         if decision.status == 200 and decision.session is not None:
             # kept until used or expired; decide_session refused (429) rather than push one out
-            self.sessions.setdefault(body["vm"], []).append(decision.session)
-            self._made_at[decision.session] = self._clock()
+            try:
+                await self.store.add_session(body["vm"], decision.session, now)
+            except BaseException:
+                decision.session.wipe()
+                raise
+            if not isinstance(self.store, MemoryStore):
+                decision.session.wipe()  # the database holds it now (sealed)
             if decision.session.trust == "any":
                 self._log.warning(
                     "owner platform unchecked",
@@ -771,39 +817,60 @@ class OwnerService:
                     session=decision.session.id,
                     why='platform = "any": this session went to a platform nobody verified',
                 )
-        self.audit(decision, request.peer)
-        return Response.json(decision.status, decision.body)
+        return await self._answer(decision, request.peer, now=now)
 
-    def _secret(self, request: Request) -> Response:
-        self._expire()
+    async def _secret(self, request: Request) -> Response:
+        now = self._clock()
         try:
             body = request.json()
         except ValueError:
-            decision = _invalid("request body is not valid JSON", {})
-        else:
+            return await self._answer(_invalid("request body is not valid JSON", {}), request.peer)
+        view = SecretView()
+        try:
+            peek = _peek_secret(body)
+            if peek is not None and peek[0] in self.config.vms:
+                view = await self.store.secret_view(*peek, now)
             decision = decide_secret(
                 self.config,
                 body,
-                attested=self.attested,
+                attested=view.attested,
                 iv=self._random(IV_LEN),
-                sessions=self.sessions,
-                released=self.released,
+                sessions=view.sessions,
+                released=view.released,
             )
-        if decision.attested is not None:
-            self.attested.add(decision.attested)
-        if decision.released is not None and decision.release is not None:
-            self.released.setdefault(decision.released, decision.release)
-        if decision.status == 200 and decision.session is not None:
-            # single use: the launch is verified, its session keys go
-            used = decision.session
-            pending = self.sessions.get(body["vm"], [])
-            pending[:] = [s for s in pending if s is not used]
-            self._made_at.pop(used, None)
-            used.wipe()
-        self.audit(decision, request.peer)
+            if decision.decision == "released" and decision.release is not None and peek is not None:
+                row = self._audit_row(decision, request.peer, now)
+                won = await self.store.commit_release(decision.release, peek[2], decision.session, now, row)
+                if won is decision.release:
+                    self._log_decision(decision, request.peer)
+                    return Response.json(decision.status, decision.body)
+                decision = _after_race(decision, won)
+        finally:
+            view.done()
+        return await self._answer(decision, request.peer, now=now)
+
+    async def _answer(self, decision: Decision, peer: object, now: float | None = None) -> Response:
+        """Audit the decision (a row in the store, a log line), then answer it."""
+        await self.store.audit(self._audit_row(decision, peer, self._clock() if now is None else now))
+        self._log_decision(decision, peer)
         return Response.json(decision.status, decision.body)
 
-    def _snp(self, request: Request, decide: Callable[..., Any], **kwargs: Any) -> Response:
+    def _audit_row(self, decision: Decision, peer: object, now: float) -> AuditRow:
+        detail = {k: v for k, v in decision.audit.items() if k not in ("vm", "measurement_sha256")}
+        if isinstance(peer, tuple) and len(peer) == 2:
+            detail["peer"] = f"{peer[0]}:{peer[1]}"
+        return AuditRow(
+            time=now,
+            vm=decision.audit.get("vm"),
+            decision=decision.decision,
+            status=decision.status,
+            reason=decision.reason,
+            measurement_sha256=decision.audit.get("measurement_sha256"),
+            replica=getattr(self.store, "replica", "memory"),
+            detail=detail,
+        )
+
+    async def _snp(self, request: Request, decide: Callable[..., Any], **kwargs: Any) -> Response:
         """/v1/snp/*: the pure decision (agent.owner.snp_attest), then its change to the nonce store."""
         from agent.owner.snp_attest import NonceEntry, prune_nonces
 
@@ -821,20 +888,23 @@ class OwnerService:
             if decision.use is not None and decision.use in self.snp_nonces:
                 old = self.snp_nonces[decision.use]
                 self.snp_nonces[decision.use] = NonceEntry(old.vm, old.created, used=True)
-        self.audit(decision, request.peer)
-        return Response.json(decision.status, decision.body)
+        return await self._answer(decision, request.peer, now=now)
 
-    def _snp_challenge(self, request: Request) -> Response:
+    async def _snp_challenge(self, request: Request) -> Response:
         from agent.owner.snp_attest import NONCE_LEN, decide_challenge
 
-        return self._snp(request, decide_challenge, nonce=self._random(NONCE_LEN))
+        return await self._snp(request, decide_challenge, nonce=self._random(NONCE_LEN))
 
-    def _snp_attest(self, request: Request) -> Response:
+    async def _snp_attest(self, request: Request) -> Response:
         from agent.owner.snp_attest import decide_attest
 
-        return self._snp(request, decide_attest)
+        return await self._snp(request, decide_attest)
 
     def audit(self, decision: Decision, peer: object = None) -> None:
+        """The log line of a decision (``_answer`` also writes its row to the store)."""
+        self._log_decision(decision, peer)
+
+    def _log_decision(self, decision: Decision, peer: object = None) -> None:
         """One line per decision; never the keys, the table or the packet."""
         fields = {"decision": decision.decision, "status": decision.status, "reason": decision.reason, **decision.audit}
         if isinstance(peer, tuple) and len(peer) == 2:

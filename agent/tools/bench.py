@@ -81,6 +81,10 @@ TARGETS: dict[str, tuple[str | None, float | None, str]] = {
     "migration_ratio": ("<=", 1.05, "TLS-PSK migration on real QEMU, agent / bare script (median of paired ratios)"),
     "density_launch_p99_ms": ("<=", 50.0, "N sidecars x N simulators launching at once: p99 connect->cont"),
     "density_rss_mb_total": (None, None, "the same N sidecars: total RSS"),
+    # agent.tools.bench_owner: keyagent owner serve --db, 50 clients, every request a first release
+    "owner_secret_rps_sqlite": (None, None, "owner releases/s at 50 concurrent clients, SQLite"),
+    "owner_secret_rps_postgresql": (None, None, "owner releases/s at 50 concurrent clients, PostgreSQL"),
+    "owner_p99_ms": ("<=", 20.0, "owner release latency p99 at that load, SQLite"),
 }
 GROUPS = {
     "launch": ("launch_ratio", "launch_added_ms_p50", "startup_ms"),
@@ -88,10 +92,12 @@ GROUPS = {
     "replay": ("replay_events_per_s", "replay_html_records_per_s"),
     "migration": ("migration_ratio",),
     "density": ("density_launch_p99_ms", "density_rss_mb_total"),
+    "owner": ("owner_secret_rps_sqlite", "owner_p99_ms"),
+    "owner_pg": ("owner_secret_rps_postgresql",),
 }
 
-FULL = {"launches": 200, "density": 100, "replay_events": 200_000, "migrations": 5, "idle": 3}
-SMOKE = {"launches": 3, "density": 3, "replay_events": 3_000, "migrations": 1, "idle": 1}
+FULL = {"launches": 200, "density": 100, "replay_events": 200_000, "migrations": 5, "idle": 3, "owner_releases": 5000}
+SMOKE = {"launches": 3, "density": 3, "replay_events": 3_000, "migrations": 1, "idle": 1, "owner_releases": 100}
 
 OWNER_SECRET = b"keyagent bench disk passphrase"
 MIGRATION_BANDWIDTH = 4 << 30  # bytes/s, both variants: effectively no cap on loopback
@@ -921,6 +927,8 @@ def met(key: str, value: float | None) -> bool | None:
 
 
 async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict, dict, dict]:
+    from agent.tools import bench_owner
+
     figures: dict[str, Any] = {k: None for k in TARGETS}
     details: dict[str, Any] = {}
     skipped: dict[str, str] = {k: "not selected (--only)" for k in TARGETS if k not in keys}
@@ -931,6 +939,8 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
         "replay": lambda: bench_replay(ctx, counts["replay_events"]),
         "migration": lambda: bench_migration(ctx, counts["migrations"], counts["migration_fill_mb"]),
         "density": lambda: bench_density(ctx, counts["density"]),
+        "owner": lambda: bench_owner.bench_owner_sqlite(ctx, counts["owner_releases"]),
+        "owner_pg": lambda: bench_owner.bench_owner_postgresql(ctx, counts["owner_releases"]),
     }
     try:
         for group, members in GROUPS.items():
@@ -967,6 +977,7 @@ def run(args) -> int:
         "migrations": _count(args, "migrations", "migrations", 1),
         "replay_events": _count(args, "replay_events", "replay_events", 10),
         "idle": (SMOKE if args.smoke else FULL)["idle"],
+        "owner_releases": (SMOKE if args.smoke else FULL)["owner_releases"],
         "migration_fill_mb": (
             args.migration_fill_mb
             if args.migration_fill_mb is not None
@@ -1064,6 +1075,10 @@ def _notes(key: str, report: dict) -> str:
                 f"exec->last cont {x['exec_to_last_cont_ms']:.0f} ms"
             )
         return f"PSS total {x['pss_mb_total']:.0f} MB, {x['rss_mb_per_sidecar_p50']:.1f} MB each"
+    group = "owner_pg" if key == "owner_secret_rps_postgresql" else "owner"
+    if key.startswith("owner_") and group in d:
+        x = d[group]
+        return f"{x['releases']} releases by {x['clients']} clients: p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms"
     return ""
 
 

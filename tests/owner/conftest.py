@@ -98,3 +98,24 @@ def firmware_blob(d: OwnerDir, mnonce: bytes = b"n" * 16) -> bytes:
     from agent.sev.digest import launch_digest
 
     return d.blob(mnonce, digest=launch_digest((d.root / "fw.fd").read_bytes()))
+
+
+# -- a throwaway PostgreSQL cluster (agent.tools.pgcluster), one per test session ------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    from agent.tools.pgcluster import find_bindir, start_cluster, stop_cluster
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl, postgres): install Debian's postgresql")
+    cluster = start_cluster(bindir)
+    yield cluster
+    stop_cluster(cluster)
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """A fresh, empty database in the session's cluster."""
+    return pg_cluster.new_database()
