@@ -55,7 +55,7 @@ class Crash:
         self.owner_url = ""
 
     # -- the owner, and the simulator that matches it -------------------------
-    def owner(self, port: int | None = None) -> str:
+    def owner(self, port: int | None = None, name: str = "owner") -> str:
         table = f'policy = 1\ndigest = "{DIGEST.hex()}"\n'
         if self.session:
             table += 'session = true\nplatform = "any"\n'
@@ -65,7 +65,7 @@ class Crash:
             f'[vm.vm1]\n{table}[[vm.vm1.secret]]\nguid = "luks-key"\nfile = "disk.pass"\n'
         )
         listen = f"127.0.0.1:{port or 0}"
-        proc = self.world.spawn("owner", ["owner", "serve", "--config", "owner.toml", "--listen", listen])
+        proc = self.world.spawn(name, ["owner", "serve", "--config", "owner.toml", "--listen", listen])
         wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner line")
         assert proc.popen.poll() is None, proc.stderr
         self.owner_url = json.loads(proc.stdout.splitlines()[0])["listening"]
@@ -195,10 +195,20 @@ class Crash:
         left = [p.name for p in self.run_dir.iterdir() if p.name.startswith("key-") or p.name == "keys.psk"]
         assert left == []
 
+    def kill_owner_and_start_it_again(self) -> None:
+        """SIGKILL the owner, then a new one on the same address and database."""
+        owner = [p for p in self.world.procs if p.name.startswith("owner")][-1]
+        owner.popen.send_signal(signal.SIGKILL)
+        owner.wait()
+        port = int(self.owner_url.rsplit(":", 1)[1])
+        assert self.owner(port, name="owner-again") == f"http://127.0.0.1:{port}"
+
     def owner_decisions(self) -> list[str]:
-        owner = next(p for p in self.world.procs if p.name == "owner")
-        lines = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
-        return [rec["decision"] for rec in lines if rec.get("decision") != "session"]
+        decisions = []
+        for owner in (p for p in self.world.procs if p.name.startswith("owner")):
+            lines = [json.loads(ln) for ln in owner.stderr.splitlines() if "owner decision" in ln]
+            decisions += [rec["decision"] for rec in lines if rec.get("decision") != "session"]
+        return decisions
 
     def replay_each(self) -> None:
         for name in EVENT_LOGS[: self.agents]:
@@ -233,6 +243,22 @@ def test_killed_after_the_release_before_the_injection_then_restarted_launches(c
     assert crash.owner_decisions() == ["released"]
     crash.kill(first)
     assert crash.state()["injections"] == 0 and crash.state()["status"] == "prelaunch"
+
+    second = crash.agent()
+    assert crash.launch_result()["code"] == 0
+    crash.assert_launched(injections=1)
+    assert crash.owner_decisions() == ["released", "resent"]
+    stop(second)
+    crash.replay_each()
+
+
+def test_agent_and_owner_both_killed_after_the_release_then_restarted_launches(crash):
+    crash.owner()
+    sim = crash.simulator("--x-test-hold", "sev-inject-launch-secret")
+    first = crash.agent()
+    crash.held(sim, "sev-inject-launch-secret")
+    crash.kill(first)
+    crash.kill_owner_and_start_it_again()  # the release is in its database, not its memory
 
     second = crash.agent()
     assert crash.launch_result()["code"] == 0
