@@ -285,6 +285,22 @@ def test_killed_after_the_injection_before_cont_then_restarted_injects_again_and
     crash.replay_each()
 
 
+@pytest.mark.parametrize("step", ["query-status", "query-sev-launch-measure"])
+def test_killed_before_the_owner_was_asked_then_restarted_launches(crash, step):
+    crash.owner()
+    sim = crash.simulator("--x-test-hold", step)
+    first = crash.agent()
+    crash.held(sim, step)
+    crash.kill(first)
+
+    second = crash.agent()
+    assert crash.launch_result()["code"] == 0
+    crash.assert_launched(injections=1)
+    assert crash.owner_decisions() == ["released"]
+    stop(second)
+    crash.replay_each()
+
+
 def test_killed_while_waiting_for_the_owner_then_restarted_launches(crash):
     crash.owner()
     crash.simulator()
