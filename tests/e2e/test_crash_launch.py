@@ -195,13 +195,19 @@ class Crash:
         left = [p.name for p in self.run_dir.iterdir() if p.name.startswith("key-") or p.name == "keys.psk"]
         assert left == []
 
-    def kill_owner_and_start_it_again(self) -> None:
-        """SIGKILL the owner, then a new one on the same address and database."""
+    def kill_owner(self) -> None:
         owner = [p for p in self.world.procs if p.name.startswith("owner")][-1]
         owner.popen.send_signal(signal.SIGKILL)
         owner.wait()
+
+    def start_owner_again(self) -> None:
+        """A new owner on the same address and database."""
         port = int(self.owner_url.rsplit(":", 1)[1])
         assert self.owner(port, name="owner-again") == f"http://127.0.0.1:{port}"
+
+    def kill_owner_and_start_it_again(self) -> None:
+        self.kill_owner()
+        self.start_owner_again()
 
     def owner_decisions(self) -> list[str]:
         decisions = []
@@ -316,6 +322,20 @@ def test_killed_while_waiting_for_the_owner_then_restarted_launches(crash):
     crash.assert_launched(injections=1)
     assert crash.owner_decisions() == ["released"]
     stop(second)
+    crash.replay_each()
+
+
+def test_an_owner_down_when_the_agent_asks_is_found_by_the_retries_once_it_is_back(crash):
+    crash.owner()
+    crash.simulator()
+    crash.kill_owner()  # a session VM's pending session is in the owner's database
+    agent = crash.agent()
+    wait_for(lambda: "guest owner gave no answer, trying again" in agent.stderr, 30, "a retry")
+    crash.start_owner_again()
+    assert crash.launch_result()["code"] == 0
+    crash.assert_launched(injections=1)
+    assert crash.owner_decisions() == ["released"]
+    stop(agent)
     crash.replay_each()
 
 
