@@ -39,6 +39,7 @@ class Key:
     path: bool = False  # relative to the config file's directory
     check: Callable[[Any], str | None] | None = None
     help: str = ""
+    one_or_list: bool = False  # a list key that also takes one string (``owner_url = "http://..."``)
 
     @property
     def flag(self) -> str:
@@ -79,6 +80,20 @@ def _url(value: str) -> str | None:
         return "has no host"
     if port == 0:
         return "has an invalid port (must be 1..65535)"
+    return None
+
+
+def _urls(value: tuple[str, ...]) -> str | None:
+    """``[sev] owner_url``: one URL or a list, each one the client can use.
+
+    A bad item is named by its place, not quoted: a URL with a password in
+    it must not reach an error line."""
+    if not value:
+        return "must name at least one http:// URL"
+    for i, url in enumerate(value):
+        problem = _url(url)
+        if problem:
+            return problem if len(value) == 1 else f"item {i + 1} {problem}"
     return None
 
 
@@ -129,7 +144,15 @@ SCHEMA: tuple[Key, ...] = (
     Key("vm", "name", str, "vm", check=_vm_name, help="VM name, in logs and owner requests"),
     Key("vm", "run_dir", str, None, path=True, help="the agent's 0700 directory for this VM"),
     Key("launch", "shutdown_grace_s", float, 30.0, minimum=0),
-    Key("sev", "owner_url", str, None, check=_url, help="guest owner URL"),
+    Key(
+        "sev",
+        "owner_url",
+        list,
+        None,
+        check=_urls,
+        one_or_list=True,
+        help="(repeat) guest owner URL; several are tried in turn, with retries, until [sev] timeout_s",
+    ),
     Key("sev", "timeout_s", float, 30.0, minimum=0.001),
     Key("sev", "on_refusal", str, "quit", choices=get_args(OnRefusal)),
     Key(
@@ -255,7 +278,7 @@ class Config:
     vm_name: str
     vm_run_dir: str | None
     launch_shutdown_grace_s: float
-    sev_owner_url: str | None
+    sev_owner_url: tuple[str, ...] | None  # one or more; agent.io.owner_client tries them in turn
     sev_timeout_s: float
     sev_on_refusal: OnRefusal
     sev_mh: bool
@@ -338,8 +361,11 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
         if not isinstance(value, str) or not value:
             raise UsageError(f"{label} must be a non-empty string")
     elif key.type is list:
+        if key.one_or_list and isinstance(value, str):
+            value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v and v.isprintable() for v in value):
-            raise UsageError(f"{label} must be a list of non-empty strings")
+            what = "a non-empty string or a list of them" if key.one_or_list else "a list of non-empty strings"
+            raise UsageError(f"{label} must be {what}")
         value = tuple(value)
     if key.minimum is not None and value < key.minimum:
         raise UsageError(f"{label} must be at least {_num(key.minimum)}")
@@ -377,7 +403,7 @@ def _parse_flag(key: Key, text: str) -> Any:
         except ValueError:
             raise UsageError(f"{key.flag} must be an integer") from None
     if key.type is list:
-        return list(text)  # the flag was given once per item
+        return [text] if isinstance(text, str) else list(text)  # the flag was given once per item
     if key.type is bool:
         words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
         if text.lower() not in words:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 
 from agent.common.errors import FlowFailed, UsageError
 
@@ -75,7 +76,7 @@ def chain_with_cek(chain_b64: str, cek_b64: str) -> str:
 
 
 async def fetch_session(
-    owner_url: str,
+    owner_url: str | Sequence[str],
     vm: str,
     pdh_path: str,
     chain_path: str | None,
@@ -84,7 +85,8 @@ async def fetch_session(
     cek_path: str | None = None,
 ) -> tuple[bytes, bytes]:
     """-> (godh.b64 file content, session.b64 file content)."""
-    from agent.io.http import HttpError, request_json
+    from agent.io.http import HttpError
+    from agent.io.owner_client import post_owner_retrying
     from agent.protocol.owner import SESSION_PATH, ProtocolError, SessionAnswer, SessionRequest, one_line
 
     chain = None
@@ -98,10 +100,9 @@ async def fetch_session(
         policy=policy,
         cert_chain=base64.b64decode(chain) if chain is not None else None,
     )
-    try:
-        status, answer = await request_json(
-            "POST", owner_url.rstrip("/") + SESSION_PATH, request.encode(), timeout=timeout
-        )
+    try:  # across every [sev] owner_url, 5xx/429/no answer retried until the timeout
+        reply = await post_owner_retrying(owner_url, SESSION_PATH, request.encode(), timeout)
+        status, answer = reply.status, reply.body
     except HttpError as exc:
         raise FlowFailed(f"guest owner unreachable for the launch session: {exc}") from None
     if status != 200 or not isinstance(answer, dict):

@@ -61,6 +61,7 @@ def prepare_argv(argv: list[str], qmp_path: str) -> tuple[list[str], bool]:
 
 class Launcher(Sidecar):
     adopts = False  # its QEMU is new: nothing to take over (agent.app.adopt)
+    ends_with_its_vm = True  # on_exit stops QEMU
 
     def __init__(self, cfg: Config, opts: SidecarOptions, qemu_argv: list[str]) -> None:
         super().__init__(cfg, opts)

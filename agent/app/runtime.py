@@ -21,14 +21,14 @@ executor           actions                                      module
 ``keys``           ``WriteKeyDir``, ``RemoveKeyDir``,           ``runtime_keys``
                    ``KeyringAdd``, ``KeyringDrop``
 ``control``        ``ControlReply``                             ``runtime_control``
-the runtime        ``Log``, ``Finish``                          here
+the runtime        ``Log``, ``Finish``, ``NoteLaunched``        here
 =================  ===========================================  ==================
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.app.eventlog import EventLog
@@ -48,6 +48,7 @@ from agent.core.actions import (
     KeyringAdd,
     KeyringDrop,
     Log,
+    NoteLaunched,
     PostOwner,
     RemoveKeyDir,
     SendQmp,
@@ -69,7 +70,7 @@ class Runtime:
         *,
         qmp: Monitor | None,
         event_log: EventLog,
-        owner_url: str | None = None,
+        owner_url: str | Sequence[str] | None = None,
         owner_timeout: float = 30.0,
         on_finish: FinishCallback | None = None,
         log: Any = None,
@@ -88,7 +89,7 @@ class Runtime:
         self._finished: dict[str, asyncio.Event] = {}
 
         self.qmp_executor = QmpExecutor(qmp, self.feed, self.log)
-        self.owner = OwnerExecutor(self.feed, owner_url, owner_timeout)
+        self.owner = OwnerExecutor(self.feed, owner_url, owner_timeout, self.log)
         self.timers = TimerExecutor(self.feed)
         self.keys = KeyStore(self.feed, run_dir, self.log)
         self.control = ControlReplies()
@@ -109,6 +110,7 @@ class Runtime:
             RemoveKeyDir: self.keys.run,
             KeyringAdd: self.keys.run,
             KeyringDrop: self.keys.run,
+            NoteLaunched: self._note_launched,
         }
         return table
 
@@ -122,7 +124,7 @@ class Runtime:
         return self.qmp_executor.gone
 
     @property
-    def owner_url(self) -> str | None:
+    def owner_url(self) -> str | Sequence[str] | None:
         return self.owner.owner_url
 
     @property
@@ -194,6 +196,20 @@ class Runtime:
 
     def _log_line(self, flow_id: str, action: Log) -> None:
         getattr(self.log, action.level, self.log.info)(action.message, flow=flow_id, **action.fields)
+
+    def _note_launched(self, flow_id: str, action: NoteLaunched) -> None:
+        """The launch got its verified secret: a note in the run_dir for the next
+        agent (:mod:`agent.app.resume_launch`), written before ``cont`` is sent.
+        Without a run_dir, or if it cannot be written, a restarted agent finds a
+        running VM too late to attest: the safe side, so only a warning."""
+        if self.run_dir is None:
+            return
+        from agent.app.resume_launch import write_launch_note
+
+        try:
+            write_launch_note(self.run_dir, action.measurement)
+        except OSError as exc:
+            self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
 
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action

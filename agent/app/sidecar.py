@@ -115,6 +115,9 @@ def check_host_keys(cfg: Config) -> None:
 
 class Sidecar:
     adopts = True  # takes over what a killed predecessor left in QEMU (agent.app.adopt)
+    #: True where the agent's exit always ends its QEMU (``keyagent launch``):
+    #: nothing it noted for a restarted agent can matter after it
+    ends_with_its_vm = False
 
     def __init__(self, cfg: Config, opts: SidecarOptions) -> None:
         self.cfg = cfg
@@ -253,6 +256,11 @@ class Sidecar:
             self.secrets = SecretsControl(self)
             self.secrets.start(in_qemu=self.found.secret_ids if self.found is not None else None)
         if cfg.sev_enabled:
+            launched = None
+            if self.run_dir:  # a previous agent's note: a running VM may need nothing (docs/crash-only.md)
+                from agent.app.resume_launch import read_launch_note
+
+                launched = read_launch_note(self.run_dir)
             rt.start_flow(
                 "launch",
                 SevLaunchFlow(
@@ -262,6 +270,7 @@ class Sidecar:
                         on_refusal=cfg.sev_on_refusal,
                         # an MH VM arriving by migration: the owner gives it the source's key (docs/mh.md)
                         migrating_from=cfg.vm_name if (self.incoming and cfg.sev_mh) else None,
+                        launched=launched,
                     )
                 ),
             )
@@ -529,6 +538,7 @@ class Sidecar:
         """Every exit path: stop the runtime, wipe keys, close the control
         socket and the monitor, stop swtpm, write the exit record."""
         log = self.log
+        vm_gone = self.runtime is not None and self.runtime.qmp_gone is not None  # before we close it ourselves
         if self.runtime is not None:
             self.runtime.close()
         if self.adopts and self.run_dir and self.found is None:  # QEMU never asked: nothing is live
@@ -544,6 +554,10 @@ class Sidecar:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.on_exit()
+        if self.run_dir and (vm_gone or self.ends_with_its_vm):
+            from agent.app.resume_launch import drop_launch_note
+
+            drop_launch_note(self.run_dir)  # QEMU is gone: no running VM for it to speak of
         if self.vtpm is not None:
             await self.vtpm.stop()
         event_log.write("exit", code=self.exit_code, reason=self.exit_reason)

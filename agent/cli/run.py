@@ -14,7 +14,7 @@ from agent.common.errors import UsageError
 
 def add_agent_options(p) -> None:
     add_config_flags(p)
-    p.add_argument("--owner-url", metavar="URL", help="guest owner URL ([sev] owner_url)")
+    p.add_argument("--owner-url", metavar="URL", action="append", help="(repeat) guest owner URL ([sev] owner_url)")
     p.add_argument("--control", metavar="unix:PATH", help="control socket (default: <run_dir>/control.sock)")
     p.add_argument("--event-log", metavar="FILE", help="write the event log here (JSON lines)")
     p.add_argument("--log-level", default="info", metavar="LEVEL", choices=("debug", "info", "warning", "error"))

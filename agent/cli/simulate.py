@@ -160,6 +160,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mh.add_argument(
         "--mh-secrets-out", metavar="FILE", help="(tests only) write the MH's private and transport keys here, 0600"
     )
+    p.add_argument(
+        "--x-test-hold",
+        metavar="COMMAND",
+        action="append",
+        default=[],
+        help="(tests only, not QEMU) the first COMMAND request is never executed or answered: "
+        "its client hangs until it disconnects (kill an agent at an exact step)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -226,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         "--amd-roots-out": args.amd_roots_out,
     }
     ephemeral = keys_out is None and args.tik is None and session is None
-    return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral))
+    return asyncio.run(_serve(config, path, keys_out, outputs, warn_ephemeral=ephemeral, hold=args.x_test_hold))
 
 
 def _mh_vm(args: argparse.Namespace) -> str | None:
@@ -319,6 +327,7 @@ async def _serve(
     outputs: dict[str, str | None] | None = None,
     *,
     warn_ephemeral: bool = False,
+    hold: list[str] | None = None,
 ) -> int:
     from agent.common.logs import get_logger
     from agent.tools.sim.psp import FwError
@@ -332,6 +341,7 @@ async def _serve(
     try:
         try:
             sim = Simulator(config, path)
+            sim.hold_once = set(hold or ())
         except FwError as exc:
             # QEMU: "sev_launch_start: LAUNCH_START ret=-5 fw_error=N 'text'", then exit.
             raise UsageError(

@@ -109,6 +109,19 @@ class KeyringDrop:
     name: str
 
 
+@dataclass(frozen=True)
+class NoteLaunched:
+    """Keep in the run_dir that the launch measured as ``measurement`` (base64,
+    as QEMU reports it) got a secret its owner released for that measurement.
+
+    Sent after the injection, before ``cont``: an agent started again over a
+    running VM whose measurement is this one knows the launch needs nothing
+    (:mod:`agent.app.resume_launch`).  The measurement is public (it goes to
+    the owner in clear); no answer comes back."""
+
+    measurement: str
+
+
 Action = (
     SendQmp
     | PostOwner
@@ -121,6 +134,7 @@ Action = (
     | RemoveKeyDir
     | KeyringAdd
     | KeyringDrop
+    | NoteLaunched
 )
 
 ACTION_TYPES: dict[str, type] = {
@@ -137,5 +151,6 @@ ACTION_TYPES: dict[str, type] = {
         RemoveKeyDir,
         KeyringAdd,
         KeyringDrop,
+        NoteLaunched,
     )
 }

@@ -12,6 +12,7 @@ The sequence, as the design draws it::
       |-- POST /v1/secret ------------------------------------------>|
       |<- packet_header, secret, gpa -------------------------------|  (4xx/5xx: refused)
       |-- sev-inject-launch-secret ->|                             |
+      |   NoteLaunched (run_dir)     |                             |
       |-- cont --------------------->|                             |
       |   Finish(0)                  |                             |
 
@@ -20,6 +21,18 @@ the VM left paused (``pause``), and ``Finish(1)``.  ``cont`` is only ever sent
 after a successful injection, so a VM that needed a secret is never resumed
 without one.  If somebody else resumes the VM before that, the flow stops
 (or quits) it at once.
+
+Crash-only: an agent started again over the same VM runs this same flow.  A
+VM still at ``prelaunch`` (killed while waiting for the owner, after its
+release, after the injection) is attested again from the start; the owner
+answers the same measurement with the same packet, and LAUNCH_SECRET may be
+repeated in the PSP's LSECRET state.  A VM already running is too late to
+attest, unless the run_dir's note (``LaunchParams.launched``, written through
+``NoteLaunched`` after an injection) names the measurement QEMU still
+reports: then that launch got its verified secret and needs nothing::
+
+      |-- query-status -> running ; query-sev -> state running
+      |-- query-sev-launch-measure -> the noted one?  Finish(0) : too late, Finish(1)
 """
 
 from __future__ import annotations
@@ -27,10 +40,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core.actions import Action, Log, PostOwner, SendQmp
+from agent.core.actions import Action, Log, NoteLaunched, PostOwner, SendQmp
 from agent.core.events import (
     Event,
     OwnerFailed,
@@ -62,6 +76,7 @@ class State(enum.Enum):
     ASK_OWNER = "ask-owner"
     INJECT = "inject"
     RESUME = "resume"
+    CHECK_LAUNCHED = "check-launched"
     QUITTING = "quitting"
     DONE = "done"
     FAILED = "failed"
@@ -74,6 +89,7 @@ WAITING_FOR = {
     State.ASK_OWNER: "the guest owner",
     State.INJECT: "the secret injection",
     State.RESUME: "cont",
+    State.CHECK_LAUNCHED: "the launch measurement",
 }
 
 
@@ -85,6 +101,9 @@ class LaunchParams:
     retry_s: float = 0.1
     #: SEV fast migration (docs/mh.md): the VM this launch is the migration target of
     migrating_from: str | None = None
+    #: the measurement (base64) a previous agent noted in the run_dir after
+    #: injecting its verified secret (agent.app.resume_launch), if any
+    launched: str | None = None
 
 
 class SevLaunchFlow(Flow[LaunchParams]):
@@ -98,6 +117,9 @@ class SevLaunchFlow(Flow[LaunchParams]):
         self.pending: str | None = None  # tag of the command we wait for
         self.sev: dict[str, Any] = {}
         self._failure: str | None = None
+        self._measurement: str | None = None  # QEMU's base64 text, once read
+        # LAUNCH_FINISH has run (the VM is or was running): never quit or stop it
+        self._past_launch = False
 
     # -- the happy path, step by step ----------------------------------------
     def handle(self, event: Event) -> list[Action]:
@@ -134,7 +156,10 @@ class SevLaunchFlow(Flow[LaunchParams]):
         if self.state is State.MEASURE:
             return self._on_measurement(result)
         if self.state is State.INJECT:
-            return [Log("info", "launch secret injected"), *self._send("cont")]
+            assert self._measurement is not None  # read before the owner was asked
+            return [Log("info", "launch secret injected"), NoteLaunched(self._measurement), *self._send("cont")]
+        if self.state is State.CHECK_LAUNCHED:
+            return self._on_launched_measurement(result)
         if self.state is State.RESUME:
             self.state = State.DONE
             return [
@@ -146,8 +171,10 @@ class SevLaunchFlow(Flow[LaunchParams]):
     def _on_status(self, result: Any) -> list[Action]:
         status = result.get("status") if isinstance(result, dict) else None
         if status == "running":
-            self.state = State.FAILED
-            return [Log("error", TOO_LATE), *self.finish(1, TOO_LATE)]
+            if self.params.launched is None:
+                return self._too_late()
+            self._past_launch = True  # a previous agent noted a launch: is it this one?
+            return self._send("query-sev")
         if status not in ("prelaunch", "paused"):
             return self._fail(f"cannot attest a VM in status {status!r}")
         return self._send("query-sev")
@@ -164,9 +191,11 @@ class SevLaunchFlow(Flow[LaunchParams]):
                 return self._fail(f"malformed query-sev answer: {key} is not an unsigned integer")
             fields[key] = value
         sev_state = result.get("state")
-        if sev_state == "running":
-            self.state = State.FAILED
-            return [Log("error", TOO_LATE, {"sev_state": sev_state}), *self.finish(1, TOO_LATE)]
+        if sev_state == "running" or self._past_launch:
+            self._past_launch = True
+            if self.params.launched is None or sev_state != "running":
+                return self._too_late({"sev_state": sev_state})
+            return self._send("query-sev-launch-measure", state=State.CHECK_LAUNCHED)
         self.sev = fields
         info = {
             "api": f"{fields['api-major']}.{fields['api-minor']}",
@@ -186,6 +215,7 @@ class SevLaunchFlow(Flow[LaunchParams]):
         if len(blob) != MEASUREMENT_LEN:
             return self._fail(f"malformed launch measurement from QEMU (expected {MEASUREMENT_LEN} bytes, base64)")
         self.state = State.ASK_OWNER
+        self._measurement = data
         request = SecretRequest(
             vm=self.params.vm,
             measurement=blob,
@@ -199,6 +229,25 @@ class SevLaunchFlow(Flow[LaunchParams]):
             Log("info", "asking the guest owner to verify the measurement"),
             PostOwner(SECRET_PATH, request.encode()),
         ]
+
+    def _on_launched_measurement(self, result: Any) -> list[Action]:
+        """A running VM: the launch a previous agent noted, or too late?"""
+        data = result.get("data") if isinstance(result, dict) else None
+        assert self.params.launched is not None  # only asked with a note
+        try:
+            blob = base64.b64decode(data, validate=True) if isinstance(data, str) else b""
+            noted = base64.b64decode(self.params.launched, validate=True)
+        except (binascii.Error, ValueError):
+            blob, noted = b"", b"\0"
+        if len(blob) != MEASUREMENT_LEN or not hmac.compare_digest(blob, noted):
+            return self._too_late({"noted_launch": "another launch"})
+        self.state = State.DONE
+        reason = "already launched: a previous agent injected the verified secret, VM running"
+        return [Log("info", reason), *self.finish(0, reason)]
+
+    def _too_late(self, fields: dict[str, Any] | None = None) -> list[Action]:
+        self.state = State.FAILED
+        return [Log("error", TOO_LATE, fields or {}), *self.finish(1, TOO_LATE)]
 
     def _owner(self, event: OwnerReleased | OwnerRefused | OwnerFailed) -> list[Action]:
         if isinstance(event, OwnerRefused):
@@ -262,11 +311,15 @@ class SevLaunchFlow(Flow[LaunchParams]):
             State.MEASURE: "query-sev-launch-measure",
             State.INJECT: "sev-inject-launch-secret",
             State.RESUME: "cont",
+            State.CHECK_LAUNCHED: "query-sev-launch-measure",
         }.get(self.state, self.state.value)
 
     def _fail(self, reason: str, stop_first: bool = False) -> list[Action]:
         """Refuse: one clear log line, then quit QEMU or leave it paused."""
         self._failure = reason
+        if self._past_launch:  # the VM already ran: nothing to refuse, nothing to quit
+            self.state = State.FAILED
+            return [Log("error", reason), *self.finish(1, reason)]
         actions: list[Action] = [Log("error", reason, {"on_refusal": self.params.on_refusal})]
         if self.params.on_refusal == "quit":
             self.state = State.QUITTING

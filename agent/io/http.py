@@ -190,6 +190,15 @@ async def request_json(
     the target).  The whole exchange, connect included, is bounded by
     ``timeout``.  Raises :class:`HttpError` with a one-line reason.
     """
+    status, parsed, _headers = await request_json_headers(method, url, body, timeout=timeout, unix_path=unix_path)
+    return status, parsed
+
+
+async def request_json_headers(
+    method: str, url: str, body: dict | None, *, timeout: float, unix_path: str | None = None
+) -> tuple[int, Any, dict[str, str]]:
+    """:func:`request_json`, plus the response's headers (names lower-case):
+    a retrying client needs ``Retry-After``."""
     host, port, target = _split_url(url)
     if unix_path is not None:
         where = unix_path
@@ -216,7 +225,7 @@ async def request_json(
 
 async def _exchange(
     method: str, host: str, port: int, target: str, body: dict | None, unix_path: str | None
-) -> tuple[int, Any]:
+) -> tuple[int, Any, dict[str, str]]:
     if unix_path is not None:
         reader, writer = await asyncio.open_unix_connection(unix_path)
         host_header = "localhost"
@@ -242,6 +251,7 @@ async def _exchange(
         await writer.drain()
 
         status: int | None = None
+        response_headers: dict[str, str] = {}
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -254,6 +264,7 @@ async def _exchange(
                 continue
             if isinstance(event, h11.Response):
                 status = event.status_code
+                response_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > MAX_RESPONSE_BODY:
@@ -269,7 +280,7 @@ async def _exchange(
             parsed = json.loads(raw) if raw else None
         except (ValueError, UnicodeDecodeError, RecursionError):
             parsed = None
-        return status, parsed
+        return status, parsed, response_headers
     finally:
         writer.close()
         with contextlib.suppress(Exception):

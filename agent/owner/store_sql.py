@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,14 +76,7 @@ class _Lost(Exception):
     """Inside a write transaction: roll it back, the release does not happen."""
 
 
-class _Late(Exception):
-    """A write whose caller has stopped waiting (503 already answered): roll it back."""
-
-
-def _in_time(deadline: float) -> None:
-    """Just before COMMIT: a write nobody waits for any more is not made."""
-    if time.monotonic() > deadline:
-        raise _Late()
+LOST = object()  # a write job that raised _Lost: rolled back, nothing written
 
 
 def session_key(godh: bytes, session: bytes) -> str:
@@ -267,6 +260,17 @@ class _ReleaseRow:
 
 
 class SqlStore(Store):
+    """Reads and writes off the event loop, each under the store's deadline.
+
+    SQLite: one reader thread and one writer thread, each with its own
+    connection (WAL: readers do not wait for the writer).  The writer
+    commits in groups: the writes queued while it was committing go into
+    the next transaction together, each in a SAVEPOINT of its own (one that
+    loses a race rolls back alone), so one fsync serves many releases.
+    PostgreSQL: :data:`PG_WORKERS` threads, one transaction per write (the
+    server groups commits itself).
+    """
+
     def __init__(self, url: DbUrl, key: StateKey, *, replica: str, timeout: float = 10.0, log: Any = None) -> None:
         self.kind = url.kind
         self.url = url
@@ -278,8 +282,13 @@ class SqlStore(Store):
         self._local = threading.local()
         self._all: list[_Db] = []
         self._lock = threading.Lock()
-        workers = 1 if url.kind == "sqlite" else PG_WORKERS
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="owner-db")
+        if url.kind == "sqlite":
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="owner-db-read")
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="owner-db-write")
+        else:
+            self._reader = self._writer = ThreadPoolExecutor(PG_WORKERS, thread_name_prefix="owner-db")
+        self._queue: list[tuple[Callable[[_Db], Any], Future[Any], float]] = []
+        self._flushing = False
 
     # -- running SQL off the loop
 
@@ -295,8 +304,6 @@ class SqlStore(Store):
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         try:
             return fn(self._db(), *args)
-        except _Late:
-            raise StoreUnavailable(f"owner database did not answer within {self._timeout:g} s") from None
         except self._errors as exc:
             self._drop_connection()
             raise StoreUnavailable(f"owner database: {_one_line(exc)}") from None
@@ -311,12 +318,79 @@ class SqlStore(Store):
             db.close()
 
     async def _run(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """A read (or, on PostgreSQL, anything) in a worker thread, under the deadline."""
         loop = asyncio.get_running_loop()
-        return await with_deadline(loop.run_in_executor(self._executor, self._call, fn, args), self._timeout, what)
+        return await with_deadline(loop.run_in_executor(self._reader, self._call, fn, args), self._timeout, what)
+
+    async def _write(self, what: str, job: Callable[[_Db], Any]) -> Any:
+        """Run ``job`` in a write transaction: its result, or :data:`LOST` if it raised _Lost.
+
+        A job whose deadline passed before its turn is not run (its caller
+        has answered 503).  Once run, it may commit after the caller
+        stopped waiting: a release written so is answered to the retry as
+        its resend, never made twice.
+        """
+        deadline = time.monotonic() + self._timeout
+        if self.kind == "postgresql":
+
+            def one(db: _Db) -> Any:
+                try:
+                    with db.tx(write=True):
+                        return job(db)
+                except _Lost:
+                    return LOST
+
+            return await self._run(what, one)
+        future: Future[Any] = Future()
+        with self._lock:
+            self._queue.append((job, future, deadline))
+            start = not self._flushing
+            self._flushing = True
+        if start:
+            self._writer.submit(self._flush)
+        return await with_deadline(asyncio.wrap_future(future), self._timeout, what)
+
+    def _flush(self) -> None:
+        """The SQLite writer: everything queued, in one transaction, until the queue is empty."""
+        while True:
+            with self._lock:
+                jobs, self._queue = self._queue, []
+                if not jobs:
+                    self._flushing = False
+                    return
+            done: list[tuple[Future[Any], Any, BaseException | None]] = []
+            try:
+                db = self._db()
+                with db.tx(write=True):
+                    for n, (job, future, deadline) in enumerate(jobs):
+                        if future.cancelled() or time.monotonic() > deadline:
+                            done.append((future, None, StoreUnavailable("owner database: too late to write")))
+                            continue
+                        db.execute(f"SAVEPOINT w{n}")
+                        try:
+                            result = job(db)
+                        except _Lost:
+                            db.execute(f"ROLLBACK TO w{n}")
+                            result = LOST
+                        db.execute(f"RELEASE w{n}")
+                        done.append((future, result, None))
+            except self._errors as exc:
+                self._drop_connection()
+                failed = StoreUnavailable(f"owner database: {_one_line(exc)}")
+                done = [(future, None, failed) for _, future, _ in jobs]
+            except BaseException as exc:  # a bug in a job: every caller hears of it, the writer goes on
+                done = [(future, None, exc) for _, future, _ in jobs]
+            for future, result, error in done:
+                if future.set_running_or_notify_cancel():
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(result)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._executor.shutdown, True)
+        await loop.run_in_executor(None, self._writer.shutdown, True)
+        await loop.run_in_executor(None, self._reader.shutdown, True)
         with self._lock:
             dbs, self._all = self._all, []
         for db in dbs:
@@ -390,7 +464,6 @@ class SqlStore(Store):
         answer = release.answer
         sealed = self._key.seal(answer.secret.reveal(), _release_context(release.blob_sha256, release.vm))
         sid = session_key(session.godh, session.session) if session is not None else None
-        deadline = time.monotonic() + self._timeout
         values = (
             release.blob_sha256,
             release.vm,
@@ -404,36 +477,29 @@ class SqlStore(Store):
             self.replica,
         )
 
-        def write(db: _Db) -> tuple[str, Any]:
-            try:
-                with db.tx(write=True):
-                    cur = db.execute(
-                        "INSERT INTO owner_releases (blob_sha256, vm, mnonce, api_major, api_minor, build_id, policy, "
-                        "packet_header, secret_sealed, gpa, session_id, released_at, replica) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        values,
-                    )
-                    if cur.rowcount != 1:
-                        raise _Lost()
-                    if sid is not None and db.execute("DELETE FROM owner_sessions WHERE id = ?", (sid,)).rowcount != 1:
-                        raise _Lost()  # another launch used this session first
-                    self._insert_audit(db, audit)
-                    _in_time(deadline)
-                return "won", None
-            except _Lost:
-                pass
-            except _Late:
-                return "late", None
-            row = db.execute(
+        def write(db: _Db) -> bool:
+            cur = db.execute(
+                "INSERT INTO owner_releases (blob_sha256, vm, mnonce, api_major, api_minor, build_id, policy, "
+                "packet_header, secret_sealed, gpa, session_id, released_at, replica) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                values,
+            )
+            if cur.rowcount != 1:
+                raise _Lost()  # this blob, or this (vm, mnonce), is released already
+            if sid is not None and db.execute("DELETE FROM owner_sessions WHERE id = ?", (sid,)).rowcount != 1:
+                raise _Lost()  # another launch used this session first
+            self._insert_audit(db, audit)
+            return True
+
+        if await self._write("a release", write) is not LOST:
+            return release
+
+        def read(db: _Db) -> Any:
+            return db.execute(
                 f"SELECT {_RELEASE_COLUMNS} FROM owner_releases WHERE blob_sha256 = ?", (release.blob_sha256,)
             ).fetchone()
-            return "lost", row
 
-        outcome, row = await self._run("a release", write)
-        if outcome == "won":
-            return release
-        if outcome == "late":
-            raise StoreUnavailable(f"owner database did not take a release within {self._timeout:g} s")
+        row = await self._run("a release", read)
         if row is None:
             return None
         before = self._release_row(row)
@@ -473,21 +539,17 @@ class SqlStore(Store):
             now,
         )
 
-        deadline = time.monotonic() + self._timeout
-
         def write(db: _Db) -> list[Any]:
-            with db.tx(write=True):
-                gone = db.execute(
-                    "DELETE FROM owner_sessions WHERE made_at < ? RETURNING vm, id", (now - PENDING_SESSION_TTL_S,)
-                ).fetchall()
-                db.execute(
-                    f"INSERT INTO owner_sessions ({_SESSION_COLUMNS}, made_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    values,
-                )
-                _in_time(deadline)
+            gone = db.execute(
+                "DELETE FROM owner_sessions WHERE made_at < ? RETURNING vm, id", (now - PENDING_SESSION_TTL_S,)
+            ).fetchall()
+            db.execute(
+                f"INSERT INTO owner_sessions ({_SESSION_COLUMNS}, made_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
             return gone
 
-        for old_vm, old_id in await self._run("a new session", write):
+        for old_vm, old_id in await self._write("a new session", write):
             if self._log is not None:
                 self._log.info("owner session expired", vm=str(old_vm)[:64], session=str(old_id)[:16])
 
@@ -511,7 +573,7 @@ class SqlStore(Store):
         )
 
     async def audit(self, row: AuditRow) -> None:
-        await self._run("an audit row", self._insert_audit, row)
+        await self._write("an audit row", lambda db: self._insert_audit(db, row))
 
     async def audit_rows(self, vm: str | None = None, since: float | None = None) -> list[AuditRow]:
         return list(await self._run("the audit", _select_audit, vm, since))

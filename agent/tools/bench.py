@@ -86,6 +86,10 @@ TARGETS: dict[str, tuple[str | None, float | None, str]] = {
     "host_density_p99_ms": (None, None, "the same p99 under keyagent host (QEMU ready -> cont)"),
     "host_rss_kb_per_vm": ("<=", 512.0, "keyagent host: (RSS with N idle VMs - RSS with none) / N"),
     "agent_cpu_ms_per_launch": ("<=", 1.0, "keyagent host's CPU time over the N launches / N"),
+    # agent.tools.bench_owner: keyagent owner serve --db, 50 clients, every request a first release
+    "owner_secret_rps_sqlite": (None, None, "owner releases/s at 50 concurrent clients, SQLite"),
+    "owner_secret_rps_postgresql": (None, None, "owner releases/s at 50 concurrent clients, PostgreSQL"),
+    "owner_p99_ms": ("<=", 20.0, "owner release latency p99 at that load, SQLite"),
 }
 GROUPS = {
     "launch": ("launch_ratio", "launch_added_ms_p50", "startup_ms"),
@@ -94,10 +98,12 @@ GROUPS = {
     "migration": ("migration_ratio",),
     "density": ("density_launch_p99_ms", "density_rss_mb_total"),
     "host": ("host_density_ratio", "host_density_p99_ms", "host_rss_kb_per_vm", "agent_cpu_ms_per_launch"),
+    "owner": ("owner_secret_rps_sqlite", "owner_p99_ms"),
+    "owner_pg": ("owner_secret_rps_postgresql",),
 }
 
-FULL = {"launches": 200, "density": 100, "replay_events": 200_000, "migrations": 5, "idle": 3}
-SMOKE = {"launches": 3, "density": 3, "replay_events": 3_000, "migrations": 1, "idle": 1}
+FULL = {"launches": 200, "density": 100, "replay_events": 200_000, "migrations": 5, "idle": 3, "owner_releases": 5000}
+SMOKE = {"launches": 3, "density": 3, "replay_events": 3_000, "migrations": 1, "idle": 1, "owner_releases": 100}
 
 OWNER_SECRET = b"keyagent bench disk passphrase"
 MIGRATION_BANDWIDTH = 4 << 30  # bytes/s, both variants: effectively no cap on loopback
@@ -927,6 +933,8 @@ def met(key: str, value: float | None) -> bool | None:
 
 
 async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict, dict, dict]:
+    from agent.tools import bench_owner
+
     figures: dict[str, Any] = {k: None for k in TARGETS}
     details: dict[str, Any] = {}
     skipped: dict[str, str] = {k: "not selected (--only)" for k in TARGETS if k not in keys}
@@ -940,6 +948,8 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
         "migration": lambda: bench_migration(ctx, counts["migrations"], counts["migration_fill_mb"]),
         "density": lambda: bench_density(ctx, counts["density"]),
         "host": lambda: bench_host(ctx, counts["host"], counts["host_rounds"]),
+        "owner": lambda: bench_owner.bench_owner_sqlite(ctx, counts["owner_releases"]),
+        "owner_pg": lambda: bench_owner.bench_owner_postgresql(ctx, counts["owner_releases"]),
     }
     try:
         for group, members in GROUPS.items():
@@ -978,6 +988,7 @@ def run(args) -> int:
         "idle": (SMOKE if args.smoke else FULL)["idle"],
         "host": {"full": 100, "smoke": 3}["smoke" if args.smoke else "full"],  # agent.tools.bench_host
         "host_rounds": {"full": 3, "smoke": 1}["smoke" if args.smoke else "full"],
+        "owner_releases": (SMOKE if args.smoke else FULL)["owner_releases"],
         "migration_fill_mb": (
             args.migration_fill_mb
             if args.migration_fill_mb is not None
@@ -1079,6 +1090,10 @@ def _notes(key: str, report: dict) -> str:
                 f"exec->last cont {x['exec_to_last_cont_ms']:.0f} ms"
             )
         return f"PSS total {x['pss_mb_total']:.0f} MB, {x['rss_mb_per_sidecar_p50']:.1f} MB each"
+    group = "owner_pg" if key == "owner_secret_rps_postgresql" else "owner"
+    if key.startswith("owner_") and group in d:
+        x = d[group]
+        return f"{x['releases']} releases by {x['clients']} clients: p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms"
     return ""
 
 

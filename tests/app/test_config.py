@@ -134,7 +134,43 @@ def test_bad_control_ref_dirs_are_one_line(tmp_path, value, words):
     "url", ["http://127.0.0.1:8443", "http://owner", "http://[::1]:1/base", "HTTP://owner.example:65535/x?y=1"]
 )
 def test_owner_urls_the_client_can_use_are_accepted(url):
-    assert load_config(None, {"sev_owner_url": url}).sev_owner_url == url
+    assert load_config(None, {"sev_owner_url": url}).sev_owner_url == (url,)
+
+
+def test_owner_url_takes_one_url_or_a_list(tmp_path):
+    one = load_config(write(tmp_path, '[sev]\nowner_url = "http://a:1"\n'))
+    assert one.sev_owner_url == ("http://a:1",) and one.sev_enabled
+    many = load_config(write(tmp_path, '[sev]\nowner_url = ["http://a:1", "http://b:2/base"]\n'))
+    assert many.sev_owner_url == ("http://a:1", "http://b:2/base")
+
+
+def test_owner_url_flag_repeats_and_overrides_the_file(tmp_path):
+    cfg = load_config(
+        write(tmp_path, '[sev]\nowner_url = "http://a:1"\n'), {"sev_owner_url": ["http://b:2", "http://c:3"]}
+    )
+    assert cfg.sev_owner_url == ("http://b:2", "http://c:3")
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("[]", "[sev] owner_url must name at least one http:// URL"),
+        ('["http://a:1", "ftp://b"]', "[sev] owner_url item 2 must be an http:// URL"),
+        ('["http://a:1", 3]', "[sev] owner_url must be a non-empty string or a list of them"),
+        ('""', "[sev] owner_url must be a non-empty string or a list of them"),
+    ],
+)
+def test_bad_owner_url_lists_are_one_line(tmp_path, value, words):
+    with pytest.raises(UsageError) as err:
+        load_config(write(tmp_path, f"[sev]\nowner_url = {value}\n"))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_password_in_an_owner_url_list_is_not_echoed(tmp_path):
+    with pytest.raises(UsageError) as err:
+        load_config(write(tmp_path, '[sev]\nowner_url = ["http://a:1", "http://u:hunter2@b"]\n'))
+    assert "item 2 must not hold a user name or password" in str(err.value)
+    assert "hunter2" not in str(err.value)
 
 
 def test_gid_flag_out_of_range_is_one_line():

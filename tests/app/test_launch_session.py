@@ -40,3 +40,19 @@ def test_sev_cek_without_a_cert_chain_is_a_config_error(tmp_path):
         load_config(str(path))
     path.write_text(path.read_text() + 'cert_chain = "chain.b64"\n')
     assert load_config(str(path)).sev_cek == str(tmp_path / "cek.b64")
+
+
+async def test_the_launch_session_is_asked_across_the_owner_list_with_retries(tmp_path):
+    from agent.app.launch_session import fetch_session
+    from tests.scripted_owner import ScriptedOwner, refusing_url
+
+    godh, session = base64.b64encode(bytes(CERT_LEN)).decode(), base64.b64encode(bytes(64)).decode()
+    script = [(503, {"error": "starting"}, {}), (200, {"godh": godh, "session": session}, {})]
+    owner = await ScriptedOwner(script).start()
+    (tmp_path / "pdh.b64").write_text(base64.b64encode(bytes(CERT_LEN)).decode())
+    try:
+        got = await fetch_session((refusing_url(), owner.url), "vm1", str(tmp_path / "pdh.b64"), None, 1, 10.0)
+    finally:
+        await owner.close()
+    assert got == (godh.encode() + b"\n", session.encode() + b"\n")
+    assert [s.path for s in owner.seen] == ["/v1/session", "/v1/session"]

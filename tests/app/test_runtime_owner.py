@@ -12,7 +12,8 @@ from agent.app.runtime_owner import OwnerExecutor, ask_owner
 from agent.core.actions import PostOwner
 from agent.core.events import OwnerFailed, OwnerRefused, OwnerReleased
 from agent.io.http import HttpError
-from tests.app.runtime_fakes import Fed
+from tests.app.runtime_fakes import Fed, QuietLog
+from tests.scripted_owner import ScriptedOwner, refusing_url
 
 
 @pytest.fixture
@@ -21,17 +22,17 @@ def owner_answers(monkeypatch):
     answers: list = []
     posted: list = []
 
-    async def post_owner(url, path, body, timeout):
-        posted.append((url, path, body, timeout))
+    async def request_json_headers(method, url, body, *, timeout):
+        posted.append((url, body, timeout))
         answer = answers.pop(0)
         if isinstance(answer, asyncio.Event):
             await answer.wait()
             answer = answers.pop(0)
         if isinstance(answer, BaseException):
             raise answer
-        return answer
+        return (*answer, {})
 
-    monkeypatch.setattr("agent.io.owner_client.post_owner", post_owner)
+    monkeypatch.setattr("agent.io.owner_client.request_json_headers", request_json_headers)
     return answers, posted
 
 
@@ -53,7 +54,8 @@ async def test_the_owners_answer_becomes_the_core_event_it_means(owner_answers):
     owner.run("launch", PostOwner("/v1/secret", {"vm": "vm1"}))
     owner.run("other", PostOwner("/v1/secret", {"vm": "vm2"}))
     await asyncio.sleep(0.01)
-    assert posted[0] == ("http://owner.example:8000/", "/v1/secret", {"vm": "vm1"}, 7.5)
+    url, body, timeout = posted[0]
+    assert (url, body) == ("http://owner.example:8000/v1/secret", {"vm": "vm1"}) and 0 < timeout <= 7.5
     released, refused = fed.events()
     assert isinstance(released, OwnerReleased) and released.packet_header == header
     assert refused == OwnerRefused(403, "measurement mismatch")
@@ -61,9 +63,11 @@ async def test_the_owners_answer_becomes_the_core_event_it_means(owner_answers):
 
 async def test_no_answer_at_all_is_a_one_line_failure(owner_answers):
     answers, _ = owner_answers
-    answers.append(HttpError("connection refused\nby peer"))
-    event = await ask_owner("http://owner.example", "/v1/secret", {}, 1.0)
-    assert event == OwnerFailed("owner unreachable: connection refused by peer")
+    answers.extend(HttpError("connection refused\nby peer") for _ in range(100))
+    event = await ask_owner("http://owner.example", "/v1/secret", {}, 0.3)
+    assert isinstance(event, OwnerFailed)
+    assert event.reason.startswith("owner unreachable: connection refused by peer (")
+    assert event.reason.endswith("attempts in 0.3s)") and "\n" not in event.reason
 
 
 async def test_a_finished_flows_owner_request_is_cancelled(owner_answers):
@@ -84,3 +88,46 @@ def test_the_runtime_module_still_offers_ask_owner():
     from agent.app import runtime
 
     assert runtime.ask_owner is runtime_owner.ask_owner
+
+
+async def test_the_flow_sees_one_answer_after_the_retries_and_the_log_sees_each_retry():
+    owner = await ScriptedOwner([(503, {"error": "busy"}, {}), (200, {"error": "x"}, {})]).start()
+    header = base64.b64encode(bytes(52)).decode()
+    owner.script[1] = (200, {"packet_header": header, "secret": base64.b64encode(bytes(64)).decode()}, {})
+    fed, log = Fed(), QuietLog()
+    try:
+        executor = OwnerExecutor(fed, (refusing_url(), owner.url), 10.0, log)
+        executor.run("launch", PostOwner("/v1/secret", {"vm": "vm1"}))
+        while not fed:
+            await asyncio.sleep(0.01)
+    finally:
+        await owner.close()
+    [(flow, event)] = fed
+    assert flow == "launch" and isinstance(event, OwnerReleased) and event.packet_header == header
+    retries = [f for level, msg, f in log.lines if msg == "guest owner gave no answer, trying again"]
+    # refused, then 503, then whichever pause ends first (refused again, or the 200)
+    assert [r["error"].split(" to ")[0] for r in retries[:2]] == ["connection refused", "HTTP 503"]
+    answered = [f for level, msg, f in log.lines if msg == "guest owner answered"]
+    assert answered[0]["attempts"] == len(retries) + 1 and answered[0]["url"] == owner.url
+
+
+async def test_a_refusal_is_not_retried_and_reaches_the_flow_as_it_is():
+    owner = await ScriptedOwner([(403, {"error": "measurement mismatch"}, {})]).start()
+    try:
+        event = await ask_owner([owner.url, refusing_url()], "/v1/secret", {"vm": "vm1"}, 10.0)
+    finally:
+        await owner.close()
+    assert event == OwnerRefused(403, "measurement mismatch") and len(owner.seen) == 1
+
+
+async def test_owners_unreachable_until_the_deadline_fail_the_flow_in_time():
+    fed = Fed()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    executor = OwnerExecutor(fed, [refusing_url()], 0.5)
+    executor.run("launch", PostOwner("/v1/secret", {}))
+    while not fed:
+        await asyncio.sleep(0.01)
+    assert loop.time() - t0 < 3.0
+    [(_, event)] = fed
+    assert isinstance(event, OwnerFailed) and "connection refused" in event.reason

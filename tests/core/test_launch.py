@@ -5,7 +5,7 @@ import base64
 import pytest
 
 from agent.common.secret import Secret
-from agent.core.actions import ArmTimer, CancelTimer, Finish, Log, PostOwner, SendQmp
+from agent.core.actions import ArmTimer, CancelTimer, Finish, Log, NoteLaunched, PostOwner, SendQmp
 from agent.core.events import (
     OwnerFailed,
     OwnerRefused,
@@ -100,7 +100,10 @@ def test_good_path_injects_then_continues_and_finishes_zero():
     assert inject.args["packet-header"] == HEADER
     assert isinstance(inject.args["secret"], Secret)
     assert "gpa" not in inject.args
-    assert only_send(d.reply()).command == "cont"
+    injected = d.reply()
+    assert only_send(injected).command == "cont"
+    # the run_dir's note for a restarted agent comes before cont (agent.app.resume_launch)
+    assert injected.index(NoteLaunched(MEASUREMENT)) < injected.index(only_send(injected))
     out = d.reply()
     assert finish_of(out) == Finish(0, "launched: secret injected, VM running")
     assert CancelTimer("deadline") in out
@@ -153,6 +156,66 @@ def test_running_vm_is_too_late_and_is_not_touched():
     out = d.reply({"status": "running", "running": True})
     assert finish_of(out) == Finish(1, "too late to attest: the VM is already running")
     assert d.commands() == ["query-status"]
+
+
+OTHER_LAUNCH = base64.b64encode(bytes(range(1, 49))).decode()
+RUNNING_SEV = {**SEV_INFO, "state": "running"}
+
+
+def restarted_over_a_running_vm(noted, measurement=MEASUREMENT, status="running"):
+    d = Driver(launched=noted)
+    d.feed(Start())
+    d.reply({"status": status, "running": status == "running"})
+    d.reply(RUNNING_SEV)
+    return d, d.reply({"data": measurement})
+
+
+def test_a_running_vm_whose_launch_the_run_dir_noted_needs_nothing():
+    d, out = restarted_over_a_running_vm(MEASUREMENT)
+    fin = finish_of(out)
+    assert fin.code == 0 and fin.reason.startswith("already launched")
+    assert d.commands() == ["query-status", "query-sev", "query-sev-launch-measure"]
+
+
+def test_a_paused_vm_past_its_launch_whose_launch_was_noted_is_left_paused():
+    d, out = restarted_over_a_running_vm(MEASUREMENT, status="paused")
+    assert finish_of(out).code == 0 and "cont" not in d.commands()
+
+
+def test_a_running_vm_with_a_note_from_another_launch_is_too_late_and_not_touched():
+    d, out = restarted_over_a_running_vm(OTHER_LAUNCH)
+    assert finish_of(out) == Finish(1, "too late to attest: the VM is already running")
+    assert d.commands() == ["query-status", "query-sev", "query-sev-launch-measure"]
+
+
+@pytest.mark.parametrize("answer", [{"data": "!!"}, {"data": base64.b64encode(bytes(16)).decode()}, {}])
+def test_a_running_vm_with_a_malformed_measurement_is_too_late(answer):
+    d = Driver(launched=MEASUREMENT)
+    d.feed(Start())
+    d.reply({"status": "running"})
+    d.reply(RUNNING_SEV)
+    out = d.reply(answer)
+    assert finish_of(out).code == 1 and "quit" not in d.commands()
+
+
+def test_a_running_vm_is_never_quit_when_checking_its_note_fails():
+    d = Driver(launched=MEASUREMENT)
+    d.feed(Start())
+    d.reply({"status": "running"})
+    d.reply(RUNNING_SEV)
+    out = d.error("SEV launch measurement is not available")
+    assert finish_of(out).code == 1 and sends(out) == []
+    d2 = Driver(launched=MEASUREMENT)
+    d2.feed(Start())
+    d2.reply({"status": "running"})
+    out = d2.feed(TimerFired("deadline"))
+    assert finish_of(out).code == 1 and sends(out) == []
+
+
+def test_a_prelaunch_vm_is_attested_again_whatever_the_note_says():
+    d = Driver(launched=OTHER_LAUNCH)
+    out = d.to_owner()
+    assert any(isinstance(a, PostOwner) for a in out)
 
 
 def test_measurement_not_available_is_retried_until_available():

@@ -220,8 +220,22 @@ class World:
         # 0: a well-behaved world (answers good, nobody disconnects mid-way)
         # ... 3: errors, garbage, stray events and disconnects are common.
         self.hostility = data.draw(st.integers(0, 3), label="hostility")
+        # a restarted agent over the VM its predecessor launched (and noted)
+        noted = getattr(flow.params, "launched", None)
+        self.launched_vm = noted is not None and data.draw(st.booleans(), label="a launched VM")
         self._req = 0
         self._serial = 100
+
+    def result(self, command: str, hostility: int = 0):
+        """QEMU's good answer; for a launched VM, a running one with the noted measurement."""
+        if self.launched_vm and command in ("query-status", "query-sev", "query-sev-launch-measure"):
+            if command == "query-status":
+                return {"status": "running", "running": True, "singlestep": False}
+            if command == "query-sev":
+                return {"enabled": True, "api-major": 0, "api-minor": 24, "build-id": 15, "policy": 1, "handle": 1,
+                        "state": "running"}  # fmt: skip
+            return {"data": self.flow.params.launched}
+        return good_result(self.data, command, hostility)
 
     # -- feeding the flow ---------------------------------------------------------
     def feed(self, event) -> list:
@@ -260,6 +274,9 @@ class World:
             assert a.tag not in self.sent, f"tag {a.tag} reused"
             self.sent[a.tag] = a
             self.outstanding[a.tag] = a
+            if self.flow.kind == "sev-launch" and a.command in ("quit", "stop"):
+                # a VM past its launch (LAUNCH_FINISH done) is never quit or stopped by the check
+                assert not getattr(self.flow, "_past_launch", False), f"{a.command} sent to a VM past its launch"
             if a.command == "cont" and self.flow.kind == "sev-launch":
                 assert "sev-inject-launch-secret" in self.acked, "cont before QEMU acknowledged the secret injection"
             if a.command == "sev-inject-launch-secret":
@@ -316,7 +333,12 @@ class World:
         if reply_to is not None and not adopted:
             assert self.requests.get(reply_to) == 1, "the starting request was never answered"
         if self.flow.kind == "sev-launch" and fin.code == 0:
-            assert self.acked[-1:] == ["cont"] and "sev-inject-launch-secret" in self.acked
+            commands = {s.command for s in self.sent.values()}
+            if "cont" in commands:
+                assert self.acked[-1:] == ["cont"] and "sev-inject-launch-secret" in self.acked
+            else:  # nothing to do: a running VM whose launch the run_dir noted
+                assert self.flow.params.launched is not None and self.acked[-1:] == ["query-sev-launch-measure"]
+                assert not commands & {"sev-inject-launch-secret", "quit", "stop"}
         if self.flow.kind == "migration" and fin.code == 0 and not adopted:
             # Only a migration that was started can have completed.
             assert {"migrate", "migrate-incoming"} & {s.command for s in self.sent.values()}
@@ -364,7 +386,7 @@ class World:
             if d.draw(st.integers(0, 9)) < self.hostility:
                 how = d.draw(st.sampled_from(["error", "garbage"]))
             if how == "good":
-                self.feed(QmpReply(send.tag, good_result(d, send.command, self.hostility)))
+                self.feed(QmpReply(send.tag, self.result(send.command, self.hostility)))
             elif how == "garbage":
                 self.feed(QmpReply(send.tag, d.draw(json_value)))
             else:
@@ -476,7 +498,7 @@ class World:
             if self.outstanding:
                 tag = sorted(self.outstanding)[0]
                 send = self.outstanding.pop(tag)
-                self.feed(QmpReply(tag, good_result(self.data, send.command)))
+                self.feed(QmpReply(tag, self.result(send.command)))
             elif any(s == "pending" for s in self.key_dirs.values()):
                 name = next(n for n, s in self.key_dirs.items() if s == "pending")
                 self.key_dirs[name] = "ready"
@@ -550,12 +572,16 @@ def run_world(data, flow, first: list, secrets: tuple = (), ready_dirs: tuple = 
 
 
 def launch_flow(data) -> SevLaunchFlow:
+    # A restarted agent's run_dir note: none, or a measurement the world may
+    # (same seed) or may not report.
+    noted = data.draw(st.sampled_from([None, None, "note"]), label="launch note")
     return SevLaunchFlow(
         LaunchParams(
             vm="vm1",
             timeout_s=data.draw(st.sampled_from([30.0, 0.5])),
             on_refusal=data.draw(st.sampled_from(["quit", "pause"])),
             retry_s=0.1,
+            launched=base64.b64encode(secret_bytes(data, 48, "measurement")).decode() if noted else None,
         )
     )
 

@@ -380,3 +380,33 @@ def test_a_fifo_as_an_owner_file_is_refused_at_once(owner_dir):
     err = call_with_fifo_deadline(owner_dir.secret, lambda: load_owner_config(owner_dir.toml))
     assert isinstance(err, UsageError), err
     assert "vm1-disk.pass is not a regular file" in str(err)
+
+
+# -- [owner] state_key (the owner's database, agent.owner.store) ------------------------------
+
+
+def test_state_key_file_is_relative_to_the_toml(owner_dir):
+    owner_dir.toml.write_text('[owner]\nstate_key = "file:keys/state.key"\n' + owner_dir.toml.read_text())
+    assert load_owner_config(owner_dir.toml).state_key == f"file:{owner_dir.root / 'keys' / 'state.key'}"
+
+
+def test_state_key_keyring_and_absent(owner_dir):
+    assert load_owner_config(owner_dir.toml).state_key is None
+    owner_dir.toml.write_text('[owner]\nstate_key = "keyring:owner-state"\n' + owner_dir.toml.read_text())
+    assert load_owner_config(owner_dir.toml).state_key == "keyring:owner-state"
+
+
+@pytest.mark.parametrize(
+    "table, words",
+    [
+        ("state_key = 3", 'must be "file:PATH" or "keyring:DESC"'),
+        ('state_key = "libvirt:x"', 'must be "file:PATH" or "keyring:DESC"'),
+        ('state_key = "file:"', 'must be "file:PATH" or "keyring:DESC"'),
+        ('db = "x"', "[owner]: unknown key 'db'"),
+    ],
+)
+def test_bad_owner_table_is_one_line(owner_dir, table, words):
+    owner_dir.toml.write_text(f"[owner]\n{table}\n" + owner_dir.toml.read_text())
+    with pytest.raises(UsageError) as err:
+        load_owner_config(owner_dir.toml)
+    assert words in str(err.value)

@@ -225,6 +225,11 @@ class Simulator:
         self._client_times: collections.deque = collections.deque(maxlen=256)
         self._quit = asyncio.Event()
         self._closed = False
+        #: Test-only (``keyagent simulate --x-test-hold CMD``): the first request
+        #: for each of these commands is neither executed nor answered, and its
+        #: client is ignored until it disconnects: a test can kill the agent
+        #: while it waits at exactly that step.  Nothing in QEMU does this.
+        self.hold_once: set[str] = set()
 
     # -- state for tests ------------------------------------------------
 
@@ -346,6 +351,12 @@ class Simulator:
                 if not data:
                     break
                 for item in stream.feed(data):
+                    held = self._held(item)
+                    if held is not None:
+                        log.warning("sim.test_hold", command=held)
+                        while await reader.read(65536):  # until the client goes away
+                            pass
+                        return
                     reply, name = conn.monitor.handle(item)
                     if getattr(self.machine, "died", False):
                         # QEMU's exit(1) inside a command (SNP_LAUNCH_FINISH refused at cont):
@@ -379,6 +390,16 @@ class Simulator:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             log.info("sim.client_disconnected")
+
+    def _held(self, item: Parsed | ParseFailure) -> str | None:
+        """The test-only hold: the command's name if this is its first request."""
+        if not self.hold_once or not isinstance(item, Parsed) or not isinstance(item.value, dict):
+            return None
+        name = item.value.get("execute")
+        if not isinstance(name, str) or name not in self.hold_once:
+            return None
+        self.hold_once.discard(name)
+        return name
 
     async def _die(self) -> None:
         if self._server is not None:

@@ -1,0 +1,88 @@
+"""The run_dir's launch note: what a restarted agent learns about a running VM."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+
+import pytest
+
+from agent.app.eventlog import EventLog
+from agent.app.resume_launch import LAUNCH_NOTE, drop_launch_note, read_launch_note, write_launch_note
+from agent.app.runtime import Runtime
+from agent.core.actions import NoteLaunched
+from tests.app.runtime_fakes import QuietLog
+
+MEASUREMENT = base64.b64encode(bytes(range(48))).decode()
+
+
+def test_a_note_written_is_read_back(tmp_path):
+    write_launch_note(str(tmp_path), MEASUREMENT)
+    assert read_launch_note(str(tmp_path)) == MEASUREMENT
+    mode = os.stat(tmp_path / LAUNCH_NOTE).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == [LAUNCH_NOTE]  # no temporary file left
+
+
+def test_a_newer_note_replaces_the_old_one(tmp_path):
+    other = base64.b64encode(bytes(48)).decode()
+    write_launch_note(str(tmp_path), other)
+    write_launch_note(str(tmp_path), MEASUREMENT)
+    assert read_launch_note(str(tmp_path)) == MEASUREMENT
+
+
+def test_without_a_note_there_is_nothing(tmp_path):
+    assert read_launch_note(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"measurement": 3}',
+        b'{"measurement": "!!!"}',
+        b'{"measurement": "' + base64.b64encode(bytes(16)) + b'"}',
+        b'{"measurement": "' + MEASUREMENT.encode() + b'", "pad": "' + b"x" * 5000 + b'"}',
+    ],
+)
+def test_a_malformed_note_is_no_note(tmp_path, content):
+    (tmp_path / LAUNCH_NOTE).write_bytes(content)
+    assert read_launch_note(str(tmp_path)) is None
+
+
+def test_a_note_that_is_a_link_or_a_fifo_is_not_followed_or_waited_on(tmp_path):
+    target = tmp_path / "elsewhere.json"
+    target.write_text(f'{{"measurement": "{MEASUREMENT}"}}')
+    os.symlink(target, tmp_path / LAUNCH_NOTE)
+    assert read_launch_note(str(tmp_path)) is None
+    os.unlink(tmp_path / LAUNCH_NOTE)
+    os.mkfifo(tmp_path / LAUNCH_NOTE)
+    assert read_launch_note(str(tmp_path)) is None
+
+
+async def test_the_runtime_writes_the_note_when_the_flow_asks(tmp_path):
+    rt = Runtime(qmp=None, event_log=EventLog(None), run_dir=str(tmp_path), log=QuietLog())
+    rt._do("launch", NoteLaunched(MEASUREMENT))
+    assert read_launch_note(str(tmp_path)) == MEASUREMENT
+
+
+async def test_a_note_that_cannot_be_written_is_only_a_warning(tmp_path):
+    log = QuietLog()
+    rt = Runtime(qmp=None, event_log=EventLog(None), run_dir=str(tmp_path / "gone"), log=log)
+    rt._do("launch", NoteLaunched(MEASUREMENT))
+    assert [msg for level, msg, _ in log.lines if level == "warning"] == ["cannot note the launch in the run_dir"]
+
+
+async def test_without_a_run_dir_nothing_is_noted():
+    rt = Runtime(qmp=None, event_log=EventLog(None), run_dir=None, log=QuietLog())
+    rt._do("launch", NoteLaunched(MEASUREMENT))  # no error, nothing to write to
+
+
+def test_a_dropped_note_is_gone_and_dropping_twice_is_fine(tmp_path):
+    write_launch_note(str(tmp_path), MEASUREMENT)
+    drop_launch_note(str(tmp_path))
+    drop_launch_note(str(tmp_path))
+    assert read_launch_note(str(tmp_path)) is None and os.listdir(tmp_path) == []
