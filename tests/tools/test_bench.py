@@ -45,7 +45,9 @@ def test_smoke_run_prints_every_figure_as_json_and_exits_0():
     assert report["errors"] == {}
     assert set(KEYS) <= set(report) and set(TARGETS) == set(KEYS)
     for key in KEYS:
-        if key in report["skipped"]:  # migration without QEMU, host mode in a build without it, PostgreSQL without its binaries
+        if (
+            key in report["skipped"]
+        ):  # migration without QEMU, host mode in a build without it, PostgreSQL without its binaries
             assert report[key] is None and report["skipped"][key]
         elif key in ("launch_added_ms_p50", "host_rss_kb_per_vm"):
             # A difference of two medians (of two RSS readings): noise can make it negative.
