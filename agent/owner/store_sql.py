@@ -301,11 +301,25 @@ class SqlStore(Store):
         return db
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        try:
-            return fn(self._db(), *args)
-        except self._errors as exc:
-            self._drop_connection()
-            raise StoreUnavailable(f"owner database: {_one_line(exc)}") from None
+        """``fn`` on this thread's connection; once more on a new one if the old one broke.
+
+        A PostgreSQL server restarted (or a connection cut) breaks every
+        worker's connection at once; trying again on a fresh one keeps that
+        from turning into one 503 per worker.  Safe for every call here: the
+        reads change nothing, and a release tried again either writes its
+        row or finds the row its first try committed (and answers its bytes).
+        """
+        for attempt in (1, 2):
+            db = self._db()
+            try:
+                return fn(db, *args)
+            except self._errors as exc:
+                broken = bool(getattr(db.conn, "broken", False) or getattr(db.conn, "closed", False))
+                self._drop_connection()
+                if attempt == 1 and broken:
+                    continue
+                raise StoreUnavailable(f"owner database: {_one_line(exc)}") from None
+        raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:
         db = getattr(self._local, "db", None)

@@ -261,3 +261,26 @@ def test_a_state_key_from_the_kernel_keyring_opens_the_database(tmp_path):
     finally:
         keyring.revoke(serial)
         keyring.unlink(serial)
+
+
+@pytest.mark.postgres
+async def test_connections_cut_by_the_server_are_made_again_without_a_503(owner, pg_url):
+    import psycopg
+
+    owner_service = service(owner, pg_url)
+    request = secret_request("vm1", TIK, b"p" * 16)
+    status, raw = await call(owner_service, "/v1/secret", request)
+    assert status == 200
+    from urllib.parse import urlsplit
+
+    name = urlsplit(pg_url).path.lstrip("/")
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # as a server restart would
+        cut = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchall()
+    assert cut  # the owner's connections were there, and are gone
+    assert await call(owner_service, "/v1/secret", request) == (200, raw)
+    other = secret_request("vm1", TIK, b"o" * 16)
+    assert (await call(owner_service, "/v1/secret", other))[0] == 200
+    await owner_service.store.close()
