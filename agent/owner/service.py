@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -758,6 +759,7 @@ class OwnerService:
     ) -> None:
         self.config = config
         self._log = get_logger("keyagent.owner")
+        self._level = logging.getLogger("keyagent.owner")
         self.store: Store = store if store is not None else MemoryStore(log=self._log)
         self._random = random_bytes
         self._material = session_material
@@ -1011,6 +1013,9 @@ class OwnerService:
 
     def _log_decision(self, decision: Decision, peer: object = None) -> None:
         """One line per decision; never the keys, the table or the packet."""
+        level = logging.INFO if decision.status == 200 else logging.WARNING
+        if not self._level.isEnabledFor(level):  # structlog would time-stamp it before the level check
+            return
         fields = {"decision": decision.decision, "status": decision.status, "reason": decision.reason, **decision.audit}
         if isinstance(peer, tuple) and len(peer) == 2:
             fields["peer"] = f"{peer[0]}:{peer[1]}"

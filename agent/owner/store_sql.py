@@ -110,11 +110,10 @@ class _Db:
         return self.conn.execute(sql, params)
 
     @contextlib.contextmanager
-    def tx(self, write: bool) -> Iterator[None]:
+    def tx(self, write: bool = True) -> Iterator[None]:
+        """A write transaction (SQLite takes the write lock at once: no upgrade deadlock)."""
         if self.kind == "postgresql":
             with self.conn.transaction():
-                if not write:  # one snapshot for every read (READ COMMITTED takes one per statement)
-                    self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield
             return
         self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -302,11 +301,25 @@ class SqlStore(Store):
         return db
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        try:
-            return fn(self._db(), *args)
-        except self._errors as exc:
-            self._drop_connection()
-            raise StoreUnavailable(f"owner database: {_one_line(exc)}") from None
+        """``fn`` on this thread's connection; once more on a new one if the old one broke.
+
+        A PostgreSQL server restarted (or a connection cut) breaks every
+        worker's connection at once; trying again on a fresh one keeps that
+        from turning into one 503 per worker.  Safe for every call here: the
+        reads change nothing, and a release tried again either writes its
+        row or finds the row its first try committed (and answers its bytes).
+        """
+        for attempt in (1, 2):
+            db = self._db()
+            try:
+                return fn(db, *args)
+            except self._errors as exc:
+                broken = bool(getattr(db.conn, "broken", False) or getattr(db.conn, "closed", False))
+                self._drop_connection()
+                if attempt == 1 and broken:
+                    continue
+                raise StoreUnavailable(f"owner database: {_one_line(exc)}") from None
+        raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:
         db = getattr(self._local, "db", None)
@@ -322,7 +335,7 @@ class SqlStore(Store):
         loop = asyncio.get_running_loop()
         return await with_deadline(loop.run_in_executor(self._reader, self._call, fn, args), self._timeout, what)
 
-    async def _write(self, what: str, job: Callable[[_Db], Any]) -> Any:
+    async def _write(self, what: str, job: Callable[[_Db], Any], *, single: bool = False) -> Any:
         """Run ``job`` in a write transaction: its result, or :data:`LOST` if it raised _Lost.
 
         A job whose deadline passed before its turn is not run (its caller
@@ -334,6 +347,8 @@ class SqlStore(Store):
         if self.kind == "postgresql":
 
             def one(db: _Db) -> Any:
+                if single:  # one statement: autocommit is its transaction (two round trips fewer)
+                    return job(db)
                 try:
                     with db.tx(write=True):
                         return job(db)
@@ -436,26 +451,34 @@ class SqlStore(Store):
     # -- /v1/secret
 
     async def secret_view(self, vm: str, blob_sha256: bytes, mnonce: bytes, now: float) -> SecretView:
-        def read(db: _Db) -> tuple[Any, bool, list[Any]]:
-            with db.tx(write=False):
-                release = db.execute(
-                    f"SELECT {_RELEASE_COLUMNS} FROM owner_releases WHERE blob_sha256 = ?", (blob_sha256,)
-                ).fetchone()
-                attested = db.execute(
-                    "SELECT 1 FROM owner_releases WHERE vm = ? AND mnonce = ?", (vm, mnonce)
-                ).fetchone()
-                sessions = db.execute(
-                    f"SELECT {_SESSION_COLUMNS} FROM owner_sessions WHERE vm = ? AND made_at >= ? ORDER BY made_at",
-                    (vm, now - PENDING_SESSION_TTL_S),
-                ).fetchall()
-            return release, attested is not None, sessions
+        """Sessions first, then releases, each one statement (no transaction needed).
 
-        release, attested, sessions = await self._run("a secret request", read)
+        A release and the deletion of the session it used commit together,
+        so in this order a reader that missed the session sees the release:
+        it may see the session and the release (the release wins, 3a), never
+        neither for a launch that was released.
+        """
+
+        def read(db: _Db) -> tuple[list[Any], list[Any]]:
+            sessions = db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM owner_sessions WHERE vm = ? AND made_at >= ? ORDER BY made_at",
+                (vm, now - PENDING_SESSION_TTL_S),
+            ).fetchall()
+            releases = db.execute(
+                f"SELECT blob_sha256, mnonce, {_RELEASE_COLUMNS} FROM owner_releases "
+                "WHERE blob_sha256 = ? OR (vm = ? AND mnonce = ?)",
+                (blob_sha256, vm, mnonce),
+            ).fetchall()
+            return sessions, releases
+
+        sessions, releases = await self._run("a secret request", read)
         view = SecretView(owned=True)
-        if release is not None:
-            view.released[blob_sha256] = self._release(blob_sha256, self._release_row(release))
-        if attested:
-            view.attested.add((vm, mnonce))
+        for row in releases:
+            digest, row_mnonce, rest = bytes(row[0]), bytes(row[1]), tuple(row[2:])
+            if digest == blob_sha256:
+                view.released[blob_sha256] = self._release(blob_sha256, self._release_row(rest))
+            if rest[0] == vm and row_mnonce == mnonce:
+                view.attested.add((vm, mnonce))
         if sessions:
             view.sessions[vm] = [self._session(tuple(r)) for r in sessions]
         return view
@@ -573,7 +596,7 @@ class SqlStore(Store):
         )
 
     async def audit(self, row: AuditRow) -> None:
-        await self._write("an audit row", lambda db: self._insert_audit(db, row))
+        await self._write("an audit row", lambda db: self._insert_audit(db, row), single=True)
 
     async def audit_rows(self, vm: str | None = None, since: float | None = None) -> list[AuditRow]:
         return list(await self._run("the audit", _select_audit, vm, since))

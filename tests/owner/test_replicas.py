@@ -45,17 +45,38 @@ def owner(tmp_path):
 
 
 @pytest.fixture
-def replicas():
+def replicas(tmp_path):
+    """Starts owners; afterwards the leak scan: every owner's log, argv and the SQLite files.
+
+    Registered: the offline TIK/TEK, the passphrase, the state key; a test
+    adds what it learns (a session's keys) with ``replicas.scan.secret``.
+    """
+    from tests.leakscan import ArgvWatcher, LeakScan
+
     started = []
+    scan = LeakScan()
+    for name, value in (("TIK", TIK), ("TEK", TEK), ("passphrase", PASSPHRASE), ("state key", STATE_KEY)):
+        scan.secret(name, value)
 
     def start(toml, db):
         r = start_replica(KEYAGENT, toml, db)
         started.append(r)
         return r
 
-    yield start
+    start.scan = scan
+    with ArgvWatcher() as argv:
+        scan.argv = argv
+        try:
+            yield start
+        finally:
+            for r in started:
+                r.kill()
     for r in started:
-        r.kill()
+        scan.file(str(r.log))
+    for path in tmp_path.glob("owner.db*"):
+        if not path.name.endswith(".key"):
+            scan.file(str(path))
+    scan.check()
 
 
 def test_two_replicas_answer_50_identical_requests_with_one_release(owner, db, replicas):
@@ -122,6 +143,8 @@ def test_a_restarted_owner_keeps_its_word(owner, db, replicas):
     (status, raw), (s_status, s_raw) = asyncio.run(before())
     assert (status, s_status) == (200, 200)
     tik, tek = session_keys(json.loads(s_raw))
+    replicas.scan.secret("session TIK", tik)
+    replicas.scan.secret("session TEK", tek)
     first.kill()
 
     second = replicas(owner.toml, db)

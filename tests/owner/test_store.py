@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import stat
 
@@ -241,3 +242,45 @@ def test_a_state_key_of_the_wrong_length_is_refused(tmp_path):
     (tmp_path / "short.key").write_bytes(bytes(16))
     with pytest.raises(UsageError, match="must hold 32 raw bytes, it holds 16"):
         open_store(DbUrl("sqlite", path=str(tmp_path / "owner.db")), f"file:{tmp_path / 'short.key'}")
+
+
+def test_a_state_key_from_the_kernel_keyring_opens_the_database(tmp_path):
+    from agent.io import keyring
+
+    problem = keyring.usable()
+    if problem is not None:
+        pytest.skip(problem)
+    desc = f"keyagent-owner-state-{os.getpid()}"
+    serial = keyring.add_key(desc, STATE_KEY)
+    try:
+        db = DbUrl("sqlite", path=str(tmp_path / "owner.db"))
+        open_store(db, f"keyring:{desc}")
+        (tmp_path / "same.key").write_bytes(STATE_KEY)
+        open_store(db, f"file:{tmp_path / 'same.key'}")  # the same 32 bytes, from a file: opens
+        assert not (tmp_path / "owner.db.key").exists()  # given a key, the owner makes none
+    finally:
+        keyring.revoke(serial)
+        keyring.unlink(serial)
+
+
+@pytest.mark.postgres
+async def test_connections_cut_by_the_server_are_made_again_without_a_503(owner, pg_url):
+    import psycopg
+
+    owner_service = service(owner, pg_url)
+    request = secret_request("vm1", TIK, b"p" * 16)
+    status, raw = await call(owner_service, "/v1/secret", request)
+    assert status == 200
+    from urllib.parse import urlsplit
+
+    name = urlsplit(pg_url).path.lstrip("/")
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # as a server restart would
+        cut = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchall()
+    assert cut  # the owner's connections were there, and are gone
+    assert await call(owner_service, "/v1/secret", request) == (200, raw)
+    other = secret_request("vm1", TIK, b"o" * 16)
+    assert (await call(owner_service, "/v1/secret", other))[0] == 200
+    await owner_service.store.close()
