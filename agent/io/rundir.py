@@ -25,8 +25,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
-import shutil
 import stat
 
 from agent.common.errors import UsageError
@@ -164,6 +162,8 @@ def sweep_stale_keys(run_dir: str) -> list[str]:
     removed = []
     for entry in os.scandir(run_dir):
         if entry.name.startswith(KEY_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
+            import shutil  # here: the idle sidecar's start-up does not pay for it (bz2, lzma)
+
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.name)
     for root, _dirs, files in os.walk(run_dir, followlinks=False):
@@ -180,7 +180,8 @@ def sweep_stale_keys(run_dir: str) -> list[str]:
 
 def make_key_dir(run_dir: str, purpose: str) -> str:
     """A fresh 0700 directory for one key's files."""
-    name = f"{KEY_DIR_PREFIX}{purpose}-{secrets.token_hex(6)}"
+    # os.urandom, as secrets.token_hex would, without loading hmac and OpenSSL's libcrypto
+    name = f"{KEY_DIR_PREFIX}{purpose}-{os.urandom(6).hex()}"
     path = os.path.join(run_dir, name)
     os.mkdir(path, 0o700)
     return path
@@ -228,4 +229,6 @@ def write_new_files(files: list[tuple[str, bytes]], what: str) -> None:
 
 
 def remove_key_dir(path: str) -> None:
+    import shutil
+
     shutil.rmtree(path, ignore_errors=True)
