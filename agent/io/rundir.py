@@ -229,6 +229,30 @@ def write_new_files(files: list[tuple[str, bytes]], what: str) -> None:
 
 
 def remove_key_dir(path: str) -> None:
-    import shutil
+    """Remove a key directory and what it holds, quietly (it may be gone).
 
-    shutil.rmtree(path, ignore_errors=True)
+    A key directory holds files only (:func:`make_key_dir`, then
+    :func:`write_new_files`): they are unlinked and the directory removed
+    without shutil, whose import (zlib, bz2, lzma) would otherwise sit in
+    every migration's cleanup.  Anything else goes to ``shutil.rmtree``.
+    """
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+    except FileNotFoundError:
+        return
+    except OSError:
+        entries = None
+    try:
+        if entries is None or any(entry.is_dir(follow_symlinks=False) for entry in entries):
+            raise IsADirectoryError(path)
+        for entry in entries:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+        os.rmdir(path)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)

@@ -79,6 +79,7 @@ TARGETS: dict[str, tuple[str | None, float | None, str]] = {
     "replay_events_per_s": (">=", 100000.0, "keyagent replay --check on a generated log: records/s"),
     "replay_html_records_per_s": (">=", 20000.0, "keyagent replay --html on the same log: records/s"),
     "migration_ratio": ("<=", 1.05, "TLS-PSK migration on real QEMU, agent / bare script (median of paired ratios)"),
+    "migration_fixed_ms": ("<=", 20.0, "both agents' CPU per sealed migration, outside QEMU (median)"),
     "density_launch_p99_ms": ("<=", 50.0, "N sidecars x N simulators launching at once: p99 connect->cont"),
     "density_rss_mb_total": (None, None, "the same N sidecars: total RSS"),
 }
@@ -87,6 +88,7 @@ GROUPS = {
     "idle": ("idle_rss_mb",),
     "replay": ("replay_events_per_s", "replay_html_records_per_s"),
     "migration": ("migration_ratio",),
+    "migration_fixed": ("migration_fixed_ms",),
     "density": ("density_launch_p99_ms", "density_rss_mb_total"),
 }
 
@@ -930,6 +932,7 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
         "idle": lambda: bench_idle(ctx, counts["idle"]),
         "replay": lambda: bench_replay(ctx, counts["replay_events"]),
         "migration": lambda: bench_migration(ctx, counts["migrations"], counts["migration_fill_mb"]),
+        "migration_fixed": lambda: _bench_migration_fixed(ctx, counts["migrations"]),
         "density": lambda: bench_density(ctx, counts["density"]),
     }
     try:
@@ -1012,6 +1015,12 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+async def _bench_migration_fixed(ctx: Ctx, reps: int) -> dict:
+    from agent.tools.bench_migration import bench_migration_fixed
+
+    return await bench_migration_fixed(ctx, reps)
+
+
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -1054,6 +1063,12 @@ def _notes(key: str, report: dict) -> str:
             f"agent {x['agent_ms_p50']:.0f} ms / floor {x['floor_ms_p50']:.0f} ms "
             f"(+{x['added_ms_p50']:.0f} ms), {x['migrations_per_side']} each, guest "
             f"{x['guest_ram_mb']} MiB RAM with {x['guest_fill_mb']} MiB in use"
+        )
+    if key == "migration_fixed_ms" and "migration_fixed" in d:
+        x = d["migration_fixed"]
+        return (
+            f"source {x['src_cpu_ms_p50']:.1f} + destination {x['dst_cpu_ms_p50']:.1f} ms CPU, "
+            f"{x['migrations']} sealed migrations; wall outside QEMU's transfer {x['wall_outside_qemu_ms_p50']:.0f} ms"
         )
     if key.startswith("density") and "density" in d:
         x = d["density"]
