@@ -131,6 +131,7 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
         offer = (await _ctl(dst_ctl, wire.MIGRATE_PREPARE, {}))["offer"]
         cookie = (await _ctl(src_ctl, wire.MIGRATE_BEGIN, {"offer": offer}))["cookie"]
         t_handover = time.monotonic()
+        cpu_handover = [cpu_ns(p) for p in pids]
         await _ctl(dst_ctl, wire.MIGRATE_ACCEPT, {"cookie": cookie, "uri": uri})
         await _ctl(src_ctl, wire.MIGRATE_START, {"uri": uri})
         s = (await _ctl(src_ctl, wire.MIGRATE_WAIT, {"timeout": 120}))["status"]
@@ -154,6 +155,7 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
             "ticks_cpu_ms": sum(b - a for a, b in zip(ticks0, ticks1)) / 1e6,
             "wall_ms": wall * 1000,
             "handover_wall_ms": (t_handover - t0) * 1000,
+            "handover_cpu_ms": sum(b - a for a, b in zip(cpu0, cpu_handover)) / 1e6,
             "qemu_total_ms": qemu_ms,
             "wall_outside_qemu_ms": wall * 1000 - qemu_ms,
         }
@@ -182,6 +184,7 @@ async def bench_migration_fixed(ctx: Ctx, reps: int) -> dict:
             "stat_ticks_cpu_ms_p50": p50("ticks_cpu_ms"),
             "wall_ms_p50": p50("wall_ms"),
             "handover_wall_ms_p50": p50("handover_wall_ms"),
+            "handover_cpu_ms_p50": p50("handover_cpu_ms"),
             "qemu_total_ms_p50": p50("qemu_total_ms"),
             "wall_outside_qemu_ms_p50": p50("wall_outside_qemu_ms"),
         },
