@@ -324,6 +324,7 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
     seen = max(c["client"] for c in await control.execute("x-sim-query-clients"))
     samples: dict[str, list[float]] = {"agent": [], "floor": []}
     startup: list[float] = []
+    floor_startup: list[float] = []
     try:
         for i in range(n):
             for side in ("agent", "floor") if i % 2 == 0 else ("floor", "agent"):
@@ -347,6 +348,8 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
                 samples[side].append((rec["cont"] - rec["connected"]) * 1000)
                 if side == "agent":
                     startup.append((rec["negotiated"] - t_exec) * 1000)
+                else:  # the floor: a bare qemu.qmp script, exec'd the same way
+                    floor_startup.append((rec["negotiated"] - t_exec) * 1000)
     finally:
         await close_client(control)
         await ctx.stop(sim)
@@ -366,8 +369,58 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
                 "min": _r(min(startup)),
                 "samples": len(startup),
             },
+            "floor_startup_ms": {
+                "p50": _r(statistics.median(floor_startup)),
+                "min": _r(min(floor_startup)),
+            },
+            "python_floor_ms": python_floor_ms(max(3, min(20, n))),
         },
     }
+
+
+# Python's own floor on this machine: an interpreter that does nothing, with
+# and without site (the venv's .pth files), and one that imports asyncio.
+PYTHON_FLOOR = {
+    "pass": ["-c", "pass"],
+    "pass_no_site": ["-S", "-c", "pass"],
+    "import_asyncio": ["-c", "import asyncio"],
+}
+
+
+def python_floor_ms(reps: int = 20) -> dict[str, float | None]:
+    """Median wall time of exec to exit of each PYTHON_FLOOR command, in ms."""
+    out: dict[str, float | None] = {}
+    for name, args in PYTHON_FLOOR.items():
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *args], check=True)
+            times.append((time.perf_counter() - t0) * 1000)
+        out[name] = _r(statistics.median(times), 1)
+    return out
+
+
+FLOOR_IDLE = """
+import asyncio, sys
+from qemu.qmp import QMPClient
+async def main():
+    client = QMPClient("floor")
+    await client.connect(sys.argv[1])
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+async def floor_idle_rss_kb(ctx: Ctx, sim_path: str) -> tuple[int, int]:
+    """(VmRSS, Pss) of the floor's idle process: asyncio and qemu.qmp, connected, waiting."""
+    proc = await ctx.spawn("idle-floor", [sys.executable, "-c", FLOOR_IDLE, sim_path], stdout=subprocess.PIPE)
+    try:
+        await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        await asyncio.sleep(1.0)
+        return rss_kb(proc.pid)
+    finally:
+        await ctx.stop(proc)
 
 
 # -- idle RSS -----------------------------------------------------------------------------
@@ -463,12 +516,20 @@ async def bench_idle(ctx: Ctx, reps: int) -> dict:
                 pss.append(p)
             finally:
                 await ctx.stop(proc)
+        await control.execute("x-sim-reset")
+        floor_rss, floor_pss = await floor_idle_rss_kb(ctx, sim_path)
     finally:
         await close_client(control)
         await ctx.stop(sim)
     return {
         "idle_rss_mb": statistics.median(rss) / 1024,
-        "details": {"rss_kb": rss, "pss_kb": pss, "pss_mb_p50": _r(statistics.median(pss) / 1024, 2)},
+        "details": {
+            "rss_kb": rss,
+            "pss_kb": pss,
+            "pss_mb_p50": _r(statistics.median(pss) / 1024, 2),
+            "floor_rss_mb": _r(floor_rss / 1024, 2),
+            "floor_pss_mb": _r(floor_pss / 1024, 2),
+        },
     }
 
 
@@ -1044,9 +1105,15 @@ def _notes(key: str, report: dict) -> str:
             f"{x['launches_per_side']} launches each"
         )
     if key == "startup_ms" and "launch" in d:
-        return f"{d['launch']['startup_ms']['samples']} starts, p90 {d['launch']['startup_ms']['p90']:.0f} ms"
+        x = d["launch"]
+        return (
+            f"{x['startup_ms']['samples']} starts, p90 {x['startup_ms']['p90']:.0f} ms; floor (bare qemu.qmp "
+            f"script) {x['floor_startup_ms']['p50']:.0f} ms; python -c pass {x['python_floor_ms']['pass']:.0f} ms, "
+            f"import asyncio {x['python_floor_ms']['import_asyncio']:.0f} ms"
+        )
     if key == "idle_rss_mb" and "idle" in d:
-        return f"PSS {d['idle']['pss_mb_p50']:.1f} MB"
+        x = d["idle"]
+        return f"PSS {x['pss_mb_p50']:.1f} MB; floor (asyncio + qemu.qmp, connected, idle) {x['floor_rss_mb']:.1f} MB"
     if key == "replay_events_per_s" and "replay" in d:
         x = d["replay"]
         return (
