@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -450,6 +449,8 @@ def load_config(
     values = {(k.section, k.name): k.default for k in SCHEMA}
     present: set[str] = set()
     if path:
+        import tomllib  # only with a file: a sidecar run on flags alone does not pay for its parser
+
         from agent.io.files import read_regular_file
 
         try:

@@ -159,6 +159,10 @@ class Sidecar:
             return
         if not self._stays() or rt.qmp_gone is not None:
             self.done.set()
+        else:  # idle from now on, maybe for the VM's whole life
+            from agent.app.hardening import release_free_memory
+
+            release_free_memory()
 
     async def _watch(self, rt: Runtime) -> None:
         await rt.watch_qmp()

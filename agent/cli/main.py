@@ -9,6 +9,7 @@ errors into exit statuses with a one-line reason (``agent.common.errors``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -18,11 +19,33 @@ from agent.common.errors import KeyagentError, SevFormatError, UsageError
 PROG = "keyagent"
 
 
+def terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil.
+
+    argparse asks shutil for the width every time it builds a formatter,
+    which ``add_argument`` does; shutil imports zlib, bz2 and lzma, which the
+    sidecar otherwise never loads."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse's default width; every HelpFormatter takes width (typeshed's protocol names prog only)
+        return self.formatter_class(prog=self.prog, width=terminal_columns() - 2)  # type: ignore[call-arg]
 
 
 # Subcommand -> module.  Only the module of the command being run is

@@ -16,7 +16,7 @@ import os
 import sys
 
 from agent.app.eventlog import LogFormatError, read_records
-from agent.app.replay import check, print_timeline
+from agent.app.replay import check, check_text, print_timeline
 from agent.common.errors import UsageError
 
 
@@ -60,6 +60,11 @@ def run(args) -> int:
 
 
 def run_text(args) -> int:
+    if args.check:
+        summary = _check_fast(args.log[0])
+        if summary is not None:
+            print(summary)
+            return 0
     try:
         records = list(read_records(args.log[0]))
         # The records live until the end and hold no cycles: keep the
@@ -74,6 +79,20 @@ def run_text(args) -> int:
         return 0
     except LogFormatError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _check_fast(path: str) -> str | None:
+    """--check on the log's text (:func:`agent.app.replay.check_text`), or
+    None: then the records are read and checked the full way, which also
+    names what is wrong with a log the fast path would not take."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    del data
+    return check_text(text)
 
 
 def run_visual(args) -> int:

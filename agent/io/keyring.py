@@ -12,10 +12,8 @@ readable by QEMU ("Permission denied"); the user keyring (``@u``) works.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-import platform
 
 # Syscall numbers (asm-generic and x86_64 differ).
 _SYSCALLS = {
@@ -52,11 +50,14 @@ _libc = None
 def _syscall(name: str, *args) -> int:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The libc this Python is linked with (agent.app.hardening does the same):
+        # ctypes.util.find_library would run ldconfig in a subprocess at start-up.
+        _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
-    numbers = _SYSCALLS.get(platform.machine())
+    machine = os.uname().machine  # what platform.machine() returns, without importing platform
+    numbers = _SYSCALLS.get(machine)
     if numbers is None:
-        raise KeyringError(errno.ENOSYS, f"keyring syscalls unknown on {platform.machine()}")
+        raise KeyringError(errno.ENOSYS, f"keyring syscalls unknown on {machine}")
     ret = _libc.syscall(ctypes.c_long(numbers[name]), *args)
     if ret == -1:
         err = ctypes.get_errno()

@@ -25,8 +25,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
-import shutil
 import stat
 from collections.abc import Collection
 
@@ -171,6 +169,8 @@ def sweep_stale_keys(run_dir: str, keep: Collection[str] = ()) -> list[str]:
         if entry.name in kept:
             continue
         if entry.name.startswith(KEY_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
+            import shutil  # here: the idle sidecar's start-up does not pay for it (bz2, lzma)
+
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.name)
     for root, dirs, files in os.walk(run_dir, followlinks=False):
@@ -213,7 +213,8 @@ def key_dir_name(run_dir: str, path: str) -> str | None:
 
 def make_key_dir(run_dir: str, purpose: str) -> str:
     """A fresh 0700 directory for one key's files."""
-    name = f"{KEY_DIR_PREFIX}{purpose}-{secrets.token_hex(6)}"
+    # os.urandom, as secrets.token_hex would, without loading hmac and OpenSSL's libcrypto
+    name = f"{KEY_DIR_PREFIX}{purpose}-{os.urandom(6).hex()}"
     path = os.path.join(run_dir, name)
     os.mkdir(path, 0o700)
     return path
@@ -261,4 +262,30 @@ def write_new_files(files: list[tuple[str, bytes]], what: str) -> None:
 
 
 def remove_key_dir(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a key directory and what it holds, quietly (it may be gone).
+
+    A key directory holds files only (:func:`make_key_dir`, then
+    :func:`write_new_files`): they are unlinked and the directory removed
+    without shutil, whose import (zlib, bz2, lzma) would otherwise sit in
+    every migration's cleanup.  Anything else goes to ``shutil.rmtree``.
+    """
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+    except FileNotFoundError:
+        return
+    except OSError:
+        entries = None
+    try:
+        if entries is None or any(entry.is_dir(follow_symlinks=False) for entry in entries):
+            raise IsADirectoryError(path)
+        for entry in entries:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+        os.rmdir(path)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)

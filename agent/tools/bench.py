@@ -74,11 +74,12 @@ from agent.common.errors import FlowFailed, UsageError
 TARGETS: dict[str, tuple[str | None, float | None, str]] = {
     "launch_ratio": ("<=", 1.3, "SEV launch connect->cont, agent / bare qemu.qmp script (medians)"),
     "launch_added_ms_p50": ("<=", 2.0, "agent's added latency per launch (median of paired differences)"),
-    "idle_rss_mb": ("<=", 32.0, "RSS of an idle sidecar (launched, control socket on)"),
-    "startup_ms": ("<=", 200.0, "exec of keyagent run to QMP negotiated (median)"),
-    "replay_events_per_s": (">=", 100000.0, "keyagent replay --check on a generated log: records/s"),
+    "idle_rss_mb": ("<=", 24.0, "RSS of an idle sidecar (launched, control socket on)"),
+    "startup_ms": ("<=", 120.0, "exec of keyagent run to QMP negotiated (median)"),
+    "replay_events_per_s": (">=", 500000.0, "keyagent replay --check on a generated log: records/s"),
     "replay_html_records_per_s": (">=", 20000.0, "keyagent replay --html on the same log: records/s"),
     "migration_ratio": ("<=", 1.05, "TLS-PSK migration on real QEMU, agent / bare script (median of paired ratios)"),
+    "migration_fixed_ms": ("<=", 20.0, "both agents' CPU per sealed migration, outside QEMU (median)"),
     "density_launch_p99_ms": ("<=", 50.0, "N sidecars x N simulators launching at once: p99 connect->cont"),
     "density_rss_mb_total": (None, None, "the same N sidecars: total RSS"),
     # host mode (agent.tools.bench_host)
@@ -96,6 +97,7 @@ GROUPS = {
     "idle": ("idle_rss_mb",),
     "replay": ("replay_events_per_s", "replay_html_records_per_s"),
     "migration": ("migration_ratio",),
+    "migration_fixed": ("migration_fixed_ms",),
     "density": ("density_launch_p99_ms", "density_rss_mb_total"),
     "host": ("host_density_ratio", "host_density_p99_ms", "host_rss_kb_per_vm", "agent_cpu_ms_per_launch"),
     "owner": ("owner_secret_rps_sqlite", "owner_p99_ms"),
@@ -334,6 +336,7 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
     seen = max(c["client"] for c in await control.execute("x-sim-query-clients"))
     samples: dict[str, list[float]] = {"agent": [], "floor": []}
     startup: list[float] = []
+    floor_startup: list[float] = []
     try:
         for i in range(n):
             for side in ("agent", "floor") if i % 2 == 0 else ("floor", "agent"):
@@ -357,6 +360,8 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
                 samples[side].append((rec["cont"] - rec["connected"]) * 1000)
                 if side == "agent":
                     startup.append((rec["negotiated"] - t_exec) * 1000)
+                else:  # the floor: a bare qemu.qmp script, exec'd the same way
+                    floor_startup.append((rec["negotiated"] - t_exec) * 1000)
     finally:
         await close_client(control)
         await ctx.stop(sim)
@@ -376,8 +381,58 @@ async def bench_launch(ctx: Ctx, n: int) -> dict:
                 "min": _r(min(startup)),
                 "samples": len(startup),
             },
+            "floor_startup_ms": {
+                "p50": _r(statistics.median(floor_startup)),
+                "min": _r(min(floor_startup)),
+            },
+            "python_floor_ms": python_floor_ms(max(3, min(20, n))),
         },
     }
+
+
+# Python's own floor on this machine: an interpreter that does nothing, with
+# and without site (the venv's .pth files), and one that imports asyncio.
+PYTHON_FLOOR = {
+    "pass": ["-c", "pass"],
+    "pass_no_site": ["-S", "-c", "pass"],
+    "import_asyncio": ["-c", "import asyncio"],
+}
+
+
+def python_floor_ms(reps: int = 20) -> dict[str, float | None]:
+    """Median wall time of exec to exit of each PYTHON_FLOOR command, in ms."""
+    out: dict[str, float | None] = {}
+    for name, args in PYTHON_FLOOR.items():
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *args], check=True)
+            times.append((time.perf_counter() - t0) * 1000)
+        out[name] = _r(statistics.median(times), 1)
+    return out
+
+
+FLOOR_IDLE = """
+import asyncio, sys
+from qemu.qmp import QMPClient
+async def main():
+    client = QMPClient("floor")
+    await client.connect(sys.argv[1])
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+async def floor_idle_rss_kb(ctx: Ctx, sim_path: str) -> tuple[int, int]:
+    """(VmRSS, Pss) of the floor's idle process: asyncio and qemu.qmp, connected, waiting."""
+    proc = await ctx.spawn("idle-floor", [sys.executable, "-c", FLOOR_IDLE, sim_path], stdout=subprocess.PIPE)
+    try:
+        await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        await asyncio.sleep(1.0)
+        return rss_kb(proc.pid)
+    finally:
+        await ctx.stop(proc)
 
 
 # -- idle RSS -----------------------------------------------------------------------------
@@ -473,12 +528,20 @@ async def bench_idle(ctx: Ctx, reps: int) -> dict:
                 pss.append(p)
             finally:
                 await ctx.stop(proc)
+        await control.execute("x-sim-reset")
+        floor_rss, floor_pss = await floor_idle_rss_kb(ctx, sim_path)
     finally:
         await close_client(control)
         await ctx.stop(sim)
     return {
         "idle_rss_mb": statistics.median(rss) / 1024,
-        "details": {"rss_kb": rss, "pss_kb": pss, "pss_mb_p50": _r(statistics.median(pss) / 1024, 2)},
+        "details": {
+            "rss_kb": rss,
+            "pss_kb": pss,
+            "pss_mb_p50": _r(statistics.median(pss) / 1024, 2),
+            "floor_rss_mb": _r(floor_rss / 1024, 2),
+            "floor_pss_mb": _r(floor_pss / 1024, 2),
+        },
     }
 
 
@@ -946,6 +1009,7 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
         "idle": lambda: bench_idle(ctx, counts["idle"]),
         "replay": lambda: bench_replay(ctx, counts["replay_events"]),
         "migration": lambda: bench_migration(ctx, counts["migrations"], counts["migration_fill_mb"]),
+        "migration_fixed": lambda: _bench_migration_fixed(ctx, counts["migrations"]),
         "density": lambda: bench_density(ctx, counts["density"]),
         "host": lambda: bench_host(ctx, counts["host"], counts["host_rounds"]),
         "owner": lambda: bench_owner.bench_owner_sqlite(ctx, counts["owner_releases"]),
@@ -975,6 +1039,28 @@ async def _run_all(ctx: Ctx, keys: list[str], counts: dict) -> tuple[dict, dict,
     return figures, details, skipped, errors
 
 
+def compile_agent() -> str:
+    """Byte-compile the agent's modules where they lack a current ``.pyc``.
+
+    An installed keyagent has them (pip compiles a wheel at install); a
+    source checkout run with ``PYTHONDONTWRITEBYTECODE=1`` (as this
+    machine's environment sets) has none, and every sidecar would compile
+    each of its ~60 modules from source at every start: about 35 ms of CPU,
+    a cost of this checkout and not of the agent.  compileall writes only
+    what is stale; a tree it cannot write is measured as it is.
+    """
+    import compileall
+
+    import agent
+
+    root = os.path.dirname(os.path.abspath(agent.__file__))
+    try:
+        ok = compileall.compile_dir(root, quiet=2)
+    except OSError as exc:
+        return f"not compiled: {exc.strerror}"
+    return "compiled (as installed)" if ok else "not all compiled"
+
+
 def run(args) -> int:
     from agent.common.logs import setup_logging
 
@@ -1002,6 +1088,7 @@ def run(args) -> int:
     os.chmod(work, 0o700)
     began = datetime.datetime.now(datetime.UTC)
     machine = machine_info()
+    machine["agent_bytecode"] = compile_agent()
     t0 = time.monotonic()
     ctx = Ctx(work=work, keyagent=keyagent_argv())
     errors: dict[str, str] = {"bench": "interrupted"}
@@ -1034,6 +1121,12 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+async def _bench_migration_fixed(ctx: Ctx, reps: int) -> dict:
+    from agent.tools.bench_migration import bench_migration_fixed
+
+    return await bench_migration_fixed(ctx, reps)
+
+
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -1057,9 +1150,15 @@ def _notes(key: str, report: dict) -> str:
             f"{x['launches_per_side']} launches each"
         )
     if key == "startup_ms" and "launch" in d:
-        return f"{d['launch']['startup_ms']['samples']} starts, p90 {d['launch']['startup_ms']['p90']:.0f} ms"
+        x = d["launch"]
+        return (
+            f"{x['startup_ms']['samples']} starts, p90 {x['startup_ms']['p90']:.0f} ms; floor (bare qemu.qmp "
+            f"script) {x['floor_startup_ms']['p50']:.0f} ms; python -c pass {x['python_floor_ms']['pass']:.0f} ms, "
+            f"import asyncio {x['python_floor_ms']['import_asyncio']:.0f} ms"
+        )
     if key == "idle_rss_mb" and "idle" in d:
-        return f"PSS {d['idle']['pss_mb_p50']:.1f} MB"
+        x = d["idle"]
+        return f"PSS {x['pss_mb_p50']:.1f} MB; floor (asyncio + qemu.qmp, connected, idle) {x['floor_rss_mb']:.1f} MB"
     if key == "replay_events_per_s" and "replay" in d:
         x = d["replay"]
         return (
@@ -1081,6 +1180,12 @@ def _notes(key: str, report: dict) -> str:
         from agent.tools.bench_host import notes
 
         return notes(key, d["host"])
+    if key == "migration_fixed_ms" and "migration_fixed" in d:
+        x = d["migration_fixed"]
+        return (
+            f"source {x['src_cpu_ms_p50']:.1f} + destination {x['dst_cpu_ms_p50']:.1f} ms CPU, "
+            f"{x['migrations']} sealed migrations; wall outside QEMU's transfer {x['wall_outside_qemu_ms_p50']:.0f} ms"
+        )
     if key.startswith("density") and "density" in d:
         x = d["density"]
         if key == "density_launch_p99_ms":

@@ -122,3 +122,21 @@ def test_group_access_is_enter_only_and_key_dirs_stay_private(tmp_path):
         assert oct(os.stat(run).st_mode & 0o777) == "0o700"
     finally:
         lock.release()
+
+
+def test_remove_key_dir_removes_its_files_and_a_nested_dir_without_following_links(tmp_path):
+    from agent.io.rundir import make_key_dir, remove_key_dir
+
+    outside = tmp_path / "outside"
+    outside.write_text("stays")
+    flat = make_key_dir(str(tmp_path), "flat")
+    (tmp_path / flat / "keys.psk").write_bytes(b"x")
+    (tmp_path / flat / "link").symlink_to(outside)
+    nested = make_key_dir(str(tmp_path), "nested")
+    os.mkdir(os.path.join(nested, "sub"))
+    (tmp_path / nested / "sub" / "f").write_bytes(b"y")
+    remove_key_dir(flat)
+    remove_key_dir(nested)
+    remove_key_dir(str(tmp_path / "gone"))  # quietly
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
+    assert outside.read_text() == "stays"
