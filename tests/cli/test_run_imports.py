@@ -13,8 +13,6 @@ import sys
 
 # module -> why it stays out
 NOT_ON_THE_RUN_PATH = {
-    "structlog": "logs are made on the standard library (agent.common.logs)",
-    "rich": "structlog's pretty printer: not ours",
     "cryptography": "loaded by the first migration or host-key command (+9 MB)",
     "agent.owner": "the guest owner's side",
     "agent.tools": "development tools",

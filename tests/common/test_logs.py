@@ -1,4 +1,4 @@
-"""The JSON log lines: the shape structlog's renderer gave them, made without structlog."""
+"""The JSON log lines structlog writes: their shape, their order, the scrubber."""
 
 from __future__ import annotations
 
