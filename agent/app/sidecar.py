@@ -159,7 +159,9 @@ class Sidecar:
             return
         if not self._stays() or rt.qmp_gone is not None:
             self.done.set()
-        else:  # idle from now on, maybe for the VM's whole life
+        elif getattr(self.opts, "own_signals", True):  # idle from now on, maybe for the VM's whole life
+            # (one sidecar per process; under `keyagent host` one trim per VM would trim the
+            # whole process a hundred times in a burst)
             from agent.app.hardening import release_free_memory
 
             release_free_memory()
