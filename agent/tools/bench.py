@@ -463,6 +463,37 @@ async def _wait_launched(ctx: Ctx, proc, control_sock: str, name: str, timeout: 
     raise BenchError(f"{name} did not launch; see {ctx.path(name + '.stderr')}")
 
 
+async def start_migration_agent(
+    ctx: Ctx, name: str, qmp: str, run_dir: str, keys: list[str], incoming: bool
+) -> tuple[Any, str]:
+    """``keyagent run`` for VM "mig" on ``qmp`` (one side of a migration:
+    ``incoming`` for the destination), waited for until its control socket
+    answers ``status`` (30 s; Ctx tracks the process, so a failed start is
+    still stopped).  Returns the process and its control socket."""
+    proc = await ctx.spawn(
+        name,
+        [
+            *ctx.keyagent,
+            "run",
+            "--qmp",
+            f"unix:{qmp}",
+            "--vm-name",
+            "mig",
+            "--vm-run-dir",
+            run_dir,
+            *keys,
+            *(["--incoming"] if incoming else []),
+        ],
+    )
+    sock = os.path.join(run_dir, "control.sock")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock) or await _status(sock) is None:
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise BenchError(f"{name} did not start; see {ctx.path(name + '.stderr')}")
+        await asyncio.sleep(0.05)
+    return proc, sock
+
+
 def _run_dir(ctx: Ctx, name: str) -> str:
     path = ctx.path(name)
     os.mkdir(path, 0o700)
@@ -750,28 +781,10 @@ async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | N
             for role, qmp in (("src", src_sock), ("dst", dst_sock)):
                 run_dir = _run_dir(ctx, f"mig{rep}-{role}-run")
                 name = f"mig{rep}-{role}-agent"
-                proc = await ctx.spawn(
-                    name,
-                    [
-                        *ctx.keyagent,
-                        "run",
-                        "--qmp",
-                        f"unix:{qmp}",
-                        "--vm-name",
-                        "mig",
-                        "--vm-run-dir",
-                        run_dir,
-                        *host_keys[role],
-                        *(["--incoming"] if role == "dst" else []),
-                    ],
+                proc, socks[role] = await start_migration_agent(
+                    ctx, name, qmp, run_dir, host_keys[role], incoming=role == "dst"
                 )
                 procs.append(proc)
-                socks[role] = os.path.join(run_dir, "control.sock")
-                deadline = time.monotonic() + 30
-                while not os.path.exists(socks[role]) or await _status(socks[role]) is None:
-                    if proc.returncode is not None or time.monotonic() > deadline:
-                        raise BenchError(f"{name} did not start; see {ctx.path(name + '.stderr')}")
-                    await asyncio.sleep(0.05)
             # A key both hosts have (--psk-file), as the floor has: the same QMP
             # calls on both sides.  The sealed hand-over (prepare/begin) adds
             # Ed25519 signatures, HPKE and, in a fresh sidecar, cryptography's import
