@@ -36,6 +36,25 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def qmp_once(path: str | Path, command: str, args: dict | None = None, client: str = "e2e-probe"):
+    """One QMP command on its own connection (QEMU and the simulator serve
+    several monitors' clients); an error answer raises ExecuteError."""
+    from qemu.qmp import QMPClient
+
+    async def go():
+        qmp = QMPClient(client)
+        await qmp.connect(str(path))
+        try:
+            return await qmp.execute(command, args)
+        finally:
+            try:
+                await qmp.disconnect()
+            except Exception:  # after quit, QEMU closes first
+                pass
+
+    return asyncio.run(go())
+
+
 @dataclass
 class Proc:
     name: str
@@ -120,20 +139,7 @@ class World:
 
     def sim_query(self, command: str) -> dict:
         """Ask the simulator directly (it serves several clients)."""
-        from qemu.qmp import QMPClient
-
-        async def go():
-            client = QMPClient("e2e-probe")
-            await client.connect(self.qmp)
-            try:
-                return await client.execute(command)
-            finally:
-                try:
-                    await client.disconnect()
-                except Exception:  # after quit, QEMU closes first
-                    pass
-
-        return asyncio.run(go())
+        return qmp_once(self.qmp, command)
 
     # -- the owner ------------------------------------------------------------
     def owner_config(self, digest: bytes = DIGEST, policy: int = 1) -> Path:

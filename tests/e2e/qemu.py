@@ -8,7 +8,6 @@ the guest's RAM really travelled: the destination never reads the disk.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -16,7 +15,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.e2e.harness import wait_for
+from tests.e2e.harness import qmp_once, wait_for
 
 QEMU = shutil.which("qemu-system-x86_64")
 BOOT_ADDR = 0x7C00
@@ -83,20 +82,7 @@ class Qemu:
         return self.stderr_path.read_text(errors="replace")
 
     def qmp(self, command: str, args: dict | None = None):
-        from qemu.qmp import QMPClient
-
-        async def go():
-            client = QMPClient(f"test-{self.name}")
-            await client.connect(self.test_qmp)
-            try:
-                return await client.execute(command, args or {})
-            finally:
-                try:
-                    await client.disconnect()
-                except Exception:
-                    pass
-
-        return asyncio.run(go())
+        return qmp_once(self.test_qmp, command, args or {}, client=f"test-{self.name}")
 
     def tls_objects(self) -> list[str]:
         return [
