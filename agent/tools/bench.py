@@ -276,17 +276,23 @@ class Ctx:
             for vm in self.vms
         )
         self._n += 1
-        config = self.path(f"owner{self._n}.toml")
+        _, self.owner_url = await self.serve_owner("owner", f"owner{self._n}.toml", text)
+        return self.owner_url
+
+    async def serve_owner(self, name: str, config_file: str, text: str) -> tuple[asyncio.subprocess.Process, str]:
+        """``keyagent owner serve`` on 127.0.0.1:0 with ``text`` for its
+        owner.toml (written to ``config_file`` in the work dir), tagged
+        ``bench_role = name``: the process and the URL its ready line gives."""
+        config = self.path(config_file)
         with open(config, "w") as f:
             f.write(text)
         proc = await self.spawn(
-            "owner",
+            name,
             [*self.keyagent, "owner", "serve", "--config", config, "--listen", "127.0.0.1:0", "--log-level", "warning"],
             stdout=subprocess.PIPE,
         )
-        proc.bench_role = "owner"  # type: ignore[attr-defined]
-        self.owner_url = (await self.ready_line(proc, "owner"))["listening"]
-        return self.owner_url
+        proc.bench_role = name  # type: ignore[attr-defined]
+        return proc, (await self.ready_line(proc, name))["listening"]
 
     async def simulator(self, name: str, vm: str = "bench") -> tuple[asyncio.subprocess.Process, str]:
         path = self.path(f"{name}.qmp")
