@@ -83,7 +83,7 @@ class HostWorld:
         self.owner_url = json.loads(proc.stdout.splitlines()[0])["listening"]
         return self.owner_url
 
-    def simulator(self, vm: str, digest: bytes = DIGEST):
+    def simulator(self, vm: str, digest: bytes = DIGEST, *extra: str):
         tik, tek = self.keys[vm]
         proc = self.world.spawn(
             f"sim-{vm}",
@@ -98,6 +98,7 @@ class HostWorld:
                 str(tek),
                 "--digest",
                 digest.hex(),
+                *extra,
             ],
         )
         wait_for(lambda: os.path.exists(self.qmp(vm)) or proc.popen.poll() is not None, what=f"{vm} simulator")
@@ -326,25 +327,7 @@ def test_sighup_restarts_a_vm_whose_file_changed_and_leaves_the_rest(hw):
 def test_sigterm_during_a_launch_leaves_that_vm_paused_and_the_host_exits_0(hw):
     hw.owner("slow")
     # The simulator measures late: the launch is still waiting at SIGTERM.
-    tik, tek = hw.keys["slow"]
-    proc = hw.world.spawn(
-        "sim-slow",
-        [
-            "simulate",
-            "--qmp",
-            f"unix:{hw.qmp('slow')}",
-            "--sev",
-            "--tik",
-            str(tik),
-            "--tek",
-            str(tek),
-            "--digest",
-            DIGEST.hex(),
-            "--measure-delay",
-            "30",
-        ],
-    )
-    wait_for(lambda: os.path.exists(hw.qmp("slow")), what="slow simulator")
+    proc = hw.simulator("slow", DIGEST, "--measure-delay", "30")
     hw.vm_file("slow")
     hw.start()
     hw.wait_vm("slow", lambda e: "launch" in e["flows"], what="launch running")

@@ -125,26 +125,7 @@ def test_wrong_key_fails_with_one_line_and_no_qemu(world):
 def test_sidecar_starts_swtpm_before_qemu_and_stops_qemu_when_swtpm_dies(world):
     tmp = world.tmp
     qmp = str(tmp / "qmp.sock")
-    agent = world.spawn(
-        "agent",
-        [
-            "run",
-            "--qmp",
-            f"unix:{qmp}",
-            "--qmp-timeout",
-            "30",
-            "--vm-name",
-            "side",
-            "--vm-run-dir",
-            str(tmp / "run"),
-            "--vtpm-state-dir",
-            str(tmp / "tpm"),
-            "--vtpm-key",
-            f"file:{tmp / 'tpm.key'}",
-            "--secrets-master-key",
-            "file",
-        ],
-    )
+    agent = sidecar(world, qmp, logs=False)
     ctrl = tmp / "run" / "swtpm-ctrl.sock"
     wait_for(lambda: ctrl.exists(), timeout=20, what="swtpm control socket")
     qemu = start_tcg_qemu(qmp, extra=swtpm.qemu_tpm_args(str(ctrl)))
@@ -183,8 +164,10 @@ def test_vm_with_a_vtpm_migrates_between_two_agents(world):
     assert swtpm.inspect_state(str(tmp / "dst-tpm"), "2.0").kind is swtpm.StateKind.ENCRYPTED
 
 
-def sidecar(world: World, qmp: str):
+def sidecar(world: World, qmp: str, logs: bool = True):
+    """``keyagent run`` for VM "side" with a vTPM; ``logs``: an event log and debug logs."""
     tmp = world.tmp
+    logged = ["--event-log", str(tmp / "events.jsonl"), "--log-level", "debug"] if logs else []
     return world.spawn(
         f"agent{len(world.procs)}",
         [
@@ -203,10 +186,7 @@ def sidecar(world: World, qmp: str):
             f"file:{tmp / 'tpm.key'}",
             "--secrets-master-key",
             "file",
-            "--event-log",
-            str(tmp / "events.jsonl"),
-            "--log-level",
-            "debug",
+            *logged,
         ],
     )
 
