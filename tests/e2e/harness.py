@@ -73,6 +73,12 @@ class Proc:
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
 
+    def listening(self, timeout: float = 10.0, what: str = "owner listening line") -> str:
+        """The URL in the first stdout line of ``owner serve`` (``{"listening": ...}``), once it is there."""
+        wait_for(lambda: self.stdout_path.stat().st_size > 0 or self.popen.poll() is not None, timeout, what)
+        assert self.popen.poll() is None, self.stderr
+        return json.loads(self.stdout.splitlines()[0])["listening"]
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             self.popen.terminate()
@@ -159,11 +165,7 @@ file = "disk.pass"
     def owner(self, digest: bytes = DIGEST, policy: int = 1) -> str:
         cfg = self.owner_config(digest, policy)
         proc = self.spawn("owner", ["owner", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"])
-        wait_for(
-            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner listening line"
-        )
-        assert proc.popen.poll() is None, proc.stderr
-        return json.loads(proc.stdout.splitlines()[0])["listening"]
+        return proc.listening()
 
     # -- the agent ------------------------------------------------------------
     def agent(self, owner_url: str, *extra: str) -> Proc:

@@ -66,9 +66,7 @@ class Crash:
         )
         listen = f"127.0.0.1:{port or 0}"
         proc = self.world.spawn(name, ["owner", "serve", "--config", "owner.toml", "--listen", listen])
-        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner line")
-        assert proc.popen.poll() is None, proc.stderr
-        self.owner_url = json.loads(proc.stdout.splitlines()[0])["listening"]
+        self.owner_url = proc.listening(what="owner line")
         return self.owner_url
 
     def simulator(self, *extra: str):

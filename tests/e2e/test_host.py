@@ -74,13 +74,7 @@ class HostWorld:
         proc = self.world.spawn(
             "owner", ["owner", "serve", "--config", str(self.tmp / "owner.toml"), "--listen", "127.0.0.1:0"]
         )
-        wait_for(
-            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
-            timeout=30,
-            what="owner listening line",
-        )
-        assert proc.popen.poll() is None, proc.stderr
-        self.owner_url = json.loads(proc.stdout.splitlines()[0])["listening"]
+        self.owner_url = proc.listening(timeout=30)
         return self.owner_url
 
     def simulator(self, vm: str, digest: bytes = DIGEST, *extra: str):

@@ -140,9 +140,7 @@ guid = "luks-key"
 file = "disk.pass"
 """)
     proc = world.spawn("owner", ["owner", "serve", "--config", str(toml), "--listen", "127.0.0.1:0"])
-    wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner")
-    assert proc.popen.poll() is None, proc.stderr
-    return json.loads(proc.stdout.splitlines()[0])["listening"], proc
+    return proc.listening(what="owner"), proc
 
 
 @pytest.fixture
