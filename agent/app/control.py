@@ -109,6 +109,16 @@ def check_socket_free(path: str) -> None:
         raise UsageError(f"control socket {path} is in use by another agent")
 
 
+async def close_and_unlink(server: HttpServer, path: str) -> None:
+    """Stop serving a control socket and remove its file (gone already is
+    fine): a sidecar's socket and ``keyagent host``'s alike."""
+    await server.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class ControlServer:
     def __init__(self, host: ControlHost, path: str, gid: int | None = None, ref_dirs: tuple[str, ...] = ()) -> None:
         self.host = host
@@ -148,11 +158,7 @@ class ControlServer:
                 ) from None
 
     async def close(self) -> None:
-        await self.server.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        await close_and_unlink(self.server, self.path)
 
     async def handle(self, request: Request) -> Response:
         route = (request.method, request.path.split("?", 1)[0])

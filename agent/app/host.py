@@ -415,11 +415,9 @@ class _UnlinkOnClose:
         self.server, self.path = server, path
 
     async def close(self) -> None:
-        await self.server.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        from agent.app.control import close_and_unlink
+
+        await close_and_unlink(self.server, self.path)
 
 
 def _internal(exc: BaseException) -> str:

@@ -51,11 +51,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
 import stat
 import sys
+from collections.abc import Awaitable, Iterator
 
 from agent.common.errors import UsageError
 
@@ -333,12 +335,7 @@ async def _serve(
     from agent.tools.sim.psp import FwError
     from agent.tools.sim.qmp_server import Simulator
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with _stop_on_signals() as stop:
         try:
             sim = Simulator(config, path)
             sim.hold_once = set(hold or ())
@@ -375,17 +372,9 @@ async def _serve(
             }
             if getattr(config, "snp", False) is True:
                 ready.update(snp=True, sev_es=False)
-            print(json.dumps(ready), flush=True)
-            quit_wait = asyncio.ensure_future(sim.wait_closed())
-            stop_wait = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({quit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            for fut in (quit_wait, stop_wait):
-                fut.cancel()
+            await _announce_and_wait(ready, sim.wait_closed(), stop)
         finally:
             await sim.close()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
     return getattr(sim.machine, "exit_status", 0)  # SNP: a failed SNP_LAUNCH_FINISH exits 1, as QEMU
 
 
@@ -474,12 +463,7 @@ def _run_many(args: argparse.Namespace) -> int:
 async def _serve_many(sims, config, qmp_dir: str, keys_out: str | None, outputs: dict[str, str | None]) -> int:
     from agent.common.logs import get_logger
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with _stop_on_signals() as stop:
         try:
             _write_platform_certs(sims.platform, outputs)
             if keys_out is None:
@@ -500,18 +484,37 @@ async def _serve_many(sims, config, qmp_dir: str, keys_out: str | None, outputs:
                 "keys_out": keys_out,
                 "session": False,
             }
-            print(json.dumps(ready), flush=True)
-            quit_wait = asyncio.ensure_future(sims.wait_closed())
-            stop_wait = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({quit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            for fut in (quit_wait, stop_wait):
-                fut.cancel()
+            await _announce_and_wait(ready, sims.wait_closed(), stop)
         finally:
             await sims.close()
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[asyncio.Event]:
+    """SIGTERM / SIGINT set the event this yields (the polite stop both serve
+    loops wait for) for as long as the block runs; the handlers go after."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-    return 0
+
+
+async def _announce_and_wait(ready: dict[str, object], closed: Awaitable[object], stop: asyncio.Event) -> None:
+    """Print the ready line a script waits for, then wait until the
+    simulator is closed (every VM got ``quit``) or a signal asks to stop."""
+    print(json.dumps(ready), flush=True)
+    quit_wait = asyncio.ensure_future(closed)
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({quit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    for fut in (quit_wait, stop_wait):
+        fut.cancel()
 
 
 def _enough_files(needed: int) -> None:

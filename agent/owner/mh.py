@@ -272,6 +272,21 @@ def _refused(status: int, reason: str, audit: dict[str, Any]) -> MhAnswer:
     return MhAnswer(status, {"error": reason}, reason, audit)
 
 
+def _pending_target(
+    audit: dict[str, Any], *, known: bool, mh: bool, record: MhRecord, none: str
+) -> MhTarget | MhAnswer:
+    """What both calls about a migration in flight check first, in this
+    order: the VM is in owner.toml (404), has ``mh = true`` (403) and has a
+    pending target (409, ``none`` the reason).  The target, or the refusal."""
+    if not known:
+        return _refused(404, "unknown vm", audit)
+    if not mh:
+        return _refused(403, "this vm has no MH keys (no mh = true)", audit)
+    if record.target is None:
+        return _refused(409, none, audit)
+    return record.target
+
+
 def decide_mh_target(body: Any, *, known: bool, mh: bool, record: MhRecord) -> MhAnswer:
     """``POST /v1/mh/target {"vm"}``: the pending target's public key and tag.
 
@@ -282,13 +297,15 @@ def decide_mh_target(body: Any, *, known: bool, mh: bool, record: MhRecord) -> M
     except ProtocolError as exc:
         return _invalid(exc, "mh target")
     audit: dict[str, Any] = {"request": "mh target", "vm": request.vm}
-    if not known:
-        return _refused(404, "unknown vm", audit)
-    if not mh:
-        return _refused(403, "this vm has no MH keys (no mh = true)", audit)
-    target = record.target
-    if target is None:
-        return _refused(409, "no migration of this vm is in flight (no target attested with migrating_from)", audit)
+    target = _pending_target(
+        audit,
+        known=known,
+        mh=mh,
+        record=record,
+        none="no migration of this vm is in flight (no target attested with migrating_from)",
+    )
+    if isinstance(target, MhAnswer):
+        return target
     audit["mh_key"] = mhkeys.key_id(target.public)
     answer = MhTargetAnswer(vm=request.vm, public_key=target.public, tag=target.tag)
     return MhAnswer(200, answer.encode(), "target public key", audit)
@@ -301,13 +318,9 @@ def decide_mh_complete(body: Any, *, known: bool, mh: bool, record: MhRecord) ->
     except ProtocolError as exc:
         return _invalid(exc, "mh complete")
     audit: dict[str, Any] = {"request": "mh complete", "vm": request.vm, "migration": request.status}
-    if not known:
-        return _refused(404, "unknown vm", audit)
-    if not mh:
-        return _refused(403, "this vm has no MH keys (no mh = true)", audit)
-    target = record.target
-    if target is None:
-        return _refused(409, "no migration of this vm is in flight", audit)
+    target = _pending_target(audit, known=known, mh=mh, record=record, none="no migration of this vm is in flight")
+    if isinstance(target, MhAnswer):
+        return target
     if request.status == "completed":
         new = MhRecord(live=target.public, target=None, retired=record.retire(target.source))
         audit.update(mh_retired=mhkeys.key_id(target.source), mh_key=mhkeys.key_id(target.public))

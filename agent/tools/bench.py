@@ -276,17 +276,23 @@ class Ctx:
             for vm in self.vms
         )
         self._n += 1
-        config = self.path(f"owner{self._n}.toml")
+        _, self.owner_url = await self.serve_owner("owner", f"owner{self._n}.toml", text)
+        return self.owner_url
+
+    async def serve_owner(self, name: str, config_file: str, text: str) -> tuple[asyncio.subprocess.Process, str]:
+        """``keyagent owner serve`` on 127.0.0.1:0 with ``text`` for its
+        owner.toml (written to ``config_file`` in the work dir), tagged
+        ``bench_role = name``: the process and the URL its ready line gives."""
+        config = self.path(config_file)
         with open(config, "w") as f:
             f.write(text)
         proc = await self.spawn(
-            "owner",
+            name,
             [*self.keyagent, "owner", "serve", "--config", config, "--listen", "127.0.0.1:0", "--log-level", "warning"],
             stdout=subprocess.PIPE,
         )
-        proc.bench_role = "owner"  # type: ignore[attr-defined]
-        self.owner_url = (await self.ready_line(proc, "owner"))["listening"]
-        return self.owner_url
+        proc.bench_role = name  # type: ignore[attr-defined]
+        return proc, (await self.ready_line(proc, name))["listening"]
 
     async def simulator(self, name: str, vm: str = "bench") -> tuple[asyncio.subprocess.Process, str]:
         path = self.path(f"{name}.qmp")
@@ -461,6 +467,37 @@ async def _wait_launched(ctx: Ctx, proc, control_sock: str, name: str, timeout: 
             break
         await asyncio.sleep(0.05)
     raise BenchError(f"{name} did not launch; see {ctx.path(name + '.stderr')}")
+
+
+async def start_migration_agent(
+    ctx: Ctx, name: str, qmp: str, run_dir: str, keys: list[str], incoming: bool
+) -> tuple[Any, str]:
+    """``keyagent run`` for VM "mig" on ``qmp`` (one side of a migration:
+    ``incoming`` for the destination), waited for until its control socket
+    answers ``status`` (30 s; Ctx tracks the process, so a failed start is
+    still stopped).  Returns the process and its control socket."""
+    proc = await ctx.spawn(
+        name,
+        [
+            *ctx.keyagent,
+            "run",
+            "--qmp",
+            f"unix:{qmp}",
+            "--vm-name",
+            "mig",
+            "--vm-run-dir",
+            run_dir,
+            *keys,
+            *(["--incoming"] if incoming else []),
+        ],
+    )
+    sock = os.path.join(run_dir, "control.sock")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock) or await _status(sock) is None:
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise BenchError(f"{name} did not start; see {ctx.path(name + '.stderr')}")
+        await asyncio.sleep(0.05)
+    return proc, sock
 
 
 def _run_dir(ctx: Ctx, name: str) -> str:
@@ -750,28 +787,10 @@ async def _one_migration(ctx: Ctx, qemu: str, side: str, rep: int, fill: str | N
             for role, qmp in (("src", src_sock), ("dst", dst_sock)):
                 run_dir = _run_dir(ctx, f"mig{rep}-{role}-run")
                 name = f"mig{rep}-{role}-agent"
-                proc = await ctx.spawn(
-                    name,
-                    [
-                        *ctx.keyagent,
-                        "run",
-                        "--qmp",
-                        f"unix:{qmp}",
-                        "--vm-name",
-                        "mig",
-                        "--vm-run-dir",
-                        run_dir,
-                        *host_keys[role],
-                        *(["--incoming"] if role == "dst" else []),
-                    ],
+                proc, socks[role] = await start_migration_agent(
+                    ctx, name, qmp, run_dir, host_keys[role], incoming=role == "dst"
                 )
                 procs.append(proc)
-                socks[role] = os.path.join(run_dir, "control.sock")
-                deadline = time.monotonic() + 30
-                while not os.path.exists(socks[role]) or await _status(socks[role]) is None:
-                    if proc.returncode is not None or time.monotonic() > deadline:
-                        raise BenchError(f"{name} did not start; see {ctx.path(name + '.stderr')}")
-                    await asyncio.sleep(0.05)
             # A key both hosts have (--psk-file), as the floor has: the same QMP
             # calls on both sides.  The sealed hand-over (prepare/begin) adds
             # Ed25519 signatures, HPKE and, in a fresh sidecar, cryptography's import

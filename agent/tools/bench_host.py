@@ -72,15 +72,7 @@ async def _start_owner(ctx: Ctx, names: list[str], keys_dir: str) -> tuple[Any, 
         f'[[vm.{vm}.secret]]\nguid = "luks-key"\nfile = "{secret}"\n'
         for vm in names
     )
-    config = ctx.path("host-owner.toml")
-    with open(config, "w") as f:
-        f.write(text)
-    proc = await ctx.spawn(
-        "host-owner",
-        [*ctx.keyagent, "owner", "serve", "--config", config, "--listen", "127.0.0.1:0", "--log-level", "warning"],
-        stdout=subprocess.PIPE,
-    )
-    return proc, (await ctx.ready_line(proc, "host-owner"))["listening"]
+    return await ctx.serve_owner("host-owner", "host-owner.toml", text)
 
 
 async def _resumed(client) -> None:

@@ -39,10 +39,10 @@ from agent.tools.bench import (
     _qemu,
     _r,
     _run_dir,
-    _status,
     close_client,
     free_port,
     qmp_client,
+    start_migration_agent,
 )
 
 FULL_REPS = 5
@@ -75,31 +75,6 @@ def cpu_ticks_ns(pid: int) -> int:
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
-async def _agent(ctx: Ctx, name: str, qmp: str, run_dir: str, keys: list[str], incoming: bool) -> tuple[Any, str]:
-    proc = await ctx.spawn(
-        name,
-        [
-            *ctx.keyagent,
-            "run",
-            "--qmp",
-            f"unix:{qmp}",
-            "--vm-name",
-            "mig",
-            "--vm-run-dir",
-            run_dir,
-            *keys,
-            *(["--incoming"] if incoming else []),
-        ],
-    )
-    sock = os.path.join(run_dir, "control.sock")
-    deadline = time.monotonic() + 30
-    while not os.path.exists(sock) or await _status(sock) is None:
-        if proc.returncode is not None or time.monotonic() > deadline:
-            raise BenchError(f"{name} did not start; see {ctx.path(name + '.stderr')}")
-        await asyncio.sleep(0.05)
-    return proc, sock
-
-
 async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
     """One sealed migration; the agents' CPU and the wall-clock view, in ms."""
     from agent.protocol import control as wire
@@ -114,11 +89,11 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
             await client.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
             await close_client(client)
         keys = _host_keys(ctx)
-        src_agent, src_ctl = await _agent(
+        src_agent, src_ctl = await start_migration_agent(
             ctx, f"fix{rep}-src-agent", src_sock, _run_dir(ctx, f"fix{rep}-src-run"), keys["src"], False
         )
         procs.append(src_agent)
-        dst_agent, dst_ctl = await _agent(
+        dst_agent, dst_ctl = await start_migration_agent(
             ctx, f"fix{rep}-dst-agent", dst_sock, _run_dir(ctx, f"fix{rep}-dst-run"), keys["dst"], True
         )
         procs.append(dst_agent)

@@ -14,7 +14,8 @@ top of this is what the benchmark reports.
 * :func:`bare_migration` is awaited in the bench process, as the bench
   drives the agents' control sockets from that process too.
 
-Not part of the agent: nothing imports this module but ``agent.tools.bench``.
+Not part of the agent, and it imports none of the agent's modules: only
+``agent.tools.bench`` and the host-mode floor (``agent.tools.hostfloor``) import it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,40 +48,54 @@ def _post_json(url: str, body: dict, timeout: float) -> tuple[int, dict]:
         conn.close()
 
 
+async def sev_launch(client: QMPClient, vm: str, post: Callable[[dict], Awaitable[tuple[int, Any]]]) -> str | None:
+    """query-status, query-sev, query-sev-launch-measure, ``post`` (the owner's
+    POST /v1/secret), sev-inject-launch-secret, cont on a connected client:
+    the agent's SEV launch with nothing around it.  None once ``cont`` is
+    answered, or why it stopped (a refused launch quits the VM, as the agent
+    does); anything unexpected raises.  Both floors run it: this module's
+    :func:`bare_launch` and :mod:`agent.tools.hostfloor`."""
+    status: Any = await client.execute("query-status")
+    if status["status"] not in ("prelaunch", "paused"):
+        return f"status {status['status']}"
+    sev: Any = await client.execute("query-sev")
+    while True:  # the simulator measures at once; QEMU may need a moment
+        try:
+            measure: Any = await client.execute("query-sev-launch-measure")
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    body = {
+        "vm": vm,
+        "measurement": measure["data"],
+        "api_major": sev["api-major"],
+        "api_minor": sev["api-minor"],
+        "build_id": sev["build-id"],
+        "policy": sev["policy"],
+    }
+    code, answer = await post(body)
+    if code != 200:
+        await client.execute("quit")
+        return f"owner answered {code}"
+    args = {"packet-header": answer["packet_header"], "secret": answer["secret"]}
+    if answer.get("gpa") is not None:
+        args["gpa"] = answer["gpa"]
+    await client.execute("sev-inject-launch-secret", args)
+    await client.execute("cont")
+    return None
+
+
 async def bare_launch(qmp_path: str, owner_url: str, vm: str, timeout: float = 10.0) -> int:
-    """query-status, query-sev, query-sev-launch-measure, POST /v1/secret,
-    sev-inject-launch-secret, cont: the SEV launch with nothing around it."""
+    """:func:`sev_launch` on its own connection, the owner asked with a
+    blocking ``http.client`` POST; 0 when launched, 1 when it stopped."""
+
+    async def post(body: dict) -> tuple[int, Any]:
+        return _post_json(owner_url.rstrip("/") + "/v1/secret", body, timeout)
+
     client = QMPClient("floor")
     await client.connect(qmp_path)
     try:
-        status: Any = await client.execute("query-status")
-        if status["status"] not in ("prelaunch", "paused"):
-            return 1
-        sev: Any = await client.execute("query-sev")
-        while True:  # the simulator measures at once; QEMU may need a moment
-            try:
-                measure: Any = await client.execute("query-sev-launch-measure")
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
-        body = {
-            "vm": vm,
-            "measurement": measure["data"],
-            "api_major": sev["api-major"],
-            "api_minor": sev["api-minor"],
-            "build_id": sev["build-id"],
-            "policy": sev["policy"],
-        }
-        code, answer = _post_json(owner_url.rstrip("/") + "/v1/secret", body, timeout)
-        if code != 200:
-            await client.execute("quit")
-            return 1
-        args = {"packet-header": answer["packet_header"], "secret": answer["secret"]}
-        if answer.get("gpa") is not None:
-            args["gpa"] = answer["gpa"]
-        await client.execute("sev-inject-launch-secret", args)
-        await client.execute("cont")
-        return 0
+        return 0 if await sev_launch(client, vm, post) is None else 1
     finally:
         await client.disconnect()
 

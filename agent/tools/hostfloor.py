@@ -23,7 +23,8 @@ exit 0 when every VM launched.  The bench times both sides the same way,
 from the simulator's stamps; this script's own figures are a cross-check.
 
 Not part of the agent, and it imports none of the agent's modules (the
-socket names ``vm-000.sock`` ... are the simulator's ``--vms`` naming).
+socket names ``vm-000.sock`` ... are the simulator's ``--vms`` naming); the
+QMP sequence is :mod:`agent.tools.benchfloor`'s, which imports none either.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from urllib.parse import urlsplit
 
 import h11
 from qemu.qmp import QMPClient
+
+from agent.tools.benchfloor import sev_launch
 
 
 def vm_name(index: int, count: int) -> str:
@@ -87,37 +90,18 @@ async def post_json(url: str, body: dict, timeout: float) -> tuple[int, Any]:
 
 
 async def launch_one(qmp_path: str, owner_url: str, vm: str, timeout: float = 30.0) -> None:
-    """The agent's SEV launch, bare; raises on anything unexpected."""
+    """The agent's SEV launch, bare (benchfloor's :func:`sev_launch`, the owner
+    asked over h11); raises on anything unexpected."""
+
+    async def post(body: dict) -> tuple[int, Any]:
+        return await post_json(owner_url.rstrip("/") + "/v1/secret", body, timeout)
+
     client = QMPClient(vm)
     await client.connect(qmp_path)
     try:
-        status: Any = await client.execute("query-status")
-        if status["status"] not in ("prelaunch", "paused"):
-            raise RuntimeError(f"status {status['status']}")
-        sev: Any = await client.execute("query-sev")
-        while True:  # the simulator measures at once; QEMU may need a moment
-            try:
-                measure: Any = await client.execute("query-sev-launch-measure")
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
-        body = {
-            "vm": vm,
-            "measurement": measure["data"],
-            "api_major": sev["api-major"],
-            "api_minor": sev["api-minor"],
-            "build_id": sev["build-id"],
-            "policy": sev["policy"],
-        }
-        code, answer = await post_json(owner_url.rstrip("/") + "/v1/secret", body, timeout)
-        if code != 200:
-            await client.execute("quit")
-            raise RuntimeError(f"owner answered {code}")
-        args = {"packet-header": answer["packet_header"], "secret": answer["secret"]}
-        if answer.get("gpa") is not None:
-            args["gpa"] = answer["gpa"]
-        await client.execute("sev-inject-launch-secret", args)
-        await client.execute("cont")
+        stopped = await sev_launch(client, vm, post)
+        if stopped is not None:
+            raise RuntimeError(stopped)
     finally:
         await client.disconnect()
 

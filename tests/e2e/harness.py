@@ -36,6 +36,25 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def qmp_once(path: str | Path, command: str, args: dict | None = None, client: str = "e2e-probe"):
+    """One QMP command on its own connection (QEMU and the simulator serve
+    several monitors' clients); an error answer raises ExecuteError."""
+    from qemu.qmp import QMPClient
+
+    async def go():
+        qmp = QMPClient(client)
+        await qmp.connect(str(path))
+        try:
+            return await qmp.execute(command, args)
+        finally:
+            try:
+                await qmp.disconnect()
+            except Exception:  # after quit, QEMU closes first
+                pass
+
+    return asyncio.run(go())
+
+
 @dataclass
 class Proc:
     name: str
@@ -53,6 +72,12 @@ class Proc:
     @property
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
+
+    def listening(self, timeout: float = 10.0, what: str = "owner listening line") -> str:
+        """The URL in the first stdout line of ``owner serve`` (``{"listening": ...}``), once it is there."""
+        wait_for(lambda: self.stdout_path.stat().st_size > 0 or self.popen.poll() is not None, timeout, what)
+        assert self.popen.poll() is None, self.stderr
+        return json.loads(self.stdout.splitlines()[0])["listening"]
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -120,20 +145,7 @@ class World:
 
     def sim_query(self, command: str) -> dict:
         """Ask the simulator directly (it serves several clients)."""
-        from qemu.qmp import QMPClient
-
-        async def go():
-            client = QMPClient("e2e-probe")
-            await client.connect(self.qmp)
-            try:
-                return await client.execute(command)
-            finally:
-                try:
-                    await client.disconnect()
-                except Exception:  # after quit, QEMU closes first
-                    pass
-
-        return asyncio.run(go())
+        return qmp_once(self.qmp, command)
 
     # -- the owner ------------------------------------------------------------
     def owner_config(self, digest: bytes = DIGEST, policy: int = 1) -> Path:
@@ -153,11 +165,7 @@ file = "disk.pass"
     def owner(self, digest: bytes = DIGEST, policy: int = 1) -> str:
         cfg = self.owner_config(digest, policy)
         proc = self.spawn("owner", ["owner", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"])
-        wait_for(
-            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner listening line"
-        )
-        assert proc.popen.poll() is None, proc.stderr
-        return json.loads(proc.stdout.splitlines()[0])["listening"]
+        return proc.listening()
 
     # -- the agent ------------------------------------------------------------
     def agent(self, owner_url: str, *extra: str) -> Proc:

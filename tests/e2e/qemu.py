@@ -8,13 +8,14 @@ the guest's RAM really travelled: the destination never reads the disk.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
-from tests.e2e.harness import wait_for
+from tests.e2e.harness import qmp_once, wait_for
 
 QEMU = shutil.which("qemu-system-x86_64")
 BOOT_ADDR = 0x7C00
@@ -29,6 +30,24 @@ def boot_image(path: Path, marker: bytes) -> None:
     path.write_bytes(bytes(sector) + bytes(1024 * 1024 - 512))  # SeaBIOS skips tiny disks
 
 
+def tcg_qemu_argv(*monitors: str | Path, extra: Sequence[str] = ()) -> list[str]:
+    """QEMU with TCG, 64 MiB, no default devices, no display; a QMP server
+    (``wait=off``) on each of ``monitors``; then ``extra``."""
+    argv = [QEMU or "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults", "-display", "none"]
+    for path in monitors:
+        argv += ["-qmp", f"unix:{path},server=on,wait=off"]
+    return [*argv, *extra]
+
+
+def start_tcg_qemu(*monitors: str | Path, extra: Sequence[str] = (), stderr: Path | None = None) -> subprocess.Popen:
+    """:func:`tcg_qemu_argv` started, stdin and stdout on /dev/null, stderr
+    to the file ``stderr`` (or /dev/null).  The caller waits for a monitor."""
+    with open(stderr, "wb") if stderr is not None else contextlib.nullcontext(subprocess.DEVNULL) as err:
+        return subprocess.Popen(
+            tcg_qemu_argv(*monitors, extra=extra), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+
+
 class Qemu:
     def __init__(
         self, tmp: Path, name: str, disk: Path, incoming: bool = False, extra: list[str] | None = None
@@ -37,25 +56,11 @@ class Qemu:
         self.agent_qmp = str(tmp / f"{name}-qmp.sock")
         self.test_qmp = str(tmp / f"{name}-test.sock")
         self.stderr_path = tmp / f"{name}-qemu.stderr"
-        args = [
-            QEMU,
-            "-machine",
-            "q35,accel=tcg",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "none",
-            "-drive",
-            f"file={disk},format=raw,if=ide",
-            "-qmp",
-            f"unix:{self.agent_qmp},server=on,wait=off",
-            "-qmp",
-            f"unix:{self.test_qmp},server=on,wait=off",
-            *(extra or []),
-        ]
+        args = tcg_qemu_argv(
+            self.agent_qmp,
+            self.test_qmp,
+            extra=["-serial", "none", "-drive", f"file={disk},format=raw,if=ide", *(extra or [])],
+        )
         if incoming:
             args += ["-incoming", "defer"]
         self.popen = subprocess.Popen(
@@ -64,25 +69,20 @@ class Qemu:
         wait_for(lambda: os.path.exists(self.test_qmp) or self.popen.poll() is not None, what=f"{name} QEMU monitor")
         assert self.popen.poll() is None, self.stderr
 
+    @classmethod
+    def attach(cls, name: str, test_qmp: str | Path) -> Qemu:
+        """The test's view of a QEMU something else started: only its test
+        monitor (:meth:`qmp` and what uses it), nothing to stop."""
+        q = cls.__new__(cls)
+        q.name, q.test_qmp = name, str(test_qmp)
+        return q
+
     @property
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
     def qmp(self, command: str, args: dict | None = None):
-        from qemu.qmp import QMPClient
-
-        async def go():
-            client = QMPClient(f"test-{self.name}")
-            await client.connect(self.test_qmp)
-            try:
-                return await client.execute(command, args or {})
-            finally:
-                try:
-                    await client.disconnect()
-                except Exception:
-                    pass
-
-        return asyncio.run(go())
+        return qmp_once(self.test_qmp, command, args or {}, client=f"test-{self.name}")
 
     def tls_objects(self) -> list[str]:
         return [

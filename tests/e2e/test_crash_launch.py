@@ -66,9 +66,7 @@ class Crash:
         )
         listen = f"127.0.0.1:{port or 0}"
         proc = self.world.spawn(name, ["owner", "serve", "--config", "owner.toml", "--listen", listen])
-        wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner line")
-        assert proc.popen.poll() is None, proc.stderr
-        self.owner_url = json.loads(proc.stdout.splitlines()[0])["listening"]
+        self.owner_url = proc.listening(what="owner line")
         return self.owner_url
 
     def simulator(self, *extra: str):
@@ -156,6 +154,15 @@ class Crash:
     def held(self, sim, command: str) -> None:
         wait_for(lambda: f'"command": "{command}"' in sim.stderr and "sim.test_hold" in sim.stderr, 30, "the hold")
 
+    def agent_held_at(self, command: str):
+        """An owner, a simulator that holds ``command`` once, and an agent
+        that has got as far as sending it: what a kill test kills."""
+        self.owner()
+        sim = self.simulator("--x-test-hold", command)
+        first = self.agent()
+        self.held(sim, command)
+        return first
+
     def kill(self, agent) -> None:
         agent.popen.send_signal(signal.SIGKILL)
         assert agent.wait() == -signal.SIGKILL
@@ -216,6 +223,16 @@ class Crash:
             decisions += [rec["decision"] for rec in lines if rec.get("decision") != "session"]
         return decisions
 
+    def assert_restarted_agent_launches(self, *agent_args: str, injections: int, decisions: list[str]) -> None:
+        """A new agent (``agent_args`` as :meth:`agent` takes them) finishes
+        the launch, the owner decided ``decisions``, every event log replays."""
+        second = self.agent(*agent_args)
+        assert self.launch_result()["code"] == 0
+        self.assert_launched(injections=injections)
+        assert self.owner_decisions() == decisions
+        stop(second)
+        self.replay_each()
+
     def replay_each(self) -> None:
         for name in EVENT_LOGS[: self.agents]:
             out = subprocess.run(
@@ -242,69 +259,38 @@ def stop(agent) -> None:
 
 
 def test_killed_after_the_release_before_the_injection_then_restarted_launches(crash):
-    crash.owner()
-    sim = crash.simulator("--x-test-hold", "sev-inject-launch-secret")
-    first = crash.agent()
-    crash.held(sim, "sev-inject-launch-secret")
+    first = crash.agent_held_at("sev-inject-launch-secret")
     assert crash.owner_decisions() == ["released"]
     crash.kill(first)
     assert crash.state()["injections"] == 0 and crash.state()["status"] == "prelaunch"
 
-    second = crash.agent()
-    assert crash.launch_result()["code"] == 0
-    crash.assert_launched(injections=1)
-    assert crash.owner_decisions() == ["released", "resent"]
-    stop(second)
-    crash.replay_each()
+    crash.assert_restarted_agent_launches(injections=1, decisions=["released", "resent"])
 
 
 def test_agent_and_owner_both_killed_after_the_release_then_restarted_launches(crash):
-    crash.owner()
-    sim = crash.simulator("--x-test-hold", "sev-inject-launch-secret")
-    first = crash.agent()
-    crash.held(sim, "sev-inject-launch-secret")
+    first = crash.agent_held_at("sev-inject-launch-secret")
     crash.kill(first)
     crash.kill_owner_and_start_it_again()  # the release is in its database, not its memory
 
-    second = crash.agent()
-    assert crash.launch_result()["code"] == 0
-    crash.assert_launched(injections=1)
-    assert crash.owner_decisions() == ["released", "resent"]
-    stop(second)
-    crash.replay_each()
+    crash.assert_restarted_agent_launches(injections=1, decisions=["released", "resent"])
 
 
 def test_killed_after_the_injection_before_cont_then_restarted_injects_again_and_runs(crash):
-    crash.owner()
-    sim = crash.simulator("--x-test-hold", "cont")
-    first = crash.agent()
-    crash.held(sim, "cont")
+    first = crash.agent_held_at("cont")
     state = crash.state()
     assert state["injections"] == 1 and state["status"] == "prelaunch" and state["sev-state"] == "launch-secret"
     crash.kill(first)
 
-    second = crash.agent()
-    assert crash.launch_result()["code"] == 0
-    crash.assert_launched(injections=2)  # LAUNCH_SECRET again, allowed in the LSECRET state
-    assert crash.owner_decisions() == ["released", "resent"]
-    stop(second)
-    crash.replay_each()
+    # LAUNCH_SECRET again, allowed in the LSECRET state.
+    crash.assert_restarted_agent_launches(injections=2, decisions=["released", "resent"])
 
 
 @pytest.mark.parametrize("step", ["query-status", "query-sev-launch-measure"])
 def test_killed_before_the_owner_was_asked_then_restarted_launches(crash, step):
-    crash.owner()
-    sim = crash.simulator("--x-test-hold", step)
-    first = crash.agent()
-    crash.held(sim, step)
+    first = crash.agent_held_at(step)
     crash.kill(first)
 
-    second = crash.agent()
-    assert crash.launch_result()["code"] == 0
-    crash.assert_launched(injections=1)
-    assert crash.owner_decisions() == ["released"]
-    stop(second)
-    crash.replay_each()
+    crash.assert_restarted_agent_launches(injections=1, decisions=["released"])
 
 
 def test_killed_while_waiting_for_the_owner_then_restarted_launches(crash):
@@ -317,12 +303,8 @@ def test_killed_while_waiting_for_the_owner_then_restarted_launches(crash):
     state = crash.state()
     assert state["status"] == "prelaunch" and state["injections"] == 0
 
-    second = crash.agent(down, "--owner-url", crash.owner_url)  # a list: the first still down
-    assert crash.launch_result()["code"] == 0
-    crash.assert_launched(injections=1)
-    assert crash.owner_decisions() == ["released"]
-    stop(second)
-    crash.replay_each()
+    # A list of owners: the first still down.
+    crash.assert_restarted_agent_launches(down, "--owner-url", crash.owner_url, injections=1, decisions=["released"])
 
 
 def test_an_owner_down_when_the_agent_asks_is_found_by_the_retries_once_it_is_back(crash):
@@ -340,10 +322,7 @@ def test_an_owner_down_when_the_agent_asks_is_found_by_the_retries_once_it_is_ba
 
 
 def test_a_restarted_agent_that_cannot_verify_leaves_the_injected_vm_paused(crash):
-    crash.owner()
-    sim = crash.simulator("--x-test-hold", "cont")
-    first = crash.agent()
-    crash.held(sim, "cont")
+    first = crash.agent_held_at("cont")
     crash.kill(first)
     assert crash.state()["injections"] == 1
 

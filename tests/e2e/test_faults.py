@@ -226,9 +226,7 @@ def test_launch_as_pid_1_reaps_orphans_and_exits_with_qemus_status(tmp_path):
         # The orphan exits 0.3 s after QEMU's start; the reaper takes a zombie
         # only when it still is one a second after it first saw it (ChildReaper).
         wait_for(lambda: zombies() == [], timeout=15, what="the orphan reaped")
-        q = Qemu.__new__(Qemu)
-        q.name, q.test_qmp = "pid1", str(test_qmp)
-        q.qmp("quit")
+        Qemu.attach("pid1", test_qmp).qmp("quit")
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

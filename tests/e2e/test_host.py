@@ -23,7 +23,7 @@ import pytest
 
 from tests.control_client import get
 from tests.e2e.harness import DIGEST, DISK_PASS, KEYAGENT, World, ctl, leak_checked, wait_for
-from tests.e2e.qemu import QEMU, Qemu
+from tests.e2e.qemu import QEMU, Qemu, start_tcg_qemu
 
 
 class HostWorld:
@@ -74,16 +74,10 @@ class HostWorld:
         proc = self.world.spawn(
             "owner", ["owner", "serve", "--config", str(self.tmp / "owner.toml"), "--listen", "127.0.0.1:0"]
         )
-        wait_for(
-            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None,
-            timeout=30,
-            what="owner listening line",
-        )
-        assert proc.popen.poll() is None, proc.stderr
-        self.owner_url = json.loads(proc.stdout.splitlines()[0])["listening"]
+        self.owner_url = proc.listening(timeout=30)
         return self.owner_url
 
-    def simulator(self, vm: str, digest: bytes = DIGEST):
+    def simulator(self, vm: str, digest: bytes = DIGEST, *extra: str):
         tik, tek = self.keys[vm]
         proc = self.world.spawn(
             f"sim-{vm}",
@@ -98,6 +92,7 @@ class HostWorld:
                 str(tek),
                 "--digest",
                 digest.hex(),
+                *extra,
             ],
         )
         wait_for(lambda: os.path.exists(self.qmp(vm)) or proc.popen.poll() is not None, what=f"{vm} simulator")
@@ -329,25 +324,7 @@ def test_sighup_restarts_a_vm_whose_file_changed_and_leaves_the_rest(hw):
 def test_sigterm_during_a_launch_leaves_that_vm_paused_and_the_host_exits_0(hw):
     hw.owner("slow")
     # The simulator measures late: the launch is still waiting at SIGTERM.
-    tik, tek = hw.keys["slow"]
-    proc = hw.world.spawn(
-        "sim-slow",
-        [
-            "simulate",
-            "--qmp",
-            f"unix:{hw.qmp('slow')}",
-            "--sev",
-            "--tik",
-            str(tik),
-            "--tek",
-            str(tek),
-            "--digest",
-            DIGEST.hex(),
-            "--measure-delay",
-            "30",
-        ],
-    )
-    wait_for(lambda: os.path.exists(hw.qmp("slow")), what="slow simulator")
+    proc = hw.simulator("slow", DIGEST, "--measure-delay", "30")
     hw.vm_file("slow")
     hw.start()
     hw.wait_vm("slow", lambda e: "launch" in e["flows"], what="launch running")
@@ -367,26 +344,7 @@ def test_a_real_qemu_vm_takes_a_secret_through_its_own_socket_and_its_death_touc
     secret = hw.tmp / "secret.txt"
     secret.write_text("qemu secret " + os.urandom(8).hex())
     hw.world.scan.secret("secret object", secret.read_bytes())
-    qemu = subprocess.Popen(
-        [
-            QEMU,
-            "-machine",
-            "q35,accel=tcg",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-            "-qmp",
-            f"unix:{hw.qmp('tcg')},server=on,wait=off",
-            "-qmp",
-            f"unix:{hw.tmp / 'tcg-test.sock'},server=on,wait=off",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(hw.tmp / "tcg-qemu.stderr", "wb"),
-    )
+    qemu = start_tcg_qemu(hw.qmp("tcg"), hw.tmp / "tcg-test.sock", extra=["-S"], stderr=hw.tmp / "tcg-qemu.stderr")
     try:
         wait_for(lambda: os.path.exists(hw.tmp / "tcg-test.sock"), what="QEMU monitor")
         hw.vm_file(
@@ -399,8 +357,7 @@ def test_a_real_qemu_vm_takes_a_secret_through_its_own_socket_and_its_death_touc
         wait_for(lambda: ctl(control, "ready").returncode == 0, timeout=30, what="tcg VM's control socket")
         out = ctl(control, "secret", "add", "--id", "disk0", "--file", str(secret))
         assert out.returncode == 0, out.stderr
-        probe = Qemu.__new__(Qemu)
-        probe.name, probe.test_qmp = "tcg", str(hw.tmp / "tcg-test.sock")
+        probe = Qemu.attach("tcg", hw.tmp / "tcg-test.sock")
         objects = {o["name"] for o in probe.qmp("qom-list", {"path": "/objects"})}
         assert "disk0" in objects
         assert hw.vms()["tcg"]["state"] == "running"
@@ -465,26 +422,7 @@ def test_two_vtpm_vms_each_get_their_swtpm_and_one_swtpm_dying_quits_only_its_qe
             for vm in ("v1", "v2"):
                 ctrl = hw.run_dir(vm) / "swtpm-ctrl.sock"
                 wait_for(lambda ctrl=ctrl: ctrl.exists(), timeout=30, what=f"{vm}'s swtpm")
-                qemus[vm] = subprocess.Popen(
-                    [
-                        QEMU,
-                        "-machine",
-                        "q35,accel=tcg",
-                        "-m",
-                        "64",
-                        "-nodefaults",
-                        "-display",
-                        "none",
-                        "-qmp",
-                        f"unix:{hw.qmp(vm)},server=on,wait=off",
-                        "-qmp",
-                        f"unix:{tmp / (vm + '-test.sock')},server=on,wait=off",
-                        *swtpm.qemu_tpm_args(str(ctrl)),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+                qemus[vm] = start_tcg_qemu(hw.qmp(vm), tmp / (vm + "-test.sock"), extra=swtpm.qemu_tpm_args(str(ctrl)))
             for vm in ("v1", "v2"):
                 control = hw.run_dir(vm) / "control.sock"
                 wait_for(lambda c=control: ctl(c, "ready").returncode == 0, timeout=30, what=f"{vm} ready")
@@ -498,8 +436,7 @@ def test_two_vtpm_vms_each_get_their_swtpm_and_one_swtpm_dying_quits_only_its_qe
             v1 = hw.wait_vm("v1", lambda e: e["state"] == "failed", what="swtpm died")
             assert "swtpm exited" in v1["result"]["reason"]
             assert qemus["v2"].poll() is None
-            probe = Qemu.__new__(Qemu)
-            probe.name, probe.test_qmp = "v2", str(tmp / "v2-test.sock")
+            probe = Qemu.attach("v2", tmp / "v2-test.sock")
             assert probe.qmp("query-tpm")[0]["model"] == "tpm-crb"
             assert hw.vms()["v2"]["state"] == "running"
             assert hw.terminate() == 0, hw.host.stderr

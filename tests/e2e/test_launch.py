@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.e2e.harness import KEYAGENT, World, ctl, leak_checked, wait_for
-from tests.e2e.qemu import QEMU, Qemu
+from tests.e2e.qemu import QEMU, Qemu, tcg_qemu_argv
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 
@@ -42,17 +42,7 @@ class Launched:
                 "debug",
                 *agent_extra,
                 "--",
-                QEMU,
-                "-machine",
-                "q35,accel=tcg",
-                "-m",
-                "64",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-qmp",
-                f"unix:{self.test_qmp},server=on,wait=off",
-                *qemu_extra,
+                *tcg_qemu_argv(self.test_qmp, extra=qemu_extra),
             ],
         )
 
@@ -66,9 +56,7 @@ class Launched:
         return self
 
     def qmp(self, command, args=None):
-        q = Qemu.__new__(Qemu)
-        q.name, q.test_qmp = "launched", self.test_qmp
-        return q.qmp(command, args)
+        return Qemu.attach("launched", self.test_qmp).qmp(command, args)
 
     def files(self):
         return sorted(p.name for p in self.run_dir.rglob("*"))

@@ -11,7 +11,6 @@ or PSK in anything the agents, the owner, QMP or the event logs wrote.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -22,7 +21,18 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.harness import DIGEST, DISK_PASS, KEYAGENT, World, ctl, ctl_json, free_port, leak_checked, wait_for
+from tests.e2e.harness import (
+    DIGEST,
+    DISK_PASS,
+    KEYAGENT,
+    World,
+    ctl,
+    ctl_json,
+    free_port,
+    leak_checked,
+    qmp_once,
+    wait_for,
+)
 
 MH_PRIVATE = "e1d17176-1244-40d6-a793-71c9344c786e"
 MH_SOURCE = "6109108f-0824-4106-b59e-46a19b275b0d"
@@ -30,20 +40,7 @@ MH_SOURCE = "6109108f-0824-4106-b59e-46a19b275b0d"
 
 def qmp(path, command: str, args: dict | None = None):
     """One command on a simulator's QMP socket (it serves several clients); an error as ExecuteError."""
-    from qemu.qmp import QMPClient
-
-    async def go():
-        client = QMPClient("e2e-mh-probe")
-        await client.connect(str(path))
-        try:
-            return await client.execute(command, args or {})
-        finally:
-            try:
-                await client.disconnect()
-            except Exception:
-                pass
-
-    return asyncio.run(go())
+    return qmp_once(path, command, args or {}, client="e2e-mh-probe")
 
 
 def post(url: str, path: str, body: dict) -> tuple[int, dict]:
@@ -143,9 +140,7 @@ guid = "luks-key"
 file = "disk.pass"
 """)
     proc = world.spawn("owner", ["owner", "serve", "--config", str(toml), "--listen", "127.0.0.1:0"])
-    wait_for(lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner")
-    assert proc.popen.poll() is None, proc.stderr
-    return json.loads(proc.stdout.splitlines()[0])["listening"], proc
+    return proc.listening(what="owner"), proc
 
 
 @pytest.fixture

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
 from agent.io import keyring
 from tests.e2e.harness import World, ctl, wait_for
-from tests.e2e.qemu import QEMU, make_luks
+from tests.e2e.qemu import QEMU, make_luks, start_tcg_qemu
 from tests.leakscan import ArgvWatcher, LeakScan
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -36,26 +35,7 @@ class Vm:
         tmp = world.tmp
         self.tmp, self.name = tmp, f"sec-{mode}-{os.getpid()}"
         self.agent_qmp, self.test_qmp = str(tmp / "qmp.sock"), str(tmp / "test.sock")
-        self.qemu = subprocess.Popen(
-            [
-                QEMU,
-                "-machine",
-                "q35,accel=tcg",
-                "-m",
-                "64",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-qmp",
-                f"unix:{self.agent_qmp},server=on,wait=off",
-                "-qmp",
-                f"unix:{self.test_qmp},server=on,wait=off",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp / "qemu.stderr", "wb"),
-        )
+        self.qemu = start_tcg_qemu(self.agent_qmp, self.test_qmp, extra=["-S"], stderr=tmp / "qemu.stderr")
         wait_for(lambda: os.path.exists(self.test_qmp), what="QEMU monitor")
         self.run_dir = tmp / "run"
         self.control = self.run_dir / "control.sock"
@@ -82,9 +62,7 @@ class Vm:
     def qmp(self, command: str, args: dict | None = None):
         from tests.e2e.qemu import Qemu
 
-        q = Qemu.__new__(Qemu)
-        q.name, q.test_qmp = self.name, self.test_qmp
-        return q.qmp(command, args)
+        return Qemu.attach(self.name, self.test_qmp).qmp(command, args)
 
     def unlock(self, secret_id: str, node: str):
         return self.qmp(

@@ -132,11 +132,7 @@ guid = "luks-key"
 file = "snp.pass"
 """)
         proc = self.world.spawn(name, ["owner", "serve", "--config", toml.name, "--listen", "127.0.0.1:0"])
-        wait_for(
-            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner listening line"
-        )
-        assert proc.popen.poll() is None, proc.stderr
-        return json.loads(proc.stdout.splitlines()[0])["listening"]
+        return proc.listening()
 
     def attest(self, url: str, **kw) -> dict[str, bytes]:
         return asyncio.run(guest_attest(self.world.qmp, url, "vm1", **kw))

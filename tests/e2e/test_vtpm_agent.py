@@ -13,7 +13,7 @@ import pytest
 
 from agent.io import swtpm
 from tests.e2e.harness import World, ctl, ctl_json, free_port, leak_checked, wait_for
-from tests.e2e.qemu import QEMU, Qemu
+from tests.e2e.qemu import QEMU, Qemu, start_tcg_qemu, tcg_qemu_argv
 
 pytestmark = pytest.mark.skipif(
     QEMU is None or shutil.which("swtpm") is None, reason="qemu-system-x86_64 or swtpm is not installed"
@@ -63,22 +63,10 @@ def launch(world: World, name: str, *qemu_extra: str, run: str = "run", state: s
             "--log-level",
             "debug",
             "--",
-            QEMU,
-            "-machine",
-            "q35,accel=tcg",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-            f"unix:{test_qmp},server=on,wait=off",
-            *qemu_extra,
+            *tcg_qemu_argv(test_qmp, extra=qemu_extra),
         ],
     )
-    q = Qemu.__new__(Qemu)
-    q.name, q.test_qmp = name, test_qmp
-    return proc, q
+    return proc, Qemu.attach(name, test_qmp)
 
 
 def running(proc, control: Path):
@@ -137,46 +125,10 @@ def test_wrong_key_fails_with_one_line_and_no_qemu(world):
 def test_sidecar_starts_swtpm_before_qemu_and_stops_qemu_when_swtpm_dies(world):
     tmp = world.tmp
     qmp = str(tmp / "qmp.sock")
-    agent = world.spawn(
-        "agent",
-        [
-            "run",
-            "--qmp",
-            f"unix:{qmp}",
-            "--qmp-timeout",
-            "30",
-            "--vm-name",
-            "side",
-            "--vm-run-dir",
-            str(tmp / "run"),
-            "--vtpm-state-dir",
-            str(tmp / "tpm"),
-            "--vtpm-key",
-            f"file:{tmp / 'tpm.key'}",
-            "--secrets-master-key",
-            "file",
-        ],
-    )
+    agent = sidecar(world, qmp, logs=False)
     ctrl = tmp / "run" / "swtpm-ctrl.sock"
     wait_for(lambda: ctrl.exists(), timeout=20, what="swtpm control socket")
-    qemu = subprocess.Popen(
-        [
-            QEMU,
-            "-machine",
-            "q35,accel=tcg",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-            f"unix:{qmp},server=on,wait=off",
-            *swtpm.qemu_tpm_args(str(ctrl)),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    qemu = start_tcg_qemu(qmp, extra=swtpm.qemu_tpm_args(str(ctrl)))
     try:
         running(agent, tmp / "run" / "control.sock")
         for pid in swtpm_pids(tmp):
@@ -212,8 +164,10 @@ def test_vm_with_a_vtpm_migrates_between_two_agents(world):
     assert swtpm.inspect_state(str(tmp / "dst-tpm"), "2.0").kind is swtpm.StateKind.ENCRYPTED
 
 
-def sidecar(world: World, qmp: str):
+def sidecar(world: World, qmp: str, logs: bool = True):
+    """``keyagent run`` for VM "side" with a vTPM; ``logs``: an event log and debug logs."""
     tmp = world.tmp
+    logged = ["--event-log", str(tmp / "events.jsonl"), "--log-level", "debug"] if logs else []
     return world.spawn(
         f"agent{len(world.procs)}",
         [
@@ -232,10 +186,7 @@ def sidecar(world: World, qmp: str):
             f"file:{tmp / 'tpm.key'}",
             "--secrets-master-key",
             "file",
-            "--event-log",
-            str(tmp / "events.jsonl"),
-            "--log-level",
-            "debug",
+            *logged,
         ],
     )
 
@@ -249,28 +200,8 @@ def test_restarted_sidecar_adopts_the_live_swtpm_leaves_the_master_key_alone_and
     qmp, ctrl, control = str(tmp / "qmp.sock"), tmp / "run" / "swtpm-ctrl.sock", tmp / "run" / "control.sock"
     first = sidecar(world, qmp)
     wait_for(lambda: ctrl.exists(), timeout=20, what="swtpm control socket")
-    q = Qemu.__new__(Qemu)
-    q.name, q.test_qmp = "side", str(tmp / "side-t.sock")
-    qemu = subprocess.Popen(
-        [
-            QEMU,
-            "-machine",
-            "q35,accel=tcg",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-            f"unix:{qmp},server=on,wait=off",
-            "-qmp",
-            f"unix:{q.test_qmp},server=on,wait=off",
-            *swtpm.qemu_tpm_args(str(ctrl)),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    q = Qemu.attach("side", tmp / "side-t.sock")
+    qemu = start_tcg_qemu(qmp, q.test_qmp, extra=swtpm.qemu_tpm_args(str(ctrl)))
     try:
         running(first, control)
         (pid,) = swtpm_pids(tmp)

@@ -119,3 +119,11 @@ def pg_cluster():
 def pg_url(pg_cluster) -> str:
     """A fresh, empty database in the session's cluster."""
     return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request, tmp_path) -> str:
+    """A database URL of each kind; PostgreSQL in the session's throwaway cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'owner.db'}"
+    return request.getfixturevalue("pg_url")

@@ -152,11 +152,7 @@ guid = "luks-key"
 file = "disk.pass"
 """)
         proc = self.world.spawn("owner", ["owner", "serve", "--config", "owner.toml", "--listen", "127.0.0.1:0"])
-        wait_for(
-            lambda: proc.stdout_path.stat().st_size > 0 or proc.popen.poll() is not None, what="owner listening line"
-        )
-        assert proc.popen.poll() is None, proc.stderr
-        return json.loads(proc.stdout.splitlines()[0])["listening"]
+        return proc.listening()
 
     # -- the agent ----------------------------------------------------------
     def agent(self, owner_url: str, *extra: str, vm: str = "vm1"):

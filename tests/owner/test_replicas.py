@@ -32,13 +32,6 @@ from .rawhttp import post_raw
 STATE_KEY = bytes(range(32, 64))
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'owner.db'}"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def owner(tmp_path):
     return write_state_owner_dir(tmp_path, STATE_KEY)

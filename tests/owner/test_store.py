@@ -21,14 +21,6 @@ from .ownerstate import call, opened, secret_request, session_keys, session_requ
 STATE_KEY = bytes(range(32))
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request, tmp_path) -> str:
-    """A database URL of each kind; PostgreSQL in the session's throwaway cluster."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'owner.db'}"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def owner(tmp_path):
     return write_state_owner_dir(tmp_path, STATE_KEY)
