@@ -477,7 +477,8 @@ def decide_secret(
 
     audit: dict[str, Any] = {}
     try:
-        request = SecretRequest.parse(body)
+        # The service parses once to know what to read, and hands the result on.
+        request = body if isinstance(body, SecretRequest) else SecretRequest.parse(body)
     except ProtocolError as exc:
         return _invalid(exc.reason, _audit_fields(audit, exc.partial))
     _audit_fields(audit, _request_fields(request))
@@ -575,15 +576,15 @@ def _resend(
     )
 
 
-def _peek_secret(body: Any) -> tuple[str, bytes, bytes] | None:
-    """(vm, SHA-256 of the blob, MNONCE) of a well-formed /v1/secret body: what to read from the store."""
+def _peek_secret(body: Any) -> tuple[SecretRequest, tuple[str, bytes, bytes]] | None:
+    """A well-formed /v1/secret body parsed, and (vm, SHA-256 of the blob, MNONCE): what to read from the store."""
     from agent.sev.measurement import split_blob
 
     try:
         request = SecretRequest.parse(body)
     except ProtocolError:
         return None
-    return request.vm, hashlib.sha256(request.measurement).digest(), split_blob(request.measurement)[1]
+    return request, (request.vm, hashlib.sha256(request.measurement).digest(), split_blob(request.measurement)[1])
 
 
 def _after_race(decision: Decision, winner: Release | None) -> Decision:
@@ -769,6 +770,15 @@ class OwnerService:
 
         # SEV fast migration keys (agent.owner.mh): a table of the owner database, or memory
         self.mh_store: MhStore = mh_store if mh_store is not None else mh_store_for(self.store)
+        self._routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
+            "/v1/secret": ("POST", self._secret),
+            "/v1/session": ("POST", self._session),
+            "/v1/snp/challenge": ("POST", self._snp_challenge),
+            "/v1/snp/attest": ("POST", self._snp_attest),
+            "/v1/mh/target": ("POST", self._mh_target),
+            "/v1/mh/complete": ("POST", self._mh_complete),
+            "/healthz": ("GET", self._healthz),
+        }  # built once: per request it was a dict and seven bound methods
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
                 self._log.warning(
@@ -806,16 +816,7 @@ class OwnerService:
 
     async def handle(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
-        routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
-            "/v1/secret": ("POST", self._secret),
-            "/v1/session": ("POST", self._session),
-            "/v1/snp/challenge": ("POST", self._snp_challenge),
-            "/v1/snp/attest": ("POST", self._snp_attest),
-            "/v1/mh/target": ("POST", self._mh_target),
-            "/v1/mh/complete": ("POST", self._mh_complete),
-            "/healthz": ("GET", self._healthz),
-        }
-        route = routes.get(path)
+        route = self._routes.get(path)
         if route is None:
             return Response.json(404, {"error": f"no such path {_shown(path)}"})
         method, func = route
@@ -880,13 +881,14 @@ class OwnerService:
             return await self._answer(_invalid("request body is not valid JSON", {}), request.peer)
         view = SecretView()
         try:
-            peek = _peek_secret(body)
+            parsed = _peek_secret(body)
+            peek = parsed[1] if parsed is not None else None
             if peek is not None and peek[0] in self.config.vms:
                 view = await self.store.secret_view(*peek, now)
             mh_inputs = await self._mh_inputs(peek[0] if peek is not None else None)
             decision = decide_secret(
                 self.config,
-                body,
+                parsed[0] if parsed is not None else body,
                 attested=view.attested,
                 iv=self._random(IV_LEN),
                 sessions=view.sessions,

@@ -455,9 +455,14 @@ def open_store(
 
 
 async def with_deadline(awaitable: Any, timeout: float, what: str) -> Any:
-    """Await ``awaitable`` for at most ``timeout`` seconds; StoreUnavailable after."""
+    """Await ``awaitable`` for at most ``timeout`` seconds; StoreUnavailable after.
+
+    ``asyncio.timeout``, not ``wait_for``: one timer handle per call instead of
+    a timer, a waiter future and their callbacks (two calls per release).
+    """
     try:
-        return await asyncio.wait_for(awaitable, timeout)
+        async with asyncio.timeout(timeout):
+            return await awaitable
     except TimeoutError:
         raise StoreUnavailable(f"owner database did not answer {what} within {timeout:g} s") from None
 
