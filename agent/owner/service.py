@@ -85,7 +85,15 @@ from agent.common.logs import get_logger
 from agent.common.secret import Secret
 from agent.io.http import Request, Response
 from agent.owner.config import OwnerConfig, VmPolicy
-from agent.owner.store import PENDING_SESSION_TTL_S, AuditRow, MemoryStore, SecretView, Store, StoreUnavailable
+from agent.owner.store import (
+    PENDING_SESSION_TTL_S,
+    AuditRow,
+    MemoryStore,
+    SecretView,
+    Store,
+    StoreUnavailable,
+    public_random,
+)
 from agent.protocol.owner import (
     SECRET_FIELDS,
     ProtocolError,
@@ -466,7 +474,8 @@ def decide_secret(
     ``mh_private`` a fresh 32-byte X25519 private key (:func:`_mh_release`).
 
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
-    the packet's fresh 16-byte IV (the caller draws it from os.urandom).
+    the packet's fresh 16-byte IV (the service draws it from os.urandom through
+    :class:`agent.owner.store.PublicRandom`: an IV is sent in clear).
     ``sessions`` are the pending launch sessions per VM, ``released`` the
     releases so far by the SHA-256 of their measurement blob (a mapping to
     :class:`Release`; a bare collection of digests refuses every repeat with
@@ -763,6 +772,8 @@ class OwnerService:
         self._level = logging.getLogger("keyagent.owner")
         self.store: Store = store if store is not None else MemoryStore(log=self._log)
         self._random = random_bytes
+        # The packet IV is sent in clear: from the pool, unless a test chose the bytes.
+        self._iv = public_random if random_bytes is os.urandom else random_bytes
         self._material = session_material
         self._clock = clock
         self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest), in memory
@@ -890,7 +901,7 @@ class OwnerService:
                 self.config,
                 parsed[0] if parsed is not None else body,
                 attested=view.attested,
-                iv=self._random(IV_LEN),
+                iv=self._iv(IV_LEN),
                 sessions=view.sessions,
                 released=view.released,
                 **mh_inputs,
