@@ -86,6 +86,7 @@ from agent.common.secret import Secret
 from agent.io.http import Request, Response
 from agent.owner.config import OwnerConfig, VmPolicy
 from agent.owner.store import (
+    MH_CHANGED,
     PENDING_SESSION_TTL_S,
     AuditRow,
     MemoryStore,
@@ -907,15 +908,25 @@ class OwnerService:
                 **mh_inputs,
             )
             if decision.decision == "released" and decision.release is not None and peek is not None:
-                if decision.mh is not None and not await self._mh_swap(peek[0], mh_inputs, decision.mh):
+                # A database MH store writes the record in the release's own
+                # transaction; the memory one swaps first and swaps back if
+                # the release does not happen.
+                joint = getattr(self.mh_store, "swap_statement", None)
+                also = None
+                if decision.mh is not None and joint is not None and not isinstance(self.store, MemoryStore):
+                    also = joint(peek[0], mh_inputs["mh_record"], decision.mh)
+                elif decision.mh is not None and not await self._mh_swap(peek[0], mh_inputs, decision.mh):
                     changed = _refused(503, "owner state changed meanwhile: try again", decision.audit)
                     return await self._answer(changed, request.peer, now=now)
                 row = self._audit_row(decision, request.peer, now)
-                won = await self.store.commit_release(decision.release, peek[2], decision.session, now, row)
+                won = await self.store.commit_release(decision.release, peek[2], decision.session, now, row, also)
+                if won is MH_CHANGED:
+                    changed = _refused(503, "owner state changed meanwhile: try again", decision.audit)
+                    return await self._answer(changed, request.peer, now=now)
                 if won is decision.release:
                     self._log_decision(decision, request.peer)
                     return Response.json(decision.status, decision.body)
-                if decision.mh is not None:  # not released after all: the MH record goes back
+                if decision.mh is not None and also is None:  # not released after all: the MH record goes back
                     await self._mh_swap(peek[0], {"mh_record": decision.mh}, mh_inputs["mh_record"])
                 decision = _after_race(decision, won)
         finally:

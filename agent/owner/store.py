@@ -195,6 +195,10 @@ _SEAL_VERSION = b"\x01"
 _NONCE_LEN = 12
 
 
+# commit_release's answer when its ``also`` write found the MH record changed.
+MH_CHANGED = object()
+
+
 class PublicRandom:
     """Random bytes for values that travel or are stored in clear: packet IVs, AES-GCM nonces.
 
@@ -356,15 +360,24 @@ class Store:
         raise NotImplementedError
 
     async def commit_release(
-        self, release: Release, mnonce: bytes, session: LaunchSession | None, now: float, audit: AuditRow
-    ) -> Release | None:
+        self,
+        release: Release,
+        mnonce: bytes,
+        session: LaunchSession | None,
+        now: float,
+        audit: AuditRow,
+        also: Any = None,
+    ) -> Any:
         """Record a first release and its audit row, atomically.
 
         Returns ``release`` (this request won), the release already recorded
         for the same blob (another request won: answer its bytes), or None
         (the launch cannot be released: its session was used, or its
         (VM, MNONCE) was released with another blob).  Nothing is written
-        unless ``release`` won.
+        unless ``release`` won.  ``also`` (database stores only): a function
+        of the connection, run in the same transaction after the release's
+        rows; if it returns False nothing is written and the answer is
+        :data:`MH_CHANGED` (the SEV fast migration record, agent.owner.mh).
         """
         raise NotImplementedError
 
@@ -420,8 +433,16 @@ class MemoryStore(Store):
         return view
 
     async def commit_release(
-        self, release: Release, mnonce: bytes, session: LaunchSession | None, now: float, audit: AuditRow
-    ) -> Release | None:
+        self,
+        release: Release,
+        mnonce: bytes,
+        session: LaunchSession | None,
+        now: float,
+        audit: AuditRow,
+        also: Any = None,
+    ) -> Any:
+        if also is not None:
+            raise TypeError("the memory store has no transaction to run another write in")
         before = self.released.get(release.blob_sha256)
         if before is not None:
             return before if (before.vm, before.fields) == (release.vm, release.fields) else None

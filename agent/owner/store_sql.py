@@ -41,6 +41,7 @@ from typing import Any
 from agent.common.errors import UsageError
 from agent.common.secret import Secret
 from agent.owner.store import (
+    MH_CHANGED,
     MIGRATIONS,
     PENDING_SESSION_TTL_S,
     AuditRow,
@@ -74,6 +75,10 @@ _SESSION_COLUMNS = "id, vm, platform, trust, chain_verified, policy, godh, sessi
 
 class _Lost(Exception):
     """Inside a write transaction: roll it back, the release does not happen."""
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__()
+        self.result = LOST if result is None else result
 
 
 LOST = object()  # a write job that raised _Lost: rolled back, nothing written
@@ -433,8 +438,8 @@ class SqlStore(Store):
                 try:
                     with db.tx(write=True):
                         return job(db)
-                except _Lost:
-                    return LOST
+                except _Lost as lost:
+                    return lost.result
 
             return await self._run(what, one)
         return await self._writes.submit(job, self._timeout, what)
@@ -452,9 +457,9 @@ class SqlStore(Store):
                     db.execute(f"SAVEPOINT w{n}")
                     try:
                         result = job(db)
-                    except _Lost:
+                    except _Lost as lost:
                         db.execute(f"ROLLBACK TO w{n}")
-                        result = LOST
+                        result = lost.result
                     db.execute(f"RELEASE w{n}")
                     done.append((future, result, None))
         except self._errors as exc:
@@ -546,7 +551,9 @@ class SqlStore(Store):
             view.sessions[vm] = [self._session(tuple(r)) for r in sessions]
         return view
 
-    async def commit_release(self, release: Any, mnonce: bytes, session: Any, now: float, audit: AuditRow) -> Any:
+    async def commit_release(
+        self, release: Any, mnonce: bytes, session: Any, now: float, audit: AuditRow, also: Any = None
+    ) -> Any:
         answer = release.answer
         sealed = self._key.seal(answer.secret.reveal(), _release_context(release.blob_sha256, release.vm))
         sid = session_key(session.godh, session.session) if session is not None else None
@@ -575,9 +582,14 @@ class SqlStore(Store):
             if sid is not None and db.execute("DELETE FROM owner_sessions WHERE id = ?", (sid,)).rowcount != 1:
                 raise _Lost()  # another launch used this session first
             self._insert_audit(db, audit)
+            if also is not None and not also(db):
+                raise _Lost(MH_CHANGED)  # the MH record changed since it was read: nothing is written
             return True
 
-        if await self._write("a release", write) is not LOST:
+        result = await self._write("a release", write)
+        if result is MH_CHANGED:
+            return MH_CHANGED
+        if result is not LOST:
             return release
 
         def read(db: _Db) -> Any:
