@@ -731,7 +731,13 @@ class HttpServer:
                 deadline, started = None, False
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:
-        """A response leaves within ``request_timeout``, read or not."""
+        """A response leaves within ``request_timeout``, read or not.
+
+        Nothing left in the transport's buffer (the usual case: the kernel
+        took it all at write()): it has left, and no timer is armed.
+        """
+        if not writer.transport.get_write_buffer_size() and not writer.transport.is_closing():
+            return
         async with asyncio.timeout(self.request_timeout):
             await writer.drain()
 

@@ -30,6 +30,7 @@ ordinary boot (mh = true)    new live key; the old live key and a pending
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -166,26 +167,39 @@ class SqlMhStore:
         return record_from_text(text) if text is not None else MhRecord()
 
     async def swap(self, vm: str, old: MhRecord, new: MhRecord) -> bool:
+        statement = self.swap_statement(vm, old, new)
+
+        def write(db: Any) -> bool:
+            with db.tx(write=True):
+                return statement(db)
+
+        return bool(await self._store._run("an MH record", write))
+
+    def swap_statement(self, vm: str, old: MhRecord, new: MhRecord) -> Callable[[Any], bool]:
+        """``swap``'s SQL as a function of a connection already in a transaction.
+
+        A release hands it to ``commit_release``: the MH record and the
+        release commit together or not at all (one transaction, one fsync).
+        """
         import time
 
         old_text, new_text, now = record_text(old), record_text(new), time.time()
 
-        def write(db: Any) -> bool:
-            with db.tx(write=True):
-                if old == MhRecord():
-                    cur = db.execute(
-                        "INSERT INTO owner_mh (vm, record, updated_at) VALUES (?, ?, ?) ON CONFLICT (vm) DO NOTHING",
-                        (vm, new_text, now),
-                    )
-                    if cur.rowcount == 1:
-                        return True
+        def statement(db: Any) -> bool:
+            if old == MhRecord():
                 cur = db.execute(
-                    "UPDATE owner_mh SET record = ?, updated_at = ? WHERE vm = ? AND record = ?",
-                    (new_text, now, vm, old_text),
+                    "INSERT INTO owner_mh (vm, record, updated_at) VALUES (?, ?, ?) ON CONFLICT (vm) DO NOTHING",
+                    (vm, new_text, now),
                 )
-                return bool(cur.rowcount == 1)
+                if cur.rowcount == 1:
+                    return True
+            cur = db.execute(
+                "UPDATE owner_mh SET record = ?, updated_at = ? WHERE vm = ? AND record = ?",
+                (new_text, now, vm, old_text),
+            )
+            return bool(cur.rowcount == 1)
 
-        return bool(await self._store._run("an MH record", write))
+        return statement
 
 
 def mh_store_for(store: Any) -> MhStore:

@@ -85,7 +85,16 @@ from agent.common.logs import get_logger
 from agent.common.secret import Secret
 from agent.io.http import Request, Response
 from agent.owner.config import OwnerConfig, VmPolicy
-from agent.owner.store import PENDING_SESSION_TTL_S, AuditRow, MemoryStore, SecretView, Store, StoreUnavailable
+from agent.owner.store import (
+    MH_CHANGED,
+    PENDING_SESSION_TTL_S,
+    AuditRow,
+    MemoryStore,
+    SecretView,
+    Store,
+    StoreUnavailable,
+    public_random,
+)
 from agent.protocol.owner import (
     SECRET_FIELDS,
     ProtocolError,
@@ -466,7 +475,8 @@ def decide_secret(
     ``mh_private`` a fresh 32-byte X25519 private key (:func:`_mh_release`).
 
     ``attested`` holds the (vm, mnonce) pairs already released; ``iv`` is
-    the packet's fresh 16-byte IV (the caller draws it from os.urandom).
+    the packet's fresh 16-byte IV (the service draws it from os.urandom through
+    :class:`agent.owner.store.PublicRandom`: an IV is sent in clear).
     ``sessions`` are the pending launch sessions per VM, ``released`` the
     releases so far by the SHA-256 of their measurement blob (a mapping to
     :class:`Release`; a bare collection of digests refuses every repeat with
@@ -477,7 +487,8 @@ def decide_secret(
 
     audit: dict[str, Any] = {}
     try:
-        request = SecretRequest.parse(body)
+        # The service parses once to know what to read, and hands the result on.
+        request = body if isinstance(body, SecretRequest) else SecretRequest.parse(body)
     except ProtocolError as exc:
         return _invalid(exc.reason, _audit_fields(audit, exc.partial))
     _audit_fields(audit, _request_fields(request))
@@ -575,15 +586,15 @@ def _resend(
     )
 
 
-def _peek_secret(body: Any) -> tuple[str, bytes, bytes] | None:
-    """(vm, SHA-256 of the blob, MNONCE) of a well-formed /v1/secret body: what to read from the store."""
+def _peek_secret(body: Any) -> tuple[SecretRequest, tuple[str, bytes, bytes]] | None:
+    """A well-formed /v1/secret body parsed, and (vm, SHA-256 of the blob, MNONCE): what to read from the store."""
     from agent.sev.measurement import split_blob
 
     try:
         request = SecretRequest.parse(body)
     except ProtocolError:
         return None
-    return request.vm, hashlib.sha256(request.measurement).digest(), split_blob(request.measurement)[1]
+    return request, (request.vm, hashlib.sha256(request.measurement).digest(), split_blob(request.measurement)[1])
 
 
 def _after_race(decision: Decision, winner: Release | None) -> Decision:
@@ -762,6 +773,8 @@ class OwnerService:
         self._level = logging.getLogger("keyagent.owner")
         self.store: Store = store if store is not None else MemoryStore(log=self._log)
         self._random = random_bytes
+        # The packet IV is sent in clear: from the pool, unless a test chose the bytes.
+        self._iv = public_random if random_bytes is os.urandom else random_bytes
         self._material = session_material
         self._clock = clock
         self.snp_nonces: dict[bytes, Any] = {}  # SEV-SNP challenges (agent.owner.snp_attest), in memory
@@ -769,6 +782,15 @@ class OwnerService:
 
         # SEV fast migration keys (agent.owner.mh): a table of the owner database, or memory
         self.mh_store: MhStore = mh_store if mh_store is not None else mh_store_for(self.store)
+        self._routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
+            "/v1/secret": ("POST", self._secret),
+            "/v1/session": ("POST", self._session),
+            "/v1/snp/challenge": ("POST", self._snp_challenge),
+            "/v1/snp/attest": ("POST", self._snp_attest),
+            "/v1/mh/target": ("POST", self._mh_target),
+            "/v1/mh/complete": ("POST", self._mh_complete),
+            "/healthz": ("GET", self._healthz),
+        }  # built once: per request it was a dict and seven bound methods
         for vm in config.vms.values():
             if vm.session and vm.platform == "any":
                 self._log.warning(
@@ -806,16 +828,7 @@ class OwnerService:
 
     async def handle(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
-        routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
-            "/v1/secret": ("POST", self._secret),
-            "/v1/session": ("POST", self._session),
-            "/v1/snp/challenge": ("POST", self._snp_challenge),
-            "/v1/snp/attest": ("POST", self._snp_attest),
-            "/v1/mh/target": ("POST", self._mh_target),
-            "/v1/mh/complete": ("POST", self._mh_complete),
-            "/healthz": ("GET", self._healthz),
-        }
-        route = routes.get(path)
+        route = self._routes.get(path)
         if route is None:
             return Response.json(404, {"error": f"no such path {_shown(path)}"})
         method, func = route
@@ -880,29 +893,40 @@ class OwnerService:
             return await self._answer(_invalid("request body is not valid JSON", {}), request.peer)
         view = SecretView()
         try:
-            peek = _peek_secret(body)
+            parsed = _peek_secret(body)
+            peek = parsed[1] if parsed is not None else None
             if peek is not None and peek[0] in self.config.vms:
                 view = await self.store.secret_view(*peek, now)
             mh_inputs = await self._mh_inputs(peek[0] if peek is not None else None)
             decision = decide_secret(
                 self.config,
-                body,
+                parsed[0] if parsed is not None else body,
                 attested=view.attested,
-                iv=self._random(IV_LEN),
+                iv=self._iv(IV_LEN),
                 sessions=view.sessions,
                 released=view.released,
                 **mh_inputs,
             )
             if decision.decision == "released" and decision.release is not None and peek is not None:
-                if decision.mh is not None and not await self._mh_swap(peek[0], mh_inputs, decision.mh):
+                # A database MH store writes the record in the release's own
+                # transaction; the memory one swaps first and swaps back if
+                # the release does not happen.
+                joint = getattr(self.mh_store, "swap_statement", None)
+                also = None
+                if decision.mh is not None and joint is not None and not isinstance(self.store, MemoryStore):
+                    also = joint(peek[0], mh_inputs["mh_record"], decision.mh)
+                elif decision.mh is not None and not await self._mh_swap(peek[0], mh_inputs, decision.mh):
                     changed = _refused(503, "owner state changed meanwhile: try again", decision.audit)
                     return await self._answer(changed, request.peer, now=now)
                 row = self._audit_row(decision, request.peer, now)
-                won = await self.store.commit_release(decision.release, peek[2], decision.session, now, row)
+                won = await self.store.commit_release(decision.release, peek[2], decision.session, now, row, also)
+                if won is MH_CHANGED:
+                    changed = _refused(503, "owner state changed meanwhile: try again", decision.audit)
+                    return await self._answer(changed, request.peer, now=now)
                 if won is decision.release:
                     self._log_decision(decision, request.peer)
                     return Response.json(decision.status, decision.body)
-                if decision.mh is not None:  # not released after all: the MH record goes back
+                if decision.mh is not None and also is None:  # not released after all: the MH record goes back
                     await self._mh_swap(peek[0], {"mh_record": decision.mh}, mh_inputs["mh_record"])
                 decision = _after_race(decision, won)
         finally:

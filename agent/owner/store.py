@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -194,6 +195,39 @@ _SEAL_VERSION = b"\x01"
 _NONCE_LEN = 12
 
 
+# commit_release's answer when its ``also`` write found the MH record changed.
+MH_CHANGED = object()
+
+
+class PublicRandom:
+    """Random bytes for values that travel or are stored in clear: packet IVs, AES-GCM nonces.
+
+    Drawn from ``os.urandom`` :data:`CHUNK` bytes at a time and handed out
+    in order, each byte once.  ``os.urandom`` releases the GIL: two calls
+    per release handed the event loop's thread to the database threads
+    twice (a tenth of the owner's time under load).  Never for keys: those
+    stay one ``os.urandom`` call each, so no future key sits in memory.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buf = b""
+        self._pos = 0
+
+    def __call__(self, n: int) -> bytes:
+        with self._lock:
+            if self._pos + n > len(self._buf):
+                self._buf, self._pos = os.urandom(max(self.CHUNK, n)), 0
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            return out
+
+
+public_random = PublicRandom()
+
+
 class StateKey:
     """The owner's 32-byte state key: seals what the database must not hold in clear."""
 
@@ -207,7 +241,7 @@ class StateKey:
 
     def seal(self, plaintext: bytes | bytearray, context: bytes) -> bytes:
         """version || nonce || AES-GCM(plaintext), bound to ``context`` (the row)."""
-        nonce = os.urandom(_NONCE_LEN)
+        nonce = public_random(_NONCE_LEN)  # 96 random bits per value, each drawn once
         return _SEAL_VERSION + nonce + self._aead.encrypt(nonce, bytes(plaintext), _AAD_PREFIX + context)
 
     def open(self, sealed: bytes, context: bytes) -> bytearray:
@@ -326,15 +360,24 @@ class Store:
         raise NotImplementedError
 
     async def commit_release(
-        self, release: Release, mnonce: bytes, session: LaunchSession | None, now: float, audit: AuditRow
-    ) -> Release | None:
+        self,
+        release: Release,
+        mnonce: bytes,
+        session: LaunchSession | None,
+        now: float,
+        audit: AuditRow,
+        also: Any = None,
+    ) -> Any:
         """Record a first release and its audit row, atomically.
 
         Returns ``release`` (this request won), the release already recorded
         for the same blob (another request won: answer its bytes), or None
         (the launch cannot be released: its session was used, or its
         (VM, MNONCE) was released with another blob).  Nothing is written
-        unless ``release`` won.
+        unless ``release`` won.  ``also`` (database stores only): a function
+        of the connection, run in the same transaction after the release's
+        rows; if it returns False nothing is written and the answer is
+        :data:`MH_CHANGED` (the SEV fast migration record, agent.owner.mh).
         """
         raise NotImplementedError
 
@@ -390,8 +433,16 @@ class MemoryStore(Store):
         return view
 
     async def commit_release(
-        self, release: Release, mnonce: bytes, session: LaunchSession | None, now: float, audit: AuditRow
-    ) -> Release | None:
+        self,
+        release: Release,
+        mnonce: bytes,
+        session: LaunchSession | None,
+        now: float,
+        audit: AuditRow,
+        also: Any = None,
+    ) -> Any:
+        if also is not None:
+            raise TypeError("the memory store has no transaction to run another write in")
         before = self.released.get(release.blob_sha256)
         if before is not None:
             return before if (before.vm, before.fields) == (release.vm, release.fields) else None
@@ -455,9 +506,14 @@ def open_store(
 
 
 async def with_deadline(awaitable: Any, timeout: float, what: str) -> Any:
-    """Await ``awaitable`` for at most ``timeout`` seconds; StoreUnavailable after."""
+    """Await ``awaitable`` for at most ``timeout`` seconds; StoreUnavailable after.
+
+    ``asyncio.timeout``, not ``wait_for``: one timer handle per call instead of
+    a timer, a waiter future and their callbacks (two calls per release).
+    """
     try:
-        return await asyncio.wait_for(awaitable, timeout)
+        async with asyncio.timeout(timeout):
+            return await awaitable
     except TimeoutError:
         raise StoreUnavailable(f"owner database did not answer {what} within {timeout:g} s") from None
 

@@ -1,7 +1,7 @@
 """The owner's state in SQLite (the standard library's sqlite3) or PostgreSQL (psycopg 3).
 
 One body of SQL for both: the DB-API calls run in worker threads
-(``loop.run_in_executor``), never on the event loop, each call under a
+(:class:`_Lane` for SQLite, ``loop.run_in_executor`` for PostgreSQL), never on the event loop, each call under a
 deadline (:func:`agent.owner.store.with_deadline`), each thread with its own
 connection.  SQLite gets one thread (its writes are serial anyway; WAL lets
 readers of other processes go on); PostgreSQL :data:`PG_WORKERS`.
@@ -34,13 +34,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from agent.common.errors import UsageError
 from agent.common.secret import Secret
 from agent.owner.store import (
+    MH_CHANGED,
     MIGRATIONS,
     PENDING_SESSION_TTL_S,
     AuditRow,
@@ -75,6 +76,10 @@ _SESSION_COLUMNS = "id, vm, platform, trust, chain_verified, policy, godh, sessi
 class _Lost(Exception):
     """Inside a write transaction: roll it back, the release does not happen."""
 
+    def __init__(self, result: Any = None) -> None:
+        super().__init__()
+        self.result = LOST if result is None else result
+
 
 LOST = object()  # a write job that raised _Lost: rolled back, nothing written
 
@@ -90,6 +95,73 @@ def _release_context(blob_sha256: bytes, vm: str) -> bytes:
 
 def _session_context(sid: str, vm: str, platform: str) -> bytes:
     return f"session\0{sid}\0{vm}\0{platform}".encode()
+
+
+# A queued job: what to run, the caller's future (on its event loop), its deadline (monotonic).
+_Job = tuple[Any, "asyncio.Future[Any]", float]
+# A job's outcome: its future, its result, or the exception to raise in the caller.
+_Done = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
+
+
+class _Lane:
+    """One SQLite thread and its queue.
+
+    The jobs queued while the thread works run in its next batch, and a
+    batch's outcomes reach the event loop in one callback: one wake-up of
+    the loop (and one hand-back of the GIL) per batch instead of one per job
+    (``run_in_executor`` and ``wrap_future`` cost a concurrent Future, an
+    asyncio future and a ``call_soon_threadsafe`` each).  A job whose caller
+    gave up (its future cancelled at the deadline) or whose deadline passed
+    before its turn is not run.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, run_batch: Callable[[list[_Job]], list[_Done]]) -> None:
+        self._executor = executor
+        self._run_batch = run_batch
+        self._lock = threading.Lock()
+        self._queue: list[tuple[_Job, asyncio.AbstractEventLoop]] = []
+        self._busy = False
+
+    async def submit(self, job: Any, timeout: float, what: str) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            self._queue.append(((job, future, time.monotonic() + timeout), loop))
+            start = not self._busy
+            self._busy = True
+        if start:
+            try:
+                self._executor.submit(self._drain)
+            except BaseException:  # shut down: nothing will run it
+                with self._lock:
+                    self._busy = False
+                raise
+        return await with_deadline(future, timeout, what)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                queued, self._queue = self._queue, []
+                if not queued:
+                    self._busy = False
+                    return
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+            for job, loop in queued:
+                by_loop.setdefault(loop, []).append(job)
+            for loop, jobs in by_loop.items():
+                done = self._run_batch(jobs)
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, done)
+
+
+def _settle(done: list[_Done]) -> None:
+    for future, result, error in done:
+        if future.done():  # its caller gave up meanwhile
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -286,8 +358,8 @@ class SqlStore(Store):
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="owner-db-write")
         else:
             self._reader = self._writer = ThreadPoolExecutor(PG_WORKERS, thread_name_prefix="owner-db")
-        self._queue: list[tuple[Callable[[_Db], Any], Future[Any], float]] = []
-        self._flushing = False
+        self._reads = _Lane(self._reader, self._read_batch)
+        self._writes = _Lane(self._writer, self._write_batch)
 
     # -- running SQL off the loop
 
@@ -332,8 +404,23 @@ class SqlStore(Store):
 
     async def _run(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """A read (or, on PostgreSQL, anything) in a worker thread, under the deadline."""
+        if self.kind == "sqlite":
+            return await self._reads.submit((fn, args), self._timeout, what)
         loop = asyncio.get_running_loop()
         return await with_deadline(loop.run_in_executor(self._reader, self._call, fn, args), self._timeout, what)
+
+    def _read_batch(self, jobs: list[_Job]) -> list[_Done]:
+        """The SQLite reader: the reads queued while it read last, one after another."""
+        done: list[_Done] = []
+        for (fn, args), future, deadline in jobs:
+            if future.cancelled() or time.monotonic() > deadline:
+                done.append((future, None, StoreUnavailable("owner database: too late to read")))
+                continue
+            try:
+                done.append((future, self._call(fn, args), None))
+            except BaseException as exc:  # noqa: BLE001 - the caller hears of it
+                done.append((future, None, exc))
+        return done
 
     async def _write(self, what: str, job: Callable[[_Db], Any], *, single: bool = False) -> Any:
         """Run ``job`` in a write transaction: its result, or :data:`LOST` if it raised _Lost.
@@ -343,7 +430,6 @@ class SqlStore(Store):
         stopped waiting: a release written so is answered to the retry as
         its resend, never made twice.
         """
-        deadline = time.monotonic() + self._timeout
         if self.kind == "postgresql":
 
             def one(db: _Db) -> Any:
@@ -352,55 +438,37 @@ class SqlStore(Store):
                 try:
                     with db.tx(write=True):
                         return job(db)
-                except _Lost:
-                    return LOST
+                except _Lost as lost:
+                    return lost.result
 
             return await self._run(what, one)
-        future: Future[Any] = Future()
-        with self._lock:
-            self._queue.append((job, future, deadline))
-            start = not self._flushing
-            self._flushing = True
-        if start:
-            self._writer.submit(self._flush)
-        return await with_deadline(asyncio.wrap_future(future), self._timeout, what)
+        return await self._writes.submit(job, self._timeout, what)
 
-    def _flush(self) -> None:
-        """The SQLite writer: everything queued, in one transaction, until the queue is empty."""
-        while True:
-            with self._lock:
-                jobs, self._queue = self._queue, []
-                if not jobs:
-                    self._flushing = False
-                    return
-            done: list[tuple[Future[Any], Any, BaseException | None]] = []
-            try:
-                db = self._db()
-                with db.tx(write=True):
-                    for n, (job, future, deadline) in enumerate(jobs):
-                        if future.cancelled() or time.monotonic() > deadline:
-                            done.append((future, None, StoreUnavailable("owner database: too late to write")))
-                            continue
-                        db.execute(f"SAVEPOINT w{n}")
-                        try:
-                            result = job(db)
-                        except _Lost:
-                            db.execute(f"ROLLBACK TO w{n}")
-                            result = LOST
-                        db.execute(f"RELEASE w{n}")
-                        done.append((future, result, None))
-            except self._errors as exc:
-                self._drop_connection()
-                failed = StoreUnavailable(f"owner database: {_one_line(exc)}")
-                done = [(future, None, failed) for _, future, _ in jobs]
-            except BaseException as exc:  # a bug in a job: every caller hears of it, the writer goes on
-                done = [(future, None, exc) for _, future, _ in jobs]
-            for future, result, error in done:
-                if future.set_running_or_notify_cancel():
-                    if error is not None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(result)
+    def _write_batch(self, jobs: list[_Job]) -> list[_Done]:
+        """The SQLite writer: everything queued, in one transaction (each job in a SAVEPOINT)."""
+        done: list[_Done] = []
+        try:
+            db = self._db()
+            with db.tx(write=True):
+                for n, (job, future, deadline) in enumerate(jobs):
+                    if future.cancelled() or time.monotonic() > deadline:
+                        done.append((future, None, StoreUnavailable("owner database: too late to write")))
+                        continue
+                    db.execute(f"SAVEPOINT w{n}")
+                    try:
+                        result = job(db)
+                    except _Lost as lost:
+                        db.execute(f"ROLLBACK TO w{n}")
+                        result = lost.result
+                    db.execute(f"RELEASE w{n}")
+                    done.append((future, result, None))
+        except self._errors as exc:
+            self._drop_connection()
+            failed = StoreUnavailable(f"owner database: {_one_line(exc)}")
+            done = [(future, None, failed) for _, future, _ in jobs]
+        except BaseException as exc:  # a bug in a job: every caller hears of it, the writer goes on
+            done = [(future, None, exc) for _, future, _ in jobs]
+        return done
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -483,7 +551,9 @@ class SqlStore(Store):
             view.sessions[vm] = [self._session(tuple(r)) for r in sessions]
         return view
 
-    async def commit_release(self, release: Any, mnonce: bytes, session: Any, now: float, audit: AuditRow) -> Any:
+    async def commit_release(
+        self, release: Any, mnonce: bytes, session: Any, now: float, audit: AuditRow, also: Any = None
+    ) -> Any:
         answer = release.answer
         sealed = self._key.seal(answer.secret.reveal(), _release_context(release.blob_sha256, release.vm))
         sid = session_key(session.godh, session.session) if session is not None else None
@@ -512,9 +582,14 @@ class SqlStore(Store):
             if sid is not None and db.execute("DELETE FROM owner_sessions WHERE id = ?", (sid,)).rowcount != 1:
                 raise _Lost()  # another launch used this session first
             self._insert_audit(db, audit)
+            if also is not None and not also(db):
+                raise _Lost(MH_CHANGED)  # the MH record changed since it was read: nothing is written
             return True
 
-        if await self._write("a release", write) is not LOST:
+        result = await self._write("a release", write)
+        if result is MH_CHANGED:
+            return MH_CHANGED
+        if result is not LOST:
             return release
 
         def read(db: _Db) -> Any:

@@ -337,3 +337,38 @@ async def test_the_service_walks_boot_target_and_completion(mh_config, mh_dir):
     assert status == 200 and json.loads(raw)["retired"] == "source"
     assert (await call(service, "/v1/mh/complete", {"vm": "vm1", "status": "completed"}))[0] == 409
     assert (await call(service, "/v1/mh/complete", {"vm": "nope", "status": "failed"}))[0] == 404
+
+
+async def test_a_database_release_and_its_mh_record_commit_together_or_not_at_all(mh_config, mh_dir, sql_store):
+    import json
+
+    from agent.owner.mh import SqlMhStore
+    from agent.owner.service import OwnerService
+
+    from .ownerstate import call
+
+    class Stale(SqlMhStore):
+        """Read before another replica wrote the VM's record."""
+
+        async def get(self, vm):
+            return MhRecord()
+
+        async def swap(self, vm, old, new):
+            raise AssertionError("a release writes its MH record in its own transaction, not apart")
+
+    other = SqlMhStore(sql_store)
+    try:
+        assert await other.swap("vm1", MhRecord(), flying_record())
+        service = OwnerService(mh_config, store=sql_store, mh_store=Stale(sql_store))
+        status, raw = await call(service, "/v1/secret", mh_dir.request(b"a" * 16))
+        assert status == 503 and "try again" in json.loads(raw)["error"]
+        assert await other.get("vm1") == flying_record()  # the other replica's record stands
+        assert "released" not in [row.decision for row in await sql_store.audit_rows("vm1")]  # rolled back with it
+        # the retry reads the record as it is: release and record, one commit
+        service.mh_store = type("Fresh", (SqlMhStore,), {"swap": Stale.swap})(sql_store)
+        status, raw = await call(service, "/v1/secret", mh_dir.request(b"a" * 16))
+        assert status == 200
+        assert (await other.get("vm1")).live not in (None, flying_record().live)
+        assert [row.decision for row in await sql_store.audit_rows("vm1")].count("released") == 1
+    finally:
+        await sql_store.close()

@@ -276,3 +276,31 @@ async def test_connections_cut_by_the_server_are_made_again_without_a_503(owner,
     other = secret_request("vm1", TIK, b"o" * 16)
     assert (await call(owner_service, "/v1/secret", other))[0] == 200
     await owner_service.store.close()
+
+
+def test_public_random_hands_out_each_urandom_byte_once(monkeypatch):
+    from agent.owner import store
+
+    drawn: list[bytes] = []
+
+    def fake_urandom(n: int) -> bytes:
+        drawn.append(bytes([len(drawn) + 1]) * n)
+        return drawn[-1]
+
+    monkeypatch.setattr(store.os, "urandom", fake_urandom)
+    pool = store.PublicRandom()
+    parts = [pool(12) for _ in range(store.PublicRandom.CHUNK // 12 + 1)] + [pool(store.PublicRandom.CHUNK + 1)]
+    assert all(len(p) == 12 for p in parts[:-1]) and len(parts[-1]) == store.PublicRandom.CHUNK + 1
+    # three draws: the first chunk used up (its 4 leftover bytes dropped, never handed out twice), a second, one larger
+    assert [len(d) for d in drawn] == [store.PublicRandom.CHUNK, store.PublicRandom.CHUNK, store.PublicRandom.CHUNK + 1]
+    assert b"".join(parts[:-2]) == drawn[0][: 12 * (len(parts) - 2)]
+    assert parts[-2] == drawn[1][:12]
+
+
+def test_a_sealed_value_carries_a_fresh_nonce_each_time():
+    from agent.common.secret import Secret
+    from agent.owner.store import StateKey
+
+    key = StateKey(Secret(bytearray(os.urandom(32))))
+    sealed = {key.seal(b"same", b"ctx")[1:13] for _ in range(1000)}
+    assert len(sealed) == 1000
