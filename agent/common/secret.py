@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Secret", "live_secret_forms"]
+__all__ = ["Secret", "SecretForms", "live_secret_forms", "live_secret_scrubber"]
 
 # Every live Secret, so the log filter can scrub its forms.  Weak so that a
 # Secret that is dropped (or wiped) stops being tracked.
@@ -34,6 +35,11 @@ _LIVE: weakref.WeakSet[Secret] = weakref.WeakSet()
 # generation, and one collected changes the set's length.
 _GENERATION = 0
 _FORMS_CACHE: tuple[tuple[int, int, int], list[str]] | None = None
+_SCRUBBER_CACHE: tuple[tuple[int, int], SecretForms] | None = None
+#: the characters of the hex, upper-hex and base64 forms: every occurrence of
+#: one of those forms lies inside a run of these
+_TOKEN_CHARS = "[0-9A-Za-z+/=]"
+MIN_SECRET_LEN = 4
 
 
 class Secret:
@@ -124,12 +130,13 @@ class Secret:
 
 
 def _changed() -> None:
-    global _GENERATION, _FORMS_CACHE
+    global _GENERATION, _FORMS_CACHE, _SCRUBBER_CACHE
     _GENERATION += 1
     _FORMS_CACHE = None  # the old forms go now, not at the next log line
+    _SCRUBBER_CACHE = None
 
 
-def live_secret_forms(min_len: int = 4) -> list[str]:
+def live_secret_forms(min_len: int = MIN_SECRET_LEN) -> list[str]:
     """Text forms (raw, hex, base64) of every live secret, longest first.
 
     Used by the log redaction filter.  Very short secrets are skipped: a
@@ -159,4 +166,89 @@ def live_secret_forms(min_len: int = 4) -> list[str]:
                 forms.add(text)
     result = sorted(forms, key=len, reverse=True)
     _FORMS_CACHE = (key, result)
+    return result
+
+
+class SecretForms:
+    """Every form of every live secret, laid out so that scrubbing a string
+    costs the same whatever the number of live secrets.
+
+    ``keyagent host`` holds every VM's keys in one process, and every string
+    of every log line is scrubbed: trying each form with ``in`` made a line
+    cost O(VMs).  The hex, upper-hex and base64 forms are made only of
+    ``[0-9A-Za-z+/=]``, so an occurrence lies inside a run of those
+    characters at least as long as the shortest form: one C-level regex
+    finds the runs, and each run's windows of the few form lengths are
+    looked up in a set per length (after a look-up of its first characters
+    among the forms' beginnings).  A run is taken left to right, the
+    longest form first at each place, so no form survives; the raw text
+    forms (passphrases: any character) keep the ``in`` test, longest first,
+    after the tokens, as before.
+    """
+
+    __slots__ = ("_run", "_by_len", "_lengths", "_min_token", "_heads", "_texts")
+
+    def __init__(self, secrets: list[bytes], min_len: int = MIN_SECRET_LEN) -> None:
+        by_len: dict[int, set[str]] = {}
+        texts: set[str] = set()
+        for raw in secrets:
+            if len(raw) < min_len:
+                continue
+            for form in (raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()):
+                by_len.setdefault(len(form), set()).add(form)
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                pass
+            else:
+                if text.strip():
+                    texts.add(text)
+        self._by_len = by_len
+        self._lengths = sorted(by_len, reverse=True)
+        self._min_token = min(by_len) if by_len else 0
+        # each form's first _min_token characters: one look-up rules out a place
+        self._heads = {form[: self._min_token] for forms in by_len.values() for form in forms}
+        self._run = re.compile(f"{_TOKEN_CHARS}{{{self._min_token},}}") if by_len else None
+        self._texts = sorted(texts, key=len, reverse=True)
+
+    def scrub(self, text: str, replacement: str) -> str:
+        """``text`` with every form replaced by ``replacement``."""
+        if self._run is not None and len(text) >= self._min_token:
+            parts: list[str] = []
+            last = 0
+            for m in self._run.finditer(text):
+                start, end = m.span()
+                i = start
+                while i + self._min_token <= end:
+                    if text[i : i + self._min_token] not in self._heads:
+                        i += 1
+                        continue
+                    for length in self._lengths:
+                        if i + length <= end and text[i : i + length] in self._by_len[length]:
+                            parts.append(text[last:i])
+                            parts.append(replacement)
+                            i += length
+                            last = i
+                            break
+                    else:
+                        i += 1
+            if parts:
+                parts.append(text[last:])
+                text = "".join(parts)
+        for form in self._texts:
+            if form in text:
+                text = text.replace(form, replacement)
+        return text
+
+
+def live_secret_scrubber() -> SecretForms:
+    """The forms of every live secret as a :class:`SecretForms`, rebuilt only
+    when a Secret is made, wiped or collected."""
+    global _SCRUBBER_CACHE
+    key = (_GENERATION, len(_LIVE))
+    cached = _SCRUBBER_CACHE
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = SecretForms([bytes(s._buf) for s in list(_LIVE)])
+    _SCRUBBER_CACHE = (key, result)
     return result
