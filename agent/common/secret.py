@@ -45,14 +45,15 @@ MIN_SECRET_LEN = 4
 class Secret:
     """Opaque secret bytes.  ``reveal()`` is the one way to read them."""
 
-    __slots__ = ("_buf", "__weakref__")
+    __slots__ = ("_buf", "_forms", "__weakref__")
 
     def __init__(self, value: bytes | bytearray | memoryview | str) -> None:
         if isinstance(value, str):
             value = value.encode()
         self._buf = bytearray(value)
+        self._forms: _Forms | None = None
         _LIVE.add(self)
-        _changed()
+        _added(self)
 
     @classmethod
     def placeholder(cls, length: int) -> Secret:
@@ -63,6 +64,7 @@ class Secret:
         """
         obj = cls.__new__(cls)
         obj._buf = bytearray(length)
+        obj._forms = None
         return obj
 
     @classmethod
@@ -96,6 +98,7 @@ class Secret:
         for i in range(len(self._buf)):
             self._buf[i] = 0
         self._buf = bytearray()
+        self._forms = None
         _LIVE.discard(self)
         _changed()
 
@@ -134,6 +137,18 @@ def _changed() -> None:
     _GENERATION += 1
     _FORMS_CACHE = None  # the old forms go now, not at the next log line
     _SCRUBBER_CACHE = None
+
+
+def _added(secret: Secret) -> None:
+    """A new Secret: its forms join a scrubber that was up to date, rather
+    than every live secret's being laid out again (O(1), not O(secrets))."""
+    global _SCRUBBER_CACHE
+    cached = _SCRUBBER_CACHE
+    current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) - 1)
+    _changed()
+    if cached is not None and current:
+        cached[1].add(_forms_of(secret))
+        _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
 
 
 def live_secret_forms(min_len: int = MIN_SECRET_LEN) -> list[str]:
@@ -186,30 +201,38 @@ class SecretForms:
     after the tokens, as before.
     """
 
-    __slots__ = ("_run", "_by_len", "_lengths", "_min_token", "_heads", "_texts")
+    __slots__ = ("_run", "_by_len", "_lengths", "_min_token", "_heads", "_text_set", "_texts")
 
-    def __init__(self, secrets: list[bytes], min_len: int = MIN_SECRET_LEN) -> None:
-        by_len: dict[int, set[str]] = {}
-        texts: set[str] = set()
-        for raw in secrets:
-            if len(raw) < min_len:
-                continue
-            for form in (raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()):
-                by_len.setdefault(len(form), set()).add(form)
-            try:
-                text = raw.decode()
-            except UnicodeDecodeError:
-                pass
-            else:
-                if text.strip():
-                    texts.add(text)
-        self._by_len = by_len
-        self._lengths = sorted(by_len, reverse=True)
-        self._min_token = min(by_len) if by_len else 0
+    def __init__(self, forms: list[_Forms] | None = None) -> None:
+        self._by_len: dict[int, set[str]] = {}
+        self._text_set: set[str] = set()
+        self._lengths: list[int] = []
+        self._min_token = 0
         # each form's first _min_token characters: one look-up rules out a place
-        self._heads = {form[: self._min_token] for forms in by_len.values() for form in forms}
-        self._run = re.compile(f"{_TOKEN_CHARS}{{{self._min_token},}}") if by_len else None
-        self._texts = sorted(texts, key=len, reverse=True)
+        self._heads: set[str] = set()
+        self._run: re.Pattern[str] | None = None
+        self._texts: list[str] = []
+        for one in forms or ():
+            self.add(one)
+
+    def add(self, forms: _Forms | None) -> None:
+        """Take one secret's forms (see :func:`_forms_of`)."""
+        if forms is None:
+            return
+        tokens, text = forms
+        for form in tokens:
+            self._by_len.setdefault(len(form), set()).add(form)
+        shortest = min(self._by_len)
+        if shortest != self._min_token:
+            self._min_token = shortest
+            self._heads = {form[:shortest] for same in self._by_len.values() for form in same}
+            self._run = re.compile(f"{_TOKEN_CHARS}{{{shortest},}}")
+        else:
+            self._heads.update(form[:shortest] for form in tokens)
+        self._lengths = sorted(self._by_len, reverse=True)
+        if text is not None and text not in self._text_set:
+            self._text_set.add(text)
+            self._texts = sorted(self._text_set, key=len, reverse=True)
 
     def scrub(self, text: str, replacement: str) -> str:
         """``text`` with every form replaced by ``replacement``."""
@@ -249,6 +272,28 @@ def live_secret_scrubber() -> SecretForms:
     cached = _SCRUBBER_CACHE
     if cached is not None and cached[0] == key:
         return cached[1]
-    result = SecretForms([bytes(s._buf) for s in list(_LIVE)])
+    result = SecretForms([_forms_of(s) for s in list(_LIVE)])
     _SCRUBBER_CACHE = (key, result)
     return result
+
+
+#: one secret's hex, upper-hex and base64 forms, and its text if it is text
+_Forms = tuple[tuple[str, str, str], str | None]
+
+
+def _forms_of(secret: Secret) -> _Forms | None:
+    """The forms of ``secret`` (kept on it until it is wiped), or None for
+    one too short to scrub."""
+    forms = secret._forms
+    if forms is None:
+        raw = bytes(secret._buf)
+        if len(raw) < MIN_SECRET_LEN:
+            return None
+        try:
+            text: str | None = raw.decode()
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and not text.strip():
+            text = None
+        forms = secret._forms = ((raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()), text)
+    return forms
