@@ -98,9 +98,12 @@ class Secret:
         for i in range(len(self._buf)):
             self._buf[i] = 0
         self._buf = bytearray()
-        self._forms = None
-        _LIVE.discard(self)
-        _changed()
+        forms, self._forms = self._forms, None
+        if self in _LIVE:
+            _LIVE.discard(self)
+            _removed(forms)
+        else:
+            _changed()
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -148,6 +151,18 @@ def _added(secret: Secret) -> None:
     _changed()
     if cached is not None and current:
         cached[1].add(_forms_of(secret))
+        _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
+
+
+def _removed(forms: _Forms | None) -> None:
+    """A wiped Secret: its forms leave a scrubber that was up to date (the
+    same O(1) as :func:`_added`)."""
+    global _SCRUBBER_CACHE
+    cached = _SCRUBBER_CACHE
+    current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) + 1)
+    _changed()
+    if cached is not None and current:
+        cached[1].remove(forms)
         _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
 
 
@@ -201,38 +216,99 @@ class SecretForms:
     after the tokens, as before.
     """
 
-    __slots__ = ("_run", "_by_len", "_lengths", "_min_token", "_heads", "_text_set", "_texts")
+    __slots__ = ("_run", "_count", "_text_count", "_by_len", "_lengths", "_min_token", "_heads", "_texts")
 
-    def __init__(self, forms: list[_Forms] | None = None) -> None:
+    def __init__(self, forms: list[_Forms | None] | None = None) -> None:
+        # how many live secrets have each form (two may share one): a form
+        # leaves with the last of them
+        self._count: dict[str, int] = {}
+        self._text_count: dict[str, int] = {}
         self._by_len: dict[int, set[str]] = {}
-        self._text_set: set[str] = set()
         self._lengths: list[int] = []
         self._min_token = 0
-        # each form's first _min_token characters: one look-up rules out a place
-        self._heads: set[str] = set()
+        # how many token forms begin with each _min_token characters: one
+        # look-up of a place's first characters rules most places out
+        self._heads: dict[str, int] = {}
         self._run: re.Pattern[str] | None = None
         self._texts: list[str] = []
         for one in forms or ():
             self.add(one)
 
     def add(self, forms: _Forms | None) -> None:
-        """Take one secret's forms (see :func:`_forms_of`)."""
+        """Take one more live secret's forms (see :func:`_forms_of`)."""
         if forms is None:
             return
         tokens, text = forms
+        new_tokens = []
         for form in tokens:
-            self._by_len.setdefault(len(form), set()).add(form)
-        shortest = min(self._by_len)
-        if shortest != self._min_token:
-            self._min_token = shortest
-            self._heads = {form[:shortest] for same in self._by_len.values() for form in same}
-            self._run = re.compile(f"{_TOKEN_CHARS}{{{shortest},}}")
-        else:
-            self._heads.update(form[:shortest] for form in tokens)
+            n = self._count.get(form, 0)
+            self._count[form] = n + 1
+            if n == 0:
+                new_tokens.append(form)
+        if new_tokens:
+            for form in new_tokens:
+                self._by_len.setdefault(len(form), set()).add(form)
+            if min(self._by_len) != self._min_token:
+                self._derive_tokens()
+            else:
+                self._lengths = sorted(self._by_len, reverse=True)
+                for form in new_tokens:
+                    head = form[: self._min_token]
+                    self._heads[head] = self._heads.get(head, 0) + 1
+        if text is not None:
+            n = self._text_count.get(text, 0)
+            self._text_count[text] = n + 1
+            if n == 0:
+                self._texts = sorted([*self._texts, text], key=len, reverse=True)
+
+    def remove(self, forms: _Forms | None) -> None:
+        """One live secret with these forms is gone."""
+        if forms is None:
+            return
+        tokens, text = forms
+        gone = []
+        for form in tokens:
+            n = self._count.get(form, 0)
+            if n > 1:
+                self._count[form] = n - 1
+            elif n == 1:
+                del self._count[form]
+                gone.append(form)
+        if gone:
+            for form in gone:
+                same = self._by_len[len(form)]
+                same.discard(form)
+                if not same:
+                    del self._by_len[len(form)]
+            if (min(self._by_len) if self._by_len else 0) != self._min_token:
+                self._derive_tokens()
+            else:
+                self._lengths = sorted(self._by_len, reverse=True)
+                for form in gone:
+                    head = form[: self._min_token]
+                    if self._heads.get(head, 0) > 1:
+                        self._heads[head] -= 1
+                    else:
+                        self._heads.pop(head, None)
+        if text is not None:
+            n = self._text_count.get(text, 0)
+            if n > 1:
+                self._text_count[text] = n - 1
+            elif n == 1:
+                del self._text_count[text]
+                self._texts = [t for t in self._texts if t != text]
+
+    def _derive_tokens(self) -> None:
+        """The lengths, run pattern and heads from scratch (the shortest
+        form's length changed)."""
         self._lengths = sorted(self._by_len, reverse=True)
-        if text is not None and text not in self._text_set:
-            self._text_set.add(text)
-            self._texts = sorted(self._text_set, key=len, reverse=True)
+        self._min_token = min(self._by_len) if self._by_len else 0
+        self._run = re.compile(f"{_TOKEN_CHARS}{{{self._min_token},}}") if self._by_len else None
+        self._heads = {}
+        for same in self._by_len.values():
+            for form in same:
+                head = form[: self._min_token]
+                self._heads[head] = self._heads.get(head, 0) + 1
 
     def scrub(self, text: str, replacement: str) -> str:
         """``text`` with every form replaced by ``replacement``."""
