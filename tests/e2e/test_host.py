@@ -182,7 +182,9 @@ class HostWorld:
 
     def key_files(self) -> list[str]:
         run = self.tmp / "run"
-        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p.name != ".lock")
+        # .lock, and launch.json: the public measurement a restarted agent compares (docs/crash-only.md)
+        keep = (".lock", "launch.json")
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p.name not in keep)
 
 
 @pytest.fixture
