@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,9 @@ _LIVE: weakref.WeakSet[Secret] = weakref.WeakSet()
 _GENERATION = 0
 _FORMS_CACHE: tuple[tuple[int, int, int], list[str]] | None = None
 _SCRUBBER_CACHE: tuple[tuple[int, int], SecretForms] | None = None
+# Secrets are made and wiped on worker threads too (reference reads): one
+# change of the kept index at a time
+_INDEX_LOCK = threading.Lock()
 #: the characters of the hex, upper-hex and base64 forms: every occurrence of
 #: one of those forms lies inside a run of these
 _TOKEN_CHARS = "[0-9A-Za-z+/=]"
@@ -146,24 +150,26 @@ def _added(secret: Secret) -> None:
     """A new Secret: its forms join a scrubber that was up to date, rather
     than every live secret's being laid out again (O(1), not O(secrets))."""
     global _SCRUBBER_CACHE
-    cached = _SCRUBBER_CACHE
-    current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) - 1)
-    _changed()
-    if cached is not None and current:
-        cached[1].add(_forms_of(secret))
-        _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
+    with _INDEX_LOCK:
+        cached = _SCRUBBER_CACHE
+        current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) - 1)
+        _changed()
+        if cached is not None and current:
+            cached[1].add(_forms_of(secret))
+            _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
 
 
 def _removed(forms: _Forms | None) -> None:
     """A wiped Secret: its forms leave a scrubber that was up to date (the
     same O(1) as :func:`_added`)."""
     global _SCRUBBER_CACHE
-    cached = _SCRUBBER_CACHE
-    current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) + 1)
-    _changed()
-    if cached is not None and current:
-        cached[1].remove(forms)
-        _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
+    with _INDEX_LOCK:
+        cached = _SCRUBBER_CACHE
+        current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) + 1)
+        _changed()
+        if cached is not None and current:
+            cached[1].remove(forms)
+            _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
 
 
 def live_secret_forms(min_len: int = MIN_SECRET_LEN) -> list[str]:
@@ -323,7 +329,7 @@ class SecretForms:
                         i += 1
                         continue
                     for length in self._lengths:
-                        if i + length <= end and text[i : i + length] in self._by_len[length]:
+                        if i + length <= end and text[i : i + length] in self._by_len.get(length, ()):
                             parts.append(text[last:i])
                             parts.append(replacement)
                             i += length
