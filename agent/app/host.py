@@ -138,6 +138,8 @@ class Host:
         self.scanned = False
         self._wake = asyncio.Event()
         self._hup = False
+        # this scan's one listing of the keyring's keyagent: keys (_keyring_listing)
+        self._keys: list[tuple[int, str]] | None = None
 
     # -- the directory ------------------------------------------------------------
     def files(self) -> list[str]:
@@ -154,6 +156,7 @@ class Host:
         """Start the VMs of new files, stop those of removed ones; with
         ``reload`` (SIGHUP), restart those whose file changed."""
         present = self.files()
+        self._keys = None  # listed again, at most once, for the VMs this scan starts
         for file in sorted(set(self.vms) - set(present)):
             vm = self.vms[file]
             if vm.ended:
@@ -233,12 +236,25 @@ class Host:
         if self.opts.event_log_dir is not None:
             event_log = os.path.join(self.opts.event_log_dir, f"{cfg.vm_name}.jsonl")
         return SidecarOptions(
+            keyring_listing=self._keyring_listing() if cfg.vm_run_dir else None,
             qmp_path=qmp_path,
             control_path=os.path.join(cfg.vm_run_dir, "control.sock") if cfg.vm_run_dir else None,
             event_log=event_log,
             qmp_timeout=self.opts.qmp_timeout,
             own_signals=False,
         )
+
+    def _keyring_listing(self) -> list[tuple[int, str]]:
+        """The user keyring's ``keyagent:`` keys, listed once per scan for
+        every VM it starts (each VM's stale-key sweep takes its own from it).
+        Keys a VM adds later are its own, made after its sweep; a VM whose
+        file changed starts only once its old VM has ended and removed its
+        keys, so one listing per scan sees what a listing per VM would."""
+        if self._keys is None:
+            from agent.io import keyring
+
+            self._keys = keyring.find("keyagent:")
+        return self._keys
 
     def _make_sidecar(self, cfg: Config, opts: SidecarOptions, extras: dict[tuple[str, str], Any]) -> Sidecar:
         if self.opts.libvirt is None:

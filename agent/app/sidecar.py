@@ -74,6 +74,10 @@ class SidecarOptions:
     # SIGTERM/SIGINT handlers belong to the process: ``keyagent host`` owns
     # them and calls Sidecar.stop() on each of its VMs instead.
     own_signals: bool = True
+    # ``keyagent host``: the user keyring's keyagent:* keys as listed once for
+    # every VM its scan starts (agent.io.keyring.sweep), so that each VM does
+    # not list and describe the whole keyring again
+    keyring_listing: list[tuple[int, str]] | None = None
 
 
 def check_qmp_path(path: str) -> None:
@@ -465,7 +469,7 @@ class Sidecar:
             removed = sweep_stale_keys(self.run_dir, keep=migration_key_dirs(self.run_dir) if self.adopts else ())
             from agent.io import keyring
 
-            removed += keyring.sweep(f"keyagent:{cfg.vm_name}:")
+            removed += keyring.sweep(f"keyagent:{cfg.vm_name}:", listing=opts.keyring_listing)
             if removed:
                 self.log.warning(
                     "swept stale key material left by a previous agent", run_dir=self.run_dir, removed=removed

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Secret", "live_secret_forms"]
+__all__ = ["Secret", "SecretForms", "live_secret_forms", "live_secret_scrubber"]
 
 # Every live Secret, so the log filter can scrub its forms.  Weak so that a
 # Secret that is dropped (or wiped) stops being tracked.
@@ -34,19 +36,28 @@ _LIVE: weakref.WeakSet[Secret] = weakref.WeakSet()
 # generation, and one collected changes the set's length.
 _GENERATION = 0
 _FORMS_CACHE: tuple[tuple[int, int, int], list[str]] | None = None
+_SCRUBBER_CACHE: tuple[tuple[int, int], SecretForms] | None = None
+# Secrets are made and wiped on worker threads too (reference reads): one
+# change of the kept index at a time
+_INDEX_LOCK = threading.Lock()
+#: the characters of the hex, upper-hex and base64 forms: every occurrence of
+#: one of those forms lies inside a run of these
+_TOKEN_CHARS = "[0-9A-Za-z+/=]"
+MIN_SECRET_LEN = 4
 
 
 class Secret:
     """Opaque secret bytes.  ``reveal()`` is the one way to read them."""
 
-    __slots__ = ("_buf", "__weakref__")
+    __slots__ = ("_buf", "_forms", "__weakref__")
 
     def __init__(self, value: bytes | bytearray | memoryview | str) -> None:
         if isinstance(value, str):
             value = value.encode()
         self._buf = bytearray(value)
+        self._forms: _Forms | None = None
         _LIVE.add(self)
-        _changed()
+        _added(self)
 
     @classmethod
     def placeholder(cls, length: int) -> Secret:
@@ -57,6 +68,7 @@ class Secret:
         """
         obj = cls.__new__(cls)
         obj._buf = bytearray(length)
+        obj._forms = None
         return obj
 
     @classmethod
@@ -90,8 +102,12 @@ class Secret:
         for i in range(len(self._buf)):
             self._buf[i] = 0
         self._buf = bytearray()
-        _LIVE.discard(self)
-        _changed()
+        forms, self._forms = self._forms, None
+        if self in _LIVE:
+            _LIVE.discard(self)
+            _removed(forms)
+        else:
+            _changed()
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -124,12 +140,39 @@ class Secret:
 
 
 def _changed() -> None:
-    global _GENERATION, _FORMS_CACHE
+    global _GENERATION, _FORMS_CACHE, _SCRUBBER_CACHE
     _GENERATION += 1
     _FORMS_CACHE = None  # the old forms go now, not at the next log line
+    _SCRUBBER_CACHE = None
 
 
-def live_secret_forms(min_len: int = 4) -> list[str]:
+def _added(secret: Secret) -> None:
+    """A new Secret: its forms join a scrubber that was up to date, rather
+    than every live secret's being laid out again (O(1), not O(secrets))."""
+    global _SCRUBBER_CACHE
+    with _INDEX_LOCK:
+        cached = _SCRUBBER_CACHE
+        current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) - 1)
+        _changed()
+        if cached is not None and current:
+            cached[1].add(_forms_of(secret))
+            _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
+
+
+def _removed(forms: _Forms | None) -> None:
+    """A wiped Secret: its forms leave a scrubber that was up to date (the
+    same O(1) as :func:`_added`)."""
+    global _SCRUBBER_CACHE
+    with _INDEX_LOCK:
+        cached = _SCRUBBER_CACHE
+        current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) + 1)
+        _changed()
+        if cached is not None and current:
+            cached[1].remove(forms)
+            _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
+
+
+def live_secret_forms(min_len: int = MIN_SECRET_LEN) -> list[str]:
     """Text forms (raw, hex, base64) of every live secret, longest first.
 
     Used by the log redaction filter.  Very short secrets are skipped: a
@@ -160,3 +203,179 @@ def live_secret_forms(min_len: int = 4) -> list[str]:
     result = sorted(forms, key=len, reverse=True)
     _FORMS_CACHE = (key, result)
     return result
+
+
+class SecretForms:
+    """Every form of every live secret, laid out so that scrubbing a string
+    costs the same whatever the number of live secrets.
+
+    ``keyagent host`` holds every VM's keys in one process, and every string
+    of every log line is scrubbed: trying each form with ``in`` made a line
+    cost O(VMs).  The hex, upper-hex and base64 forms are made only of
+    ``[0-9A-Za-z+/=]``, so an occurrence lies inside a run of those
+    characters at least as long as the shortest form: one C-level regex
+    finds the runs, and each run's windows of the few form lengths are
+    looked up in a set per length (after a look-up of its first characters
+    among the forms' beginnings).  A run is taken left to right, the
+    longest form first at each place, so no form survives; the raw text
+    forms (passphrases: any character) keep the ``in`` test, longest first,
+    after the tokens, as before.
+    """
+
+    __slots__ = ("_run", "_count", "_text_count", "_by_len", "_lengths", "_min_token", "_heads", "_texts")
+
+    def __init__(self, forms: list[_Forms | None] | None = None) -> None:
+        # how many live secrets have each form (two may share one): a form
+        # leaves with the last of them
+        self._count: dict[str, int] = {}
+        self._text_count: dict[str, int] = {}
+        self._by_len: dict[int, set[str]] = {}
+        self._lengths: list[int] = []
+        self._min_token = 0
+        # how many token forms begin with each _min_token characters: one
+        # look-up of a place's first characters rules most places out
+        self._heads: dict[str, int] = {}
+        self._run: re.Pattern[str] | None = None
+        self._texts: list[str] = []
+        for one in forms or ():
+            self.add(one)
+
+    def add(self, forms: _Forms | None) -> None:
+        """Take one more live secret's forms (see :func:`_forms_of`)."""
+        if forms is None:
+            return
+        tokens, text = forms
+        new_tokens = []
+        for form in tokens:
+            n = self._count.get(form, 0)
+            self._count[form] = n + 1
+            if n == 0:
+                new_tokens.append(form)
+        if new_tokens:
+            for form in new_tokens:
+                self._by_len.setdefault(len(form), set()).add(form)
+            if min(self._by_len) != self._min_token:
+                self._derive_tokens()
+            else:
+                self._lengths = sorted(self._by_len, reverse=True)
+                for form in new_tokens:
+                    head = form[: self._min_token]
+                    self._heads[head] = self._heads.get(head, 0) + 1
+        if text is not None:
+            n = self._text_count.get(text, 0)
+            self._text_count[text] = n + 1
+            if n == 0:
+                self._texts = sorted([*self._texts, text], key=len, reverse=True)
+
+    def remove(self, forms: _Forms | None) -> None:
+        """One live secret with these forms is gone."""
+        if forms is None:
+            return
+        tokens, text = forms
+        gone = []
+        for form in tokens:
+            n = self._count.get(form, 0)
+            if n > 1:
+                self._count[form] = n - 1
+            elif n == 1:
+                del self._count[form]
+                gone.append(form)
+        if gone:
+            for form in gone:
+                same = self._by_len[len(form)]
+                same.discard(form)
+                if not same:
+                    del self._by_len[len(form)]
+            if (min(self._by_len) if self._by_len else 0) != self._min_token:
+                self._derive_tokens()
+            else:
+                self._lengths = sorted(self._by_len, reverse=True)
+                for form in gone:
+                    head = form[: self._min_token]
+                    if self._heads.get(head, 0) > 1:
+                        self._heads[head] -= 1
+                    else:
+                        self._heads.pop(head, None)
+        if text is not None:
+            n = self._text_count.get(text, 0)
+            if n > 1:
+                self._text_count[text] = n - 1
+            elif n == 1:
+                del self._text_count[text]
+                self._texts = [t for t in self._texts if t != text]
+
+    def _derive_tokens(self) -> None:
+        """The lengths, run pattern and heads from scratch (the shortest
+        form's length changed)."""
+        self._lengths = sorted(self._by_len, reverse=True)
+        self._min_token = min(self._by_len) if self._by_len else 0
+        self._run = re.compile(f"{_TOKEN_CHARS}{{{self._min_token},}}") if self._by_len else None
+        self._heads = {}
+        for same in self._by_len.values():
+            for form in same:
+                head = form[: self._min_token]
+                self._heads[head] = self._heads.get(head, 0) + 1
+
+    def scrub(self, text: str, replacement: str) -> str:
+        """``text`` with every form replaced by ``replacement``."""
+        if self._run is not None and len(text) >= self._min_token:
+            parts: list[str] = []
+            last = 0
+            for m in self._run.finditer(text):
+                start, end = m.span()
+                i = start
+                while i + self._min_token <= end:
+                    if text[i : i + self._min_token] not in self._heads:
+                        i += 1
+                        continue
+                    for length in self._lengths:
+                        if i + length <= end and text[i : i + length] in self._by_len.get(length, ()):
+                            parts.append(text[last:i])
+                            parts.append(replacement)
+                            i += length
+                            last = i
+                            break
+                    else:
+                        i += 1
+            if parts:
+                parts.append(text[last:])
+                text = "".join(parts)
+        for form in self._texts:
+            if form in text:
+                text = text.replace(form, replacement)
+        return text
+
+
+def live_secret_scrubber() -> SecretForms:
+    """The forms of every live secret as a :class:`SecretForms`, rebuilt only
+    when a Secret is made, wiped or collected."""
+    global _SCRUBBER_CACHE
+    key = (_GENERATION, len(_LIVE))
+    cached = _SCRUBBER_CACHE
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = SecretForms([_forms_of(s) for s in list(_LIVE)])
+    _SCRUBBER_CACHE = (key, result)
+    return result
+
+
+#: one secret's hex, upper-hex and base64 forms, and its text if it is text
+_Forms = tuple[tuple[str, str, str], str | None]
+
+
+def _forms_of(secret: Secret) -> _Forms | None:
+    """The forms of ``secret`` (kept on it until it is wiped), or None for
+    one too short to scrub."""
+    forms = secret._forms
+    if forms is None:
+        raw = bytes(secret._buf)
+        if len(raw) < MIN_SECRET_LEN:
+            return None
+        try:
+            text: str | None = raw.decode()
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and not text.strip():
+            text = None
+        forms = secret._forms = ((raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()), text)
+    return forms

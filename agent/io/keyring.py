@@ -140,10 +140,20 @@ def find(prefix: str, keyring: int = KEY_SPEC_USER_KEYRING) -> list[tuple[int, s
     return found
 
 
-def sweep(prefix: str, keyring: int = KEY_SPEC_USER_KEYRING) -> list[str]:
-    """Revoke and unlink every user key whose description starts with ``prefix``."""
+def sweep(prefix: str, keyring: int = KEY_SPEC_USER_KEYRING, listing: list[tuple[int, str]] | None = None) -> list[str]:
+    """Revoke and unlink every user key whose description starts with ``prefix``.
+
+    ``listing`` is what one :func:`find` of a shorter prefix gave, taken for
+    many sweeps at once: listing the keyring describes every key in it (one
+    ``keyctl`` call each), and ``keyagent host`` starting 100 VMs made that
+    2,389 calls when each VM listed for itself; it lists once per scan of
+    its configuration directory instead."""
+    if listing is None:
+        keys = find(prefix, keyring)
+    else:
+        keys = [(serial, desc) for serial, desc in listing if desc.startswith(prefix)]
     removed = []
-    for serial, desc in find(prefix, keyring):
+    for serial, desc in keys:
         for step in (revoke, lambda s: unlink(s, keyring)):
             try:
                 step(serial)

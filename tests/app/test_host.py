@@ -111,6 +111,23 @@ async def test_a_new_file_starts_its_vm_and_a_removed_one_is_stopped_then_forgot
     assert made["b"].stopped_by == "SIGTERM"
 
 
+async def test_one_scan_lists_the_keyring_once_for_every_vm_it_starts(tmp_path, conf, monkeypatch):
+    from agent.io import keyring
+
+    listings = []
+    monkeypatch.setattr(keyring, "find", lambda prefix: listings.append(prefix) or [(7, "keyagent:a:master")])
+    made = Made()
+    host = Host(HostOptions(str(conf)), make_sidecar=made)
+    for vm in ("a", "b", "c"):
+        write(conf, f"{vm}.toml", vm_toml(tmp_path, vm, f'run_dir = "{tmp_path}/run-{vm}"\n'))
+    host.scan()
+    assert listings == ["keyagent:"]
+    assert all(made[vm].opts.keyring_listing == [(7, "keyagent:a:master")] for vm in "abc")
+    host.scan()  # nothing new: no listing
+    assert listings == ["keyagent:"]
+    await host.stop_all("SIGTERM")
+
+
 async def test_a_changed_file_is_taken_only_on_reload(tmp_path, conf):
     made = Made()
     host = Host(HostOptions(str(conf)), make_sidecar=made)

@@ -72,3 +72,33 @@ def test_a_library_exception_keeps_its_type_and_a_scrubbed_message(lines):
     (line,) = lines()
     assert line["event"] == "failed: ValueError: boom <redacted>" and line["level"] == "error"
     del secret
+
+
+def test_the_scrub_leaves_no_form_of_any_live_secret_whatever_their_number():
+    import base64
+    import os
+
+    from agent.common.logs import scrub
+
+    keys = [Secret(os.urandom(32)) for _ in range(50)]
+    short = Secret(os.urandom(5))  # forms of another length
+    forms = [f for s in [*keys, short] for f in (s.hex(), s.hex().upper(), s.b64())]
+    text = "x" + "+".join(forms) + base64.b64encode(os.urandom(40)).decode() + keys[3].hex()[:-1] + " tail"
+    out = scrub(text)
+    assert not any(f in out for f in forms)
+    assert out.startswith("x<redacted>+") and out.endswith(keys[3].hex()[:-1] + " tail")
+    assert out.count("<redacted>") == len(forms)
+
+
+def test_the_scrub_takes_a_text_secret_anywhere_and_overlapping_forms_leave_nothing():
+    from agent.common.logs import scrub
+
+    passphrase = Secret(b"correct horse battery staple")
+    key = Secret(bytes.fromhex("00112233445566778899aabbccddeeff"))
+    overlapping = key.hex()[:8] + key.hex() + key.hex()[8:]
+    assert (
+        scrub(f"a correct horse battery staple and {overlapping}")
+        == f"a <redacted> and {key.hex()[:8]}<redacted>{key.hex()[8:]}"
+    )
+    assert scrub("nothing secret here") == "nothing secret here"
+    del passphrase

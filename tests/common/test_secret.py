@@ -46,3 +46,41 @@ def test_view_lends_the_bytes_read_only_for_one_block():
         bytes(view)  # released when the block ended
     s.wipe()
     assert len(s) == 0
+
+
+def _state(forms):
+    return (
+        forms._count,
+        forms._text_count,
+        forms._by_len,
+        forms._lengths,
+        forms._min_token,
+        forms._heads,
+        sorted(forms._texts),
+        [len(t) for t in forms._texts],
+    )
+
+
+def test_the_scrubber_kept_up_to_date_secret_by_secret_equals_one_built_afresh():
+    import gc
+    import random
+
+    from agent.common.secret import _LIVE, SecretForms, _forms_of, live_secret_scrubber
+
+    rng = random.Random(7)
+    live: list[Secret] = []
+    for _ in range(300):
+        step = rng.random()
+        if step < 0.5 or not live:
+            value = rng.choice([rng.randbytes(rng.choice([3, 4, 6, 32])), b"pass phrase", b"deadbeef"])
+            live.append(Secret(value))  # equal values share forms
+        elif step < 0.8:
+            live.pop(rng.randrange(len(live))).wipe()
+        else:
+            live.pop(rng.randrange(len(live)))  # collected, never wiped
+            gc.collect()
+        index = live_secret_scrubber()
+        assert _state(index) == _state(SecretForms([_forms_of(s) for s in list(_LIVE)]))
+        for s in live:
+            if len(s) >= 4:
+                assert index.scrub(f"<{s.hex()}|{s.b64()}|{s.hex().upper()}>", "R") == "<R|R|R>"

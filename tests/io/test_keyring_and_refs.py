@@ -29,6 +29,28 @@ def test_add_search_read_revoke_roundtrip():
 
 
 @needs_keyring
+def test_a_sweep_from_one_listing_removes_its_prefixs_keys_only(monkeypatch):
+    base = f"keyagent-test-{os.getpid()}"
+    mine = [keyring.add_key(f"{base}:vm1:{i}", b"k") for i in range(2)]
+    other = keyring.add_key(f"{base}:vm10:0", b"k")
+    try:
+        listing = keyring.find(f"{base}:")
+        calls = []
+        monkeypatch.setattr(keyring, "describe", lambda serial: calls.append(serial))
+        assert sorted(keyring.sweep(f"{base}:vm1:", listing=listing)) == [f"{base}:vm1:0", f"{base}:vm1:1"]
+        assert calls == []  # the listing is not described again
+        monkeypatch.undo()
+        assert [d for _, d in keyring.find(f"{base}:")] == [f"{base}:vm10:0"]
+    finally:
+        for serial in [*mine, other]:
+            for step in (keyring.revoke, keyring.unlink):
+                try:
+                    step(serial)
+                except OSError:
+                    pass
+
+
+@needs_keyring
 def test_unknown_keyring_reference_is_one_line():
     with pytest.raises(UsageError, match="keyring:keyagent-no-such-key"):
         resolve("keyring:keyagent-no-such-key")
