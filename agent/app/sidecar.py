@@ -307,9 +307,12 @@ class Sidecar:
         if self.run_dir:
             import agent.app.verbs.secrets  # noqa: F401
             import agent.io.keyring  # noqa: F401
-        if self.incoming and self.opts.control_path:
-            # A VM that arrives by migration: its agent will open a sealed
-            # PSK (cryptography, ~25 ms to load) inside the migration.
+        cfg = self.cfg
+        if self.incoming and self.opts.control_path and cfg.migration_host_key and cfg.migration_trusted_hosts:
+            # A VM that arrives by migration, with host keys: its agent will open a
+            # sealed PSK (cryptography, ~10 ms to load) inside the migration, maybe
+            # before it is ever idle (an SEV launch that waits for the migration).
+            # Without host keys the PSK comes from a file: no cryptography.
             import agent.crypto.seal  # noqa: F401
 
     def _schedule_preload_idle(self) -> None:
@@ -325,27 +328,33 @@ class Sidecar:
             self.preload_idle()
 
     def preload_idle(self) -> None:
-        """Import, once the sidecar is first idle, what a sealed migration needs.
+        """Load, once the sidecar has started, what its first migration needs.
 
-        With host keys (``[migration] host_key``) either side of a migration
-        may be asked for it; loading cryptography, the migrate verbs and
-        cryptography's OpenSSL backend (``seal.warm``) inside the first
-        migration was ~18 ms of the source's CPU (``keyagent bench``:
+        With host keys (``[migration] host_key``) either side of a sealed
+        migration may be asked for it; loading cryptography, cryptography's
+        OpenSSL backend and OpenSSL's algorithms (``seal.warm``), the migrate
+        verbs and the destination's DH parameters inside the first migration
+        was ~20 ms of the agents' CPU (``keyagent bench``:
         ``migration_fixed_ms``).  Here it is after start-up (QMP negotiated,
         the launch done: neither ``startup_ms`` nor a VM's boot waits for
         it), when the sidecar has nothing to do until it is asked.  It costs
-        ~9 MB of RSS in a sidecar with host keys only; one without them
-        loads nothing.  On the loop: an import is bounded work (~10 ms) that
-        no peer controls, and a request that comes meanwhile waits no
-        longer than it would have inside the migration.
+        ~9 MB of RSS in a sidecar with host keys; one without them and
+        without ``--incoming`` loads nothing.  On the loop: this is bounded
+        work (~10 ms) that no peer controls, and a request that comes
+        meanwhile waits no longer than it would have inside the migration.
         """
         cfg = self.cfg
-        if not (self.opts.control_path and cfg.migration_host_key and cfg.migration_trusted_hosts):
+        host_keys = bool(cfg.migration_host_key and cfg.migration_trusted_hosts)
+        if not self.opts.control_path or not (host_keys or self.incoming):
             return
         import agent.app.verbs.migrate  # noqa: F401
-        from agent.crypto import seal
+        from agent.core.dhparams import ffdhe2048_pem
 
-        seal.warm()
+        ffdhe2048_pem()  # a destination's dh-params.pem: computed once (~1 ms), then cached
+        if host_keys:
+            from agent.crypto import seal
+
+            seal.warm()
 
     def wanted_events(self) -> set[str]:
         from agent.core.migration import MigrationFlow
