@@ -78,6 +78,21 @@ def cpu_ticks_ns(pid: int) -> int:
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+async def _qmp_client(path: str, timeout: float = 10.0) -> Any:
+    """qmp_client, retried: QEMU's socket file exists from bind(), a moment
+    before it listens (ECONNREFUSED on a loaded machine)."""
+    from qemu.qmp import ConnectError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await qmp_client(path)
+        except ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def _agent(ctx: Ctx, name: str, qmp: str, run_dir: str, keys: list[str], incoming: bool) -> tuple[Any, str]:
     proc = await ctx.spawn(
         name,
@@ -113,7 +128,7 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
         dst, dst_sock, dst_test = await _qemu(ctx, qemu, f"fix{rep}-dst", True)
         procs += [src, dst]
         for test_sock in (src_test, dst_test):
-            client = await qmp_client(test_sock)
+            client = await _qmp_client(test_sock)
             await client.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
             await close_client(client)
         keys = _host_keys(ctx)
