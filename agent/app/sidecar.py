@@ -142,6 +142,7 @@ class Sidecar:
         self.tpm_args: list[str] = []
         self.incoming = getattr(opts, "incoming", False)
         self._stopping = False
+        self._idle_preloaded = False  # preload_idle ran or is due: once per sidecar
         self._run_dir_lock: RunDirLock | None = None
         self.found: Found | None = None  # what a restarted agent found in QEMU (agent.app.adopt)
 
@@ -155,6 +156,8 @@ class Sidecar:
         if flow_id == "launch" and fin.code != 0 and self.exit_code == 0:
             self.exit_code, self.exit_reason = fin.code, fin.reason
             self.done.set()
+        if flow_id == "launch":
+            self._schedule_preload_idle()
         self._maybe_done()
 
     def _maybe_done(self) -> None:
@@ -308,10 +311,54 @@ class Sidecar:
         if self.run_dir:
             import agent.app.verbs.secrets  # noqa: F401
             import agent.io.keyring  # noqa: F401
-        if self.incoming and self.opts.control_path:
-            # A VM that arrives by migration: its agent will open a sealed
-            # PSK (cryptography, ~25 ms to load) inside the migration.
+        cfg = self.cfg
+        if self.incoming and self.opts.control_path and cfg.migration_host_key and cfg.migration_trusted_hosts:
+            # A VM that arrives by migration, with host keys: its agent will open a
+            # sealed PSK (cryptography, ~10 ms to load) inside the migration, maybe
+            # before it is ever idle (an SEV launch that waits for the migration).
+            # Without host keys the PSK comes from a file: no cryptography.
             import agent.crypto.seal  # noqa: F401
+
+    def _schedule_preload_idle(self) -> None:
+        """:meth:`preload_idle`, next on the loop (not inside the callback that
+        finished the launch), once: after the launch, or at start without one."""
+        if self._idle_preloaded or self._stopping:
+            return
+        self._idle_preloaded = True
+        asyncio.get_running_loop().call_soon(self._preload_idle_unless_stopping)
+
+    def _preload_idle_unless_stopping(self) -> None:
+        if not self._stopping and not self.done.is_set():
+            self.preload_idle()
+
+    def preload_idle(self) -> None:
+        """Load, once the sidecar has started, what its first migration needs.
+
+        With host keys (``[migration] host_key``) either side of a sealed
+        migration may be asked for it; loading cryptography, cryptography's
+        OpenSSL backend and OpenSSL's algorithms (``seal.warm``), the migrate
+        verbs and the destination's DH parameters inside the first migration
+        was ~20 ms of the agents' CPU (``keyagent bench``:
+        ``migration_fixed_ms``).  Here it is after start-up (QMP negotiated,
+        the launch done: neither ``startup_ms`` nor a VM's boot waits for
+        it), when the sidecar has nothing to do until it is asked.  It costs
+        ~9 MB of RSS in a sidecar with host keys; one without them and
+        without ``--incoming`` loads nothing.  On the loop: this is bounded
+        work (~10 ms) that no peer controls, and a request that comes
+        meanwhile waits no longer than it would have inside the migration.
+        """
+        cfg = self.cfg
+        host_keys = bool(cfg.migration_host_key and cfg.migration_trusted_hosts)
+        if not self.opts.control_path or not (host_keys or self.incoming):
+            return
+        import agent.app.verbs.migrate  # noqa: F401
+        from agent.core.dhparams import ffdhe2048_pem
+
+        ffdhe2048_pem()  # a destination's dh-params.pem: computed once (~1 ms), then cached
+        if host_keys:
+            from agent.crypto import seal
+
+            seal.warm()
 
     def wanted_events(self) -> set[str]:
         from agent.core.migration import MigrationFlow
@@ -449,6 +496,8 @@ class Sidecar:
         await self._start_control()
         tasks += self._start_tasks(rt)
         self.start_flows(rt)
+        if "launch" not in rt.active():
+            self._schedule_preload_idle()
         self._maybe_done()
         await self.done.wait()
         self._stopping = True

@@ -50,7 +50,7 @@ import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -99,7 +99,35 @@ def _suite():
 
 
 def _raw_public(key) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    # public_bytes_raw, not public_bytes(Encoding.Raw, ...): the latter's enums
+    # live in cryptography's ``serialization`` package (PEM, SSH, PKCS#12: ~5 ms
+    # of CPU to import), which nothing else here needs.
+    return bytes(key.public_key().public_bytes_raw())
+
+
+# The warm-up's keys: everyone's, never ours (the scalar and the seed zero).
+_WARM_SEED = bytes(32)
+_WARM_INFO = b"keyagent warm-up\x00"
+
+
+def warm() -> None:
+    """Load now what the first hand-over would load inside the migration.
+
+    The first X25519 key imports cryptography's OpenSSL backend (~7 ms of
+    CPU: ``X25519PublicKey.from_public_bytes`` checks it supports X25519),
+    and OpenSSL 3 looks up each algorithm (Ed25519, X25519, HKDF,
+    AES-256-GCM) the first time it is used (~1 ms in all).  So one round of
+    what :func:`make_offer`, :func:`seal`, :func:`verify_offer` and
+    :func:`open_cookie` do, with keys whose private halves are zero: known
+    to all, holding nothing, dropped at once.  No randomness but HPKE's own
+    ephemeral key.  Called by a sidecar with host keys once it is idle
+    (``agent.app.sidecar``).
+    """
+    signer = Ed25519PrivateKey.from_private_bytes(_WARM_SEED)
+    Ed25519PublicKey.from_public_bytes(_raw_public(signer)).verify(signer.sign(_WARM_INFO), _WARM_INFO)
+    recipient = X25519PrivateKey.from_private_bytes(_WARM_SEED)
+    public = X25519PublicKey.from_public_bytes(_raw_public(recipient))
+    _suite().decrypt(_suite().encrypt(_WARM_INFO, public, info=_WARM_INFO), recipient, info=_WARM_INFO)
 
 
 def _b64decode(text: object, what: str) -> bytes:

@@ -18,7 +18,10 @@ whatever the machine's load does to the wall clock, and nothing of QEMU's.
 The details add the wall-clock view: the requests' wall time minus QEMU's
 own ``total-time`` (``query-migrate`` on the source), which also holds the
 control round trips and the scheduling of three processes on a shared
-machine.
+machine; and ``control_floor_cpu_ms``, the same agents' CPU for six control
+requests that do nothing (``GET /v1/status``, a connection each, as the
+migration's six are), measured just before: the part of the figure that is
+the control socket itself.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from agent.tools.bench import (
     _qemu,
     _r,
     _run_dir,
+    _status,
     close_client,
     free_port,
     qmp_client,
@@ -75,6 +79,21 @@ def cpu_ticks_ns(pid: int) -> int:
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+async def _qmp_client(path: str, timeout: float = 10.0) -> Any:
+    """qmp_client, retried: QEMU's socket file exists from bind(), a moment
+    before it listens (ECONNREFUSED on a loaded machine)."""
+    from qemu.qmp import ConnectError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await qmp_client(path)
+        except ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
     """One sealed migration; the agents' CPU and the wall-clock view, in ms."""
     from agent.protocol import control as wire
@@ -85,7 +104,7 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
         dst, dst_sock, dst_test = await _qemu(ctx, qemu, f"fix{rep}-dst", True)
         procs += [src, dst]
         for test_sock in (src_test, dst_test):
-            client = await qmp_client(test_sock)
+            client = await _qmp_client(test_sock)
             await client.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
             await close_client(client)
         keys = _host_keys(ctx)
@@ -100,6 +119,13 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
         await asyncio.sleep(0.5)  # both idle: their start-up is not in the window
         uri = f"tcp:127.0.0.1:{free_port()}"
         pids = (src_agent.pid, dst_agent.pid)
+        # The floor of driving it: as many control requests (a connection each,
+        # as here) that do nothing, three to each agent, before the window.
+        floor0 = [cpu_ns(p) for p in pids]
+        for _ in range(3):
+            for sock in (src_ctl, dst_ctl):
+                await _status(sock)
+        control_floor_ms = sum(cpu_ns(p) - a for p, a in zip(pids, floor0)) / 1e6
         cpu0 = [cpu_ns(p) for p in pids]
         ticks0 = [cpu_ticks_ns(p) for p in pids]
         t0 = time.monotonic()
@@ -133,6 +159,7 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
             "handover_cpu_ms": sum(b - a for a, b in zip(cpu0, cpu_handover)) / 1e6,
             "qemu_total_ms": qemu_ms,
             "wall_outside_qemu_ms": wall * 1000 - qemu_ms,
+            "control_floor_cpu_ms": control_floor_ms,
         }
     finally:
         for proc in reversed(procs):
@@ -162,5 +189,7 @@ async def bench_migration_fixed(ctx: Ctx, reps: int) -> dict:
             "handover_cpu_ms_p50": p50("handover_cpu_ms"),
             "qemu_total_ms_p50": p50("qemu_total_ms"),
             "wall_outside_qemu_ms_p50": p50("wall_outside_qemu_ms"),
+            # six GET /v1/status, one connection each, on the same idle agents
+            "control_floor_cpu_ms_p50": p50("control_floor_cpu_ms"),
         },
     }

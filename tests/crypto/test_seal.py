@@ -1,7 +1,10 @@
 """The authenticated hand-over's construction: what each blob binds, and what a carrier can do."""
 
 import base64
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -190,3 +193,50 @@ def test_refusals_are_403_and_name_no_key_bytes(hosts):
         seal.verify_offer(off, VM, src.trusted_map())
     assert err.value.status == 403
     assert carrier.public.split()[1] not in str(err.value)
+
+
+WARM_PROBE = """
+import json, os, sys
+from agent.crypto import hostkey, seal
+seal.warm()
+before = set(sys.modules)
+src, dst, trusted = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+trusted = {bytes.fromhex(k): v for k, v in trusted.items()}
+priv = os.urandom(32)
+offer_b64 = seal.make_offer(hostkey.load_private(dst), "vm1", os.urandom(16), priv)
+offer, _ = seal.verify_offer(offer_b64, "vm1", trusted)
+cookie, _ = seal.verify_cookie(seal.seal(offer, "vm1", b"k" * 32, hostkey.load_private(src)), "vm1", trusted)
+assert seal.open_cookie(cookie, seal.parse_offer(offer_b64), priv) == b"k" * 32
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_after_warm_a_whole_handover_imports_nothing_and_never_the_serialization_package(tmp_path):
+    """What the idle sidecar preloads (agent.app.sidecar.preload_idle) is all a hand-over loads."""
+    src, dst = make_pair(tmp_path)
+    trusted = {k.hex(): v for k, v in {**src.trusted_map(), **dst.trusted_map()}.items()}
+    out = subprocess.run(
+        [sys.executable, "-c", WARM_PROBE, str(src.key), str(dst.key), json.dumps(trusted)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+    probe = (
+        "import sys; from agent.crypto import seal; seal.warm(); "
+        "print('cryptography.hazmat.primitives.serialization' in sys.modules)"
+    )
+    check = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == "False", check.stderr
+
+
+def test_warm_uses_no_key_of_this_host_and_a_handover_after_it_still_works(hosts, monkeypatch):
+    src, dst, _ = hosts
+    monkeypatch.setattr(os, "urandom", lambda n: pytest.fail("warm() must not draw key material"))
+    seal.warm()
+    monkeypatch.undo()
+    psk = os.urandom(32)
+    priv, off, cookie = handover(src, dst, psk)
+    parsed, _ = seal.verify_cookie(cookie, VM, dst.trusted_map())
+    assert seal.open_cookie(parsed, seal.parse_offer(off), priv) == psk

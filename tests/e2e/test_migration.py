@@ -132,6 +132,17 @@ def capture_psk(host: Host, scan: LeakScan) -> None:
     assert oct(files[0].parent.stat().st_mode & 0o777) == "0o700"
 
 
+def test_both_agents_load_the_handovers_crypto_once_started_not_inside_the_migration(pair):
+    """migration_fixed_ms: cryptography (its Rust extension) is mapped before the first request."""
+
+    def loaded(host: Host) -> bool:
+        with open(f"/proc/{host.agent.popen.pid}/maps") as f:
+            return "_rust.abi3.so" in f.read()
+
+    for host in (pair.src, pair.dst):
+        wait_for(lambda host=host: loaded(host), timeout=10, what=f"{host.name} agent to preload cryptography")
+
+
 @pytest.mark.parametrize("mode", ["sealed", "psk-file"])
 @pytest.mark.parametrize("variant", ["single", "multifd", "postcopy"])
 def test_migration_completes_and_the_guest_memory_travels(pair, mode, variant):
