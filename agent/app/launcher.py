@@ -228,20 +228,8 @@ class Launcher(Sidecar):
                 "launch",
                 SnpLaunchFlow(SnpLaunchParams(vm=cfg.vm_name, policy=self.snp.policy, timeout_s=cfg.snp_timeout_s)),
             )
-        elif cfg.sev_enabled:
-            from agent.core.launch import LaunchParams, SevLaunchFlow
-
-            rt.start_flow(
-                "launch",
-                SevLaunchFlow(
-                    LaunchParams(
-                        vm=cfg.vm_name,
-                        timeout_s=cfg.sev_timeout_s,
-                        on_refusal=cfg.sev_on_refusal,
-                        migrating_from=cfg.vm_name if (self.incoming and cfg.sev_mh) else None,  # docs/mh.md
-                    )
-                ),
-            )
+        elif cfg.sev_enabled:  # its QEMU is new: no launch note to read
+            rt.start_flow("launch", self.sev_launch_flow())
         elif not self.user_stopped:
             rt.start_flow("resume", ResumeFlow(ResumeParams(vm=cfg.vm_name)))
 

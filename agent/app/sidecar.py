@@ -261,6 +261,20 @@ class Sidecar:
         self.log.info("QMP connected", qmp=self.opts.qmp_path, qemu=qmp.qemu_version)
         return qmp
 
+    def sev_launch_flow(self, launched: str | None = None) -> SevLaunchFlow:
+        """The SEV launch flow for this VM, as the sidecar and the launcher start it."""
+        cfg = self.cfg
+        return SevLaunchFlow(
+            LaunchParams(
+                vm=cfg.vm_name,
+                timeout_s=cfg.sev_timeout_s,
+                on_refusal=cfg.sev_on_refusal,
+                # an MH VM arriving by migration: the owner gives it the source's key (docs/mh.md)
+                migrating_from=cfg.vm_name if (self.incoming and cfg.sev_mh) else None,
+                launched=launched,
+            )
+        )
+
     def start_flows(self, rt: Runtime) -> None:
         cfg = self.cfg
         if self.run_dir:
@@ -274,19 +288,7 @@ class Sidecar:
                 from agent.app.resume_launch import read_launch_note
 
                 launched = read_launch_note(self.run_dir)
-            rt.start_flow(
-                "launch",
-                SevLaunchFlow(
-                    LaunchParams(
-                        vm=cfg.vm_name,
-                        timeout_s=cfg.sev_timeout_s,
-                        on_refusal=cfg.sev_on_refusal,
-                        # an MH VM arriving by migration: the owner gives it the source's key (docs/mh.md)
-                        migrating_from=cfg.vm_name if (self.incoming and cfg.sev_mh) else None,
-                        launched=launched,
-                    )
-                ),
-            )
+            rt.start_flow("launch", self.sev_launch_flow(launched))
         elif cfg.snp_enabled:  # SEV-SNP: check the guest QEMU holds at -S, then cont (agent.core.snp_launch)
             from agent.core.snp_launch import SnpLaunchFlow, SnpLaunchParams
 

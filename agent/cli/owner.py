@@ -35,6 +35,7 @@ import json
 import sys
 from typing import Any
 
+from agent.cli.run import seconds
 from agent.common.errors import FlowFailed, UsageError
 
 __all__ = ["register"]
@@ -58,7 +59,7 @@ def register(subparsers: Any) -> None:
     )
     s.add_argument(
         "--request-timeout",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar="S",
         help="time for a request's headers and body, however slowly sent (default 10)",
@@ -169,18 +170,6 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if not 1 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError(f"must be in 1..1000000, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
     return value
 
 
