@@ -219,6 +219,21 @@ def _g_base64_decode(text: str) -> bytes:
         return b""
 
 
+def stop_vm(machine: Any) -> dict:
+    """QMP ``stop`` as QEMU's do_vm_stop(): only a running VM changes state and reports STOP."""
+    if machine.status == "running":
+        machine.status = "paused"
+        machine._emit("STOP", None)
+    return {}
+
+
+def request_quit(machine: Any) -> dict:
+    """QMP ``quit``: the server closes once it has answered."""
+    machine.quit_requested = True
+    machine._log.info("sim.quit_requested")
+    return {}
+
+
 @dataclass
 class _Command:
     handler: Callable[[dict], Any]
@@ -488,16 +503,10 @@ class Machine:
         return {}
 
     def _stop(self, _args: dict) -> dict:
-        # do_vm_stop(): only a running VM changes state and reports STOP.
-        if self.status == "running":
-            self.status = "paused"
-            self._emit("STOP", None)
-        return {}
+        return stop_vm(self)
 
     def _quit(self, _args: dict) -> dict:
-        self.quit_requested = True
-        self._log.info("sim.quit_requested")
-        return {}
+        return request_quit(self)
 
     # The x-sim-* answers name their members the QAPI way, with dashes.
 

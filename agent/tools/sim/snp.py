@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.common.errors import SimQmpError
 from agent.common.logs import get_logger
-from agent.tools.sim.machine import _check_args
+from agent.tools.sim.machine import _check_args, request_quit, stop_vm
 
 if TYPE_CHECKING:
     from agent.sev.snp_sign import TestAuthority
@@ -232,14 +232,10 @@ class SnpMachine:
         return {}
 
     def _stop(self, _args: dict) -> dict:
-        if self.status == "running":
-            self.status = "paused"
-            self._emit("STOP", None)
-        return {}
+        return stop_vm(self)
 
     def _quit(self, _args: dict) -> dict:
-        self.quit_requested = True
-        return {}
+        return request_quit(self)
 
     def _x_sim_query_state(self, _args: dict) -> dict:
         return {"status": self.status, "sev-state": self.state, "cont": self.cont_happened, "reports": self.reports}
