@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.e2e.harness import DISK_PASS, Proc, World, ctl_json, leak_checked, wait_for
+from tests.e2e.harness import DISK_PASS, Proc, World, ctl, ctl_json, leak_checked, wait_for
 
 # module -> why an idle sidecar (launched, control socket up, no host keys) does without it
 NOT_HELD_WHEN_IDLE = {
@@ -93,7 +93,10 @@ def test_an_idle_sidecar_after_its_launch_holds_none_of_the_modules_it_does_with
             return True
         if not control.exists():
             return False
-        launch = ctl_json(control, "status").get("flows", {}).get("launch") or {}
+        out = ctl(control, "status")  # the socket may be bound a moment before it listens
+        if out.returncode != 0:
+            return False
+        launch = json.loads(out.stdout).get("flows", {}).get("launch") or {}
         return launch.get("result") is not None
 
     wait_for(launched, timeout=30, what="the launch")
