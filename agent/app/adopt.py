@@ -31,7 +31,6 @@ from typing import Any
 
 from agent.common.errors import FlowFailed
 from agent.core.events import Adopted
-from agent.core.migration import FINAL, KEY_DIR, MigrationFlow, MigrationParams
 from agent.io import qmp as qmpio
 from agent.io.monitor import Monitor
 from agent.io.rundir import key_dir_name
@@ -54,6 +53,8 @@ class FoundMigration:
 
     @property
     def live(self) -> bool:
+        from agent.core.migration import FINAL
+
         return self.event.status not in FINAL and (self.event.status != "none" or self.event.listening)
 
 
@@ -161,6 +162,10 @@ def start_migrations(host: Any, found: Found) -> None:
     """One adopted :class:`MigrationFlow` per creds object found, its kept
     key directory handed to the runtime's key store as the flow's own (so
     every ending removes it, as for a flow this agent started)."""
+    if not found.migrations:
+        return  # (a fresh agent: agent.core.migration stays unloaded until a migration starts)
+    from agent.core.migration import KEY_DIR, MigrationFlow, MigrationParams
+
     rt = host.runtime
     cfg = host.cfg
     for m in found.migrations:

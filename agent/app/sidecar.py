@@ -362,14 +362,18 @@ class Sidecar:
 
             seal.warm()
 
-    def wanted_events(self) -> set[str]:
-        from agent.core.migration import MigrationFlow
+    # The QMP events of flows this module does not import before one starts
+    # (each is RSS in every idle sidecar); tests/app/test_sidecar.py checks
+    # they are the flows' own.
+    SNP_LAUNCH_EVENTS = frozenset({"RESUME", "SHUTDOWN"})  # agent.core.snp_launch.SnpLaunchFlow.wanted_events
+    MIGRATION_EVENTS = frozenset({"MIGRATION", "SHUTDOWN"})  # agent.core.migration.MigrationFlow.wanted_events
 
+    def wanted_events(self) -> set[str]:
         wanted = {"SHUTDOWN"} | (set(SevLaunchFlow.wanted_events) if self.cfg.sev_enabled else set())
         if self.cfg.snp_enabled:
-            wanted |= {"RESUME", "SHUTDOWN"}  # agent.core.snp_launch.SnpLaunchFlow.wanted_events
+            wanted |= self.SNP_LAUNCH_EVENTS
         if self.opts.control_path:
-            wanted |= MigrationFlow.wanted_events
+            wanted |= self.MIGRATION_EVENTS
         return wanted
 
     async def on_exit(self) -> None:

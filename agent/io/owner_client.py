@@ -29,7 +29,6 @@ the shell's (``random.uniform``); the flow sees only the one answer.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +87,15 @@ async def post_owner(owner_url: str, path: str, body: dict[str, Any], timeout: f
     return await request_json("POST", url, body, timeout=timeout)
 
 
+def _random_uniform(a: float, b: float) -> float:
+    """``random.uniform``, imported at the first failure only: ``random``
+    (with ``bisect`` and ``_sha512``) is ~0.17 MB of RSS in every idle sidecar,
+    most of which never retry."""
+    import random
+
+    return random.uniform(a, b)
+
+
 RetryHook = Callable[[str, int, str, float], None]  # url, attempt, what went wrong, pause before the next
 
 
@@ -97,7 +105,7 @@ async def post_owner_retrying(
     body: dict[str, Any],
     timeout: float,
     *,
-    uniform: Callable[[float, float], float] = random.uniform,
+    uniform: Callable[[float, float], float] = _random_uniform,
     on_retry: RetryHook | None = None,
 ) -> OwnerAnswer:
     """POST to the first owner that gives a final answer within ``timeout``.

@@ -562,3 +562,14 @@ async def test_close_is_quiet_with_connections_in_every_state(tmp_path):
     assert problems == []
     assert buf.getvalue() == ""
     assert server.connections == 0
+
+
+def test_reason_phrases_are_the_standard_librarys():
+    from http import HTTPStatus
+
+    from agent.io.http import REASONS, _reason
+
+    for status, phrase in REASONS.items():
+        assert phrase == HTTPStatus(status).phrase.encode()
+    assert _reason(418) == HTTPStatus(418).phrase.encode()  # not in the table: looked up
+    assert _reason(599) == b""
