@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -200,59 +200,33 @@ def _lines_factory(*_args: Any) -> _Lines:
     return _LINES
 
 
+def _method(level: int, name: str) -> Callable[..., Any]:
+    """One level's method: below the level, a comparison and nothing else."""
+
+    def method(self: structlog.BoundLoggerBase, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if level < _LEVEL:
+            return None
+        if name == "exception":
+            kw.setdefault("exc_info", True)
+        if args:
+            kw["positional_args"] = args
+        return self._proxy_to_logger(name, event, **kw)
+
+    return method
+
+
 class _BoundLogger(structlog.BoundLoggerBase):
     """The methods of ``structlog.stdlib.BoundLogger`` that the agent calls,
-    with the level checked first: a line below it costs a comparison, not
-    the processors (the standard library's path timestamped a debug line
-    before dropping it).  Positional arguments are kept in the event dict
-    as ``positional_args``, as there."""
+    with the level checked first (the standard library's path timestamped a
+    debug line before dropping it); positional arguments are kept in the
+    event dict as ``positional_args``, as there."""
 
-    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if _LEVEL > logging.DEBUG:
-            return None
-        if args:
-            kw["positional_args"] = args
-        return self._proxy_to_logger("debug", event, **kw)
-
-    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if _LEVEL > logging.INFO:
-            return None
-        if args:
-            kw["positional_args"] = args
-        return self._proxy_to_logger("info", event, **kw)
-
-    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if _LEVEL > logging.WARNING:
-            return None
-        if args:
-            kw["positional_args"] = args
-        return self._proxy_to_logger("warning", event, **kw)
-
-    warn = warning
-
-    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if _LEVEL > logging.ERROR:
-            return None
-        if args:
-            kw["positional_args"] = args
-        return self._proxy_to_logger("error", event, **kw)
-
-    def exception(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if _LEVEL > logging.ERROR:
-            return None
-        kw.setdefault("exc_info", True)
-        if args:
-            kw["positional_args"] = args
-        return self._proxy_to_logger("exception", event, **kw)
-
-    def critical(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
-        if _LEVEL > logging.CRITICAL:
-            return None
-        if args:
-            kw["positional_args"] = args
-        return self._proxy_to_logger("critical", event, **kw)
-
-    fatal = critical
+    debug = _method(logging.DEBUG, "debug")
+    info = _method(logging.INFO, "info")
+    warning = warn = _method(logging.WARNING, "warning")
+    error = _method(logging.ERROR, "error")
+    exception = _method(logging.ERROR, "exception")
+    critical = fatal = _method(logging.CRITICAL, "critical")
 
 
 _configured = False
