@@ -252,7 +252,7 @@ class SecretForms:
     after the tokens, as before.
     """
 
-    __slots__ = ("_run", "_count", "_text_count", "_by_len", "_lengths", "_min_token", "_heads", "_texts")
+    __slots__ = ("_run", "_count", "_text_count", "_by_len", "_lengths", "_min_token", "_heads", "_texts", "_scan")
 
     def __init__(self, forms: list[_Forms | None] | None = None) -> None:
         # how many live secrets have each form (two may share one): a form
@@ -266,6 +266,10 @@ class SecretForms:
         # look-up of a place's first characters rules most places out
         self._heads: dict[str, int] = {}
         self._run: re.Pattern[str] | None = None
+        # what scrub() reads of the three above, published in one assignment:
+        # a scrub on another thread never sees a new shortest length with
+        # the old heads, or the heads half rebuilt (nothing would match)
+        self._scan: tuple[re.Pattern[str] | None, int, dict[str, int]] = (None, 0, self._heads)
         self._texts: list[str] = []
         for one in forms or ():
             self.add(one)
@@ -336,30 +340,37 @@ class SecretForms:
 
     def _derive_tokens(self) -> None:
         """The lengths, run pattern and heads from scratch (the shortest
-        form's length changed)."""
-        self._lengths = sorted(self._by_len, reverse=True)
-        self._min_token = min(self._by_len) if self._by_len else 0
-        self._run = re.compile(f"{_TOKEN_CHARS}{{{self._min_token},}}") if self._by_len else None
-        self._heads = {}
+        form's length changed), built aside and then published at once."""
+        min_token = min(self._by_len) if self._by_len else 0
+        run = re.compile(f"{_TOKEN_CHARS}{{{min_token},}}") if self._by_len else None
+        heads: dict[str, int] = {}
         for same in self._by_len.values():
             for form in same:
-                head = form[: self._min_token]
-                self._heads[head] = self._heads.get(head, 0) + 1
+                head = form[:min_token]
+                heads[head] = heads.get(head, 0) + 1
+        self._lengths = sorted(self._by_len, reverse=True)
+        self._scan = (run, min_token, heads)
+        self._run, self._min_token, self._heads = run, min_token, heads
 
     def scrub(self, text: str, replacement: str) -> str:
-        """``text`` with every form replaced by ``replacement``."""
-        if self._run is not None and len(text) >= self._min_token:
+        """``text`` with every form replaced by ``replacement``.
+
+        Lock-free: the index may change on another thread meanwhile (a
+        Secret made or wiped there); what is read is read once."""
+        run, min_token, heads = self._scan
+        if run is not None and len(text) >= min_token:
+            lengths, by_len = self._lengths, self._by_len
             parts: list[str] = []
             last = 0
-            for m in self._run.finditer(text):
+            for m in run.finditer(text):
                 start, end = m.span()
                 i = start
-                while i + self._min_token <= end:
-                    if text[i : i + self._min_token] not in self._heads:
+                while i + min_token <= end:
+                    if text[i : i + min_token] not in heads:
                         i += 1
                         continue
-                    for length in self._lengths:
-                        if i + length <= end and text[i : i + length] in self._by_len.get(length, ()):
+                    for length in lengths:
+                        if i + length <= end and text[i : i + length] in by_len.get(length, ()):
                             parts.append(text[last:i])
                             parts.append(replacement)
                             i += length

@@ -181,3 +181,38 @@ def test_secrets_made_wiped_and_collected_on_threads_leave_the_index_equal_to_a_
     index = live_secret_scrubber()
     assert _state(index) == _fresh_state()
     assert all(index.scrub(s.hex(), "R") == "R" for s in kept)
+
+
+def test_a_scrub_on_one_thread_finds_a_kept_form_while_another_changes_the_shortest_length():
+    import sys
+    import threading
+
+    from agent.common.secret import SecretForms, _forms_of
+
+    kept = Secret(bytes(range(32)))
+    index = SecretForms([_forms_of(kept)])
+    shorts = [_forms_of(Secret(bytes([n]) * 4 + bytes([n, n]) * k)) for n, k in ((7, 0), (9, 1), (11, 3))]
+    done = threading.Event()
+
+    def churn() -> None:
+        for _ in range(3000):  # each add and remove changes the shortest length: heads rebuilt
+            for forms in shorts:
+                index.add(forms)
+            for forms in shorts:
+                index.remove(forms)
+        done.set()
+
+    text = f"key {kept.hex()} b64 {kept.b64()}"
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        thread = threading.Thread(target=churn)
+        thread.start()
+        misses = 0
+        while not done.is_set():
+            if index.scrub(text, "R") != "key R b64 R":
+                misses += 1
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert misses == 0
