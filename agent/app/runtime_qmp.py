@@ -15,10 +15,18 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from agent.app.runtime_base import Feed
+from agent.common.secret import Secret
 from agent.core.actions import SendQmp
 from agent.core.events import QmpDisconnected, QmpError, QmpEvent, QmpReply
 from agent.io import qmp as qmpio
 from agent.io.monitor import Monitor
+
+#: commands whose Secret arguments QEMU consumes: once it has answered (or
+#: the monitor is gone), no flow reads them again, so they are wiped here
+#: rather than left for the collector (the launch flow sends the owner's
+#: secret table once and never keeps it; a replay never runs this executor,
+#: so its shared placeholder secrets are not touched)
+CONSUMES_SECRETS = frozenset({"sev-inject-launch-secret"})
 
 
 class FlowView(Protocol):
@@ -46,6 +54,15 @@ class QmpExecutor:
 
     async def _send(self, flow_id: str, action: SendQmp) -> None:
         self._log.debug("qmp command", flow=flow_id, command=action.command)
+        try:
+            await self._execute(flow_id, action)
+        finally:
+            if action.command in CONSUMES_SECRETS:
+                for value in action.args.values():
+                    if isinstance(value, Secret):
+                        value.wipe()
+
+    async def _execute(self, flow_id: str, action: SendQmp) -> None:
         if self.monitor is None or self.gone is not None:
             return  # the disconnect event reaches the flow on its own
         try:

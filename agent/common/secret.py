@@ -26,19 +26,24 @@ from typing import Any
 
 __all__ = ["Secret", "SecretForms", "live_secret_forms", "live_secret_scrubber"]
 
-# Every live Secret, so the log filter can scrub its forms.  Weak so that a
-# Secret that is dropped (or wiped) stops being tracked.
-_LIVE: weakref.WeakSet[Secret] = weakref.WeakSet()
-# live_secret_forms() is asked on every log line; under ``keyagent host`` a
-# hundred VMs hold a hundred master keys, and recomputing every form of every
-# one per line cost ~1.2 ms a line (profiled: 100 idle VMs).  The list is
-# kept until the set changes: each Secret made or wiped bumps the
-# generation, and one collected changes the set's length.
-_GENERATION = 0
-_FORMS_CACHE: tuple[tuple[int, int, int], list[str]] | None = None
-_SCRUBBER_CACHE: tuple[tuple[int, int], SecretForms] | None = None
+# Every live Secret, so the log filter can scrub its forms, and the index of
+# those forms that the filter scrubs with (:class:`SecretForms`).  Under
+# ``keyagent host`` a hundred VMs hold their keys in one process and every
+# log line is scrubbed, so the index is built once, at the first scrub, and
+# then kept: a Secret made adds its forms, one wiped removes them, and one
+# collected without ``wipe()`` has its forms removed at the next scrub (each
+# O(1), whatever the number of live secrets).
+#
+# A collected Secret is noticed by its weak reference's callback, which may
+# run wherever the garbage collector runs: on any thread, while
+# ``_INDEX_LOCK`` is held by the same thread, at interpreter shutdown.  So
+# the callback only appends the reference to ``_PENDING`` (``list.append``:
+# no lock, no global looked up), and whoever takes the lock next drains it,
+# as ``weakref.WeakSet`` does with its own pending removals.
+_INDEX: SecretForms | None = None
+_PENDING: list[_Tracked] = []
 # Secrets are made and wiped on worker threads too (reference reads): one
-# change of the kept index at a time
+# change of the index (and of the set of live secrets) at a time
 _INDEX_LOCK = threading.Lock()
 #: the characters of the hex, upper-hex and base64 forms: every occurrence of
 #: one of those forms lies inside a run of these
@@ -56,8 +61,14 @@ class Secret:
             value = value.encode()
         self._buf = bytearray(value)
         self._forms: _Forms | None = None
-        _LIVE.add(self)
-        _added(self)
+        ref = _Tracked(self)
+        with _INDEX_LOCK:
+            if _PENDING:
+                _drain()
+            _LIVE.refs[ref.key] = ref
+            if _INDEX is not None:
+                ref.forms = _forms_of(self)
+                _INDEX.add(ref.forms)
 
     @classmethod
     def placeholder(cls, length: int) -> Secret:
@@ -102,12 +113,17 @@ class Secret:
         for i in range(len(self._buf)):
             self._buf[i] = 0
         self._buf = bytearray()
-        forms, self._forms = self._forms, None
-        if self in _LIVE:
-            _LIVE.discard(self)
-            _removed(forms)
-        else:
-            _changed()
+        self._forms = None
+        with _INDEX_LOCK:
+            if _PENDING:
+                _drain()
+            ref = _LIVE.refs.get(id(self))
+            if ref is not None and ref() is self:
+                # dropping the reference drops its callback: no pending removal later
+                del _LIVE.refs[ref.key]
+                if _INDEX is not None:
+                    _INDEX.remove(ref.forms)
+                ref.forms = None
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -139,52 +155,68 @@ class Secret:
         return {"redacted": len(self._buf)}
 
 
-def _changed() -> None:
-    global _GENERATION, _FORMS_CACHE, _SCRUBBER_CACHE
-    _GENERATION += 1
-    _FORMS_CACHE = None  # the old forms go now, not at the next log line
-    _SCRUBBER_CACHE = None
+class _Tracked(weakref.ref[Secret]):
+    """A weak reference to a live Secret that remembers what of it the index
+    holds: its forms outlive it, so that a collected Secret's forms can
+    leave the index after it is gone."""
+
+    __slots__ = ("key", "forms")
+    key: int
+    #: the forms the index took for this secret (None: none, or no index yet)
+    forms: _Forms | None
+
+    def __new__(cls, secret: Secret) -> _Tracked:
+        # the callback is the bound append itself: nothing to look up at shutdown
+        self = super().__new__(cls, secret, _PENDING.append)
+        self.key = id(secret)
+        self.forms = None
+        return self
 
 
-def _added(secret: Secret) -> None:
-    """A new Secret: its forms join a scrubber that was up to date, rather
-    than every live secret's being laid out again (O(1), not O(secrets))."""
-    global _SCRUBBER_CACHE
-    with _INDEX_LOCK:
-        cached = _SCRUBBER_CACHE
-        current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) - 1)
-        _changed()
-        if cached is not None and current:
-            cached[1].add(_forms_of(secret))
-            _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
+class _LiveSecrets:
+    """The live Secrets: ``id(secret) -> its weak reference``.
+
+    A collected Secret's entry stays until ``_PENDING`` is drained (and a new
+    Secret may take its id meanwhile: the drain removes an entry only if it
+    is still the collected one's).  Iterating yields the Secrets alive now.
+    Changed only with ``_INDEX_LOCK`` held.
+    """
+
+    __slots__ = ("refs",)
+
+    def __init__(self) -> None:
+        self.refs: dict[int, _Tracked] = {}
+
+    def __iter__(self) -> Iterator[Secret]:
+        for ref in list(self.refs.values()):
+            secret = ref()
+            if secret is not None:
+                yield secret
 
 
-def _removed(forms: _Forms | None) -> None:
-    """A wiped Secret: its forms leave a scrubber that was up to date (the
-    same O(1) as :func:`_added`)."""
-    global _SCRUBBER_CACHE
-    with _INDEX_LOCK:
-        cached = _SCRUBBER_CACHE
-        current = cached is not None and cached[0] == (_GENERATION, len(_LIVE) + 1)
-        _changed()
-        if cached is not None and current:
-            cached[1].remove(forms)
-            _SCRUBBER_CACHE = ((_GENERATION, len(_LIVE)), cached[1])
+_LIVE = _LiveSecrets()
+
+
+def _drain() -> None:
+    """Take the collected Secrets out of the live set and their forms out of
+    the index (``_INDEX_LOCK`` held)."""
+    refs = _LIVE.refs
+    while _PENDING:
+        ref = _PENDING.pop()
+        if refs.get(ref.key) is ref:
+            del refs[ref.key]
+        if _INDEX is not None:
+            _INDEX.remove(ref.forms)
+        ref.forms = None
 
 
 def live_secret_forms(min_len: int = MIN_SECRET_LEN) -> list[str]:
     """Text forms (raw, hex, base64) of every live secret, longest first.
 
-    Used by the log redaction filter.  Very short secrets are skipped: a
-    4-byte value would match random text and the forms add nothing.  The
-    list is shared until a Secret is made, wiped or collected: do not
-    change it.
+    Very short secrets are skipped: a 4-byte value would match random text
+    and the forms add nothing.  Computed afresh at each call: the log filter
+    uses :func:`live_secret_scrubber`, which is kept up to date instead.
     """
-    global _FORMS_CACHE
-    key = (_GENERATION, len(_LIVE), min_len)
-    cached = _FORMS_CACHE
-    if cached is not None and cached[0] == key:
-        return cached[1]
     forms: set[str] = set()
     for s in list(_LIVE):
         raw = bytes(s._buf)
@@ -200,9 +232,7 @@ def live_secret_forms(min_len: int = MIN_SECRET_LEN) -> list[str]:
         else:
             if text.strip():
                 forms.add(text)
-    result = sorted(forms, key=len, reverse=True)
-    _FORMS_CACHE = (key, result)
-    return result
+    return sorted(forms, key=len, reverse=True)
 
 
 class SecretForms:
@@ -222,7 +252,7 @@ class SecretForms:
     after the tokens, as before.
     """
 
-    __slots__ = ("_run", "_count", "_text_count", "_by_len", "_lengths", "_min_token", "_heads", "_texts")
+    __slots__ = ("_run", "_count", "_text_count", "_by_len", "_lengths", "_min_token", "_heads", "_texts", "_scan")
 
     def __init__(self, forms: list[_Forms | None] | None = None) -> None:
         # how many live secrets have each form (two may share one): a form
@@ -236,6 +266,10 @@ class SecretForms:
         # look-up of a place's first characters rules most places out
         self._heads: dict[str, int] = {}
         self._run: re.Pattern[str] | None = None
+        # what scrub() reads of the three above, published in one assignment:
+        # a scrub on another thread never sees a new shortest length with
+        # the old heads, or the heads half rebuilt (nothing would match)
+        self._scan: tuple[re.Pattern[str] | None, int, dict[str, int]] = (None, 0, self._heads)
         self._texts: list[str] = []
         for one in forms or ():
             self.add(one)
@@ -306,30 +340,37 @@ class SecretForms:
 
     def _derive_tokens(self) -> None:
         """The lengths, run pattern and heads from scratch (the shortest
-        form's length changed)."""
-        self._lengths = sorted(self._by_len, reverse=True)
-        self._min_token = min(self._by_len) if self._by_len else 0
-        self._run = re.compile(f"{_TOKEN_CHARS}{{{self._min_token},}}") if self._by_len else None
-        self._heads = {}
+        form's length changed), built aside and then published at once."""
+        min_token = min(self._by_len) if self._by_len else 0
+        run = re.compile(f"{_TOKEN_CHARS}{{{min_token},}}") if self._by_len else None
+        heads: dict[str, int] = {}
         for same in self._by_len.values():
             for form in same:
-                head = form[: self._min_token]
-                self._heads[head] = self._heads.get(head, 0) + 1
+                head = form[:min_token]
+                heads[head] = heads.get(head, 0) + 1
+        self._lengths = sorted(self._by_len, reverse=True)
+        self._scan = (run, min_token, heads)
+        self._run, self._min_token, self._heads = run, min_token, heads
 
     def scrub(self, text: str, replacement: str) -> str:
-        """``text`` with every form replaced by ``replacement``."""
-        if self._run is not None and len(text) >= self._min_token:
+        """``text`` with every form replaced by ``replacement``.
+
+        Lock-free: the index may change on another thread meanwhile (a
+        Secret made or wiped there); what is read is read once."""
+        run, min_token, heads = self._scan
+        if run is not None and len(text) >= min_token:
+            lengths, by_len = self._lengths, self._by_len
             parts: list[str] = []
             last = 0
-            for m in self._run.finditer(text):
+            for m in run.finditer(text):
                 start, end = m.span()
                 i = start
-                while i + self._min_token <= end:
-                    if text[i : i + self._min_token] not in self._heads:
+                while i + min_token <= end:
+                    if text[i : i + min_token] not in heads:
                         i += 1
                         continue
-                    for length in self._lengths:
-                        if i + length <= end and text[i : i + length] in self._by_len.get(length, ()):
+                    for length in lengths:
+                        if i + length <= end and text[i : i + length] in by_len.get(length, ()):
                             parts.append(text[last:i])
                             parts.append(replacement)
                             i += length
@@ -347,16 +388,24 @@ class SecretForms:
 
 
 def live_secret_scrubber() -> SecretForms:
-    """The forms of every live secret as a :class:`SecretForms`, rebuilt only
-    when a Secret is made, wiped or collected."""
-    global _SCRUBBER_CACHE
-    key = (_GENERATION, len(_LIVE))
-    cached = _SCRUBBER_CACHE
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    result = SecretForms([_forms_of(s) for s in list(_LIVE)])
-    _SCRUBBER_CACHE = (key, result)
-    return result
+    """The forms of every live secret as a :class:`SecretForms`: built at the
+    first call, then kept up to date as Secrets are made, wiped and
+    collected (see ``_INDEX``).  Do not change it."""
+    global _INDEX
+    index = _INDEX
+    if index is not None and not _PENDING:
+        return index
+    with _INDEX_LOCK:
+        _drain()
+        if _INDEX is None:
+            index = SecretForms()
+            for ref in list(_LIVE.refs.values()):
+                secret = ref()
+                if secret is not None:  # (a dead one is pending: nothing of it is taken)
+                    ref.forms = _forms_of(secret)
+                    index.add(ref.forms)
+            _INDEX = index
+        return _INDEX
 
 
 #: one secret's hex, upper-hex and base64 forms, and its text if it is text

@@ -110,3 +110,31 @@ async def test_a_command_outside_the_flows_is_best_effort():
     await qmp.command_outside_flows("quit")
     await QmpExecutor(None, fed, QuietLog()).command_outside_flows("quit")
     assert mon.sent == [("system_powerdown", None), ("quit", None)] and fed == []
+
+
+async def test_the_launch_secret_is_wiped_once_qemu_answered_the_injection_whatever_the_answer():
+    from agent.common.secret import Secret, live_secret_forms
+
+    for answer in ({}, COMMAND_FAILED, LOST):
+        mon = FakeMonitor({"sev-inject-launch-secret": answer})
+        mon.hold = asyncio.Event()
+        qmp = QmpExecutor(mon, Fed(), QuietLog())
+        secret = Secret(b"launch-secret-table-0123456789")
+        form = secret.hex()
+        qmp.run("launch", SendQmp("t1", "sev-inject-launch-secret", {"packet-header": "AAAA", "secret": secret}))
+        await asyncio.sleep(0)
+        assert mon.sent and len(secret) == 30  # sent, not answered yet: still whole
+        mon.hold.set()
+        await qmp.drain(1.0)
+        assert len(secret) == 0 and form not in live_secret_forms()
+
+
+async def test_a_secret_sent_with_another_command_is_left_to_its_flow():
+    from agent.common.secret import Secret
+
+    mon = FakeMonitor()
+    qmp = QmpExecutor(mon, Fed(), QuietLog())
+    key = Secret(b"a master key kept by its flow")
+    qmp.run("secrets", SendQmp("t1", "object-add", {"qom-type": "secret", "data": key}))
+    await qmp.drain(1.0)
+    assert len(key) == 29
