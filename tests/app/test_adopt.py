@@ -51,6 +51,22 @@ def test_a_fresh_qemu_has_nothing_to_take_over(run_dir):
     assert found.migrations == [] and found.keep == [] and not found.master
 
 
+def test_without_a_creds_object_of_ours_qemu_is_asked_nothing_about_migrations(run_dir):
+    async def go():
+        q = Qemu(
+            {
+                "qom-list": objects(("keyagent-master", "secret_keyring"), ("other-tls", "tls-creds-psk")),
+                "query-migrate-parameters": {"tls-creds": "other-tls"},
+                "query-migrate": {"status": "active"},
+            }
+        )
+        return q, await adopt.inspect(q, run_dir)
+
+    q, found = run(go())
+    assert [command for command, _ in q.sent] == ["qom-list"]
+    assert found.migrations == [] and found.keep == [] and found.master
+
+
 def test_a_listening_destination_keeps_the_key_dir_qemu_names_and_no_other(run_dir):
     live = make_key_dir(run_dir, "tls")
     other = make_key_dir(run_dir, "tls")
