@@ -199,17 +199,28 @@ class Runtime:
 
     def _note_launched(self, flow_id: str, action: NoteLaunched) -> None:
         """The launch got its verified secret: a note in the run_dir for the next
-        agent (:mod:`agent.app.resume_launch`), written before ``cont`` is sent.
-        Without a run_dir, or if it cannot be written, a restarted agent finds a
-        running VM too late to attest: the safe side, so only a warning."""
+        agent (:mod:`agent.app.resume_launch`), durable before ``cont`` is sent.
+        The note is in place at once; its ``fsync`` runs on a worker thread
+        and every QMP command sent after this (``cont``) waits for it, so the
+        loop (every VM of ``keyagent host``) does not.  Without a run_dir, or
+        if it cannot be written, a restarted agent finds a running VM too
+        late to attest: the safe side, so only a warning."""
         if self.run_dir is None:
             return
-        from agent.app.resume_launch import write_launch_note
+        from agent.app.resume_launch import place_launch_note, sync_launch_note
 
         try:
-            write_launch_note(self.run_dir, action.measurement)
+            fd = place_launch_note(self.run_dir, action.measurement)
         except OSError as exc:
             self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
+            return
+
+        async def durable(run_dir: str) -> None:
+            problem = await sync_launch_note(run_dir, fd)
+            if problem is not None:
+                self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=problem)
+
+        self.qmp_executor.hold_until(asyncio.ensure_future(durable(self.run_dir)))
 
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action

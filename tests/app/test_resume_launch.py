@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import errno
 import os
 import stat
+import threading
 
 import pytest
 
+from agent.app import resume_launch
 from agent.app.eventlog import EventLog
 from agent.app.resume_launch import LAUNCH_NOTE, drop_launch_note, read_launch_note, write_launch_note
 from agent.app.runtime import Runtime
-from agent.core.actions import NoteLaunched
-from tests.app.runtime_fakes import QuietLog
+from agent.core.actions import NoteLaunched, SendQmp
+from tests.app.runtime_fakes import FakeMonitor, QuietLog
 
 MEASUREMENT = base64.b64encode(bytes(range(48))).decode()
 
@@ -86,3 +90,59 @@ def test_a_dropped_note_is_gone_and_dropping_twice_is_fine(tmp_path):
     drop_launch_note(str(tmp_path))
     drop_launch_note(str(tmp_path))
     assert read_launch_note(str(tmp_path)) is None and os.listdir(tmp_path) == []
+
+
+async def test_cont_reaches_qemu_only_once_the_note_is_durable_and_the_loop_does_not_wait_for_it(tmp_path, monkeypatch):
+    synced, release = [], threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        release.wait(5)  # on the worker thread: the loop goes on meanwhile
+        real_fsync(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(resume_launch.os, "fsync", slow_fsync)
+    mon = FakeMonitor()
+    rt = Runtime(qmp=mon, event_log=EventLog(None), run_dir=str(tmp_path), log=QuietLog())
+    rt._do("launch", NoteLaunched(MEASUREMENT))
+    rt._do("launch", SendQmp("t1", "cont"))
+    assert read_launch_note(str(tmp_path)) == MEASUREMENT  # in place at once
+    await asyncio.sleep(0.05)
+    assert mon.sent == [] and synced == []
+    release.set()
+    await rt.drain_qmp(5.0)
+    assert len(synced) == 1 and mon.sent == [("cont", {})]
+    assert sorted(os.listdir(tmp_path)) == [LAUNCH_NOTE]
+
+
+async def test_a_note_that_cannot_be_made_durable_is_dropped_before_cont(tmp_path, monkeypatch):
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(resume_launch.os, "fsync", failing_fsync)
+    log, mon = QuietLog(), FakeMonitor()
+    rt = Runtime(qmp=mon, event_log=EventLog(None), run_dir=str(tmp_path), log=log)
+    rt._do("launch", NoteLaunched(MEASUREMENT))
+    rt._do("launch", SendQmp("t1", "cont"))
+    await rt.drain_qmp(5.0)
+    assert mon.sent == [("cont", {})]  # the VM still gets its cont: only the note is lost
+    assert read_launch_note(str(tmp_path)) is None and os.listdir(tmp_path) == []
+    assert [msg for level, msg, _ in log.lines if level == "warning"] == ["cannot note the launch in the run_dir"]
+
+
+async def test_a_note_whose_fsync_takes_too_long_is_dropped_before_cont(tmp_path, monkeypatch):
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def stuck_fsync(fd):
+        release.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(resume_launch.os, "fsync", stuck_fsync)
+    fd = resume_launch.place_launch_note(str(tmp_path), MEASUREMENT)
+    try:
+        problem = await resume_launch.sync_launch_note(str(tmp_path), fd, timeout=0.05)
+    finally:
+        release.set()
+    assert problem == "fsync took more than 0.05 s"
+    assert read_launch_note(str(tmp_path)) is None
