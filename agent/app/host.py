@@ -320,15 +320,22 @@ class Host:
     def preload() -> None:
         """Import, before the first VM, what nearly every VM's flows import
         lazily (the sidecar's preload(), for any configuration but a sealed
-        migration's cryptography): otherwise the first VMs of a batch pay
-        for 30-odd modules inside their launches (``keyagent bench``'s
+        migration's cryptography; the configuration parser, the start-up
+        inspection and the launch note): otherwise the first VMs of a batch
+        pay for 30-odd modules inside their launches (``keyagent bench``'s
         host keys, docs/hostbench.md)."""
+        import concurrent.futures.thread  # noqa: F401  (the launch note's fsync: agent.app.resume_launch)
+        import tomllib  # noqa: F401  (every VM's file)
+
+        import agent.app.adopt  # noqa: F401
         import agent.app.control  # noqa: F401
         import agent.app.metrics  # noqa: F401
+        import agent.app.resume_launch  # noqa: F401
         import agent.app.verbs.migrate  # noqa: F401
         import agent.app.verbs.secrets  # noqa: F401
         import agent.core.migration  # noqa: F401
         import agent.core.owner_answer  # noqa: F401
+        import agent.io.files  # noqa: F401
         import agent.io.keyring  # noqa: F401
         import agent.io.owner_client  # noqa: F401
 
