@@ -200,16 +200,23 @@ class Runtime:
     def _note_launched(self, flow_id: str, action: NoteLaunched) -> None:
         """The launch got its verified secret: a note in the run_dir for the next
         agent (:mod:`agent.app.resume_launch`), durable before ``cont`` is sent.
-        The note is in place at once; its ``fsync`` runs on a worker thread
-        and every QMP command sent after this (``cont``) waits for it, so the
-        loop (every VM of ``keyagent host``) does not.  Without a run_dir, or
-        if it cannot be written, a restarted agent finds a running VM too
-        late to attest: the safe side, so only a warning."""
+        Without a run_dir, or if it cannot be written, a restarted agent finds a
+        running VM too late to attest: the safe side, so only a warning.
+
+        Where the loop is shared (``note_off_loop``: ``keyagent host``) the
+        note is in place at once and its ``fsync`` runs on a worker thread;
+        every QMP command sent after this (``cont``) waits for it, the loop
+        (every other VM) does not.  A sidecar's loop has one VM, whose
+        ``cont`` waits for the fsync either way: it writes inline, without a
+        thread pool to import and keep."""
         if self.run_dir is None:
             return
-        from agent.app.resume_launch import place_launch_note, sync_launch_note
+        from agent.app.resume_launch import place_launch_note, sync_launch_note, write_launch_note
 
         try:
+            if not getattr(self, "note_off_loop", False):
+                write_launch_note(self.run_dir, action.measurement)
+                return
             fd = place_launch_note(self.run_dir, action.measurement)
         except OSError as exc:
             self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)

@@ -92,7 +92,7 @@ def test_a_dropped_note_is_gone_and_dropping_twice_is_fine(tmp_path):
     assert read_launch_note(str(tmp_path)) is None and os.listdir(tmp_path) == []
 
 
-async def test_cont_reaches_qemu_only_once_the_note_is_durable_and_the_loop_does_not_wait_for_it(tmp_path, monkeypatch):
+async def test_under_a_shared_loop_cont_waits_for_the_notes_fsync_and_the_loop_does_not(tmp_path, monkeypatch):
     synced, release = [], threading.Event()
     real_fsync = os.fsync
 
@@ -104,6 +104,7 @@ async def test_cont_reaches_qemu_only_once_the_note_is_durable_and_the_loop_does
     monkeypatch.setattr(resume_launch.os, "fsync", slow_fsync)
     mon = FakeMonitor()
     rt = Runtime(qmp=mon, event_log=EventLog(None), run_dir=str(tmp_path), log=QuietLog())
+    rt.note_off_loop = True  # keyagent host's sidecars
     rt._do("launch", NoteLaunched(MEASUREMENT))
     rt._do("launch", SendQmp("t1", "cont"))
     assert read_launch_note(str(tmp_path)) == MEASUREMENT  # in place at once
@@ -115,13 +116,14 @@ async def test_cont_reaches_qemu_only_once_the_note_is_durable_and_the_loop_does
     assert sorted(os.listdir(tmp_path)) == [LAUNCH_NOTE]
 
 
-async def test_a_note_that_cannot_be_made_durable_is_dropped_before_cont(tmp_path, monkeypatch):
+async def test_under_a_shared_loop_a_note_that_cannot_be_made_durable_is_dropped_before_cont(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(resume_launch.os, "fsync", failing_fsync)
     log, mon = QuietLog(), FakeMonitor()
     rt = Runtime(qmp=mon, event_log=EventLog(None), run_dir=str(tmp_path), log=log)
+    rt.note_off_loop = True
     rt._do("launch", NoteLaunched(MEASUREMENT))
     rt._do("launch", SendQmp("t1", "cont"))
     await rt.drain_qmp(5.0)
@@ -146,3 +148,13 @@ async def test_a_note_whose_fsync_takes_too_long_is_dropped_before_cont(tmp_path
         release.set()
     assert problem == "fsync took more than 0.05 s"
     assert read_launch_note(str(tmp_path)) is None
+
+
+async def test_a_sidecars_own_loop_writes_the_note_durably_before_going_on(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(resume_launch.os, "fsync", lambda fd: (real_fsync(fd), synced.append(fd)))
+    rt = Runtime(qmp=FakeMonitor(), event_log=EventLog(None), run_dir=str(tmp_path), log=QuietLog())
+    rt._do("launch", NoteLaunched(MEASUREMENT))
+    assert len(synced) == 1 and read_launch_note(str(tmp_path)) == MEASUREMENT
+    assert rt.qmp_executor._hold is None  # nothing held: cont goes at once
