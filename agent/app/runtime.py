@@ -204,30 +204,27 @@ class Runtime:
         running VM too late to attest: the safe side, so only a warning.
 
         Where the loop is shared (``note_off_loop``: ``keyagent host``) the
-        note is in place at once and its ``fsync`` runs on a worker thread;
-        every QMP command sent after this (``cont``) waits for it, the loop
-        (every other VM) does not.  A sidecar's loop has one VM, whose
-        ``cont`` waits for the fsync either way: it writes inline, without a
-        thread pool to import and keep."""
+        note is written on a worker thread and every QMP command sent after
+        this (``cont``) waits for it; the loop (every other VM) does not.  A
+        sidecar's loop has one VM, whose ``cont`` waits for the note either
+        way: it writes inline, without a thread pool to import and keep."""
         if self.run_dir is None:
             return
-        from agent.app.resume_launch import place_launch_note, sync_launch_note, write_launch_note
+        from agent.app import resume_launch
 
-        try:
-            if not getattr(self, "note_off_loop", False):
-                write_launch_note(self.run_dir, action.measurement)
-                return
-            fd = place_launch_note(self.run_dir, action.measurement)
-        except OSError as exc:
-            self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
+        if not getattr(self, "note_off_loop", False):
+            try:
+                resume_launch.write_launch_note(self.run_dir, action.measurement)
+            except OSError as exc:
+                self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
             return
 
-        async def durable(run_dir: str) -> None:
-            problem = await sync_launch_note(run_dir, fd)
+        async def written(run_dir: str, measurement: str) -> None:
+            problem = await resume_launch.write_launch_note_off_loop(run_dir, measurement)
             if problem is not None:
                 self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=problem)
 
-        self.qmp_executor.hold_until(asyncio.ensure_future(durable(self.run_dir)))
+        self.qmp_executor.hold_until(asyncio.ensure_future(written(self.run_dir, action.measurement)))
 
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action
