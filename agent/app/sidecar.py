@@ -567,7 +567,8 @@ class Sidecar:
             from agent.app.control import ControlServer
 
             self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid, ref_dirs=cfg.control_ref_dirs)
-            await self.control.start()
+            # keyagent host: the socket's file-system calls on a worker thread, not on every VM's loop
+            await self.control.start(off_loop=not getattr(opts, "own_signals", True))
 
     def _start_tasks(self, rt: Runtime) -> list[asyncio.Task]:
         """The runtime's loops, the monitor watcher and the swtpm supervisor."""
