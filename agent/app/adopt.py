@@ -189,8 +189,9 @@ async def take_over(host: Any, monitor: Monitor, event_log: Any) -> Found:
     """Inspect QEMU, then sweep every key directory no live migration reads.
 
     The sweep at claim kept the ``key-tls-*`` directories (one may be a
-    live destination's); this is the rest of it.  A monitor lost meanwhile
-    leaves nothing live: everything goes.
+    live destination's); this is the rest of it, when it kept any
+    (``host.deferred_key_dirs``; nothing of ours is made in between).  A
+    monitor lost meanwhile leaves nothing live: everything goes.
     """
     from agent.io.rundir import sweep_stale_keys
 
@@ -199,7 +200,8 @@ async def take_over(host: Any, monitor: Monitor, event_log: Any) -> Found:
         found = await inspect(monitor, run_dir)
     except qmpio.MonitorGone:
         found = Found()
-    removed = sweep_stale_keys(run_dir, keep=found.keep)
+    deferred = getattr(host, "deferred_key_dirs", None)
+    removed = sweep_stale_keys(run_dir, keep=found.keep) if deferred is None or deferred else []
     if removed:
         host.log.warning("swept stale key material left by a previous agent", run_dir=run_dir, removed=removed)
     if found.migrations or found.secret_ids or found.keep:

@@ -145,6 +145,7 @@ class Sidecar:
         self._idle_preloaded = False  # preload_idle ran or is due: once per sidecar
         self._run_dir_lock: RunDirLock | None = None
         self.found: Found | None = None  # what a restarted agent found in QEMU (agent.app.adopt)
+        self.deferred_key_dirs: list[str] | None = None  # what the claim's sweep left for agent.app.adopt
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
@@ -516,8 +517,10 @@ class Sidecar:
 
             check_socket_free(opts.control_path)
         if self.run_dir:
-            # A migration key dir may still be QEMU's: agent.app.adopt decides once QMP is up.
-            removed = sweep_stale_keys(self.run_dir, keep=migration_key_dirs(self.run_dir) if self.adopts else ())
+            # A migration key dir may still be QEMU's: agent.app.adopt decides once QMP is up
+            # (and has nothing left to sweep when there is none).
+            self.deferred_key_dirs = migration_key_dirs(self.run_dir) if self.adopts else []
+            removed = sweep_stale_keys(self.run_dir, keep=self.deferred_key_dirs)
             from agent.io import keyring
 
             removed += keyring.sweep(f"keyagent:{cfg.vm_name}:", listing=opts.keyring_listing)
