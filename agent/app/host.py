@@ -116,6 +116,13 @@ def check_host_args(opts: HostOptions) -> None:
         libvirt_monitor.load_api()  # UsageError without libvirt-python
 
 
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def _digest(path: str) -> bytes | None:
     from agent.io.files import read_regular_file
 
@@ -146,11 +153,14 @@ class Host:
         """The configuration files now in the directory, by name."""
         try:
             with os.scandir(self.opts.config_dir) as it:
-                names = [e.name for e in it if e.name.endswith(".toml") and not e.name.startswith(".")]
+                # is_file() follows links as os.path.isfile does, from what the listing
+                # already knows where it can (no stat per file every poll)
+                return sorted(
+                    e.name for e in it if e.name.endswith(".toml") and not e.name.startswith(".") and _is_file(e)
+                )
         except OSError as exc:
             self.log.error("cannot list the config directory", error=exc.strerror)
             return [name for name, vm in self.vms.items() if vm.stopping is None]
-        return sorted(n for n in names if os.path.isfile(os.path.join(self.opts.config_dir, n)))
 
     def scan(self, reload: bool = False) -> None:
         """Start the VMs of new files, stop those of removed ones; with
