@@ -26,6 +26,8 @@ import contextvars
 import inspect
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from agent.app.flowhost import ControlHost
 from agent.common.errors import UsageError
@@ -135,19 +137,19 @@ class ControlServer:
             self.handle, allow_peer=peer_check(gid), max_body=256 * 1024, max_connections=CONTROL_MAX_CONNECTIONS
         )
 
-    async def start(self, off_loop: bool = False) -> None:
+    async def start(self, off_loop: Callable[..., Awaitable[Any]] | None = None) -> None:
         """Listen; a path that cannot be bound is a UsageError (one line, exit 2).
 
         The sidecar's preflight refuses these before anything is created;
         this is the wall for what changed on disk in between.  ``off_loop``
-        (``keyagent host``, one loop for every VM): the socket is made on a
-        worker thread, so that its file-system calls (0.1-0.4 ms each under
-        load) do not hold up the other VMs.
+        (``keyagent host``: :class:`agent.app.offloop.OffLoop`, one loop for
+        every VM): the socket is made on a worker thread, so that its
+        file-system calls (0.1-0.4 ms under load) do not hold up the other VMs.
         """
         # 0600, or 0660 for the configured group, so that it can connect at all.
         mode = 0o600 if self.gid is None else 0o660
         try:
-            bound = await self._bind_off_loop(mode) if off_loop else None
+            bound = await self._bind_off_loop(off_loop, mode) if off_loop is not None else None
             await self.server.start_unix(self.path, mode=mode, bound=bound)
         except HttpError as exc:
             raise UsageError(f"control socket: {exc}") from None
@@ -165,8 +167,8 @@ class ControlServer:
                     f"{getattr(exc, 'strerror', None) or exc}"
                 ) from None
 
-    async def _bind_off_loop(self, mode: int) -> socket.socket:
-        made = asyncio.get_running_loop().run_in_executor(None, bind_unix, self.path, mode, self.server.backlog)
+    async def _bind_off_loop(self, off_loop: Callable[..., Awaitable[Any]], mode: int) -> socket.socket:
+        made = asyncio.ensure_future(off_loop(bind_unix, self.path, mode, self.server.backlog))
         try:
             return await asyncio.shield(made)
         except asyncio.CancelledError:  # the VM stopped meanwhile: nobody will serve what the thread makes

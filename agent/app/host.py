@@ -147,6 +147,10 @@ class Host:
         self._hup = False
         # this scan's one listing of the keyring's keyagent: keys (_keyring_listing)
         self._keys: list[tuple[int, str]] | None = None
+        # every VM's blocking set-up calls, batched on a worker thread (agent.app.offloop)
+        from agent.app.offloop import OffLoop
+
+        self._off_loop = OffLoop()
 
     # -- the directory ------------------------------------------------------------
     def files(self) -> list[str]:
@@ -252,6 +256,7 @@ class Host:
             event_log=event_log,
             qmp_timeout=self.opts.qmp_timeout,
             own_signals=False,
+            off_loop=self._off_loop,
         )
 
     def _keyring_listing(self) -> list[tuple[int, str]]:

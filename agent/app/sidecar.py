@@ -78,6 +78,9 @@ class SidecarOptions:
     # every VM its scan starts (agent.io.keyring.sweep), so that each VM does
     # not list and describe the whole keyring again
     keyring_listing: list[tuple[int, str]] | None = None
+    # ``keyagent host``: runs a VM's blocking set-up calls (its control socket)
+    # on a worker thread, batched with the other VMs' (agent.app.offloop.OffLoop)
+    off_loop: Any = None
 
 
 def check_qmp_path(path: str) -> None:
@@ -571,7 +574,7 @@ class Sidecar:
 
             self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid, ref_dirs=cfg.control_ref_dirs)
             # keyagent host: the socket's file-system calls on a worker thread, not on every VM's loop
-            await self.control.start(off_loop=not getattr(opts, "own_signals", True))
+            await self.control.start(off_loop=getattr(opts, "off_loop", None))
 
     def _start_tasks(self, rt: Runtime) -> list[asyncio.Task]:
         """The runtime's loops, the monitor watcher and the swtpm supervisor."""

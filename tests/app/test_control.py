@@ -13,6 +13,7 @@ import pytest
 
 from agent.app.control import ControlServer, access_for, peer_check, resolve_ref
 from agent.app.metrics import Metrics
+from agent.app.offloop import OffLoop
 from agent.common.errors import ControlError, UsageError
 from agent.io.http import PeerCred
 from agent.io.secretref import NOBODY, NOT_ALLOWED, UNRESTRICTED
@@ -48,7 +49,8 @@ def server(tmp_path, request):
     refs.mkdir()
     (refs / "k").write_bytes(b"group key")
     srv = ControlServer(sidecar, path, gid=4242, ref_dirs=(os.path.realpath(refs),))
-    loop.run_until_complete(srv.start(off_loop=request.param))  # off the loop: keyagent host
+    # off the loop: keyagent host's batched worker thread
+    loop.run_until_complete(srv.start(off_loop=OffLoop() if request.param else None))
     import threading
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -292,7 +294,7 @@ async def test_a_socket_made_off_the_loop_for_a_vm_stopped_meanwhile_is_closed_a
 
     monkeypatch.setattr(control, "bind_unix", slow_bind)
     srv = ControlServer(FakeSidecar(), path)
-    task = asyncio.ensure_future(srv.start(off_loop=True))
+    task = asyncio.ensure_future(srv.start(off_loop=OffLoop()))
     await asyncio.sleep(0.01)
     task.cancel()
     release.set()
