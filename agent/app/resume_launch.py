@@ -39,6 +39,7 @@ import binascii
 import json
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 
 from agent.sev.sizes import MEASUREMENT_LEN
 
@@ -73,12 +74,15 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-async def write_launch_note_off_loop(run_dir: str, measurement: str, timeout: float = SYNC_TIMEOUT_S) -> str | None:
-    """:func:`write_launch_note` on a worker thread: None once the note is
-    durable, otherwise why not.  After ``timeout`` the caller goes on; the
-    thread may still finish the note, which is then as true as it would
-    have been in time (the secret was injected before it was asked for)."""
-    done = asyncio.get_running_loop().run_in_executor(None, write_launch_note, run_dir, measurement)
+async def write_launch_note_off_loop(
+    run_dir: str, measurement: str, off_loop: Callable[..., Awaitable[None]], timeout: float = SYNC_TIMEOUT_S
+) -> str | None:
+    """:func:`write_launch_note` on a worker thread (``off_loop``:
+    :class:`agent.app.offloop.OffLoop`): None once the note is durable,
+    otherwise why not.  After ``timeout`` the caller goes on; the thread may
+    still finish the note, which is then as true as it would have been in
+    time (the secret was injected before it was asked for)."""
+    done = asyncio.ensure_future(off_loop(write_launch_note, run_dir, measurement))
     done.add_done_callback(_retrieve)  # a late failure, after the timeout, is not logged by asyncio
     try:
         await asyncio.wait_for(asyncio.shield(done), timeout)

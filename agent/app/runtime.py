@@ -212,7 +212,8 @@ class Runtime:
             return
         from agent.app import resume_launch
 
-        if not getattr(self, "note_off_loop", False):
+        off_loop = getattr(self, "note_off_loop", None)  # agent.app.offloop.OffLoop
+        if off_loop is None:
             try:
                 resume_launch.write_launch_note(self.run_dir, action.measurement)
             except OSError as exc:
@@ -220,7 +221,7 @@ class Runtime:
             return
 
         async def written(run_dir: str, measurement: str) -> None:
-            problem = await resume_launch.write_launch_note_off_loop(run_dir, measurement)
+            problem = await resume_launch.write_launch_note_off_loop(run_dir, measurement, off_loop)
             if problem is not None:
                 self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=problem)
 

@@ -557,9 +557,9 @@ class Sidecar:
             run_dir=self.run_dir,
             metrics=self.metrics,
         )
-        # ``keyagent host``: one loop for every VM, so the launch note's fsync
-        # goes to a worker thread (Runtime._note_launched)
-        rt.note_off_loop = not getattr(self.opts, "own_signals", True)  # type: ignore[attr-defined]
+        # ``keyagent host``: one loop for every VM, so the launch note is
+        # written on a worker thread (Runtime._note_launched)
+        rt.note_off_loop = getattr(self.opts, "off_loop", None)  # type: ignore[attr-defined]
         self.metrics.qmp_connected = True
         events = getattr(qmp, "events", None)
         self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)

@@ -57,3 +57,10 @@ async def test_a_caller_that_stopped_waiting_does_not_stop_the_others():
     first.cancel()
     release.set()
     assert await second == "second"
+
+
+async def test_a_turn_with_more_calls_than_a_batch_makes_several_jobs():
+    jobs = counting_jobs(asyncio.get_running_loop())
+    off_loop = OffLoop(max_batch=8)
+    assert await asyncio.gather(*(off_loop(abs, -n) for n in range(20))) == list(range(20))
+    assert jobs == [8, 8, 4]

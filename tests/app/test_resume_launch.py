@@ -13,6 +13,7 @@ import pytest
 
 from agent.app import resume_launch
 from agent.app.eventlog import EventLog
+from agent.app.offloop import OffLoop
 from agent.app.resume_launch import LAUNCH_NOTE, drop_launch_note, read_launch_note, write_launch_note
 from agent.app.runtime import Runtime
 from agent.core.actions import NoteLaunched, SendQmp
@@ -104,7 +105,7 @@ async def test_under_a_shared_loop_cont_waits_for_the_note_and_the_loop_does_not
     monkeypatch.setattr(resume_launch.os, "fsync", slow_fsync)
     mon = FakeMonitor()
     rt = Runtime(qmp=mon, event_log=EventLog(None), run_dir=str(tmp_path), log=QuietLog())
-    rt.note_off_loop = True  # keyagent host's sidecars
+    rt.note_off_loop = OffLoop()  # keyagent host's sidecars
     rt._do("launch", NoteLaunched(MEASUREMENT))
     rt._do("launch", SendQmp("t1", "cont"))
     await asyncio.sleep(0.05)
@@ -125,7 +126,7 @@ async def test_under_a_shared_loop_a_note_that_cannot_be_made_durable_is_a_warni
     monkeypatch.setattr(resume_launch.os, "fsync", failing_fsync)
     log, mon = QuietLog(), FakeMonitor()
     rt = Runtime(qmp=mon, event_log=EventLog(None), run_dir=str(tmp_path), log=log)
-    rt.note_off_loop = True
+    rt.note_off_loop = OffLoop()
     rt._do("launch", NoteLaunched(MEASUREMENT))
     rt._do("launch", SendQmp("t1", "cont"))
     await rt.drain_qmp(5.0)
@@ -144,7 +145,7 @@ async def test_a_note_not_written_within_its_deadline_lets_cont_go_on_and_may_st
 
     monkeypatch.setattr(resume_launch.os, "fsync", stuck_fsync)
     try:
-        problem = await resume_launch.write_launch_note_off_loop(str(tmp_path), MEASUREMENT, timeout=0.05)
+        problem = await resume_launch.write_launch_note_off_loop(str(tmp_path), MEASUREMENT, OffLoop(), timeout=0.05)
         assert read_launch_note(str(tmp_path)) is None
     finally:
         release.set()
