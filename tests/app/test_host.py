@@ -441,3 +441,16 @@ def test_ctl_vms_prints_one_line_per_vm():
         "bb    failed    -       1 x y",
         "c     starting  launch  -",
     ]
+
+
+async def test_the_hosts_worker_threads_are_all_running_before_any_vm_needs_one():
+    import threading
+
+    from agent.app.host import _start_workers
+
+    loop = asyncio.get_running_loop()
+    _start_workers(loop)
+    await asyncio.sleep(0.05)
+    workers = [t for t in threading.enumerate() if t.name.startswith("keyagent-host")]
+    assert len(workers) == min(32, (os.cpu_count() or 1) + 4)
+    assert (await loop.run_in_executor(None, lambda: threading.current_thread().name)).startswith("keyagent-host")
