@@ -39,7 +39,7 @@ import binascii
 import json
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from agent.sev.sizes import MEASUREMENT_LEN
 
@@ -69,28 +69,37 @@ def write_launch_note(run_dir: str, measurement: str) -> None:
         raise
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-async def write_launch_note_off_loop(
-    run_dir: str, measurement: str, off_loop: Callable[..., Awaitable[None]], timeout: float = SYNC_TIMEOUT_S
-) -> str | None:
+def write_launch_note_off_loop(
+    run_dir: str,
+    measurement: str,
+    off_loop: Callable[..., asyncio.Future[None]],
+    timeout: float = SYNC_TIMEOUT_S,
+) -> asyncio.Future[str | None]:
     """:func:`write_launch_note` on a worker thread (``off_loop``:
-    :class:`agent.app.offloop.OffLoop`): None once the note is durable,
-    otherwise why not.  After ``timeout`` the caller goes on; the thread may
-    still finish the note, which is then as true as it would have been in
-    time (the secret was injected before it was asked for)."""
-    done = asyncio.ensure_future(off_loop(write_launch_note, run_dir, measurement))
-    done.add_done_callback(_retrieve)  # a late failure, after the timeout, is not logged by asyncio
-    try:
-        await asyncio.wait_for(asyncio.shield(done), timeout)
-    except TimeoutError:
-        return f"not written within {timeout:g} s"
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    return None
+    :class:`agent.app.offloop.OffLoop`): a future of None once the note is
+    durable, otherwise of why not.  After ``timeout`` it says so and the
+    caller goes on; the thread may still finish the note, which is then as
+    true as it would have been in time (the secret was injected before it
+    was asked for).  Callbacks, not a task: one of these per VM of a host."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[str | None] = loop.create_future()
+
+    def settle(problem: str | None) -> None:
+        if not outcome.done():
+            outcome.set_result(problem)
+
+    timer = loop.call_later(timeout, settle, f"not written within {timeout:g} s")
+
+    def written(done: asyncio.Future[None]) -> None:
+        timer.cancel()
+        exc = None if done.cancelled() else done.exception()  # retrieved, even after the timeout
+        if done.cancelled():
+            settle("cancelled")
+        else:
+            settle(None if exc is None else (getattr(exc, "strerror", None) or type(exc).__name__))
+
+    off_loop(write_launch_note, run_dir, measurement).add_done_callback(written)
+    return outcome
 
 
 def drop_launch_note(run_dir: str) -> None:

@@ -220,12 +220,14 @@ class Runtime:
                 self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
             return
 
-        async def written(run_dir: str, measurement: str) -> None:
-            problem = await resume_launch.write_launch_note_off_loop(run_dir, measurement, off_loop)
+        def told(outcome: asyncio.Future[str | None]) -> None:
+            problem = outcome.result()
             if problem is not None:
                 self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=problem)
 
-        self.qmp_executor.hold_until(asyncio.ensure_future(written(self.run_dir, action.measurement)))
+        outcome = resume_launch.write_launch_note_off_loop(self.run_dir, action.measurement, off_loop)
+        outcome.add_done_callback(told)
+        self.qmp_executor.hold_until(outcome)
 
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action
