@@ -148,6 +148,7 @@ class Sidecar:
         self._idle_preloaded = False  # preload_idle ran or is due: once per sidecar
         self._run_dir_lock: RunDirLock | None = None
         self.found: Found | None = None  # what a restarted agent found in QEMU (agent.app.adopt)
+        self._attempt: asyncio.Future[Any] | None = None  # the monitor being opened (_unless_stopped)
         self.deferred_key_dirs: list[str] | None = None  # what the claim's sweep left for agent.app.adopt
 
     # -- policy: when is the sidecar done? ------------------------------------
@@ -201,6 +202,8 @@ class Sidecar:
             self.exit_code = 1
             self.exit_reason = f"stopped by {signame} before the launch completed"
         self.done.set()
+        if self._attempt is not None:  # still waiting for the monitor (_unless_stopped)
+            self._attempt.cancel()
 
     # -- hooks for other ways of running (``keyagent launch``, libvirt) ----------
     def check(self) -> None:
@@ -238,21 +241,23 @@ class Sidecar:
     async def _unless_stopped(self, coro):
         """``await coro``, unless a signal stops the agent first: then cancel it
         and return None.  Waiting for QEMU's monitor can take ``--qmp-timeout``
-        (a vTPM sidecar waits for QEMU to be started); SIGTERM acts at once."""
+        (a vTPM sidecar waits for QEMU to be started); SIGTERM acts at once:
+        :meth:`stop` cancels the attempt (one task, no watcher of ``done``
+        beside it: ``keyagent host`` starts 100 of these at once)."""
+        if self.done.is_set():
+            coro.close()
+            return None
         task = asyncio.ensure_future(coro)
-        stopped = asyncio.ensure_future(self.done.wait())
+        self._attempt = task
         try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            return await task
         except BaseException:
-            task.cancel()
+            me = asyncio.current_task()
+            if self.done.is_set() and task.done() and (me is None or not me.cancelling()):
+                return None  # stopped meanwhile: whatever the attempt ended with
             raise
         finally:
-            stopped.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return None
+            self._attempt = None
 
     async def open_monitor(self, events: set[str]) -> Monitor:
         """Connect to QEMU's monitor (a QMP socket here; libvirt's, a launcher's own QEMU in subclasses)."""
