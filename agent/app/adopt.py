@@ -6,7 +6,8 @@ the run_dir alone, before it sweeps stale keys or serves a request
 (``docs/crash-only-adopt.md``):
 
 * ``qom-list /objects``: our ``keyagent-tls-*`` creds objects, the master
-  key (``keyagent-master``) and the secret objects already in QEMU;
+  key (``keyagent-master``) and the secret objects already in QEMU; with
+  none of our creds objects that is all (a fresh VM: one command);
 * ``query-migrate-parameters``: which creds object ``tls-creds`` names;
 * ``query-migrate``: the migration's status (a destination still waiting
   for its source has none, only a ``socket-address``: QEMU 7.2);
@@ -110,11 +111,11 @@ async def inspect(monitor: Monitor, run_dir: str, timeout: float = INSPECT_TIMEO
 
 
 async def _inspect(monitor: Monitor, run_dir: str) -> Found:
-    objects, params, info = await asyncio.gather(
-        _ask(monitor, "qom-list", {"path": "/objects"}),
-        _ask(monitor, "query-migrate-parameters"),
-        _ask(monitor, "query-migrate"),
-    )
+    # Only our creds objects become migration flows: without one there is
+    # nothing of a migration to take over, whatever QEMU's migration state
+    # (someone else's migration is not ours to follow), so a fresh VM costs
+    # one command here, not three (``keyagent host`` starts 100 at once).
+    objects = await _ask(monitor, "qom-list", {"path": "/objects"})
     found = Found()
     ours: list[str] = []
     for obj in objects if isinstance(objects, list) else []:
@@ -125,6 +126,9 @@ async def _inspect(monitor: Monitor, run_dir: str) -> Found:
             ours.append(name)
         elif kind in SECRET_TYPES:
             found.secret_ids.append(name)
+    if not ours:
+        return found
+    params, info = await asyncio.gather(_ask(monitor, "query-migrate-parameters"), _ask(monitor, "query-migrate"))
     tls_creds = params.get("tls-creds") if isinstance(params, dict) else None
     info = info if isinstance(info, dict) else {}
     raw_status = info.get("status")
@@ -190,8 +194,9 @@ async def take_over(host: Any, monitor: Monitor, event_log: Any) -> Found:
     """Inspect QEMU, then sweep every key directory no live migration reads.
 
     The sweep at claim kept the ``key-tls-*`` directories (one may be a
-    live destination's); this is the rest of it.  A monitor lost meanwhile
-    leaves nothing live: everything goes.
+    live destination's); this is the rest of it, when it kept any
+    (``host.deferred_key_dirs``; nothing of ours is made in between).  A
+    monitor lost meanwhile leaves nothing live: everything goes.
     """
     from agent.io.rundir import sweep_stale_keys
 
@@ -200,7 +205,8 @@ async def take_over(host: Any, monitor: Monitor, event_log: Any) -> Found:
         found = await inspect(monitor, run_dir)
     except qmpio.MonitorGone:
         found = Found()
-    removed = sweep_stale_keys(run_dir, keep=found.keep)
+    deferred = getattr(host, "deferred_key_dirs", None)
+    removed = sweep_stale_keys(run_dir, keep=found.keep) if deferred is None or deferred else []
     if removed:
         host.log.warning("swept stale key material left by a previous agent", run_dir=run_dir, removed=removed)
     if found.migrations or found.secret_ids or found.keep:

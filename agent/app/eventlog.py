@@ -50,7 +50,8 @@ class EventLog:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def flow(self, flow_id: str, flow) -> None:
-        self.write("flow", flow=flow_id, flow_kind=flow.kind, params=flow.params_json())
+        if self._file is not None:  # params_json() is dataclasses.asdict: not for a log nobody writes
+            self.write("flow", flow=flow_id, flow_kind=flow.kind, params=flow.params_json())
 
     def event(self, flow_id: str, event) -> None:
         if self._file is not None:

@@ -199,17 +199,35 @@ class Runtime:
 
     def _note_launched(self, flow_id: str, action: NoteLaunched) -> None:
         """The launch got its verified secret: a note in the run_dir for the next
-        agent (:mod:`agent.app.resume_launch`), written before ``cont`` is sent.
+        agent (:mod:`agent.app.resume_launch`), durable before ``cont`` is sent.
         Without a run_dir, or if it cannot be written, a restarted agent finds a
-        running VM too late to attest: the safe side, so only a warning."""
+        running VM too late to attest: the safe side, so only a warning.
+
+        Where the loop is shared (``note_off_loop``: ``keyagent host``) the
+        note is written on a worker thread and every QMP command sent after
+        this (``cont``) waits for it; the loop (every other VM) does not.  A
+        sidecar's loop has one VM, whose ``cont`` waits for the note either
+        way: it writes inline, without a thread pool to import and keep."""
         if self.run_dir is None:
             return
-        from agent.app.resume_launch import write_launch_note
+        from agent.app import resume_launch
 
-        try:
-            write_launch_note(self.run_dir, action.measurement)
-        except OSError as exc:
-            self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
+        off_loop = getattr(self, "note_off_loop", None)  # agent.app.offloop.OffLoop
+        if off_loop is None:
+            try:
+                resume_launch.write_launch_note(self.run_dir, action.measurement)
+            except OSError as exc:
+                self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=exc.strerror)
+            return
+
+        def told(outcome: asyncio.Future[str | None]) -> None:
+            problem = outcome.result()
+            if problem is not None:
+                self.log.warning("cannot note the launch in the run_dir", flow=flow_id, error=problem)
+
+        outcome = resume_launch.write_launch_note_off_loop(self.run_dir, action.measurement, off_loop)
+        outcome.add_done_callback(told)
+        self.qmp_executor.hold_until(outcome)
 
     def _finish(self, flow_id: str, action: Finish) -> None:
         self.results[flow_id] = action

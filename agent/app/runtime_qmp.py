@@ -46,15 +46,29 @@ class QmpExecutor:
         self._log = log
         self.gone: str | None = None  # why the monitor went away, once it has
         self.tasks: set[asyncio.Task[None]] = set()
+        self._hold: asyncio.Future[Any] | None = None  # hold_until
+
+    def hold_until(self, done: asyncio.Future[Any]) -> None:
+        """Commands sent from now on reach QEMU only once ``done`` is (the
+        launch note's fsync: ``cont`` after it); those sent before do not wait.
+        ``done`` must end by itself (it has its own deadline)."""
+        self._hold = done
+        done.add_done_callback(self._released)
+
+    def _released(self, done: asyncio.Future[Any]) -> None:
+        if self._hold is done:
+            self._hold = None
 
     def run(self, flow_id: str, action: SendQmp) -> None:
-        task = asyncio.ensure_future(self._send(flow_id, action))
+        task = asyncio.ensure_future(self._send(flow_id, action, self._hold))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, flow_id: str, action: SendQmp) -> None:
+    async def _send(self, flow_id: str, action: SendQmp, hold: asyncio.Future[Any] | None = None) -> None:
         self._log.debug("qmp command", flow=flow_id, command=action.command)
         try:
+            if hold is not None:
+                await asyncio.wait({hold})  # its outcome is its own (a warning); in order, FIFO
             await self._execute(flow_id, action)
         finally:
             if action.command in CONSUMES_SECRETS:

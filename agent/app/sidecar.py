@@ -78,6 +78,9 @@ class SidecarOptions:
     # every VM its scan starts (agent.io.keyring.sweep), so that each VM does
     # not list and describe the whole keyring again
     keyring_listing: list[tuple[int, str]] | None = None
+    # ``keyagent host``: runs a VM's blocking set-up calls (its control socket)
+    # on a worker thread, batched with the other VMs' (agent.app.offloop.OffLoop)
+    off_loop: Any = None
 
 
 def check_qmp_path(path: str) -> None:
@@ -145,6 +148,8 @@ class Sidecar:
         self._idle_preloaded = False  # preload_idle ran or is due: once per sidecar
         self._run_dir_lock: RunDirLock | None = None
         self.found: Found | None = None  # what a restarted agent found in QEMU (agent.app.adopt)
+        self._attempt: asyncio.Future[Any] | None = None  # the monitor being opened (_unless_stopped)
+        self.deferred_key_dirs: list[str] | None = None  # what the claim's sweep left for agent.app.adopt
 
     # -- policy: when is the sidecar done? ------------------------------------
     def _stays(self) -> bool:
@@ -197,6 +202,8 @@ class Sidecar:
             self.exit_code = 1
             self.exit_reason = f"stopped by {signame} before the launch completed"
         self.done.set()
+        if self._attempt is not None:  # still waiting for the monitor (_unless_stopped)
+            self._attempt.cancel()
 
     # -- hooks for other ways of running (``keyagent launch``, libvirt) ----------
     def check(self) -> None:
@@ -234,21 +241,23 @@ class Sidecar:
     async def _unless_stopped(self, coro):
         """``await coro``, unless a signal stops the agent first: then cancel it
         and return None.  Waiting for QEMU's monitor can take ``--qmp-timeout``
-        (a vTPM sidecar waits for QEMU to be started); SIGTERM acts at once."""
+        (a vTPM sidecar waits for QEMU to be started); SIGTERM acts at once:
+        :meth:`stop` cancels the attempt (one task, no watcher of ``done``
+        beside it: ``keyagent host`` starts 100 of these at once)."""
+        if self.done.is_set():
+            coro.close()
+            return None
         task = asyncio.ensure_future(coro)
-        stopped = asyncio.ensure_future(self.done.wait())
+        self._attempt = task
         try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            return await task
         except BaseException:
-            task.cancel()
+            me = asyncio.current_task()
+            if self.done.is_set() and task.done() and (me is None or not me.cancelling()):
+                return None  # stopped meanwhile: whatever the attempt ended with
             raise
         finally:
-            stopped.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return None
+            self._attempt = None
 
     async def open_monitor(self, events: set[str]) -> Monitor:
         """Connect to QEMU's monitor (a QMP socket here; libvirt's, a launcher's own QEMU in subclasses)."""
@@ -520,8 +529,10 @@ class Sidecar:
 
             check_socket_free(opts.control_path)
         if self.run_dir:
-            # A migration key dir may still be QEMU's: agent.app.adopt decides once QMP is up.
-            removed = sweep_stale_keys(self.run_dir, keep=migration_key_dirs(self.run_dir) if self.adopts else ())
+            # A migration key dir may still be QEMU's: agent.app.adopt decides once QMP is up
+            # (and has nothing left to sweep when there is none).
+            self.deferred_key_dirs = migration_key_dirs(self.run_dir) if self.adopts else []
+            removed = sweep_stale_keys(self.run_dir, keep=self.deferred_key_dirs)
             from agent.io import keyring
 
             removed += keyring.sweep(f"keyagent:{cfg.vm_name}:", listing=opts.keyring_listing)
@@ -555,6 +566,9 @@ class Sidecar:
             run_dir=self.run_dir,
             metrics=self.metrics,
         )
+        # ``keyagent host``: one loop for every VM, so the launch note is
+        # written on a worker thread (Runtime._note_launched)
+        rt.note_off_loop = getattr(self.opts, "off_loop", None)  # type: ignore[attr-defined]
         self.metrics.qmp_connected = True
         events = getattr(qmp, "events", None)
         self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)
@@ -568,7 +582,8 @@ class Sidecar:
             from agent.app.control import ControlServer
 
             self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid, ref_dirs=cfg.control_ref_dirs)
-            await self.control.start()
+            # keyagent host: the socket's file-system calls on a worker thread, not on every VM's loop
+            await self.control.start(off_loop=getattr(opts, "off_loop", None))
 
     def _start_tasks(self, rt: Runtime) -> list[asyncio.Task]:
         """The runtime's loops, the monitor watcher and the swtpm supervisor."""

@@ -389,6 +389,37 @@ class _Conn:
         self.idle = False  # between two requests of a keep-alive connection
 
 
+def bind_unix(path: str, mode: int = 0o600, backlog: int = 1024) -> socket.socket:
+    """A listening unix socket at ``path``; its mode is set before anyone can connect.
+
+    The socket is bound, chmod-ed, and only then listens: a connect
+    before ``listen()`` is refused, so there is no window in which the
+    socket is reachable with the umask's mode.  A stale socket at
+    ``path`` is replaced; any other file there is an error.  Blocking
+    file-system calls only, no event loop: a caller may run it on a thread.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise HttpError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return sock
+
+
 @dataclass
 class HttpServer:
     """Serve ``handler`` over HTTP/1.1 on TCP and/or unix sockets.
@@ -478,33 +509,11 @@ class HttpServer:
         addr = made[0].getsockname()
         return addr[0], addr[1]
 
-    async def start_unix(self, path: str, mode: int = 0o600) -> None:
-        """Listen on ``path``; its mode is set before anyone can connect.
-
-        The socket is bound, chmod-ed, and only then listens: a connect
-        before ``listen()`` is refused, so there is no window in which the
-        socket is reachable with the umask's mode.  A stale socket at
-        ``path`` is replaced; any other file there is an error.
-        """
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise HttpError(f"{path} exists and is not a socket")
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            os.chmod(path, mode)
-            sock.listen(self.backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
+    async def start_unix(self, path: str, mode: int = 0o600, bound: socket.socket | None = None) -> None:
+        """Listen on ``path`` (:func:`bind_unix`), or serve ``bound``, the
+        socket a caller already made there with :func:`bind_unix` (on a
+        worker thread: ``keyagent host`` starting 100 VMs)."""
+        sock = bound if bound is not None else bind_unix(path, mode, self.backlog)
         self._unix_paths.append(path)
         self._listen(sock, path)
 

@@ -130,7 +130,9 @@ class QmpConnection:
     def qemu_version(self) -> str:
         greeting: Any = self.client.greeting
         try:
-            v = greeting._asdict()["QMP"]["version"]["qemu"]
+            # greeting.QMP.version is the greeting's own mapping (qemu.qmp checked
+            # it is one); _asdict() would deep-copy the whole greeting for three ints
+            v = greeting.QMP.version["qemu"]
             return f"{v['major']}.{v['minor']}.{v['micro']}"
         except (AttributeError, TypeError, KeyError):
             return ""

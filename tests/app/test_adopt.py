@@ -51,6 +51,22 @@ def test_a_fresh_qemu_has_nothing_to_take_over(run_dir):
     assert found.migrations == [] and found.keep == [] and not found.master
 
 
+def test_without_a_creds_object_of_ours_qemu_is_asked_nothing_about_migrations(run_dir):
+    async def go():
+        q = Qemu(
+            {
+                "qom-list": objects(("keyagent-master", "secret_keyring"), ("other-tls", "tls-creds-psk")),
+                "query-migrate-parameters": {"tls-creds": "other-tls"},
+                "query-migrate": {"status": "active"},
+            }
+        )
+        return q, await adopt.inspect(q, run_dir)
+
+    q, found = run(go())
+    assert [command for command, _ in q.sent] == ["qom-list"]
+    assert found.migrations == [] and found.keep == [] and found.master
+
+
 def test_a_listening_destination_keeps_the_key_dir_qemu_names_and_no_other(run_dir):
     live = make_key_dir(run_dir, "tls")
     other = make_key_dir(run_dir, "tls")
@@ -170,3 +186,38 @@ def test_the_claim_sweep_defers_only_migration_key_dirs(run_dir):
     removed = sweep_stale_keys(run_dir, keep=migration_key_dirs(run_dir))
     assert removed == sorted([os.path.basename(master), "keys.psk"])
     assert os.path.exists(os.path.join(tls, "keys.psk"))
+
+
+@pytest.mark.parametrize("deferred", [["key-tls-x"], None])
+def test_the_take_over_sweeps_what_the_claim_kept_for_it(run_dir, deferred):
+    from types import SimpleNamespace
+
+    from agent.app.eventlog import EventLog
+    from tests.app.runtime_fakes import QuietLog
+
+    stale = make_key_dir(run_dir, "tls")
+    host = SimpleNamespace(run_dir=run_dir, log=QuietLog(), deferred_key_dirs=deferred)
+
+    async def go():
+        return await adopt.take_over(host, Qemu({"qom-list": objects()}), EventLog(None))
+
+    run(go())
+    assert not os.path.exists(stale)  # no live migration names it: swept
+
+
+def test_when_the_claim_kept_nothing_the_take_over_has_nothing_to_sweep(run_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from agent.app.eventlog import EventLog
+    from agent.io import rundir
+    from tests.app.runtime_fakes import QuietLog
+
+    swept = []
+    monkeypatch.setattr(rundir, "sweep_stale_keys", lambda *a, **k: swept.append(a) or [])
+    host = SimpleNamespace(run_dir=run_dir, log=QuietLog(), deferred_key_dirs=[])
+
+    async def go():
+        return await adopt.take_over(host, Qemu({"qom-list": objects()}), EventLog(None))
+
+    run(go())
+    assert swept == []

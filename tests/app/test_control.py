@@ -13,6 +13,7 @@ import pytest
 
 from agent.app.control import ControlServer, access_for, peer_check, resolve_ref
 from agent.app.metrics import Metrics
+from agent.app.offloop import OffLoop
 from agent.common.errors import ControlError, UsageError
 from agent.io.http import PeerCred
 from agent.io.secretref import NOBODY, NOT_ALLOWED, UNRESTRICTED
@@ -39,8 +40,8 @@ class FakeSidecar:
         return {("POST", "/v1/echo"): lambda args: {"echo": args}, ("POST", "/v1/ref"): read_ref}
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(params=[False, True], ids=["on-loop", "off-loop"])
+def server(tmp_path, request):
     path = str(tmp_path / "control.sock")
     sidecar = FakeSidecar()
     loop = asyncio.new_event_loop()
@@ -48,7 +49,8 @@ def server(tmp_path):
     refs.mkdir()
     (refs / "k").write_bytes(b"group key")
     srv = ControlServer(sidecar, path, gid=4242, ref_dirs=(os.path.realpath(refs),))
-    loop.run_until_complete(srv.start())
+    # off the loop: keyagent host's batched worker thread
+    loop.run_until_complete(srv.start(off_loop=OffLoop() if request.param else None))
     import threading
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -274,3 +276,32 @@ async def test_migrate_and_secret_verbs_resolve_references_within_the_peers_righ
         assert len(await MigrationControl._psk_from_ref({"psk_ref": f"file:{key}"})) == 32
     finally:
         control._ACCESS.reset(token)
+
+
+async def test_a_socket_made_off_the_loop_for_a_vm_stopped_meanwhile_is_closed_and_removed(tmp_path, monkeypatch):
+    import threading
+
+    from agent.app import control
+    from agent.io.http import bind_unix
+
+    path = str(tmp_path / "control.sock")
+    made, release = [], threading.Event()
+
+    def slow_bind(*args):
+        release.wait(5)
+        made.append(bind_unix(*args))
+        return made[-1]
+
+    monkeypatch.setattr(control, "bind_unix", slow_bind)
+    srv = ControlServer(FakeSidecar(), path)
+    task = asyncio.ensure_future(srv.start(off_loop=OffLoop()))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if made and made[0].fileno() == -1:
+            break
+        await asyncio.sleep(0.01)
+    assert made[0].fileno() == -1 and not os.path.exists(path)

@@ -441,3 +441,36 @@ def test_ctl_vms_prints_one_line_per_vm():
         "bb    failed    -       1 x y",
         "c     starting  launch  -",
     ]
+
+
+async def test_the_hosts_worker_threads_are_all_running_before_any_vm_needs_one():
+    import threading
+
+    from agent.app.host import _start_workers
+
+    loop = asyncio.get_running_loop()
+    _start_workers(loop)
+    await asyncio.sleep(0.05)
+    workers = [t for t in threading.enumerate() if t.name.startswith("keyagent-host")]
+    assert len(workers) == min(32, (os.cpu_count() or 1) + 4)
+    assert (await loop.run_in_executor(None, lambda: threading.current_thread().name)).startswith("keyagent-host")
+
+
+@pytest.mark.parametrize("sev", [False, True])
+async def test_a_vm_stopped_while_its_qemu_monitor_is_not_there_yet_ends_at_once(tmp_path, sev):
+    import time
+
+    from agent.app.sidecar import SidecarOptions
+
+    path = tmp_path / "vm.toml"
+    path.write_text('[vm]\nname = "vm1"\n' + ('[sev]\nowner_url = "http://127.0.0.1:9"\n' if sev else ""))
+    opts = SidecarOptions(qmp_path=str(tmp_path / "no-qemu-yet.sock"), control_path=None, event_log=None)
+    opts.qmp_timeout, opts.own_signals = 60.0, False
+    sidecar = Sidecar(load_config(str(path)), opts)
+    run = asyncio.ensure_future(sidecar.run())
+    await asyncio.sleep(0.2)  # waiting for the monitor, retrying
+    start = time.monotonic()
+    sidecar.stop("removed")
+    code = await asyncio.wait_for(run, 5)
+    assert time.monotonic() - start < 2  # not when the 60 s qmp timeout runs out
+    assert (code, sidecar.exit_reason) == ((1, "stopped by removed before the launch completed") if sev else (0, ""))

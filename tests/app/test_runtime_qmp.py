@@ -138,3 +138,22 @@ async def test_a_secret_sent_with_another_command_is_left_to_its_flow():
     qmp.run("secrets", SendQmp("t1", "object-add", {"qom-type": "secret", "data": key}))
     await qmp.drain(1.0)
     assert len(key) == 29
+
+
+async def test_commands_sent_after_a_hold_reach_qemu_only_once_it_ends_in_order():
+    mon = FakeMonitor()
+    qmp = QmpExecutor(mon, Fed(), QuietLog())
+    qmp.run("other", SendQmp("t0", "query-status"))
+    hold: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    qmp.hold_until(hold)
+    qmp.run("launch", SendQmp("t1", "cont"))
+    qmp.run("other", SendQmp("t2", "query-migrate"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert mon.sent == [("query-status", {})]  # sent before the hold: not held
+    hold.set_exception(OSError("the hold's own failure is not the commands'"))
+    await qmp.drain(1.0)
+    assert [command for command, _ in mon.sent] == ["query-status", "cont", "query-migrate"]
+    qmp.run("launch", SendQmp("t3", "quit"))  # the hold is over: no wait
+    await qmp.drain(1.0)
+    assert mon.sent[-1] == ("quit", {})

@@ -50,6 +50,15 @@ async def test_a_secret_argument_is_redacted_in_qemu_qmp_debug_log(sim, captured
     assert "<redacted>" in text
 
 
+async def test_the_qemu_version_is_the_greetings_and_empty_before_one(sim):
+    _sim, path = sim
+    conn = qmpio.QmpConnection("t")
+    assert conn.qemu_version == ""
+    await conn.connect(path, 5)
+    assert conn.qemu_version == "7.2.0"  # the simulator greets as QEMU 7.2
+    await conn.close()
+
+
 async def test_execute_error_becomes_qmp_error_with_qemus_text(sim):
     _sim, path = sim
     conn = qmpio.QmpConnection("t")
