@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from agent.app.eventlog import read_records
 from agent.app.replay import check, check_text
-from agent.common.errors import FlowFailed
-from agent.protocol.eventlog import FORMAT_VERSION
-
-TRACES = sorted((Path(__file__).parent.parent.parent / "fixtures" / "traces").glob("*.jsonl"))
-
-
-def current(trace: Path) -> list[dict]:
-    """The trace's records in the current format, as EventLog writes them now."""
-    records = list(read_records(str(trace)))
-    records[0] = {**records[0], "format": FORMAT_VERSION}
-    return records
-
-
-def text_of(records: list[dict]) -> str:
-    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-
-
-def full(records: list[dict]) -> str:
-    try:
-        return check(records)
-    except FlowFailed as exc:  # Divergence, UsageError
-        return f"{type(exc).__name__}: {exc.reason}"
+from tests.app.replay_logs import TRACES, current, full, text_of
 
 
 def agree(records: list[dict], text: str | None = None) -> str | None:
