@@ -119,9 +119,10 @@ def check_text(text: str, split: bool | None = None, split_at: int | None = None
     Every line is either checked the full path's way (``json.loads``, then
     :class:`_Check`), or, for an event or action line exactly as the agent
     writes it (seq, t, kind, flow, value, nothing else), without parsing
-    the whole line: its value is parsed and decoded once per distinct text,
-    and a recorded action is compared with the computed one as objects
-    first.  Equal objects encode to equal JSON when the recorded action
+    the whole line: an event's value is parsed and decoded once per
+    distinct text; an action's is compared the full path's way the first
+    time its text is met, and from the second on decoded once and compared
+    with the computed one as objects first.  Equal objects encode to equal JSON when the recorded action
     names every field, so that is enough; otherwise (a field left out, a
     value that changes type on the way such as a tuple, a Secret whose
     bytes differ but not its length, a NaN) the action is compared the full
@@ -169,6 +170,7 @@ class _Fast:
         self.run = _Check()
         self.events: dict[str, Any] = {}  # event (or _Fresh) by its text
         self.actions: dict[str, Any] = {}  # decoded action (or _PARTIAL) by its text
+        self.seen: set[str] = set()  # actions met once, by their text
 
     def start(self, text: str) -> int | None:
         """The first line, the start record with the current format: where
@@ -197,7 +199,7 @@ class _Fast:
         other)."""
         run = self.run
         flows, pending = run.flows, run.pending
-        events, actions = self.events, self.actions
+        events, actions, seen = self.events, self.actions, self.seen
         loads = json.loads
         n_events = n_actions = 0
         for lines in chunks:
@@ -225,6 +227,17 @@ class _Fast:
                     computed = left.pop(0)  # none left (IndexError): no verdict
                     expected = actions.get(value)
                     if expected is None:
+                        if value not in seen:
+                            # Seen once: compared the full path's way, and only
+                            # decoded if it comes again (most that do not repeat
+                            # never will: a VM's name, a flow's own ids).
+                            if len(seen) >= _CACHE_MAX:
+                                seen.clear()
+                            seen.add(value)
+                            if encode(computed) != loads(value):
+                                return None
+                            n_actions += 1
+                            continue
                         expected = actions[value] = self._action(value)
                     # A dataclass's equality is its fields': their dicts,
                     # compared in C (a frozen dataclass holds nothing else).

@@ -91,6 +91,23 @@ WAITING_FOR = {
     State.CHECK_LAUNCHED: "the launch measurement",
 }
 
+#: the state a command sent without one puts the flow in (_send)
+_STATE_AFTER = {
+    "query-status": State.QUERY_STATUS,
+    "query-sev": State.QUERY_SEV,
+    "query-sev-launch-measure": State.MEASURE,
+    "cont": State.RESUME,
+}
+#: the command a failure in each state names (_command_for_state)
+_COMMAND_OF = {
+    State.QUERY_STATUS: "query-status",
+    State.QUERY_SEV: "query-sev",
+    State.MEASURE: "query-sev-launch-measure",
+    State.INJECT: "sev-inject-launch-secret",
+    State.RESUME: "cont",
+    State.CHECK_LAUNCHED: "query-sev-launch-measure",
+}
+
 
 @dataclass(frozen=True)
 class LaunchParams:
@@ -122,8 +139,18 @@ class SevLaunchFlow(Flow[LaunchParams]):
 
     # -- the happy path, step by step ----------------------------------------
     def handle(self, event: Event) -> list[Action]:
-        if self.state in (State.DONE, State.FAILED):
+        state = self.state
+        if state is State.DONE or state is State.FAILED:
             return []
+        # Most events are answers to our commands: those first, by exact
+        # type (events are final dataclasses), as the branch below takes them.
+        if type(event) is QmpReply:
+            if state is State.QUITTING:
+                return self._quitting(event)
+            if event.tag != self.pending:
+                return []  # a late answer to a command we no longer wait for
+            self.pending = None
+            return self._reply(event.result)
         if isinstance(event, Start):
             return [self.arm("deadline", self.params.timeout_s), *self._send("query-status")]
         if isinstance(event, QmpDisconnected):
@@ -294,26 +321,11 @@ class SevLaunchFlow(Flow[LaunchParams]):
     def _send(self, command: str, args: dict[str, Any] | None = None, state: State | None = None) -> list[Action]:
         tag = self.next_tag(command)
         self.pending = tag
-        self.state = (
-            state
-            or {
-                "query-status": State.QUERY_STATUS,
-                "query-sev": State.QUERY_SEV,
-                "query-sev-launch-measure": State.MEASURE,
-                "cont": State.RESUME,
-            }[command]
-        )
+        self.state = state or _STATE_AFTER[command]
         return [SendQmp(tag, command, args or {})]
 
     def _command_for_state(self) -> str:
-        return {
-            State.QUERY_STATUS: "query-status",
-            State.QUERY_SEV: "query-sev",
-            State.MEASURE: "query-sev-launch-measure",
-            State.INJECT: "sev-inject-launch-secret",
-            State.RESUME: "cont",
-            State.CHECK_LAUNCHED: "query-sev-launch-measure",
-        }.get(self.state, self.state.value)
+        return _COMMAND_OF.get(self.state, self.state.value)
 
     def _fail(self, reason: str, stop_first: bool = False) -> list[Action]:
         """Refuse: one clear log line, then quit QEMU or leave it paused."""

@@ -168,6 +168,11 @@ class MigrationFlow(Flow[MigrationParams]):
             self._line = None
         if self.state is State.DONE:
             return self._late(event)
+        if type(event) is QmpEvent and self.state is not State.REPORT:
+            # Most events are QEMU's MIGRATION events: taken before the
+            # branches below (none of which takes them), by exact type
+            # (events are final dataclasses).
+            return self._qmp_event(event)
         if isinstance(event, Start):
             fields = {
                 "role": self.params.role,
