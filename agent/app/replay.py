@@ -365,14 +365,117 @@ def _cpus() -> int:
 
 
 def _check_split(fast: _Fast, text: str, pos: int, mid: int) -> str | None:
-    """The fast path in two processes: this one checks the lines before
-    ``mid``, a forked child the lines from ``mid`` on.
+    """:func:`check_text` in two processes: this one checks the lines
+    before ``mid``, a forked child those from ``mid`` on (:func:`_in_two`)."""
+    seq_mid = 1 + text.count("\n", pos, mid)  # records before mid: the start record and the lines from pos
+
+    def alone() -> str | None:
+        return fast.summary() if fast.lines(text, pos, len(text) - 1, 1, None) is not None else None
+
+    def first() -> tuple[_Fast, int] | None:
+        last = fast.lines(text, pos, mid - 1, 1, None)
+        return None if last is None else (fast, last)
+
+    return _in_two(first, lambda: _second_half(text, mid, seq_mid), alone)
+
+
+def check_file(path: str) -> str | None:
+    """:func:`check_text` of the log at ``path``, or None (also when it
+    cannot be read or is not UTF-8: the full path says why).
+
+    A log over :data:`_SPLIT_MIN` bytes, with two CPUs, is read in two
+    halves by two processes: this one reads and checks its lines up to the
+    first newline from the middle of the file on, a forked child reads and
+    checks the rest (:func:`_in_two`); the child does not know how many
+    records come before its first, so it takes that record's seq as given
+    and this process checks it follows its own last one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size - 1 < _SPLIT_MIN or _cpus() < 2:
+            text = _read(fd, 0, size)
+            return None if text is None else check_text(text, split=False)
+        return _check_file_split(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _check_file_split(fd: int, size: int) -> str | None:
+    half = size // 2
+
+    def boundary() -> int | None:
+        """Where the second half begins: after the first newline from ``half`` on."""
+        pos = half
+        while pos < size:
+            chunk = os.pread(fd, 1 << 16, pos)
+            if not chunk:
+                return None
+            i = chunk.find(b"\n")
+            if i >= 0:
+                return pos + i + 1
+            pos += len(chunk)
+        return None
+
+    def alone() -> str | None:
+        text = _read(fd, 0, size)
+        return None if text is None else check_text(text, split=False)
+
+    def first() -> tuple[_Fast, int] | None:
+        mid = boundary()
+        text = _read(fd, 0, size if mid is None else mid)
+        if text is None:
+            return None
+        fast = _Fast()
+        pos = fast.start(text)
+        if pos is None:
+            return None
+        last = fast.lines(text, pos, len(text) - 1, 1, None)
+        return None if last is None else (fast, last)
+
+    def second() -> bytes:
+        mid = boundary()
+        if mid is None or mid == size:
+            return marshal.dumps((None, 0, 0, False, False, [], []))  # nothing after the first half
+        text = _read(fd, mid, size)
+        if text is None:
+            return b""
+        return _second_half(text, 0, None)
+
+    return _in_two(first, second, alone)
+
+
+def _read(fd: int, start: int, stop: int) -> str | None:
+    """The text of bytes ``start`` to ``stop`` (at most: a log that grows is read as it was), or None."""
+    parts = []
+    while start < stop:
+        part = os.pread(fd, stop - start, start)
+        if not part:
+            break
+        parts.append(part)
+        start += len(part)
+    try:
+        return b"".join(parts).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _in_two(
+    first: Callable[[], tuple[_Fast, int] | None], second: Callable[[], bytes], alone: Callable[[], str | None]
+) -> str | None:
+    """The fast path in two processes: ``first`` here (the first half of
+    the log: the checked state and the last seq, or None), ``second`` in a
+    forked child (:func:`_second_half`'s answer); ``alone`` if there is no
+    fork.
 
     Flows are independent of each other: a flow's verdict depends on its
     own records only, in order.  The child re-runs the flows created in
-    its half; an event or action of a flow created before ``mid`` is
-    handed back (with its seq checked) and this process feeds it to that
-    flow after its own half, in order.  A flow id the child creates again
+    its half; an event or action of a flow created before it is handed
+    back (with its seq checked) and this process feeds it to that flow
+    after its own half, in order.  A flow id the child creates again
     replaces this process's flow of that id from there on, as in one
     process.  Whatever either half cannot take (a divergence, anything
     damaged, the child's death or silence) is no verdict, and the full
@@ -380,21 +483,18 @@ def _check_split(fast: _Fast, text: str, pos: int, mid: int) -> str | None:
     divergence, so the answer is the one-process answer whatever the
     split.
     """
-    seq_mid = 1 + text.count("\n", pos, mid)  # records before mid: the start record and the lines from pos
     read_end, write_end = os.pipe()
     try:
         pid = os.fork()
     except OSError:
         os.close(read_end)
         os.close(write_end)
-        if fast.lines(text, pos, len(text) - 1, 1, None) is None:
-            return None
-        return fast.summary()
+        return alone()
     if pid == 0:  # the child: its half, its answer down the pipe, and nothing else
         os.close(read_end)
         answer = b""
         try:
-            answer = _second_half(text, mid, seq_mid)
+            answer = second()
         finally:
             with contextlib.suppress(BaseException):
                 view = memoryview(answer)
@@ -405,8 +505,10 @@ def _check_split(fast: _Fast, text: str, pos: int, mid: int) -> str | None:
     reaped = False
     try:
         began = time.monotonic()
-        if fast.lines(text, pos, mid - 1, 1, None) is None:
+        mine = first()
+        if mine is None:
             return None
+        fast, last = mine
         wait = max(_SPLIT_WAIT_S, _SPLIT_WAIT_FACTOR * (time.monotonic() - began))
         data = _read_all(read_end, time.monotonic() + wait)
         if data is None:
@@ -415,7 +517,9 @@ def _check_split(fast: _Fast, text: str, pos: int, mid: int) -> str | None:
         reaped = True
         if not data:
             return None
-        events, actions, ended, left, child_flows, foreign = marshal.loads(data)
+        base, events, actions, ended, left, child_flows, foreign = marshal.loads(data)
+        if base is not None and base != last:
+            return None  # the second half does not follow the first: the full path says where
         if fast.feed([foreign], 0, False, None) is None:
             return None
         run = fast.run
@@ -433,17 +537,35 @@ def _check_split(fast: _Fast, text: str, pos: int, mid: int) -> str | None:
             os.waitpid(pid, 0)
 
 
-def _second_half(text: str, mid: int, seq_mid: int) -> bytes:
-    """The child's answer: its counts and flows, and the records of flows
+#: the seq at the beginning of a line as EventLog writes it
+_SEQ = re.compile(r'\{"seq":(0|[1-9][0-9]*),')
+
+
+def _second_half(text: str, start: int, base: int | None) -> bytes:
+    """The child's answer for the lines of ``text`` from ``start`` on, the
+    first of them record ``base + 1`` (None: whatever seq it has): the seq
+    before its first line, its counts and flows, and the records of flows
     it did not create; empty for no verdict."""
     try:
+        if not text.endswith("\n"):
+            return b""
+        if base is None:
+            m = _SEQ.match(text, start)
+            if m is not None:
+                base = int(m[1]) - 1
+            else:
+                record = json.loads(text[start : text.index("\n", start)])
+                seq = record.get("seq") if type(record) is dict else None
+                if type(seq) is not int:
+                    return b""
+                base = seq - 1
         fast = _Fast()
         foreign: list[_Line] = []
-        if fast.lines(text, mid, len(text) - 1, seq_mid, foreign) is None:
+        if fast.lines(text, start, len(text) - 1, base, foreign) is None:
             return b""
         run = fast.run
         left = any(run.pending.values())
-        return marshal.dumps((run.events, run.actions, run.ended, left, list(run.flows), foreign))
+        return marshal.dumps((base, run.events, run.actions, run.ended, left, list(run.flows), foreign))
     except Exception:
         return b""
 

@@ -220,3 +220,55 @@ def test_the_command_names_a_divergence_in_the_second_half_as_one_process_does(b
     out = keyagent_check(str(bad))
     assert out.returncode == 1
     assert out.stderr.strip() == f"keyagent: error: {full(list(read_records(str(bad)))).split(': ', 1)[1]}"
+
+
+@pytest.fixture
+def split_files(monkeypatch):
+    """check_file splits any log of more than a line, on any machine."""
+    monkeypatch.setattr(replay, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(replay, "_cpus", lambda: 2)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_file_read_in_two_halves_gives_the_one_process_summary(split_files, tmp_path, seed):
+    records = interleaved(MIXED, seed=seed)
+    path = tmp_path / "log.jsonl"
+    path.write_text(text_of(records))
+    assert replay.check_file(str(path)) == full(records)
+
+
+@pytest.mark.parametrize("offset", [-2, -1, 0, 1, 2, 10])
+def test_a_record_missing_near_the_middle_of_a_file_is_no_verdict(split_files, tmp_path, offset):
+    records = interleaved(MIXED)
+    text = text_of(records)
+    middle = text.count("\n", 0, len(text) // 2) + 1  # the index of the second half's first record
+    k = middle + offset
+    path = tmp_path / "log.jsonl"
+    path.write_text(text_of([*records[:k], *records[k + 1 :]]))  # a gap in seq
+    assert replay.check_file(str(path)) is None
+
+
+def test_a_file_whose_middle_is_in_its_last_line_is_checked_by_one_half(split_files, tmp_path):
+    records = interleaved(MIXED)
+    records[-1] = {**records[-1], "reason": "x" * len(text_of(records))}
+    path = tmp_path / "log.jsonl"
+    path.write_text(text_of(records))
+    assert replay.check_file(str(path)) == full(records)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[:-1],  # no final newline
+        lambda b: b[: len(b) * 3 // 4] + b"\xff" + b[len(b) * 3 // 4 :],  # not UTF-8 in the second half
+        lambda b: b[: len(b) // 4] + b"\xff" + b[len(b) // 4 :],  # in the first
+    ],
+)
+def test_a_damaged_file_is_no_verdict(split_files, tmp_path, damage):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(damage(text_of(interleaved(MIXED)).encode()))
+    assert replay.check_file(str(path)) is None
+
+
+def test_an_unreadable_file_is_no_verdict(tmp_path):
+    assert replay.check_file(str(tmp_path / "missing.jsonl")) is None
