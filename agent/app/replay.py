@@ -23,8 +23,11 @@ from typing import Any, TextIO, cast
 
 from agent.common.errors import FlowFailed, UsageError
 from agent.common.secret import Secret
+from agent.core.actions import ACTION_TYPES
 from agent.core.codec import CodecError, decode_action, decode_event, encode
+from agent.core.events import EVENT_TYPES
 from agent.core.flow import Flow
+from agent.core.frozen import fast_init
 from agent.core.registry import FLOW_KINDS
 from agent.protocol.eventlog import FORMAT_VERSION, START
 
@@ -167,6 +170,8 @@ class _Fast:
     """The fast path's flows, caches and counts."""
 
     def __init__(self) -> None:
+        # every action of every flow is made again: the cheaper constructor
+        fast_init(*EVENT_TYPES.values(), *ACTION_TYPES.values(), *(kind.Params for kind in FLOW_KINDS.values()))
         self.run = _Check()
         self.events: dict[str, Any] = {}  # event (or _Fresh) by its text
         self.actions: dict[str, Any] = {}  # decoded action (or _PARTIAL) by its text
