@@ -399,14 +399,20 @@ def check_file(path: str) -> str | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    collecting = gc.isenabled()
+    gc.disable()  # as in check_text
     try:
         size = os.fstat(fd).st_size
         if size - 1 < _SPLIT_MIN or _cpus() < 2:
             text = _read(fd, 0, size)
             return None if text is None else check_text(text, split=False)
         return _check_file_split(fd, size)
+    except Exception:  # whatever it is, the full path names it
+        return None
     finally:
         os.close(fd)
+        if collecting:
+            gc.enable()
 
 
 def _check_file_split(fd: int, size: int) -> str | None:

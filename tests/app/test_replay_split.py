@@ -3,6 +3,7 @@ one-process verdict wherever the log is split, or none (the full path names it).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -272,3 +273,28 @@ def test_a_damaged_file_is_no_verdict(split_files, tmp_path, damage):
 
 def test_an_unreadable_file_is_no_verdict(tmp_path):
     assert replay.check_file(str(tmp_path / "missing.jsonl")) is None
+
+
+@pytest.mark.parametrize("first_line", ["not json", "[1]", '{"seq":1,"t":0,"kind":"exit"}'])
+def test_a_file_with_a_bad_first_line_is_no_verdict(split_files, tmp_path, first_line):
+    lines = text_of(interleaved(MIXED)).splitlines(keepends=True)
+    path = tmp_path / "log.jsonl"
+    path.write_text(first_line + "\n" + "".join(lines[1:]))
+    assert replay.check_file(str(path)) is None
+
+
+def test_the_check_of_a_file_runs_without_the_garbage_collector_and_restores_it(split_files, tmp_path, monkeypatch):
+    seen = []
+    real_lines = replay._Fast.lines
+
+    def lines(self, *args):
+        seen.append(gc.isenabled())
+        return real_lines(self, *args)
+
+    monkeypatch.setattr(replay._Fast, "lines", lines)
+    records = interleaved(MIXED)
+    path = tmp_path / "log.jsonl"
+    path.write_text(text_of(records))
+    assert gc.isenabled()
+    assert replay.check_file(str(path)) == full(records)
+    assert seen == [False] and gc.isenabled()
