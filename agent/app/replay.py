@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import marshal
 import os
@@ -381,7 +382,7 @@ def _check_split(fast: _Fast, text: str, pos: int, mid: int) -> str | None:
         last = fast.lines(text, pos, mid - 1, 1, None)
         return None if last is None else (fast, last)
 
-    return _in_two(first, lambda: _second_half(text, mid, seq_mid), alone)
+    return _in_two(first, lambda: _second_half(_chunks(text, mid, len(text) - 1), seq_mid), alone)
 
 
 def check_file(path: str) -> str | None:
@@ -437,26 +438,53 @@ def _check_file_split(fd: int, size: int) -> str | None:
 
     def first() -> tuple[_Fast, int] | None:
         mid = boundary()
-        text = _read(fd, 0, size if mid is None else mid)
-        if text is None:
-            return None
+        first_line = _read(fd, 0, _line_end(fd, 0, size))
         fast = _Fast()
-        pos = fast.start(text)
-        if pos is None:
+        if first_line is None or fast.start(first_line) is None:
             return None
-        last = fast.lines(text, pos, len(text) - 1, 1, None)
+        last = fast.feed(_file_chunks(fd, len(first_line.encode()), size if mid is None else mid), 1, True, None)
         return None if last is None else (fast, last)
 
     def second() -> bytes:
         mid = boundary()
-        if mid is None or mid == size:
-            return marshal.dumps((None, 0, 0, False, False, [], []))  # nothing after the first half
-        text = _read(fd, mid, size)
-        if text is None:
-            return b""
-        return _second_half(text, 0, None)
+        return _second_half(_file_chunks(fd, size if mid is None else mid, size), None)
 
     return _in_two(first, second, alone)
+
+
+def _line_end(fd: int, pos: int, stop: int) -> int:
+    """Where the line at ``pos`` ends, its newline included (``stop`` if it has none)."""
+    while pos < stop:
+        chunk = os.pread(fd, min(1 << 16, stop - pos), pos)
+        if not chunk:
+            break
+        i = chunk.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(chunk)
+    return stop
+
+
+def _file_chunks(fd: int, pos: int, stop: int) -> Iterator[list[_Line]]:
+    """:func:`_chunks` of the file's bytes ``pos`` to ``stop``, read and
+    decoded a chunk at a time (a few MB live at once, not the whole log);
+    ValueError if they do not end with a newline or are not UTF-8."""
+    findall = _RECORDS.findall
+    size = _CHUNK
+    while pos < stop:
+        data = os.pread(fd, min(size, stop - pos), pos)
+        if not data:
+            raise ValueError("the log is shorter than it was")
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # a line longer than a chunk
+            if pos + len(data) >= stop:
+                raise ValueError("the last line lacks its newline")
+            size *= 2
+            continue
+        size = _CHUNK
+        text = str(memoryview(data)[:cut], "utf-8")  # UnicodeDecodeError is a ValueError
+        pos += cut
+        yield findall(text, 0, cut - 1)
 
 
 def _read(fd: int, start: int, stop: int) -> str | None:
@@ -548,37 +576,38 @@ def _in_two(
             os.waitpid(pid, 0)
 
 
-#: the seq at the beginning of a line as EventLog writes it
-_SEQ = re.compile(r'\{"seq":(0|[1-9][0-9]*),')
-
-
-def _second_half(text: str, start: int, base: int | None) -> bytes:
-    """The child's answer for the lines of ``text`` from ``start`` on, the
-    first of them record ``base + 1`` (None: whatever seq it has): the seq
-    before its first line, its counts and flows, and the records of flows
-    it did not create; empty for no verdict."""
+def _second_half(chunks: Iterator[list[_Line]], base: int | None) -> bytes:
+    """The child's answer for the lines of ``chunks``, the first of them
+    record ``base + 1`` (None: whatever seq it has): the seq before its
+    first line, its counts and flows, and the records of flows it did not
+    create; empty for no verdict."""
     try:
-        if not text.endswith("\n"):
-            return b""
+        head = next(chunks, None)
+        if head is None:  # nothing after the first half
+            return marshal.dumps((None, 0, 0, False, False, [], []))
         if base is None:
-            m = _SEQ.match(text, start)
-            if m is not None:
-                base = int(m[1]) - 1
-            else:
-                record = json.loads(text[start : text.index("\n", start)])
-                seq = record.get("seq") if type(record) is dict else None
-                if type(seq) is not int:
-                    return b""
-                base = seq - 1
+            base = _seq_of(head[0]) - 1
         fast = _Fast()
         foreign: list[_Line] = []
-        if fast.lines(text, start, len(text) - 1, base, foreign) is None:
+        if fast.feed(itertools.chain([head], chunks), base, True, foreign) is None:
             return b""
         run = fast.run
         left = any(run.pending.values())
         return marshal.dumps((base, run.events, run.actions, run.ended, left, list(run.flows), foreign))
     except Exception:
         return b""
+
+
+def _seq_of(line: _Line) -> int:
+    """The seq of a matched line (ValueError if it has none)."""
+    seq_text, kind, _, _, other = line
+    if kind:
+        return int(seq_text)
+    record = json.loads(other)
+    seq = record.get("seq") if type(record) is dict else None
+    if type(seq) is not int:
+        raise ValueError("a record without a seq")
+    return seq
 
 
 def _read_all(fd: int, deadline: float) -> bytes | None:
