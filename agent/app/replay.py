@@ -405,8 +405,8 @@ def check_file(path: str) -> str | None:
     try:
         size = os.fstat(fd).st_size
         if size - 1 < _SPLIT_MIN or _cpus() < 2:
-            text = _read(fd, 0, size)
-            return None if text is None else check_text(text, split=False)
+            alone = _first_part(fd, size, size)
+            return None if alone is None else alone[0].summary()
         return _check_file_split(fd, size)
     except Exception:  # whatever it is, the full path names it
         return None
@@ -438,18 +438,24 @@ def _check_file_split(fd: int, size: int) -> str | None:
 
     def first() -> tuple[_Fast, int] | None:
         mid = boundary()
-        first_line = _read(fd, 0, _line_end(fd, 0, size))
-        fast = _Fast()
-        if first_line is None or fast.start(first_line) is None:
-            return None
-        last = fast.feed(_file_chunks(fd, len(first_line.encode()), size if mid is None else mid), 1, True, None)
-        return None if last is None else (fast, last)
+        return _first_part(fd, size if mid is None else mid, size)
 
     def second() -> bytes:
         mid = boundary()
         return _second_half(_file_chunks(fd, size if mid is None else mid, size), None)
 
     return _in_two(first, second, alone)
+
+
+def _first_part(fd: int, stop: int, size: int) -> tuple[_Fast, int] | None:
+    """The start record and the lines after it up to ``stop``, checked: the
+    state and the last seq, or None."""
+    first_line = _read(fd, 0, _line_end(fd, 0, size))
+    fast = _Fast()
+    if first_line is None or fast.start(first_line) is None:
+        return None
+    last = fast.feed(_file_chunks(fd, len(first_line.encode()), stop), 1, True, None)
+    return None if last is None else (fast, last)
 
 
 def _line_end(fd: int, pos: int, stop: int) -> int:

@@ -314,3 +314,12 @@ def test_a_file_read_in_chunks_shorter_than_its_lines_gets_the_same_verdicts(spl
     assert full(records).startswith("Divergence")
     path.write_text(text_of(records))
     assert replay.check_file(str(path)) is None
+
+
+@pytest.mark.parametrize("trace", TRACES, ids=[t.stem for t in TRACES])
+def test_a_small_file_is_read_in_chunks_by_one_process_with_the_full_paths_verdict(tmp_path, monkeypatch, trace):
+    monkeypatch.setattr(replay, "_CHUNK", 300)
+    records = current(trace)
+    path = tmp_path / "log.jsonl"
+    path.write_text(text_of(records))
+    assert replay.check_file(str(path)) == full(records)
