@@ -126,11 +126,12 @@ def check_text(text: str, split: bool | None = None, split_at: int | None = None
     the whole line: an event's value is parsed and decoded once per
     distinct text; an action's is compared the full path's way the first
     time its text is met, and from the second on decoded once and compared
-    with the computed one as objects first.  Equal objects encode to equal JSON when the recorded action
-    names every field, so that is enough; otherwise (a field left out, a
-    value that changes type on the way such as a tuple, a Secret whose
-    bytes differ but not its length, a NaN) the action is compared the full
-    path's way, its encoding against the recorded JSON.  Anything else
+    with the computed one as objects first.  Equal objects encode to equal
+    JSON when the recorded action names every field, so that is enough;
+    otherwise (a field left out, a value that changes type on the way such
+    as a tuple, a Secret whose bytes differ but not its length, a NaN) the
+    action is compared the full path's way, its encoding against the
+    recorded JSON.  Anything else
     (another log format, a damaged or hand-made line, a divergence) returns
     None, and the full path (:func:`check`) gives the verdict with its
     reason, so both paths answer the same.
@@ -139,7 +140,8 @@ def check_text(text: str, split: bool | None = None, split_at: int | None = None
     two CPUs or more, is checked in two processes (``split``; None: by
     size), each half of the log's lines in one (:func:`_check_split`);
     ``split_at`` puts the second half's first line at that index instead
-    of the line in the middle (the tests try every line).
+    of the line in the middle (the tests try every line).  The command
+    checks a file with :func:`check_file`, which reads it in chunks.
     """
     collecting = gc.isenabled()
     gc.disable()  # nothing here makes cycles; the collector's passes cost more than they find
@@ -389,8 +391,9 @@ def check_file(path: str) -> str | None:
     """:func:`check_text` of the log at ``path``, or None (also when it
     cannot be read or is not UTF-8: the full path says why).
 
-    A log over :data:`_SPLIT_MIN` bytes, with two CPUs, is read in two
-    halves by two processes: this one reads and checks its lines up to the
+    The file is read and decoded a chunk (:data:`_CHUNK`) at a time.  A log
+    over :data:`_SPLIT_MIN` bytes, with two CPUs, is read in two halves by
+    two processes: this one reads and checks its lines up to the
     first newline from the middle of the file on, a forked child reads and
     checks the rest (:func:`_in_two`); the child does not know how many
     records come before its first, so it takes that record's seq as given
@@ -405,8 +408,8 @@ def check_file(path: str) -> str | None:
     try:
         size = os.fstat(fd).st_size
         if size - 1 < _SPLIT_MIN or _cpus() < 2:
-            alone = _first_part(fd, size, size)
-            return None if alone is None else alone[0].summary()
+            checked = _first_part(fd, size, size)
+            return None if checked is None else checked[0].summary()
         return _check_file_split(fd, size)
     except Exception:  # whatever it is, the full path names it
         return None
@@ -417,34 +420,13 @@ def check_file(path: str) -> str | None:
 
 
 def _check_file_split(fd: int, size: int) -> str | None:
-    half = size // 2
-
-    def boundary() -> int | None:
-        """Where the second half begins: after the first newline from ``half`` on."""
-        pos = half
-        while pos < size:
-            chunk = os.pread(fd, 1 << 16, pos)
-            if not chunk:
-                return None
-            i = chunk.find(b"\n")
-            if i >= 0:
-                return pos + i + 1
-            pos += len(chunk)
-        return None
+    mid = _line_end(fd, size // 2, size)  # the second half begins after the first newline from the middle on
 
     def alone() -> str | None:
-        text = _read(fd, 0, size)
-        return None if text is None else check_text(text, split=False)
+        checked = _first_part(fd, size, size)
+        return None if checked is None else checked[0].summary()
 
-    def first() -> tuple[_Fast, int] | None:
-        mid = boundary()
-        return _first_part(fd, size if mid is None else mid, size)
-
-    def second() -> bytes:
-        mid = boundary()
-        return _second_half(_file_chunks(fd, size if mid is None else mid, size), None)
-
-    return _in_two(first, second, alone)
+    return _in_two(lambda: _first_part(fd, mid, size), lambda: _second_half(_file_chunks(fd, mid, size), None), alone)
 
 
 def _first_part(fd: int, stop: int, size: int) -> tuple[_Fast, int] | None:
