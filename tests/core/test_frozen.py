@@ -99,3 +99,16 @@ def test_every_event_and_action_gets_it_with_its_signature():
     for c in classes:  # the frozen dataclass's own sets fields through object.__setattr__
         assert c.__init__.__qualname__ == f"{c.__qualname__}.__init__"
         assert "__setattr__" not in c.__init__.__code__.co_names
+
+
+def test_a_wrong_call_gets_the_same_error_text():
+    """The codec puts it in its error (``replay --check`` of a hand-made log)."""
+    before = make_classes()["Plain"]
+    after = make_classes()["Plain"]
+    fast_init(after)
+    for args, kwargs in [((), {}), (("x", 1, {}, 4), {}), (("x",), {"d": 1}), (("x",), {"a": "y"})]:
+        with pytest.raises(TypeError) as old:
+            before(*args, **kwargs)
+        with pytest.raises(TypeError) as new:
+            after(*args, **kwargs)
+        assert str(new.value) == str(old.value)
