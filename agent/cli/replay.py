@@ -16,7 +16,7 @@ import os
 import sys
 
 from agent.app.eventlog import LogFormatError, read_records
-from agent.app.replay import check, check_text, print_timeline
+from agent.app.replay import check, check_file, print_timeline
 from agent.common.errors import UsageError
 
 
@@ -82,17 +82,10 @@ def run_text(args) -> int:
 
 
 def _check_fast(path: str) -> str | None:
-    """--check on the log's text (:func:`agent.app.replay.check_text`), or
+    """--check on the log's text (:func:`agent.app.replay.check_file`), or
     None: then the records are read and checked the full way, which also
     names what is wrong with a log the fast path would not take."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    del data
-    return check_text(text)
+    return check_file(path)
 
 
 def run_visual(args) -> int:

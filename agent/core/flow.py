@@ -55,7 +55,9 @@ class Flow(Generic[P]):
 
         The reason is one line whatever QEMU put in an error text it quotes."""
         self.finished = Finish(code, " ".join(reason.splitlines()))
-        return [*(CancelTimer(name) for name in sorted(self._timers)), self.finished]
+        actions: list[Action] = [CancelTimer(name) for name in sorted(self._timers)]
+        actions.append(self.finished)
+        return actions
 
     def handle(self, event: Event) -> list[Action]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -81,14 +81,47 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
+# The states as module constants: an Enum member looked up on its class goes
+# through EnumType's __getattr__ hook (about 60 ns on Python 3.11, five times
+# a global), and the flow compares its state on every event.
+IDLE = State.IDLE
+QUERY_STATUS = State.QUERY_STATUS
+QUERY_SEV = State.QUERY_SEV
+MEASURE = State.MEASURE
+ASK_OWNER = State.ASK_OWNER
+INJECT = State.INJECT
+RESUME = State.RESUME
+CHECK_LAUNCHED = State.CHECK_LAUNCHED
+QUITTING = State.QUITTING
+DONE = State.DONE
+FAILED = State.FAILED
+
+
 WAITING_FOR = {
-    State.QUERY_STATUS: "the VM status",
-    State.QUERY_SEV: "query-sev",
-    State.MEASURE: "the launch measurement",
-    State.ASK_OWNER: "the guest owner",
-    State.INJECT: "the secret injection",
-    State.RESUME: "cont",
-    State.CHECK_LAUNCHED: "the launch measurement",
+    QUERY_STATUS: "the VM status",
+    QUERY_SEV: "query-sev",
+    MEASURE: "the launch measurement",
+    ASK_OWNER: "the guest owner",
+    INJECT: "the secret injection",
+    RESUME: "cont",
+    CHECK_LAUNCHED: "the launch measurement",
+}
+
+#: the state a command sent without one puts the flow in (_send)
+_STATE_AFTER = {
+    "query-status": QUERY_STATUS,
+    "query-sev": QUERY_SEV,
+    "query-sev-launch-measure": MEASURE,
+    "cont": RESUME,
+}
+#: the command a failure in each state names (_command_for_state)
+_COMMAND_OF = {
+    QUERY_STATUS: "query-status",
+    QUERY_SEV: "query-sev",
+    MEASURE: "query-sev-launch-measure",
+    INJECT: "sev-inject-launch-secret",
+    RESUME: "cont",
+    CHECK_LAUNCHED: "query-sev-launch-measure",
 }
 
 
@@ -112,7 +145,7 @@ class SevLaunchFlow(Flow[LaunchParams]):
 
     def __init__(self, params: LaunchParams) -> None:
         super().__init__(params)
-        self.state = State.IDLE
+        self.state = IDLE
         self.pending: str | None = None  # tag of the command we wait for
         self.sev: dict[str, Any] = {}
         self._failure: str | None = None
@@ -122,13 +155,23 @@ class SevLaunchFlow(Flow[LaunchParams]):
 
     # -- the happy path, step by step ----------------------------------------
     def handle(self, event: Event) -> list[Action]:
-        if self.state in (State.DONE, State.FAILED):
+        state = self.state
+        if state is DONE or state is FAILED:
             return []
+        # Most events are answers to our commands: those first, by exact
+        # type (events are final dataclasses), as the branch below takes them.
+        if type(event) is QmpReply:
+            if state is QUITTING:
+                return self._quitting(event)
+            if event.tag != self.pending:
+                return []  # a late answer to a command we no longer wait for
+            self.pending = None
+            return self._reply(event.result)
         if isinstance(event, Start):
             return [self.arm("deadline", self.params.timeout_s), *self._send("query-status")]
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)
-        if self.state is State.QUITTING:
+        if self.state is QUITTING:
             return self._quitting(event)
         if isinstance(event, TimerFired):
             return self._timer(event.name)
@@ -142,25 +185,25 @@ class SevLaunchFlow(Flow[LaunchParams]):
                 return self._qmp_error(event)
             return self._reply(event.result)
         if isinstance(event, (OwnerReleased, OwnerRefused, OwnerFailed)):
-            if self.state is not State.ASK_OWNER:
+            if self.state is not ASK_OWNER:
                 return []
             return self._owner(event)
         return []
 
     def _reply(self, result: Any) -> list[Action]:
-        if self.state is State.QUERY_STATUS:
+        if self.state is QUERY_STATUS:
             return self._on_status(result)
-        if self.state is State.QUERY_SEV:
+        if self.state is QUERY_SEV:
             return self._on_query_sev(result)
-        if self.state is State.MEASURE:
+        if self.state is MEASURE:
             return self._on_measurement(result)
-        if self.state is State.INJECT:
+        if self.state is INJECT:
             assert self._measurement is not None  # read before the owner was asked
             return [Log("info", "launch secret injected"), NoteLaunched(self._measurement), *self._send("cont")]
-        if self.state is State.CHECK_LAUNCHED:
+        if self.state is CHECK_LAUNCHED:
             return self._on_launched_measurement(result)
-        if self.state is State.RESUME:
-            self.state = State.DONE
+        if self.state is RESUME:
+            self.state = DONE
             return [
                 Log("info", "VM resumed after attestation"),
                 *self.finish(0, "launched: secret injected, VM running"),
@@ -194,7 +237,7 @@ class SevLaunchFlow(Flow[LaunchParams]):
             self._past_launch = True
             if self.params.launched is None or sev_state != "running":
                 return self._too_late({"sev_state": sev_state})
-            return self._send("query-sev-launch-measure", state=State.CHECK_LAUNCHED)
+            return self._send("query-sev-launch-measure", state=CHECK_LAUNCHED)
         self.sev = fields
         info = {
             "api": f"{fields['api-major']}.{fields['api-minor']}",
@@ -213,7 +256,7 @@ class SevLaunchFlow(Flow[LaunchParams]):
             blob = b""
         if len(blob) != MEASUREMENT_LEN:
             return self._fail(f"malformed launch measurement from QEMU (expected {MEASUREMENT_LEN} bytes, base64)")
-        self.state = State.ASK_OWNER
+        self.state = ASK_OWNER
         self._measurement = data
         request = SecretRequest(
             vm=self.params.vm,
@@ -242,12 +285,12 @@ class SevLaunchFlow(Flow[LaunchParams]):
 
         if len(blob) != MEASUREMENT_LEN or not hmac.compare_digest(blob, noted):
             return self._too_late({"noted_launch": "another launch"})
-        self.state = State.DONE
+        self.state = DONE
         reason = "already launched: a previous agent injected the verified secret, VM running"
         return [Log("info", reason), *self.finish(0, reason)]
 
     def _too_late(self, fields: dict[str, Any] | None = None) -> list[Action]:
-        self.state = State.FAILED
+        self.state = FAILED
         return [Log("error", TOO_LATE, fields or {}), *self.finish(1, TOO_LATE)]
 
     def _owner(self, event: OwnerReleased | OwnerRefused | OwnerFailed) -> list[Action]:
@@ -260,12 +303,12 @@ class SevLaunchFlow(Flow[LaunchParams]):
             args["gpa"] = event.gpa
         return [
             Log("info", "guest owner released the launch secret"),
-            *self._send("sev-inject-launch-secret", args, State.INJECT),
+            *self._send("sev-inject-launch-secret", args, INJECT),
         ]
 
     # -- everything else ----------------------------------------------------
     def _qmp_error(self, event: QmpError) -> list[Action]:
-        if self.state is State.MEASURE and event.error_class == "GenericError":
+        if self.state is MEASURE and event.error_class == "GenericError":
             # QEMU: "SEV launch measurement is not available" until LAUNCH_MEASURE.
             return [
                 Log("debug", "launch measurement not available yet, retrying", {"error": event.desc}),
@@ -274,7 +317,7 @@ class SevLaunchFlow(Flow[LaunchParams]):
         return self._fail(f"{self._command_for_state()} failed: {event.desc}")
 
     def _timer(self, name: str) -> list[Action]:
-        if name == "retry" and self.state is State.MEASURE and self.pending is None:
+        if name == "retry" and self.state is MEASURE and self.pending is None:
             return self._send("query-sev-launch-measure")
         if name == "deadline":
             what = WAITING_FOR.get(self.state, self.state.value)
@@ -283,10 +326,10 @@ class SevLaunchFlow(Flow[LaunchParams]):
 
     def _qmp_event(self, event: QmpEvent) -> list[Action]:
         if event.name == "SHUTDOWN":
-            self.state = State.FAILED
+            self.state = FAILED
             reason = "QEMU shut down before the launch completed"
             return [Log("error", reason), *self.finish(1, reason)]
-        if event.name == "RESUME" and self.state is not State.RESUME:
+        if event.name == "RESUME" and self.state is not RESUME:
             # Someone else ran the VM before it got its secret: never let it run.
             return self._fail("the VM was resumed by someone else before attestation", stop_first=True)
         return []
@@ -294,42 +337,27 @@ class SevLaunchFlow(Flow[LaunchParams]):
     def _send(self, command: str, args: dict[str, Any] | None = None, state: State | None = None) -> list[Action]:
         tag = self.next_tag(command)
         self.pending = tag
-        self.state = (
-            state
-            or {
-                "query-status": State.QUERY_STATUS,
-                "query-sev": State.QUERY_SEV,
-                "query-sev-launch-measure": State.MEASURE,
-                "cont": State.RESUME,
-            }[command]
-        )
+        self.state = state or _STATE_AFTER[command]
         return [SendQmp(tag, command, args or {})]
 
     def _command_for_state(self) -> str:
-        return {
-            State.QUERY_STATUS: "query-status",
-            State.QUERY_SEV: "query-sev",
-            State.MEASURE: "query-sev-launch-measure",
-            State.INJECT: "sev-inject-launch-secret",
-            State.RESUME: "cont",
-            State.CHECK_LAUNCHED: "query-sev-launch-measure",
-        }.get(self.state, self.state.value)
+        return _COMMAND_OF.get(self.state, self.state.value)
 
     def _fail(self, reason: str, stop_first: bool = False) -> list[Action]:
         """Refuse: one clear log line, then quit QEMU or leave it paused."""
         self._failure = reason
         if self._past_launch:  # the VM already ran: nothing to refuse, nothing to quit
-            self.state = State.FAILED
+            self.state = FAILED
             return [Log("error", reason), *self.finish(1, reason)]
         actions: list[Action] = [Log("error", reason, {"on_refusal": self.params.on_refusal})]
         if self.params.on_refusal == "quit":
-            self.state = State.QUITTING
+            self.state = QUITTING
             tag = self.next_tag("quit")
             self.pending = tag
             return [*actions, self.arm("quit", QUIT_GRACE_S), SendQmp(tag, "quit", {})]
         if stop_first:
             actions.append(SendQmp(self.next_tag("stop"), "stop", {}))
-        self.state = State.FAILED
+        self.state = FAILED
         return [*actions, *self.finish(1, f"{reason} (VM left paused)")]
 
     def _quitting(self, event: Event) -> list[Action]:
@@ -338,13 +366,13 @@ class SevLaunchFlow(Flow[LaunchParams]):
         )
         if not done:
             return []
-        self.state = State.FAILED
+        self.state = FAILED
         return self.finish(1, self._failure or "refused")
 
     def _lost(self, reason: str) -> list[Action]:
         was = self.state
-        self.state = State.FAILED
-        if was is State.QUITTING:
+        self.state = FAILED
+        if was is QUITTING:
             return self.finish(1, self._failure or "refused")
         what = WAITING_FOR.get(was, was.value)
         text = f"QMP connection lost while waiting for {what}"

@@ -93,6 +93,18 @@ class State(enum.Enum):
     DONE = "done"
 
 
+# The states as module constants: an Enum member looked up on its class goes
+# through EnumType's __getattr__ hook (about 60 ns on Python 3.11, five times
+# a global), and the flow compares its state on every event.
+WAIT_KEY = State.WAIT_KEY
+WRITE_KEY = State.WRITE_KEY
+SETUP = State.SETUP
+MIGRATING = State.MIGRATING
+CLEANUP = State.CLEANUP
+REPORT = State.REPORT
+DONE = State.DONE
+
+
 @dataclass(frozen=True)
 class MigrationParams:
     role: MigrationRole
@@ -136,7 +148,7 @@ class MigrationFlow(Flow[MigrationParams]):
 
     def __init__(self, params: MigrationParams) -> None:
         super().__init__(params)
-        self.state = State.WAIT_KEY
+        self.state = WAIT_KEY
         self._line: Secret | None = None  # keys.psk, until the shell has written it
         self.status = "none"  # QEMU's last MIGRATION status
         self.error = ""
@@ -166,8 +178,13 @@ class MigrationFlow(Flow[MigrationParams]):
             # it fed us anything else: the file is the line's only home now.
             self._line.wipe()
             self._line = None
-        if self.state is State.DONE:
+        if self.state is DONE:
             return self._late(event)
+        if type(event) is QmpEvent and self.state is not REPORT:
+            # Most events are QEMU's MIGRATION events: taken before the
+            # branches below (none of which takes them), by exact type
+            # (events are final dataclasses).
+            return self._qmp_event(event)
         if isinstance(event, Start):
             fields = {
                 "role": self.params.role,
@@ -177,22 +194,22 @@ class MigrationFlow(Flow[MigrationParams]):
             }
             return [Log("info", "migration prepared, waiting for the key", fields)]
         if isinstance(event, Adopted):
-            return self._adopt(event) if self.params.adopted and self.state is State.WAIT_KEY else []
-        if self.state is State.REPORT:
+            return self._adopt(event) if self.params.adopted and self.state is WAIT_KEY else []
+        if self.state is REPORT:
             return self._report_answer(event)
         if isinstance(event, QmpDisconnected):
             return self._lost(event.reason)
         if isinstance(event, ControlRequest):
             return self._control(event)
         if isinstance(event, KeyProvided):
-            if self.state is State.WAIT_KEY:
+            if self.state is WAIT_KEY:
                 return self._write_key(event.key)
             event.key.wipe()  # a key that came too late is nobody's
             return []
-        if isinstance(event, KeyDirReady) and self.state is State.WRITE_KEY:
+        if isinstance(event, KeyDirReady) and self.state is WRITE_KEY:
             self._dir = True
             return self._setup(event.path)
-        if isinstance(event, KeyDirFailed) and self.state is State.WRITE_KEY:
+        if isinstance(event, KeyDirFailed) and self.state is WRITE_KEY:
             self._dir = False  # the shell left nothing behind
             return self._abort(f"cannot write the PSK: {event.reason}")
         if isinstance(event, (QmpReply, QmpError)):
@@ -204,7 +221,7 @@ class MigrationFlow(Flow[MigrationParams]):
             if event.tag != self._pending:
                 return []
             self._pending = None
-            if self.state is State.CLEANUP:
+            if self.state is CLEANUP:
                 return self._cleanup_step(event)
             if isinstance(event, QmpError):
                 return self._abort(f"{self._last_command} failed: {event.desc}")
@@ -216,7 +233,7 @@ class MigrationFlow(Flow[MigrationParams]):
         return []
 
     def _write_key(self, psk: Secret) -> list[Action]:
-        self.state = State.WRITE_KEY
+        self.state = WRITE_KEY
         # The directory may exist from now on: an ending before KeyDirReady
         # (QMP lost, cancel) must remove it too.
         self._dir = True
@@ -228,7 +245,7 @@ class MigrationFlow(Flow[MigrationParams]):
         return [WriteKeyDir(KEY_DIR, files)]
 
     def _setup(self, key_dir: str) -> list[Action]:
-        self.state = State.SETUP
+        self.state = SETUP
         p = self.params
         creds = {
             "qom-type": "tls-creds-psk",
@@ -273,7 +290,7 @@ class MigrationFlow(Flow[MigrationParams]):
         if self._steps:
             return [*actions, *self._next_step()]
         # migrate / migrate-incoming accepted: the migration is under way.
-        self.state = State.MIGRATING
+        self.state = MIGRATING
         if not self.source:
             actions.append(self.arm("deadline", self.params.dest_deadline_s))
             self._deadline_live = True
@@ -306,7 +323,7 @@ class MigrationFlow(Flow[MigrationParams]):
         if event.status == "none" and not event.listening:
             # Killed during the setup, before migrate / migrate-incoming: nothing runs.
             return [*actions, *self._abort("the previous agent stopped before the migration started")]
-        self.state = State.MIGRATING
+        self.state = MIGRATING
         if not self.source and event.status in ("none", "setup"):
             # Not yet active: a wrong PSK would leave it waiting for ever.
             actions.append(self.arm("deadline", self.params.dest_deadline_s))
@@ -317,7 +334,7 @@ class MigrationFlow(Flow[MigrationParams]):
         return [*actions, SendQmp(self._follow_tag, "query-migrate", {})]
 
     def _followed(self, event: QmpReply | QmpError) -> list[Action]:
-        if self.state is not State.MIGRATING or not isinstance(event, QmpReply):
+        if self.state is not MIGRATING or not isinstance(event, QmpReply):
             return []
         status = event.result.get("status") if isinstance(event.result, dict) else None
         if not isinstance(status, str) or status == self.status:
@@ -346,7 +363,7 @@ class MigrationFlow(Flow[MigrationParams]):
             and self.source
             and self.params.postcopy
             and not self._postcopy_asked
-            and self.state is State.MIGRATING
+            and self.state is MIGRATING
         ):
             # Switch to postcopy at once: the destination runs the guest and
             # pulls the rest.  Its answer is not waited for: MIGRATION events
@@ -357,15 +374,15 @@ class MigrationFlow(Flow[MigrationParams]):
         # A final status counts once our migrate / migrate-incoming is out (it
         # may come before that command's answer); before, it can only be an
         # earlier migration's, and must not end (or "complete") this one.
-        started = self.state is State.MIGRATING or (
-            self.state is State.SETUP and self._last_command in ("migrate", "migrate-incoming")
+        started = self.state is MIGRATING or (
+            self.state is SETUP and self._last_command in ("migrate", "migrate-incoming")
         )
         if status in FINAL and started:
             return [*actions, *self._finish_with(status, "")]
         return actions  # every other status, known today or not, is progress
 
     def _deadline(self) -> list[Action]:
-        if self.state is not State.MIGRATING or not self._deadline_live:
+        if self.state is not MIGRATING or not self._deadline_live:
             return []
         return self._finish_with(
             "failed",
@@ -375,9 +392,9 @@ class MigrationFlow(Flow[MigrationParams]):
     def _control(self, event: ControlRequest) -> list[Action]:
         if event.verb != "cancel":
             return [ControlReply(event.req, 400, {"error": f"unknown verb {event.verb!r}"})]
-        if self.state is State.CLEANUP:
+        if self.state is CLEANUP:
             return [ControlReply(event.req, 200, {"status": "cancelling"})]
-        if self.source and self.state is State.MIGRATING:
+        if self.source and self.state is MIGRATING:
             self._cancel_req = event.req
             tag = self.next_tag("migrate_cancel")
             # Not a setup step: the answer only tells us QEMU took the request.
@@ -413,7 +430,7 @@ class MigrationFlow(Flow[MigrationParams]):
             self._cleanup.append(("migrate-set-parameters", {"tls-creds": ""}))
         if self._creds_added:
             self._cleanup.append(("object-del", {"id": self.params.creds_id}))
-        self.state = State.CLEANUP
+        self.state = CLEANUP
         if self._pending is not None:
             # A setup command is still out; its answer will drive the cleanup.
             self._leftover = self._last_command
@@ -457,14 +474,14 @@ class MigrationFlow(Flow[MigrationParams]):
     def _done(self) -> list[Action]:
         status = self.final_status or "failed"
         vm = self.params.mh_vm
-        if self.source and vm is not None and status in FINAL and self.state is not State.REPORT:
-            self.state = State.REPORT
+        if self.source and vm is not None and status in FINAL and self.state is not REPORT:
+            self.state = REPORT
             body = MhCompleteRequest(vm=vm, status=status).encode()
             return [
                 Log("info", "reporting the migration's end to the guest owner", body),
                 PostOwner(MH_COMPLETE_PATH, body),
             ]
-        self.state = State.DONE
+        self.state = DONE
         reason = self.error or f"migration {status}"
         fields: dict[str, Any] = {"status": status}
         if self.error:
@@ -508,7 +525,7 @@ class MigrationFlow(Flow[MigrationParams]):
         if self._dir:
             self._dir = False
             actions.append(RemoveKeyDir(KEY_DIR))
-        self.state = State.DONE
+        self.state = DONE
         return [
             *actions,
             Log("error", "migration finished", {"status": self.final_status, "error": self.error}),

@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from agent.app.eventlog import read_records
 from agent.app.replay import check, check_text
-from agent.common.errors import FlowFailed
-from agent.protocol.eventlog import FORMAT_VERSION
-
-TRACES = sorted((Path(__file__).parent.parent.parent / "fixtures" / "traces").glob("*.jsonl"))
-
-
-def current(trace: Path) -> list[dict]:
-    """The trace's records in the current format, as EventLog writes them now."""
-    records = list(read_records(str(trace)))
-    records[0] = {**records[0], "format": FORMAT_VERSION}
-    return records
-
-
-def text_of(records: list[dict]) -> str:
-    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-
-
-def full(records: list[dict]) -> str:
-    try:
-        return check(records)
-    except FlowFailed as exc:  # Divergence, UsageError
-        return f"{type(exc).__name__}: {exc.reason}"
+from tests.app.replay_logs import TRACES, current, full, interleaved, text_of
 
 
 def agree(records: list[dict], text: str | None = None) -> str | None:
@@ -120,3 +98,25 @@ def test_secrets_in_actions_compare_by_length_as_the_full_path_does():
     records = current(trace)
     assert any('"redacted"' in json.dumps(r.get("action")) for r in records)
     assert agree(records) == check(records)
+
+
+def test_an_action_met_again_is_compared_as_objects_with_the_same_verdict():
+    """The second flow's actions are texts met before: decoded once, compared as objects."""
+    for trace in TRACES:
+        records = interleaved([trace, trace])
+        assert agree(records) == full(records)
+
+
+def test_a_secret_in_an_action_met_again_compares_by_length_as_the_full_path_does():
+    trace = next(t for t in TRACES if t.stem == "migration-source-wrong-psk")
+    records = interleaved([trace, trace, trace])
+    assert agree(records) == full(records)
+
+
+def test_an_action_met_again_without_a_field_is_still_not_taken_as_equal():
+    records = interleaved([TRACES[0], TRACES[0]])
+    for i, r in enumerate(records):
+        if r["kind"] == "action" and r["action"]["type"] == "SendQmp":
+            records[i] = {**r, "action": {k: v for k, v in r["action"].items() if k != "args"}}
+    assert full(records).startswith("Divergence")
+    assert agree(records) is None
