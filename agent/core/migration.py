@@ -417,7 +417,7 @@ class MigrationFlow(Flow[MigrationParams]):
         self.final_status = status
         self.error = reason
         actions: list[Action] = []
-        if not self._replied:
+        if not self._replied and not (not reason and self._status_before_answer()):
             self._replied = True
             actions.append(ControlReply(self.params.reply_to, 500, {"error": reason or f"migration {status}"}))
         if self._dir:
@@ -437,6 +437,27 @@ class MigrationFlow(Flow[MigrationParams]):
             return actions
         return [*actions, *self._cleanup_next()]
 
+    def _status_before_answer(self) -> bool:
+        """QEMU's final status came while our migrate / migrate-incoming was
+        still out (its event may reach us before the command's answer).  The
+        request is answered by the command's answer, as it would have been
+        had the two come the other way round: accepted, "started" (the
+        status then tells the rest); refused, its error."""
+        return (
+            self.state is SETUP and self._pending is not None and self._last_command in ("migrate", "migrate-incoming")
+        )
+
+    def _answer_after_status(self, command: str, event: QmpReply | QmpError) -> list[Action]:
+        self._replied = True
+        if isinstance(event, QmpError):
+            self.error = f"{command} failed: {event.desc}"
+            return [ControlReply(self.params.reply_to, 500, {"error": self.error})]
+        word = "started" if self.source else "listening"
+        return [
+            Log("info", f"migration {word}", {"uri": self.params.uri}),
+            ControlReply(self.params.reply_to, 200, {"status": word}),
+        ]
+
     def _cleanup_next(self) -> list[Action]:
         if not self._cleanup:
             return self._done()
@@ -449,6 +470,8 @@ class MigrationFlow(Flow[MigrationParams]):
             # The answer to the setup command that was out when we decided to
             # stop: undo what it did, first.
             leftover, self._leftover = self._leftover, None
+            if not self._replied and leftover in ("migrate", "migrate-incoming"):
+                actions += self._answer_after_status(leftover, event)
             if ok and leftover == "object-add":
                 self._creds_added = True
                 self._cleanup.append(("object-del", {"id": self.params.creds_id}))
@@ -457,7 +480,7 @@ class MigrationFlow(Flow[MigrationParams]):
                 self._cleanup.insert(0, ("migrate-set-parameters", {"tls-creds": ""}))
             elif ok and leftover == "migrate" and self.final_status != "failed":
                 self._cleanup.insert(0, ("migrate_cancel", {}))
-            return self._cleanup_next()
+            return [*actions, *self._cleanup_next()]
         command = self._last_command
         if command == "query-migrate" and isinstance(event, QmpReply):
             desc = event.result.get("error-desc") if isinstance(event.result, dict) else None

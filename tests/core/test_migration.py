@@ -111,6 +111,53 @@ def test_source_failure_asks_qemu_for_its_error_text():
     assert out[-1] == Finish(1, "TLS handshake failed")
 
 
+def until_migrate(f):
+    """Up to the source's migrate sent and not yet answered."""
+    f.handle(KeyProvided("psk", Secret(bytes(range(32)))))
+    out = f.handle(KeyDirReady("tls", "/run/vm/key-tls-1"))
+    while cmds(out) != ["migrate"]:
+        (send,) = [a for a in out if isinstance(a, SendQmp)]
+        out = f.handle(QmpReply(send.tag, {}))
+    return out[-1]
+
+
+def test_a_failed_status_before_migrates_answer_leaves_the_request_to_that_answer():
+    """A wrong PSK fails the handshake at once: QEMU's MIGRATION "failed" may
+    reach us before the answer to migrate.  The request is answered as if
+    they came the other way round ("started"), the status tells the rest."""
+    f = flow("source")
+    migrate = until_migrate(f)
+    out = f.handle(QmpEvent("MIGRATION", {"status": "failed"}))
+    assert not any(isinstance(a, ControlReply) for a in out) and cmds(out) == []
+    out = answer_all(
+        f,
+        f.handle(QmpReply(migrate.tag, {})),
+        {"query-migrate": {"status": "failed", "error-desc": "TLS handshake failed"}},
+    )
+    assert [a for a in out if isinstance(a, ControlReply)] == [ControlReply("ctl-1", 200, {"status": "started"})]
+    assert cmds(out) == ["query-migrate", "migrate-set-parameters", "object-del"]
+    assert out[-1] == Finish(1, "TLS handshake failed") and f.result()["status"] == "failed"
+
+
+def test_a_failed_status_then_an_error_answer_to_migrate_answers_the_request_with_that_error():
+    """QEMU sets "failed" (the event) and then answers migrate with the error
+    when the connection fails at once (qmp_migrate: migrate_fd_error, then the error)."""
+    f = flow("source")
+    migrate = until_migrate(f)
+    f.handle(QmpEvent("MIGRATION", {"status": "failed"}))
+    out = answer_all(f, f.handle(QmpError(migrate.tag, "GenericError", "Connection refused")))
+    (reply,) = [a for a in out if isinstance(a, ControlReply)]
+    assert reply.status == 500 and reply.body == {"error": "migrate failed: Connection refused"}
+    assert out[-1].code == 1 and f.result()["status"] == "failed"
+
+
+def test_a_cancel_while_migrate_is_out_still_answers_the_start_request_at_once():
+    f = flow("source")
+    until_migrate(f)
+    out = f.handle(ControlRequest("ctl-2", "cancel", {}))
+    assert ControlReply("ctl-1", 500, {"error": "cancelled by request"}) in out
+
+
 def test_destination_deadline_tears_down():
     f = flow("destination")
     start(f)

@@ -270,7 +270,10 @@ class Machine:
             assert config.tik is not None and config.tek is not None  # __post_init__ checked them
             tik, tek = Secret(config.tik), Secret(config.tek)
         self._launch_keys = (tik, tek)
-        self._free_args: set[str] = set()  # QAPI commands with open members (object-add, ...)
+        self._free_args: set[str] = {"object-add"}  # QAPI commands with open members
+        #: the user-creatable objects (id -> qom-type) every QEMU has commands for: the
+        #: agent's master key and secret objects, the migration's TLS credentials
+        self.objects: dict[str, str] = {}
         self._new_launch()
         self.quit_requested = False
         if config.state == "running":
@@ -289,6 +292,9 @@ class Machine:
             ),
             "cont": _Command(self._cont, {}),
             "stop": _Command(self._stop, {}),
+            "object-add": _Command(self._object_add, {}),
+            "object-del": _Command(self._object_del, {"id": (_STR, True)}),
+            "qom-list": _Command(self._qom_list, {"path": (_STR, True)}),
             "quit": _Command(self._quit, {}),
             "x-sim-query-secrets": _Command(self._x_sim_query_secrets, {}),
             "x-sim-query-state": _Command(self._x_sim_query_state, {}),
@@ -520,8 +526,10 @@ class Machine:
 
     def _x_sim_reset(self, _args: dict) -> dict:
         # Not QEMU: the same VM again at -S, for benchmarks that launch many
-        # times without paying a new process (same session keys, new MNONCE).
+        # times without paying a new process (same session keys, new MNONCE,
+        # and no objects: a new QEMU has none).
         self._new_launch()
+        self.objects.clear()
         self._log.info("sim.reset")
         return {}
 
@@ -537,40 +545,7 @@ class Machine:
             "secret-visible": self.secret_visible,
         }
 
-    # -- SEV fast migration (--mh): the MH channel and a migration that carries its pages ----
-
-    def _add_mh_commands(self, vm: str) -> None:
-        from agent.tools.sim.mh import SimMh
-
-        self.mh = SimMh(vm, self.config.mh_secrets_out)
-        #: set by the QMP server: runs a migration coroutine (the stream is I/O)
-        self.spawn: Callable[[Any], None] = lambda coro: coro.close()
-        self.migration_status = "none"
-        self.migration_error: str | None = None
-        self.migration_cancelled = False
-        self.objects: dict[str, str] = {}
-        self.migrate_params: dict[str, Any] = {"tls-creds": ""}
-        self._incoming: Any = None  # the listening server of migrate-incoming
-        self._commands.update(
-            {
-                "x-mh-set-peer-key": _Command(
-                    lambda a: self.mh.set_peer_key(a["public-key"], a["tag"]),
-                    {"public-key": (_STR, True), "tag": (_STR, True)},
-                ),
-                "x-mh-query": _Command(lambda a: self.mh.query(), {}),
-                "object-add": _Command(self._object_add, {}),
-                "object-del": _Command(self._object_del, {"id": (_STR, True)}),
-                "migrate-set-capabilities": _Command(lambda a: {}, {}),
-                "migrate-set-parameters": _Command(self._migrate_set_parameters, {}),
-                "query-migrate-parameters": _Command(lambda a: dict(self.migrate_params), {}),
-                "query-migrate": _Command(self._query_migrate, {}),
-                "migrate": _Command(self._migrate, {"uri": (_STR, True)}),
-                "migrate-incoming": _Command(self._migrate_incoming, {"uri": (_STR, True)}),
-                "migrate_cancel": _Command(self._migrate_cancel, {}),
-            }
-        )
-        for name in ("object-add", "migrate-set-capabilities", "migrate-set-parameters"):
-            self._free_args.add(name)
+    # -- user-creatable objects: every QEMU has these commands ----
 
     def _object_add(self, args: dict) -> dict:
         oid, kind = args.get("id"), args.get("qom-type")
@@ -585,6 +560,47 @@ class Machine:
         if self.objects.pop(args["id"], None) is None:
             raise SimQmpError(f"object '{args['id']}' not found")
         return {}
+
+    def _qom_list(self, args: dict) -> list[dict[str, str]]:
+        """``qom-list /objects`` as QEMU answers it: the container's own
+        ``type`` property, then one ``child<TYPE>`` per object."""
+        if args["path"] != "/objects":
+            raise SimQmpError(f"Device '{args['path']}' not found")
+        return [{"name": "type", "type": "string"}] + [
+            {"name": oid, "type": f"child<{kind}>"} for oid, kind in self.objects.items()
+        ]
+
+    # -- SEV fast migration (--mh): the MH channel and a migration that carries its pages ----
+
+    def _add_mh_commands(self, vm: str) -> None:
+        from agent.tools.sim.mh import SimMh
+
+        self.mh = SimMh(vm, self.config.mh_secrets_out)
+        #: set by the QMP server: runs a migration coroutine (the stream is I/O)
+        self.spawn: Callable[[Any], None] = lambda coro: coro.close()
+        self.migration_status = "none"
+        self.migration_error: str | None = None
+        self.migration_cancelled = False
+        self.migrate_params: dict[str, Any] = {"tls-creds": ""}
+        self._incoming: Any = None  # the listening server of migrate-incoming
+        self._commands.update(
+            {
+                "x-mh-set-peer-key": _Command(
+                    lambda a: self.mh.set_peer_key(a["public-key"], a["tag"]),
+                    {"public-key": (_STR, True), "tag": (_STR, True)},
+                ),
+                "x-mh-query": _Command(lambda a: self.mh.query(), {}),
+                "migrate-set-capabilities": _Command(lambda a: {}, {}),
+                "migrate-set-parameters": _Command(self._migrate_set_parameters, {}),
+                "query-migrate-parameters": _Command(lambda a: dict(self.migrate_params), {}),
+                "query-migrate": _Command(self._query_migrate, {}),
+                "migrate": _Command(self._migrate, {"uri": (_STR, True)}),
+                "migrate-incoming": _Command(self._migrate_incoming, {"uri": (_STR, True)}),
+                "migrate_cancel": _Command(self._migrate_cancel, {}),
+            }
+        )
+        for name in ("migrate-set-capabilities", "migrate-set-parameters"):
+            self._free_args.add(name)
 
     def _migrate_set_parameters(self, args: dict) -> dict:
         self.migrate_params.update(args)

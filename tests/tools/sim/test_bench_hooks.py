@@ -35,6 +35,15 @@ async def test_reset_holds_the_vm_at_prelaunch_again_with_a_fresh_mnonce(sim, cl
     assert sim.status == "running" and not sim.cont_before_secret
 
 
+async def test_reset_is_a_new_qemu_without_the_objects_of_the_last(client):
+    """A bench round's agent must find what a fresh QEMU holds: no master key."""
+    key = {"qom-type": "secret", "id": "keyagent-master", "data": "AAAA"}
+    assert await _cmd(client, "object-add", key) == {"return": {}}
+    assert await _cmd(client, "x-sim-reset") == {"return": {}}
+    assert (await _cmd(client, "qom-list", {"path": "/objects"}))["return"] == [{"name": "type", "type": "string"}]
+    assert await _cmd(client, "object-add", key) == {"return": {}}
+
+
 async def test_query_clients_shows_when_each_connection_negotiated_and_resumed(sim, client):
     before = time.monotonic()
     other = await RawClient.connect(sim.path)

@@ -76,7 +76,7 @@ def test_a_page_changed_on_the_way_does_not_open():
 def test_migration_commands_exist_only_with_mh():
     plain = Machine(SimConfig(tik=TIK, tek=TEK))
     with_mh = Machine(SimConfig(tik=TIK, tek=TEK, mh_vm="vm1"))
-    for name in ("x-mh-set-peer-key", "x-mh-query", "migrate", "migrate-incoming", "object-add"):
+    for name in ("x-mh-set-peer-key", "x-mh-query", "migrate", "migrate-incoming"):
         assert with_mh.has_command(name) and not plain.has_command(name)
     with pytest.raises(SimQmpError, match="Invalid migration URI"):
         with_mh.execute("migrate", {"uri": "exec:cat"})

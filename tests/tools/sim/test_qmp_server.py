@@ -288,6 +288,20 @@ async def test_query_commands_lists_the_sev_commands(client):
     assert {"qmp_capabilities", "query-sev", "sev-inject-launch-secret", "cont", "quit", "x-sim-query-secrets"} <= names
 
 
+async def test_objects_are_added_listed_and_deleted_as_qemu_does_without_mh(client):
+    """Every QEMU has object-add: the agent's master key reaches a plain SEV VM too."""
+    key = {"qom-type": "secret", "id": "keyagent-master", "data": "AAAA", "format": "base64"}
+    assert await client.cmd("object-add", key) == {"return": {}}
+    again = await client.cmd("object-add", key)
+    assert "duplicate property 'keyagent-master'" in again["error"]["desc"]
+    listed = (await client.cmd("qom-list", {"path": "/objects"}))["return"]
+    assert listed == [{"name": "type", "type": "string"}, {"name": "keyagent-master", "type": "child<secret>"}]
+    assert "not found" in (await client.cmd("qom-list", {"path": "/machine/nothing"}))["error"]["desc"]
+    assert await client.cmd("object-del", {"id": "keyagent-master"}) == {"return": {}}
+    assert "not found" in (await client.cmd("object-del", {"id": "keyagent-master"}))["error"]["desc"]
+    assert (await client.cmd("qom-list", {"path": "/objects"}))["return"] == [{"name": "type", "type": "string"}]
+
+
 # -- injection ------------------------------------------------------------
 
 
