@@ -619,15 +619,7 @@ def check(records: list[dict]) -> str:
     parameters or events a flow cannot take."""
     run = _Check()
     for r in records:
-        kind = r["kind"]
-        if kind == "flow":
-            run.flow(r, _flow_id(r))
-        elif kind == "event":
-            run.event(r, _flow_id(r))
-        elif kind == "action":
-            run.action(r, _flow_id(r))
-        elif kind == "exit":
-            run.ended = True
+        _apply(run, r)
     return run.summary()
 
 

@@ -20,6 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.leakscan import LeakScan
 
 KEYAGENT = [sys.executable, "-m", "agent.cli"]
 DIGEST = hashlib.sha256(b"keyagent-e2e-firmware").digest()
@@ -285,6 +289,13 @@ class StandInOwner:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def scan_launch_secrets(scan: LeakScan, world: World) -> None:
+    """The secrets of every SEV launch test: the disk passphrase, the VM's TIK and TEK."""
+    scan.secret("disk passphrase", DISK_PASS)
+    scan.secret("TIK", world.tik)
+    scan.secret("TEK", world.tek)
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from tests.e2e.harness import (
     ctl_json,
     free_port,
     leak_checked,
+    scan_launch_secrets,
     wait_for,
 )
 
@@ -245,9 +246,7 @@ class Crash:
 def crash(request, tmp_path):
     w = World(tmp_path)
     with leak_checked(w, files=EVENT_LOGS) as scan:
-        scan.secret("disk passphrase", DISK_PASS)
-        scan.secret("TIK", w.tik)
-        scan.secret("TEK", w.tek)
+        scan_launch_secrets(scan, w)
         c = Crash(w, session=request.param)
         yield c
         c.assert_no_key_material_left()

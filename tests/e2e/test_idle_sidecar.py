@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.e2e.harness import DISK_PASS, Proc, World, ctl, ctl_json, leak_checked, wait_for
+from tests.e2e.harness import Proc, World, ctl, ctl_json, leak_checked, scan_launch_secrets, wait_for
 
 # module -> why an idle sidecar (launched, control socket up, no host keys) does without it
 NOT_HELD_WHEN_IDLE = {
@@ -54,9 +54,7 @@ sys.exit(main(sys.argv[1:]))
 def world(tmp_path):
     w = World(tmp_path)
     with leak_checked(w) as scan:
-        scan.secret("disk passphrase", DISK_PASS)
-        scan.secret("TIK", w.tik)
-        scan.secret("TEK", w.tek)
+        scan_launch_secrets(scan, w)
         yield w
 
 

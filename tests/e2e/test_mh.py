@@ -23,7 +23,6 @@ import pytest
 
 from tests.e2e.harness import (
     DIGEST,
-    DISK_PASS,
     KEYAGENT,
     World,
     ctl,
@@ -31,6 +30,7 @@ from tests.e2e.harness import (
     free_port,
     leak_checked,
     qmp_once,
+    scan_launch_secrets,
     wait_for,
 )
 
@@ -149,9 +149,7 @@ def world(tmp_path):
     runs = ("src-run", "dst-run", "next-run")
     events = ("src-events.jsonl", "dst-events.jsonl", "next-events.jsonl", "owner.toml")
     with leak_checked(w, dirs=runs, files=events) as scan:
-        scan.secret("disk passphrase", DISK_PASS)
-        scan.secret("TIK", w.tik)
-        scan.secret("TEK", w.tek)
+        scan_launch_secrets(scan, w)
         yield w
         # registered at the end: the simulators wrote them while the test ran
         for path in sorted(tmp_path.glob("*-mh-keys.json")):

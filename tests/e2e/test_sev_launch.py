@@ -13,16 +13,23 @@ import os
 
 import pytest
 
-from tests.e2e.harness import DISK_PASS, LUKS_GUID, StandInOwner, World, free_port, leak_checked, wait_for
+from tests.e2e.harness import (
+    DISK_PASS,
+    LUKS_GUID,
+    StandInOwner,
+    World,
+    free_port,
+    leak_checked,
+    scan_launch_secrets,
+    wait_for,
+)
 
 
 @pytest.fixture
 def world(tmp_path):
     w = World(tmp_path)
     with leak_checked(w) as scan:
-        scan.secret("disk passphrase", DISK_PASS)
-        scan.secret("TIK", w.tik)
-        scan.secret("TEK", w.tek)
+        scan_launch_secrets(scan, w)
         yield w
 
 
