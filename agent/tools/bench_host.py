@@ -375,7 +375,9 @@ def notes(key: str, d: dict) -> str:
     if key == "host_density_ratio":
         return (
             f"{d['vms']} VMs, {d['rounds']} round(s): host p99 {med(d['host_p99_ms']):.0f} ms / floor p99 "
-            f"{med(d['floor_p99_ms']):.0f} ms (host ready->connect p99 "
+            f"{med(d['floor_p99_ms']):.0f} ms"
+            + (f" (with duties {med(d['floor_duties_p99_ms']):.0f})" if d.get("floor_duties_p99_ms") else "")
+            + " (host ready->connect p99 "
             f"{d['host_ms']['ready_to_connect']['p99']:.0f} ms, owner round trip p99 "
             f"{d['host_ms']['owner_round_trip']['p99']:.0f} ms)"
         )
@@ -387,5 +389,10 @@ def notes(key: str, d: dict) -> str:
         return (
             f"{c['with_settle']:.0f} ms CPU for {d['vms']} launches ({c['to_last_cont']:.0f} ms by the last cont); "
             f"the floor's {med(d['floor_cpu_ms_per_launch']):.2f} ms per launch"
+            + (
+                f", {med(d['floor_duties_cpu_ms_per_launch']):.2f} with the agent's duties"
+                if d.get("floor_duties_cpu_ms_per_launch")
+                else ""
+            )
         )
     return ""
