@@ -199,7 +199,7 @@ def test_the_floor_with_duties_does_each_vms_duties_and_holds_them_until_sigterm
 def test_the_floors_log_lines_go_out_with_each_live_secrets_hex_form_redacted(capsys):
     from agent.tools.hostfloor import DutyVm
 
-    vm = DutyVm("/nonexistent/vm-007.toml", keyring=None, pool=None)  # type: ignore[arg-type]
+    vm = DutyVm("/nonexistent/vm-007.toml", keyring=None, off_loop=None)  # type: ignore[arg-type]
     key = bytes(range(32))
     vm.forms.append(key.hex())
     vm.log("a line", error=f"QEMU said {key.hex()} twice: {key.hex()}")
@@ -225,3 +225,29 @@ def test_a_smoke_run_of_the_host_keys_reports_all_four():
     details = report["details"]["host"]
     assert details["vms"] == 3 and details["host_exit"] == [0]
     assert details["v1_vms"] == {"status": 200, "states": {"running:0": 3}}
+
+
+def test_the_floors_batches_run_one_turns_calls_as_jobs_of_eight_and_fail_only_the_failing_call():
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.tools.hostfloor import Batches
+
+    def where(i: int) -> tuple[int, int]:
+        if i == 5:
+            raise OSError("disk full")
+        return i, threading.get_ident()
+
+    async def main():
+        with ThreadPoolExecutor(4) as pool:
+            batches = Batches(pool)
+            return await asyncio.gather(*(batches.call(where, i) for i in range(20)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert isinstance(out[5], OSError) and [r[0] for i, r in enumerate(out) if i != 5] == [
+        i for i in range(20) if i != 5
+    ]
+    threads = [r[1] for i, r in enumerate(out) if i != 5]
+    for job in (threads[0:7], threads[7:15], threads[15:19]):  # calls 0-7, 8-15, 16-19: one thread each
+        assert len(set(job)) == 1
