@@ -2,13 +2,16 @@
 
 Everything runs against one ``keyagent simulate --vms N`` process (N
 simulated QEMUs, one socket each) and one ``keyagent owner serve``, so that
-neither N simulators nor N owners are measured.  Two rounds, on the same VMs:
+neither N simulators nor N owners are measured.  Each round, on the same VMs:
 
 1. the floor, :mod:`agent.tools.hostfloor`: one bare qemu.qmp process, started
    and imported beforehand, told "go" on stdin, launches every VM at once;
 2. ``x-sim-reset`` holds every VM at ``-S`` again (same keys, new MNONCE);
 3. ``keyagent host --config-dir DIR``, started with DIR empty and settled;
-   then every VM's config file is renamed into DIR at once.
+   then every VM's config file is renamed into DIR at once;
+4. the floor with the agent's per-VM duties (``hostfloor --duties``), run
+   and timed as the floor is, first, in the middle or last in turn: it is in
+   the details only (``floor_duties_cpu_ms_per_launch``, ``floor_duties_p99_ms``).
 
 "QEMU ready" is the moment of "go" (floor) or of the first rename (host):
 every simulated QEMU is listening by then.  Each VM's time to ``cont`` is
@@ -189,15 +192,22 @@ def _write_configs(ctx: Ctx, names: list[str], paths: list[str], owner_url: str)
     return moves
 
 
-async def _floor_round(ctx: Ctx, vms: _Vms, names: list[str], qmp_dir: str, owner_url: str) -> dict:
-    """One launch of every VM by the floor; the latencies."""
+async def _floor_round(
+    ctx: Ctx, vms: _Vms, names: list[str], qmp_dir: str, owner_url: str, duties: str | None = None
+) -> dict:
+    """One launch of every VM by the floor (with ``duties``, a directory: the
+    floor with the agent's per-VM duties, ``hostfloor --duties``); the latencies."""
     n = len(names)
     argv = [sys.executable, "-m", "agent.tools.hostfloor", "--qmp-dir", qmp_dir, "--vms", str(n)]
+    what = "host-floor" if duties is None else "host-floor-duties"
     floor = await ctx.spawn(
-        "host-floor", [*argv, "--owner-url", owner_url], stdout=subprocess.PIPE, stdin=subprocess.PIPE
+        what,
+        [*argv, "--owner-url", owner_url, *(["--duties", duties] if duties is not None else [])],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
     )
     try:
-        await ctx.ready_line(floor, "host-floor")
+        await ctx.ready_line(floor, what)
         await asyncio.sleep(_SETTLE_S)
         waits = vms.watch()
         cpu0 = cpu_ms(floor.pid)
@@ -205,11 +215,11 @@ async def _floor_round(ctx: Ctx, vms: _Vms, names: list[str], qmp_dir: str, owne
         assert floor.stdin is not None  # spawned with stdin=PIPE
         floor.stdin.write(b"go\n")
         await floor.stdin.drain()
-        await _wait_all(waits, n, "floor", ctx)
+        await _wait_all(waits, n, what, ctx)
         cpu = cpu_ms(floor.pid) - cpu0
-        out = await ctx.ready_line(floor, "host-floor")
+        out = await ctx.ready_line(floor, what)
         if out["failed"]:
-            raise BenchError(f"floor: {len(out['failed'])} VMs failed, e.g. {next(iter(out['failed'].values()))}")
+            raise BenchError(f"{what}: {len(out['failed'])} VMs failed, e.g. {next(iter(out['failed'].values()))}")
         lat = _latencies(await vms.stamps(names), t0)
         lat["own"] = list(out["launched_ms"].values())
         return {"lat": lat, "cpu_ms": cpu}
@@ -280,6 +290,7 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
     vms: _Vms | None = None
     floors: list[dict] = []
     hosts: list[dict] = []
+    duties: list[dict] = []  # the floor with the agent's per-VM duties (hostfloor --duties)
     try:
         argv = ["simulate", "--vms", str(n), "--qmp-dir", qmp_dir, "--keys-out", keys_dir, "--log-level", "warning"]
         sim = await ctx.spawn("host-sim", [*ctx.keyagent, *argv], stdout=subprocess.PIPE)
@@ -290,15 +301,19 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
         await vms.open()
         moves = _write_configs(ctx, names, paths, owner_url)
         for rnd in range(rounds):
-            for side in ("floor", "host") if rnd % 2 == 0 else ("host", "floor"):
+            sides = ["floor", "host"] if rnd % 2 == 0 else ["host", "floor"]
+            sides.insert(rnd % 3, "duties")  # floor and host in their order; duties first, middle, last
+            for side in sides:
                 others = (cpu_ms(sim.pid), cpu_ms(owner.pid))
                 if side == "floor":
                     floors.append(await _floor_round(ctx, vms, names, qmp_dir, owner_url))
+                elif side == "duties":
+                    duties.append(await _floor_round(ctx, vms, names, qmp_dir, owner_url, ctx.path("host-duties")))
                 else:
                     hosts.append(await _host_round(ctx, vms, names, moves, rnd))
                 # what the simulator and the owner spent meanwhile (settling included):
                 # they share the cores with the side measured
-                (floors if side == "floor" else hosts)[-1]["others_cpu_ms"] = (
+                {"floor": floors, "duties": duties, "host": hosts}[side][-1]["others_cpu_ms"] = (
                     cpu_ms(sim.pid) - others[0],
                     cpu_ms(owner.pid) - others[1],
                 )
@@ -330,9 +345,16 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
             # the floor's own CPU time over the same launches / N: what Python, qemu.qmp
             # and h11 cost at the least (from its go to the last RESUME)
             "floor_cpu_ms_per_launch": [_r(f["cpu_ms"] / n, 3) for f in floors],
+            # the floor with the agent's per-VM duties done barely (hostfloor --duties: config,
+            # run_dir lock and sweep, qom-list, control socket, master key via the keyring,
+            # launch note, the host's log lines), measured as the floor is: what a perfect
+            # implementation of keyagent host could reach
+            "floor_duties_cpu_ms_per_launch": [_r(f["cpu_ms"] / n, 3) for f in duties],
+            "floor_duties_p99_ms": [_r(percentile(f["lat"]["ready_to_cont"], 99), 1) for f in duties],
             "sim_owner_cpu_ms_per_launch": {
                 "with_floor": [[_r(x / n, 3) for x in f["others_cpu_ms"]] for f in floors],
                 "with_host": [[_r(x / n, 3) for x in h["others_cpu_ms"]] for h in hosts],
+                "with_duties": [[_r(x / n, 3) for x in f["others_cpu_ms"]] for f in duties],
             },
             # the first round of each, in full
             "host_ms": {k: _summary(v) for k, v in first["lat"].items()},
@@ -353,7 +375,9 @@ def notes(key: str, d: dict) -> str:
     if key == "host_density_ratio":
         return (
             f"{d['vms']} VMs, {d['rounds']} round(s): host p99 {med(d['host_p99_ms']):.0f} ms / floor p99 "
-            f"{med(d['floor_p99_ms']):.0f} ms (host ready->connect p99 "
+            f"{med(d['floor_p99_ms']):.0f} ms"
+            + (f" (with duties {med(d['floor_duties_p99_ms']):.0f})" if d.get("floor_duties_p99_ms") else "")
+            + " (host ready->connect p99 "
             f"{d['host_ms']['ready_to_connect']['p99']:.0f} ms, owner round trip p99 "
             f"{d['host_ms']['owner_round_trip']['p99']:.0f} ms)"
         )
@@ -365,5 +389,10 @@ def notes(key: str, d: dict) -> str:
         return (
             f"{c['with_settle']:.0f} ms CPU for {d['vms']} launches ({c['to_last_cont']:.0f} ms by the last cont); "
             f"the floor's {med(d['floor_cpu_ms_per_launch']):.2f} ms per launch"
+            + (
+                f", {med(d['floor_duties_cpu_ms_per_launch']):.2f} with the agent's duties"
+                if d.get("floor_duties_cpu_ms_per_launch")
+                else ""
+            )
         )
     return ""

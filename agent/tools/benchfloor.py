@@ -48,17 +48,29 @@ def _post_json(url: str, body: dict, timeout: float) -> tuple[int, dict]:
         conn.close()
 
 
-async def sev_launch(client: QMPClient, vm: str, post: Callable[[dict], Awaitable[tuple[int, Any]]]) -> str | None:
+#: ``duty(step, data)``, awaited at each step of :func:`sev_launch` where the
+#: agent does something besides QMP and HTTP (a log line, the launch note):
+#: "sev" (query-sev's answer), "asking", "released" (the owner's answer),
+#: "injected", "cont" (the measurement: before ``cont``), "resumed"
+Duty = Callable[[str, Any], Awaitable[None]]
+
+
+async def sev_launch(
+    client: QMPClient, vm: str, post: Callable[[dict], Awaitable[tuple[int, Any]]], duty: Duty | None = None
+) -> str | None:
     """query-status, query-sev, query-sev-launch-measure, ``post`` (the owner's
     POST /v1/secret), sev-inject-launch-secret, cont on a connected client:
     the agent's SEV launch with nothing around it.  None once ``cont`` is
     answered, or why it stopped (a refused launch quits the VM, as the agent
     does); anything unexpected raises.  Both floors run it: this module's
-    :func:`bare_launch` and :mod:`agent.tools.hostfloor`."""
+    :func:`bare_launch` and :mod:`agent.tools.hostfloor` (whose ``--duties``
+    passes ``duty``: the agent's per-VM duties, done barely)."""
     status: Any = await client.execute("query-status")
     if status["status"] not in ("prelaunch", "paused"):
         return f"status {status['status']}"
     sev: Any = await client.execute("query-sev")
+    if duty is not None:
+        await duty("sev", sev)
     while True:  # the simulator measures at once; QEMU may need a moment
         try:
             measure: Any = await client.execute("query-sev-launch-measure")
@@ -73,15 +85,24 @@ async def sev_launch(client: QMPClient, vm: str, post: Callable[[dict], Awaitabl
         "build_id": sev["build-id"],
         "policy": sev["policy"],
     }
+    if duty is not None:
+        await duty("asking", None)
     code, answer = await post(body)
     if code != 200:
         await client.execute("quit")
         return f"owner answered {code}"
+    if duty is not None:
+        await duty("released", answer)
     args = {"packet-header": answer["packet_header"], "secret": answer["secret"]}
     if answer.get("gpa") is not None:
         args["gpa"] = answer["gpa"]
     await client.execute("sev-inject-launch-secret", args)
+    if duty is not None:
+        await duty("injected", None)
+        await duty("cont", measure["data"])
     await client.execute("cont")
+    if duty is not None:
+        await duty("resumed", None)
     return None
 
 
