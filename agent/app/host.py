@@ -123,13 +123,21 @@ def _is_file(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _digest(path: str) -> bytes | None:
+def _read(path: str) -> bytes | None:
+    """The file's bytes, or None when it cannot be read (load_config then
+    reads it itself and says why, in its own words)."""
     from agent.io.files import read_regular_file
 
     try:
-        return hashlib.sha256(read_regular_file(path, "config", MAX_CONFIG_FILE)).digest()
+        return read_regular_file(path, "config", MAX_CONFIG_FILE)
     except (OSError, UsageError):
         return None
+
+
+def _digest(path: str, data: bytes | None = None) -> bytes | None:
+    if data is None:
+        data = _read(path)
+    return None if data is None else hashlib.sha256(data).digest()
 
 
 SidecarFactory = Callable[[Config, SidecarOptions, "dict[tuple[str, str], Any]"], Sidecar]
@@ -194,9 +202,10 @@ class Host:
     # -- one VM -------------------------------------------------------------------
     def _start(self, file: str) -> None:
         path = self._path(file)
-        vm = self.vms[file] = Vm(file=file, digest=_digest(path), name=file.removesuffix(".toml"))
+        data = _read(path)  # read once: its digest is of the bytes the VM is configured from
+        vm = self.vms[file] = Vm(file=file, digest=_digest(path, data), name=file.removesuffix(".toml"))
         try:
-            cfg, extras = self._load(file)
+            cfg, extras = self._load(file, data)
             vm.name = cfg.vm_name
             self._check_name_free(vm)
             opts = self._sidecar_options(cfg, extras)
@@ -210,9 +219,9 @@ class Host:
         self.log.info("VM starting", vm=vm.name, config=file)
         vm.task = asyncio.ensure_future(self._run_vm(vm))
 
-    def _load(self, file: str) -> tuple[Config, dict[tuple[str, str], Any]]:
+    def _load(self, file: str, data: bytes | None = None) -> tuple[Config, dict[tuple[str, str], Any]]:
         extras: dict[tuple[str, str], Any] = dict.fromkeys(HOST_KEYS)
-        cfg = load_config(self._path(file), None, extras)
+        cfg = load_config(self._path(file), None, extras, data=data)
         if extras[("vm", "name")] is None:  # no [vm] name: the file's name
             from agent.app.config import KEYS
 

@@ -128,6 +128,25 @@ async def test_one_scan_lists_the_keyring_once_for_every_vm_it_starts(tmp_path, 
     await host.stop_all("SIGTERM")
 
 
+async def test_a_vm_is_configured_from_the_bytes_its_digest_was_taken_of_read_once(tmp_path, conf, monkeypatch):
+    import hashlib
+
+    from agent.io import files
+
+    reads = []
+    real = files.read_regular_file
+    monkeypatch.setattr(files, "read_regular_file", lambda path, *a: reads.append(path) or real(path, *a))
+    made = Made()
+    host = Host(HostOptions(str(conf)), make_sidecar=made)
+    text = vm_toml(tmp_path, "a")
+    write(conf, "a.toml", text)
+    host.scan()
+    assert reads == [str(conf / "a.toml")]
+    assert host.vms["a.toml"].digest == hashlib.sha256(text.encode()).digest()
+    assert made["a"].cfg.source == str(conf / "a.toml")
+    await host.stop_all("SIGTERM")
+
+
 async def test_a_changed_file_is_taken_only_on_reload(tmp_path, conf):
     made = Made()
     host = Host(HostOptions(str(conf)), make_sidecar=made)
