@@ -184,7 +184,9 @@ class QmpConnection:
         last: Exception | None = None
         while True:
             try:
-                await asyncio.wait_for(self.client.connect(path), max(0.1, deadline - loop.time()))
+                # a deadline on this task, not wait_for's task per attempt (one per VM under keyagent host)
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    await self.client.connect(path)
                 return
             except (TimeoutError, ConnectError, StateError) as exc:
                 # ConnectError wraps what the attempt met (no socket yet,
