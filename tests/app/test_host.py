@@ -429,6 +429,24 @@ async def test_sigterm_ends_the_host_with_0_after_every_vm_and_sighup_rereads(tm
     assert not control.exists()
 
 
+async def test_while_a_host_runs_the_collector_waits_for_more_allocations_and_is_python_s_own_after(tmp_path, conf):
+    import gc
+
+    from agent.app.host import HOST_GC_THRESHOLD0
+
+    before = gc.get_threshold()
+    host = Host(HostOptions(str(conf), poll_s=0.05), make_sidecar=Made())
+    run = asyncio.ensure_future(host.run())
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if host.scanned:
+            break
+    assert gc.get_threshold() == (HOST_GC_THRESHOLD0, *before[1:])
+    host.on_signal("SIGTERM")
+    assert await asyncio.wait_for(run, 5) == 0
+    assert gc.get_threshold() == before
+
+
 # -- bad host arguments ----------------------------------------------------------------
 
 
