@@ -77,6 +77,12 @@ def describe(msg: Mapping[str, Any]) -> str:
         return "<unprintable message>"
 
 
+#: qemu.qmp's ``_execute(msg, assign_id=True)`` (there since QEMU's aqmp, so
+#: in every qemu.qmp release): the one private method the lean ``execute``
+#: below needs; a release without it gets the library's own ``execute``
+_LEAN_EXECUTE = callable(getattr(QMPClient, "_execute", None))
+
+
 class RedactingQMPClient(QMPClient):
     """QMPClient whose DEBUG message log is redacted at the source."""
 
@@ -101,7 +107,7 @@ class RedactingQMPClient(QMPClient):
         docs/hostbench.md).  The same bytes reach QEMU (keys in the same
         order: execute, arguments, id) and the same exceptions come back: a
         client not running, or out-of-band, takes the library's own path."""
-        if oob or self.runstate is not Runstate.RUNNING:
+        if oob or self.runstate is not Runstate.RUNNING or not _LEAN_EXECUTE:
             return await super().execute(cmd, arguments, oob=oob)
         body: dict[str, object] = {"execute": cmd}
         if arguments is not None:
