@@ -438,13 +438,20 @@ def _resolve_path(base: str, value: str) -> str:
 
 
 def load_config(
-    path: str | None, flags: dict[str, Any] | None = None, extras: dict[tuple[str, str], Any] | None = None
+    path: str | None,
+    flags: dict[str, Any] | None = None,
+    extras: dict[tuple[str, str], Any] | None = None,
+    *,
+    data: bytes | None = None,
 ) -> Config:
     """The file's settings, overridden by ``flags``.
 
     ``extras`` (``keyagent host``): ``{(section, name): None}`` of keys the
     caller reads itself; each one the file gives is stored there (a key
     outside the schema must then be a non-empty string, and is not refused).
+    ``data``: the file's bytes, already read by the caller (``keyagent host``
+    digests the same bytes); ``path`` still names it and places its
+    relative paths.
     """
     values = {(k.section, k.name): k.default for k in SCHEMA}
     present: set[str] = set()
@@ -454,7 +461,8 @@ def load_config(
         from agent.io.files import read_regular_file
 
         try:
-            data = tomllib.loads(read_regular_file(path, "config", MAX_CONFIG_FILE).decode())
+            raw = data if data is not None else read_regular_file(path, "config", MAX_CONFIG_FILE)
+            parsed = tomllib.loads(raw.decode())
         except OSError as exc:
             raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
@@ -465,7 +473,7 @@ def load_config(
             raise UsageError(f"invalid TOML in {path}: nested too deeply") from None
         base = os.path.dirname(os.path.abspath(path))
         where = f"{path}: "
-        for section, table in data.items():
+        for section, table in parsed.items():
             if section not in SECTIONS:
                 raise UsageError(f"{where}unknown section [{section}]")
             if not isinstance(table, dict):

@@ -128,6 +128,25 @@ async def test_one_scan_lists_the_keyring_once_for_every_vm_it_starts(tmp_path, 
     await host.stop_all("SIGTERM")
 
 
+async def test_a_vm_is_configured_from_the_bytes_its_digest_was_taken_of_read_once(tmp_path, conf, monkeypatch):
+    import hashlib
+
+    from agent.io import files
+
+    reads = []
+    real = files.read_regular_file
+    monkeypatch.setattr(files, "read_regular_file", lambda path, *a: reads.append(path) or real(path, *a))
+    made = Made()
+    host = Host(HostOptions(str(conf)), make_sidecar=made)
+    text = vm_toml(tmp_path, "a")
+    write(conf, "a.toml", text)
+    host.scan()
+    assert reads == [str(conf / "a.toml")]
+    assert host.vms["a.toml"].digest == hashlib.sha256(text.encode()).digest()
+    assert made["a"].cfg.source == str(conf / "a.toml")
+    await host.stop_all("SIGTERM")
+
+
 async def test_a_changed_file_is_taken_only_on_reload(tmp_path, conf):
     made = Made()
     host = Host(HostOptions(str(conf)), make_sidecar=made)
@@ -408,6 +427,24 @@ async def test_sigterm_ends_the_host_with_0_after_every_vm_and_sighup_rereads(tm
     assert await asyncio.wait_for(run, 5) == 0
     assert made["a"].stopped_by == "SIGTERM"
     assert not control.exists()
+
+
+async def test_while_a_host_runs_the_collector_waits_for_more_allocations_and_is_python_s_own_after(tmp_path, conf):
+    import gc
+
+    from agent.app.host import HOST_GC_THRESHOLD0
+
+    before = gc.get_threshold()
+    host = Host(HostOptions(str(conf), poll_s=0.05), make_sidecar=Made())
+    run = asyncio.ensure_future(host.run())
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if host.scanned:
+            break
+    assert gc.get_threshold() == (HOST_GC_THRESHOLD0, *before[1:])
+    host.on_signal("SIGTERM")
+    assert await asyncio.wait_for(run, 5) == 0
+    assert gc.get_threshold() == before
 
 
 # -- bad host arguments ----------------------------------------------------------------

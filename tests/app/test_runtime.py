@@ -113,3 +113,26 @@ async def test_the_monitors_loss_is_what_the_sidecar_sees(tmp_path):
     watcher = asyncio.ensure_future(rt.watch_qmp())
     mon.disconnect("EOF")
     assert await watcher == "EOF" and rt.qmp_gone == "EOF"
+
+
+async def test_the_dispatchers_inbox_is_fifo_and_wakes_its_consumer_once_per_wait():
+    from agent.app.runtime import _Inbox
+
+    inbox = _Inbox()
+    assert inbox.empty()
+    with pytest.raises(asyncio.QueueEmpty):
+        inbox.get_nowait()
+    got = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    assert not got.done()
+    inbox.put_nowait(("a", Start()))
+    inbox.put_nowait(("b", Start()))
+    assert await asyncio.wait_for(got, 1) == ("a", Start())
+    assert inbox.get_nowait() == ("b", Start()) and inbox.empty()
+    # a consumer cancelled while waiting: the next put wakes nobody, a new consumer gets it
+    waiting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    inbox.put_nowait(("c", Start()))
+    assert await asyncio.wait_for(inbox.get(), 1) == ("c", Start())

@@ -139,3 +139,108 @@ def test_redact_replaces_secret_keys_and_secrets():
 
 def test_wire_args_send_a_secret_as_base64():
     assert qmpio.wire_args({"a": Secret(b"\x00\x01"), "b": {"c": Secret(b"z")}}) == {"a": "AAE=", "b": {"c": "eg=="}}
+
+
+class _ScriptedQemu:
+    """A QMP peer that greets, accepts capabilities, records every command's
+    bytes as sent and answers each with the next scripted reply (the id
+    copied in)."""
+
+    def __init__(self, replies: list[dict]) -> None:
+        self.replies = replies
+        self.received: list[bytes] = []
+        self.tasks: list[asyncio.Task] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import json
+
+        self.tasks.append(asyncio.current_task())
+        writer.write(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, ')
+        writer.write(b'"capabilities": []}}\r\n')
+        decoder = json.JSONDecoder()
+        buf = b""
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            buf += data
+            while buf.strip():
+                text = buf.decode().lstrip()
+                try:
+                    msg, end = decoder.raw_decode(text)
+                except ValueError:
+                    break
+                raw, buf = text[:end].encode(), text[end:].encode()
+                if msg.get("execute") == "qmp_capabilities":
+                    reply: dict = {"return": {}}
+                else:
+                    self.received.append(raw)
+                    reply = dict(self.replies.pop(0))
+                if "id" in msg:
+                    reply["id"] = msg["id"]
+                writer.write(json.dumps(reply).encode() + b"\r\n")
+        writer.close()
+
+
+async def _scripted(tmp_path, replies: list[dict]):
+    peer = _ScriptedQemu(replies)
+    path = str(tmp_path / "scripted.sock")
+    server = await asyncio.start_unix_server(peer.serve, path)
+    conn = qmpio.QmpConnection("t")
+    await conn.connect(path, 5)
+    return peer, server, conn
+
+
+async def _end(peer, server, conn) -> None:
+    await conn.close()
+    server.close()
+    await asyncio.wait_for(asyncio.gather(*peer.tasks), 5)  # each saw the client's EOF
+
+
+async def test_a_command_is_serialised_once_and_reaches_qemu_as_the_librarys_execute_sends_it(tmp_path, monkeypatch):
+    from qemu.qmp import QMPClient
+    from qemu.qmp.message import Message
+
+    peer, server, conn = await _scripted(tmp_path, [{"return": {"a": 1}}, {"return": {"a": 1}}, {"return": []}])
+    encodings = []
+    real = Message._serialize.__func__
+
+    def counting(cls, value):
+        encodings.append(value)
+        return real(cls, value)
+
+    monkeypatch.setattr(Message, "_serialize", classmethod(counting))
+    args = {"qom-type": "secret", "id": "s0", "data": Secret(b"\x01\x02"), "nested": {"k": [1, "x"]}}
+    assert await conn.execute("object-add", args) == {"a": 1}
+    assert len(encodings) == 1
+    # the library's own path, for the same command: the same bytes but the id
+    assert await QMPClient.execute(conn.client, "object-add", qmpio.wire_args(args)) == {"a": 1}
+    assert len(encodings) == 4  # make_execute_msg, execute_msg's copy, the writer
+    ours, theirs = peer.received
+    assert ours.replace(b"#00000", b"#00001") == theirs
+    assert ours.startswith(b'{"execute":"object-add","arguments":{"qom-type":"secret"')
+    assert await conn.execute("qom-list", {"path": "/objects"}) == []
+    await _end(peer, server, conn)
+
+
+async def test_malformed_replies_are_a_lost_monitor_as_with_the_librarys_execute(tmp_path):
+    peer, server, conn = await _scripted(tmp_path, [{"error": {"desc": "no class"}}])
+    with pytest.raises(qmpio.MonitorGone) as err:
+        await conn.execute("query-status")
+    assert "malformed" in str(err.value)
+    await _end(peer, server, conn)
+    peer, server, conn = await _scripted(tmp_path, [{"neither": 1}])
+    with pytest.raises(qmpio.MonitorGone) as err:
+        await conn.execute("query-status")
+    assert "missing" in str(err.value)
+    await _end(peer, server, conn)
+
+
+async def test_a_command_after_the_monitor_closed_is_a_lost_monitor(sim):
+    _sim, path = sim
+    conn = qmpio.QmpConnection("t")
+    await conn.connect(path, 5)
+    await conn.close()
+    with pytest.raises(qmpio.MonitorGone) as err:
+        await conn.execute("query-status")
+    assert "disconnected" in str(err.value)
