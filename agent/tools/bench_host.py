@@ -34,10 +34,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -175,14 +177,48 @@ async def _wait_host_up(ctx: Ctx, proc, sock: str, name: str, timeout: float = 6
     raise BenchError(f"keyagent host did not come up; see {ctx.path(name + '.stderr')}")
 
 
-def _write_configs(ctx: Ctx, names: list[str], paths: list[str], owner_url: str) -> list[tuple[str, str]]:
-    """Each VM's config in a staging directory: (staged, final) pairs."""
+def fs_type(path: str) -> str:
+    """The type of the filesystem ``path`` is on: the longest mount point
+    above it in /proc/self/mounts."""
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mount = fields[1].replace("\\040", " ")
+            above = path == mount or path.startswith(mount.rstrip("/") + "/")
+            if above and len(mount) >= len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+def run_root(ctx: Ctx) -> tuple[str, bool]:
+    """Where the VMs' run_dirs go, and whether it is ours to remove.
+
+    On a tmpfs, as a host's /run is: docs/host.md puts them in
+    /run/keyagent-host/<vm>, as libvirt keeps its own in /run/libvirt/qemu.
+    On a disk filesystem the launch note's fsync and rename and each control
+    socket's bind go through its journal, about half of the duties' CPU here
+    (docs/hostbench.md, session 5): that would measure the disk, not the
+    agent.  /run when it is a tmpfs, else /dev/shm, else the work directory
+    (the details say which filesystem it was)."""
+    for parent in ("/run", "/dev/shm"):
+        if os.path.isdir(parent) and fs_type(parent) == "tmpfs" and os.access(parent, os.W_OK | os.X_OK):
+            return tempfile.mkdtemp(prefix="keyagent-bench-", dir=parent), True
+    return ctx.work, False
+
+
+def _write_configs(ctx: Ctx, names: list[str], paths: list[str], owner_url: str, root: str) -> list[tuple[str, str]]:
+    """Each VM's config in a staging directory: (staged, final) pairs; the
+    run_dirs under ``root``."""
     stage, config_dir = ctx.path("host-stage"), ctx.path("host-conf")
-    for d in (stage, config_dir, ctx.path("host-run")):
+    for d in (stage, config_dir, os.path.join(root, "host-run")):
         os.mkdir(d, 0o700)
     moves = []
     for name, path in zip(names, paths):
-        run_dir = ctx.path("host-run", name)
+        run_dir = os.path.join(root, "host-run", name)
         os.mkdir(run_dir, 0o700)
         text = f'[vm]\nname = "{name}"\nrun_dir = "{run_dir}"\nqmp = "unix:{path}"\n[sev]\nowner_url = "{owner_url}"\n'
         staged = os.path.join(stage, f"{name}.toml")
@@ -288,6 +324,8 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
     os.mkdir(qmp_dir, 0o700)
     sim = owner = None
     vms: _Vms | None = None
+    root, own_root = run_root(ctx)
+    root_fs = fs_type(root)
     floors: list[dict] = []
     hosts: list[dict] = []
     duties: list[dict] = []  # the floor with the agent's per-VM duties (hostfloor --duties)
@@ -299,7 +337,7 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
         owner, owner_url = await _start_owner(ctx, names, keys_dir)
         vms = _Vms(paths)
         await vms.open()
-        moves = _write_configs(ctx, names, paths, owner_url)
+        moves = _write_configs(ctx, names, paths, owner_url, root)
         for rnd in range(rounds):
             sides = ["floor", "host"] if rnd % 2 == 0 else ["host", "floor"]
             sides.insert(rnd % 3, "duties")  # floor and host in their order; duties first, middle, last
@@ -308,7 +346,9 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
                 if side == "floor":
                     floors.append(await _floor_round(ctx, vms, names, qmp_dir, owner_url))
                 elif side == "duties":
-                    duties.append(await _floor_round(ctx, vms, names, qmp_dir, owner_url, ctx.path("host-duties")))
+                    duties.append(
+                        await _floor_round(ctx, vms, names, qmp_dir, owner_url, os.path.join(root, "host-duties"))
+                    )
                 else:
                     hosts.append(await _host_round(ctx, vms, names, moves, rnd))
                 # what the simulator and the owner spent meanwhile (settling included):
@@ -324,6 +364,8 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
         for proc in (owner, sim):
             if proc is not None:
                 await ctx.stop(proc)
+        if own_root:
+            shutil.rmtree(root, ignore_errors=True)
     host_p99 = [percentile(h["lat"]["ready_to_cont"], 99) for h in hosts]
     floor_p99 = [percentile(f["lat"]["ready_to_cont"], 99) for f in floors]
     rss_per_vm = [(h["rss_kb"][1] - h["rss_kb"][0]) / n for h in hosts]
@@ -364,6 +406,8 @@ async def bench_host(ctx: Ctx, n: int, rounds: int = 1) -> dict:
             "host_cpu_ms": {"to_last_cont": _r(first["cpu_ms_to_last_cont"], 1), "with_settle": _r(first["cpu_ms"], 1)},
             "v1_vms": first["v1_vms"],
             "host_exit": [h["exit"] for h in hosts],
+            # the filesystem of the run_dirs (the host's and the duties floor's)
+            "run_dirs_on": root_fs,
             "poll_s": getattr(importlib.import_module("agent.app.host"), "POLL_S", None),
         },
     }
@@ -394,5 +438,6 @@ def notes(key: str, d: dict) -> str:
                 if d.get("floor_duties_cpu_ms_per_launch")
                 else ""
             )
+            + (f"; run_dirs on {d['run_dirs_on']}" if d.get("run_dirs_on") else "")
         )
     return ""

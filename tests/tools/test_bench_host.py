@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from agent.tools.bench_host import cpu_ms, host_available
+from agent.tools.bench import Ctx
+from agent.tools.bench_host import cpu_ms, fs_type, host_available, run_root
 from agent.tools.sim.machine import DEFAULT_DIGEST
 from tests.executable import KEYAGENT
 
@@ -28,6 +29,25 @@ def test_cpu_ms_counts_this_process_user_and_system_time():
     while time.process_time() < deadline:
         pass
     assert cpu_ms(os.getpid()) - before >= 30  # clock ticks are 10 ms
+
+
+def test_fs_type_is_the_longest_mount_point_above_the_path(tmp_path):
+    mounts = [line.split() for line in open("/proc/self/mounts")]
+    assert fs_type("/") == next(f[2] for f in reversed(mounts) if f[1] == "/")
+    assert fs_type("/proc/self") == "proc"
+    assert fs_type(str(tmp_path / "not-made-yet")) == fs_type(str(tmp_path))
+
+
+def test_the_vms_run_dirs_go_on_a_tmpfs_as_a_hosts_run_does_when_there_is_one(tmp_path):
+    root, ours = run_root(Ctx(str(tmp_path), []))
+    try:
+        if ours:
+            assert fs_type(root) == "tmpfs" and stat.S_IMODE(os.stat(root).st_mode) == 0o700
+        else:  # no writable tmpfs at /run or /dev/shm: the work directory
+            assert root == str(tmp_path)
+    finally:
+        if ours:
+            os.rmdir(root)
 
 
 def test_the_floor_imports_none_of_the_agents_modules():
