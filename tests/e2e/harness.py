@@ -44,10 +44,23 @@ def qmp_once(path: str | Path, command: str, args: dict | None = None, client: s
     """One QMP command on its own connection (QEMU and the simulator serve
     several monitors' clients); an error answer raises ExecuteError."""
     from qemu.qmp import QMPClient
+    from qemu.qmp.protocol import ConnectError
+    from qemu.qmp.qmp_client import NegotiationError
 
     async def go():
         qmp = QMPClient(client)
-        await qmp.connect(str(path))
+        for attempt in range(5):
+            try:
+                await qmp.connect(str(path))
+                break
+            except ConnectError as exc:
+                # QEMU switches a monitor to command mode before it answers
+                # qmp_capabilities, so an event from another thread (a
+                # migration's MIGRATION_PASS) may come first, and qemu.qmp
+                # fails the negotiation; the agent retries its connect the same way
+                if not isinstance(exc.exc, NegotiationError) or attempt == 4:
+                    raise
+                await asyncio.sleep(0.05)
         try:
             return await qmp.execute(command, args)
         finally:
