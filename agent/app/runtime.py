@@ -120,6 +120,9 @@ class Runtime:
         self.log = log or get_logger("keyagent")
         self.run_dir = run_dir
         self.metrics = metrics
+        #: ``keyagent host`` (one loop for every VM): where the launch note is
+        #: written off the loop (agent.app.offloop.OffLoop); None writes it inline
+        self.note_off_loop: Callable[..., asyncio.Future[Any]] | None = None
         self.flows: dict[str, Flow] = {}
         self.results: dict[str, Finish] = {}
         self._queue = _Inbox()
@@ -250,7 +253,7 @@ class Runtime:
             return
         from agent.app import resume_launch
 
-        off_loop = getattr(self, "note_off_loop", None)  # agent.app.offloop.OffLoop
+        off_loop = self.note_off_loop
         if off_loop is None:
             try:
                 resume_launch.write_launch_note(self.run_dir, action.measurement)

@@ -568,7 +568,7 @@ class Sidecar:
         )
         # ``keyagent host``: one loop for every VM, so the launch note is
         # written on a worker thread (Runtime._note_launched)
-        rt.note_off_loop = getattr(self.opts, "off_loop", None)  # type: ignore[attr-defined]
+        rt.note_off_loop = self.opts.off_loop
         self.metrics.qmp_connected = True
         events = getattr(qmp, "events", None)
         self.metrics.events_dropped = lambda: getattr(events, "dropped", 0)
@@ -583,7 +583,7 @@ class Sidecar:
 
             self.control = ControlServer(self, opts.control_path, gid=cfg.control_gid, ref_dirs=cfg.control_ref_dirs)
             # keyagent host: the socket's file-system calls on a worker thread, not on every VM's loop
-            await self.control.start(off_loop=getattr(opts, "off_loop", None))
+            await self.control.start(off_loop=opts.off_loop)
 
     def _start_tasks(self, rt: Runtime) -> list[asyncio.Task]:
         """The runtime's loops, the monitor watcher and the swtpm supervisor."""
