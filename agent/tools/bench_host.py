@@ -24,7 +24,7 @@ files is inside its figure; how much of it that was is in the details
 * ``host_density_p99_ms``: p99(host).
 * ``host_rss_kb_per_vm``: (VmRSS of the host with N launched, idle VMs -
   VmRSS with none, both after a settling second) / N.
-* ``agent_cpu_ms_per_launch``: the host's utime + stime (``/proc/PID/stat``)
+* ``agent_cpu_ms_per_launch``: the host's utime + stime (its CPU-time clock)
   from just before the renames until every VM was resumed and a settling
   second passed, / N.
 """
@@ -43,7 +43,7 @@ import tempfile
 import time
 from typing import Any
 
-from agent.tools.bench import BenchError, Ctx, _r, close_client, percentile, qmp_client, rss_kb
+from agent.tools.bench import BenchError, Ctx, _r, close_client, percentile, process_cpu_ns, qmp_client, rss_kb
 
 __all__ = ["bench_host", "cpu_ms", "notes"]
 
@@ -52,13 +52,8 @@ _SETTLE_S = 1.0
 
 
 def cpu_ms(pid: int) -> float:
-    """utime + stime of ``pid`` in milliseconds, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
-    # comm (field 2) may hold spaces and parentheses: split after its last ')'
-    fields = text[text.rindex(")") + 2 :].split()
-    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-    return ticks * 1000.0 / os.sysconf("SC_CLK_TCK")
+    """utime + stime of ``pid`` in milliseconds, to the nanosecond (:func:`process_cpu_ns`)."""
+    return process_cpu_ns(pid) / 1e6
 
 
 def host_available() -> bool:

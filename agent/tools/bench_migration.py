@@ -12,7 +12,7 @@ length does not matter here) and two ``keyagent run`` sidecars with host
 keys, driven over their control sockets by this process the way an
 operator would (prepare, begin, accept, start, wait, wait).  The figure is
 the CPU time both sidecars spent between the first request and the last
-answer, summed (``/proc/PID/task/*/schedstat``, nanoseconds; an agent
+answer, summed (the process CPU-time clock, nanoseconds; an agent
 waiting for QEMU spends none).  So it counts exactly the agents' work,
 whatever the machine's load does to the wall clock, and nothing of QEMU's.
 The details add the wall-clock view: the requests' wall time minus QEMU's
@@ -45,28 +45,13 @@ from agent.tools.bench import (
     _status,
     close_client,
     free_port,
+    process_cpu_ns,
     qmp_client,
     start_migration_agent,
 )
 
 FULL_REPS = 5
 SMOKE_REPS = 1
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU time of every live thread of ``pid`` so far, in nanoseconds."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-    return total
 
 
 def cpu_ticks_ns(pid: int) -> int:
@@ -121,24 +106,24 @@ async def one(ctx: Ctx, qemu: str, rep: int) -> dict[str, float]:
         pids = (src_agent.pid, dst_agent.pid)
         # The floor of driving it: as many control requests (a connection each,
         # as here) that do nothing, three to each agent, before the window.
-        floor0 = [cpu_ns(p) for p in pids]
+        floor0 = [process_cpu_ns(p) for p in pids]
         for _ in range(3):
             for sock in (src_ctl, dst_ctl):
                 await _status(sock)
-        control_floor_ms = sum(cpu_ns(p) - a for p, a in zip(pids, floor0)) / 1e6
-        cpu0 = [cpu_ns(p) for p in pids]
+        control_floor_ms = sum(process_cpu_ns(p) - a for p, a in zip(pids, floor0)) / 1e6
+        cpu0 = [process_cpu_ns(p) for p in pids]
         ticks0 = [cpu_ticks_ns(p) for p in pids]
         t0 = time.monotonic()
         offer = (await _ctl(dst_ctl, wire.MIGRATE_PREPARE, {}))["offer"]
         cookie = (await _ctl(src_ctl, wire.MIGRATE_BEGIN, {"offer": offer}))["cookie"]
         t_handover = time.monotonic()
-        cpu_handover = [cpu_ns(p) for p in pids]
+        cpu_handover = [process_cpu_ns(p) for p in pids]
         await _ctl(dst_ctl, wire.MIGRATE_ACCEPT, {"cookie": cookie, "uri": uri})
         await _ctl(src_ctl, wire.MIGRATE_START, {"uri": uri})
         s = (await _ctl(src_ctl, wire.MIGRATE_WAIT, {"timeout": 120}))["status"]
         d = (await _ctl(dst_ctl, wire.MIGRATE_WAIT, {"timeout": 120}))["status"]
         wall = time.monotonic() - t0
-        cpu1 = [cpu_ns(p) for p in pids]
+        cpu1 = [process_cpu_ns(p) for p in pids]
         ticks1 = [cpu_ticks_ns(p) for p in pids]
         if (s, d) != ("completed", "completed"):
             raise BenchError(f"sealed migration {rep + 1} ended {s!r}/{d!r}; see {ctx.work}")
@@ -179,7 +164,7 @@ async def bench_migration_fixed(ctx: Ctx, reps: int) -> dict:
         "migration_fixed_ms": statistics.median(r["cpu_ms"] for r in runs),
         "details": {
             "migrations": reps,
-            "method": "CPU time of both sidecars from prepare to the last wait (schedstat), summed",
+            "method": "CPU time of both sidecars from prepare to the last wait (process CPU clocks), summed",
             "cpu_ms": [_r(r["cpu_ms"], 2) for r in runs],
             "src_cpu_ms_p50": p50("src_cpu_ms"),
             "dst_cpu_ms_p50": p50("dst_cpu_ms"),
