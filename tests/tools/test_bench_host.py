@@ -23,22 +23,23 @@ from tests.executable import KEYAGENT
 HOST_KEYS = ("host_density_ratio", "host_density_p99_ms", "host_rss_kb_per_vm", "agent_cpu_ms_per_launch")
 
 
-def test_cpu_ms_counts_this_process_user_and_system_time():
+def _cpu_ms_of_spending(seconds: float) -> float:
+    """What cpu_ms reads for this process across a busy loop of ``seconds`` of CPU."""
     before = cpu_ms(os.getpid())
-    deadline = time.process_time() + 0.05
+    deadline = time.process_time() + seconds
     while time.process_time() < deadline:
         pass
-    assert 50 <= cpu_ms(os.getpid()) - before < 500
+    return cpu_ms(os.getpid()) - before
+
+
+def test_cpu_ms_counts_this_process_user_and_system_time():
+    assert 50 <= _cpu_ms_of_spending(0.05) < 500
 
 
 def test_cpu_ms_resolves_less_than_a_clock_tick():
     # A smoke run's three launches cost a few ms: at /proc/PID/stat's 10 ms
     # ticks the figure read 0.0 (a CI failure); the CPU-time clock does not.
-    before = cpu_ms(os.getpid())
-    deadline = time.process_time() + 0.002
-    while time.process_time() < deadline:
-        pass
-    assert 2 <= cpu_ms(os.getpid()) - before < 9
+    assert 2 <= _cpu_ms_of_spending(0.002) < 9
 
 
 def test_cpu_ms_of_a_process_that_is_gone_is_0():
